@@ -1,0 +1,78 @@
+"""sagaline: sagas on Celery, with durable state, automatic compensation and crash recovery."""
+
+from __future__ import annotations
+
+from .celery_app import init_app
+from .config import Settings
+from .context import StepInfo, current_step
+from .definition import (
+    FAIL_FAST_WITH_GRACE,
+    Retry,
+    Saga,
+    Step,
+    StepResponse,
+    saga_step,
+)
+from .exceptions import (
+    ConcurrencyError,
+    ConfigurationError,
+    DefinitionError,
+    InputError,
+    InvalidTransition,
+    SagaCompensated,
+    SagaError,
+    SagaFailed,
+    SagaNotFound,
+    SagaOutcomeError,
+    SagaTimeout,
+    StepFailure,
+    StoreError,
+)
+from .ops import SagaView, cancel, get_saga, list_sagas, resume, sweep
+from .runtime import SagaHandle
+from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # defining sagas
+    "FAIL_FAST_WITH_GRACE",
+    # statuses
+    "CompensationStatus",
+    # errors
+    "ConcurrencyError",
+    "ConfigurationError",
+    "DefinitionError",
+    "FailureStrategy",
+    "InputError",
+    "InvalidTransition",
+    "Phase",
+    "Retry",
+    "Saga",
+    "SagaCompensated",
+    "SagaError",
+    "SagaFailed",
+    # running them
+    "SagaHandle",
+    "SagaNotFound",
+    "SagaOutcomeError",
+    "SagaStatus",
+    "SagaTimeout",
+    # operating them
+    "SagaView",
+    "Settings",
+    "Step",
+    "StepFailure",
+    "StepInfo",
+    "StepResponse",
+    "StepStatus",
+    "StoreError",
+    "cancel",
+    "current_step",
+    "get_saga",
+    "init_app",
+    "list_sagas",
+    "resume",
+    "saga_step",
+    "sweep",
+]

@@ -1,0 +1,93 @@
+"""Every sagaline setting, declared once: type, default, environment variable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SAGALINE_HOME") or Path.home() / ".sagaline")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one process. Each field reads `SAGALINE_<NAME>` when not passed."""
+
+    # Where saga state lives: sqlite:///path, postgresql+psycopg://..., mysql+pymysql://...,
+    # redis://..., memory://. Default: a SQLite file in SAGALINE_HOME.
+    store_url: str = ""
+    # A RUNNING step's claim lasts this long unless its worker renews it (every lease/3).
+    lease: float = 60.0
+    # A DISPATCHED step not claimed within this many seconds is published again.
+    redispatch_after: float = 30.0
+    # How often the sweeper in each worker looks for stalled work.
+    sweep_interval: float = 5.0
+    # Run the sweeper inside every `celery worker` of an app with sagaline.
+    sweeper: bool = True
+    # Apply schema migrations on first use.
+    auto_migrate: bool = True
+    # Store SQL statements log (SQLAlchemy echo), for debugging.
+    echo_sql: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+                continue
+            raw = os.environ.get(f"SAGALINE_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        settings = cls(**values)
+        if not settings.store_url:
+            settings = cls(**{**values, "store_url": default_store_url()})
+        if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
+            raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
+        return settings
+
+
+def _parse(name: str, type_: Any, raw: str) -> Any:
+    kind = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigurationError(
+            f"SAGALINE_{name.upper()}={raw!r} is not a valid {kind}"
+        ) from None
+
+
+def default_store_url() -> str:
+    return f"sqlite:///{default_home() / 'state.db'}"
+
+
+def default_broker_url() -> str:
+    """The server-less broker: kombu's filesystem transport in SAGALINE_HOME."""
+    return "filesystem://"
+
+
+def default_broker_options() -> dict[str, Any]:
+    queue_dir = default_home() / "broker"
+    (queue_dir / "processed").mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(queue_dir),
+        "data_folder_out": str(queue_dir),
+        "processed_folder": str(queue_dir / "processed"),
+        "store_processed": False,
+        # kombu polls the folder; its 1 s default would add a second to every step.
+        "polling_interval": 0.05,
+    }

@@ -1,0 +1,542 @@
+"""Pure saga decisions: (definition, state, event) -> Decision. No I/O happens here.
+
+Every function takes the saga's current state (read under its lock by the store),
+works on a copy, and returns the records to write, the history events to append
+and the Celery messages to publish after commit. Stale events (a completion for
+an attempt that is no longer the running one) decide nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .definition import Saga, Step, StepKind
+from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
+from .states import (
+    COMPENSATION_IN_FLIGHT,
+    STEP_IN_FLIGHT,
+    CompensationStatus,
+    FailureStrategy,
+    Phase,
+    SagaStatus,
+    StepStatus,
+)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Engine timing knobs, from the settings (config.py)."""
+
+    redispatch_after: float = 30.0
+
+
+class Work:
+    """A mutable copy of a saga's state that collects what changed."""
+
+    def __init__(self, defn: Saga, state: SagaState, now: float, timing: Timing):
+        self.defn = defn
+        self.graph = defn.graph
+        self.now = now
+        self.timing = timing
+        self.saga = replace(state.saga)
+        self.steps = {n: replace(s) for n, s in state.steps.items()}
+        self.orig = state
+        self.saga_changed = False
+        self.changed: set[str] = set()
+        self.events: list[Event] = []
+        self.dispatches: list[Dispatch] = []
+
+    # -- recording ---------------------------------------------------------------
+
+    def event(self, kind: str, step: str | None = None, attempt: int | None = None,
+              phase: Phase | None = None, **detail: Any) -> None:
+        self.events.append(Event(self.saga.saga_id, kind, self.now, step, attempt,
+                                 None if phase is None else phase.value, detail))
+
+    def update_step(self, name: str, **fields: Any) -> StepRecord:
+        rec = self.steps[name]
+        for k, v in fields.items():
+            setattr(rec, k, v)
+        self.changed.add(name)
+        return rec
+
+    def update_saga(self, **fields: Any) -> None:
+        for k, v in fields.items():
+            setattr(self.saga, k, v)
+        self.saga.updated_at = self.now
+        self.saga_changed = True
+
+    def decision(self) -> Decision:
+        return Decision(
+            saga=self.saga if self.saga_changed else None,
+            steps=[self.steps[n] for n in sorted(self.changed, key=self.graph.order.index)],
+            events=self.events,
+            dispatches=self.dispatches,
+            saga_version=self.orig.saga.version,
+            step_versions={n: self.orig.steps[n].version for n in self.changed},
+        )
+
+    # -- context -----------------------------------------------------------------
+
+    def context_for(self, name: str) -> dict[str, Any]:
+        """Saga input merged with the outputs of the step's ancestors, in topological order."""
+        ctx = dict(self.saga.input)
+        for a in self.graph.ancestors[name]:
+            merge_output(ctx, a, self.steps[a])
+        ctx["saga_id"] = self.saga.saga_id
+        return ctx
+
+    def final_context(self) -> dict[str, Any]:
+        ctx = dict(self.saga.input)
+        for n in self.graph.order:
+            merge_output(ctx, n, self.steps[n])
+        return ctx
+
+    def pivot_passed(self) -> bool:
+        return any(self.graph.steps[n].pivot and self.steps[n].status is StepStatus.SUCCEEDED
+                   for n in self.graph.order)
+
+
+def merge_output(ctx: dict[str, Any], name: str, rec: StepRecord) -> None:
+    if rec.status is not StepStatus.SUCCEEDED or rec.output is None:
+        return
+    if isinstance(rec.output, dict):
+        ctx.update(rec.output)
+    else:
+        ctx[name] = rec.output
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` followed by the traceback, as stored in step records and history."""
+    head = f"{type(exc).__name__}: {exc}"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return head if not exc.__traceback__ else f"{head}\n{tb}"
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").split("\n", 1)[0]
+
+
+def ensure_json(value: Any, what: str) -> None:
+    """Raise TypeError naming `what` when `value` does not survive Celery's json serializer."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
+
+
+# -- starting ----------------------------------------------------------------------
+
+
+def start(defn: Saga, saga_id: str, input: dict[str, Any], *, now: float, timing: Timing,
+          idempotency_key: str | None = None, parent_saga_id: str | None = None,
+          parent_step: str | None = None) -> tuple[SagaState, Decision]:
+    """The new saga, its steps, and the root steps dispatched: written in one transaction."""
+    graph = defn.graph
+    deadline = now + defn.timeout if defn.timeout else None
+    saga = SagaRecord(saga_id=saga_id, name=defn.name, status=SagaStatus.RUNNING, input=input,
+                      fingerprint=defn.fingerprint, created_at=now, updated_at=now,
+                      idempotency_key=idempotency_key, deadline=deadline, due_at=deadline,
+                      parent_saga_id=parent_saga_id, parent_step=parent_step)
+    steps = {n: StepRecord(saga_id, n, i) for i, n in enumerate(graph.order)}
+    state = SagaState(saga, steps)
+    w = Work(defn, state, now, timing)
+    w.event("saga_started", name=defn.name, idempotency_key=idempotency_key,
+            fingerprint=defn.fingerprint, deadline=deadline)
+    advance(w)
+    initial = SagaState(w.saga, w.steps)
+    return initial, Decision(saga=w.saga, steps=list(w.steps.values()), events=w.events,
+                             dispatches=w.dispatches)
+
+
+# -- forward events ----------------------------------------------------------------
+
+
+def step_succeeded(defn: Saga, state: SagaState, step: str, attempt: int, *, output: Any,
+                   compensation_data: Any, has_compensation_data: bool, now: float,
+                   timing: Timing) -> Decision | None:
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.status is not StepStatus.RUNNING or rec.attempt != attempt:
+        return None
+    w.update_step(step, status=StepStatus.SUCCEEDED, output=output,
+                  compensation_data=compensation_data if has_compensation_data else None,
+                  has_compensation_data=has_compensation_data, finished_at=now,
+                  lease_until=None, due_at=None)
+    late = w.saga.status is not SagaStatus.RUNNING
+    w.event("step_succeeded", step, attempt, Phase.FORWARD,
+            **({"after_rollback_began": True} if late else {}))
+    if defn.graph.steps[step].pivot and not late:
+        w.event("pivot_passed", step)
+    advance(w)
+    return w.decision()
+
+
+def step_failed(defn: Saga, state: SagaState, step: str, attempt: int, *, error: str,
+                permanent: bool = False, reason: str = "error",
+                compensation_data: Any = None, has_compensation_data: bool = False,
+                now: float, timing: Timing) -> Decision | None:
+    """A failed attempt: retry with backoff, or fail the step and roll back."""
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.status is not StepStatus.RUNNING or rec.attempt != attempt:
+        return None
+    fail_attempt(w, step, error=error, permanent=permanent, reason=reason,
+                 compensation_data=compensation_data,
+                 has_compensation_data=has_compensation_data)
+    advance(w)
+    return w.decision()
+
+
+def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str,
+                 compensation_data: Any = None, has_compensation_data: bool = False) -> None:
+    spec = w.graph.steps[name]
+    rec = w.steps[name]
+    policy = spec.retry
+    after_pivot = w.pivot_passed()
+    if after_pivot and w.defn.pivot_retry.max_attempts > policy.max_attempts:
+        policy = w.defn.pivot_retry
+    if w.saga.status is SagaStatus.RUNNING and not permanent and rec.attempt < policy.max_attempts:
+        delay = policy.delay(rec.attempt)
+        w.event("step_attempt_failed", name, rec.attempt, Phase.FORWARD, reason=reason,
+                error=error, retry_in=round(delay, 3), retry_forward=after_pivot)
+        dispatch_forward(w, name, attempt=rec.attempt + 1, countdown=delay)
+        return
+    w.update_step(name, status=StepStatus.FAILED, error=error, finished_at=w.now,
+                  lease_until=None, due_at=None,
+                  compensation_data=compensation_data if has_compensation_data else None,
+                  has_compensation_data=has_compensation_data)
+    w.event("step_failed", name, rec.attempt, Phase.FORWARD, reason=reason, error=error,
+            permanent=permanent)
+    if w.saga.status is not SagaStatus.RUNNING:
+        return  # already rolling back: compensation_progress takes this step into account
+    if after_pivot:
+        w.update_saga(status=SagaStatus.FAILED, error=first_line(error), failed_step=name,
+                      finished_at=w.now, due_at=None)
+        w.event("saga_failed", name, reason="forward_retries_exhausted_after_pivot",
+                error=first_line(error))
+        return
+    begin_compensation(w, cause=first_line(error), failed_step=name,
+                       strategy=w.defn.failure_strategy)
+
+
+def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0) -> None:
+    spec = w.graph.steps[name]
+    ctx = w.context_for(name)
+    kwargs = ctx if spec.input is None else mapped_input(spec, ctx)
+    w.update_step(name, status=StepStatus.DISPATCHED, attempt=attempt, lease_until=None,
+                  due_at=w.now + countdown + w.timing.redispatch_after)
+    if attempt == 1:
+        w.event("step_dispatched", name, attempt, Phase.FORWARD)
+    w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
+                                 Phase.FORWARD, attempt, spec.task_name or "", kwargs,
+                                 countdown=countdown, queue=spec.queue, timeout=spec.timeout))
+
+
+def mapped_input(spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:
+    assert spec.input is not None
+    mapped = spec.input(ctx)
+    if not isinstance(mapped, dict):
+        raise TypeError(f"input= of step {spec.name!r} must return a dict, "
+                        f"got {type(mapped).__name__}")
+    ensure_json(mapped, f"input= of step {spec.name!r}")
+    return {**mapped, "saga_id": ctx["saga_id"]}
+
+
+def advance(w: Work) -> None:
+    """Carry the saga forward as far as it can go without running a task."""
+    for _ in range(len(w.graph.order) + 2):
+        if w.saga.status is SagaStatus.RUNNING:
+            if not forward_progress(w):
+                break
+        else:
+            break
+    if w.saga.status is SagaStatus.RUNNING and all(
+        w.steps[n].status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for n in w.graph.order
+    ):
+        w.update_saga(status=SagaStatus.COMPLETED, output=w.final_context(), finished_at=w.now,
+                      due_at=None)
+        w.event("saga_completed")
+    if w.saga.status is SagaStatus.COMPENSATING:
+        compensation_progress(w)
+
+
+def forward_progress(w: Work) -> bool:
+    """Start every step whose dependencies are done. Returns True if a step settled inline."""
+    settled_inline = False
+    for name in w.graph.order:
+        rec = w.steps[name]
+        spec = w.graph.steps[name]
+        if rec.status is not StepStatus.PENDING:
+            continue
+        if any(w.steps[d].status not in (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
+               for d in spec.depends_on):
+            continue
+        ctx = w.context_for(name)
+        try:
+            if spec.when is not None and not spec.when(ctx):
+                w.update_step(name, status=StepStatus.SKIPPED, finished_at=w.now)
+                w.event("step_skipped", name, reason="condition_false")
+                settled_inline = True
+                continue
+            if spec.kind == StepKind.TRANSFORM:
+                assert spec.transform is not None
+                out = spec.transform(ctx)
+                if not isinstance(out, dict):
+                    raise TypeError(f"transform {name!r} must return a dict, "
+                                    f"got {type(out).__name__}")
+                ensure_json(out, f"transform {name!r} result")
+                diff = {k: v for k, v in out.items()
+                        if k != "saga_id" and (k not in ctx or ctx[k] != v)}
+                w.update_step(name, status=StepStatus.SUCCEEDED, output=diff, attempt=1,
+                              started_at=w.now, finished_at=w.now)
+                w.event("transform_applied", name, keys=sorted(diff))
+                settled_inline = True
+                continue
+            dispatch_forward(w, name, attempt=1)
+        except Exception as exc:  # a user predicate, transform or input mapper raised
+            w.update_step(name, status=StepStatus.RUNNING, attempt=1)  # settle it as one attempt
+            fail_attempt(w, name, error=describe_error(exc), permanent=True,
+                         reason="definition_callable_failed")
+            return False
+    return settled_inline
+
+
+# -- rolling back ------------------------------------------------------------------
+
+
+def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
+                       strategy: FailureStrategy) -> None:
+    w.update_saga(status=SagaStatus.COMPENSATING, error=cause, failed_step=failed_step)
+    due = None
+    if strategy is FailureStrategy.FAIL_FAST_WITH_GRACE and any(
+        w.steps[n].status in STEP_IN_FLIGHT for n in w.graph.order
+    ):
+        due = w.now + w.defn.grace
+    w.update_saga(due_at=due)
+    w.event("saga_compensating", failed_step, cause=cause, strategy=strategy.value,
+            grace_until=due)
+    for name in w.graph.order:
+        rec = w.steps[name]
+        if rec.status is StepStatus.PENDING or (
+            rec.status is StepStatus.DISPATCHED and strategy is not FailureStrategy.WAIT_ALL
+        ):
+            # A DISPATCHED message may still arrive: its claim fails, so it never runs.
+            w.update_step(name, status=StepStatus.CANCELLED, finished_at=w.now, due_at=None)
+            w.event("step_cancelled", name, rec.attempt or None)
+
+
+def needs_compensation(w: Work, name: str) -> bool:
+    spec = w.graph.steps[name]
+    rec = w.steps[name]
+    if spec.kind != StepKind.TASK or spec.compensate is None:
+        return False
+    return rec.status is StepStatus.SUCCEEDED or (
+        rec.status is StepStatus.FAILED and rec.has_compensation_data
+    )
+
+
+def rolled_back(w: Work, name: str, memo: dict[str, bool]) -> bool:
+    """True when nothing of `name`, nor of any step after it, is applied any more."""
+    if name in memo:
+        return memo[name]
+    rec = w.steps[name]
+    if rec.status in STEP_IN_FLIGHT:
+        result = False
+    elif needs_compensation(w, name):
+        result = rec.comp_status is CompensationStatus.COMPENSATED
+    elif rec.status is StepStatus.SUCCEEDED:
+        # Nothing to undo here, but what follows it must be undone first.
+        result = all(rolled_back(w, d, memo) for d in w.graph.dependents[name])
+    else:
+        result = True
+    memo[name] = result
+    return result
+
+
+def compensation_progress(w: Work) -> None:
+    forward_in_flight = [n for n in w.graph.order if w.steps[n].status in STEP_IN_FLIGHT]
+    if w.defn.failure_strategy is FailureStrategy.WAIT_ALL and forward_in_flight:
+        return
+    memo: dict[str, bool] = {}
+    for name in reversed(w.graph.order):
+        rec = w.steps[name]
+        if not needs_compensation(w, name) or rec.comp_status is not None:
+            continue
+        if all(rolled_back(w, d, memo) for d in w.graph.dependents[name]):
+            dispatch_compensation(w, name, attempt=1)
+    if forward_in_flight or any(
+        w.steps[n].comp_status in COMPENSATION_IN_FLIGHT for n in w.graph.order
+    ):
+        return
+    pending = [n for n in w.graph.order if needs_compensation(w, n)
+               and w.steps[n].comp_status is not CompensationStatus.COMPENSATED]
+    if not pending:
+        w.update_saga(status=SagaStatus.COMPENSATED, finished_at=w.now, due_at=None)
+        w.event("saga_compensated", cause=w.saga.error)
+        return
+    failed = [n for n in pending
+              if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
+    w.update_saga(status=SagaStatus.FAILED, finished_at=w.now, due_at=None)
+    w.event("saga_failed", reason="compensation_failed", compensation_failed=failed,
+            still_applied=pending, cause=w.saga.error)
+
+
+def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float = 0.0) -> None:
+    spec = w.graph.steps[name]
+    rec = w.steps[name]
+    ctx = w.context_for(name)
+    data = rec.compensation_data if rec.has_compensation_data else rec.output
+    kwargs = {**ctx, "compensation_data": data}
+    w.update_step(name, comp_status=CompensationStatus.DISPATCHED, comp_attempt=attempt,
+                  lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after)
+    if attempt == 1:
+        w.event("compensation_dispatched", name, attempt, Phase.COMPENSATE)
+    w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
+                                 Phase.COMPENSATE, attempt, spec.compensation_name or "",
+                                 kwargs, countdown=countdown, queue=spec.queue,
+                                 timeout=spec.timeout))
+
+
+def compensation_succeeded(defn: Saga, state: SagaState, step: str, attempt: int, *,
+                           now: float, timing: Timing) -> Decision | None:
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.comp_status is not CompensationStatus.RUNNING or rec.comp_attempt != attempt:
+        return None
+    w.update_step(step, comp_status=CompensationStatus.COMPENSATED, lease_until=None,
+                  due_at=None, comp_error=None)
+    w.event("compensation_succeeded", step, attempt, Phase.COMPENSATE)
+    advance(w)
+    return w.decision()
+
+
+def compensation_failed(defn: Saga, state: SagaState, step: str, attempt: int, *, error: str,
+                        reason: str = "error", now: float, timing: Timing) -> Decision | None:
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.comp_status is not CompensationStatus.RUNNING or rec.comp_attempt != attempt:
+        return None
+    fail_compensation_attempt(w, step, error=error, reason=reason)
+    advance(w)
+    return w.decision()
+
+
+def fail_compensation_attempt(w: Work, name: str, *, error: str, reason: str) -> None:
+    rec = w.steps[name]
+    policy = w.graph.steps[name].compensation_retry
+    if rec.comp_attempt < policy.max_attempts:
+        delay = policy.delay(rec.comp_attempt)
+        w.event("compensation_attempt_failed", name, rec.comp_attempt, Phase.COMPENSATE,
+                reason=reason, error=error, retry_in=round(delay, 3))
+        dispatch_compensation(w, name, attempt=rec.comp_attempt + 1, countdown=delay)
+        return
+    w.update_step(name, comp_status=CompensationStatus.COMPENSATION_FAILED, comp_error=error,
+                  lease_until=None, due_at=None)
+    w.event("compensation_failed", name, rec.comp_attempt, Phase.COMPENSATE, reason=reason,
+            error=error)
+
+
+# -- operator and sweeper events -------------------------------------------------------
+
+
+def cancel(defn: Saga, state: SagaState, *, reason: str, now: float,
+           timing: Timing) -> Decision | None:
+    w = Work(defn, state, now, timing)
+    if w.saga.status is not SagaStatus.RUNNING:
+        return None
+    begin_compensation(w, cause=reason, failed_step=None, strategy=FailureStrategy.FAIL_FAST)
+    advance(w)
+    return w.decision()
+
+
+def deadline_or_grace_due(defn: Saga, state: SagaState, *, now: float,
+                          timing: Timing) -> Decision | None:
+    """The saga's due time passed: its deadline (RUNNING) or its grace period (COMPENSATING)."""
+    w = Work(defn, state, now, timing)
+    if w.saga.due_at is None or w.saga.due_at > now:
+        return None
+    if w.saga.status is SagaStatus.RUNNING:
+        w.event("saga_deadline_exceeded", deadline=w.saga.deadline)
+        begin_compensation(w, cause=f"deadline exceeded (timeout={defn.timeout}s)",
+                           failed_step=None, strategy=FailureStrategy.FAIL_FAST)
+    elif w.saga.status is SagaStatus.COMPENSATING:
+        w.update_saga(due_at=None)
+        for name in w.graph.order:
+            rec = w.steps[name]
+            if rec.status in STEP_IN_FLIGHT:
+                # Its outcome is unknown: count it as applied so that it is undone too.
+                w.update_step(name, status=StepStatus.FAILED, finished_at=now, lease_until=None,
+                              due_at=None, has_compensation_data=True,
+                              compensation_data=rec.compensation_data,
+                              error="outcome unknown: still running when the grace period ended")
+                w.event("step_abandoned", name, rec.attempt, Phase.FORWARD,
+                        reason="grace_period_ended")
+    else:
+        w.update_saga(due_at=None)
+    advance(w)
+    return w.decision()
+
+
+def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
+                  timing: Timing) -> Decision | None:
+    """The sweeper found a RUNNING step (or compensation) whose worker stopped renewing it."""
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.lease_until is None or rec.lease_until > now:
+        return None
+    error = "LeaseExpired: the worker running it died or stopped responding"
+    if rec.status is StepStatus.RUNNING:
+        fail_attempt(w, step, error=error, permanent=False, reason="lease_expired")
+    elif rec.comp_status is CompensationStatus.RUNNING:
+        fail_compensation_attempt(w, step, error=error, reason="lease_expired")
+    else:
+        return None
+    advance(w)
+    return w.decision()
+
+
+def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
+               timing: Timing) -> Decision | None:
+    """Publish again a DISPATCHED message that may have been lost (same attempt: fenced)."""
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.due_at is None or rec.due_at > now:
+        return None
+    if rec.status is StepStatus.DISPATCHED and w.saga.status in (SagaStatus.RUNNING,
+                                                                 SagaStatus.COMPENSATING):
+        dispatch_forward(w, step, attempt=rec.attempt)
+        w.event("step_redispatched", step, rec.attempt, Phase.FORWARD)
+    elif rec.comp_status is CompensationStatus.DISPATCHED:
+        dispatch_compensation(w, step, attempt=rec.comp_attempt)
+        w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE)
+    else:
+        return None
+    return w.decision()
+
+
+def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decision | None:
+    """Retry exactly what is unfinished in a FAILED saga (compensations, or forward steps)."""
+    w = Work(defn, state, now, timing)
+    if w.saga.status is not SagaStatus.FAILED:
+        return None
+    failed_comps = [n for n in w.graph.order
+                    if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
+    if failed_comps or any(needs_compensation(w, n) and w.steps[n].comp_status is None
+                           for n in w.graph.order):
+        w.update_saga(status=SagaStatus.COMPENSATING, finished_at=None)
+        w.event("saga_resumed", mode="compensation", steps=failed_comps)
+        for n in failed_comps:
+            w.update_step(n, comp_status=None, comp_error=None)
+        advance(w)
+        return w.decision()
+    failed_forward = [n for n in w.graph.order if w.steps[n].status is StepStatus.FAILED]
+    w.update_saga(status=SagaStatus.RUNNING, finished_at=None, error=None, failed_step=None)
+    w.event("saga_resumed", mode="forward", steps=failed_forward)
+    for n in failed_forward:
+        dispatch_forward(w, n, attempt=w.steps[n].attempt + 1)
+    advance(w)
+    return w.decision()

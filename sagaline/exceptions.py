@@ -1,0 +1,119 @@
+"""The sagaline error tree.
+
+    SagaError
+    ├── DefinitionError        a saga definition is invalid (raised at definition time)
+    ├── ConfigurationError     sagaline is not set up, or a setting is wrong
+    ├── InputError             saga input is not JSON (raised by run() before anything is stored)
+    ├── StoreError             the state store failed or is unreachable
+    │   └── ConcurrencyError   a compare-and-set lost a race too many times
+    ├── SagaNotFound           no saga with that id
+    ├── InvalidTransition      an operation that the saga's status does not allow
+    ├── SagaTimeout            handle.get(timeout=) ran out before the saga ended
+    └── SagaOutcomeError       the saga ended but did not complete
+        ├── SagaCompensated    it failed and every applied step was undone
+        └── SagaFailed         it failed and some compensation did not succeed
+    StepFailure                raised by a step to fail permanently (StepResponse.permanent_failure)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SagaError(Exception):
+    """Root of every error sagaline raises."""
+
+
+class DefinitionError(SagaError):
+    """A saga definition is invalid; raised when the saga is defined."""
+
+    def __init__(self, message: str, *, saga: str | None = None, step: str | None = None):
+        self.saga = saga
+        self.step = step
+        where = []
+        if saga:
+            where.append(f"saga {saga!r}")
+        if step:
+            where.append(f"step {step!r}")
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+
+
+class ConfigurationError(SagaError):
+    """sagaline is not configured, or a setting is invalid."""
+
+
+class InputError(SagaError, ValueError):
+    """Saga input that cannot be stored (not JSON)."""
+
+
+class StoreError(SagaError):
+    """The state store failed or could not be reached."""
+
+
+class ConcurrencyError(StoreError):
+    """A compare-and-set lost its race more times than allowed."""
+
+
+class SagaNotFound(SagaError, LookupError):
+    def __init__(self, saga_id: str):
+        self.saga_id = saga_id
+        super().__init__(f"no saga with id {saga_id!r}")
+
+
+class InvalidTransition(SagaError):
+    def __init__(self, saga_id: str, status: str, action: str):
+        self.saga_id = saga_id
+        self.status = status
+        self.action = action
+        super().__init__(f"cannot {action} saga {saga_id!r}: it is {status}")
+
+
+class SagaTimeout(SagaError, TimeoutError):
+    def __init__(self, saga_id: str, timeout: float, status: str):
+        self.saga_id = saga_id
+        self.status = status
+        super().__init__(f"saga {saga_id!r} still {status} after {timeout:g}s")
+
+
+class SagaOutcomeError(SagaError):
+    """The saga ended without completing; `cause` is the error that started the rollback."""
+
+    outcome = "ended"
+
+    def __init__(self, saga_id: str, cause: str | None, *, step: str | None = None,
+                 record: Any = None):
+        self.saga_id = saga_id
+        self.cause = cause
+        self.step = step
+        self.record = record
+        at = f" at step {step!r}" if step else ""
+        super().__init__(f"saga {saga_id!r} {self.outcome}{at}: {cause or 'no cause recorded'}")
+
+
+class SagaCompensated(SagaOutcomeError):
+    outcome = "was compensated"
+
+
+class SagaFailed(SagaOutcomeError):
+    outcome = "failed"
+
+
+class StepFailure(Exception):
+    """Raised by a step to fail permanently: no retries, compensation starts at once.
+
+    Built with `StepResponse.permanent_failure(message, compensation_data=...)`.
+    When `compensation_data` is given, the failing step's own partial work is
+    compensated too.
+    """
+
+    _UNSET: Any = object()
+
+    def __init__(self, message: str, *, compensation_data: Any = _UNSET):
+        super().__init__(message)
+        self.message = message
+        self.compensation_data = compensation_data
+
+    @property
+    def has_compensation_data(self) -> bool:
+        return self.compensation_data is not StepFailure._UNSET

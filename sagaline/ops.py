@@ -1,0 +1,136 @@
+"""Operations shared by every surface (Python API, CLI, REST, dashboard)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import engine
+from .definition import registered_saga
+from .exceptions import InvalidTransition, SagaNotFound
+from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from .runtime import Runtime, current_runtime
+from .states import CompensationStatus, SagaStatus, StepStatus
+
+log = logging.getLogger("sagaline")
+
+
+@dataclass
+class SagaView:
+    """A saga as any process can read it: the record, its steps and its history."""
+
+    saga: SagaRecord
+    steps: list[StepRecord]
+    history: list[Event] = field(default_factory=list)
+
+    @property
+    def saga_id(self) -> str:
+        return self.saga.saga_id
+
+    @property
+    def name(self) -> str:
+        return self.saga.name
+
+    @property
+    def status(self) -> SagaStatus:
+        return self.saga.status
+
+    @property
+    def output(self) -> dict[str, Any] | None:
+        return self.saga.output
+
+    @property
+    def error(self) -> str | None:
+        return self.saga.error
+
+    def step(self, name: str) -> StepRecord:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def get_saga(saga_id: str, *, runtime: Runtime | None = None,
+             with_history: bool = True) -> SagaView:
+    rt = runtime or current_runtime()
+    saga = rt.store.get_saga(saga_id)
+    if saga is None:
+        raise SagaNotFound(saga_id)
+    return SagaView(saga, rt.store.get_steps(saga_id),
+                    rt.store.history(saga_id) if with_history else [])
+
+
+def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str | None = None,
+               created_after: float | None = None, created_before: float | None = None,
+               limit: int = 50, offset: int = 0,
+               runtime: Runtime | None = None) -> list[SagaRecord]:
+    rt = runtime or current_runtime()
+    statuses = [status] if isinstance(status, SagaStatus) else status
+    return rt.store.list_sagas(SagaFilter(status=statuses, name=name,
+                                          created_after=created_after,
+                                          created_before=created_before, limit=limit,
+                                          offset=offset))
+
+
+def cancel(saga_id: str, *, reason: str = "cancelled by operator",
+           runtime: Runtime | None = None) -> SagaRecord:
+    """Stop a running saga and compensate what it applied."""
+    rt = runtime or current_runtime()
+    return _operate(rt, saga_id, "cancel", lambda d, st: engine.cancel(
+        d, st, reason=reason, now=time.time(), timing=rt.timing))
+
+
+def resume(saga_id: str, *, runtime: Runtime | None = None) -> SagaRecord:
+    """Retry exactly the unfinished compensations (or forward steps) of a FAILED saga."""
+    rt = runtime or current_runtime()
+    return _operate(rt, saga_id, "resume", lambda d, st: engine.resume(
+        d, st, now=time.time(), timing=rt.timing))
+
+
+def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
+    decision = rt.transact(saga_id, decide)
+    saga = rt.store.get_saga(saga_id)
+    if saga is None:
+        raise SagaNotFound(saga_id)
+    if decision is None:
+        raise InvalidTransition(saga_id, saga.status.value, action)
+    return saga
+
+
+def sweep(runtime: Runtime | None = None, *, now: float | None = None,
+          limit: int = 200) -> int:
+    """Repair what crashes left behind; returns how many items it acted on.
+
+    Re-publishes DISPATCHED messages that may be lost, fails attempts whose
+    lease expired, and rolls back sagas past their deadline or grace period.
+    """
+    rt = runtime or current_runtime()
+    moment = time.time() if now is None else now
+    acted = 0
+    for item in rt.store.find_due(moment, limit=limit):
+        def decide(state: SagaState, step: str | None = item.step) -> Decision | None:
+            defn = registered_saga(state.saga.name)
+            if defn is None:
+                return None
+            t = time.time() if now is None else now
+            if step is None:
+                return engine.deadline_or_grace_due(defn, state, now=t, timing=rt.timing)
+            rec = state.steps.get(step)
+            if rec is None:
+                return None
+            if rec.status is StepStatus.RUNNING or \
+                    rec.comp_status is CompensationStatus.RUNNING:
+                return engine.lease_expired(defn, state, step, now=t, timing=rt.timing)
+            return engine.redispatch(defn, state, step, now=t, timing=rt.timing)
+
+        try:
+            decision = rt.store.transact(item.saga_id, decide)
+        except Exception:
+            log.exception("sweeper: could not repair saga %s", item.saga_id)
+            continue
+        if decision is not None and decision.changed:
+            rt.after_commit(decision)
+            acted += 1
+    return acted

@@ -1,0 +1,123 @@
+"""Plain records that the engine decides on and the stores persist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .states import CompensationStatus, Phase, SagaStatus, StepStatus
+
+
+@dataclass
+class SagaRecord:
+    saga_id: str
+    name: str
+    status: SagaStatus
+    input: dict[str, Any]
+    fingerprint: str
+    created_at: float
+    updated_at: float
+    idempotency_key: str | None = None
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    failed_step: str | None = None
+    finished_at: float | None = None
+    deadline: float | None = None
+    # When the sweeper must look at this saga (its deadline, or the end of a grace period).
+    due_at: float | None = None
+    parent_saga_id: str | None = None
+    parent_step: str | None = None
+    version: int = 0
+
+
+@dataclass
+class StepRecord:
+    saga_id: str
+    name: str
+    position: int
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    comp_status: CompensationStatus | None = None
+    comp_attempt: int = 0
+    output: Any = None
+    compensation_data: Any = None
+    has_compensation_data: bool = False
+    error: str | None = None
+    comp_error: str | None = None
+    lease_until: float | None = None
+    # When the sweeper must look at this step: a DISPATCHED message that may be lost,
+    # or a RUNNING lease that may have expired. NULL once the step is settled.
+    due_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    version: int = 0
+
+    def attempt_for(self, phase: Phase) -> int:
+        return self.attempt if phase is Phase.FORWARD else self.comp_attempt
+
+
+@dataclass
+class Event:
+    """One entry of a saga's append-only history."""
+
+    saga_id: str
+    kind: str
+    ts: float
+    step: str | None = None
+    attempt: int | None = None
+    phase: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    seq: int | None = None
+
+
+@dataclass
+class SagaState:
+    """A saga with all its steps, as read under the saga's lock."""
+
+    saga: SagaRecord
+    steps: dict[str, StepRecord]
+
+
+@dataclass
+class Dispatch:
+    """A Celery message to publish once the decision is committed."""
+
+    saga_id: str
+    saga_name: str
+    fingerprint: str
+    step: str
+    phase: Phase
+    attempt: int
+    task_name: str
+    kwargs: dict[str, Any]
+    countdown: float = 0.0
+    queue: str | None = None
+    timeout: float | None = None
+
+
+@dataclass
+class Decision:
+    """What the engine decided: the records to write (compare-and-set) and what to publish."""
+
+    saga: SagaRecord | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+    # Versions the changed records had when read; a store writes only if they still do.
+    saga_version: int = 0
+    step_versions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.saga is not None or self.steps or self.events)
+
+
+@dataclass
+class SagaFilter:
+    status: list[SagaStatus] | None = None
+    name: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    parent_saga_id: str | None = None
+    limit: int = 50
+    offset: int = 0

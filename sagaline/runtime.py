@@ -1,0 +1,389 @@
+"""Carries out the engine's decisions: store calls, Celery publishes, leases, signals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from . import engine, signals
+from .context import StepInfo, _current
+from .definition import Saga, StepResponse, accepted_kwargs, registered_saga
+from .exceptions import (
+    ConfigurationError,
+    InputError,
+    SagaCompensated,
+    SagaFailed,
+    SagaNotFound,
+    SagaTimeout,
+    StepFailure,
+)
+from .records import Decision, Dispatch, Event, SagaRecord, SagaState
+from .states import SAGA_TERMINAL, Phase, SagaStatus
+from .stores.base import Store, store_from_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .config import Settings
+
+log = logging.getLogger("sagaline")
+HEADER = "sagaline"
+
+_default_runtime: Runtime | None = None
+
+
+def current_runtime(app: Celery | None = None) -> Runtime:
+    """The runtime of `app`, else of Celery's current app, else the last one set up."""
+    if app is None:
+        from celery import current_app
+
+        app = current_app._get_current_object()
+    runtime = getattr(app, "_sagaline_runtime", None) or _default_runtime
+    if runtime is None:
+        raise ConfigurationError("sagaline is not set up: call sagaline.init_app(app) first")
+    return runtime
+
+
+def set_default_runtime(runtime: Runtime) -> None:
+    global _default_runtime
+    _default_runtime = runtime
+
+
+class Runtime:
+    """The bridge between one Celery app, the store and the engine, in one process."""
+
+    def __init__(self, app: Celery, settings: Settings, store: Store | None = None):
+        self.app = app
+        self.settings = settings
+        self.timing = engine.Timing(redispatch_after=settings.redispatch_after)
+        self._store = store
+        self._store_pid = os.getpid() if store is not None else None
+        self._lock = threading.Lock()
+        self._heartbeat: Heartbeat | None = None
+
+    # -- store, per process --------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        pid = os.getpid()
+        if self._store is None or self._store_pid != pid:
+            with self._lock:
+                if self._store is None or self._store_pid != pid:
+                    old = self._store
+                    if old is not None and hasattr(old, "dispose_after_fork"):
+                        old.dispose_after_fork()
+                    if old is not None and old.url == "memory://":
+                        self._store = old  # one process's memory is all there is
+                    else:
+                        self._store = store_from_url(self.settings.store_url,
+                                                     echo=self.settings.echo_sql,
+                                                     auto_migrate=self.settings.auto_migrate)
+                    self._store_pid = pid
+                    self._heartbeat = None
+        assert self._store is not None
+        return self._store
+
+    def definition(self, name: str) -> Saga:
+        defn = registered_saga(name)
+        if defn is None:
+            raise ConfigurationError(
+                f"saga {name!r} is not defined in this process: import the module that "
+                f"defines it (e.g. through the Celery app's `include`)")
+        return defn
+
+    # -- starting --------------------------------------------------------------------
+
+    def start_saga(self, defn: Saga, input: dict[str, Any], *,
+                   idempotency_key: str | None = None, parent_saga_id: str | None = None,
+                   parent_step: str | None = None) -> SagaHandle:
+        check_json_input(defn.name, input)
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            raise InputError(f"idempotency_key must be a string, got "
+                             f"{type(idempotency_key).__name__}")
+        registered = registered_saga(defn.name)
+        if registered is not None and registered is not defn and \
+                registered.fingerprint != defn.fingerprint:
+            raise ConfigurationError(f"two different sagas are named {defn.name!r}")
+        now = time.time()
+        state, decision = engine.start(defn, str(uuid.uuid4()), input, now=now,
+                                       timing=self.timing, idempotency_key=idempotency_key,
+                                       parent_saga_id=parent_saga_id, parent_step=parent_step)
+        saga, created = self.store.create_saga(state, decision.events)
+        if created:
+            signals.saga_started.send(sender=self, saga_id=saga.saga_id, name=saga.name)
+            self.after_commit(decision)
+        return SagaHandle(self, saga.saga_id, saga.name)
+
+    # -- advancing -------------------------------------------------------------------
+
+    def transact(self, saga_id: str, decide: Callable[[Saga, SagaState], Decision | None]
+                 ) -> Decision | None:
+        """Run an engine decision under the saga's lock, then publish what it decided."""
+
+        def with_definition(state: SagaState) -> Decision | None:
+            return decide(self.definition(state.saga.name), state)
+
+        decision = self.store.transact(saga_id, with_definition)
+        if decision is not None:
+            self.after_commit(decision)
+        return decision
+
+    def after_commit(self, decision: Decision) -> None:
+        self.publish(decision.dispatches)
+        if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
+            s = decision.saga
+            signals.saga_finished.send(sender=self, saga_id=s.saga_id, name=s.name,
+                                       status=s.status, duration=time.time() - s.created_at)
+
+    def publish(self, dispatches: list[Dispatch]) -> None:
+        for d in dispatches:
+            try:
+                self._publish_one(d)
+            except Exception:
+                # Committed as DISPATCHED: the sweeper publishes it again after
+                # `redispatch_after`, so a lost publish delays the saga, never loses it.
+                log.exception("could not publish %s of saga %s step %s (attempt %s); the "
+                              "sweeper will publish it again", d.phase, d.saga_id, d.step,
+                              d.attempt)
+
+    def _publish_one(self, d: Dispatch) -> None:
+        task = self.app.tasks[d.task_name]
+        kwargs = dict(d.kwargs)
+        accepted = accepted_kwargs(task.run)
+        if accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        options: dict[str, Any] = {
+            "headers": {HEADER: {"saga_id": d.saga_id, "saga": d.saga_name,
+                                 "fingerprint": d.fingerprint, "step": d.step,
+                                 "phase": d.phase.value, "attempt": d.attempt}},
+            "serializer": "json",
+            "ignore_result": True,
+        }
+        if d.countdown > 0:
+            options["countdown"] = d.countdown
+        if d.queue:
+            options["queue"] = d.queue
+        if d.timeout and d.phase is Phase.FORWARD:
+            options["soft_time_limit"] = d.timeout
+            options["time_limit"] = d.timeout + max(5.0, d.timeout * 0.1)
+        task.apply_async(args=(), kwargs=kwargs, **options)
+
+    # -- executing steps (inside the worker) ---------------------------------------------
+
+    def execute(self, task: Any, body: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any], meta: dict[str, Any]) -> Any:
+        saga_id, step = str(meta["saga_id"]), str(meta["step"])
+        phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
+        defn = registered_saga(str(meta["saga"]))
+        if defn is None or defn.fingerprint != meta.get("fingerprint"):
+            self._refuse_unknown_definition(meta, defn)
+            raise Ignore()
+        now = time.time()
+        lease = self.settings.lease
+        if not self.store.claim_step(saga_id, step, phase, attempt, lease_until=now + lease,
+                                     now=now):
+            log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
+                     "message); not running it", saga_id, step, phase, attempt)
+            raise Ignore()
+        signals.step_started.send(sender=self, saga_id=saga_id, name=defn.name, step=step,
+                                  phase=phase, attempt=attempt)
+        heartbeat = self.heartbeat()
+        token = heartbeat.add(saga_id, step, phase, attempt)
+        ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
+        started = time.monotonic()
+        try:
+            result = body(*args, **kwargs)
+        except BaseException as exc:
+            heartbeat.remove(token)
+            _current.reset(ctx_token)
+            if not isinstance(exc, Exception) or isinstance(exc, Ignore):
+                raise
+            self._record_failure(defn, saga_id, step, phase, attempt, exc, started)
+            raise
+        heartbeat.remove(token)
+        _current.reset(ctx_token)
+        if phase is Phase.COMPENSATE:
+            self.transact(saga_id, lambda d, st: engine.compensation_succeeded(
+                d, st, step, attempt, now=time.time(), timing=self.timing))
+            self._step_finished(defn, saga_id, step, phase, attempt, "succeeded", started)
+            return None
+        if isinstance(result, StepResponse):
+            output, comp, has_comp = (result.output, result.compensation_data,
+                                      result.has_compensation_data)
+        else:
+            output, comp, has_comp = result, None, False
+        try:
+            engine.ensure_json(output, f"output of step {step!r}")
+            if has_comp:
+                engine.ensure_json(comp, f"compensation_data of step {step!r}")
+        except TypeError as exc:
+            # Retrying would produce the same value: fail permanently (and compensate).
+            message = f"TypeError: {exc}"
+            self.transact(saga_id, lambda d, st: engine.step_failed(
+                d, st, step, attempt, error=message, permanent=True,
+                reason="output_not_json", now=time.time(), timing=self.timing))
+            self._step_finished(defn, saga_id, step, phase, attempt, "failed", started)
+            raise TypeError(str(exc)) from None
+        self.transact(saga_id, lambda d, st: engine.step_succeeded(
+            d, st, step, attempt, output=output, compensation_data=comp,
+            has_compensation_data=has_comp, now=time.time(), timing=self.timing))
+        self._step_finished(defn, saga_id, step, phase, attempt, "succeeded", started)
+        return output
+
+    def _record_failure(self, defn: Saga, saga_id: str, step: str, phase: Phase,
+                        attempt: int, exc: Exception, started: float) -> None:
+        error = engine.describe_error(exc)
+        reason = "timeout" if isinstance(exc, SoftTimeLimitExceeded) else "error"
+        if phase is Phase.COMPENSATE:
+            self.transact(saga_id, lambda d, st: engine.compensation_failed(
+                d, st, step, attempt, error=error, reason=reason, now=time.time(),
+                timing=self.timing))
+        else:
+            permanent = isinstance(exc, StepFailure)
+            comp = exc.compensation_data if isinstance(exc, StepFailure) else None
+            has_comp = isinstance(exc, StepFailure) and exc.has_compensation_data
+            if has_comp:
+                try:
+                    engine.ensure_json(comp, f"compensation_data of step {step!r}")
+                except TypeError as bad:
+                    error, comp, has_comp = f"{error}\n(and {bad})", None, False
+            self.transact(saga_id, lambda d, st: engine.step_failed(
+                d, st, step, attempt, error=error, permanent=permanent, reason=reason,
+                compensation_data=comp, has_compensation_data=has_comp, now=time.time(),
+                timing=self.timing))
+        self._step_finished(defn, saga_id, step, phase, attempt, "failed", started)
+
+    def _step_finished(self, defn: Saga, saga_id: str, step: str, phase: Phase, attempt: int,
+                       outcome: str, started: float) -> None:
+        signals.step_finished.send(sender=self, saga_id=saga_id, name=defn.name, step=step,
+                                   phase=phase, attempt=attempt, outcome=outcome,
+                                   duration=time.monotonic() - started)
+
+    def _refuse_unknown_definition(self, meta: dict[str, Any], defn: Saga | None) -> None:
+        why = ("not defined in this worker" if defn is None else
+               f"defined here with fingerprint {defn.fingerprint}, the saga was started with "
+               f"{meta.get('fingerprint')}")
+        log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
+                  "code to every worker", meta.get("saga_id"), meta.get("saga"),
+                  meta.get("step"), why)
+        try:
+            self.store.append_event(Event(str(meta["saga_id"]), "definition_mismatch",
+                                          time.time(), str(meta.get("step")),
+                                          int(meta.get("attempt", 0)), str(meta.get("phase")),
+                                          {"worker_fingerprint": getattr(defn, "fingerprint",
+                                                                         None),
+                                           "saga_fingerprint": meta.get("fingerprint"),
+                                           "pid": os.getpid()}))
+        except Exception:
+            log.exception("could not record the definition mismatch")
+
+    def heartbeat(self) -> Heartbeat:
+        if self._heartbeat is None:
+            with self._lock:
+                if self._heartbeat is None:
+                    self._heartbeat = Heartbeat(self.store, self.settings.lease)
+        return self._heartbeat
+
+
+class Heartbeat:
+    """Renews the leases of the claims this process is running, every lease/3 seconds.
+
+    A step may run longer than the lease; only a worker that stops (killed, frozen,
+    partitioned from the store) lets its leases expire.
+    """
+
+    def __init__(self, store: Store, lease: float):
+        self.store = store
+        self.lease = lease
+        self._claims: dict[int, tuple[str, str, Phase, int]] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, saga_id: str, step: str, phase: Phase, attempt: int) -> int:
+        with self._lock:
+            self._next += 1
+            self._claims[self._next] = (saga_id, step, phase, attempt)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sagaline-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            return self._next
+
+    def remove(self, token: int) -> None:
+        with self._lock:
+            self._claims.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.lease / 3)
+            with self._lock:
+                claims = list(self._claims.values())
+            for saga_id, step, phase, attempt in claims:
+                try:
+                    self.store.renew_lease(saga_id, step, phase, attempt,
+                                           time.time() + self.lease)
+                except Exception:
+                    log.warning("could not renew the lease of saga %s step %s", saga_id, step,
+                                exc_info=True)
+
+
+def check_json_input(saga_name: str, input: dict[str, Any]) -> None:
+    for key, value in input.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"input {key!r} of saga {saga_name!r} is not JSON-serializable "
+                             f"({exc}); sagaline stores and sends JSON only") from None
+
+
+class SagaHandle:
+    """A started saga. Its status is always read from the store."""
+
+    def __init__(self, runtime: Runtime, saga_id: str, name: str):
+        self.runtime = runtime
+        self.saga_id = saga_id
+        self.name = name
+
+    def record(self) -> SagaRecord:
+        saga = self.runtime.store.get_saga(self.saga_id)
+        if saga is None:
+            raise SagaNotFound(self.saga_id)
+        return saga
+
+    @property
+    def status(self) -> SagaStatus:
+        return self.record().status
+
+    def get(self, timeout: float | None = None, *, interval: float = 0.002,
+            max_interval: float = 0.1) -> dict[str, Any]:
+        """Wait for the saga to end and return its final context.
+
+        Raises SagaCompensated or SagaFailed (with the cause) when it did not complete,
+        SagaTimeout when `timeout` seconds pass first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            saga = self.record()
+            if saga.status in SAGA_TERMINAL:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise SagaTimeout(self.saga_id, timeout or 0, saga.status.value)
+            time.sleep(interval)
+            interval = min(interval * 1.5, max_interval)
+        if saga.status is SagaStatus.COMPLETED:
+            return dict(saga.output or {})
+        error = SagaCompensated if saga.status is SagaStatus.COMPENSATED else SagaFailed
+        raise error(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
+
+    def __repr__(self) -> str:
+        return f"<SagaHandle {self.name} {self.saga_id}>"

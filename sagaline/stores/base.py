@@ -1,0 +1,153 @@
+"""The store contract: a few atomic operations, and the semantics every store shares.
+
+A store keeps three things: sagas, their steps, and an append-only history.
+Writes are either a single compare-and-set (`claim_step`, `renew_lease`) or a
+read-modify-write under the saga's lock (`transact`): the engine decides on a
+consistent snapshot and the store writes its decision only if every record it
+changes still has the version that was read. No store ever rewrites a whole
+saga document per step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..exceptions import ConfigurationError
+from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..states import Phase, SagaStatus
+
+Decide = Callable[[SagaState], "Decision | None"]
+
+
+@dataclass(frozen=True)
+class DueItem:
+    """Work the sweeper must look at: a saga (step None) or one of its steps."""
+
+    saga_id: str
+    step: str | None
+    due_at: float
+
+
+class Store(ABC):
+    """What every state store provides. Implementations: memory, sql, redis."""
+
+    url: str = ""
+
+    @abstractmethod
+    def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+        """Insert a saga with its steps and events in one transaction.
+
+        When another saga with the same name and idempotency key exists, insert
+        nothing and return that one with `False`.
+        """
+
+    @abstractmethod
+    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
+                   lease_until: float, now: float) -> bool:
+        """Atomically move the step (or its compensation) from DISPATCHED(attempt) to RUNNING.
+
+        Appends the `started` event in the same transaction. False when the claim
+        fails (a duplicate, a stale attempt, a cancelled step): run nothing then.
+        """
+
+    @abstractmethod
+    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
+                    lease_until: float) -> bool:
+        """Extend the lease of a RUNNING claim; False when the claim is no longer ours."""
+
+    @abstractmethod
+    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        """Read the saga under its lock, let `decide` choose, write its decision atomically.
+
+        Retries `decide` on a fresh read when a compare-and-set loses a race.
+        Returns the decision that was written (None when `decide` chose nothing).
+        """
+
+    @abstractmethod
+    def get_saga(self, saga_id: str) -> SagaRecord | None: ...
+
+    @abstractmethod
+    def get_steps(self, saga_id: str) -> list[StepRecord]:
+        """The saga's steps in topological order."""
+
+    @abstractmethod
+    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        """The saga's events in the order they were appended."""
+
+    @abstractmethod
+    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        """Sagas matching the filter, newest first."""
+
+    @abstractmethod
+    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]: ...
+
+    @abstractmethod
+    def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
+        """Sagas and steps whose `due_at` has passed: O(due work) through an index."""
+
+    def append_event(self, event: Event) -> None:
+        """Append one event that changes no state (an observation, such as a refused claim)."""
+        self.transact(event.saga_id, lambda state: Decision(events=[event]))
+
+    def migrate(self) -> None:  # noqa: B027 - optional hook
+        """Create or upgrade the schema (a no-op for stores without one)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+# URL scheme -> "module:Class", imported only when used so that extras stay optional.
+STORE_ALIASES = {
+    "memory": "sagaline.stores.memory:MemoryStore",
+    "sqlite": "sagaline.stores.sql:SQLStore",
+    "postgresql": "sagaline.stores.sql:SQLStore",
+    "postgres": "sagaline.stores.sql:SQLStore",
+    "mysql": "sagaline.stores.sql:SQLStore",
+    "mariadb": "sagaline.stores.sql:SQLStore",
+    "redis": "sagaline.stores.redis:RedisStore",
+    "rediss": "sagaline.stores.redis:RedisStore",
+}
+
+
+def store_class(url: str) -> type[Store]:
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
+    try:
+        target = STORE_ALIASES[scheme]
+    except KeyError:
+        raise ConfigurationError(
+            f"unknown store URL scheme {scheme!r} in {redact(url)!r}; use one of "
+            f"{sorted(STORE_ALIASES)}"
+        ) from None
+    module_name, cls_name = target.split(":")
+    module = importlib.import_module(module_name)
+    cls: type[Store] = getattr(module, cls_name)
+    return cls
+
+
+def store_from_url(url: str, **options: Any) -> Store:
+    return store_class(url)(url, **options)  # type: ignore[call-arg]
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+def require_extra(module: str, extra: str) -> Any:
+    """Import an optional dependency or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigurationError(
+            f"{module!r} is not installed: pip install 'sagaline[{extra}]'"
+        ) from None

@@ -1,0 +1,169 @@
+"""The in-memory store: the reference implementation of the contract, for one process."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import defaultdict
+from typing import Any
+
+from ..exceptions import ConcurrencyError
+from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
+from .base import Decide, DueItem, Store
+
+
+class MemoryStore(Store):
+    def __init__(self, url: str = "memory://", **_: Any):
+        self.url = url
+        self._lock = threading.RLock()
+        self._sagas: dict[str, SagaRecord] = {}
+        self._steps: dict[str, dict[str, StepRecord]] = {}
+        self._events: dict[str, list[Event]] = defaultdict(list)
+        self._keys: dict[tuple[str, str], str] = {}
+        self._seq = 0
+
+    def _append(self, events: list[Event]) -> None:
+        for e in events:
+            self._seq += 1
+            stored = copy.deepcopy(e)
+            stored.seq = self._seq
+            self._events[e.saga_id].append(stored)
+
+    def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+        saga = state.saga
+        with self._lock:
+            if saga.idempotency_key is not None:
+                existing = self._keys.get((saga.name, saga.idempotency_key))
+                if existing is not None:
+                    return copy.deepcopy(self._sagas[existing]), False
+                self._keys[(saga.name, saga.idempotency_key)] = saga.saga_id
+            self._sagas[saga.saga_id] = copy.deepcopy(saga)
+            self._steps[saga.saga_id] = {n: copy.deepcopy(s) for n, s in state.steps.items()}
+            self._append(events)
+            return copy.deepcopy(saga), True
+
+    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
+                   lease_until: float, now: float) -> bool:
+        with self._lock:
+            rec = self._steps.get(saga_id, {}).get(step)
+            if rec is None:
+                return False
+            if phase is Phase.FORWARD:
+                if rec.status is not StepStatus.DISPATCHED or rec.attempt != attempt:
+                    return False
+                rec.status = StepStatus.RUNNING
+                rec.started_at = now
+                kind = "step_started"
+            else:
+                if rec.comp_status is not CompensationStatus.DISPATCHED or \
+                        rec.comp_attempt != attempt:
+                    return False
+                rec.comp_status = CompensationStatus.RUNNING
+                kind = "compensation_started"
+            rec.lease_until = lease_until
+            rec.due_at = lease_until
+            rec.version += 1
+            self._append([Event(saga_id, kind, now, step, attempt, phase.value)])
+            return True
+
+    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
+                    lease_until: float) -> bool:
+        with self._lock:
+            rec = self._steps.get(saga_id, {}).get(step)
+            if rec is None or not _running(rec, phase, attempt):
+                return False
+            rec.lease_until = lease_until
+            rec.due_at = lease_until
+            rec.version += 1
+            return True
+
+    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        for _ in range(20):
+            with self._lock:
+                state = self._read(saga_id)
+            if state is None:
+                return None
+            decision = decide(state)
+            if decision is None or not decision.changed:
+                return decision
+            with self._lock:
+                if not self._versions_match(saga_id, decision):
+                    continue
+                if decision.saga is not None:
+                    saga = copy.deepcopy(decision.saga)
+                    saga.version = decision.saga_version + 1
+                    self._sagas[saga_id] = saga
+                for s in decision.steps:
+                    rec = copy.deepcopy(s)
+                    rec.version = decision.step_versions.get(s.name, s.version) + 1
+                    self._steps[saga_id][s.name] = rec
+                self._append(decision.events)
+                return decision
+        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+
+    def _versions_match(self, saga_id: str, decision: Decision) -> bool:
+        if decision.saga is not None and self._sagas[saga_id].version != decision.saga_version:
+            return False
+        steps = self._steps[saga_id]
+        return all(steps[n].version == v for n, v in decision.step_versions.items())
+
+    def _read(self, saga_id: str) -> SagaState | None:
+        saga = self._sagas.get(saga_id)
+        if saga is None:
+            return None
+        return SagaState(copy.deepcopy(saga),
+                         {n: copy.deepcopy(s) for n, s in self._steps[saga_id].items()})
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        with self._lock:
+            saga = self._sagas.get(saga_id)
+            return copy.deepcopy(saga) if saga else None
+
+    def get_steps(self, saga_id: str) -> list[StepRecord]:
+        with self._lock:
+            steps = self._steps.get(saga_id, {})
+            return sorted((copy.deepcopy(s) for s in steps.values()), key=lambda s: s.position)
+
+    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        with self._lock:
+            return [copy.deepcopy(e) for e in self._events.get(saga_id, [])
+                    if (e.seq or 0) > after_seq]
+
+    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        with self._lock:
+            rows = [s for s in self._sagas.values() if _matches(s, flt)]
+        rows.sort(key=lambda s: (s.created_at, s.saga_id), reverse=True)
+        return [copy.deepcopy(s) for s in rows[flt.offset:flt.offset + flt.limit]]
+
+    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+        counts = dict.fromkeys(SagaStatus, 0)
+        with self._lock:
+            for s in self._sagas.values():
+                if name is None or s.name == name:
+                    counts[s.status] += 1
+        return counts
+
+    def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
+        with self._lock:
+            items = [DueItem(s.saga_id, None, s.due_at) for s in self._sagas.values()
+                     if s.due_at is not None and s.due_at <= now]
+            for saga_id, steps in self._steps.items():
+                items += [DueItem(saga_id, r.name, r.due_at) for r in steps.values()
+                          if r.due_at is not None and r.due_at <= now]
+        items.sort(key=lambda d: d.due_at)
+        return items[:limit]
+
+
+def _running(rec: StepRecord, phase: Phase, attempt: int) -> bool:
+    if phase is Phase.FORWARD:
+        return rec.status is StepStatus.RUNNING and rec.attempt == attempt
+    return rec.comp_status is CompensationStatus.RUNNING and rec.comp_attempt == attempt
+
+
+def _matches(s: SagaRecord, flt: SagaFilter) -> bool:
+    return ((flt.status is None or s.status in flt.status)
+            and (flt.name is None or s.name == flt.name)
+            and (flt.created_after is None or s.created_at >= flt.created_after)
+            and (flt.created_before is None or s.created_at < flt.created_before)
+            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id))

@@ -1,0 +1,77 @@
+"""The SQL schema of the state store (SQLAlchemy Core), shared by the store and migrations."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+# The Alembic revision this code expects; tests check it is the head of migrations/.
+SCHEMA_REVISION = "0001"
+VERSION_TABLE = "sagaline_alembic_version"
+
+metadata = sa.MetaData()
+
+sagas = sa.Table(
+    "sagaline_sagas",
+    metadata,
+    sa.Column("saga_id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("input", sa.JSON, nullable=False),
+    sa.Column("output", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("failed_step", sa.String(200)),
+    sa.Column("idempotency_key", sa.String(255)),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double),
+    sa.Column("deadline", sa.Double),
+    sa.Column("due_at", sa.Double),
+    sa.Column("parent_saga_id", sa.String(36)),
+    sa.Column("parent_step", sa.String(200)),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.UniqueConstraint("name", "idempotency_key", name="uq_sagaline_sagas_idempotency"),
+    sa.Index("ix_sagaline_sagas_created", "created_at"),
+    sa.Index("ix_sagaline_sagas_status_created", "status", "created_at"),
+    sa.Index("ix_sagaline_sagas_name_created", "name", "created_at"),
+    sa.Index("ix_sagaline_sagas_due", "due_at"),
+    sa.Index("ix_sagaline_sagas_parent", "parent_saga_id"),
+)
+
+steps = sa.Table(
+    "sagaline_steps",
+    metadata,
+    sa.Column("saga_id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("comp_status", sa.String(24)),
+    sa.Column("comp_attempt", sa.Integer, nullable=False),
+    sa.Column("output", sa.JSON),
+    sa.Column("compensation_data", sa.JSON),
+    sa.Column("has_compensation_data", sa.Boolean, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("comp_error", sa.Text),
+    sa.Column("lease_until", sa.Double),
+    sa.Column("due_at", sa.Double),
+    sa.Column("started_at", sa.Double),
+    sa.Column("finished_at", sa.Double),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Index("ix_sagaline_steps_due", "due_at"),
+)
+
+events = sa.Table(
+    "sagaline_events",
+    metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("step", sa.String(200)),
+    sa.Column("attempt", sa.Integer),
+    sa.Column("phase", sa.String(12)),
+    sa.Column("detail", sa.JSON),
+    sa.Index("ix_sagaline_events_saga", "saga_id", "seq"),
+)

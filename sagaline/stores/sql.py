@@ -1,0 +1,439 @@
+"""The SQL store on SQLAlchemy 2 Core: PostgreSQL (psycopg 3), SQLite (default), MySQL/MariaDB.
+
+Locking: `transact` takes the saga row with SELECT ... FOR UPDATE (PostgreSQL,
+MySQL) or a BEGIN IMMEDIATE write transaction (SQLite), so completions of one
+saga are serialized while different sagas proceed in parallel. Claims and lease
+renewals do not take the saga lock: they are single compare-and-set UPDATEs on
+the step row, and every write of `transact` is itself a compare-and-set on the
+versions it read, so a claim that slips in between is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from ..exceptions import ConcurrencyError, StoreError
+from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
+from . import schema
+from .base import Decide, DueItem, Store, redact, require_extra
+from .schema import events, sagas, steps
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Transient failures (a restarted server, a locked SQLite file, a deadlock) are
+# retried for this long before the operation fails with StoreError.
+DEFAULT_RETRY_FOR = 30.0
+
+
+class SQLStore(Store):
+    def __init__(self, url: str, *, retry_for: float = DEFAULT_RETRY_FOR, echo: bool = False,
+                 auto_migrate: bool = True, **engine_options: Any):
+        self.url = url
+        self.retry_for = retry_for
+        self.dialect = _dialect_of(url)
+        if self.dialect == "postgresql":
+            require_extra("psycopg", "postgres")
+            url = url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
+                "postgres://", "postgresql+psycopg://", 1)
+        elif self.dialect == "mysql":
+            if url.startswith(("mysql://", "mariadb://")):
+                url = "mysql+pymysql://" + url.split("://", 1)[1]
+            require_extra("pymysql", "mysql")
+        options: dict[str, Any] = {"echo": echo, "future": True}
+        if self.dialect == "sqlite":
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            options.update(pool_size=5, max_overflow=10, pool_recycle=1800)
+        options.update(engine_options)
+        self.engine: Engine = sa.create_engine(url, **options)
+        if self.dialect == "sqlite":
+            _sqlite_setup(self.engine)
+        # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
+        self._writer = self.engine.execution_options(sagaline_write=True)
+        self._migrated = not auto_migrate
+        self._migrate_lock = threading.Lock()
+        self._pid_checked = False
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _ensure_schema(self) -> None:
+        if self._migrated:
+            return
+        with self._migrate_lock:
+            if not self._migrated:
+                self._retrying(self.migrate)
+                self._migrated = True
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(f"store {redact(self.url)} failed: {exc.orig}") from exc
+                log.warning("store %s: %s; retrying in %.2fs", redact(self.url),
+                            str(exc.orig).strip().splitlines()[0] if exc.orig else exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def migrate(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        with self.engine.connect() as conn:
+            if _current_revision(conn) == schema.SCHEMA_REVISION:
+                conn.rollback()
+                return
+            conn.rollback()
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self._writer.begin() as conn:
+            # Many workers may start at once: one migrates, the others wait and find it done.
+            if self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7366551)"))
+            elif self.dialect == "mysql":
+                conn.execute(sa.text("SELECT GET_LOCK('sagaline_migrate', 120)"))
+            try:
+                if _current_revision(conn) != schema.SCHEMA_REVISION:
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+            finally:
+                if self.dialect == "mysql":
+                    conn.execute(sa.text("SELECT RELEASE_LOCK('sagaline_migrate')"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def dispose_after_fork(self) -> None:
+        """Drop pooled connections inherited from a parent process without closing them."""
+        self.engine.dispose(close=False)
+
+    # -- writes ------------------------------------------------------------------
+
+    def create_saga(self, state: SagaState, events_: list[Event]) -> tuple[SagaRecord, bool]:
+        self._ensure_schema()
+        saga = state.saga
+
+        def attempt() -> tuple[SagaRecord, bool]:
+            try:
+                with self._write() as conn:
+                    conn.execute(sagas.insert(), _saga_row(saga))
+                    conn.execute(steps.insert(), [_step_row(s) for s in state.steps.values()])
+                    conn.execute(events.insert(), [_event_row(e) for e in events_])
+                return saga, True
+            except sa_exc.IntegrityError:
+                if saga.idempotency_key is None:
+                    raise
+                with self._read() as conn:
+                    row = conn.execute(sa.select(sagas).where(
+                        sagas.c.name == saga.name,
+                        sagas.c.idempotency_key == saga.idempotency_key)).first()
+                if row is None:  # the winner rolled back after all: try again
+                    raise sa_exc.OperationalError("idempotent insert", {}, Exception(
+                        "conflicting saga disappeared")) from None
+                return _saga_record(row), False
+
+        return self._retrying(attempt)
+
+    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
+                   lease_until: float, now: float) -> bool:
+        self._ensure_schema()
+        if phase is Phase.FORWARD:
+            cond = [steps.c.status == StepStatus.DISPATCHED.value, steps.c.attempt == attempt]
+            values: dict[str, Any] = {"status": StepStatus.RUNNING.value, "started_at": now}
+            kind = "step_started"
+        else:
+            cond = [steps.c.comp_status == CompensationStatus.DISPATCHED.value,
+                    steps.c.comp_attempt == attempt]
+            values = {"comp_status": CompensationStatus.RUNNING.value}
+            kind = "compensation_started"
+        stmt = (steps.update()
+                .where(steps.c.saga_id == saga_id, steps.c.name == step, *cond)
+                .values(lease_until=lease_until, due_at=lease_until,
+                        version=steps.c.version + 1, **values))
+        event = _event_row(Event(saga_id, kind, now, step, attempt, phase.value))
+
+        def attempt_claim() -> bool:
+            with self._write() as conn:
+                if conn.execute(stmt).rowcount != 1:
+                    return False
+                conn.execute(events.insert(), event)
+                return True
+
+        return self._retrying(attempt_claim)
+
+    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
+                    lease_until: float) -> bool:
+        if phase is Phase.FORWARD:
+            cond = [steps.c.status == StepStatus.RUNNING.value, steps.c.attempt == attempt]
+        else:
+            cond = [steps.c.comp_status == CompensationStatus.RUNNING.value,
+                    steps.c.comp_attempt == attempt]
+        stmt = (steps.update()
+                .where(steps.c.saga_id == saga_id, steps.c.name == step, *cond)
+                .values(lease_until=lease_until, due_at=lease_until,
+                        version=steps.c.version + 1))
+
+        def renew() -> bool:
+            with self._write() as conn:
+                return bool(conn.execute(stmt).rowcount == 1)
+
+        return self._retrying(renew)
+
+    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        self._ensure_schema()
+        lock = sa.select(sagas).where(sagas.c.saga_id == saga_id)
+        if self.dialect != "sqlite":
+            lock = lock.with_for_update()
+        read_steps = sa.select(steps).where(steps.c.saga_id == saga_id)
+
+        def attempt() -> tuple[bool, Decision | None]:
+            with self._write() as conn:
+                row = conn.execute(lock).first()
+                if row is None:
+                    return True, None
+                state = SagaState(_saga_record(row), {
+                    r.name: _step_record(r) for r in conn.execute(read_steps)})
+                decision = decide(state)
+                if decision is None or not decision.changed:
+                    return True, decision
+                if not self._write_decision(conn, saga_id, decision):
+                    conn.rollback()
+                    return False, None
+                return True, decision
+
+        for _ in range(20):
+            done, decision = self._retrying(attempt)
+            if done:
+                return decision
+        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+
+    def _write_decision(self, conn: Connection, saga_id: str, d: Decision) -> bool:
+        if d.saga is not None:
+            row = _saga_row(d.saga)
+            row["version"] = d.saga_version + 1
+            res = conn.execute(sagas.update().where(
+                sagas.c.saga_id == saga_id, sagas.c.version == d.saga_version).values(row))
+            if res.rowcount != 1:
+                return False
+        for s in d.steps:
+            row = _step_row(s)
+            expected = d.step_versions.get(s.name, s.version)
+            row["version"] = expected + 1
+            res = conn.execute(steps.update().where(
+                steps.c.saga_id == saga_id, steps.c.name == s.name,
+                steps.c.version == expected).values(row))
+            if res.rowcount != 1:
+                return False
+        if d.events:
+            conn.execute(events.insert(), [_event_row(e) for e in d.events])
+        return True
+
+    # -- reads -------------------------------------------------------------------
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        self._ensure_schema()
+
+        def read() -> SagaRecord | None:
+            with self._read() as conn:
+                row = conn.execute(sa.select(sagas).where(sagas.c.saga_id == saga_id)).first()
+                return None if row is None else _saga_record(row)
+
+        return self._retrying(read)
+
+    def get_steps(self, saga_id: str) -> list[StepRecord]:
+        self._ensure_schema()
+
+        def read() -> list[StepRecord]:
+            with self._read() as conn:
+                rows = conn.execute(sa.select(steps).where(steps.c.saga_id == saga_id)
+                                    .order_by(steps.c.position))
+                return [_step_record(r) for r in rows]
+
+        return self._retrying(read)
+
+    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        self._ensure_schema()
+
+        def read() -> list[Event]:
+            with self._read() as conn:
+                rows = conn.execute(sa.select(events).where(
+                    events.c.saga_id == saga_id, events.c.seq > after_seq).order_by(events.c.seq))
+                return [_event_record(r) for r in rows]
+
+        return self._retrying(read)
+
+    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        self._ensure_schema()
+        q = sa.select(sagas)
+        if flt.status:
+            q = q.where(sagas.c.status.in_([s.value for s in flt.status]))
+        if flt.name:
+            q = q.where(sagas.c.name == flt.name)
+        if flt.created_after is not None:
+            q = q.where(sagas.c.created_at >= flt.created_after)
+        if flt.created_before is not None:
+            q = q.where(sagas.c.created_at < flt.created_before)
+        if flt.parent_saga_id is not None:
+            q = q.where(sagas.c.parent_saga_id == flt.parent_saga_id)
+        q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
+        q = q.limit(flt.limit).offset(flt.offset)
+
+        def read() -> list[SagaRecord]:
+            with self._read() as conn:
+                return [_saga_record(r) for r in conn.execute(q)]
+
+        return self._retrying(read)
+
+    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+        self._ensure_schema()
+        q = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
+        if name:
+            q = q.where(sagas.c.name == name)
+
+        def read() -> dict[SagaStatus, int]:
+            counts = dict.fromkeys(SagaStatus, 0)
+            with self._read() as conn:
+                for status, n in conn.execute(q):
+                    counts[SagaStatus(status)] = int(n)
+            return counts
+
+        return self._retrying(read)
+
+    def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
+        self._ensure_schema()
+        q_sagas = (sa.select(sagas.c.saga_id, sagas.c.due_at).where(sagas.c.due_at <= now)
+                   .order_by(sagas.c.due_at).limit(limit))
+        q_steps = (sa.select(steps.c.saga_id, steps.c.name, steps.c.due_at)
+                   .where(steps.c.due_at <= now).order_by(steps.c.due_at).limit(limit))
+
+        def read() -> list[DueItem]:
+            with self._read() as conn:
+                items = [DueItem(r.saga_id, None, r.due_at) for r in conn.execute(q_sagas)]
+                items += [DueItem(r.saga_id, r.name, r.due_at) for r in conn.execute(q_steps)]
+            items.sort(key=lambda d: d.due_at)
+            return items[:limit]
+
+        return self._retrying(read)
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _dialect_of(url: str) -> str:
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
+    return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A write transaction takes the write lock up front: a deferred one that
+        # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
+        if conn.get_execution_options().get("sagaline_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def _current_revision(conn: Connection) -> str | None:
+    if not sa.inspect(conn).has_table(schema.VERSION_TABLE):
+        return None
+    row = conn.execute(sa.text(f"SELECT version_num FROM {schema.VERSION_TABLE}")).first()
+    return None if row is None else str(row[0])
+
+
+def _saga_row(s: SagaRecord) -> dict[str, Any]:
+    return {
+        "saga_id": s.saga_id, "name": s.name, "status": s.status.value, "input": s.input,
+        "output": s.output, "error": s.error, "failed_step": s.failed_step,
+        "idempotency_key": s.idempotency_key, "fingerprint": s.fingerprint,
+        "created_at": s.created_at, "updated_at": s.updated_at, "finished_at": s.finished_at,
+        "deadline": s.deadline, "due_at": s.due_at, "parent_saga_id": s.parent_saga_id,
+        "parent_step": s.parent_step, "version": s.version,
+    }
+
+
+def _saga_record(r: Any) -> SagaRecord:
+    return SagaRecord(
+        saga_id=r.saga_id, name=r.name, status=SagaStatus(r.status), input=r.input,
+        fingerprint=r.fingerprint, created_at=r.created_at, updated_at=r.updated_at,
+        idempotency_key=r.idempotency_key, output=r.output, error=r.error,
+        failed_step=r.failed_step, finished_at=r.finished_at, deadline=r.deadline,
+        due_at=r.due_at, parent_saga_id=r.parent_saga_id, parent_step=r.parent_step,
+        version=r.version,
+    )
+
+
+def _step_row(s: StepRecord) -> dict[str, Any]:
+    return {
+        "saga_id": s.saga_id, "name": s.name, "position": s.position, "status": s.status.value,
+        "attempt": s.attempt, "comp_status": None if s.comp_status is None else s.comp_status.value,
+        "comp_attempt": s.comp_attempt, "output": s.output,
+        "compensation_data": s.compensation_data,
+        "has_compensation_data": s.has_compensation_data, "error": s.error,
+        "comp_error": s.comp_error, "lease_until": s.lease_until, "due_at": s.due_at,
+        "started_at": s.started_at, "finished_at": s.finished_at, "version": s.version,
+    }
+
+
+def _step_record(r: Any) -> StepRecord:
+    return StepRecord(
+        saga_id=r.saga_id, name=r.name, position=r.position, status=StepStatus(r.status),
+        attempt=r.attempt,
+        comp_status=None if r.comp_status is None else CompensationStatus(r.comp_status),
+        comp_attempt=r.comp_attempt, output=r.output,
+        compensation_data=r.compensation_data,
+        has_compensation_data=bool(r.has_compensation_data), error=r.error,
+        comp_error=r.comp_error, lease_until=r.lease_until, due_at=r.due_at,
+        started_at=r.started_at, finished_at=r.finished_at, version=r.version,
+    )
+
+
+def _event_row(e: Event) -> dict[str, Any]:
+    return {"saga_id": e.saga_id, "ts": e.ts, "kind": e.kind, "step": e.step,
+            "attempt": e.attempt, "phase": e.phase, "detail": e.detail or None}
+
+
+def _event_record(r: Any) -> Event:
+    return Event(saga_id=r.saga_id, kind=r.kind, ts=r.ts, step=r.step, attempt=r.attempt,
+                 phase=r.phase, detail=r.detail or {}, seq=r.seq)
+

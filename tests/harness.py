@@ -1,0 +1,804 @@
+"""Process harness for integration and chaos tests.
+
+Everything here starts *real* processes (redis-server, a private PostgreSQL
+cluster, Celery workers) and always cleans them up by pid / process group,
+never by name. Every wait is bounded in both iterations and wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SHARED_PG_HOST = os.environ.get("SAGALINE_TEST_PG_HOST", "127.0.0.1")
+SHARED_PG_PORT = int(os.environ.get("SAGALINE_TEST_PG_PORT", "5432"))
+SHARED_PG_USER = os.environ.get("SAGALINE_TEST_PG_USER", "postgres")
+
+__all__ = [
+    "REPO_ROOT",
+    "HarnessError",
+    "PrivatePostgres",
+    "PrivateRedis",
+    "WorkerProcess",
+    "drop_database",
+    "find_pg_bin",
+    "find_redis_server",
+    "free_port",
+    "pid_alive",
+    "shared_postgres_url",
+    "wait_until",
+]
+
+
+class HarnessError(RuntimeError):
+    """A harness-managed process failed to start, stop or become ready."""
+
+
+# --------------------------------------------------------------------------- #
+# small helpers
+# --------------------------------------------------------------------------- #
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is currently free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> None:
+    """Poll ``predicate`` until true; raise :class:`HarnessError` after ``timeout`` s.
+
+    The loop is bounded both by wall time and by a maximum iteration count.
+    """
+    deadline = time.monotonic() + timeout
+    max_iter = int(timeout / max(interval, 0.001)) + 2
+    for _ in range(max_iter):
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    if predicate():
+        return
+    raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # format: "pid (comm) S ..." -- comm may contain spaces/parens.
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X")
+
+
+def _children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (via /proc/<pid>/task/*/children, fallback ps)."""
+    out: set[int] = set()
+    paths = glob.glob(f"/proc/{pid}/task/*/children")
+    if paths:
+        for p in paths:
+            try:
+                out.update(int(x) for x in Path(p).read_text().split())
+            except OSError:
+                continue
+        return sorted(c for c in out if pid_alive(c))
+    try:
+        res = subprocess.run(
+            ["ps", "--ppid", str(pid), "-o", "pid="],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted(int(x) for x in res.stdout.split() if pid_alive(int(x)))
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    """All live (non-zombie) pids whose process group is ``pgid``."""
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        # fields[0]=state, [1]=ppid, [2]=pgrp
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _tail(path: Path, max_bytes: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "<no log>"
+    return data[-max_bytes:].decode("utf-8", errors="replace")
+
+
+def find_redis_server() -> str:
+    """Absolute path of ``redis-server`` (PATH, then common locations)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    for cand in ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/usr/sbin/redis-server"):
+        if os.access(cand, os.X_OK):
+            return cand
+    raise HarnessError("redis-server not found (run scripts/ensure-services.sh)")
+
+
+def find_pg_bin() -> Path:
+    """Directory holding ``initdb`` and ``pg_ctl`` (PATH or /usr/lib/postgresql/*/bin)."""
+    initdb = shutil.which("initdb")
+    if initdb and shutil.which("pg_ctl"):
+        return Path(initdb).resolve().parent
+
+    def version_key(p: str) -> tuple[int, ...]:
+        ver = Path(p).parent.name
+        return tuple(int(x) for x in ver.split(".") if x.isdigit())
+
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version_key, reverse=True)
+    for c in cands:
+        d = Path(c).parent
+        if os.access(d / "pg_ctl", os.X_OK):
+            return d
+    raise HarnessError("initdb/pg_ctl not found (run scripts/ensure-services.sh)")
+
+
+# --------------------------------------------------------------------------- #
+# Redis
+# --------------------------------------------------------------------------- #
+
+
+class PrivateRedis:
+    """A throw-away ``redis-server`` on a free port with its own temp directory.
+
+    ``appendonly=False`` (default) runs fully in-memory (``--save "" --appendonly no``);
+    ``appendonly=True`` uses ``--appendonly yes --appendfsync always`` so that data
+    survives :meth:`kill` + :meth:`restart`.
+    """
+
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        start: bool = True,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.appendonly = appendonly
+        self.port = port or free_port()
+        self.ready_timeout = ready_timeout
+        self.dir = Path(tempfile.mkdtemp(prefix="sagaline-redis-"))
+        self.log_path = self.dir / "redis.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        if start:
+            self.start()
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running server, or None."""
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _ping(self) -> bool:
+        import redis
+
+        try:
+            client = redis.Redis(
+                host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1
+            )
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except (redis.RedisError, OSError):
+            return False
+
+    def start(self) -> None:
+        """Start the server (on ``self.port``) and wait until it answers PING."""
+        if self.is_running():
+            return
+        args = [
+            find_redis_server(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--daemonize", "no",
+            "--save", "",
+            "--protected-mode", "no",
+        ]  # fmt: skip
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while running
+        self._proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True
+        )
+
+        def ready() -> bool:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise HarnessError(
+                    f"redis-server exited with {self._proc.returncode}:\n{_tail(self.log_path)}"
+                )
+            return self._ping()
+
+        try:
+            wait_until(ready, timeout=self.ready_timeout, interval=0.05, what="redis-server")
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _kill_pid(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_pid(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL the server (simulates a crash)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _kill_pid(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        self._close_log()
+
+    def restart(self) -> None:
+        """Stop (gracefully, if still running) and start again on the same port."""
+        self.stop()
+        self._proc = None
+        self.start()
+
+    def destroy(self) -> None:
+        """Kill the server and delete its directory."""
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> PrivateRedis:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+
+# --------------------------------------------------------------------------- #
+# PostgreSQL
+# --------------------------------------------------------------------------- #
+
+
+def _pg_user_cmd(cmd: Sequence[str]) -> list[str]:
+    """Prefix ``cmd`` so that it runs as the ``postgres`` system user when we are root."""
+    if os.geteuid() != 0:
+        return list(cmd)
+    if shutil.which("runuser"):
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    import shlex
+
+    return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd)]
+
+
+class PrivatePostgres:
+    """A private PostgreSQL cluster (``initdb`` in a temp dir, trust auth, ``fsync=off``).
+
+    When running as root, ``initdb``/``pg_ctl`` run as the ``postgres`` system user
+    and the temp dir is chowned to it. :attr:`url` is a SQLAlchemy URL for psycopg 3.
+    """
+
+    def __init__(
+        self,
+        *,
+        dbname: str = "sagaline",
+        port: int | None = None,
+        start: bool = True,
+        timeout: int = 30,
+    ) -> None:
+        self.dbname = dbname
+        self.port = port or free_port()
+        self.timeout = timeout
+        self.bin = find_pg_bin()
+        self.dir = Path(tempfile.mkdtemp(prefix="sagaline-pg-"))
+        self.datadir = self.dir / "data"
+        self.log_path = self.dir / "postgres.log"
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self._run(
+            [
+                str(self.bin / "initdb"),
+                "-D", str(self.datadir),
+                "-U", "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E", "UTF8",
+                "--locale=C",
+            ],
+            what="initdb",
+        )  # fmt: skip
+        if start:
+            self.start()
+            self.create_database(self.dbname)
+
+    # -- helpers ------------------------------------------------------------ #
+
+    def _run(self, cmd: Sequence[str], what: str, timeout: float | None = None) -> str:
+        try:
+            res = subprocess.run(
+                _pg_user_cmd(cmd),
+                capture_output=True,
+                text=True,
+                timeout=timeout or self.timeout + 30,
+                cwd=self.dir,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise HarnessError(f"{what} timed out:\n{_tail(self.log_path)}") from e
+        if res.returncode != 0:
+            raise HarnessError(
+                f"{what} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
+                f"{_tail(self.log_path)}"
+            )
+        return res.stdout
+
+    def url_for(self, dbname: str) -> str:
+        """SQLAlchemy URL for another database on this cluster."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    @property
+    def url(self) -> str:
+        """``postgresql+psycopg://postgres@127.0.0.1:PORT/DBNAME``."""
+        return self.url_for(self.dbname)
+
+    @property
+    def dsn(self) -> str:
+        """libpq DSN (for psycopg directly)."""
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={self.dbname}"
+
+    @property
+    def pid(self) -> int | None:
+        """Postmaster pid from ``postmaster.pid``, or None if not running."""
+        try:
+            first = (self.datadir / "postmaster.pid").read_text().splitlines()[0]
+            pid = int(first.strip())
+        except (OSError, IndexError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def is_running(self) -> bool:
+        """True while the postmaster is alive."""
+        return self.pid is not None
+
+    def _accepts_connections(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(
+                host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                connect_timeout=2,
+            ) as conn:  # fmt: skip
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    # -- lifecycle ---------------------------------------------------------- #
+
+    def start(self) -> None:
+        """``pg_ctl start`` on :attr:`port` and wait until it accepts TCP connections."""
+        if self.is_running():
+            return
+        # After kill() the old postmaster may linger as an unreaped zombie (our pid 1
+        # may not reap orphans) whose pid still "exists" for kill(pid, 0): drop the
+        # stale lock files so that the restart performs crash recovery instead.
+        for lock in (self.datadir / "postmaster.pid", self.dir / f".s.PGSQL.{self.port}.lock"):
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        opts = (
+            f"-p {self.port} -k {self.dir} -c fsync=off -c listen_addresses=127.0.0.1 "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D", str(self.datadir),
+                "-l", str(self.log_path),
+                "-o", opts,
+                "-w", "-t", str(self.timeout),
+                "start",
+            ],
+            what="pg_ctl start",
+        )  # fmt: skip
+        wait_until(
+            self._accepts_connections, timeout=self.timeout, interval=0.1, what="postgres ready"
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m <mode>`` (smart|fast|immediate); SIGKILL if that fails."""
+        if not self.is_running():
+            return
+        try:
+            self._run(
+                [
+                    str(self.bin / "pg_ctl"),
+                    "-D", str(self.datadir),
+                    "-m", mode,
+                    "-w", "-t", str(self.timeout),
+                    "stop",
+                ],
+                what="pg_ctl stop",
+            )  # fmt: skip
+        except HarnessError:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (from ``postmaster.pid``) and its backends: a crash."""
+        pid = self.pid
+        if pid is None:
+            return
+        children = _children_of(pid)
+        _kill_pid(pid, signal.SIGKILL)
+        for c in children:
+            _kill_pid(c, signal.SIGKILL)
+        wait_until(
+            lambda: not pid_alive(pid) and not any(pid_alive(c) for c in children),
+            timeout=15,
+            interval=0.05,
+            what="postgres processes to die",
+        )
+
+    def restart(self) -> None:
+        """Stop (fast, if running) and start again on the same port."""
+        self.stop("fast")
+        self.start()
+
+    def destroy(self) -> None:
+        """Stop the cluster (immediate, then SIGKILL) and delete its directory."""
+        with contextlib.suppress(HarnessError):
+            self.stop("immediate")
+        with contextlib.suppress(HarnessError):
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def create_database(self, dbname: str) -> str:
+        """Create ``dbname`` (if missing) on this cluster and return its URL."""
+        _create_database("127.0.0.1", self.port, "postgres", dbname)
+        return self.url_for(dbname)
+
+    def __enter__(self) -> PrivatePostgres:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _create_database(host: str, port: int, user: str, dbname: str) -> None:
+    import psycopg
+
+    with psycopg.connect(
+        host=host, port=port, user=user, dbname="postgres", autocommit=True, connect_timeout=10
+    ) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if not exists:
+            conn.execute(f"CREATE DATABASE {_quote_ident(dbname)}".encode())
+
+
+def shared_postgres_url(dbname: str) -> str:
+    """Create ``dbname`` (if missing) on the shared server 127.0.0.1:5432; return its URL."""
+    _create_database(SHARED_PG_HOST, SHARED_PG_PORT, SHARED_PG_USER, dbname)
+    return f"postgresql+psycopg://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/{dbname}"
+
+
+def drop_database(url: str) -> None:
+    """``DROP DATABASE IF EXISTS ... WITH (FORCE)`` for the database named in ``url``."""
+    from urllib.parse import unquote, urlsplit
+
+    import psycopg
+
+    parts = urlsplit(url)
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname:
+        raise ValueError(f"no database name in {url!r}")
+    with psycopg.connect(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        user=unquote(parts.username) if parts.username else "postgres",
+        password=unquote(parts.password) if parts.password else None,
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=10,
+    ) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(dbname)} WITH (FORCE)".encode())
+
+
+# --------------------------------------------------------------------------- #
+# Celery worker
+# --------------------------------------------------------------------------- #
+
+
+class WorkerProcess:
+    """A real ``celery worker`` in its own session / process group.
+
+    The app module must touch ``$SAGALINE_READY_FILE`` from Celery's
+    ``worker_ready`` signal; :meth:`start` waits for that file. The worker runs
+    with ``cwd`` = repo root so ``tests.*`` app modules are importable.
+    """
+
+    def __init__(
+        self,
+        app_module: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        queues: Sequence[str] | None = None,
+        name: str | None = None,
+        loglevel: str = "INFO",
+        extra_args: Sequence[str] = (),
+        ready_timeout: float = 60.0,
+        cwd: Path | str = REPO_ROOT,
+        workdir: Path | str | None = None,
+    ) -> None:
+        self.app_module = app_module
+        self.pool = pool
+        self.concurrency = concurrency
+        self.queues = list(queues) if queues else []
+        self.name = name or f"w{uuid.uuid4().hex[:8]}"
+        self.loglevel = loglevel
+        self.extra_args = list(extra_args)
+        self.ready_timeout = ready_timeout
+        self.cwd = Path(cwd)
+        # Holds the log and the ready file. Our own temp dir unless ``workdir`` is given
+        # (e.g. a pytest tmp dir, so pytest manages retention of the logs).
+        self._owns_dir = workdir is None
+        if workdir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"sagaline-worker-{self.name}-"))
+        else:
+            self.dir = Path(workdir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.dir / "worker.log"
+        self.ready_file = self.dir / "ready"
+        self.env: dict[str, str] = dict(os.environ)
+        if env:
+            self.env.update(env)
+        self.env["SAGALINE_READY_FILE"] = str(self.ready_file)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        """Command line used to start the worker."""
+        args = [
+            sys.executable, "-m", "celery", "-A", self.app_module, "worker",
+            "-P", self.pool, "-c", str(self.concurrency), "--loglevel", self.loglevel,
+            "-n", f"{self.name}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        if self.queues:
+            args += ["-Q", ",".join(self.queues)]
+        return args + self.extra_args
+
+    @property
+    def pid(self) -> int:
+        """Pid of the main worker process (also its process-group id)."""
+        if self._proc is None:
+            raise HarnessError("worker not started")
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the main process has exited (negative = signal)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        """True while the main worker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> WorkerProcess:
+        """Spawn the worker and wait until it is ready (or raise with the log tail)."""
+        if self._proc is not None:
+            raise HarnessError("worker already started")
+        with contextlib.suppress(FileNotFoundError):
+            self.ready_file.unlink()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while running
+        self._proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def ready() -> bool:
+            if self.ready_file.exists():
+                return True
+            if self._proc is not None and self._proc.poll() is not None:
+                raise HarnessError(
+                    f"worker {self.name} exited with {self._proc.returncode} before ready:\n"
+                    f"{self.log_tail()}"
+                )
+            return False
+
+        try:
+            wait_until(ready, timeout=self.ready_timeout, interval=0.1, what="worker ready")
+        except HarnessError as e:
+            self.kill()
+            raise HarnessError(f"{e}\n--- worker log tail ---\n{self.log_tail()}") from e
+        return self
+
+    def child_pids(self) -> list[int]:
+        """Live direct children of the main worker process (the pool processes)."""
+        if not self.is_running():
+            return []
+        return _children_of(self.pid)
+
+    def group_pids(self) -> list[int]:
+        """All live processes in the worker's process group."""
+        if self._proc is None:
+            return []
+        return _pids_in_group(self._proc.pid)
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            # group leader may be gone while children remain: signal them by pid
+            for p in _pids_in_group(self._proc.pid):
+                _kill_pid(p, sig)
+
+    def _wait_group_gone(self, timeout: float) -> bool:
+        if self._proc is None:
+            return True
+        proc = self._proc
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+        try:
+            wait_until(
+                lambda: not _pids_in_group(proc.pid),
+                timeout=max(1.0, timeout),
+                interval=0.05,
+                what="worker process group to exit",
+            )
+        except HarnessError:
+            return False
+        return proc.poll() is not None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (main process and pool children)."""
+        if self._proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        if not self._wait_group_gone(10):
+            for p in _pids_in_group(self._proc.pid):
+                _kill_pid(p, signal.SIGKILL)
+            self._wait_group_gone(5)
+        self._close_log()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the group (warm shutdown), wait up to ``timeout`` s, then SIGKILL."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            if self._wait_group_gone(timeout):
+                self._close_log()
+                return
+        self.kill()
+
+    def log_text(self) -> str:
+        """Full worker log so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        """Last ``max_bytes`` of the worker log."""
+        return _tail(self.log_path, max_bytes)
+
+    def cleanup(self) -> None:
+        """Stop the worker and delete its temp dir (only if the harness created it)."""
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> WorkerProcess:
+        if self._proc is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.cleanup()  # keep the log around when the block failed
+        else:
+            self.stop()

@@ -1,0 +1,171 @@
+"""The Celery app that integration tests run in real worker processes.
+
+Broker from CELERY_BROKER_URL (default: the embedded filesystem transport),
+store from SAGALINE_STORE_URL; steps and compensations write ledger rows to the
+PostgreSQL database in LEDGER_URL, so that tests check outcomes from data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from celery import Celery
+from celery.signals import worker_ready
+
+import sagaline
+from sagaline import Retry, Saga, StepResponse, saga_step
+
+app = Celery("sagas_app", broker=os.environ.get("CELERY_BROKER_URL") or None)
+app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1)
+sagaline.init_app(app, sweep_interval=float(os.environ.get("SAGALINE_SWEEP_INTERVAL", "1")))
+
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS ledger (
+    id bigserial PRIMARY KEY,
+    saga_id text NOT NULL,
+    step text NOT NULL,
+    action text NOT NULL,
+    data jsonb,
+    started double precision,
+    finished double precision,
+    pid int
+)"""
+
+
+def ledger_dsn() -> str:
+    url = os.environ["LEDGER_URL"]
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def record(saga_id: str, step: str, action: str, data: Any = None,
+           started: float | None = None) -> None:
+    with psycopg.connect(ledger_dsn(), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ledger (saga_id, step, action, data, started, finished, pid) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (saga_id, step, action, psycopg.types.json.Jsonb(data), started, time.time(),
+             os.getpid()))
+
+
+@worker_ready.connect
+def _ready(**_: Any) -> None:
+    path = os.environ.get("SAGALINE_READY_FILE")
+    if path:
+        Path(path).touch()
+
+
+# -- a four-step saga whose steps and compensations write ledger rows ---------------
+
+@app.task(name="t.undo")
+def undo(compensation_data: Any, saga_id: str) -> None:
+    record(saga_id, compensation_data["step"], "undo", compensation_data)
+
+
+def _apply(step: str, saga_id: str, fail_at: str | None, value: int) -> StepResponse:
+    if fail_at == step:
+        raise RuntimeError(f"{step} failed on purpose")
+    record(saga_id, step, "do", {"value": value})
+    return StepResponse(output={f"{step}_done": True},
+                        compensation_data={"step": step, "value": value})
+
+
+@saga_step(compensate=undo)
+@app.task(name="t.s1")
+def s1(saga_id: str, value: int, fail_at: str | None = None) -> StepResponse:
+    return _apply("s1", saga_id, fail_at, value)
+
+
+@saga_step(compensate="t.undo")
+@app.task(name="t.s2")
+def s2(saga_id: str, value: int, s1_done: bool, fail_at: str | None = None) -> StepResponse:
+    return _apply("s2", saga_id, fail_at, value + 1)
+
+
+@saga_step(compensate="t.undo")
+@app.task(name="t.s3")
+def s3(saga_id: str, value: int, fail_at: str | None = None) -> StepResponse:
+    return _apply("s3", saga_id, fail_at, value + 2)
+
+
+@saga_step(compensate="t.undo")
+@app.task(name="t.s4")
+def s4(saga_id: str, value: int, fail_at: str | None = None) -> StepResponse:
+    return _apply("s4", saga_id, fail_at, value + 3)
+
+
+four_steps = Saga("four_steps").add_step(s1).add_step(s2).add_step(s3).add_step(s4)
+
+
+# -- a DAG a -> (b, c) -> d with recorded execution windows ---------------------------
+
+@app.task(name="t.window")
+def window(saga_id: str, fail_c: bool = False, sleep: float = 0.5, **ctx: Any) -> dict[str, Any]:
+    step = sagaline.current_step().step
+    started = time.time()
+    time.sleep(sleep if step in ("b", "c") else 0)
+    if step == "c" and fail_c:
+        raise RuntimeError("c failed on purpose")
+    record(saga_id, step, "do", {"seen": sorted(k for k in ctx if k.endswith("_out"))},
+           started=started)
+    return {f"{step}_out": step}
+
+
+@app.task(name="t.window_undo")
+def window_undo(saga_id: str, compensation_data: Any) -> None:
+    record(saga_id, sagaline.current_step().step, "undo", compensation_data)
+
+
+dag = (
+    Saga("dag")
+    .add_step(window, name="a", compensate=window_undo)
+    .add_step(window, name="b", compensate=window_undo)
+    .add_step(window, name="c", compensate=window_undo, depends_on=["a"])
+    .add_step(window, name="d", compensate=window_undo, depends_on=["b", "c"])
+)
+
+
+# -- keyword filtering and context visibility ------------------------------------------
+
+@app.task(name="t.narrow")
+def narrow(saga_id: str, order_id: str) -> dict[str, Any]:
+    record(saga_id, "narrow", "kwargs", {"order_id": order_id})
+    return {"narrow_out": 1}
+
+
+@app.task(name="t.wide")
+def wide(**kwargs: Any) -> dict[str, Any]:
+    record(kwargs["saga_id"], sagaline.current_step().step, "kwargs", kwargs)
+    return {f"{sagaline.current_step().step}_out": 2}
+
+
+@app.task(name="t.unjson")
+def unjson(saga_id: str) -> Any:
+    return {"when": object()}
+
+
+kwargs_probe = (
+    Saga("kwargs_probe")
+    .add_step(narrow, no_compensation=True)
+    .add_step(wide, name="sibling_a", no_compensation=True)
+    .add_step(wide, name="sibling_b", no_compensation=True, depends_on=["narrow"])
+    .add_step(wide, name="after_a", no_compensation=True, depends_on=["sibling_a"])
+)
+
+bad_output = Saga("bad_output").add_step(s1).add_step(unjson, no_compensation=True)
+
+
+@app.task(name="t.flaky")
+def flaky(saga_id: str, fail_times: int) -> dict[str, Any]:
+    attempt = sagaline.current_step().attempt
+    record(saga_id, "flaky", "attempt", {"attempt": attempt})
+    if attempt <= fail_times:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return {"flaky_attempts": attempt}
+
+
+retrying = Saga("retrying").add_step(
+    flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=0.2))
