@@ -155,11 +155,14 @@ class Runtime:
                               d.attempt)
 
     def _publish_one(self, d: Dispatch) -> None:
-        task = self.app.tasks[d.task_name]
+        task = self.app.tasks.get(d.task_name)
         kwargs = dict(d.kwargs)
-        accepted = accepted_kwargs(task.run)
-        if accepted is not None:
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        if task is not None:
+            # Send only what the task accepts (the worker filters again, for senders
+            # that do not import the task).
+            accepted = accepted_kwargs(task.run)
+            if accepted is not None:
+                kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         options: dict[str, Any] = {
             "headers": {HEADER: {"saga_id": d.saga_id, "saga": d.saga_name,
                                  "fingerprint": d.fingerprint, "step": d.step,
@@ -174,7 +177,10 @@ class Runtime:
         if d.timeout and d.phase is Phase.FORWARD:
             options["soft_time_limit"] = d.timeout
             options["time_limit"] = d.timeout + max(5.0, d.timeout * 0.1)
-        task.apply_async(args=(), kwargs=kwargs, **options)
+        if task is not None:
+            task.apply_async(args=(), kwargs=kwargs, **options)
+        else:
+            self.app.send_task(d.task_name, args=(), kwargs=kwargs, **options)
 
     # -- executing steps (inside the worker) ---------------------------------------------
 
@@ -199,6 +205,9 @@ class Runtime:
         token = heartbeat.add(saga_id, step, phase, attempt)
         ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
         started = time.monotonic()
+        accepted = accepted_kwargs(task.run)
+        if accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         try:
             result = body(*args, **kwargs)
         except BaseException as exc:

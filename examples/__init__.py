@@ -1,0 +1,1 @@
+"""Runnable sagaline examples: `robots` (the exploration saga) and `orders` (the shop)."""

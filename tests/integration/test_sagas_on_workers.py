@@ -1,0 +1,241 @@
+"""The engine on real Celery workers (prefork, separate processes).
+
+Each test runs twice: Redis broker + PostgreSQL store, and the embedded
+defaults (filesystem broker + SQLite store). Outcomes are checked from ledger
+rows that steps and compensations write to PostgreSQL, not from logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+
+import sagaline
+from sagaline import SagaCompensated, SagaStatus
+from sagaline.records import Dispatch
+from sagaline.runtime import Runtime
+from sagaline.states import Phase
+from tests.conftest import WorkerFactory
+from tests.harness import REPO_ROOT
+from tests.integration import sagas_app
+
+APP = "tests.integration.sagas_app"
+
+
+@dataclass
+class Stack:
+    name: str
+    runtime: Runtime
+    env: dict[str, str]
+    ledger_dsn: str
+
+    def run(self, saga: sagaline.Saga, **input: Any) -> sagaline.SagaHandle:
+        return self.runtime.start_saga(saga, input)
+
+    def ledger(self, saga_id: str) -> list[tuple[str, str, Any, float | None, float]]:
+        with psycopg.connect(self.ledger_dsn) as conn:
+            rows = conn.execute("SELECT step, action, data, started, finished FROM ledger "
+                                "WHERE saga_id = %s ORDER BY id", (saga_id,)).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+@pytest.fixture(scope="module", params=["redis+postgres", "embedded"])
+def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from tests.harness import WorkerProcess
+
+    home = tmp_path_factory.mktemp("home")
+    ledger_dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(ledger_dsn, autocommit=True) as conn:
+        conn.execute(sagas_app.LEDGER_DDL)
+    env = {"LEDGER_URL": pg_url, "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1"}
+    client = Celery(f"client-{request.param}")
+    if request.param == "redis+postgres":
+        store = pg_url
+        env["CELERY_BROKER_URL"] = redis_url
+        client.conf.broker_url = redis_url
+    else:
+        store = f"sqlite:///{home}/state.db"
+        env["CELERY_BROKER_URL"] = ""
+        os.environ["SAGALINE_HOME"] = str(home)
+    env["SAGALINE_STORE_URL"] = store
+    runtime = sagaline.init_app(client, store=store, sweeper=False)
+    worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
+    worker.start()
+    try:
+        yield Stack(request.param, runtime, env, ledger_dsn)
+    finally:
+        worker.stop()
+        runtime.store.close()
+        os.environ.pop("SAGALINE_HOME", None)
+
+
+def test_failing_last_step_compensates_the_others_once_in_reverse_order(stack: Stack) -> None:
+    handle = stack.run(sagas_app.four_steps, value=10, fail_at="s4")
+    with pytest.raises(SagaCompensated) as info:
+        handle.get(timeout=60)
+    assert info.value.step == "s4"
+    assert "s4 failed on purpose" in (info.value.cause or "")
+    assert handle.status is SagaStatus.COMPENSATED
+    rows = stack.ledger(handle.saga_id)
+    assert [(s, a) for s, a, *_ in rows] == [
+        ("s1", "do"), ("s2", "do"), ("s3", "do"),
+        ("s3", "undo"), ("s2", "undo"), ("s1", "undo"),
+    ]
+    undo_data = {s: d for s, a, d, *_ in rows if a == "undo"}
+    assert undo_data == {"s3": {"step": "s3", "value": 12}, "s2": {"step": "s2", "value": 11},
+                         "s1": {"step": "s1", "value": 10}}
+
+
+def test_completed_saga_returns_the_merged_context(stack: Stack) -> None:
+    handle = stack.run(sagas_app.four_steps, value=1)
+    result = handle.get(timeout=60)
+    assert result == {"value": 1, "s1_done": True, "s2_done": True, "s3_done": True,
+                      "s4_done": True}
+    assert [a for _, a, *_ in stack.ledger(handle.saga_id)] == ["do"] * 4
+    view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
+    assert view.status is SagaStatus.COMPLETED
+    assert [s.status.value for s in view.steps] == ["SUCCEEDED"] * 4
+    kinds = [e.kind for e in view.history]
+    assert kinds[0] == "saga_started" and kinds[-1] == "saga_completed"
+    assert kinds.count("step_started") == 4
+
+
+def test_dag_branches_run_concurrently_and_a_failed_branch_rolls_back_its_sibling(
+        stack: Stack) -> None:
+    ok = stack.run(sagas_app.dag, sleep=1.0)
+    ok.get(timeout=60)
+    windows = {s: (st, fin) for s, a, _, st, fin in stack.ledger(ok.saga_id) if a == "do"}
+    (b0, b1), (c0, c1) = windows["b"], windows["c"]
+    assert b0 < c1 and c0 < b1, f"b and c did not overlap: {windows}"
+    assert windows["d"][0] >= max(b1, c1)
+
+    failed = stack.run(sagas_app.dag, sleep=1.0, fail_c=True)
+    with pytest.raises(SagaCompensated):
+        failed.get(timeout=60)
+    rows = [(s, a) for s, a, *_ in stack.ledger(failed.saga_id)]
+    assert ("d", "do") not in rows and ("c", "do") not in rows
+    undo = [s for s, a in rows if a == "undo"]
+    assert undo == ["b", "a"], rows
+    view = sagaline.get_saga(failed.saga_id, runtime=stack.runtime)
+    assert view.step("d").status.value in ("PENDING", "CANCELLED")
+
+
+def test_steps_receive_only_accepted_kwargs_and_not_a_sibling_branch_output(
+        stack: Stack) -> None:
+    handle = stack.run(sagas_app.kwargs_probe, order_id="o-1", extra="x")
+    handle.get(timeout=60)
+    got = {s: d for s, a, d, *_ in stack.ledger(handle.saga_id) if a == "kwargs"}
+    assert got["narrow"] == {"order_id": "o-1"}
+    # **kwargs receives the whole context: input, saga_id, ancestors' outputs.
+    assert got["sibling_a"] == {"order_id": "o-1", "extra": "x", "saga_id": handle.saga_id,
+                                "narrow_out": 1}
+    assert got["after_a"]["sibling_a_out"] == 2
+    # sibling_b runs beside sibling_a: it never sees sibling_a's output.
+    assert "sibling_a_out" not in got["sibling_b"] and got["sibling_b"]["narrow_out"] == 1
+
+
+def test_a_duplicate_step_message_runs_user_code_once(stack: Stack) -> None:
+    handle = stack.run(sagas_app.four_steps, value=5)
+    handle.get(timeout=60)
+    before = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
+    duplicate = Dispatch(handle.saga_id, "four_steps", sagas_app.four_steps.fingerprint, "s2",
+                         Phase.FORWARD, 1, "t.s2",
+                         {"saga_id": handle.saga_id, "value": 5, "s1_done": True})
+    stack.runtime.publish([duplicate, duplicate])
+    time.sleep(3)
+    after = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
+    assert [a for s, a, *_ in stack.ledger(handle.saga_id) if s == "s2"] == ["do"]
+    assert len(after.history) == len(before.history)
+    assert [(s.status, s.version) for s in after.steps] == \
+        [(s.status, s.version) for s in before.steps]
+
+
+def test_a_retried_step_records_each_attempt(stack: Stack) -> None:
+    handle = stack.run(sagas_app.retrying, fail_times=2)
+    assert handle.get(timeout=60)["flaky_attempts"] == 3
+    view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
+    failed = [e for e in view.history if e.kind == "step_attempt_failed"]
+    assert [e.attempt for e in failed] == [1, 2]
+    assert all("ConnectionError" in e.detail["error"] for e in failed)
+    assert [d["attempt"] for s, a, d, *_ in stack.ledger(handle.saga_id)] == [1, 2, 3]
+
+
+def test_non_json_input_is_refused_before_anything_is_stored(stack: Stack) -> None:
+    before = stack.runtime.store.count_by_status()
+    with pytest.raises(sagaline.InputError, match="'when'"):
+        stack.run(sagas_app.four_steps, value=1, when=object())
+    assert stack.runtime.store.count_by_status() == before
+
+
+def test_non_json_step_output_fails_the_step_and_compensates(stack: Stack) -> None:
+    handle = stack.run(sagas_app.bad_output, value=3)
+    with pytest.raises(SagaCompensated, match="not JSON-serializable"):
+        handle.get(timeout=60)
+    assert [(s, a) for s, a, *_ in stack.ledger(handle.saga_id)] == [("s1", "do"),
+                                                                     ("s1", "undo")]
+
+
+CONCURRENT_RUNS = """
+import json, sys, threading
+from celery import Celery
+import sagaline
+from tests.integration import sagas_app
+client = Celery("proc")
+rt = sagaline.init_app(client, store=sys.argv[1], sweeper=False)
+ids = []
+def go():
+    ids.append(rt.start_saga(sagas_app.four_steps, {"value": 1},
+                             idempotency_key=sys.argv[2]).saga_id)
+threads = [threading.Thread(target=go) for _ in range(5)]
+[t.start() for t in threads]; [t.join(60) for t in threads]
+print(json.dumps(ids))
+"""
+
+
+def test_concurrent_runs_with_one_idempotency_key_make_one_execution(stack: Stack) -> None:
+    key = f"order-{uuid.uuid4()}"
+    store = stack.env["SAGALINE_STORE_URL"]
+    env = {**os.environ, **{k: v for k, v in stack.env.items() if v}}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUNS, store, key],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def go() -> None:
+        saga_id = stack.runtime.start_saga(sagas_app.four_steps, {"value": 1},
+                                           idempotency_key=key).saga_id
+        with lock:
+            ids.append(saga_id)
+
+    threads = [threading.Thread(target=go) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        ids += json.loads(out.strip().splitlines()[-1])
+    assert len(ids) == 20
+    assert len(set(ids)) == 1, set(ids)
+    matching = [s for s in stack.runtime.store.list_sagas(
+        sagaline.records.SagaFilter(name="four_steps", limit=1000))
+        if s.idempotency_key == key]
+    assert len(matching) == 1
+    sagaline.SagaHandle(stack.runtime, ids[0], "four_steps").get(timeout=60)
+    assert [a for _, a, *_ in stack.ledger(ids[0])] == ["do"] * 4
+
