@@ -25,6 +25,8 @@ class Settings:
     lease: float = 60.0
     # A DISPATCHED step not claimed within this many seconds is published again.
     redispatch_after: float = 30.0
+    # A step whose worker died is re-run this many extra times before it counts as failed.
+    crash_retries: int = 3
     # How often the sweeper in each worker looks for stalled work.
     sweep_interval: float = 5.0
     # Run the sweeper inside every `celery worker` of an app with sagaline.
@@ -64,6 +66,8 @@ def _parse(name: str, type_: Any, raw: str) -> Any:
             raise ValueError(raw)
         if kind == "float":
             return float(raw)
+        if kind == "int":
+            return int(raw)
         return raw
     except ValueError:
         raise ConfigurationError(

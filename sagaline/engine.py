@@ -31,6 +31,9 @@ class Timing:
     """Engine timing knobs, from the settings (config.py)."""
 
     redispatch_after: float = 30.0
+    # A step whose worker died (lease expired) is run again this many extra times
+    # before it counts as failed: a crash is not a business failure.
+    crash_retries: int = 3
 
 
 class Work:
@@ -199,8 +202,9 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
     after_pivot = w.pivot_passed()
     if after_pivot and w.defn.pivot_retry.max_attempts > policy.max_attempts:
         policy = w.defn.pivot_retry
-    if w.saga.status is SagaStatus.RUNNING and not permanent and rec.attempt < policy.max_attempts:
-        delay = policy.delay(rec.attempt)
+    allowed = policy.max_attempts + (w.timing.crash_retries if reason == "lease_expired" else 0)
+    if w.saga.status is SagaStatus.RUNNING and not permanent and rec.attempt < allowed:
+        delay = policy.delay(min(rec.attempt, policy.max_attempts))
         w.event("step_attempt_failed", name, rec.attempt, Phase.FORWARD, reason=reason,
                 error=error, retry_in=round(delay, 3), retry_forward=after_pivot)
         dispatch_forward(w, name, attempt=rec.attempt + 1, countdown=delay)
@@ -223,13 +227,14 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
                        strategy=w.defn.failure_strategy)
 
 
-def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0) -> None:
+def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
+                     announce: bool = True) -> None:
     spec = w.graph.steps[name]
     ctx = w.context_for(name)
     kwargs = ctx if spec.input is None else mapped_input(spec, ctx)
     w.update_step(name, status=StepStatus.DISPATCHED, attempt=attempt, lease_until=None,
                   due_at=w.now + countdown + w.timing.redispatch_after)
-    if attempt == 1:
+    if announce and attempt == 1:
         w.event("step_dispatched", name, attempt, Phase.FORWARD)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.FORWARD, attempt, spec.task_name or "", kwargs,
@@ -385,7 +390,8 @@ def compensation_progress(w: Work) -> None:
             still_applied=pending, cause=w.saga.error)
 
 
-def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float = 0.0) -> None:
+def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
+                          announce: bool = True) -> None:
     spec = w.graph.steps[name]
     rec = w.steps[name]
     ctx = w.context_for(name)
@@ -393,7 +399,7 @@ def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float 
     kwargs = {**ctx, "compensation_data": data}
     w.update_step(name, comp_status=CompensationStatus.DISPATCHED, comp_attempt=attempt,
                   lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after)
-    if attempt == 1:
+    if announce and attempt == 1:
         w.event("compensation_dispatched", name, attempt, Phase.COMPENSATE)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.COMPENSATE, attempt, spec.compensation_name or "",
@@ -508,10 +514,10 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
         return None
     if rec.status is StepStatus.DISPATCHED and w.saga.status in (SagaStatus.RUNNING,
                                                                  SagaStatus.COMPENSATING):
-        dispatch_forward(w, step, attempt=rec.attempt)
+        dispatch_forward(w, step, attempt=rec.attempt, announce=False)
         w.event("step_redispatched", step, rec.attempt, Phase.FORWARD)
     elif rec.comp_status is CompensationStatus.DISPATCHED:
-        dispatch_compensation(w, step, attempt=rec.comp_attempt)
+        dispatch_compensation(w, step, attempt=rec.comp_attempt, announce=False)
         w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE)
     else:
         return None

@@ -63,7 +63,8 @@ class Runtime:
     def __init__(self, app: Celery, settings: Settings, store: Store | None = None):
         self.app = app
         self.settings = settings
-        self.timing = engine.Timing(redispatch_after=settings.redispatch_after)
+        self.timing = engine.Timing(redispatch_after=settings.redispatch_after,
+                                    crash_retries=settings.crash_retries)
         self._store = store
         self._store_pid = os.getpid() if store is not None else None
         self._lock = threading.Lock()

@@ -169,3 +169,88 @@ def flaky(saga_id: str, fail_times: int) -> dict[str, Any]:
 
 retrying = Saga("retrying").add_step(
     flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=0.2))
+
+
+# -- recovery: timeouts, deadlines, cancel, failing compensations, pivots ----------------
+
+SWITCHES_DDL = "CREATE TABLE IF NOT EXISTS switches (name text PRIMARY KEY, remaining int)"
+
+
+def take_failure(name: str) -> bool:
+    """True while the switch `name` has failures left (-1: fail forever); uses one up."""
+    with psycopg.connect(ledger_dsn(), autocommit=True) as conn:
+        conn.execute(SWITCHES_DDL)
+        row = conn.execute("UPDATE switches SET remaining = remaining - 1 WHERE name = %s "
+                           "AND remaining > 0 RETURNING remaining", (name,)).fetchone()
+        if row is not None:
+            return True
+        forever = conn.execute("SELECT 1 FROM switches WHERE name = %s AND remaining < 0",
+                               (name,)).fetchone()
+        return forever is not None
+
+
+@app.task(name="t.sleepy")
+def sleepy(saga_id: str, seconds: float) -> StepResponse:
+    step = sagaline.current_step().step
+    started = time.time()
+    time.sleep(seconds)
+    record(saga_id, step, "do", {"step": step}, started=started)
+    return StepResponse(output={f"{step}_slept": seconds}, compensation_data={"step": step})
+
+
+@app.task(name="t.fragile_undo")
+def fragile_undo(saga_id: str, compensation_data: Any, switch: str) -> None:
+    step = sagaline.current_step().step
+    record(saga_id, step, "undo_attempt", {"attempt": sagaline.current_step().attempt})
+    if take_failure(switch):
+        raise ConnectionError(f"compensation of {step} failed (switch {switch})")
+    record(saga_id, step, "undo", compensation_data)
+
+
+@app.task(name="t.forward_flaky")
+def forward_flaky(saga_id: str, switch: str) -> dict[str, Any]:
+    record(saga_id, "after_pivot", "attempt", {"attempt": sagaline.current_step().attempt})
+    if take_failure(switch):
+        raise ConnectionError("downstream unavailable")
+    return {"after_pivot": "done"}
+
+
+timeout_saga = (
+    Saga("timeout_saga")
+    .add_step(s1)
+    .add_step(sleepy, name="slow", compensate=undo, timeout=1,
+              retry=Retry(max_attempts=2, backoff=0.1))
+)
+
+deadline_saga = Saga("deadline_saga", timeout=2).add_step(s1).add_step(
+    sleepy, name="slow", compensate=undo)
+
+cancel_saga = (
+    Saga("cancel_saga")
+    .add_step(s1)
+    .add_step(sleepy, name="slow", compensate=undo)
+    .add_step(s3)
+)
+
+fragile = (
+    Saga("fragile")
+    .add_step(s1, compensate=fragile_undo,
+              compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5))
+    .add_step(s2, compensate=fragile_undo,
+              compensation_retry=Retry(max_attempts=2, backoff=0.2))
+    .add_step(s3)
+)
+
+pivoting = (
+    Saga("pivoting", pivot_retry=Retry(max_attempts=6, backoff=0.2, factor=1.5))
+    .add_step(s1)
+    .add_step(s2, pivot=True)
+    .add_step(forward_flaky, no_compensation=True)
+)
+
+flaky_compensation = (
+    Saga("flaky_compensation")
+    .add_step(s1, compensate=fragile_undo,
+              compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5))
+    .add_step(s4)
+)

@@ -14,72 +14,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-import psycopg
 import pytest
-from celery import Celery
 
 import sagaline
 from sagaline import SagaCompensated, SagaStatus
 from sagaline.records import Dispatch
-from sagaline.runtime import Runtime
 from sagaline.states import Phase
-from tests.conftest import WorkerFactory
 from tests.harness import REPO_ROOT
 from tests.integration import sagas_app
-
-APP = "tests.integration.sagas_app"
-
-
-@dataclass
-class Stack:
-    name: str
-    runtime: Runtime
-    env: dict[str, str]
-    ledger_dsn: str
-
-    def run(self, saga: sagaline.Saga, **input: Any) -> sagaline.SagaHandle:
-        return self.runtime.start_saga(saga, input)
-
-    def ledger(self, saga_id: str) -> list[tuple[str, str, Any, float | None, float]]:
-        with psycopg.connect(self.ledger_dsn) as conn:
-            rows = conn.execute("SELECT step, action, data, started, finished FROM ledger "
-                                "WHERE saga_id = %s ORDER BY id", (saga_id,)).fetchall()
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-
-
-@pytest.fixture(scope="module", params=["redis+postgres", "embedded"])
-def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from tests.harness import WorkerProcess
-
-    home = tmp_path_factory.mktemp("home")
-    ledger_dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(ledger_dsn, autocommit=True) as conn:
-        conn.execute(sagas_app.LEDGER_DDL)
-    env = {"LEDGER_URL": pg_url, "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1"}
-    client = Celery(f"client-{request.param}")
-    if request.param == "redis+postgres":
-        store = pg_url
-        env["CELERY_BROKER_URL"] = redis_url
-        client.conf.broker_url = redis_url
-    else:
-        store = f"sqlite:///{home}/state.db"
-        env["CELERY_BROKER_URL"] = ""
-        os.environ["SAGALINE_HOME"] = str(home)
-    env["SAGALINE_STORE_URL"] = store
-    runtime = sagaline.init_app(client, store=store, sweeper=False)
-    worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
-    worker.start()
-    try:
-        yield Stack(request.param, runtime, env, ledger_dsn)
-    finally:
-        worker.stop()
-        runtime.store.close()
-        os.environ.pop("SAGALINE_HOME", None)
+from tests.integration.conftest import Stack
 
 
 def test_failing_last_step_compensates_the_others_once_in_reverse_order(stack: Stack) -> None:
@@ -193,6 +137,7 @@ import json, sys, threading
 from celery import Celery
 import sagaline
 from tests.integration import sagas_app
+from tests.integration.conftest import Stack
 client = Celery("proc")
 rt = sagaline.init_app(client, store=sys.argv[1], sweeper=False)
 ids = []

@@ -1,0 +1,83 @@
+"""Fixtures for tests on real workers: a `Stack` is a worker process plus a client runtime."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+
+import sagaline
+from sagaline.runtime import Runtime
+from tests.harness import WorkerProcess
+from tests.integration import sagas_app
+
+APP = "tests.integration.sagas_app"
+
+
+@dataclass
+class Stack:
+    name: str
+    runtime: Runtime
+    env: dict[str, str]
+    ledger_dsn: str
+
+    def run(self, saga: sagaline.Saga, **input: Any) -> sagaline.SagaHandle:
+        return self.runtime.start_saga(saga, input)
+
+    def ledger(self, saga_id: str) -> list[tuple[str, str, Any, float | None, float]]:
+        with psycopg.connect(self.ledger_dsn) as conn:
+            rows = conn.execute("SELECT step, action, data, started, finished FROM ledger "
+                                "WHERE saga_id = %s ORDER BY id", (saga_id,)).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+def make_stack(kind: str, pg_url: str, redis_url: str,
+               tmp_path_factory: pytest.TempPathFactory,
+               extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("home")
+    ledger_dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(ledger_dsn, autocommit=True) as conn:
+        conn.execute(sagas_app.LEDGER_DDL)
+    env = {"LEDGER_URL": pg_url, "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1"}
+    client = Celery(f"client-{kind}")
+    if kind == "redis+postgres":
+        store = pg_url
+        env["CELERY_BROKER_URL"] = redis_url
+        client.conf.broker_url = redis_url
+    else:
+        store = f"sqlite:///{home}/state.db"
+        env["CELERY_BROKER_URL"] = ""
+        os.environ["SAGALINE_HOME"] = str(home)
+    env["SAGALINE_STORE_URL"] = store
+    env.update(extra_env or {})
+    runtime = sagaline.init_app(client, store=store, sweeper=False)
+    worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
+    worker.start()
+    try:
+        yield Stack(kind, runtime, env, ledger_dsn)
+    finally:
+        worker.stop()
+        runtime.store.close()
+        os.environ.pop("SAGALINE_HOME", None)
+
+
+
+
+@pytest.fixture(scope="module", params=["redis+postgres", "embedded"])
+def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The same tests on Redis + PostgreSQL and on the embedded defaults."""
+    yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pg_stack(pg_url: str, redis_url: str,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Redis broker + PostgreSQL store, with short leases and a fast sweeper."""
+    yield from make_stack("redis+postgres", pg_url, redis_url, tmp_path_factory,
+                          {"SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3"})
