@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from . import engine
@@ -134,3 +135,85 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
             rt.after_commit(decision)
             acted += 1
     return acted
+
+
+# -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------
+
+# The events that end one attempt of a step (forward) or of its compensation.
+_ATTEMPT_ENDS = {
+    "step_succeeded": "succeeded",
+    "step_attempt_failed": "failed",
+    "step_failed": "failed",
+    "step_abandoned": "abandoned",
+    "compensation_succeeded": "succeeded",
+    "compensation_attempt_failed": "failed",
+    "compensation_failed": "failed",
+}
+_ATTEMPT_STARTS = {"step_started", "compensation_started"}
+
+
+@dataclass
+class Attempt:
+    """One run of a step body or of its compensation, as the history recorded it."""
+
+    step: str
+    phase: str
+    attempt: int
+    started_at: float | None = None
+    finished_at: float | None = None
+    outcome: str = "running"  # running | succeeded | failed | abandoned
+    error: str | None = None  # the first line of the error
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+def step_attempts(history: list[Event]) -> list[Attempt]:
+    """Every attempt of every step and compensation, in the order they started."""
+    attempts: dict[tuple[str, str, int], Attempt] = {}
+    for ev in history:
+        if ev.step is None or ev.attempt is None or ev.phase is None:
+            continue
+        if ev.kind not in _ATTEMPT_STARTS and ev.kind not in _ATTEMPT_ENDS:
+            continue
+        key = (ev.step, ev.phase, ev.attempt)
+        att = attempts.setdefault(key, Attempt(ev.step, ev.phase, ev.attempt))
+        if ev.kind in _ATTEMPT_STARTS:
+            att.started_at = ev.ts
+        else:
+            att.finished_at = ev.ts
+            att.outcome = _ATTEMPT_ENDS[ev.kind]
+            error = ev.detail.get("error")
+            att.error = engine.first_line(error) if error else None
+    return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
+
+
+def count_by_status(*, name: str | None = None,
+                    runtime: Runtime | None = None) -> dict[SagaStatus, int]:
+    """How many sagas (of one name, or all) are in each status."""
+    rt = runtime or current_runtime()
+    return rt.store.count_by_status(name)
+
+
+def view_as_dict(view: SagaView) -> dict[str, Any]:
+    """A saga with its steps, attempts and history as plain JSON-ready data."""
+    return {
+        "saga": _plain(asdict(view.saga)),
+        "steps": [_plain(asdict(s)) for s in view.steps],
+        "attempts": [{**_plain(asdict(a)), "duration": a.duration}
+                     for a in step_attempts(view.history)],
+        "history": [_plain(asdict(e)) for e in view.history],
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    return value

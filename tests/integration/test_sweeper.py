@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import subprocess
 import sys
 import time
@@ -57,7 +59,7 @@ def test_three_sweepers_at_once_never_double_transition_anything(
 
     env = {"SAGALINE_HOME": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", SWEEPER, store_url, "4"], cwd=REPO_ROOT,
-                              env={**__import__("os").environ, **env},
+                              env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outputs = [p.communicate(timeout=60) for p in procs]
@@ -70,7 +72,7 @@ def test_three_sweepers_at_once_never_double_transition_anything(
         redispatched = [e.ts for e in history if e.kind == "step_redispatched"]
         # Due every 1 s for ~4 s: a few redispatches, never two in the same due period.
         assert 2 <= len(redispatched) <= 5, redispatched
-        gaps = [b - a for a, b in zip(redispatched, redispatched[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(redispatched)]
         assert all(g >= 0.9 for g in gaps), gaps
         assert {e.attempt for e in history if e.kind == "step_redispatched"} == {1}
 
