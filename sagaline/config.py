@@ -91,6 +91,8 @@ def default_broker_options() -> dict[str, Any]:
         "data_folder_in": str(queue_dir),
         "data_folder_out": str(queue_dir),
         "processed_folder": str(queue_dir / "processed"),
+        # Broadcasts (celery inspect/control) go here too, not into the working directory.
+        "control_folder": str(queue_dir / "control"),
         "store_processed": False,
         # kombu polls the folder; its 1 s default would add a second to every step.
         "polling_interval": 0.05,
