@@ -1,10 +1,15 @@
 """The store contract: a few atomic operations, and the semantics every store shares.
 
 A store keeps three things: sagas, their steps, and an append-only history.
-Writes are either a single compare-and-set (`claim_step`, `renew_lease`) or a
-read-modify-write under the saga's lock (`transact`): the engine decides on a
-consistent snapshot and the store writes its decision only if every record it
-changes still has the version that was read. No store ever rewrites a whole
+Writes are either a single compare-and-set on one step (`claim_step`,
+`renew_lease`) or a read-modify-write of one saga (`transact`). Two `transact`
+calls on the same saga are serialized — the engine decides on a snapshot that
+no other `transact` can change before the decision is written (SQL: the saga
+row lock; Redis: a per-saga transaction counter; memory: one lock) — and the
+decision is written only if every record it changes still has the version that
+was read, so a claim that slipped in is never overwritten. Serializing is not
+optional: two parallel branches that finish together must see each other, or
+neither would start the step that joins them. No store ever rewrites a whole
 saga document per step.
 """
 
@@ -111,6 +116,15 @@ STORE_ALIASES = {
     "redis": "sagaline.stores.redis:RedisStore",
     "rediss": "sagaline.stores.redis:RedisStore",
 }
+
+
+def matches_filter(s: SagaRecord, flt: SagaFilter) -> bool:
+    """The filter semantics every store implements (`status=[]` matches nothing)."""
+    return ((flt.status is None or s.status in flt.status)
+            and (flt.name is None or s.name == flt.name)
+            and (flt.created_after is None or s.created_at >= flt.created_after)
+            and (flt.created_before is None or s.created_at < flt.created_before)
+            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id))
 
 
 def store_class(url: str) -> type[Store]:

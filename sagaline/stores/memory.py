@@ -10,7 +10,7 @@ from typing import Any
 from ..exceptions import ConcurrencyError
 from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .base import Decide, DueItem, Store
+from .base import Decide, DueItem, Store, matches_filter
 
 
 class MemoryStore(Store):
@@ -79,28 +79,28 @@ class MemoryStore(Store):
             return True
 
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
-        for _ in range(20):
-            with self._lock:
-                state = self._read(saga_id)
+        # Decide under the lock, as the SQL store decides under the saga's row lock:
+        # two branches finishing together must see each other, or neither would
+        # dispatch the step that joins them.
+        with self._lock:
+            state = self._read(saga_id)
             if state is None:
                 return None
             decision = decide(state)
             if decision is None or not decision.changed:
                 return decision
-            with self._lock:
-                if not self._versions_match(saga_id, decision):
-                    continue
-                if decision.saga is not None:
-                    saga = copy.deepcopy(decision.saga)
-                    saga.version = decision.saga_version + 1
-                    self._sagas[saga_id] = saga
-                for s in decision.steps:
-                    rec = copy.deepcopy(s)
-                    rec.version = decision.step_versions.get(s.name, s.version) + 1
-                    self._steps[saga_id][s.name] = rec
-                self._append(decision.events)
-                return decision
-        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+            if not self._versions_match(saga_id, decision):
+                raise ConcurrencyError(f"saga {saga_id!r} changed under its lock")
+            if decision.saga is not None:
+                saga = copy.deepcopy(decision.saga)
+                saga.version = decision.saga_version + 1
+                self._sagas[saga_id] = saga
+            for s in decision.steps:
+                rec = copy.deepcopy(s)
+                rec.version = decision.step_versions.get(s.name, s.version) + 1
+                self._steps[saga_id][s.name] = rec
+            self._append(decision.events)
+            return decision
 
     def _versions_match(self, saga_id: str, decision: Decision) -> bool:
         if decision.saga is not None and self._sagas[saga_id].version != decision.saga_version:
@@ -132,7 +132,7 @@ class MemoryStore(Store):
 
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         with self._lock:
-            rows = [s for s in self._sagas.values() if _matches(s, flt)]
+            rows = [s for s in self._sagas.values() if matches_filter(s, flt)]
         rows.sort(key=lambda s: (s.created_at, s.saga_id), reverse=True)
         return [copy.deepcopy(s) for s in rows[flt.offset:flt.offset + flt.limit]]
 
@@ -160,10 +160,3 @@ def _running(rec: StepRecord, phase: Phase, attempt: int) -> bool:
         return rec.status is StepStatus.RUNNING and rec.attempt == attempt
     return rec.comp_status is CompensationStatus.RUNNING and rec.comp_attempt == attempt
 
-
-def _matches(s: SagaRecord, flt: SagaFilter) -> bool:
-    return ((flt.status is None or s.status in flt.status)
-            and (flt.name is None or s.name == flt.name)
-            and (flt.created_after is None or s.created_at >= flt.created_after)
-            and (flt.created_before is None or s.created_at < flt.created_before)
-            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id))

@@ -294,7 +294,7 @@ class SQLStore(Store):
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         self._ensure_schema()
         q = sa.select(sagas)
-        if flt.status:
+        if flt.status is not None:
             q = q.where(sagas.c.status.in_([s.value for s in flt.status]))
         if flt.name:
             q = q.where(sagas.c.name == flt.name)

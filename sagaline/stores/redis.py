@@ -1,0 +1,504 @@
+"""The Redis store: a hash per saga and per step, sorted-set indexes, Lua for every transition.
+
+Layout (every key starts with `prefix`, default "sagaline"; every hash field holds JSON)::
+
+    {p}:saga:<id>            hash    one field per SagaRecord attribute (`version` included),
+                                     and `txn`, the count of `transact` writes to the saga
+    {p}:step:<id>:<step>     hash    one field per StepRecord attribute (`version` included)
+    {p}:steps:<id>           zset    the saga's step names scored by position
+    {p}:events:<id>          list    the history, JSON per event; an event's seq is its
+                                     1-based index (RPUSH returns it inside the same script)
+    {p}:idem:<name>:<key>    string  id of the saga that owns an idempotency key
+    {p}:idx:created          zset    every saga id, scored by created_at
+    {p}:idx:status:<S>       zset    ids of sagas in status S, by created_at
+    {p}:idx:name:<name>      zset    ids of sagas of one name, by created_at
+    {p}:idx:ns:<S>:<name>    zset    both filters at once (filtered lists, counts per name)
+    {p}:idx:parent:<id>      zset    child sagas of a saga, by created_at
+    {p}:due                  zset    `<id>` (a saga) and `<id>\\0<step>` scored by due_at:
+                                     what the sweeper must look at, read in O(due work)
+
+A step transition rewrites only that step's hash (and the saga hash when the saga
+changed), never the whole saga. Every write is one Lua script, so it is atomic:
+`claim_step` and `renew_lease` are a compare-and-set on the step's status and
+attempt; `transact` reads the saga and its steps in one script, lets the engine
+decide in Python, and writes with a script that writes nothing (the caller then
+re-reads and decides again) unless the saga's `txn` counter and the version of
+every record the decision changes are still those it read. The counter plays the
+part of the SQL store's saga row lock: without it, two branches finishing at once
+could each write their own step, each deciding on a snapshot without the other's
+success, and nobody would start the step that waits for both. Claims and lease
+renewals leave it alone, as they do not take the row lock in SQL either.
+A Redis script is not rolled back when a command in it fails, so every script
+does all of its checks before its first write.
+Scripts touch keys they compute or receive in a JSON payload rather than only
+through KEYS: the store runs on one Redis instance (or a primary with replicas),
+not on Redis Cluster. It needs Redis 6.2 or newer (ZRANGE ... BYSCORE REV LIMIT).
+
+No key is ever given a TTL: a saga stays until someone deletes it (an expiring
+record silently loses long-running or stuck sagas).
+
+Durability is Redis's: without the append-only file, a crash of Redis loses
+whatever was written since the last RDB snapshot, and sagaline cannot notice.
+In production run Redis with `appendonly yes` and `appendfsync everysec` (at most
+about a second lost on a crash of the machine) or `appendfsync always` (nothing
+acknowledged is lost), or use the SQL store on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields
+from enum import Enum
+from typing import Any, TypeVar
+
+from ..exceptions import ConcurrencyError, StoreError
+from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
+from .base import Decide, DueItem, Store, matches_filter, redact, require_extra
+
+redis = require_extra("redis", "redis")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Transient failures (a restarting or loading server, a dropped connection) are
+# retried for this long before the operation fails with StoreError.
+DEFAULT_RETRY_FOR = 30.0
+# A transact that keeps losing its compare-and-set to concurrent writers gives up
+# after this many decisions; a short random pause between them spreads the writers out.
+MAX_DECISIONS = 20
+_SAGA_FIELDS = frozenset(f.name for f in fields(SagaRecord))
+_STEP_FIELDS = frozenset(f.name for f in fields(StepRecord))
+
+# The writes shared by create and transact. Scores and positions arrive as strings
+# so that Lua never turns a float into a number (it would round timestamps).
+_APPLY = """
+for _, h in ipairs(p.hset) do redis.call('HSET', h[1], unpack(h[2])) end
+for _, z in ipairs(p.zrem) do redis.call('ZREM', z[1], z[2]) end
+for _, z in ipairs(p.zadd) do redis.call('ZADD', z[1], z[2], z[3]) end
+for _, e in ipairs(p.events) do redis.call('RPUSH', p.events_key, e) end
+"""
+
+# Returns the id of the saga that owns the idempotency key (or the id being created).
+# A retried call whose first try did commit finds its own saga and reports it as created.
+_CREATE = """
+local p = cjson.decode(ARGV[1])
+if redis.call('EXISTS', p.saga_key) == 1 then return p.saga_id end
+if p.idem_key and not redis.call('SET', p.idem_key, p.saga_id, 'NX') then
+  return redis.call('GET', p.idem_key)
+end
+""" + _APPLY + "return p.saga_id"
+
+# No other transact wrote the saga, and every changed record still has the version
+# the decision was made on. A decision that only appends events checks nothing.
+_WRITE = """
+local p = cjson.decode(ARGV[1])
+if p.txn and (redis.call('HGET', p.saga_key, 'txn') or '0') ~= p.txn then return 0 end
+for _, c in ipairs(p.expect) do
+  if redis.call('HGET', c[1], 'version') ~= c[2] then return 0 end
+end
+if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
+""" + _APPLY + "return 1"
+
+# A compare-and-set on one step: claim (DISPATCHED -> RUNNING) or lease renewal
+# (RUNNING -> RUNNING). KEYS: step hash, due index, events. ARGV: status field,
+# expected status, attempt field, expected attempt, new status, lease (JSON),
+# lease (score), due member, event ('' for none), then extra field/value pairs.
+_CAS_STEP = """
+local k = KEYS[1]
+if redis.call('HGET', k, ARGV[1]) ~= ARGV[2] or redis.call('HGET', k, ARGV[3]) ~= ARGV[4] then
+  return 0
+end
+redis.call('HSET', k, ARGV[1], ARGV[5], 'lease_until', ARGV[6], 'due_at', ARGV[6],
+           unpack(ARGV, 10))
+redis.call('HINCRBY', k, 'version', 1)
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
+if ARGV[9] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[9]) end
+return 1
+"""
+
+# One consistent snapshot of a saga and its steps (in position order) in one round trip.
+# KEYS: saga hash, step-name index. ARGV: the step-hash key prefix of this saga.
+_READ_STATE = """
+local out = {redis.call('HGETALL', KEYS[1])}
+if #out[1] == 0 then return {} end
+for _, name in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. name)
+end
+return out
+"""
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, *, prefix: str = "sagaline",
+                 retry_for: float = DEFAULT_RETRY_FOR, echo: bool = False,
+                 auto_migrate: bool = True, **client_options: Any):
+        # `echo` and `auto_migrate` are SQL options the runtime passes to every store.
+        del echo, auto_migrate
+        self.url = url
+        self.prefix = prefix
+        self.retry_for = retry_for
+        client_options.setdefault("socket_connect_timeout", 5)
+        client_options.setdefault("socket_timeout", 10)
+        client_options.setdefault("health_check_interval", 30)
+        self._client: Any = redis.Redis.from_url(url, decode_responses=True, **client_options)
+        # redis-py's Script runs EVALSHA and reloads the script after NOSCRIPT
+        # (a restarted server has an empty script cache).
+        self._create = self._client.register_script(_CREATE)
+        self._write = self._client.register_script(_WRITE)
+        self._cas_step = self._client.register_script(_CAS_STEP)
+        self._read_state = self._client.register_script(_READ_STATE)
+        self._transient = (redis.ConnectionError, redis.TimeoutError)  # BusyLoading is one
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except self._transient as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(f"store {redact(self.url)} failed: {exc}") from exc
+                log.warning("store %s: %s; retrying in %.2fs", redact(self.url), exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def dispose_after_fork(self) -> None:
+        """Forget connections inherited from a parent process without closing them."""
+        self._client.connection_pool.reset()
+
+    # -- writes ------------------------------------------------------------------
+
+    def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+        saga = state.saga
+        sid = saga.saga_id
+        payload: dict[str, Any] = {
+            "saga_key": self._key("saga", sid), "saga_id": sid,
+            "events_key": self._key("events", sid), "events": [_event_json(e) for e in events],
+            "hset": [[self._key("saga", sid), [*_fields(saga), "txn", "0"]]],
+            "zrem": [], "zadd": [],
+        }
+        if saga.idempotency_key is not None:
+            payload["idem_key"] = self._key("idem", saga.name, saga.idempotency_key)
+        created = _score(saga.created_at)
+        zadd = payload["zadd"]
+        zadd += [[self._key("idx", "created"), created, sid],
+                 [self._key("idx", "name", saga.name), created, sid],
+                 *self._status_entries(saga, created)]
+        if saga.parent_saga_id is not None:
+            zadd.append([self._key("idx", "parent", saga.parent_saga_id), created, sid])
+        if saga.due_at is not None:
+            zadd.append([self._key("due"), _score(saga.due_at), sid])
+        for s in state.steps.values():
+            payload["hset"].append([self._key("step", sid, s.name), _fields(s)])
+            zadd.append([self._key("steps", sid), str(s.position), s.name])
+            if s.due_at is not None:
+                zadd.append([self._key("due"), _score(s.due_at), _due_member(sid, s.name)])
+        body = json.dumps(payload)
+
+        def attempt() -> tuple[SagaRecord, bool]:
+            owner = str(self._create(args=[body]))
+            if owner == sid:
+                return saga, True
+            existing = self._get_saga(owner)
+            if existing is None:  # an idempotency key whose saga was deleted by hand
+                raise StoreError(f"idempotency key {saga.idempotency_key!r} of {saga.name!r} "
+                                 f"names saga {owner!r}, which does not exist")
+            return existing, False
+
+        return self._retrying(attempt)
+
+    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
+                   lease_until: float, now: float) -> bool:
+        expected: Enum
+        running: Enum
+        if phase is Phase.FORWARD:
+            status, expected, running = "status", StepStatus.DISPATCHED, StepStatus.RUNNING
+            kind, extra = "step_started", ["started_at", json.dumps(now)]
+        else:
+            status, expected = "comp_status", CompensationStatus.DISPATCHED
+            running, kind, extra = CompensationStatus.RUNNING, "compensation_started", []
+        event = _event_json(Event(saga_id, kind, now, step, attempt, phase.value))
+        return self._cas(saga_id, step, phase, attempt, status, expected, running,
+                         lease_until, event, extra)
+
+    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
+                    lease_until: float) -> bool:
+        running: Enum
+        if phase is Phase.FORWARD:
+            status, running = "status", StepStatus.RUNNING
+        else:
+            status, running = "comp_status", CompensationStatus.RUNNING
+        return self._cas(saga_id, step, phase, attempt, status, running, running,
+                         lease_until, "", [])
+
+    def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, status: str,
+             expected: Enum, new: Enum, lease_until: float, event: str,
+             extra: list[str]) -> bool:
+        attempt_field = "attempt" if phase is Phase.FORWARD else "comp_attempt"
+        keys = [self._key("step", saga_id, step), self._key("due"), self._key("events", saga_id)]
+        args = [status, json.dumps(expected.value), attempt_field, json.dumps(attempt),
+                json.dumps(new.value), json.dumps(lease_until), _score(lease_until),
+                _due_member(saga_id, step), event, *extra]
+        # A lost reply to a claim that did commit reads as a refused claim: the step
+        # then stays RUNNING until its lease expires and the sweeper retries it.
+        return self._retrying(lambda: int(self._cas_step(keys=keys, args=args)) == 1)
+
+    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        def attempt() -> tuple[bool, Decision | None]:
+            loaded = self._load_state(saga_id)
+            if loaded is None:
+                return True, None
+            state, txn = loaded
+            decision = decide(state)
+            if decision is None or not decision.changed:
+                return True, decision
+            body = json.dumps(self._decision_payload(state, txn, decision))
+            return int(self._write(args=[body])) == 1, decision
+
+        for n in range(MAX_DECISIONS):
+            done, decision = self._retrying(attempt)
+            if done:
+                return decision
+            # Lost a race (a claim, a renewal, another completion of this saga).
+            time.sleep(random.uniform(0, min(0.002 * 2 ** n, 0.05)))
+        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+
+    def _decision_payload(self, state: SagaState, txn: str, d: Decision) -> dict[str, Any]:
+        sid = state.saga.saga_id
+        expect: list[list[str]] = []
+        hset: list[Any] = []
+        zrem: list[list[str]] = []
+        zadd: list[list[str]] = []
+        if d.saga is not None:
+            key = self._key("saga", sid)
+            expect.append([key, str(d.saga_version)])
+            hset.append([key, _fields(d.saga, version=d.saga_version + 1)])
+            # The version check proves the stored status is the one read here.
+            old = state.saga
+            if old.status is not d.saga.status:
+                zrem += [[k, sid] for k, _, _ in self._status_entries(old, "")]
+                zadd += self._status_entries(d.saga, _score(d.saga.created_at))
+            if d.saga.due_at is None:
+                zrem.append([self._key("due"), sid])
+            else:
+                zadd.append([self._key("due"), _score(d.saga.due_at), sid])
+        versions = dict(d.step_versions)
+        for s in d.steps:
+            key = self._key("step", sid, s.name)
+            version = versions.pop(s.name, s.version)
+            expect.append([key, str(version)])
+            hset.append([key, _fields(s, version=version + 1)])
+            member = _due_member(sid, s.name)
+            if s.due_at is None:
+                zrem.append([self._key("due"), member])
+            else:
+                zadd.append([self._key("due"), _score(s.due_at), member])
+        # Versions of steps the decision read but does not change are checked too.
+        expect += [[self._key("step", sid, n), str(v)] for n, v in versions.items()]
+        payload = {"saga_key": self._key("saga", sid), "expect": expect, "hset": hset,
+                   "zrem": zrem, "zadd": zadd, "events_key": self._key("events", sid),
+                   "events": [_event_json(e) for e in d.events]}
+        if hset:
+            payload["txn"] = txn
+        return payload
+
+    def _status_entries(self, saga: SagaRecord, score: str) -> list[list[str]]:
+        status = saga.status.value
+        return [[self._key("idx", "status", status), score, saga.saga_id],
+                [self._key("idx", "ns", status, saga.name), score, saga.saga_id]]
+
+    # -- reads -------------------------------------------------------------------
+
+    def _load_state(self, saga_id: str) -> tuple[SagaState, str] | None:
+        """The saga with its steps, and its `txn` counter."""
+        reply = self._read_state(
+            keys=[self._key("saga", saga_id), self._key("steps", saga_id)],
+            args=[self._key("step", saga_id, "")])
+        if not reply:
+            return None
+        saga = _pairs(reply[0])
+        steps = [_step_record(_pairs(r)) for r in reply[1:] if r]
+        return (SagaState(_saga_record(saga), {s.name: s for s in steps}),
+                saga.get("txn", "0"))
+
+    def _get_saga(self, saga_id: str) -> SagaRecord | None:
+        h = self._client.hgetall(self._key("saga", saga_id))
+        return _saga_record(h) if h else None
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        return self._retrying(lambda: self._get_saga(saga_id))
+
+    def get_steps(self, saga_id: str) -> list[StepRecord]:
+        loaded = self._retrying(lambda: self._load_state(saga_id))
+        return [] if loaded is None else list(loaded[0].steps.values())
+
+    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        start = max(after_seq, 0)
+        rows = self._retrying(lambda: self._client.lrange(self._key("events", saga_id), start, -1))
+        return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
+
+    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        if flt.limit <= 0:
+            return []
+        lo = "-inf" if flt.created_after is None else _score(flt.created_after)
+        hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
+        sources = self._list_sources(flt)
+        page = max(50, min(flt.offset + flt.limit, 500))
+
+        def read() -> list[SagaRecord]:
+            # Each index yields newest first (ties by id, descending, like the SQL
+            # store); merging them keeps that order. Records are re-checked against
+            # the filter because a saga may change status between the two reads.
+            merged = heapq.merge(*(self._index_desc(k, hi, lo, page) for k in sources),
+                                 reverse=True)
+            out: list[SagaRecord] = []
+            seen: set[str] = set()
+            skip = flt.offset
+            for batch in _chunks((sid for _, sid in merged), page):
+                fresh = [s for s in dict.fromkeys(batch) if s not in seen]
+                for saga in self._get_sagas(fresh):
+                    seen.add(saga.saga_id)
+                    if not matches_filter(saga, flt):
+                        continue
+                    if skip:
+                        skip -= 1
+                        continue
+                    out.append(saga)
+                    if len(out) == flt.limit:
+                        return out
+            return out
+
+        return self._retrying(read)
+
+    def _list_sources(self, flt: SagaFilter) -> list[str]:
+        """The smallest set of indexes whose union holds every match."""
+        if flt.parent_saga_id is not None:  # children of one saga: few, filter the rest
+            return [self._key("idx", "parent", flt.parent_saga_id)]
+        if flt.status is not None:
+            statuses = sorted({s.value for s in flt.status})
+            if flt.name is not None:
+                return [self._key("idx", "ns", s, flt.name) for s in statuses]
+            return [self._key("idx", "status", s) for s in statuses]
+        if flt.name is not None:
+            return [self._key("idx", "name", flt.name)]
+        return [self._key("idx", "created")]
+
+    def _index_desc(self, key: str, hi: str, lo: str, page: int) -> Iterator[tuple[float, str]]:
+        start = 0
+        while True:
+            rows = self._client.zrange(key, hi, lo, desc=True, byscore=True, withscores=True,
+                                       offset=start, num=page)
+            yield from ((float(score), str(member)) for member, score in rows)
+            if len(rows) < page:
+                return
+            start += page
+
+    def _get_sagas(self, ids: list[str]) -> list[SagaRecord]:
+        pipe = self._client.pipeline(transaction=False)
+        for sid in ids:
+            pipe.hgetall(self._key("saga", sid))
+        return [_saga_record(h) for h in pipe.execute() if h]  # skip deleted sagas
+
+    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+        def read() -> dict[SagaStatus, int]:
+            pipe = self._client.pipeline(transaction=False)
+            for s in SagaStatus:
+                if name is None:
+                    pipe.zcard(self._key("idx", "status", s.value))
+                else:
+                    pipe.zcard(self._key("idx", "ns", s.value, name))
+            return {s: int(n) for s, n in zip(SagaStatus, pipe.execute(), strict=True)}
+
+        return self._retrying(read)
+
+    def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
+        if limit <= 0:
+            return []
+        rows = self._retrying(lambda: self._client.zrange(
+            self._key("due"), "-inf", _score(now), byscore=True, withscores=True,
+            offset=0, num=limit))
+        items = []
+        for member, score in rows:
+            saga_id, _, step = str(member).partition("\0")
+            items.append(DueItem(saga_id, step or None, float(score)))
+        return items
+
+
+# -- encoding -----------------------------------------------------------------------
+
+
+def _score(x: float) -> str:
+    # repr keeps every digit of a timestamp; Redis parses it (and 'inf') as a score.
+    return repr(float(x))
+
+
+def _due_member(saga_id: str, step: str) -> str:
+    return f"{saga_id}\0{step}"
+
+
+def _fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list[str]:
+    out: list[str] = []
+    for f in fields(rec):
+        value = getattr(rec, f.name)
+        if f.name == "version" and version is not None:
+            value = version
+        out += [f.name, json.dumps(value.value if isinstance(value, Enum) else value)]
+    return out
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _saga_record(h: dict[str, str]) -> SagaRecord:
+    # Unknown fields (written by a newer sagaline) are ignored rather than fatal.
+    d = {k: json.loads(v) for k, v in h.items() if k in _SAGA_FIELDS}
+    d["status"] = SagaStatus(d["status"])
+    return SagaRecord(**d)
+
+
+def _step_record(h: dict[str, str]) -> StepRecord:
+    d = {k: json.loads(v) for k, v in h.items() if k in _STEP_FIELDS}
+    d["status"] = StepStatus(d["status"])
+    if d.get("comp_status") is not None:
+        d["comp_status"] = CompensationStatus(d["comp_status"])
+    return StepRecord(**d)
+
+
+def _event_json(e: Event) -> str:
+    # saga_id is the list's key and seq its index: neither is stored in the event.
+    return json.dumps({"kind": e.kind, "ts": e.ts, "step": e.step, "attempt": e.attempt,
+                       "phase": e.phase, "detail": e.detail or {}})
+
+
+def _event_record(saga_id: str, seq: int, raw: str) -> Event:
+    d = json.loads(raw)
+    return Event(saga_id=saga_id, kind=d["kind"], ts=d["ts"], step=d.get("step"),
+                 attempt=d.get("attempt"), phase=d.get("phase"), detail=d.get("detail") or {},
+                 seq=seq)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+

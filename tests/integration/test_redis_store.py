@@ -1,0 +1,389 @@
+"""What only the Redis store must prove: Lua compare-and-set under real concurrency,
+re-decision on a lost race, atomic idempotent create, no TTL, the due index, and
+surviving a Redis restart. The shared contract lives in test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+
+from sagaline.exceptions import StoreError
+from sagaline.records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from sagaline.states import Phase, SagaStatus, StepStatus
+from sagaline.stores.base import store_from_url
+from sagaline.stores.redis import RedisStore
+from tests.harness import PrivateRedis, free_port
+
+# Database 15 of the shared Redis, like the contract suite, but never flushed:
+# every test writes under its own prefix and deletes only that prefix.
+_base = urlsplit(os.environ.get("SAGALINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+REDIS_URL = urlunsplit((_base.scheme, _base.netloc, "/15", "", ""))
+THREADS = 20
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    for key in list(client.scan_iter(match=f"{prefix}:*", count=500)):
+        client.delete(key)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    name = f"sagaline-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        delete_prefix(client, name)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_store(prefix: str) -> Iterator[Callable[..., RedisStore]]:
+    stores: list[RedisStore] = []
+
+    def make(url: str = REDIS_URL, **options: Any) -> RedisStore:
+        store = RedisStore(url, prefix=prefix, **options)
+        stores.append(store)
+        return store
+
+    yield make
+    for s in stores:
+        s.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[..., RedisStore]) -> RedisStore:
+    return make_store()
+
+
+def new_state(name: str = "order", *, key: str | None = None, now: float | None = None,
+              step_due: float | None = None, saga_due: float | None = None,
+              parent: str | None = None) -> SagaState:
+    """A running saga whose first step `a` is DISPATCHED(1) and `b` waits for it."""
+    now = time.time() if now is None else now
+    sid = str(uuid.uuid4())
+    saga = SagaRecord(saga_id=sid, name=name, status=SagaStatus.RUNNING, input={"n": 1},
+                      fingerprint="fp", created_at=now, updated_at=now, idempotency_key=key,
+                      due_at=saga_due, deadline=saga_due, parent_saga_id=parent)
+    a = StepRecord(sid, "a", 0, status=StepStatus.DISPATCHED, attempt=1,
+                   due_at=now + 30 if step_due is None else step_due)
+    return SagaState(saga, {"a": a, "b": StepRecord(sid, "b", 1)})
+
+
+def create(store: RedisStore, state: SagaState) -> str:
+    saga, created = store.create_saga(state, [Event(state.saga.saga_id, "saga_started",
+                                                    state.saga.created_at)])
+    assert created
+    return saga.saga_id
+
+
+def run_together(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """Call fn(0..n-1) from n threads released at the same instant."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            results[i] = fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+def test_redis_urls_select_the_redis_store(prefix: str) -> None:
+    store = store_from_url(REDIS_URL, prefix=prefix, echo=False, auto_migrate=True)
+    try:
+        assert isinstance(store, RedisStore)
+    finally:
+        store.close()
+
+
+def test_only_one_of_twenty_concurrent_claims_wins(make_store: Callable[..., RedisStore],
+                                                    raw: redis.Redis, prefix: str) -> None:
+    store = make_store()
+    sid = create(store, new_state())
+    workers = [make_store() for _ in range(THREADS)]
+    won = run_together(THREADS, lambda i: workers[i].claim_step(
+        sid, "a", Phase.FORWARD, 1, lease_until=1000.0 + i, now=500.0))
+
+    assert won.count(True) == 1
+    winner = won.index(True)
+    step = store.get_steps(sid)[0]
+    assert (step.status, step.version, step.lease_until) == (
+        StepStatus.RUNNING, 1, 1000.0 + winner)
+    assert raw.zscore(f"{prefix}:due", f"{sid}\0a") == 1000.0 + winner
+    assert [e.kind for e in store.history(sid)] == ["saga_started", "step_started"]
+    # A stale attempt and a duplicate of the winning one are refused as well.
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=2000.0, now=600.0)
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 0, lease_until=2000.0, now=600.0)
+
+
+def test_lease_renewal_is_fenced_by_status_and_attempt(store: RedisStore) -> None:
+    sid = create(store, new_state())
+    assert not store.renew_lease(sid, "a", Phase.FORWARD, 1, 3000.0)  # not claimed yet
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=1000.0, now=500.0)
+    assert not store.renew_lease(sid, "a", Phase.FORWARD, 2, 3000.0)
+    assert store.renew_lease(sid, "a", Phase.FORWARD, 1, 3000.0)
+    step = store.get_steps(sid)[0]
+    assert (step.lease_until, step.due_at, step.version) == (3000.0, 3000.0, 2)
+
+
+def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
+        make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str) -> None:
+    store, worker = make_store(), make_store()
+    sid = create(store, new_state())
+    seen: list[StepStatus] = []
+
+    def decide(state: SagaState) -> Decision | None:
+        a = state.steps["a"]
+        seen.append(a.status)
+        if a.status is not StepStatus.DISPATCHED:
+            return None  # what the engine does once the step is running
+        # A worker claims the step between our read and our write.
+        assert worker.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9000.0, now=1.0)
+        return Decision(steps=[replace(a, status=StepStatus.CANCELLED, due_at=None)],
+                        step_versions={"a": a.version},
+                        events=[Event(sid, "step_cancelled", 2.0, "a")])
+
+    assert store.transact(sid, decide) is None
+    assert seen == [StepStatus.DISPATCHED, StepStatus.RUNNING]
+    step = store.get_steps(sid)[0]
+    assert (step.status, step.lease_until, step.version) == (StepStatus.RUNNING, 9000.0, 1)
+    assert raw.zscore(f"{prefix}:due", f"{sid}\0a") == 9000.0
+    assert "step_cancelled" not in [e.kind for e in store.history(sid)]
+
+
+def test_concurrent_transacts_on_one_saga_never_lose_an_update(
+        make_store: Callable[..., RedisStore]) -> None:
+    store = make_store()
+    sid = create(store, new_state())
+    workers = [make_store() for _ in range(10)]
+
+    def bump(state: SagaState) -> Decision:
+        saga = state.saga
+        count = (saga.output or {}).get("count", 0) + 1
+        return Decision(saga=replace(saga, output={"count": count}),
+                        saga_version=saga.version,
+                        events=[Event(sid, "bumped", time.time(), detail={"count": count})])
+
+    run_together(10, lambda i: workers[i].transact(sid, bump))
+    saga = store.get_saga(sid)
+    assert saga is not None
+    assert (saga.output, saga.version) == ({"count": 10}, 10)
+    counts = [e.detail["count"] for e in store.history(sid) if e.kind == "bumped"]
+    assert counts == list(range(1, 11))
+
+
+def test_branches_finishing_together_are_decided_one_after_the_other(
+        make_store: Callable[..., RedisStore]) -> None:
+    # The write skew the SQL store's row lock prevents: each branch changes only its
+    # own step, and the join step starts only if a decision sees both succeeded.
+    store = make_store()
+    state = new_state()
+    sid = state.saga.saga_id
+    state.steps = {n: StepRecord(sid, n, i, status=StepStatus.RUNNING, attempt=1)
+                   for i, n in enumerate(["b", "c"])}
+    state.steps["d"] = StepRecord(sid, "d", 2)
+    create(store, state)
+    both_read = threading.Barrier(2)
+    calls: list[str] = []
+
+    def finish(branch: str, other: str) -> Callable[[SagaState], Decision]:
+        def decide(s: SagaState) -> Decision:
+            calls.append(branch)
+            if calls.count(branch) == 1:
+                both_read.wait(timeout=10)  # both decide on the same snapshot
+            done = replace(s.steps[branch], status=StepStatus.SUCCEEDED)
+            changed = [done]
+            if s.steps[other].status is StepStatus.SUCCEEDED:
+                changed.append(replace(s.steps["d"], status=StepStatus.DISPATCHED, attempt=1))
+            return Decision(steps=changed, step_versions={r.name: s.steps[r.name].version
+                                                          for r in changed})
+        return decide
+
+    workers = [make_store(), make_store()]
+    run_together(2, lambda i: workers[i].transact(
+        sid, finish("b", "c") if i == 0 else finish("c", "b")))
+    assert sorted(calls) == ["b", "b", "c"] or sorted(calls) == ["b", "c", "c"]
+    assert [s.status for s in store.get_steps(sid)] == [
+        StepStatus.SUCCEEDED, StepStatus.SUCCEEDED, StepStatus.DISPATCHED]
+
+
+def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(
+        make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str) -> None:
+    clients = [make_store() for _ in range(THREADS)]
+    states = [new_state(key="order-42") for _ in range(THREADS)]
+    results = run_together(THREADS, lambda i: clients[i].create_saga(
+        states[i], [Event(states[i].saga.saga_id, "saga_started", 1.0)]))
+
+    assert [created for _, created in results].count(True) == 1
+    winner = next(saga.saga_id for saga, created in results if created)
+    assert {saga.saga_id for saga, _ in results} == {winner}
+    assert raw.zrange(f"{prefix}:idx:created", 0, -1) == [winner]
+    assert raw.get(f"{prefix}:idem:order:order-42") == winner
+    assert len(list(raw.scan_iter(match=f"{prefix}:saga:*"))) == 1
+    assert len(list(raw.scan_iter(match=f"{prefix}:events:*"))) == 1
+    # The same key under another saga name is another saga.
+    assert clients[0].create_saga(new_state("refund", key="order-42"), [])[1]
+
+
+def test_a_retried_create_that_had_committed_reports_its_saga_as_created(
+        store: RedisStore) -> None:
+    # What a retry after a lost reply sees: its own saga already written.
+    state = new_state(key="k")
+    assert store.create_saga(state, [])[1]
+    assert store.create_saga(state, [])[1]
+    assert store.create_saga(new_state(key="k"), []) == (store.get_saga(state.saga.saga_id),
+                                                           False)
+
+
+def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
+    parent = create(store, new_state(key="p", saga_due=time.time() + 60))
+    sid = create(store, new_state(key="c", parent=parent))
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=time.time() + 30, now=1.0)
+    a = store.get_steps(sid)[0]
+    store.transact(sid, lambda s: Decision(
+        saga=replace(s.saga, status=SagaStatus.COMPLETED, output={"ok": True}),
+        saga_version=s.saga.version,
+        steps=[replace(a, status=StepStatus.SUCCEEDED, due_at=None, lease_until=None)],
+        step_versions={"a": s.steps["a"].version},
+        events=[Event(sid, "saga_completed", 2.0)]))
+
+    keys = sorted(raw.scan_iter(match=f"{prefix}:*"))
+    assert {k.split(":", 2)[1] for k in keys} == {
+        "saga", "step", "steps", "events", "idem", "idx", "due"}
+    assert {k: raw.ttl(k) for k in keys} == dict.fromkeys(keys, -1)
+
+
+def test_status_indexes_follow_every_transition(store: RedisStore, raw: redis.Redis,
+                                                 prefix: str) -> None:
+    now = time.time()
+    ids = [create(store, new_state("order" if i % 2 else "ship", now=now + i)) for i in range(4)]
+    done = ids[1]
+    store.transact(done, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPLETED),
+                                            saga_version=s.saga.version))
+
+    assert raw.zscore(f"{prefix}:idx:status:RUNNING", done) is None
+    assert raw.zscore(f"{prefix}:idx:ns:COMPLETED:order", done) == now + 1
+    assert store.count_by_status()[SagaStatus.RUNNING] == 3
+    assert store.count_by_status("order")[SagaStatus.COMPLETED] == 1
+    assert store.count_by_status("ship")[SagaStatus.COMPLETED] == 0
+
+    def listed(**flt: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**flt))]
+
+    assert listed() == ids[::-1]
+    assert listed(status=[SagaStatus.RUNNING]) == [ids[3], ids[2], ids[0]]
+    assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], name="order") == [
+        ids[3], ids[1]]
+    assert listed(limit=2, offset=1) == [ids[2], ids[1]]
+    assert listed(created_after=now + 1, created_before=now + 3) == [ids[2], ids[1]]
+
+
+def test_find_due_returns_the_earliest_due_work_first_up_to_the_limit(
+        store: RedisStore) -> None:
+    late = create(store, new_state(step_due=300.0))
+    early = create(store, new_state(step_due=100.0, saga_due=250.0))
+    create(store, new_state(step_due=5000.0))  # not due yet
+
+    due = store.find_due(1000.0)
+    assert [(d.saga_id, d.step, d.due_at) for d in due] == [
+        (early, "a", 100.0), (early, None, 250.0), (late, "a", 300.0)]
+    assert [d.due_at for d in store.find_due(1000.0, limit=2)] == [100.0, 250.0]
+    assert store.find_due(50.0) == []
+
+    # Settling a step takes it out of the index.
+    store.transact(early, lambda s: Decision(
+        steps=[replace(s.steps["a"], status=StepStatus.CANCELLED, due_at=None)],
+        step_versions={"a": s.steps["a"].version}))
+    assert [(d.saga_id, d.step) for d in store.find_due(1000.0)] == [
+        (early, None), (late, "a")]
+
+
+def test_a_claim_costs_one_round_trip_and_a_transact_two(store: RedisStore) -> None:
+    sid = create(store, new_state())
+    store.transact(sid, lambda s: None)  # load the scripts into the server's cache
+    sent: list[str] = []
+    original = store._client.execute_command
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        sent.append(str(args[0]))
+        return original(*args, **kwargs)
+
+    store._client.execute_command = counting
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9e9, now=1.0)
+    assert sent == ["EVALSHA"]
+    sent.clear()
+    store.transact(sid, lambda s: Decision(
+        steps=[replace(s.steps["b"], status=StepStatus.DISPATCHED, attempt=1)],
+        step_versions={"b": s.steps["b"].version}))
+    assert sent == ["EVALSHA", "EVALSHA"]
+
+
+@pytest.mark.chaos
+def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
+        make_store: Callable[..., RedisStore]) -> None:
+    with PrivateRedis(appendonly=True) as server:
+        store = make_store(server.url)
+        sid = create(store, new_state(key="survivor"))
+        assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9e9, now=1.0)
+        server.restart()
+
+        saga = store.get_saga(sid)
+        assert saga is not None and saga.status is SagaStatus.RUNNING
+        assert [s.status for s in store.get_steps(sid)] == [StepStatus.RUNNING,
+                                                            StepStatus.PENDING]
+        assert [e.kind for e in store.history(sid)] == ["saga_started", "step_started"]
+        assert store.create_saga(new_state(key="survivor"), [])[0].saga_id == sid
+
+        # Redis is down for about a second while a transact is issued.
+        server.kill()
+        outcome: list[Any] = []
+        started = time.monotonic()
+        caller = threading.Thread(target=lambda: outcome.append(store.transact(
+            sid, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPENSATING),
+                                    saga_version=s.saga.version))))
+        caller.start()
+        time.sleep(1.0)
+        assert caller.is_alive()
+        server.start()
+        caller.join(timeout=30)
+        assert not caller.is_alive() and outcome and outcome[0] is not None
+        assert time.monotonic() - started >= 1.0
+        saga = store.get_saga(sid)
+        assert saga is not None and saga.status is SagaStatus.COMPENSATING
+
+
+def test_an_unreachable_redis_fails_with_store_error_after_retry_for(
+        make_store: Callable[..., RedisStore]) -> None:
+    store = make_store(f"redis://127.0.0.1:{free_port()}/0", retry_for=0.5)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="failed"):
+        store.get_saga("nope")
+    assert time.monotonic() - started < 10
