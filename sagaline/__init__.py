@@ -28,6 +28,7 @@ from .exceptions import (
     StepFailure,
     StoreError,
 )
+from .functional import parallelize, saga, step, transform
 from .ops import SagaView, cancel, get_saga, list_sagas, resume, sweep
 from .runtime import SagaHandle
 from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
@@ -37,42 +38,46 @@ __version__ = "0.1.0"
 __all__ = [
     # defining sagas
     "FAIL_FAST_WITH_GRACE",
+    "FailureStrategy",
+    "Retry",
+    "Saga",
+    "Step",
+    "StepResponse",
+    "parallelize",
+    "saga",
+    "saga_step",
+    "step",
+    "transform",
+    # running them
+    "SagaHandle",
+    "Settings",
+    "StepInfo",
+    "current_step",
+    "init_app",
+    # operating them
+    "SagaView",
+    "cancel",
+    "get_saga",
+    "list_sagas",
+    "resume",
+    "sweep",
     # statuses
     "CompensationStatus",
+    "Phase",
+    "SagaStatus",
+    "StepStatus",
     # errors
     "ConcurrencyError",
     "ConfigurationError",
     "DefinitionError",
-    "FailureStrategy",
     "InputError",
     "InvalidTransition",
-    "Phase",
-    "Retry",
-    "Saga",
     "SagaCompensated",
     "SagaError",
     "SagaFailed",
-    # running them
-    "SagaHandle",
     "SagaNotFound",
     "SagaOutcomeError",
-    "SagaStatus",
     "SagaTimeout",
-    # operating them
-    "SagaView",
-    "Settings",
-    "Step",
     "StepFailure",
-    "StepInfo",
-    "StepResponse",
-    "StepStatus",
     "StoreError",
-    "cancel",
-    "current_step",
-    "get_saga",
-    "init_app",
-    "list_sagas",
-    "resume",
-    "saga_step",
-    "sweep",
 ]

@@ -157,6 +157,7 @@ def _check_task_ref(ref: Any, *, what: str, saga: str | None, step: str | None) 
 class StepKind:
     TASK = "task"
     TRANSFORM = "transform"
+    SAGA = "saga"  # a child saga, run as its own saga linked to the parent
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,11 @@ class Step:
     pivot: bool = False
     queue: str | None = None
     transform: ContextFn | None = None
+    child: Saga | None = None
+
+    @property
+    def compensable(self) -> bool:
+        return self.compensate is not None or self.kind == StepKind.SAGA
 
     @property
     def task_name(self) -> str | None:
@@ -283,6 +289,7 @@ class Saga:
         self._stage: list[str] = []
         self._graph: Graph | None = None
         self._fingerprint: str | None = None
+        self.result_spec: Any = None
         _REGISTRY[name] = self
 
     # -- builder -----------------------------------------------------------------
@@ -303,6 +310,16 @@ class Saga:
         pivot: bool = False,
         queue: str | None = None,
     ) -> Saga:
+        from .functional import Parallel
+
+        if isinstance(task, Parallel):
+            if name is not None or depends_on is not None:
+                raise DefinitionError("parallelize(...) takes neither name= nor depends_on=",
+                                      saga=self.name)
+            return self.add_parallel(*task, compensate=compensate,
+                                     no_compensation=no_compensation, input=input, retry=retry,
+                                     compensation_retry=compensation_retry, timeout=timeout,
+                                     when=when, pivot=pivot, queue=queue)
         step = self._make_step(task, name=name, compensate=compensate,
                                no_compensation=no_compensation, depends_on=depends_on,
                                input=input, retry=retry, compensation_retry=compensation_retry,
@@ -325,15 +342,46 @@ class Saga:
         self._append(steps)
         return self
 
-    def add_transform(self, fn: ContextFn, *, name: str | None = None) -> Saga:
-        """Transform the context for the steps that follow: `fn(ctx) -> new ctx`."""
+    def add_transform(self, fn: ContextFn, *, name: str | None = None,
+                      depends_on: Iterable[str] | None = None) -> Saga:
+        """Transform the context for the steps that follow: `fn(ctx) -> new ctx`.
+
+        It runs inside the engine (no message); keys it adds or changes are merged
+        into the context of the steps after it. It cannot delete keys.
+        """
         if not callable(fn):
             raise DefinitionError("add_transform needs a callable", saga=self.name)
         step_name = name or f"transform_{len(self._steps) + 1}"
-        step = Step(name=step_name, kind=StepKind.TRANSFORM, depends_on=tuple(self._stage),
-                    transform=fn)
+        deps = tuple(self._stage) if depends_on is None else tuple(depends_on)
+        step = Step(name=step_name, kind=StepKind.TRANSFORM, depends_on=deps, transform=fn)
         self._append([step])
         return self
+
+    def add_saga(self, child: Saga, *, name: str | None = None,
+                 depends_on: Iterable[str] | None = None, when: ContextFn | None = None,
+                 retry: Retry | None = None) -> Saga:
+        """A step that runs `child` as its own saga, linked to this one.
+
+        The child receives this step's context as its input; its final context
+        (what it added) is this step's output. If the child is compensated, this
+        step fails; if this saga later rolls back, a completed child is
+        compensated as a whole, in its own reverse order.
+        """
+        if not isinstance(child, Saga):
+            raise DefinitionError(f"add_saga needs a Saga, got {type(child).__name__}",
+                                  saga=self.name, step=name)
+        if child is self:
+            raise DefinitionError("a saga cannot contain itself", saga=self.name, step=name)
+        deps = tuple(self._stage) if depends_on is None else tuple(depends_on)
+        step = Step(name=name or child.name, kind=StepKind.SAGA, depends_on=deps, when=when,
+                    retry=retry or NO_RETRY, child=child)
+        self._append([step])
+        return self
+
+    def set_result(self, spec: Any) -> None:
+        """What `get()` returns: None for the final context, or a spec made by `@saga`."""
+        self.result_spec = spec
+        self._fingerprint = None
 
     def _make_step(self, task: TaskRef, *, name: str | None = None,
                    compensate: TaskRef | None = None, no_compensation: bool = False,
@@ -403,8 +451,10 @@ class Saga:
             for s in self._steps:
                 parts = [s.name, s.kind, s.task_name or "", ",".join(s.depends_on),
                          s.compensation_name or "", str(s.pivot), _code_id(s.input),
-                         _code_id(s.when), _code_id(s.transform)]
+                         _code_id(s.when), _code_id(s.transform),
+                         s.child.fingerprint if s.child is not None else ""]
                 h.update("|".join(parts).encode())
+            h.update(repr(self.result_spec).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

@@ -103,6 +103,24 @@ class Work:
                    for n in self.graph.order)
 
 
+def saga_result(w: Work) -> Any:
+    """The final context, or what a functional saga returned (see functional.py)."""
+    spec = w.defn.result_spec
+    if spec is None:
+        return w.final_context()
+
+    def resolve(ref: list[str | None]) -> Any:
+        step, key = ref
+        value: Any = w.saga.input if step is None else w.steps[step].output
+        if key is not None:
+            return value.get(key) if isinstance(value, dict) else None
+        return value
+
+    if isinstance(spec, dict):
+        return {k: resolve(v) for k, v in spec.items()}
+    return resolve(spec)
+
+
 def merge_output(ctx: dict[str, Any], name: str, rec: StepRecord) -> None:
     if rec.status is not StepStatus.SUCCEEDED or rec.output is None:
         return
@@ -238,7 +256,8 @@ def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0
         w.event("step_dispatched", name, attempt, Phase.FORWARD)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.FORWARD, attempt, spec.task_name or "", kwargs,
-                                 countdown=countdown, queue=spec.queue, timeout=spec.timeout))
+                                 countdown=countdown, queue=spec.queue, timeout=spec.timeout,
+                                 child_saga=spec.child.name if spec.child else None))
 
 
 def mapped_input(spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +281,7 @@ def advance(w: Work) -> None:
     if w.saga.status is SagaStatus.RUNNING and all(
         w.steps[n].status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for n in w.graph.order
     ):
-        w.update_saga(status=SagaStatus.COMPLETED, output=w.final_context(), finished_at=w.now,
+        w.update_saga(status=SagaStatus.COMPLETED, output=saga_result(w), finished_at=w.now,
                       due_at=None)
         w.event("saga_completed")
     if w.saga.status is SagaStatus.COMPENSATING:
@@ -337,7 +356,7 @@ def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
 def needs_compensation(w: Work, name: str) -> bool:
     spec = w.graph.steps[name]
     rec = w.steps[name]
-    if spec.kind != StepKind.TASK or spec.compensate is None:
+    if spec.kind == StepKind.TRANSFORM or not spec.compensable:
         return False
     return rec.status is StepStatus.SUCCEEDED or (
         rec.status is StepStatus.FAILED and rec.has_compensation_data
@@ -404,7 +423,8 @@ def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float 
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.COMPENSATE, attempt, spec.compensation_name or "",
                                  kwargs, countdown=countdown, queue=spec.queue,
-                                 timeout=spec.timeout))
+                                 timeout=spec.timeout,
+                                 child_saga=spec.child.name if spec.child else None))
 
 
 def compensation_succeeded(defn: Saga, state: SagaState, step: str, attempt: int, *,
@@ -483,6 +503,17 @@ def deadline_or_grace_due(defn: Saga, state: SagaState, *, now: float,
                         reason="grace_period_ended")
     else:
         w.update_saga(due_at=None)
+    advance(w)
+    return w.decision()
+
+
+def rollback_completed(defn: Saga, state: SagaState, *, cause: str, now: float,
+                       timing: Timing) -> Decision | None:
+    """Compensate a COMPLETED saga as a whole: a child whose parent is rolling back."""
+    w = Work(defn, state, now, timing)
+    if w.saga.status is not SagaStatus.COMPLETED:
+        return None
+    begin_compensation(w, cause=cause, failed_step=None, strategy=FailureStrategy.FAIL_FAST)
     advance(w)
     return w.decision()
 

@@ -39,7 +39,7 @@ class SagaView:
         return self.saga.status
 
     @property
-    def output(self) -> dict[str, Any] | None:
+    def output(self) -> Any:
         return self.saga.output
 
     @property
@@ -100,6 +100,16 @@ def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
     return saga
 
 
+def _running_child_step(rt: Runtime, saga_id: str, step: str) -> bool:
+    saga = rt.store.get_saga(saga_id)
+    defn = registered_saga(saga.name) if saga else None
+    if defn is None or step not in defn.graph.steps or defn.graph.steps[step].child is None:
+        return False
+    rec = next((s for s in rt.store.get_steps(saga_id) if s.name == step), None)
+    return rec is not None and (rec.status is StepStatus.RUNNING
+                                or rec.comp_status is CompensationStatus.RUNNING)
+
+
 def sweep(runtime: Runtime | None = None, *, now: float | None = None,
           limit: int = 200) -> int:
     """Repair what crashes left behind; returns how many items it acted on.
@@ -127,6 +137,11 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
             return engine.redispatch(defn, state, step, now=t, timing=rt.timing)
 
         try:
+            if item.step is not None and _running_child_step(rt, item.saga_id, item.step):
+                # A child saga is still running this step: no lease to expire.
+                rt.check_child(item.saga_id, item.step)
+                acted += 1
+                continue
             decision = rt.store.transact(item.saga_id, decide)
         except Exception:
             log.exception("sweeper: could not repair saga %s", item.saga_id)

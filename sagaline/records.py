@@ -18,7 +18,7 @@ class SagaRecord:
     created_at: float
     updated_at: float
     idempotency_key: str | None = None
-    output: dict[str, Any] | None = None
+    output: Any = None
     error: str | None = None
     failed_step: str | None = None
     finished_at: float | None = None
@@ -93,6 +93,8 @@ class Dispatch:
     countdown: float = 0.0
     queue: str | None = None
     timeout: float | None = None
+    # Set for a child-saga step: the runtime starts (or rolls back) that saga instead.
+    child_saga: str | None = None
 
 
 @dataclass

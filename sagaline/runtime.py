@@ -104,7 +104,7 @@ class Runtime:
 
     def start_saga(self, defn: Saga, input: dict[str, Any], *,
                    idempotency_key: str | None = None, parent_saga_id: str | None = None,
-                   parent_step: str | None = None) -> SagaHandle:
+                   parent_step: str | None = None, saga_id: str | None = None) -> SagaHandle:
         check_json_input(defn.name, input)
         if idempotency_key is not None and not isinstance(idempotency_key, str):
             raise InputError(f"idempotency_key must be a string, got "
@@ -114,7 +114,7 @@ class Runtime:
                 registered.fingerprint != defn.fingerprint:
             raise ConfigurationError(f"two different sagas are named {defn.name!r}")
         now = time.time()
-        state, decision = engine.start(defn, str(uuid.uuid4()), input, now=now,
+        state, decision = engine.start(defn, saga_id or str(uuid.uuid4()), input, now=now,
                                        timing=self.timing, idempotency_key=idempotency_key,
                                        parent_saga_id=parent_saga_id, parent_step=parent_step)
         saga, created = self.store.create_saga(state, decision.events)
@@ -143,6 +143,8 @@ class Runtime:
             s = decision.saga
             signals.saga_finished.send(sender=self, saga_id=s.saga_id, name=s.name,
                                        status=s.status, duration=time.time() - s.created_at)
+            if s.parent_saga_id is not None:
+                self.notify_parent(s)
 
     def publish(self, dispatches: list[Dispatch]) -> None:
         for d in dispatches:
@@ -156,6 +158,9 @@ class Runtime:
                               d.attempt)
 
     def _publish_one(self, d: Dispatch) -> None:
+        if d.child_saga is not None:
+            self._run_child(d)
+            return
         task = self.app.tasks.get(d.task_name)
         kwargs = dict(d.kwargs)
         if task is not None:
@@ -182,6 +187,104 @@ class Runtime:
             task.apply_async(args=(), kwargs=kwargs, **options)
         else:
             self.app.send_task(d.task_name, args=(), kwargs=kwargs, **options)
+
+    # -- child sagas -------------------------------------------------------------------
+    #
+    # A child-saga step has no message of its own: dispatching it creates the child
+    # (idempotently: its id and key derive from the parent step and attempt) and
+    # claims the parent step; the child's final transition completes the parent
+    # step. Should the process die in between, the parent step's due time brings
+    # the sweeper to `check_child`, which finishes the job.
+
+    def _run_child(self, d: Dispatch) -> None:
+        child = self.definition(str(d.child_saga))
+        now = time.time()
+        due = now + self.settings.redispatch_after
+        if d.phase is Phase.FORWARD:
+            # Claim first: the child may end before this function returns, and its
+            # notification must find the parent step RUNNING.
+            if not self.store.claim_step(d.saga_id, d.step, Phase.FORWARD, d.attempt,
+                                         lease_until=due, now=now):
+                return
+            input = {k: v for k, v in d.kwargs.items() if k != "saga_id"}
+            self.start_saga(child, input, idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
+                            parent_saga_id=d.saga_id, parent_step=d.step,
+                            saga_id=child_saga_id(d.saga_id, d.step, d.attempt))
+        else:
+            if not self.store.claim_step(d.saga_id, d.step, Phase.COMPENSATE, d.attempt,
+                                         lease_until=due, now=now):
+                return
+            child_id = str((d.kwargs.get("compensation_data") or {}).get("child_saga_id"))
+            record = self.store.get_saga(child_id)
+            if record is None:  # nothing was ever applied by it
+                self.transact(d.saga_id, lambda defn, st: engine.compensation_succeeded(
+                    defn, st, d.step, d.attempt, now=time.time(), timing=self.timing))
+                return
+            cause = f"parent saga {d.saga_id} is rolling back"
+            if record.status is SagaStatus.COMPLETED:
+                self.transact(child_id, lambda defn, st: engine.rollback_completed(
+                    defn, st, cause=cause, now=time.time(), timing=self.timing))
+            elif record.status is SagaStatus.FAILED:
+                self.transact(child_id, lambda defn, st: engine.resume(
+                    defn, st, now=time.time(), timing=self.timing))
+        self.check_child(d.saga_id, d.step)
+
+    def check_child(self, parent_id: str, step: str) -> bool:
+        """Complete the parent step if its child saga has ended; else push its due time."""
+        steps = {s.name: s for s in self.store.get_steps(parent_id)}
+        rec = steps.get(step)
+        if rec is None:
+            return False
+        phase = Phase.COMPENSATE if rec.comp_status is not None else Phase.FORWARD
+        if phase is Phase.FORWARD:
+            child_id = child_saga_id(parent_id, step, rec.attempt)
+        else:
+            child_id = str((rec.compensation_data or {}).get("child_saga_id"))
+        child = self.store.get_saga(child_id)
+        if child is None and phase is Phase.FORWARD:
+            # Claimed, then the process died before creating the child: a crashed attempt.
+            self.transact(parent_id, lambda defn, st: engine.lease_expired(
+                defn, st, step, now=time.time(), timing=self.timing))
+            return True
+        if child is not None and child.status in SAGA_TERMINAL:
+            self.notify_parent(child)
+            return True
+        self.store.renew_lease(parent_id, step, phase, rec.attempt_for(phase),
+                               time.time() + self.settings.redispatch_after)
+        return False
+
+    def notify_parent(self, child: SagaRecord) -> None:
+        parent_id, step = str(child.parent_saga_id), str(child.parent_step)
+
+        def decide(defn: Saga, st: SagaState) -> Decision | None:
+            rec = st.steps[step]
+            now = time.time()
+            if rec.comp_status is not None:
+                if child.status is SagaStatus.COMPENSATED:
+                    return engine.compensation_succeeded(defn, st, step, rec.comp_attempt,
+                                                         now=now, timing=self.timing)
+                if child.status is SagaStatus.FAILED:
+                    return engine.compensation_failed(
+                        defn, st, step, rec.comp_attempt, now=now, timing=self.timing,
+                        error=f"child saga {child.saga_id} failed: {child.error}")
+                return None
+            if child.saga_id != child_saga_id(parent_id, step, rec.attempt):
+                return None  # a child of an earlier attempt
+            if child.status is SagaStatus.COMPLETED:
+                added = {k: v for k, v in (child.output or {}).items()
+                         if child.input.get(k) != v} if isinstance(child.output, dict) \
+                    else child.output
+                return engine.step_succeeded(
+                    defn, st, step, rec.attempt, output=added,
+                    compensation_data={"child_saga_id": child.saga_id},
+                    has_compensation_data=True, now=now, timing=self.timing)
+            return engine.step_failed(
+                defn, st, step, rec.attempt, now=now, timing=self.timing,
+                reason="child_saga_" + child.status.value.lower(),
+                error=f"child saga {child.name} {child.saga_id} ended {child.status.value}: "
+                      f"{child.error}")
+
+        self.transact(parent_id, decide)
 
     # -- executing steps (inside the worker) ---------------------------------------------
 
@@ -347,6 +450,11 @@ class Heartbeat:
                                 exc_info=True)
 
 
+def child_saga_id(parent_id: str, step: str, attempt: int) -> str:
+    """The id of the child saga that a parent step's attempt runs: derived, so idempotent."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sagaline:{parent_id}:{step}:{attempt}"))
+
+
 def check_json_input(saga_name: str, input: dict[str, Any]) -> None:
     for key, value in input.items():
         try:
@@ -375,7 +483,7 @@ class SagaHandle:
         return self.record().status
 
     def get(self, timeout: float | None = None, *, interval: float = 0.002,
-            max_interval: float = 0.1) -> dict[str, Any]:
+            max_interval: float = 0.1) -> Any:
         """Wait for the saga to end and return its final context.
 
         Raises SagaCompensated or SagaFailed (with the cause) when it did not complete,
@@ -391,7 +499,7 @@ class SagaHandle:
             time.sleep(interval)
             interval = min(interval * 1.5, max_interval)
         if saga.status is SagaStatus.COMPLETED:
-            return dict(saga.output or {})
+            return saga.output
         error = SagaCompensated if saga.status is SagaStatus.COMPENSATED else SagaFailed
         raise error(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
 

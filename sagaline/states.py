@@ -84,7 +84,8 @@ SAGA_TRANSITIONS: dict[SagaStatus, frozenset[SagaStatus]] = {
     # An operator resumes a FAILED saga: its unfinished compensations run again,
     # or (after a pivot) its unfinished forward steps.
     SagaStatus.FAILED: frozenset({SagaStatus.COMPENSATING, SagaStatus.RUNNING}),
-    SagaStatus.COMPLETED: frozenset(),
+    # A completed child saga is compensated as a whole when its parent rolls back.
+    SagaStatus.COMPLETED: frozenset({SagaStatus.COMPENSATING}),
     SagaStatus.COMPENSATED: frozenset(),
 }
 

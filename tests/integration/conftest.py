@@ -49,6 +49,13 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
         store = pg_url
         env["CELERY_BROKER_URL"] = redis_url
         client.conf.broker_url = redis_url
+    elif kind == "redis+redis":
+        store = redis_url.rsplit("/", 1)[0] + "/14"
+        import redis
+
+        redis.Redis.from_url(store).flushdb()
+        env["CELERY_BROKER_URL"] = redis_url
+        client.conf.broker_url = redis_url
     else:
         store = f"sqlite:///{home}/state.db"
         env["CELERY_BROKER_URL"] = ""
@@ -68,10 +75,10 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
 
 
 
-@pytest.fixture(scope="module", params=["redis+postgres", "embedded"])
+@pytest.fixture(scope="module", params=["redis+postgres", "embedded", "redis+redis"])
 def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The same tests on Redis + PostgreSQL and on the embedded defaults."""
+    """The same tests on Redis + PostgreSQL, the embedded defaults, and the Redis store."""
     yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
 
 

@@ -254,3 +254,67 @@ flaky_compensation = (
               compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5))
     .add_step(s4)
 )
+
+
+# -- the functional API, conditions and child sagas -------------------------------------
+
+@app.task(name="t.validate_order")
+def validate_order(saga_id: str, order_id: str, amount: float) -> dict[str, Any]:
+    record(saga_id, "validate_order", "do")
+    return {"validated": True}
+
+
+@app.task(name="t.refund_payment")
+def refund_payment(saga_id: str, compensation_data: Any) -> None:
+    record(saga_id, "charge_payment", "undo", compensation_data)
+
+
+@saga_step(compensate=refund_payment)
+@app.task(name="t.charge_payment")
+def charge_payment(saga_id: str, order_id: str, amount: float) -> StepResponse:
+    txn = f"txn-{sagaline.current_step().idempotency_key}"
+    record(saga_id, "charge_payment", "do", {"txn": txn})
+    return StepResponse(output={"transaction_id": txn},
+                        compensation_data={"transaction_id": txn, "amount": amount})
+
+
+@app.task(name="t.send_confirmation")
+def send_confirmation(saga_id: str, order_id: str, transaction_id: str,
+                      fail_confirmation: bool = False) -> dict[str, Any]:
+    if fail_confirmation:
+        raise RuntimeError("mail server down")
+    record(saga_id, "send_confirmation", "do", {"txn": transaction_id})
+    return {"confirmed": True}
+
+
+@sagaline.saga("order_saga_fn")
+def order_saga_fn(input: Any) -> Any:
+    order = sagaline.step(validate_order, input)
+    payment = sagaline.step(charge_payment, order)
+    sagaline.step(send_confirmation, payment)
+    return payment
+
+
+@sagaline.saga("independent_fn")
+def independent_fn(input: Any) -> Any:
+    left = sagaline.step(window, input, name="b")
+    right = sagaline.step(window, input, name="c")
+    return {"left": left["b_out"], "right": right["c_out"]}
+
+
+conditional = (
+    Saga("conditional")
+    .add_step(s1)
+    .add_step(s2, when=lambda ctx: ctx.get("express", False))
+    .add_step(s3, depends_on=["s1"])
+    .add_step(s4, depends_on=["s2", "s3"])
+)
+
+child_saga = Saga("child_saga").add_step(s2).add_step(s3)
+
+parent_saga = (
+    Saga("parent_saga")
+    .add_step(s1)
+    .add_saga(child_saga, name="child")
+    .add_step(s4)
+)
