@@ -9,7 +9,6 @@ from enum import Enum
 from typing import Any
 
 from . import engine
-from .definition import registered_saga
 from .exceptions import InvalidTransition, SagaNotFound
 from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
@@ -102,7 +101,7 @@ def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
 
 def _running_child_step(rt: Runtime, saga_id: str, step: str) -> bool:
     saga = rt.store.get_saga(saga_id)
-    defn = registered_saga(saga.name) if saga else None
+    defn = rt.definition_for(saga) if saga else None
     if defn is None or step not in defn.graph.steps or defn.graph.steps[step].child is None:
         return False
     rec = next((s for s in rt.store.get_steps(saga_id) if s.name == step), None)
@@ -122,7 +121,7 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
     acted = 0
     for item in rt.store.find_due(moment, limit=limit):
         def decide(state: SagaState, step: str | None = item.step) -> Decision | None:
-            defn = registered_saga(state.saga.name)
+            defn = rt.definition_for(state.saga)
             if defn is None:
                 return None
             t = time.time() if now is None else now

@@ -100,6 +100,17 @@ class Runtime:
                 f"defines it (e.g. through the Celery app's `include`)")
         return defn
 
+    def definition_for(self, saga: SagaRecord) -> Saga | None:
+        """The definition this saga was started with, or None (logged) if this process
+        has other code for it: deciding with another graph would corrupt the saga."""
+        defn = registered_saga(saga.name)
+        if defn is not None and defn.fingerprint == saga.fingerprint:
+            return defn
+        log.error("saga %s (%s) was started with definition %s; this process has %s: "
+                  "leaving it to a process with that code", saga.saga_id, saga.name,
+                  saga.fingerprint, "none" if defn is None else defn.fingerprint)
+        return None
+
     # -- starting --------------------------------------------------------------------
 
     def start_saga(self, defn: Saga, input: dict[str, Any], *,
@@ -130,7 +141,8 @@ class Runtime:
         """Run an engine decision under the saga's lock, then publish what it decided."""
 
         def with_definition(state: SagaState) -> Decision | None:
-            return decide(self.definition(state.saga.name), state)
+            defn = self.definition_for(state.saga)
+            return None if defn is None else decide(defn, state)
 
         decision = self.store.transact(saga_id, with_definition)
         if decision is not None:

@@ -98,6 +98,8 @@ def s4(saga_id: str, value: int, fail_at: str | None = None) -> StepResponse:
 
 
 four_steps = Saga("four_steps").add_step(s1).add_step(s2).add_step(s3).add_step(s4)
+if os.environ.get("SAGALINE_TEST_VARIANT"):  # a worker deployed with other code for it
+    four_steps.add_step(s1, name="s5")
 
 
 # -- a DAG a -> (b, c) -> d with recorded execution windows ---------------------------
