@@ -99,16 +99,6 @@ def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
     return saga
 
 
-def _running_child_step(rt: Runtime, saga_id: str, step: str) -> bool:
-    saga = rt.store.get_saga(saga_id)
-    defn = rt.definition_for(saga) if saga else None
-    if defn is None or step not in defn.graph.steps or defn.graph.steps[step].child is None:
-        return False
-    rec = next((s for s in rt.store.get_steps(saga_id) if s.name == step), None)
-    return rec is not None and (rec.status is StepStatus.RUNNING
-                                or rec.comp_status is CompensationStatus.RUNNING)
-
-
 def sweep(runtime: Runtime | None = None, *, now: float | None = None,
           limit: int = 200) -> int:
     """Repair what crashes left behind; returns how many items it acted on.
@@ -120,7 +110,10 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
     moment = time.time() if now is None else now
     acted = 0
     for item in rt.store.find_due(moment, limit=limit):
-        def decide(state: SagaState, step: str | None = item.step) -> Decision | None:
+        child_step: list[str] = []
+
+        def decide(state: SagaState, step: str | None = item.step,
+                   child_step: list[str] = child_step) -> Decision | None:
             defn = rt.definition_for(state.saga)
             if defn is None:
                 return None
@@ -130,18 +123,21 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
             rec = state.steps.get(step)
             if rec is None:
                 return None
-            if rec.status is StepStatus.RUNNING or \
-                    rec.comp_status is CompensationStatus.RUNNING:
+            running = rec.status is StepStatus.RUNNING or \
+                rec.comp_status is CompensationStatus.RUNNING
+            if running and defn.graph.steps[step].child is not None:
+                child_step.append(step)  # a child saga runs it: no lease to expire
+                return None
+            if running:
                 return engine.lease_expired(defn, state, step, now=t, timing=rt.timing)
             return engine.redispatch(defn, state, step, now=t, timing=rt.timing)
 
         try:
-            if item.step is not None and _running_child_step(rt, item.saga_id, item.step):
-                # A child saga is still running this step: no lease to expire.
-                rt.check_child(item.saga_id, item.step)
+            decision = rt.store.transact(item.saga_id, decide)
+            if child_step:
+                rt.check_child(item.saga_id, child_step[0])
                 acted += 1
                 continue
-            decision = rt.store.transact(item.saga_id, decide)
         except Exception:
             log.exception("sweeper: could not repair saga %s", item.saga_id)
             continue

@@ -62,7 +62,10 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
         os.environ["SAGALINE_HOME"] = str(home)
     env["SAGALINE_STORE_URL"] = store
     env.update(extra_env or {})
-    runtime = sagaline.init_app(client, store=store, sweeper=False)
+    # The client's settings matter too: whoever dispatches a step sets its due time.
+    timing = {name: float(env[f"SAGALINE_{name.upper()}"]) for name in ("lease", "redispatch_after")
+              if f"SAGALINE_{name.upper()}" in env}
+    runtime = sagaline.init_app(client, store=store, sweeper=False, **timing)
     worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
     worker.start()
     try:

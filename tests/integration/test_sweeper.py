@@ -27,13 +27,14 @@ import sagaline
 from tests.integration import sagas_app  # the saga definitions
 rt = sagaline.init_app(Celery("sweeper", broker="memory://"), store=sys.argv[1],
                        sweeper=False, redispatch_after=1.0, lease=60)
+started = time.time()
 end = time.monotonic() + float(sys.argv[2])
 passes = acted = 0
 while time.monotonic() < end:
     acted += sagaline.sweep(rt)
     passes += 1
     time.sleep(0.02)
-print(passes, acted)
+print(passes, acted, started, time.time())
 """
 
 
@@ -58,20 +59,22 @@ def test_three_sweepers_at_once_never_double_transition_anything(
     time.sleep(0.6)
 
     env = {"SAGALINE_HOME": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", SWEEPER, store_url, "4"], cwd=REPO_ROOT,
+    procs = [subprocess.Popen([sys.executable, "-c", SWEEPER, store_url, "6"], cwd=REPO_ROOT,
                               env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
-    passes = [int(o[0].split()[0]) for o in outputs]
-    assert all(n > 10 for n in passes), passes  # they really ran side by side
+    runs = [o[0].split() for o in outputs]
+    assert all(int(r[0]) >= 1 for r in runs), runs
+    # They really ran side by side: every one started before any one ended.
+    assert max(float(r[2]) for r in runs) < min(float(r[3]) for r in runs), runs
 
     for saga_id in lost:
         history = sagaline.get_saga(saga_id, runtime=rt).history
         redispatched = [e.ts for e in history if e.kind == "step_redispatched"]
-        # Due every 1 s for ~4 s: a few redispatches, never two in the same due period.
-        assert 2 <= len(redispatched) <= 5, redispatched
+        # Due every 1 s for ~6 s: some redispatches, never two in the same due period.
+        assert 1 <= len(redispatched) <= 7, redispatched
         gaps = [b - a for a, b in itertools.pairwise(redispatched)]
         assert all(g >= 0.9 for g in gaps), gaps
         assert {e.attempt for e in history if e.kind == "step_redispatched"} == {1}
