@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.app.task import Task
-from celery.signals import worker_process_init
+from celery.signals import after_setup_task_logger, worker_process_init
 
 from .config import Settings, default_broker_options
+from .context import StepLogFilter
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
 
@@ -108,6 +109,13 @@ def _fresh_connections_in_child(**_: Any) -> None:
     except Exception:
         return
     runtime.store  # noqa: B018 - re-created for this pid on first access
+
+
+@after_setup_task_logger.connect(weak=False)  # type: ignore[untyped-decorator]
+def _saga_fields_in_task_logs(logger: logging.Logger, **_: Any) -> None:
+    for handler in logger.handlers or logging.getLogger().handlers:
+        if not any(isinstance(f, StepLogFilter) for f in handler.filters):
+            handler.addFilter(StepLogFilter())
 
 
 class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -33,3 +34,18 @@ def current_step() -> StepInfo:
     if info is None:
         raise RuntimeError("sagaline.current_step() called outside a saga step or compensation")
     return info
+
+
+class StepLogFilter(logging.Filter):
+    """Adds `saga_id` and `saga_step` to every log record ("-" outside a saga step).
+
+    `init_app` installs it on Celery's task logger, so a worker's
+    `worker_task_log_format` can use `%(saga_id)s` and `%(saga_step)s`; add it to
+    any other handler the same way.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = _current.get()
+        record.saga_id = info.saga_id if info else "-"
+        record.saga_step = info.step if info else "-"
+        return True

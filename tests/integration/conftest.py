@@ -25,6 +25,7 @@ class Stack:
     runtime: Runtime
     env: dict[str, str]
     ledger_dsn: str
+    worker: WorkerProcess
 
     def run(self, saga: sagaline.Saga, **input: Any) -> sagaline.SagaHandle:
         return self.runtime.start_saga(saga, input)
@@ -69,7 +70,7 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
     worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
     worker.start()
     try:
-        yield Stack(kind, runtime, env, ledger_dsn)
+        yield Stack(kind, runtime, env, ledger_dsn, worker)
     finally:
         worker.stop()
         runtime.store.close()

@@ -15,12 +15,19 @@ from typing import Any
 import psycopg
 from celery import Celery
 from celery.signals import worker_ready
+from celery.utils.log import get_task_logger
 
 import sagaline
 from sagaline import Retry, Saga, StepResponse, saga_step
 
 app = Celery("sagas_app", broker=os.environ.get("CELERY_BROKER_URL") or None)
-app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+    worker_task_log_format="[%(levelname)s/%(processName)s] %(task_name)s[%(task_id)s] "
+                           "saga=%(saga_id)s step=%(saga_step)s: %(message)s",
+)
+task_log = get_task_logger(__name__)
 sagaline.init_app(app, sweep_interval=float(os.environ.get("SAGALINE_SWEEP_INTERVAL", "1")))
 
 LEDGER_DDL = """
@@ -68,6 +75,7 @@ def undo(compensation_data: Any, saga_id: str) -> None:
 def _apply(step: str, saga_id: str, fail_at: str | None, value: int) -> StepResponse:
     if fail_at == step:
         raise RuntimeError(f"{step} failed on purpose")
+    task_log.info("applying %s", step)
     record(saga_id, step, "do", {"value": value})
     return StepResponse(output={f"{step}_done": True},
                         compensation_data={"step": step, "value": value})

@@ -55,6 +55,8 @@ def test_completed_saga_returns_the_merged_context(stack: Stack) -> None:
     kinds = [e.kind for e in view.history]
     assert kinds[0] == "saga_started" and kinds[-1] == "saga_completed"
     assert kinds.count("step_started") == 4
+    # Task log lines carry the saga and the step.
+    assert f"saga={handle.saga_id} step=s3: applying s3" in stack.worker.log_text()
 
 
 def test_dag_branches_run_concurrently_and_a_failed_branch_rolls_back_its_sibling(
