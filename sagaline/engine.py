@@ -227,6 +227,10 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
                 error=error, retry_in=round(delay, 3), retry_forward=after_pivot)
         dispatch_forward(w, name, attempt=rec.attempt + 1, countdown=delay)
         return
+    if reason == "lease_expired":
+        # Its worker died mid-run: the effect may be applied. Count it as applied so that
+        # the compensation runs (with compensation_data None: the outcome is unknown).
+        has_compensation_data, compensation_data = True, None
     w.update_step(name, status=StepStatus.FAILED, error=error, finished_at=w.now,
                   lease_until=None, due_at=None,
                   compensation_data=compensation_data if has_compensation_data else None,
@@ -562,8 +566,10 @@ def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decis
         return None
     failed_comps = [n for n in w.graph.order
                     if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
-    if failed_comps or any(needs_compensation(w, n) and w.steps[n].comp_status is None
-                           for n in w.graph.order):
+    # After a pivot nothing is compensated: the saga can only go forward.
+    if failed_comps or (not w.pivot_passed() and any(
+            needs_compensation(w, n) and w.steps[n].comp_status is None
+            for n in w.graph.order)):
         w.update_saga(status=SagaStatus.COMPENSATING, finished_at=None)
         w.event("saga_resumed", mode="compensation", steps=failed_comps)
         for n in failed_comps:

@@ -10,6 +10,10 @@ VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
 
+# MySQL/MariaDB compare strings case-insensitively by default (utf8mb4_general_ci):
+# every table says utf8mb4_bin so that idempotency keys and names compare exactly,
+# as on every other store.
+
 sagas = sa.Table(
     "sagaline_sagas",
     metadata,
@@ -36,6 +40,8 @@ sagas = sa.Table(
     sa.Index("ix_sagaline_sagas_name_created", "name", "created_at"),
     sa.Index("ix_sagaline_sagas_due", "due_at"),
     sa.Index("ix_sagaline_sagas_parent", "parent_saga_id"),
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
 )
 
 steps = sa.Table(
@@ -59,6 +65,8 @@ steps = sa.Table(
     sa.Column("finished_at", sa.Double),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Index("ix_sagaline_steps_due", "due_at"),
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
 )
 
 events = sa.Table(
@@ -74,4 +82,6 @@ events = sa.Table(
     sa.Column("phase", sa.String(12)),
     sa.Column("detail", sa.JSON),
     sa.Index("ix_sagaline_events_saga", "saga_id", "seq"),
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
 )

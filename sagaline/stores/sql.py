@@ -10,6 +10,7 @@ versions it read, so a claim that slips in between is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -87,6 +88,8 @@ class SQLStore(Store):
             try:
                 return fn()
             except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+                if not transient(exc):
+                    raise StoreError(f"store {redact(self.url)} failed: {exc.orig}") from exc
                 if time.monotonic() + delay > deadline:
                     raise StoreError(f"store {redact(self.url)} failed: {exc.orig}") from exc
                 log.warning("store %s: %s; retrying in %.2fs", redact(self.url),
@@ -115,19 +118,22 @@ class SQLStore(Store):
             conn.rollback()
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-        with self._writer.begin() as conn:
-            # Many workers may start at once: one migrates, the others wait and find it done.
-            if self.dialect == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7366551)"))
-            elif self.dialect == "mysql":
-                conn.execute(sa.text("SELECT GET_LOCK('sagaline_migrate', 120)"))
-            try:
+        # Many workers may start at once: one migrates, the others wait and find it done.
+        # MySQL's named lock belongs to a session, not a transaction: it is taken on a
+        # connection of its own and released only after the migration has committed,
+        # or a waiter would find the tables (DDL commits at once) without the revision.
+        with contextlib.ExitStack() as stack:
+            if self.dialect == "mysql":
+                lock_conn = stack.enter_context(self.engine.connect())
+                lock_conn.execute(sa.text("SELECT GET_LOCK('sagaline_migrate', 120)"))
+                stack.callback(lock_conn.execute,
+                               sa.text("SELECT RELEASE_LOCK('sagaline_migrate')"))
+            with self._writer.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7366551)"))
                 if _current_revision(conn) != schema.SCHEMA_REVISION:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
-            finally:
-                if self.dialect == "mysql":
-                    conn.execute(sa.text("SELECT RELEASE_LOCK('sagaline_migrate')"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -147,7 +153,8 @@ class SQLStore(Store):
                 with self._write() as conn:
                     conn.execute(sagas.insert(), _saga_row(saga))
                     conn.execute(steps.insert(), [_step_row(s) for s in state.steps.values()])
-                    conn.execute(events.insert(), [_event_row(e) for e in events_])
+                    if events_:  # an empty executemany would insert one row of defaults
+                        conn.execute(events.insert(), [_event_row(e) for e in events_])
                 return saga, True
             except sa_exc.IntegrityError:
                 if saga.idempotency_key is None:
@@ -346,6 +353,30 @@ class SQLStore(Store):
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+# PostgreSQL SQLSTATE classes worth waiting out: connection (08), transaction
+# rollback: deadlock/serialization (40), operator intervention: restarts (57),
+# insufficient resources (53). MySQL: lost/refused connections, deadlock, lock wait.
+_PG_TRANSIENT = ("08", "40", "53", "57")
+_MYSQL_TRANSIENT = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
+
+
+def transient(exc: sa_exc.DBAPIError) -> bool:
+    """Whether a failed statement may succeed if tried again (a server restart, a lock)."""
+    if exc.connection_invalidated or isinstance(exc, sa_exc.InterfaceError):
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return str(sqlstate).startswith(_PG_TRANSIENT)
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _MYSQL_TRANSIENT
+    text = str(orig).lower()
+    # psycopg connection failures carry no SQLSTATE; SQLite reports locks as text.
+    return any(word in text for word in ("locked", "busy", "connect", "closed", "terminat",
+                                         "timeout", "timed out"))
 
 
 def _dialect_of(url: str) -> str:

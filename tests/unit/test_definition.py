@@ -25,19 +25,19 @@ from sagaline.states import FailureStrategy
 app = Celery("t_definition", broker="memory://", set_as_current=False)
 
 
-@app.task(name="t.reserve")
+@app.task(name="definition_test.reserve", shared=False)
 def reserve(**ctx: Any) -> None: ...
 
 
-@app.task(name="t.release")
+@app.task(name="definition_test.release", shared=False)
 def release(compensation_data: Any) -> None: ...
 
 
-@app.task(name="t.charge")
+@app.task(name="definition_test.charge", shared=False)
 def charge(**ctx: Any) -> None: ...
 
 
-@app.task(name="t.refund")
+@app.task(name="definition_test.refund", shared=False)
 def refund(compensation_data: Any) -> None: ...
 
 
@@ -197,12 +197,12 @@ def test_saga_step_sets_the_default_compensation_of_an_evaluated_task() -> None:
     local.finalize()
 
     @saga_step(compensate=refund)
-    @local.task(name="t.eager_charge")
+    @local.task(name="definition_test.eager_charge", shared=False)
     def eager_charge() -> None: ...
 
     assert eager_charge.sagaline_compensate is refund
     s = Saga("def_default_comp").add_step(eager_charge)
-    assert s.steps[0].compensation_name == "t.refund"
+    assert s.steps[0].compensation_name == "definition_test.refund"
     # no_compensation=True overrides the default.
     s2 = Saga("def_default_comp_off").add_step(eager_charge, no_compensation=True)
     assert s2.steps[0].compensate is None
@@ -215,7 +215,7 @@ def test_saga_step_on_a_lazy_task_does_not_evaluate_it_and_applies_on_finalize()
     lazy = Celery("t_lazy", broker="memory://", set_as_current=False)
 
     @saga_step(compensate="t.lazy_refund")
-    @lazy.task(name="t.lazy_charge")
+    @lazy.task(name="definition_test.lazy_charge", shared=False)
     def lazy_charge() -> None: ...
 
     assert isinstance(lazy_charge, PromiseProxy)
@@ -228,7 +228,7 @@ def test_saga_step_on_a_lazy_task_does_not_evaluate_it_and_applies_on_finalize()
 
 
 def test_saga_step_must_decorate_a_task() -> None:
-    with pytest.raises(DefinitionError, match="above @app.task"):
+    with pytest.raises(DefinitionError, match=r"above @app\.task"):
         saga_step(compensate="t.x")(lambda: None)
 
 

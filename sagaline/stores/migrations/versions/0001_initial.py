@@ -36,6 +36,9 @@ def upgrade() -> None:
         sa.Column("parent_step", sa.String(200)),
         sa.Column("version", sa.Integer, nullable=False),
         sa.UniqueConstraint("name", "idempotency_key", name="uq_sagaline_sagas_idempotency"),
+        # Exact (case-sensitive) string comparison on MySQL/MariaDB, as on the other stores.
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
     )
     op.create_index("ix_sagaline_sagas_created", "sagaline_sagas", ["created_at"])
     op.create_index("ix_sagaline_sagas_status_created", "sagaline_sagas",
@@ -62,6 +65,8 @@ def upgrade() -> None:
         sa.Column("started_at", sa.Double),
         sa.Column("finished_at", sa.Double),
         sa.Column("version", sa.Integer, nullable=False),
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
     )
     op.create_index("ix_sagaline_steps_due", "sagaline_steps", ["due_at"])
     op.create_table(
@@ -75,6 +80,8 @@ def upgrade() -> None:
         sa.Column("attempt", sa.Integer),
         sa.Column("phase", sa.String(12)),
         sa.Column("detail", sa.JSON),
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
     )
     op.create_index("ix_sagaline_events_saga", "sagaline_events", ["saga_id", "seq"])
 

@@ -1,0 +1,759 @@
+"""One conformance suite for every state store, on real servers.
+
+Each test runs against memory://, SQLite (a temporary file), PostgreSQL (the
+shared server), MariaDB (the local server) and, when its module exists, Redis.
+To add a store: add its id to STORES and a branch to `store_url`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sagaline.records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from sagaline.states import CompensationStatus, Phase, SagaStatus, StepStatus
+from sagaline.stores import Store, schema, store_from_url
+from sagaline.stores.base import DueItem
+from sagaline.stores.schema import VERSION_TABLE
+from sagaline.stores.sql import SQLStore
+from tests.harness import drop_database, shared_postgres_url
+
+pytestmark = pytest.mark.timeout(120)
+
+MARIADB_SERVER = "mysql+pymysql://root@127.0.0.1:3306"
+REDIS_URL = "redis://127.0.0.1:6379/15"
+SQL_TABLES = ("sagaline_events", "sagaline_steps", "sagaline_sagas")
+
+STORES = ["memory", "sqlite", "postgresql", "mariadb"]
+if importlib.util.find_spec("sagaline.stores.redis") is not None:
+    STORES.append("redis")
+
+T0 = 1_700_000_000.125
+# Stores whose transact holds a lock that claims also wait for (no claim can slip in).
+DECIDES_UNDER_A_GLOBAL_LOCK = ("memory:", "sqlite:")
+LEASE = 60.0
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+
+def create_mariadb_database() -> str:
+    """A new, empty MariaDB database with the server's default charset and collation."""
+    import pymysql
+
+    name = f"sagaline_test_{uuid.uuid4().hex[:10]}"
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}`")
+    finally:
+        conn.close()
+    return f"{MARIADB_SERVER}/{name}"
+
+
+def drop_mariadb_database(url: str) -> None:
+    import pymysql
+
+    name = url.rsplit("/", 1)[1]
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def mariadb_url() -> Iterator[str]:
+    url = create_mariadb_database()
+    try:
+        yield url
+    finally:
+        drop_mariadb_database(url)
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A store of each kind, empty at the start of the test."""
+    kind: str = request.param
+    options: dict[str, Any] = {}
+    if kind == "memory":
+        url = "memory://"
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path}/state.db"
+    elif kind == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    elif kind == "mariadb":
+        url = request.getfixturevalue("mariadb_url")
+    elif kind == "redis":
+        # A private key prefix keeps tests apart on the shared server.
+        prefix = f"sagaline-contract-{uuid.uuid4().hex[:10]}"
+        url, options["prefix"] = REDIS_URL, prefix
+    else:  # pragma: no cover - a new entry of STORES without its branch here
+        raise AssertionError(kind)
+    st = store_from_url(url, **options)
+    if isinstance(st, SQLStore) and kind in ("postgresql", "mariadb"):
+        st.migrate()
+        with st.engine.begin() as conn:
+            for table in SQL_TABLES:
+                conn.execute(sa.text(f"DELETE FROM {table}"))
+    try:
+        yield st
+    finally:
+        if kind == "redis":
+            client = st._client  # type: ignore[attr-defined]
+            keys = list(client.scan_iter(match=f"{options['prefix']}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+        st.close()
+
+
+# -- records -------------------------------------------------------------------------
+
+
+def make_state(*, saga_id: str | None = None, name: str = "contract", key: str | None = None,
+               created_at: float = T0, status: SagaStatus = SagaStatus.RUNNING,
+               due_at: float | None = None, parent: str | None = None,
+               input: dict[str, Any] | None = None) -> SagaState:
+    """A saga of three steps a -> b -> c, with `a` DISPATCHED (attempt 1)."""
+    sid = saga_id or str(uuid.uuid4())
+    saga = SagaRecord(saga_id=sid, name=name, status=status, input=input or {"n": 1},
+                      fingerprint="f" * 16, created_at=created_at, updated_at=created_at,
+                      idempotency_key=key, due_at=due_at, parent_saga_id=parent)
+    steps = {
+        "a": StepRecord(sid, "a", 0, status=StepStatus.DISPATCHED, attempt=1,
+                        due_at=created_at + 30),
+        "b": StepRecord(sid, "b", 1),
+        "c": StepRecord(sid, "c", 2),
+    }
+    return SagaState(saga, steps)
+
+
+def started(st: Store, **kwargs: Any) -> SagaState:
+    state = make_state(**kwargs)
+    events = [Event(state.saga.saga_id, "saga_started", state.saga.created_at),
+              Event(state.saga.saga_id, "step_dispatched", state.saga.created_at, "a", 1,
+                    "forward")]
+    _, created = st.create_saga(state, events)
+    assert created
+    return state
+
+
+def step_of(st: Store, saga_id: str, name: str) -> StepRecord:
+    (rec,) = [s for s in st.get_steps(saga_id) if s.name == name]
+    return rec
+
+
+def change_step(state: SagaState, name: str, **fields: Any) -> Decision:
+    """A decision that changes one step, compare-and-set on the version it read."""
+    rec = state.steps[name]
+    return Decision(steps=[replace(rec, **fields)], step_versions={name: rec.version},
+                    events=[Event(state.saga.saga_id, "changed", T0, name)])
+
+
+def run_threads(n: int, target: Callable[[int], None], timeout: float = 60.0) -> None:
+    errors: list[BaseException] = []
+
+    def wrapped(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
+    if errors:
+        raise errors[0]
+
+
+# -- create and read -------------------------------------------------------------------
+
+
+def test_create_saga_round_trips_every_field(store: Store) -> None:
+    sid = str(uuid.uuid4())
+    nested = {"order": {"id": "ördér-✓", "lines": [1, 2.5, None, True, {"sku": "ü"}]},
+              "empty": {}, "list": [], "emoji": "🚀"}
+    saga = SagaRecord(
+        saga_id=sid, name="round_trip", status=SagaStatus.COMPENSATING, input=nested,
+        fingerprint="0123456789abcdef", created_at=T0, updated_at=T0 + 1.5,
+        idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
+        failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
+        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=0)
+    steps = {
+        "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
+                        comp_status=CompensationStatus.COMPENSATION_FAILED, comp_attempt=3,
+                        output={"txn": "t-1", "nested": {"k": [1, 2]}},
+                        compensation_data={"refund": 9.99}, has_compensation_data=True,
+                        error="Timeout: first try", comp_error="Refused: ✗",
+                        lease_until=T0 + 90.5, due_at=T0 + 90.5, started_at=T0 + 0.5,
+                        finished_at=T0 + 1.0),
+        "b": StepRecord(sid, "b", 1, status=StepStatus.FAILED, attempt=1, output="plain ✓",
+                        compensation_data=None, has_compensation_data=True),
+        "c": StepRecord(sid, "c", 2, status=StepStatus.CANCELLED, output=[1, "two"]),
+    }
+    events = [Event(sid, "saga_started", T0, detail={"name": "round_trip", "deep": {"k": "✓"}}),
+              Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward")]
+    record, created = store.create_saga(SagaState(copy.deepcopy(saga), copy.deepcopy(steps)),
+                                        events)
+    assert created
+    assert record.saga_id == sid
+    assert store.get_saga(sid) == saga
+    assert store.get_steps(sid) == [steps["a"], steps["b"], steps["c"]]
+    history = store.history(sid)
+    assert [(e.kind, e.ts, e.step, e.attempt, e.phase, e.detail) for e in history] == [
+        ("saga_started", T0, None, None, None, {"name": "round_trip", "deep": {"k": "✓"}}),
+        ("step_dispatched", T0 + 0.25, "a", 1, "forward", {}),
+    ]
+    assert all(e.saga_id == sid and e.seq is not None for e in history)
+
+
+def test_none_output_and_empty_dict_output_stay_distinct(store: Store) -> None:
+    state = make_state()
+    state.steps["a"].output = None
+    state.steps["b"].output = {}
+    state.steps["c"].output = 0
+    state.saga.output = {}
+    store.create_saga(state, [])
+    outputs = {s.name: s.output for s in store.get_steps(state.saga.saga_id)}
+    assert outputs == {"a": None, "b": {}, "c": 0}
+    assert outputs["b"] is not None
+    saga = store.get_saga(state.saga.saga_id)
+    assert saga is not None and saga.output == {}
+
+
+def test_reading_an_unknown_saga_finds_nothing(store: Store) -> None:
+    missing = str(uuid.uuid4())
+    assert store.get_saga(missing) is None
+    assert store.get_steps(missing) == []
+    assert store.history(missing) == []
+
+
+# -- idempotency -------------------------------------------------------------------------
+
+
+def test_second_create_with_the_same_key_returns_the_existing_saga(store: Store) -> None:
+    first = started(store, name="orders", key="order-1")
+    again = make_state(name="orders", key="order-1", input={"n": 2})
+    record, created = store.create_saga(again, [Event(again.saga.saga_id, "saga_started", T0)])
+    assert not created
+    assert record.saga_id == first.saga.saga_id
+    assert record.input == {"n": 1}
+    assert store.get_saga(again.saga.saga_id) is None
+    assert store.get_steps(again.saga.saga_id) == []
+    assert store.history(again.saga.saga_id) == []
+    assert len(store.history(first.saga.saga_id)) == 2
+
+
+def test_idempotency_key_is_unique_per_saga_name_only(store: Store) -> None:
+    started(store, name="orders", key="k-1")
+    other_name = make_state(name="refunds", key="k-1")
+    _, created = store.create_saga(other_name, [])
+    assert created
+    assert store.get_saga(other_name.saga.saga_id) is not None
+
+
+def test_idempotency_keys_are_case_sensitive(store: Store) -> None:
+    started(store, name="orders", key="Order-1")
+    _, created = store.create_saga(make_state(name="orders", key="order-1"), [])
+    assert created
+
+
+def test_sagas_without_a_key_never_conflict(store: Store) -> None:
+    started(store, name="orders")
+    started(store, name="orders")
+    assert store.count_by_status("orders")[SagaStatus.RUNNING] == 2
+
+
+def test_concurrent_creates_with_one_key_create_exactly_one_saga(store: Store) -> None:
+    barrier = threading.Barrier(20)
+    results: list[tuple[str, str, bool]] = []
+
+    def create(_: int) -> None:
+        state = make_state(name="orders", key="race")
+        barrier.wait(timeout=30)
+        record, created = store.create_saga(state, [Event(state.saga.saga_id, "x", T0)])
+        results.append((state.saga.saga_id, record.saga_id, created))
+
+    run_threads(20, create)
+    winners = [mine for mine, _, created in results if created]
+    assert len(winners) == 1
+    assert {got for _, got, _ in results} == set(winners)
+    flt = SagaFilter(name="orders", limit=100)
+    assert [s.saga_id for s in store.list_sagas(flt)] == winners
+    assert len(store.history(winners[0])) == 1
+
+
+# -- claims and leases -------------------------------------------------------------------
+
+
+def test_claim_moves_a_dispatched_attempt_to_running_exactly_once(store: Store) -> None:
+    state = started(store)
+    sid = state.saga.saga_id
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0 + 1)
+    rec = step_of(store, sid, "a")
+    assert rec.status is StepStatus.RUNNING
+    assert (rec.attempt, rec.lease_until, rec.due_at, rec.started_at) == (
+        1, T0 + LEASE, T0 + LEASE, T0 + 1)
+    assert rec.version > state.steps["a"].version
+    last = store.history(sid)[-1]
+    assert (last.kind, last.step, last.attempt, last.phase, last.ts) == (
+        "step_started", "a", 1, "forward", T0 + 1)
+    # A duplicate delivery of the same message is refused, and logs nothing.
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 99, now=T0 + 2)
+    assert step_of(store, sid, "a").lease_until == T0 + LEASE
+    assert len(store.history(sid)) == 3
+
+
+def test_claim_is_refused_for_a_stale_attempt_a_pending_step_or_the_wrong_phase(
+        store: Store) -> None:
+    sid = started(store).saga.saga_id
+    kw: dict[str, float] = {"lease_until": T0 + LEASE, "now": T0}
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 2, **kw)
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 0, **kw)
+    assert not store.claim_step(sid, "b", Phase.FORWARD, 0, **kw)  # PENDING, never dispatched
+    assert not store.claim_step(sid, "a", Phase.COMPENSATE, 1, **kw)
+    assert not store.claim_step(sid, "nope", Phase.FORWARD, 1, **kw)
+    assert not store.claim_step(str(uuid.uuid4()), "a", Phase.FORWARD, 1, **kw)
+    assert step_of(store, sid, "a").status is StepStatus.DISPATCHED
+    assert [e.kind for e in store.history(sid)] == ["saga_started", "step_dispatched"]
+
+
+def test_claim_of_a_compensation_moves_only_the_compensation_to_running(store: Store) -> None:
+    state = make_state(status=SagaStatus.COMPENSATING)
+    state.steps["a"] = replace(state.steps["a"], status=StepStatus.SUCCEEDED,
+                               comp_status=CompensationStatus.DISPATCHED, comp_attempt=2)
+    store.create_saga(state, [])
+    sid = state.saga.saga_id
+    assert not store.claim_step(sid, "a", Phase.COMPENSATE, 1, lease_until=T0 + LEASE, now=T0)
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    assert store.claim_step(sid, "a", Phase.COMPENSATE, 2, lease_until=T0 + LEASE, now=T0 + 3)
+    rec = step_of(store, sid, "a")
+    assert rec.comp_status is CompensationStatus.RUNNING
+    assert rec.status is StepStatus.SUCCEEDED
+    assert (rec.lease_until, rec.due_at) == (T0 + LEASE, T0 + LEASE)
+    (event,) = store.history(sid)
+    assert (event.kind, event.step, event.attempt, event.phase) == (
+        "compensation_started", "a", 2, "compensate")
+    assert not store.claim_step(sid, "a", Phase.COMPENSATE, 2, lease_until=T0 + LEASE, now=T0)
+
+
+def test_renew_lease_extends_only_the_running_claim(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    assert not store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 100)  # not claimed yet
+    store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    assert not store.renew_lease(sid, "a", Phase.FORWARD, 2, T0 + 100)
+    assert not store.renew_lease(sid, "a", Phase.COMPENSATE, 1, T0 + 100)
+    assert not store.renew_lease(sid, "b", Phase.FORWARD, 0, T0 + 100)
+    assert store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 120)
+    rec = step_of(store, sid, "a")
+    assert (rec.status, rec.lease_until, rec.due_at) == (StepStatus.RUNNING, T0 + 120, T0 + 120)
+    # Once the step is settled the old claim cannot renew anything.
+    store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
+                                              lease_until=None, due_at=None))
+    assert not store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 200)
+    assert step_of(store, sid, "a").lease_until is None
+
+
+# -- transact ------------------------------------------------------------------------------
+
+
+def test_transact_decides_on_the_stored_state_and_writes_the_decision(store: Store) -> None:
+    state = started(store)
+    sid = state.saga.saga_id
+    store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    claimed_a = step_of(store, sid, "a")
+    seen: list[SagaState] = []
+
+    def decide(current: SagaState) -> Decision:
+        seen.append(copy.deepcopy(current))
+        saga = replace(current.saga, status=SagaStatus.COMPLETED, output={"r": [1, "✓"]},
+                       finished_at=T0 + 5, due_at=None)
+        a = replace(current.steps["a"], status=StepStatus.SUCCEEDED, output={"x": 1},
+                    lease_until=None, due_at=None)
+        b = replace(current.steps["b"], status=StepStatus.SKIPPED)
+        return Decision(saga=saga, steps=[a, b],
+                        events=[Event(sid, "step_succeeded", T0 + 5, "a", 1, "forward"),
+                                Event(sid, "saga_completed", T0 + 5)],
+                        saga_version=current.saga.version,
+                        step_versions={"a": current.steps["a"].version,
+                                       "b": current.steps["b"].version})
+
+    written = store.transact(sid, decide)
+    assert written is not None
+    (snapshot,) = seen
+    # decide saw exactly what the store held, claim included.
+    assert snapshot.saga == state.saga
+    assert snapshot.steps["a"] == claimed_a
+    assert snapshot.steps["b"] == state.steps["b"]
+    assert set(snapshot.steps) == {"a", "b", "c"}
+
+    saga = store.get_saga(sid)
+    assert saga is not None
+    assert (saga.status, saga.output, saga.finished_at, saga.due_at) == (
+        SagaStatus.COMPLETED, {"r": [1, "✓"]}, T0 + 5, None)
+    assert saga.version == snapshot.saga.version + 1
+    steps = {s.name: s for s in store.get_steps(sid)}
+    assert (steps["a"].status, steps["a"].output) == (StepStatus.SUCCEEDED, {"x": 1})
+    assert steps["a"].version == snapshot.steps["a"].version + 1
+    assert steps["b"].status is StepStatus.SKIPPED
+    assert steps["c"] == state.steps["c"]  # untouched
+    assert [e.kind for e in store.history(sid)][-2:] == ["step_succeeded", "saga_completed"]
+
+
+def test_transact_without_a_decision_writes_nothing(store: Store) -> None:
+    state = started(store)
+    sid = state.saga.saga_id
+    assert store.transact(sid, lambda s: None) is None
+    empty = Decision()
+    assert store.transact(sid, lambda s: empty) is empty
+    assert store.get_saga(sid) == state.saga
+    assert len(store.history(sid)) == 2
+    called: list[SagaState] = []
+    assert store.transact(str(uuid.uuid4()), lambda s: called.append(s)) is None  # type: ignore[func-returns-value]
+    assert called == []
+
+
+def test_transact_never_overwrites_a_claim_that_raced_it(store: Store) -> None:
+    """A claim that commits while `decide` runs forces a fresh read and a new decision."""
+    state = started(store)
+    sid = state.saga.saga_id
+    seen: list[StepRecord] = []
+    claimed: list[bool] = []
+    claimers: list[threading.Thread] = []
+
+    def claim() -> None:
+        claimed.append(store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE,
+                                        now=T0))
+
+    def decide(current: SagaState) -> Decision | None:
+        seen.append(copy.deepcopy(current.steps["a"]))
+        if len(seen) == 1:
+            # Another worker claims the step on another connection. A store that holds
+            # a write lock across decide (SQLite) makes it wait until we commit.
+            t = threading.Thread(target=claim)
+            claimers.append(t)
+            t.start()
+            t.join(timeout=1.0)
+        if current.steps["a"].status is not StepStatus.DISPATCHED:
+            return None  # the step is running: nothing to cancel any more
+        return change_step(current, "a", status=StepStatus.CANCELLED, due_at=None)
+
+    written = store.transact(sid, decide)
+    claimers[0].join(timeout=60)
+    assert not claimers[0].is_alive()
+    a = step_of(store, sid, "a")
+    if claimed == [True]:
+        # The claim won: the cancellation was decided again on the fresh state.
+        assert len(seen) == 2
+        assert seen[1].status is StepStatus.RUNNING
+        assert written is None
+        assert a.status is StepStatus.RUNNING
+        assert "changed" not in [e.kind for e in store.history(sid)]
+    else:
+        assert claimed == [False]
+        assert a.status is StepStatus.CANCELLED
+        assert written is not None
+        assert "step_started" not in [e.kind for e in store.history(sid)]
+    if not store.url.startswith(DECIDES_UNDER_A_GLOBAL_LOCK):
+        # Claims do not take the saga's lock: the race really happens, and the claim wins.
+        assert claimed == [True]
+
+
+def test_transacts_of_one_saga_are_serialized(store: Store) -> None:
+    """Two branches finishing together: the later decision sees the earlier one's write.
+
+    Each decision changes only its own step, so versions alone cannot catch the
+    conflict; without serialization neither would see the other succeed and the
+    step joining them would never start.
+    """
+    sid = started(store).saga.saga_id
+    seen: dict[str, list[StepStatus]] = {"b": [], "c": []}
+    others: list[threading.Thread] = []
+
+    def finish(mine: str, other: str) -> Callable[[SagaState], Decision]:
+        def decide(current: SagaState) -> Decision:
+            seen[mine].append(current.steps[other].status)
+            if mine == "c" and len(seen["c"]) == 1:
+                t = threading.Thread(target=store.transact, args=(sid, finish("b", "c")))
+                others.append(t)
+                t.start()
+                t.join(timeout=1.0)  # it commits now, or waits for us to commit
+            return change_step(current, mine, status=StepStatus.SUCCEEDED)
+        return decide
+
+    store.transact(sid, finish("c", "b"))
+    others[0].join(timeout=60)
+    assert not others[0].is_alive()
+    steps = {s.name: s.status for s in store.get_steps(sid)}
+    assert (steps["b"], steps["c"]) == (StepStatus.SUCCEEDED, StepStatus.SUCCEEDED)
+    # Whichever committed last decided on a state holding the other's success.
+    assert StepStatus.SUCCEEDED in (seen["b"][-1], seen["c"][-1])
+
+
+def test_transact_rejects_a_decision_on_a_stale_saga_version(store: Store) -> None:
+    """Concurrent read-modify-writes of one saga lose no update."""
+    sid = started(store, input={"n": 0}).saga.saga_id
+
+    def increment(current: SagaState) -> Decision:
+        time.sleep(0.002)  # widen the window between read and write
+        saga = replace(current.saga, output={"n": (current.saga.output or {"n": 0})["n"] + 1})
+        return Decision(saga=saga, saga_version=current.saga.version,
+                        events=[Event(sid, "incremented", T0)])
+
+    def worker(_: int) -> None:
+        for _ in range(10):
+            store.transact(sid, increment)
+
+    run_threads(4, worker)
+    saga = store.get_saga(sid)
+    assert saga is not None and saga.output == {"n": 40}
+    assert [e.kind for e in store.history(sid)].count("incremented") == 40
+
+
+def test_append_event_adds_history_without_changing_state(store: Store) -> None:
+    state = started(store)
+    sid = state.saga.saga_id
+    store.append_event(Event(sid, "claim_refused", T0 + 1, "a", 3, "forward", {"why": "stale"}))
+    last = store.history(sid)[-1]
+    assert (last.kind, last.attempt, last.detail) == ("claim_refused", 3, {"why": "stale"})
+    assert store.get_saga(sid) == state.saga
+    assert step_of(store, sid, "a") == state.steps["a"]
+
+
+# -- history ------------------------------------------------------------------------------
+
+
+def test_events_are_appended_in_order_with_increasing_seq(store: Store) -> None:
+    one = started(store).saga.saga_id
+    two = started(store).saga.saga_id
+    store.claim_step(one, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    store.append_event(Event(two, "note", T0, detail={"i": 0}))
+    for i in range(1, 4):
+        store.append_event(Event(one, "note", T0 + i, detail={"i": i}))
+    history = store.history(one)
+    assert [e.kind for e in history] == ["saga_started", "step_dispatched", "step_started",
+                                         "note", "note", "note"]
+    assert [e.detail.get("i") for e in history[3:]] == [1, 2, 3]
+    seqs = [e.seq or 0 for e in history]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert [e.kind for e in store.history(two)] == ["saga_started", "step_dispatched", "note"]
+
+    later = store.history(one, after_seq=seqs[2])
+    assert [e.seq for e in later] == seqs[3:]
+    assert store.history(one, after_seq=seqs[-1]) == []
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+def _catalog(st: Store) -> list[str]:
+    """Six sagas, created one second apart: ids[i] was created at T0 + i."""
+    statuses = [SagaStatus.RUNNING, SagaStatus.COMPLETED, SagaStatus.COMPENSATED,
+                SagaStatus.FAILED, SagaStatus.RUNNING, SagaStatus.COMPLETED]
+    ids = []
+    for i, status in enumerate(statuses):
+        state = make_state(name="alpha" if i % 2 == 0 else "beta", created_at=T0 + i,
+                           status=status, parent="parent-1" if i == 3 else None)
+        st.create_saga(state, [])
+        ids.append(state.saga.saga_id)
+    return ids
+
+
+def test_list_sagas_filters_by_status_name_and_creation_time(store: Store) -> None:
+    ids = _catalog(store)
+
+    def listed(**kwargs: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**kwargs))]
+
+    assert listed() == ids[::-1]  # newest first
+    assert listed(status=[SagaStatus.COMPLETED, SagaStatus.FAILED]) == [ids[5], ids[3], ids[1]]
+    assert listed(status=[SagaStatus.PENDING]) == []
+    assert listed(status=[]) == []
+    assert listed(name="alpha") == [ids[4], ids[2], ids[0]]
+    assert listed(name="gamma") == []
+    assert listed(name="beta", status=[SagaStatus.COMPLETED]) == [ids[5], ids[1]]
+    assert listed(created_after=T0 + 2) == [ids[5], ids[4], ids[3], ids[2]]  # inclusive
+    assert listed(created_before=T0 + 2) == [ids[1], ids[0]]  # exclusive
+    assert listed(created_after=T0 + 1, created_before=T0 + 4) == [ids[3], ids[2], ids[1]]
+    assert listed(parent_saga_id="parent-1") == [ids[3]]
+    full = store.list_sagas(SagaFilter(name="alpha", limit=1))
+    assert full[0] == store.get_saga(ids[4])
+
+
+def test_list_sagas_pages_with_limit_and_offset(store: Store) -> None:
+    ids = _catalog(store)
+
+    def listed(**kwargs: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**kwargs))]
+
+    assert listed(limit=2) == [ids[5], ids[4]]
+    assert listed(limit=2, offset=2) == [ids[3], ids[2]]
+    assert listed(limit=2, offset=4) == [ids[1], ids[0]]
+    assert listed(limit=10, offset=6) == []
+    assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], limit=2, offset=1) == [
+        ids[4], ids[1]]
+
+
+def test_count_by_status_counts_every_status(store: Store) -> None:
+    assert store.count_by_status() == dict.fromkeys(SagaStatus, 0)
+    _catalog(store)
+    expected = dict.fromkeys(SagaStatus, 0)
+    expected.update({SagaStatus.RUNNING: 2, SagaStatus.COMPLETED: 2,
+                     SagaStatus.COMPENSATED: 1, SagaStatus.FAILED: 1})
+    assert store.count_by_status() == expected
+    alpha = dict.fromkeys(SagaStatus, 0)
+    alpha.update({SagaStatus.RUNNING: 2, SagaStatus.COMPENSATED: 1})
+    assert store.count_by_status("alpha") == alpha
+
+
+def test_count_by_status_follows_status_changes(store: Store) -> None:
+    sid = started(store, name="moving").saga.saga_id
+    store.transact(sid, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPENSATING),
+                                           saga_version=s.saga.version))
+    counts = store.count_by_status("moving")
+    assert (counts[SagaStatus.RUNNING], counts[SagaStatus.COMPENSATING]) == (0, 1)
+    listed = store.list_sagas(SagaFilter(status=[SagaStatus.RUNNING], name="moving"))
+    assert listed == []
+
+
+# -- the sweeper's index ---------------------------------------------------------------------
+
+
+def test_find_due_returns_only_due_work_in_due_order(store: Store) -> None:
+    late_saga = make_state(due_at=T0 + 10)
+    late_saga.steps["a"].due_at = None
+    store.create_saga(late_saga, [])
+    mixed = make_state()
+    mixed.steps["a"].due_at = T0 + 5
+    mixed.steps["b"].due_at = T0 + 20  # not due yet
+    mixed.steps["c"].due_at = T0 + 15  # due exactly now
+    store.create_saga(mixed, [])
+    idle = make_state(due_at=T0 + 100)
+    idle.steps["a"].due_at = None
+    store.create_saga(idle, [])
+
+    now = T0 + 15
+    due = store.find_due(now)
+    assert due == [DueItem(mixed.saga.saga_id, "a", T0 + 5),
+                   DueItem(late_saga.saga.saga_id, None, T0 + 10),
+                   DueItem(mixed.saga.saga_id, "c", T0 + 15)]
+    assert store.find_due(now, limit=2) == due[:2]
+    assert store.find_due(T0) == []
+
+
+def test_find_due_follows_claims_and_decisions(store: Store) -> None:
+    sid = started(store).saga.saga_id  # a is due at T0 + 30 (a lost message)
+    assert store.find_due(T0 + 30) == [DueItem(sid, "a", T0 + 30)]
+    store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 60, now=T0)
+    assert store.find_due(T0 + 30) == []
+    assert store.find_due(T0 + 60) == [DueItem(sid, "a", T0 + 60)]
+    store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
+                                              lease_until=None, due_at=None))
+    assert store.find_due(T0 + 1000) == []
+
+
+# -- SQL schema and migrations -----------------------------------------------------------------
+
+MIGRATIONS = Path(schema.__file__).parent / "migrations"
+
+
+@pytest.fixture
+def fresh_sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of the kind named by the test's `dialect` parameter."""
+    dialect: str = request.param
+    if dialect == "sqlite":
+        yield f"sqlite:///{tmp_path}/fresh.db"
+    elif dialect == "postgresql":
+        url = shared_postgres_url(f"sagaline_mig_{uuid.uuid4().hex[:10]}")
+        try:
+            yield url
+        finally:
+            drop_database(url)
+    else:
+        url = create_mariadb_database()
+        try:
+            yield url
+        finally:
+            drop_mariadb_database(url)
+
+
+def revisions(st: SQLStore) -> list[str]:
+    with st.engine.connect() as conn:
+        return [r[0] for r in conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))]
+
+
+def test_schema_revision_is_the_head_of_the_migrations() -> None:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(MIGRATIONS))
+    assert scripts.get_heads() == [schema.SCHEMA_REVISION]
+
+
+@pytest.mark.parametrize("fresh_sql_url", ["sqlite", "postgresql", "mariadb"], indirect=True)
+def test_migrate_is_idempotent(fresh_sql_url: str) -> None:
+    st = SQLStore(fresh_sql_url, auto_migrate=False)
+    try:
+        st.migrate()
+        st.migrate()
+        assert revisions(st) == [schema.SCHEMA_REVISION]
+        # A second store on a migrated database finds nothing to do and works at once.
+        other = SQLStore(fresh_sql_url)
+        try:
+            started(other)
+            other.migrate()
+        finally:
+            other.close()
+        assert revisions(st) == [schema.SCHEMA_REVISION]
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize("fresh_sql_url", ["postgresql", "mariadb"], indirect=True)
+def test_concurrent_migrations_of_a_fresh_database_all_succeed(fresh_sql_url: str) -> None:
+    stores = [SQLStore(fresh_sql_url, auto_migrate=False) for _ in range(3)]
+    barrier = threading.Barrier(3)
+
+    def migrate(i: int) -> None:
+        barrier.wait(timeout=30)
+        stores[i].migrate()
+
+    try:
+        run_threads(3, migrate)
+        assert revisions(stores[0]) == [schema.SCHEMA_REVISION]
+        for st in stores:
+            started(st)
+    finally:
+        for st in stores:
+            st.close()
+
+
+@pytest.mark.parametrize("fresh_sql_url", ["sqlite", "postgresql"], indirect=True)
+def test_migrated_schema_matches_the_metadata(fresh_sql_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    st = SQLStore(fresh_sql_url, auto_migrate=False)
+    try:
+        st.migrate()
+        with st.engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE, "compare_type": True,
+                            "compare_server_default": True})
+            diff = compare_metadata(ctx, schema.metadata)
+        assert diff == []
+    finally:
+        st.close()
