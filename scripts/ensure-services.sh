@@ -187,3 +187,38 @@ if [ "$(pg_sql "SELECT 1 FROM pg_database WHERE datname = '$TEST_DB'")" != "1" ]
     pg_sql "CREATE DATABASE $TEST_DB" >/dev/null
 fi
 echo "postgres bin: $PG_BIN"
+
+# --- MariaDB (the MySQL flavour of the SQL store's conformance suite) ----------
+MY_HOST=127.0.0.1
+MY_PORT=${SAGALINE_TEST_MYSQL_PORT:-3306}
+my_ok() {
+    "$(dirname "$0")/../.venv/bin/python" - "$MY_HOST" "$MY_PORT" <<'PY' 2>/dev/null
+import sys
+import pymysql
+pymysql.connect(host=sys.argv[1], port=int(sys.argv[2]), user="root", password="",
+                connect_timeout=3).close()
+PY
+}
+my_port_open() { timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$MY_HOST" "$MY_PORT" 2>/dev/null; }
+
+if ! my_ok; then
+    if ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then
+        apt_install mariadb-server
+    fi
+    if ! my_port_open; then
+        log "starting MariaDB"
+        as_root mkdir -p /run/mysqld
+        as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
+        as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd \
+            -- --user=mysql --bind-address=127.0.0.1 --port="$MY_PORT" >&2
+        wait_for "MariaDB port $MY_HOST:$MY_PORT" my_port_open
+    fi
+    if ! my_ok; then
+        # A fresh Debian install lets root in through the unix socket only.
+        log "allowing root@localhost with an empty password over TCP"
+        as_root mariadb -e "ALTER USER root@localhost IDENTIFIED VIA mysql_native_password \
+            USING PASSWORD('') OR unix_socket; FLUSH PRIVILEGES;" >&2 || true
+        wait_for "MariaDB to accept root at $MY_HOST:$MY_PORT" my_ok
+    fi
+fi
+echo "mariadb: $MY_HOST:$MY_PORT"
