@@ -255,7 +255,7 @@ def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0
     ctx = w.context_for(name)
     kwargs = ctx if spec.input is None else mapped_input(spec, ctx)
     w.update_step(name, status=StepStatus.DISPATCHED, attempt=attempt, lease_until=None,
-                  due_at=w.now + countdown + w.timing.redispatch_after)
+                  due_at=w.now + countdown + w.timing.redispatch_after, redispatches=0)
     if announce and attempt == 1:
         w.event("step_dispatched", name, attempt, Phase.FORWARD)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
@@ -421,7 +421,8 @@ def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float 
     data = rec.compensation_data if rec.has_compensation_data else rec.output
     kwargs = {**ctx, "compensation_data": data}
     w.update_step(name, comp_status=CompensationStatus.DISPATCHED, comp_attempt=attempt,
-                  lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after)
+                  lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after,
+                  redispatches=0)
     if announce and attempt == 1:
         w.event("compensation_dispatched", name, attempt, Phase.COMPENSATE)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
@@ -547,15 +548,21 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
     rec = w.steps[step]
     if rec.due_at is None or rec.due_at > now:
         return None
+    # A message that merely waits behind a backlog looks lost too: back off, so that a
+    # busy queue is not flooded with copies (each copy is fenced, but costs a delivery).
+    times = rec.redispatches + 1
     if rec.status is StepStatus.DISPATCHED and w.saga.status in (SagaStatus.RUNNING,
                                                                  SagaStatus.COMPENSATING):
         dispatch_forward(w, step, attempt=rec.attempt, announce=False)
-        w.event("step_redispatched", step, rec.attempt, Phase.FORWARD)
+        w.event("step_redispatched", step, rec.attempt, Phase.FORWARD, times=times)
     elif rec.comp_status is CompensationStatus.DISPATCHED:
         dispatch_compensation(w, step, attempt=rec.comp_attempt, announce=False)
-        w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE)
+        w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE,
+                times=times)
     else:
         return None
+    w.update_step(step, redispatches=times,
+                  due_at=now + w.timing.redispatch_after * min(2 ** times, 32))
     return w.decision()
 
 

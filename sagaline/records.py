@@ -50,6 +50,8 @@ class StepRecord:
     due_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    # How often the current message was published again by the sweeper (for backoff).
+    redispatches: int = 0
     version: int = 0
 
     def attempt_for(self, phase: Phase) -> int:

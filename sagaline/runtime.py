@@ -320,21 +320,29 @@ class Runtime:
         heartbeat = self.heartbeat()
         token = heartbeat.add(saga_id, step, phase, attempt)
         ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
-        started = time.monotonic()
         accepted = accepted_kwargs(task.run)
         if accepted is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         try:
-            result = body(*args, **kwargs)
-        except BaseException as exc:
+            return self._run_and_complete(defn, body, args, kwargs, saga_id, step, phase,
+                                          attempt)
+        finally:
+            # Renewed until the completion committed: a store outage during completion
+            # must not let the lease expire and re-run a body that already finished.
             heartbeat.remove(token)
             _current.reset(ctx_token)
-            if not isinstance(exc, Exception) or isinstance(exc, Ignore):
+
+    def _run_and_complete(self, defn: Saga, body: Callable[..., Any], args: tuple[Any, ...],
+                          kwargs: dict[str, Any], saga_id: str, step: str, phase: Phase,
+                          attempt: int) -> Any:
+        started = time.monotonic()
+        try:
+            result = body(*args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, Ignore):
                 raise
             self._record_failure(defn, saga_id, step, phase, attempt, exc, started)
             raise
-        heartbeat.remove(token)
-        _current.reset(ctx_token)
         if phase is Phase.COMPENSATE:
             self.transact(saga_id, lambda d, st: engine.compensation_succeeded(
                 d, st, step, attempt, now=time.time(), timing=self.timing))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -63,6 +63,7 @@ steps = sa.Table(
     sa.Column("due_at", sa.Double),
     sa.Column("started_at", sa.Double),
     sa.Column("finished_at", sa.Double),
+    sa.Column("redispatches", sa.Integer, nullable=False, server_default="0"),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Index("ix_sagaline_steps_due", "due_at"),
     mysql_charset="utf8mb4",

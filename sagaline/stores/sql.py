@@ -442,7 +442,8 @@ def _step_row(s: StepRecord) -> dict[str, Any]:
         "compensation_data": s.compensation_data,
         "has_compensation_data": s.has_compensation_data, "error": s.error,
         "comp_error": s.comp_error, "lease_until": s.lease_until, "due_at": s.due_at,
-        "started_at": s.started_at, "finished_at": s.finished_at, "version": s.version,
+        "started_at": s.started_at, "finished_at": s.finished_at,
+        "redispatches": s.redispatches, "version": s.version,
     }
 
 
@@ -455,7 +456,8 @@ def _step_record(r: Any) -> StepRecord:
         compensation_data=r.compensation_data,
         has_compensation_data=bool(r.has_compensation_data), error=r.error,
         comp_error=r.comp_error, lease_until=r.lease_until, due_at=r.due_at,
-        started_at=r.started_at, finished_at=r.finished_at, version=r.version,
+        started_at=r.started_at, finished_at=r.finished_at, redispatches=r.redispatches,
+        version=r.version,
     )
 
 

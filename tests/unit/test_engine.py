@@ -738,7 +738,9 @@ def test_redispatch_republishes_the_same_attempt_only_when_due() -> None:
     run.redispatch("s1")
     dp = run.dispatch_of("s1")
     assert (dp.attempt, dp.phase) == (1, Phase.FORWARD)
-    assert run.step("s1").due_at == T0 + 31 + 30
+    # Backs off: the next re-publish is due after 2 x redispatch_after, then 4 x ...
+    assert run.step("s1").due_at == T0 + 31 + 2 * 30
+    assert run.step("s1").redispatches == 1
     assert run.events[-1].kind == "step_redispatched"
     assert run.kinds().count("step_dispatched") == 1  # a republish is not a new dispatch
     run.claim("s1")
@@ -828,3 +830,16 @@ def test_a_step_whose_worker_died_during_rollback_is_compensated_too() -> None:
     assert run.step("b").has_compensation_data
     assert run.step("b").compensation_data is None
     assert run.dispatched() == ["b"]
+
+
+def test_repeated_redispatches_back_off_exponentially_up_to_a_cap() -> None:
+    run = Run(linear("eng_redispatch_backoff"))
+    gaps = []
+    for _ in range(7):
+        due = run.step("s1").due_at
+        assert due is not None
+        run.now = due + 0.001
+        run.redispatch("s1")
+        gaps.append(round(run.step("s1").due_at - run.now))
+    assert gaps == [60, 120, 240, 480, 960, 960, 960]
+    assert run.kinds().count("step_redispatched") == 7

@@ -1,0 +1,362 @@
+"""The `sagaline` command: thin over ops.py (worker, demo, ls, show, cancel, resume, sweep, db).
+
+Exit statuses: 0 done; 1 a saga error; 2 no such saga, or a usage error;
+3 the store is unreachable; 4 the saga's status does not allow the operation.
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import ops
+from .config import default_store_url
+from .engine import first_line
+from .exceptions import (
+    ConfigurationError,
+    InvalidTransition,
+    SagaError,
+    SagaNotFound,
+    StoreError,
+)
+from .runtime import Runtime
+from .states import SagaStatus
+from .stores.base import Store, redact, store_class
+from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
+
+EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4
+# How long a CLI command retries an unreachable store before it says so.
+STORE_WAIT = 2.0
+
+cli = typer.Typer(name="sagaline", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="Sagas on Celery: run a worker, try the demo, inspect and operate sagas.")
+db_cli = typer.Typer(no_args_is_help=True, help="The state store's schema.")
+cli.add_typer(db_cli, name="db")
+
+StoreOption = typer.Option(None, "--store", envvar="SAGALINE_STORE_URL", show_envvar=True,
+                           help="State store URL [default: SQLite in $SAGALINE_HOME].")
+AppOption = typer.Option(..., "-A", "--app",
+                         help="Module of your Celery app (it calls sagaline.init_app).")
+
+
+def main() -> None:
+    cli()
+
+
+@cli.callback()
+def _setup() -> None:
+    # The store logs each retry as a warning; with no logging configured Python would
+    # print them on stderr. The error that ends the retries is reported by _errors().
+    # (`sagaline worker` gets Celery's logging, which shows them.)
+    logging.getLogger("sagaline").addHandler(logging.NullHandler())
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output gets a wide table rather than saga ids folded over two lines.
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(file=stream, width=width)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {first_line(message)}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Every sagaline error becomes one line on stderr and an exit status."""
+    try:
+        yield
+    except SagaNotFound as exc:
+        _fail(str(exc), EXIT_NOT_FOUND)
+    except StoreError as exc:
+        _fail(str(exc), EXIT_STORE)
+    except InvalidTransition as exc:
+        _fail(str(exc), EXIT_NOT_ALLOWED)
+    except SagaError as exc:
+        _fail(str(exc), EXIT_ERROR)
+
+
+def open_store(url: str) -> Store:
+    """A store for one CLI command: it gives up on an unreachable server within seconds."""
+    cls = store_class(url)
+    params = inspect.signature(cls).parameters
+    options: dict[str, Any] = {}
+    if "retry_for" in params:
+        options["retry_for"] = STORE_WAIT
+    if url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
+        options["connect_args"] = {"connect_timeout": int(STORE_WAIT) + 1}
+    return cls(url, **options)  # type: ignore[call-arg]
+
+
+def read_runtime(store: str | None) -> Runtime:
+    """A runtime that reads the store: no saga definitions and no broker are needed."""
+    from celery import Celery
+
+    from .celery_app import init_app
+
+    app = Celery("sagaline-cli")
+    app.conf.broker_url = "memory://"  # never publishes; keeps SAGALINE_HOME untouched
+    return init_app(app, store=open_store(store or default_store_url()), sweeper=False)
+
+
+def app_runtime(module: str, store: str | None = None) -> Runtime:
+    """The runtime of the user's Celery app: its definitions, its broker, its store."""
+    app = _import_app(module)
+    runtime = getattr(app, "_sagaline_runtime", None)
+    if not isinstance(runtime, Runtime):
+        raise ConfigurationError(f"the Celery app in {module!r} did not call "
+                                 f"sagaline.init_app(app)")
+    if store and store != runtime.settings.store_url:
+        raise ConfigurationError(f"--store {redact(store)} differs from the store of "
+                                 f"{module!r} ({redact(runtime.settings.store_url)})")
+    return runtime
+
+
+def _import_app(module: str) -> Any:
+    from celery.app.utils import find_app
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return find_app(module)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot load a Celery app from {module!r}: {exc}") from None
+
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(value: str, now: float | None = None) -> float:
+    """An ISO time (local when naive) or a relative one back from now: 30s, 10m, 2h, 1d, 1w."""
+    now = time.time() if now is None else now
+    match = _RELATIVE.match(value)
+    if match:
+        return now - float(match.group(1)) * _UNITS[match.group(2).lower()]
+    try:
+        return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither an ISO time nor a relative one "
+                                 f"like 10m, 2h, 1d") from None
+
+
+def parse_statuses(values: list[str] | None) -> list[SagaStatus] | None:
+    if not values:
+        return None
+    statuses = []
+    for raw in values:
+        for part in raw.split(","):
+            try:
+                statuses.append(SagaStatus(part.strip().upper()))
+            except ValueError:
+                names = ", ".join(s.value.lower() for s in SagaStatus)
+                raise typer.BadParameter(f"unknown status {part!r} (one of {names})") from None
+    return statuses
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%m-%d %H:%M:%S")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context, app: str = AppOption) -> None:
+    """Run a Celery worker (with the sagaline sweeper) for your app.
+
+    Any other option goes to `celery worker`, e.g. `sagaline worker -A shop.app -c 4`.
+    """
+    with _errors():
+        celery_app = app_runtime(app).app
+    code = celery_app.start(argv=["worker", *ctx.args])
+    raise typer.Exit(code or 0)
+
+
+@cli.command()
+def demo(
+    runs: int = typer.Option(8, min=1, max=64, help="How many sagas to run."),
+    concurrency: int = typer.Option(4, min=1, help="Worker processes."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the sagas to end."),
+    fail_at: str | None = typer.Option(None, help="Every run fails at this step."),
+    fail_rate: float | None = typer.Option(None, min=0.0, max=1.0,
+                                           help="Each step attempt fails with this chance."),
+    seed: int = typer.Option(7, help="Seed of --fail-rate (run i uses seed + i)."),
+    slow: Annotated[list[str] | None,
+                    typer.Option(help="STEP=SECONDS: that step takes longer.")] = None,
+) -> None:
+    """Run the robot exploration saga several times on a real worker, then show what happened.
+
+    Needs no configuration: SQLite state and a server-less broker in
+    $SAGALINE_HOME/demo. With CELERY_BROKER_URL and SAGALINE_STORE_URL it uses them.
+    """
+    from .demo import DemoOptions, run_demo
+
+    delays: dict[str, float] = {}
+    for item in slow or []:
+        step, _, seconds = item.partition("=")
+        try:
+            delays[step.strip()] = float(seconds)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r} is not STEP=SECONDS", param_hint="--slow") \
+                from None
+    options = DemoOptions(runs=runs, concurrency=concurrency, timeout=timeout, fail_at=fail_at,
+                          fail_rate=fail_rate, seed=seed, slow=delays)
+    console = _console()
+    with _errors():
+        try:
+            code = run_demo(options, console)
+        except ValueError as exc:  # an unknown step in the failure injection
+            _fail(str(exc), EXIT_NOT_FOUND)
+        except KeyboardInterrupt:
+            console.print("interrupted; the worker was stopped.")
+            code = 130
+    raise typer.Exit(code)
+
+
+@cli.command("ls")
+def list_command(
+    status: Annotated[list[str] | None,
+                      typer.Option("--status", "-s", help="Only these statuses (repeatable).")
+                      ] = None,
+    name: str | None = typer.Option(None, "--name", help="Only sagas of this name."),
+    since: str | None = typer.Option(None, help="Created at or after: ISO time or 10m/2h/1d."),
+    until: str | None = typer.Option(None, help="Created before: ISO time or 10m/2h/1d."),
+    limit: int = typer.Option(50, min=1, max=10000),
+    offset: int = typer.Option(0, min=0),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    store: str | None = StoreOption,
+) -> None:
+    """List sagas, newest first."""
+    statuses = parse_statuses(status)
+    after = parse_time(since) if since else None
+    before = parse_time(until) if until else None
+    with _errors():
+        runtime = read_runtime(store)
+        sagas = ops.list_sagas(status=statuses, name=name, created_after=after,
+                               created_before=before, limit=limit, offset=offset,
+                               runtime=runtime)
+    if as_json:
+        for saga in sagas:
+            typer.echo(json.dumps(ops.view_as_dict(ops.SagaView(saga, []))["saga"]))
+        return
+    table = Table(header_style="bold")
+    table.add_column("saga id", no_wrap=True, min_width=36)
+    table.add_column("name", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=11)
+    table.add_column("created", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("failed step", no_wrap=True)
+    console = _console()
+    room = console.width - 125  # what the other columns leave; `show` prints the cause whole
+    if room >= 20:
+        table.add_column("cause", no_wrap=True, overflow="ellipsis", max_width=room)
+    for saga in sagas:
+        end = saga.finished_at
+        cells: list[str | Text] = [
+            saga.saga_id, saga.name, status_text(saga.status), _when(saga.created_at),
+            format_duration((end or time.time()) - saga.created_at), saga.failed_step or "",
+            first_line(saga.error) if saga.error else ""]
+        table.add_row(*cells[:len(table.columns)])
+    console.print(table)
+    more = f"; next page: --offset {offset + len(sagas)}" if len(sagas) == limit else ""
+    console.print(Text(f"{len(sagas)} saga(s) from offset {offset}{more}", style="dim"))
+
+
+@cli.command()
+def show(
+    saga_id: str = typer.Argument(..., help="The saga's id."),
+    as_json: bool = typer.Option(False, "--json", help="Everything as one JSON document."),
+    store: str | None = StoreOption,
+) -> None:
+    """A saga's steps (status, attempts, durations, errors, compensations) and its timeline."""
+    with _errors():
+        view = ops.get_saga(saga_id, runtime=read_runtime(store))
+    if as_json:
+        typer.echo(json.dumps(ops.view_as_dict(view), indent=2, default=str))
+        return
+    console = _console()
+    console.print(render_summary(view))
+    console.print(render_steps(view))
+    console.print(render_timeline(view))
+
+
+@cli.command()
+def cancel(
+    saga_id: str = typer.Argument(..., help="The saga's id."),
+    app: str = AppOption,
+    reason: str = typer.Option("cancelled by operator", help="Recorded as the cause."),
+) -> None:
+    """Stop a running saga and compensate what it applied."""
+    with _errors():
+        saga = ops.cancel(saga_id, reason=reason, runtime=app_runtime(app))
+    typer.echo(f"saga {saga.saga_id}: {saga.status.value} (cancel: {reason})")
+
+
+@cli.command()
+def resume(
+    saga_id: str = typer.Argument(..., help="The saga's id."),
+    app: str = AppOption,
+) -> None:
+    """Retry the unfinished compensations (or forward steps) of a FAILED saga."""
+    with _errors():
+        saga = ops.resume(saga_id, runtime=app_runtime(app))
+    typer.echo(f"saga {saga.saga_id}: {saga.status.value} (resumed)")
+
+
+@cli.command()
+def sweep(
+    app: str = AppOption,
+    limit: int = typer.Option(200, min=1, help="At most this many items."),
+) -> None:
+    """One pass of the sweeper: re-publish lost messages, fail expired leases, enforce deadlines.
+
+    Workers run it every few seconds by themselves; this is for operators and cron.
+    """
+    with _errors():
+        runtime = app_runtime(app)
+        due = runtime.store.find_due(time.time(), limit=limit)
+        acted = ops.sweep(runtime, limit=limit)
+    for item in due:
+        what = f"step {item.step}" if item.step else "deadline / grace period"
+        typer.echo(f"due: saga {item.saga_id} {what} "
+                   f"(since {max(0.0, time.time() - item.due_at):.1f}s)")
+    typer.echo(f"sweep: {len(due)} item(s) due, {acted} repaired")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(store: str | None = StoreOption) -> None:
+    """Create or upgrade the store's schema to this version of sagaline."""
+    url = store or default_store_url()
+    with _errors():
+        target = open_store(url)
+        try:
+            target.migrate()
+        except Exception as exc:
+            if isinstance(exc, SagaError):
+                raise
+            raise StoreError(f"store {redact(url)} failed: {first_line(str(exc))}") from exc
+        finally:
+            target.close()
+    typer.echo(f"store {redact(url)}: schema up to date")

@@ -1,0 +1,328 @@
+"""`sagaline demo`: the robot exploration saga, run several times by a real worker process.
+
+With no configuration everything lives in a fresh `$SAGALINE_HOME/demo`
+(SQLite state, the filesystem broker, the worker's log), wiped at the start so
+old state never interferes and kept afterwards for `sagaline ls` / `show`.
+With CELERY_BROKER_URL and SAGALINE_STORE_URL the same runs go through them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .config import default_home
+from .exceptions import ConfigurationError
+from .ops import SagaView, get_saga
+from .states import SAGA_TERMINAL, SagaStatus
+from .timeline import format_duration, render_timeline, status_text
+
+APP_MODULE = "examples.robots.app"
+WORKER_READY_TIMEOUT = 60.0
+
+
+@dataclass
+class DemoOptions:
+    runs: int = 8
+    concurrency: int = 4
+    timeout: float = 60.0
+    # Failure injection for every run; without any, a scripted mix of failures is used.
+    fail_at: str | None = None
+    fail_rate: float | None = None
+    seed: int = 7
+    slow: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scripted(self) -> bool:
+        return self.fail_at is None and self.fail_rate is None and not self.slow
+
+
+@dataclass
+class Run:
+    number: int
+    what: str
+    input: dict[str, Any]
+    saga_id: str = ""
+    view: SagaView | None = None
+
+
+def scripted_injection(i: int, seed: int) -> tuple[str, dict[str, Any]]:
+    """The default mix: runs 0 and 4 are clean, run 3 fails at the last step (so every
+    compensation runs), run 5 early, run 7 exhausts its retries; others retry or gamble."""
+    script: list[tuple[str, dict[str, Any]]] = [
+        ("none", {}),
+        ("explore_area flaky once (retried)", {"flaky": {"explore_area": 1}}),
+        ("fail_rate 0.3", {"fail_rate": 0.3, "seed": seed + i}),
+        ("fail_at integrate_maps", {"fail_at": "integrate_maps"}),
+        ("slow explore_area 0.5s", {"slow": {"explore_area": 0.5}}),
+        ("fail_at plan_route", {"fail_at": "plan_route"}),
+        ("fail_rate 0.3", {"fail_rate": 0.3, "seed": seed + i}),
+        ("plan_route link down (retries exhausted)", {"flaky": {"plan_route": 3}}),
+    ]
+    return script[i % len(script)]
+
+
+def plan_runs(opts: DemoOptions, make_input: Any) -> list[Run]:
+    runs = []
+    for i in range(opts.runs):
+        if opts.scripted:
+            what, injection = scripted_injection(i, opts.seed)
+        else:
+            injection = {"fail_at": opts.fail_at, "fail_rate": opts.fail_rate or 0.0,
+                         "seed": opts.seed + i, "slow": opts.slow}
+            what = ", ".join(p for p in (
+                f"fail_at {opts.fail_at}" if opts.fail_at else "",
+                f"fail_rate {opts.fail_rate:g}" if opts.fail_rate else "",
+                " ".join(f"slow {k} {v:g}s" for k, v in opts.slow.items())) if p) or "none"
+        runs.append(Run(i + 1, what, make_input(f"sector-{i + 1}", 2 + i % 2, **injection)))
+    return runs
+
+
+def find_examples_root() -> Path:
+    """The checkout holding examples/robots (next to the package, else the cwd)."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "examples" / "robots" / "app.py").is_file():
+            return root
+    raise ConfigurationError("the demo runs examples/robots of a sagaline checkout: run it "
+                             "from the repository's root directory")
+
+
+class DemoWorker:
+    """`celery -A examples.robots.app worker` in its own process group, stopped by pid."""
+
+    def __init__(self, root: Path, home: Path, concurrency: int):
+        self.root = root
+        self.log_path = home / "worker.log"
+        self.ready_file = home / "worker.ready"
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.root), env.get("PYTHONPATH", "")) if p)
+        env["SAGALINE_READY_FILE"] = str(self.ready_file)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        argv = [sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
+                "-P", "prefork", "-c", str(self.concurrency), "--loglevel", "INFO",
+                "-n", f"demo-{os.getpid()}@%h",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with open(self.log_path, "ab") as log:
+            # Its own session: a Ctrl-C in the terminal reaches the demo, which stops it.
+            self.proc = subprocess.Popen(argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise ConfigurationError(f"the demo worker exited with {self.proc.returncode} "
+                                         f"before it was ready; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"the demo worker was not ready after "
+                                         f"{WORKER_READY_TIMEOUT:g}s; see {self.log_path}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            # SIGTERM to the main process only: a warm shutdown, which stops its pool
+            # children itself (a signal to each child would leave the parent waiting).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=timeout)
+        # Whatever is left of its process group (the worker leads it) is killed.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so that the worker is stopped either way."""
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(opts: DemoOptions, console: Console) -> int:
+    """Run the demo; returns the exit status (0: every saga ended and no robot leaked)."""
+    root = find_examples_root()
+    home = default_home() / "demo"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    broker = os.environ.get("CELERY_BROKER_URL") or "the filesystem broker in " + str(home)
+    store = os.environ.get("SAGALINE_STORE_URL") or f"sqlite:///{home / 'state.db'}"
+    console.print(Text.assemble(("sagaline demo", "bold"), f": {opts.runs} robot exploration "
+                                f"sagas\n  broker: {broker}\n  store:  {_redact(store)}"))
+    worker = DemoWorker(root, home, opts.concurrency)
+    with _environment(SAGALINE_HOME=str(home)), _terminate_as_interrupt():
+        try:
+            with console.status("starting a Celery worker process..."):
+                worker.start()
+            assert worker.proc is not None
+            console.print(f"  worker: pid {worker.proc.pid}, {opts.concurrency} processes, "
+                          f"log {worker.log_path}")
+            code = _run_sagas(opts, console, root)
+        except BaseException:
+            # Interrupted or broken: steps may be running; do not wait for them.
+            worker.stop(timeout=3.0)
+            raise
+        worker.stop()
+    console.print(f"worker stopped. State kept in {home}: try "
+                  f"[bold]SAGALINE_HOME={home} sagaline ls[/bold]"
+                  if "SAGALINE_STORE_URL" not in os.environ else "worker stopped.")
+    return code
+
+
+def _run_sagas(opts: DemoOptions, console: Console, root: Path) -> int:
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    robots_app = importlib.import_module(APP_MODULE)
+    sagas = importlib.import_module("examples.robots.sagas")
+    models = importlib.import_module("examples.robots.models")
+    runtime = robots_app.app._sagaline_runtime
+    models.engine()  # the fleet's tables exist before the first step needs them
+    runs = plan_runs(opts, sagas.exploration_input)
+    started = time.monotonic()
+    for run in runs:
+        run.saga_id = sagas.exploration.run(**run.input).saga_id
+
+    pending = {run.saga_id: run for run in runs}
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} ended"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("running sagas", total=len(runs))
+        while pending and time.monotonic() - started < opts.timeout:
+            for saga_id in list(pending):
+                view = get_saga(saga_id, runtime=runtime, with_history=False)
+                if view.status in SAGA_TERMINAL:
+                    pending.pop(saga_id)
+                    progress.advance(bar)
+            done = [r for r in runs if r.saga_id not in pending]
+            progress.update(bar, description=_counts(runs, done, runtime))
+            time.sleep(0.1)
+    for run in runs:
+        run.view = get_saga(run.saga_id, runtime=runtime)
+    console.print(_summary(runs, time.monotonic() - started))
+
+    labels = {s.name: str(s.compensation_name).rsplit(".", 1)[-1]
+              for s in sagas.exploration.steps if s.compensation_name}
+    for title, chosen in (("a completed saga", _pick_completed(runs)),
+                          ("a compensated saga", _pick_compensated(runs))):
+        if chosen is not None and chosen.view is not None:
+            console.print()
+            console.print(Text(f"Timeline of {title} (run {chosen.number}: {chosen.what})",
+                               style="bold"))
+            console.print(render_timeline(chosen.view, compact=True, labels=labels))
+
+    ok = _check_robots(runs, models, console)
+    if pending:
+        console.print(Text(f"✗ {len(pending)} saga(s) did not end within {opts.timeout:g}s: "
+                           + ", ".join(pending), style="bold red"))
+        ok = False
+    return 0 if ok else 1
+
+
+def _counts(runs: list[Run], done: list[Run], runtime: Any) -> str:
+    statuses = [get_saga(r.saga_id, runtime=runtime, with_history=False).status for r in done]
+    completed = sum(s is SagaStatus.COMPLETED for s in statuses)
+    compensated = sum(s is SagaStatus.COMPENSATED for s in statuses)
+    return (f"{completed} completed, {compensated} compensated, "
+            f"{len(runs) - len(done)} running")
+
+
+def _summary(runs: list[Run], elapsed: float) -> Table:
+    table = Table(title=f"{len(runs)} sagas in {elapsed:.1f}s", title_justify="left",
+                  header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("saga id", no_wrap=True)
+    table.add_column("status")
+    table.add_column("duration", justify="right")
+    table.add_column("failed step")
+    table.add_column("injected")
+    for run in runs:
+        assert run.view is not None
+        saga = run.view.saga
+        end = saga.finished_at
+        table.add_row(str(run.number), saga.saga_id, status_text(saga.status),
+                      format_duration(end - saga.created_at if end else None),
+                      saga.failed_step or "", run.what)
+    return table
+
+
+def _pick_completed(runs: list[Run]) -> Run | None:
+    completed = [r for r in runs if r.view and r.view.status is SagaStatus.COMPLETED]
+    # One that needed a retry shows more: a failed attempt, then success.
+    retried = [r for r in completed if r.view and any(s.attempt > 1 for s in r.view.steps)]
+    candidates = retried or completed
+    return candidates[0] if candidates else None
+
+
+def _pick_compensated(runs: list[Run]) -> Run | None:
+    compensated = [r for r in runs if r.view and r.view.status is SagaStatus.COMPENSATED]
+    if not compensated:
+        return None
+    # The one that undid the most steps.
+    return max(compensated, key=lambda r: sum(
+        e.kind == "compensation_succeeded" for e in (r.view.history if r.view else [])))
+
+
+def _check_robots(runs: list[Run], models: Any, console: Console) -> bool:
+    compensated = [r.saga_id for r in runs if r.view and r.view.status is SagaStatus.COMPENSATED]
+    held = models.robots_held_by(compensated)
+    fleet = models.fleet()
+    state = ", ".join(f"{n} {status}" for status, n in sorted(fleet.items()))
+    console.print()
+    if held:
+        robots = ", ".join(f"{r['name']} (saga {r['assigned_saga']})" for r in held)
+        console.print(Text(f"✗ robot check: {len(held)} robot(s) still allocated by a "
+                           f"compensated saga: {robots}", style="bold red"))
+        return False
+    console.print(Text(f"✓ robot check: no robot is left allocated by the {len(compensated)} "
+                       f"compensated saga(s) (fleet: {state})", style="bold green"))
+    return True
+
+
+def _redact(url: str) -> str:
+    from .stores.base import redact
+
+    return redact(url)

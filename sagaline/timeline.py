@@ -1,0 +1,150 @@
+"""A saga in the terminal: its steps and its history as a Rich timeline (CLI `show`, demo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from .engine import first_line
+from .ops import SagaView, step_attempts
+from .records import Event
+from .states import SagaStatus
+
+STATUS_STYLES = {
+    "PENDING": "dim",
+    "RUNNING": "cyan",
+    "DISPATCHED": "cyan",
+    "COMPLETED": "green",
+    "SUCCEEDED": "green",
+    "COMPENSATED": "yellow",
+    "COMPENSATING": "yellow",
+    "FAILED": "bold red",
+    "COMPENSATION_FAILED": "bold red",
+    "SKIPPED": "dim",
+    "CANCELLED": "dim",
+}
+
+# Events that only say a message was sent; the compact timeline leaves them out.
+_PLUMBING = {"step_dispatched", "compensation_dispatched", "step_started",
+             "compensation_started"}
+
+
+def status_text(status: Any) -> Text:
+    value = str(status.value if hasattr(status, "value") else status)
+    return Text(value, style=STATUS_STYLES.get(value, ""))
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def describe(event: Event) -> tuple[str, str, str]:
+    """(marker, text, style) for one history event: → forward, ← compensation, • saga."""
+    d = event.detail
+    att = f"attempt {event.attempt}" if event.attempt else ""
+    error = first_line(d.get("error")) if d.get("error") else ""
+    kind = event.kind
+    texts: dict[str, tuple[str, str, str]] = {
+        "saga_started": ("•", "saga started", "bold"),
+        "step_dispatched": ("→", "dispatched", "dim"),
+        "step_redispatched": ("→", f"dispatched again ({att}, message may be lost)", "dim"),
+        "step_started": ("→", f"{att} started", "dim"),
+        "step_succeeded": ("→", f"succeeded ({att})", "green"),
+        "step_attempt_failed": ("→", f"{att} failed: {error}; retry in "
+                                     f"{d.get('retry_in', 0):g}s", "red"),
+        "step_failed": ("→", f"FAILED ({att}): {error}", "bold red"),
+        "step_abandoned": ("→", f"abandoned ({att}): {d.get('reason', '')}", "red"),
+        "step_skipped": ("→", "skipped (condition false)", "dim"),
+        "step_cancelled": ("→", "cancelled (not run)", "dim"),
+        "transform_applied": ("→", "transform applied", "dim"),
+        "pivot_passed": ("•", "pivot passed: failures now retry forward", "bold"),
+        "saga_compensating": ("•", f"rolling back: {d.get('cause') or ''}", "bold yellow"),
+        "saga_deadline_exceeded": ("•", "deadline exceeded", "bold red"),
+        "compensation_dispatched": ("←", "compensation dispatched", "dim"),
+        "compensation_redispatched": ("←", f"compensation dispatched again ({att})", "dim"),
+        "compensation_started": ("←", f"compensation {att} started", "dim"),
+        "compensation_succeeded": ("←", f"compensated ({att})", "yellow"),
+        "compensation_attempt_failed": ("←", f"compensation {att} failed: {error}; retry in "
+                                             f"{d.get('retry_in', 0):g}s", "red"),
+        "compensation_failed": ("←", f"COMPENSATION FAILED ({att}): {error}", "bold red"),
+        "saga_completed": ("•", "saga COMPLETED", "bold green"),
+        "saga_compensated": ("•", "saga COMPENSATED: every applied step undone", "bold yellow"),
+        "saga_failed": ("•", f"saga FAILED: {d.get('reason', '')}", "bold red"),
+        "saga_resumed": ("•", f"resumed by operator ({d.get('mode', '')})", "bold"),
+        "definition_mismatch": ("!", "a worker has other code for this saga", "bold red"),
+    }
+    return texts.get(kind, ("•", kind.replace("_", " "), ""))
+
+
+def render_timeline(view: SagaView, *, compact: bool = False,
+                    labels: dict[str, str] | None = None) -> Table:
+    """One row per history event, times relative to the saga's start.
+
+    `compact` leaves out dispatch and start events; `labels` names the task run
+    for a step's compensation (e.g. {"plan_route": "discard_route"}) when known.
+    """
+    table = Table(title=f"timeline of {view.name} {view.saga_id}", title_justify="left",
+                  show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("+time", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("event", overflow="fold")
+    start = view.saga.created_at
+    for ev in view.history:
+        if compact and ev.kind in _PLUMBING:
+            continue
+        marker, text, style = describe(ev)
+        step = ev.step or ""
+        if labels and ev.step and ev.phase == "compensate" and ev.step in labels:
+            step = f"{ev.step} ({labels[ev.step]})"
+        table.add_row(f"+{ev.ts - start:.3f}s", marker, step, Text(text, style=style))
+    return table
+
+
+def render_steps(view: SagaView) -> Table:
+    """The saga's steps: status, attempts, durations, errors and compensations."""
+    attempts = step_attempts(view.history)
+    table = Table(title=f"{view.name} {view.saga_id}", title_justify="left",
+                  header_style="bold")
+    for col in ("step", "status", "attempts", "duration"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=2)
+    for col in ("compensation", "attempts", "duration"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
+    for rec in view.steps:
+        backward = [a for a in attempts if a.step == rec.name and a.phase == "compensate"]
+        duration = (rec.finished_at - rec.started_at
+                    if rec.finished_at is not None and rec.started_at is not None else None)
+        table.add_row(
+            rec.name, status_text(rec.status), str(rec.attempt or "-"),
+            format_duration(duration), first_line(rec.error) or "",
+            status_text(rec.comp_status) if rec.comp_status else Text("-", style="dim"),
+            str(rec.comp_attempt or "-"),
+            format_duration(sum(a.duration or 0.0 for a in backward) if backward else None),
+            first_line(rec.comp_error) or "")
+    return table
+
+
+def render_summary(view: SagaView) -> Text:
+    """Two lines: status, duration and cause."""
+    saga = view.saga
+    end = saga.finished_at
+    text = Text()
+    text.append(f"{saga.name} {saga.saga_id}  ")
+    text.append_text(status_text(saga.status))
+    if end is not None:
+        text.append(f"  in {format_duration(end - saga.created_at)}")
+    if saga.status is not SagaStatus.COMPLETED and saga.error:
+        at = f" at {saga.failed_step}" if saga.failed_step else ""
+        text.append(f"\ncause{at}: {saga.error}", style="red")
+    return text
