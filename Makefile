@@ -43,7 +43,7 @@ services:
 	@bash scripts/ensure-services.sh
 
 lint: venv
-	$(BIN)/ruff check sagaline tests
+	$(BIN)/ruff check sagaline tests examples bench
 
 typecheck: venv
 	$(BIN)/mypy
@@ -61,7 +61,7 @@ integration: venv services
 # Each step runs only if the previous one succeeded; any failure fails the target.
 # One pytest run: unit tests are collected (and run) before integration tests.
 test: venv services
-	$(BIN)/ruff check sagaline tests
+	$(BIN)/ruff check sagaline tests examples bench
 	$(BIN)/mypy
 	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
 

@@ -221,16 +221,22 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
     if after_pivot and w.defn.pivot_retry.max_attempts > policy.max_attempts:
         policy = w.defn.pivot_retry
     allowed = policy.max_attempts + (w.timing.crash_retries if reason == "lease_expired" else 0)
+    crashed = reason == "lease_expired"
+    if crashed or rec.has_compensation_data:
+        # A worker died mid-run (now or in an earlier attempt): its effect may be applied.
+        # The step stays "possibly applied" through retries, so that it is undone even
+        # if its retry never runs; the compensation then gets compensation_data None.
+        if not has_compensation_data:
+            compensation_data = rec.compensation_data
+        has_compensation_data = True
     if w.saga.status is SagaStatus.RUNNING and not permanent and rec.attempt < allowed:
+        if crashed:
+            w.update_step(name, has_compensation_data=True)
         delay = policy.delay(min(rec.attempt, policy.max_attempts))
         w.event("step_attempt_failed", name, rec.attempt, Phase.FORWARD, reason=reason,
                 error=error, retry_in=round(delay, 3), retry_forward=after_pivot)
         dispatch_forward(w, name, attempt=rec.attempt + 1, countdown=delay)
         return
-    if reason == "lease_expired":
-        # Its worker died mid-run: the effect may be applied. Count it as applied so that
-        # the compensation runs (with compensation_data None: the outcome is unknown).
-        has_compensation_data, compensation_data = True, None
     w.update_step(name, status=StepStatus.FAILED, error=error, finished_at=w.now,
                   lease_until=None, due_at=None,
                   compensation_data=compensation_data if has_compensation_data else None,
@@ -362,8 +368,10 @@ def needs_compensation(w: Work, name: str) -> bool:
     rec = w.steps[name]
     if spec.kind == StepKind.TRANSFORM or not spec.compensable:
         return False
+    # FAILED or CANCELLED with compensation data: a permanent failure that reported
+    # partial work, or a step whose worker died in an attempt (outcome unknown).
     return rec.status is StepStatus.SUCCEEDED or (
-        rec.status is StepStatus.FAILED and rec.has_compensation_data
+        rec.status in (StepStatus.FAILED, StepStatus.CANCELLED) and rec.has_compensation_data
     )
 
 

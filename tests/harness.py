@@ -755,11 +755,14 @@ class WorkerProcess:
         self._close_log()
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the group (warm shutdown), wait up to ``timeout`` s, then SIGKILL."""
+        """SIGTERM the main process (warm shutdown), wait up to ``timeout`` s, then SIGKILL
+        the group. Only the main process is signalled: pool children killed under it
+        leave Celery's main process waiting for them until the timeout."""
         if self._proc is None:
             return
         if self._proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGTERM)
             if self._wait_group_gone(timeout):
                 self._close_log()
                 return

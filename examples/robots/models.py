@@ -91,6 +91,9 @@ def _create_engine(url: str) -> Engine:
     else:
         eng = sa.create_engine(url, pool_pre_ping=True)
     with eng.begin() as conn:
+        if eng.dialect.name == "postgresql":
+            # Pool processes start together: one creates the tables, the others wait.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(827174)"))
         metadata.create_all(conn)
         if conn.execute(sa.select(sa.func.count()).select_from(robots)).scalar_one() == 0:
             conn.execute(robots.insert(), [

@@ -843,3 +843,31 @@ def test_repeated_redispatches_back_off_exponentially_up_to_a_cap() -> None:
         gaps.append(round(run.step("s1").due_at - run.now))
     assert gaps == [60, 120, 240, 480, 960, 960, 960]
     assert run.kinds().count("step_redispatched") == 7
+
+
+def test_a_crashed_attempt_whose_retry_is_cancelled_is_still_compensated() -> None:
+    # a's first attempt may have applied its effect before its worker died; its retry
+    # is still queued when b fails: a must be undone all the same.
+    run = Run(fan_out("eng_crash_then_cancel"))
+    run.succeed("a")
+    run.claim("b")
+    run.now = T0 + LEASE + 1
+    run.lease_expired("b")
+    assert run.step("b").status.value == "DISPATCHED" and run.step("b").attempt == 2
+    run.fail("c")
+    assert run.step("b").status.value == "CANCELLED"
+    assert run.dispatched() == ["b"]
+    assert run.dispatch_of("b").kwargs["compensation_data"] is None
+    run.compensate("b")
+    assert run.dispatched() == ["a"]
+
+
+def test_a_step_that_fails_normally_after_a_crashed_attempt_is_compensated() -> None:
+    run = Run(linear("eng_crash_then_fail", 2))
+    run.succeed("s1")
+    run.claim("s2")
+    run.now = T0 + LEASE + 1
+    run.lease_expired("s2")
+    run.fail("s2", permanent=True)
+    assert run.step("s2").status.value == "FAILED" and run.step("s2").has_compensation_data
+    assert run.dispatched() == ["s2"]

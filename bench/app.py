@@ -1,0 +1,241 @@
+"""The Celery app of the benchmarks: no-op steps for sagaline, the same no-ops for plain chains.
+
+`BENCH_FLAVOR` decides what a process sets up:
+
+- ``sagaline``: a sagaline worker (`init_app`, store from SAGALINE_STORE_URL) that
+  consumes queue ``bench.saga``; no result backend, as sagaline needs none;
+- ``plain``: a plain Celery worker with a Redis result backend that consumes
+  ``bench.plain``; it never imports sagaline, so its memory is plain Celery's;
+- ``caller`` (default): the benchmark driver; it has both, and `bench.__main__`
+  calls `init_app` itself for each store it measures.
+
+`BENCH_COUNT_SQL=1` counts, in every process, SQL statements (SQLAlchemy's
+``before_cursor_execute``), commits and rollbacks, published task messages
+(``before_task_publish``) and executed tasks. Workers add their counts to the Redis
+hash ``bench:counts:<flavor>:<main|child>`` from a thread every 0.5 s, so no task
+waits on the counting; the caller reads its own counts in process (`COUNTS`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import (
+    before_task_publish,
+    task_postrun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
+
+FLAVOR = os.environ.get("BENCH_FLAVOR", "caller")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/14")
+RESULT_URL = os.environ.get("BENCH_RESULT_URL", BROKER_URL)
+COUNTER_URL = os.environ.get("BENCH_COUNTER_URL", RESULT_URL)
+COUNT = os.environ.get("BENCH_COUNT_SQL") == "1"
+
+SAGA_QUEUE = "bench.saga"
+PLAIN_QUEUE = "bench.plain"
+# Saga lengths defined for S1 (and 4 for L1/T1/H1/R1).
+SAGA_LENGTHS = (4, 8, 16, 64)
+
+app = Celery("bench", broker=BROKER_URL,
+             backend=None if FLAVOR == "sagaline" else RESULT_URL)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_routes={"bench.saga.*": {"queue": SAGA_QUEUE},
+                 "bench.plain.*": {"queue": PLAIN_QUEUE}},
+    result_expires=3600,
+)
+
+
+class BenchFailure(RuntimeError):
+    """The failure of the failing step (L2)."""
+
+
+# -- baseline: plain Celery tasks chained by Celery -----------------------------------
+
+@app.task(name="bench.plain.noop")
+def plain_noop(prev: Any = None) -> None:
+    return None
+
+
+@app.task(name="bench.plain.fail")
+def plain_fail(prev: Any = None) -> None:
+    raise BenchFailure("step 4 fails on purpose")
+
+
+@app.task(name="bench.plain.undo")
+def plain_undo(prev: Any = None) -> None:
+    return None
+
+
+# -- sagaline: the same no-ops as saga steps ---------------------------------------------
+
+@app.task(name="bench.saga.noop")
+def saga_noop(saga_id: str) -> None:
+    return None
+
+
+@app.task(name="bench.saga.fail")
+def saga_fail(saga_id: str) -> None:
+    raise BenchFailure("step 4 fails on purpose")
+
+
+@app.task(name="bench.saga.undo")
+def saga_undo(saga_id: str, compensation_data: Any = None) -> None:
+    return None
+
+
+SAGAS: dict[str, Any] = {}
+
+if FLAVOR != "plain":
+    import sagaline
+    from sagaline import Saga
+
+    if FLAVOR == "sagaline":
+        sagaline.init_app(app)  # the store comes from SAGALINE_STORE_URL
+
+    for _n in SAGA_LENGTHS:
+        _saga = Saga(f"bench.noop{_n}")
+        for _i in range(1, _n + 1):
+            _saga.add_step(saga_noop, name=f"s{_i}", compensate=saga_undo)
+        SAGAS[f"noop{_n}"] = _saga
+    SAGAS["fail4"] = (
+        Saga("bench.fail4")
+        .add_step(saga_noop, name="s1", compensate=saga_undo)
+        .add_step(saga_noop, name="s2", compensate=saga_undo)
+        .add_step(saga_noop, name="s3", compensate=saga_undo)
+        .add_step(saga_fail, name="s4", compensate=saga_undo)
+    )
+
+
+# -- readiness ------------------------------------------------------------------------------
+
+@worker_ready.connect
+def _touch_ready_file(**_: Any) -> None:
+    path = os.environ.get("SAGALINE_READY_FILE")
+    if path:
+        Path(path).touch()
+
+
+# -- counting (BENCH_COUNT_SQL=1) ---------------------------------------------------------------
+
+
+class Counts:
+    """Counters of one process; `take()` hands over what was counted since the last take."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: collections.Counter[str] = collections.Counter()
+        self.total: collections.Counter[str] = collections.Counter()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._pending[key] += n
+            self.total[key] += n
+
+    def take(self) -> collections.Counter[str]:
+        with self._lock:
+            pending, self._pending = self._pending, collections.Counter()
+        return pending
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.total)
+
+
+COUNTS = Counts()
+_role = {"name": "caller" if FLAVOR == "caller" else "main"}
+
+
+def _on_statement(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                  executemany: bool) -> None:
+    kind = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
+    COUNTS.add("sql")
+    COUNTS.add(f"sql:{kind}")
+
+
+def _on_begin(conn: Any) -> None:
+    COUNTS.add("begin")
+
+
+def _on_commit(conn: Any) -> None:
+    COUNTS.add("commit")
+
+
+def _on_rollback(conn: Any) -> None:
+    COUNTS.add("rollback")
+
+
+@before_task_publish.connect
+def _on_publish(sender: str | None = None, **_: Any) -> None:
+    if COUNT:
+        COUNTS.add("publish")
+        COUNTS.add(f"publish:{sender}")
+
+
+@task_postrun.connect
+def _on_task_done(sender: Any = None, **_: Any) -> None:
+    if COUNT:
+        COUNTS.add("tasks")
+
+
+def _flush_forever(interval: float = 0.5) -> None:
+    import redis
+
+    client = redis.Redis.from_url(COUNTER_URL, socket_timeout=5, socket_connect_timeout=5)
+    while True:
+        time.sleep(interval)
+        pending = COUNTS.take()
+        if not pending:
+            continue
+        key = f"bench:counts:{FLAVOR}:{_role['name']}"
+        try:
+            pipe = client.pipeline(transaction=False)
+            for field, n in pending.items():
+                pipe.hincrby(key, field, n)
+            pipe.execute()
+        except Exception:  # a lost flush only loses counts: put them back
+            for field, n in pending.items():
+                COUNTS._pending[field] += n
+
+
+def _start_flusher() -> None:
+    threading.Thread(target=_flush_forever, name="bench-counts", daemon=True).start()
+
+
+if COUNT and FLAVOR != "plain":  # the plain worker must not even import SQLAlchemy
+    import sqlalchemy as sa
+
+    with contextlib.suppress(Exception):
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", _on_statement)
+        sa.event.listen(sa.engine.Engine, "begin", _on_begin)
+        sa.event.listen(sa.engine.Engine, "commit", _on_commit)
+        sa.event.listen(sa.engine.Engine, "rollback", _on_rollback)
+
+
+@worker_init.connect
+def _main_counts(**_: Any) -> None:
+    if COUNT:
+        _role["name"] = "main"
+        _start_flusher()
+
+
+@worker_process_init.connect
+def _child_counts(**_: Any) -> None:
+    if COUNT:
+        _role["name"] = "child"
+        # Counts inherited from the parent at fork belong to the parent.
+        COUNTS.take()
+        _start_flusher()

@@ -1,0 +1,146 @@
+"""H1's fixture: many finished sagas written straight into the store's tables, in bulk.
+
+The rows have the shape sagaline writes (stores/schema.py): per saga 4 steps and
+14 events (saga_started, 3 events per step, the final one), 90% COMPLETED,
+9% COMPENSATED, 1% FAILED, created over the last 30 days. PostgreSQL fills them
+with INSERT ... SELECT over generate_series; SQLite with INSERT ... SELECT over a
+recursive counter, in one transaction. Neither goes through Python row by row.
+"""
+
+from __future__ import annotations
+
+import time
+
+HISTORY_NAME = "bench.history"
+SPAN = 30 * 86400.0
+EVENTS = [
+    (1, "saga_started", None, None, None),
+    *[(2 + 3 * (k - 1) + j, kind, f"s{k}", 1, "forward")
+      for k in range(1, 5)
+      for j, kind in enumerate(("step_dispatched", "step_started", "step_succeeded"))],
+    (14, "saga_completed", None, None, None),
+]
+
+
+def _status_sql(i: str) -> str:
+    return (f"CASE WHEN {i} % 100 = 1 THEN 'FAILED' WHEN {i} % 11 = 0 THEN 'COMPENSATED' "
+            f"ELSE 'COMPLETED' END")
+
+
+def _events_values() -> str:
+    def lit(v: object) -> str:
+        return "NULL" if v is None else (str(v) if isinstance(v, int) else f"'{v}'")
+
+    return ", ".join(f"({n}, {lit(kind)}, {lit(step)}, {lit(att)}, {lit(ph)})"
+                     for n, kind, step, att, ph in EVENTS)
+
+
+def load_postgres(url: str, n: int) -> dict[str, float]:
+    """Insert `n` finished sagas; returns seconds spent loading and vacuuming."""
+    import psycopg
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    t0 = time.time() - SPAN
+    dt = SPAN / max(n, 1)
+    # uuid-shaped ids that grow with i: the indexes fill in order, so the load is fast.
+    sid = "lpad(to_hex(i), 8, '0') || '-0000-4000-8000-' || lpad(to_hex(i), 12, '0')"
+    ended = f"CASE WHEN {_status_sql('i')} = 'COMPLETED' THEN FALSE ELSE TRUE END"
+    started = time.monotonic()
+    with psycopg.connect(dsn, autocommit=False) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute(f"""
+            INSERT INTO sagaline_sagas (saga_id, name, status, input, output, error, failed_step,
+                idempotency_key, fingerprint, created_at, updated_at, finished_at, deadline,
+                due_at, parent_saga_id, parent_step, version)
+            SELECT {sid}, '{HISTORY_NAME}', {_status_sql('i')}, json_build_object('order', i),
+                CASE WHEN {ended} THEN NULL ELSE json_build_object('order', i, 'ok', true) END,
+                CASE WHEN {ended} THEN 'BenchFailure: step 4 fails on purpose' END,
+                CASE WHEN {ended} THEN 's4' END,
+                NULL, 'history', {t0} + i * {dt}, {t0} + i * {dt} + 0.05,
+                {t0} + i * {dt} + 0.05, NULL, NULL, NULL, NULL, 12
+            FROM generate_series(1, {int(n)}) AS i""")
+        conn.execute(f"""
+            INSERT INTO sagaline_steps (saga_id, name, position, status, attempt, comp_status,
+                comp_attempt, output, compensation_data, has_compensation_data, error,
+                comp_error, lease_until, due_at, started_at, finished_at, version)
+            SELECT {sid}, 's' || k, k - 1,
+                CASE WHEN k = 4 AND {ended} THEN 'FAILED' ELSE 'SUCCEEDED' END, 1,
+                CASE WHEN k < 4 AND {ended} THEN 'COMPENSATED' END,
+                CASE WHEN k < 4 AND {ended} THEN 1 ELSE 0 END,
+                NULL, NULL, FALSE, NULL, NULL, NULL, NULL,
+                {t0} + i * {dt} + k * 0.01, {t0} + i * {dt} + k * 0.01 + 0.005, 3
+            FROM generate_series(1, {int(n)}) AS i CROSS JOIN generate_series(1, 4) AS k""")
+        conn.execute(f"""
+            INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase, detail)
+            SELECT {sid}, {t0} + i * {dt} + e.n * 0.001, e.kind, e.step, e.attempt, e.phase, NULL
+            FROM generate_series(1, {int(n)}) AS i
+            CROSS JOIN (VALUES {_events_values()}) AS e(n, kind, step, attempt, phase)""")
+        conn.commit()
+    loaded = time.monotonic() - started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Settle visibility maps and statistics now, not while a figure runs.
+        for table in ("sagaline_sagas", "sagaline_steps", "sagaline_events"):
+            conn.execute(f"VACUUM (ANALYZE) {table}")
+    return {"load_seconds": loaded, "vacuum_seconds": time.monotonic() - started - loaded}
+
+
+def load_sqlite(url: str, n: int) -> dict[str, float]:
+    import sqlite3
+
+    path = url.split(":///", 1)[1]
+    t0 = time.time() - SPAN
+    dt = SPAN / max(n, 1)
+    sid = "printf('%08x-0000-4000-8000-%012x', i, i)"
+    ended = f"({_status_sql('i')} <> 'COMPLETED')"
+    counter = (f"WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c "
+               f"WHERE i < {int(n)})")
+    started = time.monotonic()
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"""
+            {counter}
+            INSERT INTO sagaline_sagas (saga_id, name, status, input, output, error, failed_step,
+                idempotency_key, fingerprint, created_at, updated_at, finished_at, deadline,
+                due_at, parent_saga_id, parent_step, version)
+            SELECT {sid}, '{HISTORY_NAME}', {_status_sql('i')}, json_object('order', i),
+                CASE WHEN {ended} THEN NULL ELSE json_object('order', i, 'ok', json('true')) END,
+                CASE WHEN {ended} THEN 'BenchFailure: step 4 fails on purpose' END,
+                CASE WHEN {ended} THEN 's4' END,
+                NULL, 'history', {t0} + i * {dt}, {t0} + i * {dt} + 0.05,
+                {t0} + i * {dt} + 0.05, NULL, NULL, NULL, NULL, 12
+            FROM c""")
+        conn.execute(f"""
+            {counter}, k(k) AS (VALUES (1), (2), (3), (4))
+            INSERT INTO sagaline_steps (saga_id, name, position, status, attempt, comp_status,
+                comp_attempt, output, compensation_data, has_compensation_data, error,
+                comp_error, lease_until, due_at, started_at, finished_at, version)
+            SELECT {sid}, 's' || k, k - 1,
+                CASE WHEN k = 4 AND {ended} THEN 'FAILED' ELSE 'SUCCEEDED' END, 1,
+                CASE WHEN k < 4 AND {ended} THEN 'COMPENSATED' END,
+                CASE WHEN k < 4 AND {ended} THEN 1 ELSE 0 END,
+                NULL, NULL, 0, NULL, NULL, NULL, NULL,
+                {t0} + i * {dt} + k * 0.01, {t0} + i * {dt} + k * 0.01 + 0.005, 3
+            FROM c CROSS JOIN k""")
+        conn.execute(f"""
+            {counter}, e(n, kind, step, attempt, phase) AS (VALUES {_events_values()})
+            INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase, detail)
+            SELECT {sid}, {t0} + i * {dt} + e.n * 0.001, e.kind, e.step, e.attempt, e.phase,
+                NULL
+            FROM c CROSS JOIN e""")
+        conn.execute("COMMIT")
+        loaded = time.monotonic() - started
+        conn.execute("ANALYZE")
+    finally:
+        conn.close()
+    return {"load_seconds": loaded, "vacuum_seconds": time.monotonic() - started - loaded}
+
+
+def load_history(url: str, n: int) -> dict[str, float]:
+    if n <= 0:
+        return {"load_seconds": 0.0, "vacuum_seconds": 0.0}
+    if url.startswith("sqlite"):
+        return load_sqlite(url, n)
+    if url.startswith("postgres"):
+        return load_postgres(url, n)
+    raise ValueError(f"no bulk history loader for {url.split(':', 1)[0]} stores")

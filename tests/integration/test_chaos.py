@@ -1,0 +1,495 @@
+"""Chaos: sagas on real prefork workers while workers, the broker or the store crash.
+
+Every test runs sagas of `chaos_app` (test 1: `pair`, a and b in parallel; tests
+2 and 3: `fork`, a then b and c in parallel); in half of them the last step fails
+so that they compensate. They run on two `-P prefork -c 2` workers with
+SAGALINE_LEASE=5, SAGALINE_REDISPATCH_AFTER=5, SAGALINE_SWEEP_INTERVAL=1, and
+breaks something mid-run:
+
+1. every worker process (main processes and pool children) is killed with
+   SIGKILL twice, at seeded random moments, and restarted;
+2. the broker (a private redis-server without persistence) is stopped for 2 s:
+   every queued message is lost, the sweeper publishes DISPATCHED steps again;
+3. the store (a private PostgreSQL cluster) is stopped for 2 s;
+4. (aimed) the workers are killed while a saga rolls back and a sibling step that
+   already applied its effect is still running: that step must be undone too.
+
+Then every saga must reach a terminal state within lease + 30 s of the last
+restart, and the ledger that steps write (idempotently, by the step's
+idempotency key) must show, per saga, either every step applied and none undone
+(COMPLETED), or every applied step undone exactly once and nothing left applied
+(COMPENSATED). Duplicate executions of step bodies are counted from an
+append-only table, printed (run pytest with -s), and allowed only for steps
+whose attempt was cut short by a crash (RUNNING when the workers were killed,
+and failed afterwards with `lease_expired` in the saga history).
+
+Seed: CHAOS_SEED (default below) drives the kill moments and step durations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+import sagaline
+from sagaline import SagaStatus
+from sagaline.runtime import Runtime
+from sagaline.states import SAGA_TERMINAL
+from sagaline.stores.schema import events as events_table
+from sagaline.stores.schema import sagas as sagas_table
+from sagaline.stores.schema import steps as steps_table
+from tests.harness import (
+    PrivatePostgres,
+    PrivateRedis,
+    WorkerProcess,
+    drop_database,
+    pid_alive,
+    shared_postgres_url,
+    wait_until,
+)
+from tests.integration import chaos_app
+
+pytestmark = pytest.mark.chaos
+
+APP = "tests.integration.chaos_app"
+LEASE = 5.0
+REDISPATCH_AFTER = 5.0
+SWEEP_INTERVAL = 1.0
+SETTLE = LEASE + 30.0  # every saga is terminal this long after the last restart
+SEED = int(os.environ.get("CHAOS_SEED", "20240611"))
+
+
+# -- the cluster under test ------------------------------------------------------------
+
+
+@dataclass
+class Kill:
+    """One SIGKILL of every worker process, and what the store said was running then."""
+
+    at: float  # seconds since the sagas were started
+    pids: list[int]
+    running: set[tuple[str, str, str]]  # (saga_id, step, phase) RUNNING when killed
+
+
+@dataclass
+class Cluster:
+    broker_url: str
+    store_url: str
+    ledger_url: str
+    tmp: Path
+    runtime: Runtime = field(init=False)
+    saga: sagaline.Saga = chaos_app.fork
+    workers: list[WorkerProcess] = field(default_factory=list)  # every one ever started
+    live: list[WorkerProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        with psycopg.connect(self.ledger_dsn, autocommit=True) as conn:
+            conn.execute(chaos_app.LEDGER_DDL)
+        client = Celery(f"chaos-client-{uuid.uuid4().hex[:6]}")
+        client.conf.broker_url = self.broker_url
+        # The client writes the root steps' due times: it shares the workers' settings.
+        self.runtime = sagaline.init_app(client, store=self.store_url, sweeper=False,
+                                         lease=LEASE, redispatch_after=REDISPATCH_AFTER)
+        self.runtime.store.count_by_status()  # creates the schema before workers start
+
+    @property
+    def ledger_dsn(self) -> str:
+        return self.ledger_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "CELERY_BROKER_URL": self.broker_url,
+            "SAGALINE_STORE_URL": self.store_url,
+            "LEDGER_URL": self.ledger_url,
+            "SAGALINE_LEASE": str(LEASE),
+            "SAGALINE_REDISPATCH_AFTER": str(REDISPATCH_AFTER),
+            "SAGALINE_SWEEP_INTERVAL": str(SWEEP_INTERVAL),
+            "SAGALINE_HOME": str(self.tmp / "home"),
+        }
+
+    def start_workers(self, n: int = 2) -> None:
+        """Start `n` workers at once (in threads) and wait until all are ready."""
+        new = []
+        for _ in range(n):
+            w = WorkerProcess(APP, env=self.env, concurrency=2,
+                              workdir=self.tmp / f"worker{len(self.workers)}")
+            self.workers.append(w)
+            new.append(w)
+        errors: list[BaseException] = []
+
+        def start(w: WorkerProcess) -> None:
+            try:
+                w.start()
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(w,)) for w in new]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        if errors:
+            raise errors[0]
+        self.live = new
+
+    def kill_workers(self, t0: float) -> Kill:
+        """SIGKILL every process of every live worker at once; read what was RUNNING."""
+        pids: list[int] = []
+        for w in self.live:
+            pids += [w.pid, *w.child_pids()]
+        for w in self.live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(w.pid, signal.SIGKILL)  # the worker's own process group
+        at = time.monotonic() - t0
+        for w in self.live:
+            w.kill()  # waits until the whole group is gone
+        assert not [p for p in pids if pid_alive(p)], "a worker process survived SIGKILL"
+        self.live = []
+        # No worker is left to change the store: this is exactly what the kill cut short.
+        return Kill(at, pids, self.running_steps())
+
+    def running_steps(self) -> set[tuple[str, str, str]]:
+        s = steps_table
+        with self.runtime.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(s.c.saga_id, s.c.name, s.c.status, s.c.comp_status)
+                                .where(sa.or_(s.c.status == "RUNNING",
+                                              s.c.comp_status == "RUNNING"))).all()
+        return {(r.saga_id, r.name, "forward" if r.status == "RUNNING" else "compensate")
+                for r in rows}
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        return tuple(self.saga.graph.order)
+
+    @property
+    def failing_step(self) -> str:
+        return self.steps[-1]
+
+    def start_sagas(self, n: int, rng: random.Random, *, all_fail: bool = False,
+                    durations: dict[str, float] | None = None) -> dict[str, bool]:
+        """Start n sagas, every other one failing at its last step: {saga_id: fails}.
+
+        Steps take 50-300 ms and compensations 20-100 ms (seeded), unless `durations`.
+        """
+        started: dict[str, bool] = {}
+        for i in range(n):
+            fails = all_fail or i % 2 == 1
+            if durations is None:
+                durations_i = {s: round(rng.uniform(0.05, 0.3), 3) for s in self.steps}
+                durations_i["undo"] = round(rng.uniform(0.02, 0.1), 3)
+            else:
+                durations_i = dict(durations)
+            handle = self.runtime.start_saga(self.saga, {
+                "n": i, "durations": durations_i, "fail": self.failing_step if fails else None})
+            started[handle.saga_id] = fails
+        return started
+
+    def not_terminal(self) -> int:
+        counts = self.runtime.store.count_by_status(self.saga.name)
+        return sum(v for k, v in counts.items() if k not in SAGA_TERMINAL)
+
+    def wait_all_terminal(self, deadline: float) -> None:
+        for _ in range(int(SETTLE * 4) + 400):
+            if self.not_terminal() == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+
+    def redispatches(self) -> int:
+        e = events_table
+        with self.runtime.store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(e.c.kind.in_(
+                ["step_redispatched", "compensation_redispatched"]))).scalar_one())
+
+    def log_errors(self) -> list[str]:
+        """Tracebacks the workers logged (other than the on-purpose failures)."""
+        found = []
+        for w in self.workers:
+            for line in w.log_text().splitlines():
+                if ("ERROR" in line or "CRITICAL" in line) and "failed on purpose" not in line:
+                    found.append(f"{w.name}: {line[:300]}")
+        return found
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.live = []
+        self.runtime.store.close()
+
+
+@pytest.fixture
+def shared_db() -> Iterator[str]:
+    """A fresh database on the shared PostgreSQL (never restarted), dropped afterwards."""
+    url = shared_postgres_url(f"sagaline_chaos_{uuid.uuid4().hex[:10]}")
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    redis = PrivateRedis()
+    try:
+        yield redis
+    finally:
+        redis.destroy()
+
+
+# -- checking the outcome ----------------------------------------------------------------
+
+
+def history_text(cluster: Cluster, saga_id: str) -> str:
+    view = sagaline.get_saga(saga_id, runtime=cluster.runtime)
+    t0 = view.history[0].ts if view.history else 0.0
+    lines = [f"saga {saga_id} {view.status.value} input={view.saga.input}"]
+    for s in view.steps:
+        lines.append(f"  step {s.name}: {s.status.value} attempt={s.attempt} "
+                     f"comp={s.comp_status.value if s.comp_status else None} "
+                     f"comp_attempt={s.comp_attempt}")
+    for e in view.history:
+        detail = {k: (v.split("\n", 1)[0] if isinstance(v, str) else v)
+                  for k, v in e.detail.items() if v is not None}
+        lines.append(f"  +{e.ts - t0:7.3f} {e.kind:28} {e.step or '':2} a={e.attempt} "
+                     f"{e.phase or ''} {detail}")
+    return "\n".join(lines)
+
+
+def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
+                  label: str, unsettled: str = "") -> int:
+    """Assert the consistency of every saga; print and return the duplicate executions.
+
+    `unsettled` (from settle()) fails the test too, after every other check ran.
+    """
+    # The sagas first, the ledger after: a saga seen terminal has all its effects in it.
+    views = {sid: sagaline.get_saga(sid, runtime=cluster.runtime) for sid in started}
+    with psycopg.connect(cluster.ledger_dsn) as conn:
+        ledger = conn.execute("SELECT saga_id, step, action, ts FROM chaos_ledger").fetchall()
+        execs = conn.execute("SELECT saga_id, step, phase, attempt FROM chaos_executions"
+                             ).fetchall()
+    done: dict[str, dict[str, float]] = defaultdict(dict)
+    undone: dict[str, dict[str, float]] = defaultdict(dict)
+    for saga_id, step, action, ts in ledger:
+        (done if action == "do" else undone)[saga_id][step] = ts
+    runs = Counter((saga_id, step, phase) for saga_id, step, phase, _ in execs)
+
+    problems: list[str] = []
+    statuses: Counter[str] = Counter()
+    lease_expired: set[tuple[str, str, str]] = set()
+    for saga_id, fails in started.items():
+        view = views[saga_id]
+        statuses[view.status.value] += 1
+        for e in view.history:
+            if e.detail.get("reason") == "lease_expired" and e.step:
+                lease_expired.add((saga_id, e.step, e.phase or ""))
+        did, undid = done[saga_id], undone[saga_id]
+        why: list[str] = []
+        if fails:
+            if view.status is not SagaStatus.COMPENSATED:
+                why.append(f"status {view.status.value}, expected COMPENSATED")
+            if cluster.failing_step in did:
+                why.append(f"the failing step {cluster.failing_step} has an effect")
+            if set(undid) != set(did):
+                why.append(f"applied {sorted(did)} but undone {sorted(undid)}")
+            for step in undid:
+                if step in did and undid[step] < did[step]:
+                    why.append(f"{step} undone before it was applied")
+            comp_ok = Counter(e.step for e in view.history
+                              if e.kind == "compensation_succeeded")
+            for step in did:
+                if comp_ok[step] != 1:
+                    why.append(f"{step} compensated {comp_ok[step]} times in the history")
+        else:
+            if view.status is not SagaStatus.COMPLETED:
+                why.append(f"status {view.status.value}, expected COMPLETED")
+            if set(did) != set(cluster.steps) or undid:
+                why.append(f"applied {sorted(did)}, undone {sorted(undid)}")
+        # Every step body that ran must be accounted for: applied, or it failed on purpose.
+        for (sid, step, phase), _n in runs.items():
+            if sid == saga_id and phase == "forward" and step not in did and \
+                    step != cluster.failing_step and view.status is SagaStatus.COMPLETED:
+                why.append(f"{step} ran but left no effect in a completed saga")
+        if why:
+            problems.append("; ".join(why) + "\n" + history_text(cluster, saga_id))
+
+    duplicates = {k: n - 1 for k, n in runs.items() if n > 1}
+    running_at_kills = [k.running for k in kills]
+    cut_short = set().union(*running_at_kills) if running_at_kills else set()
+    total = sum(duplicates.values())
+    print(f"\n[{label}] seed={SEED} sagas={len(started)} statuses={dict(statuses)}")
+    for i, k in enumerate(kills, 1):
+        print(f"[{label}] kill {i} at +{k.at:.2f}s: {len(k.pids)} processes, "
+              f"{len(k.running)} steps RUNNING")
+    print(f"[{label}] executions={len(execs)} duplicate step executions={total} "
+          f"(on {len(duplicates)} steps; steps RUNNING at kills="
+          f"{sum(len(r) for r in running_at_kills)}; lease_expired in history="
+          f"{len(lease_expired)}; messages published again by the sweeper="
+          f"{cluster.redispatches()})")
+    for key, n in sorted(duplicates.items()):
+        print(f"[{label}]   duplicate x{n}: saga {key[0]} step {key[1]} {key[2]}")
+
+    for key in duplicates:
+        if key not in lease_expired:
+            problems.append(f"{key} ran {duplicates[key] + 1} times without a lease_expired "
+                            f"attempt failure in its history\n{history_text(cluster, key[0])}")
+        if kills and key not in cut_short:
+            problems.append(f"{key} ran {duplicates[key] + 1} times but was not RUNNING at "
+                            f"any kill\n{history_text(cluster, key[0])}")
+    if kills and total > sum(len(r) for r in running_at_kills):
+        problems.append(f"{total} duplicate executions but only "
+                        f"{sum(len(r) for r in running_at_kills)} steps were RUNNING at kills")
+    for p in problems:
+        print(f"[{label}] PROBLEM: {p.splitlines()[0]}")
+    if problems or unsettled:
+        pytest.fail(f"{unsettled}\n{len(problems)} inconsistent sagas:\n"
+                    + "\n\n".join(problems[:8]), pytrace=False)
+    return total
+
+
+def settle(cluster: Cluster, last_restart: float, label: str) -> str:
+    """Wait until every saga is terminal (bounded); if some are not, explain which."""
+    deadline = last_restart + SETTLE
+    cluster.wait_all_terminal(deadline)
+    took = time.monotonic() - last_restart
+    stuck = cluster.not_terminal()
+    print(f"[{label}] all terminal {took:.1f}s after the last restart" if not stuck else
+          f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart")
+    if stuck:
+        with cluster.runtime.store.engine.connect() as conn:
+            ids = [r.saga_id for r in conn.execute(
+                sa.select(sagas_table.c.saga_id).where(
+                    sagas_table.c.status.not_in([s.value for s in SAGA_TERMINAL])))]
+        shown = "\n\n".join(history_text(cluster, i) for i in ids[:5])
+        errors = "\n".join(cluster.log_errors()[-20:])
+        return (f"[{label}] {stuck} sagas not terminal {SETTLE:.0f}s after the last "
+                f"restart:\n{shown}\n--- worker errors ---\n{errors}")
+    return ""
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+def test_workers_killed_twice_mid_run(private_redis: PrivateRedis, shared_db: str,
+                                      tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    cluster = Cluster(private_redis.url, shared_db, shared_db, tmp_path, saga=chaos_app.pair)
+    try:
+        cluster.start_workers()
+        started = cluster.start_sagas(200, rng)
+        t0 = time.monotonic()
+        kills: list[Kill] = []
+        for _ in range(2):
+            time.sleep(rng.uniform(2.0, 6.0))
+            kills.append(cluster.kill_workers(t0))
+            cluster.start_workers()
+        last_restart = time.monotonic()
+        assert sum(len(k.running) for k in kills) > 0, "the kills hit no running step"
+        unsettled = settle(cluster, last_restart, "workers")
+        print(f"[workers] total {time.monotonic() - t0:.1f}s from the first saga started")
+        check_outcome(cluster, started, kills, "workers", unsettled)
+    finally:
+        cluster.close()
+
+
+def test_broker_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
+                                  tmp_path: Path) -> None:
+    rng = random.Random(SEED + 1)
+    cluster = Cluster(private_redis.url, shared_db, shared_db, tmp_path)
+    try:
+        cluster.start_workers()
+        started = cluster.start_sagas(50, rng)
+        t0 = time.monotonic()
+        time.sleep(rng.uniform(1.0, 2.0))
+        in_flight = cluster.not_terminal()
+        private_redis.stop()  # no persistence: every queued message is gone
+        down_at = time.monotonic() - t0
+        time.sleep(2.0)
+        private_redis.start()
+        last_restart = time.monotonic()
+        print(f"\n[broker] redis stopped at +{down_at:.2f}s with {in_flight} sagas in flight, "
+              f"back after {time.monotonic() - t0 - down_at:.2f}s")
+        assert in_flight > 0
+        assert all(w.is_running() for w in cluster.live)
+        unsettled = settle(cluster, last_restart, "broker")
+        check_outcome(cluster, started, [], "broker", unsettled)
+    finally:
+        cluster.close()
+
+
+def test_store_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
+                                 tmp_path: Path) -> None:
+    rng = random.Random(SEED + 2)
+    pg = PrivatePostgres()
+    cluster: Cluster | None = None
+    try:
+        cluster = Cluster(private_redis.url, pg.url, shared_db, tmp_path)  # ledger: shared
+        cluster.start_workers()
+        started = cluster.start_sagas(50, rng)
+        t0 = time.monotonic()
+        time.sleep(rng.uniform(1.0, 2.0))
+        in_flight = cluster.not_terminal()
+        pg.stop("fast")  # every session is terminated, no connection accepted
+        down_at = time.monotonic() - t0
+        wait_until(lambda: not pg.is_running(), timeout=15, what="postgres down")
+        time.sleep(2.0)
+        pg.start()
+        last_restart = time.monotonic()
+        print(f"\n[store] postgres stopped at +{down_at:.2f}s with {in_flight} sagas in "
+              f"flight, back after {time.monotonic() - t0 - down_at:.2f}s")
+        assert in_flight > 0
+        assert all(w.is_running() for w in cluster.live)
+        unsettled = settle(cluster, last_restart, "store")
+        check_outcome(cluster, started, [], "store", unsettled)
+    finally:
+        if cluster is not None:
+            cluster.close()
+        pg.destroy()
+
+
+def test_worker_killed_while_a_sibling_runs_during_rollback(
+        private_redis: PrivateRedis, shared_db: str, tmp_path: Path) -> None:
+    """The kill of test 1, aimed: b has failed (the saga is COMPENSATING) while its
+    sibling a is still RUNNING and has already applied its effect; then every worker
+    dies. a's outcome is unknown to the engine, so it must be undone too."""
+    rng = random.Random(SEED + 3)
+    cluster = Cluster(private_redis.url, shared_db, shared_db, tmp_path, saga=chaos_app.pair)
+    try:
+        cluster.start_workers()
+        # a applies its effect after 1.5 s and returns after 3 s; b fails after 0.1 s.
+        started = cluster.start_sagas(2, rng, all_fail=True,
+                                      durations={"a": 3.0, "b": 0.2, "undo": 0.05})
+        t0 = time.monotonic()
+
+        def applied_during_rollback() -> bool:
+            with psycopg.connect(cluster.ledger_dsn) as conn:
+                done = {r[0] for r in conn.execute(
+                    "SELECT saga_id FROM chaos_ledger WHERE step = 'a' AND action = 'do'")}
+            compensating = {r.saga_id for r in cluster.runtime.store.list_sagas(
+                sagaline.records.SagaFilter(status=[SagaStatus.COMPENSATING], limit=10))}
+            running = {sid for sid, step, _ in cluster.running_steps() if step == "a"}
+            return bool(done & compensating & running)
+
+        wait_until(applied_during_rollback, timeout=20, interval=0.05,
+                   what="a saga rolling back with a applied and still running")
+        kill = cluster.kill_workers(t0)
+        cluster.start_workers()
+        last_restart = time.monotonic()
+        assert kill.running, "the kill hit no running step"
+        unsettled = settle(cluster, last_restart, "rollback-kill")
+        check_outcome(cluster, started, [kill], "rollback-kill", unsettled)
+    finally:
+        cluster.close()

@@ -1,0 +1,197 @@
+"""`sagaline demo` as a user runs it: a real subprocess that starts its own real worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from sagaline.records import SagaFilter
+from sagaline.states import SagaStatus
+from sagaline.stores.base import store_from_url
+from tests.conftest import WorkerFactory
+from tests.harness import REPO_ROOT, WorkerProcess, pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+SAGALINE = str(Path(sys.executable).parent / "sagaline")
+FORWARD = ["allocate_robots", "plan_route", "explore_area", "integrate_maps"]
+
+
+def bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A machine with no sagaline or Celery configuration at all."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "SAGALINE_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    env.update(extra)
+    return env
+
+
+def run_demo(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str],
+                                                              float]:
+    started = time.monotonic()
+    # Not from the repository root: the demo finds examples/ and its worker by itself.
+    proc = subprocess.run([SAGALINE, "demo", *args], cwd=tmp_path, env=bare_env(tmp_path, **env),
+                          capture_output=True, text=True, timeout=180, check=False)
+    return proc, time.monotonic() - started
+
+
+def saga_ids(store_url: str, *statuses: SagaStatus) -> list[str]:
+    store = store_from_url(store_url)
+    try:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(status=list(statuses),
+                                                               limit=10_000))]
+    finally:
+        store.close()
+
+
+def section(output: str, title: str) -> list[str]:
+    """The lines of the timeline printed under `title`."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    body = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        body.append(line)
+    return body
+
+
+def test_demo_on_a_bare_machine_completes_and_compensates_in_reverse_order(
+        tmp_path: Path) -> None:
+    proc, elapsed = run_demo(tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert elapsed < 60, f"the demo took {elapsed:.1f}s"
+
+    summary_statuses = re.findall(r"│\s*\d+\s*│\s*[0-9a-f-]{36}\s*│\s*([A-Z]+)\s*│", out)
+    assert len(summary_statuses) == 8
+    assert "COMPLETED" in summary_statuses and "COMPENSATED" in summary_statuses
+    assert set(summary_statuses) <= {"COMPLETED", "COMPENSATED"}
+
+    completed = section(out, "Timeline of a completed saga")
+    assert [s for s in FORWARD if any(f"{s} " in ln and "succeeded" in ln for ln in completed)] \
+        == FORWARD
+    assert "saga COMPLETED" in completed[-1]
+
+    compensated = section(out, "Timeline of a compensated saga")
+    undo_lines = [ln for ln in compensated if "compensated (attempt" in ln]
+    undone = [next(s for s in FORWARD if f" {s} (" in ln) for ln in undo_lines]
+    # The scripted run that fails at the last step undoes all four, last applied first.
+    assert undone == list(reversed(FORWARD))
+    assert "(rollback_integration)" in undo_lines[0] and "(release_robots)" in undo_lines[-1]
+    first_undo = compensated.index(undo_lines[0])
+    assert all("compensated" not in ln for ln in compensated[:first_undo])
+    assert "saga COMPENSATED" in compensated[-1]
+
+    assert "✓ robot check: no robot is left allocated" in out
+    assert "worker stopped" in out
+
+
+def test_demo_leaves_no_robot_allocated_by_a_compensated_saga(tmp_path: Path) -> None:
+    proc, _ = run_demo(tmp_path, "--runs", "6", "--fail-rate", "0.35", "--seed", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    path = tmp_path / "home" / "demo" / "state.db"
+    compensated = saga_ids(f"sqlite:///{path}", SagaStatus.COMPENSATED)
+    ended = saga_ids(f"sqlite:///{path}", SagaStatus.COMPENSATED, SagaStatus.COMPLETED)
+    assert len(ended) == 6
+    db = sqlite3.connect(path)
+    try:
+        marks = ",".join("?" * len(compensated))
+        held = db.execute(f"SELECT id, assigned_saga FROM robots WHERE assigned_saga IN "
+                          f"({marks})", compensated).fetchall()
+        assert held == []
+        # Every ended mission gave its robots back; compensations left no route or map.
+        assert db.execute("SELECT count(*) FROM robots WHERE status != 'idle' "
+                          "OR assigned_saga IS NOT NULL").fetchone() == (0,)
+        assert db.execute(f"SELECT count(*) FROM routes WHERE saga_id IN ({marks})",
+                          compensated).fetchone() == (0,)
+        assert db.execute(f"SELECT count(*) FROM maps WHERE saga_id IN ({marks})",
+                          compensated).fetchone() == (0,)
+        assert {r[0] for r in db.execute(f"SELECT status FROM missions WHERE saga_id IN "
+                                         f"({marks})", compensated)} <= {"aborted"}
+    finally:
+        db.close()
+
+
+def test_demo_uses_redis_and_postgres_when_configured(tmp_path: Path, redis_url: str,
+                                                      pg_url: str) -> None:
+    proc, _ = run_demo(tmp_path, "--runs", "4", CELERY_BROKER_URL=redis_url,
+                       SAGALINE_STORE_URL=pg_url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"broker: {redis_url}" in proc.stdout
+    assert not (tmp_path / "home" / "demo" / "state.db").exists()
+    compensated = saga_ids(pg_url, SagaStatus.COMPENSATED)
+    assert compensated and saga_ids(pg_url, SagaStatus.COMPLETED)
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn) as conn:
+        held = conn.execute("SELECT id FROM robots WHERE assigned_saga = ANY(%s)",
+                            (compensated,)).fetchall()
+    assert held == []
+
+
+def test_interrupted_demo_stops_its_worker(tmp_path: Path) -> None:
+    proc = subprocess.Popen([SAGALINE, "demo", "--runs", "2", "--slow", "explore_area=30"],
+                            cwd=REPO_ROOT, env=bare_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        worker_pid = None
+        for line in proc.stdout:
+            found = re.search(r"worker: pid (\d+)", line)
+            if found:
+                worker_pid = int(found.group(1))
+                break
+        assert worker_pid is not None and pid_alive(worker_pid)
+        time.sleep(1.0)  # the sagas are running (explore_area sleeps)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest
+    wait_until(lambda: not pid_alive(worker_pid), timeout=5, what="demo worker to exit")
+
+
+def test_the_orders_example_refunds_an_order_it_cannot_ship(tmp_path: Path,
+                                                           worker_factory: WorkerFactory) -> None:
+    env = {**os.environ, "SAGALINE_HOME": str(tmp_path), "CELERY_BROKER_URL": "",
+           "SAGALINE_STORE_URL": ""}
+    worker = worker_factory("examples.orders.app", env=env, concurrency=2)
+
+    def order(*args: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "examples.orders", *args], cwd=REPO_ROOT,
+                              env=env, capture_output=True, text=True, timeout=90, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.split()
+
+    assert order("--order-id", "o-1", "--quantity", "2")[1] == "COMPLETED"
+    out = order("--order-id", "o-2", "--quantity", "999")
+    assert out[1] == "COMPENSATED" and "not in stock" in " ".join(out)
+
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        assert db.execute("SELECT order_id, status FROM shop_payments ORDER BY order_id"
+                          ).fetchall() == [("o-1", "charged"), ("o-2", "refunded")]
+        assert db.execute("SELECT available FROM shop_stock WHERE sku = 'widget'"
+                          ).fetchone() == (98,)
+        assert db.execute("SELECT order_id FROM shop_emails").fetchall() == [("o-1",)]
+    finally:
+        db.close()
+        stop_gracefully(worker)
+
+
+def stop_gracefully(worker: WorkerProcess) -> None:
+    """SIGTERM to the main process only: a warm shutdown stops the pool by itself."""
+    os.kill(worker.pid, signal.SIGTERM)
+    wait_until(lambda: not worker.is_running(), timeout=20, what="worker warm shutdown")
+    worker.stop()
