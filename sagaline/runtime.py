@@ -503,21 +503,26 @@ class SagaHandle:
         return self.record().status
 
     def get(self, timeout: float | None = None, *, interval: float = 0.002,
-            max_interval: float = 0.1) -> Any:
+            max_interval: float = 0.1, fast_for: float = 1.0) -> Any:
         """Wait for the saga to end and return its final context.
 
         Raises SagaCompensated or SagaFailed (with the cause) when it did not complete,
         SagaTimeout when `timeout` seconds pass first.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         while True:
             saga = self.record()
             if saga.status in SAGA_TERMINAL:
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise SagaTimeout(self.saga_id, timeout or 0, saga.status.value)
             time.sleep(interval)
-            interval = min(interval * 1.5, max_interval)
+            # Poll every few ms while most sagas end (the first `fast_for` seconds),
+            # then back off so that long sagas cost the store little.
+            cap = min(0.01, max_interval) if now - started < fast_for else max_interval
+            interval = min(interval * 1.5, cap)
         if saga.status is SagaStatus.COMPLETED:
             return saga.output
         error = SagaCompensated if saga.status is SagaStatus.COMPENSATED else SagaFailed

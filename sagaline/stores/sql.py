@@ -67,6 +67,7 @@ class SQLStore(Store):
             _sqlite_setup(self.engine)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
         self._pid_checked = False
@@ -108,14 +109,14 @@ class SQLStore(Store):
             yield conn
 
     def migrate(self) -> None:
-        from alembic import command
-        from alembic.config import Config
-
         with self.engine.connect() as conn:
             if _current_revision(conn) == schema.SCHEMA_REVISION:
                 conn.rollback()
                 return
             conn.rollback()
+        # Imported only when there is something to migrate: it costs ~10 MB per process.
+        from alembic import command
+        from alembic.config import Config
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         # Many workers may start at once: one migrates, the others wait and find it done.
@@ -173,29 +174,29 @@ class SQLStore(Store):
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
                    lease_until: float, now: float) -> bool:
         self._ensure_schema()
-        if phase is Phase.FORWARD:
-            cond = [steps.c.status == StepStatus.DISPATCHED.value, steps.c.attempt == attempt]
-            values: dict[str, Any] = {"status": StepStatus.RUNNING.value, "started_at": now}
-            kind = "step_started"
-        else:
-            cond = [steps.c.comp_status == CompensationStatus.DISPATCHED.value,
-                    steps.c.comp_attempt == attempt]
-            values = {"comp_status": CompensationStatus.RUNNING.value}
-            kind = "compensation_started"
-        stmt = (steps.update()
-                .where(steps.c.saga_id == saga_id, steps.c.name == step, *cond)
-                .values(lease_until=lease_until, due_at=lease_until,
-                        version=steps.c.version + 1, **values))
-        event = _event_row(Event(saga_id, kind, now, step, attempt, phase.value))
+        params = {"k_saga_id": saga_id, "k_name": step, "k_attempt": attempt, "k_now": now,
+                  "k_lease_until": lease_until, "k_kind": _STARTED[phase],
+                  "k_phase": phase.value}
+        if self.dialect == "postgresql":
+            # One statement, one round trip: the compare-and-set feeds the event insert.
+            claim = _PG_CLAIM[phase]
 
-        def attempt_claim() -> bool:
+            def attempt_claim() -> bool:
+                with self._autocommit.connect() as conn:
+                    return bool(conn.execute(claim, params).rowcount == 1)
+
+            return self._retrying(attempt_claim)
+        stmt = _CLAIM[phase]
+        event = _event_row(Event(saga_id, _STARTED[phase], now, step, attempt, phase.value))
+
+        def attempt_claim_tx() -> bool:
             with self._write() as conn:
-                if conn.execute(stmt).rowcount != 1:
+                if conn.execute(stmt, params).rowcount != 1:
                     return False
                 conn.execute(events.insert(), event)
                 return True
 
-        return self._retrying(attempt_claim)
+        return self._retrying(attempt_claim_tx)
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
@@ -217,22 +218,32 @@ class SQLStore(Store):
 
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
         self._ensure_schema()
-        lock = sa.select(sagas).where(sagas.c.saga_id == saga_id)
+        # The saga and its steps in one query; the saga row is the lock.
+        read = _STATE.where(sagas.c.saga_id == saga_id)
+        lock = None
         if self.dialect != "sqlite":
-            lock = lock.with_for_update()
-        read_steps = sa.select(steps).where(steps.c.saga_id == saga_id)
+            # Lock the saga row first, in its own statement: a statement that waited for
+            # a lock still reads the other tables from the snapshot it started with
+            # (PostgreSQL READ COMMITTED), so a joined locking read could miss the step
+            # a concurrent completion just wrote. Only the saga row is locked, so claims
+            # (step rows) never wait for a completion. SQLite's BEGIN IMMEDIATE already
+            # holds the write lock before the read.
+            lock = sa.select(sagas.c.saga_id).where(
+                sagas.c.saga_id == saga_id).with_for_update()
 
         def attempt() -> tuple[bool, Decision | None]:
             with self._write() as conn:
-                row = conn.execute(lock).first()
-                if row is None:
+                if lock is not None:
+                    conn.execute(lock)
+                rows = conn.execute(read).all()
+                if not rows:
                     return True, None
-                state = SagaState(_saga_record(row), {
-                    r.name: _step_record(r) for r in conn.execute(read_steps)})
+                state = SagaState(_saga_record(rows[0], _SAGA_LABELS),
+                                  {r.s_name: _step_record(r, _STEP_LABELS) for r in rows})
                 decision = decide(state)
                 if decision is None or not decision.changed:
                     return True, decision
-                if not self._write_decision(conn, saga_id, decision):
+                if not _write_decision(conn, saga_id, decision):
                     conn.rollback()
                     return False, None
                 return True, decision
@@ -242,27 +253,6 @@ class SQLStore(Store):
             if done:
                 return decision
         raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
-
-    def _write_decision(self, conn: Connection, saga_id: str, d: Decision) -> bool:
-        if d.saga is not None:
-            row = _saga_row(d.saga)
-            row["version"] = d.saga_version + 1
-            res = conn.execute(sagas.update().where(
-                sagas.c.saga_id == saga_id, sagas.c.version == d.saga_version).values(row))
-            if res.rowcount != 1:
-                return False
-        for s in d.steps:
-            row = _step_row(s)
-            expected = d.step_versions.get(s.name, s.version)
-            row["version"] = expected + 1
-            res = conn.execute(steps.update().where(
-                steps.c.saga_id == saga_id, steps.c.name == s.name,
-                steps.c.version == expected).values(row))
-            if res.rowcount != 1:
-                return False
-        if d.events:
-            conn.execute(events.insert(), [_event_row(e) for e in d.events])
-        return True
 
     # -- reads -------------------------------------------------------------------
 
@@ -352,6 +342,87 @@ class SQLStore(Store):
         return self._retrying(read)
 
 
+# -- prebuilt statements (compiled once, cached by SQLAlchemy) -------------------------
+
+_SAGA_LABELS = {c.name: f"g_{c.name}" for c in sagas.c}
+_STEP_LABELS = {c.name: f"s_{c.name}" for c in steps.c}
+_STATE = (sa.select(*[c.label(_SAGA_LABELS[c.name]) for c in sagas.c],
+                    *[c.label(_STEP_LABELS[c.name]) for c in steps.c])
+          .select_from(sagas.join(steps, steps.c.saga_id == sagas.c.saga_id))
+          .order_by(steps.c.position))
+
+_UPDATE_SAGA = (sagas.update()
+                .where(sagas.c.saga_id == sa.bindparam("k_saga_id"),
+                       sagas.c.version == sa.bindparam("k_version"))
+                .values({c.name: sa.bindparam(f"v_{c.name}") for c in sagas.c
+                         if c.name != "saga_id"}))
+_UPDATE_STEP = (steps.update()
+                .where(steps.c.saga_id == sa.bindparam("k_saga_id"),
+                       steps.c.name == sa.bindparam("k_name"),
+                       steps.c.version == sa.bindparam("k_version"))
+                .values({c.name: sa.bindparam(f"v_{c.name}") for c in steps.c
+                         if c.name not in ("saga_id", "name")}))
+
+_STARTED = {Phase.FORWARD: "step_started", Phase.COMPENSATE: "compensation_started"}
+_CLAIM = {
+    Phase.FORWARD: steps.update().where(
+        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
+        steps.c.status == StepStatus.DISPATCHED.value,
+        steps.c.attempt == sa.bindparam("k_attempt"),
+    ).values(status=StepStatus.RUNNING.value, started_at=sa.bindparam("k_now"),
+             lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
+             version=steps.c.version + 1),
+    Phase.COMPENSATE: steps.update().where(
+        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
+        steps.c.comp_status == CompensationStatus.DISPATCHED.value,
+        steps.c.comp_attempt == sa.bindparam("k_attempt"),
+    ).values(comp_status=CompensationStatus.RUNNING.value,
+             lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
+             version=steps.c.version + 1),
+}
+_PG_CLAIM_SQL = """
+WITH claimed AS (
+    UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
+           due_at = :k_lease_until, version = version + 1
+    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = 'DISPATCHED'
+          AND {attempt_col} = :k_attempt
+    RETURNING saga_id)
+INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
+SELECT saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase FROM claimed"""
+_PG_CLAIM = {
+    Phase.FORWARD: sa.text(_PG_CLAIM_SQL.format(
+        set_status="status = 'RUNNING', started_at = :k_now", status_col="status",
+        attempt_col="attempt")),
+    Phase.COMPENSATE: sa.text(_PG_CLAIM_SQL.format(
+        set_status="comp_status = 'RUNNING'", status_col="comp_status",
+        attempt_col="comp_attempt")),
+}
+
+
+def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
+    """Write a decision with compare-and-set on every record it changes."""
+    if d.saga is not None:
+        row = {f"v_{k}": v for k, v in _saga_row(d.saga).items() if k != "saga_id"}
+        row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)
+        if conn.execute(_UPDATE_SAGA, row).rowcount != 1:
+            return False
+    if d.steps:
+        rows = []
+        for s in d.steps:
+            expected = d.step_versions.get(s.name, s.version)
+            row = {f"v_{k}": v for k, v in _step_row(s).items()
+                   if k not in ("saga_id", "name")}
+            row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected,
+                       v_version=expected + 1)
+            rows.append(row)
+        # One executemany: psycopg pipelines it into a single round trip.
+        if conn.execute(_UPDATE_STEP, rows).rowcount != len(rows):
+            return False
+    if d.events:
+        conn.execute(events.insert(), [_event_row(e) for e in d.events])
+    return True
+
+
 # -- helpers ------------------------------------------------------------------------
 
 
@@ -423,7 +494,10 @@ def _saga_row(s: SagaRecord) -> dict[str, Any]:
     }
 
 
-def _saga_record(r: Any) -> SagaRecord:
+def _saga_record(r: Any, labels: dict[str, str] | None = None) -> SagaRecord:
+    if labels is not None:
+        m = r._mapping
+        r = _Row({k: m[v] for k, v in labels.items()})
     return SagaRecord(
         saga_id=r.saga_id, name=r.name, status=SagaStatus(r.status), input=r.input,
         fingerprint=r.fingerprint, created_at=r.created_at, updated_at=r.updated_at,
@@ -447,7 +521,10 @@ def _step_row(s: StepRecord) -> dict[str, Any]:
     }
 
 
-def _step_record(r: Any) -> StepRecord:
+def _step_record(r: Any, labels: dict[str, str] | None = None) -> StepRecord:
+    if labels is not None:
+        m = r._mapping
+        r = _Row({k: m[v] for k, v in labels.items()})
     return StepRecord(
         saga_id=r.saga_id, name=r.name, position=r.position, status=StepStatus(r.status),
         attempt=r.attempt,
@@ -459,6 +536,21 @@ def _step_record(r: Any) -> StepRecord:
         started_at=r.started_at, finished_at=r.finished_at, redispatches=r.redispatches,
         version=r.version,
     )
+
+
+class _Row:
+    """Attribute access over a dict of one table's columns out of a joined row."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, d: dict[str, Any]):
+        self._d = d
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._d[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _event_row(e: Event) -> dict[str, Any]:
