@@ -521,7 +521,7 @@ class SagaHandle:
             time.sleep(interval)
             # Poll every few ms while most sagas end (the first `fast_for` seconds),
             # then back off so that long sagas cost the store little.
-            cap = min(0.01, max_interval) if now - started < fast_for else max_interval
+            cap = min(0.005, max_interval) if now - started < fast_for else max_interval
             interval = min(interval * 1.5, cap)
         if saga.status is SagaStatus.COMPLETED:
             return saga.output
