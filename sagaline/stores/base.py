@@ -16,16 +16,20 @@ saga document per step.
 from __future__ import annotations
 
 import importlib
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, StoreError
 from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import Phase, SagaStatus
 
 Decide = Callable[[SagaState], "Decision | None"]
+T = TypeVar("T")
+log = logging.getLogger("sagaline.stores")
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,26 @@ def store_class(url: str) -> type[Store]:
 
 def store_from_url(url: str, **options: Any) -> Store:
     return store_class(url)(url, **options)  # type: ignore[call-arg]
+
+
+def retry_transient(fn: Callable[[], T], *, url: str, retry_for: float,
+                    errors: tuple[type[BaseException], ...],
+                    transient: Callable[[BaseException], bool] = lambda exc: True) -> T:
+    """Run `fn`, retrying transient failures (a restarting server, a lock) with backoff
+    for `retry_for` seconds; then, or at once for a permanent error, raise StoreError."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except errors as exc:
+            cause = getattr(exc, "orig", None) or exc
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise StoreError(f"store {redact(url)} failed: {first}") from exc
+            log.warning("store %s: %s; retrying in %.2fs", redact(url), first, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def redact(url: str) -> str:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,11 +58,17 @@ from typing import Any, TypeVar
 from ..exceptions import ConcurrencyError, StoreError
 from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .base import Decide, DueItem, Store, matches_filter, redact, require_extra
+from .base import (
+    Decide,
+    DueItem,
+    Store,
+    matches_filter,
+    require_extra,
+    retry_transient,
+)
 
 redis = require_extra("redis", "redis")
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Transient failures (a restarting or loading server, a dropped connection) are
@@ -161,17 +166,8 @@ class RedisStore(Store):
         return ":".join((self.prefix, *parts))
 
     def _retrying(self, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.retry_for
-        delay = 0.05
-        while True:
-            try:
-                return fn()
-            except self._transient as exc:
-                if time.monotonic() + delay > deadline:
-                    raise StoreError(f"store {redact(self.url)} failed: {exc}") from exc
-                log.warning("store %s: %s; retrying in %.2fs", redact(self.url), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
+                               errors=self._transient)
 
     def close(self) -> None:
         self._client.close()

@@ -11,9 +11,7 @@ versions it read, so a claim that slips in between is never overwritten.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,14 +22,13 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from ..exceptions import ConcurrencyError, StoreError
+from ..exceptions import ConcurrencyError
 from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from . import schema
-from .base import Decide, DueItem, Store, redact, require_extra
+from .base import Decide, DueItem, Store, require_extra, retry_transient
 from .schema import events, sagas, steps
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Transient failures (a restarted server, a locked SQLite file, a deadlock) are
@@ -83,20 +80,9 @@ class SQLStore(Store):
                 self._migrated = True
 
     def _retrying(self, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.retry_for
-        delay = 0.05
-        while True:
-            try:
-                return fn()
-            except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-                if not transient(exc):
-                    raise StoreError(f"store {redact(self.url)} failed: {exc.orig}") from exc
-                if time.monotonic() + delay > deadline:
-                    raise StoreError(f"store {redact(self.url)} failed: {exc.orig}") from exc
-                log.warning("store %s: %s; retrying in %.2fs", redact(self.url),
-                            str(exc.orig).strip().splitlines()[0] if exc.orig else exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
+                               errors=(sa_exc.OperationalError, sa_exc.InterfaceError),
+                               transient=transient)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -433,11 +419,11 @@ _PG_TRANSIENT = ("08", "40", "53", "57")
 _MYSQL_TRANSIENT = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
 
 
-def transient(exc: sa_exc.DBAPIError) -> bool:
+def transient(exc: BaseException) -> bool:
     """Whether a failed statement may succeed if tried again (a server restart, a lock)."""
-    if exc.connection_invalidated or isinstance(exc, sa_exc.InterfaceError):
+    if isinstance(exc, sa_exc.InterfaceError) or getattr(exc, "connection_invalidated", False):
         return True
-    orig = exc.orig
+    orig = getattr(exc, "orig", exc)
     sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate is not None:
         return str(sqlstate).startswith(_PG_TRANSIENT)
