@@ -10,9 +10,14 @@ breaks something mid-run:
    SIGKILL twice, at seeded random moments, and restarted;
 2. the broker (a private redis-server without persistence) is stopped for 2 s:
    every queued message is lost, the sweeper publishes DISPATCHED steps again;
-3. the store (a private PostgreSQL cluster) is stopped for 2 s;
+3. the store (a private PostgreSQL cluster, or a private redis-server with
+   appendonly for the Redis store) is stopped for 2 s and restarted on its port;
 4. (aimed) the workers are killed while a saga rolls back and a sibling step that
    already applied its effect is still running: that step must be undone too.
+
+Tests 1 and 3 run once with the SQL store on PostgreSQL ("postgres") and once
+with the Redis store on its own private redis-server with `appendonly yes`
+("redis"), separate from the broker's.
 
 Then every saga must reach a terminal state within lease + 30 s of the last
 restart, and the ledger that steps write (idempotently, by the step's
@@ -47,8 +52,9 @@ from celery import Celery
 
 import sagaline
 from sagaline import SagaStatus
+from sagaline.records import SagaFilter
 from sagaline.runtime import Runtime
-from sagaline.states import SAGA_TERMINAL
+from sagaline.states import SAGA_TERMINAL, CompensationStatus, StepStatus
 from sagaline.stores.schema import events as events_table
 from sagaline.stores.schema import sagas as sagas_table
 from sagaline.stores.schema import steps as steps_table
@@ -95,6 +101,7 @@ class Cluster:
     saga: sagaline.Saga = chaos_app.fork
     workers: list[WorkerProcess] = field(default_factory=list)  # every one ever started
     live: list[WorkerProcess] = field(default_factory=list)
+    saga_ids: list[str] = field(default_factory=list)  # every saga started
 
     def __post_init__(self) -> None:
         with psycopg.connect(self.ledger_dsn, autocommit=True) as conn:
@@ -163,7 +170,21 @@ class Cluster:
         # No worker is left to change the store: this is exactly what the kill cut short.
         return Kill(at, pids, self.running_steps())
 
+    @property
+    def sql(self) -> bool:
+        """True for the SQL store (read with SQL); otherwise read through the Store API."""
+        return hasattr(self.runtime.store, "engine")
+
     def running_steps(self) -> set[tuple[str, str, str]]:
+        if not self.sql:
+            found = set()
+            for saga_id in self.saga_ids:
+                for st in self.runtime.store.get_steps(saga_id):
+                    if st.status is StepStatus.RUNNING:
+                        found.add((saga_id, st.name, "forward"))
+                    elif st.comp_status is CompensationStatus.RUNNING:
+                        found.add((saga_id, st.name, "compensate"))
+            return found
         s = steps_table
         with self.runtime.store.engine.connect() as conn:
             rows = conn.execute(sa.select(s.c.saga_id, s.c.name, s.c.status, s.c.comp_status)
@@ -197,6 +218,7 @@ class Cluster:
             handle = self.runtime.start_saga(self.saga, {
                 "n": i, "durations": durations_i, "fail": self.failing_step if fails else None})
             started[handle.saga_id] = fails
+            self.saga_ids.append(handle.saga_id)
         return started
 
     def not_terminal(self) -> int:
@@ -210,6 +232,10 @@ class Cluster:
             time.sleep(0.25)
 
     def redispatches(self) -> int:
+        kinds = {"step_redispatched", "compensation_redispatched"}
+        if not self.sql:
+            return sum(1 for saga_id in self.saga_ids
+                       for ev in self.runtime.store.history(saga_id) if ev.kind in kinds)
         e = events_table
         with self.runtime.store.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).where(e.c.kind.in_(
@@ -223,6 +249,17 @@ class Cluster:
                 if ("ERROR" in line or "CRITICAL" in line) and "failed on purpose" not in line:
                     found.append(f"{w.name}: {line[:300]}")
         return found
+
+    def stuck_ids(self) -> list[str]:
+        """Ids of the sagas not terminal yet."""
+        if not self.sql:
+            active = [st for st in SagaStatus if st not in SAGA_TERMINAL]
+            return [r.saga_id for r in self.runtime.store.list_sagas(
+                SagaFilter(status=active, name=self.saga.name, limit=len(self.saga_ids)))]
+        with self.runtime.store.engine.connect() as conn:
+            return [r.saga_id for r in conn.execute(
+                sa.select(sagas_table.c.saga_id).where(
+                    sagas_table.c.status.not_in([s.value for s in SAGA_TERMINAL])))]
 
     def close(self) -> None:
         for w in self.workers:
@@ -244,6 +281,23 @@ def shared_db() -> Iterator[str]:
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     redis = PrivateRedis()
+    try:
+        yield redis
+    finally:
+        redis.destroy()
+
+
+@pytest.fixture(params=["postgres", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The state store under test: the SQL store on PostgreSQL, or the Redis store."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_redis() -> Iterator[PrivateRedis]:
+    """The Redis store's own private redis-server (not the broker's), with appendonly
+    (appendfsync always): what it acknowledged survives a stop and restart."""
+    redis = PrivateRedis(appendonly=True)
     try:
         yield redis
     finally:
@@ -369,10 +423,7 @@ def settle(cluster: Cluster, last_restart: float, label: str) -> str:
     print(f"[{label}] all terminal {took:.1f}s after the last restart" if not stuck else
           f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart")
     if stuck:
-        with cluster.runtime.store.engine.connect() as conn:
-            ids = [r.saga_id for r in conn.execute(
-                sa.select(sagas_table.c.saga_id).where(
-                    sagas_table.c.status.not_in([s.value for s in SAGA_TERMINAL])))]
+        ids = cluster.stuck_ids()
         shown = "\n\n".join(history_text(cluster, i) for i in ids[:5])
         errors = "\n".join(cluster.log_errors()[-20:])
         return (f"[{label}] {stuck} sagas not terminal {SETTLE:.0f}s after the last "
@@ -383,10 +434,16 @@ def settle(cluster: Cluster, last_restart: float, label: str) -> str:
 # -- the tests ---------------------------------------------------------------------------
 
 
-def test_workers_killed_twice_mid_run(private_redis: PrivateRedis, shared_db: str,
-                                      tmp_path: Path) -> None:
+def test_workers_killed_twice_mid_run(store_kind: str, private_redis: PrivateRedis,
+                                      shared_db: str, tmp_path: Path,
+                                      request: pytest.FixtureRequest) -> None:
     rng = random.Random(SEED)
-    cluster = Cluster(private_redis.url, shared_db, shared_db, tmp_path, saga=chaos_app.pair)
+    if store_kind == "redis":
+        store_url = request.getfixturevalue("store_redis").url
+        label = "workers/redis"
+    else:
+        store_url, label = shared_db, "workers"
+    cluster = Cluster(private_redis.url, store_url, shared_db, tmp_path, saga=chaos_app.pair)
     try:
         cluster.start_workers()
         started = cluster.start_sagas(200, rng)
@@ -398,9 +455,9 @@ def test_workers_killed_twice_mid_run(private_redis: PrivateRedis, shared_db: st
             cluster.start_workers()
         last_restart = time.monotonic()
         assert sum(len(k.running) for k in kills) > 0, "the kills hit no running step"
-        unsettled = settle(cluster, last_restart, "workers")
-        print(f"[workers] total {time.monotonic() - t0:.1f}s from the first saga started")
-        check_outcome(cluster, started, kills, "workers", unsettled)
+        unsettled = settle(cluster, last_restart, label)
+        print(f"[{label}] total {time.monotonic() - t0:.1f}s from the first saga started")
+        check_outcome(cluster, started, kills, label, unsettled)
     finally:
         cluster.close()
 
@@ -430,34 +487,46 @@ def test_broker_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
         cluster.close()
 
 
-def test_store_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
-                                 tmp_path: Path) -> None:
+def test_store_restarted_mid_run(store_kind: str, private_redis: PrivateRedis,
+                                 shared_db: str, tmp_path: Path,
+                                 request: pytest.FixtureRequest) -> None:
     rng = random.Random(SEED + 2)
-    pg = PrivatePostgres()
+    server: PrivatePostgres | PrivateRedis
+    if store_kind == "redis":
+        server, label = request.getfixturevalue("store_redis"), "store/redis"
+    else:
+        server, label = PrivatePostgres(), "store"
     cluster: Cluster | None = None
     try:
-        cluster = Cluster(private_redis.url, pg.url, shared_db, tmp_path)  # ledger: shared
+        cluster = Cluster(private_redis.url, server.url, shared_db, tmp_path)  # ledger: shared
         cluster.start_workers()
         started = cluster.start_sagas(50, rng)
         t0 = time.monotonic()
         time.sleep(rng.uniform(1.0, 2.0))
         in_flight = cluster.not_terminal()
-        pg.stop("fast")  # every session is terminated, no connection accepted
+        if isinstance(server, PrivatePostgres):
+            server.stop("fast")  # every session is terminated, no connection accepted
+        else:
+            server.stop()  # SIGTERM: every connection is dropped; the AOF keeps the data
         down_at = time.monotonic() - t0
-        wait_until(lambda: not pg.is_running(), timeout=15, what="postgres down")
+        wait_until(lambda: not server.is_running(), timeout=15, what=f"{store_kind} down")
         time.sleep(2.0)
-        pg.start()
+        server.start()  # on the same port
         last_restart = time.monotonic()
-        print(f"\n[store] postgres stopped at +{down_at:.2f}s with {in_flight} sagas in "
-              f"flight, back after {time.monotonic() - t0 - down_at:.2f}s")
+        print(f"\n[{label}] {store_kind} stopped at +{down_at:.2f}s with {in_flight} sagas "
+              f"in flight, back after {time.monotonic() - t0 - down_at:.2f}s")
         assert in_flight > 0
         assert all(w.is_running() for w in cluster.live)
-        unsettled = settle(cluster, last_restart, "store")
-        check_outcome(cluster, started, [], "store", unsettled)
+        unsettled = settle(cluster, last_restart, label)
+        # Nothing the store acknowledged was lost: every saga started is still there.
+        counts = cluster.runtime.store.count_by_status(cluster.saga.name)
+        assert sum(counts.values()) == len(started), f"sagas in the store: {counts}"
+        check_outcome(cluster, started, [], label, unsettled)
     finally:
         if cluster is not None:
             cluster.close()
-        pg.destroy()
+        if isinstance(server, PrivatePostgres):
+            server.destroy()
 
 
 def test_worker_killed_while_a_sibling_runs_during_rollback(
