@@ -574,6 +574,26 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
     return w.decision()
 
 
+def refused_message(state: SagaState, event: Event, phase: Phase, *,
+                    timing: Timing) -> Decision:
+    """A worker with other code for this saga dropped one of its messages.
+
+    It records why and offers the message again soon, to another worker: a refusal
+    says nothing of a backlog, so the re-publish backoff starts over. Only the
+    step's due time changes; no decision of the saga's graph is made without it.
+    """
+    rec = state.steps.get(event.step or "")
+    decision = Decision(events=[event])
+    dispatched = rec is not None and (
+        rec.status is StepStatus.DISPATCHED if phase is Phase.FORWARD
+        else rec.comp_status is CompensationStatus.DISPATCHED)
+    if rec is not None and dispatched and rec.attempt_for(phase) == event.attempt:
+        decision.steps = [replace(rec, due_at=event.ts + timing.redispatch_after,
+                                  redispatches=0)]
+        decision.step_versions = {rec.name: rec.version}
+    return decision
+
+
 def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decision | None:
     """Retry exactly what is unfinished in a FAILED saga (compensations, or forward steps)."""
     w = Work(defn, state, now, timing)

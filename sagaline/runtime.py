@@ -407,14 +407,14 @@ class Runtime:
         log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
                   "code to every worker", meta.get("saga_id"), meta.get("saga"),
                   meta.get("step"), why)
+        event = Event(str(meta["saga_id"]), "definition_mismatch", time.time(),
+                      str(meta.get("step")), int(meta.get("attempt", 0)),
+                      str(meta.get("phase")),
+                      {"worker_fingerprint": getattr(defn, "fingerprint", None),
+                       "saga_fingerprint": meta.get("fingerprint"), "pid": os.getpid()})
         try:
-            self.store.append_event(Event(str(meta["saga_id"]), "definition_mismatch",
-                                          time.time(), str(meta.get("step")),
-                                          int(meta.get("attempt", 0)), str(meta.get("phase")),
-                                          {"worker_fingerprint": getattr(defn, "fingerprint",
-                                                                         None),
-                                           "saga_fingerprint": meta.get("fingerprint"),
-                                           "pid": os.getpid()}))
+            self.store.transact(event.saga_id, lambda st: engine.refused_message(
+                st, event, Phase(str(meta.get("phase"))), timing=self.timing))
         except Exception:
             log.exception("could not record the definition mismatch")
 

@@ -39,10 +39,13 @@ def test_a_worker_with_another_definition_records_why_and_changes_nothing(
         assert not [e for e in view.history if e.kind == "step_started"]
         assert stack.ledger(handle.saga_id) == []
 
+        # Deploy the right code: the old worker goes, a new one comes. The refused
+        # message was offered again within redispatch_after, not after a backoff.
+        stack.worker.stop()
         env = {k: v for k, v in stack.env.items() if k != "SAGALINE_TEST_VARIANT"}
         with WorkerProcess("tests.integration.sagas_app", env=env, concurrency=1,
                            workdir=tmp_path_factory.mktemp("right-code")):
-            assert handle.get(timeout=90)["s4_done"] is True
+            assert handle.get(timeout=60)["s4_done"] is True
         assert [a for _, a, *_ in stack.ledger(handle.saga_id)] == ["do"] * 4
     finally:
         next(stacks, None)

@@ -871,3 +871,21 @@ def test_a_step_that_fails_normally_after_a_crashed_attempt_is_compensated() -> 
     run.fail("s2", permanent=True)
     assert run.step("s2").status.value == "FAILED" and run.step("s2").has_compensation_data
     assert run.dispatched() == ["s2"]
+
+
+def test_a_message_refused_by_other_code_is_offered_again_soon() -> None:
+    run = Run(linear("eng_refused"))
+    for _ in range(3):  # a backlog made its re-publishes back off
+        run.now = (run.step("s1").due_at or T0) + 0.001
+        run.redispatch("s1")
+    assert run.step("s1").redispatches == 3
+    event = Event("saga-1", "definition_mismatch", run.now, "s1", 1, "forward", {})
+    decision = engine.refused_message(run.snapshot(), event, Phase.FORWARD, timing=run.timing)
+    run.apply(decision)
+    assert run.step("s1").redispatches == 0
+    assert run.step("s1").due_at == run.now + run.timing.redispatch_after
+    assert run.events[-1].kind == "definition_mismatch"
+    # A refusal of a stale attempt changes nothing but the history.
+    stale = Event("saga-1", "definition_mismatch", run.now, "s1", 7, "forward", {})
+    assert engine.refused_message(run.snapshot(), stale, Phase.FORWARD,
+                                  timing=run.timing).steps == []
