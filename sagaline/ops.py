@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from . import engine
+from . import engine, recovery
 from .exceptions import InvalidTransition, SagaNotFound
 from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
@@ -78,14 +78,14 @@ def cancel(saga_id: str, *, reason: str = "cancelled by operator",
            runtime: Runtime | None = None) -> SagaRecord:
     """Stop a running saga and compensate what it applied."""
     rt = runtime or current_runtime()
-    return _operate(rt, saga_id, "cancel", lambda d, st: engine.cancel(
+    return _operate(rt, saga_id, "cancel", lambda d, st: recovery.cancel(
         d, st, reason=reason, now=time.time(), timing=rt.timing))
 
 
 def resume(saga_id: str, *, runtime: Runtime | None = None) -> SagaRecord:
     """Retry exactly the unfinished compensations (or forward steps) of a FAILED saga."""
     rt = runtime or current_runtime()
-    return _operate(rt, saga_id, "resume", lambda d, st: engine.resume(
+    return _operate(rt, saga_id, "resume", lambda d, st: recovery.resume(
         d, st, now=time.time(), timing=rt.timing))
 
 
@@ -119,7 +119,7 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
                 return None
             t = time.time() if now is None else now
             if step is None:
-                return engine.deadline_or_grace_due(defn, state, now=t, timing=rt.timing)
+                return recovery.deadline_or_grace_due(defn, state, now=t, timing=rt.timing)
             rec = state.steps.get(step)
             if rec is None:
                 return None
@@ -129,8 +129,8 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
                 child_step.append(step)  # a child saga runs it: no lease to expire
                 return None
             if running:
-                return engine.lease_expired(defn, state, step, now=t, timing=rt.timing)
-            return engine.redispatch(defn, state, step, now=t, timing=rt.timing)
+                return recovery.lease_expired(defn, state, step, now=t, timing=rt.timing)
+            return recovery.redispatch(defn, state, step, now=t, timing=rt.timing)
 
         try:
             decision = rt.store.transact(item.saga_id, decide)

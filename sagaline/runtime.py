@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from . import engine, signals
+from . import engine, recovery, signals
 from .context import StepInfo, _current
 from .definition import Saga, StepResponse, accepted_kwargs, registered_saga
 from .exceptions import (
@@ -234,10 +234,10 @@ class Runtime:
                 return
             cause = f"parent saga {d.saga_id} is rolling back"
             if record.status is SagaStatus.COMPLETED:
-                self.transact(child_id, lambda defn, st: engine.rollback_completed(
+                self.transact(child_id, lambda defn, st: recovery.rollback_completed(
                     defn, st, cause=cause, now=time.time(), timing=self.timing))
             elif record.status is SagaStatus.FAILED:
-                self.transact(child_id, lambda defn, st: engine.resume(
+                self.transact(child_id, lambda defn, st: recovery.resume(
                     defn, st, now=time.time(), timing=self.timing))
         self.check_child(d.saga_id, d.step)
 
@@ -255,7 +255,7 @@ class Runtime:
         child = self.store.get_saga(child_id)
         if child is None and phase is Phase.FORWARD:
             # Claimed, then the process died before creating the child: a crashed attempt.
-            self.transact(parent_id, lambda defn, st: engine.lease_expired(
+            self.transact(parent_id, lambda defn, st: recovery.lease_expired(
                 defn, st, step, now=time.time(), timing=self.timing))
             return True
         if child is not None and child.status in SAGA_TERMINAL:
@@ -413,7 +413,7 @@ class Runtime:
                       {"worker_fingerprint": getattr(defn, "fingerprint", None),
                        "saga_fingerprint": meta.get("fingerprint"), "pid": os.getpid()})
         try:
-            self.store.transact(event.saga_id, lambda st: engine.refused_message(
+            self.store.transact(event.saga_id, lambda st: recovery.refused_message(
                 st, event, Phase(str(meta.get("phase"))), timing=self.timing))
         except Exception:
             log.exception("could not record the definition mismatch")

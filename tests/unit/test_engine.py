@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from sagaline import engine
+from sagaline import engine, recovery
 from sagaline.definition import FAIL_FAST_WITH_GRACE, Retry, Saga, StepResponse
 from sagaline.records import Decision, Dispatch, Event, SagaState, StepRecord
 from sagaline.states import (
@@ -134,23 +134,23 @@ class Run:
     # -- operators and the sweeper ---------------------------------------------------
 
     def cancel(self) -> Decision | None:
-        return self.apply(engine.cancel(self.defn, self.snapshot(), reason="operator",
+        return self.apply(recovery.cancel(self.defn, self.snapshot(), reason="operator",
                                         now=self.now, timing=self.timing))
 
     def resume(self) -> Decision | None:
-        return self.apply(engine.resume(self.defn, self.snapshot(), now=self.now,
+        return self.apply(recovery.resume(self.defn, self.snapshot(), now=self.now,
                                         timing=self.timing))
 
     def due(self) -> Decision | None:
-        return self.apply(engine.deadline_or_grace_due(self.defn, self.snapshot(), now=self.now,
+        return self.apply(recovery.deadline_or_grace_due(self.defn, self.snapshot(), now=self.now,
                                                        timing=self.timing))
 
     def lease_expired(self, name: str) -> Decision | None:
-        return self.apply(engine.lease_expired(self.defn, self.snapshot(), name, now=self.now,
+        return self.apply(recovery.lease_expired(self.defn, self.snapshot(), name, now=self.now,
                                                timing=self.timing))
 
     def redispatch(self, name: str) -> Decision | None:
-        return self.apply(engine.redispatch(self.defn, self.snapshot(), name, now=self.now,
+        return self.apply(recovery.redispatch(self.defn, self.snapshot(), name, now=self.now,
                                             timing=self.timing))
 
     # -- reading -----------------------------------------------------------------------
@@ -671,7 +671,7 @@ def test_cancel_of_a_completed_saga_decides_nothing() -> None:
     run = Run(linear("eng_cancel_done", 1))
     run.succeed("s1")
     assert run.status is SagaStatus.COMPLETED
-    assert engine.cancel(run.defn, run.snapshot(), reason="late", now=run.now,
+    assert recovery.cancel(run.defn, run.snapshot(), reason="late", now=run.now,
                          timing=run.timing) is None
 
 
@@ -880,12 +880,12 @@ def test_a_message_refused_by_other_code_is_offered_again_soon() -> None:
         run.redispatch("s1")
     assert run.step("s1").redispatches == 3
     event = Event("saga-1", "definition_mismatch", run.now, "s1", 1, "forward", {})
-    decision = engine.refused_message(run.snapshot(), event, Phase.FORWARD, timing=run.timing)
+    decision = recovery.refused_message(run.snapshot(), event, Phase.FORWARD, timing=run.timing)
     run.apply(decision)
     assert run.step("s1").redispatches == 0
     assert run.step("s1").due_at == run.now + run.timing.redispatch_after
     assert run.events[-1].kind == "definition_mismatch"
     # A refusal of a stale attempt changes nothing but the history.
     stale = Event("saga-1", "definition_mismatch", run.now, "s1", 7, "forward", {})
-    assert engine.refused_message(run.snapshot(), stale, Phase.FORWARD,
+    assert recovery.refused_message(run.snapshot(), stale, Phase.FORWARD,
                                   timing=run.timing).steps == []

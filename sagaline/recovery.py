@@ -1,0 +1,169 @@
+"""Pure decisions for operators and the sweeper: cancel, resume, deadlines, leases, re-publishes.
+
+Like engine.py, every function reads a saga's state and returns a Decision, with
+no I/O; they reuse the engine's forward and rollback machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .definition import Saga
+from .engine import (
+    Timing,
+    Work,
+    advance,
+    begin_compensation,
+    dispatch_compensation,
+    dispatch_forward,
+    fail_attempt,
+    fail_compensation_attempt,
+    needs_compensation,
+)
+from .records import Decision, Event, SagaState
+from .states import (
+    STEP_IN_FLIGHT,
+    CompensationStatus,
+    FailureStrategy,
+    Phase,
+    SagaStatus,
+    StepStatus,
+)
+
+
+def cancel(defn: Saga, state: SagaState, *, reason: str, now: float,
+           timing: Timing) -> Decision | None:
+    w = Work(defn, state, now, timing)
+    if w.saga.status is not SagaStatus.RUNNING:
+        return None
+    begin_compensation(w, cause=reason, failed_step=None, strategy=FailureStrategy.FAIL_FAST)
+    advance(w)
+    return w.decision()
+
+
+def deadline_or_grace_due(defn: Saga, state: SagaState, *, now: float,
+                          timing: Timing) -> Decision | None:
+    """The saga's due time passed: its deadline (RUNNING) or its grace period (COMPENSATING)."""
+    w = Work(defn, state, now, timing)
+    if w.saga.due_at is None or w.saga.due_at > now:
+        return None
+    if w.saga.status is SagaStatus.RUNNING:
+        w.event("saga_deadline_exceeded", deadline=w.saga.deadline)
+        begin_compensation(w, cause=f"deadline exceeded (timeout={defn.timeout}s)",
+                           failed_step=None, strategy=FailureStrategy.FAIL_FAST)
+    elif w.saga.status is SagaStatus.COMPENSATING:
+        w.update_saga(due_at=None)
+        for name in w.graph.order:
+            rec = w.steps[name]
+            if rec.status in STEP_IN_FLIGHT:
+                # Its outcome is unknown: count it as applied so that it is undone too.
+                w.update_step(name, status=StepStatus.FAILED, finished_at=now, lease_until=None,
+                              due_at=None, has_compensation_data=True,
+                              compensation_data=rec.compensation_data,
+                              error="outcome unknown: still running when the grace period ended")
+                w.event("step_abandoned", name, rec.attempt, Phase.FORWARD,
+                        reason="grace_period_ended")
+    else:
+        w.update_saga(due_at=None)
+    advance(w)
+    return w.decision()
+
+
+def rollback_completed(defn: Saga, state: SagaState, *, cause: str, now: float,
+                       timing: Timing) -> Decision | None:
+    """Compensate a COMPLETED saga as a whole: a child whose parent is rolling back."""
+    w = Work(defn, state, now, timing)
+    if w.saga.status is not SagaStatus.COMPLETED:
+        return None
+    begin_compensation(w, cause=cause, failed_step=None, strategy=FailureStrategy.FAIL_FAST)
+    advance(w)
+    return w.decision()
+
+
+def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
+                  timing: Timing) -> Decision | None:
+    """The sweeper found a RUNNING step (or compensation) whose worker stopped renewing it."""
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.lease_until is None or rec.lease_until > now:
+        return None
+    error = "LeaseExpired: the worker running it died or stopped responding"
+    if rec.status is StepStatus.RUNNING:
+        fail_attempt(w, step, error=error, permanent=False, reason="lease_expired")
+    elif rec.comp_status is CompensationStatus.RUNNING:
+        fail_compensation_attempt(w, step, error=error, reason="lease_expired")
+    else:
+        return None
+    advance(w)
+    return w.decision()
+
+
+def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
+               timing: Timing) -> Decision | None:
+    """Publish again a DISPATCHED message that may have been lost (same attempt: fenced)."""
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.due_at is None or rec.due_at > now:
+        return None
+    # A message that merely waits behind a backlog looks lost too: back off, so that a
+    # busy queue is not flooded with copies (each copy is fenced, but costs a delivery).
+    times = rec.redispatches + 1
+    if rec.status is StepStatus.DISPATCHED and w.saga.status in (SagaStatus.RUNNING,
+                                                                 SagaStatus.COMPENSATING):
+        dispatch_forward(w, step, attempt=rec.attempt, announce=False)
+        w.event("step_redispatched", step, rec.attempt, Phase.FORWARD, times=times)
+    elif rec.comp_status is CompensationStatus.DISPATCHED:
+        dispatch_compensation(w, step, attempt=rec.comp_attempt, announce=False)
+        w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE,
+                times=times)
+    else:
+        return None
+    w.update_step(step, redispatches=times,
+                  due_at=now + w.timing.redispatch_after * min(2 ** times, 32))
+    return w.decision()
+
+
+def refused_message(state: SagaState, event: Event, phase: Phase, *,
+                    timing: Timing) -> Decision:
+    """A worker with other code for this saga dropped one of its messages.
+
+    It records why and offers the message again soon, to another worker: a refusal
+    says nothing of a backlog, so the re-publish backoff starts over. Only the
+    step's due time changes; no decision of the saga's graph is made without it.
+    """
+    rec = state.steps.get(event.step or "")
+    decision = Decision(events=[event])
+    dispatched = rec is not None and (
+        rec.status is StepStatus.DISPATCHED if phase is Phase.FORWARD
+        else rec.comp_status is CompensationStatus.DISPATCHED)
+    if rec is not None and dispatched and rec.attempt_for(phase) == event.attempt:
+        decision.steps = [replace(rec, due_at=event.ts + timing.redispatch_after,
+                                  redispatches=0)]
+        decision.step_versions = {rec.name: rec.version}
+    return decision
+
+
+def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decision | None:
+    """Retry exactly what is unfinished in a FAILED saga (compensations, or forward steps)."""
+    w = Work(defn, state, now, timing)
+    if w.saga.status is not SagaStatus.FAILED:
+        return None
+    failed_comps = [n for n in w.graph.order
+                    if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
+    # After a pivot nothing is compensated: the saga can only go forward.
+    if failed_comps or (not w.pivot_passed() and any(
+            needs_compensation(w, n) and w.steps[n].comp_status is None
+            for n in w.graph.order)):
+        w.update_saga(status=SagaStatus.COMPENSATING, finished_at=None)
+        w.event("saga_resumed", mode="compensation", steps=failed_comps)
+        for n in failed_comps:
+            w.update_step(n, comp_status=None, comp_error=None)
+        advance(w)
+        return w.decision()
+    failed_forward = [n for n in w.graph.order if w.steps[n].status is StepStatus.FAILED]
+    w.update_saga(status=SagaStatus.RUNNING, finished_at=None, error=None, failed_step=None)
+    w.event("saga_resumed", mode="forward", steps=failed_forward)
+    for n in failed_forward:
+        dispatch_forward(w, n, attempt=w.steps[n].attempt + 1)
+    advance(w)
+    return w.decision()
