@@ -29,7 +29,7 @@ from .exceptions import (
     StoreError,
 )
 from .functional import parallelize, saga, step, transform
-from .ops import SagaView, cancel, get_saga, list_sagas, resume, sweep
+from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
 from .runtime import SagaHandle
 from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
 
@@ -59,6 +59,7 @@ __all__ = [
     "cancel",
     "get_saga",
     "list_sagas",
+    "migrate",
     "resume",
     "sweep",
     # statuses

@@ -99,6 +99,23 @@ def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
     return saga
 
 
+def migrate(store_url: str | None = None, *, runtime: Runtime | None = None) -> None:
+    """Create or upgrade the store's schema (stores migrate on first use anyway).
+
+    With `store_url`, that store; otherwise the store of the current runtime.
+    """
+    if store_url is None:
+        (runtime or current_runtime()).store.migrate()
+        return
+    from .stores import store_from_url
+
+    store = store_from_url(store_url, auto_migrate=False)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
 def sweep(runtime: Runtime | None = None, *, now: float | None = None,
           limit: int = 200) -> int:
     """Repair what crashes left behind; returns how many items it acted on.

@@ -757,3 +757,19 @@ def test_migrated_schema_matches_the_metadata(fresh_sql_url: str) -> None:
         assert diff == []
     finally:
         st.close()
+
+
+def test_migrate_is_a_public_function_that_creates_the_schema(tmp_path: Path) -> None:
+    import sagaline
+    from sagaline.stores.schema import SCHEMA_REVISION, VERSION_TABLE
+
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    sagaline.migrate(url)
+    sagaline.migrate(url)  # idempotent
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        revision = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    engine.dispose()
+    assert {"sagaline_sagas", "sagaline_steps", "sagaline_events"} <= tables
+    assert revision == SCHEMA_REVISION
