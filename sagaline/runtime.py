@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -25,7 +24,7 @@ from .exceptions import (
     SagaTimeout,
     StepFailure,
 )
-from .records import Decision, Dispatch, Event, SagaRecord, SagaState
+from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
 from .states import SAGA_TERMINAL, Phase, SagaStatus
 from .stores.base import Store, store_from_url
 
@@ -226,7 +225,8 @@ class Runtime:
             if not self.store.claim_step(d.saga_id, d.step, Phase.COMPENSATE, d.attempt,
                                          lease_until=due, now=now):
                 return
-            child_id = str((d.kwargs.get("compensation_data") or {}).get("child_saga_id"))
+            rec = next(s for s in self.store.get_steps(d.saga_id) if s.name == d.step)
+            child_id = child_of(d.saga_id, rec)
             record = self.store.get_saga(child_id)
             if record is None:  # nothing was ever applied by it
                 self.transact(d.saga_id, lambda defn, st: engine.compensation_succeeded(
@@ -239,6 +239,11 @@ class Runtime:
             elif record.status is SagaStatus.FAILED:
                 self.transact(child_id, lambda defn, st: recovery.resume(
                     defn, st, now=time.time(), timing=self.timing))
+            elif record.status is SagaStatus.RUNNING:
+                # Its outcome was given up on (a grace period ended): stop it; it then
+                # compensates itself and its end completes this compensation.
+                self.transact(child_id, lambda defn, st: recovery.cancel(
+                    defn, st, reason=cause, now=time.time(), timing=self.timing))
         self.check_child(d.saga_id, d.step)
 
     def check_child(self, parent_id: str, step: str) -> bool:
@@ -248,11 +253,7 @@ class Runtime:
         if rec is None:
             return False
         phase = Phase.COMPENSATE if rec.comp_status is not None else Phase.FORWARD
-        if phase is Phase.FORWARD:
-            child_id = child_saga_id(parent_id, step, rec.attempt)
-        else:
-            child_id = str((rec.compensation_data or {}).get("child_saga_id"))
-        child = self.store.get_saga(child_id)
+        child = self.store.get_saga(child_of(parent_id, rec))
         if child is None and phase is Phase.FORWARD:
             # Claimed, then the process died before creating the child: a crashed attempt.
             self.transact(parent_id, lambda defn, st: recovery.lease_expired(
@@ -272,6 +273,8 @@ class Runtime:
             rec = st.steps[step]
             now = time.time()
             if rec.comp_status is not None:
+                if child.saga_id != child_of(parent_id, rec):
+                    return None
                 if child.status is SagaStatus.COMPENSATED:
                     return engine.compensation_succeeded(defn, st, step, rec.comp_attempt,
                                                          now=now, timing=self.timing)
@@ -475,13 +478,18 @@ def child_saga_id(parent_id: str, step: str, attempt: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sagaline:{parent_id}:{step}:{attempt}"))
 
 
+def child_of(parent_id: str, rec: StepRecord) -> str:
+    """The child saga a parent step ran: recorded when it completed, else derived."""
+    data = rec.compensation_data if isinstance(rec.compensation_data, dict) else {}
+    return str(data.get("child_saga_id") or child_saga_id(parent_id, rec.name, rec.attempt))
+
+
 def check_json_input(saga_name: str, input: dict[str, Any]) -> None:
     for key, value in input.items():
         try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"input {key!r} of saga {saga_name!r} is not JSON-serializable "
-                             f"({exc}); sagaline stores and sends JSON only") from None
+            engine.ensure_json(value, f"input {key!r} of saga {saga_name!r}")
+        except TypeError as exc:
+            raise InputError(f"{exc}; sagaline stores and sends JSON only") from None
 
 
 class SagaHandle:

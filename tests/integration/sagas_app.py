@@ -328,3 +328,12 @@ parent_saga = (
     .add_saga(child_saga, name="child")
     .add_step(s4)
 )
+
+slow_child = Saga("slow_child").add_step(s2).add_step(sleepy, name="slow", compensate=undo)
+
+graceful_parent = (
+    Saga("graceful_parent", failure_strategy=sagaline.FAIL_FAST_WITH_GRACE(grace=1))
+    .add_step(s1)
+    .add_saga(slow_child, name="child")
+    .add_step(s4, depends_on=["s1"])
+)

@@ -157,3 +157,25 @@ def test_pivot_exhausted_parks_the_saga_as_failed_without_compensating(
     failed = [e for e in sagaline.get_saga(handle.saga_id, runtime=pg_stack.runtime).history
               if e.kind == "saga_failed"]
     assert failed[-1].detail["reason"] == "forward_retries_exhausted_after_pivot"
+
+
+def test_a_child_saga_still_running_when_the_grace_period_ends_is_stopped_and_undone(
+        pg_stack: Stack) -> None:
+    handle = pg_stack.run(sagas_app.graceful_parent, value=1, seconds=4, fail_at="s4")
+    with pytest.raises(SagaCompensated):
+        handle.get(timeout=90)
+    child = next(c for c in sagaline.list_sagas(runtime=pg_stack.runtime, name="slow_child",
+                                                limit=500)
+                 if c.parent_saga_id == handle.saga_id)
+    assert child.status is SagaStatus.COMPENSATED
+    assert "rolling back" in (child.error or "")
+    # Everything the child applied was undone, in reverse order: its slow step once it
+    # had finished, then s2.
+    assert [(s, a) for s, a, *_ in pg_stack.ledger(child.saga_id)] == [
+        ("s2", "do"), ("slow", "do"), ("slow", "undo"), ("s2", "undo")]
+    assert [(s, a) for s, a, *_ in pg_stack.ledger(handle.saga_id)] == [
+        ("s1", "do"), ("s1", "undo")]
+    events = kinds(handle.saga_id, pg_stack)
+    assert ("step_abandoned", "child") in events
+    assert events.index(("compensation_succeeded", "child")) < events.index(
+        ("compensation_dispatched", "s1"))
