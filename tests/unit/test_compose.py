@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from sagaline.config import Settings
 from sagaline.stores.base import store_class
@@ -74,7 +75,6 @@ def compose() -> dict[str, Any]:
 
 
 def test_the_subset_parser_reads_what_pyyaml_reads() -> None:
-    yaml = pytest.importorskip("yaml")
     assert parse_block_yaml(COMPOSE.read_text()) == yaml.safe_load(COMPOSE.read_text())
 
 
