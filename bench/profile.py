@@ -147,8 +147,11 @@ def _is(qualname: str, name: str) -> bool:
     return qualname == name or qualname.endswith("." + name)
 
 
+_REPO = str(Path(__file__).resolve().parent.parent) + "/"
+
+
 def _short(file: str) -> str:
-    for marker in ("site-packages/", "/work/main/"):
+    for marker in ("site-packages/", _REPO):
         if marker in file:
             return file.split(marker, 1)[1]
     return file
