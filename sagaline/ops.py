@@ -9,6 +9,8 @@ from enum import Enum
 from typing import Any
 
 from . import engine, recovery
+from .definition import Saga
+from .engine import Timing
 from .exceptions import InvalidTransition, SagaNotFound
 from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
@@ -116,6 +118,23 @@ def migrate(store_url: str | None = None, *, runtime: Runtime | None = None) -> 
         store.close()
 
 
+def repair(defn: Saga, state: SagaState, step: str | None, now: float, timing: Timing,
+           child_step: list[str]) -> Decision | None:
+    """The sweeper's decision for one due item (None: nothing to do)."""
+    if step is None:
+        return recovery.deadline_or_grace_due(defn, state, now=now, timing=timing)
+    rec = state.steps.get(step)
+    if rec is None:
+        return None
+    running = rec.status is StepStatus.RUNNING or rec.comp_status is CompensationStatus.RUNNING
+    if running and defn.graph.steps[step].child is not None:
+        child_step.append(step)  # a child saga runs it: no lease to expire
+        return None
+    if running:
+        return recovery.lease_expired(defn, state, step, now=now, timing=timing)
+    return recovery.redispatch(defn, state, step, now=now, timing=timing)
+
+
 def sweep(runtime: Runtime | None = None, *, now: float | None = None,
           limit: int = 200) -> int:
     """Repair what crashes left behind; returns how many items it acted on.
@@ -131,28 +150,18 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
 
         def decide(state: SagaState, step: str | None = item.step,
                    child_step: list[str] = child_step) -> Decision | None:
-            defn = rt.definition_for(state.saga)
-            if defn is None:
-                return None
             t = time.time() if now is None else now
-            if step is None:
-                return recovery.deadline_or_grace_due(defn, state, now=t, timing=rt.timing)
-            rec = state.steps.get(step)
-            if rec is None:
-                return None
-            running = rec.status is StepStatus.RUNNING or \
-                rec.comp_status is CompensationStatus.RUNNING
-            if running and defn.graph.steps[step].child is not None:
-                child_step.append(step)  # a child saga runs it: no lease to expire
-                return None
-            if running:
-                return recovery.lease_expired(defn, state, step, now=t, timing=rt.timing)
-            return recovery.redispatch(defn, state, step, now=t, timing=rt.timing)
+            defn = rt.definition_for(state.saga)
+            decision = None if defn is None else repair(defn, state, step, t, rt.timing,
+                                                        child_step)
+            if decision is None and not child_step:
+                return recovery.snooze(state, step, now=t, timing=rt.timing)
+            return decision
 
         try:
             decision = rt.store.transact(item.saga_id, decide)
             if child_step:
-                rt.check_child(item.saga_id, child_step[0])
+                rt.drive_child(item.saga_id, child_step[0])
                 acted += 1
                 continue
         except Exception:

@@ -167,3 +167,21 @@ def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decis
         dispatch_forward(w, n, attempt=w.steps[n].attempt + 1)
     advance(w)
     return w.decision()
+
+
+def snooze(state: SagaState, step: str | None, *, now: float, timing: Timing) -> Decision | None:
+    """Push back an item the sweeper found due but could not act on.
+
+    Such an item (no process here has the saga's code; a message of a saga parked
+    FAILED) would otherwise stay first among the due items and, in numbers, keep
+    the sweeper from ever reaching the others.
+    """
+    later = now + timing.redispatch_after
+    if step is None:
+        if state.saga.due_at is None or state.saga.due_at > now:
+            return None
+        return Decision(saga=replace(state.saga, due_at=later), saga_version=state.saga.version)
+    rec = state.steps.get(step)
+    if rec is None or rec.due_at is None or rec.due_at > now:
+        return None
+    return Decision(steps=[replace(rec, due_at=later)], step_versions={step: rec.version})

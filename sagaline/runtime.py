@@ -25,7 +25,7 @@ from .exceptions import (
     StepFailure,
 )
 from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
-from .states import SAGA_TERMINAL, Phase, SagaStatus
+from .states import SAGA_TERMINAL, CompensationStatus, Phase, SagaStatus, StepStatus
 from .stores.base import Store, store_from_url
 
 if TYPE_CHECKING:
@@ -76,19 +76,16 @@ class Runtime:
         pid = os.getpid()
         if self._store is None or self._store_pid != pid:
             with self._lock:
-                if self._store is None or self._store_pid != pid:
-                    old = self._store
-                    if old is not None and hasattr(old, "dispose_after_fork"):
-                        old.dispose_after_fork()
-                    if old is not None and old.url == "memory://":
-                        self._store = old  # one process's memory is all there is
-                    else:
-                        self._store = store_from_url(self.settings.store_url,
-                                                     echo=self.settings.echo_sql,
-                                                     auto_migrate=self.settings.auto_migrate)
-                    self._store_pid = pid
+                if self._store is None:
+                    self._store = store_from_url(self.settings.store_url,
+                                                 echo=self.settings.echo_sql,
+                                                 auto_migrate=self.settings.auto_migrate)
+                elif self._store_pid != pid:
+                    # A forked pool child keeps the same store object (and its options)
+                    # but must not share the parent's connections.
+                    self._store.dispose_after_fork()
                     self._heartbeat = None
-        assert self._store is not None
+                self._store_pid = pid
         return self._store
 
     def definition(self, name: str) -> Saga:
@@ -205,66 +202,69 @@ class Runtime:
     # (idempotently: its id and key derive from the parent step and attempt) and
     # claims the parent step; the child's final transition completes the parent
     # step. Should the process die in between, the parent step's due time brings
-    # the sweeper to `check_child`, which finishes the job.
+    # the sweeper to `drive_child`, which finishes the job.
 
     def _run_child(self, d: Dispatch) -> None:
-        child = self.definition(str(d.child_saga))
         now = time.time()
-        due = now + self.settings.redispatch_after
+        # Claim first: the child may end before this function returns, and its
+        # notification must find the parent step RUNNING.
+        if not self.store.claim_step(d.saga_id, d.step, d.phase, d.attempt,
+                                     lease_until=now + self.settings.redispatch_after, now=now):
+            return
         if d.phase is Phase.FORWARD:
-            # Claim first: the child may end before this function returns, and its
-            # notification must find the parent step RUNNING.
-            if not self.store.claim_step(d.saga_id, d.step, Phase.FORWARD, d.attempt,
-                                         lease_until=due, now=now):
-                return
             input = {k: v for k, v in d.kwargs.items() if k != "saga_id"}
-            self.start_saga(child, input, idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
+            self.start_saga(self.definition(str(d.child_saga)), input,
+                            idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
                             parent_saga_id=d.saga_id, parent_step=d.step,
                             saga_id=child_saga_id(d.saga_id, d.step, d.attempt))
-        else:
-            if not self.store.claim_step(d.saga_id, d.step, Phase.COMPENSATE, d.attempt,
-                                         lease_until=due, now=now):
-                return
-            rec = next(s for s in self.store.get_steps(d.saga_id) if s.name == d.step)
-            child_id = child_of(d.saga_id, rec)
-            record = self.store.get_saga(child_id)
-            if record is None:  # nothing was ever applied by it
-                self.transact(d.saga_id, lambda defn, st: engine.compensation_succeeded(
-                    defn, st, d.step, d.attempt, now=time.time(), timing=self.timing))
-                return
-            cause = f"parent saga {d.saga_id} is rolling back"
-            if record.status is SagaStatus.COMPLETED:
+        self.drive_child(d.saga_id, d.step)
+
+    def drive_child(self, parent_id: str, step: str) -> None:
+        """Move a claimed child-saga step (or its compensation) as far as it can go.
+
+        Called right after the claim and by the sweeper whenever the step is due, so
+        that a process dying anywhere in between leaves nothing stuck.
+        """
+        rec = next((s for s in self.store.get_steps(parent_id) if s.name == step), None)
+        if rec is None:
+            return
+        compensating = rec.comp_status is CompensationStatus.RUNNING
+        if not compensating and rec.status is not StepStatus.RUNNING:
+            return
+        phase = Phase.COMPENSATE if compensating else Phase.FORWARD
+        child_id = child_of(parent_id, rec)
+        child = self.store.get_saga(child_id)
+        now = time.time()
+        if child is None:
+            if compensating:  # no child was ever created: nothing to undo
+                self.transact(parent_id, lambda defn, st: engine.compensation_succeeded(
+                    defn, st, step, rec.comp_attempt, now=now, timing=self.timing))
+            else:  # claimed, then the process died before creating it: a crashed attempt
+                self.transact(parent_id, lambda defn, st: recovery.lease_expired(
+                    defn, st, step, now=now, timing=self.timing))
+            return
+        if compensating:
+            cause = f"parent saga {parent_id} is rolling back"
+            if child.status is SagaStatus.COMPLETED:
                 self.transact(child_id, lambda defn, st: recovery.rollback_completed(
-                    defn, st, cause=cause, now=time.time(), timing=self.timing))
-            elif record.status is SagaStatus.FAILED:
+                    defn, st, cause=cause, now=now, timing=self.timing))
+            elif child.status is SagaStatus.FAILED:
                 self.transact(child_id, lambda defn, st: recovery.resume(
-                    defn, st, now=time.time(), timing=self.timing))
-            elif record.status is SagaStatus.RUNNING:
+                    defn, st, now=now, timing=self.timing))
+            elif child.status is SagaStatus.RUNNING:
                 # Its outcome was given up on (a grace period ended): stop it; it then
                 # compensates itself and its end completes this compensation.
                 self.transact(child_id, lambda defn, st: recovery.cancel(
-                    defn, st, reason=cause, now=time.time(), timing=self.timing))
-        self.check_child(d.saga_id, d.step)
-
-    def check_child(self, parent_id: str, step: str) -> bool:
-        """Complete the parent step if its child saga has ended; else push its due time."""
-        steps = {s.name: s for s in self.store.get_steps(parent_id)}
-        rec = steps.get(step)
-        if rec is None:
-            return False
-        phase = Phase.COMPENSATE if rec.comp_status is not None else Phase.FORWARD
-        child = self.store.get_saga(child_of(parent_id, rec))
-        if child is None and phase is Phase.FORWARD:
-            # Claimed, then the process died before creating the child: a crashed attempt.
-            self.transact(parent_id, lambda defn, st: recovery.lease_expired(
-                defn, st, step, now=time.time(), timing=self.timing))
-            return True
-        if child is not None and child.status in SAGA_TERMINAL:
+                    defn, st, reason=cause, now=now, timing=self.timing))
+            child = self.store.get_saga(child_id) or child
+            done = child.status in (SagaStatus.COMPENSATED, SagaStatus.FAILED)
+        else:
+            done = child.status in SAGA_TERMINAL
+        if done:
             self.notify_parent(child)
-            return True
-        self.store.renew_lease(parent_id, step, phase, rec.attempt_for(phase),
-                               time.time() + self.settings.redispatch_after)
-        return False
+        else:
+            self.store.renew_lease(parent_id, step, phase, rec.attempt_for(phase),
+                                   time.time() + self.settings.redispatch_after)
 
     def notify_parent(self, child: SagaRecord) -> None:
         parent_id, step = str(child.parent_saga_id), str(child.parent_step)

@@ -108,6 +108,9 @@ class Store(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+    def dispose_after_fork(self) -> None:  # noqa: B027 - optional hook
+        """In a forked child: forget connections inherited from the parent, unclosed."""
+
 
 # URL scheme -> "module:Class", imported only when used so that extras stay optional.
 STORE_ALIASES = {
