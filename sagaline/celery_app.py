@@ -18,7 +18,7 @@ from celery import bootsteps
 from celery.app.task import Task
 from celery.signals import after_setup_task_logger, worker_process_init
 
-from .config import Settings, default_broker_options
+from .config import Settings, default_broker_options, default_broker_url
 from .context import StepLogFilter
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
@@ -45,7 +45,7 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
     set_default_runtime(runtime)
 
     if not app.conf.broker_url:
-        app.conf.broker_url = "filesystem://"
+        app.conf.broker_url = default_broker_url()
         app.conf.broker_transport_options = {
             **default_broker_options(), **(app.conf.broker_transport_options or {})}
 

@@ -47,9 +47,9 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.name, f.type, raw)
+        if not values.get("store_url"):
+            values["store_url"] = default_store_url()
         settings = cls(**values)
-        if not settings.store_url:
-            settings = cls(**{**values, "store_url": default_store_url()})
         if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
             raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
         return settings

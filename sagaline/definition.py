@@ -31,10 +31,6 @@ def registered_saga(name: str) -> Saga | None:
     return _REGISTRY.get(name)
 
 
-def registered_sagas() -> dict[str, Saga]:
-    return dict(_REGISTRY)
-
-
 @dataclass(frozen=True)
 class Retry:
     """Retry policy: `max_attempts` in all, the n-th retry delayed by backoff * factor**(n-1).

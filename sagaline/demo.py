@@ -31,6 +31,7 @@ from .config import default_home
 from .exceptions import ConfigurationError
 from .ops import SagaView, get_saga
 from .states import SAGA_TERMINAL, SagaStatus
+from .stores.base import redact
 from .timeline import format_duration, render_timeline, status_text
 
 APP_MODULE = "examples.robots.app"
@@ -192,7 +193,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
     broker = os.environ.get("CELERY_BROKER_URL") or "the filesystem broker in " + str(home)
     store = os.environ.get("SAGALINE_STORE_URL") or f"sqlite:///{home / 'state.db'}"
     console.print(Text.assemble(("sagaline demo", "bold"), f": {opts.runs} robot exploration "
-                                f"sagas\n  broker: {broker}\n  store:  {_redact(store)}"))
+                                f"sagas\n  broker: {broker}\n  store:  {redact(store)}"))
     worker = DemoWorker(root, home, opts.concurrency)
     with _environment(SAGALINE_HOME=str(home)), _terminate_as_interrupt():
         try:
@@ -321,8 +322,3 @@ def _check_robots(runs: list[Run], models: Any, console: Console) -> bool:
                        f"compensated saga(s) (fleet: {state})", style="bold green"))
     return True
 
-
-def _redact(url: str) -> str:
-    from .stores.base import redact
-
-    return redact(url)

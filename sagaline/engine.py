@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +18,10 @@ from .definition import Saga, Step, StepKind
 from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
 from .states import (
     COMPENSATION_IN_FLIGHT,
+    COMPENSATION_TRANSITIONS,
+    SAGA_TRANSITIONS,
     STEP_IN_FLIGHT,
+    STEP_TRANSITIONS,
     CompensationStatus,
     FailureStrategy,
     Phase,
@@ -61,12 +65,19 @@ class Work:
 
     def update_step(self, name: str, **fields: Any) -> StepRecord:
         rec = self.steps[name]
+        check_transition(STEP_TRANSITIONS, rec.status, fields.get("status", rec.status),
+                         f"step {name!r}")
+        check_transition(COMPENSATION_TRANSITIONS, rec.comp_status,
+                         fields.get("comp_status", rec.comp_status),
+                         f"compensation of {name!r}")
         for k, v in fields.items():
             setattr(rec, k, v)
         self.changed.add(name)
         return rec
 
     def update_saga(self, **fields: Any) -> None:
+        check_transition(SAGA_TRANSITIONS, self.saga.status,
+                         fields.get("status", self.saga.status), "saga")
         for k, v in fields.items():
             setattr(self.saga, k, v)
         self.saga.updated_at = self.now
@@ -75,7 +86,7 @@ class Work:
     def decision(self) -> Decision:
         return Decision(
             saga=self.saga if self.saga_changed else None,
-            steps=[self.steps[n] for n in sorted(self.changed, key=self.graph.order.index)],
+            steps=sorted((self.steps[n] for n in self.changed), key=lambda r: r.position),
             events=self.events,
             dispatches=self.dispatches,
             saga_version=self.orig.saga.version,
@@ -101,6 +112,13 @@ class Work:
     def pivot_passed(self) -> bool:
         return any(self.graph.steps[n].pivot and self.steps[n].status is StepStatus.SUCCEEDED
                    for n in self.graph.order)
+
+
+def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any,
+                     what: str) -> None:
+    """The engine only makes moves the tables of states.py allow (a guard against its bugs)."""
+    if new != old and new not in table.get(old, frozenset()):
+        raise RuntimeError(f"sagaline engine bug: {what} cannot go from {old} to {new}")
 
 
 def saga_result(w: Work) -> Any:
@@ -256,9 +274,9 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
 
 
 def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
-                     announce: bool = True) -> None:
+                     announce: bool = True, ctx: dict[str, Any] | None = None) -> None:
     spec = w.graph.steps[name]
-    ctx = w.context_for(name)
+    ctx = w.context_for(name) if ctx is None else ctx
     kwargs = ctx if spec.input is None else mapped_input(spec, ctx)
     w.update_step(name, status=StepStatus.DISPATCHED, attempt=attempt, lease_until=None,
                   due_at=w.now + countdown + w.timing.redispatch_after, redispatches=0)
@@ -330,9 +348,9 @@ def forward_progress(w: Work) -> bool:
                 w.event("transform_applied", name, keys=sorted(diff))
                 settled_inline = True
                 continue
-            dispatch_forward(w, name, attempt=1)
+            dispatch_forward(w, name, attempt=1, ctx=ctx)
         except Exception as exc:  # a user predicate, transform or input mapper raised
-            w.update_step(name, status=StepStatus.RUNNING, attempt=1)  # settle it as one attempt
+            w.update_step(name, attempt=1)  # settled as one attempt, failed
             fail_attempt(w, name, error=describe_error(exc), permanent=True,
                          reason="definition_callable_failed")
             return False

@@ -227,13 +227,6 @@ def step_attempts(history: list[Event]) -> list[Attempt]:
     return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
 
 
-def count_by_status(*, name: str | None = None,
-                    runtime: Runtime | None = None) -> dict[SagaStatus, int]:
-    """How many sagas (of one name, or all) are in each status."""
-    rt = runtime or current_runtime()
-    return rt.store.count_by_status(name)
-
-
 def view_as_dict(view: SagaView) -> dict[str, Any]:
     """A saga with its steps, attempts and history as plain JSON-ready data."""
     return {

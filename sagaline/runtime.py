@@ -14,7 +14,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import engine, recovery, signals
 from .context import StepInfo, _current
-from .definition import Saga, StepResponse, accepted_kwargs, registered_saga
+from .definition import Saga, StepResponse, filter_kwargs, registered_saga
 from .exceptions import (
     ConfigurationError,
     InputError,
@@ -170,13 +170,9 @@ class Runtime:
             self._run_child(d)
             return
         task = self.app.tasks.get(d.task_name)
-        kwargs = dict(d.kwargs)
-        if task is not None:
-            # Send only what the task accepts (the worker filters again, for senders
-            # that do not import the task).
-            accepted = accepted_kwargs(task.run)
-            if accepted is not None:
-                kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        # Send only what the task accepts (the worker filters again, for senders that
+        # do not import the task).
+        kwargs = filter_kwargs(task.run, d.kwargs) if task is not None else dict(d.kwargs)
         options: dict[str, Any] = {
             "headers": {HEADER: {"saga_id": d.saga_id, "saga": d.saga_name,
                                  "fingerprint": d.fingerprint, "step": d.step,
@@ -323,9 +319,7 @@ class Runtime:
         heartbeat = self.heartbeat()
         token = heartbeat.add(saga_id, step, phase, attempt)
         ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
-        accepted = accepted_kwargs(task.run)
-        if accepted is not None:
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        kwargs = filter_kwargs(task.run, kwargs)
         try:
             return self._run_and_complete(defn, body, args, kwargs, saga_id, step, phase,
                                           attempt)
@@ -442,7 +436,6 @@ class Heartbeat:
         self._claims: dict[int, tuple[str, str, Phase, int]] = {}
         self._next = 0
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, saga_id: str, step: str, phase: Phase, attempt: int) -> int:
@@ -461,7 +454,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.lease / 3)
+            time.sleep(self.lease / 3)
             with self._lock:
                 claims = list(self._claims.values())
             for saga_id, step, phase, attempt in claims:

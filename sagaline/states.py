@@ -90,8 +90,11 @@ SAGA_TRANSITIONS: dict[SagaStatus, frozenset[SagaStatus]] = {
 }
 
 STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
+    # PENDING -> SUCCEEDED: a transform, applied by the engine itself; PENDING -> FAILED:
+    # a condition, transform or input mapper of the definition raised.
     StepStatus.PENDING: frozenset(
-        {StepStatus.DISPATCHED, StepStatus.SKIPPED, StepStatus.CANCELLED, StepStatus.SUCCEEDED}
+        {StepStatus.DISPATCHED, StepStatus.SKIPPED, StepStatus.CANCELLED, StepStatus.SUCCEEDED,
+         StepStatus.FAILED}
     ),
     StepStatus.DISPATCHED: frozenset(
         {StepStatus.RUNNING, StepStatus.CANCELLED, StepStatus.DISPATCHED}
@@ -107,7 +110,8 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     StepStatus.CANCELLED: frozenset(),
 }
 
-COMPENSATION_TRANSITIONS: dict[CompensationStatus | None, frozenset[CompensationStatus]] = {
+COMPENSATION_TRANSITIONS: dict[CompensationStatus | None,
+                               frozenset[CompensationStatus | None]] = {
     None: frozenset({CompensationStatus.PENDING, CompensationStatus.DISPATCHED}),
     CompensationStatus.PENDING: frozenset({CompensationStatus.DISPATCHED}),
     CompensationStatus.DISPATCHED: frozenset(
@@ -120,6 +124,7 @@ COMPENSATION_TRANSITIONS: dict[CompensationStatus | None, frozenset[Compensation
             CompensationStatus.DISPATCHED,
         }
     ),
-    CompensationStatus.COMPENSATION_FAILED: frozenset({CompensationStatus.DISPATCHED}),
+    # -> None: `resume` puts a failed compensation back in line, to run in order again.
+    CompensationStatus.COMPENSATION_FAILED: frozenset({CompensationStatus.DISPATCHED, None}),
     CompensationStatus.COMPENSATED: frozenset(),
 }
