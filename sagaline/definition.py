@@ -469,7 +469,12 @@ class Saga:
 
 
 def _default_step_name(task: TaskRef) -> str:
-    return task_name(task).rsplit(".", 1)[-1]
+    return short_name(task_name(task))
+
+
+def short_name(dotted: str) -> str:
+    """`shop.tasks.charge_payment` -> `charge_payment`."""
+    return dotted.rsplit(".", 1)[-1]
 
 
 def _code_id(fn: Callable[..., Any] | None) -> str:

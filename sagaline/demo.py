@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import default_home
+from .definition import short_name
 from .exceptions import ConfigurationError
 from .ops import SagaView, get_saga
 from .states import SAGA_TERMINAL, SagaStatus
@@ -245,7 +246,7 @@ def _run_sagas(opts: DemoOptions, console: Console, root: Path) -> int:
         run.view = get_saga(run.saga_id, runtime=runtime)
     console.print(_summary(runs, time.monotonic() - started))
 
-    labels = {s.name: str(s.compensation_name).rsplit(".", 1)[-1]
+    labels = {s.name: short_name(str(s.compensation_name))
               for s in sagas.exploration.steps if s.compensation_name}
     for title, chosen in (("a completed saga", _pick_completed(runs)),
                           ("a compensated saga", _pick_compensated(runs))):

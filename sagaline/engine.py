@@ -121,6 +121,12 @@ def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any,
         raise RuntimeError(f"sagaline engine bug: {what} cannot go from {old} to {new}")
 
 
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What `after` adds to or changes in `before` (saga_id aside): an output to merge."""
+    return {k: v for k, v in after.items()
+            if k != "saga_id" and (k not in before or before[k] != v)}
+
+
 def saga_result(w: Work) -> Any:
     """The final context, or what a functional saga returned (see functional.py)."""
     spec = w.defn.result_spec
@@ -341,8 +347,7 @@ def forward_progress(w: Work) -> bool:
                     raise TypeError(f"transform {name!r} must return a dict, "
                                     f"got {type(out).__name__}")
                 ensure_json(out, f"transform {name!r} result")
-                diff = {k: v for k, v in out.items()
-                        if k != "saga_id" and (k not in ctx or ctx[k] != v)}
+                diff = changed_keys(ctx, out)
                 w.update_step(name, status=StepStatus.SUCCEEDED, output=diff, attempt=1,
                               started_at=w.now, finished_at=w.now)
                 w.event("transform_applied", name, keys=sorted(diff))

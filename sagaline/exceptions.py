@@ -28,6 +28,7 @@ class DefinitionError(SagaError):
     """A saga definition is invalid; raised when the saga is defined."""
 
     def __init__(self, message: str, *, saga: str | None = None, step: str | None = None):
+        self.detail = message
         self.saga = saga
         self.step = step
         where = []

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .definition import ContextFn, Retry, Saga, TaskRef
+from .definition import ContextFn, Retry, Saga, TaskRef, short_name
 from .exceptions import DefinitionError
 
 _RULE = (
@@ -143,18 +143,25 @@ class Parallel(tuple):  # type: ignore[type-arg]
 
 
 def _dependencies(refs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Steps whose results are passed: positionally (results only, or lists/dicts of
+    them) or as keyword values (where anything else is a constant)."""
     deps: list[str] = []
-    for r in (*refs, *kwargs.values()):
-        items = r.values() if isinstance(r, dict) else (r if isinstance(r, (list, tuple))
-                                                        else [r])
+
+    def add(item: Any) -> None:
+        if isinstance(item, Ref) and item._step is not None and item._step not in deps:
+            deps.append(item._step)
+
+    for r in refs:
+        items = list(r.values()) if isinstance(r, dict) else (
+            list(r) if isinstance(r, (list, tuple)) else [r])
         for item in items:
-            if isinstance(item, Ref):
-                if item._step is not None and item._step not in deps:
-                    deps.append(item._step)
-            elif item is r:
+            if not isinstance(item, Ref):
                 raise DefinitionError(
-                    f"step() takes step results as positional arguments, got {r!r}; pass "
+                    f"step() takes step results as positional arguments, got {item!r}; pass "
                     f"constants as keyword arguments or in the saga input")
+            add(item)
+    for value in kwargs.values():
+        add(value)
     return deps
 
 
@@ -177,8 +184,7 @@ def _mapper(kwargs: dict[str, Any]) -> ContextFn:
 def _unique(tracer: _Tracer, name: str | None, task: TaskRef) -> str | None:
     if name is not None:
         return name
-    base = task if isinstance(task, str) else str(task.name)
-    base = base.rsplit(".", 1)[-1]
+    base = short_name(task if isinstance(task, str) else str(task.name))
     taken = {s.name for s in tracer.saga.steps}
     if base not in taken:
         return base
@@ -199,7 +205,7 @@ def saga(name: str, **options: Any) -> Callable[[Callable[..., Any]], Saga]:
             returned = fn(Ref(None))
         except DefinitionError as exc:
             if exc.saga is None:
-                raise DefinitionError(str(exc), saga=name) from None
+                raise DefinitionError(exc.detail, saga=name, step=exc.step) from None
             raise
         finally:
             _active.pop()

@@ -282,9 +282,8 @@ class Runtime:
             if child.saga_id != child_saga_id(parent_id, step, rec.attempt):
                 return None  # a child of an earlier attempt
             if child.status is SagaStatus.COMPLETED:
-                added = {k: v for k, v in (child.output or {}).items()
-                         if child.input.get(k) != v} if isinstance(child.output, dict) \
-                    else child.output
+                added = engine.changed_keys(child.input, child.output) \
+                    if isinstance(child.output, dict) else child.output
                 return engine.step_succeeded(
                     defn, st, step, rec.attempt, output=added,
                     compensation_data={"child_saga_id": child.saga_id},

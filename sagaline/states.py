@@ -67,7 +67,6 @@ class FailureStrategy(str, Enum):
 
 
 SAGA_TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
-SAGA_ACTIVE = frozenset({SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
 STEP_IN_FLIGHT = frozenset({StepStatus.DISPATCHED, StepStatus.RUNNING})
 STEP_TERMINAL = frozenset(
