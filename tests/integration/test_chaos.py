@@ -268,6 +268,32 @@ class Cluster:
         self.runtime.store.close()
 
 
+_config: pytest.Config | None = None
+
+
+def say(line: str) -> None:
+    """Print a line of the chaos summary where CI output shows it (pytest's terminal)."""
+    if _config is None:
+        print(line)
+        return
+    terminal = _config.pluginmanager.getplugin("terminalreporter")
+    capture = _config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        terminal.write_line(line.lstrip("\n"))
+
+
+@pytest.fixture(autouse=True)
+def _report_in_the_test_output(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The chaos summary (kills, settle time, duplicate executions) is part of the result:
+    it goes to the test output in every run, not only when a test fails."""
+    global _config
+    _config = request.config
+    try:
+        yield
+    finally:
+        _config = None
+
+
 @pytest.fixture
 def shared_db() -> Iterator[str]:
     """A fresh database on the shared PostgreSQL (never restarted), dropped afterwards."""
@@ -384,17 +410,17 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
     running_at_kills = [k.running for k in kills]
     cut_short = set().union(*running_at_kills) if running_at_kills else set()
     total = sum(duplicates.values())
-    print(f"\n[{label}] seed={SEED} sagas={len(started)} statuses={dict(statuses)}")
+    say(f"\n[{label}] seed={SEED} sagas={len(started)} statuses={dict(statuses)}")
     for i, k in enumerate(kills, 1):
-        print(f"[{label}] kill {i} at +{k.at:.2f}s: {len(k.pids)} processes, "
+        say(f"[{label}] kill {i} at +{k.at:.2f}s: {len(k.pids)} processes, "
               f"{len(k.running)} steps RUNNING")
-    print(f"[{label}] executions={len(execs)} duplicate step executions={total} "
+    say(f"[{label}] executions={len(execs)} duplicate step executions={total} "
           f"(on {len(duplicates)} steps; steps RUNNING at kills="
           f"{sum(len(r) for r in running_at_kills)}; lease_expired in history="
           f"{len(lease_expired)}; messages published again by the sweeper="
           f"{cluster.redispatches()})")
     for key, n in sorted(duplicates.items()):
-        print(f"[{label}]   duplicate x{n}: saga {key[0]} step {key[1]} {key[2]}")
+        say(f"[{label}]   duplicate x{n}: saga {key[0]} step {key[1]} {key[2]}")
 
     for key in duplicates:
         if key not in lease_expired:
@@ -407,7 +433,7 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
         problems.append(f"{total} duplicate executions but only "
                         f"{sum(len(r) for r in running_at_kills)} steps were RUNNING at kills")
     for p in problems:
-        print(f"[{label}] PROBLEM: {p.splitlines()[0]}")
+        say(f"[{label}] PROBLEM: {p.splitlines()[0]}")
     if problems or unsettled:
         pytest.fail(f"{unsettled}\n{len(problems)} inconsistent sagas:\n"
                     + "\n\n".join(problems[:8]), pytrace=False)
@@ -420,7 +446,7 @@ def settle(cluster: Cluster, last_restart: float, label: str) -> str:
     cluster.wait_all_terminal(deadline)
     took = time.monotonic() - last_restart
     stuck = cluster.not_terminal()
-    print(f"[{label}] all terminal {took:.1f}s after the last restart" if not stuck else
+    say(f"[{label}] all terminal {took:.1f}s after the last restart" if not stuck else
           f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart")
     if stuck:
         ids = cluster.stuck_ids()
@@ -456,7 +482,7 @@ def test_workers_killed_twice_mid_run(store_kind: str, private_redis: PrivateRed
         last_restart = time.monotonic()
         assert sum(len(k.running) for k in kills) > 0, "the kills hit no running step"
         unsettled = settle(cluster, last_restart, label)
-        print(f"[{label}] total {time.monotonic() - t0:.1f}s from the first saga started")
+        say(f"[{label}] total {time.monotonic() - t0:.1f}s from the first saga started")
         check_outcome(cluster, started, kills, label, unsettled)
     finally:
         cluster.close()
@@ -477,7 +503,7 @@ def test_broker_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
         time.sleep(2.0)
         private_redis.start()
         last_restart = time.monotonic()
-        print(f"\n[broker] redis stopped at +{down_at:.2f}s with {in_flight} sagas in flight, "
+        say(f"\n[broker] redis stopped at +{down_at:.2f}s with {in_flight} sagas in flight, "
               f"back after {time.monotonic() - t0 - down_at:.2f}s")
         assert in_flight > 0
         assert all(w.is_running() for w in cluster.live)
@@ -513,7 +539,7 @@ def test_store_restarted_mid_run(store_kind: str, private_redis: PrivateRedis,
         time.sleep(2.0)
         server.start()  # on the same port
         last_restart = time.monotonic()
-        print(f"\n[{label}] {store_kind} stopped at +{down_at:.2f}s with {in_flight} sagas "
+        say(f"\n[{label}] {store_kind} stopped at +{down_at:.2f}s with {in_flight} sagas "
               f"in flight, back after {time.monotonic() - t0 - down_at:.2f}s")
         assert in_flight > 0
         assert all(w.is_running() for w in cluster.live)
