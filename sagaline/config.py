@@ -80,8 +80,11 @@ def default_store_url() -> str:
 
 
 def default_broker_url() -> str:
-    """The server-less broker: kombu's filesystem transport in SAGALINE_HOME."""
-    return "filesystem://"
+    """The server-less broker: kombu's filesystem transport, made atomic (broker.py)."""
+    from . import broker
+
+    broker.register()
+    return f"{broker.SCHEME}://"
 
 
 def default_broker_options() -> dict[str, Any]:

@@ -369,7 +369,30 @@ class Runtime:
 
     def _record_failure(self, defn: Saga, saga_id: str, step: str, phase: Phase,
                         attempt: int, exc: Exception, started: float) -> None:
-        error = engine.describe_error(exc)
+        """Store a failed attempt; never raises, so the body's own error reaches Celery.
+
+        Stores make any text storable (stores/sanitize.py). Should the write still
+        fail for a reason other than an outage (a driver refusing some value), it is
+        tried once more with only the error's type: a failure that is not stored
+        would leave the step RUNNING until its lease expires, and the cause lost.
+        """
+        try:
+            self._store_failure(saga_id, step, phase, attempt, exc,
+                                engine.describe_error(exc))
+        except Exception as first:
+            log.exception("saga %s step %s %s attempt %s: could not store its failure; "
+                          "storing its type only", saga_id, step, phase, attempt)
+            fallback = (f"{type(exc).__name__} (its message could not be stored: "
+                        f"{type(first).__name__})")
+            try:
+                self._store_failure(saga_id, step, phase, attempt, exc, fallback)
+            except Exception:
+                log.exception("saga %s step %s: could not store its failure; the sweeper "
+                              "retries the step when its lease expires", saga_id, step)
+        self._step_finished(defn, saga_id, step, phase, attempt, "failed", started)
+
+    def _store_failure(self, saga_id: str, step: str, phase: Phase, attempt: int,
+                       exc: Exception, error: str) -> None:
         reason = "timeout" if isinstance(exc, SoftTimeLimitExceeded) else "error"
         if phase is Phase.COMPENSATE:
             self.transact(saga_id, lambda d, st: engine.compensation_failed(
@@ -388,7 +411,6 @@ class Runtime:
                 d, st, step, attempt, error=error, permanent=permanent, reason=reason,
                 compensation_data=comp, has_compensation_data=has_comp, now=time.time(),
                 timing=self.timing))
-        self._step_finished(defn, saga_id, step, phase, attempt, "failed", started)
 
     def _step_finished(self, defn: Saga, saga_id: str, step: str, phase: Phase, attempt: int,
                        outcome: str, started: float) -> None:

@@ -42,7 +42,11 @@ class DueItem:
 
 
 class Store(ABC):
-    """What every state store provides. Implementations: memory, sql, redis."""
+    """What every state store provides. Implementations: memory, sql, redis.
+
+    Every implementation passes the records it writes through
+    `sanitize.storable_records`, so that any failure text can be stored.
+    """
 
     url: str = ""
 

@@ -11,6 +11,7 @@ from ..exceptions import ConcurrencyError
 from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from .base import Decide, DueItem, Store, matches_filter
+from .sanitize import storable_records
 
 
 class MemoryStore(Store):
@@ -32,6 +33,7 @@ class MemoryStore(Store):
 
     def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         saga = state.saga
+        storable_records(saga, state.steps.values(), events)
         with self._lock:
             if saga.idempotency_key is not None:
                 existing = self._keys.get((saga.name, saga.idempotency_key))
@@ -91,6 +93,7 @@ class MemoryStore(Store):
                 return decision
             if not self._versions_match(saga_id, decision):
                 raise ConcurrencyError(f"saga {saga_id!r} changed under its lock")
+            storable_records(decision.saga, decision.steps, decision.events)
             if decision.saga is not None:
                 saga = copy.deepcopy(decision.saga)
                 saga.version = decision.saga_version + 1

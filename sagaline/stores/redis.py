@@ -66,6 +66,7 @@ from .base import (
     require_extra,
     retry_transient,
 )
+from .sanitize import storable_records
 
 redis = require_extra("redis", "redis")
 
@@ -181,6 +182,7 @@ class RedisStore(Store):
     def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         saga = state.saga
         sid = saga.saga_id
+        storable_records(saga, state.steps.values(), events)
         payload: dict[str, Any] = {
             "saga_key": self._key("saga", sid), "saga_id": sid,
             "events_key": self._key("events", sid), "events": [_event_json(e) for e in events],
@@ -275,6 +277,7 @@ class RedisStore(Store):
 
     def _decision_payload(self, state: SagaState, txn: str, d: Decision) -> dict[str, Any]:
         sid = state.saga.saga_id
+        storable_records(d.saga, d.steps, d.events)
         expect: list[list[str]] = []
         hset: list[Any] = []
         zrem: list[list[str]] = []

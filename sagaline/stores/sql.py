@@ -27,6 +27,7 @@ from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRe
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from . import schema
 from .base import Decide, DueItem, Store, require_extra, retry_transient
+from .sanitize import storable_records
 from .schema import events, sagas, steps
 
 T = TypeVar("T")
@@ -134,6 +135,7 @@ class SQLStore(Store):
     def create_saga(self, state: SagaState, events_: list[Event]) -> tuple[SagaRecord, bool]:
         self._ensure_schema()
         saga = state.saga
+        storable_records(saga, state.steps.values(), events_)
 
         def attempt() -> tuple[SagaRecord, bool]:
             try:
@@ -387,6 +389,7 @@ _PG_CLAIM = {
 
 def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
     """Write a decision with compare-and-set on every record it changes."""
+    storable_records(d.saga, d.steps, d.events)
     if d.saga is not None:
         row = {f"v_{k}": v for k, v in _saga_row(d.saga).items() if k != "saga_id"}
         row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import re
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from sagaline.records import Decision, Event, SagaFilter, SagaRecord, SagaState,
 from sagaline.states import CompensationStatus, Phase, SagaStatus, StepStatus
 from sagaline.stores import Store, schema, store_from_url
 from sagaline.stores.base import DueItem
+from sagaline.stores.sanitize import CUT_MARKER, MAX_TEXT, storable_text
 from sagaline.stores.schema import VERSION_TABLE
 from sagaline.stores.sql import SQLStore
 from tests.harness import drop_database, shared_postgres_url
@@ -31,7 +34,9 @@ from tests.harness import drop_database, shared_postgres_url
 pytestmark = pytest.mark.timeout(120)
 
 MARIADB_SERVER = "mysql+pymysql://root@127.0.0.1:3306"
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# The shared test Redis (SAGALINE_TEST_REDIS_URL), database 15 as in tests/conftest.py.
+REDIS_URL = os.environ.get("SAGALINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
+                           ).rsplit("/", 1)[0] + "/15"
 SQL_TABLES = ("sagaline_events", "sagaline_steps", "sagaline_sagas")
 
 STORES = ["memory", "sqlite", "postgresql", "mariadb"]
@@ -233,6 +238,56 @@ def test_none_output_and_empty_dict_output_stay_distinct(store: Store) -> None:
     assert outputs["b"] is not None
     saga = store.get_saga(state.saga.saga_id)
     assert saga is not None and saga.output == {}
+
+
+# Failure text that drivers refuse as such: NUL (PostgreSQL), a lone surrogate (SQLite,
+# PostgreSQL, MySQL: not encodable as UTF-8), and a traceback bigger than a TEXT column.
+HOSTILE_TEXT = {
+    "nul": ("RuntimeError: bad\x00byte", "RuntimeError: bad\\x00byte"),
+    "lone_surrogate": ("ValueError: \ud800 alone", "ValueError: \\ud800 alone"),
+    "emoji_and_accents": ("Boom: ördér ✗ 🚀", "Boom: ördér ✗ 🚀"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TEXT))
+def test_failure_text_that_drivers_refuse_is_stored_escaped(store: Store, case: str) -> None:
+    raw, stored = HOSTILE_TEXT[case]
+    state = make_state()
+    sid = state.saga.saga_id
+    state.saga.error = raw
+    state.steps["a"].error = raw
+    store.create_saga(state, [Event(sid, "saga_started", T0, detail={"error": raw})])
+    saga = store.get_saga(sid)
+    assert saga is not None and saga.error == stored
+    assert step_of(store, sid, "a").error == stored
+
+    store.transact(sid, lambda st: Decision(
+        steps=[replace(st.steps["b"], comp_error=raw)],
+        step_versions={"b": st.steps["b"].version},
+        events=[Event(sid, "compensation_failed", T0, "b", 1, "compensate",
+                      {"error": raw, "nested": [{raw: raw}]})]))
+    assert step_of(store, sid, "b").comp_error == stored
+    last = store.history(sid)[-1]
+    assert last.detail == {"error": stored, "nested": [{stored: stored}]}
+
+
+def test_huge_failure_text_is_cut_with_a_visible_marker(store: Store) -> None:
+    head, tail = "Traceback (most recent call last):\n", "\nRuntimeError: the real cause"
+    raw = head + "x" * 200_000 + tail
+    state = make_state()
+    sid = state.saga.saga_id
+    state.steps["a"].error = raw
+    store.create_saga(state, [Event(sid, "step_failed", T0, "a", 1, "forward",
+                                    {"error": raw})])
+    stored = step_of(store, sid, "a").error
+    assert stored is not None and stored == storable_text(raw)
+    assert len(stored) <= MAX_TEXT
+    assert stored.startswith(head) and stored.endswith(tail)
+    match = re.search(r"\[\.\.\. (\d+) characters cut by sagaline \.\.\.\]", stored)
+    assert match is not None
+    cut = int(match.group(1))
+    assert len(stored) - len(CUT_MARKER.format(n=cut)) + cut == len(raw)
+    assert store.history(sid)[0].detail["error"] == stored
 
 
 def test_reading_an_unknown_saga_finds_nothing(store: Store) -> None:
