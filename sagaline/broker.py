@@ -43,7 +43,8 @@ def register() -> None:
 
 
 class Channel(filesystem.Channel):
-    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:
+    # kombu's own base classes disagree on this signature; it is the filesystem one.
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         # A leading dot: readers only take `<x>.<queue>.msg` names, never this one.
