@@ -36,7 +36,7 @@ from .exceptions import (
 )
 from .runtime import Runtime
 from .states import SagaStatus
-from .stores.base import Store, redact, store_class
+from .stores.base import Store, open_existing, redact, store_class
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
 
 EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4
@@ -95,10 +95,52 @@ def _errors() -> Iterator[None]:
         _fail(str(exc), EXIT_NOT_ALLOWED)
     except SagaError as exc:
         _fail(str(exc), EXIT_ERROR)
+    except RecursionError:
+        _fail("a stored value is nested too deeply for Python to read", EXIT_ERROR)
 
 
-def open_store(url: str) -> Store:
-    """A store for one CLI command: it gives up on an unreachable server within seconds."""
+def _json(doc: Any, indent: int | None = None) -> str:
+    """`doc` as JSON, whatever the store holds: a value nested deeper than Python's
+    recursion limit allows is shown cut, with a marker, rather than as a traceback."""
+    try:
+        return json.dumps(doc, indent=indent, default=str)
+    except RecursionError:
+        return json.dumps(cut_deep(doc, DEEPEST_JSON), indent=indent, default=str)
+
+
+# Levels of nesting `--json` prints when a value is too deep to print whole.
+DEEPEST_JSON = 200
+
+
+def cut_deep(value: Any, depth: int) -> Any:
+    """A copy of a JSON value with the levels below `depth` replaced by a marker.
+
+    Iterative on purpose: recursion is what fails on such values.
+    """
+    root: list[Any] = [None]
+    todo: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]
+    while todo:
+        item, parent, key, level = todo.pop()
+        if isinstance(item, (dict, list, tuple)) and level >= depth:
+            parent[key] = f"<{type(item).__name__} nested deeper than {depth} levels: not shown>"
+        elif isinstance(item, dict):
+            copy: dict[Any, Any] = dict.fromkeys(item)  # keeps the key order
+            todo += [(v, copy, k, level + 1) for k, v in item.items()]
+            parent[key] = copy
+        elif isinstance(item, (list, tuple)):
+            items: list[Any] = [None] * len(item)
+            todo += [(v, items, i, level + 1) for i, v in enumerate(item)]
+            parent[key] = items
+        else:
+            parent[key] = item
+    return root[0]
+
+
+def open_store(url: str, *, read_only: bool = False) -> Store:
+    """A store for one CLI command: it gives up on an unreachable server within seconds.
+
+    `read_only`: the store must exist already; it is neither created nor migrated.
+    """
     cls = store_class(url)
     params = inspect.signature(cls).parameters
     options: dict[str, Any] = {}
@@ -106,6 +148,8 @@ def open_store(url: str) -> Store:
         options["retry_for"] = STORE_WAIT
     if url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
         options["connect_args"] = {"connect_timeout": int(STORE_WAIT) + 1}
+    if read_only:
+        return open_existing(url, **options)
     return cls(url, **options)  # type: ignore[call-arg]
 
 
@@ -117,7 +161,8 @@ def read_runtime(store: str | None) -> Runtime:
 
     app = Celery("sagaline-cli")
     app.conf.broker_url = "memory://"  # never publishes; keeps SAGALINE_HOME untouched
-    return init_app(app, store=open_store(store or default_store_url()), sweeper=False)
+    return init_app(app, store=open_store(store or default_store_url(), read_only=True),
+                    sweeper=False, auto_migrate=False)
 
 
 def app_runtime(module: str, store: str | None = None) -> Runtime:
@@ -257,9 +302,15 @@ def list_command(
         sagas = ops.list_sagas(status=statuses, name=name, created_after=after,
                                created_before=before, limit=limit, offset=offset,
                                runtime=runtime)
+        # A FAILED saga's line names the compensations that failed: its steps are read.
+        steps = {s.saga_id: runtime.store.get_steps(s.saga_id) for s in sagas
+                 if s.status is SagaStatus.FAILED}
     if as_json:
         for saga in sagas:
-            typer.echo(json.dumps(ops.view_as_dict(ops.SagaView(saga, []))["saga"]))
+            doc = ops.view_as_dict(ops.SagaView(saga, steps.get(saga.saga_id, [])))
+            line = {**doc["saga"], "summary": doc["summary"],
+                    "compensation_failures": doc["compensation_failures"]}
+            typer.echo(_json(line))
         return
     table = Table(header_style="bold")
     table.add_column("saga id", no_wrap=True, min_width=36)
@@ -277,7 +328,7 @@ def list_command(
         cells: list[str | Text] = [
             saga.saga_id, saga.name, status_text(saga.status), _when(saga.created_at),
             format_duration((end or time.time()) - saga.created_at), saga.failed_step or "",
-            first_line(saga.error) if saga.error else ""]
+            ops.failure_summary(saga, steps.get(saga.saga_id, [])) or ""]
         table.add_row(*cells[:len(table.columns)])
     console.print(table)
     more = f"; next page: --offset {offset + len(sagas)}" if len(sagas) == limit else ""
@@ -294,7 +345,7 @@ def show(
     with _errors():
         view = ops.get_saga(saga_id, runtime=read_runtime(store))
     if as_json:
-        typer.echo(json.dumps(ops.view_as_dict(view), indent=2, default=str))
+        typer.echo(_json(ops.view_as_dict(view), indent=2))
         return
     console = _console()
     console.print(render_summary(view))

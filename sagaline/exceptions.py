@@ -83,13 +83,19 @@ class SagaOutcomeError(SagaError):
     outcome = "ended"
 
     def __init__(self, saga_id: str, cause: str | None, *, step: str | None = None,
-                 record: Any = None):
+                 record: Any = None, compensation_failures: dict[str, str] | None = None):
         self.saga_id = saga_id
         self.cause = cause
         self.step = step
         self.record = record
+        # Step name -> why its compensation failed for good (a FAILED saga): those
+        # steps may still be applied, which the cause alone does not say.
+        self.compensation_failures = dict(compensation_failures or {})
         at = f" at step {step!r}" if step else ""
-        super().__init__(f"saga {saga_id!r} {self.outcome}{at}: {cause or 'no cause recorded'}")
+        undone = "".join(f"; compensation of {name!r} failed: {why}"
+                         for name, why in self.compensation_failures.items())
+        super().__init__(f"saga {saga_id!r} {self.outcome}{at}: "
+                         f"{cause or 'no cause recorded'}{undone}")
 
 
 class SagaCompensated(SagaOutcomeError):

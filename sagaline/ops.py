@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from . import engine, recovery
+from .config import Settings
 from .definition import Saga
 from .engine import Timing
-from .exceptions import InvalidTransition, SagaNotFound
+from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
 from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
 from .states import CompensationStatus, SagaStatus, StepStatus
+from .stores.base import Store, open_existing
 
 log = logging.getLogger("sagaline")
 
@@ -54,23 +58,46 @@ class SagaView:
         raise KeyError(name)
 
 
+_readers: dict[str, Store] = {}
+_readers_lock = threading.Lock()
+
+
+def read_store(runtime: Runtime | None = None) -> Store:
+    """The store to read: the runtime's, else the one `init_app` set up in this process,
+    else (a process that only reads) the store of SAGALINE_STORE_URL or the embedded
+    default, opened for reading only: a missing store is an error, never created."""
+    if runtime is not None:
+        return runtime.store
+    try:
+        return current_runtime().store
+    except ConfigurationError:
+        pass
+    url = Settings.from_env().store_url
+    key = f"{os.getpid()}:{url}"
+    with _readers_lock:
+        if key not in _readers:
+            _readers[key] = open_existing(url)
+        return _readers[key]
+
+
 def get_saga(saga_id: str, *, runtime: Runtime | None = None,
              with_history: bool = True) -> SagaView:
-    rt = runtime or current_runtime()
-    saga = rt.store.get_saga(saga_id)
+    """A saga with its steps and history, from any process (see `read_store`)."""
+    store = read_store(runtime)
+    saga = store.get_saga(saga_id)
     if saga is None:
         raise SagaNotFound(saga_id)
-    return SagaView(saga, rt.store.get_steps(saga_id),
-                    rt.store.history(saga_id) if with_history else [])
+    return SagaView(saga, store.get_steps(saga_id),
+                    store.history(saga_id) if with_history else [])
 
 
 def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str | None = None,
                created_after: float | None = None, created_before: float | None = None,
                limit: int = 50, offset: int = 0,
                runtime: Runtime | None = None) -> list[SagaRecord]:
-    rt = runtime or current_runtime()
+    """Sagas matching the filters, newest first, from any process (see `read_store`)."""
     statuses = [status] if isinstance(status, SagaStatus) else status
-    return rt.store.list_sagas(SagaFilter(status=statuses, name=name,
+    return read_store(runtime).list_sagas(SagaFilter(status=statuses, name=name,
                                           created_after=created_after,
                                           created_before=created_before, limit=limit,
                                           offset=offset))
@@ -227,22 +254,45 @@ def step_attempts(history: list[Event]) -> list[Attempt]:
     return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
 
 
+def compensation_failures(steps: list[StepRecord]) -> dict[str, str]:
+    """The steps whose compensation failed for good, with the first line of its error."""
+    return {s.name: engine.first_line(s.comp_error) or "no error recorded" for s in steps
+            if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
+
+
+def failure_summary(saga: SagaRecord, steps: list[StepRecord]) -> str | None:
+    """One line saying why a saga did not complete: its cause and, for a FAILED saga,
+    which compensations failed and why (the cause alone hides that steps stay applied)."""
+    if saga.status is SagaStatus.COMPLETED or (not saga.error and
+                                               saga.status is not SagaStatus.FAILED):
+        return None
+    parts = [engine.first_line(saga.error)] if saga.error else []
+    if saga.status is SagaStatus.FAILED:
+        parts += [f"compensation of {name!r} failed: {error}"
+                  for name, error in compensation_failures(steps).items()]
+    return "; ".join(parts) or None
+
+
 def view_as_dict(view: SagaView) -> dict[str, Any]:
-    """A saga with its steps, attempts and history as plain JSON-ready data."""
+    """A saga with its steps, attempts and history as plain JSON-ready data.
+
+    Records are converted one level deep only: stored values (input, outputs) are
+    JSON already, and copying them recursively fails on deeply nested values.
+    """
     return {
-        "saga": _plain(asdict(view.saga)),
-        "steps": [_plain(asdict(s)) for s in view.steps],
-        "attempts": [{**_plain(asdict(a)), "duration": a.duration}
+        "saga": _plain(view.saga),
+        "summary": failure_summary(view.saga, view.steps),
+        "compensation_failures": compensation_failures(view.steps),
+        "steps": [_plain(s) for s in view.steps],
+        "attempts": [{**_plain(a), "duration": a.duration}
                      for a in step_attempts(view.history)],
-        "history": [_plain(asdict(e)) for e in view.history],
+        "history": [_plain(e) for e in view.history],
     }
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Enum):
-        return value.value
-    return value
+def _plain(record: Any) -> dict[str, Any]:
+    return {f.name: _enum_value(getattr(record, f.name)) for f in fields(record)}
+
+
+def _enum_value(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value

@@ -547,8 +547,13 @@ class SagaHandle:
             interval = min(interval * 1.5, cap)
         if saga.status is SagaStatus.COMPLETED:
             return saga.output
-        error = SagaCompensated if saga.status is SagaStatus.COMPENSATED else SagaFailed
-        raise error(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
+        if saga.status is SagaStatus.COMPENSATED:
+            raise SagaCompensated(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
+        failures = {s.name: engine.first_line(s.comp_error) or "no error recorded"
+                    for s in self.runtime.store.get_steps(self.saga_id)
+                    if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
+        raise SagaFailed(saga.saga_id, saga.error, step=saga.failed_step, record=saga,
+                         compensation_failures=failures)
 
     def __repr__(self) -> str:
         return f"<SagaHandle {self.name} {self.saga_id}>"

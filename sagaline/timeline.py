@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .engine import first_line
-from .ops import SagaView, step_attempts
+from .ops import SagaView, compensation_failures, step_attempts
 from .records import Event
 from .states import SagaStatus
 
@@ -136,7 +136,7 @@ def render_steps(view: SagaView) -> Table:
 
 
 def render_summary(view: SagaView) -> Text:
-    """Two lines: status, duration and cause."""
+    """Status, duration and cause; for a FAILED saga, each compensation that failed."""
     saga = view.saga
     end = saga.finished_at
     text = Text()
@@ -147,4 +147,7 @@ def render_summary(view: SagaView) -> Text:
     if saga.status is not SagaStatus.COMPLETED and saga.error:
         at = f" at {saga.failed_step}" if saga.failed_step else ""
         text.append(f"\ncause{at}: {saga.error}", style="red")
+    if saga.status is SagaStatus.FAILED:
+        for name, why in compensation_failures(view.steps).items():
+            text.append(f"\ncompensation of {name} failed: {why}", style="bold red")
     return text

@@ -106,6 +106,10 @@ class Store(ABC):
         """Append one event that changes no state (an observation, such as a refused claim)."""
         self.transact(event.saga_id, lambda state: Decision(events=[event]))
 
+    def exists(self) -> bool:
+        """Whether this store was ever set up (read-only tools must not create one)."""
+        return True
+
     def migrate(self) -> None:  # noqa: B027 - optional hook
         """Create or upgrade the schema (a no-op for stores without one)."""
 
@@ -155,6 +159,20 @@ def store_class(url: str) -> type[Store]:
 
 def store_from_url(url: str, **options: Any) -> Store:
     return store_class(url)(url, **options)  # type: ignore[call-arg]
+
+
+def open_existing(url: str, **options: Any) -> Store:
+    """A store for reading only: never created nor migrated; StoreError when absent."""
+    store = store_from_url(url, auto_migrate=False, **options)
+    try:
+        present = store.exists()
+    except BaseException:
+        store.close()
+        raise
+    if not present:
+        store.close()
+        raise StoreError(f"no store at {redact(url)}")
+    return store
 
 
 def retry_transient(fn: Callable[[], T], *, url: str, retry_for: float,

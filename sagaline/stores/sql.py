@@ -52,10 +52,12 @@ class SQLStore(Store):
                 url = "mysql+pymysql://" + url.split("://", 1)[1]
             require_extra("pymysql", "mysql")
         options: dict[str, Any] = {"echo": echo, "future": True}
+        # The SQLite file, when the URL names one (created by `migrate`, never by reads).
+        self.sqlite_path: Path | None = None
         if self.dialect == "sqlite":
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.sqlite_path = Path(path)
             options["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             options.update(pool_size=5, max_overflow=10, pool_recycle=1800)
@@ -95,7 +97,21 @@ class SQLStore(Store):
         with self.engine.connect() as conn:
             yield conn
 
+    def exists(self) -> bool:
+        """Whether the database holds sagaline's schema; creates nothing to find out
+        (connecting to a missing SQLite file would create it)."""
+        if self.sqlite_path is not None and not self.sqlite_path.is_file():
+            return False
+
+        def check() -> bool:
+            with self.engine.connect() as conn:
+                return _current_revision(conn) is not None
+
+        return self._retrying(check)
+
     def migrate(self) -> None:
+        if self.sqlite_path is not None:
+            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
         with self.engine.connect() as conn:
             if _current_revision(conn) == schema.SCHEMA_REVISION:
                 conn.rollback()
