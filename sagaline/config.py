@@ -27,6 +27,9 @@ class Settings:
     redispatch_after: float = 30.0
     # A step whose worker died is re-run this many extra times before it counts as failed.
     crash_retries: int = 3
+    # A step whose task the receiving worker has not registered is published again
+    # (another worker may have it) this many times, then fails.
+    unknown_task_redispatches: int = 3
     # How often the sweeper in each worker looks for stalled work.
     sweep_interval: float = 5.0
     # Run the sweeper inside every `celery worker` of an app with sagaline.

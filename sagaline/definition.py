@@ -31,6 +31,11 @@ def registered_saga(name: str) -> Saga | None:
     return _REGISTRY.get(name)
 
 
+def registered_sagas() -> list[Saga]:
+    """Every saga definition registered in this process."""
+    return list(_REGISTRY.values())
+
+
 @dataclass(frozen=True)
 class Retry:
     """Retry policy: `max_attempts` in all, the n-th retry delayed by backoff * factor**(n-1).

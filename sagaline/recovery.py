@@ -143,6 +143,65 @@ def refused_message(state: SagaState, event: Event, phase: Phase, *,
     return decision
 
 
+def undeliverable(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int, *,
+                  reason: str, error: str, now: float, timing: Timing,
+                  claimed: bool = False) -> Decision | None:
+    """A step's message can never be delivered: fail it now, without retries.
+
+    Its message could not be encoded, reached a worker undecodable, or no worker
+    has its task. Sending it again would fail the same way, so the step fails
+    for good (the saga compensates) or, for a compensation, it is marked failed
+    (the saga parks FAILED for an operator). `claimed`: the caller claimed the
+    step itself (a child-saga step that could not start its child).
+    """
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    current = rec.status if phase is Phase.FORWARD else rec.comp_status
+    allowed = {StepStatus.DISPATCHED, CompensationStatus.DISPATCHED}
+    if claimed:
+        allowed |= {StepStatus.RUNNING, CompensationStatus.RUNNING}
+    if current not in allowed or rec.attempt_for(phase) != attempt:
+        return None  # settled meanwhile, or a message of an earlier attempt
+    if phase is Phase.FORWARD:
+        fail_attempt(w, step, error=error, permanent=True, reason=reason)
+    else:
+        w.update_step(step, comp_status=CompensationStatus.COMPENSATION_FAILED,
+                      comp_error=error, lease_until=None, due_at=None)
+        w.event("compensation_failed", step, attempt, Phase.COMPENSATE, reason=reason,
+                error=error, permanent=True)
+    advance(w)
+    return w.decision()
+
+
+def unregistered_task(defn: Saga, state: SagaState, event: Event, phase: Phase, *,
+                      max_redispatches: int, now: float, timing: Timing) -> Decision:
+    """A worker received a step's message but has no such task, and dropped it.
+
+    Records it (`event`), then has the sweeper publish the message again soon:
+    another worker may know the task. Once the message was published again
+    `max_redispatches` times and still refused, the step fails (`undeliverable`).
+    """
+    rec = state.steps.get(event.step or "")
+    current = None if rec is None else (
+        rec.status if phase is Phase.FORWARD else rec.comp_status)
+    if rec is None or current not in (StepStatus.DISPATCHED, CompensationStatus.DISPATCHED) \
+            or rec.attempt_for(phase) != event.attempt:
+        return Decision(events=[event])  # a stale copy: only say so
+    if rec.redispatches >= max_redispatches:
+        task = event.detail.get("task")
+        error = (f"TaskNotRegistered: no worker has task {task!r} registered (last refused "
+                 f"by {event.detail.get('worker')}, after {rec.redispatches} redispatches)")
+        decision = undeliverable(defn, state, rec.name, phase, rec.attempt_for(phase),
+                                 reason="task_unregistered", error=error, now=now,
+                                 timing=timing)
+        if decision is not None:
+            decision.events.insert(0, event)
+            return decision
+        return Decision(events=[event])
+    return Decision(events=[event], steps=[replace(rec, due_at=now + timing.redispatch_after)],
+                    step_versions={rec.name: rec.version})
+
+
 def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decision | None:
     """Retry exactly what is unfinished in a FAILED saga (compensations, or forward steps)."""
     w = Work(defn, state, now, timing)

@@ -95,8 +95,10 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
         {StepStatus.DISPATCHED, StepStatus.SKIPPED, StepStatus.CANCELLED, StepStatus.SUCCEEDED,
          StepStatus.FAILED}
     ),
+    # DISPATCHED -> FAILED: its message can never be delivered (it cannot be encoded or
+    # decoded, or no worker has its task): it fails without running.
     StepStatus.DISPATCHED: frozenset(
-        {StepStatus.RUNNING, StepStatus.CANCELLED, StepStatus.DISPATCHED}
+        {StepStatus.RUNNING, StepStatus.CANCELLED, StepStatus.DISPATCHED, StepStatus.FAILED}
     ),
     # RUNNING -> DISPATCHED is a failed attempt with attempts left (retry with backoff).
     StepStatus.RUNNING: frozenset(
@@ -113,8 +115,10 @@ COMPENSATION_TRANSITIONS: dict[CompensationStatus | None,
                                frozenset[CompensationStatus | None]] = {
     None: frozenset({CompensationStatus.PENDING, CompensationStatus.DISPATCHED}),
     CompensationStatus.PENDING: frozenset({CompensationStatus.DISPATCHED}),
+    # DISPATCHED -> COMPENSATION_FAILED: an undeliverable message, as for steps.
     CompensationStatus.DISPATCHED: frozenset(
-        {CompensationStatus.RUNNING, CompensationStatus.DISPATCHED}
+        {CompensationStatus.RUNNING, CompensationStatus.DISPATCHED,
+         CompensationStatus.COMPENSATION_FAILED}
     ),
     CompensationStatus.RUNNING: frozenset(
         {

@@ -81,6 +81,9 @@ def describe(event: Event) -> tuple[str, str, str]:
         "saga_failed": ("•", f"saga FAILED: {d.get('reason', '')}", "bold red"),
         "saga_resumed": ("•", f"resumed by operator ({d.get('mode', '')})", "bold"),
         "definition_mismatch": ("!", "a worker has other code for this saga", "bold red"),
+        "task_unregistered": ("!", f"worker {d.get('worker')} has no task "
+                                   f"{d.get('task')!r}: it dropped the message ({att})",
+                              "bold red"),
     }
     return texts.get(kind, ("•", kind.replace("_", " "), ""))
 

@@ -39,14 +39,21 @@ class Stack:
 
 def make_stack(kind: str, pg_url: str, redis_url: str,
                tmp_path_factory: pytest.TempPathFactory,
-               extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+               extra_env: dict[str, str] | None = None,
+               store_url: str | None = None) -> Iterator[Stack]:
+    """`kind`: "redis+postgres", "redis+redis", "embedded", or "redis+<other>" with
+    `store_url` (the Redis broker and that store)."""
     home = tmp_path_factory.mktemp("home")
     ledger_dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with psycopg.connect(ledger_dsn, autocommit=True) as conn:
         conn.execute(sagas_app.LEDGER_DDL)
     env = {"LEDGER_URL": pg_url, "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1"}
     client = Celery(f"client-{kind}")
-    if kind == "redis+postgres":
+    if store_url is not None:
+        store = store_url
+        env["CELERY_BROKER_URL"] = redis_url
+        client.conf.broker_url = redis_url
+    elif kind == "redis+postgres":
         store = pg_url
         env["CELERY_BROKER_URL"] = redis_url
         client.conf.broker_url = redis_url

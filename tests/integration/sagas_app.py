@@ -24,6 +24,7 @@ app = Celery("sagas_app", broker=os.environ.get("CELERY_BROKER_URL") or None)
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
+    include=["tests.integration.poison_sagas"],
     worker_task_log_format="[%(levelname)s/%(processName)s] %(task_name)s[%(task_id)s] "
                            "saga=%(saga_id)s step=%(saga_step)s: %(message)s",
 )

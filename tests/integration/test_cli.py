@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from sagaline.cli import cli, parse_time
-from sagaline.records import SagaFilter
-from sagaline.states import SagaStatus
+from sagaline.cli import cli, cut_deep, parse_time
+from sagaline.records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from sagaline.states import SagaStatus, StepStatus
 from sagaline.stores.base import store_from_url
 from tests.harness import REPO_ROOT, WorkerProcess, wait_until
 from tests.integration.test_demo import stop_gracefully
@@ -205,6 +206,54 @@ def test_an_unreachable_store_is_one_line_fast_and_exit_3() -> None:
         assert len(err.strip().splitlines()) == 1, err
         assert err.startswith("error: store postgresql+psycopg://postgres@127.0.0.1:1/x failed")
         assert elapsed < 10, f"{args}: {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("command", [["ls"], ["ls", "--json"], ["show", "some-id"],
+                                     ["show", "some-id", "--json"]])
+def test_read_only_commands_never_create_a_store(tmp_path: Path, command: list[str]) -> None:
+    for path in (tmp_path / "no" / "such" / "dir" / "x.db", tmp_path / "missing.db"):
+        url = f"sqlite:///{path}"
+        code, out, err = invoke(*command, "--store", url)
+        assert (code, out, err.strip()) == (3, "", f"error: no store at {url}")
+        assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def deep(levels: int) -> Any:
+    value: Any = "bottom"
+    for i in range(levels):
+        value = {"level": levels - i, "inner": [value]} if i % 2 else [value]
+    return value
+
+
+def test_json_output_prints_any_stored_value_even_deeply_nested(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"
+    store = store_from_url(url)
+    try:
+        state = SagaState(
+            SagaRecord(saga_id="deep-1", name="deep", status=SagaStatus.RUNNING,
+                       input={"tree": deep(500)}, fingerprint="f" * 16, created_at=1.0,
+                       updated_at=1.0),
+            {"a": StepRecord("deep-1", "a", 0, status=StepStatus.SUCCEEDED, attempt=1,
+                             output={"echo": deep(500)})})
+        store.create_saga(state, [Event("deep-1", "saga_started", 1.0)])
+    finally:
+        store.close()
+    code, out, err = invoke("show", "deep-1", "--json", "--store", url)
+    assert code == 0 and "Traceback" not in err, err
+    doc = json.loads(out)
+    assert doc["saga"]["input"] == {"tree": deep(500)}
+    assert doc["steps"][0]["output"] == {"echo": deep(500)}
+    code, out, err = invoke("ls", "--json", "--store", url)
+    assert code == 0, err
+    assert json.loads(out)["input"] == {"tree": deep(500)}
+
+
+def test_cut_deep_keeps_shallow_levels_and_marks_the_cut() -> None:
+    value = {"a": [1, {"b": [2, [3]]}], "z": 0}
+    assert cut_deep(value, 3) == {"a": [1, {"b": "<list nested deeper than 3 levels: "
+                                                  "not shown>"}], "z": 0}
+    assert list(cut_deep(value, 99)) == ["a", "z"] and cut_deep(value, 99) == value
 
 
 def test_an_unreachable_store_from_a_real_process_prints_no_traceback(fleet: Fleet) -> None:
