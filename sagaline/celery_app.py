@@ -5,9 +5,8 @@
   header runs untouched, a saga step is claimed before and completed after.
 - Recovery: a worker bootstep runs the sweeper in every `celery worker`.
 - Processes: `worker_process_init` gives each pool child its own store connections.
-- Refused messages: Celery's `task_unknown` / `task_rejected` signals and a consumer
-  bootstep around its decode-error handler record a step message that a worker
-  dropped without running it, so that the saga never waits for it silently.
+- Refused messages: a consumer bootstep and Celery's signals (delivery.py) record a
+  step message that a worker dropped without running it.
 """
 
 from __future__ import annotations
@@ -19,17 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.app.task import Task
-from celery.signals import (
-    after_setup_task_logger,
-    task_rejected,
-    task_unknown,
-    worker_process_init,
-    worker_ready,
-)
+from celery.signals import after_setup_task_logger, worker_process_init
 
 from .config import Settings, default_broker_options, default_broker_url
 from .context import StepLogFilter
-from .definition import registered_sagas
+from .delivery import DecodeErrorStep
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
 
@@ -167,112 +160,3 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self._thread.join(timeout=10)
 
     shutdown = stop
-
-
-# -- messages a worker drops without running them ------------------------------------------
-
-
-def _saga_meta(message: Any) -> dict[str, Any] | None:
-    headers = getattr(message, "headers", None)
-    meta = headers.get(HEADER) if isinstance(headers, dict) else None
-    return meta if isinstance(meta, dict) else None
-
-
-def _worker_name(consumer: Any) -> str:
-    return str(getattr(consumer, "hostname", None) or "a worker")
-
-
-@task_unknown.connect(weak=False)  # type: ignore[untyped-decorator]
-def _step_task_unknown(sender: Any = None, message: Any = None, exc: Any = None,
-                       name: str | None = None, **_: Any) -> None:
-    # Celery rejects (drops) the message; without this the step would stay
-    # DISPATCHED and the sweeper would publish it again for ever, silently.
-    meta = _saga_meta(message)
-    if meta is None:
-        return
-    try:
-        runtime = current_runtime(getattr(sender, "app", None))
-    except Exception:
-        return
-    runtime.message_refused(meta, task=str(name), worker=_worker_name(sender),
-                            unregistered=True,
-                            error=f"task {name!r} is not registered in this worker")
-
-
-@task_rejected.connect(weak=False)  # type: ignore[untyped-decorator]
-def _step_message_rejected(sender: Any = None, message: Any = None, exc: Any = None,
-                           **_: Any) -> None:
-    meta = _saga_meta(message)
-    if meta is None:
-        return
-    try:
-        runtime = current_runtime(getattr(sender, "app", None))
-    except Exception:
-        return
-    why = "not a task message Celery understands" if exc is None else \
-        f"{type(exc).__name__}: {exc}"
-    runtime.message_refused(meta, task=str((message.headers or {}).get("task")),
-                            worker=_worker_name(sender), unregistered=False,
-                            error=f"message rejected by the worker: {why}")
-
-
-class DecodeErrorStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Records a step message that reaches a worker undecodable, then lets Celery
-    log and drop it as usual.
-
-    Celery sends no signal for a decode error: it calls the consumer's
-    `on_decode_error`, which this step wraps on the consumer instance before the
-    task consumer is created. A message's headers travel outside its body, so the
-    saga, step and attempt are known even when the body cannot be read.
-    """
-
-    label = "sagaline decode errors"
-
-    def __init__(self, consumer: Any, **kwargs: Any):
-        original = consumer.on_decode_error
-
-        def on_decode_error(message: Any, exc: Exception) -> None:
-            meta = _saga_meta(message)
-            if meta is not None:
-                try:
-                    runtime = current_runtime(consumer.app)
-                    runtime.message_refused(
-                        meta, task=str((message.headers or {}).get("task")),
-                        worker=_worker_name(consumer), unregistered=False,
-                        error=f"message undecodable: {type(exc).__name__}: {exc}")
-                except Exception:
-                    log.exception("could not record an undecodable step message")
-            original(message, exc)
-
-        consumer.on_decode_error = on_decode_error
-        super().__init__(consumer, **kwargs)
-
-
-@worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
-def _warn_unknown_step_tasks(sender: Any = None, **_: Any) -> None:
-    """Name every step task of the registered sagas that this worker does not have.
-
-    Checked when the worker is ready rather than in `init_app`: only then has the
-    worker imported every module of the app (`include`, autodiscovery), while a
-    client process may legitimately never import the tasks it only sends.
-    """
-    app = getattr(sender, "app", None)
-    if app is None or getattr(app, "_sagaline_runtime", None) is None:
-        return
-    for message in unknown_step_tasks(app):
-        log.warning("%s", message)
-
-
-def unknown_step_tasks(app: Celery) -> list[str]:
-    """One line per step task or compensation of a registered saga that `app` lacks."""
-    known = set(app.tasks.keys())
-    missing = []
-    for defn in registered_sagas():
-        for spec in defn.graph.steps.values():
-            for role, name in (("task", spec.task_name), ("compensation",
-                                                          spec.compensation_name)):
-                if spec.child is None and name and name not in known:
-                    missing.append(f"saga {defn.name!r} step {spec.name!r}: {role} {name!r} "
-                                   f"is not registered in this worker; its messages will be "
-                                   f"refused here")
-    return missing

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from . import engine, recovery, signals
+from . import delivery, engine, recovery, signals
 from .context import StepInfo, _current
 from .definition import Saga, StepResponse, filter_kwargs, registered_saga
 from .exceptions import (
@@ -167,7 +167,7 @@ class Runtime:
             try:
                 self._publish_one(d)
             except Exception as exc:
-                if not undeliverable(exc):
+                if not delivery.undeliverable(exc):
                     # Committed as DISPATCHED: the sweeper publishes it again after
                     # `redispatch_after`, so a lost publish delays the saga, never loses it.
                     log.exception("could not publish %s of saga %s step %s (attempt %s); "
@@ -177,78 +177,13 @@ class Runtime:
                 log.error("saga %s step %s %s attempt %s: its message cannot be sent (%s: "
                           "%s); the step fails", d.saga_id, d.step, d.phase, d.attempt,
                           type(exc).__name__, exc)
-                decision = self.fail_undeliverable(
-                    d.saga_id, d.step, d.phase, d.attempt, reason="message_unsendable",
+                decision = delivery.fail_undeliverable(
+                    self, d.saga_id, d.step, d.phase, d.attempt, reason="message_unsendable",
                     error=f"message not sent: {engine.describe_error(exc)}",
                     claimed=d.child_saga is not None)
                 if decision is not None:
                     todo += decision.dispatches
                     self._announce(decision)
-
-    def fail_undeliverable(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                           reason: str, error: str, claimed: bool = False
-                           ) -> Decision | None:
-        """Fail a step (or compensation) whose message can never be delivered; the
-        caller publishes what the decision dispatches. Never raises: it runs where
-        an error has no one to go to (a publish, a worker's message consumer)."""
-        try:
-            return self.store.transact(saga_id, lambda st: self._undeliverable_decision(
-                st, step, phase, attempt, reason, error, claimed))
-        except Exception:
-            log.exception("saga %s step %s: could not record that its message cannot be "
-                          "delivered; the sweeper will publish it again", saga_id, step)
-            return None
-
-    def _undeliverable_decision(self, state: SagaState, step: str, phase: Phase, attempt: int,
-                                reason: str, error: str, claimed: bool) -> Decision | None:
-        defn = self.definition_for(state.saga)
-        if defn is None or step not in state.steps:
-            return None
-        return recovery.undeliverable(defn, state, step, phase, attempt, reason=reason,
-                                      error=error, now=time.time(), timing=self.timing,
-                                      claimed=claimed)
-
-    def message_refused(self, meta: dict[str, Any], *, task: str, worker: str,
-                        unregistered: bool, error: str) -> None:
-        """A worker dropped a step's message without running it (Celery's task_unknown,
-        task_rejected, or a decode error), in the worker's main process.
-
-        Unregistered task: recorded, and the sweeper publishes it again (another
-        worker may have the task) until `unknown_task_redispatches`; anything else
-        (an undecodable or invalid message) fails the step at once.
-        """
-        try:
-            saga_id, step = str(meta["saga_id"]), str(meta["step"])
-            phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
-        except (KeyError, TypeError, ValueError):
-            log.error("a message with a malformed sagaline header was dropped: %r", meta)
-            return
-        log.error("saga %s step %s %s attempt %s: worker %s dropped its message: %s",
-                  saga_id, step, phase, attempt, worker, error)
-        if not unregistered:
-            decision = self.fail_undeliverable(saga_id, step, phase, attempt,
-                                               reason="message_undeliverable", error=error)
-        else:
-            event = Event(saga_id, "task_unregistered", time.time(), step, attempt,
-                          phase.value, {"task": task, "worker": worker, "error": error})
-
-            def decide(state: SagaState) -> Decision | None:
-                defn = self.definition_for(state.saga)
-                if defn is None:
-                    return Decision(events=[event])
-                return recovery.unregistered_task(
-                    defn, state, event, phase,
-                    max_redispatches=self.settings.unknown_task_redispatches,
-                    now=time.time(), timing=self.timing)
-
-            try:
-                decision = self.store.transact(saga_id, decide)
-            except Exception:
-                log.exception("saga %s step %s: could not record the refused message",
-                              saga_id, step)
-                return
-        if decision is not None:
-            self.after_commit(decision)
 
     def _publish_one(self, d: Dispatch) -> None:
         if d.child_saga is not None:
@@ -581,15 +516,6 @@ def child_of(parent_id: str, rec: StepRecord) -> str:
     """The child saga a parent step ran: recorded when it completed, else derived."""
     data = rec.compensation_data if isinstance(rec.compensation_data, dict) else {}
     return str(data.get("child_saga_id") or child_saga_id(parent_id, rec.name, rec.attempt))
-
-
-def undeliverable(exc: BaseException) -> bool:
-    """Whether a publish failed because of the message itself (sending it again would
-    fail the same way), rather than because the broker is unreachable."""
-    from kombu.exceptions import ContentDisallowed, EncodeError
-
-    return isinstance(exc, (EncodeError, ContentDisallowed, TypeError, ValueError,
-                            RecursionError, OverflowError))
 
 
 def check_json_input(saga_name: str, input: dict[str, Any]) -> None:
