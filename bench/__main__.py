@@ -85,12 +85,18 @@ class Interrupted(BaseException):
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    _on_signals(_already_stopping)  # at most one Interrupted, whatever follows
     raise Interrupted(signum)
 
 
 def _already_stopping(signum: int, frame: FrameType | None) -> None:
     # A second Ctrl-C must not abandon the cleanup halfway: it is bounded anyway.
     log(f"{signal.Signals(signum).name} received: already stopping")
+
+
+def _on_signals(handler: Any) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 class Resources:
@@ -146,8 +152,7 @@ def start_worker(flavor: str, env: dict[str, str], tmp: Path, res: Resources,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0, 1 when a figure failed, 128 + signum when interrupted."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _interrupt)
+    _on_signals(_interrupt)
     res = Resources()
     try:
         return run(parse_args(argv), res)
@@ -159,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {exc}")
         return 1
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _already_stopping)
-        res.close()
-        log("stopped")
+        try:
+            _on_signals(_already_stopping)
+        finally:  # even if the signal came just before the line above
+            res.close()
+            log("stopped")
 
 
 def run(args: argparse.Namespace, res: Resources) -> int:
