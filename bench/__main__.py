@@ -2,7 +2,9 @@
 
 Stdout: one JSON line per figure (per store), then a table of ratios.
 Stderr: progress. Every process started here is stopped by pid at the end, and
-every temporary database dropped.
+every temporary database dropped: also on SIGTERM or SIGINT (Ctrl-C), after which
+the exit status is 128 + the signal's number. A saga or chain that does not
+finish in time fails the run (exit status 1) with a message naming it.
 """
 
 from __future__ import annotations
@@ -13,16 +15,33 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from tests.harness import PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
+from bench.waits import BenchRunFailed, BenchTimeout, TaskResults
+from tests.harness import (
+    SHARED_PG_HOST,
+    SHARED_PG_PORT,
+    SHARED_PG_USER,
+    HarnessError,
+    PrivateRedis,
+    WorkerProcess,
+    drop_database,
+    shared_postgres_url,
+)
 
 ALL_FIGURES = ("L1", "L2", "S1", "T1", "H1", "R1", "MEM")
+# H1 on the Redis store: Redis holds the whole history in memory, ~5.5 KB per
+# finished saga (5.5 GB for a million), and loads ~5,000 sagas a second.
+REDIS_HISTORY = 200_000
+STOP_TIMEOUT = 15.0  # seconds a worker has for a warm shutdown at the end of a run
+HURRIED_STOP_TIMEOUT = 5.0  # ... and after SIGTERM / SIGINT
 
 
 def log(msg: str) -> None:
@@ -39,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated figures of {ALL_FIGURES}")
     p.add_argument("--history", type=int, default=None,
                    help="finished sagas preloaded for H1 (default 1000000; --quick 1000)")
+    p.add_argument("--redis-history", type=int, default=None,
+                   help=f"the same for the Redis store, which keeps it in memory "
+                        f"(default: the smaller of --history and {REDIS_HISTORY})")
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the figures of each store, record the pool processes with "
@@ -54,11 +76,35 @@ def available_stores() -> list[str]:
     return stores
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT: a BaseException, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    _on_signals(_already_stopping)  # at most one Interrupted, whatever follows
+    raise Interrupted(signum)
+
+
+def _already_stopping(signum: int, frame: FrameType | None) -> None:
+    # A second Ctrl-C must not abandon the cleanup halfway: it is bounded anyway.
+    log(f"{signal.Signals(signum).name} received: already stopping")
+
+
+def _on_signals(handler: Any) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 class Resources:
     """Everything started or created, released in reverse order whatever happens."""
 
     def __init__(self) -> None:
         self._undo: list[tuple[str, Any]] = []
+        self.stop_timeout = STOP_TIMEOUT
 
     def push(self, what: str, fn: Any) -> None:
         self._undo.append((what, fn))
@@ -74,8 +120,13 @@ class Resources:
 
 def store_url(store: str, res: Resources, tmp: Path, redis_port: int) -> str:
     if store == "postgres":
-        url = shared_postgres_url(f"sagaline_bench_{uuid.uuid4().hex[:10]}")
-        res.push(f"database {url}", lambda: drop_database(url))
+        name = f"sagaline_bench_{uuid.uuid4().hex[:10]}"
+        url = f"postgresql+psycopg://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/{name}"
+        # Pushed before it exists (DROP DATABASE IF EXISTS): a signal during the
+        # CREATE still drops it.
+        res.push(f"database {name}", lambda: drop_database(url))
+        if shared_postgres_url(name) != url:
+            raise HarnessError(f"unexpected URL for the shared PostgreSQL database {name}")
         return url
     if store == "sqlite":
         return f"sqlite:///{tmp / 'bench-state.db'}"
@@ -92,14 +143,35 @@ def start_worker(flavor: str, env: dict[str, str], tmp: Path, res: Resources,
         pool="prefork", concurrency=2, queues=[queue], loglevel="WARNING",
         name=f"bench-{flavor}-{uuid.uuid4().hex[:6]}",
         workdir=tmp / f"worker-{flavor}-{uuid.uuid4().hex[:6]}", ready_timeout=90)
-    res.push(f"worker {w.name}", w.stop)
+    # Pushed before it starts: a signal during the start still stops its process group.
+    res.push(f"worker {w.name}", lambda: w.stop(timeout=res.stop_timeout))
     w.start()
     log(f"worker {w.name} ready (pid {w.pid}, children {w.child_pids()})")
     return w
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Run the benchmark; 0, 1 when a figure failed, 128 + signum when interrupted."""
+    _on_signals(_interrupt)
+    res = Resources()
+    try:
+        return run(parse_args(argv), res)
+    except Interrupted as exc:
+        log(f"{exc}: stopping every process this run started")
+        res.stop_timeout = HURRIED_STOP_TIMEOUT
+        return 128 + exc.signum
+    except (BenchTimeout, BenchRunFailed, HarnessError) as exc:
+        log(f"failed: {exc}")
+        return 1
+    finally:
+        try:
+            _on_signals(_already_stopping)
+        finally:  # even if the signal came just before the line above
+            res.close()
+            log("stopped")
+
+
+def run(args: argparse.Namespace, res: Resources) -> int:
     figures = [f.strip().upper() for f in (args.only or ",".join(ALL_FIGURES)).split(",")]
     unknown = [f for f in figures if f not in ALL_FIGURES]
     if unknown:
@@ -107,16 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     stores = [s.strip() for s in (args.stores or ("sqlite" if args.quick else
                                                   ",".join(available_stores()))).split(",")]
     history = args.history if args.history is not None else (1000 if args.quick else 1_000_000)
+    redis_history = (args.redis_history if args.redis_history is not None
+                     else min(history, REDIS_HISTORY))
 
-    res = Resources()
     tmp = Path(tempfile.mkdtemp(prefix="sagaline-bench-"))
     res.push(f"temp dir {tmp}", lambda: shutil.rmtree(tmp, ignore_errors=True))
     lines: list[dict[str, Any]] = []
     out = open(args.json_out, "w") if args.json_out else None  # noqa: SIM115
     try:
-        redis_server = PrivateRedis()
+        redis_server = PrivateRedis(start=False)
         res.push("redis-server", redis_server.destroy)
+        redis_server.start()
         port = redis_server.port
+        log(f"redis-server ready (pid {redis_server.pid}, port {port})")
         env = {
             "BENCH_BROKER_URL": f"redis://127.0.0.1:{port}/0",
             "BENCH_RESULT_URL": f"redis://127.0.0.1:{port}/1",
@@ -132,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench import figures as fig
         from bench.report import print_table
 
-        counters = redis.Redis.from_url(env["BENCH_COUNTER_URL"])
+        counters = redis.Redis.from_url(env["BENCH_COUNTER_URL"], socket_timeout=30,
+                                        socket_connect_timeout=10)
         res.push("redis client", counters.close)
-        sizes = (fig.Sizes.quick if args.quick else fig.Sizes.full)(history)
+        results = TaskResults(mod.app, env["BENCH_RESULT_URL"])
+        res.push("result reader", results.close)
+        sizes = (fig.Sizes.quick if args.quick else fig.Sizes.full)(history, redis_history)
         log(f"stores {stores}, figures {figures}, sizes {sizes}")
         plain = start_worker("plain", env, tmp, res)
 
@@ -153,16 +231,16 @@ def main(argv: list[str] | None = None) -> int:
             worker = start_worker("sagaline", env, tmp, res, {"SAGALINE_STORE_URL": url})
             b = fig.Bench(mod=mod, store=store, store_url=url, runtime=runtime,
                           saga_worker=worker, plain_worker=plain, redis=counters,
-                          sizes=sizes, log=log)
-            results: dict[str, dict[str, Any]] = {}
+                          results=results, sizes=sizes, log=log)
+            figs: dict[str, dict[str, Any]] = {}
             started = time.monotonic()
 
             def step(name: str, fn: Any, *a: Any, store: str = store,
-                     results: dict[str, dict[str, Any]] = results) -> None:
+                     figs: dict[str, dict[str, Any]] = figs) -> None:
                 t = time.monotonic()
                 log(f"[{store}] {name} ...")
-                results[name] = fn(*a)
-                emit(results[name])
+                figs[name] = fn(*a)
+                emit(figs[name])
                 log(f"[{store}] {name} done in {time.monotonic() - t:.1f}s")
 
             if "L1" in figures or "H1" in figures:
@@ -177,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             if "R1" in figures:
                 step("R1", fig.figure_r1, b)
             if "H1" in figures:
-                if store == "redis":
-                    log("[redis] H1: no bulk history loader for the Redis store; skipped")
-                else:
-                    step("H1", fig.figure_h1, b, results["L1"], results["T1"], empty_list)
+                step("H1", fig.figure_h1, b, figs["L1"], figs["T1"], empty_list)
             if "MEM" in figures:
                 step("MEM", fig.figure_mem, b)
             if args.profile:
@@ -192,14 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # a profile is extra: keep the figures going
                     log(f"[{store}] profiling failed: {exc!r}")
             log(f"[{store}] all figures in {time.monotonic() - started:.1f}s")
-            worker.stop()
+            worker.stop(timeout=res.stop_timeout)
+            if store == "redis":  # give the history's memory back before the next store
+                with contextlib.suppress(Exception), redis.Redis.from_url(url) as db:
+                    db.flushdb()
             with contextlib.suppress(Exception):
                 runtime.store.close()
         print_table(lines)
     finally:
         if out is not None:
             out.close()
-        res.close()
     return 0
 
 

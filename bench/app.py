@@ -6,8 +6,10 @@
   consumes queue ``bench.saga``; no result backend, as sagaline needs none;
 - ``plain``: a plain Celery worker with a Redis result backend that consumes
   ``bench.plain``; it never imports sagaline, so its memory is plain Celery's;
-- ``caller`` (default): the benchmark driver; it has both, and `bench.__main__`
-  calls `init_app` itself for each store it measures.
+- ``caller`` (default): the benchmark driver; `bench.__main__` calls `init_app`
+  itself for each store it measures. It has no result backend either: it reads
+  the baseline's results by polling their keys (bench/waits.py), so sending a task
+  never subscribes to Celery's pub/sub result consumer.
 
 `BENCH_COUNT_SQL=1` counts, in every process, SQL statements (SQLAlchemy's
 ``before_cursor_execute``), commits and rollbacks, published task messages
@@ -46,8 +48,7 @@ PLAIN_QUEUE = "bench.plain"
 # Saga lengths defined for S1 (and 4 for L1/T1/H1/R1).
 SAGA_LENGTHS = (4, 8, 16, 64)
 
-app = Celery("bench", broker=BROKER_URL,
-             backend=None if FLAVOR == "sagaline" else RESULT_URL)
+app = Celery("bench", broker=BROKER_URL, backend=RESULT_URL if FLAVOR == "plain" else None)
 app.conf.update(
     broker_connection_retry_on_startup=True,
     task_serializer="json",
@@ -191,11 +192,14 @@ def _on_task_done(sender: Any = None, **_: Any) -> None:
         COUNTS.add("tasks")
 
 
+FLUSH_FOR = 24 * 3600.0  # seconds: longer than any benchmark run
+
+
 def _flush_forever(interval: float = 0.5) -> None:
     import redis
 
     client = redis.Redis.from_url(COUNTER_URL, socket_timeout=5, socket_connect_timeout=5)
-    while True:
+    for _ in range(int(FLUSH_FOR / interval)):
         time.sleep(interval)
         pending = COUNTS.take()
         if not pending:

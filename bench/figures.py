@@ -1,11 +1,12 @@
 """The figures: each runs sagaline and the plain-Celery baseline alternately and returns one dict.
 
-Every wait has a timeout and every loop a fixed count; nothing here asserts a time.
+Every wait has a timeout and every loop a fixed count (bench/waits.py); nothing here
+asserts a time. Both sides are observed by polling: sagas through `handle.get()`,
+chains by reading their result keys in Redis.
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import uuid
@@ -16,9 +17,11 @@ from typing import Any
 
 from celery import chain
 
+from bench.waits import TaskResults, wait_sagas
 from tests.harness import WorkerProcess
 
 WAIT = 120.0  # seconds: the longest any single saga or chain may take before the run fails
+BATCH_WAIT = 5 * WAIT  # seconds: the longest a batch (T1, R1, a profile round) may take
 
 TARGETS = {
     "L1": "ratio <= 1.1",
@@ -41,20 +44,21 @@ class Sizes:
     s1_lengths: tuple[int, ...]
     s1_step_budget: int  # runs per length = max(3, budget // length)
     history: int
+    redis_history: int  # the Redis store keeps it all in memory: ~5.5 KB per finished saga
     list_runs: int
     r1_sagas: int
 
     @classmethod
-    def full(cls, history: int) -> Sizes:
+    def full(cls, history: int, redis_history: int) -> Sizes:
         return cls(warmup=10, l1_runs=60, l2_runs=30, t1_sagas=1000, t1_rounds=1,
                    s1_lengths=(4, 16, 64), s1_step_budget=320, history=history,
-                   list_runs=30, r1_sagas=50)
+                   redis_history=redis_history, list_runs=30, r1_sagas=50)
 
     @classmethod
-    def quick(cls, history: int) -> Sizes:
+    def quick(cls, history: int, redis_history: int) -> Sizes:
         return cls(warmup=2, l1_runs=5, l2_runs=3, t1_sagas=20, t1_rounds=1,
-                   s1_lengths=(4, 8), s1_step_budget=24, history=history, list_runs=5,
-                   r1_sagas=5)
+                   s1_lengths=(4, 8), s1_step_budget=24, history=history,
+                   redis_history=redis_history, list_runs=5, r1_sagas=5)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Bench:
     saga_worker: WorkerProcess
     plain_worker: WorkerProcess
     redis: Any  # counters and commandstats
+    results: TaskResults  # the baseline's results, read by polling
     sizes: Sizes
     log: Callable[[str], None]
     notes: dict[str, Any] = field(default_factory=dict)
@@ -78,13 +83,10 @@ class Bench:
 
 def run_saga(b: Bench, name: str) -> tuple[float, Any]:
     """Seconds from run() until handle.get() observed the terminal state; and the handle."""
-    import sagaline
-
     saga = b.mod.SAGAS[name]
     t0 = time.perf_counter()
     handle = saga.run()
-    with contextlib.suppress(sagaline.SagaCompensated):
-        handle.get(timeout=WAIT)
+    wait_sagas([handle], timeout=WAIT, what=f"[{b.store}] saga {name}", compensated_ok=True)
     return time.perf_counter() - t0, handle
 
 
@@ -95,7 +97,8 @@ def noop_chain(b: Bench, n: int) -> Any:
 def run_chain(b: Bench, n: int) -> float:
     c = noop_chain(b, n)
     t0 = time.perf_counter()
-    c.apply_async().get(timeout=WAIT)
+    last = c.apply_async()
+    b.results.wait([last.id], timeout=WAIT, what=f"[{b.store}] baseline chain of {n}")
     return time.perf_counter() - t0
 
 
@@ -103,8 +106,8 @@ def failing_chain_with_errback(b: Bench) -> tuple[Any, Any, str]:
     """3 no-ops and a failing 4th task; link_error: a chain of 3 undo tasks.
 
     The errback chain is started by the worker whose 4th task failed; its last
-    task has a known id, so the caller
-    observes "rolled back" through the result backend, like `handle.get()` does.
+    task has a known id, so the caller observes "rolled back" by polling that
+    task's result key, like `handle.get()` polls the saga.
     """
     m = b.mod
     final_id = str(uuid.uuid4())
@@ -118,7 +121,7 @@ def run_failing_chain(b: Bench) -> float:
     work, undo, final_id = failing_chain_with_errback(b)
     t0 = time.perf_counter()
     work.apply_async(link_error=undo)
-    b.mod.app.AsyncResult(final_id).get(timeout=WAIT)
+    b.results.wait([final_id], timeout=WAIT, what=f"[{b.store}] baseline failing chain's undo")
     return time.perf_counter() - t0
 
 
@@ -223,28 +226,25 @@ def figure_l2(b: Bench) -> dict[str, Any]:
 # -- T1 -----------------------------------------------------------------------------------
 
 
-def throughput_sagas(b: Bench, n: int) -> dict[str, float]:
+def throughput_sagas(b: Bench, n: int, label: str = "T1") -> dict[str, float]:
     saga = b.mod.SAGAS["noop4"]
-    deadline = time.monotonic() + WAIT * 5
     t0 = time.perf_counter()
     handles = [saga.run() for _ in range(n)]
     submitted = time.perf_counter() - t0
-    for h in handles:
-        h.get(timeout=max(1.0, deadline - time.monotonic()))
+    wait_sagas(handles, timeout=BATCH_WAIT, what=f"[{b.store}] {label}")
     total = time.perf_counter() - t0
     return {"seconds": total, "submit_seconds": submitted}
 
 
-def throughput_chains(b: Bench, n: int) -> dict[str, float]:
+def throughput_chains(b: Bench, n: int, label: str = "T1") -> dict[str, float]:
     # A fresh signature per chain: apply_async freezes ids and links into the signature,
     # so re-sending one chain object re-sends (and re-links) the same tasks.
     chains = [noop_chain(b, 4) for _ in range(n)]
-    deadline = time.monotonic() + WAIT * 5
     t0 = time.perf_counter()
     results = [c.apply_async() for c in chains]
     submitted = time.perf_counter() - t0
-    for r in results:
-        r.get(timeout=max(1.0, deadline - time.monotonic()))
+    b.results.wait([r.id for r in results], timeout=BATCH_WAIT,
+                   what=f"[{b.store}] {label} baseline")
     total = time.perf_counter() - t0
     return {"seconds": total, "submit_seconds": submitted}
 
@@ -254,8 +254,8 @@ def figure_t1(b: Bench, *, label: str = "T1", rounds: int | None = None) -> dict
     n = sz.t1_sagas
     saga_runs: list[dict[str, float]] = []
     chain_runs: list[dict[str, float]] = []
-    alternate(rounds or sz.t1_rounds, lambda: saga_runs.append(throughput_sagas(b, n)),
-              lambda: chain_runs.append(throughput_chains(b, n)))
+    alternate(rounds or sz.t1_rounds, lambda: saga_runs.append(throughput_sagas(b, n, label)),
+              lambda: chain_runs.append(throughput_chains(b, n, label)))
     s = statistics.median(r["seconds"] for r in saga_runs)
     c = statistics.median(r["seconds"] for r in chain_runs)
     return {
@@ -328,8 +328,9 @@ def figure_h1(b: Bench, empty_l1: dict[str, Any], empty_t1: dict[str, Any],
     from bench.history import load_history
 
     sz = b.sizes
-    b.log(f"[{b.store}] H1: loading {sz.history:,} finished sagas")
-    loaded = load_history(b.store_url, sz.history)
+    history = sz.redis_history if b.store == "redis" else sz.history
+    b.log(f"[{b.store}] H1: loading {history:,} finished sagas")
+    loaded = load_history(b.store_url, history)
     b.log(f"[{b.store}] H1: loaded in {loaded['load_seconds']:.1f}s "
           f"(+{loaded['vacuum_seconds']:.1f}s vacuum/analyze)")
     listing = list_latency(b, sz.list_runs)
@@ -337,9 +338,11 @@ def figure_h1(b: Bench, empty_l1: dict[str, Any], empty_t1: dict[str, Any],
     t1 = figure_t1(b, label="H1.T1", rounds=1)
     listing_after = list_latency(b, sz.list_runs)
     return {
-        "figure": "H1", "store": b.store, "history": sz.history,
+        "figure": "H1", "store": b.store, "history": history,
         "load_seconds": round(loaded["load_seconds"], 2),
         "vacuum_seconds": round(loaded["vacuum_seconds"], 2),
+        **({"history_memory_mb": round(loaded["memory_bytes"] / 2**20, 1)}
+           if "memory_bytes" in loaded else {}),
         "l1_sagaline_median_ms": l1["sagaline_median_ms"],
         "l1_sagaline_p95_ms": l1["sagaline_p95_ms"],
         "l1_empty_median_ms": empty_l1["sagaline_median_ms"],
@@ -415,15 +418,14 @@ def figure_r1(b: Bench) -> dict[str, Any]:
         c0 = b.mod.COUNTS.snapshot()
         handles = [saga.run() for _ in range(k)]
         c1 = b.mod.COUNTS.snapshot()
-        for h in handles:
-            h.get(timeout=WAIT)
+        wait_sagas(handles, timeout=BATCH_WAIT, what=f"[{b.store}] R1")
         c2 = b.mod.COUNTS.snapshot()
         return {"caller_run": _diff(c1, c0), "caller_get": _diff(c2, c1)}
 
     def chains() -> dict[str, Any]:
         results = [noop_chain(b, 4).apply_async() for _ in range(k)]
-        for r in results:
-            r.get(timeout=WAIT)
+        b.results.wait([r.id for r in results], timeout=BATCH_WAIT,
+                       what=f"[{b.store}] R1 baseline")
         return {}
 
     s = _measure(b, "sagaline", sagas)

@@ -4,7 +4,9 @@ The rows have the shape sagaline writes (stores/schema.py): per saga 4 steps and
 14 events (saga_started, 3 events per step, the final one), 90% COMPLETED,
 9% COMPENSATED, 1% FAILED, created over the last 30 days. PostgreSQL fills them
 with INSERT ... SELECT over generate_series; SQLite with INSERT ... SELECT over a
-recursive counter, in one transaction. Neither goes through Python row by row.
+recursive counter, in one transaction; Redis with a Lua script that writes the
+keys of the Redis store (stores/redis.py) for a few thousand sagas per call.
+None of them goes through Python row by row.
 """
 
 from __future__ import annotations
@@ -136,6 +138,91 @@ def load_sqlite(url: str, n: int) -> dict[str, float]:
     return {"load_seconds": loaded, "vacuum_seconds": time.monotonic() - started - loaded}
 
 
+# The keys and JSON fields RedisStore writes for the same sagas (`prefix` is the
+# store's). Numbers are formatted here, never by cjson (it rounds to 14 digits).
+# Each call writes sagas first..last; the sagas' created_at is t0 + i * dt.
+_REDIS_LOAD = """
+local p, name = ARGV[1], ARGV[2]
+local first, last = tonumber(ARGV[3]), tonumber(ARGV[4])
+local t0, dt = tonumber(ARGV[5]), tonumber(ARGV[6])
+local function num(x) return string.format('%.6f', x) end
+local function str(s) if s == nil then return 'null' end return '"' .. s .. '"' end
+-- Each event's JSON around its timestamp, built once per call.
+local ev_head, ev_tail, ev_offset = {}, {}, {}
+for j, e in ipairs(cjson.decode(ARGV[7])) do
+  local step, attempt, phase = 'null', 'null', 'null'
+  if e[3] ~= cjson.null then step, attempt, phase = str(e[3]), tostring(e[4]), str(e[5]) end
+  ev_head[j] = '{"kind": "' .. e[2] .. '", "ts": '
+  ev_tail[j] = ', "step": ' .. step .. ', "attempt": ' .. attempt .. ', "phase": ' .. phase
+    .. ', "detail": {}}'
+  ev_offset[j] = e[1] * 0.001
+end
+local log = {}
+for i = first, last do
+  local sid = string.format('%08x-0000-4000-8000-%012x', i, i)
+  local status = 'COMPLETED'
+  if i % 100 == 1 then status = 'FAILED' elseif i % 11 == 0 then status = 'COMPENSATED' end
+  local ended = status ~= 'COMPLETED'
+  local c = t0 + i * dt
+  local output, err, failed = '{"order": ' .. i .. ', "ok": true}', nil, nil
+  if ended then output, err, failed = 'null', 'BenchFailure: step 4 fails on purpose', 's4' end
+  local qsid = str(sid)
+  redis.call('HSET', p .. ':saga:' .. sid, 'saga_id', qsid, 'name', str(name),
+    'status', str(status), 'input', '{"order": ' .. i .. '}', 'fingerprint', '"history"',
+    'created_at', num(c), 'updated_at', num(c + 0.05), 'idempotency_key', 'null',
+    'output', output, 'error', str(err), 'failed_step', str(failed),
+    'finished_at', num(c + 0.05), 'deadline', 'null', 'due_at', 'null',
+    'parent_saga_id', 'null', 'parent_step', 'null', 'version', '12', 'txn', '8')
+  for k = 1, 4 do
+    local step_status, comp, comp_attempt = '"SUCCEEDED"', 'null', '0'
+    if ended and k == 4 then step_status = '"FAILED"' end
+    if ended and k < 4 then comp, comp_attempt = '"COMPENSATED"', '1' end
+    redis.call('HSET', p .. ':step:' .. sid .. ':s' .. k, 'saga_id', qsid,
+      'name', '"s' .. k .. '"', 'position', tostring(k - 1), 'status', step_status,
+      'attempt', '1', 'comp_status', comp, 'comp_attempt', comp_attempt,
+      'output', 'null', 'compensation_data', 'null', 'has_compensation_data', 'false',
+      'error', 'null', 'comp_error', 'null', 'lease_until', 'null', 'due_at', 'null',
+      'started_at', num(c + k * 0.01), 'finished_at', num(c + k * 0.01 + 0.005),
+      'redispatches', '0', 'version', '3')
+  end
+  redis.call('ZADD', p .. ':steps:' .. sid, 0, 's1', 1, 's2', 2, 's3', 3, 's4')
+  for j = 1, #ev_head do log[j] = ev_head[j] .. num(c + ev_offset[j]) .. ev_tail[j] end
+  redis.call('RPUSH', p .. ':events:' .. sid, unpack(log))
+  local score = num(c)
+  redis.call('ZADD', p .. ':idx:created', score, sid)
+  redis.call('ZADD', p .. ':idx:name:' .. name, score, sid)
+  redis.call('ZADD', p .. ':idx:status:' .. status, score, sid)
+  redis.call('ZADD', p .. ':idx:ns:' .. status .. ':' .. name, score, sid)
+end
+return last - first + 1
+"""
+REDIS_BATCH = 500  # sagas per script call: each call blocks the server for ~0.1 s
+
+
+def load_redis(url: str, n: int, *, prefix: str = "sagaline") -> dict[str, float]:
+    """Write `n` finished sagas with the Redis store's layout; returns seconds and bytes."""
+    import json
+
+    import redis
+
+    t0 = time.time() - SPAN
+    dt = SPAN / max(n, 1)
+    events = json.dumps([list(e) for e in EVENTS])
+    client = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
+    try:
+        load = client.register_script(_REDIS_LOAD)
+        before = int(client.info("memory")["used_memory"])
+        started = time.monotonic()
+        for first in range(1, n + 1, REDIS_BATCH):
+            last = min(first + REDIS_BATCH - 1, n)
+            load(args=[prefix, HISTORY_NAME, first, last, repr(t0), repr(dt), events])
+        loaded = time.monotonic() - started
+        used = int(client.info("memory")["used_memory"]) - before
+    finally:
+        client.close()
+    return {"load_seconds": loaded, "vacuum_seconds": 0.0, "memory_bytes": float(used)}
+
+
 def load_history(url: str, n: int) -> dict[str, float]:
     if n <= 0:
         return {"load_seconds": 0.0, "vacuum_seconds": 0.0}
@@ -143,4 +230,6 @@ def load_history(url: str, n: int) -> dict[str, float]:
         return load_sqlite(url, n)
     if url.startswith("postgres"):
         return load_postgres(url, n)
+    if url.startswith("redis"):
+        return load_redis(url, n)
     raise ValueError(f"no bulk history loader for {url.split(':', 1)[0]} stores")

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.waits import wait_sagas
+
 FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 # Hot-path parts: (label, function, file suffix); inclusive samples under `execute`.
@@ -71,8 +73,7 @@ def profile_workers(b: Any, out: Path, seconds: float) -> dict[str, Any]:
                 break
             handles = [saga.run() for _ in range(40)]
             submitted += len(handles)
-            for h in handles:
-                h.get(timeout=120)
+            wait_sagas(handles, timeout=120, what=f"[{b.store}] profile load")
         for p in procs:
             p.wait(timeout=seconds + 60)
     finally:
