@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -12,9 +13,9 @@ from . import engine, recovery
 from .definition import Saga
 from .engine import Timing
 from .exceptions import InvalidTransition, SagaNotFound
-from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from .records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
-from .states import CompensationStatus, SagaStatus, StepStatus
+from .states import CompensationStatus, Phase, SagaStatus, StepStatus
 
 log = logging.getLogger("sagaline")
 
@@ -171,6 +172,58 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
             rt.after_commit(decision)
             acted += 1
     return acted
+
+
+def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
+                          alive: Callable[[Collection[int]], Collection[int]], *,
+                          earlier_boots: bool, limit: int = 200) -> int:
+    """In a worker's main process: end at once the attempts its dead processes were running.
+
+    A claim of worker `node` is lost when it was made by an earlier boot of that node
+    (only with `earlier_boots`: the worker just started under the name of one that
+    died), or by a process of this boot that `alive` (given the owners' pids, read
+    after the claims) does not report alive. Each is a crashed attempt, as if its
+    lease had expired. Returns how many attempts were handed back.
+    """
+    claims = runtime.store.find_claimed(node, limit=limit)
+    # The processes are looked at after the claims were read: a process that claimed
+    # a step is listed by then, so a claim this young is never taken for a dead one.
+    living = set(alive({c.owner_pid for c in claims if c.owner_pid is not None}))
+    acted = 0
+    for rec in claims:
+        owner, phase = rec.owner, rec.running_phase
+        if owner is None or phase is None:
+            continue
+        if owner.boot != boot:
+            if not earlier_boots:
+                continue
+            cause = (f"worker {node} restarted; the process that ran this attempt "
+                     f"(pid {owner.pid}) belonged to its previous start")
+        elif owner.pid in living:
+            continue
+        else:
+            cause = f"process {owner.pid} of worker {node} exited while running it"
+        if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
+                      cause):
+            acted += 1
+    return acted
+
+
+def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
+               owner: Owner, cause: str) -> bool:
+    try:
+        decision = rt.transact(saga_id, lambda defn, st: recovery.claim_lost(
+            defn, st, step, phase, attempt, owner, cause=cause, now=time.time(),
+            timing=rt.timing))
+    except Exception:
+        log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,
+                      phase, attempt)
+        return False
+    if decision is None:
+        return False
+    log.warning("saga %s step %s (%s attempt %s): %s; running it again", saga_id, step,
+                phase, attempt, cause)
+    return True
 
 
 # -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------
