@@ -231,6 +231,9 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, worker: Any) -> None:
         runtime = current_runtime(worker.app)
+        # Import the store's driver here, in the main thread, rather than in the thread
+        # while the pool may be forking: a child forked mid-import would hang.
+        runtime.store  # noqa: B018
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, args=(runtime, worker),
                                         name="sagaline-sweeper", daemon=True)
@@ -244,12 +247,14 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         for_a_sweep = interval
         while not self._stop.is_set():
             runtime.process_lost.clear()
-            if self._hand_back_lost(runtime, worker, earlier_boots=earlier_boots):
-                earlier_boots = False
+            with _fork_guard():
+                if self._hand_back_lost(runtime, worker, earlier_boots=earlier_boots):
+                    earlier_boots = False
             if for_a_sweep <= 0:
                 for_a_sweep = interval
                 try:
-                    sweep(runtime)
+                    with _fork_guard():
+                        sweep(runtime)
                 except Exception:
                     log.exception("sweeper pass failed; trying again in %ss", interval)
             waited = _wait_either(runtime.process_lost, self._stop, for_a_sweep)
@@ -286,6 +291,35 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
     # Without it, StartStopStep.terminate (a cold shutdown) would not stop the thread.
     terminate = stop
     shutdown = stop
+
+
+# The pool forks its children from the main thread (at start, and to replace one that
+# died, which is exactly when this thread is busy handing its claims back). A child
+# forked while this thread holds a lock (the store's connection pool, the broker's
+# producer pool, an import) inherits it held by a thread that does not exist there,
+# and hangs. So a fork waits until this thread is between two passes.
+_FORK_LOCK = threading.RLock()
+
+
+def _fork_guard() -> threading.RLock:
+    return _FORK_LOCK
+
+
+def _before_fork() -> None:
+    _FORK_LOCK.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _FORK_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.RLock()  # held by the forking thread of the parent: start anew
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 def _wait_either(event: threading.Event, stop: threading.Event, timeout: float) -> float:
