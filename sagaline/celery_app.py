@@ -33,6 +33,7 @@ from celery.signals import (
     worker_process_init,
     worker_shutdown,
 )
+from celery.utils.nodenames import worker_direct
 
 from .config import Settings, default_broker_options, default_broker_url
 from .context import StepLogFilter
@@ -228,6 +229,13 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         super().__init__(worker, **kwargs)
+        # Consume Celery's worker-direct queue (what `worker_direct=True` does): the
+        # retries of the steps this worker hands back go there, not behind the backlog.
+        direct = worker_direct(worker.hostname)
+        if direct.name not in worker.app.amqp.queues.consume_from:
+            worker.app.amqp.queues.select_add(direct)
+        with contextlib.suppress(Exception):
+            current_runtime(worker.app).worker_queue = direct.name
 
     def start(self, worker: Any) -> None:
         runtime = current_runtime(worker.app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -211,15 +211,29 @@ def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
 
 def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
                owner: Owner, cause: str) -> bool:
+    def decide(state: SagaState) -> Decision | None:
+        defn = rt.definition_for(state.saga)
+        return None if defn is None else recovery.claim_lost(
+            defn, state, step, phase, attempt, owner, cause=cause, now=time.time(),
+            timing=rt.timing)
+
     try:
-        decision = rt.transact(saga_id, lambda defn, st: recovery.claim_lost(
-            defn, st, step, phase, attempt, owner, cause=cause, now=time.time(),
-            timing=rt.timing))
+        decision = rt.store.transact(saga_id, decide)
+        if decision is None:
+            return False
+        if rt.worker_queue is not None:
+            # The retry goes to this worker's own queue: in the shared queue it would wait
+            # behind the whole backlog. This worker was running the step, so it consumes
+            # its queue; should it die first, the sweeper publishes it again to the step's
+            # queue after redispatch_after.
+            decision.dispatches = [
+                replace(d, queue=rt.worker_queue)
+                if (d.step, d.phase, d.child_saga) == (step, phase, None) else d
+                for d in decision.dispatches]
+        rt.after_commit(decision)
     except Exception:
         log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,
                       phase, attempt)
-        return False
-    if decision is None:
         return False
     log.warning("saga %s step %s (%s attempt %s): %s; running it again", saga_id, step,
                 phase, attempt, cause)

@@ -72,6 +72,9 @@ class Runtime:
         # every claim names the node, the boot and the process that runs the step.
         self.worker_node: str | None = None
         self.worker_boot: str | None = None
+        # The queue that only this worker consumes (Celery's worker-direct queue), where
+        # it sends the retries of the steps it hands back.
+        self.worker_queue: str | None = None
         # Set when the worker's main process sees a pool process die mid-task: its
         # sweeper thread then looks for lost claims at once.
         self.process_lost = threading.Event()

@@ -153,9 +153,10 @@ def test_a_step_whose_pool_process_dies_runs_again_within_seconds(cluster: Clust
     assert (lost.step, lost.attempt) == ("a", 1)
     assert f"process {rec.owner.pid} of worker {node('child-killed')} exited" in \
         lost.detail["error"]
-    runs = cluster.executions(saga_id)
-    assert [(s, a) for s, a, _ in runs if s == "a"] == [("a", 1), ("a", 2)]
-    assert runs[0][2] == rec.owner.pid
+    # Attempt 1 may have been killed before its body recorded its execution.
+    runs = [(a, pid) for s, a, pid in cluster.executions(saga_id) if s == "a"]
+    assert [a for a, _ in runs] in ([1, 2], [2])
+    assert all(pid == rec.owner.pid for a, pid in runs if a == 1)
 
 
 def test_a_worker_restarted_under_its_node_name_runs_its_steps_again_at_once(
@@ -180,8 +181,7 @@ def test_a_worker_restarted_under_its_node_name_runs_its_steps_again_at_once(
     assert f"worker {node('restarted')} restarted" in lost.detail["error"]
     assert rec.owner is not None
     assert f"pid {rec.owner.pid}" in lost.detail["error"]
-    assert [(s, a) for s, a, _ in cluster.executions(saga_id) if s == "a"] == [
-        ("a", 1), ("a", 2)]
+    assert [a for s, a, _ in cluster.executions(saga_id) if s == "a"] in ([1, 2], [2])
 
 
 def test_a_warm_shutdown_finishes_its_step_and_a_new_worker_finishes_the_saga(
