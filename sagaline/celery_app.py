@@ -32,6 +32,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.utils.nodenames import worker_direct
 
@@ -154,6 +155,14 @@ def _pool_process_lost(sender: Any = None, exception: BaseException | None = Non
     runtime.process_lost.set()
 
 
+@worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
+def _stop_using_own_queue(**_: Any) -> None:
+    # This worker stops consuming: retries of what it hands back from now on go to the
+    # steps' own queues, where other workers find them.
+    with contextlib.suppress(Exception):
+        current_runtime().worker_queue = None
+
+
 @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
 def _hand_back_after_shutdown(sender: Any = None, **_: Any) -> None:
     # After a warm shutdown the pool has finished its tasks and exited; whatever a
@@ -173,7 +182,7 @@ def hand_back_dead_processes(runtime: Runtime) -> None:
         return
     try:
         hand_back_lost_claims(runtime, runtime.worker_node, runtime.worker_boot,
-                              _existing, earlier_boots=False)
+                              _existing, earlier_boots=False, stopping=True)
     except Exception:
         log.exception("could not hand back the claims of exited processes")
 
@@ -305,8 +314,12 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
 # died, which is exactly when this thread is busy handing its claims back). A child
 # forked while this thread holds a lock (the store's connection pool, the broker's
 # producer pool, an import) inherits it held by a thread that does not exist there,
-# and hangs. So a fork waits until this thread is between two passes.
+# and hangs. So a fork waits until this thread is between two passes, but never
+# long: a pass that waits out a store outage must not freeze the worker's event loop
+# (a child that still hangs is replaced by billiard after its start-up timeout).
 _FORK_LOCK = threading.RLock()
+_FORK_WAIT = 5.0
+_forking = threading.local()
 
 
 def _fork_guard() -> threading.RLock:
@@ -314,16 +327,19 @@ def _fork_guard() -> threading.RLock:
 
 
 def _before_fork() -> None:
-    _FORK_LOCK.acquire()
+    _forking.held = _FORK_LOCK.acquire(timeout=_FORK_WAIT)
 
 
 def _after_fork_in_parent() -> None:
-    _FORK_LOCK.release()
+    if getattr(_forking, "held", False):
+        _forking.held = False
+        _FORK_LOCK.release()
 
 
 def _after_fork_in_child() -> None:
     global _FORK_LOCK
     _FORK_LOCK = threading.RLock()  # held by the forking thread of the parent: start anew
+    _forking.held = False
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,

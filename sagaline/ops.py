@@ -176,15 +176,18 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
 
 def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
                           alive: Callable[[Collection[int]], Collection[int]], *,
-                          earlier_boots: bool, limit: int = 200) -> int:
+                          earlier_boots: bool, stopping: bool = False,
+                          limit: int = 200) -> int:
     """In a worker's main process: end at once the attempts its dead processes were running.
 
     A claim of worker `node` is lost when it was made by an earlier boot of that node
     (only with `earlier_boots`: the worker just started under the name of one that
     died), or by a process of this boot that `alive` (given the owners' pids, read
     after the claims) does not report alive. Each is a crashed attempt, as if its
-    lease had expired. Returns how many attempts were handed back.
+    lease had expired; its retry goes to this worker's own queue unless the worker is
+    `stopping`. Returns how many attempts were handed back.
     """
+    queue = None if stopping else runtime.worker_queue
     claims = runtime.store.find_claimed(node, limit=limit)
     # The processes are looked at after the claims were read: a process that claimed
     # a step is listed by then, so a claim this young is never taken for a dead one.
@@ -204,13 +207,13 @@ def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
         else:
             cause = f"process {owner.pid} of worker {node} exited while running it"
         if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
-                      cause):
+                      cause, queue):
             acted += 1
     return acted
 
 
 def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-               owner: Owner, cause: str) -> bool:
+               owner: Owner, cause: str, queue: str | None) -> bool:
     def decide(state: SagaState) -> Decision | None:
         defn = rt.definition_for(state.saga)
         return None if defn is None else recovery.claim_lost(
@@ -221,14 +224,15 @@ def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
         decision = rt.store.transact(saga_id, decide)
         if decision is None:
             return False
-        if rt.worker_queue is not None:
-            # The retry goes to this worker's own queue: in the shared queue it would wait
-            # behind the whole backlog. This worker was running the step, so it consumes
-            # its queue; should it die first, the sweeper publishes it again to the step's
-            # queue after redispatch_after.
+        if queue is not None:
+            # The retry (or, in a saga rolling back, the step's compensation) goes to this
+            # worker's own queue: in the shared queue it would wait behind the whole
+            # backlog. This worker was running the step, so it consumes its queue; should
+            # it die first, the sweeper publishes it again to the step's queue after
+            # redispatch_after.
             decision.dispatches = [
-                replace(d, queue=rt.worker_queue)
-                if (d.step, d.phase, d.child_saga) == (step, phase, None) else d
+                replace(d, queue=queue)
+                if d.step == step and d.child_saga is None else d
                 for d in decision.dispatches]
         rt.after_commit(decision)
     except Exception:
