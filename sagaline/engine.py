@@ -29,6 +29,12 @@ from .states import (
     StepStatus,
 )
 
+# Why an attempt ended with its outcome unknown (its process died mid-run): its lease
+# expired, or the worker that ran it saw the process die (a pool process exited, the
+# worker restarted). Such an attempt may have applied its effect and does not count
+# as a business failure (crash_retries).
+CRASH_REASONS = frozenset({"lease_expired", "worker_lost"})
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -244,8 +250,8 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
     after_pivot = w.pivot_passed()
     if after_pivot and w.defn.pivot_retry.max_attempts > policy.max_attempts:
         policy = w.defn.pivot_retry
-    allowed = policy.max_attempts + (w.timing.crash_retries if reason == "lease_expired" else 0)
-    crashed = reason == "lease_expired"
+    crashed = reason in CRASH_REASONS
+    allowed = policy.max_attempts + (w.timing.crash_retries if crashed else 0)
     if crashed or rec.has_compensation_data:
         # A worker died mid-run (now or in an earlier attempt): its effect may be applied.
         # The step stays "possibly applied" through retries, so that it is undone even

@@ -6,7 +6,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
@@ -15,9 +16,9 @@ from .config import Settings
 from .definition import Saga
 from .engine import Timing
 from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
-from .records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from .records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
-from .states import CompensationStatus, SagaStatus, StepStatus
+from .states import CompensationStatus, Phase, SagaStatus, StepStatus
 from .stores.base import Store, open_existing
 
 log = logging.getLogger("sagaline")
@@ -198,6 +199,76 @@ def sweep(runtime: Runtime | None = None, *, now: float | None = None,
             rt.after_commit(decision)
             acted += 1
     return acted
+
+
+def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
+                          alive: Callable[[Collection[int]], Collection[int]], *,
+                          earlier_boots: bool, stopping: bool = False,
+                          limit: int = 200) -> int:
+    """In a worker's main process: end at once the attempts its dead processes were running.
+
+    A claim of worker `node` is lost when it was made by an earlier boot of that node
+    (only with `earlier_boots`: the worker just started under the name of one that
+    died), or by a process of this boot that `alive` (given the owners' pids, read
+    after the claims) does not report alive. Each is a crashed attempt, as if its
+    lease had expired; its retry goes to this worker's own queue unless the worker is
+    `stopping`. Returns how many attempts were handed back.
+    """
+    queue = None if stopping else runtime.worker_queue
+    claims = runtime.store.find_claimed(node, limit=limit)
+    # The processes are looked at after the claims were read: a process that claimed
+    # a step is listed by then, so a claim this young is never taken for a dead one.
+    living = set(alive({c.owner_pid for c in claims if c.owner_pid is not None}))
+    acted = 0
+    for rec in claims:
+        owner, phase = rec.owner, rec.running_phase
+        if owner is None or phase is None:
+            continue
+        if owner.boot != boot:
+            if not earlier_boots:
+                continue
+            cause = (f"worker {node} restarted; the process that ran this attempt "
+                     f"(pid {owner.pid}) belonged to its previous start")
+        elif owner.pid in living:
+            continue
+        else:
+            cause = f"process {owner.pid} of worker {node} exited while running it"
+        if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
+                      cause, queue):
+            acted += 1
+    return acted
+
+
+def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
+               owner: Owner, cause: str, queue: str | None) -> bool:
+    def decide(state: SagaState) -> Decision | None:
+        defn = rt.definition_for(state.saga)
+        return None if defn is None else recovery.claim_lost(
+            defn, state, step, phase, attempt, owner, cause=cause, now=time.time(),
+            timing=rt.timing)
+
+    try:
+        decision = rt.store.transact(saga_id, decide)
+        if decision is None:
+            return False
+        if queue is not None:
+            # The retry (or, in a saga rolling back, the step's compensation) goes to this
+            # worker's own queue: in the shared queue it would wait behind the whole
+            # backlog. This worker was running the step, so it consumes its queue; should
+            # it die first, the sweeper publishes it again to the step's queue after
+            # redispatch_after.
+            decision.dispatches = [
+                replace(d, queue=queue)
+                if d.step == step and d.child_saga is None else d
+                for d in decision.dispatches]
+        rt.after_commit(decision)
+    except Exception:
+        log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,
+                      phase, attempt)
+        return False
+    log.warning("saga %s step %s (%s attempt %s): %s; running it again", saga_id, step,
+                phase, attempt, cause)
+    return True
 
 
 # -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------

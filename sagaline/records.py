@@ -53,9 +53,42 @@ class StepRecord:
     # How often the current message was published again by the sweeper (for backoff).
     redispatches: int = 0
     version: int = 0
+    # The process that made the latest claim (see Owner); kept after the claim ends.
+    owner_node: str | None = None
+    owner_boot: str | None = None
+    owner_pid: int | None = None
 
     def attempt_for(self, phase: Phase) -> int:
         return self.attempt if phase is Phase.FORWARD else self.comp_attempt
+
+    @property
+    def owner(self) -> Owner | None:
+        if self.owner_node is None or self.owner_boot is None or self.owner_pid is None:
+            return None
+        return Owner(self.owner_node, self.owner_boot, self.owner_pid)
+
+    @property
+    def running_phase(self) -> Phase | None:
+        """The phase whose claim is RUNNING, if any."""
+        if self.status is StepStatus.RUNNING:
+            return Phase.FORWARD
+        if self.comp_status is CompensationStatus.RUNNING:
+            return Phase.COMPENSATE
+        return None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: a process of one start (boot) of one Celery worker node.
+
+    The worker's main process learns at once when one of its pool processes dies,
+    and a worker restarted under the same node name knows that every claim of an
+    earlier boot is dead: both hand such claims back without waiting for the lease.
+    """
+
+    node: str  # the Celery node name (`-n`), e.g. celery@host
+    boot: str  # random, chosen when the worker's main process starts
+    pid: int  # the process that runs the step (a pool child, or the main process)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .engine import (
     fail_compensation_attempt,
     needs_compensation,
 )
-from .records import Decision, Event, SagaState
+from .records import Decision, Event, Owner, SagaState
 from .states import (
     STEP_IN_FLIGHT,
     CompensationStatus,
@@ -94,6 +94,29 @@ def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
         fail_compensation_attempt(w, step, error=error, reason="lease_expired")
     else:
         return None
+    advance(w)
+    return w.decision()
+
+
+def claim_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int,
+               owner: Owner, *, cause: str, now: float, timing: Timing) -> Decision | None:
+    """The process that held this claim is known to be dead: a crashed attempt, at once.
+
+    Like `lease_expired` (the attempt may have applied its effect; it counts against
+    crash_retries), but without waiting for the lease. Fenced: it acts only while the
+    step is still RUNNING under this attempt and this owner, so a claim made since
+    by another process, or a completion that committed, is never touched.
+    """
+    w = Work(defn, state, now, timing)
+    rec = w.steps[step]
+    if rec.running_phase is not phase or rec.attempt_for(phase) != attempt or \
+            rec.owner != owner:
+        return None
+    error = f"WorkerLost: {cause}"
+    if phase is Phase.FORWARD:
+        fail_attempt(w, step, error=error, permanent=False, reason="worker_lost")
+    else:
+        fail_compensation_attempt(w, step, error=error, reason="worker_lost")
     advance(w)
     return w.decision()
 

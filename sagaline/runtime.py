@@ -24,7 +24,7 @@ from .exceptions import (
     SagaTimeout,
     StepFailure,
 )
-from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
+from .records import Decision, Dispatch, Event, Owner, SagaRecord, SagaState, StepRecord
 from .states import SAGA_TERMINAL, CompensationStatus, Phase, SagaStatus, StepStatus
 from .stores.base import Store, store_from_url
 
@@ -68,6 +68,16 @@ class Runtime:
         self._store_pid = os.getpid() if store is not None else None
         self._lock = threading.Lock()
         self._heartbeat: Heartbeat | None = None
+        # Set in a worker's main process before its pool forks (celery_app.py), so that
+        # every claim names the node, the boot and the process that runs the step.
+        self.worker_node: str | None = None
+        self.worker_boot: str | None = None
+        # The queue that only this worker consumes (Celery's worker-direct queue), where
+        # it sends the retries of the steps it hands back.
+        self.worker_queue: str | None = None
+        # Set when the worker's main process sees a pool process die mid-task: its
+        # sweeper thread then looks for lost claims at once.
+        self.process_lost = threading.Event()
 
     # -- store, per process --------------------------------------------------------
 
@@ -329,7 +339,7 @@ class Runtime:
         now = time.time()
         lease = self.settings.lease
         if not self.store.claim_step(saga_id, step, phase, attempt, lease_until=now + lease,
-                                     now=now):
+                                     now=now, owner=self.claim_owner()):
             log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
                      "message); not running it", saga_id, step, phase, attempt)
             raise Ignore()
@@ -455,6 +465,12 @@ class Runtime:
                 st, event, Phase(str(meta.get("phase"))), timing=self.timing))
         except Exception:
             log.exception("could not record the definition mismatch")
+
+    def claim_owner(self) -> Owner | None:
+        """Who claims a step in this process: None outside a worker (the lease alone then)."""
+        if self.worker_node is None or self.worker_boot is None:
+            return None
+        return Owner(self.worker_node, self.worker_boot, os.getpid())
 
     def heartbeat(self) -> Heartbeat:
         if self._heartbeat is None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
-from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import Phase, SagaStatus
 
 Decide = Callable[[SagaState], "Decision | None"]
@@ -60,10 +60,11 @@ class Store(ABC):
 
     @abstractmethod
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float) -> bool:
+                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
         """Atomically move the step (or its compensation) from DISPATCHED(attempt) to RUNNING.
 
-        Appends the `started` event in the same transaction. False when the claim
+        Records `owner` (all three owner fields; None clears them) with the claim and
+        appends the `started` event in the same transaction. False when the claim
         fails (a duplicate, a stale attempt, a cancelled step): run nothing then.
         """
 
@@ -101,6 +102,14 @@ class Store(ABC):
     @abstractmethod
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         """Sagas and steps whose `due_at` has passed: O(due work) through an index."""
+
+    @abstractmethod
+    def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
+        """RUNNING steps and compensations claimed by a process of Celery node `node`.
+
+        O(claims in flight on that node) through an index, not O(history): the
+        worker's main process calls it every sweep to find claims of dead processes.
+        """
 
     def append_event(self, event: Event) -> None:
         """Append one event that changes no state (an observation, such as a refused claim)."""

@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..exceptions import ConcurrencyError
-from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from .base import Decide, DueItem, Store, matches_filter
 from .sanitize import storable_records
@@ -46,7 +46,7 @@ class MemoryStore(Store):
             return copy.deepcopy(saga), True
 
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float) -> bool:
+                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
             if rec is None:
@@ -65,6 +65,9 @@ class MemoryStore(Store):
                 kind = "compensation_started"
             rec.lease_until = lease_until
             rec.due_at = lease_until
+            rec.owner_node = None if owner is None else owner.node
+            rec.owner_boot = None if owner is None else owner.boot
+            rec.owner_pid = None if owner is None else owner.pid
             rec.version += 1
             self._append([Event(saga_id, kind, now, step, attempt, phase.value)])
             return True
@@ -156,6 +159,12 @@ class MemoryStore(Store):
                           if r.due_at is not None and r.due_at <= now]
         items.sort(key=lambda d: d.due_at)
         return items[:limit]
+
+    def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
+        with self._lock:
+            found = [copy.deepcopy(r) for steps in self._steps.values() for r in steps.values()
+                     if r.owner_node == node and r.running_phase is not None]
+        return found[:limit]
 
 
 def _running(rec: StepRecord, phase: Phase, attempt: int) -> bool:

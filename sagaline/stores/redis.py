@@ -16,6 +16,10 @@ Layout (every key starts with `prefix`, default "sagaline"; every hash field hol
     {p}:idx:parent:<id>      zset    child sagas of a saga, by created_at
     {p}:due                  zset    `<id>` (a saga) and `<id>\\0<step>` scored by due_at:
                                      what the sweeper must look at, read in O(due work)
+    {p}:claims:<node>        zset    `<id>\\0<step>` of the RUNNING claims made by processes of
+                                     Celery node <node>, scored by the claim's first lease:
+                                     added by the claim, removed by the transition that
+                                     ends it (in the same script)
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -56,7 +60,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from ..exceptions import ConcurrencyError, StoreError
-from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from .base import (
     Decide,
@@ -112,7 +116,8 @@ if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
 """ + _APPLY + "return 1"
 
 # A compare-and-set on one step: claim (DISPATCHED -> RUNNING) or lease renewal
-# (RUNNING -> RUNNING). KEYS: step hash, due index, events. ARGV: status field,
+# (RUNNING -> RUNNING). KEYS: step hash, due index, events, and for a claim by a
+# worker process the claims index of its node. ARGV: status field,
 # expected status, attempt field, expected attempt, new status, lease (JSON),
 # lease (score), due member, event ('' for none), then extra field/value pairs.
 _CAS_STEP = """
@@ -125,6 +130,7 @@ redis.call('HSET', k, ARGV[1], ARGV[5], 'lease_until', ARGV[6], 'due_at', ARGV[6
 redis.call('HINCRBY', k, 'version', 1)
 redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
 if ARGV[9] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[9]) end
+if KEYS[4] then redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8]) end
 return 1
 """
 
@@ -220,7 +226,7 @@ class RedisStore(Store):
         return self._retrying(attempt)
 
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float) -> bool:
+                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
         expected: Enum
         running: Enum
         if phase is Phase.FORWARD:
@@ -230,8 +236,12 @@ class RedisStore(Store):
             status, expected = "comp_status", CompensationStatus.DISPATCHED
             running, kind, extra = CompensationStatus.RUNNING, "compensation_started", []
         event = _event_json(Event(saga_id, kind, now, step, attempt, phase.value))
+        extra += ["owner_node", json.dumps(None if owner is None else owner.node),
+                  "owner_boot", json.dumps(None if owner is None else owner.boot),
+                  "owner_pid", json.dumps(None if owner is None else owner.pid)]
+        claims = None if owner is None else self._key("claims", owner.node)
         return self._cas(saga_id, step, phase, attempt, status, expected, running,
-                         lease_until, event, extra)
+                         lease_until, event, extra, claims)
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
@@ -245,9 +255,11 @@ class RedisStore(Store):
 
     def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, status: str,
              expected: Enum, new: Enum, lease_until: float, event: str,
-             extra: list[str]) -> bool:
+             extra: list[str], claims: str | None = None) -> bool:
         attempt_field = "attempt" if phase is Phase.FORWARD else "comp_attempt"
         keys = [self._key("step", saga_id, step), self._key("due"), self._key("events", saga_id)]
+        if claims is not None:
+            keys.append(claims)
         args = [status, json.dumps(expected.value), attempt_field, json.dumps(attempt),
                 json.dumps(new.value), json.dumps(lease_until), _score(lease_until),
                 _due_member(saga_id, step), event, *extra]
@@ -302,6 +314,11 @@ class RedisStore(Store):
             expect.append([key, str(version)])
             hset.append([key, _fields(s, version=version + 1)])
             member = _due_member(sid, s.name)
+            was = state.steps.get(s.name)
+            if was is not None and was.owner_node is not None and \
+                    was.running_phase is not None and s.running_phase is None:
+                # The claim ends here (the version check proves `was` is current).
+                zrem.append([self._key("claims", was.owner_node), member])
             if s.due_at is None:
                 zrem.append([self._key("due"), member])
             else:
@@ -435,6 +452,22 @@ class RedisStore(Store):
             saga_id, _, step = str(member).partition("\0")
             items.append(DueItem(saga_id, step or None, float(score)))
         return items
+
+    def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
+        if limit <= 0:
+            return []
+
+        def read() -> list[StepRecord]:
+            members = self._client.zrange(self._key("claims", node), 0, limit - 1)
+            pipe = self._client.pipeline(transaction=False)
+            for member in members:
+                saga_id, _, step = str(member).partition("\0")
+                pipe.hgetall(self._key("step", saga_id, step))
+            found = [_step_record(h) for h in pipe.execute() if h]
+            # Re-checked: a claim may have ended between the two reads.
+            return [r for r in found if r.owner_node == node and r.running_phase is not None]
+
+        return self._retrying(read)
 
 
 # -- encoding -----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -65,7 +65,13 @@ steps = sa.Table(
     sa.Column("finished_at", sa.Double),
     sa.Column("redispatches", sa.Integer, nullable=False, server_default="0"),
     sa.Column("version", sa.Integer, nullable=False),
+    # Who made the latest claim (records.Owner). With due_at (set while RUNNING) the
+    # index finds one node's claims in flight without reading its finished steps.
+    sa.Column("owner_node", sa.String(255)),
+    sa.Column("owner_boot", sa.String(64)),
+    sa.Column("owner_pid", sa.Integer),
     sa.Index("ix_sagaline_steps_due", "due_at"),
+    sa.Index("ix_sagaline_steps_owner", "owner_node", "due_at"),
     mysql_charset="utf8mb4",
     mysql_collate="utf8mb4_bin",
 )

@@ -23,7 +23,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from ..exceptions import ConcurrencyError
-from ..records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from . import schema
 from .base import Decide, DueItem, Store, require_extra, retry_transient
@@ -176,11 +176,14 @@ class SQLStore(Store):
         return self._retrying(attempt)
 
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float) -> bool:
+                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
         self._ensure_schema()
         params = {"k_saga_id": saga_id, "k_name": step, "k_attempt": attempt, "k_now": now,
                   "k_lease_until": lease_until, "k_kind": _STARTED[phase],
-                  "k_phase": phase.value}
+                  "k_phase": phase.value,
+                  "k_owner_node": None if owner is None else owner.node,
+                  "k_owner_boot": None if owner is None else owner.boot,
+                  "k_owner_pid": None if owner is None else owner.pid}
         if self.dialect == "postgresql":
             # One statement, one round trip: the compare-and-set feeds the event insert.
             claim = _PG_CLAIM[phase]
@@ -345,6 +348,22 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
+    def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
+        self._ensure_schema()
+        # due_at is set while a claim runs: the (owner_node, due_at) index skips the
+        # node's finished steps.
+        q = (sa.select(steps).where(
+            steps.c.owner_node == node, steps.c.due_at.is_not(None),
+            sa.or_(steps.c.status == StepStatus.RUNNING.value,
+                   steps.c.comp_status == CompensationStatus.RUNNING.value))
+            .order_by(steps.c.due_at).limit(limit))
+
+        def read() -> list[StepRecord]:
+            with self._read() as conn:
+                return [_step_record(r) for r in conn.execute(q)]
+
+        return self._retrying(read)
+
 
 # -- prebuilt statements (compiled once, cached by SQLAlchemy) -------------------------
 
@@ -368,6 +387,9 @@ _UPDATE_STEP = (steps.update()
                          if c.name not in ("saga_id", "name")}))
 
 _STARTED = {Phase.FORWARD: "step_started", Phase.COMPENSATE: "compensation_started"}
+_CLAIM_OWNER: dict[str, Any] = {"owner_node": sa.bindparam("k_owner_node"),
+                                 "owner_boot": sa.bindparam("k_owner_boot"),
+                                 "owner_pid": sa.bindparam("k_owner_pid")}
 _CLAIM = {
     Phase.FORWARD: steps.update().where(
         steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
@@ -375,19 +397,20 @@ _CLAIM = {
         steps.c.attempt == sa.bindparam("k_attempt"),
     ).values(status=StepStatus.RUNNING.value, started_at=sa.bindparam("k_now"),
              lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
-             version=steps.c.version + 1),
+             **_CLAIM_OWNER, version=steps.c.version + 1),
     Phase.COMPENSATE: steps.update().where(
         steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
         steps.c.comp_status == CompensationStatus.DISPATCHED.value,
         steps.c.comp_attempt == sa.bindparam("k_attempt"),
     ).values(comp_status=CompensationStatus.RUNNING.value,
              lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
-             version=steps.c.version + 1),
+             **_CLAIM_OWNER, version=steps.c.version + 1),
 }
 _PG_CLAIM_SQL = """
 WITH claimed AS (
     UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
-           due_at = :k_lease_until, version = version + 1
+           due_at = :k_lease_until, owner_node = :k_owner_node, owner_boot = :k_owner_boot,
+           owner_pid = :k_owner_pid, version = version + 1
     WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = 'DISPATCHED'
           AND {attempt_col} = :k_attempt
     RETURNING saga_id)
@@ -522,7 +545,8 @@ def _step_row(s: StepRecord) -> dict[str, Any]:
         "has_compensation_data": s.has_compensation_data, "error": s.error,
         "comp_error": s.comp_error, "lease_until": s.lease_until, "due_at": s.due_at,
         "started_at": s.started_at, "finished_at": s.finished_at,
-        "redispatches": s.redispatches, "version": s.version,
+        "redispatches": s.redispatches, "version": s.version, "owner_node": s.owner_node,
+        "owner_boot": s.owner_boot, "owner_pid": s.owner_pid,
     }
 
 
@@ -539,7 +563,8 @@ def _step_record(r: Any, labels: dict[str, str] | None = None) -> StepRecord:
         has_compensation_data=bool(r.has_compensation_data), error=r.error,
         comp_error=r.comp_error, lease_until=r.lease_until, due_at=r.due_at,
         started_at=r.started_at, finished_at=r.finished_at, redispatches=r.redispatches,
-        version=r.version,
+        version=r.version, owner_node=r.owner_node, owner_boot=r.owner_boot,
+        owner_pid=r.owner_pid,
     )
 
 

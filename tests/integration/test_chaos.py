@@ -2,12 +2,14 @@
 
 Every test runs sagas of `chaos_app` (test 1: `pair`, a and b in parallel; tests
 2 and 3: `fork`, a then b and c in parallel); in half of them the last step fails
-so that they compensate. They run on two `-P prefork -c 2` workers with
-SAGALINE_LEASE=5, SAGALINE_REDISPATCH_AFTER=5, SAGALINE_SWEEP_INTERVAL=1, and
-breaks something mid-run:
+so that they compensate. They run on two `-P prefork -c 2` workers and break
+something mid-run:
 
 1. every worker process (main processes and pool children) is killed with
-   SIGKILL twice, at seeded random moments, and restarted;
+   SIGKILL twice, at seeded random moments, and restarted under the same node
+   names, with sagaline's DEFAULT settings (a 60 s lease): the restarted workers
+   hand back what their predecessors were running, so every saga must be
+   terminal within WORKERS_SETTLE (15 s) of the last restart, far inside the lease;
 2. the broker (a private redis-server without persistence) is stopped for 2 s:
    every queued message is lost, the sweeper publishes DISPATCHED steps again;
 3. the store (a private PostgreSQL cluster, or a private redis-server with
@@ -19,14 +21,15 @@ Tests 1 and 3 run once with the SQL store on PostgreSQL ("postgres") and once
 with the Redis store on its own private redis-server with `appendonly yes`
 ("redis"), separate from the broker's.
 
-Then every saga must reach a terminal state within lease + 30 s of the last
-restart, and the ledger that steps write (idempotently, by the step's
-idempotency key) must show, per saga, either every step applied and none undone
-(COMPLETED), or every applied step undone exactly once and nothing left applied
-(COMPENSATED). Duplicate executions of step bodies are counted from an
+Tests 2 to 4 run with SAGALINE_LEASE=5, SAGALINE_REDISPATCH_AFTER=5 and
+SAGALINE_SWEEP_INTERVAL=1, and every saga must reach a terminal state within
+lease + 30 s of the last restart. In every test the ledger that steps write
+(idempotently, by the step's idempotency key) must show, per saga, either every
+step applied and none undone (COMPLETED), or every applied step undone exactly
+once and nothing left applied (COMPENSATED). Duplicate executions of step bodies are counted from an
 append-only table, printed (run pytest with -s), and allowed only for steps
 whose attempt was cut short by a crash (RUNNING when the workers were killed,
-and failed afterwards with `lease_expired` in the saga history).
+and failed afterwards with `lease_expired` or `worker_lost` in the saga history).
 
 Seed: CHAOS_SEED (default below) drives the kill moments and step durations.
 """
@@ -76,6 +79,8 @@ LEASE = 5.0
 REDISPATCH_AFTER = 5.0
 SWEEP_INTERVAL = 1.0
 SETTLE = LEASE + 30.0  # every saga is terminal this long after the last restart
+WORKERS_SETTLE = 15.0  # the same after killed workers restart, on default settings
+CRASHED = ("lease_expired", "worker_lost")  # reasons of attempts cut short by a crash
 SEED = int(os.environ.get("CHAOS_SEED", "20240611"))
 
 
@@ -89,6 +94,7 @@ class Kill:
     at: float  # seconds since the sagas were started
     pids: list[int]
     running: set[tuple[str, str, str]]  # (saga_id, step, phase) RUNNING when killed
+    restarted: float | None = None  # wall-clock time the workers were ready again
 
 
 @dataclass
@@ -102,6 +108,9 @@ class Cluster:
     workers: list[WorkerProcess] = field(default_factory=list)  # every one ever started
     live: list[WorkerProcess] = field(default_factory=list)
     saga_ids: list[str] = field(default_factory=list)  # every saga started
+    # sagaline's defaults (lease 60 s, ...) instead of the short timings above.
+    default_settings: bool = False
+    settle_for: float = SETTLE
 
     def __post_init__(self) -> None:
         with psycopg.connect(self.ledger_dsn, autocommit=True) as conn:
@@ -109,8 +118,10 @@ class Cluster:
         client = Celery(f"chaos-client-{uuid.uuid4().hex[:6]}")
         client.conf.broker_url = self.broker_url
         # The client writes the root steps' due times: it shares the workers' settings.
+        timings = {} if self.default_settings else {"lease": LEASE,
+                                                    "redispatch_after": REDISPATCH_AFTER}
         self.runtime = sagaline.init_app(client, store=self.store_url, sweeper=False,
-                                         lease=LEASE, redispatch_after=REDISPATCH_AFTER)
+                                         **timings)
         self.runtime.store.count_by_status()  # creates the schema before workers start
 
     @property
@@ -123,17 +134,20 @@ class Cluster:
             "CELERY_BROKER_URL": self.broker_url,
             "SAGALINE_STORE_URL": self.store_url,
             "LEDGER_URL": self.ledger_url,
-            "SAGALINE_LEASE": str(LEASE),
-            "SAGALINE_REDISPATCH_AFTER": str(REDISPATCH_AFTER),
-            "SAGALINE_SWEEP_INTERVAL": str(SWEEP_INTERVAL),
+            # An empty value means the default, whatever the caller's environment says.
+            "SAGALINE_LEASE": "" if self.default_settings else str(LEASE),
+            "SAGALINE_REDISPATCH_AFTER": "" if self.default_settings else str(REDISPATCH_AFTER),
+            "SAGALINE_SWEEP_INTERVAL": "" if self.default_settings else str(SWEEP_INTERVAL),
+            "SAGALINE_CRASH_RETRIES": "",
             "SAGALINE_HOME": str(self.tmp / "home"),
         }
 
-    def start_workers(self, n: int = 2) -> None:
-        """Start `n` workers at once (in threads) and wait until all are ready."""
+    def start_workers(self, n: int = 2, *, names: list[str] | None = None) -> None:
+        """Start `n` workers (or one per node name in `names`) at once, in threads, and
+        wait until all are ready."""
         new = []
-        for _ in range(n):
-            w = WorkerProcess(APP, env=self.env, concurrency=2,
+        for name in names or [f"chaos{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]:
+            w = WorkerProcess(APP, env=self.env, concurrency=2, name=name,
                               workdir=self.tmp / f"worker{len(self.workers)}")
             self.workers.append(w)
             new.append(w)
@@ -226,7 +240,7 @@ class Cluster:
         return sum(v for k, v in counts.items() if k not in SAGA_TERMINAL)
 
     def wait_all_terminal(self, deadline: float) -> None:
-        for _ in range(int(SETTLE * 4) + 400):
+        for _ in range(int(self.settle_for * 4) + 400):
             if self.not_terminal() == 0 or time.monotonic() >= deadline:
                 break
             time.sleep(0.25)
@@ -374,7 +388,7 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
         view = views[saga_id]
         statuses[view.status.value] += 1
         for e in view.history:
-            if e.detail.get("reason") == "lease_expired" and e.step:
+            if e.detail.get("reason") in CRASHED and e.step:
                 lease_expired.add((saga_id, e.step, e.phase or ""))
         did, undid = done[saga_id], undone[saga_id]
         why: list[str] = []
@@ -416,16 +430,22 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
               f"{len(k.running)} steps RUNNING")
     say(f"[{label}] executions={len(execs)} duplicate step executions={total} "
           f"(on {len(duplicates)} steps; steps RUNNING at kills="
-          f"{sum(len(r) for r in running_at_kills)}; lease_expired in history="
+          f"{sum(len(r) for r in running_at_kills)}; crashed attempts in history="
           f"{len(lease_expired)}; messages published again by the sweeper="
           f"{cluster.redispatches()})")
+    delays = rerun_delays(views, kills)
+    if delays:
+        say(f"[{label}] steps cut short by a kill ran again (or were undone) "
+            f"{max(delays):.1f}s at most after their workers restarted (median "
+            f"{sorted(delays)[len(delays) // 2]:.1f}s, {len(delays)} steps)")
     for key, n in sorted(duplicates.items()):
         say(f"[{label}]   duplicate x{n}: saga {key[0]} step {key[1]} {key[2]}")
 
     for key in duplicates:
         if key not in lease_expired:
-            problems.append(f"{key} ran {duplicates[key] + 1} times without a lease_expired "
-                            f"attempt failure in its history\n{history_text(cluster, key[0])}")
+            problems.append(f"{key} ran {duplicates[key] + 1} times without a crashed attempt "
+                            f"(lease_expired or worker_lost) in its history\n"
+                            f"{history_text(cluster, key[0])}")
         if kills and key not in cut_short:
             problems.append(f"{key} ran {duplicates[key] + 1} times but was not RUNNING at "
                             f"any kill\n{history_text(cluster, key[0])}")
@@ -440,19 +460,37 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
     return total
 
 
+def rerun_delays(views: dict[str, sagaline.SagaView], kills: list[Kill]) -> list[float]:
+    """Per step RUNNING at a kill: seconds from the restart that followed to the next
+    start of that step or of its compensation (the recovery, apart from the backlog)."""
+    delays = []
+    for kill in kills:
+        if kill.restarted is None:
+            continue
+        for saga_id, step, _phase in kill.running:
+            starts = [e.ts for e in views[saga_id].history if e.step == step
+                      and e.kind in ("step_started", "compensation_started")
+                      and e.ts > kill.restarted]
+            if starts:
+                delays.append(min(starts) - kill.restarted)
+    return delays
+
+
 def settle(cluster: Cluster, last_restart: float, label: str) -> str:
     """Wait until every saga is terminal (bounded); if some are not, explain which."""
-    deadline = last_restart + SETTLE
+    deadline = last_restart + cluster.settle_for
     cluster.wait_all_terminal(deadline)
     took = time.monotonic() - last_restart
     stuck = cluster.not_terminal()
-    say(f"[{label}] all terminal {took:.1f}s after the last restart" if not stuck else
-          f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart")
+    lease = cluster.runtime.settings.lease
+    say(f"[{label}] all terminal {took:.1f}s after the last restart (bound "
+        f"{cluster.settle_for:.0f}s, lease {lease:.0f}s)" if not stuck else
+        f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart")
     if stuck:
         ids = cluster.stuck_ids()
         shown = "\n\n".join(history_text(cluster, i) for i in ids[:5])
         errors = "\n".join(cluster.log_errors()[-20:])
-        return (f"[{label}] {stuck} sagas not terminal {SETTLE:.0f}s after the last "
+        return (f"[{label}] {stuck} sagas not terminal {cluster.settle_for:.0f}s after the last "
                 f"restart:\n{shown}\n--- worker errors ---\n{errors}")
     return ""
 
@@ -469,16 +507,20 @@ def test_workers_killed_twice_mid_run(store_kind: str, private_redis: PrivateRed
         label = "workers/redis"
     else:
         store_url, label = shared_db, "workers"
-    cluster = Cluster(private_redis.url, store_url, shared_db, tmp_path, saga=chaos_app.pair)
+    cluster = Cluster(private_redis.url, store_url, shared_db, tmp_path, saga=chaos_app.pair,
+                      default_settings=True, settle_for=WORKERS_SETTLE)
     try:
         cluster.start_workers()
+        assert cluster.runtime.settings.lease == 60.0
+        names = [w.name for w in cluster.live]
         started = cluster.start_sagas(200, rng)
         t0 = time.monotonic()
         kills: list[Kill] = []
         for _ in range(2):
             time.sleep(rng.uniform(2.0, 6.0))
             kills.append(cluster.kill_workers(t0))
-            cluster.start_workers()
+            cluster.start_workers(names=names)  # a restart: the same node names
+            kills[-1].restarted = time.time()
         last_restart = time.monotonic()
         assert sum(len(k.running) for k in kills) > 0, "the kills hit no running step"
         unsettled = settle(cluster, last_restart, label)

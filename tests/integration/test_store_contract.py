@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from sagaline.records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from sagaline.records import (
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
+)
 from sagaline.states import CompensationStatus, Phase, SagaStatus, StepStatus
 from sagaline.stores import Store, schema, store_from_url
 from sagaline.stores.base import DueItem
@@ -421,6 +429,64 @@ def test_renew_lease_extends_only_the_running_claim(store: Store) -> None:
                                               lease_until=None, due_at=None))
     assert not store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 200)
     assert step_of(store, sid, "a").lease_until is None
+
+
+def test_a_claim_records_its_owner_and_the_next_claim_replaces_it(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    owner = Owner("w1@host", "boot-1", 4242)
+    assert step_of(store, sid, "a").owner is None
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0,
+                            owner=owner)
+    rec = step_of(store, sid, "a")
+    assert rec.owner == owner
+    assert (rec.owner_node, rec.owner_boot, rec.owner_pid) == ("w1@host", "boot-1", 4242)
+    # A refused claim leaves the owner alone; renewals keep it.
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0,
+                                owner=Owner("w2@host", "boot-2", 1))
+    assert store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 120)
+    assert step_of(store, sid, "a").owner == owner
+    # The next attempt, claimed outside any worker, has no owner.
+    store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.DISPATCHED, attempt=2,
+                                              lease_until=None, due_at=T0 + 30))
+    assert store.claim_step(sid, "a", Phase.FORWARD, 2, lease_until=T0 + LEASE, now=T0)
+    assert step_of(store, sid, "a").owner is None
+
+
+def test_find_claimed_returns_the_running_claims_of_one_node_only(store: Store) -> None:
+    mine, other = Owner("w1@host", "boot-1", 11), Owner("w2@host", "boot-9", 11)
+    kw: dict[str, float] = {"lease_until": T0 + LEASE, "now": T0}
+    forward = started(store).saga.saga_id
+    store.claim_step(forward, "a", Phase.FORWARD, 1, owner=mine, **kw)
+    elsewhere = started(store).saga.saga_id
+    store.claim_step(elsewhere, "a", Phase.FORWARD, 1, owner=other, **kw)
+    unowned = started(store).saga.saga_id
+    store.claim_step(unowned, "a", Phase.FORWARD, 1, **kw)
+    comp = make_state(status=SagaStatus.COMPENSATING)
+    comp.steps["a"] = replace(comp.steps["a"], status=StepStatus.SUCCEEDED,
+                              comp_status=CompensationStatus.DISPATCHED, comp_attempt=1)
+    store.create_saga(comp, [])
+    store.claim_step(comp.saga.saga_id, "a", Phase.COMPENSATE, 1,
+                     owner=Owner("w1@host", "boot-0", 12), **kw)
+    only_dispatched = started(store).saga.saga_id  # never claimed
+
+    found = store.find_claimed("w1@host")
+    assert sorted((r.saga_id, r.running_phase, r.owner) for r in found) == sorted([
+        (forward, Phase.FORWARD, mine),
+        (comp.saga.saga_id, Phase.COMPENSATE, Owner("w1@host", "boot-0", 12))])
+    assert {r.saga_id for r in store.find_claimed("w2@host")} == {elsewhere}
+    assert store.find_claimed("w3@host") == []
+    assert len(store.find_claimed("w1@host", limit=1)) == 1
+    assert only_dispatched not in {r.saga_id for r in found}
+    # Once the claim ends (the step settled, or handed back for a retry), it is not found,
+    # though the step keeps the owner of its last claim.
+    store.transact(forward, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
+                                                  lease_until=None, due_at=None))
+    store.transact(comp.saga.saga_id, lambda s: change_step(
+        s, "a", comp_status=CompensationStatus.DISPATCHED, comp_attempt=2, lease_until=None,
+        due_at=T0 + 30))
+    assert store.find_claimed("w1@host") == []
+    assert step_of(store, forward, "a").owner == mine
+    assert {r.saga_id for r in store.find_claimed("w2@host")} == {elsewhere}
 
 
 # -- transact ------------------------------------------------------------------------------

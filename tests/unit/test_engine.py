@@ -16,7 +16,7 @@ from celery import Celery
 
 from sagaline import engine, recovery
 from sagaline.definition import FAIL_FAST_WITH_GRACE, Retry, Saga, StepResponse
-from sagaline.records import Decision, Dispatch, Event, SagaState, StepRecord
+from sagaline.records import Decision, Dispatch, Event, Owner, SagaState, StepRecord
 from sagaline.states import (
     CompensationStatus,
     FailureStrategy,
@@ -76,9 +76,11 @@ class Run:
         self.last = decision
         return decision
 
-    def claim(self, name: str, phase: Phase = Phase.FORWARD) -> int:
+    def claim(self, name: str, phase: Phase = Phase.FORWARD, owner: Owner | None = None) -> int:
         """What `claim_step` does: DISPATCHED(attempt) -> RUNNING with a lease."""
         rec = self.state.steps[name]
+        rec.owner_node, rec.owner_boot, rec.owner_pid = (
+            (None, None, None) if owner is None else (owner.node, owner.boot, owner.pid))
         if phase is Phase.FORWARD:
             assert rec.status is StepStatus.DISPATCHED, (name, rec.status)
             rec.status = StepStatus.RUNNING
@@ -148,6 +150,11 @@ class Run:
     def lease_expired(self, name: str) -> Decision | None:
         return self.apply(recovery.lease_expired(self.defn, self.snapshot(), name, now=self.now,
                                                timing=self.timing))
+
+    def claim_lost(self, name: str, phase: Phase, attempt: int, owner: Owner) -> Decision | None:
+        return self.apply(recovery.claim_lost(self.defn, self.snapshot(), name, phase, attempt,
+                                            owner, cause="pool process exited", now=self.now,
+                                            timing=self.timing))
 
     def redispatch(self, name: str) -> Decision | None:
         return self.apply(recovery.redispatch(self.defn, self.snapshot(), name, now=self.now,
@@ -728,6 +735,70 @@ def test_expired_lease_of_a_running_compensation_retries_it() -> None:
     run.lease_expired("s1")
     assert run.step("s1").comp_status is CompensationStatus.DISPATCHED
     assert run.step("s1").comp_attempt == 2
+
+
+OWNER = Owner("w1@host", "boot-1", 101)
+
+
+def test_a_lost_claim_is_a_crashed_attempt_at_once_without_waiting_for_the_lease() -> None:
+    defn = Saga("eng_lost").add_step(a, compensate=undo_a).add_step(b, retry=NO_JITTER)
+    run = Run(defn)
+    run.succeed("a")
+    attempt = run.claim("b", owner=OWNER)
+    run.now = T0 + 1  # the lease holds for another minute
+    assert run.claim_lost("b", Phase.FORWARD, attempt, OWNER) is not None
+    assert (run.step("b").status, run.step("b").attempt) == (StepStatus.DISPATCHED, 2)
+    (failed,) = [e for e in run.events if e.kind == "step_attempt_failed"]
+    assert (failed.step, failed.attempt, failed.detail["reason"]) == ("b", 1, "worker_lost")
+    assert "WorkerLost: pool process exited" in failed.detail["error"]
+    # Possibly applied: it is undone even if its retry never runs.
+    assert run.step("b").has_compensation_data
+    assert run.dispatched() == ["b"]
+    # The attempt presumed dead reports after all: fenced.
+    assert run.report_success("b", attempt) is None
+
+
+def test_a_lost_claim_is_fenced_by_attempt_owner_and_phase() -> None:
+    run = Run(linear("eng_lost_fence", 2))
+    run.succeed("s1")
+    attempt = run.claim("s2", owner=OWNER)
+    for other in (Owner("w1@host", "boot-1", 102), Owner("w1@host", "boot-2", 101),
+                  Owner("w2@host", "boot-1", 101)):
+        assert run.claim_lost("s2", Phase.FORWARD, attempt, other) is None
+    assert run.claim_lost("s2", Phase.FORWARD, attempt + 1, OWNER) is None
+    assert run.claim_lost("s2", Phase.COMPENSATE, attempt, OWNER) is None
+    assert run.step("s2").status is StepStatus.RUNNING
+    # Completed before the hand-back: nothing to hand back.
+    run.report_success("s2", attempt)
+    assert run.claim_lost("s2", Phase.FORWARD, attempt, OWNER) is None
+    assert run.status is SagaStatus.COMPLETED
+
+
+def test_lost_claims_count_against_crash_retries_like_expired_leases() -> None:
+    run = Run(linear("eng_lost_retries", 2))
+    run.succeed("s1")
+    crash_retries = run.timing.crash_retries
+    for attempt in range(1, crash_retries + 2):
+        assert run.claim("s2", owner=OWNER) == attempt
+        if attempt % 2:
+            run.claim_lost("s2", Phase.FORWARD, attempt, OWNER)
+        else:
+            run.now += LEASE + 1
+            run.lease_expired("s2")
+    assert run.statuses()["s2"] == "FAILED"
+    assert run.status is SagaStatus.COMPENSATING
+    assert run.dispatched() == ["s2"]  # outcome unknown: undone before s1
+
+
+def test_a_lost_compensation_claim_retries_the_compensation() -> None:
+    run = Run(linear("eng_comp_lost", 2))
+    run.succeed("s1")
+    run.fail("s2")
+    attempt = run.claim("s1", Phase.COMPENSATE, owner=OWNER)
+    run.claim_lost("s1", Phase.COMPENSATE, attempt, OWNER)
+    assert run.step("s1").comp_status is CompensationStatus.DISPATCHED
+    assert run.step("s1").comp_attempt == 2
+    assert run.events[-1].detail["reason"] == "worker_lost"
 
 
 def test_redispatch_republishes_the_same_attempt_only_when_due() -> None:
