@@ -44,6 +44,7 @@ __all__ = [
     "find_redis_server",
     "free_port",
     "pid_alive",
+    "rabbitmq_queue_types",
     "rabbitmq_vhost",
     "shared_postgres_url",
     "wait_until",
@@ -811,6 +812,15 @@ def _rabbitmqctl(*args: str) -> str:
         raise HarnessError(f"rabbitmqctl {' '.join(args)} failed ({res.returncode}):\n"
                            f"{res.stdout}\n{res.stderr}")
     return res.stdout
+
+
+def rabbitmq_queue_types(amqp_url: str) -> dict[str, str]:
+    """``{queue name: type}`` ("classic", "quorum", ...) in the vhost of ``amqp_url``."""
+    from urllib.parse import unquote, urlsplit
+
+    vhost = unquote(urlsplit(amqp_url).path[1:]) or "/"
+    out = _rabbitmqctl("list_queues", "-p", vhost, "name", "type", "--no-table-headers", "-q")
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
 @contextlib.contextmanager
