@@ -697,6 +697,24 @@ class PrivateRabbitMQ:
         """True while the node's process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """``rabbitmqctl -n <this node> *args`` (with this node's cookie and epmd)."""
+        try:
+            res = subprocess.run([str(self.bin / "rabbitmqctl"), "-n", self.nodename, *args],
+                                 env=self.env, capture_output=True, text=True,
+                                 timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise HarnessError(f"rabbitmqctl {' '.join(args)} timed out") from e
+        if res.returncode != 0:
+            raise HarnessError(f"rabbitmqctl {' '.join(args)} failed ({res.returncode}):\n"
+                               f"{res.stdout}\n{res.stderr}")
+        return res.stdout
+
+    def queue_types(self) -> dict[str, str]:
+        """``{queue name: type}`` in the default vhost."""
+        out = self.ctl("list_queues", "name", "type", "--no-table-headers", "-q")
+        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
     def _start_epmd(self) -> None:
         if self._epmd is not None and self._epmd.poll() is None:
             return
