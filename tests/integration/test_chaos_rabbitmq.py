@@ -1,11 +1,13 @@
-"""Chaos on RabbitMQ: the broker node is stopped and started again while 50 sagas run.
+"""Chaos on RabbitMQ: the broker node goes down and comes back while 50 sagas run.
 
 The sagas (`chaos_app.fork`: a, then b and c in parallel; every other one fails at
 its last step and compensates) run on two prefork workers against a private
 RabbitMQ node (its own node name, ports, data and epmd, stopped by pid), once with
 classic and once with quorum queues, with the store and the ledger on the shared
 PostgreSQL. The node is stopped gracefully (what an upgrade or a restart by its
-supervisor does) and started on the same port with the same data.
+supervisor does), or killed with SIGKILL on quorum queues (a crash: only what the
+broker confirmed, and so wrote to disk, survives), and started again on the same
+port with the same data.
 
 Every saga must then be terminal within the settle time, each consistent (see
 `test_chaos.check_outcome`), none lost from the store, and no step body may run
@@ -55,11 +57,12 @@ def rabbitmq() -> Iterator[PrivateRabbitMQ]:
         node.destroy()
 
 
-@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-def test_rabbitmq_restarted_mid_run(queue_type: str, rabbitmq: PrivateRabbitMQ,
+@pytest.mark.parametrize(("queue_type", "how"),
+                         [("classic", "stop"), ("quorum", "stop"), ("quorum", "kill")])
+def test_rabbitmq_restarted_mid_run(queue_type: str, how: str, rabbitmq: PrivateRabbitMQ,
                                     chaos_db: str, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    label = f"rabbitmq/{queue_type}"
+    label = f"rabbitmq/{queue_type}/{how}"
     rng = random.Random(SEED + 4)
     # Read by chaos_app in the workers; the client below is told the same.
     monkeypatch.setenv("SAGALINE_TEST_QUEUE_TYPE", queue_type)
@@ -72,13 +75,16 @@ def test_rabbitmq_restarted_mid_run(queue_type: str, rabbitmq: PrivateRabbitMQ,
         t0 = time.monotonic()
         time.sleep(rng.uniform(1.0, 2.0))
         in_flight = cluster.not_terminal()
-        rabbitmq.stop()  # graceful: every connection closed, durable data kept
+        if how == "kill":
+            rabbitmq.kill()  # a crash: no goodbye to the clients, no clean shutdown
+        else:
+            rabbitmq.stop()  # graceful: every connection closed, durable data kept
         down_at = time.monotonic() - t0
         wait_until(lambda: not rabbitmq.is_running(), timeout=15, what="rabbitmq down")
         time.sleep(2.0)
         rabbitmq.start()  # same node, port and data
         last_restart = time.monotonic()
-        say(f"\n[{label}] node stopped at +{down_at:.2f}s with {in_flight} sagas in "
+        say(f"\n[{label}] node down ({how}) at +{down_at:.2f}s with {in_flight} sagas in "
             f"flight, accepting connections again after "
             f"{time.monotonic() - t0 - down_at:.2f}s")
         assert in_flight > 0
