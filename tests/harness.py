@@ -697,6 +697,11 @@ class PrivateRabbitMQ:
         """True while the node's process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def epmd_pid(self) -> int | None:
+        """Pid of this node's own epmd, while it runs."""
+        return self._epmd.pid if self._epmd is not None and self._epmd.poll() is None else None
+
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """``rabbitmqctl -n <this node> *args`` (with this node's cookie and epmd)."""
         try:
