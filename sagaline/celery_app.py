@@ -61,11 +61,16 @@ def _confirm_publishes(app: Celery) -> None:
     user chose otherwise: a step's message is published after its commit, and without
     confirms a message the broker drops (or a connection lost right after the write)
     looks sent, and the saga waits `redispatch_after` for the sweeper."""
-    conn = app.connection_for_write()
     try:
-        driver_type = conn.transport.driver_type
-    finally:
-        conn.release()
+        conn = app.connection_for_write()
+        try:
+            driver_type = conn.transport.driver_type
+        finally:
+            conn.release()
+    except Exception:
+        # A transport whose client library is missing: Celery reports it at first use,
+        # with its own message; init_app is not the place to fail for it.
+        return
     options = app.conf.broker_transport_options or {}
     if driver_type == "amqp" and "confirm_publish" not in options:
         app.conf.broker_transport_options = {**options, "confirm_publish": True}
