@@ -70,12 +70,33 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.conf.broker_transport_options = {
             **default_broker_options(), **(app.conf.broker_transport_options or {})}
 
+    _confirm_publishes(app)
     _install_step_wrapper(app)
     if conf.sweeper and SweeperStep not in app.steps["worker"]:
         app.steps["worker"].add(SweeperStep)
     if DecodeErrorStep not in app.steps["consumer"]:
         app.steps["consumer"].add(DecodeErrorStep)
     return runtime
+
+
+def _confirm_publishes(app: Celery) -> None:
+    """On RabbitMQ (py-amqp), wait for the broker's confirm of every publish, unless the
+    user chose otherwise: a step's message is published after its commit, and without
+    confirms a message the broker drops (or a connection lost right after the write)
+    looks sent, and the saga waits `redispatch_after` for the sweeper."""
+    try:
+        conn = app.connection_for_write()
+        try:
+            driver_type = conn.transport.driver_type
+        finally:
+            conn.release()
+    except Exception:
+        # A transport whose client library is missing: Celery reports it at first use,
+        # with its own message; init_app is not the place to fail for it.
+        return
+    options = app.conf.broker_transport_options or {}
+    if driver_type == "amqp" and "confirm_publish" not in options:
+        app.conf.broker_transport_options = {**options, "confirm_publish": True}
 
 
 def _install_step_wrapper(app: Celery) -> None:

@@ -40,8 +40,9 @@ def registered_sagas() -> list[Saga]:
 class Retry:
     """Retry policy: `max_attempts` in all, the n-th retry delayed by backoff * factor**(n-1).
 
-    Delays are Celery countdowns (no worker sleeps), capped at `max_delay`, with
-    +/- `jitter` (a fraction) so retries of many sagas do not arrive together.
+    Delays are capped at `max_delay`, with +/- `jitter` (a fraction) so retries of
+    many sagas do not arrive together. No worker sleeps and no broker holds the
+    message: it is published when due (see `runtime.DelayedPublisher`).
     """
 
     max_attempts: int = 1

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
@@ -78,6 +80,7 @@ class Runtime:
         # Set when the worker's main process sees a pool process die mid-task: its
         # sweeper thread then looks for lost claims at once.
         self.process_lost = threading.Event()
+        self._delayed: DelayedPublisher | None = None
 
     # -- store, per process --------------------------------------------------------
 
@@ -95,6 +98,7 @@ class Runtime:
                     # but must not share the parent's connections.
                     self._store.dispose_after_fork()
                     self._heartbeat = None
+                    self._delayed = None  # its thread (and queue) stayed in the parent
                 self._store_pid = pid
         return self._store
 
@@ -174,6 +178,11 @@ class Runtime:
         todo = list(dispatches)
         while todo:
             d = todo.pop(0)
+            if d.countdown > 0:
+                # A retry's backoff is never a broker ETA (see DelayedPublisher): the
+                # message is sent when due; the store's due time covers this process dying.
+                self.delayed_publisher().add(d)
+                continue
             try:
                 self._publish_one(d)
             except Exception as exc:
@@ -210,8 +219,6 @@ class Runtime:
             "serializer": "json",
             "ignore_result": True,
         }
-        if d.countdown > 0:
-            options["countdown"] = d.countdown
         if d.queue:
             options["queue"] = d.queue
         if d.timeout and d.phase is Phase.FORWARD:
@@ -471,6 +478,16 @@ class Runtime:
         if self.worker_node is None or self.worker_boot is None:
             return None
         return Owner(self.worker_node, self.worker_boot, os.getpid())
+    def delayed_publisher(self) -> DelayedPublisher:
+        pid = os.getpid()
+        if self._delayed is None or self._delayed.pid != pid:
+            with self._lock:
+                if self._delayed is None or self._delayed.pid != pid:
+                    self._delayed = DelayedPublisher(self._publish_due)
+        return self._delayed
+
+    def _publish_due(self, d: Dispatch) -> None:
+        self.publish([replace(d, countdown=0.0)])
 
     def heartbeat(self) -> Heartbeat:
         if self._heartbeat is None:
@@ -521,6 +538,54 @@ class Heartbeat:
                 except Exception:
                     log.warning("could not renew the lease of saga %s step %s", saga_id, step,
                                 exc_info=True)
+
+
+class DelayedPublisher:
+    """Publishes the messages of retries when their backoff has passed, from one thread.
+
+    sagaline never gives a message a broker ETA (Celery's countdown): a worker holds
+    such a message unacknowledged in memory until it is due; on a quorum queue it
+    then takes a prefetch slot that Celery cannot give back (per-consumer QoS), so a
+    few waiting retries stall the worker; on Redis one that waits longer than the
+    visibility timeout is delivered again. The wait lives here instead, with nothing
+    taken from the broker, and the step's due time in the store (backoff +
+    `redispatch_after`) is the durable copy: if this process ends first, the sweeper
+    publishes the message then.
+    """
+
+    def __init__(self, publish: Callable[[Dispatch], None]):
+        self.pid = os.getpid()
+        self._publish = publish
+        self._queue: list[tuple[float, int, Dispatch]] = []
+        self._seq = 0
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, d: Dispatch) -> None:
+        with self._wake:
+            self._seq += 1
+            heapq.heappush(self._queue, (time.monotonic() + d.countdown, self._seq, d))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="sagaline-delayed-publish")
+                self._thread.start()
+            self._wake.notify()
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._queue)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue or self._queue[0][0] > time.monotonic():
+                    wait = self._queue[0][0] - time.monotonic() if self._queue else None
+                    self._wake.wait(wait)
+                _, _, d = heapq.heappop(self._queue)
+            try:
+                self._publish(d)  # logs its own failures; the sweeper covers them
+            except Exception:
+                log.exception("delayed publish of saga %s step %s failed", d.saga_id, d.step)
 
 
 def child_saga_id(parent_id: str, step: str, attempt: int) -> str:

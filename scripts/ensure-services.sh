@@ -6,6 +6,8 @@
 #  * database `sagaline_test` exists
 #  * `initdb`/`pg_ctl` and `redis-server` binaries exist (chaos tests start
 #    private servers); their locations are printed.
+#  * RabbitMQ at 127.0.0.1:5672 (guest) answers and `rabbitmqctl` reaches it: the
+#    suite adds a vhost of its own per session; chaos tests start private nodes.
 #
 # Missing binaries are installed with apt-get (redis-server postgresql); servers
 # that are down are started. Quiet apart from the located binaries when all is
@@ -222,3 +224,20 @@ if ! my_ok; then
     fi
 fi
 echo "mariadb: $MY_HOST:$MY_PORT"
+
+# ------------------------------------------------------------- RabbitMQ ----
+AMQP_HOST=127.0.0.1
+AMQP_PORT=5672
+amqp_port_open() { timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$AMQP_HOST" "$AMQP_PORT" 2>/dev/null; }
+rabbit_ok() { as_root timeout 30 rabbitmqctl -q await_startup --timeout 25 >/dev/null 2>&1; }
+
+if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
+    apt_install rabbitmq-server
+fi
+if ! amqp_port_open; then
+    log "starting RabbitMQ"
+    as_root rabbitmq-server -detached >&2
+    wait_for "RabbitMQ port $AMQP_HOST:$AMQP_PORT" amqp_port_open
+fi
+rabbit_ok || die "RabbitMQ at $AMQP_HOST:$AMQP_PORT is up but rabbitmqctl cannot reach it"
+echo "rabbitmq: $AMQP_HOST:$AMQP_PORT"

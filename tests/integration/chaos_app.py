@@ -28,6 +28,8 @@ from sagaline import Saga
 # saga definition only) use kombu's in-memory transport: nothing is created on disk.
 app = Celery("chaos_app", broker=os.environ.get("CELERY_BROKER_URL") or "memory://")
 app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1)
+if os.environ.get("SAGALINE_TEST_QUEUE_TYPE"):  # "quorum" on RabbitMQ
+    app.conf.task_default_queue_type = os.environ["SAGALINE_TEST_QUEUE_TYPE"]
 sagaline.init_app(app)
 
 LEDGER_DDL = """

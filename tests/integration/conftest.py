@@ -13,7 +13,7 @@ from celery import Celery
 
 import sagaline
 from sagaline.runtime import Runtime
-from tests.harness import WorkerProcess
+from tests.harness import WorkerProcess, rabbitmq_queue_types, rabbitmq_vhost
 from tests.integration import sagas_app
 
 APP = "tests.integration.sagas_app"
@@ -41,8 +41,24 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
                tmp_path_factory: pytest.TempPathFactory,
                extra_env: dict[str, str] | None = None,
                store_url: str | None = None) -> Iterator[Stack]:
-    """`kind`: "redis+postgres", "redis+redis", "embedded", or "redis+<other>" with
-    `store_url` (the Redis broker and that store)."""
+    """`kind`: "redis+postgres", "redis+redis", "embedded", "rabbitmq+postgres",
+    "rabbitmq-quorum+postgres", or "redis+<other>" with `store_url` (the Redis broker
+    and that store)."""
+    if kind.startswith("rabbitmq"):
+        # Its own vhost on the shared RabbitMQ: no other worker sees these queues.
+        with rabbitmq_vhost() as amqp_url:
+            yield from _make_stack(kind, pg_url, redis_url, tmp_path_factory, extra_env,
+                                   store_url, amqp_url)
+    else:
+        yield from _make_stack(kind, pg_url, redis_url, tmp_path_factory, extra_env,
+                               store_url)
+
+
+def _make_stack(kind: str, pg_url: str, redis_url: str,
+                tmp_path_factory: pytest.TempPathFactory,
+                extra_env: dict[str, str] | None = None,
+                store_url: str | None = None,
+                amqp_url: str = "") -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("home")
     ledger_dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with psycopg.connect(ledger_dsn, autocommit=True) as conn:
@@ -64,6 +80,13 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
         redis.Redis.from_url(store).flushdb()
         env["CELERY_BROKER_URL"] = redis_url
         client.conf.broker_url = redis_url
+    elif kind.startswith("rabbitmq"):
+        store = pg_url
+        env["CELERY_BROKER_URL"] = client.conf.broker_url = amqp_url
+        if kind == "rabbitmq-quorum+postgres":
+            # Every process that declares the queue must ask for the same type.
+            env["SAGALINE_TEST_QUEUE_TYPE"] = "quorum"
+            client.conf.task_default_queue_type = "quorum"
     else:
         store = f"sqlite:///{home}/state.db"
         env["CELERY_BROKER_URL"] = ""
@@ -77,6 +100,9 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
     worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
     worker.start()
     try:
+        if amqp_url:  # the stack is what it says: the workers' queue has the type asked for
+            queue_type = rabbitmq_queue_types(amqp_url).get("celery")
+            assert queue_type == env.get("SAGALINE_TEST_QUEUE_TYPE", "classic"), queue_type
         yield Stack(kind, runtime, env, ledger_dsn, worker)
     finally:
         worker.stop()
@@ -86,10 +112,12 @@ def make_stack(kind: str, pg_url: str, redis_url: str,
 
 
 
-@pytest.fixture(scope="module", params=["redis+postgres", "embedded", "redis+redis"])
+@pytest.fixture(scope="module", params=["redis+postgres", "embedded", "redis+redis",
+                                        "rabbitmq+postgres", "rabbitmq-quorum+postgres"])
 def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The same tests on Redis + PostgreSQL, the embedded defaults, and the Redis store."""
+    """The same tests on Redis + PostgreSQL, the embedded defaults, the Redis store, and
+    RabbitMQ + PostgreSQL with classic and with quorum queues."""
     yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
 
 

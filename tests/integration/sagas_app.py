@@ -28,6 +28,8 @@ app.conf.update(
     worker_task_log_format="[%(levelname)s/%(processName)s] %(task_name)s[%(task_id)s] "
                            "saga=%(saga_id)s step=%(saga_step)s: %(message)s",
 )
+if os.environ.get("SAGALINE_TEST_QUEUE_TYPE"):  # "quorum" on RabbitMQ
+    app.conf.task_default_queue_type = os.environ["SAGALINE_TEST_QUEUE_TYPE"]
 task_log = get_task_logger(__name__)
 sagaline.init_app(app, sweep_interval=float(os.environ.get("SAGALINE_SWEEP_INTERVAL", "1")))
 
@@ -180,6 +182,14 @@ def flaky(saga_id: str, fail_times: int) -> dict[str, Any]:
 
 retrying = Saga("retrying").add_step(
     flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=0.2))
+
+# Retries 1 s then 2 s (+/- 10 %) after the failed attempts: long enough to measure.
+backing_off = Saga("backing_off").add_step(
+    flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=1.0, factor=2.0))
+
+SLOW_BACKOFF = 6.0
+slow_backoff = Saga("slow_backoff").add_step(
+    flaky, no_compensation=True, retry=Retry(max_attempts=2, backoff=SLOW_BACKOFF, jitter=0))
 
 
 # -- recovery: timeouts, deadlines, cancel, failing compensations, pivots ----------------

@@ -1,8 +1,9 @@
 """The engine on real Celery workers (prefork, separate processes).
 
-Each test runs twice: Redis broker + PostgreSQL store, and the embedded
-defaults (filesystem broker + SQLite store). Outcomes are checked from ledger
-rows that steps and compensations write to PostgreSQL, not from logs.
+Each test runs on every stack: Redis broker + PostgreSQL store, the embedded
+defaults (filesystem broker + SQLite store), Redis broker + Redis store, and
+RabbitMQ + PostgreSQL with classic and with quorum queues. Outcomes are checked
+from ledger rows that steps and compensations write to PostgreSQL, not from logs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sagaline
 from sagaline import SagaCompensated, SagaStatus
 from sagaline.records import Dispatch
 from sagaline.states import Phase
-from tests.harness import REPO_ROOT
+from tests.harness import REPO_ROOT, wait_until
 from tests.integration import sagas_app
 from tests.integration.conftest import Stack
 
@@ -119,6 +120,39 @@ def test_a_retried_step_records_each_attempt(stack: Stack) -> None:
     assert [d["attempt"] for s, a, d, *_ in stack.ledger(handle.saga_id)] == [1, 2, 3]
 
 
+def test_retries_wait_out_their_backoff_without_a_broker_eta(stack: Stack) -> None:
+    handle = stack.run(sagas_app.backing_off, fail_times=2)
+    assert handle.get(timeout=60)["flaky_attempts"] == 3
+    view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
+    waits = [e.detail["retry_in"] for e in view.history if e.kind == "step_attempt_failed"]
+    assert len(waits) == 2 and 0.9 <= waits[0] <= 1.1 and 1.8 <= waits[1] <= 2.2, waits
+    started = [fin for s, a, _, _, fin in stack.ledger(handle.saga_id) if a == "attempt"]
+    assert len(started) == 3
+    for before, after, wait in zip(started, started[1:], waits, strict=False):
+        # Not before its backoff, and not much later: the message is sent when due.
+        assert wait <= after - before < wait + 1.5, (started, waits)
+    # Celery warns on every countdown published to a quorum queue bound to a direct
+    # exchange; sagaline publishes none.
+    assert "Direct exchanges are not supported" not in stack.worker.log_text()
+
+
+def test_retries_waiting_their_backoff_leave_the_worker_free(stack: Stack) -> None:
+    # The worker takes 3 messages at a time (-c 3, prefetch multiplier 1). A retry held
+    # as a broker ETA would sit unacknowledged in one of those slots until due, and on
+    # a quorum queue Celery cannot raise the prefetch to make room: four of them would
+    # stall every other saga for their whole backoff.
+    waiting = [stack.run(sagas_app.slow_backoff, fail_times=1) for _ in range(4)]
+    wait_until(lambda: all(len(stack.ledger(h.saga_id)) == 1 for h in waiting),
+               timeout=30, what="the first attempts to fail")
+    started = time.monotonic()
+    stack.run(sagas_app.four_steps, value=2).get(timeout=60)
+    took = time.monotonic() - started
+    assert took < sagas_app.SLOW_BACKOFF / 2, f"a saga waited {took:.1f}s behind retries"
+    assert all(len(stack.ledger(h.saga_id)) == 1 for h in waiting), "a retry ran too early"
+    for h in waiting:
+        assert h.get(timeout=60)["flaky_attempts"] == 2
+
+
 def test_non_json_input_is_refused_before_anything_is_stored(stack: Stack) -> None:
     before = stack.runtime.store.count_by_status()
     with pytest.raises(sagaline.InputError, match="'when'"):
@@ -135,12 +169,14 @@ def test_non_json_step_output_fails_the_step_and_compensates(stack: Stack) -> No
 
 
 CONCURRENT_RUNS = """
-import json, sys, threading
+import json, os, sys, threading
 from celery import Celery
 import sagaline
 from tests.integration import sagas_app
 from tests.integration.conftest import Stack
 client = Celery("proc")
+if os.environ.get("SAGALINE_TEST_QUEUE_TYPE"):
+    client.conf.task_default_queue_type = os.environ["SAGALINE_TEST_QUEUE_TYPE"]
 rt = sagaline.init_app(client, store=sys.argv[1], sweeper=False)
 ids = []
 def go():

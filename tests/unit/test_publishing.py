@@ -1,0 +1,64 @@
+"""How sagaline publishes: publisher confirms on RabbitMQ, retries sent when due."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from celery import Celery
+
+import sagaline
+from sagaline.records import Dispatch
+from sagaline.runtime import DelayedPublisher
+from sagaline.states import Phase
+
+
+@pytest.mark.parametrize("url", ["amqp://guest@localhost//", "pyamqp://guest@localhost//"])
+def test_init_app_turns_on_publisher_confirms_for_rabbitmq(url: str) -> None:
+    app = Celery("confirms", broker=url)
+    app.conf.broker_transport_options = {"max_retries": 2}
+    sagaline.init_app(app, store="memory://", sweeper=False)
+    assert app.conf.broker_transport_options == {"max_retries": 2, "confirm_publish": True}
+
+
+def test_init_app_keeps_the_users_confirm_choice() -> None:
+    app = Celery("confirms", broker="amqp://guest@localhost//")
+    app.conf.broker_transport_options = {"confirm_publish": False}
+    sagaline.init_app(app, store="memory://", sweeper=False)
+    assert app.conf.broker_transport_options == {"confirm_publish": False}
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "sqs://"])
+def test_init_app_leaves_other_brokers_alone(url: str) -> None:
+    # sqs:// needs boto3, which may be missing: init_app must not fail for that.
+    app = Celery("confirms", broker=url)
+    sagaline.init_app(app, store="memory://", sweeper=False)
+    assert "confirm_publish" not in (app.conf.broker_transport_options or {})
+
+
+def _dispatch(step: str, countdown: float) -> Dispatch:
+    return Dispatch("s-1", "saga", "fp", step, Phase.FORWARD, 2, "t.step", {},
+                    countdown=countdown)
+
+
+def test_delayed_messages_are_published_when_due_in_due_order() -> None:
+    sent: list[tuple[str, float]] = []
+    done = threading.Event()
+    started = time.monotonic()
+
+    def publish(d: Dispatch) -> None:
+        sent.append((d.step, time.monotonic() - started))
+        if len(sent) == 3:
+            done.set()
+
+    delayed = DelayedPublisher(publish)
+    delayed.add(_dispatch("late", 0.6))
+    delayed.add(_dispatch("early", 0.2))
+    delayed.add(_dispatch("middle", 0.4))
+    assert delayed.pending() == 3 and sent == []
+    assert done.wait(5), sent
+    assert [s for s, _ in sent] == ["early", "middle", "late"]
+    for (_, at), due in zip(sent, (0.2, 0.4, 0.6), strict=True):
+        assert due <= at < due + 0.25, sent
+    assert delayed.pending() == 0
