@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ def registered_sagas() -> list[Saga]:
     return list(_REGISTRY.values())
 
 
+MAX_RETRY_DELAY = 30 * 24 * 3600.0
+
+
 @dataclass(frozen=True)
 class Retry:
     """Retry policy: `max_attempts` in all, the n-th retry delayed by backoff * factor**(n-1).
@@ -54,8 +58,17 @@ class Retry:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise DefinitionError(f"Retry.max_attempts must be >= 1, got {self.max_attempts}")
+        for field_name in ("backoff", "factor", "max_delay", "jitter"):
+            value = getattr(self, field_name)
+            if not math.isfinite(value):
+                raise DefinitionError(f"Retry.{field_name} must be a finite number, got {value}")
         if self.backoff < 0 or self.factor < 1 or self.max_delay < 0:
             raise DefinitionError("Retry needs backoff >= 0, factor >= 1 and max_delay >= 0")
+        if self.max_delay > MAX_RETRY_DELAY:
+            # A retry waits in the store (its due time) and in the deciding process; one
+            # due months from now is a scheduled job, not a retry, and most likely a typo.
+            raise DefinitionError(f"Retry.max_delay must be <= {MAX_RETRY_DELAY:.0f} s (30 "
+                                  f"days), got {self.max_delay}")
 
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt number `failed_attempt` (1-based) failed."""

@@ -36,11 +36,6 @@ def big(x: str) -> dict[str, Any]:
 hostile_failure = Saga("hostile_failure").add_step(s1).add_step(raise_hostile,
                                                                 no_compensation=True)
 
-# Its retry's countdown overflows Celery's eta: the retry's message cannot be sent.
-unsendable_retry = Saga("unsendable_retry").add_step(s1).add_step(
-    always_fails, no_compensation=True,
-    retry=Retry(max_attempts=2, backoff=1e300, max_delay=1e300, jitter=0))
-
 # No worker registers this task.
 unregistered_step = Saga("unregistered_step").add_step(s1).add_step(
     "t.nobody_has_this", no_compensation=True)

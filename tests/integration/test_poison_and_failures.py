@@ -137,8 +137,6 @@ POISON = {
     "context_lacks_an_argument": (poison_sagas.parked_step, "big", "message_unsendable",
                                   "message not sent: TypeError: big() missing 1 required "
                                   "positional argument: 'x'"),
-    "retry_cannot_be_sent": (poison_sagas.unsendable_retry, "always_fails",
-                             "message_unsendable", "message not sent: OverflowError"),
     "task_not_registered": (poison_sagas.unregistered_step, "nobody_has_this",
                             "task_unregistered",
                             "TaskNotRegistered: no worker has task 't.nobody_has_this'"),

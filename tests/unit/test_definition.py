@@ -118,7 +118,9 @@ def test_depends_on_must_be_a_list_not_a_string() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_attempts": 0}, {"backoff": -1.0}, {"factor": 0.5}, {"max_delay": -1.0}],
+    [{"max_attempts": 0}, {"backoff": -1.0}, {"factor": 0.5}, {"max_delay": -1.0},
+     {"backoff": float("nan")}, {"factor": float("inf")}, {"max_delay": float("inf")},
+     {"max_delay": 31 * 24 * 3600.0}],
 )
 def test_retry_validates_its_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(DefinitionError):
