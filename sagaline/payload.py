@@ -176,8 +176,8 @@ def _walk(root: Any, where: str, *, max_bytes: int, start_depth: int) -> None:
                 for key, item in value.items():
                     if not isinstance(key, str):
                         raise _refuse(KEY, _render(where, path),
-                                      f"key {key!r} is a {type(key).__name__}; JSON object "
-                                      "keys must be strings")
+                                      f"key {key!r} ({type(key).__name__}) is not a "
+                                      "string; JSON object keys must be strings")
                     problem = text_problem(key)
                     if problem is not None:
                         raise _refuse(TEXT, _render(where, path), f"the key {key!r} {problem}")

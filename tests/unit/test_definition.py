@@ -294,3 +294,77 @@ def test_filter_kwargs_passes_only_what_the_signature_accepts() -> None:
     assert filter_kwargs(step_fn, ctx) == {"order_id": "o1", "amount": 9.5}
     assert filter_kwargs(greedy, ctx) == ctx
     assert filter_kwargs(greedy, ctx) is not ctx
+
+
+# -- names, and one definition per name ----------------------------------------------
+
+
+def test_names_over_the_store_limits_are_refused_at_definition() -> None:
+    Saga("n" * 200).add_step(reserve, name="s" * 200)
+    with pytest.raises(DefinitionError, match=r"saga name 'nnn.*' is 201 characters long, "
+                                              r"over the limit of 200"):
+        Saga("n" * 201)
+    with pytest.raises(DefinitionError, match=r"step name .* over the limit of 200") as info:
+        Saga("def_long_step").add_step(reserve, name="s" * 201)
+    assert info.value.saga == "def_long_step"
+    with pytest.raises(DefinitionError, match="NUL"):
+        Saga("def_\x00")
+    with pytest.raises(DefinitionError, match="NUL"):
+        Saga("def_nul_step").add_step(reserve, name="a\x00b")
+    with pytest.raises(DefinitionError, match="string"):
+        Saga(123)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reserved", ["saga_id", "compensation_data"])
+def test_a_step_cannot_be_named_like_a_reserved_context_key(reserved: str) -> None:
+    # A non-dict output is stored in the context under the step's name.
+    with pytest.raises(DefinitionError, match="reserved context key") as info:
+        Saga(f"def_reserved_{reserved}").add_step(reserve, name=reserved)
+    assert info.value.step == reserved
+
+
+def test_a_second_saga_with_one_name_and_other_steps_fails_where_it_differs() -> None:
+    first = Saga("def_twice").add_step(reserve).add_step(charge)
+    second = Saga("def_twice").add_step(reserve)  # the same so far
+    with pytest.raises(DefinitionError, match=r"another saga with this name, defined at "
+                                              r".*test_definition.py:\d+, has other steps "
+                                              r"\(they differ at step #2\)") as info:
+        second.add_step(refund)
+    assert (info.value.saga, info.value.step) == ("def_twice", "refund")
+    # One more step than the first definition differs too.
+    third = Saga("def_twice").add_step(reserve).add_step(charge)
+    with pytest.raises(DefinitionError, match="step #3"):
+        third.add_step(refund)
+    first.check_complete()
+
+
+def test_the_same_definition_twice_is_one_saga_as_when_a_module_is_imported_again() -> None:
+    first = _shop("def_reimported")
+    again = _shop("def_reimported")
+    again.check_complete()
+    assert again.fingerprint == first.fingerprint
+
+
+def test_a_second_definition_that_stops_short_fails_when_complete() -> None:
+    Saga("def_short").add_step(reserve).add_step(charge)
+    short = Saga("def_short").add_step(reserve)
+    with pytest.raises(DefinitionError, match=r"two different sagas have this name: at "
+                                              r".*test_definition.py:\d+ and at "):
+        short.check_complete()
+
+
+def test_an_empty_saga_fails_when_complete() -> None:
+    empty = Saga("def_empty_builder")
+    with pytest.raises(DefinitionError, match=r"saga 'def_empty_builder': a saga needs at "
+                                              r"least one step \(defined at "
+                                              r".*test_definition.py:\d+\)"):
+        empty.check_complete()
+    empty.add_step(reserve)
+    empty.check_complete()
+
+
+def test_a_child_saga_is_checked_with_its_parent() -> None:
+    child = Saga("def_empty_child")
+    parent = Saga("def_parent_of_empty").add_step(reserve).add_saga(child, name="child")
+    with pytest.raises(DefinitionError, match="def_empty_child"):
+        parent.check_complete()
