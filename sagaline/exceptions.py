@@ -58,6 +58,11 @@ class InputError(SagaError, ValueError):
         self.where = where
         super().__init__(message)
 
+    def __reduce__(self) -> Any:
+        # Exceptions cross process boundaries (a prefork pool child, a result backend):
+        # keep the fields, which BaseException's default reduce would drop.
+        return (type(self), (str(self),), {"rule": self.rule, "where": self.where})
+
 
 class IdempotencyConflict(InputError):
     """`run(idempotency_key=k)` with input other than that of the saga already holding `k`."""
@@ -70,6 +75,9 @@ class IdempotencyConflict(InputError):
             f"idempotency key {idempotency_key!r} of saga {saga_name!r} already started saga "
             f"{saga_id} with other input; use a new key for new input",
             rule="idempotency", where="idempotency_key")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.saga_name, self.idempotency_key, self.saga_id))
 
 
 class StoreError(SagaError):

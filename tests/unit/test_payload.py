@@ -168,3 +168,13 @@ def test_idempotency_conflict_is_an_input_error_with_fields() -> None:
     assert (err.saga_name, err.idempotency_key, err.saga_id) == ("order", "k-1", "abc")
     assert err.rule == "idempotency"
     assert "'k-1'" in str(err) and "abc" in str(err)
+
+
+def test_input_errors_keep_their_fields_across_processes() -> None:
+    err = pickle.loads(pickle.dumps(InputError("input['a']: bad", rule="depth",
+                                               where="input['a']")))
+    assert (str(err), err.rule, err.where) == ("input['a']: bad", "depth", "input['a']")
+    conflict = pickle.loads(pickle.dumps(IdempotencyConflict("order", "k-1", "abc")))
+    assert (conflict.saga_name, conflict.idempotency_key, conflict.saga_id) == (
+        "order", "k-1", "abc")
+    assert str(conflict) == str(IdempotencyConflict("order", "k-1", "abc"))
