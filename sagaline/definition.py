@@ -6,16 +6,16 @@ import contextlib
 import hashlib
 import inspect
 import random
-import sys
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from celery.app.task import Task
 from celery.local import PromiseProxy
 
+from . import _state
+from ._state import forget as forget  # re-exported: definitions are looked up here
+from ._state import registered_saga as registered_saga
 from .exceptions import DefinitionError, StepFailure
 from .payload import MAX_NAME_LENGTH, RESERVED_KEYS, check_text
 from .states import FailureStrategy
@@ -27,42 +27,14 @@ Context = dict[str, Any]
 TaskRef = Union[Task, str]  # noqa: UP007 - a runtime alias on 3.10
 ContextFn = Callable[[Context], Any]
 
-# A saga name belongs to the first definition that takes it; a later one with that
-# name (a module imported twice) must rebuild the same steps. See Saga.check_complete.
-_REGISTRY: dict[str, Saga] = {}
-# Every definition, so that a worker can check them all once its modules are imported.
-_DEFINED: weakref.WeakSet[Saga] = weakref.WeakSet()
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
-def registered_saga(name: str) -> Saga | None:
-    """The saga definition registered under `name` in this process, if any."""
-    return _REGISTRY.get(name)
-
-
 def check_definitions() -> None:
     """Raise DefinitionError for any saga of this process that is incomplete or clashes.
 
     A worker calls it once the modules of its app are imported, before it takes a
     message: a broken definition stops it from starting, as an ImportError would.
     """
-    for defn in sorted(_DEFINED, key=lambda d: d.name):
+    for defn in sorted(_state.definitions(), key=lambda d: d.name):
         defn.check_complete()
-
-
-def forget(defn: Saga) -> None:
-    """Drop a definition that failed while being defined, so that it owns no name."""
-    if _REGISTRY.get(defn.name) is defn:
-        del _REGISTRY[defn.name]
-    _DEFINED.discard(defn)
-
-
-def _defined_at() -> str:
-    """`file:line` of the user code that is defining a saga (for error messages)."""
-    frame = sys._getframe(1)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame = frame.f_back
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
 @dataclass(frozen=True)
@@ -321,12 +293,11 @@ class Saga:
         self._graph: Graph | None = None
         self._fingerprint: str | None = None
         self.result_spec: Any = None
-        self.defined_at = _defined_at()
+        self.defined_at = _state.defined_at()
         self._checked: str | None = None
         # The first definition of a name owns it; this one, if not the first, must
         # follow it step by step (checked in _append, and in check_complete).
-        self._owner = _REGISTRY.setdefault(name, self)
-        _DEFINED.add(self)
+        self._owner: Saga = _state.register(self)
 
     # -- builder -----------------------------------------------------------------
 
