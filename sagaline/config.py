@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .payload import DEFAULT_MAX_BYTES
 
 
 def default_home() -> Path:
@@ -40,7 +41,7 @@ class Settings:
     # and stores have limits of their own (SQS 256 KiB, RabbitMQ 16 MiB by default,
     # MariaDB's max_allowed_packet 16 MiB): the final context, the union of every
     # output, must fit there too.
-    max_payload_bytes: int = 1024 * 1024
+    max_payload_bytes: int = DEFAULT_MAX_BYTES
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

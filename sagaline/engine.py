@@ -40,7 +40,7 @@ class Timing:
     # before it counts as failed: a crash is not a business failure.
     crash_retries: int = 3
     # The largest JSON document a message may carry (payload.py).
-    max_payload_bytes: int = 1024 * 1024
+    max_payload_bytes: int = payload.DEFAULT_MAX_BYTES
 
 
 class Work:

@@ -49,6 +49,8 @@ KOMBU_ENVELOPE = frozenset({"__type__", "__value__"})
 # Python refuses to turn longer integers into text (sys.get_int_max_str_digits, 4300).
 MAX_INT_BITS = 14_000
 
+# The default of the setting max_payload_bytes (config.py).
+DEFAULT_MAX_BYTES = 1024 * 1024
 # Names and keys that every store keeps in a column of this many characters
 # (stores/schema.py sizes its columns from these).
 MAX_NAME_LENGTH = 200  # saga names and step names
