@@ -368,3 +368,32 @@ def test_a_child_saga_is_checked_with_its_parent() -> None:
     parent = Saga("def_parent_of_empty").add_step(reserve).add_saga(child, name="child")
     with pytest.raises(DefinitionError, match="def_empty_child"):
         parent.check_complete()
+
+
+def test_importing_a_module_again_is_not_an_error_but_changed_code_is(tmp_path: Any) -> None:
+    import importlib.util
+    import sys
+
+    source = ('from sagaline import Saga\n'
+              'saga = (Saga("def_module_twice").add_step("t.a", no_compensation=True)\n'
+              '        .add_step("t.b", no_compensation=True, when=lambda ctx: ctx.get("x")))\n')
+
+    def load(name: str, text: str) -> Any:
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.modules.pop(name, None)
+        return module
+
+    first = load("def_module_a", source)
+    again = load("def_module_b", source)  # the same code under another module name
+    again.saga.check_complete()
+    assert again.saga.fingerprint == first.saga.fingerprint
+    with pytest.raises(DefinitionError, match=r"def_module_a.py:2, has other steps"):
+        load("def_module_c", source.replace('ctx.get("x")', 'ctx.get("y")'))
