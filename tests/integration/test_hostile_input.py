@@ -49,6 +49,19 @@ def nested(depth: int) -> Any:
     return value
 
 
+def finish(stack: Stack, handle: sagaline.SagaHandle, timeout: float = 60.0) -> Any:
+    """handle.get(), but failing at once with the worker's log if the worker died."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout) + 1):
+        assert stack.worker.is_running(), f"the worker died:\n{stack.worker.log_tail()}"
+        try:
+            return handle.get(timeout=1.0)
+        except sagaline.SagaTimeout:
+            if time.monotonic() >= deadline:
+                raise
+    return handle.get(timeout=0)
+
+
 def blob(value: Any) -> str:
     """A step output of any kind, carried to the worker as text the input checks accept."""
     return base64.b64encode(pickle.dumps(value)).decode()
@@ -107,7 +120,7 @@ def reuse_key_with_other_input(stack: Stack) -> Any:
     again = stack.runtime.start_saga(sagas_app.hostile, {"value": 1, "blob": blob({})},
                                      idempotency_key=key)
     assert again.saga_id == first.saga_id  # the same input replays
-    first.get(timeout=60)
+    finish(stack, first)
     # A finished saga's key keeps returning it...
     assert stack.runtime.start_saga(sagas_app.hostile, {"value": 1, "blob": blob({})},
                                     idempotency_key=key).saga_id == first.saga_id
@@ -169,7 +182,7 @@ ROWS: list[tuple[str, Row, Refused | StepRefused | Accepted]] = [
     ("idempotency key NUL", run_keyed("k\x00"), Refused(InputError, "NUL")),
     ("output NUL", run_output({"t": "a\x00b"}), StepRefused("contains a NUL")),
     # 7: ids
-    ("get_saga(123)", lambda stack: sagaline.get_saga(123, runtime=stack.runtime),
+    ("get_saga(123)", lambda stack: sagaline.get_saga(123, runtime=stack.runtime),  # type: ignore[arg-type]
      Refused(TypeError, "a saga id is a string")),
     ("get_saga NUL", lambda stack: sagaline.get_saga("a\x00b", runtime=stack.runtime),
      Refused(SagaNotFound, "no saga with id")),
@@ -210,10 +223,10 @@ def test_hostile_input_is_refused_clearly_and_never_stops_a_worker(stack: Stack)
         handle = row(stack)
         started.append(handle.saga_id)
         if isinstance(expected, Accepted):
-            assert handle.get(timeout=60)[expected.key] == expected.value, label
+            assert finish(stack, handle)[expected.key] == expected.value, label
             continue
         with pytest.raises(SagaCompensated, match=expected.match):
-            handle.get(timeout=60)
+            finish(stack, handle)
         view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
         failed = view.step("returns")
         assert failed.status is StepStatus.FAILED and failed.attempt == 1, label
@@ -240,7 +253,7 @@ def assert_nothing_left(stack: Stack, saga_ids: list[str], worker_pid: int) -> N
     assert "Can't decode message body" not in log
     # And it still runs sagas.
     handle = stack.run(sagas_app.hostile, value=1, blob=blob({"fine": True}))
-    assert handle.get(timeout=60)["fine"] is True
+    assert finish(stack, handle)["fine"] is True
 
 
 # -- generated values ---------------------------------------------------------------------
@@ -263,6 +276,7 @@ _values = st.recursive(
 @given(input=st.dictionaries(_keys, _values, max_size=3), output=_values)
 def test_generated_inputs_and_outputs_end_cleanly(stack: Stack, input: dict[Any, Any],
                                                   output: Any) -> None:
+    assert stack.worker.is_running(), f"the worker died:\n{stack.worker.log_tail()}"
     extra = {k: v for k, v in input.items() if k not in ("value", "blob", "deep")}
     try:
         handle = stack.runtime.start_saga(sagas_app.hostile,
@@ -271,7 +285,7 @@ def test_generated_inputs_and_outputs_end_cleanly(stack: Stack, input: dict[Any,
         assert exc.rule is not None and str(exc).startswith("input")
         return
     try:
-        handle.get(timeout=60)
+        finish(stack, handle, timeout=30)
     except SagaCompensated:
         failed = sagaline.get_saga(handle.saga_id, runtime=stack.runtime).step("returns")
         assert failed.error is not None
