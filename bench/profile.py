@@ -37,7 +37,7 @@ PARTS = [
     ("SagaState from rows", "_step_record", "sagaline/stores/sql.py"),
     ("engine Work copy", "Work.__init__", "sagaline/engine.py"),
     ("signals", "send", "celery/utils/dispatch/signal.py"),
-    ("definition lookup + json check", "ensure_json", "sagaline/engine.py"),
+    ("definition lookup + payload check", "check_output", "sagaline/payload.py"),
     ("SQLAlchemy compile", "_compile_w_cache", "sqlalchemy/sql/elements.py"),
     ("DB driver execute (statements)", "do_execute", "sqlalchemy/engine/default.py"),
     ("DB commit", "_commit_impl", "sqlalchemy/engine/base.py"),

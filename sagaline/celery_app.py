@@ -12,6 +12,8 @@
   store connections.
 - Refused messages: a consumer bootstep and Celery's signals (delivery.py) record a
   step message that a worker dropped without running it.
+- Definitions: another bootstep checks every saga once the worker has imported
+  its modules, so that a broken definition stops the worker before it takes a message.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from celery.utils.nodenames import worker_direct
 
 from .config import Settings, default_broker_options, default_broker_url
 from .context import StepLogFilter
+from .definition import check_definitions
 from .delivery import DecodeErrorStep
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
@@ -72,6 +75,8 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
 
     _confirm_publishes(app)
     _install_step_wrapper(app)
+    if DefinitionsStep not in app.steps["worker"]:
+        app.steps["worker"].add(DefinitionsStep)
     if conf.sweeper and SweeperStep not in app.steps["worker"]:
         app.steps["worker"].add(SweeperStep)
     if DecodeErrorStep not in app.steps["consumer"]:
@@ -243,6 +248,22 @@ def _saga_fields_in_task_logs(logger: logging.Logger, **_: Any) -> None:
     for handler in logger.handlers or logging.getLogger().handlers:
         if not any(isinstance(f, StepLogFilter) for f in handler.filters):
             handler.addFilter(StepLogFilter())
+
+
+class DefinitionsStep(bootsteps.Step):  # type: ignore[misc]
+    """Checks every saga definition when the worker starts (`check_definitions`).
+
+    Celery builds the worker's bootsteps after it imported the modules of the app
+    (`include`, `imports`): by then every builder saga is complete, and an empty
+    saga or two sagas with one name raise DefinitionError here, before a message
+    is taken, like an ImportError in those modules would.
+    """
+
+    label = "sagaline definitions"
+
+    def __init__(self, worker: Any, **kwargs: Any):
+        check_definitions()
+        super().__init__(worker, **kwargs)
 
 
 class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .payload import DEFAULT_MAX_BYTES
 
 
 def default_home() -> Path:
@@ -38,6 +39,12 @@ class Settings:
     auto_migrate: bool = True
     # Store SQL statements log (SQLAlchemy echo), for debugging.
     echo_sql: bool = False
+    # The largest JSON document a saga accepts, in bytes: its input, each step output,
+    # compensation data, and the context a step receives (see payload.py). Brokers
+    # and stores have limits of their own (SQS 256 KiB, RabbitMQ 16 MiB by default,
+    # MariaDB's max_allowed_packet 16 MiB): the final context, the union of every
+    # output, must fit there too.
+    max_payload_bytes: int = DEFAULT_MAX_BYTES
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -55,6 +62,8 @@ class Settings:
         settings = cls(**values)
         if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
             raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
+        if settings.max_payload_bytes < 1024:
+            raise ConfigurationError("max_payload_bytes must be at least 1024")
         return settings
 
 

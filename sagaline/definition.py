@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any, Union
 from celery.app.task import Task
 from celery.local import PromiseProxy
 
+from . import _state
+from ._state import forget as forget  # re-exported: definitions are looked up here
+from ._state import registered_saga as registered_saga
 from .exceptions import DefinitionError, StepFailure
+from .payload import MAX_NAME_LENGTH, RESERVED_KEYS, check_text
 from .states import FailureStrategy
 
 if TYPE_CHECKING:
@@ -24,17 +28,14 @@ Context = dict[str, Any]
 TaskRef = Union[Task, str]  # noqa: UP007 - a runtime alias on 3.10
 ContextFn = Callable[[Context], Any]
 
-_REGISTRY: dict[str, Saga] = {}
+def check_definitions() -> None:
+    """Raise DefinitionError for any saga of this process that is incomplete or clashes.
 
-
-def registered_saga(name: str) -> Saga | None:
-    """The saga definition registered under `name` in this process, if any."""
-    return _REGISTRY.get(name)
-
-
-def registered_sagas() -> list[Saga]:
-    """Every saga definition registered in this process."""
-    return list(_REGISTRY.values())
+    A worker calls it once the modules of its app are imported, before it takes a
+    message: a broken definition stops it from starting, as an ImportError would.
+    """
+    for defn in sorted(_state.definitions(), key=lambda d: d.name):
+        defn.check_complete()
 
 
 MAX_RETRY_DELAY = 30 * 24 * 3600.0
@@ -282,8 +283,9 @@ class Saga:
         queue: str | None = None,
         pivot_retry: Retry | None = None,
     ):
-        if not name or not isinstance(name, str):
-            raise DefinitionError("a saga needs a non-empty string name")
+        if not isinstance(name, str):
+            raise DefinitionError(f"a saga name is a string, got {type(name).__name__}")
+        check_text(name, "saga name", limit=MAX_NAME_LENGTH, error=DefinitionError)
         if timeout is not None and timeout <= 0:
             raise DefinitionError(f"timeout must be positive, got {timeout}", saga=name)
         self.name = name
@@ -305,7 +307,11 @@ class Saga:
         self._graph: Graph | None = None
         self._fingerprint: str | None = None
         self.result_spec: Any = None
-        _REGISTRY[name] = self
+        self.defined_at = _state.defined_at()
+        self._checked: str | None = None
+        # The first definition of a name owns it; this one, if not the first, must
+        # follow it step by step (checked in _append, and in check_complete).
+        self._owner: Saga = _state.register(self)
 
     # -- builder -----------------------------------------------------------------
 
@@ -432,6 +438,7 @@ class Saga:
     def _append(self, steps: list[Step]) -> None:
         known = {s.name for s in self._steps}
         for s in steps:
+            _check_step_name(self.name, s.name)
             for d in s.depends_on:
                 if d not in known:
                     raise DefinitionError(
@@ -439,10 +446,51 @@ class Saga:
                         f"before it)", saga=self.name, step=s.name)
         candidate = [*self._steps, *steps]
         build_graph(self.name, candidate)  # raises on duplicates and cycles
+        self._follow_owner(candidate)
         self._steps = candidate
         self._stage = [s.name for s in steps]
         self._graph = None
         self._fingerprint = None
+
+    def _follow_owner(self, candidate: list[Step]) -> None:
+        """A second definition of a name must add the steps of the first, in order: the
+        first step that differs raises here, while the module is being imported."""
+        owner = self._owner
+        if owner is self:
+            return
+        for i in range(len(self._steps), len(candidate)):
+            if i >= len(owner._steps) or _step_parts(candidate[i]) != _step_parts(
+                    owner._steps[i]):
+                raise DefinitionError(
+                    f"another saga with this name, defined at {owner.defined_at}, has other "
+                    f"steps (they differ at step #{i + 1}); saga names must be unique",
+                    saga=self.name, step=candidate[i].name)
+
+    def check_complete(self) -> None:
+        """Raise DefinitionError unless this definition is complete and owns its name.
+
+        A builder saga grows one `add_*` call at a time, so sagaline cannot tell when
+        its last step has been added while the module is still running. It checks
+        what it can at once (each step, the graph, a clash with the first definition
+        of the name) and the rest -- at least one step, the same fingerprint as the
+        definition that owns the name -- when the definition is complete: at the end
+        of `@saga`, at `run()`, and when a worker has imported its app's modules
+        (`check_definitions`), before it takes a message.
+        """
+        fingerprint = self.fingerprint
+        if self._checked == fingerprint:
+            return
+        if not self._steps:
+            raise DefinitionError(f"a saga needs at least one step (defined at "
+                                  f"{self.defined_at})", saga=self.name)
+        if self._owner is not self and self._owner.fingerprint != fingerprint:
+            raise DefinitionError(
+                f"two different sagas have this name: at {self._owner.defined_at} and at "
+                f"{self.defined_at}; saga names must be unique", saga=self.name)
+        for s in self._steps:
+            if s.child is not None:
+                s.child.check_complete()
+        self._checked = fingerprint
 
     # -- derived -----------------------------------------------------------------
 
@@ -464,11 +512,7 @@ class Saga:
         if self._fingerprint is None:
             h = hashlib.sha256(self.name.encode())
             for s in self._steps:
-                parts = [s.name, s.kind, s.task_name or "", ",".join(s.depends_on),
-                         s.compensation_name or "", str(s.pivot), _code_id(s.input),
-                         _code_id(s.when), _code_id(s.transform),
-                         s.child.fingerprint if s.child is not None else ""]
-                h.update("|".join(parts).encode())
+                h.update("|".join(_step_parts(s)).encode())
             h.update(repr(self.result_spec).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -476,8 +520,11 @@ class Saga:
     def run(self, *, idempotency_key: str | None = None, **input: Any) -> SagaHandle:
         """Start an execution; returns at once with a handle to wait on.
 
-        A second `run` with the same saga name and `idempotency_key` returns the
-        existing execution instead of starting another.
+        A second `run` with the same saga name, `idempotency_key` and input returns
+        the existing execution instead of starting another, even once it has ended;
+        the same key with other input raises IdempotencyConflict. Input that a
+        message cannot carry (see `sagaline.payload`) raises InputError before
+        anything is stored.
         """
         from .runtime import current_runtime
 
@@ -485,6 +532,23 @@ class Saga:
 
     def __repr__(self) -> str:
         return f"<Saga {self.name!r} steps={[s.name for s in self._steps]}>"
+
+
+def _step_parts(s: Step) -> list[str]:
+    """What the fingerprint takes from one step."""
+    return [s.name, s.kind, s.task_name or "", ",".join(s.depends_on),
+            s.compensation_name or "", str(s.pivot), _code_id(s.input), _code_id(s.when),
+            _code_id(s.transform), s.child.fingerprint if s.child is not None else ""]
+
+
+def _check_step_name(saga: str, name: Any) -> None:
+    if not isinstance(name, str):
+        raise DefinitionError(f"a step name is a string, got {type(name).__name__}", saga=saga)
+    check_text(name, "step name", limit=MAX_NAME_LENGTH, error=DefinitionError, saga=saga)
+    if name in RESERVED_KEYS:
+        # A non-dict output is stored in the context under the step's name.
+        raise DefinitionError(f"{name!r} is a reserved context key; name the step otherwise",
+                              saga=saga, step=name)
 
 
 def _default_step_name(task: TaskRef) -> str:

@@ -23,7 +23,7 @@ from celery import bootsteps
 from celery.signals import task_rejected, task_unknown, worker_ready
 
 from . import recovery
-from .definition import registered_sagas
+from ._state import registered_sagas
 from .records import Decision, Event, SagaState
 from .states import Phase
 

@@ -8,13 +8,14 @@ an attempt that is no longer the running one) decide nothing.
 
 from __future__ import annotations
 
-import json
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from . import payload
 from .definition import Saga, Step, StepKind
+from .exceptions import InputError
 from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
 from .states import (
     COMPENSATION_IN_FLIGHT,
@@ -38,12 +39,14 @@ CRASH_REASONS = frozenset({"lease_expired", "worker_lost"})
 
 @dataclass(frozen=True)
 class Timing:
-    """Engine timing knobs, from the settings (config.py)."""
+    """Engine knobs, from the settings (config.py)."""
 
     redispatch_after: float = 30.0
     # A step whose worker died (lease expired) is run again this many extra times
     # before it counts as failed: a crash is not a business failure.
     crash_retries: int = 3
+    # The largest JSON document a message may carry (payload.py).
+    max_payload_bytes: int = payload.DEFAULT_MAX_BYTES
 
 
 class Work:
@@ -171,27 +174,21 @@ def first_line(text: str | None) -> str:
     return (text or "").split("\n", 1)[0]
 
 
-def ensure_json(value: Any, what: str) -> None:
-    """Raise TypeError naming `what` when `value` does not survive Celery's json serializer."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
-
-
 # -- starting ----------------------------------------------------------------------
 
 
 def start(defn: Saga, saga_id: str, input: dict[str, Any], *, now: float, timing: Timing,
           idempotency_key: str | None = None, parent_saga_id: str | None = None,
-          parent_step: str | None = None) -> tuple[SagaState, Decision]:
+          parent_step: str | None = None,
+          input_fingerprint: str | None = None) -> tuple[SagaState, Decision]:
     """The new saga, its steps, and the root steps dispatched: written in one transaction."""
     graph = defn.graph
     deadline = now + defn.timeout if defn.timeout else None
     saga = SagaRecord(saga_id=saga_id, name=defn.name, status=SagaStatus.RUNNING, input=input,
                       fingerprint=defn.fingerprint, created_at=now, updated_at=now,
                       idempotency_key=idempotency_key, deadline=deadline, due_at=deadline,
-                      parent_saga_id=parent_saga_id, parent_step=parent_step)
+                      parent_saga_id=parent_saga_id, parent_step=parent_step,
+                      input_fingerprint=input_fingerprint)
     steps = {n: StepRecord(saga_id, n, i) for i, n in enumerate(graph.order)}
     state = SagaState(saga, steps)
     w = Work(defn, state, now, timing)
@@ -286,10 +283,11 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
 
 
 def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
-                     announce: bool = True, ctx: dict[str, Any] | None = None) -> None:
+                     announce: bool = True, ctx: dict[str, Any] | None = None,
+                     kwargs: dict[str, Any] | None = None) -> None:
     spec = w.graph.steps[name]
-    ctx = w.context_for(name) if ctx is None else ctx
-    kwargs = ctx if spec.input is None else mapped_input(spec, ctx)
+    if kwargs is None:
+        kwargs = step_kwargs(w, spec, w.context_for(name) if ctx is None else ctx)
     w.update_step(name, status=StepStatus.DISPATCHED, attempt=attempt, lease_until=None,
                   due_at=w.now + countdown + w.timing.redispatch_after, redispatches=0)
     if announce and attempt == 1:
@@ -300,13 +298,20 @@ def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0
                                  child_saga=spec.child.name if spec.child else None))
 
 
-def mapped_input(spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:
+def step_kwargs(w: Work, spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:
+    """What a step's message carries: its context, or what its input= mapper made of it."""
+    return ctx if spec.input is None else mapped_input(spec, ctx, w.timing.max_payload_bytes)
+
+
+def mapped_input(spec: Step, ctx: dict[str, Any], max_bytes: int) -> dict[str, Any]:
     assert spec.input is not None
     mapped = spec.input(ctx)
     if not isinstance(mapped, dict):
         raise TypeError(f"input= of step {spec.name!r} must return a dict, "
                         f"got {type(mapped).__name__}")
-    ensure_json(mapped, f"input= of step {spec.name!r}")
+    # saga_id is set below whatever the mapper returned (mappers often copy ctx).
+    mapped = {k: v for k, v in mapped.items() if k != "saga_id"}
+    payload.check_object(mapped, f"input= of step {spec.name!r}", max_bytes=max_bytes)
     return {**mapped, "saga_id": ctx["saga_id"]}
 
 
@@ -352,14 +357,27 @@ def forward_progress(w: Work) -> bool:
                 if not isinstance(out, dict):
                     raise TypeError(f"transform {name!r} must return a dict, "
                                     f"got {type(out).__name__}")
-                ensure_json(out, f"transform {name!r} result")
                 diff = changed_keys(ctx, out)
+                payload.check_object(diff, f"result of transform {name!r}",
+                                     max_bytes=w.timing.max_payload_bytes)
                 w.update_step(name, status=StepStatus.SUCCEEDED, output=diff, attempt=1,
                               started_at=w.now, finished_at=w.now)
                 w.event("transform_applied", name, keys=sorted(diff))
                 settled_inline = True
                 continue
-            dispatch_forward(w, name, attempt=1, ctx=ctx)
+            kwargs = step_kwargs(w, spec, ctx)
+            # Each part of the context was checked when it entered; together they
+            # may still be more than a message may carry (saga_id aside, so that an
+            # input just under the limit still starts).
+            payload.check_size({k: v for k, v in kwargs.items() if k != "saga_id"},
+                               f"context of step {name!r}",
+                               max_bytes=w.timing.max_payload_bytes)
+            dispatch_forward(w, name, attempt=1, ctx=ctx, kwargs=kwargs)
+        except InputError as exc:  # the message it would send breaks a payload rule
+            w.update_step(name, attempt=1)
+            fail_attempt(w, name, error=f"InputError: {exc}", permanent=True,
+                         reason="payload_refused")
+            return False
         except Exception as exc:  # a user predicate, transform or input mapper raised
             w.update_step(name, attempt=1)  # settled as one attempt, failed
             fail_attempt(w, name, error=describe_error(exc), permanent=True,

@@ -3,7 +3,9 @@
     SagaError
     ├── DefinitionError        a saga definition is invalid (raised at definition time)
     ├── ConfigurationError     sagaline is not set up, or a setting is wrong
-    ├── InputError             saga input is not JSON (raised by run() before anything is stored)
+    ├── InputError             data that a message cannot carry (run() raises it before
+    │   │                      anything is stored; see payload.py)
+    │   └── IdempotencyConflict  an idempotency key reused with other input
     ├── StoreError             the state store failed or is unreachable
     │   └── ConcurrencyError   a compare-and-set lost a race too many times
     ├── SagaNotFound           no saga with that id
@@ -45,7 +47,37 @@ class ConfigurationError(SagaError):
 
 
 class InputError(SagaError, ValueError):
-    """Saga input that cannot be stored (not JSON)."""
+    """Data that a message cannot carry (see `sagaline.payload`), or an invalid run() argument.
+
+    `rule` names the rule it breaks (`depth`, `size`, `key`, `reserved`, ...) and
+    `where` the place (`input['a']['b']`), when the payload checker raised it.
+    """
+
+    def __init__(self, message: str, *, rule: str | None = None, where: str | None = None):
+        self.rule = rule
+        self.where = where
+        super().__init__(message)
+
+    def __reduce__(self) -> Any:
+        # Exceptions cross process boundaries (a prefork pool child, a result backend):
+        # keep the fields, which BaseException's default reduce would drop.
+        return (type(self), (str(self),), {"rule": self.rule, "where": self.where})
+
+
+class IdempotencyConflict(InputError):
+    """`run(idempotency_key=k)` with input other than that of the saga already holding `k`."""
+
+    def __init__(self, saga_name: str, idempotency_key: str, saga_id: str):
+        self.saga_name = saga_name
+        self.idempotency_key = idempotency_key
+        self.saga_id = saga_id
+        super().__init__(
+            f"idempotency key {idempotency_key!r} of saga {saga_name!r} already started saga "
+            f"{saga_id} with other input; use a new key for new input",
+            rule="idempotency", where="idempotency_key")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.saga_name, self.idempotency_key, self.saga_id))
 
 
 class StoreError(SagaError):

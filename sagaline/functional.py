@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .definition import ContextFn, Retry, Saga, TaskRef, short_name
+from .definition import ContextFn, Retry, Saga, TaskRef, forget, short_name
 from .exceptions import DefinitionError
 
 _RULE = (
@@ -202,14 +202,22 @@ def saga(name: str, **options: Any) -> Callable[[Callable[..., Any]], Saga]:
         tracer = _Tracer(definition)
         _active.append(tracer)
         try:
-            returned = fn(Ref(None))
+            try:
+                returned = fn(Ref(None))
+            finally:
+                _active.pop()
+            definition.set_result(_result_spec(name, returned))
+            # Traced: the definition is complete now, at import (not empty, and the
+            # same as any other definition of this name).
+            definition.check_complete()
         except DefinitionError as exc:
+            forget(definition)  # a fixed definition may take the name afterwards
             if exc.saga is None:
                 raise DefinitionError(exc.detail, saga=name, step=exc.step) from None
             raise
-        finally:
-            _active.pop()
-        definition.set_result(_result_spec(name, returned))
+        except BaseException:
+            forget(definition)
+            raise
         functools.update_wrapper(definition, fn, updated=())  # type: ignore[arg-type]
         return definition
 

@@ -28,6 +28,9 @@ class SagaRecord:
     parent_saga_id: str | None = None
     parent_step: str | None = None
     version: int = 0
+    # A hash of the input, kept with an idempotency key: the same key with other
+    # input is a conflict, not a replay (None: no key, or a saga from before 0.1).
+    input_fingerprint: str | None = None
 
 
 @dataclass

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from . import delivery, engine, recovery, signals
+from . import delivery, engine, payload, recovery, signals
 from .context import StepInfo, _current
 from .definition import Saga, StepResponse, filter_kwargs, registered_saga
 from .exceptions import (
     ConfigurationError,
+    IdempotencyConflict,
     InputError,
     SagaCompensated,
     SagaFailed,
@@ -65,7 +66,8 @@ class Runtime:
         self.app = app
         self.settings = settings
         self.timing = engine.Timing(redispatch_after=settings.redispatch_after,
-                                    crash_retries=settings.crash_retries)
+                                    crash_retries=settings.crash_retries,
+                                    max_payload_bytes=settings.max_payload_bytes)
         self._store = store
         self._store_pid = os.getpid() if store is not None else None
         self._lock = threading.Lock()
@@ -126,19 +128,31 @@ class Runtime:
     def start_saga(self, defn: Saga, input: dict[str, Any], *,
                    idempotency_key: str | None = None, parent_saga_id: str | None = None,
                    parent_step: str | None = None, saga_id: str | None = None) -> SagaHandle:
-        check_json_input(defn.name, input)
-        if idempotency_key is not None and not isinstance(idempotency_key, str):
-            raise InputError(f"idempotency_key must be a string, got "
-                             f"{type(idempotency_key).__name__}")
-        registered = registered_saga(defn.name)
-        if registered is not None and registered is not defn and \
-                registered.fingerprint != defn.fingerprint:
-            raise ConfigurationError(f"two different sagas are named {defn.name!r}")
+        defn.check_complete()
+        # Everything is checked before anything is stored (payload.py has the rules).
+        payload.check_object(input, "input", max_bytes=self.settings.max_payload_bytes)
+        input_fingerprint = None
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str):
+                raise InputError(f"idempotency_key must be a string, got "
+                                 f"{type(idempotency_key).__name__}", rule="type",
+                                 where="idempotency_key")
+            payload.check_text(idempotency_key, "idempotency_key",
+                               limit=payload.MAX_KEY_LENGTH, rule="key",
+                               where="idempotency_key")
+            input_fingerprint = payload.fingerprint(input)
         now = time.time()
         state, decision = engine.start(defn, saga_id or str(uuid.uuid4()), input, now=now,
                                        timing=self.timing, idempotency_key=idempotency_key,
-                                       parent_saga_id=parent_saga_id, parent_step=parent_step)
+                                       parent_saga_id=parent_saga_id, parent_step=parent_step,
+                                       input_fingerprint=input_fingerprint)
         saga, created = self.store.create_saga(state, decision.events)
+        if not created and saga.input_fingerprint is not None and \
+                saga.input_fingerprint != input_fingerprint:
+            # The key is taken by a saga started with other input: replaying it would
+            # silently drop this input. (A saga from before fingerprints were kept has
+            # None and is returned as before.)
+            raise IdempotencyConflict(defn.name, str(idempotency_key), saga.saga_id)
         if created:
             signals.saga_started.send(sender=self, saga_id=saga.saga_id, name=saga.name)
             self.after_commit(decision)
@@ -246,10 +260,19 @@ class Runtime:
             return
         if d.phase is Phase.FORWARD:
             input = {k: v for k, v in d.kwargs.items() if k != "saga_id"}
-            self.start_saga(self.definition(str(d.child_saga)), input,
-                            idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
-                            parent_saga_id=d.saga_id, parent_step=d.step,
-                            saga_id=child_saga_id(d.saga_id, d.step, d.attempt))
+            try:
+                self.start_saga(self.definition(str(d.child_saga)), input,
+                                idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
+                                parent_saga_id=d.saga_id, parent_step=d.step,
+                                saga_id=child_saga_id(d.saga_id, d.step, d.attempt))
+            except InputError as exc:
+                # The same input would be refused on every try: fail the step for good
+                # (raising would leave it to the sweeper, which would try for ever).
+                error = f"InputError: {exc}"
+                self.transact(d.saga_id, lambda defn, st: engine.step_failed(
+                    defn, st, d.step, d.attempt, error=error, permanent=True,
+                    reason="payload_refused", now=time.time(), timing=self.timing))
+                return
         self.drive_child(d.saga_id, d.step)
 
     def drive_child(self, parent_id: str, step: str) -> None:
@@ -387,22 +410,26 @@ class Runtime:
         else:
             output, comp, has_comp = result, None, False
         try:
-            engine.ensure_json(output, f"output of step {step!r}")
-            if has_comp:
-                engine.ensure_json(comp, f"compensation_data of step {step!r}")
-        except TypeError as exc:
+            self._check_output(step, output, comp, has_comp)
+        except InputError as exc:
             # Retrying would produce the same value: fail permanently (and compensate).
-            message = f"TypeError: {exc}"
+            message = f"InputError: {exc}"
             self.transact(saga_id, lambda d, st: engine.step_failed(
                 d, st, step, attempt, error=message, permanent=True,
-                reason="output_not_json", now=time.time(), timing=self.timing))
+                reason="payload_refused", now=time.time(), timing=self.timing))
             self._step_finished(defn, saga_id, step, phase, attempt, "failed", started)
-            raise TypeError(str(exc)) from None
+            raise InputError(str(exc), rule=exc.rule, where=exc.where) from None
         self.transact(saga_id, lambda d, st: engine.step_succeeded(
             d, st, step, attempt, output=output, compensation_data=comp,
             has_compensation_data=has_comp, now=time.time(), timing=self.timing))
         self._step_finished(defn, saga_id, step, phase, attempt, "succeeded", started)
         return output
+
+    def _check_output(self, step: str, output: Any, comp: Any, has_comp: bool) -> None:
+        limit = self.settings.max_payload_bytes
+        payload.check_output(output, f"output of step {step!r}", max_bytes=limit)
+        if has_comp:
+            payload.check_value(comp, f"compensation_data of step {step!r}", max_bytes=limit)
 
     def _record_failure(self, defn: Saga, saga_id: str, step: str, phase: Phase,
                         attempt: int, exc: Exception, started: float) -> None:
@@ -441,8 +468,9 @@ class Runtime:
             has_comp = isinstance(exc, StepFailure) and exc.has_compensation_data
             if has_comp:
                 try:
-                    engine.ensure_json(comp, f"compensation_data of step {step!r}")
-                except TypeError as bad:
+                    payload.check_value(comp, f"compensation_data of step {step!r}",
+                                        max_bytes=self.settings.max_payload_bytes)
+                except InputError as bad:
                     error, comp, has_comp = f"{error}\n(and {bad})", None, False
             self.transact(saga_id, lambda d, st: engine.step_failed(
                 d, st, step, attempt, error=error, permanent=permanent, reason=reason,
@@ -597,14 +625,6 @@ def child_of(parent_id: str, rec: StepRecord) -> str:
     """The child saga a parent step ran: recorded when it completed, else derived."""
     data = rec.compensation_data if isinstance(rec.compensation_data, dict) else {}
     return str(data.get("child_saga_id") or child_saga_id(parent_id, rec.name, rec.attempt))
-
-
-def check_json_input(saga_name: str, input: dict[str, Any]) -> None:
-    for key, value in input.items():
-        try:
-            engine.ensure_json(value, f"input {key!r} of saga {saga_name!r}")
-        except TypeError as exc:
-            raise InputError(f"{exc}; sagaline stores and sends JSON only") from None
 
 
 class SagaHandle:

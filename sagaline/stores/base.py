@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
+from ..payload import text_problem
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import Phase, SagaStatus
 
@@ -149,6 +150,24 @@ def matches_filter(s: SagaRecord, flt: SagaFilter) -> bool:
             and (flt.created_after is None or s.created_at >= flt.created_after)
             and (flt.created_before is None or s.created_at < flt.created_before)
             and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id))
+
+
+def findable(saga_id: object) -> bool:
+    """Whether `saga_id` can name a stored saga; every store asks this before a lookup.
+
+    A non-string raises TypeError; a string that no store can hold (a NUL, a lone
+    surrogate) names nothing, so every store answers "not found" alike instead of
+    PostgreSQL's driver errors.
+    """
+    if not isinstance(saga_id, str):
+        raise TypeError(f"a saga id is a string, got {type(saga_id).__name__}")
+    return text_problem(saga_id) is None
+
+
+def filter_matches_nothing(flt: SagaFilter | None = None, name: str | None = None) -> bool:
+    """A name or parent filter that no stored saga can match (see `findable`)."""
+    values = [name] if flt is None else [flt.name, flt.parent_saga_id]
+    return any(v is not None and not findable(v) for v in values)
 
 
 def store_class(url: str) -> type[Store]:

@@ -10,7 +10,7 @@ from typing import Any
 from ..exceptions import ConcurrencyError
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .base import Decide, DueItem, Store, matches_filter
+from .base import Decide, DueItem, Store, filter_matches_nothing, findable, matches_filter
 from .sanitize import storable_records
 
 
@@ -84,6 +84,8 @@ class MemoryStore(Store):
             return True
 
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        if not findable(saga_id):
+            return None
         # Decide under the lock, as the SQL store decides under the saga's row lock:
         # two branches finishing together must see each other, or neither would
         # dispatch the step that joins them.
@@ -122,21 +124,29 @@ class MemoryStore(Store):
                          {n: copy.deepcopy(s) for n, s in self._steps[saga_id].items()})
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
+        if not findable(saga_id):
+            return None
         with self._lock:
             saga = self._sagas.get(saga_id)
             return copy.deepcopy(saga) if saga else None
 
     def get_steps(self, saga_id: str) -> list[StepRecord]:
+        if not findable(saga_id):
+            return []
         with self._lock:
             steps = self._steps.get(saga_id, {})
             return sorted((copy.deepcopy(s) for s in steps.values()), key=lambda s: s.position)
 
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        if not findable(saga_id):
+            return []
         with self._lock:
             return [copy.deepcopy(e) for e in self._events.get(saga_id, [])
                     if (e.seq or 0) > after_seq]
 
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        if filter_matches_nothing(flt):
+            return []
         with self._lock:
             rows = [s for s in self._sagas.values() if matches_filter(s, flt)]
         rows.sort(key=lambda s: (s.created_at, s.saga_id), reverse=True)
@@ -144,6 +154,8 @@ class MemoryStore(Store):
 
     def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
         counts = dict.fromkeys(SagaStatus, 0)
+        if filter_matches_nothing(name=name):
+            return counts
         with self._lock:
             for s in self._sagas.values():
                 if name is None or s.name == name:

@@ -8,7 +8,8 @@ Layout (every key starts with `prefix`, default "sagaline"; every hash field hol
     {p}:steps:<id>           zset    the saga's step names scored by position
     {p}:events:<id>          list    the history, JSON per event; an event's seq is its
                                      1-based index (RPUSH returns it inside the same script)
-    {p}:idem:<name>:<key>    string  id of the saga that owns an idempotency key
+    {p}:idem:<name>:<key>    string  id of the saga that owns an idempotency key (':' and
+                                     '%' in the name percent-encoded)
     {p}:idx:created          zset    every saga id, scored by created_at
     {p}:idx:status:<S>       zset    ids of sagas in status S, by created_at
     {p}:idx:name:<name>      zset    ids of sagas of one name, by created_at
@@ -66,6 +67,8 @@ from .base import (
     Decide,
     DueItem,
     Store,
+    filter_matches_nothing,
+    findable,
     matches_filter,
     require_extra,
     retry_transient,
@@ -196,7 +199,7 @@ class RedisStore(Store):
             "zrem": [], "zadd": [],
         }
         if saga.idempotency_key is not None:
-            payload["idem_key"] = self._key("idem", saga.name, saga.idempotency_key)
+            payload["idem_key"] = self._key("idem", _key_part(saga.name), saga.idempotency_key)
         created = _score(saga.created_at)
         zadd = payload["zadd"]
         zadd += [[self._key("idx", "created"), created, sid],
@@ -268,6 +271,9 @@ class RedisStore(Store):
         return self._retrying(lambda: int(self._cas_step(keys=keys, args=args)) == 1)
 
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        if not findable(saga_id):
+            return None
+
         def attempt() -> tuple[bool, Decision | None]:
             loaded = self._load_state(saga_id)
             if loaded is None:
@@ -356,19 +362,25 @@ class RedisStore(Store):
         return _saga_record(h) if h else None
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
+        if not findable(saga_id):
+            return None
         return self._retrying(lambda: self._get_saga(saga_id))
 
     def get_steps(self, saga_id: str) -> list[StepRecord]:
+        if not findable(saga_id):
+            return []
         loaded = self._retrying(lambda: self._load_state(saga_id))
         return [] if loaded is None else list(loaded[0].steps.values())
 
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        if not findable(saga_id):
+            return []
         start = max(after_seq, 0)
         rows = self._retrying(lambda: self._client.lrange(self._key("events", saga_id), start, -1))
         return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
 
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if flt.limit <= 0:
+        if flt.limit <= 0 or filter_matches_nothing(flt):
             return []
         lo = "-inf" if flt.created_after is None else _score(flt.created_after)
         hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
@@ -430,6 +442,9 @@ class RedisStore(Store):
         return [_saga_record(h) for h in pipe.execute() if h]  # skip deleted sagas
 
     def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+        if filter_matches_nothing(name=name):
+            return dict.fromkeys(SagaStatus, 0)
+
         def read() -> dict[SagaStatus, int]:
             pipe = self._client.pipeline(transaction=False)
             for s in SagaStatus:
@@ -476,6 +491,13 @@ class RedisStore(Store):
 def _score(x: float) -> str:
     # repr keeps every digit of a timestamp; Redis parses it (and 'inf') as a score.
     return repr(float(x))
+
+
+def _key_part(name: str) -> str:
+    """A saga name inside a key that has more after it: ':' (and '%', the escape) are
+    percent-encoded, so that name "a:b" with key "c" and name "a" with key "b:c" do not
+    share one key. Names without either character are unchanged."""
+    return name.replace("%", "%25").replace(":", "%3A")
 
 
 def _due_member(saga_id: str, step: str) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
+
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -18,13 +20,13 @@ sagas = sa.Table(
     "sagaline_sagas",
     metadata,
     sa.Column("saga_id", sa.String(36), primary_key=True),
-    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("name", sa.String(MAX_NAME_LENGTH), nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("input", sa.JSON, nullable=False),
     sa.Column("output", sa.JSON),
     sa.Column("error", sa.Text),
-    sa.Column("failed_step", sa.String(200)),
-    sa.Column("idempotency_key", sa.String(255)),
+    sa.Column("failed_step", sa.String(MAX_NAME_LENGTH)),
+    sa.Column("idempotency_key", sa.String(MAX_KEY_LENGTH)),
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
@@ -32,8 +34,9 @@ sagas = sa.Table(
     sa.Column("deadline", sa.Double),
     sa.Column("due_at", sa.Double),
     sa.Column("parent_saga_id", sa.String(36)),
-    sa.Column("parent_step", sa.String(200)),
+    sa.Column("parent_step", sa.String(MAX_NAME_LENGTH)),
     sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("input_fingerprint", sa.String(64)),
     sa.UniqueConstraint("name", "idempotency_key", name="uq_sagaline_sagas_idempotency"),
     sa.Index("ix_sagaline_sagas_created", "created_at"),
     sa.Index("ix_sagaline_sagas_status_created", "status", "created_at"),
@@ -48,7 +51,7 @@ steps = sa.Table(
     "sagaline_steps",
     metadata,
     sa.Column("saga_id", sa.String(36), primary_key=True),
-    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("name", sa.String(MAX_NAME_LENGTH), primary_key=True),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
@@ -84,7 +87,7 @@ events = sa.Table(
     sa.Column("saga_id", sa.String(36), nullable=False),
     sa.Column("ts", sa.Double, nullable=False),
     sa.Column("kind", sa.String(40), nullable=False),
-    sa.Column("step", sa.String(200)),
+    sa.Column("step", sa.String(MAX_NAME_LENGTH)),
     sa.Column("attempt", sa.Integer),
     sa.Column("phase", sa.String(12)),
     sa.Column("detail", sa.JSON),

@@ -26,7 +26,15 @@ from ..exceptions import ConcurrencyError
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from . import schema
-from .base import Decide, DueItem, Store, require_extra, retry_transient
+from .base import (
+    Decide,
+    DueItem,
+    Store,
+    filter_matches_nothing,
+    findable,
+    require_extra,
+    retry_transient,
+)
 from .sanitize import storable_records
 from .schema import events, sagas, steps
 
@@ -224,6 +232,8 @@ class SQLStore(Store):
         return self._retrying(renew)
 
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
+        if not findable(saga_id):
+            return None
         self._ensure_schema()
         # The saga and its steps in one query; the saga row is the lock.
         read = _STATE.where(sagas.c.saga_id == saga_id)
@@ -264,6 +274,8 @@ class SQLStore(Store):
     # -- reads -------------------------------------------------------------------
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
+        if not findable(saga_id):
+            return None
         self._ensure_schema()
 
         def read() -> SagaRecord | None:
@@ -274,6 +286,8 @@ class SQLStore(Store):
         return self._retrying(read)
 
     def get_steps(self, saga_id: str) -> list[StepRecord]:
+        if not findable(saga_id):
+            return []
         self._ensure_schema()
 
         def read() -> list[StepRecord]:
@@ -285,6 +299,8 @@ class SQLStore(Store):
         return self._retrying(read)
 
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
+        if not findable(saga_id):
+            return []
         self._ensure_schema()
 
         def read() -> list[Event]:
@@ -296,6 +312,8 @@ class SQLStore(Store):
         return self._retrying(read)
 
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        if filter_matches_nothing(flt):
+            return []
         self._ensure_schema()
         q = sa.select(sagas)
         if flt.status is not None:
@@ -318,6 +336,8 @@ class SQLStore(Store):
         return self._retrying(read)
 
     def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+        if filter_matches_nothing(name=name):
+            return dict.fromkeys(SagaStatus, 0)
         self._ensure_schema()
         q = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
         if name:
@@ -519,6 +539,7 @@ def _saga_row(s: SagaRecord) -> dict[str, Any]:
         "created_at": s.created_at, "updated_at": s.updated_at, "finished_at": s.finished_at,
         "deadline": s.deadline, "due_at": s.due_at, "parent_saga_id": s.parent_saga_id,
         "parent_step": s.parent_step, "version": s.version,
+        "input_fingerprint": s.input_fingerprint,
     }
 
 
@@ -532,7 +553,7 @@ def _saga_record(r: Any, labels: dict[str, str] | None = None) -> SagaRecord:
         idempotency_key=r.idempotency_key, output=r.output, error=r.error,
         failed_step=r.failed_step, finished_at=r.finished_at, deadline=r.deadline,
         due_at=r.due_at, parent_saga_id=r.parent_saga_id, parent_step=r.parent_step,
-        version=r.version,
+        version=r.version, input_fingerprint=r.input_fingerprint,
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagaline import Retry, Saga
+from sagaline import Saga
 from tests.integration.sagas_app import app, s1
 
 # What the step of `hostile_failure` raises, by the `kind` in its input.

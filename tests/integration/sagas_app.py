@@ -7,7 +7,9 @@ PostgreSQL database in LEDGER_URL, so that tests check outcomes from data.
 
 from __future__ import annotations
 
+import base64
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -347,4 +349,32 @@ graceful_parent = (
     .add_step(s1)
     .add_saga(slow_child, name="child")
     .add_step(s4, depends_on=["s1"])
+)
+
+
+# -- hostile outputs (test_hostile_input.py) ---------------------------------------------
+
+@app.task(name="t.returns")
+def returns(saga_id: str, blob: str = "", deep: int = 0) -> Any:
+    """Returns what the test asks for, JSON or not: the value pickled in `blob`, or
+    `deep` objects nested inside each other (too deep for the test to pickle)."""
+    if deep:
+        value: Any = "bottom"
+        for _ in range(deep):
+            value = {"d": value}
+        return value
+    return pickle.loads(base64.b64decode(blob))
+
+
+@app.task(name="t.after")
+def after(**ctx: Any) -> dict[str, Any]:
+    # Receives the whole context, so the output of `returns` travels in its message.
+    return {"after_saw": sorted(ctx)}
+
+
+hostile = (
+    Saga("hostile")
+    .add_step(s1)
+    .add_step(returns, no_compensation=True)
+    .add_step(after, no_compensation=True)
 )

@@ -162,7 +162,8 @@ def test_non_json_input_is_refused_before_anything_is_stored(stack: Stack) -> No
 
 def test_non_json_step_output_fails_the_step_and_compensates(stack: Stack) -> None:
     handle = stack.run(sagas_app.bad_output, value=3)
-    with pytest.raises(SagaCompensated, match="not JSON-serializable"):
+    with pytest.raises(SagaCompensated,
+                       match=r"output of step 'unjson'\['when'\]: type object is not JSON"):
         handle.get(timeout=60)
     assert [(s, a) for s, a, *_ in stack.ledger(handle.saga_id)] == [("s1", "do"),
                                                                      ("s1", "undo")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import re
 import threading
 import time
@@ -22,6 +21,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from sagaline.config import Settings
+from sagaline.definition import Saga
+from sagaline.exceptions import IdempotencyConflict, InputError, SagaNotFound
 from sagaline.records import (
     Decision,
     Event,
@@ -31,6 +33,7 @@ from sagaline.records import (
     SagaState,
     StepRecord,
 )
+from sagaline.runtime import Runtime
 from sagaline.states import CompensationStatus, Phase, SagaStatus, StepStatus
 from sagaline.stores import Store, schema, store_from_url
 from sagaline.stores.base import DueItem
@@ -42,9 +45,6 @@ from tests.harness import drop_database, shared_postgres_url
 pytestmark = pytest.mark.timeout(120)
 
 MARIADB_SERVER = "mysql+pymysql://root@127.0.0.1:3306"
-# The shared test Redis (SAGALINE_TEST_REDIS_URL), database 15 as in tests/conftest.py.
-REDIS_URL = os.environ.get("SAGALINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
-                           ).rsplit("/", 1)[0] + "/15"
 SQL_TABLES = ("sagaline_events", "sagaline_steps", "sagaline_sagas")
 
 STORES = ["memory", "sqlite", "postgresql", "mariadb"]
@@ -109,9 +109,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     elif kind == "mariadb":
         url = request.getfixturevalue("mariadb_url")
     elif kind == "redis":
-        # A private key prefix keeps tests apart on the shared server.
+        # A private key prefix keeps tests apart on the test server.
         prefix = f"sagaline-contract-{uuid.uuid4().hex[:10]}"
-        url, options["prefix"] = REDIS_URL, prefix
+        url, options["prefix"] = request.getfixturevalue("redis_url"), prefix
     else:  # pragma: no cover - a new entry of STORES without its branch here
         raise AssertionError(kind)
     st = store_from_url(url, **options)
@@ -205,7 +205,8 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
         fingerprint="0123456789abcdef", created_at=T0, updated_at=T0 + 1.5,
         idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
         failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
-        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=0)
+        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=0,
+        input_fingerprint="0123456789abcdef" * 2)
     steps = {
         "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
                         comp_status=CompensationStatus.COMPENSATION_FAILED, comp_attempt=3,
@@ -894,3 +895,164 @@ def test_migrate_is_a_public_function_that_creates_the_schema(tmp_path: Path) ->
     engine.dispose()
     assert {"sagaline_sagas", "sagaline_steps", "sagaline_events"} <= tables
     assert revision == SCHEMA_REVISION
+
+
+# -- hostile input: every store refuses and accepts the same things ----------------------
+
+
+def deep(depth: int, leaf: Any = "bottom ✓") -> Any:
+    """`depth` objects and arrays inside each other around `leaf`."""
+    value = leaf
+    for i in range(depth):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("bad_id", ["a\x00b", "\x00", "\ud800", "x" * 300])
+def test_ids_no_store_can_hold_find_nothing(store: Store, bad_id: str) -> None:
+    started(store, name="orders")
+    assert store.get_saga(bad_id) is None
+    assert store.get_steps(bad_id) == []
+    assert store.history(bad_id) == []
+    assert store.transact(bad_id, lambda state: Decision(events=[])) is None
+    assert store.list_sagas(SagaFilter(name=bad_id)) == []
+    assert store.list_sagas(SagaFilter(parent_saga_id=bad_id)) == []
+    assert set(store.count_by_status(bad_id).values()) == {0}
+
+
+@pytest.mark.parametrize("bad_id", [123, None, b"bytes", 1.5])
+def test_ids_that_are_not_strings_raise_type_error(store: Store, bad_id: Any) -> None:
+    for lookup in (store.get_saga, store.get_steps, store.history):
+        with pytest.raises(TypeError, match="a saga id is a string"):
+            lookup(bad_id)
+    with pytest.raises(TypeError, match="a saga id is a string"):
+        store.transact(bad_id, lambda state: None)
+
+
+def test_names_and_keys_at_the_documented_limits_are_stored(store: Store) -> None:
+    from sagaline.payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
+
+    name = "ñ" * MAX_NAME_LENGTH  # characters, not bytes, on every store
+    step = "s" * (MAX_NAME_LENGTH - 1) + "😀"
+    key = "k" * (MAX_KEY_LENGTH - 1) + "✓"
+    state = make_state(name=name, key=key)
+    sid = state.saga.saga_id
+    state.steps = {step: StepRecord(sid, step, 0, status=StepStatus.DISPATCHED, attempt=1)}
+    state.saga.failed_step = state.saga.parent_step = step
+    _, created = store.create_saga(state, [Event(sid, "saga_started", T0, step, 1, "forward")])
+    assert created
+    assert store.get_saga(sid) == state.saga
+    assert [s.name for s in store.get_steps(sid)] == [step]
+    assert [e.step for e in store.history(sid)] == [step]
+    again = make_state(name=name, key=key)
+    record, created = store.create_saga(again, [])
+    assert (record.saga_id, created) == (sid, False)
+
+
+def test_payloads_at_the_documented_limits_round_trip(store: Store) -> None:
+    from sagaline.payload import MAX_DEPTH
+
+    # The deepest input (MAX_DEPTH levels counting the input object), the deepest
+    # non-dict output, and a saga result one level deeper (a functional saga's
+    # result object around a step's output): the tightest store (MariaDB's JSON
+    # check) must take them all.
+    values = {"deep": deep(MAX_DEPTH - 1), "big": 2 ** 70, "neg": -0.5, "e": 1e300,
+              "text": "emoji 😀 cjk 漢字 rtl עברית", "": "empty key", "__type__": "alone"}
+    state = make_state(input=values)
+    state.steps["a"].output = deep(MAX_DEPTH - 1)
+    state.steps["a"].compensation_data = deep(MAX_DEPTH - 1)
+    state.saga.output = {"result": {"of_step": deep(MAX_DEPTH - 1)}}
+    store.create_saga(state, [])
+    saga = store.get_saga(state.saga.saga_id)
+    assert saga is not None
+    assert saga.input == values
+    assert saga.output == {"result": {"of_step": deep(MAX_DEPTH - 1)}}
+    a = step_of(store, state.saga.saga_id, "a")
+    assert a.output == a.compensation_data == deep(MAX_DEPTH - 1)
+
+
+def test_idempotency_keys_of_names_with_colons_never_collide(store: Store) -> None:
+    # "a:b" + "c" and "a" + "b:c" concatenate alike: they are still two keys.
+    first = started(store, name="a:b", key="c")
+    second = make_state(name="a", key="b:c")
+    record, created = store.create_saga(second, [])
+    assert created and record.saga_id == second.saga.saga_id
+    percent = make_state(name="a%3Ab", key="c")
+    assert store.create_saga(percent, [])[1]
+    assert store.get_saga(first.saga.saga_id) is not None
+
+
+# -- the same through run(): refused before anything is stored, on every store ------------
+
+
+RUNNABLE = Saga("contract_runnable").add_step("contract.never_runs", no_compensation=True)
+
+
+@pytest.fixture
+def runtime(store: Store) -> Iterator[Runtime]:
+    """A client runtime on the store, publishing to kombu's in-memory broker."""
+    from celery import Celery
+
+    app = Celery(f"contract-{uuid.uuid4().hex[:6]}", broker="memory://",
+                 set_as_current=False)
+    yield Runtime(app, Settings.from_env(store_url=store.url, max_payload_bytes=4096),
+                  store=store)
+
+
+def nothing_stored(store: Store) -> bool:
+    return store.list_sagas(SagaFilter(limit=5)) == []
+
+
+@pytest.mark.parametrize(("input", "key", "message"), [
+    ({"n": 1}, "k" * 256, r"idempotency_key 'k+\.\.\.' is 256 characters long, over the "
+                          r"limit of 255"),
+    ({"n": 1}, "a\x00b", r"idempotency_key 'a\\x00b' contains a NUL"),
+    ({"n": 1}, "", "must not be empty"),
+    ({"n": 1}, 5, "idempotency_key must be a string"),
+    ({"saga_id": "mine"}, None, r"input\['saga_id'\]: 'saga_id' is a reserved"),
+    ({"x": deep(480)}, None, r"input\['x'\](\[.+\])+: nesting deeper than 30 levels"),
+    ({"x": {"__type__": "datetime", "__value__": "2024-01-01"}}, None, "kombu's envelope"),
+    ({"x": "y" * 5000}, None, r"input: is 50\d\d bytes of JSON, over the limit of 4096"),
+    ({"x": "a\x00b"}, None, r"input\['x'\]: the string contains a NUL"),
+])
+def test_run_refuses_what_a_store_or_a_message_cannot_carry(
+        store: Store, runtime: Runtime, input: dict[str, Any], key: Any,
+        message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        runtime.start_saga(RUNNABLE, input, idempotency_key=key)
+    assert nothing_stored(store)
+
+
+def test_a_reused_idempotency_key_with_other_input_is_a_conflict(
+        store: Store, runtime: Runtime) -> None:
+    first = runtime.start_saga(RUNNABLE, {"x": 1, "l": [1, 2]}, idempotency_key="k-1")
+    # The same input (as JSON: key order and tuples do not matter) is a replay.
+    again = runtime.start_saga(RUNNABLE, {"l": (1, 2), "x": 1}, idempotency_key="k-1")
+    assert again.saga_id == first.saga_id
+    with pytest.raises(IdempotencyConflict) as info:
+        runtime.start_saga(RUNNABLE, {"x": 2, "l": [1, 2]}, idempotency_key="k-1")
+    assert (info.value.saga_name, info.value.idempotency_key, info.value.saga_id) == (
+        "contract_runnable", "k-1", first.saga_id)
+    assert isinstance(info.value, InputError)
+    assert len(store.list_sagas(SagaFilter(limit=5))) == 1
+
+
+def test_a_saga_from_before_input_fingerprints_is_returned_for_its_key(
+        store: Store, runtime: Runtime) -> None:
+    # Sagas stored before migration 0004 have no fingerprint: their key replays them.
+    old = make_state(name="contract_runnable", key="old-key", input={"x": 1})
+    store.create_saga(old, [])
+    handle = runtime.start_saga(RUNNABLE, {"x": 2}, idempotency_key="old-key")
+    assert handle.saga_id == old.saga.saga_id
+
+
+def test_operations_on_impossible_ids_are_not_found_or_type_errors(
+        store: Store, runtime: Runtime) -> None:
+    import sagaline
+
+    with pytest.raises(SagaNotFound):
+        sagaline.get_saga("a\x00b", runtime=runtime)
+    with pytest.raises(SagaNotFound):
+        sagaline.cancel("\ud800", runtime=runtime)
+    with pytest.raises(TypeError):
+        sagaline.get_saga(123, runtime=runtime)  # type: ignore[arg-type]

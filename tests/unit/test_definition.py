@@ -17,6 +17,7 @@ from sagaline.definition import (
     accepted_kwargs,
     build_graph,
     filter_kwargs,
+    forget,
     saga_step,
 )
 from sagaline.exceptions import DefinitionError
@@ -252,12 +253,20 @@ def test_fingerprint_is_stable_for_the_same_graph() -> None:
     assert len(a.fingerprint) == 16
 
 
+def _variant(name: str, **options: Any) -> Saga:
+    """One variant of a saga, built and then forgotten: a process keeps one definition
+    per name, and these are compared side by side."""
+    s = _shop(name, **options)
+    forget(s)
+    return s
+
+
 def test_fingerprint_changes_when_the_graph_changes() -> None:
-    base = _shop("fp2").fingerprint
-    assert _shop("fp2", comp="t.other_refund").fingerprint != base
-    assert _shop("fp2", dep_on_reserve=False).fingerprint != base
-    assert _shop("fp2", when_value=False).fingerprint != base
-    assert _shop("fp2_renamed").fingerprint != base
+    base = _variant("fp2").fingerprint
+    assert _variant("fp2", comp="t.other_refund").fingerprint != base
+    assert _variant("fp2", dep_on_reserve=False).fingerprint != base
+    assert _variant("fp2", when_value=False).fingerprint != base
+    assert _variant("fp2_renamed").fingerprint != base
     grown = _shop("fp2")
     grown.add_step("t.notify", no_compensation=True)
     assert grown.fingerprint != base
@@ -287,3 +296,106 @@ def test_filter_kwargs_passes_only_what_the_signature_accepts() -> None:
     assert filter_kwargs(step_fn, ctx) == {"order_id": "o1", "amount": 9.5}
     assert filter_kwargs(greedy, ctx) == ctx
     assert filter_kwargs(greedy, ctx) is not ctx
+
+
+# -- names, and one definition per name ----------------------------------------------
+
+
+def test_names_over_the_store_limits_are_refused_at_definition() -> None:
+    Saga("n" * 200).add_step(reserve, name="s" * 200)
+    with pytest.raises(DefinitionError, match=r"saga name 'nnn.*' is 201 characters long, "
+                                              r"over the limit of 200"):
+        Saga("n" * 201)
+    with pytest.raises(DefinitionError, match=r"step name .* over the limit of 200") as info:
+        Saga("def_long_step").add_step(reserve, name="s" * 201)
+    assert info.value.saga == "def_long_step"
+    with pytest.raises(DefinitionError, match="NUL"):
+        Saga("def_\x00")
+    with pytest.raises(DefinitionError, match="NUL"):
+        Saga("def_nul_step").add_step(reserve, name="a\x00b")
+    with pytest.raises(DefinitionError, match="string"):
+        Saga(123)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reserved", ["saga_id", "compensation_data"])
+def test_a_step_cannot_be_named_like_a_reserved_context_key(reserved: str) -> None:
+    # A non-dict output is stored in the context under the step's name.
+    with pytest.raises(DefinitionError, match="reserved context key") as info:
+        Saga(f"def_reserved_{reserved}").add_step(reserve, name=reserved)
+    assert info.value.step == reserved
+
+
+def test_a_second_saga_with_one_name_and_other_steps_fails_where_it_differs() -> None:
+    first = Saga("def_twice").add_step(reserve).add_step(charge)
+    second = Saga("def_twice").add_step(reserve)  # the same so far
+    with pytest.raises(DefinitionError, match=r"another saga with this name, defined at "
+                                              r".*test_definition.py:\d+, has other steps "
+                                              r"\(they differ at step #2\)") as info:
+        second.add_step(refund)
+    assert (info.value.saga, info.value.step) == ("def_twice", "refund")
+    # One more step than the first definition differs too.
+    third = Saga("def_twice").add_step(reserve).add_step(charge)
+    with pytest.raises(DefinitionError, match="step #3"):
+        third.add_step(refund)
+    first.check_complete()
+
+
+def test_the_same_definition_twice_is_one_saga_as_when_a_module_is_imported_again() -> None:
+    first = _shop("def_reimported")
+    again = _shop("def_reimported")
+    again.check_complete()
+    assert again.fingerprint == first.fingerprint
+
+
+def test_a_second_definition_that_stops_short_fails_when_complete() -> None:
+    Saga("def_short").add_step(reserve).add_step(charge)
+    short = Saga("def_short").add_step(reserve)
+    with pytest.raises(DefinitionError, match=r"two different sagas have this name: at "
+                                              r".*test_definition.py:\d+ and at "):
+        short.check_complete()
+
+
+def test_an_empty_saga_fails_when_complete() -> None:
+    empty = Saga("def_empty_builder")
+    with pytest.raises(DefinitionError, match=r"saga 'def_empty_builder': a saga needs at "
+                                              r"least one step \(defined at "
+                                              r".*test_definition.py:\d+\)"):
+        empty.check_complete()
+    empty.add_step(reserve)
+    empty.check_complete()
+
+
+def test_a_child_saga_is_checked_with_its_parent() -> None:
+    child = Saga("def_empty_child")
+    parent = Saga("def_parent_of_empty").add_step(reserve).add_saga(child, name="child")
+    with pytest.raises(DefinitionError, match="def_empty_child"):
+        parent.check_complete()
+
+
+def test_importing_a_module_again_is_not_an_error_but_changed_code_is(tmp_path: Any) -> None:
+    import importlib.util
+    import sys
+
+    source = ('from sagaline import Saga\n'
+              'saga = (Saga("def_module_twice").add_step("t.a", no_compensation=True)\n'
+              '        .add_step("t.b", no_compensation=True, when=lambda ctx: ctx.get("x")))\n')
+
+    def load(name: str, text: str) -> Any:
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.modules.pop(name, None)
+        return module
+
+    first = load("def_module_a", source)
+    again = load("def_module_b", source)  # the same code under another module name
+    again.saga.check_complete()
+    assert again.saga.fingerprint == first.saga.fingerprint
+    with pytest.raises(DefinitionError, match=r"def_module_a.py:2, has other steps"):
+        load("def_module_c", source.replace('ctx.get("x")', 'ctx.get("y")'))

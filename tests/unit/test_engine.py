@@ -868,9 +868,12 @@ def test_decisions_carry_the_versions_they_read() -> None:
     assert snap.steps["s2"].status is StepStatus.PENDING
 
 
-@pytest.mark.parametrize("bad", [lambda ctx: "not a dict", lambda ctx: {"x": object()}])
-def test_a_transform_returning_no_json_dict_fails_the_saga(bad: Any) -> None:
-    defn = Saga("eng_bad_transform").add_step(a, compensate=undo_a).add_transform(bad)
+@pytest.mark.parametrize(("name", "bad"), [
+    ("eng_bad_transform_str", lambda ctx: "not a dict"),
+    ("eng_bad_transform_object", lambda ctx: {"x": object()}),
+])
+def test_a_transform_returning_no_json_dict_fails_the_saga(name: str, bad: Any) -> None:
+    defn = Saga(name).add_step(a, compensate=undo_a).add_transform(bad)
     run = Run(defn)
     run.succeed("a")
     assert run.statuses()["transform_2"] == "FAILED"

@@ -107,3 +107,42 @@ def test_parallelize_is_add_parallel_in_the_builder() -> None:
     built = Saga("fn_parallel").add_step(validate).add_step(group).add_step(confirm)
     assert deps(built) == {"validate": (), "charge": ("validate",), "reserve": ("validate",),
                            "confirm": ("charge", "reserve")}
+
+
+def test_a_traced_saga_is_complete_at_definition() -> None:
+    with pytest.raises(DefinitionError, match="at least one step"):
+        @saga("fn_empty")
+        def fn_empty(input: Any) -> None:
+            return None
+
+    @saga("fn_twice")
+    def fn_twice(input: Any) -> Any:
+        return step(charge, step(validate, input))
+
+    @saga("fn_twice")  # the same again (a module imported twice): one saga
+    def fn_twice_again(input: Any) -> Any:
+        return step(charge, step(validate, input))
+
+    assert fn_twice_again.fingerprint == fn_twice.fingerprint
+    with pytest.raises(DefinitionError, match="has other steps"):
+        @saga("fn_twice")
+        def fn_other(input: Any) -> Any:
+            return step(reserve, input)
+
+    with pytest.raises(DefinitionError, match="two different sagas have this name"):
+        @saga("fn_twice")  # a prefix of the first, with another result
+        def fn_shorter(input: Any) -> Any:
+            return step(validate, input)
+
+
+def test_a_failed_trace_leaves_the_name_free() -> None:
+    with pytest.raises(DefinitionError):
+        @saga("fn_fixed")
+        def broken(input: Any) -> Any:
+            return step(reserve, 5)
+
+    @saga("fn_fixed")
+    def fixed(input: Any) -> Any:
+        return step(reserve, input)
+
+    fixed.check_complete()
