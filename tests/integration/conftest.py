@@ -112,12 +112,16 @@ def _make_stack(kind: str, pg_url: str, redis_url: str,
 
 
 
-@pytest.fixture(scope="module", params=["redis+postgres", "embedded", "redis+redis",
-                                        "rabbitmq+postgres", "rabbitmq-quorum+postgres"])
+# The stacks every worker test runs on; the engine's acceptance suite
+# (test_sagas_on_workers.py) adds RabbitMQ with classic and with quorum queues.
+STACKS = ["redis+postgres", "embedded", "redis+redis"]
+BROKER_STACKS = [*STACKS, "rabbitmq+postgres", "rabbitmq-quorum+postgres"]
+
+
+@pytest.fixture(scope="module", params=STACKS)
 def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The same tests on Redis + PostgreSQL, the embedded defaults, the Redis store, and
-    RabbitMQ + PostgreSQL with classic and with quorum queues."""
+    """The same tests on Redis + PostgreSQL, the embedded defaults, and the Redis store."""
     yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
 
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +25,14 @@ from sagaline.records import Dispatch
 from sagaline.states import Phase
 from tests.harness import REPO_ROOT, wait_until
 from tests.integration import sagas_app
-from tests.integration.conftest import Stack
+from tests.integration.conftest import BROKER_STACKS, Stack, make_stack
+
+
+@pytest.fixture(scope="module", params=BROKER_STACKS)
+def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Every stack, RabbitMQ with classic and with quorum queues included."""
+    yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
 
 
 def test_failing_last_step_compensates_the_others_once_in_reverse_order(stack: Stack) -> None:
