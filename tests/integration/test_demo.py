@@ -142,6 +142,57 @@ def test_demo_uses_redis_and_postgres_when_configured(tmp_path: Path, redis_url:
     assert held == []
 
 
+def test_demo_exits_non_zero_when_a_saga_does_not_end(tmp_path: Path) -> None:
+    proc, _ = run_demo(tmp_path, "--runs", "1", "--slow", "explore_area=4", "--timeout", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 saga(s) did not end within 1s" in proc.stdout
+    assert "worker stopped" in proc.stdout
+
+
+def test_demo_exits_non_zero_when_a_compensated_saga_still_holds_a_robot(
+        tmp_path: Path) -> None:
+    """Something outside the saga allocates a robot in its name while it runs: its
+    compensation releases only the robots it allocated, so the demo's check must fail."""
+    db_path = tmp_path / "home" / "demo" / "state.db"
+    proc = subprocess.Popen([SAGALINE, "demo", "--runs", "1", "--fail-at", "explore_area",
+                             "--slow", "plan_route=3"], cwd=tmp_path, env=bare_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def allocated_saga() -> str | None:
+            if not db_path.exists():
+                return None
+            db = sqlite3.connect(db_path, timeout=30)
+            try:
+                row = db.execute("SELECT assigned_saga FROM robots "
+                                 "WHERE assigned_saga IS NOT NULL LIMIT 1").fetchone()
+            except sqlite3.OperationalError:  # the demo has not created the fleet yet
+                return None
+            finally:
+                db.close()
+            return str(row[0]) if row else None
+
+        # allocate_robots has run; plan_route sleeps 3 s: the saga is still running.
+        wait_until(lambda: allocated_saga() is not None, timeout=60, interval=0.05,
+                   what="the saga to allocate its robots")
+        saga_id = allocated_saga()
+        db = sqlite3.connect(db_path, timeout=30)
+        try:
+            with db:
+                db.execute("UPDATE robots SET status = 'allocated', assigned_saga = ? "
+                           "WHERE id = (SELECT max(id) FROM robots)", (saga_id,))
+        finally:
+            db.close()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "COMPENSATED" in out
+    assert f"✗ robot check: 1 robot(s) still allocated by a compensated saga: rover-24 " \
+           f"(saga {saga_id})" in out
+
+
 def test_interrupted_demo_stops_its_worker(tmp_path: Path) -> None:
     proc = subprocess.Popen([SAGALINE, "demo", "--runs", "2", "--slow", "explore_area=30"],
                             cwd=REPO_ROOT, env=bare_env(tmp_path), stdout=subprocess.PIPE,

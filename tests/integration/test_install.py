@@ -339,6 +339,20 @@ def test_bare_install_serves_a_saga_on_the_embedded_defaults(
     assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
 
 
+def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "")
+    env = user_env(box.home, box.app_dir, CELERY_BROKER_URL="redis://127.0.0.1:9/0",
+                   INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("sagaline.exceptions.ConfigurationError: the redis:// broker needs ")
+    assert error.endswith(", which is not installed: pip install 'sagaline[redis]'")
+
+
 def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
                                                          tmp_path: Path) -> None:
     box = install(wheelhouse, tmp_path, "")
