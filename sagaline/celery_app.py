@@ -20,7 +20,6 @@ from celery.signals import after_setup_task_logger, worker_process_init
 
 from .config import Settings, default_broker_options, default_broker_url
 from .context import StepLogFilter
-from .exceptions import ConfigurationError
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
 
@@ -38,6 +37,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
     With no broker configured, the app gets kombu's server-less filesystem
     transport, so that one machine needs no server at all.
     """
+    from .extras import check_broker_transport
+
+    check_broker_transport(app.conf.broker_url)  # before anything is set up
     store_obj = store if isinstance(store, Store) else None
     url = store.url if isinstance(store, Store) else store
     conf = Settings.from_env(store_url=url, **settings)
@@ -49,39 +51,11 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.conf.broker_url = default_broker_url()
         app.conf.broker_transport_options = {
             **default_broker_options(), **(app.conf.broker_transport_options or {})}
-    check_broker_transport(app.conf.broker_url)
 
     _install_step_wrapper(app)
     if conf.sweeper and SweeperStep not in app.steps["worker"]:
         app.steps["worker"].add(SweeperStep)
     return runtime
-
-
-# Broker URL scheme -> the extra that installs what kombu's transport for it imports.
-BROKER_EXTRAS = {"redis": "redis", "rediss": "redis", "sentinel": "redis"}
-
-
-def check_broker_transport(broker_url: Any) -> None:
-    """A broker whose kombu transport cannot be imported is refused here, naming the extra
-    to install, instead of failing later, deep in kombu, when a worker or client connects."""
-    from kombu.transport import resolve_transport
-
-    first = broker_url[0] if isinstance(broker_url, (list, tuple)) else broker_url
-    if not isinstance(first, str) or "://" not in first:
-        return
-    # "redis+socket://", "sqla+postgresql://" and failover lists ("a://;b://") name the
-    # transport first.
-    scheme = first.split(";", 1)[0].split("://", 1)[0].split("+", 1)[0].lower()
-    try:
-        resolve_transport(scheme)
-    except KeyError:
-        return  # not a kombu alias: kombu reports it in its own words
-    except ImportError as exc:
-        extra = BROKER_EXTRAS.get(scheme)
-        hint = f"pip install 'sagaline[{extra}]'" if extra else "install what kombu needs"
-        raise ConfigurationError(
-            f"the {scheme}:// broker needs {exc.name or str(exc)!r}, which is not installed: "
-            f"{hint}") from None
 
 
 def _install_step_wrapper(app: Celery) -> None:
