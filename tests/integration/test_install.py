@@ -4,8 +4,9 @@ fresh virtualenv outside the checkout, serving a saga through a real worker.
 The wheel is built once per session. Its dependencies come from a wheel cache
 outside the repository, keyed by the dependency list, so that only the first run
 on a machine (or after a dependency change) reaches the package index; every venv
-is then installed with `--no-index`. pip runs `--isolated` for those installs: no
-configuration of this machine can add a package the wheel does not declare.
+is then installed with `--no-index` (the cache: $SAGALINE_TEST_WHEEL_CACHE, else
+sagaline-test-wheels in the temp directory). pip runs `--isolated` for those
+installs: no configuration of this machine can add a package the wheel does not declare.
 """
 
 from __future__ import annotations
@@ -104,18 +105,23 @@ def pip(*args: str, isolated: bool = True) -> None:
     assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
-def dependency_key() -> str:
-    """A hash of what decides the cache's content: the dependency lists and the platform."""
-    text = (REPO_ROOT / "pyproject.toml").read_text()
+def pyproject() -> dict[str, Any] | None:
+    """pyproject.toml, parsed (None on Python 3.10, which has no tomllib)."""
     try:
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the whole file, so a change is never missed
-        decided: Any = text
+    except ModuleNotFoundError:
+        return None
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def dependency_key() -> str:
+    """A hash of what decides the cache's content: the dependency lists and the platform."""
+    doc = pyproject()
+    if doc is None:  # the whole file, so that a change is never missed
+        decided: Any = (REPO_ROOT / "pyproject.toml").read_text()
     else:
-        doc = tomllib.loads(text)
-        project = doc["project"]
-        decided = [doc["build-system"]["requires"], project["dependencies"],
-                   project.get("optional-dependencies", {})]
+        decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
+                   doc["project"].get("optional-dependencies", {})]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -131,7 +137,9 @@ def wheel_cache() -> Path:
     filling = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=base))
     try:
         # Not isolated: this is the one step that may use the machine's package index.
-        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all]", "hatchling",
+        doc = pyproject()
+        backend = doc["build-system"]["requires"] if doc else ["hatchling"]
+        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all]", *backend,
             isolated=False)
         # The cache holds dependencies only: sagaline itself is built fresh every session.
         for stale in filling.glob("sagaline-*.whl"):
@@ -166,7 +174,6 @@ class Wheelhouse:
             # --no-compile: Python compiles what the test imports, not all of every package.
             pip("--python", str(python), "install", "--quiet", "--no-compile", "--no-index",
                 "--find-links", str(self.cache), requirement)
-            pip("--python", str(python), "check")
             self.venvs[extras] = where
         return self.venvs[extras]
 
@@ -310,21 +317,31 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
     assert not (site_packages(box) / "psycopg").exists()
 
 
+def mariadb_tables(url: str) -> str:
+    import pymysql
+
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10,
+                           database=url.rsplit("/", 1)[1])
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW TABLES")
+            return " ".join(str(row[0]) for row in cur.fetchall())
+    finally:
+        conn.close()
+
+
 def test_mysql_extra_alone_runs_the_mariadb_store(wheelhouse: Wheelhouse,
                                                    tmp_path: Path) -> None:
     box = install(wheelhouse, tmp_path, "mysql")
     store = create_mariadb_database()
     try:
+        assert "sagaline_" not in mariadb_tables(store)
         sagaline_cli(box, "db", "upgrade", SAGALINE_STORE_URL=store)
+        assert all(t in mariadb_tables(store).split()
+                   for t in ("sagaline_sagas", "sagaline_steps", "sagaline_events"))
         assert sagaline_cli(box, "ls", "--json", SAGALINE_STORE_URL=store) == ""
-        tables = subprocess.run(
-            [str(box.venv / "bin" / "python"), "-c",
-             "import sys, sqlalchemy as sa; "
-             "print(*sorted(sa.inspect(sa.create_engine(sys.argv[1])).get_table_names()))",
-             store], capture_output=True, text=True, timeout=60, check=True).stdout.split()
     finally:
         drop_mariadb_database(store)
-    assert {"sagaline_sagas", "sagaline_steps", "sagaline_events"} <= set(tables)
 
 
 def test_bare_install_serves_a_saga_on_the_embedded_defaults(
