@@ -33,6 +33,7 @@ import pytest
 from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess
 from tests.integration.test_demo import assert_demo_output
 from tests.integration.test_store_contract import create_mariadb_database, drop_mariadb_database
+from tests.unit.test_compose import IMAGE_SOURCES
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -182,9 +183,18 @@ class Wheelhouse:
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
     cache = wheel_cache()
     root = tmp_path_factory.mktemp("install")
-    # Built offline, its build backend from the cache too.
+    # From what the Dockerfile copies, nothing else, so that the image's wheel is the one
+    # tested; offline, the build backend from the cache too.
+    source = root / "source"
+    source.mkdir()
+    for name in IMAGE_SOURCES:
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO_ROOT / name, source / name)
     pip("wheel", "--quiet", "--no-deps", "--no-index", "--find-links", str(cache),
-        "--wheel-dir", str(root / "dist"), str(REPO_ROOT))
+        "--wheel-dir", str(root / "dist"), str(source))
     wheels = list((root / "dist").glob("sagaline-*.whl"))
     assert len(wheels) == 1, wheels
     return Wheelhouse(wheels[0], cache, root, {})

@@ -29,6 +29,9 @@ from sagaline.stores.base import store_class
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+# What the image builds sagaline from; tests/integration/test_install.py builds its
+# wheel from exactly these, so the wheel it installs is the image's.
+IMAGE_SOURCES = ("pyproject.toml", "README.md", "sagaline")
 # Services that run sagaline code against the stack's broker and store.
 SAGALINE_SERVICES = ("worker", "demo")
 LONG_RUNNING = ("redis", "postgres", "worker", "flower")
@@ -162,3 +165,9 @@ def test_the_image_runs_the_installed_package_not_a_source_tree() -> None:
     # The source it installed from is gone, so it cannot shadow the package.
     install = re.search(r'RUN pip install "([^"\[]+)\[', text)
     assert install is not None and f"rm -rf {install.group(1)}" in text
+
+
+def test_the_image_builds_from_the_sources_the_install_test_builds_from() -> None:
+    copied = [source for line in DOCKERFILE.read_text().splitlines()
+              if line.startswith("COPY ") for source in line.split()[1:-1]]
+    assert sorted(copied) == sorted(IMAGE_SOURCES)
