@@ -103,6 +103,7 @@ class DemoWorker:
         self.home = home
         self.log_path = home / "worker.log"
         self.ready_file = home / "worker.ready"
+        self.pid_file = home / "worker.pid"
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -121,6 +122,9 @@ class DemoWorker:
             self.proc = subprocess.Popen(argv, cwd=self.home, env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        # Its own session hides it from a signal to the demo's group: whoever has to
+        # clean up after a killed demo finds the worker (and its group) here.
+        self.pid_file.write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + WORKER_READY_TIMEOUT
         while not self.ready_file.exists():
             if self.proc.poll() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -37,10 +38,30 @@ def bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def run_demo(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str],
                                                               float]:
     started = time.monotonic()
-    # Not from the repository root: the demo finds examples/ and its worker by itself.
-    proc = subprocess.run([SAGALINE, "demo", *args], cwd=tmp_path, env=bare_env(tmp_path, **env),
-                          capture_output=True, text=True, timeout=180, check=False)
+    # Not from the repository root: the demo finds its saga and its worker by itself.
+    try:
+        proc = subprocess.run([SAGALINE, "demo", *args], cwd=tmp_path,
+                              env=bare_env(tmp_path, **env), capture_output=True, text=True,
+                              timeout=180, check=False)
+    finally:
+        left = kill_left_worker(tmp_path / "home")
+    assert not left, "the demo exited and left its worker running"
     return proc, time.monotonic() - started
+
+
+def kill_left_worker(home: Path) -> bool:
+    """Kill the demo's worker group if it is still running (the demo was killed, or failed
+    to stop it); True if it was."""
+    try:
+        pid = int((home / "demo" / "worker.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    if not pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), timeout=10, what="the demo's worker to die")
+    return True
 
 
 def saga_ids(store_url: str, *statuses: SagaStatus) -> list[str]:
@@ -187,6 +208,8 @@ def test_demo_exits_non_zero_when_a_compensated_saga_still_holds_a_robot(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        left = kill_left_worker(tmp_path / "home")
+    assert not left, "the demo exited and left its worker running"
     assert proc.returncode == 1, out
     assert "COMPENSATED" in out
     assert f"✗ robot check: 1 robot(s) still allocated by a compensated saga: rover-24 " \
@@ -213,9 +236,29 @@ def test_interrupted_demo_stops_its_worker(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        kill_left_worker(tmp_path / "home")
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
     wait_until(lambda: not pid_alive(worker_pid), timeout=5, what="demo worker to exit")
+
+
+def test_a_killed_demo_leaves_the_pid_of_its_worker_for_cleanup(tmp_path: Path) -> None:
+    proc = subprocess.Popen([SAGALINE, "demo", "--runs", "1", "--slow", "explore_area=30"],
+                            cwd=tmp_path, env=bare_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        ready = tmp_path / "home" / "demo" / "worker.ready"
+        wait_until(ready.exists, timeout=90, what="the demo's worker to be ready")
+        proc.kill()  # no chance to stop its worker, which runs in its own session
+        proc.wait(timeout=10)
+        pid = int((tmp_path / "home" / "demo" / "worker.pid").read_text())
+        assert pid_alive(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = kill_left_worker(tmp_path / "home")
+    assert left and not pid_alive(pid)
 
 
 def test_the_orders_example_refunds_an_order_it_cannot_ship(tmp_path: Path,

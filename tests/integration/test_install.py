@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess
-from tests.integration.test_demo import assert_demo_output
+from tests.integration.test_demo import assert_demo_output, kill_left_worker
 from tests.integration.test_store_contract import create_mariadb_database, drop_mariadb_database
 from tests.unit.test_compose import IMAGE_SOURCES
 
@@ -385,8 +385,13 @@ def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
     box = install(wheelhouse, tmp_path, "")
     env = {**user_env(box.home, box.run_dir), "COLUMNS": "200"}
     del env["PYTHONPATH"]
-    proc = subprocess.run([str(box.venv / "bin" / "sagaline"), "demo"], cwd=box.run_dir,
-                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    try:
+        proc = subprocess.run([str(box.venv / "bin" / "sagaline"), "demo"], cwd=box.run_dir,
+                              env=env, capture_output=True, text=True, timeout=180,
+                              check=False)
+    finally:
+        left = kill_left_worker(box.home / ".sagaline")
+    assert not left, "the demo exited and left its worker running"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The same demo as in a checkout: the same checks of its output.
     assert_demo_output(proc.stdout)
