@@ -12,8 +12,9 @@ BROKER_EXTRAS = {"redis": "redis", "rediss": "redis", "sentinel": "redis"}
 
 
 def check_broker_transport(broker_url: Any) -> None:
-    """A broker whose kombu transport cannot be imported is refused here, naming the extra
-    to install, instead of failing later, deep in kombu, when a worker or client connects."""
+    """A broker of one of sagaline's extras whose kombu transport cannot be imported is
+    refused here, naming the extra to install, instead of failing later, deep in kombu,
+    when a worker or client connects."""
     from kombu.transport import resolve_transport
 
     first = broker_url[0] if isinstance(broker_url, (list, tuple)) else broker_url
@@ -21,13 +22,13 @@ def check_broker_transport(broker_url: Any) -> None:
         return
     # Failover lists ("a://;b://") and "redis+socket://" name the transport first.
     scheme = first.split(";", 1)[0].split("://", 1)[0].split("+", 1)[0].lower()
+    extra = BROKER_EXTRAS.get(scheme)
+    if extra is None:
+        # Not a broker sagaline has an extra for: Celery reports a missing client itself.
+        return
     try:
         resolve_transport(scheme)
-    except KeyError:
-        return  # not one of kombu's transports: kombu says so in its own words
     except ImportError as exc:
-        extra = BROKER_EXTRAS.get(scheme)
-        hint = f"pip install 'sagaline[{extra}]'" if extra else "install what kombu needs"
         raise ConfigurationError(
             f"the {scheme}:// broker needs {exc.name or str(exc)!r}, which is not installed: "
-            f"{hint}") from None
+            f"pip install 'sagaline[{extra}]'") from None
