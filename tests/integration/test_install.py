@@ -115,14 +115,27 @@ def pyproject() -> dict[str, Any] | None:
     return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
 
+def extras_of(name: str, extras: dict[str, list[str]]) -> set[str]:
+    """`name` and the extras it names through `sagaline[...]`: what the cache is filled with
+    (so a change to the test extra, say, does not refill it)."""
+    found = {name}
+    for requirement in extras.get(name, []):
+        if requirement.startswith("sagaline["):
+            for inner in requirement[len("sagaline["):].split("]", 1)[0].split(","):
+                if inner.strip() not in found:
+                    found |= extras_of(inner.strip(), extras)
+    return found
+
+
 def dependency_key() -> str:
     """A hash of what decides the cache's content: the dependency lists and the platform."""
     doc = pyproject()
     if doc is None:  # the whole file, so that a change is never missed
         decided: Any = (REPO_ROOT / "pyproject.toml").read_text()
     else:
+        extras = doc["project"].get("optional-dependencies", {})
         decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
-                   doc["project"].get("optional-dependencies", {})]
+                   {name: extras[name] for name in sorted(extras_of("all", extras))}]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
