@@ -23,14 +23,14 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess
+from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
 from tests.integration.test_demo import assert_demo_output, kill_left_worker
 from tests.integration.test_store_contract import create_mariadb_database, drop_mariadb_database
 from tests.unit.test_compose import IMAGE_SOURCES
@@ -213,6 +213,16 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
     return Wheelhouse(wheels[0], cache, root, {})
 
 
+@pytest.fixture(scope="module")
+def install_pg_url() -> Iterator[str]:
+    """A database of this module's own: other tests count the sagas of the session's."""
+    url = shared_postgres_url(f"sagaline_install_{uuid.uuid4().hex[:10]}")
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
 def user_env(home: Path, app_dir: Path, **settings: str) -> dict[str, str]:
     """What a user's shell holds: no variable of this test process, the app on PYTHONPATH."""
     return {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
@@ -297,21 +307,21 @@ def site_packages(box: Installed) -> Path:
 
 
 def test_postgres_and_redis_extras_serve_a_saga_through_a_redis_broker(
-        wheelhouse: Wheelhouse, tmp_path: Path, pg_url: str) -> None:
+        wheelhouse: Wheelhouse, tmp_path: Path, install_pg_url: str) -> None:
     box = install(wheelhouse, tmp_path, "postgres,redis")  # the README's and the Dockerfile's
     with PrivateRedis() as redis:
         outcome = serve_one_saga(box, tmp_path, CELERY_BROKER_URL=redis.url,
-                                 SAGALINE_STORE_URL=pg_url)
+                                 SAGALINE_STORE_URL=install_pg_url)
     assert_completed_from_the_venv(outcome, box)
 
 
 def test_postgres_extra_serves_a_saga_through_rabbitmq_with_no_broker_extra(
-        wheelhouse: Wheelhouse, tmp_path: Path, pg_url: str) -> None:
+        wheelhouse: Wheelhouse, tmp_path: Path, install_pg_url: str) -> None:
     box = install(wheelhouse, tmp_path, "postgres")
     queue = f"sagaline-install-{uuid.uuid4().hex[:12]}"
     try:
         outcome = serve_one_saga(box, tmp_path, CELERY_BROKER_URL=RABBITMQ_URL,
-                                 SAGALINE_STORE_URL=pg_url, INSTALLCHECK_QUEUE=queue)
+                                 SAGALINE_STORE_URL=install_pg_url, INSTALLCHECK_QUEUE=queue)
     finally:
         delete_queue(RABBITMQ_URL, queue)
     assert_completed_from_the_venv(outcome, box)
