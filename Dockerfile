@@ -6,19 +6,18 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
+# The stack's drivers: Redis broker (kombu[redis] comes with the redis extra) and
+# PostgreSQL store. The source is removed once installed, so that the working
+# directory never shadows the installed package.
+COPY pyproject.toml README.md /tmp/sagaline/
+COPY sagaline /tmp/sagaline/sagaline
+RUN pip install "/tmp/sagaline[postgres,redis]" && rm -rf /tmp/sagaline
 
-# Dependencies first, so that editing the examples does not reinstall them.
-COPY pyproject.toml README.md ./
-COPY sagaline ./sagaline
-RUN pip install ".[postgres,redis]"
-
-COPY examples ./examples
-
-# Workers import examples.robots.app from here; state and the demo's files in SAGALINE_HOME.
+# Workers run the robot example, which ships inside the package (sagaline.demo.robots);
+# state and the demo's files go to SAGALINE_HOME.
 RUN useradd --create-home --uid 1000 sagaline
 USER sagaline
-ENV PYTHONPATH=/app \
-    SAGALINE_HOME=/home/sagaline/.sagaline
+WORKDIR /home/sagaline
+ENV SAGALINE_HOME=/home/sagaline/.sagaline
 
 CMD ["sagaline", "--help"]

@@ -61,6 +61,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
     With no broker configured, the app gets kombu's server-less filesystem
     transport, so that one machine needs no server at all.
     """
+    from .extras import check_broker_transport
+
+    check_broker_transport(app.conf.broker_url)  # before anything is set up
     store_obj = store if isinstance(store, Store) else None
     url = store.url if isinstance(store, Store) else store
     conf = Settings.from_env(store_url=url, **settings)

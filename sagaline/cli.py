@@ -256,7 +256,7 @@ def demo(
     Needs no configuration: SQLite state and a server-less broker in
     $SAGALINE_HOME/demo. With CELERY_BROKER_URL and SAGALINE_STORE_URL it uses them.
     """
-    from .demo import DemoOptions, run_demo
+    from .demo.runner import DemoOptions, run_demo
 
     delays: dict[str, float] = {}
     for item in slow or []:

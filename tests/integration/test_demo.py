@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -37,10 +38,30 @@ def bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def run_demo(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str],
                                                               float]:
     started = time.monotonic()
-    # Not from the repository root: the demo finds examples/ and its worker by itself.
-    proc = subprocess.run([SAGALINE, "demo", *args], cwd=tmp_path, env=bare_env(tmp_path, **env),
-                          capture_output=True, text=True, timeout=180, check=False)
+    # Not from the repository root: the demo finds its saga and its worker by itself.
+    try:
+        proc = subprocess.run([SAGALINE, "demo", *args], cwd=tmp_path,
+                              env=bare_env(tmp_path, **env), capture_output=True, text=True,
+                              timeout=180, check=False)
+    finally:
+        left = kill_left_worker(tmp_path / "home")
+    assert not left, "the demo exited and left its worker running"
     return proc, time.monotonic() - started
+
+
+def kill_left_worker(home: Path) -> bool:
+    """Kill the demo's worker group if it is still running (the demo was killed, or failed
+    to stop it); True if it was."""
+    try:
+        pid = int((home / "demo" / "worker.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    if not pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), timeout=10, what="the demo's worker to die")
+    return True
 
 
 def saga_ids(store_url: str, *statuses: SagaStatus) -> list[str]:
@@ -64,13 +85,8 @@ def section(output: str, title: str) -> list[str]:
     return body
 
 
-def test_demo_on_a_bare_machine_completes_and_compensates_in_reverse_order(
-        tmp_path: Path) -> None:
-    proc, elapsed = run_demo(tmp_path)
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
-    assert elapsed < 60, f"the demo took {elapsed:.1f}s"
-
+def assert_demo_output(out: str) -> None:
+    """What the default demo prints, wherever sagaline is installed."""
     summary_statuses = re.findall(r"│\s*\d+\s*│\s*[0-9a-f-]{36}\s*│\s*([A-Z]+)\s*│", out)
     assert len(summary_statuses) == 8
     assert "COMPLETED" in summary_statuses and "COMPENSATED" in summary_statuses
@@ -93,6 +109,16 @@ def test_demo_on_a_bare_machine_completes_and_compensates_in_reverse_order(
 
     assert "✓ robot check: no robot is left allocated" in out
     assert "worker stopped" in out
+
+
+def test_demo_on_a_bare_machine_completes_and_compensates_in_reverse_order(
+        tmp_path: Path) -> None:
+    proc, elapsed = run_demo(tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert elapsed < 60, f"the demo took {elapsed:.1f}s"
+
+    assert_demo_output(out)
 
 
 def test_demo_leaves_no_robot_allocated_by_a_compensated_saga(tmp_path: Path) -> None:
@@ -137,6 +163,59 @@ def test_demo_uses_redis_and_postgres_when_configured(tmp_path: Path, redis_url:
     assert held == []
 
 
+def test_demo_exits_non_zero_when_a_saga_does_not_end(tmp_path: Path) -> None:
+    proc, _ = run_demo(tmp_path, "--runs", "1", "--slow", "explore_area=4", "--timeout", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 saga(s) did not end within 1s" in proc.stdout
+    assert "worker stopped" in proc.stdout
+
+
+def test_demo_exits_non_zero_when_a_compensated_saga_still_holds_a_robot(
+        tmp_path: Path) -> None:
+    """Something outside the saga allocates a robot in its name while it runs: its
+    compensation releases only the robots it allocated, so the demo's check must fail."""
+    db_path = tmp_path / "home" / "demo" / "state.db"
+    proc = subprocess.Popen([SAGALINE, "demo", "--runs", "1", "--fail-at", "explore_area",
+                             "--slow", "plan_route=3"], cwd=tmp_path, env=bare_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def allocated_saga() -> str | None:
+            if not db_path.exists():
+                return None
+            db = sqlite3.connect(db_path, timeout=30)
+            try:
+                row = db.execute("SELECT assigned_saga FROM robots "
+                                 "WHERE assigned_saga IS NOT NULL LIMIT 1").fetchone()
+            except sqlite3.OperationalError:  # the demo has not created the fleet yet
+                return None
+            finally:
+                db.close()
+            return str(row[0]) if row else None
+
+        # allocate_robots has run; plan_route sleeps 3 s: the saga is still running.
+        wait_until(lambda: allocated_saga() is not None, timeout=60, interval=0.05,
+                   what="the saga to allocate its robots")
+        saga_id = allocated_saga()
+        db = sqlite3.connect(db_path, timeout=30)
+        try:
+            with db:
+                db.execute("UPDATE robots SET status = 'allocated', assigned_saga = ? "
+                           "WHERE id = (SELECT max(id) FROM robots)", (saga_id,))
+        finally:
+            db.close()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = kill_left_worker(tmp_path / "home")
+    assert not left, "the demo exited and left its worker running"
+    assert proc.returncode == 1, out
+    assert "COMPENSATED" in out
+    assert f"✗ robot check: 1 robot(s) still allocated by a compensated saga: rover-24 " \
+           f"(saga {saga_id})" in out
+
+
 def test_interrupted_demo_stops_its_worker(tmp_path: Path) -> None:
     proc = subprocess.Popen([SAGALINE, "demo", "--runs", "2", "--slow", "explore_area=30"],
                             cwd=REPO_ROOT, env=bare_env(tmp_path), stdout=subprocess.PIPE,
@@ -157,9 +236,29 @@ def test_interrupted_demo_stops_its_worker(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        kill_left_worker(tmp_path / "home")
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
     wait_until(lambda: not pid_alive(worker_pid), timeout=5, what="demo worker to exit")
+
+
+def test_a_killed_demo_leaves_the_pid_of_its_worker_for_cleanup(tmp_path: Path) -> None:
+    proc = subprocess.Popen([SAGALINE, "demo", "--runs", "1", "--slow", "explore_area=30"],
+                            cwd=tmp_path, env=bare_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        ready = tmp_path / "home" / "demo" / "worker.ready"
+        wait_until(ready.exists, timeout=90, what="the demo's worker to be ready")
+        proc.kill()  # no chance to stop its worker, which runs in its own session
+        proc.wait(timeout=10)
+        pid = int((tmp_path / "home" / "demo" / "worker.pid").read_text())
+        assert pid_alive(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = kill_left_worker(tmp_path / "home")
+    assert left and not pid_alive(pid)
 
 
 def test_the_orders_example_refunds_an_order_it_cannot_ship(tmp_path: Path,

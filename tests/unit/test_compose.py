@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,20 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
 from sagaline.config import Settings
 from sagaline.stores.base import store_class
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+# What the image builds sagaline from; tests/integration/test_install.py builds its
+# wheel from exactly these, so the wheel it installs is the image's.
+IMAGE_SOURCES = ("pyproject.toml", "README.md", "sagaline")
 # Services that run sagaline code against the stack's broker and store.
 SAGALINE_SERVICES = ("worker", "demo")
 LONG_RUNNING = ("redis", "postgres", "worker", "flower")
@@ -117,16 +126,48 @@ def test_worker_and_demo_reach_the_stacks_broker_and_store(compose: dict[str, An
 
 def test_the_worker_runs_the_example_app_through_the_cli(compose: dict[str, Any]) -> None:
     command = compose["services"]["worker"]["command"]
-    assert command[:4] == ["sagaline", "worker", "-A", "examples.robots.app"]
-    assert importlib.util.find_spec("examples.robots.app") is not None
+    # The example ships inside the package: the image needs no checkout on PYTHONPATH.
+    assert command[:4] == ["sagaline", "worker", "-A", "sagaline.demo.robots.app"]
+    assert importlib.util.find_spec("sagaline.demo.robots.app") is not None
+    assert "sagaline.demo.robots.app" in compose["services"]["worker"]["healthcheck"]["test"][1]
     # The example reads the same variable the stack sets.
-    assert "CELERY_BROKER_URL" in (ROOT / "examples" / "robots" / "app.py").read_text()
+    assert "CELERY_BROKER_URL" in (ROOT / "sagaline" / "demo" / "robots" / "app.py").read_text()
     assert compose["services"]["demo"]["command"] == ["sagaline", "demo"]
 
 
-def test_the_image_installs_the_drivers_the_stack_uses() -> None:
+# What each URL scheme of the stack needs installed (README, "Install").
+EXTRA_FOR_SCHEME = {"redis": "redis", "postgresql+psycopg": "postgres", "amqp": None}
+
+
+def image_extras() -> set[str]:
+    install = re.search(r'pip install "[^"\[]+\[([a-z,]+)\]"', DOCKERFILE.read_text())
+    assert install is not None, "the Dockerfile installs sagaline with extras"
+    return set(install.group(1).split(","))
+
+
+def test_the_image_installs_the_extras_of_the_stacks_broker_and_store(
+        compose: dict[str, Any]) -> None:
+    extras = image_extras()
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                   ["project"]["optional-dependencies"])
+    assert extras <= declared
+    for name in SAGALINE_SERVICES:
+        env = compose["services"][name]["environment"]
+        for url in (env["CELERY_BROKER_URL"], env["SAGALINE_STORE_URL"]):
+            needed = EXTRA_FOR_SCHEME[urlsplit(url).scheme]
+            assert needed is None or needed in extras, (name, url)
+
+
+def test_the_image_runs_the_installed_package_not_a_source_tree() -> None:
     text = DOCKERFILE.read_text()
-    install = re.search(r'pip install "\.\[([a-z,]+)\]"', text)
-    assert install is not None
-    assert {"postgres", "redis"} <= set(install.group(1).split(","))
-    assert "COPY examples" in text
+    assert "PYTHONPATH" not in text
+    assert "COPY examples" not in text
+    # The source it installed from is gone, so it cannot shadow the package.
+    install = re.search(r'RUN pip install "([^"\[]+)\[', text)
+    assert install is not None and f"rm -rf {install.group(1)}" in text
+
+
+def test_the_image_builds_from_the_sources_the_install_test_builds_from() -> None:
+    copied = [source for line in DOCKERFILE.read_text().splitlines()
+              if line.startswith("COPY ") for source in line.split()[1:-1]]
+    assert sorted(copied) == sorted(IMAGE_SOURCES)

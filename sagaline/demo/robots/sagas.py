@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sagaline import Retry, Saga
 
 from .tasks import allocate_robots, explore_area, integrate_maps, plan_route
@@ -24,7 +26,7 @@ STEPS = [s.name for s in exploration.steps]
 def exploration_input(area: str, robot_count: int = 2, *, fail_at: str | None = None,
                       fail_rate: float = 0.0, seed: int = 0,
                       slow: dict[str, float] | None = None,
-                      flaky: dict[str, int] | None = None) -> dict[str, object]:
+                      flaky: dict[str, int] | None = None) -> dict[str, Any]:
     """The saga input, failure injection included (every worker reads it from there)."""
     for label, names in (("fail_at", [fail_at] if fail_at else []),
                          ("slow", list(slow or {})), ("flaky", list(flaky or {}))):

@@ -9,7 +9,6 @@ With CELERY_BROKER_URL and SAGALINE_STORE_URL the same runs go through them.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import shutil
 import signal
@@ -27,15 +26,16 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from .config import default_home
-from .definition import short_name
-from .exceptions import ConfigurationError
-from .ops import SagaView, get_saga
-from .states import SAGA_TERMINAL, SagaStatus
-from .stores.base import redact
-from .timeline import format_duration, render_timeline, status_text
+from ..config import default_home
+from ..definition import short_name
+from ..exceptions import ConfigurationError
+from ..ops import SagaView, get_saga
+from ..states import SAGA_TERMINAL, SagaStatus
+from ..stores.base import redact
+from ..timeline import format_duration, render_timeline, status_text
 
-APP_MODULE = "examples.robots.app"
+# The saga ships in the package: the worker imports it from wherever sagaline is installed.
+APP_MODULE = "sagaline.demo.robots.app"
 WORKER_READY_TIMEOUT = 60.0
 
 
@@ -96,29 +96,19 @@ def plan_runs(opts: DemoOptions, make_input: Any) -> list[Run]:
     return runs
 
 
-def find_examples_root() -> Path:
-    """The checkout holding examples/robots (next to the package, else the cwd)."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (root / "examples" / "robots" / "app.py").is_file():
-            return root
-    raise ConfigurationError("the demo runs examples/robots of a sagaline checkout: run it "
-                             "from the repository's root directory")
-
-
 class DemoWorker:
-    """`celery -A examples.robots.app worker` in its own process group, stopped by pid."""
+    """`celery -A sagaline.demo.robots.app worker` in its own process group, stopped by pid."""
 
-    def __init__(self, root: Path, home: Path, concurrency: int):
-        self.root = root
+    def __init__(self, home: Path, concurrency: int):
+        self.home = home
         self.log_path = home / "worker.log"
         self.ready_file = home / "worker.ready"
+        self.pid_file = home / "worker.pid"
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.root), env.get("PYTHONPATH", "")) if p)
         env["SAGALINE_READY_FILE"] = str(self.ready_file)
         env.setdefault("PYTHONUNBUFFERED", "1")
         argv = [sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
@@ -127,9 +117,14 @@ class DemoWorker:
                 "--without-gossip", "--without-mingle", "--without-heartbeat"]
         with open(self.log_path, "ab") as log:
             # Its own session: a Ctrl-C in the terminal reaches the demo, which stops it.
-            self.proc = subprocess.Popen(argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+            # cwd is the demo's own folder: nothing of the user's current directory
+            # (a stray celeryconfig.py, a module named like ours) leaks into the worker.
+            self.proc = subprocess.Popen(argv, cwd=self.home, env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        # Its own session hides it from a signal to the demo's group: whoever has to
+        # clean up after a killed demo finds the worker (and its group) here.
+        self.pid_file.write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + WORKER_READY_TIMEOUT
         while not self.ready_file.exists():
             if self.proc.poll() is not None:
@@ -187,7 +182,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def run_demo(opts: DemoOptions, console: Console) -> int:
     """Run the demo; returns the exit status (0: every saga ended and no robot leaked)."""
-    root = find_examples_root()
     home = default_home() / "demo"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -195,7 +189,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
     store = os.environ.get("SAGALINE_STORE_URL") or f"sqlite:///{home / 'state.db'}"
     console.print(Text.assemble(("sagaline demo", "bold"), f": {opts.runs} robot exploration "
                                 f"sagas\n  broker: {broker}\n  store:  {redact(store)}"))
-    worker = DemoWorker(root, home, opts.concurrency)
+    worker = DemoWorker(home, opts.concurrency)
     with _environment(SAGALINE_HOME=str(home)), _terminate_as_interrupt():
         try:
             with console.status("starting a Celery worker process..."):
@@ -203,7 +197,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
             assert worker.proc is not None
             console.print(f"  worker: pid {worker.proc.pid}, {opts.concurrency} processes, "
                           f"log {worker.log_path}")
-            code = _run_sagas(opts, console, root)
+            code = _run_sagas(opts, console)
         except BaseException:
             # Interrupted or broken: steps may be running; do not wait for them.
             worker.stop(timeout=3.0)
@@ -215,13 +209,12 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
     return code
 
 
-def _run_sagas(opts: DemoOptions, console: Console, root: Path) -> int:
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    robots_app = importlib.import_module(APP_MODULE)
-    sagas = importlib.import_module("examples.robots.sagas")
-    models = importlib.import_module("examples.robots.models")
-    runtime = robots_app.app._sagaline_runtime
+def _run_sagas(opts: DemoOptions, console: Console) -> int:
+    # Imported here, under SAGALINE_HOME=<demo home>: the app reads it when it is created.
+    from .robots import models, sagas
+    from .robots.app import app
+
+    runtime = app._sagaline_runtime
     models.engine()  # the fleet's tables exist before the first step needs them
     runs = plan_runs(opts, sagas.exploration_input)
     started = time.monotonic()
