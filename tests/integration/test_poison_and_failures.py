@@ -298,10 +298,10 @@ def test_the_embedded_broker_delivers_every_large_message_whole(tmp_path: Path) 
     assert not [p.name for p in tmp_path.iterdir() if p.is_file()]  # no leftovers
 
 
+@pytest.mark.parametrize("poison_stack", ["embedded"], indirect=True)
 def test_batches_of_large_sagas_on_the_embedded_defaults_all_complete(
         poison_stack: Stack) -> None:
-    if poison_stack.name != "embedded":
-        pytest.skip("a test of the embedded broker")
+    assert poison_stack.name == "embedded"
     pid = poison_stack.worker.pid
     for _ in range(2):
         handles = [poison_stack.run(poison_sagas.big_input, x="x" * 500_000) for _ in range(6)]
