@@ -172,7 +172,8 @@ for i = first, last do
     'created_at', num(c), 'updated_at', num(c + 0.05), 'idempotency_key', 'null',
     'output', output, 'error', str(err), 'failed_step', str(failed),
     'finished_at', num(c + 0.05), 'deadline', 'null', 'due_at', 'null',
-    'parent_saga_id', 'null', 'parent_step', 'null', 'version', '12', 'txn', '8')
+    'parent_saga_id', 'null', 'parent_step', 'null', 'input_fingerprint', 'null',
+    'version', '12', 'txn', '8')
   for k = 1, 4 do
     local step_status, comp, comp_attempt = '"SUCCEEDED"', 'null', '0'
     if ended and k == 4 then step_status = '"FAILED"' end
@@ -183,7 +184,8 @@ for i = first, last do
       'output', 'null', 'compensation_data', 'null', 'has_compensation_data', 'false',
       'error', 'null', 'comp_error', 'null', 'lease_until', 'null', 'due_at', 'null',
       'started_at', num(c + k * 0.01), 'finished_at', num(c + k * 0.01 + 0.005),
-      'redispatches', '0', 'version', '3')
+      'redispatches', '0', 'owner_node', 'null', 'owner_boot', 'null', 'owner_pid', 'null',
+      'version', '3')
   end
   redis.call('ZADD', p .. ':steps:' .. sid, 0, 's1', 1, 's2', 2, 's3', 3, 's4')
   for j = 1, #ev_head do log[j] = ev_head[j] .. num(c + ev_offset[j]) .. ev_tail[j] end

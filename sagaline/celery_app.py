@@ -44,6 +44,7 @@ from .config import Settings, default_broker_options, default_broker_url
 from .context import StepLogFilter
 from .definition import check_definitions
 from .delivery import DecodeErrorStep
+from .prefetched import requeue_prefetched_steps
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
 
@@ -287,6 +288,7 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, worker: Any, **kwargs: Any):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = time.time()
         super().__init__(worker, **kwargs)
         # Consume Celery's worker-direct queue (what `worker_direct=True` does): the
         # retries of the steps this worker hands back go there, not behind the backlog.
@@ -301,6 +303,7 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # Import the store's driver here, in the main thread, rather than in the thread
         # while the pool may be forking: a child forked mid-import would hang.
         runtime.store  # noqa: B018
+        self._started = time.time()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, args=(runtime, worker),
                                         name="sagaline-sweeper", daemon=True)
@@ -312,6 +315,11 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         interval = runtime.settings.sweep_interval
         earlier_boots = True  # until one pass has looked at them
         for_a_sweep = interval
+        try:
+            requeue_prefetched_steps(worker.app, delivered_before=self._started)
+        except Exception:
+            log.exception("could not put back the step messages of stopped workers; the "
+                          "sweeper publishes them again after redispatch_after")
         while not self._stop.is_set():
             runtime.process_lost.clear()
             with _fork_guard():

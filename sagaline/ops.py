@@ -261,6 +261,11 @@ def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
                 replace(d, queue=queue)
                 if d.step == step and d.child_saga is None else d
                 for d in decision.dispatches]
+        else:
+            # A stopping worker: a retry's backoff would wait in this process
+            # (DelayedPublisher), which is about to exit, and the step would then wait
+            # for the sweeper. Publish now; the claim fences by attempt, not by time.
+            decision.dispatches = [replace(d, countdown=0.0) for d in decision.dispatches]
         rt.after_commit(decision)
     except Exception:
         log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,

@@ -15,12 +15,13 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from celery import Celery
 
 import sagaline
@@ -45,9 +46,10 @@ class Cluster:
     ledger_dsn: str
     tmp: Path
 
-    def worker(self, name: str) -> WorkerProcess:
+    def worker(self, name: str, extra_args: Sequence[str] = ()) -> WorkerProcess:
         return WorkerProcess(APP, env=self.env, concurrency=2, name=name,
-                             workdir=self.tmp / f"{name}-{uuid.uuid4().hex[:6]}")
+                             workdir=self.tmp / f"{name}-{uuid.uuid4().hex[:6]}",
+                             extra_args=extra_args)
 
     def start_fork(self, a: float) -> str:
         durations = {"a": a, "b": 0.1, "c": 0.1, "undo": 0.05}
@@ -182,6 +184,41 @@ def test_a_worker_restarted_under_its_node_name_runs_its_steps_again_at_once(
     assert rec.owner is not None
     assert f"pid {rec.owner.pid}" in lost.detail["error"]
     assert [a for s, a, _ in cluster.executions(saga_id) if s == "a"] in ([1, 2], [2])
+
+
+def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
+        cluster: Cluster) -> None:
+    """Received but not started when the worker died: Redis keeps them unacknowledged for
+    an hour; the restarted worker puts them back instead of waiting for the sweeper."""
+    # Celery's default prefetching (4 messages per pool process), not chaos_app's 1.
+    first = cluster.worker("prefetched", extra_args=["--prefetch-multiplier", "4"])
+    second = cluster.worker("prefetched", extra_args=["--prefetch-multiplier", "4"])
+    broker = redis.Redis.from_url(cluster.env["CELERY_BROKER_URL"])
+    try:
+        first.start()
+        saga_ids = [cluster.start_fork(a=8.0) for _ in range(6)]
+        # Two run (concurrency 2); the other four wait in the worker, unacknowledged.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and broker.hlen("unacked") < 4:
+            time.sleep(0.05)
+        assert broker.hlen("unacked") >= 4, "the worker did not prefetch the other steps"
+        waiting = [sid for sid in saga_ids
+                   if cluster.step(sid, "a").status is StepStatus.DISPATCHED]
+        assert len(waiting) >= 3
+        first.kill()
+        second.start()
+        for sid in waiting:
+            took = cluster.wait_started(sid, "a", 1, timeout=RUNS_AGAIN_WITHIN)
+            assert took < RUNS_AGAIN_WITHIN  # not redispatch_after (30 s) after dispatch
+        for sid in saga_ids:
+            cluster.wait_status(sid, SagaStatus.COMPLETED, timeout=60)
+    finally:
+        broker.close()
+        first.kill()
+        second.stop()
+    assert "saga step message(s) that a worker had received" in second.log_text()
+    for sid in waiting:
+        assert [a for s, a, _ in cluster.executions(sid) if s == "a"] == [1]
 
 
 def test_a_warm_shutdown_finishes_its_step_and_a_new_worker_finishes_the_saga(
