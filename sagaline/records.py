@@ -187,6 +187,10 @@ class Decision:
     def changed(self) -> bool:
         return bool(self.saga is not None or self.steps or self.events)
 
+    def expected_version(self, step: StepRecord) -> int:
+        """The version `step` must still have for this decision to be written."""
+        return self.step_versions.get(step.name, step.version)
+
 
 @dataclass
 class SagaFilter:

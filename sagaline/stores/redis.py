@@ -53,38 +53,19 @@ from __future__ import annotations
 
 import heapq
 import json
-import random
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
-from ..exceptions import ConcurrencyError, StoreError
+from ..exceptions import StoreError
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .base import (
-    Decide,
-    DueItem,
-    Store,
-    filter_matches_nothing,
-    findable,
-    matches_filter,
-    require_extra,
-    retry_transient,
-)
-from .sanitize import storable_records
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
 
 redis = require_extra("redis", "redis")
 
-T = TypeVar("T")
-
-# Transient failures (a restarting or loading server, a dropped connection) are
-# retried for this long before the operation fails with StoreError.
-DEFAULT_RETRY_FOR = 30.0
-# A transact that keeps losing its compare-and-set to concurrent writers gives up
-# after this many decisions; a short random pause between them spreads the writers out.
-MAX_DECISIONS = 20
 _SAGA_FIELDS = frozenset(f.name for f in fields(SagaRecord))
 _STEP_FIELDS = frozenset(f.name for f in fields(StepRecord))
 
@@ -168,16 +149,14 @@ class RedisStore(Store):
         self._write = self._client.register_script(_WRITE)
         self._cas_step = self._client.register_script(_CAS_STEP)
         self._read_state = self._client.register_script(_READ_STATE)
-        self._transient = (redis.ConnectionError, redis.TimeoutError)  # BusyLoading is one
+        # A restarting or loading server (BusyLoading is a ConnectionError), a dropped
+        # connection.
+        self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
 
     # -- plumbing ----------------------------------------------------------------
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
-
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
-                               errors=self._transient)
 
     def close(self) -> None:
         self._client.close()
@@ -188,10 +167,9 @@ class RedisStore(Store):
 
     # -- writes ------------------------------------------------------------------
 
-    def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+    def _insert_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         saga = state.saga
         sid = saga.saga_id
-        storable_records(saga, state.steps.values(), events)
         payload: dict[str, Any] = {
             "saga_key": self._key("saga", sid), "saga_id": sid,
             "events_key": self._key("events", sid), "events": [_event_json(e) for e in events],
@@ -220,7 +198,7 @@ class RedisStore(Store):
             owner = str(self._create(args=[body]))
             if owner == sid:
                 return saga, True
-            existing = self._get_saga(owner)
+            existing = self._read_saga(owner)
             if existing is None:  # an idempotency key whose saga was deleted by hand
                 raise StoreError(f"idempotency key {saga.idempotency_key!r} of {saga.name!r} "
                                  f"names saga {owner!r}, which does not exist")
@@ -270,32 +248,25 @@ class RedisStore(Store):
         # then stays RUNNING until its lease expires and the sweeper retries it.
         return self._retrying(lambda: int(self._cas_step(keys=keys, args=args)) == 1)
 
-    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
-        if not findable(saga_id):
-            return None
+    @contextmanager
+    def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
+        # No lock is held while deciding: the write below checks the saga's `txn`
+        # counter instead, and loses (the caller decides again) if another transact
+        # wrote the saga since this read.
+        loaded = self._load_state(saga_id)
+        if loaded is None:
+            yield None
+            return
+        state, txn = loaded
 
-        def attempt() -> tuple[bool, Decision | None]:
-            loaded = self._load_state(saga_id)
-            if loaded is None:
-                return True, None
-            state, txn = loaded
-            decision = decide(state)
-            if decision is None or not decision.changed:
-                return True, decision
+        def write(decision: Decision) -> bool:
             body = json.dumps(self._decision_payload(state, txn, decision))
-            return int(self._write(args=[body])) == 1, decision
+            return int(self._write(args=[body])) == 1
 
-        for n in range(MAX_DECISIONS):
-            done, decision = self._retrying(attempt)
-            if done:
-                return decision
-            # Lost a race (a claim, a renewal, another completion of this saga).
-            time.sleep(random.uniform(0, min(0.002 * 2 ** n, 0.05)))
-        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+        yield Snapshot(state, write)
 
     def _decision_payload(self, state: SagaState, txn: str, d: Decision) -> dict[str, Any]:
         sid = state.saga.saga_id
-        storable_records(d.saga, d.steps, d.events)
         expect: list[list[str]] = []
         hset: list[Any] = []
         zrem: list[list[str]] = []
@@ -313,10 +284,9 @@ class RedisStore(Store):
                 zrem.append([self._key("due"), sid])
             else:
                 zadd.append([self._key("due"), _score(d.saga.due_at), sid])
-        versions = dict(d.step_versions)
         for s in d.steps:
             key = self._key("step", sid, s.name)
-            version = versions.pop(s.name, s.version)
+            version = d.expected_version(s)
             expect.append([key, str(version)])
             hset.append([key, _fields(s, version=version + 1)])
             member = _due_member(sid, s.name)
@@ -330,7 +300,9 @@ class RedisStore(Store):
             else:
                 zadd.append([self._key("due"), _score(s.due_at), member])
         # Versions of steps the decision read but does not change are checked too.
-        expect += [[self._key("step", sid, n), str(v)] for n, v in versions.items()]
+        changed = {s.name for s in d.steps}
+        expect += [[self._key("step", sid, n), str(v)] for n, v in d.step_versions.items()
+                   if n not in changed]
         payload = {"saga_key": self._key("saga", sid), "expect": expect, "hset": hset,
                    "zrem": zrem, "zadd": zadd, "events_key": self._key("events", sid),
                    "events": [_event_json(e) for e in d.events]}
@@ -357,30 +329,24 @@ class RedisStore(Store):
         return (SagaState(_saga_record(saga), {s.name: s for s in steps}),
                 saga.get("txn", "0"))
 
-    def _get_saga(self, saga_id: str) -> SagaRecord | None:
+    def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self._key("saga", saga_id))
         return _saga_record(h) if h else None
 
-    def get_saga(self, saga_id: str) -> SagaRecord | None:
-        if not findable(saga_id):
-            return None
-        return self._retrying(lambda: self._get_saga(saga_id))
+    def _get_saga(self, saga_id: str) -> SagaRecord | None:
+        return self._retrying(lambda: self._read_saga(saga_id))
 
-    def get_steps(self, saga_id: str) -> list[StepRecord]:
-        if not findable(saga_id):
-            return []
+    def _get_steps(self, saga_id: str) -> list[StepRecord]:
         loaded = self._retrying(lambda: self._load_state(saga_id))
         return [] if loaded is None else list(loaded[0].steps.values())
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        if not findable(saga_id):
-            return []
+    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         start = max(after_seq, 0)
         rows = self._retrying(lambda: self._client.lrange(self._key("events", saga_id), start, -1))
         return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
 
-    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if flt.limit <= 0 or filter_matches_nothing(flt):
+    def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        if flt.limit <= 0:
             return []
         lo = "-inf" if flt.created_after is None else _score(flt.created_after)
         hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
@@ -441,10 +407,7 @@ class RedisStore(Store):
             pipe.hgetall(self._key("saga", sid))
         return [_saga_record(h) for h in pipe.execute() if h]  # skip deleted sagas
 
-    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
-        if filter_matches_nothing(name=name):
-            return dict.fromkeys(SagaStatus, 0)
-
+    def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         def read() -> dict[SagaStatus, int]:
             pipe = self._client.pipeline(transaction=False)
             for s in SagaStatus:

@@ -12,37 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from ..exceptions import ConcurrencyError
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from . import schema
-from .base import (
-    Decide,
-    DueItem,
-    Store,
-    filter_matches_nothing,
-    findable,
-    require_extra,
-    retry_transient,
-)
-from .sanitize import storable_records
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
 from .schema import events, sagas, steps
-
-T = TypeVar("T")
-
-# Transient failures (a restarted server, a locked SQLite file, a deadlock) are
-# retried for this long before the operation fails with StoreError.
-DEFAULT_RETRY_FOR = 30.0
 
 
 class SQLStore(Store):
@@ -90,10 +74,10 @@ class SQLStore(Store):
                 self._retrying(self.migrate)
                 self._migrated = True
 
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
-                               errors=(sa_exc.OperationalError, sa_exc.InterfaceError),
-                               transient=transient)
+    _retry_errors = (sa_exc.OperationalError, sa_exc.InterfaceError)
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        return transient(exc)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -156,10 +140,9 @@ class SQLStore(Store):
 
     # -- writes ------------------------------------------------------------------
 
-    def create_saga(self, state: SagaState, events_: list[Event]) -> tuple[SagaRecord, bool]:
+    def _insert_saga(self, state: SagaState, events_: list[Event]) -> tuple[SagaRecord, bool]:
         self._ensure_schema()
         saga = state.saga
-        storable_records(saga, state.steps.values(), events_)
 
         def attempt() -> tuple[SagaRecord, bool]:
             try:
@@ -231,51 +214,37 @@ class SQLStore(Store):
 
         return self._retrying(renew)
 
-    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
-        if not findable(saga_id):
-            return None
+    @contextmanager
+    def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         self._ensure_schema()
-        # The saga and its steps in one query; the saga row is the lock.
-        read = _STATE.where(sagas.c.saga_id == saga_id)
-        lock = None
-        if self.dialect != "sqlite":
-            # Lock the saga row first, in its own statement: a statement that waited for
-            # a lock still reads the other tables from the snapshot it started with
-            # (PostgreSQL READ COMMITTED), so a joined locking read could miss the step
-            # a concurrent completion just wrote. Only the saga row is locked, so claims
-            # (step rows) never wait for a completion. SQLite's BEGIN IMMEDIATE already
-            # holds the write lock before the read.
-            lock = sa.select(sagas.c.saga_id).where(
-                sagas.c.saga_id == saga_id).with_for_update()
+        with self._write() as conn:
+            if self.dialect != "sqlite":
+                # Lock the saga row first, in its own statement: a statement that waited
+                # for a lock still reads the other tables from the snapshot it started
+                # with (PostgreSQL READ COMMITTED), so a joined locking read could miss
+                # the step a concurrent completion just wrote. Only the saga row is
+                # locked, so claims (step rows) never wait for a completion. SQLite's
+                # BEGIN IMMEDIATE already holds the write lock before the read.
+                conn.execute(_LOCK_SAGA, {"k_saga_id": saga_id})
+            # The saga and its steps in one query; the saga row is the lock.
+            rows = conn.execute(_STATE, {"k_saga_id": saga_id}).all()
+            if not rows:
+                yield None
+                return
+            state = SagaState(_saga_record(rows[0], _SAGA_LABELS),
+                              {r.s_name: _step_record(r, _STEP_LABELS) for r in rows})
 
-        def attempt() -> tuple[bool, Decision | None]:
-            with self._write() as conn:
-                if lock is not None:
-                    conn.execute(lock)
-                rows = conn.execute(read).all()
-                if not rows:
-                    return True, None
-                state = SagaState(_saga_record(rows[0], _SAGA_LABELS),
-                                  {r.s_name: _step_record(r, _STEP_LABELS) for r in rows})
-                decision = decide(state)
-                if decision is None or not decision.changed:
-                    return True, decision
-                if not _write_decision(conn, saga_id, decision):
-                    conn.rollback()
-                    return False, None
-                return True, decision
+            def write(decision: Decision) -> bool:
+                if _write_decision(conn, saga_id, decision):
+                    return True
+                conn.rollback()
+                return False
 
-        for _ in range(20):
-            done, decision = self._retrying(attempt)
-            if done:
-                return decision
-        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+            yield Snapshot(state, write)
 
     # -- reads -------------------------------------------------------------------
 
-    def get_saga(self, saga_id: str) -> SagaRecord | None:
-        if not findable(saga_id):
-            return None
+    def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
 
         def read() -> SagaRecord | None:
@@ -285,9 +254,7 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
-    def get_steps(self, saga_id: str) -> list[StepRecord]:
-        if not findable(saga_id):
-            return []
+    def _get_steps(self, saga_id: str) -> list[StepRecord]:
         self._ensure_schema()
 
         def read() -> list[StepRecord]:
@@ -298,9 +265,7 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        if not findable(saga_id):
-            return []
+    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
 
         def read() -> list[Event]:
@@ -311,9 +276,7 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
-    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if filter_matches_nothing(flt):
-            return []
+    def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         self._ensure_schema()
         q = sa.select(sagas)
         if flt.status is not None:
@@ -335,9 +298,7 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
-    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
-        if filter_matches_nothing(name=name):
-            return dict.fromkeys(SagaStatus, 0)
+    def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         self._ensure_schema()
         q = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
         if name:
@@ -392,7 +353,10 @@ _STEP_LABELS = {c.name: f"s_{c.name}" for c in steps.c}
 _STATE = (sa.select(*[c.label(_SAGA_LABELS[c.name]) for c in sagas.c],
                     *[c.label(_STEP_LABELS[c.name]) for c in steps.c])
           .select_from(sagas.join(steps, steps.c.saga_id == sagas.c.saga_id))
+          .where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
           .order_by(steps.c.position))
+_LOCK_SAGA = (sa.select(sagas.c.saga_id).where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
+              .with_for_update())
 
 _UPDATE_SAGA = (sagas.update()
                 .where(sagas.c.saga_id == sa.bindparam("k_saga_id"),
@@ -448,7 +412,6 @@ _PG_CLAIM = {
 
 def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
     """Write a decision with compare-and-set on every record it changes."""
-    storable_records(d.saga, d.steps, d.events)
     if d.saga is not None:
         row = {f"v_{k}": v for k, v in _saga_row(d.saga).items() if k != "saga_id"}
         row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)
@@ -457,7 +420,7 @@ def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
     if d.steps:
         rows = []
         for s in d.steps:
-            expected = d.step_versions.get(s.name, s.version)
+            expected = d.expected_version(s)
             row = {f"v_{k}": v for k, v in _step_row(s).items()
                    if k not in ("saga_id", "name")}
             row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected,
