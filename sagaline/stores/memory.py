@@ -9,8 +9,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
-from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
+from ..records import (
+    PHASE_COLUMNS,
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
+)
+from ..states import Phase, SagaStatus
 from .base import DueItem, Snapshot, Store, matches_filter
 
 
@@ -48,34 +57,26 @@ class MemoryStore(Store):
                    lease_until: float, now: float, owner: Owner | None = None) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
-            if rec is None:
+            if rec is None or not rec.is_dispatched(phase, attempt):
                 return False
-            if phase is Phase.FORWARD:
-                if rec.status is not StepStatus.DISPATCHED or rec.attempt != attempt:
-                    return False
-                rec.status = StepStatus.RUNNING
+            cols = PHASE_COLUMNS[phase]
+            setattr(rec, cols.status, cols.running)
+            if phase is Phase.FORWARD:  # a compensation keeps the step's start time
                 rec.started_at = now
-                kind = "step_started"
-            else:
-                if rec.comp_status is not CompensationStatus.DISPATCHED or \
-                        rec.comp_attempt != attempt:
-                    return False
-                rec.comp_status = CompensationStatus.RUNNING
-                kind = "compensation_started"
             rec.lease_until = lease_until
             rec.due_at = lease_until
             rec.owner_node = None if owner is None else owner.node
             rec.owner_boot = None if owner is None else owner.boot
             rec.owner_pid = None if owner is None else owner.pid
             rec.version += 1
-            self._append([Event(saga_id, kind, now, step, attempt, phase.value)])
+            self._append([Event(saga_id, cols.started, now, step, attempt, phase.value)])
             return True
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
-            if rec is None or not _running(rec, phase, attempt):
+            if rec is None or not rec.is_running(phase, attempt):
                 return False
             rec.lease_until = lease_until
             rec.due_at = lease_until
@@ -165,10 +166,4 @@ class MemoryStore(Store):
             found = [copy.deepcopy(r) for steps in self._steps.values() for r in steps.values()
                      if r.owner_node == node and r.running_phase is not None]
         return found[:limit]
-
-
-def _running(rec: StepRecord, phase: Phase, attempt: int) -> bool:
-    if phase is Phase.FORWARD:
-        return rec.status is StepStatus.RUNNING and rec.attempt == attempt
-    return rec.comp_status is CompensationStatus.RUNNING and rec.comp_attempt == attempt
 

@@ -60,7 +60,16 @@ from enum import Enum
 from typing import Any
 
 from ..exceptions import StoreError
-from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..records import (
+    PHASE_COLUMNS,
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
+)
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
 
@@ -208,41 +217,32 @@ class RedisStore(Store):
 
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
                    lease_until: float, now: float, owner: Owner | None = None) -> bool:
-        expected: Enum
-        running: Enum
-        if phase is Phase.FORWARD:
-            status, expected, running = "status", StepStatus.DISPATCHED, StepStatus.RUNNING
-            kind, extra = "step_started", ["started_at", json.dumps(now)]
-        else:
-            status, expected = "comp_status", CompensationStatus.DISPATCHED
-            running, kind, extra = CompensationStatus.RUNNING, "compensation_started", []
-        event = _event_json(Event(saga_id, kind, now, step, attempt, phase.value))
+        cols = PHASE_COLUMNS[phase]
+        # A compensation keeps the step's start time.
+        extra = ["started_at", json.dumps(now)] if phase is Phase.FORWARD else []
+        event = _event_json(Event(saga_id, cols.started, now, step, attempt, phase.value))
         extra += ["owner_node", json.dumps(None if owner is None else owner.node),
                   "owner_boot", json.dumps(None if owner is None else owner.boot),
                   "owner_pid", json.dumps(None if owner is None else owner.pid)]
         claims = None if owner is None else self._key("claims", owner.node)
-        return self._cas(saga_id, step, phase, attempt, status, expected, running,
-                         lease_until, event, extra, claims)
+        return self._cas(saga_id, step, phase, attempt, cols.dispatched, lease_until, event,
+                         extra, claims)
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
-        running: Enum
-        if phase is Phase.FORWARD:
-            status, running = "status", StepStatus.RUNNING
-        else:
-            status, running = "comp_status", CompensationStatus.RUNNING
-        return self._cas(saga_id, step, phase, attempt, status, running, running,
+        return self._cas(saga_id, step, phase, attempt, PHASE_COLUMNS[phase].running,
                          lease_until, "", [])
 
-    def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, status: str,
-             expected: Enum, new: Enum, lease_until: float, event: str,
-             extra: list[str], claims: str | None = None) -> bool:
-        attempt_field = "attempt" if phase is Phase.FORWARD else "comp_attempt"
+    def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, expected: Enum,
+             lease_until: float, event: str, extra: list[str],
+             claims: str | None = None) -> bool:
+        """Move the step from `expected`(attempt) to RUNNING on the phase's fields."""
+        cols = PHASE_COLUMNS[phase]
         keys = [self._key("step", saga_id, step), self._key("due"), self._key("events", saga_id)]
         if claims is not None:
             keys.append(claims)
-        args = [status, json.dumps(expected.value), attempt_field, json.dumps(attempt),
-                json.dumps(new.value), json.dumps(lease_until), _score(lease_until),
+        args = [cols.status, json.dumps(expected.value), cols.attempt, json.dumps(attempt),
+                json.dumps(cols.running.value), json.dumps(lease_until), _score(lease_until),
                 _due_member(saga_id, step), event, *extra]
         # A lost reply to a claim that did commit reads as a refused claim: the step
         # then stays RUNNING until its lease expires and the sweeper retries it.

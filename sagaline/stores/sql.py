@@ -22,7 +22,16 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
+from ..records import (
+    PHASE_COLUMNS,
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
+)
 from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
 from . import schema
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
@@ -170,7 +179,7 @@ class SQLStore(Store):
                    lease_until: float, now: float, owner: Owner | None = None) -> bool:
         self._ensure_schema()
         params = {"k_saga_id": saga_id, "k_name": step, "k_attempt": attempt, "k_now": now,
-                  "k_lease_until": lease_until, "k_kind": _STARTED[phase],
+                  "k_lease_until": lease_until, "k_kind": PHASE_COLUMNS[phase].started,
                   "k_phase": phase.value,
                   "k_owner_node": None if owner is None else owner.node,
                   "k_owner_boot": None if owner is None else owner.boot,
@@ -185,7 +194,8 @@ class SQLStore(Store):
 
             return self._retrying(attempt_claim)
         stmt = _CLAIM[phase]
-        event = _event_row(Event(saga_id, _STARTED[phase], now, step, attempt, phase.value))
+        event = _event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
+                                 phase.value))
 
         def attempt_claim_tx() -> bool:
             with self._write() as conn:
@@ -198,13 +208,11 @@ class SQLStore(Store):
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
-        if phase is Phase.FORWARD:
-            cond = [steps.c.status == StepStatus.RUNNING.value, steps.c.attempt == attempt]
-        else:
-            cond = [steps.c.comp_status == CompensationStatus.RUNNING.value,
-                    steps.c.comp_attempt == attempt]
+        cols = PHASE_COLUMNS[phase]
         stmt = (steps.update()
-                .where(steps.c.saga_id == saga_id, steps.c.name == step, *cond)
+                .where(steps.c.saga_id == saga_id, steps.c.name == step,
+                       steps.c[cols.status] == cols.running.value,
+                       steps.c[cols.attempt] == attempt)
                 .values(lease_until=lease_until, due_at=lease_until,
                         version=steps.c.version + 1))
 
@@ -335,8 +343,7 @@ class SQLStore(Store):
         # node's finished steps.
         q = (sa.select(steps).where(
             steps.c.owner_node == node, steps.c.due_at.is_not(None),
-            sa.or_(steps.c.status == StepStatus.RUNNING.value,
-                   steps.c.comp_status == CompensationStatus.RUNNING.value))
+            sa.or_(*(steps.c[c.status] == c.running.value for c in PHASE_COLUMNS.values())))
             .order_by(steps.c.due_at).limit(limit))
 
         def read() -> list[StepRecord]:
@@ -370,44 +377,50 @@ _UPDATE_STEP = (steps.update()
                 .values({c.name: sa.bindparam(f"v_{c.name}") for c in steps.c
                          if c.name not in ("saga_id", "name")}))
 
-_STARTED = {Phase.FORWARD: "step_started", Phase.COMPENSATE: "compensation_started"}
 _CLAIM_OWNER: dict[str, Any] = {"owner_node": sa.bindparam("k_owner_node"),
                                  "owner_boot": sa.bindparam("k_owner_boot"),
                                  "owner_pid": sa.bindparam("k_owner_pid")}
-_CLAIM = {
-    Phase.FORWARD: steps.update().where(
+
+
+def _claim(phase: Phase) -> sa.Update:
+    """DISPATCHED(attempt) -> RUNNING on the phase's columns, as one compare-and-set."""
+    cols = PHASE_COLUMNS[phase]
+    values: dict[str, Any] = {cols.status: cols.running.value}
+    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
+        values["started_at"] = sa.bindparam("k_now")
+    return steps.update().where(
         steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
-        steps.c.status == StepStatus.DISPATCHED.value,
-        steps.c.attempt == sa.bindparam("k_attempt"),
-    ).values(status=StepStatus.RUNNING.value, started_at=sa.bindparam("k_now"),
-             lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
-             **_CLAIM_OWNER, version=steps.c.version + 1),
-    Phase.COMPENSATE: steps.update().where(
-        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
-        steps.c.comp_status == CompensationStatus.DISPATCHED.value,
-        steps.c.comp_attempt == sa.bindparam("k_attempt"),
-    ).values(comp_status=CompensationStatus.RUNNING.value,
-             lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
-             **_CLAIM_OWNER, version=steps.c.version + 1),
-}
+        steps.c[cols.status] == cols.dispatched.value,
+        steps.c[cols.attempt] == sa.bindparam("k_attempt"),
+    ).values(**values, lease_until=sa.bindparam("k_lease_until"),
+             due_at=sa.bindparam("k_lease_until"), **_CLAIM_OWNER,
+             version=steps.c.version + 1)
+
+
+_CLAIM = {phase: _claim(phase) for phase in Phase}
 _PG_CLAIM_SQL = """
 WITH claimed AS (
     UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
            due_at = :k_lease_until, owner_node = :k_owner_node, owner_boot = :k_owner_boot,
            owner_pid = :k_owner_pid, version = version + 1
-    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = 'DISPATCHED'
+    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = '{dispatched}'
           AND {attempt_col} = :k_attempt
     RETURNING saga_id)
 INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
 SELECT saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase FROM claimed"""
-_PG_CLAIM = {
-    Phase.FORWARD: sa.text(_PG_CLAIM_SQL.format(
-        set_status="status = 'RUNNING', started_at = :k_now", status_col="status",
-        attempt_col="attempt")),
-    Phase.COMPENSATE: sa.text(_PG_CLAIM_SQL.format(
-        set_status="comp_status = 'RUNNING'", status_col="comp_status",
-        attempt_col="comp_attempt")),
-}
+
+
+def _pg_claim(phase: Phase) -> sa.TextClause:
+    cols = PHASE_COLUMNS[phase]
+    set_status = f"{cols.status} = '{cols.running.value}'"
+    if phase is Phase.FORWARD:
+        set_status += ", started_at = :k_now"
+    return sa.text(_PG_CLAIM_SQL.format(
+        set_status=set_status, status_col=cols.status, dispatched=cols.dispatched.value,
+        attempt_col=cols.attempt))
+
+
+_PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}
 
 
 def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
