@@ -22,6 +22,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
+from ..exceptions import StoreError
 from ..records import (
     PHASE_COLUMNS,
     Decision,
@@ -168,9 +169,13 @@ class SQLStore(Store):
                     row = conn.execute(sa.select(sagas).where(
                         sagas.c.name == saga.name,
                         sagas.c.idempotency_key == saga.idempotency_key)).first()
-                if row is None:  # the winner rolled back after all: try again
-                    raise sa_exc.OperationalError("idempotent insert", {}, Exception(
-                        "conflicting saga disappeared")) from None
+                if row is None:
+                    # A constraint refused the insert, yet no saga holds the key (its
+                    # owner rolled back, or another constraint failed): not a transient
+                    # failure to wait out, so say what happened at once.
+                    raise StoreError(
+                        f"saga {saga.saga_id!r} was refused, but no saga {saga.name!r} holds "
+                        f"idempotency key {saga.idempotency_key!r}") from None
                 return _saga_record(row), False
 
         return self._retrying(attempt)
