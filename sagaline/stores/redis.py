@@ -55,7 +55,6 @@ import heapq
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from enum import Enum
 from typing import Any
 
@@ -70,13 +69,12 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
+from ..states import Phase, SagaStatus
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
+from .rows import from_row, to_row
 
 redis = require_extra("redis", "redis")
 
-_SAGA_FIELDS = frozenset(f.name for f in fields(SagaRecord))
-_STEP_FIELDS = frozenset(f.name for f in fields(StepRecord))
 
 # The writes shared by create and transact. Scores and positions arrive as strings
 # so that Lua never turns a float into a number (it would round timestamps).
@@ -468,13 +466,11 @@ def _due_member(saga_id: str, step: str) -> str:
 
 
 def _fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list[str]:
-    out: list[str] = []
-    for f in fields(rec):
-        value = getattr(rec, f.name)
-        if f.name == "version" and version is not None:
-            value = version
-        out += [f.name, json.dumps(value.value if isinstance(value, Enum) else value)]
-    return out
+    """The record as flat hash field/value pairs, each value JSON."""
+    row = to_row(rec)
+    if version is not None:
+        row["version"] = version
+    return [part for name, value in row.items() for part in (name, json.dumps(value))]
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -482,18 +478,17 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 
 
 def _saga_record(h: dict[str, str]) -> SagaRecord:
-    # Unknown fields (written by a newer sagaline) are ignored rather than fatal.
-    d = {k: json.loads(v) for k, v in h.items() if k in _SAGA_FIELDS}
-    d["status"] = SagaStatus(d["status"])
-    return SagaRecord(**d)
+    return from_row(SagaRecord, _decoded(h))
 
 
 def _step_record(h: dict[str, str]) -> StepRecord:
-    d = {k: json.loads(v) for k, v in h.items() if k in _STEP_FIELDS}
-    d["status"] = StepStatus(d["status"])
-    if d.get("comp_status") is not None:
-        d["comp_status"] = CompensationStatus(d["comp_status"])
-    return StepRecord(**d)
+    return from_row(StepRecord, _decoded(h))
+
+
+def _decoded(h: dict[str, str]) -> dict[str, Any]:
+    # `txn` is no record field, and fields written by a newer sagaline are unknown
+    # here: from_row ignores both rather than failing on them.
+    return {k: json.loads(v) for k, v in h.items() if k != "txn"}
 
 
 def _event_json(e: Event) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
+from ..states import Phase, SagaStatus
 from . import schema
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
+from .rows import from_row, to_row
 from .schema import events, sagas, steps
 
 
@@ -157,8 +158,8 @@ class SQLStore(Store):
         def attempt() -> tuple[SagaRecord, bool]:
             try:
                 with self._write() as conn:
-                    conn.execute(sagas.insert(), _saga_row(saga))
-                    conn.execute(steps.insert(), [_step_row(s) for s in state.steps.values()])
+                    conn.execute(sagas.insert(), to_row(saga))
+                    conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
                     if events_:  # an empty executemany would insert one row of defaults
                         conn.execute(events.insert(), [_event_row(e) for e in events_])
                 return saga, True
@@ -431,7 +432,7 @@ _PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}
 def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
     """Write a decision with compare-and-set on every record it changes."""
     if d.saga is not None:
-        row = {f"v_{k}": v for k, v in _saga_row(d.saga).items() if k != "saga_id"}
+        row = {f"v_{k}": v for k, v in to_row(d.saga).items() if k != "saga_id"}
         row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)
         if conn.execute(_UPDATE_SAGA, row).rowcount != 1:
             return False
@@ -439,7 +440,7 @@ def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
         rows = []
         for s in d.steps:
             expected = d.expected_version(s)
-            row = {f"v_{k}": v for k, v in _step_row(s).items()
+            row = {f"v_{k}": v for k, v in to_row(s).items()
                    if k not in ("saga_id", "name")}
             row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected,
                        v_version=expected + 1)
@@ -512,85 +513,29 @@ def _current_revision(conn: Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _saga_row(s: SagaRecord) -> dict[str, Any]:
-    return {
-        "saga_id": s.saga_id, "name": s.name, "status": s.status.value, "input": s.input,
-        "output": s.output, "error": s.error, "failed_step": s.failed_step,
-        "idempotency_key": s.idempotency_key, "fingerprint": s.fingerprint,
-        "created_at": s.created_at, "updated_at": s.updated_at, "finished_at": s.finished_at,
-        "deadline": s.deadline, "due_at": s.due_at, "parent_saga_id": s.parent_saga_id,
-        "parent_step": s.parent_step, "version": s.version,
-        "input_fingerprint": s.input_fingerprint,
-    }
-
-
-def _saga_record(r: Any, labels: dict[str, str] | None = None) -> SagaRecord:
-    if labels is not None:
-        m = r._mapping
-        r = _Row({k: m[v] for k, v in labels.items()})
-    return SagaRecord(
-        saga_id=r.saga_id, name=r.name, status=SagaStatus(r.status), input=r.input,
-        fingerprint=r.fingerprint, created_at=r.created_at, updated_at=r.updated_at,
-        idempotency_key=r.idempotency_key, output=r.output, error=r.error,
-        failed_step=r.failed_step, finished_at=r.finished_at, deadline=r.deadline,
-        due_at=r.due_at, parent_saga_id=r.parent_saga_id, parent_step=r.parent_step,
-        version=r.version, input_fingerprint=r.input_fingerprint,
-    )
-
-
-def _step_row(s: StepRecord) -> dict[str, Any]:
-    return {
-        "saga_id": s.saga_id, "name": s.name, "position": s.position, "status": s.status.value,
-        "attempt": s.attempt, "comp_status": None if s.comp_status is None else s.comp_status.value,
-        "comp_attempt": s.comp_attempt, "output": s.output,
-        "compensation_data": s.compensation_data,
-        "has_compensation_data": s.has_compensation_data, "error": s.error,
-        "comp_error": s.comp_error, "lease_until": s.lease_until, "due_at": s.due_at,
-        "started_at": s.started_at, "finished_at": s.finished_at,
-        "redispatches": s.redispatches, "version": s.version, "owner_node": s.owner_node,
-        "owner_boot": s.owner_boot, "owner_pid": s.owner_pid,
-    }
-
-
-def _step_record(r: Any, labels: dict[str, str] | None = None) -> StepRecord:
-    if labels is not None:
-        m = r._mapping
-        r = _Row({k: m[v] for k, v in labels.items()})
-    return StepRecord(
-        saga_id=r.saga_id, name=r.name, position=r.position, status=StepStatus(r.status),
-        attempt=r.attempt,
-        comp_status=None if r.comp_status is None else CompensationStatus(r.comp_status),
-        comp_attempt=r.comp_attempt, output=r.output,
-        compensation_data=r.compensation_data,
-        has_compensation_data=bool(r.has_compensation_data), error=r.error,
-        comp_error=r.comp_error, lease_until=r.lease_until, due_at=r.due_at,
-        started_at=r.started_at, finished_at=r.finished_at, redispatches=r.redispatches,
-        version=r.version, owner_node=r.owner_node, owner_boot=r.owner_boot,
-        owner_pid=r.owner_pid,
-    )
-
-
-class _Row:
-    """Attribute access over a dict of one table's columns out of a joined row."""
-
-    __slots__ = ("_d",)
-
-    def __init__(self, d: dict[str, Any]):
-        self._d = d
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._d[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 def _event_row(e: Event) -> dict[str, Any]:
-    return {"saga_id": e.saga_id, "ts": e.ts, "kind": e.kind, "step": e.step,
-            "attempt": e.attempt, "phase": e.phase, "detail": e.detail or None}
+    # seq is the table's own counter; an empty detail is stored as NULL.
+    row = to_row(e)
+    del row["seq"]
+    row["detail"] = e.detail or None
+    return row
 
 
-def _event_record(r: Any) -> Event:
-    return Event(saga_id=r.saga_id, kind=r.kind, ts=r.ts, step=r.step, attempt=r.attempt,
-                 phase=r.phase, detail=r.detail or {}, seq=r.seq)
+def _saga_record(row: Any, labels: dict[str, str] | None = None) -> SagaRecord:
+    return from_row(SagaRecord, _columns(row, labels))
 
+
+def _step_record(row: Any, labels: dict[str, str] | None = None) -> StepRecord:
+    return from_row(StepRecord, _columns(row, labels))
+
+
+def _event_record(row: Any) -> Event:
+    event = from_row(Event, row._mapping)
+    event.detail = event.detail or {}
+    return event
+
+
+def _columns(row: Any, labels: dict[str, str] | None) -> Mapping[str, Any]:
+    """One table's columns by name, out of a plain row or (by `labels`) a joined one."""
+    m = row._mapping
+    return m if labels is None else {name: m[label] for name, label in labels.items()}
