@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,21 @@ def run_threads(n: int, target: Callable[[int], None], timeout: float = 60.0) ->
         raise errors[0]
 
 
+def defaulted_fields(rec: Any) -> list[str]:
+    """The fields of a record that still hold their default value."""
+    found = []
+    for f in fields(rec):
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            continue  # a required field: always set by the caller
+        if getattr(rec, f.name) == default:
+            found.append(f.name)
+    return found
+
+
 # -- create and read -------------------------------------------------------------------
 
 
@@ -205,7 +220,7 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
         fingerprint="0123456789abcdef", created_at=T0, updated_at=T0 + 1.5,
         idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
         failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
-        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=0,
+        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=7,
         input_fingerprint="0123456789abcdef" * 2)
     steps = {
         "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
@@ -214,13 +229,21 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
                         compensation_data={"refund": 9.99}, has_compensation_data=True,
                         error="Timeout: first try", comp_error="Refused: ✗",
                         lease_until=T0 + 90.5, due_at=T0 + 90.5, started_at=T0 + 0.5,
-                        finished_at=T0 + 1.0),
+                        finished_at=T0 + 1.0, redispatches=4, version=9,
+                        owner_node="celery@host-ü", owner_boot="b" * 32, owner_pid=4321),
         "b": StepRecord(sid, "b", 1, status=StepStatus.FAILED, attempt=1, output="plain ✓",
                         compensation_data=None, has_compensation_data=True),
         "c": StepRecord(sid, "c", 2, status=StepStatus.CANCELLED, output=[1, "two"]),
     }
     events = [Event(sid, "saga_started", T0, detail={"name": "round_trip", "deep": {"k": "✓"}}),
-              Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward")]
+              Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward"),
+              Event(sid, "compensation_failed", T0 + 0.5, "a", 3, "compensate",
+                    detail={"error": "Refused: ✗", "permanent": True})]
+    # Every field differs from its default, so a field that a store forgets to keep
+    # fails below. The one exception: an event's seq is the store's to assign.
+    assert defaulted_fields(saga) == []
+    assert defaulted_fields(steps["a"]) == []
+    assert defaulted_fields(events[2]) == ["seq"]
     record, created = store.create_saga(SagaState(copy.deepcopy(saga), copy.deepcopy(steps)),
                                         events)
     assert created
@@ -231,8 +254,11 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
     assert [(e.kind, e.ts, e.step, e.attempt, e.phase, e.detail) for e in history] == [
         ("saga_started", T0, None, None, None, {"name": "round_trip", "deep": {"k": "✓"}}),
         ("step_dispatched", T0 + 0.25, "a", 1, "forward", {}),
+        ("compensation_failed", T0 + 0.5, "a", 3, "compensate",
+         {"error": "Refused: ✗", "permanent": True}),
     ]
     assert all(e.saga_id == sid and e.seq is not None for e in history)
+    assert history[2] == replace(events[2], seq=history[2].seq)
 
 
 def test_none_output_and_empty_dict_output_stay_distinct(store: Store) -> None:
