@@ -55,6 +55,7 @@ T0 = 1_700_000_000.125
 # Stores whose transact holds a lock that claims also wait for (no claim can slip in).
 DECIDES_UNDER_A_GLOBAL_LOCK = ("memory:", "sqlite:")
 LEASE = 60.0
+THREADS = 20
 
 
 # -- fixtures ----------------------------------------------------------------------
@@ -408,6 +409,30 @@ def test_claim_moves_a_dispatched_attempt_to_running_exactly_once(store: Store) 
     assert len(store.history(sid)) == 3
 
 
+def test_only_one_of_twenty_concurrent_claims_wins(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    barrier = threading.Barrier(THREADS)
+    won: list[bool | None] = [None] * THREADS
+
+    def claim(i: int) -> None:
+        barrier.wait(timeout=30)
+        won[i] = store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 1000 + i,
+                                  now=T0 + 500)
+
+    run_threads(THREADS, claim)
+    assert won.count(True) == 1
+    winner = won.index(True)
+    step = step_of(store, sid, "a")
+    assert (step.status, step.version, step.lease_until) == (
+        StepStatus.RUNNING, 1, T0 + 1000 + winner)
+    assert store.find_due(T0 + 2000) == [DueItem(sid, "a", T0 + 1000 + winner)]
+    assert [e.kind for e in store.history(sid)] == [
+        "saga_started", "step_dispatched", "step_started"]
+    # A stale attempt and a duplicate of the winning one are refused as well.
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 3000, now=T0 + 600)
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 0, lease_until=T0 + 3000, now=T0 + 600)
+
+
 def test_claim_is_refused_for_a_stale_attempt_a_pending_step_or_the_wrong_phase(
         store: Store) -> None:
     sid = started(store).saga.saga_id
@@ -451,6 +476,7 @@ def test_renew_lease_extends_only_the_running_claim(store: Store) -> None:
     assert store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 120)
     rec = step_of(store, sid, "a")
     assert (rec.status, rec.lease_until, rec.due_at) == (StepStatus.RUNNING, T0 + 120, T0 + 120)
+    assert rec.version == 2  # the claim, then the renewal: a racing decision must re-read
     # Once the step is settled the old claim cannot renew anything.
     store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
                                               lease_until=None, due_at=None))
@@ -672,6 +698,29 @@ def test_transact_rejects_a_decision_on_a_stale_saga_version(store: Store) -> No
     assert [e.kind for e in store.history(sid)].count("incremented") == 40
 
 
+def test_concurrent_transacts_on_one_saga_never_lose_an_update(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    barrier = threading.Barrier(10)
+
+    def bump(state: SagaState) -> Decision:
+        saga = state.saga
+        count = (saga.output or {}).get("count", 0) + 1
+        return Decision(saga=replace(saga, output={"count": count}),
+                        saga_version=saga.version,
+                        events=[Event(sid, "bumped", time.time(), detail={"count": count})])
+
+    def worker(_: int) -> None:
+        barrier.wait(timeout=30)
+        store.transact(sid, bump)
+
+    run_threads(10, worker)
+    saga = store.get_saga(sid)
+    assert saga is not None
+    assert (saga.output, saga.version) == ({"count": 10}, 10)
+    counts = [e.detail["count"] for e in store.history(sid) if e.kind == "bumped"]
+    assert counts == list(range(1, 11))
+
+
 def test_append_event_adds_history_without_changing_state(store: Store) -> None:
     state = started(store)
     sid = state.saga.saga_id
@@ -778,6 +827,28 @@ def test_count_by_status_follows_status_changes(store: Store) -> None:
     assert listed == []
 
 
+def test_lists_and_counts_follow_every_status_transition(store: Store) -> None:
+    ids = [started(store, name="order" if i % 2 else "ship", created_at=T0 + i).saga.saga_id
+           for i in range(4)]
+    done = ids[1]
+    store.transact(done, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPLETED),
+                                            saga_version=s.saga.version))
+
+    assert store.count_by_status()[SagaStatus.RUNNING] == 3
+    assert store.count_by_status("order")[SagaStatus.COMPLETED] == 1
+    assert store.count_by_status("ship")[SagaStatus.COMPLETED] == 0
+
+    def listed(**flt: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**flt))]
+
+    assert listed() == ids[::-1]
+    assert listed(status=[SagaStatus.RUNNING]) == [ids[3], ids[2], ids[0]]
+    assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], name="order") == [
+        ids[3], ids[1]]
+    assert listed(limit=2, offset=1) == [ids[2], ids[1]]
+    assert listed(created_after=T0 + 1, created_before=T0 + 3) == [ids[2], ids[1]]
+
+
 # -- the sweeper's index ---------------------------------------------------------------------
 
 
@@ -817,6 +888,31 @@ def test_find_due_follows_claims_and_decisions(store: Store) -> None:
 # -- SQL schema and migrations -----------------------------------------------------------------
 
 MIGRATIONS = Path(schema.__file__).parent / "migrations"
+
+
+def test_find_due_returns_the_earliest_due_work_first_up_to_the_limit(store: Store) -> None:
+    def due(step_due: float, saga_due: float | None = None) -> str:
+        state = make_state(due_at=saga_due)
+        state.steps["a"].due_at = step_due
+        store.create_saga(state, [])
+        return state.saga.saga_id
+
+    late = due(T0 + 300)
+    early = due(T0 + 100, saga_due=T0 + 250)
+    due(T0 + 5000)  # not due yet
+
+    found = store.find_due(T0 + 1000)
+    assert [(d.saga_id, d.step, d.due_at) for d in found] == [
+        (early, "a", T0 + 100), (early, None, T0 + 250), (late, "a", T0 + 300)]
+    assert [d.due_at for d in store.find_due(T0 + 1000, limit=2)] == [T0 + 100, T0 + 250]
+    assert store.find_due(T0 + 50) == []
+
+    # Settling a step takes it out of the index.
+    store.transact(early, lambda s: Decision(
+        steps=[replace(s.steps["a"], status=StepStatus.CANCELLED, due_at=None)],
+        step_versions={"a": s.steps["a"].version}))
+    assert [(d.saga_id, d.step) for d in store.find_due(T0 + 1000)] == [
+        (early, None), (late, "a")]
 
 
 @pytest.fixture
