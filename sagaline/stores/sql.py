@@ -1,5 +1,8 @@
 """The SQL store on SQLAlchemy 2 Core: PostgreSQL (psycopg 3), SQLite (default), MySQL/MariaDB.
 
+What differs by database (drivers, pool and SQLite setup, which errors are
+transient, PostgreSQL's one-statement claim) is in sql_dialects.py.
+
 Locking: `transact` takes the saga row with SELECT ... FOR UPDATE (PostgreSQL,
 MySQL) or a BEGIN IMMEDIATE write transaction (SQLite), so completions of one
 saga are serialized while different sagas proceed in parallel. Claims and lease
@@ -12,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
@@ -35,9 +37,30 @@ from ..records import (
 )
 from ..states import Phase, SagaStatus
 from . import schema
-from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
-from .rows import from_row, to_row
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
+from .rows import to_row
 from .schema import events, sagas, steps
+from .sql_dialects import (
+    PG_CLAIM,
+    dialect_of,
+    driver_url,
+    engine_options_for,
+    sqlite_path,
+    sqlite_setup,
+    transient,
+)
+from .sql_statements import (
+    CLAIM,
+    LOCK_SAGA,
+    SAGA_LABELS,
+    STATE,
+    STEP_LABELS,
+    event_record,
+    event_row,
+    saga_record,
+    step_record,
+    write_decision,
+)
 
 
 class SQLStore(Store):
@@ -45,35 +68,19 @@ class SQLStore(Store):
                  auto_migrate: bool = True, **engine_options: Any):
         self.url = url
         self.retry_for = retry_for
-        self.dialect = _dialect_of(url)
-        if self.dialect == "postgresql":
-            require_extra("psycopg", "postgres")
-            url = url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
-                "postgres://", "postgresql+psycopg://", 1)
-        elif self.dialect == "mysql":
-            if url.startswith(("mysql://", "mariadb://")):
-                url = "mysql+pymysql://" + url.split("://", 1)[1]
-            require_extra("pymysql", "mysql")
-        options: dict[str, Any] = {"echo": echo, "future": True}
+        self.dialect = dialect_of(url)
         # The SQLite file, when the URL names one (created by `migrate`, never by reads).
-        self.sqlite_path: Path | None = None
+        self.sqlite_path = sqlite_path(url) if self.dialect == "sqlite" else None
+        options: dict[str, Any] = {"echo": echo, "future": True,
+                                   **engine_options_for(self.dialect), **engine_options}
+        self.engine: Engine = sa.create_engine(driver_url(url, self.dialect), **options)
         if self.dialect == "sqlite":
-            path = url.split(":///", 1)[1] if ":///" in url else ""
-            if path and path != ":memory:":
-                self.sqlite_path = Path(path)
-            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        else:
-            options.update(pool_size=5, max_overflow=10, pool_recycle=1800)
-        options.update(engine_options)
-        self.engine: Engine = sa.create_engine(url, **options)
-        if self.dialect == "sqlite":
-            _sqlite_setup(self.engine)
+            sqlite_setup(self.engine)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
-        self._pid_checked = False
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -161,7 +168,7 @@ class SQLStore(Store):
                     conn.execute(sagas.insert(), to_row(saga))
                     conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
                     if events_:  # an empty executemany would insert one row of defaults
-                        conn.execute(events.insert(), [_event_row(e) for e in events_])
+                        conn.execute(events.insert(), [event_row(e) for e in events_])
                 return saga, True
             except sa_exc.IntegrityError:
                 if saga.idempotency_key is None:
@@ -177,7 +184,7 @@ class SQLStore(Store):
                     raise StoreError(
                         f"saga {saga.saga_id!r} was refused, but no saga {saga.name!r} holds "
                         f"idempotency key {saga.idempotency_key!r}") from None
-                return _saga_record(row), False
+                return saga_record(row), False
 
         return self._retrying(attempt)
 
@@ -192,15 +199,15 @@ class SQLStore(Store):
                   "k_owner_pid": None if owner is None else owner.pid}
         if self.dialect == "postgresql":
             # One statement, one round trip: the compare-and-set feeds the event insert.
-            claim = _PG_CLAIM[phase]
+            claim = PG_CLAIM[phase]
 
             def attempt_claim() -> bool:
                 with self._autocommit.connect() as conn:
                     return bool(conn.execute(claim, params).rowcount == 1)
 
             return self._retrying(attempt_claim)
-        stmt = _CLAIM[phase]
-        event = _event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
+        stmt = CLAIM[phase]
+        event = event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
                                  phase.value))
 
         def attempt_claim_tx() -> bool:
@@ -239,17 +246,17 @@ class SQLStore(Store):
                 # the step a concurrent completion just wrote. Only the saga row is
                 # locked, so claims (step rows) never wait for a completion. SQLite's
                 # BEGIN IMMEDIATE already holds the write lock before the read.
-                conn.execute(_LOCK_SAGA, {"k_saga_id": saga_id})
+                conn.execute(LOCK_SAGA, {"k_saga_id": saga_id})
             # The saga and its steps in one query; the saga row is the lock.
-            rows = conn.execute(_STATE, {"k_saga_id": saga_id}).all()
+            rows = conn.execute(STATE, {"k_saga_id": saga_id}).all()
             if not rows:
                 yield None
                 return
-            state = SagaState(_saga_record(rows[0], _SAGA_LABELS),
-                              {r.s_name: _step_record(r, _STEP_LABELS) for r in rows})
+            state = SagaState(saga_record(rows[0], SAGA_LABELS),
+                              {r.s_name: step_record(r, STEP_LABELS) for r in rows})
 
             def write(decision: Decision) -> bool:
-                if _write_decision(conn, saga_id, decision):
+                if write_decision(conn, saga_id, decision):
                     return True
                 conn.rollback()
                 return False
@@ -264,7 +271,7 @@ class SQLStore(Store):
         def read() -> SagaRecord | None:
             with self._read() as conn:
                 row = conn.execute(sa.select(sagas).where(sagas.c.saga_id == saga_id)).first()
-                return None if row is None else _saga_record(row)
+                return None if row is None else saga_record(row)
 
         return self._retrying(read)
 
@@ -275,7 +282,7 @@ class SQLStore(Store):
             with self._read() as conn:
                 rows = conn.execute(sa.select(steps).where(steps.c.saga_id == saga_id)
                                     .order_by(steps.c.position))
-                return [_step_record(r) for r in rows]
+                return [step_record(r) for r in rows]
 
         return self._retrying(read)
 
@@ -286,7 +293,7 @@ class SQLStore(Store):
             with self._read() as conn:
                 rows = conn.execute(sa.select(events).where(
                     events.c.saga_id == saga_id, events.c.seq > after_seq).order_by(events.c.seq))
-                return [_event_record(r) for r in rows]
+                return [event_record(r) for r in rows]
 
         return self._retrying(read)
 
@@ -308,7 +315,7 @@ class SQLStore(Store):
 
         def read() -> list[SagaRecord]:
             with self._read() as conn:
-                return [_saga_record(r) for r in conn.execute(q)]
+                return [saga_record(r) for r in conn.execute(q)]
 
         return self._retrying(read)
 
@@ -354,156 +361,9 @@ class SQLStore(Store):
 
         def read() -> list[StepRecord]:
             with self._read() as conn:
-                return [_step_record(r) for r in conn.execute(q)]
+                return [step_record(r) for r in conn.execute(q)]
 
         return self._retrying(read)
-
-
-# -- prebuilt statements (compiled once, cached by SQLAlchemy) -------------------------
-
-_SAGA_LABELS = {c.name: f"g_{c.name}" for c in sagas.c}
-_STEP_LABELS = {c.name: f"s_{c.name}" for c in steps.c}
-_STATE = (sa.select(*[c.label(_SAGA_LABELS[c.name]) for c in sagas.c],
-                    *[c.label(_STEP_LABELS[c.name]) for c in steps.c])
-          .select_from(sagas.join(steps, steps.c.saga_id == sagas.c.saga_id))
-          .where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
-          .order_by(steps.c.position))
-_LOCK_SAGA = (sa.select(sagas.c.saga_id).where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
-              .with_for_update())
-
-_UPDATE_SAGA = (sagas.update()
-                .where(sagas.c.saga_id == sa.bindparam("k_saga_id"),
-                       sagas.c.version == sa.bindparam("k_version"))
-                .values({c.name: sa.bindparam(f"v_{c.name}") for c in sagas.c
-                         if c.name != "saga_id"}))
-_UPDATE_STEP = (steps.update()
-                .where(steps.c.saga_id == sa.bindparam("k_saga_id"),
-                       steps.c.name == sa.bindparam("k_name"),
-                       steps.c.version == sa.bindparam("k_version"))
-                .values({c.name: sa.bindparam(f"v_{c.name}") for c in steps.c
-                         if c.name not in ("saga_id", "name")}))
-
-_CLAIM_OWNER: dict[str, Any] = {"owner_node": sa.bindparam("k_owner_node"),
-                                 "owner_boot": sa.bindparam("k_owner_boot"),
-                                 "owner_pid": sa.bindparam("k_owner_pid")}
-
-
-def _claim(phase: Phase) -> sa.Update:
-    """DISPATCHED(attempt) -> RUNNING on the phase's columns, as one compare-and-set."""
-    cols = PHASE_COLUMNS[phase]
-    values: dict[str, Any] = {cols.status: cols.running.value}
-    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
-        values["started_at"] = sa.bindparam("k_now")
-    return steps.update().where(
-        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
-        steps.c[cols.status] == cols.dispatched.value,
-        steps.c[cols.attempt] == sa.bindparam("k_attempt"),
-    ).values(**values, lease_until=sa.bindparam("k_lease_until"),
-             due_at=sa.bindparam("k_lease_until"), **_CLAIM_OWNER,
-             version=steps.c.version + 1)
-
-
-_CLAIM = {phase: _claim(phase) for phase in Phase}
-_PG_CLAIM_SQL = """
-WITH claimed AS (
-    UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
-           due_at = :k_lease_until, owner_node = :k_owner_node, owner_boot = :k_owner_boot,
-           owner_pid = :k_owner_pid, version = version + 1
-    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = '{dispatched}'
-          AND {attempt_col} = :k_attempt
-    RETURNING saga_id)
-INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
-SELECT saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase FROM claimed"""
-
-
-def _pg_claim(phase: Phase) -> sa.TextClause:
-    cols = PHASE_COLUMNS[phase]
-    set_status = f"{cols.status} = '{cols.running.value}'"
-    if phase is Phase.FORWARD:
-        set_status += ", started_at = :k_now"
-    return sa.text(_PG_CLAIM_SQL.format(
-        set_status=set_status, status_col=cols.status, dispatched=cols.dispatched.value,
-        attempt_col=cols.attempt))
-
-
-_PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}
-
-
-def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
-    """Write a decision with compare-and-set on every record it changes."""
-    if d.saga is not None:
-        row = {f"v_{k}": v for k, v in to_row(d.saga).items() if k != "saga_id"}
-        row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)
-        if conn.execute(_UPDATE_SAGA, row).rowcount != 1:
-            return False
-    if d.steps:
-        rows = []
-        for s in d.steps:
-            expected = d.expected_version(s)
-            row = {f"v_{k}": v for k, v in to_row(s).items()
-                   if k not in ("saga_id", "name")}
-            row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected,
-                       v_version=expected + 1)
-            rows.append(row)
-        # One executemany: psycopg pipelines it into a single round trip.
-        if conn.execute(_UPDATE_STEP, rows).rowcount != len(rows):
-            return False
-    if d.events:
-        conn.execute(events.insert(), [_event_row(e) for e in d.events])
-    return True
-
-
-# -- helpers ------------------------------------------------------------------------
-
-
-# PostgreSQL SQLSTATE classes worth waiting out: connection (08), transaction
-# rollback: deadlock/serialization (40), operator intervention: restarts (57),
-# insufficient resources (53). MySQL: lost/refused connections, deadlock, lock wait.
-_PG_TRANSIENT = ("08", "40", "53", "57")
-_MYSQL_TRANSIENT = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
-
-
-def transient(exc: BaseException) -> bool:
-    """Whether a failed statement may succeed if tried again (a server restart, a lock)."""
-    if isinstance(exc, sa_exc.InterfaceError) or getattr(exc, "connection_invalidated", False):
-        return True
-    orig = getattr(exc, "orig", exc)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate is not None:
-        return str(sqlstate).startswith(_PG_TRANSIENT)
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0] in _MYSQL_TRANSIENT
-    text = str(orig).lower()
-    # psycopg connection failures carry no SQLSTATE; SQLite reports locks as text.
-    return any(word in text for word in ("locked", "busy", "connect", "closed", "terminat",
-                                         "timeout", "timed out"))
-
-
-def _dialect_of(url: str) -> str:
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-    return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
-
-
-def _sqlite_setup(engine: Engine) -> None:
-    @sa_event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    @sa_event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # A write transaction takes the write lock up front: a deferred one that
-        # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
-        if conn.get_execution_options().get("sagaline_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
 
 
 def _current_revision(conn: Connection) -> str | None:
@@ -511,31 +371,3 @@ def _current_revision(conn: Connection) -> str | None:
         return None
     row = conn.execute(sa.text(f"SELECT version_num FROM {schema.VERSION_TABLE}")).first()
     return None if row is None else str(row[0])
-
-
-def _event_row(e: Event) -> dict[str, Any]:
-    # seq is the table's own counter; an empty detail is stored as NULL.
-    row = to_row(e)
-    del row["seq"]
-    row["detail"] = e.detail or None
-    return row
-
-
-def _saga_record(row: Any, labels: dict[str, str] | None = None) -> SagaRecord:
-    return from_row(SagaRecord, _columns(row, labels))
-
-
-def _step_record(row: Any, labels: dict[str, str] | None = None) -> StepRecord:
-    return from_row(StepRecord, _columns(row, labels))
-
-
-def _event_record(row: Any) -> Event:
-    event = from_row(Event, row._mapping)
-    event.detail = event.detail or {}
-    return event
-
-
-def _columns(row: Any, labels: dict[str, str] | None) -> Mapping[str, Any]:
-    """One table's columns by name, out of a plain row or (by `labels`) a joined one."""
-    m = row._mapping
-    return m if labels is None else {name: m[label] for name, label in labels.items()}
