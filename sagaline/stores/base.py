@@ -145,10 +145,11 @@ class Store(ABC):
 
     @abstractmethod
     def _locked(self, saga_id: str) -> AbstractContextManager[Snapshot | None]:
-        """The saga under its lock for one decision (None: no such saga).
+        """The saga read for one decision (None: no such saga), serialized with others.
 
-        The lock is held until the context exits, so that `decide` sees every
-        write that committed before and none that commits after.
+        SQL and memory hold the saga's lock until the context exits, so that no
+        other transact of the saga writes in between; Redis holds none, and its
+        `write` loses instead when another transact wrote the saga since the read.
         """
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
