@@ -28,7 +28,7 @@ FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 PARTS = [
     ("claim (store.claim_step)", "claim_step", "sagaline/stores/sql.py"),
     ("complete (Runtime.transact)", "transact", "sagaline/runtime.py"),
-    ("  store.transact", "transact", "sagaline/stores/sql.py"),
+    ("  store.transact", "transact", "sagaline/stores/base.py"),
     ("    engine decision", "step_succeeded", "sagaline/engine.py"),
     ("    write decision", "write_decision", "sagaline/stores/sql_statements.py"),
     ("  publish (after commit)", "publish", "sagaline/runtime.py"),
