@@ -112,8 +112,10 @@ class StepRecord:
     @property
     def running_phase(self) -> Phase | None:
         """The phase whose claim is RUNNING, if any."""
-        return next((p for p in (Phase.FORWARD, Phase.COMPENSATE)
-                     if self.status_for(p) is PHASE_COLUMNS[p].running), None)
+        for phase, cols in PHASE_COLUMNS.items():
+            if getattr(self, cols.status) is cols.running:
+                return phase
+        return None
 
 
 @dataclass(frozen=True)

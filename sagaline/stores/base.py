@@ -69,8 +69,11 @@ class Store(ABC):
     """What every state store provides. Implementations: memory, sql, redis.
 
     The base owns the contract's semantics: the decide-again loop of `transact`,
-    `storable_records` on everything written, and the id and filter guards.
-    A store supplies primitives (`_locked`, `_insert_saga`, the `_`-prefixed reads).
+    `storable_records` on everything written, the id and filter guards, and the
+    retry of transient failures. A store supplies primitives: `_locked` (one read
+    for a decision, and its compare-and-set write), `_insert_saga`, the
+    `_`-prefixed reads, and the single-row compare-and-sets `claim_step` and
+    `renew_lease` (which choose their fields through `records.PHASE_COLUMNS`).
     """
 
     url: str = ""
