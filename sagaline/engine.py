@@ -208,7 +208,7 @@ def step_succeeded(defn: Saga, state: SagaState, step: str, attempt: int, *, out
                    timing: Timing) -> Decision | None:
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
-    if rec.status is not StepStatus.RUNNING or rec.attempt != attempt:
+    if not rec.is_running(Phase.FORWARD, attempt):
         return None
     w.update_step(step, status=StepStatus.SUCCEEDED, output=output,
                   compensation_data=compensation_data if has_compensation_data else None,
@@ -230,7 +230,7 @@ def step_failed(defn: Saga, state: SagaState, step: str, attempt: int, *, error:
     """A failed attempt: retry with backoff, or fail the step and roll back."""
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
-    if rec.status is not StepStatus.RUNNING or rec.attempt != attempt:
+    if not rec.is_running(Phase.FORWARD, attempt):
         return None
     fail_attempt(w, step, error=error, permanent=permanent, reason=reason,
                  compensation_data=compensation_data,
@@ -491,7 +491,7 @@ def compensation_succeeded(defn: Saga, state: SagaState, step: str, attempt: int
                            now: float, timing: Timing) -> Decision | None:
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
-    if rec.comp_status is not CompensationStatus.RUNNING or rec.comp_attempt != attempt:
+    if not rec.is_running(Phase.COMPENSATE, attempt):
         return None
     w.update_step(step, comp_status=CompensationStatus.COMPENSATED, lease_until=None,
                   due_at=None, comp_error=None)
@@ -504,7 +504,7 @@ def compensation_failed(defn: Saga, state: SagaState, step: str, attempt: int, *
                         reason: str = "error", now: float, timing: Timing) -> Decision | None:
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
-    if rec.comp_status is not CompensationStatus.RUNNING or rec.comp_attempt != attempt:
+    if not rec.is_running(Phase.COMPENSATE, attempt):
         return None
     fail_compensation_attempt(w, step, error=error, reason=reason)
     advance(w)

@@ -18,7 +18,7 @@ from .engine import Timing
 from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
 from .records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
-from .states import CompensationStatus, Phase, SagaStatus, StepStatus
+from .states import CompensationStatus, Phase, SagaStatus
 from .stores.base import Store, open_existing
 
 log = logging.getLogger("sagaline")
@@ -154,7 +154,7 @@ def repair(defn: Saga, state: SagaState, step: str | None, now: float, timing: T
     rec = state.steps.get(step)
     if rec is None:
         return None
-    running = rec.status is StepStatus.RUNNING or rec.comp_status is CompensationStatus.RUNNING
+    running = rec.running_phase is not None
     if running and defn.graph.steps[step].child is not None:
         child_step.append(step)  # a child saga runs it: no lease to expire
         return None

@@ -33,6 +33,28 @@ class SagaRecord:
     input_fingerprint: str | None = None
 
 
+@dataclass(frozen=True)
+class PhaseColumns:
+    """Where a step keeps the state of one phase, and the values that fence its claims."""
+
+    status: str  # the status field (and column): `status` or `comp_status`
+    attempt: str  # the attempt field (and column): `attempt` or `comp_attempt`
+    dispatched: StepStatus | CompensationStatus
+    running: StepStatus | CompensationStatus
+    started: str  # the kind of the event a claim appends
+
+
+# The one place that says which fields a phase uses: records, engine and every store
+# (their SQL and Lua included) go through it.
+PHASE_COLUMNS = {
+    Phase.FORWARD: PhaseColumns("status", "attempt", StepStatus.DISPATCHED,
+                                StepStatus.RUNNING, "step_started"),
+    Phase.COMPENSATE: PhaseColumns("comp_status", "comp_attempt",
+                                   CompensationStatus.DISPATCHED, CompensationStatus.RUNNING,
+                                   "compensation_started"),
+}
+
+
 @dataclass
 class StepRecord:
     saga_id: str
@@ -61,8 +83,25 @@ class StepRecord:
     owner_boot: str | None = None
     owner_pid: int | None = None
 
+    def status_for(self, phase: Phase) -> StepStatus | CompensationStatus | None:
+        """The status of the step's run in `phase` (None: never compensated)."""
+        status: StepStatus | CompensationStatus | None
+        status = getattr(self, PHASE_COLUMNS[phase].status)
+        return status
+
     def attempt_for(self, phase: Phase) -> int:
-        return self.attempt if phase is Phase.FORWARD else self.comp_attempt
+        attempt: int = getattr(self, PHASE_COLUMNS[phase].attempt)
+        return attempt
+
+    def is_dispatched(self, phase: Phase, attempt: int | None = None) -> bool:
+        """Whether a message of `phase` is out, waiting to be claimed (by `attempt`, if given)."""
+        return self.status_for(phase) is PHASE_COLUMNS[phase].dispatched and (
+            attempt is None or self.attempt_for(phase) == attempt)
+
+    def is_running(self, phase: Phase, attempt: int) -> bool:
+        """Whether `attempt` of `phase` holds the claim: the fence against stale messages."""
+        return (self.status_for(phase) is PHASE_COLUMNS[phase].running
+                and self.attempt_for(phase) == attempt)
 
     @property
     def owner(self) -> Owner | None:
@@ -73,10 +112,9 @@ class StepRecord:
     @property
     def running_phase(self) -> Phase | None:
         """The phase whose claim is RUNNING, if any."""
-        if self.status is StepStatus.RUNNING:
-            return Phase.FORWARD
-        if self.comp_status is CompensationStatus.RUNNING:
-            return Phase.COMPENSATE
+        for phase, cols in PHASE_COLUMNS.items():
+            if getattr(self, cols.status) is cols.running:
+                return phase
         return None
 
 
@@ -150,6 +188,10 @@ class Decision:
     @property
     def changed(self) -> bool:
         return bool(self.saga is not None or self.steps or self.events)
+
+    def expected_version(self, step: StepRecord) -> int:
+        """The version `step` must still have for this decision to be written."""
+        return self.step_versions.get(step.name, step.version)
 
 
 @dataclass

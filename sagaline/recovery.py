@@ -88,9 +88,10 @@ def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
     if rec.lease_until is None or rec.lease_until > now:
         return None
     error = "LeaseExpired: the worker running it died or stopped responding"
-    if rec.status is StepStatus.RUNNING:
+    phase = rec.running_phase
+    if phase is Phase.FORWARD:
         fail_attempt(w, step, error=error, permanent=False, reason="lease_expired")
-    elif rec.comp_status is CompensationStatus.RUNNING:
+    elif phase is Phase.COMPENSATE:
         fail_compensation_attempt(w, step, error=error, reason="lease_expired")
     else:
         return None
@@ -131,11 +132,11 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
     # A message that merely waits behind a backlog looks lost too: back off, so that a
     # busy queue is not flooded with copies (each copy is fenced, but costs a delivery).
     times = rec.redispatches + 1
-    if rec.status is StepStatus.DISPATCHED and w.saga.status in (SagaStatus.RUNNING,
-                                                                 SagaStatus.COMPENSATING):
+    if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (SagaStatus.RUNNING,
+                                                              SagaStatus.COMPENSATING):
         dispatch_forward(w, step, attempt=rec.attempt, announce=False)
         w.event("step_redispatched", step, rec.attempt, Phase.FORWARD, times=times)
-    elif rec.comp_status is CompensationStatus.DISPATCHED:
+    elif rec.is_dispatched(Phase.COMPENSATE):
         dispatch_compensation(w, step, attempt=rec.comp_attempt, announce=False)
         w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE,
                 times=times)
@@ -156,10 +157,8 @@ def refused_message(state: SagaState, event: Event, phase: Phase, *,
     """
     rec = state.steps.get(event.step or "")
     decision = Decision(events=[event])
-    dispatched = rec is not None and (
-        rec.status is StepStatus.DISPATCHED if phase is Phase.FORWARD
-        else rec.comp_status is CompensationStatus.DISPATCHED)
-    if rec is not None and dispatched and rec.attempt_for(phase) == event.attempt:
+    if rec is not None and event.attempt is not None and \
+            rec.is_dispatched(phase, event.attempt):
         decision.steps = [replace(rec, due_at=event.ts + timing.redispatch_after,
                                   redispatches=0)]
         decision.step_versions = {rec.name: rec.version}
@@ -179,11 +178,7 @@ def undeliverable(defn: Saga, state: SagaState, step: str, phase: Phase, attempt
     """
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
-    current = rec.status if phase is Phase.FORWARD else rec.comp_status
-    allowed = {StepStatus.DISPATCHED, CompensationStatus.DISPATCHED}
-    if claimed:
-        allowed |= {StepStatus.RUNNING, CompensationStatus.RUNNING}
-    if current not in allowed or rec.attempt_for(phase) != attempt:
+    if not (rec.is_dispatched(phase, attempt) or (claimed and rec.is_running(phase, attempt))):
         return None  # settled meanwhile, or a message of an earlier attempt
     if phase is Phase.FORWARD:
         fail_attempt(w, step, error=error, permanent=True, reason=reason)
@@ -205,10 +200,7 @@ def unregistered_task(defn: Saga, state: SagaState, event: Event, phase: Phase, 
     `max_redispatches` times and still refused, the step fails (`undeliverable`).
     """
     rec = state.steps.get(event.step or "")
-    current = None if rec is None else (
-        rec.status if phase is Phase.FORWARD else rec.comp_status)
-    if rec is None or current not in (StepStatus.DISPATCHED, CompensationStatus.DISPATCHED) \
-            or rec.attempt_for(phase) != event.attempt:
+    if rec is None or event.attempt is None or not rec.is_dispatched(phase, event.attempt):
         return Decision(events=[event])  # a stale copy: only say so
     if rec.redispatches >= max_redispatches:
         task = event.detail.get("task")

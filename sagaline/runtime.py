@@ -28,7 +28,7 @@ from .exceptions import (
     StepFailure,
 )
 from .records import Decision, Dispatch, Event, Owner, SagaRecord, SagaState, StepRecord
-from .states import SAGA_TERMINAL, CompensationStatus, Phase, SagaStatus, StepStatus
+from .states import SAGA_TERMINAL, CompensationStatus, Phase, SagaStatus
 from .stores.base import Store, store_from_url
 
 if TYPE_CHECKING:
@@ -284,10 +284,10 @@ class Runtime:
         rec = next((s for s in self.store.get_steps(parent_id) if s.name == step), None)
         if rec is None:
             return
-        compensating = rec.comp_status is CompensationStatus.RUNNING
-        if not compensating and rec.status is not StepStatus.RUNNING:
+        phase = rec.running_phase
+        if phase is None:
             return
-        phase = Phase.COMPENSATE if compensating else Phase.FORWARD
+        compensating = phase is Phase.COMPENSATE
         child_id = child_of(parent_id, rec)
         child = self.store.get_saga(child_id)
         now = time.time()

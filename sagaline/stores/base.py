@@ -17,20 +17,43 @@ from __future__ import annotations
 
 import importlib
 import logging
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..exceptions import ConfigurationError, StoreError
+from ..exceptions import ConcurrencyError, ConfigurationError, StoreError
 from ..payload import text_problem
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import Phase, SagaStatus
+from .sanitize import storable_records
 
 Decide = Callable[[SagaState], "Decision | None"]
 T = TypeVar("T")
 log = logging.getLogger("sagaline.stores")
+
+# Transient failures (a restarting server, a dropped connection, a locked SQLite
+# file) are retried for this long before the operation fails with StoreError.
+DEFAULT_RETRY_FOR = 30.0
+# A transact that keeps losing its compare-and-set to concurrent writers gives up
+# after this many decisions; a short random pause between them spreads the writers out.
+MAX_DECISIONS = 20
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saga read under its lock, and how to write a decision made on it.
+
+    `write` is a compare-and-set on the versions the decision was made on (and,
+    per store, whatever stands for the saga lock): False means another writer
+    won, nothing was written, and the caller must read again and decide again.
+    """
+
+    state: SagaState
+    write: Callable[[Decision], bool]
 
 
 @dataclass(frozen=True)
@@ -45,19 +68,39 @@ class DueItem:
 class Store(ABC):
     """What every state store provides. Implementations: memory, sql, redis.
 
-    Every implementation passes the records it writes through
-    `sanitize.storable_records`, so that any failure text can be stored.
+    The base owns the contract's semantics: the decide-again loop of `transact`,
+    `storable_records` on everything written, the id and filter guards, and the
+    retry of transient failures. A store supplies primitives: `_locked` (one read
+    for a decision, and its compare-and-set write), `_insert_saga`, the
+    `_`-prefixed reads, and the single-row compare-and-sets `claim_step` and
+    `renew_lease` (which choose their fields through `records.PHASE_COLUMNS`).
     """
 
     url: str = ""
+    retry_for: float = DEFAULT_RETRY_FOR
+    # The exceptions of a store's client that may be transient; `_is_transient` tells.
+    _retry_errors: tuple[type[BaseException], ...] = ()
 
-    @abstractmethod
+    def _is_transient(self, exc: BaseException) -> bool:
+        return True
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, waiting out transient failures for `retry_for` seconds."""
+        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
+                               errors=self._retry_errors, transient=self._is_transient)
+
     def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         """Insert a saga with its steps and events in one transaction.
 
         When another saga with the same name and idempotency key exists, insert
         nothing and return that one with `False`.
         """
+        storable_records(state.saga, state.steps.values(), events)
+        return self._insert_saga(state, events)
+
+    @abstractmethod
+    def _insert_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+        """`create_saga` on records already made storable."""
 
     @abstractmethod
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
@@ -74,31 +117,86 @@ class Store(ABC):
                     lease_until: float) -> bool:
         """Extend the lease of a RUNNING claim; False when the claim is no longer ours."""
 
-    @abstractmethod
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
         """Read the saga under its lock, let `decide` choose, write its decision atomically.
 
         Retries `decide` on a fresh read when a compare-and-set loses a race.
         Returns the decision that was written (None when `decide` chose nothing).
         """
+        if not findable(saga_id):
+            return None
+        for n in range(MAX_DECISIONS):
+            done, decision = self._retrying(lambda: self._decide_once(saga_id, decide))
+            if done:
+                return decision
+            # Lost a race (a claim, a renewal, another completion of this saga).
+            time.sleep(random.uniform(0, min(0.002 * 2 ** n, 0.05)))
+        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+
+    def _decide_once(self, saga_id: str, decide: Decide) -> tuple[bool, Decision | None]:
+        """One read-decide-write; (False, None) when the compare-and-set lost."""
+        with self._locked(saga_id) as snapshot:
+            if snapshot is None:
+                return True, None
+            decision = decide(snapshot.state)
+            if decision is None or not decision.changed:
+                return True, decision
+            storable_records(decision.saga, decision.steps, decision.events)
+            if not snapshot.write(decision):
+                return False, None
+            return True, decision
 
     @abstractmethod
-    def get_saga(self, saga_id: str) -> SagaRecord | None: ...
+    def _locked(self, saga_id: str) -> AbstractContextManager[Snapshot | None]:
+        """The saga read for one decision (None: no such saga), serialized with others.
+
+        SQL and memory hold the saga's lock until the context exits, so that no
+        other transact of the saga writes in between; Redis holds none, and its
+        `write` loses instead when another transact wrote the saga since the read.
+        """
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        if not findable(saga_id):
+            return None
+        return self._get_saga(saga_id)
 
     @abstractmethod
+    def _get_saga(self, saga_id: str) -> SagaRecord | None: ...
+
     def get_steps(self, saga_id: str) -> list[StepRecord]:
         """The saga's steps in topological order."""
+        if not findable(saga_id):
+            return []
+        return self._get_steps(saga_id)
 
     @abstractmethod
+    def _get_steps(self, saga_id: str) -> list[StepRecord]: ...
+
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
         """The saga's events in the order they were appended."""
+        if not findable(saga_id):
+            return []
+        return self._history(saga_id, after_seq)
 
     @abstractmethod
+    def _history(self, saga_id: str, after_seq: int) -> list[Event]: ...
+
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         """Sagas matching the filter, newest first."""
+        if filter_matches_nothing(flt):
+            return []
+        return self._list_sagas(flt)
 
     @abstractmethod
-    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]: ...
+    def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]: ...
+
+    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+        if filter_matches_nothing(name=name):
+            return dict.fromkeys(SagaStatus, 0)
+        return self._count_by_status(name)
+
+    @abstractmethod
+    def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]: ...
 
     @abstractmethod
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:

@@ -5,13 +5,22 @@ from __future__ import annotations
 import copy
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ..exceptions import ConcurrencyError
-from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
-from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .base import Decide, DueItem, Store, filter_matches_nothing, findable, matches_filter
-from .sanitize import storable_records
+from ..records import (
+    PHASE_COLUMNS,
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
+)
+from ..states import Phase, SagaStatus
+from .base import DueItem, Snapshot, Store, matches_filter
 
 
 class MemoryStore(Store):
@@ -31,9 +40,8 @@ class MemoryStore(Store):
             stored.seq = self._seq
             self._events[e.saga_id].append(stored)
 
-    def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+    def _insert_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         saga = state.saga
-        storable_records(saga, state.steps.values(), events)
         with self._lock:
             if saga.idempotency_key is not None:
                 existing = self._keys.get((saga.name, saga.idempotency_key))
@@ -49,66 +57,57 @@ class MemoryStore(Store):
                    lease_until: float, now: float, owner: Owner | None = None) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
-            if rec is None:
+            if rec is None or not rec.is_dispatched(phase, attempt):
                 return False
-            if phase is Phase.FORWARD:
-                if rec.status is not StepStatus.DISPATCHED or rec.attempt != attempt:
-                    return False
-                rec.status = StepStatus.RUNNING
+            cols = PHASE_COLUMNS[phase]
+            setattr(rec, cols.status, cols.running)
+            if phase is Phase.FORWARD:  # a compensation keeps the step's start time
                 rec.started_at = now
-                kind = "step_started"
-            else:
-                if rec.comp_status is not CompensationStatus.DISPATCHED or \
-                        rec.comp_attempt != attempt:
-                    return False
-                rec.comp_status = CompensationStatus.RUNNING
-                kind = "compensation_started"
             rec.lease_until = lease_until
             rec.due_at = lease_until
             rec.owner_node = None if owner is None else owner.node
             rec.owner_boot = None if owner is None else owner.boot
             rec.owner_pid = None if owner is None else owner.pid
             rec.version += 1
-            self._append([Event(saga_id, kind, now, step, attempt, phase.value)])
+            self._append([Event(saga_id, cols.started, now, step, attempt, phase.value)])
             return True
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
-            if rec is None or not _running(rec, phase, attempt):
+            if rec is None or not rec.is_running(phase, attempt):
                 return False
             rec.lease_until = lease_until
             rec.due_at = lease_until
             rec.version += 1
             return True
 
-    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
-        if not findable(saga_id):
-            return None
+    @contextmanager
+    def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         # Decide under the lock, as the SQL store decides under the saga's row lock:
         # two branches finishing together must see each other, or neither would
         # dispatch the step that joins them.
         with self._lock:
             state = self._read(saga_id)
-            if state is None:
-                return None
-            decision = decide(state)
-            if decision is None or not decision.changed:
-                return decision
-            if not self._versions_match(saga_id, decision):
-                raise ConcurrencyError(f"saga {saga_id!r} changed under its lock")
-            storable_records(decision.saga, decision.steps, decision.events)
-            if decision.saga is not None:
-                saga = copy.deepcopy(decision.saga)
-                saga.version = decision.saga_version + 1
-                self._sagas[saga_id] = saga
-            for s in decision.steps:
-                rec = copy.deepcopy(s)
-                rec.version = decision.step_versions.get(s.name, s.version) + 1
-                self._steps[saga_id][s.name] = rec
-            self._append(decision.events)
-            return decision
+            yield None if state is None else Snapshot(
+                state, lambda decision: self._write(saga_id, decision))
+
+    def _write(self, saga_id: str, decision: Decision) -> bool:
+        # Under the lock nothing else writes, so versions differ only when the
+        # decision was made on records of another read.
+        if not self._versions_match(saga_id, decision):
+            return False
+        if decision.saga is not None:
+            saga = copy.deepcopy(decision.saga)
+            saga.version = decision.saga_version + 1
+            self._sagas[saga_id] = saga
+        for s in decision.steps:
+            rec = copy.deepcopy(s)
+            rec.version = decision.expected_version(s) + 1
+            self._steps[saga_id][s.name] = rec
+        self._append(decision.events)
+        return True
 
     def _versions_match(self, saga_id: str, decision: Decision) -> bool:
         if decision.saga is not None and self._sagas[saga_id].version != decision.saga_version:
@@ -123,39 +122,29 @@ class MemoryStore(Store):
         return SagaState(copy.deepcopy(saga),
                          {n: copy.deepcopy(s) for n, s in self._steps[saga_id].items()})
 
-    def get_saga(self, saga_id: str) -> SagaRecord | None:
-        if not findable(saga_id):
-            return None
+    def _get_saga(self, saga_id: str) -> SagaRecord | None:
         with self._lock:
             saga = self._sagas.get(saga_id)
             return copy.deepcopy(saga) if saga else None
 
-    def get_steps(self, saga_id: str) -> list[StepRecord]:
-        if not findable(saga_id):
-            return []
+    def _get_steps(self, saga_id: str) -> list[StepRecord]:
         with self._lock:
             steps = self._steps.get(saga_id, {})
             return sorted((copy.deepcopy(s) for s in steps.values()), key=lambda s: s.position)
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        if not findable(saga_id):
-            return []
+    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         with self._lock:
             return [copy.deepcopy(e) for e in self._events.get(saga_id, [])
                     if (e.seq or 0) > after_seq]
 
-    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if filter_matches_nothing(flt):
-            return []
+    def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         with self._lock:
             rows = [s for s in self._sagas.values() if matches_filter(s, flt)]
         rows.sort(key=lambda s: (s.created_at, s.saga_id), reverse=True)
         return [copy.deepcopy(s) for s in rows[flt.offset:flt.offset + flt.limit]]
 
-    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
+    def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         counts = dict.fromkeys(SagaStatus, 0)
-        if filter_matches_nothing(name=name):
-            return counts
         with self._lock:
             for s in self._sagas.values():
                 if name is None or s.name == name:
@@ -177,10 +166,4 @@ class MemoryStore(Store):
             found = [copy.deepcopy(r) for steps in self._steps.values() for r in steps.values()
                      if r.owner_node == node and r.running_phase is not None]
         return found[:limit]
-
-
-def _running(rec: StepRecord, phase: Phase, attempt: int) -> bool:
-    if phase is Phase.FORWARD:
-        return rec.status is StepStatus.RUNNING and rec.attempt == attempt
-    return rec.comp_status is CompensationStatus.RUNNING and rec.comp_attempt == attempt
 

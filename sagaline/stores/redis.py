@@ -53,100 +53,28 @@ from __future__ import annotations
 
 import heapq
 import json
-import random
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
-from ..exceptions import ConcurrencyError, StoreError
-from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
-from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .base import (
-    Decide,
-    DueItem,
-    Store,
-    filter_matches_nothing,
-    findable,
-    matches_filter,
-    require_extra,
-    retry_transient,
+from ..exceptions import StoreError
+from ..records import (
+    PHASE_COLUMNS,
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
 )
-from .sanitize import storable_records
+from ..states import Phase, SagaStatus
+from . import redis_scripts as scripts
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
+from .rows import from_row, to_row
 
 redis = require_extra("redis", "redis")
-
-T = TypeVar("T")
-
-# Transient failures (a restarting or loading server, a dropped connection) are
-# retried for this long before the operation fails with StoreError.
-DEFAULT_RETRY_FOR = 30.0
-# A transact that keeps losing its compare-and-set to concurrent writers gives up
-# after this many decisions; a short random pause between them spreads the writers out.
-MAX_DECISIONS = 20
-_SAGA_FIELDS = frozenset(f.name for f in fields(SagaRecord))
-_STEP_FIELDS = frozenset(f.name for f in fields(StepRecord))
-
-# The writes shared by create and transact. Scores and positions arrive as strings
-# so that Lua never turns a float into a number (it would round timestamps).
-_APPLY = """
-for _, h in ipairs(p.hset) do redis.call('HSET', h[1], unpack(h[2])) end
-for _, z in ipairs(p.zrem) do redis.call('ZREM', z[1], z[2]) end
-for _, z in ipairs(p.zadd) do redis.call('ZADD', z[1], z[2], z[3]) end
-for _, e in ipairs(p.events) do redis.call('RPUSH', p.events_key, e) end
-"""
-
-# Returns the id of the saga that owns the idempotency key (or the id being created).
-# A retried call whose first try did commit finds its own saga and reports it as created.
-_CREATE = """
-local p = cjson.decode(ARGV[1])
-if redis.call('EXISTS', p.saga_key) == 1 then return p.saga_id end
-if p.idem_key and not redis.call('SET', p.idem_key, p.saga_id, 'NX') then
-  return redis.call('GET', p.idem_key)
-end
-""" + _APPLY + "return p.saga_id"
-
-# No other transact wrote the saga, and every changed record still has the version
-# the decision was made on. A decision that only appends events checks nothing.
-_WRITE = """
-local p = cjson.decode(ARGV[1])
-if p.txn and (redis.call('HGET', p.saga_key, 'txn') or '0') ~= p.txn then return 0 end
-for _, c in ipairs(p.expect) do
-  if redis.call('HGET', c[1], 'version') ~= c[2] then return 0 end
-end
-if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
-""" + _APPLY + "return 1"
-
-# A compare-and-set on one step: claim (DISPATCHED -> RUNNING) or lease renewal
-# (RUNNING -> RUNNING). KEYS: step hash, due index, events, and for a claim by a
-# worker process the claims index of its node. ARGV: status field,
-# expected status, attempt field, expected attempt, new status, lease (JSON),
-# lease (score), due member, event ('' for none), then extra field/value pairs.
-_CAS_STEP = """
-local k = KEYS[1]
-if redis.call('HGET', k, ARGV[1]) ~= ARGV[2] or redis.call('HGET', k, ARGV[3]) ~= ARGV[4] then
-  return 0
-end
-redis.call('HSET', k, ARGV[1], ARGV[5], 'lease_until', ARGV[6], 'due_at', ARGV[6],
-           unpack(ARGV, 10))
-redis.call('HINCRBY', k, 'version', 1)
-redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
-if ARGV[9] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[9]) end
-if KEYS[4] then redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8]) end
-return 1
-"""
-
-# One consistent snapshot of a saga and its steps (in position order) in one round trip.
-# KEYS: saga hash, step-name index. ARGV: the step-hash key prefix of this saga.
-_READ_STATE = """
-local out = {redis.call('HGETALL', KEYS[1])}
-if #out[1] == 0 then return {} end
-for _, name in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. name)
-end
-return out
-"""
 
 
 class RedisStore(Store):
@@ -164,20 +92,18 @@ class RedisStore(Store):
         self._client: Any = redis.Redis.from_url(url, decode_responses=True, **client_options)
         # redis-py's Script runs EVALSHA and reloads the script after NOSCRIPT
         # (a restarted server has an empty script cache).
-        self._create = self._client.register_script(_CREATE)
-        self._write = self._client.register_script(_WRITE)
-        self._cas_step = self._client.register_script(_CAS_STEP)
-        self._read_state = self._client.register_script(_READ_STATE)
-        self._transient = (redis.ConnectionError, redis.TimeoutError)  # BusyLoading is one
+        self._create = self._client.register_script(scripts.CREATE)
+        self._write = self._client.register_script(scripts.WRITE)
+        self._cas_step = self._client.register_script(scripts.CAS_STEP)
+        self._read_state = self._client.register_script(scripts.READ_STATE)
+        # A restarting or loading server (BusyLoading is a ConnectionError), a dropped
+        # connection.
+        self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
 
     # -- plumbing ----------------------------------------------------------------
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
-
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
-                               errors=self._transient)
 
     def close(self) -> None:
         self._client.close()
@@ -188,10 +114,9 @@ class RedisStore(Store):
 
     # -- writes ------------------------------------------------------------------
 
-    def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
+    def _insert_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         saga = state.saga
         sid = saga.saga_id
-        storable_records(saga, state.steps.values(), events)
         payload: dict[str, Any] = {
             "saga_key": self._key("saga", sid), "saga_id": sid,
             "events_key": self._key("events", sid), "events": [_event_json(e) for e in events],
@@ -220,7 +145,7 @@ class RedisStore(Store):
             owner = str(self._create(args=[body]))
             if owner == sid:
                 return saga, True
-            existing = self._get_saga(owner)
+            existing = self._read_saga(owner)
             if existing is None:  # an idempotency key whose saga was deleted by hand
                 raise StoreError(f"idempotency key {saga.idempotency_key!r} of {saga.name!r} "
                                  f"names saga {owner!r}, which does not exist")
@@ -230,72 +155,56 @@ class RedisStore(Store):
 
     def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
                    lease_until: float, now: float, owner: Owner | None = None) -> bool:
-        expected: Enum
-        running: Enum
-        if phase is Phase.FORWARD:
-            status, expected, running = "status", StepStatus.DISPATCHED, StepStatus.RUNNING
-            kind, extra = "step_started", ["started_at", json.dumps(now)]
-        else:
-            status, expected = "comp_status", CompensationStatus.DISPATCHED
-            running, kind, extra = CompensationStatus.RUNNING, "compensation_started", []
-        event = _event_json(Event(saga_id, kind, now, step, attempt, phase.value))
+        cols = PHASE_COLUMNS[phase]
+        # A compensation keeps the step's start time.
+        extra = ["started_at", json.dumps(now)] if phase is Phase.FORWARD else []
+        event = _event_json(Event(saga_id, cols.started, now, step, attempt, phase.value))
         extra += ["owner_node", json.dumps(None if owner is None else owner.node),
                   "owner_boot", json.dumps(None if owner is None else owner.boot),
                   "owner_pid", json.dumps(None if owner is None else owner.pid)]
         claims = None if owner is None else self._key("claims", owner.node)
-        return self._cas(saga_id, step, phase, attempt, status, expected, running,
-                         lease_until, event, extra, claims)
+        return self._cas(saga_id, step, phase, attempt, cols.dispatched, lease_until, event,
+                         extra, claims)
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
-        running: Enum
-        if phase is Phase.FORWARD:
-            status, running = "status", StepStatus.RUNNING
-        else:
-            status, running = "comp_status", CompensationStatus.RUNNING
-        return self._cas(saga_id, step, phase, attempt, status, running, running,
+        return self._cas(saga_id, step, phase, attempt, PHASE_COLUMNS[phase].running,
                          lease_until, "", [])
 
-    def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, status: str,
-             expected: Enum, new: Enum, lease_until: float, event: str,
-             extra: list[str], claims: str | None = None) -> bool:
-        attempt_field = "attempt" if phase is Phase.FORWARD else "comp_attempt"
+    def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, expected: Enum,
+             lease_until: float, event: str, extra: list[str],
+             claims: str | None = None) -> bool:
+        """Move the step from `expected`(attempt) to RUNNING on the phase's fields."""
+        cols = PHASE_COLUMNS[phase]
         keys = [self._key("step", saga_id, step), self._key("due"), self._key("events", saga_id)]
         if claims is not None:
             keys.append(claims)
-        args = [status, json.dumps(expected.value), attempt_field, json.dumps(attempt),
-                json.dumps(new.value), json.dumps(lease_until), _score(lease_until),
+        args = [cols.status, json.dumps(expected.value), cols.attempt, json.dumps(attempt),
+                json.dumps(cols.running.value), json.dumps(lease_until), _score(lease_until),
                 _due_member(saga_id, step), event, *extra]
         # A lost reply to a claim that did commit reads as a refused claim: the step
         # then stays RUNNING until its lease expires and the sweeper retries it.
         return self._retrying(lambda: int(self._cas_step(keys=keys, args=args)) == 1)
 
-    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
-        if not findable(saga_id):
-            return None
+    @contextmanager
+    def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
+        # No lock is held while deciding: the write below checks the saga's `txn`
+        # counter instead, and loses (the caller decides again) if another transact
+        # wrote the saga since this read.
+        loaded = self._load_state(saga_id)
+        if loaded is None:
+            yield None
+            return
+        state, txn = loaded
 
-        def attempt() -> tuple[bool, Decision | None]:
-            loaded = self._load_state(saga_id)
-            if loaded is None:
-                return True, None
-            state, txn = loaded
-            decision = decide(state)
-            if decision is None or not decision.changed:
-                return True, decision
+        def write(decision: Decision) -> bool:
             body = json.dumps(self._decision_payload(state, txn, decision))
-            return int(self._write(args=[body])) == 1, decision
+            return int(self._write(args=[body])) == 1
 
-        for n in range(MAX_DECISIONS):
-            done, decision = self._retrying(attempt)
-            if done:
-                return decision
-            # Lost a race (a claim, a renewal, another completion of this saga).
-            time.sleep(random.uniform(0, min(0.002 * 2 ** n, 0.05)))
-        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+        yield Snapshot(state, write)
 
     def _decision_payload(self, state: SagaState, txn: str, d: Decision) -> dict[str, Any]:
         sid = state.saga.saga_id
-        storable_records(d.saga, d.steps, d.events)
         expect: list[list[str]] = []
         hset: list[Any] = []
         zrem: list[list[str]] = []
@@ -313,10 +222,9 @@ class RedisStore(Store):
                 zrem.append([self._key("due"), sid])
             else:
                 zadd.append([self._key("due"), _score(d.saga.due_at), sid])
-        versions = dict(d.step_versions)
         for s in d.steps:
             key = self._key("step", sid, s.name)
-            version = versions.pop(s.name, s.version)
+            version = d.expected_version(s)
             expect.append([key, str(version)])
             hset.append([key, _fields(s, version=version + 1)])
             member = _due_member(sid, s.name)
@@ -330,7 +238,9 @@ class RedisStore(Store):
             else:
                 zadd.append([self._key("due"), _score(s.due_at), member])
         # Versions of steps the decision read but does not change are checked too.
-        expect += [[self._key("step", sid, n), str(v)] for n, v in versions.items()]
+        changed = {s.name for s in d.steps}
+        expect += [[self._key("step", sid, n), str(v)] for n, v in d.step_versions.items()
+                   if n not in changed]
         payload = {"saga_key": self._key("saga", sid), "expect": expect, "hset": hset,
                    "zrem": zrem, "zadd": zadd, "events_key": self._key("events", sid),
                    "events": [_event_json(e) for e in d.events]}
@@ -357,30 +267,24 @@ class RedisStore(Store):
         return (SagaState(_saga_record(saga), {s.name: s for s in steps}),
                 saga.get("txn", "0"))
 
-    def _get_saga(self, saga_id: str) -> SagaRecord | None:
+    def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self._key("saga", saga_id))
         return _saga_record(h) if h else None
 
-    def get_saga(self, saga_id: str) -> SagaRecord | None:
-        if not findable(saga_id):
-            return None
-        return self._retrying(lambda: self._get_saga(saga_id))
+    def _get_saga(self, saga_id: str) -> SagaRecord | None:
+        return self._retrying(lambda: self._read_saga(saga_id))
 
-    def get_steps(self, saga_id: str) -> list[StepRecord]:
-        if not findable(saga_id):
-            return []
+    def _get_steps(self, saga_id: str) -> list[StepRecord]:
         loaded = self._retrying(lambda: self._load_state(saga_id))
         return [] if loaded is None else list(loaded[0].steps.values())
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        if not findable(saga_id):
-            return []
+    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         start = max(after_seq, 0)
         rows = self._retrying(lambda: self._client.lrange(self._key("events", saga_id), start, -1))
         return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
 
-    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if flt.limit <= 0 or filter_matches_nothing(flt):
+    def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
+        if flt.limit <= 0:
             return []
         lo = "-inf" if flt.created_after is None else _score(flt.created_after)
         hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
@@ -441,10 +345,7 @@ class RedisStore(Store):
             pipe.hgetall(self._key("saga", sid))
         return [_saga_record(h) for h in pipe.execute() if h]  # skip deleted sagas
 
-    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
-        if filter_matches_nothing(name=name):
-            return dict.fromkeys(SagaStatus, 0)
-
+    def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         def read() -> dict[SagaStatus, int]:
             pipe = self._client.pipeline(transaction=False)
             for s in SagaStatus:
@@ -505,13 +406,11 @@ def _due_member(saga_id: str, step: str) -> str:
 
 
 def _fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list[str]:
-    out: list[str] = []
-    for f in fields(rec):
-        value = getattr(rec, f.name)
-        if f.name == "version" and version is not None:
-            value = version
-        out += [f.name, json.dumps(value.value if isinstance(value, Enum) else value)]
-    return out
+    """The record as flat hash field/value pairs, each value JSON."""
+    row = to_row(rec)
+    if version is not None:
+        row["version"] = version
+    return [part for name, value in row.items() for part in (name, json.dumps(value))]
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -519,31 +418,31 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 
 
 def _saga_record(h: dict[str, str]) -> SagaRecord:
-    # Unknown fields (written by a newer sagaline) are ignored rather than fatal.
-    d = {k: json.loads(v) for k, v in h.items() if k in _SAGA_FIELDS}
-    d["status"] = SagaStatus(d["status"])
-    return SagaRecord(**d)
+    return from_row(SagaRecord, _decoded(h))
 
 
 def _step_record(h: dict[str, str]) -> StepRecord:
-    d = {k: json.loads(v) for k, v in h.items() if k in _STEP_FIELDS}
-    d["status"] = StepStatus(d["status"])
-    if d.get("comp_status") is not None:
-        d["comp_status"] = CompensationStatus(d["comp_status"])
-    return StepRecord(**d)
+    return from_row(StepRecord, _decoded(h))
+
+
+def _decoded(h: dict[str, str]) -> dict[str, Any]:
+    # `txn` is no record field, and fields written by a newer sagaline are unknown
+    # here: from_row ignores both rather than failing on them.
+    return {k: json.loads(v) for k, v in h.items() if k != "txn"}
 
 
 def _event_json(e: Event) -> str:
     # saga_id is the list's key and seq its index: neither is stored in the event.
-    return json.dumps({"kind": e.kind, "ts": e.ts, "step": e.step, "attempt": e.attempt,
-                       "phase": e.phase, "detail": e.detail or {}})
+    row = to_row(e)
+    del row["saga_id"], row["seq"]
+    row["detail"] = e.detail or {}
+    return json.dumps(row)
 
 
 def _event_record(saga_id: str, seq: int, raw: str) -> Event:
-    d = json.loads(raw)
-    return Event(saga_id=saga_id, kind=d["kind"], ts=d["ts"], step=d.get("step"),
-                 attempt=d.get("attempt"), phase=d.get("phase"), detail=d.get("detail") or {},
-                 seq=seq)
+    event = from_row(Event, {**json.loads(raw), "saga_id": saga_id, "seq": seq})
+    event.detail = event.detail or {}
+    return event
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

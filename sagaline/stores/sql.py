@@ -1,5 +1,8 @@
 """The SQL store on SQLAlchemy 2 Core: PostgreSQL (psycopg 3), SQLite (default), MySQL/MariaDB.
 
+What differs by database (drivers, pool and SQLite setup, which errors are
+transient, PostgreSQL's one-statement claim) is in sql_dialects.py.
+
 Locking: `transact` takes the saga row with SELECT ... FOR UPDATE (PostgreSQL,
 MySQL) or a BEGIN IMMEDIATE write transaction (SQLite), so completions of one
 saga are serialized while different sagas proceed in parallel. Claims and lease
@@ -12,37 +15,52 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from ..exceptions import ConcurrencyError
-from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
-from ..states import CompensationStatus, Phase, SagaStatus, StepStatus
-from . import schema
-from .base import (
-    Decide,
-    DueItem,
-    Store,
-    filter_matches_nothing,
-    findable,
-    require_extra,
-    retry_transient,
+from ..exceptions import StoreError
+from ..records import (
+    PHASE_COLUMNS,
+    Decision,
+    Event,
+    Owner,
+    SagaFilter,
+    SagaRecord,
+    SagaState,
+    StepRecord,
 )
-from .sanitize import storable_records
+from ..states import Phase, SagaStatus
+from . import schema
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
+from .rows import to_row
 from .schema import events, sagas, steps
-
-T = TypeVar("T")
-
-# Transient failures (a restarted server, a locked SQLite file, a deadlock) are
-# retried for this long before the operation fails with StoreError.
-DEFAULT_RETRY_FOR = 30.0
+from .sql_dialects import (
+    PG_CLAIM,
+    dialect_of,
+    driver_url,
+    engine_options_for,
+    sqlite_path,
+    sqlite_setup,
+    transient,
+)
+from .sql_statements import (
+    CLAIM,
+    LOCK_SAGA,
+    SAGA_LABELS,
+    STATE,
+    STEP_LABELS,
+    event_record,
+    event_row,
+    saga_record,
+    step_record,
+    write_decision,
+)
 
 
 class SQLStore(Store):
@@ -50,35 +68,19 @@ class SQLStore(Store):
                  auto_migrate: bool = True, **engine_options: Any):
         self.url = url
         self.retry_for = retry_for
-        self.dialect = _dialect_of(url)
-        if self.dialect == "postgresql":
-            require_extra("psycopg", "postgres")
-            url = url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
-                "postgres://", "postgresql+psycopg://", 1)
-        elif self.dialect == "mysql":
-            if url.startswith(("mysql://", "mariadb://")):
-                url = "mysql+pymysql://" + url.split("://", 1)[1]
-            require_extra("pymysql", "mysql")
-        options: dict[str, Any] = {"echo": echo, "future": True}
+        self.dialect = dialect_of(url)
         # The SQLite file, when the URL names one (created by `migrate`, never by reads).
-        self.sqlite_path: Path | None = None
+        self.sqlite_path = sqlite_path(url) if self.dialect == "sqlite" else None
+        options: dict[str, Any] = {"echo": echo, "future": True,
+                                   **engine_options_for(self.dialect), **engine_options}
+        self.engine: Engine = sa.create_engine(driver_url(url, self.dialect), **options)
         if self.dialect == "sqlite":
-            path = url.split(":///", 1)[1] if ":///" in url else ""
-            if path and path != ":memory:":
-                self.sqlite_path = Path(path)
-            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        else:
-            options.update(pool_size=5, max_overflow=10, pool_recycle=1800)
-        options.update(engine_options)
-        self.engine: Engine = sa.create_engine(url, **options)
-        if self.dialect == "sqlite":
-            _sqlite_setup(self.engine)
+            sqlite_setup(self.engine)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
-        self._pid_checked = False
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -90,10 +92,10 @@ class SQLStore(Store):
                 self._retrying(self.migrate)
                 self._migrated = True
 
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
-                               errors=(sa_exc.OperationalError, sa_exc.InterfaceError),
-                               transient=transient)
+    _retry_errors = (sa_exc.OperationalError, sa_exc.InterfaceError)
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        return transient(exc)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -156,18 +158,17 @@ class SQLStore(Store):
 
     # -- writes ------------------------------------------------------------------
 
-    def create_saga(self, state: SagaState, events_: list[Event]) -> tuple[SagaRecord, bool]:
+    def _insert_saga(self, state: SagaState, events_: list[Event]) -> tuple[SagaRecord, bool]:
         self._ensure_schema()
         saga = state.saga
-        storable_records(saga, state.steps.values(), events_)
 
         def attempt() -> tuple[SagaRecord, bool]:
             try:
                 with self._write() as conn:
-                    conn.execute(sagas.insert(), _saga_row(saga))
-                    conn.execute(steps.insert(), [_step_row(s) for s in state.steps.values()])
+                    conn.execute(sagas.insert(), to_row(saga))
+                    conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
                     if events_:  # an empty executemany would insert one row of defaults
-                        conn.execute(events.insert(), [_event_row(e) for e in events_])
+                        conn.execute(events.insert(), [event_row(e) for e in events_])
                 return saga, True
             except sa_exc.IntegrityError:
                 if saga.idempotency_key is None:
@@ -176,10 +177,14 @@ class SQLStore(Store):
                     row = conn.execute(sa.select(sagas).where(
                         sagas.c.name == saga.name,
                         sagas.c.idempotency_key == saga.idempotency_key)).first()
-                if row is None:  # the winner rolled back after all: try again
-                    raise sa_exc.OperationalError("idempotent insert", {}, Exception(
-                        "conflicting saga disappeared")) from None
-                return _saga_record(row), False
+                if row is None:
+                    # A constraint refused the insert, yet no saga holds the key (its
+                    # owner rolled back, or another constraint failed): not a transient
+                    # failure to wait out, so say what happened at once.
+                    raise StoreError(
+                        f"saga {saga.saga_id!r} was refused, but no saga {saga.name!r} holds "
+                        f"idempotency key {saga.idempotency_key!r}") from None
+                return saga_record(row), False
 
         return self._retrying(attempt)
 
@@ -187,22 +192,23 @@ class SQLStore(Store):
                    lease_until: float, now: float, owner: Owner | None = None) -> bool:
         self._ensure_schema()
         params = {"k_saga_id": saga_id, "k_name": step, "k_attempt": attempt, "k_now": now,
-                  "k_lease_until": lease_until, "k_kind": _STARTED[phase],
+                  "k_lease_until": lease_until, "k_kind": PHASE_COLUMNS[phase].started,
                   "k_phase": phase.value,
                   "k_owner_node": None if owner is None else owner.node,
                   "k_owner_boot": None if owner is None else owner.boot,
                   "k_owner_pid": None if owner is None else owner.pid}
         if self.dialect == "postgresql":
             # One statement, one round trip: the compare-and-set feeds the event insert.
-            claim = _PG_CLAIM[phase]
+            claim = PG_CLAIM[phase]
 
             def attempt_claim() -> bool:
                 with self._autocommit.connect() as conn:
                     return bool(conn.execute(claim, params).rowcount == 1)
 
             return self._retrying(attempt_claim)
-        stmt = _CLAIM[phase]
-        event = _event_row(Event(saga_id, _STARTED[phase], now, step, attempt, phase.value))
+        stmt = CLAIM[phase]
+        event = event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
+                                 phase.value))
 
         def attempt_claim_tx() -> bool:
             with self._write() as conn:
@@ -215,13 +221,11 @@ class SQLStore(Store):
 
     def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
                     lease_until: float) -> bool:
-        if phase is Phase.FORWARD:
-            cond = [steps.c.status == StepStatus.RUNNING.value, steps.c.attempt == attempt]
-        else:
-            cond = [steps.c.comp_status == CompensationStatus.RUNNING.value,
-                    steps.c.comp_attempt == attempt]
+        cols = PHASE_COLUMNS[phase]
         stmt = (steps.update()
-                .where(steps.c.saga_id == saga_id, steps.c.name == step, *cond)
+                .where(steps.c.saga_id == saga_id, steps.c.name == step,
+                       steps.c[cols.status] == cols.running.value,
+                       steps.c[cols.attempt] == attempt)
                 .values(lease_until=lease_until, due_at=lease_until,
                         version=steps.c.version + 1))
 
@@ -231,89 +235,69 @@ class SQLStore(Store):
 
         return self._retrying(renew)
 
-    def transact(self, saga_id: str, decide: Decide) -> Decision | None:
-        if not findable(saga_id):
-            return None
+    @contextmanager
+    def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         self._ensure_schema()
-        # The saga and its steps in one query; the saga row is the lock.
-        read = _STATE.where(sagas.c.saga_id == saga_id)
-        lock = None
-        if self.dialect != "sqlite":
-            # Lock the saga row first, in its own statement: a statement that waited for
-            # a lock still reads the other tables from the snapshot it started with
-            # (PostgreSQL READ COMMITTED), so a joined locking read could miss the step
-            # a concurrent completion just wrote. Only the saga row is locked, so claims
-            # (step rows) never wait for a completion. SQLite's BEGIN IMMEDIATE already
-            # holds the write lock before the read.
-            lock = sa.select(sagas.c.saga_id).where(
-                sagas.c.saga_id == saga_id).with_for_update()
+        with self._write() as conn:
+            if self.dialect != "sqlite":
+                # Lock the saga row first, in its own statement: a statement that waited
+                # for a lock still reads the other tables from the snapshot it started
+                # with (PostgreSQL READ COMMITTED), so a joined locking read could miss
+                # the step a concurrent completion just wrote. Only the saga row is
+                # locked, so claims (step rows) never wait for a completion. SQLite's
+                # BEGIN IMMEDIATE already holds the write lock before the read.
+                conn.execute(LOCK_SAGA, {"k_saga_id": saga_id})
+            # The saga and its steps in one query; the saga row is the lock.
+            rows = conn.execute(STATE, {"k_saga_id": saga_id}).all()
+            if not rows:
+                yield None
+                return
+            state = SagaState(saga_record(rows[0], SAGA_LABELS),
+                              {r.s_name: step_record(r, STEP_LABELS) for r in rows})
 
-        def attempt() -> tuple[bool, Decision | None]:
-            with self._write() as conn:
-                if lock is not None:
-                    conn.execute(lock)
-                rows = conn.execute(read).all()
-                if not rows:
-                    return True, None
-                state = SagaState(_saga_record(rows[0], _SAGA_LABELS),
-                                  {r.s_name: _step_record(r, _STEP_LABELS) for r in rows})
-                decision = decide(state)
-                if decision is None or not decision.changed:
-                    return True, decision
-                if not _write_decision(conn, saga_id, decision):
-                    conn.rollback()
-                    return False, None
-                return True, decision
+            def write(decision: Decision) -> bool:
+                if write_decision(conn, saga_id, decision):
+                    return True
+                conn.rollback()
+                return False
 
-        for _ in range(20):
-            done, decision = self._retrying(attempt)
-            if done:
-                return decision
-        raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
+            yield Snapshot(state, write)
 
     # -- reads -------------------------------------------------------------------
 
-    def get_saga(self, saga_id: str) -> SagaRecord | None:
-        if not findable(saga_id):
-            return None
+    def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
 
         def read() -> SagaRecord | None:
             with self._read() as conn:
                 row = conn.execute(sa.select(sagas).where(sagas.c.saga_id == saga_id)).first()
-                return None if row is None else _saga_record(row)
+                return None if row is None else saga_record(row)
 
         return self._retrying(read)
 
-    def get_steps(self, saga_id: str) -> list[StepRecord]:
-        if not findable(saga_id):
-            return []
+    def _get_steps(self, saga_id: str) -> list[StepRecord]:
         self._ensure_schema()
 
         def read() -> list[StepRecord]:
             with self._read() as conn:
                 rows = conn.execute(sa.select(steps).where(steps.c.saga_id == saga_id)
                                     .order_by(steps.c.position))
-                return [_step_record(r) for r in rows]
+                return [step_record(r) for r in rows]
 
         return self._retrying(read)
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        if not findable(saga_id):
-            return []
+    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
 
         def read() -> list[Event]:
             with self._read() as conn:
                 rows = conn.execute(sa.select(events).where(
                     events.c.saga_id == saga_id, events.c.seq > after_seq).order_by(events.c.seq))
-                return [_event_record(r) for r in rows]
+                return [event_record(r) for r in rows]
 
         return self._retrying(read)
 
-    def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if filter_matches_nothing(flt):
-            return []
+    def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         self._ensure_schema()
         q = sa.select(sagas)
         if flt.status is not None:
@@ -331,13 +315,11 @@ class SQLStore(Store):
 
         def read() -> list[SagaRecord]:
             with self._read() as conn:
-                return [_saga_record(r) for r in conn.execute(q)]
+                return [saga_record(r) for r in conn.execute(q)]
 
         return self._retrying(read)
 
-    def count_by_status(self, name: str | None = None) -> dict[SagaStatus, int]:
-        if filter_matches_nothing(name=name):
-            return dict.fromkeys(SagaStatus, 0)
+    def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         self._ensure_schema()
         q = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
         if name:
@@ -374,154 +356,14 @@ class SQLStore(Store):
         # node's finished steps.
         q = (sa.select(steps).where(
             steps.c.owner_node == node, steps.c.due_at.is_not(None),
-            sa.or_(steps.c.status == StepStatus.RUNNING.value,
-                   steps.c.comp_status == CompensationStatus.RUNNING.value))
+            sa.or_(*(steps.c[c.status] == c.running.value for c in PHASE_COLUMNS.values())))
             .order_by(steps.c.due_at).limit(limit))
 
         def read() -> list[StepRecord]:
             with self._read() as conn:
-                return [_step_record(r) for r in conn.execute(q)]
+                return [step_record(r) for r in conn.execute(q)]
 
         return self._retrying(read)
-
-
-# -- prebuilt statements (compiled once, cached by SQLAlchemy) -------------------------
-
-_SAGA_LABELS = {c.name: f"g_{c.name}" for c in sagas.c}
-_STEP_LABELS = {c.name: f"s_{c.name}" for c in steps.c}
-_STATE = (sa.select(*[c.label(_SAGA_LABELS[c.name]) for c in sagas.c],
-                    *[c.label(_STEP_LABELS[c.name]) for c in steps.c])
-          .select_from(sagas.join(steps, steps.c.saga_id == sagas.c.saga_id))
-          .order_by(steps.c.position))
-
-_UPDATE_SAGA = (sagas.update()
-                .where(sagas.c.saga_id == sa.bindparam("k_saga_id"),
-                       sagas.c.version == sa.bindparam("k_version"))
-                .values({c.name: sa.bindparam(f"v_{c.name}") for c in sagas.c
-                         if c.name != "saga_id"}))
-_UPDATE_STEP = (steps.update()
-                .where(steps.c.saga_id == sa.bindparam("k_saga_id"),
-                       steps.c.name == sa.bindparam("k_name"),
-                       steps.c.version == sa.bindparam("k_version"))
-                .values({c.name: sa.bindparam(f"v_{c.name}") for c in steps.c
-                         if c.name not in ("saga_id", "name")}))
-
-_STARTED = {Phase.FORWARD: "step_started", Phase.COMPENSATE: "compensation_started"}
-_CLAIM_OWNER: dict[str, Any] = {"owner_node": sa.bindparam("k_owner_node"),
-                                 "owner_boot": sa.bindparam("k_owner_boot"),
-                                 "owner_pid": sa.bindparam("k_owner_pid")}
-_CLAIM = {
-    Phase.FORWARD: steps.update().where(
-        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
-        steps.c.status == StepStatus.DISPATCHED.value,
-        steps.c.attempt == sa.bindparam("k_attempt"),
-    ).values(status=StepStatus.RUNNING.value, started_at=sa.bindparam("k_now"),
-             lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
-             **_CLAIM_OWNER, version=steps.c.version + 1),
-    Phase.COMPENSATE: steps.update().where(
-        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
-        steps.c.comp_status == CompensationStatus.DISPATCHED.value,
-        steps.c.comp_attempt == sa.bindparam("k_attempt"),
-    ).values(comp_status=CompensationStatus.RUNNING.value,
-             lease_until=sa.bindparam("k_lease_until"), due_at=sa.bindparam("k_lease_until"),
-             **_CLAIM_OWNER, version=steps.c.version + 1),
-}
-_PG_CLAIM_SQL = """
-WITH claimed AS (
-    UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
-           due_at = :k_lease_until, owner_node = :k_owner_node, owner_boot = :k_owner_boot,
-           owner_pid = :k_owner_pid, version = version + 1
-    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = 'DISPATCHED'
-          AND {attempt_col} = :k_attempt
-    RETURNING saga_id)
-INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
-SELECT saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase FROM claimed"""
-_PG_CLAIM = {
-    Phase.FORWARD: sa.text(_PG_CLAIM_SQL.format(
-        set_status="status = 'RUNNING', started_at = :k_now", status_col="status",
-        attempt_col="attempt")),
-    Phase.COMPENSATE: sa.text(_PG_CLAIM_SQL.format(
-        set_status="comp_status = 'RUNNING'", status_col="comp_status",
-        attempt_col="comp_attempt")),
-}
-
-
-def _write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
-    """Write a decision with compare-and-set on every record it changes."""
-    storable_records(d.saga, d.steps, d.events)
-    if d.saga is not None:
-        row = {f"v_{k}": v for k, v in _saga_row(d.saga).items() if k != "saga_id"}
-        row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)
-        if conn.execute(_UPDATE_SAGA, row).rowcount != 1:
-            return False
-    if d.steps:
-        rows = []
-        for s in d.steps:
-            expected = d.step_versions.get(s.name, s.version)
-            row = {f"v_{k}": v for k, v in _step_row(s).items()
-                   if k not in ("saga_id", "name")}
-            row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected,
-                       v_version=expected + 1)
-            rows.append(row)
-        # One executemany: psycopg pipelines it into a single round trip.
-        if conn.execute(_UPDATE_STEP, rows).rowcount != len(rows):
-            return False
-    if d.events:
-        conn.execute(events.insert(), [_event_row(e) for e in d.events])
-    return True
-
-
-# -- helpers ------------------------------------------------------------------------
-
-
-# PostgreSQL SQLSTATE classes worth waiting out: connection (08), transaction
-# rollback: deadlock/serialization (40), operator intervention: restarts (57),
-# insufficient resources (53). MySQL: lost/refused connections, deadlock, lock wait.
-_PG_TRANSIENT = ("08", "40", "53", "57")
-_MYSQL_TRANSIENT = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
-
-
-def transient(exc: BaseException) -> bool:
-    """Whether a failed statement may succeed if tried again (a server restart, a lock)."""
-    if isinstance(exc, sa_exc.InterfaceError) or getattr(exc, "connection_invalidated", False):
-        return True
-    orig = getattr(exc, "orig", exc)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate is not None:
-        return str(sqlstate).startswith(_PG_TRANSIENT)
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0] in _MYSQL_TRANSIENT
-    text = str(orig).lower()
-    # psycopg connection failures carry no SQLSTATE; SQLite reports locks as text.
-    return any(word in text for word in ("locked", "busy", "connect", "closed", "terminat",
-                                         "timeout", "timed out"))
-
-
-def _dialect_of(url: str) -> str:
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-    return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
-
-
-def _sqlite_setup(engine: Engine) -> None:
-    @sa_event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    @sa_event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # A write transaction takes the write lock up front: a deferred one that
-        # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
-        if conn.get_execution_options().get("sagaline_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
 
 
 def _current_revision(conn: Connection) -> str | None:
@@ -529,87 +371,3 @@ def _current_revision(conn: Connection) -> str | None:
         return None
     row = conn.execute(sa.text(f"SELECT version_num FROM {schema.VERSION_TABLE}")).first()
     return None if row is None else str(row[0])
-
-
-def _saga_row(s: SagaRecord) -> dict[str, Any]:
-    return {
-        "saga_id": s.saga_id, "name": s.name, "status": s.status.value, "input": s.input,
-        "output": s.output, "error": s.error, "failed_step": s.failed_step,
-        "idempotency_key": s.idempotency_key, "fingerprint": s.fingerprint,
-        "created_at": s.created_at, "updated_at": s.updated_at, "finished_at": s.finished_at,
-        "deadline": s.deadline, "due_at": s.due_at, "parent_saga_id": s.parent_saga_id,
-        "parent_step": s.parent_step, "version": s.version,
-        "input_fingerprint": s.input_fingerprint,
-    }
-
-
-def _saga_record(r: Any, labels: dict[str, str] | None = None) -> SagaRecord:
-    if labels is not None:
-        m = r._mapping
-        r = _Row({k: m[v] for k, v in labels.items()})
-    return SagaRecord(
-        saga_id=r.saga_id, name=r.name, status=SagaStatus(r.status), input=r.input,
-        fingerprint=r.fingerprint, created_at=r.created_at, updated_at=r.updated_at,
-        idempotency_key=r.idempotency_key, output=r.output, error=r.error,
-        failed_step=r.failed_step, finished_at=r.finished_at, deadline=r.deadline,
-        due_at=r.due_at, parent_saga_id=r.parent_saga_id, parent_step=r.parent_step,
-        version=r.version, input_fingerprint=r.input_fingerprint,
-    )
-
-
-def _step_row(s: StepRecord) -> dict[str, Any]:
-    return {
-        "saga_id": s.saga_id, "name": s.name, "position": s.position, "status": s.status.value,
-        "attempt": s.attempt, "comp_status": None if s.comp_status is None else s.comp_status.value,
-        "comp_attempt": s.comp_attempt, "output": s.output,
-        "compensation_data": s.compensation_data,
-        "has_compensation_data": s.has_compensation_data, "error": s.error,
-        "comp_error": s.comp_error, "lease_until": s.lease_until, "due_at": s.due_at,
-        "started_at": s.started_at, "finished_at": s.finished_at,
-        "redispatches": s.redispatches, "version": s.version, "owner_node": s.owner_node,
-        "owner_boot": s.owner_boot, "owner_pid": s.owner_pid,
-    }
-
-
-def _step_record(r: Any, labels: dict[str, str] | None = None) -> StepRecord:
-    if labels is not None:
-        m = r._mapping
-        r = _Row({k: m[v] for k, v in labels.items()})
-    return StepRecord(
-        saga_id=r.saga_id, name=r.name, position=r.position, status=StepStatus(r.status),
-        attempt=r.attempt,
-        comp_status=None if r.comp_status is None else CompensationStatus(r.comp_status),
-        comp_attempt=r.comp_attempt, output=r.output,
-        compensation_data=r.compensation_data,
-        has_compensation_data=bool(r.has_compensation_data), error=r.error,
-        comp_error=r.comp_error, lease_until=r.lease_until, due_at=r.due_at,
-        started_at=r.started_at, finished_at=r.finished_at, redispatches=r.redispatches,
-        version=r.version, owner_node=r.owner_node, owner_boot=r.owner_boot,
-        owner_pid=r.owner_pid,
-    )
-
-
-class _Row:
-    """Attribute access over a dict of one table's columns out of a joined row."""
-
-    __slots__ = ("_d",)
-
-    def __init__(self, d: dict[str, Any]):
-        self._d = d
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._d[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _event_row(e: Event) -> dict[str, Any]:
-    return {"saga_id": e.saga_id, "ts": e.ts, "kind": e.kind, "step": e.step,
-            "attempt": e.attempt, "phase": e.phase, "detail": e.detail or None}
-
-
-def _event_record(r: Any) -> Event:
-    return Event(saga_id=r.saga_id, kind=r.kind, ts=r.ts, step=r.step, attempt=r.attempt,
-                 phase=r.phase, detail=r.detail or {}, seq=r.seq)
-

@@ -1,6 +1,7 @@
 """What only the Redis store must prove: Lua compare-and-set under real concurrency,
-re-decision on a lost race, atomic idempotent create, no TTL, the due index, and
-surviving a Redis restart. The shared contract lives in test_store_contract.py.
+re-decision on a lost race, atomic idempotent create, no TTL, its indexes, and
+surviving a Redis restart. The shared contract (concurrent claims, creates and
+transacts, lists, counts and due order) lives in test_store_contract.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from sagaline.exceptions import StoreError
-from sagaline.records import Decision, Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from sagaline.records import Decision, Event, SagaRecord, SagaState, StepRecord
 from sagaline.states import Phase, SagaStatus, StepStatus
 from sagaline.stores.base import store_from_url
 from sagaline.stores.redis import RedisStore
@@ -124,36 +125,6 @@ def test_redis_urls_select_the_redis_store(prefix: str) -> None:
         store.close()
 
 
-def test_only_one_of_twenty_concurrent_claims_wins(make_store: Callable[..., RedisStore],
-                                                    raw: redis.Redis, prefix: str) -> None:
-    store = make_store()
-    sid = create(store, new_state())
-    workers = [make_store() for _ in range(THREADS)]
-    won = run_together(THREADS, lambda i: workers[i].claim_step(
-        sid, "a", Phase.FORWARD, 1, lease_until=1000.0 + i, now=500.0))
-
-    assert won.count(True) == 1
-    winner = won.index(True)
-    step = store.get_steps(sid)[0]
-    assert (step.status, step.version, step.lease_until) == (
-        StepStatus.RUNNING, 1, 1000.0 + winner)
-    assert raw.zscore(f"{prefix}:due", f"{sid}\0a") == 1000.0 + winner
-    assert [e.kind for e in store.history(sid)] == ["saga_started", "step_started"]
-    # A stale attempt and a duplicate of the winning one are refused as well.
-    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=2000.0, now=600.0)
-    assert not store.claim_step(sid, "a", Phase.FORWARD, 0, lease_until=2000.0, now=600.0)
-
-
-def test_lease_renewal_is_fenced_by_status_and_attempt(store: RedisStore) -> None:
-    sid = create(store, new_state())
-    assert not store.renew_lease(sid, "a", Phase.FORWARD, 1, 3000.0)  # not claimed yet
-    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=1000.0, now=500.0)
-    assert not store.renew_lease(sid, "a", Phase.FORWARD, 2, 3000.0)
-    assert store.renew_lease(sid, "a", Phase.FORWARD, 1, 3000.0)
-    step = store.get_steps(sid)[0]
-    assert (step.lease_until, step.due_at, step.version) == (3000.0, 3000.0, 2)
-
-
 def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
         make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str) -> None:
     store, worker = make_store(), make_store()
@@ -177,27 +148,6 @@ def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
     assert (step.status, step.lease_until, step.version) == (StepStatus.RUNNING, 9000.0, 1)
     assert raw.zscore(f"{prefix}:due", f"{sid}\0a") == 9000.0
     assert "step_cancelled" not in [e.kind for e in store.history(sid)]
-
-
-def test_concurrent_transacts_on_one_saga_never_lose_an_update(
-        make_store: Callable[..., RedisStore]) -> None:
-    store = make_store()
-    sid = create(store, new_state())
-    workers = [make_store() for _ in range(10)]
-
-    def bump(state: SagaState) -> Decision:
-        saga = state.saga
-        count = (saga.output or {}).get("count", 0) + 1
-        return Decision(saga=replace(saga, output={"count": count}),
-                        saga_version=saga.version,
-                        events=[Event(sid, "bumped", time.time(), detail={"count": count})])
-
-    run_together(10, lambda i: workers[i].transact(sid, bump))
-    saga = store.get_saga(sid)
-    assert saga is not None
-    assert (saga.output, saga.version) == ({"count": 10}, 10)
-    counts = [e.detail["count"] for e in store.history(sid) if e.kind == "bumped"]
-    assert counts == list(range(1, 11))
 
 
 def test_branches_finishing_together_are_decided_one_after_the_other(
@@ -283,6 +233,7 @@ def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix:
 
 def test_status_indexes_follow_every_transition(store: RedisStore, raw: redis.Redis,
                                                  prefix: str) -> None:
+    # What lists and counts read (test_store_contract proves those on every store).
     now = time.time()
     ids = [create(store, new_state("order" if i % 2 else "ship", now=now + i)) for i in range(4)]
     done = ids[1]
@@ -291,39 +242,6 @@ def test_status_indexes_follow_every_transition(store: RedisStore, raw: redis.Re
 
     assert raw.zscore(f"{prefix}:idx:status:RUNNING", done) is None
     assert raw.zscore(f"{prefix}:idx:ns:COMPLETED:order", done) == now + 1
-    assert store.count_by_status()[SagaStatus.RUNNING] == 3
-    assert store.count_by_status("order")[SagaStatus.COMPLETED] == 1
-    assert store.count_by_status("ship")[SagaStatus.COMPLETED] == 0
-
-    def listed(**flt: Any) -> list[str]:
-        return [s.saga_id for s in store.list_sagas(SagaFilter(**flt))]
-
-    assert listed() == ids[::-1]
-    assert listed(status=[SagaStatus.RUNNING]) == [ids[3], ids[2], ids[0]]
-    assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], name="order") == [
-        ids[3], ids[1]]
-    assert listed(limit=2, offset=1) == [ids[2], ids[1]]
-    assert listed(created_after=now + 1, created_before=now + 3) == [ids[2], ids[1]]
-
-
-def test_find_due_returns_the_earliest_due_work_first_up_to_the_limit(
-        store: RedisStore) -> None:
-    late = create(store, new_state(step_due=300.0))
-    early = create(store, new_state(step_due=100.0, saga_due=250.0))
-    create(store, new_state(step_due=5000.0))  # not due yet
-
-    due = store.find_due(1000.0)
-    assert [(d.saga_id, d.step, d.due_at) for d in due] == [
-        (early, "a", 100.0), (early, None, 250.0), (late, "a", 300.0)]
-    assert [d.due_at for d in store.find_due(1000.0, limit=2)] == [100.0, 250.0]
-    assert store.find_due(50.0) == []
-
-    # Settling a step takes it out of the index.
-    store.transact(early, lambda s: Decision(
-        steps=[replace(s.steps["a"], status=StepStatus.CANCELLED, due_at=None)],
-        step_versions={"a": s.steps["a"].version}))
-    assert [(d.saga_id, d.step) for d in store.find_due(1000.0)] == [
-        (early, None), (late, "a")]
 
 
 def test_a_claim_costs_one_round_trip_and_a_transact_two(store: RedisStore) -> None:

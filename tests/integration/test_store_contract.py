@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ T0 = 1_700_000_000.125
 # Stores whose transact holds a lock that claims also wait for (no claim can slip in).
 DECIDES_UNDER_A_GLOBAL_LOCK = ("memory:", "sqlite:")
 LEASE = 60.0
+THREADS = 20
 
 
 # -- fixtures ----------------------------------------------------------------------
@@ -193,6 +194,21 @@ def run_threads(n: int, target: Callable[[int], None], timeout: float = 60.0) ->
         raise errors[0]
 
 
+def defaulted_fields(rec: Any) -> list[str]:
+    """The fields of a record that still hold their default value."""
+    found = []
+    for f in fields(rec):
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            continue  # a required field: always set by the caller
+        if getattr(rec, f.name) == default:
+            found.append(f.name)
+    return found
+
+
 # -- create and read -------------------------------------------------------------------
 
 
@@ -205,7 +221,7 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
         fingerprint="0123456789abcdef", created_at=T0, updated_at=T0 + 1.5,
         idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
         failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
-        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=0,
+        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=7,
         input_fingerprint="0123456789abcdef" * 2)
     steps = {
         "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
@@ -214,13 +230,21 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
                         compensation_data={"refund": 9.99}, has_compensation_data=True,
                         error="Timeout: first try", comp_error="Refused: ✗",
                         lease_until=T0 + 90.5, due_at=T0 + 90.5, started_at=T0 + 0.5,
-                        finished_at=T0 + 1.0),
+                        finished_at=T0 + 1.0, redispatches=4, version=9,
+                        owner_node="celery@host-ü", owner_boot="b" * 32, owner_pid=4321),
         "b": StepRecord(sid, "b", 1, status=StepStatus.FAILED, attempt=1, output="plain ✓",
                         compensation_data=None, has_compensation_data=True),
         "c": StepRecord(sid, "c", 2, status=StepStatus.CANCELLED, output=[1, "two"]),
     }
     events = [Event(sid, "saga_started", T0, detail={"name": "round_trip", "deep": {"k": "✓"}}),
-              Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward")]
+              Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward"),
+              Event(sid, "compensation_failed", T0 + 0.5, "a", 3, "compensate",
+                    detail={"error": "Refused: ✗", "permanent": True})]
+    # Every field differs from its default, so a field that a store forgets to keep
+    # fails below. The one exception: an event's seq is the store's to assign.
+    assert defaulted_fields(saga) == []
+    assert defaulted_fields(steps["a"]) == []
+    assert defaulted_fields(events[2]) == ["seq"]
     record, created = store.create_saga(SagaState(copy.deepcopy(saga), copy.deepcopy(steps)),
                                         events)
     assert created
@@ -231,8 +255,11 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
     assert [(e.kind, e.ts, e.step, e.attempt, e.phase, e.detail) for e in history] == [
         ("saga_started", T0, None, None, None, {"name": "round_trip", "deep": {"k": "✓"}}),
         ("step_dispatched", T0 + 0.25, "a", 1, "forward", {}),
+        ("compensation_failed", T0 + 0.5, "a", 3, "compensate",
+         {"error": "Refused: ✗", "permanent": True}),
     ]
     assert all(e.saga_id == sid and e.seq is not None for e in history)
+    assert history[2] == replace(events[2], seq=history[2].seq)
 
 
 def test_none_output_and_empty_dict_output_stay_distinct(store: Store) -> None:
@@ -382,6 +409,30 @@ def test_claim_moves_a_dispatched_attempt_to_running_exactly_once(store: Store) 
     assert len(store.history(sid)) == 3
 
 
+def test_only_one_of_twenty_concurrent_claims_wins(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    barrier = threading.Barrier(THREADS)
+    won: list[bool | None] = [None] * THREADS
+
+    def claim(i: int) -> None:
+        barrier.wait(timeout=30)
+        won[i] = store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 1000 + i,
+                                  now=T0 + 500)
+
+    run_threads(THREADS, claim)
+    assert won.count(True) == 1
+    winner = won.index(True)
+    step = step_of(store, sid, "a")
+    assert (step.status, step.version, step.lease_until) == (
+        StepStatus.RUNNING, 1, T0 + 1000 + winner)
+    assert store.find_due(T0 + 2000) == [DueItem(sid, "a", T0 + 1000 + winner)]
+    assert [e.kind for e in store.history(sid)] == [
+        "saga_started", "step_dispatched", "step_started"]
+    # A stale attempt and a duplicate of the winning one are refused as well.
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 3000, now=T0 + 600)
+    assert not store.claim_step(sid, "a", Phase.FORWARD, 0, lease_until=T0 + 3000, now=T0 + 600)
+
+
 def test_claim_is_refused_for_a_stale_attempt_a_pending_step_or_the_wrong_phase(
         store: Store) -> None:
     sid = started(store).saga.saga_id
@@ -425,6 +476,7 @@ def test_renew_lease_extends_only_the_running_claim(store: Store) -> None:
     assert store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 120)
     rec = step_of(store, sid, "a")
     assert (rec.status, rec.lease_until, rec.due_at) == (StepStatus.RUNNING, T0 + 120, T0 + 120)
+    assert rec.version == 2  # the claim, then the renewal: a racing decision must re-read
     # Once the step is settled the old claim cannot renew anything.
     store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
                                               lease_until=None, due_at=None))
@@ -646,6 +698,29 @@ def test_transact_rejects_a_decision_on_a_stale_saga_version(store: Store) -> No
     assert [e.kind for e in store.history(sid)].count("incremented") == 40
 
 
+def test_concurrent_transacts_on_one_saga_never_lose_an_update(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    barrier = threading.Barrier(10)
+
+    def bump(state: SagaState) -> Decision:
+        saga = state.saga
+        count = (saga.output or {}).get("count", 0) + 1
+        return Decision(saga=replace(saga, output={"count": count}),
+                        saga_version=saga.version,
+                        events=[Event(sid, "bumped", time.time(), detail={"count": count})])
+
+    def worker(_: int) -> None:
+        barrier.wait(timeout=30)
+        store.transact(sid, bump)
+
+    run_threads(10, worker)
+    saga = store.get_saga(sid)
+    assert saga is not None
+    assert (saga.output, saga.version) == ({"count": 10}, 10)
+    counts = [e.detail["count"] for e in store.history(sid) if e.kind == "bumped"]
+    assert counts == list(range(1, 11))
+
+
 def test_append_event_adds_history_without_changing_state(store: Store) -> None:
     state = started(store)
     sid = state.saga.saga_id
@@ -752,6 +827,28 @@ def test_count_by_status_follows_status_changes(store: Store) -> None:
     assert listed == []
 
 
+def test_lists_and_counts_follow_every_status_transition(store: Store) -> None:
+    ids = [started(store, name="order" if i % 2 else "ship", created_at=T0 + i).saga.saga_id
+           for i in range(4)]
+    done = ids[1]
+    store.transact(done, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPLETED),
+                                            saga_version=s.saga.version))
+
+    assert store.count_by_status()[SagaStatus.RUNNING] == 3
+    assert store.count_by_status("order")[SagaStatus.COMPLETED] == 1
+    assert store.count_by_status("ship")[SagaStatus.COMPLETED] == 0
+
+    def listed(**flt: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**flt))]
+
+    assert listed() == ids[::-1]
+    assert listed(status=[SagaStatus.RUNNING]) == [ids[3], ids[2], ids[0]]
+    assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], name="order") == [
+        ids[3], ids[1]]
+    assert listed(limit=2, offset=1) == [ids[2], ids[1]]
+    assert listed(created_after=T0 + 1, created_before=T0 + 3) == [ids[2], ids[1]]
+
+
 # -- the sweeper's index ---------------------------------------------------------------------
 
 
@@ -791,6 +888,31 @@ def test_find_due_follows_claims_and_decisions(store: Store) -> None:
 # -- SQL schema and migrations -----------------------------------------------------------------
 
 MIGRATIONS = Path(schema.__file__).parent / "migrations"
+
+
+def test_find_due_returns_the_earliest_due_work_first_up_to_the_limit(store: Store) -> None:
+    def due(step_due: float, saga_due: float | None = None) -> str:
+        state = make_state(due_at=saga_due)
+        state.steps["a"].due_at = step_due
+        store.create_saga(state, [])
+        return state.saga.saga_id
+
+    late = due(T0 + 300)
+    early = due(T0 + 100, saga_due=T0 + 250)
+    due(T0 + 5000)  # not due yet
+
+    found = store.find_due(T0 + 1000)
+    assert [(d.saga_id, d.step, d.due_at) for d in found] == [
+        (early, "a", T0 + 100), (early, None, T0 + 250), (late, "a", T0 + 300)]
+    assert [d.due_at for d in store.find_due(T0 + 1000, limit=2)] == [T0 + 100, T0 + 250]
+    assert store.find_due(T0 + 50) == []
+
+    # Settling a step takes it out of the index.
+    store.transact(early, lambda s: Decision(
+        steps=[replace(s.steps["a"], status=StepStatus.CANCELLED, due_at=None)],
+        step_versions={"a": s.steps["a"].version}))
+    assert [(d.saga_id, d.step) for d in store.find_due(T0 + 1000)] == [
+        (early, None), (late, "a")]
 
 
 @pytest.fixture

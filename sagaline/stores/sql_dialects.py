@@ -1,0 +1,122 @@
+"""What the SQL store does differently per database: drivers, engine setup, transient errors.
+
+PostgreSQL runs on psycopg 3, MySQL/MariaDB on PyMySQL, SQLite on the standard
+library's driver with a write lock taken up front. PostgreSQL also claims a
+step in one statement (the compare-and-set feeds the event insert).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from ..records import PHASE_COLUMNS
+from ..states import Phase
+from .base import require_extra
+
+
+def dialect_of(url: str) -> str:
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
+    return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
+
+
+def driver_url(url: str, dialect: str) -> str:
+    """The URL with the driver sagaline uses, unless it names one; the driver must exist."""
+    if dialect == "postgresql":
+        require_extra("psycopg", "postgres")
+        return url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
+            "postgres://", "postgresql+psycopg://", 1)
+    if dialect == "mysql":
+        if url.startswith(("mysql://", "mariadb://")):
+            url = "mysql+pymysql://" + url.split("://", 1)[1]
+        require_extra("pymysql", "mysql")
+    return url
+
+
+def engine_options_for(dialect: str) -> dict[str, Any]:
+    if dialect == "sqlite":
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {"pool_size": 5, "max_overflow": 10, "pool_recycle": 1800}
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file a SQLite URL names (None: in memory)."""
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def sqlite_setup(engine: Engine) -> None:
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A write transaction takes the write lock up front: a deferred one that
+        # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
+        if conn.get_execution_options().get("sagaline_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+# PostgreSQL SQLSTATE classes worth waiting out: connection (08), transaction
+# rollback: deadlock/serialization (40), operator intervention: restarts (57),
+# insufficient resources (53). MySQL: lost/refused connections, deadlock, lock wait.
+_PG_TRANSIENT = ("08", "40", "53", "57")
+_MYSQL_TRANSIENT = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed statement may succeed if tried again (a server restart, a lock)."""
+    if isinstance(exc, sa_exc.InterfaceError) or getattr(exc, "connection_invalidated", False):
+        return True
+    orig = getattr(exc, "orig", exc)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return str(sqlstate).startswith(_PG_TRANSIENT)
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _MYSQL_TRANSIENT
+    text = str(orig).lower()
+    # psycopg connection failures carry no SQLSTATE; SQLite reports locks as text.
+    return any(word in text for word in ("locked", "busy", "connect", "closed", "terminat",
+                                         "timeout", "timed out"))
+
+
+# PostgreSQL claims in one statement, one round trip: the compare-and-set feeds the
+# event insert (other databases run the UPDATE and the INSERT in one transaction).
+_PG_CLAIM_SQL = """
+WITH claimed AS (
+    UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
+           due_at = :k_lease_until, owner_node = :k_owner_node, owner_boot = :k_owner_boot,
+           owner_pid = :k_owner_pid, version = version + 1
+    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = '{dispatched}'
+          AND {attempt_col} = :k_attempt
+    RETURNING saga_id)
+INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
+SELECT saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase FROM claimed"""
+
+
+def _pg_claim(phase: Phase) -> sa.TextClause:
+    cols = PHASE_COLUMNS[phase]
+    set_status = f"{cols.status} = '{cols.running.value}'"
+    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
+        set_status += ", started_at = :k_now"
+    return sa.text(_PG_CLAIM_SQL.format(
+        set_status=set_status, status_col=cols.status, dispatched=cols.dispatched.value,
+        attempt_col=cols.attempt))
+
+
+PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}
