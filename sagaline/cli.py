@@ -386,14 +386,14 @@ def sweep(
     Workers run it every few seconds by themselves; this is for operators and cron.
     """
     with _errors():
-        runtime = app_runtime(app)
-        due = runtime.store.find_due(time.time(), limit=limit)
-        acted = ops.sweep(runtime, limit=limit)
-    for item in due:
+        report = ops.sweep_report(app_runtime(app), limit=limit)
+    for item in report.repaired:
         what = f"step {item.step}" if item.step else "deadline / grace period"
-        typer.echo(f"due: saga {item.saga_id} {what} "
-                   f"(since {max(0.0, time.time() - item.due_at):.1f}s)")
-    typer.echo(f"sweep: {len(due)} item(s) due, {acted} repaired")
+        typer.echo(f"{item.kind.value}: saga {item.saga_id} {what} "
+                   f"(due for {max(0.0, time.time() - item.due_at):.1f}s)")
+    for failed in report.failed:
+        typer.echo(f"not repaired (see the log): saga {failed.saga_id}")
+    typer.echo(f"sweep: {report.due} item(s) due, {report.acted} repaired")
 
 
 @db_cli.command("upgrade")

@@ -6,20 +6,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from . import engine, recovery
+from . import engine, recovery, sweeper
 from .config import Settings
-from .definition import Saga
-from .engine import Timing
 from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
-from .records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
+from .records import Event, SagaFilter, SagaRecord, StepRecord
 from .runtime import Runtime, current_runtime
-from .states import CompensationStatus, Phase, SagaStatus, StepStatus
+from .states import CompensationStatus, SagaStatus
 from .stores.base import Store, open_existing
+from .sweeper import SweepReport
 
 log = logging.getLogger("sagaline")
 
@@ -146,129 +144,16 @@ def migrate(store_url: str | None = None, *, runtime: Runtime | None = None) -> 
         store.close()
 
 
-def repair(defn: Saga, state: SagaState, step: str | None, now: float, timing: Timing,
-           child_step: list[str]) -> Decision | None:
-    """The sweeper's decision for one due item (None: nothing to do)."""
-    if step is None:
-        return recovery.deadline_or_grace_due(defn, state, now=now, timing=timing)
-    rec = state.steps.get(step)
-    if rec is None:
-        return None
-    running = rec.status is StepStatus.RUNNING or rec.comp_status is CompensationStatus.RUNNING
-    if running and defn.graph.steps[step].child is not None:
-        child_step.append(step)  # a child saga runs it: no lease to expire
-        return None
-    if running:
-        return recovery.lease_expired(defn, state, step, now=now, timing=timing)
-    return recovery.redispatch(defn, state, step, now=now, timing=timing)
-
-
 def sweep(runtime: Runtime | None = None, *, now: float | None = None,
           limit: int = 200) -> int:
-    """Repair what crashes left behind; returns how many items it acted on.
-
-    Re-publishes DISPATCHED messages that may be lost, fails attempts whose
-    lease expired, and rolls back sagas past their deadline or grace period.
-    """
-    rt = runtime or current_runtime()
-    moment = time.time() if now is None else now
-    acted = 0
-    for item in rt.store.find_due(moment, limit=limit):
-        child_step: list[str] = []
-
-        def decide(state: SagaState, step: str | None = item.step,
-                   child_step: list[str] = child_step) -> Decision | None:
-            t = time.time() if now is None else now
-            defn = rt.definition_for(state.saga)
-            decision = None if defn is None else repair(defn, state, step, t, rt.timing,
-                                                        child_step)
-            if decision is None and not child_step:
-                return recovery.snooze(state, step, now=t, timing=rt.timing)
-            return decision
-
-        try:
-            decision = rt.store.transact(item.saga_id, decide)
-            if child_step:
-                rt.drive_child(item.saga_id, child_step[0])
-                acted += 1
-                continue
-        except Exception:
-            log.exception("sweeper: could not repair saga %s", item.saga_id)
-            continue
-        if decision is not None and decision.changed:
-            rt.after_commit(decision)
-            acted += 1
-    return acted
+    """Repair what crashes left behind; returns how many items it acted on."""
+    return sweep_report(runtime, now=now, limit=limit).acted
 
 
-def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
-                          alive: Callable[[Collection[int]], Collection[int]], *,
-                          earlier_boots: bool, stopping: bool = False,
-                          limit: int = 200) -> int:
-    """In a worker's main process: end at once the attempts its dead processes were running.
-
-    A claim of worker `node` is lost when it was made by an earlier boot of that node
-    (only with `earlier_boots`: the worker just started under the name of one that
-    died), or by a process of this boot that `alive` (given the owners' pids, read
-    after the claims) does not report alive. Each is a crashed attempt, as if its
-    lease had expired; its retry goes to this worker's own queue unless the worker is
-    `stopping`. Returns how many attempts were handed back.
-    """
-    queue = None if stopping else runtime.worker_queue
-    claims = runtime.store.find_claimed(node, limit=limit)
-    # The processes are looked at after the claims were read: a process that claimed
-    # a step is listed by then, so a claim this young is never taken for a dead one.
-    living = set(alive({c.owner_pid for c in claims if c.owner_pid is not None}))
-    acted = 0
-    for rec in claims:
-        owner, phase = rec.owner, rec.running_phase
-        if owner is None or phase is None:
-            continue
-        if owner.boot != boot:
-            if not earlier_boots:
-                continue
-            cause = (f"worker {node} restarted; the process that ran this attempt "
-                     f"(pid {owner.pid}) belonged to its previous start")
-        elif owner.pid in living:
-            continue
-        else:
-            cause = f"process {owner.pid} of worker {node} exited while running it"
-        if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
-                      cause, queue):
-            acted += 1
-    return acted
-
-
-def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-               owner: Owner, cause: str, queue: str | None) -> bool:
-    def decide(state: SagaState) -> Decision | None:
-        defn = rt.definition_for(state.saga)
-        return None if defn is None else recovery.claim_lost(
-            defn, state, step, phase, attempt, owner, cause=cause, now=time.time(),
-            timing=rt.timing)
-
-    try:
-        decision = rt.store.transact(saga_id, decide)
-        if decision is None:
-            return False
-        if queue is not None:
-            # The retry (or, in a saga rolling back, the step's compensation) goes to this
-            # worker's own queue: in the shared queue it would wait behind the whole
-            # backlog. This worker was running the step, so it consumes its queue; should
-            # it die first, the sweeper publishes it again to the step's queue after
-            # redispatch_after.
-            decision.dispatches = [
-                replace(d, queue=queue)
-                if d.step == step and d.child_saga is None else d
-                for d in decision.dispatches]
-        rt.after_commit(decision)
-    except Exception:
-        log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,
-                      phase, attempt)
-        return False
-    log.warning("saga %s step %s (%s attempt %s): %s; running it again", saga_id, step,
-                phase, attempt, cause)
-    return True
+def sweep_report(runtime: Runtime | None = None, *, now: float | None = None,
+                 limit: int = 200) -> SweepReport:
+    """One sweeper pass (see `sweeper.sweep`): each item it acted on, by kind."""
+    return sweeper.sweep(runtime or current_runtime(), now=now, limit=limit)
 
 
 # -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------
