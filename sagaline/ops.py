@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -10,13 +11,21 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from . import engine, recovery, sweeper
+from . import recovery, sweeper
 from .config import Settings
-from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
-from .records import Event, SagaFilter, SagaRecord, StepRecord
+
+# Re-exported (`as`) for the surfaces, which reach the core only through this module.
+from .engine import first_line as first_line
+from .exceptions import (
+    ConfigurationError,
+    InvalidTransition,
+    SagaNotFound,
+)
+from .records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
 from .states import CompensationStatus, SagaStatus
-from .stores.base import Store, open_existing
+from .stores.base import Store, open_existing, store_class
+from .stores.base import redact as redact
 from .sweeper import SweepReport
 
 log = logging.getLogger("sagaline")
@@ -56,6 +65,55 @@ class SagaView:
                 return s
         raise KeyError(name)
 
+    @classmethod
+    def of(cls, state: SagaState, history: list[Event] | None = None) -> SagaView:
+        """The view of a saga's state (`Store.read_state`), with its history if read."""
+        return cls(state.saga, list(state.steps.values()), history or [])
+
+
+# -- reading: any process, given a store ----------------------------------------------------
+
+
+def open_store(url: str, *, read_only: bool = False,
+               give_up_after: float | None = None) -> Store:
+    """A store for a tool that reads or upgrades it, not for a worker.
+
+    `read_only`: the store must exist already; it is neither created nor migrated.
+    `give_up_after`: seconds to retry an unreachable server before StoreError, so that
+    a command fails within seconds rather than after the store's default wait.
+    """
+    cls = store_class(url)
+    options: dict[str, Any] = {}
+    if give_up_after is not None:
+        if "retry_for" in inspect.signature(cls).parameters:
+            options["retry_for"] = give_up_after
+        if url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
+            options["connect_args"] = {"connect_timeout": int(give_up_after) + 1}
+    if read_only:
+        return open_existing(url, **options)
+    return cls(url, **options)  # type: ignore[call-arg]
+
+
+def read_saga(store: Store, saga_id: str, *, with_history: bool = True) -> SagaView:
+    """A saga with its steps and (unless not wanted) its history; SagaNotFound if none."""
+    state = store.read_state(saga_id)
+    if state is None:
+        raise SagaNotFound(saga_id)
+    return SagaView.of(state, store.history(saga_id) if with_history else None)
+
+
+def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
+    """The sagas matching `flt`, newest first, as views without history.
+
+    Only a FAILED saga's steps are read: its summary names the compensations that
+    failed; the others' summary is their record's alone.
+    """
+    views = []
+    for saga in store.list_sagas(flt):
+        state = store.read_state(saga.saga_id) if saga.status is SagaStatus.FAILED else None
+        views.append(SagaView(saga, [] if state is None else list(state.steps.values())))
+    return views
+
 
 _readers: dict[str, Store] = {}
 _readers_lock = threading.Lock()
@@ -82,12 +140,7 @@ def read_store(runtime: Runtime | None = None) -> Store:
 def get_saga(saga_id: str, *, runtime: Runtime | None = None,
              with_history: bool = True) -> SagaView:
     """A saga with its steps and history, from any process (see `read_store`)."""
-    store = read_store(runtime)
-    saga = store.get_saga(saga_id)
-    if saga is None:
-        raise SagaNotFound(saga_id)
-    return SagaView(saga, store.get_steps(saga_id),
-                    store.history(saga_id) if with_history else [])
+    return read_saga(read_store(runtime), saga_id, with_history=with_history)
 
 
 def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str | None = None,
@@ -100,6 +153,9 @@ def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str
                                           created_after=created_after,
                                           created_before=created_before, limit=limit,
                                           offset=offset))
+
+
+# -- actions: they publish, so they take the runtime of an app -----------------------------
 
 
 def cancel(saga_id: str, *, reason: str = "cancelled by operator",
@@ -206,13 +262,13 @@ def step_attempts(history: list[Event]) -> list[Attempt]:
             att.finished_at = ev.ts
             att.outcome = _ATTEMPT_ENDS[ev.kind]
             error = ev.detail.get("error")
-            att.error = engine.first_line(error) if error else None
+            att.error = first_line(error) if error else None
     return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
 
 
 def compensation_failures(steps: list[StepRecord]) -> dict[str, str]:
     """The steps whose compensation failed for good, with the first line of its error."""
-    return {s.name: engine.first_line(s.comp_error) or "no error recorded" for s in steps
+    return {s.name: first_line(s.comp_error) or "no error recorded" for s in steps
             if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
 
 
@@ -222,7 +278,7 @@ def failure_summary(saga: SagaRecord, steps: list[StepRecord]) -> str | None:
     if saga.status is SagaStatus.COMPLETED or (not saga.error and
                                                saga.status is not SagaStatus.FAILED):
         return None
-    parts = [engine.first_line(saga.error)] if saga.error else []
+    parts = [first_line(saga.error)] if saga.error else []
     if saga.status is SagaStatus.FAILED:
         parts += [f"compensation of {name!r} failed: {error}"
                   for name, error in compensation_failures(steps).items()]

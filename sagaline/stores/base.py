@@ -89,6 +89,18 @@ class Store(ABC):
     def get_steps(self, saga_id: str) -> list[StepRecord]:
         """The saga's steps in topological order."""
 
+    def read_state(self, saga_id: str) -> SagaState | None:
+        """The saga with all its steps (None: no such saga): what ops and the runtime read.
+
+        Two reads by default, the saga then its steps; they agree except while a
+        `transact` commits between them, which a reader outside the saga's lock
+        accepts. A store that can read both at once cheaply does so here.
+        """
+        saga = self.get_saga(saga_id)
+        if saga is None:
+            return None
+        return SagaState(saga, {s.name: s for s in self.get_steps(saga_id)})
+
     @abstractmethod
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
         """The saga's events in the order they were appended."""
