@@ -380,13 +380,5 @@ def db_upgrade(store: str | None = StoreOption) -> None:
     """Create or upgrade the store's schema to this version of sagaline."""
     url = store or default_store_url()
     with _errors():
-        target = ops.open_store(url, give_up_after=STORE_WAIT)
-        try:
-            target.migrate()
-        except Exception as exc:
-            if isinstance(exc, SagaError):
-                raise
-            raise StoreError(f"store {redact(url)} failed: {first_line(str(exc))}") from exc
-        finally:
-            target.close()
+        ops.migrate(url, give_up_after=STORE_WAIT)
     typer.echo(f"store {redact(url)}: schema up to date")

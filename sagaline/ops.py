@@ -19,7 +19,9 @@ from .engine import first_line as first_line
 from .exceptions import (
     ConfigurationError,
     InvalidTransition,
+    SagaError,
     SagaNotFound,
+    StoreError,
 )
 from .records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
@@ -183,19 +185,25 @@ def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
     return saga
 
 
-def migrate(store_url: str | None = None, *, runtime: Runtime | None = None) -> None:
+def migrate(store_url: str | None = None, *, runtime: Runtime | None = None,
+            give_up_after: float | None = None) -> None:
     """Create or upgrade the store's schema (stores migrate on first use anyway).
 
-    With `store_url`, that store; otherwise the store of the current runtime.
+    With `store_url`, that store (see `open_store` for `give_up_after`); otherwise the
+    store of the current runtime. A failure is a StoreError naming the store.
     """
     if store_url is None:
         (runtime or current_runtime()).store.migrate()
         return
-    from .stores import store_from_url
-
-    store = store_from_url(store_url, auto_migrate=False)
+    store = open_store(store_url, give_up_after=give_up_after)
     try:
         store.migrate()
+    except SagaError:
+        raise
+    except Exception as exc:
+        # A driver's or migration tool's own error: say which store, in one line.
+        raise StoreError(f"store {redact(store_url)} failed: {first_line(str(exc))}") \
+            from exc
     finally:
         store.close()
 
