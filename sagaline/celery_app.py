@@ -31,11 +31,12 @@ from celery.signals import (
     task_failure,
     worker_init,
     worker_process_init,
+    worker_ready,
     worker_shutdown,
     worker_shutting_down,
 )
 
-from .config import Settings, default_broker_options, default_broker_url
+from .config import Settings, default_broker_options, default_broker_url, ready_file
 from .context import StepLogFilter
 from .definition import check_definitions
 from .delivery import DecodeErrorStep
@@ -80,7 +81,16 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.steps["worker"].add(SweeperStep)
     if DecodeErrorStep not in app.steps["consumer"]:
         app.steps["consumer"].add(DecodeErrorStep)
+    worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")
     return runtime
+
+
+def _announce_ready(**_: Any) -> None:
+    # Launchers (sagaline.testing.WorkerProcess, `sagaline demo`) start sagas only once
+    # the worker consumes; short of polling it over the broker, this file is the sign.
+    path = ready_file()
+    if path is not None:
+        path.touch()
 
 
 def _confirm_publishes(app: Celery) -> None:
