@@ -1,8 +1,9 @@
 """Process harness for integration and chaos tests.
 
 Everything here starts *real* processes (redis-server, a private PostgreSQL
-cluster, Celery workers) and always cleans them up by pid / process group,
-never by name. Every wait is bounded in both iterations and wall time.
+cluster, RabbitMQ, and Celery workers through `sagaline.testing`) and always
+cleans them up by pid / process group, never by name. Every wait is bounded in
+both iterations and wall time.
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
+
+from sagaline import testing
+from sagaline.testing import (
+    HarnessError,
+    children_of,
+    file_tail,
+    kill_pid,
+    pid_alive,
+    pids_in_group,
+    wait_until,
+)
+
+# The name the harness's own tests know it by.
+_pids_in_group = pids_in_group
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +64,6 @@ __all__ = [
 ]
 
 
-class HarnessError(RuntimeError):
-    """A harness-managed process failed to start, stop or become ready."""
-
-
 # --------------------------------------------------------------------------- #
 # small helpers
 # --------------------------------------------------------------------------- #
@@ -66,95 +75,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_until(
-    predicate: Callable[[], bool],
-    timeout: float = 30.0,
-    interval: float = 0.1,
-    what: str = "condition",
-) -> None:
-    """Poll ``predicate`` until true; raise :class:`HarnessError` after ``timeout`` s.
-
-    The loop is bounded both by wall time and by a maximum iteration count.
-    """
-    deadline = time.monotonic() + timeout
-    max_iter = int(timeout / max(interval, 0.001)) + 2
-    for _ in range(max_iter):
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(interval)
-    if predicate():
-        return
-    raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}")
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # format: "pid (comm) S ..." -- comm may contain spaces/parens.
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X")
-
-
-def _children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (via /proc/<pid>/task/*/children, fallback ps)."""
-    out: set[int] = set()
-    paths = glob.glob(f"/proc/{pid}/task/*/children")
-    if paths:
-        for p in paths:
-            try:
-                out.update(int(x) for x in Path(p).read_text().split())
-            except OSError:
-                continue
-        return sorted(c for c in out if pid_alive(c))
-    try:
-        res = subprocess.run(
-            ["ps", "--ppid", str(pid), "-o", "pid="],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return sorted(int(x) for x in res.stdout.split() if pid_alive(int(x)))
-
-
-def _pids_in_group(pgid: int) -> list[int]:
-    """All live (non-zombie) pids whose process group is ``pgid``."""
-    pids: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        # fields[0]=state, [1]=ppid, [2]=pgrp
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _tail(path: Path, max_bytes: int = 4000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return "<no log>"
-    return data[-max_bytes:].decode("utf-8", errors="replace")
 
 
 def find_redis_server() -> str:
@@ -271,7 +191,7 @@ class PrivateRedis:
         def ready() -> bool:
             if self._proc is not None and self._proc.poll() is not None:
                 raise HarnessError(
-                    f"redis-server exited with {self._proc.returncode}:\n{_tail(self.log_path)}"
+                    f"redis-server exited with {self._proc.returncode}:\n{file_tail(self.log_path)}"
                 )
             return self._ping()
 
@@ -287,11 +207,11 @@ class PrivateRedis:
         if proc is None:
             return
         if proc.poll() is None:
-            _kill_pid(proc.pid, signal.SIGTERM)
+            kill_pid(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_pid(proc.pid, signal.SIGKILL)
+                kill_pid(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         self._close_log()
 
@@ -301,7 +221,7 @@ class PrivateRedis:
         if proc is None:
             return
         if proc.poll() is None:
-            _kill_pid(proc.pid, signal.SIGKILL)
+            kill_pid(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         self._close_log()
@@ -404,11 +324,11 @@ class PrivatePostgres:
                 check=False,
             )
         except subprocess.TimeoutExpired as e:
-            raise HarnessError(f"{what} timed out:\n{_tail(self.log_path)}") from e
+            raise HarnessError(f"{what} timed out:\n{file_tail(self.log_path)}") from e
         if res.returncode != 0:
             raise HarnessError(
                 f"{what} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
-                f"{_tail(self.log_path)}"
+                f"{file_tail(self.log_path)}"
             )
         return res.stdout
 
@@ -507,10 +427,10 @@ class PrivatePostgres:
         pid = self.pid
         if pid is None:
             return
-        children = _children_of(pid)
-        _kill_pid(pid, signal.SIGKILL)
+        children = children_of(pid)
+        kill_pid(pid, signal.SIGKILL)
         for c in children:
-            _kill_pid(c, signal.SIGKILL)
+            kill_pid(c, signal.SIGKILL)
         wait_until(
             lambda: not pid_alive(pid) and not any(pid_alive(c) for c in children),
             timeout=15,
@@ -745,7 +665,7 @@ class PrivateRabbitMQ:
             if self._proc is not None and self._proc.poll() is not None:
                 raise HarnessError(
                     f"rabbitmq-server exited with {self._proc.returncode}:\n"
-                    f"{_tail(self.log_path)}")
+                    f"{file_tail(self.log_path)}")
             return _amqp_accepts("127.0.0.1", self.port)
 
         try:
@@ -761,7 +681,7 @@ class PrivateRabbitMQ:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
         try:
-            wait_until(lambda: not _pids_in_group(proc.pid), timeout=max(1.0, timeout),
+            wait_until(lambda: not pids_in_group(proc.pid), timeout=max(1.0, timeout),
                        interval=0.1, what="rabbitmq processes to exit")
         except HarnessError:
             return False
@@ -774,7 +694,7 @@ class PrivateRabbitMQ:
         if proc is None:
             return
         if proc.poll() is None:
-            _kill_pid(proc.pid, signal.SIGTERM)
+            kill_pid(proc.pid, signal.SIGTERM)
         if not self._group_gone(timeout):
             self.kill()
         self._close_log()
@@ -786,8 +706,8 @@ class PrivateRabbitMQ:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        for p in _pids_in_group(proc.pid):
-            _kill_pid(p, signal.SIGKILL)
+        for p in pids_in_group(proc.pid):
+            kill_pid(p, signal.SIGKILL)
         self._group_gone(10)
         self._close_log()
 
@@ -800,7 +720,7 @@ class PrivateRabbitMQ:
         """Kill the node and its epmd, and delete the directory."""
         self.kill()
         if self._epmd is not None:
-            _kill_pid(self._epmd.pid, signal.SIGKILL)
+            kill_pid(self._epmd.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._epmd.wait(timeout=10)
             self._epmd = None
@@ -869,217 +789,10 @@ def rabbitmq_vhost(prefix: str = "sagaline-test") -> Iterator[str]:
 # --------------------------------------------------------------------------- #
 
 
-class WorkerProcess:
-    """A real ``celery worker`` in its own session / process group.
+class WorkerProcess(testing.WorkerProcess):
+    """sagaline's launcher (`sagaline.testing`), run from the repository's root by
+    default so that the ``tests.*``, ``bench`` and ``examples`` app modules import."""
 
-    The app module must touch ``$SAGALINE_READY_FILE`` from Celery's
-    ``worker_ready`` signal; :meth:`start` waits for that file. The worker runs
-    with ``cwd`` = repo root so ``tests.*`` app modules are importable.
-    """
-
-    def __init__(
-        self,
-        app_module: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        pool: str = "prefork",
-        concurrency: int = 1,
-        queues: Sequence[str] | None = None,
-        name: str | None = None,
-        loglevel: str = "INFO",
-        extra_args: Sequence[str] = (),
-        ready_timeout: float = 60.0,
-        cwd: Path | str = REPO_ROOT,
-        workdir: Path | str | None = None,
-    ) -> None:
-        self.app_module = app_module
-        self.pool = pool
-        self.concurrency = concurrency
-        self.queues = list(queues) if queues else []
-        self.name = name or f"w{uuid.uuid4().hex[:8]}"
-        self.loglevel = loglevel
-        self.extra_args = list(extra_args)
-        self.ready_timeout = ready_timeout
-        self.cwd = Path(cwd)
-        # Holds the log and the ready file. Our own temp dir unless ``workdir`` is given
-        # (e.g. a pytest tmp dir, so pytest manages retention of the logs).
-        self._owns_dir = workdir is None
-        if workdir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix=f"sagaline-worker-{self.name}-"))
-        else:
-            self.dir = Path(workdir)
-            self.dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.dir / "worker.log"
-        self.ready_file = self.dir / "ready"
-        self.env: dict[str, str] = dict(os.environ)
-        if env:
-            self.env.update(env)
-        self.env["SAGALINE_READY_FILE"] = str(self.ready_file)
-        self.env.setdefault("PYTHONUNBUFFERED", "1")
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def argv(self) -> list[str]:
-        """Command line used to start the worker."""
-        args = [
-            sys.executable, "-m", "celery", "-A", self.app_module, "worker",
-            "-P", self.pool, "-c", str(self.concurrency), "--loglevel", self.loglevel,
-            "-n", f"{self.name}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ]  # fmt: skip
-        if self.queues:
-            args += ["-Q", ",".join(self.queues)]
-        return args + self.extra_args
-
-    @property
-    def pid(self) -> int:
-        """Pid of the main worker process (also its process-group id)."""
-        if self._proc is None:
-            raise HarnessError("worker not started")
-        return self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit status once the main process has exited (negative = signal)."""
-        return self._proc.poll() if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        """True while the main worker process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> WorkerProcess:
-        """Spawn the worker and wait until it is ready (or raise with the log tail)."""
-        if self._proc is not None:
-            raise HarnessError("worker already started")
-        with contextlib.suppress(FileNotFoundError):
-            self.ready_file.unlink()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while running
-        self._proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-        def ready() -> bool:
-            if self.ready_file.exists():
-                return True
-            if self._proc is not None and self._proc.poll() is not None:
-                raise HarnessError(
-                    f"worker {self.name} exited with {self._proc.returncode} before ready:\n"
-                    f"{self.log_tail()}"
-                )
-            return False
-
-        try:
-            wait_until(ready, timeout=self.ready_timeout, interval=0.1, what="worker ready")
-        except HarnessError as e:
-            self.kill()
-            raise HarnessError(f"{e}\n--- worker log tail ---\n{self.log_tail()}") from e
-        return self
-
-    def child_pids(self) -> list[int]:
-        """Live direct children of the main worker process (the pool processes)."""
-        if not self.is_running():
-            return []
-        return _children_of(self.pid)
-
-    def group_pids(self) -> list[int]:
-        """All live processes in the worker's process group."""
-        if self._proc is None:
-            return []
-        return _pids_in_group(self._proc.pid)
-
-    def _signal_group(self, sig: int) -> None:
-        if self._proc is None:
-            return
-        try:
-            os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            # group leader may be gone while children remain: signal them by pid
-            for p in _pids_in_group(self._proc.pid):
-                _kill_pid(p, sig)
-
-    def _wait_group_gone(self, timeout: float) -> bool:
-        if self._proc is None:
-            return True
-        proc = self._proc
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-        try:
-            wait_until(
-                lambda: not _pids_in_group(proc.pid),
-                timeout=max(1.0, timeout),
-                interval=0.05,
-                what="worker process group to exit",
-            )
-        except HarnessError:
-            return False
-        return proc.poll() is not None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (main process and pool children)."""
-        if self._proc is None:
-            return
-        self._signal_group(signal.SIGKILL)
-        if not self._wait_group_gone(10):
-            for p in _pids_in_group(self._proc.pid):
-                _kill_pid(p, signal.SIGKILL)
-            self._wait_group_gone(5)
-        self._close_log()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the main process (warm shutdown), wait up to ``timeout`` s, then SIGKILL
-        the group. Only the main process is signalled: pool children killed under it
-        leave Celery's main process waiting for them until the timeout."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGTERM)
-            if self._wait_group_gone(timeout):
-                self._close_log()
-                return
-        self.kill()
-
-    def log_text(self) -> str:
-        """Full worker log so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, max_bytes: int = 4000) -> str:
-        """Last ``max_bytes`` of the worker log."""
-        return _tail(self.log_path, max_bytes)
-
-    def cleanup(self) -> None:
-        """Stop the worker and delete its temp dir (only if the harness created it)."""
-        self.stop()
-        if self._owns_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> WorkerProcess:
-        if self._proc is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.cleanup()  # keep the log around when the block failed
-        else:
-            self.stop()
+    def __init__(self, app_module: str, *, cwd: Path | str = REPO_ROOT,
+                 **options: Any) -> None:
+        super().__init__(app_module, cwd=cwd, **options)
