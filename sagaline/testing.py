@@ -12,6 +12,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ __all__ = [
     "WorkerProcess",
     "children_of",
     "file_tail",
+    "free_port",
     "kill_pid",
     "pid_alive",
     "pids_in_group",
@@ -43,6 +45,14 @@ class HarnessError(RuntimeError):
 
 class WorkerExited(HarnessError):
     """The worker exited before it was ready."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is currently free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_until(
