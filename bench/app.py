@@ -125,6 +125,10 @@ if FLAVOR != "plain":
 
 @worker_ready.connect
 def _touch_ready_file(**_: Any) -> None:
+    # init_app's own hook does this for the sagaline worker; the plain worker never
+    # imports sagaline (its memory is plain Celery's), so it announces itself here.
+    if FLAVOR != "plain":
+        return
     path = os.environ.get("SAGALINE_READY_FILE")
     if path:
         Path(path).touch()

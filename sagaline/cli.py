@@ -8,7 +8,6 @@ Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ from rich.text import Text
 
 from . import ops
 from .config import default_store_url
-from .engine import first_line
 from .exceptions import (
     ConfigurationError,
     InvalidTransition,
@@ -34,9 +32,11 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+from .ops import first_line, redact
+from .records import SagaFilter
 from .runtime import Runtime
 from .states import SagaStatus
-from .stores.base import Store, open_existing, redact, store_class
+from .stores import Store
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
 
 EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4
@@ -136,33 +136,16 @@ def cut_deep(value: Any, depth: int) -> Any:
     return root[0]
 
 
-def open_store(url: str, *, read_only: bool = False) -> Store:
-    """A store for one CLI command: it gives up on an unreachable server within seconds.
-
-    `read_only`: the store must exist already; it is neither created nor migrated.
-    """
-    cls = store_class(url)
-    params = inspect.signature(cls).parameters
-    options: dict[str, Any] = {}
-    if "retry_for" in params:
-        options["retry_for"] = STORE_WAIT
-    if url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
-        options["connect_args"] = {"connect_timeout": int(STORE_WAIT) + 1}
-    if read_only:
-        return open_existing(url, **options)
-    return cls(url, **options)  # type: ignore[call-arg]
-
-
-def read_runtime(store: str | None) -> Runtime:
-    """A runtime that reads the store: no saga definitions and no broker are needed."""
-    from celery import Celery
-
-    from .celery_app import init_app
-
-    app = Celery("sagaline-cli")
-    app.conf.broker_url = "memory://"  # never publishes; keeps SAGALINE_HOME untouched
-    return init_app(app, store=open_store(store or default_store_url(), read_only=True),
-                    sweeper=False, auto_migrate=False)
+@contextlib.contextmanager
+def reading(store: str | None) -> Iterator[Store]:
+    """The store to read for one command: it must exist, and an unreachable server is
+    given up on within seconds. No Celery app: reading needs no definitions, no broker."""
+    target = ops.open_store(store or default_store_url(), read_only=True,
+                            give_up_after=STORE_WAIT)
+    try:
+        yield target
+    finally:
+        target.close()
 
 
 def app_runtime(module: str, store: str | None = None) -> Runtime:
@@ -297,17 +280,13 @@ def list_command(
     statuses = parse_statuses(status)
     after = parse_time(since) if since else None
     before = parse_time(until) if until else None
-    with _errors():
-        runtime = read_runtime(store)
-        sagas = ops.list_sagas(status=statuses, name=name, created_after=after,
-                               created_before=before, limit=limit, offset=offset,
-                               runtime=runtime)
-        # A FAILED saga's line names the compensations that failed: its steps are read.
-        steps = {s.saga_id: runtime.store.get_steps(s.saga_id) for s in sagas
-                 if s.status is SagaStatus.FAILED}
+    with _errors(), reading(store) as target:
+        views = ops.find_sagas(target, SagaFilter(status=statuses, name=name,
+                                                  created_after=after, created_before=before,
+                                                  limit=limit, offset=offset))
     if as_json:
-        for saga in sagas:
-            doc = ops.view_as_dict(ops.SagaView(saga, steps.get(saga.saga_id, [])))
+        for view in views:
+            doc = ops.view_as_dict(view)
             line = {**doc["saga"], "summary": doc["summary"],
                     "compensation_failures": doc["compensation_failures"]}
             typer.echo(_json(line))
@@ -323,16 +302,16 @@ def list_command(
     room = console.width - 125  # what the other columns leave; `show` prints the cause whole
     if room >= 20:
         table.add_column("cause", no_wrap=True, overflow="ellipsis", max_width=room)
-    for saga in sagas:
-        end = saga.finished_at
+    for view in views:
+        saga, end = view.saga, view.saga.finished_at
         cells: list[str | Text] = [
             saga.saga_id, saga.name, status_text(saga.status), _when(saga.created_at),
             format_duration((end or time.time()) - saga.created_at), saga.failed_step or "",
-            ops.failure_summary(saga, steps.get(saga.saga_id, [])) or ""]
+            ops.failure_summary(saga, view.steps) or ""]
         table.add_row(*cells[:len(table.columns)])
     console.print(table)
-    more = f"; next page: --offset {offset + len(sagas)}" if len(sagas) == limit else ""
-    console.print(Text(f"{len(sagas)} saga(s) from offset {offset}{more}", style="dim"))
+    more = f"; next page: --offset {offset + len(views)}" if len(views) == limit else ""
+    console.print(Text(f"{len(views)} saga(s) from offset {offset}{more}", style="dim"))
 
 
 @cli.command()
@@ -342,8 +321,8 @@ def show(
     store: str | None = StoreOption,
 ) -> None:
     """A saga's steps (status, attempts, durations, errors, compensations) and its timeline."""
-    with _errors():
-        view = ops.get_saga(saga_id, runtime=read_runtime(store))
+    with _errors(), reading(store) as target:
+        view = ops.read_saga(target, saga_id)
     if as_json:
         typer.echo(_json(ops.view_as_dict(view), indent=2))
         return
@@ -386,14 +365,14 @@ def sweep(
     Workers run it every few seconds by themselves; this is for operators and cron.
     """
     with _errors():
-        runtime = app_runtime(app)
-        due = runtime.store.find_due(time.time(), limit=limit)
-        acted = ops.sweep(runtime, limit=limit)
-    for item in due:
+        report = ops.sweep_report(app_runtime(app), limit=limit)
+    for item in report.repaired:
         what = f"step {item.step}" if item.step else "deadline / grace period"
-        typer.echo(f"due: saga {item.saga_id} {what} "
-                   f"(since {max(0.0, time.time() - item.due_at):.1f}s)")
-    typer.echo(f"sweep: {len(due)} item(s) due, {acted} repaired")
+        typer.echo(f"{item.kind.value}: saga {item.saga_id} {what} "
+                   f"(due for {max(0.0, time.time() - item.due_at):.1f}s)")
+    for failed in report.failed:
+        typer.echo(f"not repaired (see the log): saga {failed.saga_id}")
+    typer.echo(f"sweep: {report.due} item(s) due, {report.acted} repaired")
 
 
 @db_cli.command("upgrade")
@@ -401,13 +380,5 @@ def db_upgrade(store: str | None = StoreOption) -> None:
     """Create or upgrade the store's schema to this version of sagaline."""
     url = store or default_store_url()
     with _errors():
-        target = open_store(url)
-        try:
-            target.migrate()
-        except Exception as exc:
-            if isinstance(exc, SagaError):
-                raise
-            raise StoreError(f"store {redact(url)} failed: {first_line(str(exc))}") from exc
-        finally:
-            target.close()
+        ops.migrate(url, give_up_after=STORE_WAIT)
     typer.echo(f"store {redact(url)}: schema up to date")

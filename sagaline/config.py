@@ -15,6 +15,16 @@ def default_home() -> Path:
     return Path(os.environ.get("SAGALINE_HOME") or Path.home() / ".sagaline")
 
 
+# A file a worker touches once it consumes (Celery's `worker_ready`): launchers such as
+# `sagaline.testing.WorkerProcess` and `sagaline demo` set it and wait for the file.
+READY_FILE_ENV = "SAGALINE_READY_FILE"
+
+
+def ready_file() -> Path | None:
+    path = os.environ.get(READY_FILE_ENV)
+    return Path(path) if path else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Settings of one process. Each field reads `SAGALINE_<NAME>` when not passed."""

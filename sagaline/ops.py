@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from . import engine, recovery
+from . import recovery, sweeper
 from .config import Settings
-from .definition import Saga
-from .engine import Timing
-from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
-from .records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
+
+# Re-exported (`as`) for the surfaces, which reach the core only through this module.
+from .engine import first_line as first_line
+from .exceptions import (
+    ConfigurationError,
+    InvalidTransition,
+    SagaError,
+    SagaNotFound,
+    StoreError,
+)
+from .records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime, current_runtime
-from .states import CompensationStatus, Phase, SagaStatus
-from .stores.base import Store, open_existing
+from .states import CompensationStatus, SagaStatus
+from .stores.base import Store, open_existing, store_class
+from .stores.base import redact as redact
+from .sweeper import SweepReport
 
 log = logging.getLogger("sagaline")
 
@@ -58,6 +67,55 @@ class SagaView:
                 return s
         raise KeyError(name)
 
+    @classmethod
+    def of(cls, state: SagaState, history: list[Event] | None = None) -> SagaView:
+        """The view of a saga's state (`Store.read_state`), with its history if read."""
+        return cls(state.saga, list(state.steps.values()), history or [])
+
+
+# -- reading: any process, given a store ----------------------------------------------------
+
+
+def open_store(url: str, *, read_only: bool = False,
+               give_up_after: float | None = None) -> Store:
+    """A store for a tool that reads or upgrades it, not for a worker.
+
+    `read_only`: the store must exist already; it is neither created nor migrated.
+    `give_up_after`: seconds to retry an unreachable server before StoreError, so that
+    a command fails within seconds rather than after the store's default wait.
+    """
+    cls = store_class(url)
+    options: dict[str, Any] = {}
+    if give_up_after is not None:
+        if "retry_for" in inspect.signature(cls).parameters:
+            options["retry_for"] = give_up_after
+        if url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
+            options["connect_args"] = {"connect_timeout": int(give_up_after) + 1}
+    if read_only:
+        return open_existing(url, **options)
+    return cls(url, **options)  # type: ignore[call-arg]
+
+
+def read_saga(store: Store, saga_id: str, *, with_history: bool = True) -> SagaView:
+    """A saga with its steps and (unless not wanted) its history; SagaNotFound if none."""
+    state = store.read_state(saga_id)
+    if state is None:
+        raise SagaNotFound(saga_id)
+    return SagaView.of(state, store.history(saga_id) if with_history else None)
+
+
+def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
+    """The sagas matching `flt`, newest first, as views without history.
+
+    Only a FAILED saga's steps are read: its summary names the compensations that
+    failed; the others' summary is their record's alone.
+    """
+    views = []
+    for saga in store.list_sagas(flt):
+        state = store.read_state(saga.saga_id) if saga.status is SagaStatus.FAILED else None
+        views.append(SagaView(saga, [] if state is None else list(state.steps.values())))
+    return views
+
 
 _readers: dict[str, Store] = {}
 _readers_lock = threading.Lock()
@@ -84,12 +142,7 @@ def read_store(runtime: Runtime | None = None) -> Store:
 def get_saga(saga_id: str, *, runtime: Runtime | None = None,
              with_history: bool = True) -> SagaView:
     """A saga with its steps and history, from any process (see `read_store`)."""
-    store = read_store(runtime)
-    saga = store.get_saga(saga_id)
-    if saga is None:
-        raise SagaNotFound(saga_id)
-    return SagaView(saga, store.get_steps(saga_id),
-                    store.history(saga_id) if with_history else [])
+    return read_saga(read_store(runtime), saga_id, with_history=with_history)
 
 
 def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str | None = None,
@@ -102,6 +155,9 @@ def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str
                                           created_after=created_after,
                                           created_before=created_before, limit=limit,
                                           offset=offset))
+
+
+# -- actions: they publish, so they take the runtime of an app -----------------------------
 
 
 def cancel(saga_id: str, *, reason: str = "cancelled by operator",
@@ -129,151 +185,39 @@ def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
     return saga
 
 
-def migrate(store_url: str | None = None, *, runtime: Runtime | None = None) -> None:
+def migrate(store_url: str | None = None, *, runtime: Runtime | None = None,
+            give_up_after: float | None = None) -> None:
     """Create or upgrade the store's schema (stores migrate on first use anyway).
 
-    With `store_url`, that store; otherwise the store of the current runtime.
+    With `store_url`, that store (see `open_store` for `give_up_after`); otherwise the
+    store of the current runtime. A failure is a StoreError naming the store.
     """
     if store_url is None:
         (runtime or current_runtime()).store.migrate()
         return
-    from .stores import store_from_url
-
-    store = store_from_url(store_url, auto_migrate=False)
+    store = open_store(store_url, give_up_after=give_up_after)
     try:
         store.migrate()
+    except SagaError:
+        raise
+    except Exception as exc:
+        # A driver's or migration tool's own error: say which store, in one line.
+        raise StoreError(f"store {redact(store_url)} failed: {first_line(str(exc))}") \
+            from exc
     finally:
         store.close()
 
 
-def repair(defn: Saga, state: SagaState, step: str | None, now: float, timing: Timing,
-           child_step: list[str]) -> Decision | None:
-    """The sweeper's decision for one due item (None: nothing to do)."""
-    if step is None:
-        return recovery.deadline_or_grace_due(defn, state, now=now, timing=timing)
-    rec = state.steps.get(step)
-    if rec is None:
-        return None
-    running = rec.running_phase is not None
-    if running and defn.graph.steps[step].child is not None:
-        child_step.append(step)  # a child saga runs it: no lease to expire
-        return None
-    if running:
-        return recovery.lease_expired(defn, state, step, now=now, timing=timing)
-    return recovery.redispatch(defn, state, step, now=now, timing=timing)
-
-
 def sweep(runtime: Runtime | None = None, *, now: float | None = None,
           limit: int = 200) -> int:
-    """Repair what crashes left behind; returns how many items it acted on.
-
-    Re-publishes DISPATCHED messages that may be lost, fails attempts whose
-    lease expired, and rolls back sagas past their deadline or grace period.
-    """
-    rt = runtime or current_runtime()
-    moment = time.time() if now is None else now
-    acted = 0
-    for item in rt.store.find_due(moment, limit=limit):
-        child_step: list[str] = []
-
-        def decide(state: SagaState, step: str | None = item.step,
-                   child_step: list[str] = child_step) -> Decision | None:
-            t = time.time() if now is None else now
-            defn = rt.definition_for(state.saga)
-            decision = None if defn is None else repair(defn, state, step, t, rt.timing,
-                                                        child_step)
-            if decision is None and not child_step:
-                return recovery.snooze(state, step, now=t, timing=rt.timing)
-            return decision
-
-        try:
-            decision = rt.store.transact(item.saga_id, decide)
-            if child_step:
-                rt.drive_child(item.saga_id, child_step[0])
-                acted += 1
-                continue
-        except Exception:
-            log.exception("sweeper: could not repair saga %s", item.saga_id)
-            continue
-        if decision is not None and decision.changed:
-            rt.after_commit(decision)
-            acted += 1
-    return acted
+    """Repair what crashes left behind; returns how many items it acted on."""
+    return sweep_report(runtime, now=now, limit=limit).acted
 
 
-def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
-                          alive: Callable[[Collection[int]], Collection[int]], *,
-                          earlier_boots: bool, stopping: bool = False,
-                          limit: int = 200) -> int:
-    """In a worker's main process: end at once the attempts its dead processes were running.
-
-    A claim of worker `node` is lost when it was made by an earlier boot of that node
-    (only with `earlier_boots`: the worker just started under the name of one that
-    died), or by a process of this boot that `alive` (given the owners' pids, read
-    after the claims) does not report alive. Each is a crashed attempt, as if its
-    lease had expired; its retry goes to this worker's own queue unless the worker is
-    `stopping`. Returns how many attempts were handed back.
-    """
-    queue = None if stopping else runtime.worker_queue
-    claims = runtime.store.find_claimed(node, limit=limit)
-    # The processes are looked at after the claims were read: a process that claimed
-    # a step is listed by then, so a claim this young is never taken for a dead one.
-    living = set(alive({c.owner_pid for c in claims if c.owner_pid is not None}))
-    acted = 0
-    for rec in claims:
-        owner, phase = rec.owner, rec.running_phase
-        if owner is None or phase is None:
-            continue
-        if owner.boot != boot:
-            if not earlier_boots:
-                continue
-            cause = (f"worker {node} restarted; the process that ran this attempt "
-                     f"(pid {owner.pid}) belonged to its previous start")
-        elif owner.pid in living:
-            continue
-        else:
-            cause = f"process {owner.pid} of worker {node} exited while running it"
-        if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
-                      cause, queue):
-            acted += 1
-    return acted
-
-
-def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-               owner: Owner, cause: str, queue: str | None) -> bool:
-    def decide(state: SagaState) -> Decision | None:
-        defn = rt.definition_for(state.saga)
-        return None if defn is None else recovery.claim_lost(
-            defn, state, step, phase, attempt, owner, cause=cause, now=time.time(),
-            timing=rt.timing)
-
-    try:
-        decision = rt.store.transact(saga_id, decide)
-        if decision is None:
-            return False
-        if queue is not None:
-            # The retry (or, in a saga rolling back, the step's compensation) goes to this
-            # worker's own queue: in the shared queue it would wait behind the whole
-            # backlog. This worker was running the step, so it consumes its queue; should
-            # it die first, the sweeper publishes it again to the step's queue after
-            # redispatch_after.
-            decision.dispatches = [
-                replace(d, queue=queue)
-                if d.step == step and d.child_saga is None else d
-                for d in decision.dispatches]
-        else:
-            # A stopping worker: a retry's backoff would wait in this process
-            # (DelayedPublisher), which is about to exit, and the step would then wait
-            # for the sweeper. Publish now; the claim fences by attempt, not by time.
-            decision.dispatches = [replace(d, countdown=0.0) for d in decision.dispatches]
-        rt.after_commit(decision)
-    except Exception:
-        log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,
-                      phase, attempt)
-        return False
-    log.warning("saga %s step %s (%s attempt %s): %s; running it again", saga_id, step,
-                phase, attempt, cause)
-    return True
+def sweep_report(runtime: Runtime | None = None, *, now: float | None = None,
+                 limit: int = 200) -> SweepReport:
+    """One sweeper pass (see `sweeper.sweep`): each item it acted on, by kind."""
+    return sweeper.sweep(runtime or current_runtime(), now=now, limit=limit)
 
 
 # -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------
@@ -326,13 +270,13 @@ def step_attempts(history: list[Event]) -> list[Attempt]:
             att.finished_at = ev.ts
             att.outcome = _ATTEMPT_ENDS[ev.kind]
             error = ev.detail.get("error")
-            att.error = engine.first_line(error) if error else None
+            att.error = first_line(error) if error else None
     return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
 
 
 def compensation_failures(steps: list[StepRecord]) -> dict[str, str]:
     """The steps whose compensation failed for good, with the first line of its error."""
-    return {s.name: engine.first_line(s.comp_error) or "no error recorded" for s in steps
+    return {s.name: first_line(s.comp_error) or "no error recorded" for s in steps
             if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
 
 
@@ -342,7 +286,7 @@ def failure_summary(saga: SagaRecord, steps: list[StepRecord]) -> str | None:
     if saga.status is SagaStatus.COMPLETED or (not saga.error and
                                                saga.status is not SagaStatus.FAILED):
         return None
-    parts = [engine.first_line(saga.error)] if saga.error else []
+    parts = [first_line(saga.error)] if saga.error else []
     if saga.status is SagaStatus.FAILED:
         parts += [f"compensation of {name!r} failed: {error}"
                   for name, error in compensation_failures(steps).items()]

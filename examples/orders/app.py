@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
 
 import sagaline
 
@@ -15,13 +12,6 @@ app = Celery("shop", broker=os.environ.get("CELERY_BROKER_URL") or None)
 app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1,
                 worker_hijack_root_logger=False)
 sagaline.init_app(app)
-
-
-@worker_ready.connect
-def _announce_ready(**_: Any) -> None:
-    path = os.environ.get("SAGALINE_READY_FILE")
-    if path:
-        Path(path).touch()
 
 
 from . import tasks  # noqa: E402,F401  (registers the tasks and the saga)

@@ -12,8 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,9 +27,9 @@ from rich.text import Text
 from ..config import default_home
 from ..definition import short_name
 from ..exceptions import ConfigurationError
-from ..ops import SagaView, get_saga
+from ..ops import SagaView, get_saga, redact
 from ..states import SAGA_TERMINAL, SagaStatus
-from ..stores.base import redact
+from ..testing import HarnessError, WorkerExited, WorkerProcess
 from ..timeline import format_duration, render_timeline, status_text
 
 # The saga ships in the package: the worker imports it from wherever sagaline is installed.
@@ -96,61 +94,24 @@ def plan_runs(opts: DemoOptions, make_input: Any) -> list[Run]:
     return runs
 
 
-class DemoWorker:
-    """`celery -A sagaline.demo.robots.app worker` in its own process group, stopped by pid."""
+def demo_worker(home: Path, concurrency: int) -> WorkerProcess:
+    """`celery -A sagaline.demo.robots.app worker`, its log, ready and pid files in `home`."""
+    # cwd is the demo's own folder: nothing of the user's current directory (a stray
+    # celeryconfig.py, a module named like ours) leaks into the worker.
+    return WorkerProcess(APP_MODULE, env={"SAGALINE_HOME": str(home)}, pool="prefork",
+                         concurrency=concurrency, name=f"demo-{os.getpid()}", cwd=home,
+                         workdir=home, ready_timeout=WORKER_READY_TIMEOUT)
 
-    def __init__(self, home: Path, concurrency: int):
-        self.home = home
-        self.log_path = home / "worker.log"
-        self.ready_file = home / "worker.ready"
-        self.pid_file = home / "worker.pid"
-        self.concurrency = concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["SAGALINE_READY_FILE"] = str(self.ready_file)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        argv = [sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
-                "-P", "prefork", "-c", str(self.concurrency), "--loglevel", "INFO",
-                "-n", f"demo-{os.getpid()}@%h",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        with open(self.log_path, "ab") as log:
-            # Its own session: a Ctrl-C in the terminal reaches the demo, which stops it.
-            # cwd is the demo's own folder: nothing of the user's current directory
-            # (a stray celeryconfig.py, a module named like ours) leaks into the worker.
-            self.proc = subprocess.Popen(argv, cwd=self.home, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        # Its own session hides it from a signal to the demo's group: whoever has to
-        # clean up after a killed demo finds the worker (and its group) here.
-        self.pid_file.write_text(f"{self.proc.pid}\n")
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise ConfigurationError(f"the demo worker exited with {self.proc.returncode} "
-                                         f"before it was ready; see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise ConfigurationError(f"the demo worker was not ready after "
-                                         f"{WORKER_READY_TIMEOUT:g}s; see {self.log_path}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # SIGTERM to the main process only: a warm shutdown, which stops its pool
-            # children itself (a signal to each child would leave the parent waiting).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=timeout)
-        # Whatever is left of its process group (the worker leads it) is killed.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+def _start(worker: WorkerProcess) -> None:
+    try:
+        worker.start()
+    except WorkerExited:
+        raise ConfigurationError(f"the demo worker exited with {worker.returncode} "
+                                 f"before it was ready; see {worker.log_path}") from None
+    except HarnessError:
+        raise ConfigurationError(f"the demo worker was not ready after "
+                                 f"{WORKER_READY_TIMEOUT:g}s; see {worker.log_path}") from None
 
 
 @contextlib.contextmanager
@@ -189,13 +150,12 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
     store = os.environ.get("SAGALINE_STORE_URL") or f"sqlite:///{home / 'state.db'}"
     console.print(Text.assemble(("sagaline demo", "bold"), f": {opts.runs} robot exploration "
                                 f"sagas\n  broker: {broker}\n  store:  {redact(store)}"))
-    worker = DemoWorker(home, opts.concurrency)
+    worker = demo_worker(home, opts.concurrency)
     with _environment(SAGALINE_HOME=str(home)), _terminate_as_interrupt():
         try:
             with console.status("starting a Celery worker process..."):
-                worker.start()
-            assert worker.proc is not None
-            console.print(f"  worker: pid {worker.proc.pid}, {opts.concurrency} processes, "
+                _start(worker)
+            console.print(f"  worker: pid {worker.pid}, {opts.concurrency} processes, "
                           f"log {worker.log_path}")
             code = _run_sagas(opts, console)
         except BaseException:

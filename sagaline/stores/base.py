@@ -169,6 +169,18 @@ class Store(ABC):
             return []
         return self._get_steps(saga_id)
 
+    def read_state(self, saga_id: str) -> SagaState | None:
+        """The saga with all its steps (None: no such saga): what ops and the runtime read.
+
+        Two reads by default, the saga then its steps; they agree except while a
+        `transact` commits between them, which a reader outside the saga's lock
+        accepts. A store that can read both at once cheaply does so here.
+        """
+        saga = self.get_saga(saga_id)
+        if saga is None:
+            return None
+        return SagaState(saga, {s.name: s for s in self.get_steps(saga_id)})
+
     @abstractmethod
     def _get_steps(self, saga_id: str) -> list[StepRecord]: ...
 

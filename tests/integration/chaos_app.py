@@ -14,12 +14,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from celery import Celery
-from celery.signals import worker_ready
 
 import sagaline
 from sagaline import Saga
@@ -109,13 +107,6 @@ def undo_effect(info: sagaline.StepInfo) -> None:
              "ON CONFLICT (key) DO NOTHING",
              (info.idempotency_key, info.saga_id, info.step, info.attempt, os.getpid(),
               time.time(), f"{info.saga_id}:{info.step}"))
-
-
-@worker_ready.connect
-def _ready(**_: Any) -> None:
-    path = os.environ.get("SAGALINE_READY_FILE")
-    if path:
-        Path(path).touch()
 
 
 @app.task(name="chaos.work")

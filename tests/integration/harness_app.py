@@ -25,6 +25,7 @@ app.conf.update(
 
 @worker_ready.connect
 def _touch_ready_file(**_: Any) -> None:
+    # A plain Celery app (it tests the launcher itself): no init_app, whose hook does this.
     path = os.environ.get("SAGALINE_READY_FILE")
     if path:
         Path(path).touch()

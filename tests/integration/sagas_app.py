@@ -11,12 +11,10 @@ import base64
 import os
 import pickle
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from celery import Celery
-from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
 import sagaline
@@ -61,13 +59,6 @@ def record(saga_id: str, step: str, action: str, data: Any = None,
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
             (saga_id, step, action, psycopg.types.json.Jsonb(data), started, time.time(),
              os.getpid()))
-
-
-@worker_ready.connect
-def _ready(**_: Any) -> None:
-    path = os.environ.get("SAGALINE_READY_FILE")
-    if path:
-        Path(path).touch()
 
 
 # -- a four-step saga whose steps and compensations write ledger rows ---------------

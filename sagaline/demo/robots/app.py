@@ -7,11 +7,8 @@ broker in SAGALINE_HOME. State store from SAGALINE_STORE_URL (default: SQLite).
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
 
 import sagaline
 
@@ -22,14 +19,6 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 sagaline.init_app(app)
-
-
-@worker_ready.connect
-def _announce_ready(**_: Any) -> None:
-    # `sagaline demo` and the test harness wait for this file before starting sagas.
-    path = os.environ.get("SAGALINE_READY_FILE")
-    if path:
-        Path(path).touch()
 
 
 # The tasks and the saga definition register themselves on import, in every process.
