@@ -261,6 +261,10 @@ def build_graph(saga_name: str, steps: Iterable[Step]) -> Graph:
     return Graph(by_name, order, dependents, ancestors)
 
 
+class Parallel(tuple):  # type: ignore[type-arg]
+    """A group of tasks for `Saga.add_step`, made by `parallelize`."""
+
+
 class Saga:
     """A saga definition, built step by step at module level.
 
@@ -317,7 +321,7 @@ class Saga:
 
     def add_step(
         self,
-        task: TaskRef,
+        task: TaskRef | Parallel,
         *,
         name: str | None = None,
         compensate: TaskRef | None = None,
@@ -331,8 +335,6 @@ class Saga:
         pivot: bool = False,
         queue: str | None = None,
     ) -> Saga:
-        from .functional import Parallel
-
         if isinstance(task, Parallel):
             if name is not None or depends_on is not None:
                 raise DefinitionError("parallelize(...) takes neither name= nor depends_on=",
@@ -526,9 +528,7 @@ class Saga:
         message cannot carry (see `sagaline.payload`) raises InputError before
         anything is stored.
         """
-        from .runtime import current_runtime
-
-        return current_runtime().start_saga(self, input, idempotency_key=idempotency_key)
+        return _state.current_runtime().start_saga(self, input, idempotency_key=idempotency_key)
 
     def __repr__(self) -> str:
         return f"<Saga {self.name!r} steps={[s.name for s in self._steps]}>"

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .definition import ContextFn, Retry, Saga, TaskRef, forget, short_name
+from .definition import ContextFn, Parallel, Retry, Saga, TaskRef, forget, short_name
 from .exceptions import DefinitionError
 
 _RULE = (
@@ -136,10 +136,6 @@ def parallelize(*items: Any) -> Any:
     if _active:
         return tuple(items)
     return Parallel(items)
-
-
-class Parallel(tuple):  # type: ignore[type-arg]
-    """A group of tasks for `Saga.add_step`, made by `parallelize`."""
 
 
 def _dependencies(refs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:

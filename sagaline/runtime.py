@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import delivery, engine, payload, recovery, signals
+from ._state import current_runtime as current_runtime  # re-exported: a public import path
+from ._state import set_default_runtime as set_default_runtime
 from .context import StepInfo, _current
 from .definition import Saga, StepResponse, filter_kwargs, registered_saga
 from .exceptions import (
@@ -38,26 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sagaline")
 HEADER = "sagaline"
-
-_default_runtime: Runtime | None = None
-
-
-def current_runtime(app: Celery | None = None) -> Runtime:
-    """The runtime of `app`, else of Celery's current app, else the last one set up."""
-    if app is None:
-        from celery import current_app
-
-        app = current_app._get_current_object()
-    runtime = getattr(app, "_sagaline_runtime", None) or _default_runtime
-    if runtime is None:
-        raise ConfigurationError("sagaline is not set up: call sagaline.init_app(app) first")
-    return runtime
-
-
-def set_default_runtime(runtime: Runtime) -> None:
-    global _default_runtime
-    _default_runtime = runtime
-
 
 class Runtime:
     """The bridge between one Celery app, the store and the engine, in one process."""
