@@ -30,8 +30,8 @@ from .exceptions import (
     StoreError,
 )
 from .functional import parallelize, saga, step, transform
+from .handle import SagaHandle
 from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
-from .runtime import SagaHandle
 from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from .payload import MAX_NAME_LENGTH, RESERVED_KEYS, check_text
 from .states import FailureStrategy
 
 if TYPE_CHECKING:
-    from .runtime import SagaHandle
+    from .handle import SagaHandle
 
 Context = dict[str, Any]
 TaskRef = Union[Task, str]  # noqa: UP007 - a runtime alias on 3.10
