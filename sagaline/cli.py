@@ -26,7 +26,6 @@ from rich.text import Text
 
 from . import ops
 from .config import default_store_url
-from .engine import first_line
 from .exceptions import (
     ConfigurationError,
     InvalidTransition,
@@ -34,9 +33,8 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
-from .runtime import Runtime
+from .ops import Runtime, Store, first_line, open_existing, redact, store_class
 from .states import SagaStatus
-from .stores.base import Store, open_existing, redact, store_class
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
 
 EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4

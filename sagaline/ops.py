@@ -11,15 +11,23 @@ from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
+# The surfaces (cli, timeline, demo) reach the core only through this module: the
+# `name as name` imports are what they need besides the operations, re-exported.
 from . import engine, recovery
 from .config import Settings
 from .definition import Saga
+from .definition import short_name as short_name
 from .engine import Timing
+from .engine import first_line as first_line
 from .exceptions import ConfigurationError, InvalidTransition, SagaNotFound
 from .records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
-from .runtime import Runtime, current_runtime
+from .runtime import Runtime as Runtime
+from .runtime import current_runtime
 from .states import CompensationStatus, Phase, SagaStatus, StepStatus
-from .stores.base import Store, open_existing
+from .stores.base import Store as Store
+from .stores.base import open_existing as open_existing
+from .stores.base import redact as redact
+from .stores.base import store_class as store_class
 
 log = logging.getLogger("sagaline")
 

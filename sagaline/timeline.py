@@ -7,8 +7,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from .engine import first_line
-from .ops import SagaView, compensation_failures, step_attempts
+from .ops import SagaView, compensation_failures, first_line, step_attempts
 from .records import Event
 from .states import SagaStatus
 

@@ -27,11 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import default_home
-from ..definition import short_name
 from ..exceptions import ConfigurationError
-from ..ops import SagaView, get_saga
+from ..ops import SagaView, get_saga, redact, short_name
 from ..states import SAGA_TERMINAL, SagaStatus
-from ..stores.base import redact
 from ..timeline import format_duration, render_timeline, status_text
 
 # The saga ships in the package: the worker imports it from wherever sagaline is installed.
