@@ -13,8 +13,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .definition import ContextFn, Parallel, Retry, Saga, TaskRef, forget, short_name
+from .definition import Parallel, Saga, forget, short_name
 from .exceptions import DefinitionError
+from .steps import ContextFn, Retry, TaskRef
 
 _RULE = (
     "step results are placeholders while the saga is traced at definition time, so {what} "

@@ -16,9 +16,9 @@ from . import children, delivery, engine, execution, payload, signals
 from ._state import current_runtime as current_runtime  # re-exported: a public import path
 from ._state import registered_saga
 from ._state import set_default_runtime as set_default_runtime
-from .definition import Saga, filter_kwargs
+from .definition import Saga
 from .exceptions import ConfigurationError, IdempotencyConflict, InputError
-from .execution import Heartbeat
+from .execution import Heartbeat, filter_kwargs
 from .handle import SagaHandle as SagaHandle
 from .records import HEADER as HEADER
 from .records import Decision, Dispatch, SagaRecord, SagaState

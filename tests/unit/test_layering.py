@@ -7,13 +7,13 @@ public API and imports nearly everything).
 
 The rules:
 - no import cycle inside `sagaline`;
-- the core (`states`, `records`, `exceptions`, `definition`, `engine`, `recovery`)
-  imports from `sagaline` only the core and the leaves `payload` and `_state`:
-  never the runtime (`runtime`, `execution`, `children`, `handle`, `delivery`,
-  `celery_app`), `functional`, a store, `ops` or a surface. It imports no store
-  driver and nothing of Celery or kombu, except that `definition` recognises a
-  step's task through Celery's task types (`celery.app.task`, `celery.local`),
-  which need no app, broker or I/O;
+- the core (`states`, `records`, `exceptions`, `steps`, `definition`, `engine`,
+  `recovery`) imports from `sagaline` only the core and the leaves `payload` and
+  `_state`: never the runtime (`runtime`, `execution`, `children`, `handle`,
+  `delivery`, `celery_app`), `functional`, a store, `ops` or a surface. It imports no store
+  driver and nothing of Celery or kombu, except that `steps` recognises a step's
+  task through Celery's task types (`celery.app.task`, `celery.local`), which
+  need no app, broker or I/O;
 - `_state` (process-global state) imports only `exceptions` from `sagaline`; it
   may ask Celery for its current app;
 - a store (`sagaline.stores.*`) imports from `sagaline` only `states`, `records`,
@@ -35,14 +35,14 @@ import sagaline
 
 PACKAGE_DIR = Path(sagaline.__file__).resolve().parent
 
-CORE = {"states", "records", "exceptions", "definition", "engine", "recovery"}
+CORE = {"states", "records", "exceptions", "steps", "definition", "engine", "recovery"}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
 SURFACES = ("cli", "timeline", "demo")
 SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app"}
 CELERY = ("celery", "kombu", "billiard")
 STORE_DRIVERS = ("sqlalchemy", "alembic", "redis", "psycopg", "pymysql")
-DEFINITION_CELERY_TYPES = {"celery.app.task", "celery.local"}
+STEP_CELERY_TYPES = {"celery.app.task", "celery.local"}
 
 
 def _module_name(path: Path) -> str:
@@ -135,7 +135,7 @@ def test_the_core_imports_neither_the_runtime_nor_a_store_nor_celery_nor_a_surfa
     for module in sorted(f"sagaline.{m}" for m in CORE):
         outside = {_short(i) for i in GRAPH[module] if not _within(i, CORE_MAY_IMPORT)}
         assert not outside, f"{_short(module)} imports {sorted(outside)}"
-        allowed = DEFINITION_CELERY_TYPES if module == "sagaline.definition" else set()
+        allowed = STEP_CELERY_TYPES if module == "sagaline.steps" else set()
         foreign = _third_party(module, CELERY + STORE_DRIVERS) - allowed
         assert not foreign, f"{_short(module)} imports {sorted(foreign)}"
 
