@@ -1,4 +1,4 @@
-"""Process-global state: the saga definitions by name and the default runtime. A leaf module."""
+"""Process-global state: the saga definitions by name and the default runtime; a leaf."""
 
 from __future__ import annotations
 
