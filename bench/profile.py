@@ -3,7 +3,7 @@
 `python -m bench --profile DIR` runs this after the figures of each store. py-spy
 samples each pool process (wall clock, idle included) while sagas are submitted
 in batches for a bounded time; the collapsed stacks are written to DIR and
-summarised: the share of the step hot path (sagaline's `Runtime.execute`) spent
+summarised: the share of the step hot path (sagaline's `execution.execute`) spent
 in the claim, the complete transaction, the engine, the publish and the body,
 and the functions with the most samples.
 """
@@ -33,7 +33,7 @@ PARTS = [
     ("    write decision", "write_decision", "sagaline/stores/sql_statements.py"),
     ("  publish (after commit)", "publish", "sagaline/runtime.py"),
     ("body (the task)", "saga_noop", "bench/app.py"),
-    ("heartbeat add/remove", "Heartbeat.add", "sagaline/runtime.py"),
+    ("heartbeat add/remove", "Heartbeat.add", "sagaline/execution.py"),
     ("SagaState from rows", "step_record", "sagaline/stores/sql_statements.py"),
     ("engine Work copy", "Work.__init__", "sagaline/engine.py"),
     ("signals", "send", "celery/utils/dispatch/signal.py"),
@@ -116,7 +116,7 @@ def summarise(files: list[Path]) -> dict[str, Any]:
             total += n
             frames = _frames(stack)
             names = [(fn, file) for fn, file in frames]
-            if not any(_is(fn, "execute") and file.endswith("sagaline/runtime.py")
+            if not any(_is(fn, "execute") and file.endswith("sagaline/execution.py")
                        for fn, file in names):
                 continue
             in_execute += n

@@ -5,14 +5,7 @@ from __future__ import annotations
 from .celery_app import init_app
 from .config import Settings
 from .context import StepInfo, current_step
-from .definition import (
-    FAIL_FAST_WITH_GRACE,
-    Retry,
-    Saga,
-    Step,
-    StepResponse,
-    saga_step,
-)
+from .definition import Saga
 from .exceptions import (
     ConcurrencyError,
     ConfigurationError,
@@ -30,9 +23,10 @@ from .exceptions import (
     StoreError,
 )
 from .functional import parallelize, saga, step, transform
+from .handle import SagaHandle
 from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
-from .runtime import SagaHandle
 from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
+from .steps import FAIL_FAST_WITH_GRACE, Retry, Step, StepResponse, saga_step
 
 __version__ = "0.1.0"
 

@@ -32,11 +32,9 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
-from .ops import first_line, redact
+from .ops import Runtime, Store, first_line, redact
 from .records import SagaFilter
-from .runtime import Runtime
 from .states import SagaStatus
-from .stores import Store
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
 
 EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4

@@ -23,8 +23,8 @@ from celery import bootsteps
 from celery.signals import task_rejected, task_unknown, worker_ready
 
 from . import recovery
-from ._state import registered_sagas
-from .records import Decision, Event, SagaState
+from ._state import current_runtime, registered_sagas
+from .records import HEADER, Decision, Event, SagaState
 from .states import Phase
 
 if TYPE_CHECKING:
@@ -112,8 +112,6 @@ def message_refused(runtime: Runtime, meta: dict[str, Any], *, task: str, worker
 
 
 def _saga_meta(message: Any) -> dict[str, Any] | None:
-    from .runtime import HEADER
-
     headers = getattr(message, "headers", None)
     meta = headers.get(HEADER) if isinstance(headers, dict) else None
     return meta if isinstance(meta, dict) else None
@@ -123,8 +121,6 @@ def _refused(consumer: Any, message: Any, *, unregistered: bool, error: str) -> 
     meta = _saga_meta(message)
     if meta is None:
         return  # not a saga step: Celery's own handling is all there is to do
-    from .runtime import current_runtime
-
     try:
         runtime = current_runtime(getattr(consumer, "app", None))
     except Exception:

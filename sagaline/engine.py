@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import payload
-from .definition import Saga, Step, StepKind
+from .definition import Saga
 from .exceptions import InputError
 from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
 from .states import (
@@ -29,6 +29,7 @@ from .states import (
     SagaStatus,
     StepStatus,
 )
+from .steps import Step, StepKind
 
 # Why an attempt ended with its outcome unknown (its process died mid-run): its lease
 # expired, or the worker that ran it saw the process die (a pool process exited, the

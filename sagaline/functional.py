@@ -13,8 +13,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .definition import ContextFn, Retry, Saga, TaskRef, forget, short_name
+from .definition import Parallel, Saga, forget, short_name
 from .exceptions import DefinitionError
+from .steps import ContextFn, Retry, TaskRef
 
 _RULE = (
     "step results are placeholders while the saga is traced at definition time, so {what} "
@@ -136,10 +137,6 @@ def parallelize(*items: Any) -> Any:
     if _active:
         return tuple(items)
     return Parallel(items)
-
-
-class Parallel(tuple):  # type: ignore[type-arg]
-    """A group of tasks for `Saga.add_step`, made by `parallelize`."""
 
 
 def _dependencies(refs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:

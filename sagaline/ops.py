@@ -11,10 +11,11 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+# The surfaces (cli, timeline, demo) reach the core only through this module: the
+# `name as name` imports are what they need besides the operations, re-exported.
 from . import recovery, sweeper
 from .config import Settings
-
-# Re-exported (`as`) for the surfaces, which reach the core only through this module.
+from .definition import short_name as short_name
 from .engine import first_line as first_line
 from .exceptions import (
     ConfigurationError,
@@ -24,10 +25,13 @@ from .exceptions import (
     StoreError,
 )
 from .records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
-from .runtime import Runtime, current_runtime
+from .runtime import Runtime as Runtime
+from .runtime import current_runtime
 from .states import CompensationStatus, SagaStatus
-from .stores.base import Store, open_existing, store_class
+from .stores.base import Store as Store
+from .stores.base import open_existing as open_existing
 from .stores.base import redact as redact
+from .stores.base import store_class as store_class
 from .sweeper import SweepReport
 
 log = logging.getLogger("sagaline")

@@ -173,6 +173,11 @@ class Dispatch:
     child_saga: str | None = None
 
 
+# The header of a step's Celery message that carries its Dispatch identity (saga,
+# fingerprint, step, phase, attempt): written when publishing, read by the worker.
+HEADER = "sagaline"
+
+
 @dataclass
 class Decision:
     """What the engine decided: the records to write (compare-and-set) and what to publish."""

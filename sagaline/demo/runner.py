@@ -25,9 +25,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import default_home
-from ..definition import short_name
 from ..exceptions import ConfigurationError
-from ..ops import SagaView, get_saga, redact
+from ..ops import SagaView, get_saga, redact, short_name
 from ..states import SAGA_TERMINAL, SagaStatus
 from ..testing import HarnessError, WorkerExited, WorkerProcess
 from ..timeline import format_duration, render_timeline, status_text

@@ -8,20 +8,11 @@ import pytest
 from celery import Celery
 from celery.local import PromiseProxy
 
-from sagaline.definition import (
-    FAIL_FAST_WITH_GRACE,
-    Retry,
-    Saga,
-    Step,
-    StepKind,
-    accepted_kwargs,
-    build_graph,
-    filter_kwargs,
-    forget,
-    saga_step,
-)
+from sagaline.definition import Saga, forget
 from sagaline.exceptions import DefinitionError
+from sagaline.execution import accepted_kwargs, filter_kwargs
 from sagaline.states import FailureStrategy
+from sagaline.steps import FAIL_FAST_WITH_GRACE, Retry, Step, StepKind, build_graph, saga_step
 
 app = Celery("t_definition", broker="memory://", set_as_current=False)
 

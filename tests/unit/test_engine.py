@@ -15,7 +15,7 @@ import pytest
 from celery import Celery
 
 from sagaline import engine, recovery
-from sagaline.definition import FAIL_FAST_WITH_GRACE, Retry, Saga, StepResponse
+from sagaline.definition import Saga
 from sagaline.records import Decision, Dispatch, Event, Owner, SagaState, StepRecord
 from sagaline.states import (
     CompensationStatus,
@@ -24,6 +24,7 @@ from sagaline.states import (
     SagaStatus,
     StepStatus,
 )
+from sagaline.steps import FAIL_FAST_WITH_GRACE, Retry, StepResponse
 
 app = Celery("t_engine", broker="memory://", set_as_current=False)
 

@@ -8,8 +8,8 @@ import pytest
 from celery import Celery
 
 from sagaline import DefinitionError, Saga, parallelize, saga, step, transform
-from sagaline.definition import StepKind
-from sagaline.functional import Parallel
+from sagaline.definition import Parallel
+from sagaline.steps import StepKind
 
 app = Celery("functional_test", broker="memory://")
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import sagaline
 from sagaline import StepResponse, saga_step
 
-from .app import app
+from .celery_app import app
 from .models import engine, maps, missions, robots, routes
 
 log = logging.getLogger(__name__)

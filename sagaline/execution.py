@@ -1,0 +1,262 @@
+"""Running one step message in a worker: claim, heartbeat, body, completion or failure."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from . import engine, payload, recovery, signals
+from ._state import registered_saga
+from .context import StepInfo, _current
+from .definition import Saga
+from .exceptions import InputError, StepFailure
+from .records import Event, Owner
+from .states import Phase
+from .steps import StepResponse
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+    from .stores.base import Store
+
+log = logging.getLogger("sagaline")
+
+
+def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any], meta: dict[str, Any]) -> Any:
+    """Run the step (or compensation) that a message with sagaline header `meta` names,
+    if this process wins its claim, and record the outcome; Celery's step hook calls it."""
+    saga_id, step = str(meta["saga_id"]), str(meta["step"])
+    phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
+    defn = registered_saga(str(meta["saga"]))
+    if defn is None or defn.fingerprint != meta.get("fingerprint"):
+        _refuse_unknown_definition(runtime, meta, defn)
+        raise Ignore()
+    now = time.time()
+    lease = runtime.settings.lease
+    if not runtime.store.claim_step(saga_id, step, phase, attempt, lease_until=now + lease,
+                                    now=now, owner=claim_owner(runtime)):
+        log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
+                 "message); not running it", saga_id, step, phase, attempt)
+        raise Ignore()
+    signals.step_started.send(sender=runtime, saga_id=saga_id, name=defn.name, step=step,
+                              phase=phase, attempt=attempt)
+    heartbeat = runtime.heartbeat()
+    token = heartbeat.add(saga_id, step, phase, attempt)
+    ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
+    kwargs = filter_kwargs(task.run, kwargs)
+    try:
+        return _run_and_complete(runtime, defn, body, args, kwargs, saga_id, step, phase,
+                                 attempt)
+    finally:
+        # Renewed until the completion committed: a store outage during completion
+        # must not let the lease expire and re-run a body that already finished.
+        heartbeat.remove(token)
+        _current.reset(ctx_token)
+
+
+def claim_owner(runtime: Runtime) -> Owner | None:
+    """Who claims a step in this process: None outside a worker (the lease alone then)."""
+    if runtime.worker_node is None or runtime.worker_boot is None:
+        return None
+    return Owner(runtime.worker_node, runtime.worker_boot, os.getpid())
+
+
+def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
+                      args: tuple[Any, ...], kwargs: dict[str, Any], saga_id: str, step: str,
+                      phase: Phase, attempt: int) -> Any:
+    started = time.monotonic()
+    try:
+        result = body(*args, **kwargs)
+    except Exception as exc:
+        if isinstance(exc, Ignore):
+            raise
+        _record_failure(runtime, defn, saga_id, step, phase, attempt, exc, started)
+        raise
+    if phase is Phase.COMPENSATE:
+        runtime.apply(saga_id, engine.compensation_succeeded, step, attempt)
+        _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
+        return None
+    if isinstance(result, StepResponse):
+        output, comp, has_comp = (result.output, result.compensation_data,
+                                  result.has_compensation_data)
+    else:
+        output, comp, has_comp = result, None, False
+    try:
+        _check_output(runtime, step, output, comp, has_comp)
+    except InputError as exc:
+        # Retrying would produce the same value: fail permanently (and compensate).
+        runtime.apply(saga_id, engine.step_failed, step, attempt, error=f"InputError: {exc}",
+                      permanent=True, reason="payload_refused")
+        _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
+        raise InputError(str(exc), rule=exc.rule, where=exc.where) from None
+    runtime.apply(saga_id, engine.step_succeeded, step, attempt, output=output,
+                  compensation_data=comp, has_compensation_data=has_comp)
+    _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
+    return output
+
+
+def _check_output(runtime: Runtime, step: str, output: Any, comp: Any,
+                  has_comp: bool) -> None:
+    limit = runtime.settings.max_payload_bytes
+    payload.check_output(output, f"output of step {step!r}", max_bytes=limit)
+    if has_comp:
+        payload.check_value(comp, f"compensation_data of step {step!r}", max_bytes=limit)
+
+
+def _record_failure(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
+                    attempt: int, exc: Exception, started: float) -> None:
+    """Store a failed attempt; never raises, so the body's own error reaches Celery.
+
+    Stores make any text storable (stores/sanitize.py). Should the write still
+    fail for a reason other than an outage (a driver refusing some value), it is
+    tried once more with only the error's type: a failure that is not stored
+    would leave the step RUNNING until its lease expires, and the cause lost.
+    """
+    try:
+        _store_failure(runtime, saga_id, step, phase, attempt, exc,
+                       engine.describe_error(exc))
+    except Exception as first:
+        log.exception("saga %s step %s %s attempt %s: could not store its failure; "
+                      "storing its type only", saga_id, step, phase, attempt)
+        fallback = (f"{type(exc).__name__} (its message could not be stored: "
+                    f"{type(first).__name__})")
+        try:
+            _store_failure(runtime, saga_id, step, phase, attempt, exc, fallback)
+        except Exception:
+            log.exception("saga %s step %s: could not store its failure; the sweeper "
+                          "retries the step when its lease expires", saga_id, step)
+    _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
+
+
+def _store_failure(runtime: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
+                   exc: Exception, error: str) -> None:
+    reason = "timeout" if isinstance(exc, SoftTimeLimitExceeded) else "error"
+    if phase is Phase.COMPENSATE:
+        runtime.apply(saga_id, engine.compensation_failed, step, attempt, error=error,
+                      reason=reason)
+        return
+    permanent = isinstance(exc, StepFailure)
+    comp = exc.compensation_data if isinstance(exc, StepFailure) else None
+    has_comp = isinstance(exc, StepFailure) and exc.has_compensation_data
+    if has_comp:
+        try:
+            payload.check_value(comp, f"compensation_data of step {step!r}",
+                                max_bytes=runtime.settings.max_payload_bytes)
+        except InputError as bad:
+            error, comp, has_comp = f"{error}\n(and {bad})", None, False
+    runtime.apply(saga_id, engine.step_failed, step, attempt, error=error,
+                  permanent=permanent, reason=reason, compensation_data=comp,
+                  has_compensation_data=has_comp)
+
+
+def _step_finished(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
+                   attempt: int, outcome: str, started: float) -> None:
+    signals.step_finished.send(sender=runtime, saga_id=saga_id, name=defn.name, step=step,
+                               phase=phase, attempt=attempt, outcome=outcome,
+                               duration=time.monotonic() - started)
+
+
+def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any],
+                               defn: Saga | None) -> None:
+    why = ("not defined in this worker" if defn is None else
+           f"defined here with fingerprint {defn.fingerprint}, the saga was started with "
+           f"{meta.get('fingerprint')}")
+    log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
+              "code to every worker", meta.get("saga_id"), meta.get("saga"),
+              meta.get("step"), why)
+    event = Event(str(meta["saga_id"]), "definition_mismatch", time.time(),
+                  str(meta.get("step")), int(meta.get("attempt", 0)),
+                  str(meta.get("phase")),
+                  {"worker_fingerprint": getattr(defn, "fingerprint", None),
+                   "saga_fingerprint": meta.get("fingerprint"), "pid": os.getpid()})
+    try:
+        runtime.store.transact(event.saga_id, lambda st: recovery.refused_message(
+            st, event, Phase(str(meta.get("phase"))), timing=runtime.timing))
+    except Exception:
+        log.exception("could not record the definition mismatch")
+
+
+class Heartbeat:
+    """Renews the leases of the claims this process is running, every lease/3 seconds.
+
+    A step may run longer than the lease; only a worker that stops (killed, frozen,
+    partitioned from the store) lets its leases expire.
+    """
+
+    def __init__(self, store: Store, lease: float):
+        self.store = store
+        self.lease = lease
+        self._claims: dict[int, tuple[str, str, Phase, int]] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, saga_id: str, step: str, phase: Phase, attempt: int) -> int:
+        with self._lock:
+            self._next += 1
+            self._claims[self._next] = (saga_id, step, phase, attempt)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sagaline-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            return self._next
+
+    def remove(self, token: int) -> None:
+        with self._lock:
+            self._claims.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.lease / 3)
+            with self._lock:
+                claims = list(self._claims.values())
+            for saga_id, step, phase, attempt in claims:
+                try:
+                    self.store.renew_lease(saga_id, step, phase, attempt,
+                                           time.time() + self.lease)
+                except Exception:
+                    log.warning("could not renew the lease of saga %s step %s", saga_id, step,
+                                exc_info=True)
+
+
+_SIGNATURES: dict[Any, frozenset[str] | None] = {}
+
+
+def accepted_kwargs(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """Names a callable accepts as keywords; None when it takes **kwargs."""
+    try:
+        return _SIGNATURES[fn]
+    except (KeyError, TypeError):
+        pass
+    names: set[str] = set()
+    result: frozenset[str] | None
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = []  # type: ignore[assignment]
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            result = None
+            break
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(p.name)
+    else:
+        result = frozenset(names)
+    with contextlib.suppress(TypeError):  # unhashable callables are simply not cached
+        _SIGNATURES[fn] = result
+    return result
+
+
+def filter_kwargs(fn: Callable[..., Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    accepted = accepted_kwargs(fn)
+    if accepted is None:
+        return dict(values)
+    return {k: v for k, v in values.items() if k in accepted}

@@ -1,0 +1,67 @@
+"""`SagaHandle`: a started saga, read from the store, to wait on for its outcome."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import engine
+from .exceptions import SagaCompensated, SagaFailed, SagaNotFound, SagaTimeout
+from .records import SagaRecord
+from .states import SAGA_TERMINAL, CompensationStatus, SagaStatus
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+class SagaHandle:
+    """A started saga. Its status is always read from the store."""
+
+    def __init__(self, runtime: Runtime, saga_id: str, name: str):
+        self.runtime = runtime
+        self.saga_id = saga_id
+        self.name = name
+
+    def record(self) -> SagaRecord:
+        saga = self.runtime.store.get_saga(self.saga_id)
+        if saga is None:
+            raise SagaNotFound(self.saga_id)
+        return saga
+
+    @property
+    def status(self) -> SagaStatus:
+        return self.record().status
+
+    def get(self, timeout: float | None = None, *, interval: float = 0.002,
+            max_interval: float = 0.1, fast_for: float = 1.0) -> Any:
+        """Wait for the saga to end and return its final context.
+
+        Raises SagaCompensated or SagaFailed (with the cause) when it did not complete,
+        SagaTimeout when `timeout` seconds pass first.
+        """
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        while True:
+            saga = self.record()
+            if saga.status in SAGA_TERMINAL:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise SagaTimeout(self.saga_id, timeout or 0, saga.status.value)
+            time.sleep(interval)
+            # Poll every few ms while most sagas end (the first `fast_for` seconds),
+            # then back off so that long sagas cost the store little.
+            cap = min(0.005, max_interval) if now - started < fast_for else max_interval
+            interval = min(interval * 1.5, cap)
+        if saga.status is SagaStatus.COMPLETED:
+            return saga.output
+        if saga.status is SagaStatus.COMPENSATED:
+            raise SagaCompensated(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
+        failures = {s.name: engine.first_line(s.comp_error) or "no error recorded"
+                    for s in self.runtime.store.get_steps(self.saga_id)
+                    if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
+        raise SagaFailed(saga.saga_id, saga.error, step=saga.failed_step, record=saga,
+                         compensation_failures=failures)
+
+    def __repr__(self) -> str:
+        return f"<SagaHandle {self.name} {self.saga_id}>"
