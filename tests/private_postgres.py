@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from sagaline.testing import (
     HarnessError,
@@ -23,6 +22,7 @@ from sagaline.testing import (
     pid_alive,
     wait_until,
 )
+from tests.private_server import PrivateServer
 
 SHARED_PG_HOST = os.environ.get("SAGALINE_TEST_PG_HOST", "127.0.0.1")
 SHARED_PG_PORT = int(os.environ.get("SAGALINE_TEST_PG_PORT", "5432"))
@@ -58,7 +58,7 @@ def _pg_user_cmd(cmd: Sequence[str]) -> list[str]:
     return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd)]
 
 
-class PrivatePostgres:
+class PrivatePostgres(PrivateServer):
     """A private PostgreSQL cluster (``initdb`` in a temp dir, trust auth, ``fsync=off``).
 
     When running as root, ``initdb``/``pg_ctl`` run as the ``postgres`` system user
@@ -244,16 +244,6 @@ class PrivatePostgres:
         _create_database("127.0.0.1", self.port, "postgres", dbname)
         return self.url_for(dbname)
 
-    def __enter__(self) -> PrivatePostgres:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
 
 def _quote_ident(name: str) -> str:

@@ -11,7 +11,6 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 from sagaline.testing import (
@@ -22,6 +21,7 @@ from sagaline.testing import (
     pids_in_group,
     wait_until,
 )
+from tests.private_server import PrivateServer
 
 # The shared RabbitMQ: tests never use its default vhost, each session makes its own.
 SHARED_AMQP_URL = os.environ.get("SAGALINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
@@ -59,7 +59,7 @@ def _amqp_accepts(host: str, port: int, vhost: str = "/") -> bool:
             conn.collect()
 
 
-class PrivateRabbitMQ:
+class PrivateRabbitMQ(PrivateServer):
     """A throw-away RabbitMQ node: own node name, AMQP port, distribution port, epmd,
     config, data and log directories, Erlang cookie (``HOME``) in a temp directory.
 
@@ -237,21 +237,7 @@ class PrivateRabbitMQ:
             self._epmd = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
-    def __enter__(self) -> PrivateRabbitMQ:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
 
 def _rabbitmqctl(*args: str) -> str:

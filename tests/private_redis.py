@@ -9,7 +9,6 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 from sagaline.testing import (
@@ -19,6 +18,7 @@ from sagaline.testing import (
     kill_pid,
     wait_until,
 )
+from tests.private_server import PrivateServer
 
 
 def find_redis_server() -> str:
@@ -32,7 +32,7 @@ def find_redis_server() -> str:
     raise HarnessError("redis-server not found (run scripts/ensure-services.sh)")
 
 
-class PrivateRedis:
+class PrivateRedis(PrivateServer):
     """A throw-away ``redis-server`` on a free port with its own temp directory.
 
     ``appendonly=False`` (default) runs fully in-memory (``--save "" --appendonly no``);
@@ -158,18 +158,4 @@ class PrivateRedis:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
-    def __enter__(self) -> PrivateRedis:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
