@@ -28,7 +28,6 @@ _RULE = (
 class _Tracer:
     def __init__(self, saga: Saga):
         self.saga = saga
-        self.count = 0
 
 
 _active: list[_Tracer] = []

@@ -69,9 +69,6 @@ class FailureStrategy(str, Enum):
 SAGA_TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
 
 STEP_IN_FLIGHT = frozenset({StepStatus.DISPATCHED, StepStatus.RUNNING})
-STEP_TERMINAL = frozenset(
-    {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED}
-)
 COMPENSATION_IN_FLIGHT = frozenset({CompensationStatus.DISPATCHED, CompensationStatus.RUNNING})
 
 SAGA_TRANSITIONS: dict[SagaStatus, frozenset[SagaStatus]] = {

@@ -6,6 +6,7 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Union
 
 from celery.app.task import Task
@@ -154,10 +155,13 @@ def check_task_ref(ref: Any, *, what: str, saga: str | None, step: str | None) -
         )
 
 
-class StepKind:
+class StepKind(str, Enum):
     TASK = "task"
     TRANSFORM = "transform"
     SAGA = "saga"  # a child saga, run as its own saga linked to the parent
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class Step:
     """One node of a saga's graph. Build them with the `Saga` builder."""
 
     name: str
-    kind: str
+    kind: StepKind
     task: TaskRef | None = None
     depends_on: tuple[str, ...] = ()
     compensate: TaskRef | None = None
