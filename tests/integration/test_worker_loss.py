@@ -218,7 +218,9 @@ def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
         second.stop()
     assert "saga step message(s) that a worker had received" in second.log_text()
     for sid in waiting:
-        assert [a for s, a, _ in cluster.executions(sid) if s == "a"] == [1]
+        # A step may have been handed to a pool process just before the kill: then its
+        # attempt 1 was cut short and attempt 2 ran; never more.
+        assert [a for s, a, _ in cluster.executions(sid) if s == "a"] in ([1], [2], [1, 2])
 
 
 def test_a_warm_shutdown_finishes_its_step_and_a_new_worker_finishes_the_saga(
