@@ -35,7 +35,7 @@ PARTS = [
     ("body (the task)", "saga_noop", "bench/app.py"),
     ("heartbeat add/remove", "Heartbeat.add", "sagaline/execution.py"),
     ("SagaState from rows", "step_record", "sagaline/stores/sql_statements.py"),
-    ("engine Work copy", "Work.__init__", "sagaline/engine.py"),
+    ("engine Work copy", "Work.__init__", "sagaline/work.py"),
     ("signals", "send", "celery/utils/dispatch/signal.py"),
     ("definition lookup + payload check", "check_output", "sagaline/payload.py"),
     ("SQLAlchemy compile", "_compile_w_cache", "sqlalchemy/sql/elements.py"),

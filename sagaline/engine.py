@@ -1,178 +1,44 @@
 """Pure saga decisions: (definition, state, event) -> Decision. No I/O happens here.
 
 Every function takes the saga's current state (read under its lock by the store),
-works on a copy, and returns the records to write, the history events to append
-and the Celery messages to publish after commit. Stale events (a completion for
-an attempt that is no longer the running one) decide nothing.
+works on a copy (work.py), and returns the records to write, the history events to
+append and the Celery messages to publish after commit. Stale events (a completion
+for an attempt that is no longer the running one) decide nothing. This module holds
+the entry points and the forward path; rolling back is in compensation.py.
 """
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from typing import Any
 
 from . import payload
+from .compensation import (
+    begin_compensation,
+    compensation_progress,
+    fail_compensation_attempt,
+)
 from .definition import Saga
 from .exceptions import InputError
-from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
+from .exceptions import describe_error as describe_error
+from .exceptions import first_line as first_line
+from .records import Decision, Dispatch, SagaRecord, SagaState, StepRecord
 from .states import (
-    COMPENSATION_IN_FLIGHT,
-    COMPENSATION_TRANSITIONS,
-    SAGA_TRANSITIONS,
-    STEP_IN_FLIGHT,
-    STEP_TRANSITIONS,
     CompensationStatus,
-    FailureStrategy,
     Phase,
     SagaStatus,
     StepStatus,
 )
 from .steps import Step, StepKind
+from .work import Timing as Timing
+from .work import Work as Work
+from .work import changed_keys as changed_keys
+from .work import saga_result
 
 # Why an attempt ended with its outcome unknown (its process died mid-run): its lease
 # expired, or the worker that ran it saw the process die (a pool process exited, the
 # worker restarted). Such an attempt may have applied its effect and does not count
 # as a business failure (crash_retries).
 CRASH_REASONS = frozenset({"lease_expired", "worker_lost"})
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Engine knobs, from the settings (config.py)."""
-
-    redispatch_after: float = 30.0
-    # A step whose worker died (lease expired) is run again this many extra times
-    # before it counts as failed: a crash is not a business failure.
-    crash_retries: int = 3
-    # The largest JSON document a message may carry (payload.py).
-    max_payload_bytes: int = payload.DEFAULT_MAX_BYTES
-
-
-class Work:
-    """A mutable copy of a saga's state that collects what changed."""
-
-    def __init__(self, defn: Saga, state: SagaState, now: float, timing: Timing):
-        self.defn = defn
-        self.graph = defn.graph
-        self.now = now
-        self.timing = timing
-        self.saga = replace(state.saga)
-        self.steps = {n: replace(s) for n, s in state.steps.items()}
-        self.orig = state
-        self.saga_changed = False
-        self.changed: set[str] = set()
-        self.events: list[Event] = []
-        self.dispatches: list[Dispatch] = []
-
-    # -- recording ---------------------------------------------------------------
-
-    def event(self, kind: str, step: str | None = None, attempt: int | None = None,
-              phase: Phase | None = None, **detail: Any) -> None:
-        self.events.append(Event(self.saga.saga_id, kind, self.now, step, attempt,
-                                 None if phase is None else phase.value, detail))
-
-    def update_step(self, name: str, **fields: Any) -> StepRecord:
-        rec = self.steps[name]
-        check_transition(STEP_TRANSITIONS, rec.status, fields.get("status", rec.status),
-                         f"step {name!r}")
-        check_transition(COMPENSATION_TRANSITIONS, rec.comp_status,
-                         fields.get("comp_status", rec.comp_status),
-                         f"compensation of {name!r}")
-        for k, v in fields.items():
-            setattr(rec, k, v)
-        self.changed.add(name)
-        return rec
-
-    def update_saga(self, **fields: Any) -> None:
-        check_transition(SAGA_TRANSITIONS, self.saga.status,
-                         fields.get("status", self.saga.status), "saga")
-        for k, v in fields.items():
-            setattr(self.saga, k, v)
-        self.saga.updated_at = self.now
-        self.saga_changed = True
-
-    def decision(self) -> Decision:
-        return Decision(
-            saga=self.saga if self.saga_changed else None,
-            steps=sorted((self.steps[n] for n in self.changed), key=lambda r: r.position),
-            events=self.events,
-            dispatches=self.dispatches,
-            saga_version=self.orig.saga.version,
-            step_versions={n: self.orig.steps[n].version for n in self.changed},
-        )
-
-    # -- context -----------------------------------------------------------------
-
-    def context_for(self, name: str) -> dict[str, Any]:
-        """Saga input merged with the outputs of the step's ancestors, in topological order."""
-        ctx = dict(self.saga.input)
-        for a in self.graph.ancestors[name]:
-            merge_output(ctx, a, self.steps[a])
-        ctx["saga_id"] = self.saga.saga_id
-        return ctx
-
-    def final_context(self) -> dict[str, Any]:
-        ctx = dict(self.saga.input)
-        for n in self.graph.order:
-            merge_output(ctx, n, self.steps[n])
-        return ctx
-
-    def pivot_passed(self) -> bool:
-        return any(self.graph.steps[n].pivot and self.steps[n].status is StepStatus.SUCCEEDED
-                   for n in self.graph.order)
-
-
-def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any,
-                     what: str) -> None:
-    """The engine only makes moves the tables of states.py allow (a guard against its bugs)."""
-    if new != old and new not in table.get(old, frozenset()):
-        raise RuntimeError(f"sagaline engine bug: {what} cannot go from {old} to {new}")
-
-
-def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """What `after` adds to or changes in `before` (saga_id aside): an output to merge."""
-    return {k: v for k, v in after.items()
-            if k != "saga_id" and (k not in before or before[k] != v)}
-
-
-def saga_result(w: Work) -> Any:
-    """The final context, or what a functional saga returned (see functional.py)."""
-    spec = w.defn.result_spec
-    if spec is None:
-        return w.final_context()
-
-    def resolve(ref: list[str | None]) -> Any:
-        step, key = ref
-        value: Any = w.saga.input if step is None else w.steps[step].output
-        if key is not None:
-            return value.get(key) if isinstance(value, dict) else None
-        return value
-
-    if isinstance(spec, dict):
-        return {k: resolve(v) for k, v in spec.items()}
-    return resolve(spec)
-
-
-def merge_output(ctx: dict[str, Any], name: str, rec: StepRecord) -> None:
-    if rec.status is not StepStatus.SUCCEEDED or rec.output is None:
-        return
-    if isinstance(rec.output, dict):
-        ctx.update(rec.output)
-    else:
-        ctx[name] = rec.output
-
-
-def describe_error(exc: BaseException) -> str:
-    """`Type: message` followed by the traceback, as stored in step records and history."""
-    head = f"{type(exc).__name__}: {exc}"
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return head if not exc.__traceback__ else f"{head}\n{tb}"
-
-
-def first_line(text: str | None) -> str:
-    return (text or "").split("\n", 1)[0]
 
 
 # -- starting ----------------------------------------------------------------------
@@ -387,105 +253,7 @@ def forward_progress(w: Work) -> bool:
     return settled_inline
 
 
-# -- rolling back ------------------------------------------------------------------
-
-
-def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
-                       strategy: FailureStrategy) -> None:
-    w.update_saga(status=SagaStatus.COMPENSATING, error=cause, failed_step=failed_step)
-    due = None
-    if strategy is FailureStrategy.FAIL_FAST_WITH_GRACE and any(
-        w.steps[n].status in STEP_IN_FLIGHT for n in w.graph.order
-    ):
-        due = w.now + w.defn.grace
-    w.update_saga(due_at=due)
-    w.event("saga_compensating", failed_step, cause=cause, strategy=strategy.value,
-            grace_until=due)
-    for name in w.graph.order:
-        rec = w.steps[name]
-        if rec.status is StepStatus.PENDING or (
-            rec.status is StepStatus.DISPATCHED and strategy is not FailureStrategy.WAIT_ALL
-        ):
-            # A DISPATCHED message may still arrive: its claim fails, so it never runs.
-            w.update_step(name, status=StepStatus.CANCELLED, finished_at=w.now, due_at=None)
-            w.event("step_cancelled", name, rec.attempt or None)
-
-
-def needs_compensation(w: Work, name: str) -> bool:
-    spec = w.graph.steps[name]
-    rec = w.steps[name]
-    if spec.kind == StepKind.TRANSFORM or not spec.compensable:
-        return False
-    # FAILED or CANCELLED with compensation data: a permanent failure that reported
-    # partial work, or a step whose worker died in an attempt (outcome unknown).
-    return rec.status is StepStatus.SUCCEEDED or (
-        rec.status in (StepStatus.FAILED, StepStatus.CANCELLED) and rec.has_compensation_data
-    )
-
-
-def rolled_back(w: Work, name: str, memo: dict[str, bool]) -> bool:
-    """True when nothing of `name`, nor of any step after it, is applied any more."""
-    if name in memo:
-        return memo[name]
-    rec = w.steps[name]
-    if rec.status in STEP_IN_FLIGHT:
-        result = False
-    elif needs_compensation(w, name):
-        result = rec.comp_status is CompensationStatus.COMPENSATED
-    elif rec.status is StepStatus.SUCCEEDED:
-        # Nothing to undo here, but what follows it must be undone first.
-        result = all(rolled_back(w, d, memo) for d in w.graph.dependents[name])
-    else:
-        result = True
-    memo[name] = result
-    return result
-
-
-def compensation_progress(w: Work) -> None:
-    forward_in_flight = [n for n in w.graph.order if w.steps[n].status in STEP_IN_FLIGHT]
-    if w.defn.failure_strategy is FailureStrategy.WAIT_ALL and forward_in_flight:
-        return
-    memo: dict[str, bool] = {}
-    for name in reversed(w.graph.order):
-        rec = w.steps[name]
-        if not needs_compensation(w, name) or rec.comp_status is not None:
-            continue
-        if all(rolled_back(w, d, memo) for d in w.graph.dependents[name]):
-            dispatch_compensation(w, name, attempt=1)
-    if forward_in_flight or any(
-        w.steps[n].comp_status in COMPENSATION_IN_FLIGHT for n in w.graph.order
-    ):
-        return
-    pending = [n for n in w.graph.order if needs_compensation(w, n)
-               and w.steps[n].comp_status is not CompensationStatus.COMPENSATED]
-    if not pending:
-        w.update_saga(status=SagaStatus.COMPENSATED, finished_at=w.now, due_at=None)
-        w.event("saga_compensated", cause=w.saga.error)
-        return
-    failed = [n for n in pending
-              if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
-    w.update_saga(status=SagaStatus.FAILED, finished_at=w.now, due_at=None)
-    w.event("saga_failed", reason="compensation_failed", compensation_failed=failed,
-            still_applied=pending, cause=w.saga.error)
-
-
-def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
-                          announce: bool = True) -> None:
-    spec = w.graph.steps[name]
-    rec = w.steps[name]
-    ctx = w.context_for(name)
-    data = rec.compensation_data if rec.has_compensation_data else rec.output
-    kwargs = {**ctx, "compensation_data": data}
-    w.update_step(name, comp_status=CompensationStatus.DISPATCHED, comp_attempt=attempt,
-                  lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after,
-                  redispatches=0)
-    if announce and attempt == 1:
-        w.event("compensation_dispatched", name, attempt, Phase.COMPENSATE)
-    w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
-                                 Phase.COMPENSATE, attempt, spec.compensation_name or "",
-                                 kwargs, countdown=countdown, queue=spec.queue,
-                                 timeout=spec.timeout,
-                                 child_saga=spec.child.name if spec.child else None))
+# -- rolling back: events of compensations -----------------------------------------
 
 
 def compensation_succeeded(defn: Saga, state: SagaState, step: str, attempt: int, *,
@@ -510,18 +278,3 @@ def compensation_failed(defn: Saga, state: SagaState, step: str, attempt: int, *
     fail_compensation_attempt(w, step, error=error, reason=reason)
     advance(w)
     return w.decision()
-
-
-def fail_compensation_attempt(w: Work, name: str, *, error: str, reason: str) -> None:
-    rec = w.steps[name]
-    policy = w.graph.steps[name].compensation_retry
-    if rec.comp_attempt < policy.max_attempts:
-        delay = policy.delay(rec.comp_attempt)
-        w.event("compensation_attempt_failed", name, rec.comp_attempt, Phase.COMPENSATE,
-                reason=reason, error=error, retry_in=round(delay, 3))
-        dispatch_compensation(w, name, attempt=rec.comp_attempt + 1, countdown=delay)
-        return
-    w.update_step(name, comp_status=CompensationStatus.COMPENSATION_FAILED, comp_error=error,
-                  lease_until=None, due_at=None)
-    w.event("compensation_failed", name, rec.comp_attempt, Phase.COMPENSATE, reason=reason,
-            error=error)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 
@@ -156,3 +157,17 @@ class StepFailure(Exception):
     @property
     def has_compensation_data(self) -> bool:
         return self.compensation_data is not StepFailure._UNSET
+
+
+# -- how an error is written into step records and history -----------------------
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` followed by the traceback, as stored in step records and history."""
+    head = f"{type(exc).__name__}: {exc}"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return head if not exc.__traceback__ else f"{head}\n{tb}"
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").split("\n", 1)[0]

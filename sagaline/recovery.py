@@ -8,18 +8,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .definition import Saga
-from .engine import (
-    Timing,
-    Work,
-    advance,
+from .compensation import (
     begin_compensation,
     dispatch_compensation,
-    dispatch_forward,
-    fail_attempt,
     fail_compensation_attempt,
     needs_compensation,
 )
+from .definition import Saga
+from .engine import advance, dispatch_forward, fail_attempt
 from .records import Decision, Event, Owner, SagaState
 from .states import (
     STEP_IN_FLIGHT,
@@ -29,6 +25,7 @@ from .states import (
     SagaStatus,
     StepStatus,
 )
+from .work import Timing, Work
 
 
 def cancel(defn: Saga, state: SagaState, *, reason: str, now: float,

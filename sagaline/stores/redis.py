@@ -1,26 +1,7 @@
 """The Redis store: a hash per saga and per step, sorted-set indexes, Lua for every transition.
 
-Layout (every key starts with `prefix`, default "sagaline"; every hash field holds JSON)::
-
-    {p}:saga:<id>            hash    one field per SagaRecord attribute (`version` included),
-                                     and `txn`, the count of `transact` writes to the saga
-    {p}:step:<id>:<step>     hash    one field per StepRecord attribute (`version` included)
-    {p}:steps:<id>           zset    the saga's step names scored by position
-    {p}:events:<id>          list    the history, JSON per event; an event's seq is its
-                                     1-based index (RPUSH returns it inside the same script)
-    {p}:idem:<name>:<key>    string  id of the saga that owns an idempotency key (':' and
-                                     '%' in the name percent-encoded)
-    {p}:idx:created          zset    every saga id, scored by created_at
-    {p}:idx:status:<S>       zset    ids of sagas in status S, by created_at
-    {p}:idx:name:<name>      zset    ids of sagas of one name, by created_at
-    {p}:idx:ns:<S>:<name>    zset    both filters at once (filtered lists, counts per name)
-    {p}:idx:parent:<id>      zset    child sagas of a saga, by created_at
-    {p}:due                  zset    `<id>` (a saga) and `<id>\\0<step>` scored by due_at:
-                                     what the sweeper must look at, read in O(due work)
-    {p}:claims:<node>        zset    `<id>\\0<step>` of the RUNNING claims made by processes of
-                                     Celery node <node>, scored by the claim's first lease:
-                                     added by the claim, removed by the transition that
-                                     ends it (in the same script)
+The key layout and the encoding of records are in redis_layout.py, the Lua
+scripts in redis_scripts.py.
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -39,9 +20,6 @@ Scripts touch keys they compute or receive in a JSON payload rather than only
 through KEYS: the store runs on one Redis instance (or a primary with replicas),
 not on Redis Cluster. It needs Redis 6.2 or newer (ZRANGE ... BYSCORE REV LIMIT).
 
-No key is ever given a TTL: a saga stays until someone deletes it (an expiring
-record silently loses long-running or stuck sagas).
-
 Durability is Redis's: without the append-only file, a crash of Redis loses
 whatever was written since the last RDB snapshot, and sagaline cannot notice.
 In production run Redis with `appendonly yes` and `appendfsync everysec` (at most
@@ -53,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any
@@ -72,7 +50,16 @@ from ..records import (
 from ..states import Phase, SagaStatus
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
-from .rows import from_row, to_row
+from .redis_layout import chunks as _chunks
+from .redis_layout import due_member as _due_member
+from .redis_layout import event_json as _event_json
+from .redis_layout import event_record as _event_record
+from .redis_layout import fields as _fields
+from .redis_layout import key_part as _key_part
+from .redis_layout import pairs as _pairs
+from .redis_layout import saga_record as _saga_record
+from .redis_layout import score as _score
+from .redis_layout import step_record as _step_record
 
 redis = require_extra("redis", "redis")
 
@@ -384,74 +371,3 @@ class RedisStore(Store):
             return [r for r in found if r.owner_node == node and r.running_phase is not None]
 
         return self._retrying(read)
-
-
-# -- encoding -----------------------------------------------------------------------
-
-
-def _score(x: float) -> str:
-    # repr keeps every digit of a timestamp; Redis parses it (and 'inf') as a score.
-    return repr(float(x))
-
-
-def _key_part(name: str) -> str:
-    """A saga name inside a key that has more after it: ':' (and '%', the escape) are
-    percent-encoded, so that name "a:b" with key "c" and name "a" with key "b:c" do not
-    share one key. Names without either character are unchanged."""
-    return name.replace("%", "%25").replace(":", "%3A")
-
-
-def _due_member(saga_id: str, step: str) -> str:
-    return f"{saga_id}\0{step}"
-
-
-def _fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list[str]:
-    """The record as flat hash field/value pairs, each value JSON."""
-    row = to_row(rec)
-    if version is not None:
-        row["version"] = version
-    return [part for name, value in row.items() for part in (name, json.dumps(value))]
-
-
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _saga_record(h: dict[str, str]) -> SagaRecord:
-    return from_row(SagaRecord, _decoded(h))
-
-
-def _step_record(h: dict[str, str]) -> StepRecord:
-    return from_row(StepRecord, _decoded(h))
-
-
-def _decoded(h: dict[str, str]) -> dict[str, Any]:
-    # `txn` is no record field, and fields written by a newer sagaline are unknown
-    # here: from_row ignores both rather than failing on them.
-    return {k: json.loads(v) for k, v in h.items() if k != "txn"}
-
-
-def _event_json(e: Event) -> str:
-    # saga_id is the list's key and seq its index: neither is stored in the event.
-    row = to_row(e)
-    del row["saga_id"], row["seq"]
-    row["detail"] = e.detail or {}
-    return json.dumps(row)
-
-
-def _event_record(saga_id: str, seq: int, raw: str) -> Event:
-    event = from_row(Event, {**json.loads(raw), "saga_id": saga_id, "seq": seq})
-    event.detail = event.detail or {}
-    return event
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-

@@ -1,7 +1,7 @@
 """The Lua scripts of the Redis store: every write is one script, so it is atomic.
 
 A Redis script is not rolled back when a command in it fails, so every script
-does all of its checks before its first write (see redis.py for the key layout).
+does all of its checks before its first write (see redis_layout.py for the key layout).
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@ public API and imports nearly everything).
 
 The rules:
 - no import cycle inside `sagaline`;
-- the core (`states`, `records`, `exceptions`, `steps`, `definition`, `engine`,
-  `recovery`) imports from `sagaline` only the core and the leaves `payload` and
-  `_state`: never the runtime (`runtime`, `execution`, `children`, `handle`,
-  `delivery`, `celery_app`), `functional`, a store, `ops` or a surface. It imports no store
-  driver and nothing of Celery or kombu, except that `steps` recognises a step's
-  task through Celery's task types (`celery.app.task`, `celery.local`), which
+- the core (`states`, `records`, `exceptions`, `steps`, `definition`, `work`,
+  `engine`, `compensation`, `recovery`) imports from `sagaline` only the core and
+  the leaves `payload` and `_state`: never the runtime (`runtime`, `execution`,
+  `children`, `handle`, `delivery`, `lost_claims`, `sweeper`, `celery_app`),
+  `functional`, a store, `ops` or a surface. It imports no store driver and nothing
+  of Celery or kombu, except that `steps` recognises a step's task through Celery's
+  task types (`celery.app.task`, `celery.local`), which
   need no app, broker or I/O;
 - `_state` (process-global state) imports only `exceptions` from `sagaline`; it
   may ask Celery for its current app;
@@ -37,7 +38,8 @@ import sagaline
 
 PACKAGE_DIR = Path(sagaline.__file__).resolve().parent
 
-CORE = {"states", "records", "exceptions", "steps", "definition", "engine", "recovery"}
+CORE = {"states", "records", "exceptions", "steps", "definition", "work", "engine",
+        "compensation", "recovery"}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
 SURFACES = ("cli", "timeline", "demo")
@@ -166,3 +168,9 @@ def test_surfaces_reach_the_core_only_through_ops() -> None:
         if _within(module, ("demo.robots",)):
             outside.discard("sagaline")  # the public API, as any application uses it
         assert not outside, f"{_short(module)} imports {sorted(outside)}"
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = {_short(m): n for m, p in MODULES.items()
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these modules along their seams: {long}"

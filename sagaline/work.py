@@ -1,0 +1,148 @@
+"""The engine's working copy of one saga: what changed, and the context a step sees.
+
+`Work` copies a saga's state, checks every move against the transition tables of
+states.py, and collects the records, history events and messages of one Decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import payload
+from .definition import Saga
+from .records import Decision, Dispatch, Event, SagaState, StepRecord
+from .states import (
+    COMPENSATION_TRANSITIONS,
+    SAGA_TRANSITIONS,
+    STEP_TRANSITIONS,
+    Phase,
+    StepStatus,
+)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Engine knobs, from the settings (config.py)."""
+
+    redispatch_after: float = 30.0
+    # A step whose worker died (lease expired) is run again this many extra times
+    # before it counts as failed: a crash is not a business failure.
+    crash_retries: int = 3
+    # The largest JSON document a message may carry (payload.py).
+    max_payload_bytes: int = payload.DEFAULT_MAX_BYTES
+
+
+class Work:
+    """A mutable copy of a saga's state that collects what changed."""
+
+    def __init__(self, defn: Saga, state: SagaState, now: float, timing: Timing):
+        self.defn = defn
+        self.graph = defn.graph
+        self.now = now
+        self.timing = timing
+        self.saga = replace(state.saga)
+        self.steps = {n: replace(s) for n, s in state.steps.items()}
+        self.orig = state
+        self.saga_changed = False
+        self.changed: set[str] = set()
+        self.events: list[Event] = []
+        self.dispatches: list[Dispatch] = []
+
+    # -- recording ---------------------------------------------------------------
+
+    def event(self, kind: str, step: str | None = None, attempt: int | None = None,
+              phase: Phase | None = None, **detail: Any) -> None:
+        self.events.append(Event(self.saga.saga_id, kind, self.now, step, attempt,
+                                 None if phase is None else phase.value, detail))
+
+    def update_step(self, name: str, **fields: Any) -> StepRecord:
+        rec = self.steps[name]
+        check_transition(STEP_TRANSITIONS, rec.status, fields.get("status", rec.status),
+                         f"step {name!r}")
+        check_transition(COMPENSATION_TRANSITIONS, rec.comp_status,
+                         fields.get("comp_status", rec.comp_status),
+                         f"compensation of {name!r}")
+        for k, v in fields.items():
+            setattr(rec, k, v)
+        self.changed.add(name)
+        return rec
+
+    def update_saga(self, **fields: Any) -> None:
+        check_transition(SAGA_TRANSITIONS, self.saga.status,
+                         fields.get("status", self.saga.status), "saga")
+        for k, v in fields.items():
+            setattr(self.saga, k, v)
+        self.saga.updated_at = self.now
+        self.saga_changed = True
+
+    def decision(self) -> Decision:
+        return Decision(
+            saga=self.saga if self.saga_changed else None,
+            steps=sorted((self.steps[n] for n in self.changed), key=lambda r: r.position),
+            events=self.events,
+            dispatches=self.dispatches,
+            saga_version=self.orig.saga.version,
+            step_versions={n: self.orig.steps[n].version for n in self.changed},
+        )
+
+    # -- context -----------------------------------------------------------------
+
+    def context_for(self, name: str) -> dict[str, Any]:
+        """Saga input merged with the outputs of the step's ancestors, in topological order."""
+        ctx = dict(self.saga.input)
+        for a in self.graph.ancestors[name]:
+            merge_output(ctx, a, self.steps[a])
+        ctx["saga_id"] = self.saga.saga_id
+        return ctx
+
+    def final_context(self) -> dict[str, Any]:
+        ctx = dict(self.saga.input)
+        for n in self.graph.order:
+            merge_output(ctx, n, self.steps[n])
+        return ctx
+
+    def pivot_passed(self) -> bool:
+        return any(self.graph.steps[n].pivot and self.steps[n].status is StepStatus.SUCCEEDED
+                   for n in self.graph.order)
+
+
+def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any,
+                     what: str) -> None:
+    """The engine only makes moves the tables of states.py allow (a guard against its bugs)."""
+    if new != old and new not in table.get(old, frozenset()):
+        raise RuntimeError(f"sagaline engine bug: {what} cannot go from {old} to {new}")
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What `after` adds to or changes in `before` (saga_id aside): an output to merge."""
+    return {k: v for k, v in after.items()
+            if k != "saga_id" and (k not in before or before[k] != v)}
+
+
+def saga_result(w: Work) -> Any:
+    """The final context, or what a functional saga returned (see functional.py)."""
+    spec = w.defn.result_spec
+    if spec is None:
+        return w.final_context()
+
+    def resolve(ref: list[str | None]) -> Any:
+        step, key = ref
+        value: Any = w.saga.input if step is None else w.steps[step].output
+        if key is not None:
+            return value.get(key) if isinstance(value, dict) else None
+        return value
+
+    if isinstance(spec, dict):
+        return {k: resolve(v) for k, v in spec.items()}
+    return resolve(spec)
+
+
+def merge_output(ctx: dict[str, Any], name: str, rec: StepRecord) -> None:
+    if rec.status is not StepStatus.SUCCEEDED or rec.output is None:
+        return
+    if isinstance(rec.output, dict):
+        ctx.update(rec.output)
+    else:
+        ctx[name] = rec.output
