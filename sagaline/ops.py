@@ -37,7 +37,7 @@ from .sweeper import SweepReport
 log = logging.getLogger("sagaline")
 
 
-@dataclass
+@dataclass(slots=True)
 class SagaView:
     """A saga as any process can read it: the record, its steps and its history."""
 
@@ -239,7 +239,7 @@ _ATTEMPT_ENDS = {
 _ATTEMPT_STARTS = {"step_started", "compensation_started"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     """One run of a step body or of its compensation, as the history recorded it."""
 

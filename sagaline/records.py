@@ -8,7 +8,7 @@ from typing import Any
 from .states import CompensationStatus, Phase, SagaStatus, StepStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class SagaRecord:
     saga_id: str
     name: str
@@ -33,7 +33,7 @@ class SagaRecord:
     input_fingerprint: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PhaseColumns:
     """Where a step keeps the state of one phase, and the values that fence its claims."""
 
@@ -55,7 +55,7 @@ PHASE_COLUMNS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     saga_id: str
     name: str
@@ -118,7 +118,7 @@ class StepRecord:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Owner:
     """Who holds a claim: a process of one start (boot) of one Celery worker node.
 
@@ -132,7 +132,7 @@ class Owner:
     pid: int  # the process that runs the step (a pool child, or the main process)
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One entry of a saga's append-only history."""
 
@@ -146,7 +146,7 @@ class Event:
     seq: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class SagaState:
     """A saga with all its steps, as read under the saga's lock."""
 
@@ -154,7 +154,7 @@ class SagaState:
     steps: dict[str, StepRecord]
 
 
-@dataclass
+@dataclass(slots=True)
 class Dispatch:
     """A Celery message to publish once the decision is committed."""
 
@@ -178,7 +178,7 @@ class Dispatch:
 HEADER = "sagaline"
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """What the engine decided: the records to write (compare-and-set) and what to publish."""
 
@@ -199,7 +199,7 @@ class Decision:
         return self.step_versions.get(step.name, step.version)
 
 
-@dataclass
+@dataclass(slots=True)
 class SagaFilter:
     status: list[SagaStatus] | None = None
     name: str | None = None

@@ -22,7 +22,7 @@ from .states import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Timing:
     """Engine knobs, from the settings (config.py)."""
 

@@ -964,3 +964,16 @@ def test_a_message_refused_by_other_code_is_offered_again_soon() -> None:
     stale = Event("saga-1", "definition_mismatch", run.now, "s1", 7, "forward", {})
     assert recovery.refused_message(run.snapshot(), stale, Phase.FORWARD,
                                   timing=run.timing).steps == []
+
+
+def test_a_misspelled_field_in_an_engine_update_raises() -> None:
+    run = Run(linear("eng_typo"))
+    w = engine.Work(run.defn, run.snapshot(), run.now, run.timing)
+    # Records are slots dataclasses: an unknown attribute is refused, rather than
+    # set on the copy and silently never written by any store.
+    with pytest.raises(AttributeError, match="lease_untl"):
+        w.update_step("s1", lease_untl=T0 + LEASE)
+    with pytest.raises(AttributeError, match="finshed_at"):
+        w.update_saga(finshed_at=T0)
+    with pytest.raises(AttributeError, match="stauts"):
+        run.step("s1").stauts = StepStatus.RUNNING  # type: ignore[attr-defined]
