@@ -16,7 +16,14 @@ from . import engine, recovery
 from .definition import Saga
 from .exceptions import InputError
 from .records import Decision, Dispatch, SagaRecord, SagaState, StepRecord
-from .states import SAGA_TERMINAL, CompensationStatus, Phase, SagaStatus, StepStatus
+from .states import (
+    SAGA_TERMINAL,
+    CompensationStatus,
+    FailureReason,
+    Phase,
+    SagaStatus,
+    StepStatus,
+)
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -43,7 +50,7 @@ def run_child(runtime: Runtime, d: Dispatch) -> None:
             # (raising would leave it to the sweeper, which would try for ever).
             runtime.apply(d.saga_id, engine.step_failed, d.step, d.attempt,
                           error=f"InputError: {exc}", permanent=True,
-                          reason="payload_refused")
+                          reason=FailureReason.PAYLOAD_REFUSED)
             return
     drive_child(runtime, d.saga_id, d.step)
 
@@ -120,11 +127,16 @@ def notify_parent(runtime: Runtime, child: SagaRecord) -> None:
                 has_compensation_data=True, now=now, timing=runtime.timing)
         return engine.step_failed(
             defn, st, step, rec.attempt, now=now, timing=runtime.timing,
-            reason="child_saga_" + child.status.value.lower(),
+            reason=_CHILD_ENDED.get(child.status, FailureReason.CHILD_SAGA_FAILED),
             error=f"child saga {child.name} {child.saga_id} ended {child.status.value}: "
                   f"{child.error}")
 
     runtime.transact(parent_id, decide)
+
+
+# Why a step run by a child saga failed, by how the child ended.
+_CHILD_ENDED = {SagaStatus.COMPENSATED: FailureReason.CHILD_SAGA_COMPENSATED,
+                SagaStatus.FAILED: FailureReason.CHILD_SAGA_FAILED}
 
 
 def child_saga_id(parent_id: str, step: str, attempt: int) -> str:

@@ -12,6 +12,8 @@ from .states import (
     COMPENSATION_IN_FLIGHT,
     STEP_IN_FLIGHT,
     CompensationStatus,
+    EventKind,
+    FailureReason,
     FailureStrategy,
     Phase,
     SagaStatus,
@@ -30,7 +32,7 @@ def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
     ):
         due = w.now + w.defn.grace
     w.update_saga(due_at=due)
-    w.event("saga_compensating", failed_step, cause=cause, strategy=strategy.value,
+    w.event(EventKind.SAGA_COMPENSATING, failed_step, cause=cause, strategy=strategy.value,
             grace_until=due)
     for name in w.graph.order:
         rec = w.steps[name]
@@ -39,7 +41,7 @@ def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
         ):
             # A DISPATCHED message may still arrive: its claim fails, so it never runs.
             w.update_step(name, status=StepStatus.CANCELLED, finished_at=w.now, due_at=None)
-            w.event("step_cancelled", name, rec.attempt or None)
+            w.event(EventKind.STEP_CANCELLED, name, rec.attempt or None)
 
 
 def needs_compensation(w: Work, name: str) -> bool:
@@ -91,13 +93,13 @@ def compensation_progress(w: Work) -> None:
                and w.steps[n].comp_status is not CompensationStatus.COMPENSATED]
     if not pending:
         w.update_saga(status=SagaStatus.COMPENSATED, finished_at=w.now, due_at=None)
-        w.event("saga_compensated", cause=w.saga.error)
+        w.event(EventKind.SAGA_COMPENSATED, cause=w.saga.error)
         return
     failed = [n for n in pending
               if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
     w.update_saga(status=SagaStatus.FAILED, finished_at=w.now, due_at=None)
-    w.event("saga_failed", reason="compensation_failed", compensation_failed=failed,
-            still_applied=pending, cause=w.saga.error)
+    w.event(EventKind.SAGA_FAILED, reason=FailureReason.COMPENSATION_FAILED,
+            compensation_failed=failed, still_applied=pending, cause=w.saga.error)
 
 
 def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
@@ -111,7 +113,7 @@ def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float 
                   lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after,
                   redispatches=0)
     if announce and attempt == 1:
-        w.event("compensation_dispatched", name, attempt, Phase.COMPENSATE)
+        w.event(EventKind.COMPENSATION_DISPATCHED, name, attempt, Phase.COMPENSATE)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.COMPENSATE, attempt, spec.compensation_name or "",
                                  kwargs, countdown=countdown, queue=spec.queue,
@@ -119,16 +121,17 @@ def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float 
                                  child_saga=spec.child.name if spec.child else None))
 
 
-def fail_compensation_attempt(w: Work, name: str, *, error: str, reason: str) -> None:
+def fail_compensation_attempt(w: Work, name: str, *, error: str,
+                              reason: FailureReason) -> None:
     rec = w.steps[name]
     policy = w.graph.steps[name].compensation_retry
     if rec.comp_attempt < policy.max_attempts:
         delay = policy.delay(rec.comp_attempt)
-        w.event("compensation_attempt_failed", name, rec.comp_attempt, Phase.COMPENSATE,
+        w.event(EventKind.COMPENSATION_ATTEMPT_FAILED, name, rec.comp_attempt, Phase.COMPENSATE,
                 reason=reason, error=error, retry_in=round(delay, 3))
         dispatch_compensation(w, name, attempt=rec.comp_attempt + 1, countdown=delay)
         return
     w.update_step(name, comp_status=CompensationStatus.COMPENSATION_FAILED, comp_error=error,
                   lease_until=None, due_at=None)
-    w.event("compensation_failed", name, rec.comp_attempt, Phase.COMPENSATE, reason=reason,
+    w.event(EventKind.COMPENSATION_FAILED, name, rec.comp_attempt, Phase.COMPENSATE, reason=reason,
             error=error)

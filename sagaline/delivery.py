@@ -25,7 +25,7 @@ from celery.signals import task_rejected, task_unknown, worker_ready
 from . import recovery
 from ._state import current_runtime, registered_sagas
 from .records import HEADER, Decision, Event, SagaState
-from .states import Phase
+from .states import EventKind, FailureReason, Phase
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -45,7 +45,8 @@ def undeliverable(exc: BaseException) -> bool:
 
 
 def fail_undeliverable(runtime: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-                       *, reason: str, error: str, claimed: bool = False) -> Decision | None:
+                       *, reason: FailureReason, error: str,
+                       claimed: bool = False) -> Decision | None:
     """Fail a step (or compensation) whose message can never be delivered; the
     caller publishes what the decision dispatches. Never raises: it runs where an
     error has no one to go to (a publish, a worker's message consumer)."""
@@ -84,9 +85,9 @@ def message_refused(runtime: Runtime, meta: dict[str, Any], *, task: str, worker
               saga_id, step, phase, attempt, worker, error)
     if not unregistered:
         decision = fail_undeliverable(runtime, saga_id, step, phase, attempt,
-                                      reason="message_undeliverable", error=error)
+                                      reason=FailureReason.MESSAGE_UNDELIVERABLE, error=error)
     else:
-        event = Event(saga_id, "task_unregistered", time.time(), step, attempt, phase.value,
+        event = Event(saga_id, EventKind.TASK_UNREGISTERED, time.time(), step, attempt, phase.value,
                       {"task": task, "worker": worker, "error": error})
 
         def decide(state: SagaState) -> Decision | None:

@@ -23,7 +23,10 @@ from .exceptions import describe_error as describe_error
 from .exceptions import first_line as first_line
 from .records import Decision, Dispatch, SagaRecord, SagaState, StepRecord
 from .states import (
+    CRASH_REASONS,
     CompensationStatus,
+    EventKind,
+    FailureReason,
     Phase,
     SagaStatus,
     StepStatus,
@@ -33,13 +36,6 @@ from .work import Timing as Timing
 from .work import Work as Work
 from .work import changed_keys as changed_keys
 from .work import saga_result
-
-# Why an attempt ended with its outcome unknown (its process died mid-run): its lease
-# expired, or the worker that ran it saw the process die (a pool process exited, the
-# worker restarted). Such an attempt may have applied its effect and does not count
-# as a business failure (crash_retries).
-CRASH_REASONS = frozenset({"lease_expired", "worker_lost"})
-
 
 # -- starting ----------------------------------------------------------------------
 
@@ -59,7 +55,7 @@ def start(defn: Saga, saga_id: str, input: dict[str, Any], *, now: float, timing
     steps = {n: StepRecord(saga_id, n, i) for i, n in enumerate(graph.order)}
     state = SagaState(saga, steps)
     w = Work(defn, state, now, timing)
-    w.event("saga_started", name=defn.name, idempotency_key=idempotency_key,
+    w.event(EventKind.SAGA_STARTED, name=defn.name, idempotency_key=idempotency_key,
             fingerprint=defn.fingerprint, deadline=deadline)
     advance(w)
     initial = SagaState(w.saga, w.steps)
@@ -82,16 +78,16 @@ def step_succeeded(defn: Saga, state: SagaState, step: str, attempt: int, *, out
                   has_compensation_data=has_compensation_data, finished_at=now,
                   lease_until=None, due_at=None)
     late = w.saga.status is not SagaStatus.RUNNING
-    w.event("step_succeeded", step, attempt, Phase.FORWARD,
+    w.event(EventKind.STEP_SUCCEEDED, step, attempt, Phase.FORWARD,
             **({"after_rollback_began": True} if late else {}))
     if defn.graph.steps[step].pivot and not late:
-        w.event("pivot_passed", step)
+        w.event(EventKind.PIVOT_PASSED, step)
     advance(w)
     return w.decision()
 
 
 def step_failed(defn: Saga, state: SagaState, step: str, attempt: int, *, error: str,
-                permanent: bool = False, reason: str = "error",
+                permanent: bool = False, reason: FailureReason = FailureReason.ERROR,
                 compensation_data: Any = None, has_compensation_data: bool = False,
                 now: float, timing: Timing) -> Decision | None:
     """A failed attempt: retry with backoff, or fail the step and roll back."""
@@ -106,7 +102,7 @@ def step_failed(defn: Saga, state: SagaState, step: str, attempt: int, *, error:
     return w.decision()
 
 
-def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str,
+def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: FailureReason,
                  compensation_data: Any = None, has_compensation_data: bool = False) -> None:
     spec = w.graph.steps[name]
     rec = w.steps[name]
@@ -127,7 +123,7 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
         if crashed:
             w.update_step(name, has_compensation_data=True)
         delay = policy.delay(min(rec.attempt, policy.max_attempts))
-        w.event("step_attempt_failed", name, rec.attempt, Phase.FORWARD, reason=reason,
+        w.event(EventKind.STEP_ATTEMPT_FAILED, name, rec.attempt, Phase.FORWARD, reason=reason,
                 error=error, retry_in=round(delay, 3), retry_forward=after_pivot)
         dispatch_forward(w, name, attempt=rec.attempt + 1, countdown=delay)
         return
@@ -135,14 +131,15 @@ def fail_attempt(w: Work, name: str, *, error: str, permanent: bool, reason: str
                   lease_until=None, due_at=None,
                   compensation_data=compensation_data if has_compensation_data else None,
                   has_compensation_data=has_compensation_data)
-    w.event("step_failed", name, rec.attempt, Phase.FORWARD, reason=reason, error=error,
+    w.event(EventKind.STEP_FAILED, name, rec.attempt, Phase.FORWARD, reason=reason, error=error,
             permanent=permanent)
     if w.saga.status is not SagaStatus.RUNNING:
         return  # already rolling back: compensation_progress takes this step into account
     if after_pivot:
         w.update_saga(status=SagaStatus.FAILED, error=first_line(error), failed_step=name,
                       finished_at=w.now, due_at=None)
-        w.event("saga_failed", name, reason="forward_retries_exhausted_after_pivot",
+        w.event(EventKind.SAGA_FAILED, name,
+                reason=FailureReason.FORWARD_RETRIES_EXHAUSTED_AFTER_PIVOT,
                 error=first_line(error))
         return
     begin_compensation(w, cause=first_line(error), failed_step=name,
@@ -158,7 +155,7 @@ def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0
     w.update_step(name, status=StepStatus.DISPATCHED, attempt=attempt, lease_until=None,
                   due_at=w.now + countdown + w.timing.redispatch_after, redispatches=0)
     if announce and attempt == 1:
-        w.event("step_dispatched", name, attempt, Phase.FORWARD)
+        w.event(EventKind.STEP_DISPATCHED, name, attempt, Phase.FORWARD)
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.FORWARD, attempt, spec.task_name or "", kwargs,
                                  countdown=countdown, queue=spec.queue, timeout=spec.timeout,
@@ -195,7 +192,7 @@ def advance(w: Work) -> None:
     ):
         w.update_saga(status=SagaStatus.COMPLETED, output=saga_result(w), finished_at=w.now,
                       due_at=None)
-        w.event("saga_completed")
+        w.event(EventKind.SAGA_COMPLETED)
     if w.saga.status is SagaStatus.COMPENSATING:
         compensation_progress(w)
 
@@ -215,7 +212,7 @@ def forward_progress(w: Work) -> bool:
         try:
             if spec.when is not None and not spec.when(ctx):
                 w.update_step(name, status=StepStatus.SKIPPED, finished_at=w.now)
-                w.event("step_skipped", name, reason="condition_false")
+                w.event(EventKind.STEP_SKIPPED, name, reason=FailureReason.CONDITION_FALSE)
                 settled_inline = True
                 continue
             if spec.kind == StepKind.TRANSFORM:
@@ -229,7 +226,7 @@ def forward_progress(w: Work) -> bool:
                                      max_bytes=w.timing.max_payload_bytes)
                 w.update_step(name, status=StepStatus.SUCCEEDED, output=diff, attempt=1,
                               started_at=w.now, finished_at=w.now)
-                w.event("transform_applied", name, keys=sorted(diff))
+                w.event(EventKind.TRANSFORM_APPLIED, name, keys=sorted(diff))
                 settled_inline = True
                 continue
             kwargs = step_kwargs(w, spec, ctx)
@@ -243,12 +240,12 @@ def forward_progress(w: Work) -> bool:
         except InputError as exc:  # the message it would send breaks a payload rule
             w.update_step(name, attempt=1)
             fail_attempt(w, name, error=f"InputError: {exc}", permanent=True,
-                         reason="payload_refused")
+                         reason=FailureReason.PAYLOAD_REFUSED)
             return False
         except Exception as exc:  # a user predicate, transform or input mapper raised
             w.update_step(name, attempt=1)  # settled as one attempt, failed
             fail_attempt(w, name, error=describe_error(exc), permanent=True,
-                         reason="definition_callable_failed")
+                         reason=FailureReason.DEFINITION_CALLABLE_FAILED)
             return False
     return settled_inline
 
@@ -264,13 +261,14 @@ def compensation_succeeded(defn: Saga, state: SagaState, step: str, attempt: int
         return None
     w.update_step(step, comp_status=CompensationStatus.COMPENSATED, lease_until=None,
                   due_at=None, comp_error=None)
-    w.event("compensation_succeeded", step, attempt, Phase.COMPENSATE)
+    w.event(EventKind.COMPENSATION_SUCCEEDED, step, attempt, Phase.COMPENSATE)
     advance(w)
     return w.decision()
 
 
 def compensation_failed(defn: Saga, state: SagaState, step: str, attempt: int, *, error: str,
-                        reason: str = "error", now: float, timing: Timing) -> Decision | None:
+                        reason: FailureReason = FailureReason.ERROR, now: float,
+                        timing: Timing) -> Decision | None:
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
     if not rec.is_running(Phase.COMPENSATE, attempt):

@@ -19,7 +19,7 @@ from .context import StepInfo, _current
 from .definition import Saga
 from .exceptions import InputError, StepFailure
 from .records import Event, Owner
-from .states import Phase
+from .states import EventKind, FailureReason, Phase
 from .steps import StepResponse
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
     except InputError as exc:
         # Retrying would produce the same value: fail permanently (and compensate).
         runtime.apply(saga_id, engine.step_failed, step, attempt, error=f"InputError: {exc}",
-                      permanent=True, reason="payload_refused")
+                      permanent=True, reason=FailureReason.PAYLOAD_REFUSED)
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
         raise InputError(str(exc), rule=exc.rule, where=exc.where) from None
     runtime.apply(saga_id, engine.step_succeeded, step, attempt, output=output,
@@ -138,7 +138,8 @@ def _record_failure(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase
 
 def _store_failure(runtime: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
                    exc: Exception, error: str) -> None:
-    reason = "timeout" if isinstance(exc, SoftTimeLimitExceeded) else "error"
+    reason = (FailureReason.TIMEOUT if isinstance(exc, SoftTimeLimitExceeded)
+              else FailureReason.ERROR)
     if phase is Phase.COMPENSATE:
         runtime.apply(saga_id, engine.compensation_failed, step, attempt, error=error,
                       reason=reason)
@@ -172,7 +173,7 @@ def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any],
     log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
               "code to every worker", meta.get("saga_id"), meta.get("saga"),
               meta.get("step"), why)
-    event = Event(str(meta["saga_id"]), "definition_mismatch", time.time(),
+    event = Event(str(meta["saga_id"]), EventKind.DEFINITION_MISMATCH, time.time(),
                   str(meta.get("step")), int(meta.get("attempt", 0)),
                   str(meta.get("phase")),
                   {"worker_fingerprint": getattr(defn, "fingerprint", None),

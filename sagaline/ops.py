@@ -27,7 +27,7 @@ from .exceptions import (
 from .records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from .runtime import Runtime as Runtime
 from .runtime import current_runtime
-from .states import CompensationStatus, SagaStatus
+from .states import CompensationStatus, EventKind, SagaStatus
 from .stores.base import Store as Store
 from .stores.base import open_existing as open_existing
 from .stores.base import redact as redact
@@ -227,16 +227,16 @@ def sweep_report(runtime: Runtime | None = None, *, now: float | None = None,
 # -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------
 
 # The events that end one attempt of a step (forward) or of its compensation.
-_ATTEMPT_ENDS = {
-    "step_succeeded": "succeeded",
-    "step_attempt_failed": "failed",
-    "step_failed": "failed",
-    "step_abandoned": "abandoned",
-    "compensation_succeeded": "succeeded",
-    "compensation_attempt_failed": "failed",
-    "compensation_failed": "failed",
+_ATTEMPT_ENDS: dict[EventKind | str, str] = {
+    EventKind.STEP_SUCCEEDED: "succeeded",
+    EventKind.STEP_ATTEMPT_FAILED: "failed",
+    EventKind.STEP_FAILED: "failed",
+    EventKind.STEP_ABANDONED: "abandoned",
+    EventKind.COMPENSATION_SUCCEEDED: "succeeded",
+    EventKind.COMPENSATION_ATTEMPT_FAILED: "failed",
+    EventKind.COMPENSATION_FAILED: "failed",
 }
-_ATTEMPT_STARTS = {"step_started", "compensation_started"}
+_ATTEMPT_STARTS = {EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED}
 
 
 @dataclass(slots=True)

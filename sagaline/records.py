@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .states import CompensationStatus, Phase, SagaStatus, StepStatus
+from .states import CompensationStatus, EventKind, Phase, SagaStatus, StepStatus
 
 
 @dataclass(slots=True)
@@ -41,17 +41,17 @@ class PhaseColumns:
     attempt: str  # the attempt field (and column): `attempt` or `comp_attempt`
     dispatched: StepStatus | CompensationStatus
     running: StepStatus | CompensationStatus
-    started: str  # the kind of the event a claim appends
+    started: EventKind  # the kind of the event a claim appends
 
 
 # The one place that says which fields a phase uses: records, engine and every store
 # (their SQL and Lua included) go through it.
 PHASE_COLUMNS = {
     Phase.FORWARD: PhaseColumns("status", "attempt", StepStatus.DISPATCHED,
-                                StepStatus.RUNNING, "step_started"),
+                                StepStatus.RUNNING, EventKind.STEP_STARTED),
     Phase.COMPENSATE: PhaseColumns("comp_status", "comp_attempt",
                                    CompensationStatus.DISPATCHED, CompensationStatus.RUNNING,
-                                   "compensation_started"),
+                                   EventKind.COMPENSATION_STARTED),
 }
 
 
@@ -137,7 +137,9 @@ class Event:
     """One entry of a saga's append-only history."""
 
     saga_id: str
-    kind: str
+    # An EventKind; a kind this version does not know (written by a newer one) is
+    # read back as a plain str.
+    kind: EventKind | str
     ts: float
     step: str | None = None
     attempt: int | None = None

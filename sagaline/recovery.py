@@ -20,6 +20,8 @@ from .records import Decision, Event, Owner, SagaState
 from .states import (
     STEP_IN_FLIGHT,
     CompensationStatus,
+    EventKind,
+    FailureReason,
     FailureStrategy,
     Phase,
     SagaStatus,
@@ -45,7 +47,7 @@ def deadline_or_grace_due(defn: Saga, state: SagaState, *, now: float,
     if w.saga.due_at is None or w.saga.due_at > now:
         return None
     if w.saga.status is SagaStatus.RUNNING:
-        w.event("saga_deadline_exceeded", deadline=w.saga.deadline)
+        w.event(EventKind.SAGA_DEADLINE_EXCEEDED, deadline=w.saga.deadline)
         begin_compensation(w, cause=f"deadline exceeded (timeout={defn.timeout}s)",
                            failed_step=None, strategy=FailureStrategy.FAIL_FAST)
     elif w.saga.status is SagaStatus.COMPENSATING:
@@ -58,8 +60,8 @@ def deadline_or_grace_due(defn: Saga, state: SagaState, *, now: float,
                               due_at=None, has_compensation_data=True,
                               compensation_data=rec.compensation_data,
                               error="outcome unknown: still running when the grace period ended")
-                w.event("step_abandoned", name, rec.attempt, Phase.FORWARD,
-                        reason="grace_period_ended")
+                w.event(EventKind.STEP_ABANDONED, name, rec.attempt, Phase.FORWARD,
+                        reason=FailureReason.GRACE_PERIOD_ENDED)
     else:
         w.update_saga(due_at=None)
     advance(w)
@@ -87,9 +89,9 @@ def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
     error = "LeaseExpired: the worker running it died or stopped responding"
     phase = rec.running_phase
     if phase is Phase.FORWARD:
-        fail_attempt(w, step, error=error, permanent=False, reason="lease_expired")
+        fail_attempt(w, step, error=error, permanent=False, reason=FailureReason.LEASE_EXPIRED)
     elif phase is Phase.COMPENSATE:
-        fail_compensation_attempt(w, step, error=error, reason="lease_expired")
+        fail_compensation_attempt(w, step, error=error, reason=FailureReason.LEASE_EXPIRED)
     else:
         return None
     advance(w)
@@ -112,9 +114,9 @@ def claim_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: i
         return None
     error = f"WorkerLost: {cause}"
     if phase is Phase.FORWARD:
-        fail_attempt(w, step, error=error, permanent=False, reason="worker_lost")
+        fail_attempt(w, step, error=error, permanent=False, reason=FailureReason.WORKER_LOST)
     else:
-        fail_compensation_attempt(w, step, error=error, reason="worker_lost")
+        fail_compensation_attempt(w, step, error=error, reason=FailureReason.WORKER_LOST)
     advance(w)
     return w.decision()
 
@@ -132,10 +134,10 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
     if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (SagaStatus.RUNNING,
                                                               SagaStatus.COMPENSATING):
         dispatch_forward(w, step, attempt=rec.attempt, announce=False)
-        w.event("step_redispatched", step, rec.attempt, Phase.FORWARD, times=times)
+        w.event(EventKind.STEP_REDISPATCHED, step, rec.attempt, Phase.FORWARD, times=times)
     elif rec.is_dispatched(Phase.COMPENSATE):
         dispatch_compensation(w, step, attempt=rec.comp_attempt, announce=False)
-        w.event("compensation_redispatched", step, rec.comp_attempt, Phase.COMPENSATE,
+        w.event(EventKind.COMPENSATION_REDISPATCHED, step, rec.comp_attempt, Phase.COMPENSATE,
                 times=times)
     else:
         return None
@@ -163,7 +165,7 @@ def refused_message(state: SagaState, event: Event, phase: Phase, *,
 
 
 def undeliverable(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int, *,
-                  reason: str, error: str, now: float, timing: Timing,
+                  reason: FailureReason, error: str, now: float, timing: Timing,
                   claimed: bool = False) -> Decision | None:
     """A step's message can never be delivered: fail it now, without retries.
 
@@ -182,7 +184,7 @@ def undeliverable(defn: Saga, state: SagaState, step: str, phase: Phase, attempt
     else:
         w.update_step(step, comp_status=CompensationStatus.COMPENSATION_FAILED,
                       comp_error=error, lease_until=None, due_at=None)
-        w.event("compensation_failed", step, attempt, Phase.COMPENSATE, reason=reason,
+        w.event(EventKind.COMPENSATION_FAILED, step, attempt, Phase.COMPENSATE, reason=reason,
                 error=error, permanent=True)
     advance(w)
     return w.decision()
@@ -204,7 +206,7 @@ def unregistered_task(defn: Saga, state: SagaState, event: Event, phase: Phase, 
         error = (f"TaskNotRegistered: no worker has task {task!r} registered (last refused "
                  f"by {event.detail.get('worker')}, after {rec.redispatches} redispatches)")
         decision = undeliverable(defn, state, rec.name, phase, rec.attempt_for(phase),
-                                 reason="task_unregistered", error=error, now=now,
+                                 reason=FailureReason.TASK_UNREGISTERED, error=error, now=now,
                                  timing=timing)
         if decision is not None:
             decision.events.insert(0, event)
@@ -226,14 +228,14 @@ def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decis
             needs_compensation(w, n) and w.steps[n].comp_status is None
             for n in w.graph.order)):
         w.update_saga(status=SagaStatus.COMPENSATING, finished_at=None)
-        w.event("saga_resumed", mode="compensation", steps=failed_comps)
+        w.event(EventKind.SAGA_RESUMED, mode="compensation", steps=failed_comps)
         for n in failed_comps:
             w.update_step(n, comp_status=None, comp_error=None)
         advance(w)
         return w.decision()
     failed_forward = [n for n in w.graph.order if w.steps[n].status is StepStatus.FAILED]
     w.update_saga(status=SagaStatus.RUNNING, finished_at=None, error=None, failed_step=None)
-    w.event("saga_resumed", mode="forward", steps=failed_forward)
+    w.event(EventKind.SAGA_RESUMED, mode="forward", steps=failed_forward)
     for n in failed_forward:
         dispatch_forward(w, n, attempt=w.steps[n].attempt + 1)
     advance(w)

@@ -22,7 +22,7 @@ from .execution import Heartbeat, filter_kwargs
 from .handle import SagaHandle as SagaHandle
 from .records import HEADER as HEADER
 from .records import Decision, Dispatch, SagaRecord, SagaState
-from .states import SAGA_TERMINAL, Phase
+from .states import SAGA_TERMINAL, FailureReason, Phase
 from .stores.base import Store, store_from_url
 
 if TYPE_CHECKING:
@@ -193,7 +193,8 @@ class Runtime:
                           "%s); the step fails", d.saga_id, d.step, d.phase, d.attempt,
                           type(exc).__name__, exc)
                 decision = delivery.fail_undeliverable(
-                    self, d.saga_id, d.step, d.phase, d.attempt, reason="message_unsendable",
+                    self, d.saga_id, d.step, d.phase, d.attempt,
+                    reason=FailureReason.MESSAGE_UNSENDABLE,
                     error=f"message not sent: {engine.describe_error(exc)}",
                     claimed=d.child_saga is not None)
                 if decision is not None:

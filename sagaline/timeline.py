@@ -9,7 +9,7 @@ from rich.text import Text
 
 from .ops import SagaView, compensation_failures, first_line, step_attempts
 from .records import Event
-from .states import SagaStatus
+from .states import EventKind, SagaStatus
 
 STATUS_STYLES = {
     "PENDING": "dim",
@@ -26,8 +26,8 @@ STATUS_STYLES = {
 }
 
 # Events that only say a message was sent; the compact timeline leaves them out.
-_PLUMBING = {"step_dispatched", "compensation_dispatched", "step_started",
-             "compensation_started"}
+_PLUMBING = {EventKind.STEP_DISPATCHED, EventKind.COMPENSATION_DISPATCHED,
+             EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED}
 
 
 def status_text(status: Any) -> Text:
@@ -52,39 +52,41 @@ def describe(event: Event) -> tuple[str, str, str]:
     att = f"attempt {event.attempt}" if event.attempt else ""
     error = first_line(d.get("error")) if d.get("error") else ""
     kind = event.kind
-    texts: dict[str, tuple[str, str, str]] = {
-        "saga_started": ("•", "saga started", "bold"),
-        "step_dispatched": ("→", "dispatched", "dim"),
-        "step_redispatched": ("→", f"dispatched again ({att}, message may be lost)", "dim"),
-        "step_started": ("→", f"{att} started", "dim"),
-        "step_succeeded": ("→", f"succeeded ({att})", "green"),
-        "step_attempt_failed": ("→", f"{att} failed: {error}; retry in "
+    texts: dict[EventKind | str, tuple[str, str, str]] = {
+        EventKind.SAGA_STARTED: ("•", "saga started", "bold"),
+        EventKind.STEP_DISPATCHED: ("→", "dispatched", "dim"),
+        EventKind.STEP_REDISPATCHED: ("→", f"dispatched again ({att}, message may be lost)", "dim"),
+        EventKind.STEP_STARTED: ("→", f"{att} started", "dim"),
+        EventKind.STEP_SUCCEEDED: ("→", f"succeeded ({att})", "green"),
+        EventKind.STEP_ATTEMPT_FAILED: ("→", f"{att} failed: {error}; retry in "
                                      f"{d.get('retry_in', 0):g}s", "red"),
-        "step_failed": ("→", f"FAILED ({att}): {error}", "bold red"),
-        "step_abandoned": ("→", f"abandoned ({att}): {d.get('reason', '')}", "red"),
-        "step_skipped": ("→", "skipped (condition false)", "dim"),
-        "step_cancelled": ("→", "cancelled (not run)", "dim"),
-        "transform_applied": ("→", "transform applied", "dim"),
-        "pivot_passed": ("•", "pivot passed: failures now retry forward", "bold"),
-        "saga_compensating": ("•", f"rolling back: {d.get('cause') or ''}", "bold yellow"),
-        "saga_deadline_exceeded": ("•", "deadline exceeded", "bold red"),
-        "compensation_dispatched": ("←", "compensation dispatched", "dim"),
-        "compensation_redispatched": ("←", f"compensation dispatched again ({att})", "dim"),
-        "compensation_started": ("←", f"compensation {att} started", "dim"),
-        "compensation_succeeded": ("←", f"compensated ({att})", "yellow"),
-        "compensation_attempt_failed": ("←", f"compensation {att} failed: {error}; retry in "
-                                             f"{d.get('retry_in', 0):g}s", "red"),
-        "compensation_failed": ("←", f"COMPENSATION FAILED ({att}): {error}", "bold red"),
-        "saga_completed": ("•", "saga COMPLETED", "bold green"),
-        "saga_compensated": ("•", "saga COMPENSATED: every applied step undone", "bold yellow"),
-        "saga_failed": ("•", f"saga FAILED: {d.get('reason', '')}", "bold red"),
-        "saga_resumed": ("•", f"resumed by operator ({d.get('mode', '')})", "bold"),
-        "definition_mismatch": ("!", "a worker has other code for this saga", "bold red"),
-        "task_unregistered": ("!", f"worker {d.get('worker')} has no task "
+        EventKind.STEP_FAILED: ("→", f"FAILED ({att}): {error}", "bold red"),
+        EventKind.STEP_ABANDONED: ("→", f"abandoned ({att}): {d.get('reason', '')}", "red"),
+        EventKind.STEP_SKIPPED: ("→", "skipped (condition false)", "dim"),
+        EventKind.STEP_CANCELLED: ("→", "cancelled (not run)", "dim"),
+        EventKind.TRANSFORM_APPLIED: ("→", "transform applied", "dim"),
+        EventKind.PIVOT_PASSED: ("•", "pivot passed: failures now retry forward", "bold"),
+        EventKind.SAGA_COMPENSATING: ("•", f"rolling back: {d.get('cause') or ''}", "bold yellow"),
+        EventKind.SAGA_DEADLINE_EXCEEDED: ("•", "deadline exceeded", "bold red"),
+        EventKind.COMPENSATION_DISPATCHED: ("←", "compensation dispatched", "dim"),
+        EventKind.COMPENSATION_REDISPATCHED: ("←", f"compensation dispatched again ({att})", "dim"),
+        EventKind.COMPENSATION_STARTED: ("←", f"compensation {att} started", "dim"),
+        EventKind.COMPENSATION_SUCCEEDED: ("←", f"compensated ({att})", "yellow"),
+        EventKind.COMPENSATION_ATTEMPT_FAILED: (
+            "←", f"compensation {att} failed: {error}; retry in {d.get('retry_in', 0):g}s",
+            "red"),
+        EventKind.COMPENSATION_FAILED: ("←", f"COMPENSATION FAILED ({att}): {error}", "bold red"),
+        EventKind.SAGA_COMPLETED: ("•", "saga COMPLETED", "bold green"),
+        EventKind.SAGA_COMPENSATED: ("•", "saga COMPENSATED: every applied step undone",
+                                     "bold yellow"),
+        EventKind.SAGA_FAILED: ("•", f"saga FAILED: {d.get('reason', '')}", "bold red"),
+        EventKind.SAGA_RESUMED: ("•", f"resumed by operator ({d.get('mode', '')})", "bold"),
+        EventKind.DEFINITION_MISMATCH: ("!", "a worker has other code for this saga", "bold red"),
+        EventKind.TASK_UNREGISTERED: ("!", f"worker {d.get('worker')} has no task "
                                    f"{d.get('task')!r}: it dropped the message ({att})",
                               "bold red"),
     }
-    return texts.get(kind, ("•", kind.replace("_", " "), ""))
+    return texts.get(kind, ("•", str(kind).replace("_", " "), ""))
 
 
 def render_timeline(view: SagaView, *, compact: bool = False,

@@ -17,6 +17,7 @@ from .states import (
     COMPENSATION_TRANSITIONS,
     SAGA_TRANSITIONS,
     STEP_TRANSITIONS,
+    EventKind,
     Phase,
     StepStatus,
 )
@@ -52,7 +53,7 @@ class Work:
 
     # -- recording ---------------------------------------------------------------
 
-    def event(self, kind: str, step: str | None = None, attempt: int | None = None,
+    def event(self, kind: EventKind, step: str | None = None, attempt: int | None = None,
               phase: Phase | None = None, **detail: Any) -> None:
         self.events.append(Event(self.saga.saga_id, kind, self.now, step, attempt,
                                  None if phase is None else phase.value, detail))

@@ -27,7 +27,7 @@ from rich.text import Text
 from ..config import default_home
 from ..exceptions import ConfigurationError
 from ..ops import SagaView, get_saga, redact, short_name
-from ..states import SAGA_TERMINAL, SagaStatus
+from ..states import SAGA_TERMINAL, EventKind, SagaStatus
 from ..testing import HarnessError, WorkerExited, WorkerProcess
 from ..timeline import format_duration, render_timeline, status_text
 
@@ -257,7 +257,7 @@ def _pick_compensated(runs: list[Run]) -> Run | None:
         return None
     # The one that undid the most steps.
     return max(compensated, key=lambda r: sum(
-        e.kind == "compensation_succeeded" for e in (r.view.history if r.view else [])))
+        e.kind == EventKind.COMPENSATION_SUCCEEDED for e in (r.view.history if r.view else [])))
 
 
 def _check_robots(runs: list[Run], models: Any, console: Console) -> bool:

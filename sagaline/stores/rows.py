@@ -53,12 +53,24 @@ def _coercion(hint: Any) -> Callable[[Any], Any] | None:
     # `X | None` is read as X; None itself is never coerced.
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, Enum)]
+        if len(args) == 2 and str in args and len(enums) == 1:
+            return _lenient(enums[0])  # `SomeEnum | str`: a value it does not know stays str
         hint = args[0] if len(args) == 1 else None
     if typing.get_origin(hint) is None and isinstance(hint, type) and issubclass(hint, Enum):
         return hint
     if hint is bool:
         return bool
     return None
+
+
+def _lenient(enum: type[Enum]) -> Callable[[Any], Any]:
+    known = {member.value: member for member in enum}
+
+    def coerce(value: Any) -> Any:
+        return known.get(value, value)
+
+    return coerce
 
 
 _READERS = {cls: _readers(cls) for cls in (SagaRecord, StepRecord, Event)}
