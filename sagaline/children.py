@@ -62,7 +62,8 @@ def drive_child(runtime: Runtime, parent_id: str, step: str) -> None:
     that a process dying anywhere in between leaves nothing stuck.
     """
     store = runtime.store
-    rec = next((s for s in store.get_steps(parent_id) if s.name == step), None)
+    parent = store.read_state(parent_id)
+    rec = None if parent is None else parent.steps.get(step)
     if rec is None:
         return
     compensating = rec.comp_status is CompensationStatus.RUNNING

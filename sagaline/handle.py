@@ -57,9 +57,10 @@ class SagaHandle:
             return saga.output
         if saga.status is SagaStatus.COMPENSATED:
             raise SagaCompensated(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
+        state = self.runtime.store.read_state(self.saga_id)
+        steps = [] if state is None else state.steps.values()
         failures = {s.name: engine.first_line(s.comp_error) or "no error recorded"
-                    for s in self.runtime.store.get_steps(self.saga_id)
-                    if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
+                    for s in steps if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
         raise SagaFailed(saga.saga_id, saga.error, step=saga.failed_step, record=saga,
                          compensation_failures=failures)
 
