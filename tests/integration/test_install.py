@@ -341,12 +341,51 @@ def sagaline_cli(box: Installed, *args: str, **settings: str) -> str:
 # above prove, so the installed CLI migrates and reads the store, a real server each.
 
 
+# Runs every Lua script of the Redis store (create, claim, transact's read and write)
+# from the installed package: the scripts are package data, not Python strings.
+REDIS_SCRIPTS_CHECK = """
+import sys
+from dataclasses import replace
+from sagaline.records import Decision, Event, SagaRecord, SagaState, StepRecord
+from sagaline.states import EventKind, Phase, SagaStatus, StepStatus
+from sagaline.stores.redis import RedisStore
+
+store = RedisStore(sys.argv[1])
+saga = SagaRecord("wheel-1", "wheel", SagaStatus.RUNNING, {}, "fp", 1.0, 1.0)
+step = StepRecord("wheel-1", "a", 0, status=StepStatus.DISPATCHED, attempt=1)
+_, created = store.create_saga(SagaState(saga, {"a": step}),
+                               [Event("wheel-1", EventKind.SAGA_STARTED, 1.0)])
+claimed = store.claim_step("wheel-1", "a", Phase.FORWARD, 1, lease_until=9.0, now=2.0)
+
+def decide(state):
+    done = replace(state.steps["a"], status=StepStatus.SUCCEEDED, lease_until=None,
+                   due_at=None)
+    return Decision(steps=[done], step_versions={"a": state.steps["a"].version},
+                    events=[Event("wheel-1", EventKind.STEP_SUCCEEDED, 3.0, "a", 1,
+                                  "forward")])
+
+store.transact("wheel-1", decide)
+state = store.read_state("wheel-1")
+print(created, claimed, state.steps["a"].status,
+      " ".join(e.kind for e in store.history("wheel-1")))
+"""
+
+
 def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path: Path) -> None:
     box = install(wheelhouse, tmp_path, "redis")
     with PrivateRedis() as redis:
         store = redis.url
         sagaline_cli(box, "db", "upgrade", SAGALINE_STORE_URL=store)
         assert sagaline_cli(box, "ls", "--json", SAGALINE_STORE_URL=store) == ""
+        proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", REDIS_SCRIPTS_CHECK,
+                               store], cwd=box.run_dir, env=user_env(box.home, box.app_dir),
+                              capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["True", "True", "SUCCEEDED", "saga_started", "step_started",
+                                   "step_succeeded"]
+    scripts = site_packages(box) / "sagaline" / "stores" / "redis_lua"
+    assert sorted(p.name for p in scripts.glob("*.lua")) == [
+        "apply.lua", "cas_step.lua", "create.lua", "read_state.lua", "write.lua"]
     assert not (site_packages(box) / "psycopg").exists()
 
 

@@ -1,0 +1,11 @@
+-- Write one decision of `transact` (1), or nothing (0) unless no other transact
+-- wrote the saga and every changed record still has the version the decision was
+-- made on. A decision that only appends events checks nothing.
+local p = cjson.decode(ARGV[1])
+if p.txn and (redis.call('HGET', p.saga_key, 'txn') or '0') ~= p.txn then return 0 end
+for _, c in ipairs(p.expect) do
+  if redis.call('HGET', c[1], 'version') ~= c[2] then return 0 end
+end
+if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
+--@apply
+return 1
