@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from tests.harness import WorkerProcess, drop_database, shared_postgres_url
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_TEST_DB = 15
+from tests.stores import redis_test_url
 
 WorkerFactory = Callable[..., WorkerProcess]
 
@@ -24,9 +20,7 @@ def redis_url() -> str:
     """Shared Redis (``$SAGALINE_TEST_REDIS_URL``), database 15, flushed at session start."""
     import redis
 
-    base = os.environ.get("SAGALINE_TEST_REDIS_URL", DEFAULT_REDIS_URL)
-    parts = urlsplit(base)
-    url = urlunsplit((parts.scheme, parts.netloc, f"/{REDIS_TEST_DB}", "", ""))
+    url = redis_test_url()
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
     try:
         client.flushdb()

@@ -32,7 +32,7 @@ import pytest
 
 from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
 from tests.integration.test_demo import assert_demo_output, kill_left_worker
-from tests.integration.test_store_contract import create_mariadb_database, drop_mariadb_database
+from tests.stores import create_mariadb_database, drop_mariadb_database
 from tests.unit.test_compose import IMAGE_SOURCES
 
 pytestmark = pytest.mark.timeout(420)

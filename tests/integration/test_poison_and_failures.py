@@ -30,10 +30,7 @@ from sagaline.stores.sanitize import MAX_TEXT
 from tests.harness import REPO_ROOT, wait_until
 from tests.integration import poison_sagas, sagas_app
 from tests.integration.conftest import Stack, make_stack
-from tests.integration.test_store_contract import (
-    create_mariadb_database,
-    drop_mariadb_database,
-)
+from tests.stores import create_mariadb_database, drop_mariadb_database
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,35 +6,27 @@ transacts, lists, counts and due order) lives in test_store_contract.py.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
 
 from sagaline.exceptions import StoreError
-from sagaline.records import Decision, Event, SagaRecord, SagaState, StepRecord
+from sagaline.records import Decision, Event, SagaState, StepRecord
 from sagaline.states import Phase, SagaStatus, StepStatus
 from sagaline.stores.base import store_from_url
 from sagaline.stores.redis import RedisStore
 from tests.harness import PrivateRedis, free_port
+from tests.stores import THREADS, delete_prefix, make_state, redis_test_url, run_threads
 
-# Database 15 of the shared Redis, like the contract suite, but never flushed:
+# Database 15 of the test Redis, like the contract suite, but never flushed here:
 # every test writes under its own prefix and deletes only that prefix.
-_base = urlsplit(os.environ.get("SAGALINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
-REDIS_URL = urlunsplit((_base.scheme, _base.netloc, "/15", "", ""))
-THREADS = 20
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> None:
-    for key in list(client.scan_iter(match=f"{prefix}:*", count=500)):
-        client.delete(key)
+REDIS_URL = redis_test_url()
 
 
 @pytest.fixture
@@ -74,18 +66,9 @@ def store(make_store: Callable[..., RedisStore]) -> RedisStore:
     return make_store()
 
 
-def new_state(name: str = "order", *, key: str | None = None, now: float | None = None,
-              step_due: float | None = None, saga_due: float | None = None,
-              parent: str | None = None) -> SagaState:
+def new_state(name: str = "order", **options: Any) -> SagaState:
     """A running saga whose first step `a` is DISPATCHED(1) and `b` waits for it."""
-    now = time.time() if now is None else now
-    sid = str(uuid.uuid4())
-    saga = SagaRecord(saga_id=sid, name=name, status=SagaStatus.RUNNING, input={"n": 1},
-                      fingerprint="fp", created_at=now, updated_at=now, idempotency_key=key,
-                      due_at=saga_due, deadline=saga_due, parent_saga_id=parent)
-    a = StepRecord(sid, "a", 0, status=StepStatus.DISPATCHED, attempt=1,
-                   due_at=now + 30 if step_due is None else step_due)
-    return SagaState(saga, {"a": a, "b": StepRecord(sid, "b", 1)})
+    return make_state(name=name, steps=("a", "b"), **options)
 
 
 def create(store: RedisStore, state: SagaState) -> str:
@@ -93,28 +76,6 @@ def create(store: RedisStore, state: SagaState) -> str:
                                                     state.saga.created_at)])
     assert created
     return saga.saga_id
-
-
-def run_together(n: int, fn: Callable[[int], Any]) -> list[Any]:
-    """Call fn(0..n-1) from n threads released at the same instant."""
-    barrier = threading.Barrier(n)
-    results: list[Any] = [None] * n
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            results[i] = fn(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    return results
 
 
 def test_redis_urls_select_the_redis_store(prefix: str) -> None:
@@ -178,7 +139,7 @@ def test_branches_finishing_together_are_decided_one_after_the_other(
         return decide
 
     workers = [make_store(), make_store()]
-    run_together(2, lambda i: workers[i].transact(
+    run_threads(2, lambda i: workers[i].transact(
         sid, finish("b", "c") if i == 0 else finish("c", "b")))
     assert sorted(calls) == ["b", "b", "c"] or sorted(calls) == ["b", "c", "c"]
     assert [s.status for s in store.get_steps(sid)] == [
@@ -189,7 +150,7 @@ def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(
         make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str) -> None:
     clients = [make_store() for _ in range(THREADS)]
     states = [new_state(key="order-42") for _ in range(THREADS)]
-    results = run_together(THREADS, lambda i: clients[i].create_saga(
+    results = run_threads(THREADS, lambda i: clients[i].create_saga(
         states[i], [Event(states[i].saga.saga_id, "saga_started", 1.0)]))
 
     assert [created for _, created in results].count(True) == 1
@@ -214,7 +175,7 @@ def test_a_retried_create_that_had_committed_reports_its_saga_as_created(
 
 
 def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
-    parent = create(store, new_state(key="p", saga_due=time.time() + 60))
+    parent = create(store, new_state(key="p", due_at=time.time() + 60, deadline=time.time() + 60))
     sid = create(store, new_state(key="c", parent=parent))
     assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=time.time() + 30, now=1.0)
     a = store.get_steps(sid)[0]
@@ -235,7 +196,8 @@ def test_status_indexes_follow_every_transition(store: RedisStore, raw: redis.Re
                                                  prefix: str) -> None:
     # What lists and counts read (test_store_contract proves those on every store).
     now = time.time()
-    ids = [create(store, new_state("order" if i % 2 else "ship", now=now + i)) for i in range(4)]
+    ids = [create(store, new_state("order" if i % 2 else "ship", created_at=now + i))
+           for i in range(4)]
     done = ids[1]
     store.transact(done, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPLETED),
                                             saga_version=s.saga.version))

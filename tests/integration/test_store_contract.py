@@ -41,50 +41,30 @@ from sagaline.stores.sanitize import CUT_MARKER, MAX_TEXT, storable_text
 from sagaline.stores.schema import VERSION_TABLE
 from sagaline.stores.sql import SQLStore
 from tests.harness import drop_database, shared_postgres_url
+from tests.stores import (
+    T0,
+    THREADS,
+    create_mariadb_database,
+    delete_prefix,
+    drop_mariadb_database,
+    make_state,
+    run_threads,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-MARIADB_SERVER = "mysql+pymysql://root@127.0.0.1:3306"
 SQL_TABLES = ("sagaline_events", "sagaline_steps", "sagaline_sagas")
 
 STORES = ["memory", "sqlite", "postgresql", "mariadb"]
 if importlib.util.find_spec("sagaline.stores.redis") is not None:
     STORES.append("redis")
 
-T0 = 1_700_000_000.125
 # Stores whose transact holds a lock that claims also wait for (no claim can slip in).
 DECIDES_UNDER_A_GLOBAL_LOCK = ("memory:", "sqlite:")
 LEASE = 60.0
-THREADS = 20
 
 
 # -- fixtures ----------------------------------------------------------------------
-
-
-def create_mariadb_database() -> str:
-    """A new, empty MariaDB database with the server's default charset and collation."""
-    import pymysql
-
-    name = f"sagaline_test_{uuid.uuid4().hex[:10]}"
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE `{name}`")
-    finally:
-        conn.close()
-    return f"{MARIADB_SERVER}/{name}"
-
-
-def drop_mariadb_database(url: str) -> None:
-    import pymysql
-
-    name = url.rsplit("/", 1)[1]
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -125,32 +105,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         yield st
     finally:
         if kind == "redis":
-            client = st._client  # type: ignore[attr-defined]
-            keys = list(client.scan_iter(match=f"{options['prefix']}:*", count=1000))
-            if keys:
-                client.delete(*keys)
+            delete_prefix(st._client, options["prefix"])  # type: ignore[attr-defined]
         st.close()
 
 
 # -- records -------------------------------------------------------------------------
-
-
-def make_state(*, saga_id: str | None = None, name: str = "contract", key: str | None = None,
-               created_at: float = T0, status: SagaStatus = SagaStatus.RUNNING,
-               due_at: float | None = None, parent: str | None = None,
-               input: dict[str, Any] | None = None) -> SagaState:
-    """A saga of three steps a -> b -> c, with `a` DISPATCHED (attempt 1)."""
-    sid = saga_id or str(uuid.uuid4())
-    saga = SagaRecord(saga_id=sid, name=name, status=status, input=input or {"n": 1},
-                      fingerprint="f" * 16, created_at=created_at, updated_at=created_at,
-                      idempotency_key=key, due_at=due_at, parent_saga_id=parent)
-    steps = {
-        "a": StepRecord(sid, "a", 0, status=StepStatus.DISPATCHED, attempt=1,
-                        due_at=created_at + 30),
-        "b": StepRecord(sid, "b", 1),
-        "c": StepRecord(sid, "c", 2),
-    }
-    return SagaState(saga, steps)
 
 
 def started(st: Store, **kwargs: Any) -> SagaState:
@@ -173,25 +132,6 @@ def change_step(state: SagaState, name: str, **fields: Any) -> Decision:
     rec = state.steps[name]
     return Decision(steps=[replace(rec, **fields)], step_versions={name: rec.version},
                     events=[Event(state.saga.saga_id, "changed", T0, name)])
-
-
-def run_threads(n: int, target: Callable[[int], None], timeout: float = 60.0) -> None:
-    errors: list[BaseException] = []
-
-    def wrapped(i: int) -> None:
-        try:
-            target(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a thread is stuck"
-    if errors:
-        raise errors[0]
 
 
 def defaulted_fields(rec: Any) -> list[str]:
