@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +33,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import sagaline
 from sagaline import SagaCompensated
+from sagaline.observability.logs import FIELDS
 from sagaline.runtime import Runtime
 from tests.harness import WorkerProcess
 from tests.integration import traced_app
@@ -316,3 +319,44 @@ def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
     # The first step's message came from the client, outside the instrumentation: its
     # run/ span is a child of the root (the context sagaline published under).
     assert sorted(s.parent_id in publish_ids for s in runs) == [False, True, True, True, True]
+
+
+# -- JSON logs --------------------------------------------------------------------------
+
+
+def test_json_logs_carry_the_saga_step_and_trace_of_a_user_record_inside_a_step(
+        traced: Traced, worker_factory: Callable[..., WorkerProcess],
+        tmp_path: Path) -> None:
+    logfile = tmp_path / "worker-json.log"
+    worker = worker_factory(APP, env={**traced.env, "SAGALINE_LOG_FORMAT": "json"},
+                            concurrency=2, extra_args=["--logfile", str(logfile)])
+    order = "o-json-" + uuid.uuid4().hex[:6]
+    handle = traced.runtime.start_saga(traced_app.compensated, {"order_id": order})
+    with pytest.raises(SagaCompensated):
+        handle.get(timeout=WAIT)
+    rx = traced.receiver
+    rx.wait_for(lambda: any(s.name == "saga traced_compensated"
+                            for s in rx.with_saga(handle.saga_id)))
+    worker.stop()  # every process has written its last line
+    lines = logfile.read_text().splitlines()
+    assert len(lines) > 5
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    for r in records:
+        assert set(FIELDS) <= set(r), r
+    mine = [r for r in records if r["message"] == f"reserving stock for {order}"]
+    assert len(mine) == 1, [r["message"] for r in records]
+    line = mine[0]
+    assert (line["logger"], line["level"]) == ("shop.steps", "INFO")
+    assert (line["saga_id"], line["saga"], line["step"], line["attempt"], line["phase"]) == \
+        (handle.saga_id, "traced_compensated", "reserve", 1, "forward")
+    # Logged inside the user's span "reserve stock", in the saga's trace.
+    user_span = _only(rx.with_saga(handle.saga_id) + [
+        s for s in rx.spans if s.name == "reserve stock"
+        and s.trace_id == rx.with_saga(handle.saga_id)[0].trace_id], "reserve stock")
+    assert (line["trace_id"], line["span_id"]) == (user_span.trace_id, user_span.span_id)
+    # A compensation's record carries its phase; Celery's own records are JSON too.
+    refund = [r for r in records if r["message"].startswith("refunding")]
+    assert [(r["step"], r["phase"]) for r in refund] == [("charge", "compensate")]
+    assert any(r["logger"].startswith("celery") for r in records)
+    outside = [r for r in records if r["logger"].startswith("celery.worker")]
+    assert outside and all(r["saga_id"] is None for r in outside)

@@ -166,3 +166,26 @@ def test_surfaces_reach_the_core_only_through_ops() -> None:
         if _within(module, ("demo.robots",)):
             outside.discard("sagaline")  # the public API, as any application uses it
         assert not outside, f"{_short(module)} imports {sorted(outside)}"
+
+
+def test_only_the_tracing_module_imports_opentelemetry() -> None:
+    # The `otel` extra is optional: the rest of the package must import without it
+    # (the runtime imports observability.tracing inside a function, when tracing is on).
+    importers = {_short(m) for m in GRAPH if _third_party(m, ("opentelemetry",))}
+    assert importers == {"observability.tracing"}
+    eager = {_short(m) for m in GRAPH
+             if "sagaline.observability.tracing" in _module_level_imports(m)}
+    assert not eager, f"{sorted(eager)} import the tracing module at module level"
+
+
+def _module_level_imports(module: str) -> set[str]:
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+            base = ".".join(anchor + ([node.module] if node.module else []))
+            found.update(f"{base}.{a.name}" for a in node.names)
+            found.add(base)
+    return found
