@@ -7,6 +7,7 @@ the same receiver, which decodes each ExportTraceServiceRequest (protobuf).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import json
@@ -104,8 +105,9 @@ def _value(v: Any) -> Any:
     return getattr(v, kind) if kind else None
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
+@contextlib.contextmanager
+def serve_otlp() -> Iterator[Receiver]:
+    """An OTLP/HTTP trace receiver on a free port of 127.0.0.1, for the block's duration."""
     rec = Receiver()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -133,6 +135,12 @@ def receiver() -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with serve_otlp() as rec:
+        yield rec
 
 
 @dataclass
