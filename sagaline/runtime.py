@@ -60,6 +60,7 @@ class Runtime:
         self.process_lost = threading.Event()
         self._delayed: DelayedPublisher | None = None
         self._tracing: Tracing | None = None
+        self._tracing_failed = False
 
     # -- store, per process --------------------------------------------------------
 
@@ -84,17 +85,23 @@ class Runtime:
     @property
     def tracing(self) -> Tracing | None:
         """sagaline's spans in this process, or None when tracing is off."""
-        if self.settings.tracing == "off":
+        if self.settings.tracing == "off" or self._tracing_failed:
             return None
         if self._tracing is None:
             with self._lock:
-                if self._tracing is None:
-                    # Imported only here: without the `otel` extra the core never
-                    # imports OpenTelemetry (and the import error names the extra).
-                    from .observability import tracing
+                if self._tracing is None and not self._tracing_failed:
+                    try:
+                        # Imported only here: without the `otel` extra the core never
+                        # imports OpenTelemetry (init_app checked that it imports).
+                        from .observability import tracing
 
-                    tracing.install_provider(service_name=self.app.main)
-                    self._tracing = tracing.Tracing()
+                        tracing.install_provider(service_name=self.app.main)
+                        self._tracing = tracing.Tracing()
+                    except Exception:
+                        # Traces must never stop sagas: this process runs them untraced.
+                        self._tracing_failed = True
+                        log.exception("tracing is on but could not be set up; this "
+                                      "process traces nothing")
         return self._tracing
 
     def flush_traces(self) -> None:

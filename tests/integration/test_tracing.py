@@ -329,6 +329,26 @@ def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
     assert sorted(s.parent_id in publish_ids for s in runs) == [False, True, True, True, True]
 
 
+def test_a_child_saga_is_in_its_parent_trace_under_the_parent_root(
+        traced: Traced, worker_factory: Callable[..., WorkerProcess]) -> None:
+    worker_factory(APP, env=traced.env, concurrency=2)
+    handle = traced.runtime.start_saga(traced_app.parent, {"order_id": "o-child"})
+    assert handle.get(timeout=WAIT)["finished"] is True
+    rx = traced.receiver
+    rx.wait_for(lambda: any(s.name == "saga traced_parent"
+                            for s in rx.with_saga(handle.saga_id)))
+    parent_root = _only(rx.with_saga(handle.saga_id), "saga traced_parent")
+    rx.wait_for(lambda: any(s.name == "saga traced_child"
+                            for s in rx.of_trace(parent_root.trace_id)))
+    spans = rx.of_trace(parent_root.trace_id)
+    child_root = _only(spans, "saga traced_child")
+    assert child_root.parent_id == parent_root.span_id
+    assert child_root.attributes["saga.parent_id"] == handle.saga_id
+    assert _only(spans, "step finish").parent_id == child_root.span_id
+    assert _only(spans, "step charge").parent_id == parent_root.span_id
+    _assert_no_orphans(spans)
+
+
 # -- JSON logs --------------------------------------------------------------------------
 
 
