@@ -90,6 +90,13 @@ class Receiver:
         with self.lock:
             return [s for s in self.spans if s.attributes.get("saga.id") == saga_id]
 
+    def root_of(self, saga_id: str, name: str) -> Span:
+        """The root span of saga `saga_id` (named `saga <name>`), once it has arrived."""
+        self.wait_for(lambda: any(s.name == f"saga {name}" for s in self.with_saga(saga_id)))
+        found = [s for s in self.with_saga(saga_id) if s.name == f"saga {name}"]
+        assert len(found) == 1, "the root span was emitted more than once"
+        return found[0]
+
     def wait_for(self, what: Callable[[], bool], timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -251,9 +258,7 @@ def test_a_saga_started_outside_any_span_gets_a_trace_of_its_own(
     with pytest.raises(SagaCompensated):
         handle.get(timeout=WAIT)
     rx = traced.receiver
-    rx.wait_for(lambda: any(s.name == "saga traced_compensated"
-                            for s in rx.with_saga(handle.saga_id)))
-    root = _only(rx.with_saga(handle.saga_id), "saga traced_compensated")
+    root = rx.root_of(handle.saga_id, "traced_compensated")
     assert root.parent_id is None
     rx.wait_for(lambda: len(rx.of_trace(root.trace_id)) >= 7)
     spans = rx.of_trace(root.trace_id)
@@ -277,9 +282,7 @@ def test_a_step_killed_with_its_worker_leaves_no_orphan_span(
     worker_factory(APP, env={**env, "SLOW_FIRST_ATTEMPT": "0"}, concurrency=1,
                    name="tracekill")
     assert handle.get(timeout=WAIT)["slow"] == 2
-    rx.wait_for(lambda: any(s.name == "saga traced_survives_kill"
-                            for s in rx.with_saga(handle.saga_id)))
-    root = _only(rx.with_saga(handle.saga_id), "saga traced_survives_kill")
+    root = rx.root_of(handle.saga_id, "traced_survives_kill")
     rx.wait_for(lambda: len(rx.of_trace(root.trace_id)) >= 7)
     time.sleep(0.5)
     spans = rx.of_trace(root.trace_id)
@@ -306,9 +309,7 @@ def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
     with pytest.raises(SagaCompensated):
         handle.get(timeout=WAIT)
     rx = traced.receiver
-    rx.wait_for(lambda: any(s.name == "saga traced_compensated"
-                            for s in rx.with_saga(handle.saga_id)))
-    root = _only(rx.with_saga(handle.saga_id), "saga traced_compensated")
+    root = rx.root_of(handle.saga_id, "traced_compensated")
     # 5 attempts: each a sagaline span, and a Celery run/ span (the client process is
     # not instrumented: the first publish has no apply_async/ span, the others do).
     rx.wait_for(lambda: sum(s.name.startswith("run/") for s in rx.of_trace(root.trace_id))
@@ -335,9 +336,7 @@ def test_a_child_saga_is_in_its_parent_trace_under_the_parent_root(
     handle = traced.runtime.start_saga(traced_app.parent, {"order_id": "o-child"})
     assert handle.get(timeout=WAIT)["finished"] is True
     rx = traced.receiver
-    rx.wait_for(lambda: any(s.name == "saga traced_parent"
-                            for s in rx.with_saga(handle.saga_id)))
-    parent_root = _only(rx.with_saga(handle.saga_id), "saga traced_parent")
+    parent_root = rx.root_of(handle.saga_id, "traced_parent")
     rx.wait_for(lambda: any(s.name == "saga traced_child"
                             for s in rx.of_trace(parent_root.trace_id)))
     spans = rx.of_trace(parent_root.trace_id)
@@ -363,8 +362,8 @@ def test_json_logs_carry_the_saga_step_and_trace_of_a_user_record_inside_a_step(
     with pytest.raises(SagaCompensated):
         handle.get(timeout=WAIT)
     rx = traced.receiver
-    rx.wait_for(lambda: any(s.name == "saga traced_compensated"
-                            for s in rx.with_saga(handle.saga_id)))
+    root = rx.root_of(handle.saga_id, "traced_compensated")
+    rx.wait_for(lambda: any(s.name == "reserve stock" for s in rx.of_trace(root.trace_id)))
     worker.stop()  # every process has written its last line
     lines = logfile.read_text().splitlines()
     assert len(lines) > 5
@@ -378,9 +377,7 @@ def test_json_logs_carry_the_saga_step_and_trace_of_a_user_record_inside_a_step(
     assert (line["saga_id"], line["saga"], line["step"], line["attempt"], line["phase"]) == \
         (handle.saga_id, "traced_compensated", "reserve", 1, "forward")
     # Logged inside the user's span "reserve stock", in the saga's trace.
-    user_span = _only(rx.with_saga(handle.saga_id) + [
-        s for s in rx.spans if s.name == "reserve stock"
-        and s.trace_id == rx.with_saga(handle.saga_id)[0].trace_id], "reserve stock")
+    user_span = _only(rx.of_trace(root.trace_id), "reserve stock")
     assert (line["trace_id"], line["span_id"]) == (user_span.trace_id, user_span.span_id)
     # A compensation's record carries its phase; Celery's own records are JSON too.
     refund = [r for r in records if r["message"].startswith("refunding")]
