@@ -94,8 +94,9 @@ class Runtime:
                         # Imported only here: without the `otel` extra the core never
                         # imports OpenTelemetry (init_app checked that it imports).
                         from .observability import tracing
+                        from .observability.provider import install_provider
 
-                        tracing.install_provider(service_name=self.app.main)
+                        install_provider(service_name=self.app.main)
                         self._tracing = tracing.Tracing()
                     except Exception:
                         # Traces must never stop sagas: this process runs them untraced.

@@ -15,15 +15,19 @@ the root's W3C traceparent, and the id of its parent, the caller's span). Then:
 
 So a step that runs after a kill -9 or a restart joins the same trace. The crash
 window that remains is the SDK's: spans a process had ended but not yet exported
-(the batch delay) when it was killed are lost, and with them their place in the
-tree; the spans of other processes never refer to them (all refer to the root).
+(the batch delay) when it was killed are lost. The spans of other processes never
+refer to an attempt span (all refer to the root); the root itself is lost if the
+process that ended the saga is killed within that delay.
 
 With `opentelemetry-instrumentation-celery`: sagaline publishes a step's message
 with the saga's root span as the current span, so the instrumentation's
-`apply_async/<task>` span is a child of the root and its `run/<task>` span a child
-of that one; sagaline's step span is a child of the root and is the current span
-while the step runs, so spans made in the step nest under it. The Celery spans
-describe the message, sagaline's the attempt: one each, none orphaned.
+`apply_async/<task>` span is a child of the root; the message carries the root as
+its `traceparent` (set again after the instrumentation wrote its publish span
+there), so its `run/<task>` span is a child of the root too, never of a publish
+span that a killed publisher may not have exported. sagaline's attempt span is a
+child of the root and the current span while the step runs, so spans made in the
+step nest under it. The Celery spans describe the message, sagaline's the attempt:
+one each, none orphaned.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -39,16 +42,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore
+from celery.signals import before_task_publish
 
 from ..engine import CRASH_REASONS
 from ..exceptions import ConfigurationError
+from ..records import HEADER
 from ..states import SAGA_TERMINAL, Phase, SagaStatus
 
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import trace
     from opentelemetry.sdk.trace import Tracer as SdkTracer
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.id_generator import IdGenerator
 except ImportError as exc:  # pragma: no cover - exercised by the wheel install test
     raise ConfigurationError(
@@ -165,6 +169,10 @@ class Tracing:
         self._ids = _PresetIds(tracer.id_generator)
         tracer.id_generator = self._ids
         self.tracer = tracer
+        # After the Celery instrumentation's receiver (it connects in worker_process_init,
+        # this runs at the first task or saga of the process): the last word is ours.
+        before_task_publish.connect(_root_as_traceparent, weak=False,
+                                    dispatch_uid="sagaline.root_as_traceparent")
         # Sagas the current attempt ended (their root spans wait for its span to end).
         self._ended_in_attempt: ContextVar[list[SagaRecord] | None] = ContextVar(
             "sagaline_sagas_ended_in_attempt", default=None)
@@ -341,6 +349,14 @@ class Tracing:
             flush(int(timeout * 1000))
 
 
+def _root_as_traceparent(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """A step message's `traceparent` is its saga's root span, whoever wrote it before."""
+    meta = headers.get(HEADER) if headers else None
+    if headers is not None and isinstance(meta, dict) and isinstance(meta.get("trace"), str):
+        headers["traceparent"] = meta["trace"].partition(":")[0]
+        headers.pop("tracestate", None)
+
+
 _TERMINAL_EVENTS = frozenset({"saga_completed", "saga_compensated", "saga_failed"})
 
 
@@ -371,27 +387,3 @@ def _attempt_attributes(saga_id: str, name: str, step: str, phase: Phase,
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
-
-
-# -- the process's TracerProvider ------------------------------------------------------
-
-
-def install_provider(service_name: str | None = None) -> bool:
-    """Set an OTLP/HTTP TracerProvider, configured by the OTEL_* variables, unless the
-    application set one. Returns whether it did."""
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        return False  # the application's own: sagaline's spans go there
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    resource = Resource.create()
-    if service_name and not os.environ.get("OTEL_SERVICE_NAME") and \
-            "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
-        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-    # The sampler comes from OTEL_TRACES_SAMPLER, the exporter's endpoint, headers and
-    # timeout from OTEL_EXPORTER_OTLP_*, the batching from OTEL_BSP_*.
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    return isinstance(trace.get_tracer_provider(), TracerProvider)

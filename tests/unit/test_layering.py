@@ -171,11 +171,12 @@ def test_surfaces_reach_the_core_only_through_ops() -> None:
 def test_only_the_tracing_module_imports_opentelemetry() -> None:
     # The `otel` extra is optional: the rest of the package must import without it
     # (the runtime imports observability.tracing inside a function, when tracing is on).
+    otel_modules = {"observability.tracing", "observability.provider"}
     importers = {_short(m) for m in GRAPH if _third_party(m, ("opentelemetry",))}
-    assert importers == {"observability.tracing"}
-    eager = {_short(m) for m in GRAPH
-             if "sagaline.observability.tracing" in _module_level_imports(m)}
-    assert not eager, f"{sorted(eager)} import the tracing module at module level"
+    assert importers == otel_modules
+    eager = {_short(m) for m in GRAPH if _short(m) not in otel_modules and
+             {f"sagaline.{o}" for o in otel_modules} & _module_level_imports(m)}
+    assert not eager, f"{sorted(eager)} import OpenTelemetry's modules at module level"
 
 
 def _module_level_imports(module: str) -> set[str]:
