@@ -61,6 +61,7 @@ class Runtime:
         self._delayed: DelayedPublisher | None = None
         self._tracing: Tracing | None = None
         self._tracing_failed = False
+        self._tracing_lock = (os.getpid(), threading.Lock())
 
     # -- store, per process --------------------------------------------------------
 
@@ -88,7 +89,11 @@ class Runtime:
         if self.settings.tracing == "off" or self._tracing_failed:
             return None
         if self._tracing is None:
-            with self._lock:
+            if self._tracing_lock[0] != os.getpid():
+                # Set up (slow: imports, an exporter) under a lock of its own, never the
+                # store's; and a lock a forked process inherited may be held for good.
+                self._tracing_lock = (os.getpid(), threading.Lock())
+            with self._tracing_lock[1]:
                 if self._tracing is None and not self._tracing_failed:
                     try:
                         # Imported only here: without the `otel` extra the core never
