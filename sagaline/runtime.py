@@ -261,7 +261,7 @@ class Runtime:
         if d.trace_context is not None:
             meta["trace"] = d.trace_context
             # The saga's root span as W3C `traceparent`, for a consumer's instrumentation
-            # (a publisher's own instrumentation replaces it with its publish span).
+            # (set again after a publisher's instrumentation wrote there: tracing.py).
             headers["traceparent"] = d.trace_context.partition(":")[0]
         options: dict[str, Any] = {
             "headers": headers,
