@@ -151,7 +151,9 @@ class _PresetIds(IdGenerator):
         return preset[0] if preset else self.inner.generate_trace_id()
 
     def is_trace_id_random(self) -> bool:
-        return self.inner.is_trace_id_random()
+        # Asked by SDKs since 1.39; absent from the generators of older ones.
+        random_ids = getattr(self.inner, "is_trace_id_random", None)
+        return bool(random_ids()) if random_ids is not None else False
 
 
 class Tracing:
