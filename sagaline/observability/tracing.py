@@ -159,8 +159,8 @@ class _PresetIds(IdGenerator):
 class Tracing:
     """sagaline's spans, made through the process's TracerProvider."""
 
-    def __init__(self) -> None:
-        tracer = trace.get_tracer(INSTRUMENTATION)
+    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
+        tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=provider)
         if not isinstance(tracer, SdkTracer):
             raise ConfigurationError(
                 "sagaline's tracing needs the OpenTelemetry SDK's TracerProvider (it fixes "
