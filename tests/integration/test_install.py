@@ -32,6 +32,7 @@ import pytest
 
 from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
 from tests.integration.test_demo import assert_demo_output, kill_left_worker
+from tests.integration.test_tracing import serve_otlp
 from tests.stores import create_mariadb_database, drop_mariadb_database
 from tests.unit.test_compose import IMAGE_SOURCES
 
@@ -440,6 +441,35 @@ def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("sagaline.exceptions.ConfigurationError: the redis:// broker needs ")
     assert error.endswith(", which is not installed: pip install 'sagaline[redis]'")
+
+
+def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "")
+    env = user_env(box.home, box.app_dir, SAGALINE_TRACING="otlp", INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("sagaline.exceptions.ConfigurationError: tracing needs "
+                            "OpenTelemetry ("), error
+    assert error.endswith("pip install 'sagaline[otel]'"), error
+
+
+def test_otel_extra_alone_exports_a_saga_trace_over_otlp_http(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "otel")
+    with serve_otlp() as receiver:
+        outcome = serve_one_saga(box, tmp_path, SAGALINE_TRACING="otlp",
+                                 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.url,
+                                 OTEL_BSP_SCHEDULE_DELAY="100")
+        assert_completed_from_the_venv(outcome, box)
+        # The worker exported on its way out (serve_one_saga stops it).
+        receiver.wait_for(lambda: {"saga installcheck", "step reserve", "step confirm"}
+                          <= {s.name for s in receiver.spans}, timeout=30)
+    assert len({s.trace_id for s in receiver.spans}) == 1
+    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
 
 
 def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
