@@ -8,6 +8,8 @@ from typing import Any
 def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str]]:
     out = []
     for d in lines:
+        if "peer" in d:  # DBOS, celery-saga: bench/peers.py prints them beside ours
+            continue
         f, s, t = d["figure"], d["store"], d.get("target", "")
         if f in ("L1", "L2"):
             out.append((f, s, f"{d['sagaline_median_ms']:.1f} / {d['sagaline_p95_ms']:.1f} ms",
