@@ -182,6 +182,7 @@ class DbosPeer(Peer):
         # still drops it; pushed before the executors, so it is dropped after they stop.
         self.res.push(f"database {name}", lambda: drop_database(url))
         shared_postgres_url(name)
+        self.log(f"[dbos] system database {name}")
         # One after the other: the first creates DBOS's schema, the second finds it.
         for n in range(1, self.EXECUTORS + 1):
             executor = f"bench-dbos-{n}"
