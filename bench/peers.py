@@ -118,6 +118,10 @@ class Peer:
         """Of `ids`: those completed, and those that ended otherwise (id -> status)."""
         raise NotImplementedError
 
+    def batch_notes(self, ids: Sequence[str]) -> dict[str, Any]:
+        """What to report about a finished batch besides its time."""
+        return {}
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -217,6 +221,15 @@ class DbosPeer(Peer):
                 elif st.status not in ("ENQUEUED", "PENDING", "DELAYED"):
                     failed[st.workflow_id] = st.status
         return done, failed
+
+    def batch_notes(self, ids: Sequence[str]) -> dict[str, Any]:
+        """How the batch was split between the executors: they share one queue."""
+        split: dict[str, int] = {}
+        for i in range(0, len(ids), READ_BATCH):
+            for st in self.client.list_workflows(workflow_ids=list(ids[i:i + READ_BATCH]),
+                                                 load_input=False, load_output=False):
+                split[str(st.executor_id)] = split.get(str(st.executor_id), 0) + 1
+        return {"workflows_per_executor": dict(sorted(split.items()))}
 
     def stop(self) -> None:
         for w in self.executors:
@@ -332,17 +345,18 @@ def peer_l1(peer: Peer, side: ChainSide, sizes: Sizes) -> dict[str, Any]:
     }
 
 
-def peer_throughput(peer: Peer, n: int) -> dict[str, float]:
+def peer_throughput(peer: Peer, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     ids = [peer.submit() for _ in range(n)]
     submitted = time.perf_counter() - t0
     wait_peer(peer, ids, timeout=BATCH_WAIT, what=f"[{peer.key}] T1")
-    return {"seconds": time.perf_counter() - t0, "submit_seconds": submitted}
+    return {"seconds": time.perf_counter() - t0, "submit_seconds": submitted,
+            "notes": peer.batch_notes(ids)}
 
 
 def peer_t1(peer: Peer, side: ChainSide, sizes: Sizes) -> dict[str, Any]:
     n = sizes.t1_sagas
-    peer_runs: list[dict[str, float]] = []
+    peer_runs: list[dict[str, Any]] = []
     chain_runs: list[dict[str, float]] = []
     alternate(sizes.t1_rounds, lambda: peer_runs.append(peer_throughput(peer, n)),
               lambda: chain_runs.append(throughput_chains(side, n)))
@@ -357,6 +371,7 @@ def peer_t1(peer: Peer, side: ChainSide, sizes: Sizes) -> dict[str, Any]:
         "peer_submit_seconds": round(statistics.median(
             r["submit_seconds"] for r in peer_runs), 3),
         "settings": peer.settings(),
+        **peer_runs[-1]["notes"],
     }
 
 

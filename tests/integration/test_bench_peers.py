@@ -80,6 +80,10 @@ def test_peers_run_beside_sagaline_and_the_report_gives_each_a_ratio() -> None:
     assert lines[("dbos", "L1")]["store"] == "postgres"
     assert lines[("celery-saga", "L1")]["store"] == "redis"
     assert lines[("dbos", "T1")]["settings"]["executors"] == 2
+    # Every workflow of the batch ran on one of the two executors that share the queue.
+    split = lines[("dbos", "T1")]["workflows_per_executor"]
+    assert set(split) <= {"bench-dbos-1", "bench-dbos-2"}
+    assert sum(split.values()) == lines[("dbos", "T1")]["sagas"]
     for (peer, figure), line in lines.items():
         keys = (["peer_median_ms", "peer_p95_ms", "baseline_median_ms", "ratio_median"]
                 if figure == "L1" else
