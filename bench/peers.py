@@ -167,6 +167,7 @@ class DbosPeer(Peer):
         self.polling_interval = polling_interval
         self.executors: list[DbosExecutor] = []
         self.client: Any = None
+        self.url = ""
 
     def system(self) -> str:
         return f"DBOS {version('dbos')}"
@@ -181,7 +182,7 @@ class DbosPeer(Peer):
         from bench.peer_dbos import APP_NAME
 
         name = f"sagaline_bench_dbos_{uuid.uuid4().hex[:10]}"
-        url = f"postgresql://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/{name}"
+        self.url = url = f"postgresql://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/{name}"
         # Pushed before it exists (DROP DATABASE IF EXISTS): a signal during the CREATE
         # still drops it; pushed before the executors, so it is dropped after they stop.
         self.res.push(f"database {name}", lambda: drop_database(url))
@@ -201,8 +202,8 @@ class DbosPeer(Peer):
             w.start()
             self.executors.append(w)
             self.log(f"[dbos] executor {executor} ready (pid {w.pid})")
+        self.res.push("DBOS client", self.close_client)
         self.client = DBOSClient(system_database_url=url, application_name=APP_NAME)
-        self.res.push("DBOS client", self.client.destroy)
 
     def submit(self) -> str:
         from bench.peer_dbos import QUEUE, WORKFLOW
@@ -231,9 +232,18 @@ class DbosPeer(Peer):
                 split[str(st.executor_id)] = split.get(str(st.executor_id), 0) + 1
         return {"workflows_per_executor": dict(sorted(split.items()))}
 
+    def close_client(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.destroy()
+
     def stop(self) -> None:
+        """Everything of DBOS's, at once: the cleanup at the end finds nothing left to do."""
+        self.close_client()
         for w in self.executors:
             w.stop(timeout=self.res.stop_timeout)
+        if self.url:
+            drop_database(self.url)
 
 
 # -- celery-saga --------------------------------------------------------------------------------
