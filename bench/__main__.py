@@ -192,6 +192,10 @@ def run(args: argparse.Namespace, res: Resources) -> int:
         require_peers()
         if not set(figures) & set(PEER_FIGURES):
             raise SystemExit(f"--peers measures {PEER_FIGURES}: include one in --only")
+    if args.dbos_polling_interval is not None and not (
+            args.peers and args.dbos_polling_interval > 0):
+        raise SystemExit(f"--dbos-polling-interval {args.dbos_polling_interval:g}: a number of "
+                         f"seconds above 0, with --peers")
     if args.t1_sagas is not None and args.t1_sagas < 1:
         raise SystemExit(f"--t1-sagas must be at least 1, not {args.t1_sagas}")
     stores = [s.strip() for s in (args.stores or ("sqlite" if args.quick else

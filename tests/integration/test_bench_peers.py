@@ -120,6 +120,24 @@ def test_peers_missing_exit_naming_the_package_and_the_extra(
     assert "redis-server ready" not in proc.stderr  # refused before anything started
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(["--peers", "--only", "L2"],
+                 "--peers measures ('L1', 'T1'): include one in --only", marks=needs_peers),
+    (["--peers", "--dbos-polling-interval", "0"], "--dbos-polling-interval 0: a number of "
+                                                  "seconds above 0, with --peers"),
+    (["--dbos-polling-interval", "0.1"], "--dbos-polling-interval 0.1: a number of seconds "
+                                         "above 0, with --peers"),
+    (["--t1-sagas", "0"], "--t1-sagas must be at least 1, not 0"),
+])
+def test_bad_peer_options_are_refused_before_anything_starts(args: list[str],
+                                                             message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "redis-server ready" not in proc.stderr
+
+
 def peer_processes(bench: int, log: Path) -> dict[str, list[int]] | None:
     """The run's redis-server, plain worker (+ pool) and both DBOS executors, once all up."""
     text = log.read_text()
