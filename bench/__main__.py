@@ -93,8 +93,15 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# The signal that interrupted this run. Raised in whatever code the main thread was in,
+# Interrupted may come out as another exception: a library's cleanup that fails
+# because it was cut short (SQLAlchemy's pool ping, say) raises its own error instead.
+_received: list[int] = []
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     _on_signals(_already_stopping)  # at most one Interrupted, whatever follows
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -161,17 +168,22 @@ def start_worker(flavor: str, env: dict[str, str], tmp: Path, res: Resources,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0, 1 when a figure failed, 128 + signum when interrupted."""
+    _received.clear()
     _on_signals(_interrupt)
     res = Resources()
     try:
         return run(parse_args(argv), res)
-    except Interrupted as exc:
-        log(f"{exc}: stopping every process this run started")
+    except BaseException as exc:
+        if not _received:
+            if isinstance(exc, (BenchTimeout, BenchRunFailed, HarnessError)):
+                log(f"failed: {exc}")
+                return 1
+            raise
+        signum = _received[0]
+        masked = "" if isinstance(exc, Interrupted) else f" (it surfaced as {exc!r})"
+        log(f"{signal.Signals(signum).name}: stopping every process this run started{masked}")
         res.stop_timeout = HURRIED_STOP_TIMEOUT
-        return 128 + exc.signum
-    except (BenchTimeout, BenchRunFailed, HarnessError) as exc:
-        log(f"failed: {exc}")
-        return 1
+        return 128 + signum
     finally:
         try:
             _on_signals(_already_stopping)

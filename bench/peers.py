@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import Sizes, alternate, ms_stats, ratio, run_chain, throughput_chains
+from bench.report import print_rows
 from bench.waits import BenchRunFailed, BenchTimeout, TaskResults, poll_pauses
 from tests.harness import (
     SHARED_PG_HOST,
@@ -437,19 +438,5 @@ def comparison_rows(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def print_comparison(lines: Sequence[dict[str, Any]]) -> None:
     header = ("system", "state", "L1 (median) vs chain", "L1 ratio", "T1 vs chain", "T1 ratio")
-    data = comparison_rows(lines)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(r[i]) for r in [header, *data]) for i in range(len(header))]
-        for r in [header, *data]:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-        return
-    table = Table(title="sagaline and its peers, each against the plain Celery chain measured "
-                        "beside it (L1: lower is better; T1: higher is better)")
-    for h in header:
-        table.add_column(h, overflow="fold")
-    for r in data:
-        table.add_row(*r)
-    Console(width=200).print(table)
+    print_rows("sagaline and its peers, each against the plain Celery chain measured beside it "
+               "(L1: lower is better; T1: higher is better)", header, comparison_rows(lines))

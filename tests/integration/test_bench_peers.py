@@ -7,14 +7,11 @@ extra that installs it, and that a signal stops the peers' processes too.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +23,15 @@ from tests.harness import (
     SHARED_PG_HOST,
     SHARED_PG_PORT,
     SHARED_PG_USER,
-    HarnessError,
     pid_alive,
-    wait_until,
 )
-from tests.integration.test_bench_signals import STOP_BOUND, cmdline, descendants, parent
+from tests.integration.test_bench_signals import (
+    STOP_BOUND,
+    BenchRun,
+    cmdline,
+    descendants,
+    parent,
+)
 
 RUN_TIMEOUT = 300.0  # seconds for a whole `--quick --peers` run
 STARTUP_TIMEOUT = 180.0  # seconds until the DBOS executors are up (after sagaline's figures)
@@ -156,49 +157,14 @@ def peer_processes(bench: int, log: Path) -> dict[str, list[int]] | None:
 @needs_peers
 def test_sigterm_during_the_peers_stops_their_processes_and_drops_their_database(
         tmp_path: Path) -> None:
-    log = tmp_path / "bench.err"
-    with open(log, "wb") as err:
-        # A T1 batch long enough for the signal to find the DBOS executors at work.
-        bench = subprocess.Popen(
-            [sys.executable, "-m", "bench", "--quick", "--peers", "--only", "T1",
-             "--t1-sagas", "300"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
-            stdin=subprocess.DEVNULL)
-    seen: dict[str, list[int]] = {}
-    try:
-        def all_up() -> bool:
-            if bench.poll() is not None:
-                raise HarnessError(f"bench exited early ({bench.returncode}):\n"
-                                   f"{log.read_text()[-3000:]}")
-            found = peer_processes(bench.pid, log)
-            if found:
-                seen.update(found)
-            return bool(seen)
+    # A T1 batch long enough for the signal to find the DBOS executors at work.
+    args = ["--quick", "--peers", "--only", "T1", "--t1-sagas", "300"]
+    with BenchRun(args, tmp_path / "bench.err") as bench:
+        pids = bench.wait_up(lambda pid: peer_processes(pid, bench.log),
+                             timeout=STARTUP_TIMEOUT, what="the benchmark's DBOS executors")
+        code, elapsed = bench.interrupt(signal.SIGTERM, pids)
 
-        wait_until(all_up, timeout=STARTUP_TIMEOUT, interval=0.1,
-                   what="the benchmark's DBOS executors")
-        pids = [p for group in seen.values() for p in group]
-        bench.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        code = bench.wait(timeout=STOP_BOUND)
-        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=STOP_BOUND,
-                   interval=0.05, what=f"processes {pids} to exit")
-        elapsed = time.monotonic() - signalled
-
-        assert code == 128 + signal.SIGTERM, f"exit status {code}:\n{log.read_text()[-3000:]}"
+        assert code == 128 + signal.SIGTERM, f"exit status {code}:\n{bench.stderr()[-3000:]}"
         assert [p for p in pids if pid_alive(p)] == []
         assert elapsed < STOP_BOUND
-        assert not database_exists(dbos_database(log.read_text()))
-    finally:
-        left = {p for group in seen.values() for p in group}
-        if bench.poll() is None:
-            left |= descendants(bench.pid)
-            bench.terminate()
-            try:
-                bench.wait(timeout=STOP_BOUND + 10)
-            except subprocess.TimeoutExpired:
-                bench.kill()
-                bench.wait(timeout=10)
-        for p in left:
-            if pid_alive(p):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(p, signal.SIGKILL)
+        assert not database_exists(dbos_database(bench.stderr()))
