@@ -136,13 +136,15 @@ def dependency_key() -> str:
     else:
         extras = doc["project"].get("optional-dependencies", {})
         decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
-                   {name: extras[name] for name in sorted(extras_of("all", extras))}]
+                   {name: extras[name] for name in sorted(extras_of("all", extras)
+                                                          | extras_of("bench-peers", extras))}]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def wheel_cache() -> Path:
-    """Wheels of every dependency of `sagaline[all]` and of the build backend, filled once."""
+    """Wheels of every dependency of `sagaline[all,bench-peers]` and of the build backend,
+    filled once."""
     base = Path(os.environ.get("SAGALINE_TEST_WHEEL_CACHE")
                 or Path(tempfile.gettempdir()) / "sagaline-test-wheels")
     cache = base / dependency_key()
@@ -154,8 +156,8 @@ def wheel_cache() -> Path:
         # Not isolated: this is the one step that may use the machine's package index.
         doc = pyproject()
         backend = doc["build-system"]["requires"] if doc else ["hatchling"]
-        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all]", *backend,
-            isolated=False)
+        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all,bench-peers]",
+            *backend, isolated=False)
         # The cache holds dependencies only: sagaline itself is built fresh every session.
         for stale in filling.glob("sagaline-*.whl"):
             stale.unlink()
@@ -489,3 +491,24 @@ def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
     assert_demo_output(proc.stdout)
     assert list(box.run_dir.iterdir()) == []
     assert (box.home / ".sagaline" / "demo" / "state.db").is_file()
+
+
+def test_bench_peers_extra_alone_brings_what_the_peer_benchmark_imports(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "bench-peers")
+    env = user_env(box.home, box.app_dir)
+    python = str(box.venv / "bin" / "python")
+    # The peers, and the stores and broker the benchmark runs them beside.
+    imports = ("import dbos, celery_saga.backends.redis, psycopg, redis, kombu.transport.redis, "
+               "sagaline.stores.redis; print(sagaline.stores.redis.__file__)")
+    proc = subprocess.run([python, "-c", imports], cwd=box.run_dir, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert Path(proc.stdout.strip()).is_relative_to(box.venv)
+    # The benchmark is not in the wheel: a checkout runs it with the venv's interpreter.
+    del env["PYTHONPATH"]
+    proc = subprocess.run([python, "-c", "from bench.peers import require_peers; "
+                           "require_peers(); print('peers ok')"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "peers ok"
