@@ -32,6 +32,7 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+from .observability.health import health_command
 from .ops import Runtime, Store, first_line, redact
 from .records import SagaFilter
 from .states import SagaStatus
@@ -371,6 +372,9 @@ def sweep(
     for failed in report.failed:
         typer.echo(f"not repaired (see the log): saga {failed.saga_id}")
     typer.echo(f"sweep: {report.due} item(s) due, {report.acted} repaired")
+
+
+cli.command("health")(health_command)
 
 
 @db_cli.command("upgrade")

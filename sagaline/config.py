@@ -55,6 +55,13 @@ class Settings:
     # MariaDB's max_allowed_packet 16 MiB): the final context, the union of every
     # output, must fit there too.
     max_payload_bytes: int = DEFAULT_MAX_BYTES
+    # Serve Prometheus metrics on this port from every worker (0: off). Needs the
+    # `prometheus` extra.
+    metrics_port: int = 0
+    # The file a worker touches every heartbeat_interval seconds, which
+    # `sagaline health --liveness` reads (default: $SAGALINE_HOME/worker.heartbeat).
+    heartbeat_file: str = ""
+    heartbeat_interval: float = 10.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -72,6 +79,8 @@ class Settings:
         settings = cls(**values)
         if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
             raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
+        if settings.heartbeat_interval <= 0:
+            raise ConfigurationError("heartbeat_interval must be > 0")
         if settings.max_payload_bytes < 1024:
             raise ConfigurationError("max_payload_bytes must be at least 1024")
         return settings

@@ -171,6 +171,9 @@ class Dispatch:
     timeout: float | None = None
     # Set for a child-saga step: the runtime starts (or rolls back) that saga instead.
     child_saga: str | None = None
+    # When the step was first dispatched (after its backoff), for a message the sweeper
+    # publishes again; None: when it is published (the queue wait starts there).
+    ready_at: float | None = None
 
 
 # The header of a step's Celery message that carries its Dispatch identity (saga,

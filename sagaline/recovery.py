@@ -144,6 +144,11 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
         return None
     w.update_step(step, redispatches=times,
                   due_at=now + w.timing.redispatch_after * min(2 ** times, 32))
+    # The queue wait of the step counts from when its previous copy was published
+    # (the first time: its dispatch), read back from the due time that publish set.
+    previous = rec.due_at - w.timing.redispatch_after * (
+        min(2 ** rec.redispatches, 32) if rec.redispatches else 1)
+    w.dispatches[-1] = replace(w.dispatches[-1], ready_at=previous)
     return w.decision()
 
 

@@ -57,6 +57,8 @@ class Runtime:
         # sweeper thread then looks for lost claims at once.
         self.process_lost = threading.Event()
         self._delayed: DelayedPublisher | None = None
+        # Called with each store this runtime opens (metrics time its operations).
+        self.store_hooks: list[Callable[[Store], None]] = []
 
     # -- store, per process --------------------------------------------------------
 
@@ -69,6 +71,8 @@ class Runtime:
                     self._store = store_from_url(self.settings.store_url,
                                                  echo=self.settings.echo_sql,
                                                  auto_migrate=self.settings.auto_migrate)
+                    for hook in self.store_hooks:
+                        hook(self._store)
                 elif self._store_pid != pid:
                     # A forked pool child keeps the same store object (and its options)
                     # but must not share the parent's connections.
@@ -211,7 +215,8 @@ class Runtime:
         options: dict[str, Any] = {
             "headers": {HEADER: {"saga_id": d.saga_id, "saga": d.saga_name,
                                  "fingerprint": d.fingerprint, "step": d.step,
-                                 "phase": d.phase.value, "attempt": d.attempt}},
+                                 "phase": d.phase.value, "attempt": d.attempt,
+                                 "ready_at": d.ready_at or time.time()}},
             "serializer": "json",
             "ignore_result": True,
         }

@@ -15,7 +15,7 @@ from typing import Any
 from celery import bootsteps
 from celery.utils.nodenames import worker_direct
 
-from . import recovery
+from . import recovery, signals
 from .definition import Saga
 from .engine import Timing
 from .prefetched import requeue_prefetched_steps
@@ -119,6 +119,7 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
         if chosen is not None and decision is not None and decision.changed:
             runtime.after_commit(decision)
             report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
+    signals.sweeper_repaired.send(sender=runtime, counts=report.by_kind())
     return report
 
 
@@ -181,6 +182,7 @@ def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
         if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
                       cause, queue):
             acted += 1
+    signals.sweeper_repaired.send(sender=runtime, counts={"worker_lost": acted})
     return acted
 
 

@@ -1,0 +1,174 @@
+"""Liveness and readiness probes for workers (`sagaline health`), and the heartbeat file.
+
+Liveness asks only whether the worker process still runs: a thread of its main
+process touches a file every `heartbeat_interval` seconds, and the probe reads the
+file's age, calling neither the broker nor the store. A probe that pinged the broker
+(`celery inspect ping`) would restart every worker during a broker outage, which
+restarting cannot fix (celery#4079). Readiness asks whether the store and the broker
+answer, within a time limit, so that an orchestrator can hold traffic and rollouts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from celery import bootsteps
+
+from ..config import Settings, default_home
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..runtime import Runtime
+
+# Exit statuses of `sagaline health` (documented in the README).
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
+# Readiness gives each dependency this long to answer.
+READINESS_TIMEOUT = 2.0
+
+
+def heartbeat_path(settings: Settings | None = None) -> Path:
+    """The heartbeat file of a worker with these settings (default: from the environment)."""
+    configured = settings.heartbeat_file if settings is not None else \
+        os.environ.get("SAGALINE_HEARTBEAT_FILE", "")
+    return Path(configured) if configured else default_home() / "worker.heartbeat"
+
+
+class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Touches the heartbeat file from a thread of the worker's main process.
+
+    Started before the consumer connects (Celery starts its Consumer step last), so a
+    worker that waits for an unreachable broker at start is alive, not hung.
+    """
+
+    label = "sagaline heartbeat"
+
+    def __init__(self, worker: Any, **kwargs: Any):
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker: Any) -> None:
+        from ..runtime import current_runtime
+
+        settings = current_runtime(worker.app).settings
+        path = heartbeat_path(settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat,
+                                        args=(path, settings.heartbeat_interval),
+                                        name="sagaline-heartbeat-file", daemon=True)
+        self._thread.start()
+
+    def _beat(self, path: Path, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with contextlib.suppress(OSError):  # a full disk is the liveness probe's news
+                path.touch()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        # A stopped worker is not alive: a stale file must not vouch for its next start.
+        with contextlib.suppress(Exception):
+            from ..runtime import current_runtime
+
+            heartbeat_path(current_runtime(worker.app).settings).unlink(missing_ok=True)
+
+
+def check_liveness(path: Path, max_age: float, now: float | None = None) -> tuple[bool, str]:
+    """Whether the heartbeat file was touched within `max_age` seconds."""
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return False, f"no heartbeat file at {path} (is the worker running?)"
+    except OSError as exc:
+        return False, f"cannot read the heartbeat file {path}: {exc}"
+    age = (time.time() if now is None else now) - mtime
+    if age > max_age:
+        return False, f"heartbeat {age:.0f}s old (limit {max_age:.0f}s): {path}"
+    return True, f"alive: heartbeat {max(age, 0.0):.1f}s old"
+
+
+def check_readiness(runtime: Runtime, timeout: float = READINESS_TIMEOUT) -> tuple[bool, str]:
+    """Whether the store and the broker both answer within `timeout` seconds."""
+    checks = {"store": lambda: _store_answers(runtime),
+              "broker": lambda: _broker_answers(runtime.app, timeout)}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(fn) for name, fn in checks.items()}
+    deadline = time.monotonic() + timeout
+    problems = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            problems.append(f"{name} did not answer within {timeout:g}s")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problems.append(f"{name}: {first}")
+    # A check stuck in a driver is left behind (daemon threads): the probe answers now.
+    pool.shutdown(wait=False, cancel_futures=True)
+    if problems:
+        return False, "not ready: " + "; ".join(problems)
+    return True, "ready: store and broker answer"
+
+
+def _store_answers(runtime: Runtime) -> None:
+    from ..ops import open_store
+
+    store = open_store(runtime.settings.store_url, read_only=True, give_up_after=0.0)
+    try:
+        store.count_by_status("sagaline-readiness-probe")  # one indexed read
+    finally:
+        store.close()
+
+
+def _broker_answers(app: Celery, timeout: float) -> None:
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+        # kombu connects lazily on some transports: a round trip proves it answers.
+        conn.default_channel  # noqa: B018
+
+
+def health_command(
+    liveness: bool = typer.Option(False, "--liveness",
+                                  help="Is the worker process alive (heartbeat file age)?"),
+    readiness: bool = typer.Option(False, "--readiness",
+                                   help="Do the store and the broker answer?"),
+    app: str | None = typer.Option(None, "-A", "--app", help=(
+        "Module of your Celery app: its settings (heartbeat file, store, broker). "
+        "Liveness without it reads SAGALINE_HEARTBEAT_FILE / SAGALINE_HOME.")),
+    max_age: float = typer.Option(60.0, min=1.0, help="Liveness: the oldest heartbeat "
+                                                      "that passes, in seconds."),
+    timeout: float = typer.Option(READINESS_TIMEOUT, min=0.1,
+                                  help="Readiness: seconds each dependency has to answer."),
+) -> None:
+    """Probe a worker for Kubernetes: exit 0 when healthy, 1 when not, 2 on bad usage.
+
+    --liveness calls neither the broker nor the store, so an outage of either never
+    restarts workers; --readiness fails while either does not answer.
+    """
+    from ..cli import _errors, app_runtime
+
+    if liveness == readiness:
+        typer.echo("error: give exactly one of --liveness and --readiness", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    if readiness and not app:
+        typer.echo("error: --readiness needs -A/--app (the store and broker to check)",
+                   err=True)
+        raise typer.Exit(EXIT_USAGE)
+    with _errors():
+        if liveness:
+            settings = app_runtime(app).settings if app else None
+            ok, message = check_liveness(heartbeat_path(settings), max_age)
+        else:
+            assert app is not None
+            ok, message = check_readiness(app_runtime(app), timeout)
+    typer.echo(message, err=not ok)
+    raise typer.Exit(EXIT_HEALTHY if ok else EXIT_UNHEALTHY)
