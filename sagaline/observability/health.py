@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import typer
 from celery import bootsteps
 
 from ..config import Settings, default_home
@@ -136,39 +135,13 @@ def _broker_answers(app: Celery, timeout: float) -> None:
         conn.default_channel  # noqa: B018
 
 
-def health_command(
-    liveness: bool = typer.Option(False, "--liveness",
-                                  help="Is the worker process alive (heartbeat file age)?"),
-    readiness: bool = typer.Option(False, "--readiness",
-                                   help="Do the store and the broker answer?"),
-    app: str | None = typer.Option(None, "-A", "--app", help=(
-        "Module of your Celery app: its settings (heartbeat file, store, broker). "
-        "Liveness without it reads SAGALINE_HEARTBEAT_FILE / SAGALINE_HOME.")),
-    max_age: float = typer.Option(60.0, min=1.0, help="Liveness: the oldest heartbeat "
-                                                      "that passes, in seconds."),
-    timeout: float = typer.Option(READINESS_TIMEOUT, min=0.1,
-                                  help="Readiness: seconds each dependency has to answer."),
-) -> None:
-    """Probe a worker for Kubernetes: exit 0 when healthy, 1 when not, 2 on bad usage.
 
-    --liveness calls neither the broker nor the store, so an outage of either never
-    restarts workers; --readiness fails while either does not answer.
-    """
-    from ..cli import _errors, app_runtime
-
-    if liveness == readiness:
-        typer.echo("error: give exactly one of --liveness and --readiness", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    if readiness and not app:
-        typer.echo("error: --readiness needs -A/--app (the store and broker to check)",
-                   err=True)
-        raise typer.Exit(EXIT_USAGE)
-    with _errors():
-        if liveness:
-            settings = app_runtime(app).settings if app else None
-            ok, message = check_liveness(heartbeat_path(settings), max_age)
-        else:
-            assert app is not None
-            ok, message = check_readiness(app_runtime(app), timeout)
-    typer.echo(message, err=not ok)
-    raise typer.Exit(EXIT_HEALTHY if ok else EXIT_UNHEALTHY)
+def probe(runtime: Runtime | None, readiness: bool, max_age: float,
+          timeout: float = READINESS_TIMEOUT) -> tuple[bool, str]:
+    """`sagaline health`: readiness of `runtime`'s store and broker, or the liveness of
+    its worker (no runtime: the heartbeat file the environment names)."""
+    if readiness:
+        if runtime is None:
+            raise ValueError("readiness needs the app's runtime")
+        return check_readiness(runtime, timeout)
+    return check_liveness(heartbeat_path(runtime.settings if runtime else None), max_age)

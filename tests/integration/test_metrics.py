@@ -9,7 +9,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -170,20 +169,4 @@ def test_counters_do_not_go_down_when_a_pool_process_is_killed(cluster: Cluster)
         SAGAS + 20
     assert total(later[0], "sagaline_sagas_finished_total", saga=NAME) >= \
         total(before, "sagaline_sagas_finished_total", saga=NAME)
-
-
-def test_metrics_port_without_prometheus_client_names_the_extra(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.modules['prometheus_client'] = None\n"
-            "from celery import Celery; import sagaline\n"
-            "try:\n"
-            "    sagaline.init_app(Celery('x'), store='memory://', metrics_port=9999)\n"
-            "except sagaline.ConfigurationError as exc:\n"
-            "    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path, env={**os.environ,
-                                                        "SAGALINE_HOME": str(tmp_path)})
-    assert "pip install 'sagaline[prometheus]'" in out.stdout, out.stderr
 
