@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from ..runtime import Runtime
+
+log = logging.getLogger("sagaline")
 
 # Exit statuses of `sagaline health` (documented in the README).
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
@@ -59,8 +62,14 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
         settings = current_runtime(worker.app).settings
         path = heartbeat_path(settings)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        except OSError as exc:
+            # A worker that cannot write its heartbeat still serves sagas; only a
+            # liveness probe, if one is configured, will say so.
+            log.warning("cannot write the heartbeat file %s (%s): `sagaline health "
+                        "--liveness` will fail; set SAGALINE_HEARTBEAT_FILE", path, exc)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat,
                                         args=(path, settings.heartbeat_interval),
