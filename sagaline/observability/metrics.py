@@ -309,7 +309,8 @@ class WorkerMetrics:
         MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
         registry.register(StoreGauges(lambda: self.runtime.store))
         registry.register(_DeadProcessSweep(self.directory))
-        instrument_store(self.runtime.store)
+        # The store is not opened here: /metrics is served even while it is down (the
+        # runtime's store hook times its operations once it is opened).
         try:
             self.server = pc.start_http_server(self.port, addr=self.addr, registry=registry)
         except OSError as exc:
