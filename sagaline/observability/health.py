@@ -10,7 +10,6 @@ answer, within a time limit, so that an orchestrator can hold traffic and rollou
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -108,20 +107,31 @@ def check_readiness(runtime: Runtime, timeout: float = READINESS_TIMEOUT) -> tup
     """Whether the store and the broker both answer within `timeout` seconds."""
     checks = {"store": lambda: _store_answers(runtime),
               "broker": lambda: _broker_answers(runtime.app, timeout)}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(fn) for name, fn in checks.items()}
-    deadline = time.monotonic() + timeout
-    problems = []
-    for name, future in futures.items():
+    outcomes: dict[str, BaseException | None] = {}
+
+    def run(name: str) -> None:
         try:
-            future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            problems.append(f"{name} did not answer within {timeout:g}s")
+            checks[name]()
+            outcomes[name] = None
         except Exception as exc:
+            outcomes[name] = exc
+
+    # Daemon threads, not an executor: a check stuck in a driver (a server that drops
+    # packets) is left behind, and neither the answer nor the process exit waits for it.
+    threads = [threading.Thread(target=run, args=(name,), daemon=True,
+                                name=f"sagaline-readiness-{name}") for name in checks]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    problems = []
+    for name in checks:
+        if name not in outcomes:
+            problems.append(f"{name} did not answer within {timeout:g}s")
+        elif (exc := outcomes[name]) is not None:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             problems.append(f"{name}: {first}")
-    # A check stuck in a driver is left behind (daemon threads): the probe answers now.
-    pool.shutdown(wait=False, cancel_futures=True)
     if problems:
         return False, "not ready: " + "; ".join(problems)
     return True, "ready: store and broker answer"

@@ -112,3 +112,24 @@ def test_health_needs_exactly_one_probe() -> None:
     assert health().returncode == 2
     no_app = health("--readiness")
     assert no_app.returncode == 2 and "-A" in no_app.stderr
+
+
+def test_readiness_answers_in_time_when_the_store_never_replies() -> None:
+    import socket
+
+    # A server that takes connections and never replies: a store behind a dead link.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        runtime = sagaline.init_app(Celery("probe-silent", broker="memory://"),
+                                    store=f"redis://127.0.0.1:{port}/0", sweeper=False)
+        began = time.monotonic()
+        ok, message = check_readiness(runtime, timeout=1.0)
+        took = time.monotonic() - began
+    finally:
+        silent.close()
+    assert not ok and "store did not answer within 1s" in message, message
+    assert "broker" not in message
+    assert took < 3.0, f"readiness took {took:.1f}s"
