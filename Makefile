@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: venv services test unit integration lint typecheck format demo bench clean distclean
+.PHONY: venv services promtool deploy-check test unit integration lint typecheck format demo bench clean distclean
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 services:
 	@bash scripts/ensure-services.sh
 
+promtool:
+	@bash scripts/ensure-promtool.sh
+
+# deploy/: alert rules through promtool (checked and unit-tested), Kubernetes manifests
+# against the Kubernetes schemas, offline (tests/unit/test_deploy.py).
+deploy-check: venv promtool
+	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit/test_deploy.py $(PYTEST_ARGS)
+
 lint: venv
 	$(BIN)/ruff check sagaline tests examples bench
 
@@ -60,10 +68,10 @@ integration: venv services
 
 # Each step runs only if the previous one succeeded; any failure fails the target.
 # One pytest run: unit tests are collected (and run) before integration tests.
-test: venv services
+test: venv services promtool
 	$(BIN)/ruff check sagaline tests examples bench
 	$(BIN)/mypy
-	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/sagaline demo

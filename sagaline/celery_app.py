@@ -43,6 +43,7 @@ from .config import Settings, default_broker_options, default_broker_url, ready_
 from .context import StepLogFilter
 from .definition import check_definitions
 from .delivery import DecodeErrorStep
+from .observability.health import HeartbeatStep
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
 from .sweeper import SweeperStep, hand_back_dead_processes
@@ -84,6 +85,12 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.steps["worker"].add(SweeperStep)
     if DecodeErrorStep not in app.steps["consumer"]:
         app.steps["consumer"].add(DecodeErrorStep)
+    if HeartbeatStep not in app.steps["worker"]:
+        app.steps["worker"].add(HeartbeatStep)
+    if conf.metrics_port:
+        from .observability import metrics
+
+        metrics.install(runtime, conf.metrics_port)
     worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")
     if conf.log_format == "json":
         # Celery sends these once it set up the worker's handlers (root, then task logger).

@@ -32,6 +32,7 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+from .observability import health as probes
 from .ops import Runtime, Store, first_line, redact
 from .records import SagaFilter
 from .states import SagaStatus
@@ -377,6 +378,23 @@ def sweep(
     for failed in report.failed:
         typer.echo(f"not repaired (see the log): saga {failed.saga_id}")
     typer.echo(f"sweep: {report.due} item(s) due, {report.acted} repaired")
+
+
+@cli.command()
+def health(
+    liveness: bool = typer.Option(False, "--liveness", help="Heartbeat file age only."),
+    readiness: bool = typer.Option(False, "--readiness", help="Store and broker answer."),
+    app: str | None = typer.Option(None, "-A", "--app", help="Your Celery app's module."),
+    max_age: float = typer.Option(60.0, min=1.0, help="Liveness: oldest heartbeat, in s."),
+    timeout: float = typer.Option(probes.READINESS_TIMEOUT, min=0.1, help="Readiness: s."),
+) -> None:
+    """Probe a worker: exit 0 healthy, 1 unhealthy, 2 bad usage (see the README)."""
+    if liveness == readiness or (readiness and not app):
+        _fail("give --liveness, or --readiness with -A/--app", probes.EXIT_USAGE)
+    with _errors():
+        ok, message = probes.probe(app_runtime(app) if app else None, readiness, max_age, timeout)
+    typer.echo(message, err=not ok)
+    raise typer.Exit(probes.EXIT_HEALTHY if ok else probes.EXIT_UNHEALTHY)
 
 
 @db_cli.command("upgrade")

@@ -67,6 +67,13 @@ class Settings:
     # "json": the worker logs one JSON object per line, with the saga, step and trace
     # of the record (observability/logs.py); "plain": Celery's format.
     log_format: str = "plain"
+    # Serve Prometheus metrics on this port from every worker (0: off). Needs the
+    # `prometheus` extra.
+    metrics_port: int = 0
+    # The file a worker touches every heartbeat_interval seconds, which
+    # `sagaline health --liveness` reads (default: $SAGALINE_HOME/worker.heartbeat).
+    heartbeat_file: str = ""
+    heartbeat_interval: float = 10.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -86,6 +93,8 @@ class Settings:
         settings = cls(**values)
         if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
             raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
+        if settings.heartbeat_interval <= 0:
+            raise ConfigurationError("heartbeat_interval must be > 0")
         if settings.max_payload_bytes < 1024:
             raise ConfigurationError("max_payload_bytes must be at least 1024")
         if settings.tracing not in TRACING_CHOICES:

@@ -46,8 +46,10 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
         log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
                  "message); not running it", saga_id, step, phase, attempt)
         raise Ignore()
+    ready_at = meta.get("ready_at")
+    wait = now - ready_at if isinstance(ready_at, (int, float)) else None
     signals.step_started.send(sender=runtime, saga_id=saga_id, name=defn.name, step=step,
-                              phase=phase, attempt=attempt)
+                              phase=phase, attempt=attempt, queue_wait=wait)
     heartbeat = runtime.heartbeat()
     token = heartbeat.add(saga_id, step, phase, attempt)
     ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))

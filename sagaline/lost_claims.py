@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
-from . import recovery
+from . import recovery, signals
 from .records import Decision, Owner, SagaState
 from .runtime import Runtime
 from .states import Phase
@@ -57,6 +57,7 @@ def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
         if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
                       cause, queue):
             acted += 1
+    signals.sweeper_repaired.send(sender=runtime, counts={"worker_lost": acted})
     return acted
 
 

@@ -179,6 +179,9 @@ class Dispatch:
     child_saga: str | None = None
     # The saga's trace_context, sent in the message header so the worker needs no read.
     trace_context: str | None = None
+    # When the step was first dispatched (after its backoff), for a message the sweeper
+    # publishes again; None: when it is published (the queue wait starts there).
+    ready_at: float | None = None
 
 
 # The header of a step's Celery message that carries its Dispatch identity (saga,

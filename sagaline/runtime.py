@@ -62,6 +62,8 @@ class Runtime:
         self._tracing: Tracing | None = None
         self._tracing_failed = False
         self._tracing_lock = (os.getpid(), threading.Lock())
+        # Called with each store this runtime opens (metrics time its operations).
+        self.store_hooks: list[Callable[[Store], None]] = []
 
     # -- store, per process --------------------------------------------------------
 
@@ -74,6 +76,8 @@ class Runtime:
                     self._store = store_from_url(self.settings.store_url,
                                                  echo=self.settings.echo_sql,
                                                  auto_migrate=self.settings.auto_migrate)
+                    for hook in self.store_hooks:
+                        hook(self._store)
                 elif self._store_pid != pid:
                     # A forked pool child keeps the same store object (and its options)
                     # but must not share the parent's connections.
@@ -257,7 +261,8 @@ class Runtime:
         # do not import the task).
         kwargs = filter_kwargs(task.run, d.kwargs) if task is not None else dict(d.kwargs)
         meta = {"saga_id": d.saga_id, "saga": d.saga_name, "fingerprint": d.fingerprint,
-                "step": d.step, "phase": d.phase.value, "attempt": d.attempt}
+                "step": d.step, "phase": d.phase.value, "attempt": d.attempt,
+                "ready_at": d.ready_at or time.time()}
         headers: dict[str, Any] = {HEADER: meta}
         if d.trace_context is not None:
             meta["trace"] = d.trace_context

@@ -17,7 +17,7 @@ from typing import Any
 from celery import bootsteps
 from celery.utils.nodenames import worker_direct
 
-from . import recovery
+from . import recovery, signals
 from .definition import Saga
 from .engine import Timing
 from .lost_claims import hand_back_dead_processes as hand_back_dead_processes
@@ -122,6 +122,7 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
         if chosen is not None and decision is not None and decision.changed:
             runtime.after_commit(decision)
             report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
+    signals.sweeper_repaired.send(sender=runtime, counts=report.by_kind())
     return report
 
 

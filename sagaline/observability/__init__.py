@@ -1,1 +1,1 @@
-"""Observability: traces, logs (and metrics, health probes) of sagas in production."""
+"""Observability: traces, JSON logs, Prometheus metrics and health probes of sagas."""

@@ -23,7 +23,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,8 +266,11 @@ def install(wheelhouse: Wheelhouse, tmp_path: Path, extras: str) -> Installed:
     return box
 
 
-def serve_one_saga(box: Installed, tmp_path: Path, **settings: str) -> dict[str, Any]:
-    """A worker from the venv, a client from the venv: one saga to its end."""
+def serve_one_saga(box: Installed, tmp_path: Path,
+                   while_running: Callable[[], None] | None = None,
+                   **settings: str) -> dict[str, Any]:
+    """A worker from the venv, a client from the venv: one saga to its end (then
+    `while_running`, before the worker stops)."""
     settings.setdefault("INSTALLCHECK_QUEUE", f"sagaline-install-{uuid.uuid4().hex[:12]}")
     env = user_env(box.home, box.app_dir, **settings)
     worker = VenvWorker(box.venv, "installcheck", env, cwd=box.run_dir,
@@ -283,6 +286,8 @@ def serve_one_saga(box: Installed, tmp_path: Path, **settings: str) -> dict[str,
                                       + "\n--- worker log ---\n" + worker.log_tail())
         outcome: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         outcome["seconds"] = time.monotonic() - started
+        if while_running is not None:
+            while_running()
     finally:
         worker.stop()
     assert not worker.group_pids()
@@ -429,6 +434,42 @@ def test_bare_install_serves_a_saga_on_the_embedded_defaults(
     assert (box.home / ".sagaline" / "broker").is_dir()
     assert list(box.run_dir.iterdir()) == []
     assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+
+
+def test_prometheus_extra_alone_serves_metrics_from_the_worker(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    import urllib.request
+
+    from sagaline.testing import free_port
+
+    box = install(wheelhouse, tmp_path, "prometheus")
+    port = free_port()
+    scraped: list[str] = []
+
+    def scrape() -> None:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            scraped.append(response.read().decode())
+
+    outcome = serve_one_saga(box, tmp_path, scrape, SAGALINE_METRICS_PORT=str(port))
+    assert_completed_from_the_venv(outcome, box)
+    (text,) = scraped
+    assert 'sagaline_sagas_finished_total{saga="installcheck",status="completed"} 1.0' in text
+    assert 'sagaline_sagas_in_progress{saga="installcheck",status="running"}' in text
+    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+
+
+def test_a_metrics_port_without_the_prometheus_extra_is_refused_naming_the_extra(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "")
+    env = user_env(box.home, box.app_dir, SAGALINE_METRICS_PORT="9540",
+                   INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "pip install 'sagaline[prometheus]'")
 
 
 def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(

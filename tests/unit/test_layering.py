@@ -22,7 +22,8 @@ The rules:
 - the surfaces (`cli`, `timeline`, `demo`) reach the core only through `ops`:
   besides `ops` they import only the data and errors it hands out (`records`,
   `states`, `exceptions`), the settings (`config`), `celery_app` (the CLI sets an
-  app up with `init_app`, as users do), `testing` (the worker launcher the demo
+  app up with `init_app`, as users do), `observability.health` (the probes that
+  `sagaline health` runs), `testing` (the worker launcher the demo
   starts its worker with, as the tests and the benchmark do) and each other. The
   demo's saga app
   (`demo.robots`) is written as a user would, against the public API (`sagaline`).
@@ -44,7 +45,7 @@ CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
 SURFACES = ("cli", "timeline", "demo")
 SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app",
-                      "testing"}
+                      "testing", "observability.health"}
 CELERY = ("celery", "kombu", "billiard")
 STORE_DRIVERS = ("sqlalchemy", "alembic", "redis", "psycopg", "pymysql")
 STEP_CELERY_TYPES = {"celery.app.task", "celery.local"}
