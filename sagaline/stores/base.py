@@ -259,7 +259,10 @@ def matches_filter(s: SagaRecord, flt: SagaFilter) -> bool:
             and (flt.name is None or s.name == flt.name)
             and (flt.created_after is None or s.created_at >= flt.created_after)
             and (flt.created_before is None or s.created_at < flt.created_before)
-            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id))
+            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id)
+            and (flt.idempotency_key is None or s.idempotency_key == flt.idempotency_key)
+            and (flt.failed_step is None or s.failed_step == flt.failed_step)
+            and (flt.before is None or (s.created_at, s.saga_id) < flt.before))
 
 
 def findable(saga_id: object) -> bool:
@@ -276,7 +279,8 @@ def findable(saga_id: object) -> bool:
 
 def filter_matches_nothing(flt: SagaFilter | None = None, name: str | None = None) -> bool:
     """A name or parent filter that no stored saga can match (see `findable`)."""
-    values = [name] if flt is None else [flt.name, flt.parent_saga_id]
+    values = [name] if flt is None else [flt.name, flt.parent_saga_id, flt.idempotency_key,
+                                         flt.failed_step, flt.before and flt.before[1]]
     return any(v is not None and not findable(v) for v in values)
 
 

@@ -310,6 +310,14 @@ class SQLStore(Store):
             q = q.where(sagas.c.created_at < flt.created_before)
         if flt.parent_saga_id is not None:
             q = q.where(sagas.c.parent_saga_id == flt.parent_saga_id)
+        if flt.idempotency_key is not None:
+            q = q.where(sagas.c.idempotency_key == flt.idempotency_key)
+        if flt.failed_step is not None:
+            q = q.where(sagas.c.failed_step == flt.failed_step)
+        if flt.before is not None:
+            at, sid = flt.before
+            q = q.where(sa.or_(sagas.c.created_at < at,
+                               sa.and_(sagas.c.created_at == at, sagas.c.saga_id < sid)))
         q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
         q = q.limit(flt.limit).offset(flt.offset)
 

@@ -40,7 +40,7 @@ PACKAGE_DIR = Path(sagaline.__file__).resolve().parent
 CORE = {"states", "records", "exceptions", "steps", "definition", "engine", "recovery"}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
-SURFACES = ("cli", "timeline", "demo")
+SURFACES = ("cli", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app",
                       "testing"}
 CELERY = ("celery", "kombu", "billiard")
