@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -60,7 +59,7 @@ _SAGA_LINKS = {
 }
 
 
-def api_app() -> FastAPI:
+def api_app(saga_names: list[str]) -> FastAPI:
     api = FastAPI(title="sagaline", version="1", openapi_url="/openapi.json",
                   docs_url="/docs", redoc_url=None, default_response_class=DocResponse,
                   description="Sagas on Celery: list, inspect, start, cancel and resume "
@@ -78,7 +77,7 @@ def api_app() -> FastAPI:
     # Before POST /sagas/{name}: a saga named "cancel" cannot be started over HTTP.
     api.add_api_route("/sagas/cancel", bulk_cancel, methods=["POST"],
                       response_model=schemas.BulkCancelResult, operation_id="bulk_cancel",
-                      responses=_problems(403))
+                      responses=_problems(400, 403))
     api.add_api_route("/sagas/{saga_id}", get_saga, methods=["GET"],
                       response_model=schemas.SagaDetail, operation_id="get_saga",
                       responses=_problems(404))
@@ -98,14 +97,30 @@ def api_app() -> FastAPI:
                                        "model": schemas.SagaSummary,
                                        "links": _SAGA_LINKS},
                                  201: {"description": "Started", "links": _SAGA_LINKS},
-                                 **_problems(403, 404, 409)})
+                                 **_problems(400, 403, 404, 409)})
     api.add_api_route("/sagas/{saga_id}/cancel", cancel_saga, methods=["POST"],
                       response_model=schemas.SagaSummary, operation_id="cancel_saga",
-                      responses=_problems(403, 404, 409))
+                      responses=_problems(400, 403, 404, 409))
     api.add_api_route("/sagas/{saga_id}/resume", resume_saga, methods=["POST"],
                       response_model=schemas.SagaSummary, operation_id="resume_saga",
                       responses=_problems(403, 404, 409))
+    _document_saga_names(api, saga_names)
     return api
+
+
+def _document_saga_names(api: FastAPI, names: list[str]) -> None:
+    """The schema names the sagas this server can start (those of its Celery app)."""
+    build = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            doc = build()
+            for param in doc["paths"]["/sagas/{name}"]["post"]["parameters"]:
+                if param["name"] == "name" and names:
+                    param["schema"]["enum"] = names
+        return api.openapi_schema or doc
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 # -- health -------------------------------------------------------------------------------
@@ -126,30 +141,37 @@ def readyz(request: Request) -> dict[str, str]:
 # -- reading ------------------------------------------------------------------------------
 
 
-def _timestamp(value: datetime | None, name: str) -> float | None:
+def _timestamp(value: str | None, name: str) -> float | None:
+    """An RFC 3339 time (a leap second reads as :59) as Unix time; 422 otherwise."""
     if value is None:
         return None
+    text = value.strip().upper().replace("Z", "+00:00").replace(":60", ":59")
     try:
-        return value.timestamp()
+        return datetime.fromisoformat(text).timestamp()
     except (OverflowError, OSError, ValueError):
-        raise Problem(422, "invalid request", f"{name}: {value} is out of range") from None
+        raise Problem(422, "invalid request", f"{name}: {value!r} is not an RFC 3339 "
+                      f"date-time") from None
+
+
+TimeParam = Annotated[str | None, Query(max_length=64, json_schema_extra={
+    "format": "date-time"})]
+SeqParam = Annotated[int, Query(ge=0, le=2**62)]
+
+
+# A page token is the (created_at, saga_id) of the last saga of the previous page; any
+# string of this form is a valid position, so the schema says exactly what is accepted.
+PAGE_TOKEN = r"^[0-9]{1,12}(\.[0-9]{1,9})?~[A-Za-z0-9_.:-]{1,200}$"
 
 
 def encode_token(created_at: float, saga_id: str) -> str:
-    raw = json.dumps([created_at, saga_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{created_at:.6f}~{saga_id}"
 
 
 def decode_token(token: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created_at, saga_id = json.loads(raw)
-        if isinstance(created_at, (int, float)) and not isinstance(created_at, bool) \
-                and isinstance(saga_id, str):
-            return float(created_at), saga_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        pass
-    raise Problem(400, "invalid page_token", "pass the next_page_token of a previous page")
+    if not re.match(PAGE_TOKEN, token):
+        raise Problem(400, "invalid page_token", "pass the next_page_token of a previous page")
+    created_at, _, saga_id = token.partition("~")
+    return float(created_at), saga_id
 
 
 def list_sagas(
@@ -157,13 +179,13 @@ def list_sagas(
     _who: Annotated[Principal, Depends(reader)],
     status: Annotated[list[SagaStatus] | None, Query(description="Repeatable")] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
-    since: Annotated[datetime | None, Query(description="Created at or after")] = None,
-    until: Annotated[datetime | None, Query(description="Created before")] = None,
+    since: TimeParam = None,
+    until: TimeParam = None,
     idempotency_key: Annotated[str | None, Query(max_length=500)] = None,
     failed_step: Annotated[str | None, Query(max_length=200)] = None,
     parent: Annotated[str | None, Query(max_length=200, description="Parent saga id")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    page_token: Annotated[str | None, Query(max_length=1000)] = None,
+    page_token: Annotated[str | None, Query(pattern=PAGE_TOKEN)] = None,
 ) -> Any:
     """Sagas matching every filter given, newest first, a page at a time (keyset)."""
     flt = SagaFilter(status=status, name=name, created_after=_timestamp(since, "since"),
@@ -193,7 +215,7 @@ def get_saga(request: Request, saga_id: SagaId,
 
 def get_events(request: Request, saga_id: SagaId,
                _who: Annotated[Principal, Depends(reader)],
-               after_seq: Annotated[int, Query(ge=0)] = 0,
+               after_seq: SeqParam = 0,
                limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS) -> Any:
     """The saga's history after `after_seq`, oldest first."""
     store = context(request).store
@@ -206,7 +228,7 @@ def get_events(request: Request, saga_id: SagaId,
 
 async def stream_events(request: Request, saga_id: SagaId,
                         _who: Annotated[Principal, Depends(reader)],
-                        after_seq: Annotated[int, Query(ge=0)] = 0,
+                        after_seq: SeqParam = 0,
                         last_event_id: Annotated[str | None,
                                                  Header(max_length=30)] = None) -> Any:
     """Every history event after `after_seq` (or Last-Event-ID), then each new one as it
@@ -250,7 +272,7 @@ def start_saga(request: Request,
                input: Annotated[dict[str, Any] | None, Body(
                    description="The saga's input: a JSON object")] = None,
                idempotency_key: Annotated[str | None, Header(
-                   alias="Idempotency-Key", max_length=500)] = None) -> Any:
+                   alias="Idempotency-Key", min_length=1, max_length=500)] = None) -> Any:
     """Start saga `name`: 201 when new; 200 when this Idempotency-Key started it already
     with the same input; 409 when it did with other input."""
     runtime = acting_runtime(request)

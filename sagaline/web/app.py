@@ -89,8 +89,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return problem_response(request, exc.status_code, str(exc.detail), None,
-                                getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Every method some route offers at this path, not just the first route's.
+            allowed = {m for route in request.app.router.routes
+                       if getattr(route, "path_regex", None) is not None
+                       and route.path_regex.match(request.scope["path"].removeprefix(
+                           request.scope.get("root_path", "")))
+                       for m in getattr(route, "methods", None) or ()}
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return problem_response(request, exc.status_code, str(exc.detail), None, headers)
 
     async def on_invalid(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

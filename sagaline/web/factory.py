@@ -22,7 +22,7 @@ def build_app(store: ops.Store | str | None, celery_app: Any, *, token: str | No
     if store is None:
         store = runtime.store if runtime is not None else ops.read_store()
     ctx = WebContext(store, runtime, Access.from_env(token, read_token))
-    api = api_app()
+    api = api_app(ops.saga_names() if runtime is not None else [])
     api.state.sagaline = ctx
     root = FastAPI(title="sagaline", openapi_url=None, docs_url=None, redoc_url=None)
     root.state.sagaline = ctx

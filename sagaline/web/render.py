@@ -119,7 +119,7 @@ def waits(view: ops.SagaView, shapes: dict[str, ops.StepShape], now: float) -> l
 
 # -- the DAG ------------------------------------------------------------------------------
 
-NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 150, 40, 50, 18, 10
+NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 40, 40, 18, 10
 
 
 def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictStr
 
 from ..states import CompensationStatus, SagaStatus, StepStatus
 
@@ -111,19 +111,19 @@ class StatusCounts(BaseModel):
 
 
 class CancelRequest(BaseModel):
-    reason: str = Field("cancelled by operator", max_length=2000)
+    reason: StrictStr = Field("cancelled by operator", max_length=2000)
 
 
 class BulkCancelRequest(BaseModel):
     status: list[SagaStatus] | None = None
-    name: str | None = None
-    since: float | None = Field(None, description="Created at or after (Unix time)")
-    until: float | None = Field(None, description="Created before (Unix time)")
-    idempotency_key: str | None = None
-    failed_step: str | None = None
-    parent: str | None = None
-    dry_run: bool = Field(False, description="Only count the sagas it would cancel")
-    reason: str = Field("cancelled by operator", max_length=2000)
+    name: StrictStr | None = None
+    since: float | None = Field(None, strict=True, description="Created at or after (Unix time)")
+    until: float | None = Field(None, strict=True, description="Created before (Unix time)")
+    idempotency_key: StrictStr | None = None
+    failed_step: StrictStr | None = None
+    parent: StrictStr | None = None
+    dry_run: StrictBool = Field(False, description="Only count the sagas it would cancel")
+    reason: StrictStr = Field("cancelled by operator", max_length=2000)
 
 
 class BulkCancelResult(BaseModel):
