@@ -41,6 +41,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 services:
 	@bash scripts/ensure-services.sh
+	@bash scripts/ensure-chromium.sh
 
 lint: venv
 	$(BIN)/ruff check sagaline tests examples bench
