@@ -316,8 +316,9 @@ class SQLStore(Store):
             q = q.where(sagas.c.failed_step == flt.failed_step)
         if flt.before is not None:
             at, sid = flt.before
-            q = q.where(sa.or_(sagas.c.created_at < at,
-                               sa.and_(sagas.c.created_at == at, sagas.c.saga_id < sid)))
+            # The first condition alone can use the created_at indexes; the second cuts ties.
+            q = q.where(sagas.c.created_at <= at,
+                        sa.or_(sagas.c.created_at < at, sagas.c.saga_id < sid))
         q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
         q = q.limit(flt.limit).offset(flt.offset)
 
