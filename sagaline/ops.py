@@ -93,8 +93,8 @@ def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
     """
     views = []
     for saga in store.list_sagas(flt):
-        state = store.read_state(saga.saga_id) if saga.status is SagaStatus.FAILED else None
-        views.append(SagaView(saga, [] if state is None else list(state.steps.values())))
+        steps = store.get_steps(saga.saga_id) if saga.status is SagaStatus.FAILED else []
+        views.append(SagaView(saga, steps))
     return views
 
 
