@@ -202,9 +202,8 @@ def list_sagas(
 
 def count_sagas(request: Request, _who: Annotated[Principal, Depends(reader)],
                 name: Annotated[str | None, Query(max_length=200)] = None) -> Any:
-    """How many sagas are in each status."""
-    counts = context(request).store.count_by_status(name)
-    return {"counts": {s.value: n for s, n in counts.items()}}
+    """How many sagas are in each status (computed at most every 10 s)."""
+    return {"counts": context(request).counts(name)}
 
 
 def get_saga(request: Request, saga_id: SagaId,

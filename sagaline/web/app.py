@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,12 @@ HERE = Path(__file__).parent
 DEEPEST_JSON = 200
 
 
+# Counts per status scan every saga of a status (a million rows: hundreds of ms): each
+# is computed at most once per this many seconds, and never while a request waits,
+# except the first time.
+COUNTS_MAX_AGE = 10.0
+
+
 @dataclass
 class WebContext:
     """What every route needs: where to read, how to act (None: read only), who may."""
@@ -36,6 +44,37 @@ class WebContext:
     store: ops.Store
     runtime: ops.Runtime | None
     access: Access
+    _counts: dict[str | None, tuple[float, dict[str, int]]] = field(default_factory=dict)
+    _refreshing: set[str | None] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def counts(self, name: str | None) -> dict[str, int]:
+        """Sagas per status (of one name), at most COUNTS_MAX_AGE seconds old: a stale
+        value is answered at once while one thread computes the next."""
+        with self._lock:
+            cached = self._counts.get(name)
+            stale = cached is None or time.monotonic() - cached[0] > COUNTS_MAX_AGE
+            refresh = stale and cached is not None and name not in self._refreshing
+            if refresh:
+                self._refreshing.add(name)
+        if cached is None:
+            return self._count(name)
+        if refresh:
+            threading.Thread(target=self._count, args=(name,), daemon=True,
+                             name="sagaline-web-counts").start()
+        return cached[1]
+
+    def _count(self, name: str | None) -> dict[str, int]:
+        try:
+            counts = {s.value: n for s, n in self.store.count_by_status(name).items()}
+            with self._lock:
+                if len(self._counts) > 1000:  # one entry per name asked for: bounded
+                    self._counts.clear()
+                self._counts[name] = (time.monotonic(), counts)
+            return counts
+        finally:
+            with self._lock:
+                self._refreshing.discard(name)
 
 
 def context(request: Request) -> WebContext:

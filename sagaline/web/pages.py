@@ -140,7 +140,7 @@ def saga_list(request: Request) -> Response:
             before=decode_token(form["page_token"]) if form["page_token"] else None)
         store = context(request).store
         views = ops.find_sagas(store, flt)
-        counts = {s.value: n for s, n in store.count_by_status(flt.name).items()}
+        counts = context(request).counts(flt.name)
         if len(views) == PAGE_SIZE:
             last = views[-1].saga
             keep = [(k, v) for k, v in q.multi_items() if k != "page_token"]

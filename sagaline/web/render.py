@@ -75,6 +75,10 @@ def why(view: ops.SagaView, shapes: dict[str, ops.StepShape], now: float) -> Why
         headline = {SagaStatus.COMPENSATED: "Rolled back: every applied step was compensated",
                     SagaStatus.FAILED: "Needs attention: a compensation kept failing",
                     SagaStatus.COMPENSATING: "Rolling back"}.get(saga.status, "Failing")
+        actors = [e.detail.get("actor") for e in view.history
+                  if e.kind == ops.AUDIT_EVENT and e.detail.get("action") == "cancel"]
+        if actors:
+            headline += f" (cancelled by {actors[-1]})"
         error = (rec.error if rec is not None and rec.error else None) or saga.error
         result = Why("failure", headline, step, attempt, error, comps,
                      ops.compensation_failures(view.steps))

@@ -133,6 +133,12 @@ def test_cancel_from_the_page_compensates_the_saga(stack: WebStack,
         assert any(a["action"] == "cancel" and a["actor"] == "operator" for a in audits)
     finally:
         store.close()
+    page.wait_for_function("() => document.querySelector('#saga-status').innerText"
+                           " === 'COMPENSATED'", timeout=10_000)
+    assert [li.get_attribute("data-step") for li in page.locator("#compensations li").all()
+            ] == ["explore_area", "plan_route", "allocate_robots"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "cancelled-saga-page.png"))
 
 
 def test_a_dismissed_confirmation_cancels_nothing(stack: WebStack,
