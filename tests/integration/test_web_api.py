@@ -148,7 +148,7 @@ def test_keyset_pages_cover_every_saga_once_while_new_ones_start(stack: WebStack
                 break
         assert before <= set(seen) and len(seen) == len(set(seen))
         bad = c.get("/api/v1/sagas", params={"page_token": "!!"})
-        assert bad.status_code == 400 and bad.headers["content-type"] == PROBLEM
+        assert bad.status_code == 422 and bad.headers["content-type"] == PROBLEM
         assert c.get("/api/v1/sagas", params={"limit": 501}).status_code == 422
         assert c.get("/api/v1/sagas", params={"status": "NOPE"}).status_code == 422
 
