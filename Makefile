@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: venv services test unit integration lint typecheck format demo bench clean distclean
+.PHONY: venv services test unit integration lint typecheck format demo bench bench-web clean distclean
 
 venv: $(STAMP)
 
@@ -71,6 +71,10 @@ demo: venv
 
 bench: venv services
 	$(BIN)/python -m bench
+
+# The dashboard's and the API's server time on a million sagas (PostgreSQL).
+bench-web: venv services
+	$(BIN)/python -m bench.web
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info .sagaline
