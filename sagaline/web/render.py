@@ -8,6 +8,9 @@ from typing import Any
 
 from .. import ops
 from ..states import SagaStatus
+from ..timeline import format_duration as duration
+
+__all__ = ["FAILED_KINDS", "Why", "ago", "dag", "duration", "timeline", "waits", "when", "why"]
 
 FAILED_KINDS = {"step_attempt_failed", "step_failed", "step_abandoned",
                 "compensation_attempt_failed", "compensation_failed", "saga_failed",
@@ -29,17 +32,6 @@ def ago(ts: float | None, now: float) -> str:
 
 def when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.2f} s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
 
 
 @dataclass
