@@ -91,11 +91,9 @@ def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
     Only a FAILED saga's steps are read: its summary names the compensations that
     failed; the others' summary is their record's alone.
     """
-    views = []
-    for saga in store.list_sagas(flt):
-        steps = store.get_steps(saga.saga_id) if saga.status is SagaStatus.FAILED else []
-        views.append(SagaView(saga, steps))
-    return views
+    sagas = store.list_sagas(flt)
+    steps = store.steps_of([s.saga_id for s in sagas if s.status is SagaStatus.FAILED])
+    return [SagaView(saga, steps.get(saga.saga_id, [])) for saga in sagas]
 
 
 _readers: dict[str, Store] = {}

@@ -184,6 +184,16 @@ class Store(ABC):
     @abstractmethod
     def _get_steps(self, saga_id: str) -> list[StepRecord]: ...
 
+    def steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        """The steps of several sagas (a list's FAILED ones), each in topological order;
+        a saga without steps, or unknown, has none in the result."""
+        found = [sid for sid in dict.fromkeys(saga_ids) if findable(sid)]
+        return {sid: rows for sid, rows in self._steps_of(found).items() if rows}
+
+    def _steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        """`steps_of` on findable ids; one read per saga unless a store does better."""
+        return {sid: self._get_steps(sid) for sid in saga_ids}
+
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
         """The saga's events in the order they were appended."""
         if not findable(saga_id):

@@ -286,6 +286,23 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
+    def _steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        if not saga_ids:
+            return {}
+        self._ensure_schema()
+
+        def read() -> dict[str, list[StepRecord]]:
+            found: dict[str, list[StepRecord]] = {}
+            with self._read() as conn:
+                rows = conn.execute(sa.select(steps).where(steps.c.saga_id.in_(saga_ids))
+                                    .order_by(steps.c.saga_id, steps.c.position))
+                for r in rows:
+                    rec = step_record(r)
+                    found.setdefault(rec.saga_id, []).append(rec)
+            return found
+
+        return self._retrying(read)
+
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
 

@@ -849,6 +849,18 @@ def test_keyset_pages_follow_the_cursor_and_ignore_sagas_inserted_meanwhile(
     assert [s.saga_id for s in running] == order[2:]
 
 
+def test_steps_of_reads_the_steps_of_several_sagas_in_order(store: Store) -> None:
+    first, second = started(store), started(store)
+    found = store.steps_of([second.saga.saga_id, "no-such-saga", first.saga.saga_id,
+                            "bad\x00id"])
+    assert set(found) == {first.saga.saga_id, second.saga.saga_id}
+    for state in (first, second):
+        rows = found[state.saga.saga_id]
+        assert [r.name for r in rows] == ["a", "b", "c"]
+        assert rows == store.get_steps(state.saga.saga_id)
+    assert store.steps_of([]) == {}
+
+
 def test_count_by_status_counts_every_status(store: Store) -> None:
     assert store.count_by_status() == dict.fromkeys(SagaStatus, 0)
     _catalog(store)
