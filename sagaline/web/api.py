@@ -160,11 +160,13 @@ SeqParam = Annotated[int, Query(ge=0, le=2**62)]
 
 # A page token is the (created_at, saga_id) of the last saga of the previous page; any
 # string of this form is a valid position, so the schema says exactly what is accepted.
-PAGE_TOKEN = r"^[0-9]{1,12}(\.[0-9]{1,9})?~[A-Za-z0-9_.:-]{1,200}$"
+PAGE_TOKEN = r"^[0-9]{1,12}(\.[0-9]{1,17})?~[A-Za-z0-9_.:-]{1,200}$"
 
 
 def encode_token(created_at: float, saga_id: str) -> str:
-    return f"{created_at:.6f}~{saga_id}"
+    # repr: every digit, so that the cursor sits exactly on the last saga (a rounded
+    # time would repeat it, or skip sagas created within the rounding).
+    return f"{created_at!r}~{saga_id}"
 
 
 def decode_token(token: str) -> tuple[float, str]:

@@ -91,3 +91,10 @@ def test_tokens_are_named_scoped_and_must_be_long_enough() -> None:
     assert not access.csrf_ok(auditor, access.csrf_token(alice))
     with pytest.raises(Exception, match="too short"):
         Access("short")
+
+
+def test_a_page_token_holds_the_exact_time_of_the_last_saga() -> None:
+    from sagaline.web.api import decode_token, encode_token
+
+    for created_at in (1764523000.1234567, 1764523000.0, 0.1 + 0.2, 1e9 + 1e-6):
+        assert decode_token(encode_token(created_at, "a-1")) == (created_at, "a-1")
