@@ -12,7 +12,7 @@ ENV PYTHONUNBUFFERED=1 \
 # directory never shadows the installed package.
 COPY pyproject.toml README.md /tmp/sagaline/
 COPY sagaline /tmp/sagaline/sagaline
-RUN pip install "/tmp/sagaline[postgres,redis,prometheus]" && rm -rf /tmp/sagaline
+RUN pip install "/tmp/sagaline[postgres,redis,prometheus,web]" && rm -rf /tmp/sagaline
 
 # Workers run the robot example, which ships inside the package (sagaline.demo.robots);
 # state and the demo's files go to SAGALINE_HOME.

@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: venv services promtool deploy-check test unit integration lint typecheck format demo bench clean distclean
+.PHONY: venv services promtool deploy-check test unit integration lint typecheck format demo bench bench-web clean distclean
 
 venv: $(STAMP)
 
@@ -41,6 +41,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 services:
 	@bash scripts/ensure-services.sh
+	@bash scripts/ensure-chromium.sh
 
 promtool:
 	@bash scripts/ensure-promtool.sh
@@ -78,6 +79,10 @@ demo: venv
 
 bench: venv services
 	$(BIN)/python -m bench
+
+# The dashboard's and the API's server time on a million sagas (PostgreSQL).
+bench-web: venv services
+	$(BIN)/python -m bench.web
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info .sagaline

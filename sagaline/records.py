@@ -217,5 +217,10 @@ class SagaFilter:
     created_after: float | None = None
     created_before: float | None = None
     parent_saga_id: str | None = None
+    idempotency_key: str | None = None
+    failed_step: str | None = None
+    # Keyset pagination: only sagas strictly after this (created_at, saga_id) in the
+    # newest-first order, so a page is stable while new sagas are inserted.
+    before: tuple[float, str] | None = None
     limit: int = 50
     offset: int = 0

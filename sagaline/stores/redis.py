@@ -275,6 +275,9 @@ class RedisStore(Store):
             return []
         lo = "-inf" if flt.created_after is None else _score(flt.created_after)
         hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
+        if flt.before is not None and (flt.created_before is None
+                                       or flt.before[0] < flt.created_before):
+            hi = _score(flt.before[0])  # inclusive: ties are cut by saga id in matches_filter
         sources = self._list_sources(flt)
         page = max(50, min(flt.offset + flt.limit, 500))
 

@@ -286,6 +286,23 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
+    def _steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        if not saga_ids:
+            return {}
+        self._ensure_schema()
+
+        def read() -> dict[str, list[StepRecord]]:
+            found: dict[str, list[StepRecord]] = {}
+            with self._read() as conn:
+                rows = conn.execute(sa.select(steps).where(steps.c.saga_id.in_(saga_ids))
+                                    .order_by(steps.c.saga_id, steps.c.position))
+                for r in rows:
+                    rec = step_record(r)
+                    found.setdefault(rec.saga_id, []).append(rec)
+            return found
+
+        return self._retrying(read)
+
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
 
@@ -310,6 +327,15 @@ class SQLStore(Store):
             q = q.where(sagas.c.created_at < flt.created_before)
         if flt.parent_saga_id is not None:
             q = q.where(sagas.c.parent_saga_id == flt.parent_saga_id)
+        if flt.idempotency_key is not None:
+            q = q.where(sagas.c.idempotency_key == flt.idempotency_key)
+        if flt.failed_step is not None:
+            q = q.where(sagas.c.failed_step == flt.failed_step)
+        if flt.before is not None:
+            at, sid = flt.before
+            # The first condition alone can use the created_at indexes; the second cuts ties.
+            q = q.where(sagas.c.created_at <= at,
+                        sa.or_(sagas.c.created_at < at, sagas.c.saga_id < sid))
         q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
         q = q.limit(flt.limit).offset(flt.offset)
 

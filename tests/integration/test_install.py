@@ -17,11 +17,14 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,7 +33,14 @@ from typing import Any
 
 import pytest
 
-from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
+from tests.harness import (
+    REPO_ROOT,
+    PrivateRedis,
+    WorkerProcess,
+    drop_database,
+    shared_postgres_url,
+    wait_until,
+)
 from tests.integration.test_demo import assert_demo_output, kill_left_worker
 from tests.integration.test_tracing import serve_otlp
 from tests.stores import create_mariadb_database, drop_mariadb_database
@@ -397,6 +407,43 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
     assert not (site_packages(box) / "psycopg").exists()
 
 
+def test_web_extra_serves_the_dashboard_and_the_api_from_its_own_files(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "web")
+    sagaline_cli(box, "db", "upgrade")
+    static = site_packages(box) / "sagaline" / "web" / "static"
+    assert sum(f.stat().st_size for f in static.iterdir()) <= 150_000
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(box.venv / "bin" / "sagaline"), "web", "--port", str(port)],
+                              cwd=box.run_dir, env=user_env(box.home, box.app_dir),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{base}/healthz"), timeout=60, interval=0.2,
+                   what="the installed sagaline web")
+        with urllib.request.urlopen(f"{base}/", timeout=10) as r:
+            assert "<h1>Sagas</h1>" in r.read().decode()
+        for path in ("/static/app.js", "/static/style.css", "/api/v1/openapi.json"):
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                assert r.status == 200, path
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        assert server.stderr is not None
+        server.stderr.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def mariadb_tables(url: str) -> str:
     import pymysql
 
@@ -433,7 +480,14 @@ def test_bare_install_serves_a_saga_on_the_embedded_defaults(
     assert (box.home / ".sagaline" / "state.db").is_file()
     assert (box.home / ".sagaline" / "broker").is_dir()
     assert list(box.run_dir.iterdir()) == []
-    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+    assert not [d for d in ("psycopg", "pymysql", "redis", "fastapi")
+                if (site_packages(box) / d).exists()]
+    # The CLI works without the web extra, and its `web` command names the extra.
+    proc = subprocess.run([str(box.venv / "bin" / "sagaline"), "web"], cwd=box.run_dir,
+                          env=user_env(box.home, box.app_dir), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1
+    assert "pip install 'sagaline[web]'" in proc.stderr
 
 
 def test_prometheus_extra_alone_serves_metrics_from_the_worker(

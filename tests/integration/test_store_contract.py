@@ -746,6 +746,62 @@ def test_list_sagas_pages_with_limit_and_offset(store: Store) -> None:
         ids[4], ids[1]]
 
 
+def test_list_sagas_filters_by_idempotency_key_and_failed_step(store: Store) -> None:
+    keyed = make_state(name="alpha", key="order-1", created_at=T0)
+    store.create_saga(keyed, [])
+    other = make_state(name="beta", key="order-1", created_at=T0 + 1)
+    store.create_saga(other, [])
+    failed = make_state(name="alpha", created_at=T0 + 2, status=SagaStatus.COMPENSATED)
+    failed.saga.failed_step = "b"
+    store.create_saga(failed, [])
+
+    def listed(**kwargs: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**kwargs))]
+
+    assert listed(idempotency_key="order-1") == [other.saga.saga_id, keyed.saga.saga_id]
+    assert listed(idempotency_key="order-1", name="alpha") == [keyed.saga.saga_id]
+    assert listed(idempotency_key="ORDER-1") == []
+    assert listed(failed_step="b") == [failed.saga.saga_id]
+    assert listed(failed_step="a") == []
+    assert listed(failed_step="b", status=[SagaStatus.RUNNING]) == []
+
+
+def test_keyset_pages_follow_the_cursor_and_ignore_sagas_inserted_meanwhile(
+        store: Store) -> None:
+    # Two sagas share a creation time: the cursor's saga id orders the tie.
+    times = [T0, T0 + 1, T0 + 1, T0 + 2, T0 + 3]
+    states = [make_state(created_at=t) for t in times]
+    for state in states:
+        store.create_saga(state, [])
+    order = [s.saga.saga_id for s in sorted(states, key=lambda s: (s.saga.created_at,
+                                                                  s.saga.saga_id),
+                                             reverse=True)]
+    first = store.list_sagas(SagaFilter(limit=2))
+    assert [s.saga_id for s in first] == order[:2]
+    store.create_saga(make_state(created_at=T0 + 10), [])  # newer: never on a later page
+    cursor = (first[-1].created_at, first[-1].saga_id)
+    second = store.list_sagas(SagaFilter(limit=2, before=cursor))
+    assert [s.saga_id for s in second] == order[2:4]
+    third = store.list_sagas(SagaFilter(limit=2, before=(second[-1].created_at,
+                                                         second[-1].saga_id)))
+    assert [s.saga_id for s in third] == order[4:]
+    running = store.list_sagas(SagaFilter(status=[SagaStatus.RUNNING], limit=10,
+                                          before=cursor))
+    assert [s.saga_id for s in running] == order[2:]
+
+
+def test_steps_of_reads_the_steps_of_several_sagas_in_order(store: Store) -> None:
+    first, second = started(store), started(store)
+    found = store.steps_of([second.saga.saga_id, "no-such-saga", first.saga.saga_id,
+                            "bad\x00id"])
+    assert set(found) == {first.saga.saga_id, second.saga.saga_id}
+    for state in (first, second):
+        rows = found[state.saga.saga_id]
+        assert [r.name for r in rows] == ["a", "b", "c"]
+        assert rows == store.get_steps(state.saga.saga_id)
+    assert store.steps_of([]) == {}
+
+
 def test_count_by_status_counts_every_status(store: Store) -> None:
     assert store.count_by_status() == dict.fromkeys(SagaStatus, 0)
     _catalog(store)

@@ -98,7 +98,8 @@ def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -
 
 
 def test_every_sagaline_variable_is_a_setting(compose: dict[str, Any]) -> None:
-    known = {f"SAGALINE_{f.name.upper()}" for f in fields(Settings)} | {"SAGALINE_HOME"}
+    known = {f"SAGALINE_{f.name.upper()}" for f in fields(Settings)} | {
+        "SAGALINE_HOME", "SAGALINE_WEB_TOKEN", "SAGALINE_WEB_READ_TOKEN"}
     used = {var for svc in compose["services"].values()
             for var in (svc.get("environment") or {}) if var.startswith("SAGALINE_")}
     assert used, "compose sets no sagaline variable"

@@ -43,7 +43,7 @@ CORE = {"states", "records", "exceptions", "steps", "definition", "work", "engin
         "compensation", "recovery"}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
-SURFACES = ("cli", "timeline", "demo")
+SURFACES = ("cli", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app",
                       "testing", "observability.health"}
 CELERY = ("celery", "kombu", "billiard")
