@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -69,9 +70,10 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import Phase, SagaStatus
+from ..states import SAGA_TERMINAL, Phase, SagaStatus
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
+from .finished import FinishWatch, RedisFinishedListener
 from .rows import from_row, to_row
 
 redis = require_extra("redis", "redis")
@@ -99,6 +101,7 @@ class RedisStore(Store):
         # A restarting or loading server (BusyLoading is a ConnectionError), a dropped
         # connection.
         self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._listener: RedisFinishedListener | None = None
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -106,11 +109,21 @@ class RedisStore(Store):
         return ":".join((self.prefix, *parts))
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self._client.close()
 
     def dispose_after_fork(self) -> None:
         """Forget connections inherited from a parent process without closing them."""
+        self._listener = None
         self._client.connection_pool.reset()
+
+    def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid():
+            listener = self._listener = RedisFinishedListener(self._client,
+                                                              self._key("finished"))
+        return listener.watch(saga_id)
 
     # -- writes ------------------------------------------------------------------
 
@@ -246,6 +259,9 @@ class RedisStore(Store):
                    "events": [_event_json(e) for e in d.events]}
         if hset:
             payload["txn"] = txn
+        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+            # Wakes the callers waiting in get() (finished.py) when the script runs.
+            payload["finished"] = [self._key("finished"), sid]
         return payload
 
     def _status_entries(self, saga: SagaRecord, score: str) -> list[list[str]]:

@@ -34,7 +34,9 @@ for _, c in ipairs(p.expect) do
   if redis.call('HGET', c[1], 'version') ~= c[2] then return 0 end
 end
 if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
-""" + APPLY + "return 1"
+""" + APPLY + """
+if p.finished then redis.call('PUBLISH', p.finished[1], p.finished[2]) end
+return 1"""
 
 # A compare-and-set on one step: claim (DISPATCHED -> RUNNING) or lease renewal
 # (RUNNING -> RUNNING). KEYS: step hash, due index, events, and for a claim by a

@@ -14,6 +14,7 @@ versions it read, so a claim that slips in between is never overwritten.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,12 +36,14 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import Phase, SagaStatus
+from ..states import SAGA_TERMINAL, Phase, SagaStatus
 from . import schema
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
+from .finished import FinishWatch, PgFinishedListener, pg_payload
 from .rows import to_row
 from .schema import events, sagas, steps
 from .sql_dialects import (
+    NOTIFY_FINISHED,
     PG_CLAIM,
     dialect_of,
     driver_url,
@@ -81,6 +84,9 @@ class SQLStore(Store):
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
+        # PostgreSQL announces ended sagas (NOTIFY); a listener per process hears them.
+        self._notifies = self.dialect == "postgresql"
+        self._listener: PgFinishedListener | None = None
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -150,11 +156,30 @@ class SQLStore(Store):
                     command.upgrade(cfg, "head")
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self.engine.dispose()
 
     def dispose_after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
+        self._listener = None
         self.engine.dispose(close=False)
+
+    def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        if not self._notifies:
+            return None  # SQLite and MySQL: the caller polls
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid():
+            listener = self._listener = PgFinishedListener(self._listen_connection)
+        return listener.watch(saga_id)
+
+    def _listen_connection(self) -> Any:
+        """A psycopg connection of the listener's own, made like the pool's, in autocommit."""
+        raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
+        raw.detach()  # never returned to the pool
+        conn.autocommit = True
+        return conn
 
     # -- writes ------------------------------------------------------------------
 
@@ -256,10 +281,14 @@ class SQLStore(Store):
                               {r.s_name: step_record(r, STEP_LABELS) for r in rows})
 
             def write(decision: Decision) -> bool:
-                if write_decision(conn, saga_id, decision):
-                    return True
-                conn.rollback()
-                return False
+                if not write_decision(conn, saga_id, decision):
+                    conn.rollback()
+                    return False
+                if self._notifies and decision.saga is not None and \
+                        decision.saga.status in SAGA_TERMINAL:
+                    # Delivered at commit: wakes the callers waiting in get() (finished.py).
+                    conn.execute(NOTIFY_FINISHED, {"k_payload": pg_payload(saga_id)})
+                return True
 
             yield Snapshot(state, write)
 

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from ..records import PHASE_COLUMNS
 from ..states import Phase
 from .base import require_extra
+from .finished import PG_CHANNEL
 
 
 def dialect_of(url: str) -> str:
@@ -120,3 +121,7 @@ def _pg_claim(phase: Phase) -> sa.TextClause:
 
 
 PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}
+
+
+# Sent in the transaction that makes a saga terminal (see finished.py).
+NOTIFY_FINISHED = sa.text(f"SELECT pg_notify('{PG_CHANNEL}', :k_payload)")
