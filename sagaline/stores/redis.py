@@ -278,10 +278,11 @@ class RedisStore(Store):
             args=[self._key("step", saga_id, "")])
         if not reply:
             return None
-        saga = _pairs(reply[0])
-        steps = [_step_record(_pairs(r)) for r in reply[1:] if r]
-        return (SagaState(_saga_record(saga), {s.name: s for s in steps}),
-                saga.get("txn", "0"))
+        saga, *step_rows = json.loads(reply)
+        # `txn` is no record field: from_row ignores it, as any unknown field.
+        steps = [from_row(StepRecord, r) for r in step_rows]
+        return (SagaState(from_row(SagaRecord, saga), {s.name: s for s in steps}),
+                str(saga.get("txn", 0)))
 
     def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self._key("saga", saga_id))
@@ -427,10 +428,6 @@ def _fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list
     if version is not None:
         row["version"] = version
     return [part for name, value in row.items() for part in (name, json.dumps(value))]
-
-
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _saga_record(h: dict[str, str]) -> SagaRecord:
