@@ -36,18 +36,17 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import SAGA_TERMINAL, Phase, SagaStatus
+from ..states import Phase, SagaStatus
 from . import schema
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
-from .finished import FinishWatch, PgFinishedListener, pg_payload
+from .finished import FinishWatch, PgFinishedListener
 from .rows import to_row
 from .schema import events, sagas, steps
 from .sql_dialects import (
-    NOTIFY_FINISHED,
-    PG_CLAIM,
     dialect_of,
     driver_url,
     engine_options_for,
+    hot_path,
     sqlite_path,
     sqlite_setup,
     transient,
@@ -81,12 +80,15 @@ class SQLStore(Store):
             sqlite_setup(self.engine)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
-        # PostgreSQL announces ended sagas (NOTIFY); a listener per process hears them.
+        # PostgreSQL runs its hot statements on psycopg (pg_hot.py) and announces ended
+        # sagas (NOTIFY), which a listener per process hears.
         self._notifies = self.dialect == "postgresql"
+        self._hot = hot_path(self.engine) if self._notifies else None
         self._listener: PgFinishedListener | None = None
+        if self._hot is not None:
+            self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -98,7 +100,8 @@ class SQLStore(Store):
                 self._retrying(self.migrate)
                 self._migrated = True
 
-    _retry_errors = (sa_exc.OperationalError, sa_exc.InterfaceError)
+    _retry_errors: tuple[type[BaseException], ...] = (sa_exc.OperationalError,
+                                                      sa_exc.InterfaceError)
 
     def _is_transient(self, exc: BaseException) -> bool:
         return transient(exc)
@@ -170,16 +173,9 @@ class SQLStore(Store):
             return None  # SQLite and MySQL: the caller polls
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            listener = self._listener = PgFinishedListener(self._listen_connection)
+            assert self._hot is not None
+            listener = self._listener = PgFinishedListener(self._hot.listen_connection)
         return listener.watch(saga_id)
-
-    def _listen_connection(self) -> Any:
-        """A psycopg connection of the listener's own, made like the pool's, in autocommit."""
-        raw = self.engine.raw_connection()
-        conn: Any = raw.driver_connection
-        raw.detach()  # never returned to the pool
-        conn.autocommit = True
-        return conn
 
     # -- writes ------------------------------------------------------------------
 
@@ -222,15 +218,9 @@ class SQLStore(Store):
                   "k_owner_node": None if owner is None else owner.node,
                   "k_owner_boot": None if owner is None else owner.boot,
                   "k_owner_pid": None if owner is None else owner.pid}
-        if self.dialect == "postgresql":
-            # One statement, one round trip: the compare-and-set feeds the event insert.
-            claim = PG_CLAIM[phase]
-
-            def attempt_claim() -> bool:
-                with self._autocommit.connect() as conn:
-                    return bool(conn.execute(claim, params).rowcount == 1)
-
-            return self._retrying(attempt_claim)
+        if self._hot is not None:
+            hot = self._hot  # one round trip, the claim's commit not waiting for its flush
+            return self._retrying(lambda: hot.claim(phase, params))
         stmt = CLAIM[phase]
         event = event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
                                  phase.value))
@@ -263,6 +253,15 @@ class SQLStore(Store):
     @contextmanager
     def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         self._ensure_schema()
+        if self._hot is not None:
+            hot = self._hot
+            with hot.locked(saga_id) as (pg, saga, step_rows):
+                if saga is None:
+                    yield None
+                    return
+                yield Snapshot(SagaState(saga, {s.name: s for s in step_rows}),
+                               lambda decision: hot.write(pg, saga_id, decision))
+            return
         with self._write() as conn:
             if self.dialect != "sqlite":
                 # Lock the saga row first, in its own statement: a statement that waited
@@ -281,14 +280,10 @@ class SQLStore(Store):
                               {r.s_name: step_record(r, STEP_LABELS) for r in rows})
 
             def write(decision: Decision) -> bool:
-                if not write_decision(conn, saga_id, decision):
-                    conn.rollback()
-                    return False
-                if self._notifies and decision.saga is not None and \
-                        decision.saga.status in SAGA_TERMINAL:
-                    # Delivered at commit: wakes the callers waiting in get() (finished.py).
-                    conn.execute(NOTIFY_FINISHED, {"k_payload": pg_payload(saga_id)})
-                return True
+                if write_decision(conn, saga_id, decision):
+                    return True
+                conn.rollback()
+                return False
 
             yield Snapshot(state, write)
 
@@ -296,6 +291,9 @@ class SQLStore(Store):
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
+        if self._hot is not None:
+            hot = self._hot
+            return self._retrying(lambda: hot.read_saga(saga_id))
 
         def read() -> SagaRecord | None:
             with self._read() as conn:

@@ -8,7 +8,7 @@ step in one statement (the compare-and-set feeds the event insert).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -18,7 +18,16 @@ from sqlalchemy.engine import Connection, Engine
 from ..records import PHASE_COLUMNS
 from ..states import Phase
 from .base import require_extra
-from .finished import PG_CHANNEL
+
+if TYPE_CHECKING:
+    from .pg_hot import PgHotPath
+
+
+def hot_path(engine: Engine) -> PgHotPath:
+    """PostgreSQL's hot statements on psycopg (imported only for PostgreSQL)."""
+    from .pg_hot import PgHotPath
+
+    return PgHotPath(engine)
 
 
 def dialect_of(url: str) -> str:
@@ -121,7 +130,3 @@ def _pg_claim(phase: Phase) -> sa.TextClause:
 
 
 PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}
-
-
-# Sent in the transaction that makes a saga terminal (see finished.py).
-NOTIFY_FINISHED = sa.text(f"SELECT pg_notify('{PG_CHANNEL}', :k_payload)")

@@ -1,0 +1,183 @@
+"""PostgreSQL's hot statements straight on psycopg 3: the claim, a decision's read and
+write, and the saga read of `get()`.
+
+SQLAlchemy keeps the schema, migrations, MySQL, SQLite and every other statement;
+these run on connections of the same pool, as prepared statements, in psycopg's
+pipeline mode, where statements are sent together and answered together:
+
+- a claim is one round trip: BEGIN, `SET LOCAL synchronous_commit = off`, the
+  compare-and-set that feeds its event, COMMIT. The claim does not wait for its
+  WAL flush: a claim lost in a database crash only lets the step's message be
+  claimed again (at-least-once, which the design already allows), and the
+  completion that follows commits synchronously, flushing the WAL that holds the
+  claim before anything depends on it;
+- a decision is three: the saga row locked and read together with its steps; the
+  writes (compare-and-sets) and events; then COMMIT, once every compare-and-set is
+  known to have matched. The steps are read in a statement of their own sent after
+  the lock, so that their snapshot is taken once the lock is held (see sql.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from psycopg.rows import dict_row
+from psycopg.types.json import Json
+from sqlalchemy.engine import Engine
+
+from ..records import Decision, Event, SagaRecord, StepRecord
+from ..states import SAGA_TERMINAL, Phase
+from .finished import PG_CHANNEL, pg_payload
+from .rows import from_row, to_row
+from .schema import events, sagas, steps
+from .sql_dialects import PG_CLAIM
+
+
+def _json_columns(table: sa.Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.c if isinstance(c.type, sa.JSON))
+
+
+SAGA_JSON = _json_columns(sagas)
+STEP_JSON = _json_columns(steps)
+EVENT_JSON = _json_columns(events)
+
+# The claim statements of sql_dialects.py, in psycopg's parameter style.
+CLAIM = {phase: re.sub(r":(k_\w+)", r"%(\1)s", stmt.text) for phase, stmt in PG_CLAIM.items()}
+SYNC_OFF = "SET LOCAL synchronous_commit = off"
+READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
+LOCK_SAGA = READ_SAGA + " FOR UPDATE"
+READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = %s ORDER BY position"
+UPDATE_SAGA = (f"UPDATE {sagas.name} SET "
+               + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
+               + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s")
+UPDATE_STEP = (f"UPDATE {steps.name} SET "
+               + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c
+                           if c.name not in ("saga_id", "name"))
+               + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s")
+_EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
+INSERT_EVENT = (f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
+                + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS) + ")")
+NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
+
+
+def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
+    # A JSON column keeps None as JSON null, as SQLAlchemy's JSON type writes it.
+    for name in json_columns:
+        row[name] = Json(row[name])
+    return row
+
+
+def saga_params(saga: SagaRecord, version: int) -> dict[str, Any]:
+    row = _params(to_row(saga), SAGA_JSON)
+    row.update(version=version + 1, k_version=version)
+    return row
+
+
+def step_params(step: StepRecord, version: int) -> dict[str, Any]:
+    row = _params(to_row(step), STEP_JSON)
+    row.update(version=version + 1, k_version=version)
+    return row
+
+
+def event_params(e: Event) -> dict[str, Any]:
+    row = to_row(e)
+    row["detail"] = e.detail or None  # an empty detail is stored as null
+    return _params({c: row[c] for c in _EVENT_COLUMNS}, EVENT_JSON)
+
+
+class PgHotPath:
+    """The hot statements on the SQLAlchemy engine's pooled psycopg connections."""
+
+    # What a store retries of the errors raised here (see sql_dialects.transient).
+    retry_errors = (psycopg.OperationalError, psycopg.InterfaceError)
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled psycopg connection; one that failed is dropped, not pooled again."""
+        raw = self.engine.raw_connection()
+        try:
+            conn: Any = raw.driver_connection
+            yield conn
+        except psycopg.Error as exc:
+            if conn.broken or isinstance(exc, (psycopg.OperationalError,
+                                               psycopg.InterfaceError)):
+                raw.invalidate(exc)
+            raise
+        finally:
+            raw.close()  # back to the pool, which rolls back an open transaction
+
+    def listen_connection(self) -> Any:
+        """A connection of the listener's own (finished.py), made like the pool's."""
+        raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
+        raw.detach()  # never returned to the pool
+        conn.autocommit = True
+        return conn
+
+    def claim(self, phase: Phase, params: dict[str, Any]) -> bool:
+        with self.connection() as conn:
+            with conn.pipeline():
+                conn.execute(SYNC_OFF)
+                cur = conn.execute(CLAIM[phase], params, prepare=True)
+                conn.commit()
+            return cur.rowcount == 1
+
+    def read_saga(self, saga_id: str) -> SagaRecord | None:
+        with self.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(READ_SAGA, (saga_id,), prepare=True).fetchone()
+            conn.rollback()
+        return None if row is None else from_row(SagaRecord, row)
+
+    @contextmanager
+    def locked(self, saga_id: str) -> Iterator[tuple[psycopg.Connection[Any], SagaRecord | None,
+                                                     list[StepRecord]]]:
+        """The saga locked (FOR UPDATE) and read with its steps, in one round trip;
+        the transaction stays open until the context exits (rolled back unless written)."""
+        with self.connection() as conn:
+            try:
+                with conn.pipeline():
+                    saga_cur = conn.cursor(row_factory=dict_row)
+                    saga_cur.execute(LOCK_SAGA, (saga_id,), prepare=True)
+                    steps_cur = conn.cursor(row_factory=dict_row)
+                    steps_cur.execute(READ_STEPS, (saga_id,), prepare=True)
+                row = saga_cur.fetchone()
+                saga = None if row is None else from_row(SagaRecord, row)
+                yield conn, saga, [from_row(StepRecord, r) for r in steps_cur.fetchall()]
+            finally:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.rollback()
+
+    @staticmethod
+    def write(conn: psycopg.Connection[Any], saga_id: str, d: Decision) -> bool:
+        """Write a decision (compare-and-set on every record it changes) and commit it;
+        False, rolled back, when one of them changed since it was read."""
+        with conn.pipeline():
+            checks = []
+            if d.saga is not None:
+                checks.append(conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version),
+                                           prepare=True))
+            for s in d.steps:
+                checks.append(conn.execute(UPDATE_STEP,
+                                           step_params(s, d.expected_version(s)),
+                                           prepare=True))
+            if d.events:
+                with conn.cursor() as cur:
+                    cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+        if any(c.rowcount != 1 for c in checks):
+            conn.rollback()
+            return False
+        with conn.pipeline():
+            if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+                # Delivered at commit: wakes the callers waiting in get() (finished.py).
+                conn.execute(NOTIFY, (pg_payload(saga_id),))
+            conn.commit()
+        return True
