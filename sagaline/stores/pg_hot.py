@@ -11,14 +11,15 @@ pipeline mode, where statements are sent together and answered together:
   claimed again (at-least-once, which the design already allows), and the
   completion that follows commits synchronously, flushing the WAL that holds the
   claim before anything depends on it;
-- a decision is three: the saga row locked and read together with its steps; the
-  writes (compare-and-sets) and events; then COMMIT, once every compare-and-set is
-  known to have matched. The steps are read in a statement of their own sent after
-  the lock, so that their snapshot is taken once the lock is held (see sql.py).
+- a decision is two: BEGIN, the saga row locked and read, its steps read (in a
+  statement of their own after the lock, so that their snapshot is taken once the
+  lock is held: see sql.py); then the compare-and-set writes, the events and
+  COMMIT, which a compare-and-set that lost turns into a rollback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy.engine import Engine
@@ -52,13 +54,21 @@ SYNC_OFF = "SET LOCAL synchronous_commit = off"
 READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
 LOCK_SAGA = READ_SAGA + " FOR UPDATE"
 READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = %s ORDER BY position"
-UPDATE_SAGA = (f"UPDATE {sagas.name} SET "
-               + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
-               + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s")
-UPDATE_STEP = (f"UPDATE {steps.name} SET "
-               + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c
-                           if c.name not in ("saga_id", "name"))
-               + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s")
+
+
+def _checked(update: str) -> str:
+    """The compare-and-set `update`, failing (division by zero) when it matches no row."""
+    return f"WITH changed AS ({update} RETURNING 1) SELECT 1 / count(*) FROM changed"
+
+
+UPDATE_SAGA = _checked(
+    f"UPDATE {sagas.name} SET "
+    + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
+    + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s")
+UPDATE_STEP = _checked(
+    f"UPDATE {steps.name} SET "
+    + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c if c.name not in ("saga_id", "name"))
+    + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s")
 _EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
 INSERT_EVENT = (f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
                 + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS) + ")")
@@ -101,18 +111,28 @@ class PgHotPath:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled psycopg connection; one that failed is dropped, not pooled again."""
+        """A pooled connection in autocommit mode while borrowed: BEGIN and COMMIT are
+        sent as statements, inside the pipeline, not in round trips of their own.
+        One that failed is dropped, not pooled again."""
         raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
         try:
-            conn: Any = raw.driver_connection
+            conn.autocommit = True
             yield conn
-        except psycopg.Error as exc:
-            if conn.broken or isinstance(exc, (psycopg.OperationalError,
-                                               psycopg.InterfaceError)):
-                raw.invalidate(exc)
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+            conn.autocommit = False
+        except BaseException as exc:
+            if conn.broken or isinstance(exc, self.retry_errors):
+                raw.invalidate(exc if isinstance(exc, Exception) else None)
+            else:
+                with contextlib.suppress(psycopg.Error):
+                    if conn.info.transaction_status != TransactionStatus.IDLE:
+                        conn.execute("ROLLBACK")
+                    conn.autocommit = False
             raise
         finally:
-            raw.close()  # back to the pool, which rolls back an open transaction
+            raw.close()  # back to the pool (dropped if invalidated)
 
     def listen_connection(self) -> Any:
         """A connection of the listener's own (finished.py), made like the pool's."""
@@ -125,16 +145,16 @@ class PgHotPath:
     def claim(self, phase: Phase, params: dict[str, Any]) -> bool:
         with self.connection() as conn:
             with conn.pipeline():
+                conn.execute("BEGIN")
                 conn.execute(SYNC_OFF)
                 cur = conn.execute(CLAIM[phase], params, prepare=True)
-                conn.commit()
+                conn.execute("COMMIT")
             return cur.rowcount == 1
 
     def read_saga(self, saga_id: str) -> SagaRecord | None:
         with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(READ_SAGA, (saga_id,), prepare=True).fetchone()
-            conn.rollback()
         return None if row is None else from_row(SagaRecord, row)
 
     @contextmanager
@@ -143,41 +163,39 @@ class PgHotPath:
         """The saga locked (FOR UPDATE) and read with its steps, in one round trip;
         the transaction stays open until the context exits (rolled back unless written)."""
         with self.connection() as conn:
-            try:
-                with conn.pipeline():
-                    saga_cur = conn.cursor(row_factory=dict_row)
-                    saga_cur.execute(LOCK_SAGA, (saga_id,), prepare=True)
-                    steps_cur = conn.cursor(row_factory=dict_row)
-                    steps_cur.execute(READ_STEPS, (saga_id,), prepare=True)
-                row = saga_cur.fetchone()
-                saga = None if row is None else from_row(SagaRecord, row)
-                yield conn, saga, [from_row(StepRecord, r) for r in steps_cur.fetchall()]
-            finally:
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    conn.rollback()
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                saga_cur = conn.cursor(row_factory=dict_row)
+                saga_cur.execute(LOCK_SAGA, (saga_id,), prepare=True)
+                steps_cur = conn.cursor(row_factory=dict_row)
+                steps_cur.execute(READ_STEPS, (saga_id,), prepare=True)
+            row = saga_cur.fetchone()
+            saga = None if row is None else from_row(SagaRecord, row)
+            yield conn, saga, [from_row(StepRecord, r) for r in steps_cur.fetchall()]
 
     @staticmethod
     def write(conn: psycopg.Connection[Any], saga_id: str, d: Decision) -> bool:
-        """Write a decision (compare-and-set on every record it changes) and commit it;
-        False, rolled back, when one of them changed since it was read."""
-        with conn.pipeline():
-            checks = []
-            if d.saga is not None:
-                checks.append(conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version),
-                                           prepare=True))
-            for s in d.steps:
-                checks.append(conn.execute(UPDATE_STEP,
-                                           step_params(s, d.expected_version(s)),
-                                           prepare=True))
-            if d.events:
-                with conn.cursor() as cur:
-                    cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
-        if any(c.rowcount != 1 for c in checks):
-            conn.rollback()
+        """Write a decision (compare-and-set on every record it changes) and commit it,
+        in one round trip; False, rolled back, when one of them changed since it was read.
+
+        A compare-and-set that matches no row divides by zero: the error aborts the
+        transaction, so that the COMMIT pipelined after it rolls everything back.
+        """
+        try:
+            with conn.pipeline():
+                if d.saga is not None:
+                    conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version),
+                                 prepare=True)
+                for s in d.steps:
+                    conn.execute(UPDATE_STEP, step_params(s, d.expected_version(s)),
+                                 prepare=True)
+                if d.events:
+                    with conn.cursor() as cur:
+                        cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+                if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+                    # Delivered at commit: wakes the callers waiting in get() (finished.py).
+                    conn.execute(NOTIFY, (pg_payload(saga_id),))
+                conn.execute("COMMIT")
+        except psycopg.errors.DivisionByZero:
             return False
-        with conn.pipeline():
-            if d.saga is not None and d.saga.status in SAGA_TERMINAL:
-                # Delivered at commit: wakes the callers waiting in get() (finished.py).
-                conn.execute(NOTIFY, (pg_payload(saga_id),))
-            conn.commit()
         return True
