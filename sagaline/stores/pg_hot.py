@@ -20,7 +20,6 @@ pipeline mode, where statements are sent together and answered together:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,12 +31,11 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy.engine import Engine
 
-from ..records import Decision, Event, SagaRecord, StepRecord
+from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, StepRecord
 from ..states import SAGA_TERMINAL, Phase
 from .finished import PG_CHANNEL, pg_payload
 from .rows import from_row, to_row
 from .schema import events, sagas, steps
-from .sql_dialects import PG_CLAIM
 
 
 def _json_columns(table: sa.Table) -> frozenset[str]:
@@ -48,8 +46,29 @@ SAGA_JSON = _json_columns(sagas)
 STEP_JSON = _json_columns(steps)
 EVENT_JSON = _json_columns(events)
 
-# The claim statements of sql_dialects.py, in psycopg's parameter style.
-CLAIM = {phase: re.sub(r":(k_\w+)", r"%(\1)s", stmt.text) for phase, stmt in PG_CLAIM.items()}
+# A claim in one statement: the compare-and-set feeds the insert of its event.
+_CLAIM = """
+WITH claimed AS (
+    UPDATE sagaline_steps SET {set_status}, lease_until = %(k_lease_until)s,
+           due_at = %(k_lease_until)s, owner_node = %(k_owner_node)s,
+           owner_boot = %(k_owner_boot)s, owner_pid = %(k_owner_pid)s, version = version + 1
+    WHERE saga_id = %(k_saga_id)s AND name = %(k_name)s AND {status_col} = '{dispatched}'
+          AND {attempt_col} = %(k_attempt)s
+    RETURNING saga_id)
+INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
+SELECT saga_id, %(k_now)s, %(k_kind)s, %(k_name)s, %(k_attempt)s, %(k_phase)s FROM claimed"""
+
+
+def _claim(phase: Phase) -> str:
+    cols = PHASE_COLUMNS[phase]
+    set_status = f"{cols.status} = '{cols.running.value}'"
+    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
+        set_status += ", started_at = %(k_now)s"
+    return _CLAIM.format(set_status=set_status, status_col=cols.status,
+                         dispatched=cols.dispatched.value, attempt_col=cols.attempt)
+
+
+CLAIM = {phase: _claim(phase) for phase in Phase}
 SYNC_OFF = "SET LOCAL synchronous_commit = off"
 READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
 LOCK_SAGA = READ_SAGA + " FOR UPDATE"
