@@ -52,6 +52,7 @@ acknowledged is lost), or use the SQL store on PostgreSQL.
 from __future__ import annotations
 
 import heapq
+import importlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -77,6 +78,10 @@ from .finished import FinishWatch, RedisFinishedListener
 from .rows import from_row, to_row
 
 redis = require_extra("redis", "redis")
+# redis-py resolves host names with socket.getaddrinfo, which imports the idna codec
+# on first use. Imported now, before a prefork pool forks: a child forked while a
+# thread of its parent held that import's module lock would wait on it forever.
+importlib.import_module("encodings.idna")
 
 
 class RedisStore(Store):
