@@ -1,9 +1,11 @@
-"""PostgreSQL's hot statements straight on psycopg 3: the claim, a decision's read and
-write, and the saga read of `get()`.
+"""PostgreSQL's hot statements straight on psycopg 3: a saga's insert, the claim, a
+decision's read and write, and the saga read of `get()`.
 
 SQLAlchemy keeps the schema, migrations, MySQL, SQLite and every other statement;
 these run on connections of the same pool, as prepared statements, in psycopg's
 pipeline mode, where statements are sent together and answered together:
+
+- a new saga is one round trip: BEGIN, the saga, its steps and events, COMMIT;
 
 - a claim is one round trip: BEGIN, `SET LOCAL synchronous_commit = off`, the
   compare-and-set that feeds its event, COMMIT. The claim does not wait for its
@@ -31,7 +33,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy.engine import Engine
 
-from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, StepRecord
+from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
 from ..states import SAGA_TERMINAL, Phase
 from .finished import PG_CHANNEL, pg_payload
 from .rows import from_row, to_row
@@ -94,6 +96,16 @@ INSERT_EVENT = (f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES
 NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
 
 
+def _insert(table: sa.Table) -> str:
+    names = [c.name for c in table.c]
+    return (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ("
+            + ", ".join(f"%({n})s" for n in names) + ")")
+
+
+INSERT_SAGA = _insert(sagas)
+INSERT_STEP = _insert(steps)
+
+
 def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
     # A JSON column keeps None as JSON null, as SQLAlchemy's JSON type writes it.
     for name in json_columns:
@@ -122,8 +134,10 @@ def event_params(e: Event) -> dict[str, Any]:
 class PgHotPath:
     """The hot statements on the SQLAlchemy engine's pooled psycopg connections."""
 
-    # What a store retries of the errors raised here (see sql_dialects.transient).
+    # What a store retries of the errors raised here (see sql_dialects.transient), and
+    # what a refused insert raises.
     retry_errors = (psycopg.OperationalError, psycopg.InterfaceError)
+    integrity_error = psycopg.IntegrityError
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -169,6 +183,18 @@ class PgHotPath:
                 cur = conn.execute(CLAIM[phase], params, prepare=True)
                 conn.execute("COMMIT")
             return cur.rowcount == 1
+
+    def insert_saga(self, state: SagaState, events_: list[Event]) -> None:
+        """The saga, its steps and events in one round trip (IntegrityError: refused)."""
+        with self.connection() as conn, conn.pipeline():
+            conn.execute("BEGIN")
+            conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON), prepare=True)
+            with conn.cursor() as cur:
+                cur.executemany(INSERT_STEP, [_params(to_row(s), STEP_JSON)
+                                              for s in state.steps.values()])
+                if events_:
+                    cur.executemany(INSERT_EVENT, [event_params(e) for e in events_])
+            conn.execute("COMMIT")
 
     def read_saga(self, saga_id: str) -> SagaRecord | None:
         with self.connection() as conn:

@@ -84,11 +84,12 @@ class SQLStore(Store):
         self._migrate_lock = threading.Lock()
         # PostgreSQL runs its hot statements on psycopg (pg_hot.py) and announces ended
         # sagas (NOTIFY), which a listener per process hears.
-        self._notifies = self.dialect == "postgresql"
-        self._hot = hot_path(self.engine) if self._notifies else None
+        self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
         self._listener: PgFinishedListener | None = None
+        self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
         if self._hot is not None:
             self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
+            self._integrity_errors += (self._hot.integrity_error,)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -117,8 +118,7 @@ class SQLStore(Store):
             yield conn
 
     def exists(self) -> bool:
-        """Whether the database holds sagaline's schema; creates nothing to find out
-        (connecting to a missing SQLite file would create it)."""
+        """Whether the database holds sagaline's schema (creating nothing to find out)."""
         if self.sqlite_path is not None and not self.sqlite_path.is_file():
             return False
 
@@ -169,11 +169,10 @@ class SQLStore(Store):
         self.engine.dispose(close=False)
 
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
-        if not self._notifies:
+        if self._hot is None:
             return None  # SQLite and MySQL: the caller polls
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            assert self._hot is not None
             listener = self._listener = PgFinishedListener(self._hot.listen_connection)
         return listener.watch(saga_id)
 
@@ -185,13 +184,16 @@ class SQLStore(Store):
 
         def attempt() -> tuple[SagaRecord, bool]:
             try:
-                with self._write() as conn:
-                    conn.execute(sagas.insert(), to_row(saga))
-                    conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
-                    if events_:  # an empty executemany would insert one row of defaults
-                        conn.execute(events.insert(), [event_row(e) for e in events_])
+                if self._hot is not None:
+                    self._hot.insert_saga(state, events_)
+                else:
+                    with self._write() as conn:
+                        conn.execute(sagas.insert(), to_row(saga))
+                        conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
+                        if events_:  # an empty executemany would insert a row of defaults
+                            conn.execute(events.insert(), [event_row(e) for e in events_])
                 return saga, True
-            except sa_exc.IntegrityError:
+            except self._integrity_errors:
                 if saga.idempotency_key is None:
                     raise
                 with self._read() as conn:
@@ -291,11 +293,9 @@ class SQLStore(Store):
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
-        if self._hot is not None:
-            hot = self._hot
-            return self._retrying(lambda: hot.read_saga(saga_id))
-
         def read() -> SagaRecord | None:
+            if self._hot is not None:
+                return self._hot.read_saga(saga_id)
             with self._read() as conn:
                 row = conn.execute(sa.select(sagas).where(sagas.c.saga_id == saga_id)).first()
                 return None if row is None else saga_record(row)

@@ -46,26 +46,39 @@ class WireCounter:
     PARSE = re.compile(r'Parse\t "([^"]*)" "(.*)" \d+', re.DOTALL)
     BIND = re.compile(r'Bind\t "[^"]*" "([^"]*)"')
 
-    def __init__(self, engine_: sa.Engine, path: Path):
-        self.path = path
-        self._file = path.open("w")
+    def __init__(self, engine_: sa.Engine, directory: Path):
+        self.directory = directory
+        # One trace per connection: prepared statements are named per connection.
+        self._files: list[Any] = []
+        self._statements: list[dict[str, str]] = []
         sa.event.listen(engine_, "connect", self._trace)
         engine_.dispose()  # connections made from now on are traced
-        self._statements: dict[str, str] = {}
 
     def _trace(self, dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.pgconn.trace(self._file.fileno())
+        f = (self.directory / f"libpq-{len(self._files)}.trace").open("w")
+        self._files.append(f)
+        self._statements.append({})
+        dbapi_conn.pgconn.trace(f.fileno())
         dbapi_conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
 
-    def mark(self) -> int:
-        self._file.flush()
-        return self.path.stat().st_size
+    def mark(self) -> list[int]:
+        for f in self._files:
+            f.flush()
+        return [Path(f.name).stat().st_size for f in self._files]
 
-    def counts(self, start: int, end: int) -> Counter[str]:
-        """Round trips and statements sent between two marks."""
-        with self.path.open("rb") as f:
-            f.seek(start)
-            text = f.read(end - start).decode(errors="replace")
+    def counts(self, start: list[int], end: list[int]) -> Counter[str]:
+        """Round trips and statements sent between two marks, on every connection."""
+        counts: Counter[str] = Counter()
+        for i, f in enumerate(self._files):
+            begin = start[i] if i < len(start) else 0
+            with Path(f.name).open("rb") as trace:
+                data = trace.read(end[i])
+            # Statements prepared before the first mark are named in what precedes it.
+            self._count(data[:begin].decode(errors="replace"), self._statements[i])
+            counts += self._count(data[begin:].decode(errors="replace"), self._statements[i])
+        return counts
+
+    def _count(self, text: str, statements: dict[str, str]) -> Counter[str]:
         counts: Counter[str] = Counter()
         current = ""
         for message in self.MESSAGE.split("\n" + text):
@@ -75,9 +88,9 @@ class WireCounter:
             if kind == "Sync":
                 counts["round trips"] += 1
             elif (m := self.PARSE.search(message)) is not None:
-                self._statements[m[1]] = current = m[2]
+                statements[m[1]] = current = m[2]
             elif (m := self.BIND.search(message)) is not None:
-                current = self._statements.get(m[1], current) if m[1] else current
+                current = statements.get(m[1], current) if m[1] else current
             elif kind == "Execute":
                 counts[_label(current)] += 1
         return counts
@@ -126,7 +139,7 @@ def test_each_step_costs_the_same_few_round_trips_whatever_the_saga_length(
     rt = Runtime(Celery("rt-client", broker="memory://"), Settings.from_env(
         store_url=store.url), store=store)
     rt.publish = lambda dispatches: None  # type: ignore[method-assign]
-    wire = WireCounter(store.engine, tmp_path / "libpq.trace")
+    wire = WireCounter(store.engine, tmp_path)
     results = {}
     for length in (4, 16):
         saga = Saga(f"round_trips_{length}")
