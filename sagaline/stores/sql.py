@@ -118,7 +118,7 @@ class SQLStore(Store):
             yield conn
 
     def exists(self) -> bool:
-        """Whether the database holds sagaline's schema (creating nothing to find out)."""
+        """Whether the database holds sagaline's schema (a missing SQLite file stays missing)."""
         if self.sqlite_path is not None and not self.sqlite_path.is_file():
             return False
 
