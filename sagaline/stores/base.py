@@ -29,6 +29,7 @@ from ..exceptions import ConcurrencyError, ConfigurationError, StoreError
 from ..payload import text_problem
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import Phase, SagaStatus
+from .finished import FinishWatch
 from .sanitize import storable_records
 
 Decide = Callable[[SagaState], "Decision | None"]
@@ -235,6 +236,11 @@ class Store(ABC):
     def append_event(self, event: Event) -> None:
         """Append one event that changes no state (an observation, such as a refused claim)."""
         self.transact(event.saga_id, lambda state: Decision(events=[event]))
+
+    def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        """A subscription to the saga's end (finished.py), to take before reading it;
+        None when this store sends no notification, and the caller polls."""
+        return None
 
     def exists(self) -> bool:
         """Whether this store was ever set up (read-only tools must not create one)."""

@@ -1175,3 +1175,66 @@ def test_operations_on_impossible_ids_are_not_found_or_type_errors(
         sagaline.cancel("\ud800", runtime=runtime)
     with pytest.raises(TypeError):
         sagaline.get_saga(123, runtime=runtime)  # type: ignore[arg-type]
+
+
+# -- waiting for the end of a saga ----------------------------------------------------
+
+# Stores that announce ended sagas; the others leave get() to poll.
+ANNOUNCES_ENDED_SAGAS = ("postgresql", "redis")
+
+
+def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sagaline.handle import SagaHandle
+
+    state = started(store)
+    sid = state.saga.saga_id
+    reads: list[SagaStatus] = []
+    read_saga = store.get_saga
+
+    def counted(saga_id: str) -> SagaRecord | None:
+        saga = read_saga(saga_id)
+        assert saga is not None
+        reads.append(saga.status)
+        return saga
+
+    monkeypatch.setattr(store, "get_saga", counted)
+
+    def finish_after_the_first_read() -> None:
+        for _ in range(3000):  # bounded: 30 s at most
+            if reads:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)  # the caller is waiting by now (or polling)
+        store.transact(sid, lambda st: Decision(
+            saga=replace(st.saga, status=SagaStatus.COMPLETED, output={"done": True}),
+            saga_version=st.saga.version))
+
+    finisher = threading.Thread(target=finish_after_the_first_read)
+    finisher.start()
+    try:
+        handle = SagaHandle(SimpleNamespace(store=store), sid, "contract")  # type: ignore[arg-type]
+        assert handle.get(timeout=30) == {"done": True}
+    finally:
+        finisher.join(30)
+    assert reads[0] is SagaStatus.RUNNING and reads[-1] is SagaStatus.COMPLETED
+    if store.url.split(":", 1)[0].split("+", 1)[0] in ANNOUNCES_ENDED_SAGAS:
+        assert len(reads) == 2, reads  # woken by the commit, not by a poll
+    else:
+        assert store.watch_finished(sid) is None
+        assert len(reads) > 2, reads
+
+
+def test_get_on_an_announcing_store_still_times_out(store: Store) -> None:
+    from types import SimpleNamespace
+
+    from sagaline.exceptions import SagaTimeout
+    from sagaline.handle import SagaHandle
+
+    state = started(store)
+    handle = SagaHandle(SimpleNamespace(store=store), state.saga.saga_id,  # type: ignore[arg-type]
+                        "contract")
+    with pytest.raises(SagaTimeout):
+        handle.get(timeout=0.3)
