@@ -6,7 +6,6 @@ import inspect
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -169,14 +168,14 @@ def cancel(saga_id: str, *, reason: str = "cancelled by operator",
     """Stop a running saga and compensate what it applied."""
     rt = runtime or current_runtime()
     return _operate(rt, saga_id, "cancel", lambda d, st: recovery.cancel(
-        d, st, reason=reason, now=time.time(), timing=rt.timing))
+        d, st, reason=reason, now=rt.now(), timing=rt.timing))
 
 
 def resume(saga_id: str, *, runtime: Runtime | None = None) -> SagaRecord:
     """Retry exactly the unfinished compensations (or forward steps) of a FAILED saga."""
     rt = runtime or current_runtime()
     return _operate(rt, saga_id, "resume", lambda d, st: recovery.resume(
-        d, st, now=time.time(), timing=rt.timing))
+        d, st, now=rt.now(), timing=rt.timing))
 
 
 def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:

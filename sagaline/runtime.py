@@ -57,6 +57,13 @@ class Runtime:
         # sweeper thread then looks for lost claims at once.
         self.process_lost = threading.Event()
         self._delayed: DelayedPublisher | None = None
+        # The one clock of every decision this runtime carries out (claims, leases,
+        # completions, the sweeper): a test environment gives it virtual time.
+        self.clock: Callable[[], float] = time.time
+
+    def now(self) -> float:
+        """The current time, in seconds since the epoch, from this runtime's clock."""
+        return self.clock()
 
     # -- store, per process --------------------------------------------------------
 
@@ -115,7 +122,7 @@ class Runtime:
                                limit=payload.MAX_KEY_LENGTH, rule="key",
                                where="idempotency_key")
             input_fingerprint = payload.fingerprint(input)
-        now = time.time()
+        now = self.now()
         state, decision = engine.start(defn, saga_id or str(uuid.uuid4()), input, now=now,
                                        timing=self.timing, idempotency_key=idempotency_key,
                                        parent_saga_id=parent_saga_id, parent_step=parent_step,
@@ -153,7 +160,7 @@ class Runtime:
         the saga's definition and state, `args`, `kwargs`, and the current time and
         timing (taken inside the transaction, so a retried one decides afresh)."""
         return self.transact(saga_id, lambda defn, st: decide(
-            defn, st, *args, now=time.time(), timing=self.timing, **kwargs))
+            defn, st, *args, now=self.now(), timing=self.timing, **kwargs))
 
     def after_commit(self, decision: Decision) -> None:
         self.publish(decision.dispatches)
@@ -163,7 +170,7 @@ class Runtime:
         if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
             s = decision.saga
             signals.saga_finished.send(sender=self, saga_id=s.saga_id, name=s.name,
-                                       status=s.status, duration=time.time() - s.created_at)
+                                       status=s.status, duration=self.now() - s.created_at)
             if s.parent_saga_id is not None:
                 children.notify_parent(self, s)
 
@@ -252,7 +259,7 @@ class Runtime:
         if self._heartbeat is None:
             with self._lock:
                 if self._heartbeat is None:
-                    self._heartbeat = Heartbeat(self.store, self.settings.lease)
+                    self._heartbeat = Heartbeat(self.store, self.settings.lease, self.now)
         return self._heartbeat
 
 
