@@ -1,0 +1,146 @@
+"""sagaline's pytest plugin, loaded by pytest through the `pytest11` entry point
+(`pip install 'sagaline[testing]'`): no conftest needed.
+
+Fixtures: `saga_env` (the real engine in-process, an in-memory broker, virtual
+time), `saga_clock`, `mock_step`, `faults`, `saga_store` (per `--sagaline-store`),
+`saga_worker` (a real prefork worker subprocess). Everything is imported when a
+fixture is used, so that loading the plugin costs pytest nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .stores.base import Store
+    from .testing import WorkerProcess
+    from .testkit import Faults, SagaEnv, StepMock, VirtualClock
+
+STORE_OPTION = "--sagaline-store"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sagaline", "sagaline sagas")
+    group.addoption(
+        STORE_OPTION, default="memory", metavar="STORE",
+        help="store for saga_env: memory (default), sqlite, postgresql://... or redis://...;"
+             " each test gets its own database or key prefix, removed afterwards")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from .testkit.stores import describe_choice
+
+    try:
+        describe_choice(config.getoption(STORE_OPTION))
+    except Exception as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture
+def saga_apps() -> list[Celery] | None:
+    """The Celery apps `saga_env` takes over; None: every app that called init_app.
+    Override it in a conftest to name yours."""
+    return None
+
+
+@pytest.fixture
+def saga_settings() -> dict[str, Any]:
+    """Settings for `saga_env` (lease, redispatch_after, ... from config.py); override
+    it in a conftest."""
+    return {}
+
+
+@pytest.fixture
+def saga_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The store of this test, as `--sagaline-store` says: isolated and cleaned."""
+    from .testkit.stores import isolated_store
+
+    with isolated_store(request.config.getoption(STORE_OPTION), tmp_path) as store:
+        yield store
+
+
+@pytest.fixture
+def saga_clock() -> VirtualClock:
+    """Virtual time: `saga_clock.advance("1h")` fires what falls due on the way."""
+    from .testkit import VirtualClock
+
+    return VirtualClock()
+
+
+@pytest.fixture
+def faults() -> Faults:
+    """Inject crashes, duplicates, lost messages, expired leases, failing compensations."""
+    from .testkit import Faults
+
+    return Faults()
+
+
+@pytest.fixture
+def saga_env(saga_store: Store, saga_clock: VirtualClock, faults: Faults,
+             saga_apps: list[Celery] | None,
+             saga_settings: dict[str, Any]) -> Iterator[SagaEnv]:
+    """The real engine in this process: `start()`/`run()` sagas, `step()`,
+    `run_until_done()`, `advance()`, `sweep()`."""
+    from .testkit import SagaEnv
+
+    env = SagaEnv(saga_apps, store=saga_store, clock=saga_clock, faults=faults,
+                  **saga_settings)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def mock_step(saga_env: SagaEnv) -> Callable[..., StepMock]:
+    """`mock_step(task, returns=... | raises=... | side_effect=...)` for a step or a
+    compensation, in `saga_env`."""
+    return saga_env.mock
+
+
+@pytest.fixture
+def saga_worker_app() -> str:
+    """The `-A` module of `saga_worker`; override it in a conftest."""
+    raise pytest.UsageError("saga_worker needs the Celery app module: define a "
+                            "`saga_worker_app` fixture returning e.g. 'myproject.celery'")
+
+
+@pytest.fixture
+def saga_worker_env() -> dict[str, str]:
+    """Environment variables for `saga_worker` (store and broker URLs); override it."""
+    return {}
+
+
+@pytest.fixture
+def saga_worker(saga_worker_app: str, saga_worker_env: dict[str, str],
+                tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A real prefork `celery worker` subprocess, ready (without celery.ping) when the
+    test starts; its whole process group is killed at teardown, also after Ctrl-C."""
+    from .testing import WorkerProcess
+
+    worker = WorkerProcess(saga_worker_app, env=saga_worker_env,
+                           workdir=tmp_path / "saga_worker")
+    _LIVE_WORKERS.append(worker)
+    try:
+        worker.start()
+        yield worker
+    finally:
+        try:
+            worker.stop(timeout=10)
+        finally:
+            _LIVE_WORKERS.remove(worker)
+
+
+# Workers alive now: killed at session end whatever stopped the run (Ctrl-C, -x).
+_LIVE_WORKERS: list[WorkerProcess] = []
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for worker in list(_LIVE_WORKERS):
+        worker.kill()

@@ -1,0 +1,92 @@
+"""Stores for tests, one per test, isolated and cleaned: `--sagaline-store=`.
+
+memory (default, no I/O), sqlite (a file in the test's tmp dir), postgresql://...
+(a database of its own, created and dropped), redis://... (a key prefix of its
+own, deleted). Only a real store URL makes any network connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..exceptions import ConfigurationError
+from ..stores.base import Store, store_from_url
+
+KINDS = ("memory", "sqlite", "postgresql://...", "redis://...")
+
+
+def describe_choice(value: str) -> str:
+    """The store kind a `--sagaline-store` value asks for; ConfigurationError if none."""
+    v = value.strip()
+    if v in ("memory", "memory://"):
+        return "memory"
+    if v == "sqlite" or v.startswith("sqlite:"):
+        return "sqlite"
+    if v.startswith(("postgresql:", "postgresql+", "postgres:")):
+        return "postgresql"
+    if v.startswith(("redis:", "rediss:")):
+        return "redis"
+    raise ConfigurationError(f"--sagaline-store={value!r}: use one of {', '.join(KINDS)}")
+
+
+@contextlib.contextmanager
+def isolated_store(value: str, tmp_dir: Path) -> Iterator[Store]:
+    """A store of the kind `value` names, used by one test only, cleaned afterwards."""
+    kind = describe_choice(value)
+    tag = uuid.uuid4().hex[:12]
+    if kind == "memory":
+        from ..stores.memory import MemoryStore
+
+        yield MemoryStore()
+        return
+    if kind == "sqlite":
+        store = store_from_url(f"sqlite:///{tmp_dir / f'sagaline-{tag}.db'}")
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    if kind == "redis":
+        store = store_from_url(value, prefix=f"sagaline-test-{tag}")
+        try:
+            yield store
+        finally:
+            _delete_prefix(store, f"sagaline-test-{tag}")
+            store.close()
+        return
+    with _postgres_database(value, f"sagaline_test_{tag}") as url:
+        store = store_from_url(url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _delete_prefix(store: Store, prefix: str) -> None:
+    client = store._client  # type: ignore[attr-defined]
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i:i + 500])
+
+
+@contextlib.contextmanager
+def _postgres_database(url: str, name: str) -> Iterator[str]:
+    """A database of its own on the server of `url`, dropped afterwards."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    base = make_url(url if "+" in url.split(":", 1)[0] else
+                    url.replace("postgresql:", "postgresql+psycopg:", 1)
+                    .replace("postgres:", "postgresql+psycopg:", 1))
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
