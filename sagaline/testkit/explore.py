@@ -165,9 +165,7 @@ class _Explorer:
     def _arm(self, env: SagaEnv, step: str, kind: str) -> None:
         f = env.faults
         if kind == PERMANENT_FAILURE:
-            env.mock(self.saga.graph.steps[step].task_name or step,
-                     raises=StepResponse.permanent_failure(
-                         f"{step} failed permanently (injected)"))
+            self._fail(env, step)
         elif kind == CRASH_AFTER_BODY:
             f.crash(step, at="after_body")
         elif kind == DUPLICATE:
@@ -175,8 +173,18 @@ class _Explorer:
         elif kind == LOST_MESSAGE:
             f.lose_message(step)
         elif kind == CRASH_AFTER_COMPENSATION:
+            # Roll back from a step that comes after this one (it fails without an
+            # effect), or, for the last step, from this step failing after its change.
             f.crash(step, at="after_body", phase="compensate")
-            f.fail_after_body(self.task_steps[-1])
+            later = [n for n in self.task_steps if step in self.saga.graph.ancestors[n]]
+            if later:
+                self._fail(env, later[-1])
+            else:
+                f.fail_after_body(step)
+
+    def _fail(self, env: SagaEnv, step: str) -> None:
+        env.mock(self.saga.graph.steps[step].task_name or step,
+                 raises=StepResponse.permanent_failure(f"{step} failed permanently (injected)"))
 
     def _check(self, env: SagaEnv, sc: Scenario, step: str, kind: str) -> None:
         state = env.store.read_state(self.saga_id)

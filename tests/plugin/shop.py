@@ -44,9 +44,8 @@ def charge(amount: int, saga_id: str) -> StepResponse:
 
 @app.task(name="shop.release")
 def release(compensation_data: dict[str, Any]) -> None:
-    if compensation_data.get("reserved"):
-        WORLD["stock"] += compensation_data["qty"]
-        compensation_data["reserved"] = False
+    # The seeded bug: not idempotent; run twice, it puts the stock back twice.
+    WORLD["stock"] += compensation_data["reserved"]
 
 
 @app.task(name="shop.release_once")
@@ -78,6 +77,21 @@ order = (
     .add_step(reserve)
     .add_step(ship, no_compensation=True)
 )
+
+
+# The same order with a compensation that is not idempotent (explore_failures finds it).
+buggy_order = (
+    Saga("plugin_order_buggy")
+    .add_step(charge)
+    .add_step(reserve, compensate=release)
+    .add_step(ship, no_compensation=True)
+)
+
+
+def world() -> dict[str, Any]:
+    """What explore_failures compares: the shop's systems, without per-saga keys."""
+    return {"balance": WORLD["balance"], "stock": WORLD["stock"],
+            "shipments": len(WORLD["shipments"]), "charges": len(WORLD["charges"])}
 
 
 # -- a long saga: 10 steps, each retried with 1-hour backoffs, under a 1-day deadline --
