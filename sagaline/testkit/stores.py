@@ -36,7 +36,7 @@ def describe_choice(value: str) -> str:
 def isolated_store(value: str, tmp_dir: Path) -> Iterator[Store]:
     """A store of the kind `value` names, used by one test only, cleaned afterwards."""
     kind = describe_choice(value)
-    tag = uuid.uuid4().hex[:12]
+    tag = uuid.uuid4().hex[:12]  # names this test's database or key prefix
     if kind == "memory":
         from ..stores.memory import MemoryStore
 
@@ -50,14 +50,14 @@ def isolated_store(value: str, tmp_dir: Path) -> Iterator[Store]:
             store.close()
         return
     if kind == "redis":
-        store = store_from_url(value, prefix=f"sagaline-test-{tag}")
+        store = store_from_url(value, prefix=f"sagaline-plugin-{tag}")
         try:
             yield store
         finally:
-            _delete_prefix(store, f"sagaline-test-{tag}")
+            _delete_prefix(store, f"sagaline-plugin-{tag}")
             store.close()
         return
-    with _postgres_database(value, f"sagaline_test_{tag}") as url:
+    with _postgres_database(value, f"sagaline_plugin_{tag}") as url:
         store = store_from_url(url)
         try:
             yield store
