@@ -23,6 +23,21 @@ if TYPE_CHECKING:
     from .testkit import Faults, SagaEnv, StepMock, VirtualClock
 
 STORE_OPTION = "--sagaline-store"
+STORE_KINDS = ("memory", "sqlite", "postgresql://...", "redis://...")
+
+
+def describe_choice(value: str) -> str:
+    """The store kind a `--sagaline-store` value asks for; ValueError if none."""
+    v = value.strip()
+    if v in ("memory", "memory://"):
+        return "memory"
+    if v == "sqlite" or v.startswith("sqlite:"):
+        return "sqlite"
+    if v.startswith(("postgresql:", "postgresql+", "postgres:")):
+        return "postgresql"
+    if v.startswith(("redis:", "rediss:")):
+        return "redis"
+    raise ValueError(f"--sagaline-store={value!r}: use one of {', '.join(STORE_KINDS)}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,11 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from .testkit.stores import describe_choice
-
     try:
         describe_choice(config.getoption(STORE_OPTION))
-    except Exception as exc:
+    except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
@@ -61,7 +74,8 @@ def saga_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
     """The store of this test, as `--sagaline-store` says: isolated and cleaned."""
     from .testkit.stores import isolated_store
 
-    with isolated_store(request.config.getoption(STORE_OPTION), tmp_path) as store:
+    value = request.config.getoption(STORE_OPTION)
+    with isolated_store(describe_choice(value), value, tmp_path) as store:
         yield store
 
 
@@ -133,6 +147,9 @@ def saga_worker(saga_worker_app: str, saga_worker_env: dict[str, str],
     finally:
         try:
             worker.stop(timeout=10)
+        except BaseException:
+            worker.kill()  # a second Ctrl-C during the warm shutdown
+            raise
         finally:
             _LIVE_WORKERS.remove(worker)
 

@@ -12,30 +12,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..exceptions import ConfigurationError
 from ..stores.base import Store, store_from_url
-
-KINDS = ("memory", "sqlite", "postgresql://...", "redis://...")
-
-
-def describe_choice(value: str) -> str:
-    """The store kind a `--sagaline-store` value asks for; ConfigurationError if none."""
-    v = value.strip()
-    if v in ("memory", "memory://"):
-        return "memory"
-    if v == "sqlite" or v.startswith("sqlite:"):
-        return "sqlite"
-    if v.startswith(("postgresql:", "postgresql+", "postgres:")):
-        return "postgresql"
-    if v.startswith(("redis:", "rediss:")):
-        return "redis"
-    raise ConfigurationError(f"--sagaline-store={value!r}: use one of {', '.join(KINDS)}")
 
 
 @contextlib.contextmanager
-def isolated_store(value: str, tmp_dir: Path) -> Iterator[Store]:
-    """A store of the kind `value` names, used by one test only, cleaned afterwards."""
-    kind = describe_choice(value)
+def isolated_store(kind: str, value: str, tmp_dir: Path) -> Iterator[Store]:
+    """A store of `kind` (memory, sqlite, postgresql, redis; `value` is the URL of the
+    server), used by one test only, cleaned afterwards."""
     tag = uuid.uuid4().hex[:12]  # names this test's database or key prefix
     if kind == "memory":
         from ..stores.memory import MemoryStore
