@@ -117,3 +117,30 @@ HOURLY = Retry(max_attempts=3, backoff=3600.0, factor=1.0, max_delay=3600.0, jit
 long_saga = Saga("plugin_long", timeout=86400)
 for i in range(10):
     long_saga.add_step(slow_step, name=f"s{i}", compensate=undo_slow_step, retry=HOURLY)
+
+
+# -- a parent saga that runs a child saga as one of its steps --
+
+@app.task(name="shop.pack")
+def pack(saga_id: str, qty: int) -> dict[str, Any]:
+    WORLD["packed"] = WORLD.get("packed", 0) + qty
+    return {"packed": qty}
+
+
+@app.task(name="shop.unpack")
+def unpack(compensation_data: dict[str, Any]) -> None:
+    WORLD["packed"] -= compensation_data["packed"]
+
+
+@app.task(name="shop.notify")
+def notify(saga_id: str) -> None:
+    return None
+
+
+packing = Saga("plugin_packing").add_step(pack, compensate=unpack)
+fulfilment = (
+    Saga("plugin_fulfilment")
+    .add_step(charge)
+    .add_saga(packing, name="packing")
+    .add_step(notify, no_compensation=True)
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sagaline import SagaStatus
+from sagaline.records import SagaFilter
 from sagaline.testkit import SagaEnv, VirtualClock, assert_compensated, assert_completed, history
 from sagaline.testkit.clock import parse_duration
 from tests.plugin import shop
@@ -107,3 +108,27 @@ def test_durations_parse(text: str | int, seconds: float) -> None:
 def test_a_bad_duration_says_what_is_wrong(bad: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+def test_a_child_saga_runs_in_the_environment_and_is_compensated_with_its_parent(
+        saga_env: SagaEnv, mock_step) -> None:
+    done = saga_env.run(shop.fulfilment, amount=10, qty=3)
+    assert_completed(done)
+    assert shop.WORLD["packed"] == 3
+    children = [s for s in saga_env.store.list_sagas(SagaFilter(name="plugin_packing"))]
+    assert [c.parent_saga_id for c in children] == [done.saga_id]
+    mock_step(shop.notify, raises=RuntimeError("mail down"))
+    failed = saga_env.run(shop.fulfilment, amount=10, qty=3)
+    assert_compensated(failed, order=["packing", "charge"])
+    assert shop.WORLD["packed"] == 3 and shop.WORLD["balance"] == 90  # the first order's
+
+
+def test_a_step_that_runs_past_its_time_limit_fails_as_a_timeout(saga_env: SagaEnv,
+                                                                mock_step) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    mock_step(shop.reserve, raises=SoftTimeLimitExceeded())
+    handle = saga_env.run(shop.order, amount=30, qty=2)
+    assert_compensated(handle, order=["charge"])
+    failed = history(handle).of("step_failed")
+    assert [e.detail["reason"] for e in failed] == ["timeout"]
