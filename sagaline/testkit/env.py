@@ -79,7 +79,8 @@ class SagaEnv:
         self.faults = faults or Faults()
         self.store = store or MemoryStore()
         self.apps = apps or _sagaline_apps()
-        conf = Settings.from_env(store_url=self.store.url, sweeper=False, **settings)
+        # No sweeper thread: `sweep()` and virtual time run the sweeper's passes.
+        conf = Settings.from_env(**{**settings, "store_url": self.store.url, "sweeper": False})
         self.runtime = SimRuntime(self.apps[0], conf, store=self.store)
         self.runtime.env = self
         self.runtime.clock = self.clock

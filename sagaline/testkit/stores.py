@@ -26,11 +26,15 @@ def isolated_store(kind: str, value: str, tmp_dir: Path) -> Iterator[Store]:
         yield MemoryStore()
         return
     if kind == "sqlite":
-        store = store_from_url(f"sqlite:///{tmp_dir / f'sagaline-{tag}.db'}")
+        path = tmp_dir / f"sagaline-{tag}.db"
+        store = store_from_url(f"sqlite:///{path}")
         try:
             yield store
         finally:
             store.close()
+            for leftover in (path, path.with_name(path.name + "-wal"),
+                             path.with_name(path.name + "-shm")):
+                leftover.unlink(missing_ok=True)
         return
     if kind == "redis":
         store = store_from_url(value, prefix=f"sagaline-plugin-{tag}")
