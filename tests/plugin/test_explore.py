@@ -45,3 +45,36 @@ def test_an_unknown_fault_kind_is_named() -> None:
         assert "meteor" in str(exc) and FAULT_KINDS[0] in str(exc)
     else:
         raise AssertionError("accepted an unknown fault kind")
+
+
+def test_each_invariant_check_can_fail() -> None:
+    """The engine never breaks these invariants, so break them by hand in a finished run:
+    the checks must see it."""
+    from sagaline.records import Event
+    from sagaline.states import EventKind, Phase
+    from sagaline.testkit import SagaEnv
+    from sagaline.testkit.explore import Scenario, _Explorer
+    from sagaline.testkit.messages import BodyRun
+
+    explorer = _Explorer(shop.order, {"amount": 30, "qty": 2}, None, None, [shop.app], {})
+    with SagaEnv([shop.app]) as env:
+        env.mock(shop.ship, raises=RuntimeError("no courier"))
+        env.start(shop.order, saga_id=explorer.saga_id, amount=30, qty=2)
+        env.run_until_done()
+        clean = Scenario("ship", "test")
+        explorer._check(env, clean, "ship", "test")
+        assert clean.ok, clean.violations
+        # reserve undone a second time, after charge (which it depends on) was undone.
+        env.store.append_event(Event(explorer.saga_id, EventKind.COMPENSATION_SUCCEEDED,
+                                     env.clock(), "reserve", 2, "compensate"))
+        env.body_runs.append(BodyRun(explorer.saga_id, "charge", Phase.FORWARD, 1,
+                                     f"{explorer.saga_id}:charge", "returned"))
+        env.body_runs.append(BodyRun(explorer.saga_id, "ship", Phase.COMPENSATE, 1,
+                                     "elsewhere", "returned"))
+        broken = Scenario("ship", "test")
+        explorer._check(env, broken, "ship", "test")
+    found = "\n".join(broken.violations)
+    assert "step 'reserve' applied and was compensated 2 times" in found
+    assert "step 'charge' was compensated before step 'reserve'" in found
+    assert "step 'charge' applied 2 times with only 0 crash(es)" in found
+    assert "the compensation of step 'ship' ran, but the step itself never applied" in found

@@ -3,6 +3,8 @@ crash, duplicate or lost message would."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sagaline import SagaStatus
@@ -138,3 +140,16 @@ def test_the_timeline_snapshot_is_the_same_on_every_run(saga_env: SagaEnv, fault
         assert saga_history(other).snapshot() == text
     assert text.splitlines()[0] == "+       0s saga_started name=plugin_order"
     assert "step_attempt_failed charge #1" in text
+
+
+GOLDEN = Path(__file__).parent / "golden" / "order_crash_then_refused_courier.txt"
+
+
+def test_the_timeline_matches_its_golden_file(saga_env: SagaEnv, faults: Faults,
+                                              mock_step) -> None:
+    faults.crash("charge", at="after_body")
+    mock_step(shop.ship, side_effect=[ConnectionError("courier busy")])
+    handle = saga_env.run(shop.order, amount=30, qty=2)
+    text = saga_history(handle).snapshot()
+    # Virtual time and seeded jitter: the same text on every run, to the millisecond.
+    assert text == GOLDEN.read_text()
