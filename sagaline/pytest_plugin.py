@@ -140,6 +140,7 @@ def saga_worker(saga_worker_app: str, saga_worker_env: dict[str, str],
 
     worker = WorkerProcess(saga_worker_app, env=saga_worker_env,
                            workdir=tmp_path / "saga_worker")
+    _stop_workers_on_sigterm()
     _LIVE_WORKERS.append(worker)
     try:
         worker.start()
@@ -159,5 +160,28 @@ _LIVE_WORKERS: list[WorkerProcess] = []
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _kill_live_workers()
+
+
+def _kill_live_workers() -> None:
     for worker in list(_LIVE_WORKERS):
         worker.kill()
+
+
+def _stop_workers_on_sigterm() -> None:
+    """pytest ends on SIGTERM (a CI job cancelled) without tearing fixtures down; a
+    worker runs in a session of its own, so it would outlive it: kill it first."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _kill_live_workers()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

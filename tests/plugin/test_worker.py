@@ -136,6 +136,23 @@ def test_no_worker_survives_an_interrupted_run(project: tuple[Path, dict[str, st
     assert_all_gone(pids)
 
 
+def test_no_worker_survives_a_terminated_run(project: tuple[Path, dict[str, str]]) -> None:
+    where, env = project
+    proc = run_pytest(where, env, "-k", "interrupted")
+    try:
+        wait_until(lambda: (where / "pids.ready").exists() or proc.poll() is not None,
+                   timeout=120, interval=0.2, what="the test to be running")
+        assert proc.poll() is None, finish(proc)
+        pids = recorded_pids(where)
+        os.kill(proc.pid, signal.SIGTERM)  # a CI job cancelled
+        finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGTERM
+    assert_all_gone(pids)
+
+
 def test_no_worker_survives_a_run_stopped_by_x(project: tuple[Path, dict[str, str]]) -> None:
     where, env = project
     out = finish(run_pytest(where, env, "-x", "-k", "failing or never_reached"))
