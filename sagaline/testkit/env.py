@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from ..sweeper import SweepReport
 
 
+# Sweeper passes a run may make without delivering a message (each moves virtual time
+# to the next due item): far more than any saga needs, few enough to end a stuck one.
+MAX_IDLE_SWEEPS = 10_000
+
+
 class SimRuntime(Runtime):
     """A Runtime whose broker is the environment's queue and whose clock is virtual."""
 
@@ -271,7 +276,7 @@ class SagaEnv:
         """Move virtual time forward by `duration`, firing each thing at its moment."""
         target = self.clock() + parse_duration(duration)
         budget = max_messages
-        for _ in range(max_messages):
+        for _ in range(MAX_IDLE_SWEEPS):
             moment = self.next_due(target)
             if moment is None or moment > target:
                 break
@@ -311,7 +316,10 @@ class SagaEnv:
         """
         horizon = self.clock() + parse_duration(max_time)
         delivered = 0
-        while delivered < max_messages:
+        # Bounded twice: in messages, and in sweeper passes that deliver nothing.
+        for _ in range(max_messages + MAX_IDLE_SWEEPS):
+            if delivered >= max_messages:
+                break
             if self.step() is not None:
                 delivered += 1
                 continue
@@ -324,7 +332,7 @@ class SagaEnv:
                     f"happen (no message, no retry, nothing due before +{max_time})")
             self.clock.move_to(moment)
             self.sweep()
-        raise RuntimeError(f"saga_env: sagas still running after {max_messages} messages: "
+        raise RuntimeError(f"saga_env: sagas still running after {delivered} messages: "
                            f"{self.unfinished()}")
 
 

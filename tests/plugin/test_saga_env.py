@@ -6,7 +6,14 @@ import pytest
 
 from sagaline import SagaStatus
 from sagaline.records import SagaFilter
-from sagaline.testkit import SagaEnv, VirtualClock, assert_compensated, assert_completed, history
+from sagaline.testkit import (
+    Faults,
+    SagaEnv,
+    VirtualClock,
+    assert_compensated,
+    assert_completed,
+    history,
+)
 from sagaline.testkit.clock import parse_duration
 from tests.plugin import shop
 
@@ -132,3 +139,13 @@ def test_a_step_that_runs_past_its_time_limit_fails_as_a_timeout(saga_env: SagaE
     assert_compensated(handle, order=["charge"])
     failed = history(handle).of("step_failed")
     assert [e.detail["reason"] for e in failed] == ["timeout"]
+
+
+def test_a_saga_that_waits_for_nothing_is_reported_not_waited_for(saga_env: SagaEnv,
+                                                                  faults: Faults) -> None:
+    # Every delivery of charge's message is lost: the sweeper sends it again, with a
+    # growing backoff, until the run's virtual horizon ends.
+    faults.crash("charge", at="before_claim", times=1000)
+    saga_env.start(shop.order, amount=30, qty=2)
+    with pytest.raises(RuntimeError, match="wait for nothing"):
+        saga_env.run_until_done(max_time="1d")
