@@ -36,7 +36,7 @@ $(BIN)/python:
 
 # (Re)install only when pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[all,test]'
+	$(BIN)/pip install -q -e '.[all,test,bench-peers]'
 	@touch $@
 
 services:

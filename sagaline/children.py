@@ -43,7 +43,8 @@ def run_child(runtime: Runtime, d: Dispatch) -> None:
             runtime.start_saga(runtime.definition(str(d.child_saga)), input,
                                idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
                                parent_saga_id=d.saga_id, parent_step=d.step,
-                               saga_id=child_saga_id(d.saga_id, d.step, d.attempt))
+                               saga_id=child_saga_id(d.saga_id, d.step, d.attempt),
+                               trace_parent=d.trace_context)
         except InputError as exc:
             # The same input would be refused on every try: fail the step for good
             # (raising would leave it to the sweeper, which would try for ever).

@@ -209,11 +209,17 @@ def _when(ts: float | None) -> str:
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context, app: str = AppOption) -> None:
+def worker(ctx: typer.Context, app: str = AppOption,
+           log_format: str | None = typer.Option(
+               None, "--log-format",
+               help="plain (Celery's format) or json: one JSON object per line, with the "
+                    "saga, step and trace of each record (SAGALINE_LOG_FORMAT).")) -> None:
     """Run a Celery worker (with the sagaline sweeper) for your app.
 
     Any other option goes to `celery worker`, e.g. `sagaline worker -A shop.app -c 4`.
     """
+    if log_format is not None:
+        os.environ["SAGALINE_LOG_FORMAT"] = log_format  # read by init_app, in the import
     with _errors():
         celery_app = app_runtime(app).app
     code = celery_app.start(argv=["worker", *ctx.args])

@@ -52,9 +52,12 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
     token = heartbeat.add(saga_id, step, phase, attempt)
     ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
     kwargs = filter_kwargs(task.run, kwargs)
+    tracing = runtime.tracing
     try:
-        return _run_and_complete(runtime, defn, body, args, kwargs, saga_id, step, phase,
-                                 attempt)
+        # The attempt's span covers the body and the completion (observability/tracing.py).
+        with tracing.attempt(meta, task) if tracing is not None else contextlib.nullcontext():
+            return _run_and_complete(runtime, defn, body, args, kwargs, saga_id, step,
+                                     phase, attempt)
     finally:
         # Renewed until the completion committed: a store outage during completion
         # must not let the lease expire and re-run a body that already finished.

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -37,6 +37,7 @@ sagas = sa.Table(
     sa.Column("parent_step", sa.String(MAX_NAME_LENGTH)),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("input_fingerprint", sa.String(64)),
+    sa.Column("trace_context", sa.String(128)),
     sa.UniqueConstraint("name", "idempotency_key", name="uq_sagaline_sagas_idempotency"),
     sa.Index("ix_sagaline_sagas_created", "created_at"),
     sa.Index("ix_sagaline_sagas_status_created", "status", "created_at"),

@@ -32,6 +32,7 @@ import pytest
 
 from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
 from tests.integration.test_demo import assert_demo_output, kill_left_worker
+from tests.integration.test_tracing import serve_otlp
 from tests.stores import create_mariadb_database, drop_mariadb_database
 from tests.unit.test_compose import IMAGE_SOURCES
 
@@ -134,7 +135,8 @@ def dependency_key() -> str:
         decided: Any = (REPO_ROOT / "pyproject.toml").read_text()
     else:
         extras = doc["project"].get("optional-dependencies", {})
-        cached = extras_of("all", extras) | extras_of("testing", extras)
+        cached = (extras_of("all", extras) | extras_of("bench-peers", extras)
+                  | extras_of("testing", extras))
         decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
                    {name: extras[name] for name in sorted(cached) if name in extras}]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
@@ -142,8 +144,8 @@ def dependency_key() -> str:
 
 
 def wheel_cache() -> Path:
-    """Wheels of every dependency of `sagaline[all,testing]` and of the build backend,
-    filled once."""
+    """Wheels of every dependency of `sagaline[all,bench-peers,testing]` and of the build
+    backend, filled once."""
     base = Path(os.environ.get("SAGALINE_TEST_WHEEL_CACHE")
                 or Path(tempfile.gettempdir()) / "sagaline-test-wheels")
     cache = base / dependency_key()
@@ -155,9 +157,8 @@ def wheel_cache() -> Path:
         # Not isolated: this is the one step that may use the machine's package index.
         doc = pyproject()
         backend = doc["build-system"]["requires"] if doc else ["hatchling"]
-        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all,testing]",
-            *backend,
-            isolated=False)
+        pip("wheel", "--quiet", "--wheel-dir", str(filling),
+            f"{REPO_ROOT}[all,bench-peers,testing]", *backend, isolated=False)
         # The cache holds dependencies only: sagaline itself is built fresh every session.
         for stale in filling.glob("sagaline-*.whl"):
             stale.unlink()
@@ -445,6 +446,35 @@ def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
     assert error.endswith(", which is not installed: pip install 'sagaline[redis]'")
 
 
+def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "")
+    env = user_env(box.home, box.app_dir, SAGALINE_TRACING="otlp", INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("sagaline.exceptions.ConfigurationError: tracing needs "
+                            "OpenTelemetry ("), error
+    assert error.endswith("pip install 'sagaline[otel]'"), error
+
+
+def test_otel_extra_alone_exports_a_saga_trace_over_otlp_http(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "otel")
+    with serve_otlp() as receiver:
+        outcome = serve_one_saga(box, tmp_path, SAGALINE_TRACING="otlp",
+                                 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.url,
+                                 OTEL_BSP_SCHEDULE_DELAY="100")
+        assert_completed_from_the_venv(outcome, box)
+        # The worker exported on its way out (serve_one_saga stops it).
+        receiver.wait_for(lambda: {"saga installcheck", "step reserve", "step confirm"}
+                          <= {s.name for s in receiver.spans}, timeout=30)
+    assert len({s.trace_id for s in receiver.spans}) == 1
+    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+
+
 def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
                                                          tmp_path: Path) -> None:
     box = install(wheelhouse, tmp_path, "")
@@ -484,3 +514,24 @@ def test_testing_extra_alone_gives_pytest_the_plugin(wheelhouse: Wheelhouse,
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "5 passed" in proc.stdout
     assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+
+
+def test_bench_peers_extra_alone_brings_what_the_peer_benchmark_imports(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "bench-peers")
+    env = user_env(box.home, box.app_dir)
+    python = str(box.venv / "bin" / "python")
+    # The peers, and the stores and broker the benchmark runs them beside.
+    imports = ("import dbos, celery_saga.backends.redis, psycopg, redis, kombu.transport.redis, "
+               "sagaline.stores.redis; print(sagaline.stores.redis.__file__)")
+    proc = subprocess.run([python, "-c", imports], cwd=box.run_dir, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert Path(proc.stdout.strip()).is_relative_to(box.venv)
+    # The benchmark is not in the wheel: a checkout runs it with the venv's interpreter.
+    del env["PYTHONPATH"]
+    proc = subprocess.run([python, "-c", "from bench.peers import require_peers; "
+                           "require_peers(); print('peers ok')"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "peers ok"

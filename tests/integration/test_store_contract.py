@@ -162,7 +162,8 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
         idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
         failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
         parent_saga_id=str(uuid.uuid4()), parent_step="child", version=7,
-        input_fingerprint="0123456789abcdef" * 2)
+        input_fingerprint="0123456789abcdef" * 2,
+        trace_context="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01:00f067aa0ba902b7")
     steps = {
         "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
                         comp_status=CompensationStatus.COMPENSATION_FAILED, comp_attempt=3,

@@ -174,3 +174,27 @@ def test_no_module_is_over_400_lines() -> None:
     long = {_short(m): n for m, p in MODULES.items()
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these modules along their seams: {long}"
+
+
+def test_only_the_tracing_module_imports_opentelemetry() -> None:
+    # The `otel` extra is optional: the rest of the package must import without it
+    # (the runtime imports observability.tracing inside a function, when tracing is on).
+    otel_modules = {"observability.tracing", "observability.provider"}
+    importers = {_short(m) for m in GRAPH if _third_party(m, ("opentelemetry",))}
+    assert importers == otel_modules
+    eager = {_short(m) for m in GRAPH if _short(m) not in otel_modules and
+             {f"sagaline.{o}" for o in otel_modules} & _module_level_imports(m)}
+    assert not eager, f"{sorted(eager)} import OpenTelemetry's modules at module level"
+
+
+def _module_level_imports(module: str) -> set[str]:
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+            base = ".".join(anchor + ([node.module] if node.module else []))
+            found.update(f"{base}.{a.name}" for a in node.names)
+            found.add(base)
+    return found

@@ -1,0 +1,1 @@
+"""Observability: traces, logs (and metrics, health probes) of sagas in production."""
