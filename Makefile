@@ -68,11 +68,11 @@ integration: venv services
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 # Each step runs only if the previous one succeeded; any failure fails the target.
-# One pytest run: unit tests are collected (and run) before integration tests.
+# One pytest run: unit and plugin tests are collected (and run) before integration tests.
 test: venv services promtool
 	$(BIN)/ruff check sagaline tests examples bench
 	$(BIN)/mypy
-	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/plugin tests/integration $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/sagaline demo

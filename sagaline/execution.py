@@ -39,7 +39,7 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
     if defn is None or defn.fingerprint != meta.get("fingerprint"):
         _refuse_unknown_definition(runtime, meta, defn)
         raise Ignore()
-    now = time.time()
+    now = runtime.now()
     lease = runtime.settings.lease
     if not runtime.store.claim_step(saga_id, step, phase, attempt, lease_until=now + lease,
                                     now=now, owner=claim_owner(runtime)):
@@ -178,7 +178,7 @@ def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any],
     log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
               "code to every worker", meta.get("saga_id"), meta.get("saga"),
               meta.get("step"), why)
-    event = Event(str(meta["saga_id"]), EventKind.DEFINITION_MISMATCH, time.time(),
+    event = Event(str(meta["saga_id"]), EventKind.DEFINITION_MISMATCH, runtime.now(),
                   str(meta.get("step")), int(meta.get("attempt", 0)),
                   str(meta.get("phase")),
                   {"worker_fingerprint": getattr(defn, "fingerprint", None),
@@ -197,9 +197,10 @@ class Heartbeat:
     partitioned from the store) lets its leases expire.
     """
 
-    def __init__(self, store: Store, lease: float):
+    def __init__(self, store: Store, lease: float, clock: Callable[[], float] = time.time):
         self.store = store
         self.lease = lease
+        self.clock = clock
         self._claims: dict[int, tuple[str, str, Phase, int]] = {}
         self._next = 0
         self._lock = threading.Lock()
@@ -227,7 +228,7 @@ class Heartbeat:
             for saga_id, step, phase, attempt in claims:
                 try:
                     self.store.renew_lease(saga_id, step, phase, attempt,
-                                           time.time() + self.lease)
+                                           self.clock() + self.lease)
                 except Exception:
                     log.warning("could not renew the lease of saga %s step %s", saga_id, step,
                                 exc_info=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
@@ -66,7 +65,7 @@ def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
     def decide(state: SagaState) -> Decision | None:
         defn = rt.definition_for(state.saga)
         return None if defn is None else recovery.claim_lost(
-            defn, state, step, phase, attempt, owner, cause=cause, now=time.time(),
+            defn, state, step, phase, attempt, owner, cause=cause, now=rt.now(),
             timing=rt.timing)
 
     try:

@@ -6,7 +6,6 @@ import inspect
 import logging
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -147,7 +146,7 @@ def cancel(saga_id: str, *, reason: str = "cancelled by operator",
     """
     rt = runtime or current_runtime()
     return _operate(rt, saga_id, "cancel", actor, lambda d, st: recovery.cancel(
-        d, st, reason=reason, now=time.time(), timing=rt.timing), reason=reason)
+        d, st, reason=reason, now=rt.now(), timing=rt.timing), reason=reason)
 
 
 def resume(saga_id: str, *, runtime: Runtime | None = None,
@@ -155,7 +154,7 @@ def resume(saga_id: str, *, runtime: Runtime | None = None,
     """Retry exactly the unfinished compensations (or forward steps) of a FAILED saga."""
     rt = runtime or current_runtime()
     return _operate(rt, saga_id, "resume", actor, lambda d, st: recovery.resume(
-        d, st, now=time.time(), timing=rt.timing))
+        d, st, now=rt.now(), timing=rt.timing))
 
 
 def _operate(rt: Runtime, saga_id: str, action: str, actor: str, decide: Any,
@@ -164,7 +163,7 @@ def _operate(rt: Runtime, saga_id: str, action: str, actor: str, decide: Any,
         decision: Decision | None = decide(defn, state)
         if decision is not None:
             # The audit entry commits with the action itself, or not at all.
-            decision.events.append(Event(saga_id, AUDIT_EVENT, time.time(), detail={
+            decision.events.append(Event(saga_id, AUDIT_EVENT, rt.now(), detail={
                 "action": action, "actor": actor, **detail}))
         return decision
 
@@ -196,7 +195,7 @@ def start(name: str, input: dict[str, Any], *, idempotency_key: str | None = Non
                            saga_id=new_id)
     created = handle.saga_id == new_id
     if created:
-        rt.store.append_event(Event(new_id, AUDIT_EVENT, time.time(), detail={
+        rt.store.append_event(Event(new_id, AUDIT_EVENT, rt.now(), detail={
             "action": "start", "actor": actor}))
     return handle.record(), created
 

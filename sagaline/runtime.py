@@ -64,6 +64,13 @@ class Runtime:
         self._tracing_lock = (os.getpid(), threading.Lock())
         # Called with each store this runtime opens (metrics time its operations).
         self.store_hooks: list[Callable[[Store], None]] = []
+        # The one clock of every decision this runtime carries out (claims, leases,
+        # completions, the sweeper): a test environment gives it virtual time.
+        self.clock: Callable[[], float] = time.time
+
+    def now(self) -> float:
+        """The current time, in seconds since the epoch, from this runtime's clock."""
+        return self.clock()
 
     # -- store, per process --------------------------------------------------------
 
@@ -162,7 +169,7 @@ class Runtime:
         tracing = self.tracing
         trace_context = tracing.new_saga(defn.name, saga_id, parent=trace_parent) \
             if tracing is not None else None
-        now = time.time()
+        now = self.now()
         state, decision = engine.start(defn, saga_id, input, now=now,
                                        timing=self.timing, idempotency_key=idempotency_key,
                                        parent_saga_id=parent_saga_id, parent_step=parent_step,
@@ -201,7 +208,7 @@ class Runtime:
         the saga's definition and state, `args`, `kwargs`, and the current time and
         timing (taken inside the transaction, so a retried one decides afresh)."""
         return self.transact(saga_id, lambda defn, st: decide(
-            defn, st, *args, now=time.time(), timing=self.timing, **kwargs))
+            defn, st, *args, now=self.now(), timing=self.timing, **kwargs))
 
     def after_commit(self, decision: Decision) -> None:
         self.publish(decision.dispatches)
@@ -214,7 +221,7 @@ class Runtime:
         if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
             s = decision.saga
             signals.saga_finished.send(sender=self, saga_id=s.saga_id, name=s.name,
-                                       status=s.status, duration=time.time() - s.created_at)
+                                       status=s.status, duration=self.now() - s.created_at)
             if s.parent_saga_id is not None:
                 children.notify_parent(self, s)
 
@@ -312,7 +319,7 @@ class Runtime:
         if self._heartbeat is None:
             with self._lock:
                 if self._heartbeat is None:
-                    self._heartbeat = Heartbeat(self.store, self.settings.lease)
+                    self._heartbeat = Heartbeat(self.store, self.settings.lease, self.now)
         return self._heartbeat
 
 

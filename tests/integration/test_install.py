@@ -145,16 +145,17 @@ def dependency_key() -> str:
         decided: Any = (REPO_ROOT / "pyproject.toml").read_text()
     else:
         extras = doc["project"].get("optional-dependencies", {})
+        cached = (extras_of("all", extras) | extras_of("bench-peers", extras)
+                  | extras_of("testing", extras))
         decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
-                   {name: extras[name] for name in sorted(extras_of("all", extras)
-                                                          | extras_of("bench-peers", extras))}]
+                   {name: extras[name] for name in sorted(cached) if name in extras}]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def wheel_cache() -> Path:
-    """Wheels of every dependency of `sagaline[all,bench-peers]` and of the build backend,
-    filled once."""
+    """Wheels of every dependency of `sagaline[all,bench-peers,testing]` and of the build
+    backend, filled once."""
     base = Path(os.environ.get("SAGALINE_TEST_WHEEL_CACHE")
                 or Path(tempfile.gettempdir()) / "sagaline-test-wheels")
     cache = base / dependency_key()
@@ -166,8 +167,8 @@ def wheel_cache() -> Path:
         # Not isolated: this is the one step that may use the machine's package index.
         doc = pyproject()
         backend = doc["build-system"]["requires"] if doc else ["hatchling"]
-        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all,bench-peers]",
-            *backend, isolated=False)
+        pip("wheel", "--quiet", "--wheel-dir", str(filling),
+            f"{REPO_ROOT}[all,bench-peers,testing]", *backend, isolated=False)
         # The cache holds dependencies only: sagaline itself is built fresh every session.
         for stale in filling.glob("sagaline-*.whl"):
             stale.unlink()
@@ -586,6 +587,28 @@ def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
     assert_demo_output(proc.stdout)
     assert list(box.run_dir.iterdir()) == []
     assert (box.home / ".sagaline" / "demo" / "state.db").is_file()
+
+
+def test_testing_extra_alone_gives_pytest_the_plugin(wheelhouse: Wheelhouse,
+                                                    tmp_path: Path) -> None:
+    """The README's test file, in an empty directory with no conftest: pytest finds the
+    plugin through its entry point in the installed wheel."""
+    import re
+
+    box = install(wheelhouse, tmp_path, "testing")
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = re.search(r"^## Testing your sagas\n(.*?)^## ", readme, re.S | re.M)
+    assert section is not None
+    code = re.search(r"```python\n(.*?)```", section.group(1), re.S)
+    assert code is not None
+    (box.run_dir / "test_exploration.py").write_text(code.group(1))
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-m", "pytest", "-q", "-p",
+                           "no:cacheprovider", "test_exploration.py"], cwd=box.run_dir,
+                          env=user_env(box.home, box.app_dir), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout
+    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
 
 
 def test_bench_peers_extra_alone_brings_what_the_peer_benchmark_imports(
