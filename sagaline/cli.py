@@ -36,6 +36,7 @@ from .ops import Runtime, Store, cut_deep, first_line, redact
 from .records import SagaFilter
 from .states import SagaStatus
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
+from .web.command import web_command
 
 EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4
 # How long a CLI command retries an unreachable store before it says so.
@@ -358,6 +359,9 @@ def health(
         ok, message = probes.probe(app_runtime(app) if app else None, readiness, max_age, timeout)
     typer.echo(message, err=not ok)
     raise typer.Exit(probes.EXIT_HEALTHY if ok else probes.EXIT_UNHEALTHY)
+
+
+cli.command("web")(web_command(_errors, app_runtime, reading))
 
 
 @db_cli.command("upgrade")

@@ -290,3 +290,27 @@ def sweep_report(runtime: Runtime | None = None, *, now: float | None = None,
                  limit: int = 200) -> SweepReport:
     """One sweeper pass (see `sweeper.sweep`): each item it acted on, by kind."""
     return sweeper.sweep(runtime or current_runtime(), now=now, limit=limit)
+
+
+# -- metrics of a process that is not a worker (the web server) ----------------------------
+
+
+class MetricsExposition:
+    """Prometheus text for a server that serves sagas but runs none: the counters of this
+    process (sagas it started) and the saga gauges read from `store` (cached a few
+    seconds, as a worker's are). Needs the `prometheus` extra."""
+
+    def __init__(self, store: Store) -> None:
+        from .observability import metrics
+
+        self._pc = metrics._prometheus()
+        metrics.current()  # this process's counters, in the default registry
+        for signal, receiver in metrics._RECEIVERS:
+            signal.connect(receiver, weak=False, dispatch_uid=f"sagaline.metrics.{signal.name}")
+        self._gauges = self._pc.CollectorRegistry()
+        self._gauges.register(metrics.StoreGauges(lambda: store))
+        self.content_type: str = self._pc.CONTENT_TYPE_LATEST
+
+    def render(self) -> bytes:
+        return bytes(self._pc.generate_latest(self._pc.REGISTRY)
+                     + self._pc.generate_latest(self._gauges))

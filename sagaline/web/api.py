@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import ops
-from ..exceptions import SagaNotFound
+from ..exceptions import ConfigurationError, SagaNotFound
 from ..records import SagaFilter
 from ..states import SAGA_TERMINAL, SagaStatus
 from . import schemas
@@ -43,6 +43,7 @@ _PROBLEM = {"content": {"application/problem+json": {
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     titles = {400: "Bad request", 401: "No or invalid token", 403: "The token may only read",
               404: "No such saga", 409: "Not allowed now", 422: "Invalid request",
+              501: "Not installed",
               503: "Store unavailable, or a read-only server"}
     return {s: {"description": titles[s], **_PROBLEM} for s in (401, 422, 503, *statuses)}
 
@@ -69,6 +70,12 @@ def api_app(saga_names: list[str]) -> FastAPI:
                       operation_id="healthz", responses=_problems())
     api.add_api_route("/readyz", readyz, methods=["GET"], response_model=schemas.Health,
                       operation_id="readyz", responses=_problems())
+    api.add_api_route("/metrics", metrics, methods=["GET"], operation_id="metrics",
+                      response_class=PlainTextResponse,
+                      responses={200: {"description": "Prometheus text exposition",
+                                       "content": {"text/plain": {"schema": {
+                                           "type": "string"}}}},
+                                 **_problems(501)})
     api.add_api_route("/sagas", list_sagas, methods=["GET"], response_model=schemas.SagaPage,
                       operation_id="list_sagas", responses=_problems(400))
     api.add_api_route("/sagas/counts", count_sagas, methods=["GET"],
@@ -136,6 +143,16 @@ def readyz(request: Request) -> dict[str, str]:
     if not context(request).store.exists():
         raise Problem(503, "state store unavailable", "the store has no sagaline schema")
     return {"status": "ready"}
+
+
+def metrics(request: Request, _who: Annotated[Principal, Depends(reader)]) -> Any:
+    """Prometheus metrics of this server: the sagas it started, and the sagas in progress
+    (read from the store) of the sagas its app defines (`-A`)."""
+    try:
+        exposition = context(request).metrics()
+    except ConfigurationError as exc:
+        raise Problem(501, "metrics need the prometheus extra", str(exc)) from None
+    return PlainTextResponse(exposition.render(), media_type=exposition.content_type)
 
 
 # -- reading ------------------------------------------------------------------------------

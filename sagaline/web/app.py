@@ -47,6 +47,13 @@ class WebContext:
     _counts: dict[str | None, tuple[float, dict[str, int]]] = field(default_factory=dict)
     _refreshing: set[str | None] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _metrics: ops.MetricsExposition | None = None
+
+    def metrics(self) -> ops.MetricsExposition:
+        with self._lock:
+            if self._metrics is None:
+                self._metrics = ops.MetricsExposition(self.store)
+            return self._metrics
 
     def counts(self, name: str | None) -> dict[str, int]:
         """Sagas per status (of one name), at most COUNTS_MAX_AGE seconds old: a stale

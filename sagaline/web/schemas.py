@@ -32,6 +32,8 @@ class Saga(BaseModel):
     parent_step: str | None
     version: int
     input_fingerprint: str | None
+    trace_context: str | None = Field(
+        description="The saga's root span (W3C traceparent) when tracing is on")
 
 
 class SagaSummary(Saga):

@@ -185,6 +185,32 @@ def test_the_openapi_document_is_3_1_and_health_answers(stack: WebStack) -> None
     assert httpx.get(f"{stack.base}/api/v1/readyz").json() == {"status": "ready"}
 
 
+def test_metrics_count_the_sagas_this_server_started_and_read_progress_from_the_store(
+        stack: WebStack) -> None:
+    def sample(text: str, name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            metric, _, value = line.rpartition(" ")
+            if metric.partition("{")[0] == name and \
+                    ",".join(sorted(metric.partition("{")[2].rstrip("}").split(","))) == want:
+                return float(value)
+        return 0.0
+
+    with stack.client(None) as anon, stack.client(READ_TOKEN) as reader:
+        assert anon.get("/api/v1/metrics").status_code == 401
+        before = reader.get("/api/v1/metrics")
+        assert before.status_code == 200 and before.headers["content-type"].startswith(
+            "text/plain")
+        started = sample(before.text, "sagaline_sagas_started_total", saga="robot_exploration")
+        saga_id = stack.start(slow={"plan_route": 3}, area="metrics")
+        during = reader.get("/api/v1/metrics").text
+        assert sample(during, "sagaline_sagas_started_total",
+                      saga="robot_exploration") == started + 1
+        assert 'sagaline_sagas_in_progress{saga="robot_exploration",status="running"}' in during
+        assert sample(during, "sagaline_store_up") == 1.0
+    stack.wait_status(saga_id, TERMINAL)
+
+
 def test_a_script_in_the_input_is_shown_as_text_and_forms_need_the_csrf_token(
         stack: WebStack) -> None:
     saga_id = stack.start(area="<script>alert('x')</script>", slow={"plan_route": 5})

@@ -98,3 +98,14 @@ def test_a_page_token_holds_the_exact_time_of_the_last_saga() -> None:
 
     for created_at in (1764523000.1234567, 1764523000.0, 0.1 + 0.2, 1e9 + 1e-6):
         assert decode_token(encode_token(created_at, "a-1")) == (created_at, "a-1")
+
+
+def test_the_api_schema_of_a_saga_has_every_field_of_the_record() -> None:
+    # A column added to SagaRecord must reach the API's schema too, or `show --json` and
+    # GET /sagas/{id} stop giving the same document.
+    import dataclasses
+
+    from sagaline.records import SagaRecord
+    from sagaline.web import schemas
+
+    assert set(schemas.Saga.model_fields) == {f.name for f in dataclasses.fields(SagaRecord)}
