@@ -33,6 +33,10 @@ from tests.harness import PrivateRedis, WorkerProcess, drop_database, shared_pos
 from tests.integration import chaos_app
 
 pytestmark = pytest.mark.timeout(180)
+# A pool process is killed at one of two moments (chaos_app's CHAOS_PAUSE): after
+# Celery handed it the step's message, before the claim ("before_claim"); after the
+# step's completion committed, before the messages it dispatched were published
+# ("before_publish").
 
 APP = "tests.integration.chaos_app"
 LEASE = 60.0  # sagaline's default: no test here changes it
@@ -46,10 +50,29 @@ class Cluster:
     ledger_dsn: str
     tmp: Path
 
-    def worker(self, name: str, extra_args: Sequence[str] = ()) -> WorkerProcess:
-        return WorkerProcess(APP, env=self.env, concurrency=2, name=name,
+    def worker(self, name: str, extra_args: Sequence[str] = (), *,
+               pause: str | None = None) -> WorkerProcess:
+        """A worker of chaos_app; `pause` ("before_claim:a", "before_publish:a"): its
+        first pool process to get there pauses (see chaos_app), pid in `pause_file`."""
+        env = dict(self.env)
+        if pause is not None:
+            env.update(CHAOS_PAUSE=pause, CHAOS_PAUSE_FILE=str(self.pause_file))
+        return WorkerProcess(APP, env=env, concurrency=2, name=name,
                              workdir=self.tmp / f"{name}-{uuid.uuid4().hex[:6]}",
                              extra_args=extra_args)
+
+    @property
+    def pause_file(self) -> Path:
+        return self.tmp / "paused.pid"
+
+    def wait_paused(self, timeout: float = 30) -> int:
+        """The pid of the pool process that paused (bounded by `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pause_file.exists() and self.pause_file.read_text().strip():
+                return int(self.pause_file.read_text())
+            time.sleep(0.05)
+        raise AssertionError(f"no pool process paused within {timeout}s")
 
     def start_fork(self, a: float) -> str:
         durations = {"a": a, "b": 0.1, "c": 0.1, "undo": 0.05}
@@ -197,14 +220,20 @@ def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
     try:
         first.start()
         saga_ids = [cluster.start_fork(a=8.0) for _ in range(6)]
-        # Two run (concurrency 2); the other four wait in the worker, unacknowledged.
+        # Two run (concurrency 2); the other four wait in the worker. All six are
+        # unacknowledged: a step's message is acknowledged once the step ended.
+        def two_running_four_waiting() -> bool:
+            running = [sid for sid in saga_ids
+                       if cluster.step(sid, "a").status is StepStatus.RUNNING]
+            return broker.hlen("unacked") >= 6 and len(running) == 2
+
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and broker.hlen("unacked") < 4:
+        while time.monotonic() < deadline and not two_running_four_waiting():
             time.sleep(0.05)
-        assert broker.hlen("unacked") >= 4, "the worker did not prefetch the other steps"
+        assert two_running_four_waiting(), "the worker did not prefetch the other steps"
         waiting = [sid for sid in saga_ids
                    if cluster.step(sid, "a").status is StepStatus.DISPATCHED]
-        assert len(waiting) >= 3
+        assert len(waiting) == 4
         first.kill()
         second.start()
         for sid in waiting:
@@ -269,3 +298,59 @@ def test_a_cold_shutdown_hands_back_the_step_it_cut_short(cluster: Cluster) -> N
         new.kill()
     (lost,) = cluster.lost(saga_id)
     assert (lost.step, lost.attempt) == ("a", 1)
+
+
+@pytest.mark.parametrize("how", ["pool process", "whole worker"])
+def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_seconds(
+        cluster: Cluster, how: str) -> None:
+    """Nothing in the store says who had the message: only the broker still has it
+    (unacknowledged until the step ends), or the worker's main process knows."""
+    first = cluster.worker("unclaimed", pause="before_claim:a")
+    second = cluster.worker("unclaimed")
+    try:
+        first.start()
+        saga_id = cluster.start_fork(a=0.2)
+        pid = cluster.wait_paused()
+        assert cluster.step(saga_id, "a").status is StepStatus.DISPATCHED
+        if how == "pool process":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            first.kill()
+            second.start()
+        took = cluster.wait_started(saga_id, "a", 1, timeout=RUNS_AGAIN_WITHIN)
+        assert took < RUNS_AGAIN_WITHIN  # not redispatch_after (30 s) after the dispatch
+        cluster.wait_status(saga_id, SagaStatus.COMPLETED, timeout=30)
+        assert how != "pool process" or first.is_running()
+    finally:
+        first.kill()
+        second.stop()
+    assert [a for s, a, _ in cluster.executions(saga_id) if s == "a"] == [1]
+    assert cluster.lost(saga_id) == []  # nothing ran, nothing was cut short
+
+
+@pytest.mark.parametrize("how", ["pool process", "whole worker"])
+def test_steps_dispatched_by_a_completion_whose_process_died_before_publishing_run(
+        cluster: Cluster, how: str) -> None:
+    first = cluster.worker("unpublished", pause="before_publish:a")
+    second = cluster.worker("unpublished")
+    try:
+        first.start()
+        saga_id = cluster.start_fork(a=0.2)
+        pid = cluster.wait_paused()
+        assert cluster.step(saga_id, "a").status is StepStatus.SUCCEEDED
+        assert cluster.step(saga_id, "b").status is StepStatus.DISPATCHED
+        if how == "pool process":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            first.kill()
+            second.start()
+        for step in ("b", "c"):
+            took = cluster.wait_started(saga_id, step, 1, timeout=RUNS_AGAIN_WITHIN)
+            assert took < RUNS_AGAIN_WITHIN
+        cluster.wait_status(saga_id, SagaStatus.COMPLETED, timeout=30)
+    finally:
+        first.kill()
+        second.stop()
+    runs = [s for s, _, _ in cluster.executions(saga_id)]
+    assert sorted(runs) == ["a", "b", "c"]  # each body once
+    assert any(e.kind == "step_redispatched" and e.step == "b" for e in cluster.history(saga_id))
