@@ -165,7 +165,7 @@ _PAUSE = os.environ.get("CHAOS_PAUSE", "")
 
 def _pause(where: str, step: str | None) -> None:
     """Pause once per CHAOS_PAUSE_FILE: the process that creates it pauses, no other."""
-    if not _PAUSE or _PAUSE != f"{where}:{step}":
+    if f"{where}:{step}" != _PAUSE:
         return
     try:
         fd = os.open(os.environ["CHAOS_PAUSE_FILE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
