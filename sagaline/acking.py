@@ -31,6 +31,7 @@ import logging
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback  # type: ignore[import-untyped]
+from celery import bootsteps
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from kombu.utils.objects import cached_property
 
@@ -50,6 +51,7 @@ class StepRequestMixin:
 
     _sagaline_holds_acks = True
     _ack_held = False
+    _held_qos: Any = None
 
     # Celery's request classes, which this class is mixed into, provide these.
     _request_dict: dict[str, Any]
@@ -78,8 +80,9 @@ class StepRequestMixin:
         return meta if isinstance(meta, dict) else None
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
-        if self.saga_meta is not None:
+        if self.saga_meta is not None and not self.task.acks_late:
             self._ack_held = True
+            self._held_qos = _take_prefetch_slot()
         super().on_accepted(pid, time_accepted)  # type: ignore[misc]
 
     def acknowledge(self) -> None:
@@ -90,6 +93,7 @@ class StepRequestMixin:
     def _release_ack(self) -> None:
         if self._ack_held:
             self._ack_held = False
+            _give_back_prefetch_slot(self._held_qos)
             self.acknowledge()
 
     def on_success(self, *args: Any, **kwargs: Any) -> Any:
@@ -143,6 +147,43 @@ def settle_lost_message(runtime: Any, meta: dict[str, Any], pid: int | None) -> 
         log.warning("saga %s step %s (%s attempt %s): the pool process that took its message "
                     "(pid %s) died; %s", saga_id, step, phase, attempt, pid,
                     "running it again" if decision.dispatches else "settled")
+
+
+# -- prefetch: a running step does not take the place of a prefetched message ----------
+#
+# The broker counts an unacknowledged message against the consumer's prefetch
+# (worker_prefetch_multiplier x concurrency). With early acks a running task no longer
+# counts; a step whose ack is held would, and the worker would prefetch that much less.
+# So each held ack raises the prefetch by one until it is released, as Celery itself
+# does for the messages it holds for their ETA (strategy.py). On RabbitMQ quorum queues
+# (per-consumer prefetch) the broker ignores such changes: there a running step counts.
+
+_consumer: Any = None
+
+
+def _take_prefetch_slot() -> Any:
+    qos = getattr(_consumer, "qos", None)
+    if qos is not None:
+        qos.increment_eventually()
+    return qos
+
+
+def _give_back_prefetch_slot(qos: Any) -> None:
+    # Only to the QoS it was taken from: a consumer that reconnected starts afresh.
+    current: Any = getattr(_consumer, "qos", None)
+    if qos is not None and current is qos:
+        current.decrement_eventually()
+
+
+class HeldAcksStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Lets held acks adjust the prefetch of the worker's consumer (main process)."""
+
+    label = "sagaline held acks"
+
+    def __init__(self, consumer: Any, **kwargs: Any):
+        global _consumer
+        _consumer = consumer
+        super().__init__(consumer, **kwargs)
 
 
 _CLASSES: dict[Any, type] = {}

@@ -37,7 +37,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from .acking import step_request_class
+from .acking import HeldAcksStep, step_request_class
 from .config import Settings, default_broker_options, default_broker_url, ready_file
 from .context import StepLogFilter
 from .definition import check_definitions
@@ -81,8 +81,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.steps["worker"].add(DefinitionsStep)
     if conf.sweeper and SweeperStep not in app.steps["worker"]:
         app.steps["worker"].add(SweeperStep)
-    if DecodeErrorStep not in app.steps["consumer"]:
-        app.steps["consumer"].add(DecodeErrorStep)
+    for step in (DecodeErrorStep, HeldAcksStep):
+        if step not in app.steps["consumer"]:
+            app.steps["consumer"].add(step)
     worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")
     return runtime
 
