@@ -10,6 +10,7 @@ restarted under the same node name, a warm shutdown (SIGTERM) and a cold one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,7 +30,13 @@ from sagaline import SagaStatus
 from sagaline.records import Event, StepRecord
 from sagaline.runtime import Runtime
 from sagaline.states import StepStatus
-from tests.harness import PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
+from tests.harness import (
+    PrivateRedis,
+    WorkerProcess,
+    drop_database,
+    rabbitmq_vhost,
+    shared_postgres_url,
+)
 from tests.integration import chaos_app
 
 pytestmark = pytest.mark.timeout(180)
@@ -129,29 +136,36 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    broker = PrivateRedis()
-    db = shared_postgres_url(f"sagaline_loss_{uuid.uuid4().hex[:10]}")
-    ledger_dsn = db.replace("postgresql+psycopg://", "postgresql://", 1)
-    runtime: Runtime | None = None
-    try:
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Workers on a private redis-server, or (indirect parameter "rabbitmq/classic",
+    "rabbitmq/quorum") on a vhost of their own on the shared RabbitMQ."""
+    kind = getattr(request, "param", "redis")
+    with contextlib.ExitStack() as stack:
+        if kind == "redis":
+            broker = PrivateRedis()
+            stack.callback(broker.destroy)
+            broker_url = broker.url
+        else:
+            broker_url = stack.enter_context(rabbitmq_vhost("sagaline-loss"))
+        db = shared_postgres_url(f"sagaline_loss_{uuid.uuid4().hex[:10]}")
+        stack.callback(drop_database, db)
+        ledger_dsn = db.replace("postgresql+psycopg://", "postgresql://", 1)
         with psycopg.connect(ledger_dsn, autocommit=True) as conn:
             conn.execute(chaos_app.LEDGER_DDL)
         client = Celery(f"loss-client-{uuid.uuid4().hex[:6]}")
-        client.conf.broker_url = broker.url
+        client.conf.broker_url = broker_url
+        env = {"CELERY_BROKER_URL": broker_url, "SAGALINE_STORE_URL": db, "LEDGER_URL": db,
+               "SAGALINE_HOME": str(tmp_path / "home")}
+        if kind == "rabbitmq/quorum":
+            client.conf.task_default_queue_type = "quorum"
+            env["SAGALINE_TEST_QUEUE_TYPE"] = "quorum"
         runtime = sagaline.init_app(client, store=db, sweeper=False)
+        stack.callback(runtime.store.close)
         assert runtime.settings.lease == LEASE
         runtime.store.count_by_status()  # the schema exists before any worker starts
-        env = {"CELERY_BROKER_URL": broker.url, "SAGALINE_STORE_URL": db, "LEDGER_URL": db,
-               "SAGALINE_HOME": str(tmp_path / "home")}
         for name in ("LEASE", "REDISPATCH_AFTER", "SWEEP_INTERVAL", "CRASH_RETRIES"):
             env[f"SAGALINE_{name}"] = ""  # the defaults, whatever the caller's environment
         yield Cluster(env, runtime, ledger_dsn, tmp_path)
-    finally:
-        if runtime is not None:
-            runtime.store.close()
-        broker.destroy()
-        drop_database(db)
 
 
 def node(name: str) -> str:
@@ -300,7 +314,14 @@ def test_a_cold_shutdown_hands_back_the_step_it_cut_short(cluster: Cluster) -> N
     assert (lost.step, lost.attempt) == ("a", 1)
 
 
-@pytest.mark.parametrize("how", ["pool process", "whole worker"])
+# The broker keeps (or puts back) a message whose ack was held: each broker in turn.
+KILLED = [pytest.param("redis", "pool process", id="redis-pool-process"),
+          pytest.param("redis", "whole worker", id="redis-whole-worker"),
+          pytest.param("rabbitmq/classic", "whole worker", id="rabbitmq-classic-whole-worker"),
+          pytest.param("rabbitmq/quorum", "whole worker", id="rabbitmq-quorum-whole-worker")]
+
+
+@pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
 def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_seconds(
         cluster: Cluster, how: str) -> None:
     """Nothing in the store says who had the message: only the broker still has it
@@ -328,7 +349,7 @@ def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_second
     assert cluster.lost(saga_id) == []  # nothing ran, nothing was cut short
 
 
-@pytest.mark.parametrize("how", ["pool process", "whole worker"])
+@pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
 def test_steps_dispatched_by_a_completion_whose_process_died_before_publishing_run(
         cluster: Cluster, how: str) -> None:
     first = cluster.worker("unpublished", pause="before_publish:a")
