@@ -493,11 +493,12 @@ def rerun_delays(views: dict[str, sagaline.SagaView], kills: list[Kill]
             starts = [e.ts for e in views[saga_id].history if e.step == step
                       and e.kind in ("step_started", "compensation_started",
                                      "step_cancelled")
-                      and e.ts > kill.restarted]
+                      and e.ts > kill.killed]
             if starts:
+                # Before the restart returned (one worker was ready before the other): 0.
                 start = min(starts)
-                since = max(r for r in restarts if r < start)
-                delays.append((start - since, saga_id, step))
+                since = [r for r in restarts if kill.killed < r <= start]
+                delays.append((start - max(since) if since else 0.0, saga_id, step))
     return sorted(delays, reverse=True)
 
 
