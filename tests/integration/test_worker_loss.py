@@ -321,6 +321,16 @@ KILLED = [pytest.param("redis", "pool process", id="redis-pool-process"),
           pytest.param("rabbitmq/quorum", "whole worker", id="rabbitmq-quorum-whole-worker")]
 
 
+def kill_paused(how: str, pid: int, first: WorkerProcess, second: WorkerProcess) -> None:
+    """Kill the paused pool process `pid` (its worker lives on), or the whole worker
+    `first` and start `second` under the same node name."""
+    if how == "pool process":
+        os.kill(pid, signal.SIGKILL)
+    else:
+        first.kill()
+        second.start()
+
+
 @pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
 def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_seconds(
         cluster: Cluster, how: str) -> None:
@@ -333,11 +343,7 @@ def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_second
         saga_id = cluster.start_fork(a=0.2)
         pid = cluster.wait_paused()
         assert cluster.step(saga_id, "a").status is StepStatus.DISPATCHED
-        if how == "pool process":
-            os.kill(pid, signal.SIGKILL)
-        else:
-            first.kill()
-            second.start()
+        kill_paused(how, pid, first, second)
         took = cluster.wait_started(saga_id, "a", 1, timeout=RUNS_AGAIN_WITHIN)
         assert took < RUNS_AGAIN_WITHIN  # not redispatch_after (30 s) after the dispatch
         cluster.wait_status(saga_id, SagaStatus.COMPLETED, timeout=30)
@@ -360,11 +366,7 @@ def test_steps_dispatched_by_a_completion_whose_process_died_before_publishing_r
         pid = cluster.wait_paused()
         assert cluster.step(saga_id, "a").status is StepStatus.SUCCEEDED
         assert cluster.step(saga_id, "b").status is StepStatus.DISPATCHED
-        if how == "pool process":
-            os.kill(pid, signal.SIGKILL)
-        else:
-            first.kill()
-            second.start()
+        kill_paused(how, pid, first, second)
         for step in ("b", "c"):
             took = cluster.wait_started(saga_id, step, 1, timeout=RUNS_AGAIN_WITHIN)
             assert took < RUNS_AGAIN_WITHIN
