@@ -2,7 +2,10 @@
 
 - Step execution: a `task_annotations` entry wraps every task's `__call__`
   (Celery's documented `@__call__` annotation); a message without sagaline's
-  header runs untouched, a saga step is claimed before and completed after.
+  header runs untouched, a saga step is claimed before and completed after. The
+  same entry gives each task a `Request` class that acknowledges a saga step's
+  message only once the step ended, and settles at once what a pool process
+  that died left of its step (acking.py).
 - Recovery: a worker bootstep (sweeper.py) runs the sweeper in every `celery worker`;
   its thread also hands back, without waiting for their leases, the claims of this
   worker's processes that died (a pool process that exited, the previous start of a
@@ -25,11 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.app.task import Task
-from celery.exceptions import WorkerLostError
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
-    task_failure,
     task_prerun,
     worker_init,
     worker_process_init,
@@ -39,6 +40,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from .acking import HeldAcksStep, step_request_class
 from .config import Settings, default_broker_options, default_broker_url, ready_file
 from .context import StepLogFilter
 from .definition import check_definitions
@@ -83,8 +85,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.steps["worker"].add(DefinitionsStep)
     if conf.sweeper and SweeperStep not in app.steps["worker"]:
         app.steps["worker"].add(SweeperStep)
-    if DecodeErrorStep not in app.steps["consumer"]:
-        app.steps["consumer"].add(DecodeErrorStep)
+    for step in (DecodeErrorStep, HeldAcksStep):
+        if step not in app.steps["consumer"]:
+            app.steps["consumer"].add(step)
     if HeartbeatStep not in app.steps["worker"]:
         app.steps["worker"].add(HeartbeatStep)
     if conf.metrics_port:
@@ -174,14 +177,19 @@ def _around_call(orig: Any) -> Any:
     return __call__
 
 
+def _around_request(orig: Any) -> Any:
+    return step_request_class(orig)
+
+
 def wrap_task_class(cls: type[Task]) -> None:
     current = cls.__dict__.get("__call__")
-    if current is not None and getattr(current, "_sagaline_wrapped", False):
-        return
-    cls.add_around("__call__", _around_call)
+    if current is None or not getattr(current, "_sagaline_wrapped", False):
+        cls.add_around("__call__", _around_call)
+    if not getattr(cls.Request, "_sagaline_holds_acks", False):
+        cls.add_around("Request", _around_request)
 
 
-STEP_ANNOTATION = {"*": {"@__call__": _around_call}}
+STEP_ANNOTATION = {"*": {"@__call__": _around_call, "@Request": _around_request}}
 
 
 @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
@@ -223,21 +231,6 @@ def _name_this_boot(sender: Any = None, **_: Any) -> None:
         return
     runtime.worker_node = str(sender.hostname)
     runtime.worker_boot = uuid.uuid4().hex
-
-
-@task_failure.connect(weak=False)  # type: ignore[untyped-decorator]
-def _pool_process_lost(sender: Any = None, exception: BaseException | None = None,
-                       **_: Any) -> None:
-    # Sent in the main process when a pool process died running a task: wake the
-    # sweeper thread to hand its claim back now (the periodic check would in a
-    # sweep_interval; with acks_late + reject_on_worker_lost this is not sent at all).
-    if not isinstance(exception, WorkerLostError):
-        return
-    try:
-        runtime = current_runtime(getattr(sender, "app", None))
-    except Exception:
-        return
-    runtime.process_lost.set()
 
 
 @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]

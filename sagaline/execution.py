@@ -45,6 +45,8 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
                                     now=now, owner=claim_owner(runtime)):
         log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
                  "message); not running it", saga_id, step, phase, attempt)
+        if _redelivered(task):
+            _republish_pending(runtime, saga_id, step, phase, attempt)
         raise Ignore()
     ready_at = meta.get("ready_at")
     wait = now - ready_at if isinstance(ready_at, (int, float)) else None
@@ -65,6 +67,24 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
         # must not let the lease expire and re-run a body that already finished.
         heartbeat.remove(token)
         _current.reset(ctx_token)
+
+
+def _redelivered(task: Any) -> bool:
+    info = getattr(getattr(task, "request", None), "delivery_info", None)
+    return bool(isinstance(info, dict) and info.get("redelivered"))
+
+
+def _republish_pending(runtime: Runtime, saga_id: str, step: str, phase: Phase,
+                       attempt: int) -> None:
+    """A message the broker delivered again, of a step that has moved on: the process
+    that had it may have died after committing its completion and before publishing
+    what the completion dispatched (acking.py). Publish those again now (fenced)."""
+    try:
+        runtime.apply(saga_id, recovery.message_lost, step, phase, attempt, None,
+                      cause="message redelivered", reason="message_redelivered")
+    except Exception:
+        log.exception("saga %s: could not publish its pending messages again; the sweeper "
+                      "will", saga_id)
 
 
 def claim_owner(runtime: Runtime) -> Owner | None:

@@ -1,17 +1,19 @@
-"""Step messages a killed worker had prefetched, put back in their queues (Redis broker).
+"""Step messages a killed worker held, put back in their queues (Redis broker).
 
-Celery acknowledges a message when a pool process starts it (no `acks_late`), so a
-worker killed with -9 takes with it the messages it had received but not started:
-up to `worker_prefetch_multiplier` x concurrency. On RabbitMQ the broker redelivers
-them as soon as the connection drops. kombu's Redis transport keeps them in its
-`unacked` hash and redelivers them only after `visibility_timeout` (one hour by
-default); sagaline's sweeper would publish them again after `redispatch_after`.
+A worker acknowledges a saga step's message once the step ended (acking.py), so a
+worker killed with -9 leaves unacknowledged the messages of the steps it was
+running and those it had received but not started (`worker_prefetch_multiplier` x
+concurrency more). On RabbitMQ the broker delivers them again as soon as the
+connection drops. kombu's Redis transport keeps them in its `unacked` hash and
+delivers them again only after `visibility_timeout` (one hour by default);
+sagaline's sweeper would publish them again after `redispatch_after`, and not at
+all a message whose step was claimed but never completed.
 
 A starting worker does better: the saga step messages that were delivered before it
-started and are still unacknowledged are either held by a worker that died, or
-prefetched by a live one. It puts them back at the head of their queues, with
-kombu's own restore. A live worker's copy then runs at most once with the restored
-one: the claim (a compare-and-set on the step's attempt) refuses the second.
+started and are still unacknowledged are either held by a worker that died, or by
+a live one. It puts them back at the head of their queues, with kombu's own
+restore. A live worker's copy then runs at most once with the restored one: the
+claim (a compare-and-set on the step's attempt) refuses the second.
 Messages that are not saga steps are left alone: only their own worker knows them.
 """
 

@@ -121,6 +121,66 @@ def claim_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: i
     return w.decision()
 
 
+def message_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int,
+                 owner: Owner | None, *, cause: str, now: float, timing: Timing,
+                 reason: str = "message_lost") -> Decision | None:
+    """A process that took this step's message may have died before finishing with it.
+
+    Either the pool process that took it died (its worker's main process saw it, and
+    the message goes with it: `owner` is that process), or the broker delivered the
+    message again after its consumer was lost (`owner` None: who had it is unknown).
+    Whatever that process left unfinished is put right at once, fenced like every
+    decision: a claim it never committed (the step is still DISPATCHED under this
+    attempt) is published again; a claim `owner` held is a crashed attempt
+    (`claim_lost`); a step that has moved on may have been settled by a process that
+    died before publishing what the completion dispatched, so those messages are
+    published again (`republish_pending`). A claim held by another process is left
+    alone: as far as anyone here knows, it is alive.
+    """
+    rec = state.steps.get(step)
+    if rec is None:
+        return None
+    if rec.is_dispatched(phase, attempt):
+        return republish_pending(defn, state, now=now, timing=timing, reason=reason,
+                                 only=step)
+    if rec.is_running(phase, attempt):
+        if owner is None or rec.owner != owner:
+            return None
+        return claim_lost(defn, state, step, phase, attempt, owner, cause=cause, now=now,
+                          timing=timing)
+    return republish_pending(defn, state, now=now, timing=timing, reason=reason)
+
+
+def republish_pending(defn: Saga, state: SagaState, *, now: float, timing: Timing,
+                      reason: str, only: str | None = None) -> Decision | None:
+    """Publish again, at once, the messages of this saga that should be in the broker now.
+
+    Called when a process may have died between a commit that dispatched steps and
+    the publish of their messages (a redelivered message of a step already settled
+    shows it): every step or compensation DISPATCHED whose backoff has passed gets
+    its message again, under the same attempt, so a copy that was not lost is
+    refused by the claim. A retry still waiting for its backoff is left to the
+    process that keeps it, or to the sweeper.
+    """
+    w = Work(defn, state, now, timing)
+    for name in w.graph.order:
+        if only is not None and name != only:
+            continue
+        rec = w.steps[name]
+        if rec.due_at is None or rec.due_at - timing.redispatch_after > now:
+            continue  # not dispatched, or a backoff not over yet
+        if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (SagaStatus.RUNNING,
+                                                                  SagaStatus.COMPENSATING):
+            dispatch_forward(w, name, attempt=rec.attempt, announce=False)
+            w.event(EventKind.STEP_REDISPATCHED, name, rec.attempt, Phase.FORWARD, reason=reason)
+        elif rec.is_dispatched(Phase.COMPENSATE):
+            dispatch_compensation(w, name, attempt=rec.comp_attempt, announce=False)
+            w.event(EventKind.COMPENSATION_REDISPATCHED, name, rec.comp_attempt, Phase.COMPENSATE,
+                    reason=reason)
+    decision = w.decision()
+    return decision if decision.dispatches else None
+
+
 def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
                timing: Timing) -> Decision | None:
     """Publish again a DISPATCHED message that may have been lost (same attempt: fenced)."""

@@ -20,6 +20,7 @@ from ._state import set_default_runtime as set_default_runtime
 from .definition import Saga
 from .exceptions import ConfigurationError, IdempotencyConflict, InputError
 from .execution import Heartbeat, filter_kwargs
+from .forking import fork_guard
 from .handle import SagaHandle as SagaHandle
 from .records import HEADER as HEADER
 from .records import Decision, Dispatch, SagaRecord, SagaState
@@ -366,6 +367,7 @@ class DelayedPublisher:
                     self._wake.wait(wait)
                 _, _, d = heapq.heappop(self._queue)
             try:
-                self._publish(d)  # logs its own failures; the sweeper covers them
+                with fork_guard():  # a pool may fork meanwhile (forking.py)
+                    self._publish(d)  # logs its own failures; the sweeper covers them
             except Exception:
                 log.exception("delayed publish of saga %s step %s failed", d.saga_id, d.step)

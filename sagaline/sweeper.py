@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from celery.utils.nodenames import worker_direct
 from . import recovery, signals
 from .definition import Saga
 from .engine import Timing
+from .forking import fork_guard
 from .lost_claims import hand_back_dead_processes as hand_back_dead_processes
 from .lost_claims import hand_back_lost_claims, pool_pids
 from .prefetched import requeue_prefetched_steps
@@ -194,19 +194,20 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         earlier_boots = True  # until one pass has looked at them
         for_a_sweep = interval
         try:
-            requeue_prefetched_steps(worker.app, delivered_before=self._started)
+            with fork_guard():
+                requeue_prefetched_steps(worker.app, delivered_before=self._started)
         except Exception:
             log.exception("could not put back the step messages of stopped workers; the "
                           "sweeper publishes them again after redispatch_after")
         while not self._stop.is_set():
             runtime.process_lost.clear()
-            with _fork_guard():
+            with fork_guard():
                 if self._hand_back_lost(runtime, worker, earlier_boots=earlier_boots):
                     earlier_boots = False
             if for_a_sweep <= 0:
                 for_a_sweep = interval
                 try:
-                    with _fork_guard():
+                    with fork_guard():
                         sweep(runtime)
                 except Exception:
                     log.exception("sweeper pass failed; trying again in %ss", interval)
@@ -242,42 +243,6 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
     # Without it, StartStopStep.terminate (a cold shutdown) would not stop the thread.
     terminate = stop
     shutdown = stop
-
-
-# The pool forks its children from the main thread (at start, and to replace one that
-# died, which is exactly when this thread is busy handing its claims back). A child
-# forked while this thread holds a lock (the store's connection pool, the broker's
-# producer pool, an import) inherits it held by a thread that does not exist there,
-# and hangs. So a fork waits until this thread is between two passes, but never
-# long: a pass that waits out a store outage must not freeze the worker's event loop
-# (a child that still hangs is replaced by billiard after its start-up timeout).
-_FORK_LOCK = threading.RLock()
-_FORK_WAIT = 5.0
-_forking = threading.local()
-
-
-def _fork_guard() -> threading.RLock:
-    return _FORK_LOCK
-
-
-def _before_fork() -> None:
-    _forking.held = _FORK_LOCK.acquire(timeout=_FORK_WAIT)
-
-
-def _after_fork_in_parent() -> None:
-    if getattr(_forking, "held", False):
-        _forking.held = False
-        _FORK_LOCK.release()
-
-
-def _after_fork_in_child() -> None:
-    global _FORK_LOCK
-    _FORK_LOCK = threading.RLock()  # held by the forking thread of the parent: start anew
-    _forking.held = False
-
-
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
 
 
 def _wait_either(event: threading.Event, stop: threading.Event, timeout: float) -> float:

@@ -148,3 +148,54 @@ fork = (
     .add_step(work, name="b", compensate=undo, depends_on=["a"])
     .add_step(work, name="c", compensate=undo, depends_on=["a"])
 )
+
+
+# -- pauses at the two moments a kill must not lose a step (test_worker_loss.py) -------
+#
+# CHAOS_PAUSE="<where>:<step>" makes the first pool process that handles step <step>
+# write its pid to CHAOS_PAUSE_FILE and sleep there for 60 s, so that a test kills it
+# at that moment:
+# - "before_claim": Celery has handed the message to the pool process (and would have
+#   acknowledged it by default), sagaline has not claimed the step yet;
+# - "before_publish": the step's completion is committed, the messages of the steps it
+#   dispatched are not published yet.
+
+_PAUSE = os.environ.get("CHAOS_PAUSE", "")
+
+
+def _pause(where: str, step: str | None) -> None:
+    """Pause once per CHAOS_PAUSE_FILE: the process that creates it pauses, no other."""
+    if f"{where}:{step}" != _PAUSE:
+        return
+    try:
+        fd = os.open(os.environ["CHAOS_PAUSE_FILE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(60)
+
+
+if _PAUSE.startswith("before_claim:"):
+    from celery.signals import task_prerun
+
+    @task_prerun.connect(weak=False)
+    def _pause_before_claim(task: Any = None, **_: Any) -> None:
+        meta = getattr(task.request, "sagaline", None) or {}
+        _pause("before_claim", meta.get("step"))
+
+if _PAUSE.startswith("before_publish:"):
+    from sagaline.runtime import Runtime
+
+    _publish = Runtime.publish
+
+    def _publish_after_a_pause(self: Runtime, dispatches: list[Any]) -> None:
+        try:
+            current: sagaline.StepInfo | None = sagaline.current_step()
+        except RuntimeError:  # not inside a step: the sweeper, a client
+            current = None
+        if dispatches and current is not None and current.phase == "forward":
+            _pause("before_publish", current.step)
+        _publish(self, dispatches)
+
+    Runtime.publish = _publish_after_a_pause  # type: ignore[method-assign]

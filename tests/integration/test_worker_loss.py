@@ -10,6 +10,7 @@ restarted under the same node name, a warm shutdown (SIGTERM) and a cold one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,10 +30,20 @@ from sagaline import SagaStatus
 from sagaline.records import Event, StepRecord
 from sagaline.runtime import Runtime
 from sagaline.states import StepStatus
-from tests.harness import PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
+from tests.harness import (
+    PrivateRedis,
+    WorkerProcess,
+    drop_database,
+    rabbitmq_vhost,
+    shared_postgres_url,
+)
 from tests.integration import chaos_app
 
 pytestmark = pytest.mark.timeout(180)
+# A pool process is killed at one of two moments (chaos_app's CHAOS_PAUSE): after
+# Celery handed it the step's message, before the claim ("before_claim"); after the
+# step's completion committed, before the messages it dispatched were published
+# ("before_publish").
 
 APP = "tests.integration.chaos_app"
 LEASE = 60.0  # sagaline's default: no test here changes it
@@ -46,10 +57,29 @@ class Cluster:
     ledger_dsn: str
     tmp: Path
 
-    def worker(self, name: str, extra_args: Sequence[str] = ()) -> WorkerProcess:
-        return WorkerProcess(APP, env=self.env, concurrency=2, name=name,
+    def worker(self, name: str, extra_args: Sequence[str] = (), *,
+               pause: str | None = None) -> WorkerProcess:
+        """A worker of chaos_app; `pause` ("before_claim:a", "before_publish:a"): its
+        first pool process to get there pauses (see chaos_app), pid in `pause_file`."""
+        env = dict(self.env)
+        if pause is not None:
+            env.update(CHAOS_PAUSE=pause, CHAOS_PAUSE_FILE=str(self.pause_file))
+        return WorkerProcess(APP, env=env, concurrency=2, name=name,
                              workdir=self.tmp / f"{name}-{uuid.uuid4().hex[:6]}",
                              extra_args=extra_args)
+
+    @property
+    def pause_file(self) -> Path:
+        return self.tmp / "paused.pid"
+
+    def wait_paused(self, timeout: float = 30) -> int:
+        """The pid of the pool process that paused (bounded by `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pause_file.exists() and self.pause_file.read_text().strip():
+                return int(self.pause_file.read_text())
+            time.sleep(0.05)
+        raise AssertionError(f"no pool process paused within {timeout}s")
 
     def start_fork(self, a: float) -> str:
         durations = {"a": a, "b": 0.1, "c": 0.1, "undo": 0.05}
@@ -106,29 +136,36 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    broker = PrivateRedis()
-    db = shared_postgres_url(f"sagaline_loss_{uuid.uuid4().hex[:10]}")
-    ledger_dsn = db.replace("postgresql+psycopg://", "postgresql://", 1)
-    runtime: Runtime | None = None
-    try:
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Workers on a private redis-server, or (indirect parameter "rabbitmq/classic",
+    "rabbitmq/quorum") on a vhost of their own on the shared RabbitMQ."""
+    kind = getattr(request, "param", "redis")
+    with contextlib.ExitStack() as stack:
+        if kind == "redis":
+            broker = PrivateRedis()
+            stack.callback(broker.destroy)
+            broker_url = broker.url
+        else:
+            broker_url = stack.enter_context(rabbitmq_vhost("sagaline-loss"))
+        db = shared_postgres_url(f"sagaline_loss_{uuid.uuid4().hex[:10]}")
+        stack.callback(drop_database, db)
+        ledger_dsn = db.replace("postgresql+psycopg://", "postgresql://", 1)
         with psycopg.connect(ledger_dsn, autocommit=True) as conn:
             conn.execute(chaos_app.LEDGER_DDL)
         client = Celery(f"loss-client-{uuid.uuid4().hex[:6]}")
-        client.conf.broker_url = broker.url
+        client.conf.broker_url = broker_url
+        env = {"CELERY_BROKER_URL": broker_url, "SAGALINE_STORE_URL": db, "LEDGER_URL": db,
+               "SAGALINE_HOME": str(tmp_path / "home")}
+        if kind == "rabbitmq/quorum":
+            client.conf.task_default_queue_type = "quorum"
+            env["SAGALINE_TEST_QUEUE_TYPE"] = "quorum"
         runtime = sagaline.init_app(client, store=db, sweeper=False)
+        stack.callback(runtime.store.close)
         assert runtime.settings.lease == LEASE
         runtime.store.count_by_status()  # the schema exists before any worker starts
-        env = {"CELERY_BROKER_URL": broker.url, "SAGALINE_STORE_URL": db, "LEDGER_URL": db,
-               "SAGALINE_HOME": str(tmp_path / "home")}
         for name in ("LEASE", "REDISPATCH_AFTER", "SWEEP_INTERVAL", "CRASH_RETRIES"):
             env[f"SAGALINE_{name}"] = ""  # the defaults, whatever the caller's environment
         yield Cluster(env, runtime, ledger_dsn, tmp_path)
-    finally:
-        if runtime is not None:
-            runtime.store.close()
-        broker.destroy()
-        drop_database(db)
 
 
 def node(name: str) -> str:
@@ -197,14 +234,20 @@ def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
     try:
         first.start()
         saga_ids = [cluster.start_fork(a=8.0) for _ in range(6)]
-        # Two run (concurrency 2); the other four wait in the worker, unacknowledged.
+        # Two run (concurrency 2); the other four wait in the worker. All six are
+        # unacknowledged: a step's message is acknowledged once the step ended.
+        def two_running_four_waiting() -> bool:
+            running = [sid for sid in saga_ids
+                       if cluster.step(sid, "a").status is StepStatus.RUNNING]
+            return broker.hlen("unacked") >= 6 and len(running) == 2
+
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and broker.hlen("unacked") < 4:
+        while time.monotonic() < deadline and not two_running_four_waiting():
             time.sleep(0.05)
-        assert broker.hlen("unacked") >= 4, "the worker did not prefetch the other steps"
+        assert two_running_four_waiting(), "the worker did not prefetch the other steps"
         waiting = [sid for sid in saga_ids
                    if cluster.step(sid, "a").status is StepStatus.DISPATCHED]
-        assert len(waiting) >= 3
+        assert len(waiting) == 4
         first.kill()
         second.start()
         for sid in waiting:
@@ -269,3 +312,68 @@ def test_a_cold_shutdown_hands_back_the_step_it_cut_short(cluster: Cluster) -> N
         new.kill()
     (lost,) = cluster.lost(saga_id)
     assert (lost.step, lost.attempt) == ("a", 1)
+
+
+# The broker keeps (or puts back) a message whose ack was held: each broker in turn.
+KILLED = [pytest.param("redis", "pool process", id="redis-pool-process"),
+          pytest.param("redis", "whole worker", id="redis-whole-worker"),
+          pytest.param("rabbitmq/classic", "whole worker", id="rabbitmq-classic-whole-worker"),
+          pytest.param("rabbitmq/quorum", "whole worker", id="rabbitmq-quorum-whole-worker")]
+
+
+def kill_paused(how: str, pid: int, first: WorkerProcess, second: WorkerProcess) -> None:
+    """Kill the paused pool process `pid` (its worker lives on), or the whole worker
+    `first` and start `second` under the same node name."""
+    if how == "pool process":
+        os.kill(pid, signal.SIGKILL)
+    else:
+        first.kill()
+        second.start()
+
+
+@pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
+def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_seconds(
+        cluster: Cluster, how: str) -> None:
+    """Nothing in the store says who had the message: only the broker still has it
+    (unacknowledged until the step ends), or the worker's main process knows."""
+    first = cluster.worker("unclaimed", pause="before_claim:a")
+    second = cluster.worker("unclaimed")
+    try:
+        first.start()
+        saga_id = cluster.start_fork(a=0.2)
+        pid = cluster.wait_paused()
+        assert cluster.step(saga_id, "a").status is StepStatus.DISPATCHED
+        kill_paused(how, pid, first, second)
+        took = cluster.wait_started(saga_id, "a", 1, timeout=RUNS_AGAIN_WITHIN)
+        assert took < RUNS_AGAIN_WITHIN  # not redispatch_after (30 s) after the dispatch
+        cluster.wait_status(saga_id, SagaStatus.COMPLETED, timeout=30)
+        assert how != "pool process" or first.is_running()
+    finally:
+        first.kill()
+        second.stop()
+    assert [a for s, a, _ in cluster.executions(saga_id) if s == "a"] == [1]
+    assert cluster.lost(saga_id) == []  # nothing ran, nothing was cut short
+
+
+@pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
+def test_steps_dispatched_by_a_completion_whose_process_died_before_publishing_run(
+        cluster: Cluster, how: str) -> None:
+    first = cluster.worker("unpublished", pause="before_publish:a")
+    second = cluster.worker("unpublished")
+    try:
+        first.start()
+        saga_id = cluster.start_fork(a=0.2)
+        pid = cluster.wait_paused()
+        assert cluster.step(saga_id, "a").status is StepStatus.SUCCEEDED
+        assert cluster.step(saga_id, "b").status is StepStatus.DISPATCHED
+        kill_paused(how, pid, first, second)
+        for step in ("b", "c"):
+            took = cluster.wait_started(saga_id, step, 1, timeout=RUNS_AGAIN_WITHIN)
+            assert took < RUNS_AGAIN_WITHIN
+        cluster.wait_status(saga_id, SagaStatus.COMPLETED, timeout=30)
+    finally:
+        first.kill()
+        second.stop()
+    runs = [s for s, _, _ in cluster.executions(saga_id)]
+    assert sorted(runs) == ["a", "b", "c"]  # each body once
+    assert any(e.kind == "step_redispatched" and e.step == "b" for e in cluster.history(saga_id))

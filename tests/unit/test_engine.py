@@ -977,3 +977,62 @@ def test_a_misspelled_field_in_an_engine_update_raises() -> None:
         w.update_saga(finshed_at=T0)
     with pytest.raises(AttributeError, match="stauts"):
         run.step("s1").stauts = StepStatus.RUNNING  # type: ignore[attr-defined]
+
+
+# -- a message whose process died: recovery.message_lost ------------------------------------
+
+
+def _message_lost(run: Run, name: str, phase: Phase, attempt: int,
+                  owner: Owner | None) -> Decision | None:
+    return run.apply(recovery.message_lost(run.defn, run.snapshot(), name, phase, attempt,
+                                           owner, cause="pool process exited", now=run.now,
+                                           timing=run.timing))
+
+
+def test_a_message_lost_before_its_claim_is_published_again_at_once() -> None:
+    run = Run(linear("eng_msg_unclaimed", 2))
+    run.now = T0 + 1  # long before redispatch_after
+    assert _message_lost(run, "s1", Phase.FORWARD, 1, OWNER) is not None
+    assert run.dispatched() == ["s1"]
+    assert run.dispatch_of("s1").attempt == 1  # the same attempt: a copy is fenced
+    assert run.events[-1].kind == "step_redispatched"
+    assert run.events[-1].detail["reason"] == "message_lost"
+    assert run.step("s1").status is StepStatus.DISPATCHED
+
+
+def test_a_message_lost_while_its_owner_ran_it_hands_the_claim_back() -> None:
+    run = Run(linear("eng_msg_claimed", 2))
+    attempt = run.claim("s1", owner=OWNER)
+    other = Owner(OWNER.node, OWNER.boot, OWNER.pid + 1)
+    # Another process holds the claim, or nobody knows who had the message: alive.
+    assert _message_lost(run, "s1", Phase.FORWARD, attempt, other) is None
+    assert _message_lost(run, "s1", Phase.FORWARD, attempt, None) is None
+    assert _message_lost(run, "s1", Phase.FORWARD, attempt, OWNER) is not None
+    assert (run.step("s1").status, run.step("s1").attempt) == (StepStatus.DISPATCHED, 2)
+    assert [e.detail.get("reason") for e in run.events[-1:]] == ["worker_lost"]
+
+
+def test_a_message_lost_after_its_completion_publishes_what_the_completion_dispatched() -> None:
+    defn = Saga("eng_msg_settled").add_step(a, compensate=undo_a) \
+        .add_step(b, depends_on=["a"]).add_step(c, depends_on=["a"])
+    run = Run(defn)
+    run.succeed("a")  # committed; say its process died before publishing b and c
+    run.now += 1
+    assert _message_lost(run, "a", Phase.FORWARD, 1, None) is not None
+    assert sorted(run.dispatched()) == ["b", "c"]
+    assert all(run.dispatch_of(n).attempt == 1 for n in ("b", "c"))
+    # A retry still in its backoff is left to the process that holds it (or the sweeper).
+    run.fail("b")  # NO retry policy: the saga rolls back, a's compensation is due now
+    assert run.step("a").comp_status is CompensationStatus.DISPATCHED
+    assert _message_lost(run, "b", Phase.FORWARD, 1, None) is not None
+    assert run.dispatched(Phase.COMPENSATE) == ["a"]
+
+
+def test_a_retry_waiting_for_its_backoff_is_not_published_early() -> None:
+    run = Run(Saga("eng_msg_backoff").add_step(a, retry=NO_JITTER))
+    run.fail("a")  # attempt 2 due after a 2 s backoff
+    assert (run.step("a").status, run.step("a").attempt) == (StepStatus.DISPATCHED, 2)
+    assert _message_lost(run, "a", Phase.FORWARD, 1, None) is None
+    run.now += 2.5
+    assert _message_lost(run, "a", Phase.FORWARD, 1, None) is not None
+    assert run.dispatch_of("a").attempt == 2
