@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import inbox, outbox
 from .celery_app import init_app
 from .config import Settings
 from .context import StepInfo, current_step
@@ -25,6 +26,7 @@ from .exceptions import (
 from .functional import parallelize, saga, step, transform
 from .handle import SagaHandle
 from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
+from .outbox.step import StepTransaction, step_transaction
 from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
 from .steps import FAIL_FAST_WITH_GRACE, Retry, Step, StepResponse, saga_step
 
@@ -49,6 +51,11 @@ __all__ = [
     "StepInfo",
     "current_step",
     "init_app",
+    # exactly-once database effects, events in and out
+    "StepTransaction",
+    "inbox",
+    "outbox",
+    "step_transaction",
     # operating them
     "SagaView",
     "cancel",

@@ -1,0 +1,117 @@
+"""sagaline.step_transaction on real workers: business writes, outbox rows and the step's
+completion commit together; crashes before and right after the commit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+import sagaline
+from sagaline.runtime import Runtime
+from sagaline.states import SagaStatus, StepStatus
+from sagaline.stores.schema import outbox
+from tests.harness import WorkerProcess
+from tests.integration import outbox_app
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class Env:
+    def __init__(self, runtime: Runtime, engine: sa.Engine, worker: WorkerProcess):
+        self.runtime, self.engine, self.worker = runtime, engine, worker
+
+    def run(self, order_id: str, **kw: object) -> sagaline.SagaHandle:
+        return self.runtime.start_saga(outbox_app.pay, {"order_id": order_id, "amount": 5,
+                                                        **kw})
+
+    def count(self, table: sa.Table, order_id: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table)
+                                    .where(table.c.order_id == order_id)).scalar_one())
+
+    def events(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(outbox.c.event_id, outbox.c.topic, outbox.c.key)
+                                .where(outbox.c.event_id.like(f"{saga_id}:%")))
+            return {r.event_id: (r.topic, r.key) for r in rows}
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    home = tmp_path_factory.mktemp("outbox-home")
+    crash_dir = home / "crash"
+    crash_dir.mkdir()
+    if request.param == "postgres":
+        store, broker = pg_url, redis_url
+    else:  # the embedded defaults: SQLite store, filesystem broker
+        store, broker = f"sqlite:///{home}/state.db", ""
+        os.environ["SAGALINE_HOME"] = str(home)
+    client = Celery("outbox-client")
+    client.conf.broker_url = broker or None
+    runtime = sagaline.init_app(client, store=store, sweeper=False, lease=3,
+                                redispatch_after=3)
+    runtime.store.migrate()
+    engine = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://", 1))
+    outbox_app.metadata.create_all(engine)
+    env_vars = {"SAGALINE_STORE_URL": store, "CELERY_BROKER_URL": broker,
+                "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1",
+                "SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3",
+                "CRASH_DIR": str(crash_dir)}
+    worker = WorkerProcess("tests.integration.outbox_app", env=env_vars, concurrency=2,
+                           workdir=Path(home) / "worker")
+    worker.start()
+    try:
+        yield Env(runtime, engine, worker)
+    finally:
+        worker.stop()
+        runtime.store.close()
+        engine.dispose()
+        os.environ.pop("SAGALINE_HOME", None)
+
+
+def test_writes_events_and_completion_commit_together(env: Env) -> None:
+    h = env.run("o-ok")
+    assert h.get(timeout=60) is not None
+    assert env.count(outbox_app.payments, "o-ok") == 1
+    sid = h.saga_id
+    assert env.events(sid) == {f"{sid}:debit:1": ("order.debited", "o-ok"),
+                               f"{sid}:debit:2": ("order.audit", None)}
+    steps = {s.name: s for s in env.runtime.store.get_steps(sid)}
+    assert steps["debit"].status is StepStatus.SUCCEEDED
+    assert steps["debit"].output == {"debited": 5}
+
+
+def test_a_failure_inside_the_block_leaves_nothing(env: Env) -> None:
+    h = env.run("o-fail", fail_inside=True)
+    with pytest.raises(sagaline.SagaError):
+        h.get(timeout=60)
+    assert env.count(outbox_app.payments, "o-fail") == 0
+    assert env.events(h.saga_id) == {}
+
+
+def test_a_compensation_writes_and_publishes_in_its_own_transaction(env: Env) -> None:
+    h = env.run("o-comp", fail_ship=True)
+    with pytest.raises(sagaline.SagaCompensated):
+        h.get(timeout=60)
+    sid = h.saga_id
+    assert env.count(outbox_app.payments, "o-comp") == 1
+    assert env.count(outbox_app.refunds, "o-comp") == 1
+    assert env.events(sid)[f"{sid}:debit:compensate:1"] == ("order.refunded", "o-comp")
+
+
+@pytest.mark.parametrize("when", ["before_commit", "after_commit"])
+def test_a_worker_killed_around_the_commit_writes_once(env: Env, when: str) -> None:
+    order = f"o-crash-{when}"
+    h = env.run(order, crash=when)
+    h.get(timeout=90)
+    assert h.status is SagaStatus.COMPLETED
+    assert env.count(outbox_app.payments, order) == 1
+    sid = h.saga_id
+    assert set(env.events(sid)) == {f"{sid}:debit:1", f"{sid}:debit:2"}
+    assert (Path(env.worker.env["CRASH_DIR"]) / f"{order}.{when}").exists()
