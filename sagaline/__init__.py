@@ -26,6 +26,7 @@ from .exceptions import (
 from .functional import parallelize, saga, step, transform
 from .handle import SagaHandle
 from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
+from .outbox.consumers import start_on
 from .outbox.step import StepTransaction, step_transaction
 from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
 from .steps import FAIL_FAST_WITH_GRACE, Retry, Step, StepResponse, saga_step
@@ -55,6 +56,7 @@ __all__ = [
     "StepTransaction",
     "inbox",
     "outbox",
+    "start_on",
     "step_transaction",
     # operating them
     "SagaView",

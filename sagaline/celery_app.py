@@ -81,6 +81,10 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.steps["worker"].add(SweeperStep)
     if DecodeErrorStep not in app.steps["consumer"]:
         app.steps["consumer"].add(DecodeErrorStep)
+    if conf.outbox_routes:  # the outbox relay (a bootstep) and optimistic sending
+        from .outbox.relay import install
+
+        install(app, conf)
     worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")
     return runtime
 

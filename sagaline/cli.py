@@ -33,6 +33,7 @@ from .exceptions import (
     StoreError,
 )
 from .ops import Runtime, Store, first_line, redact
+from .outbox import cli as outbox_cli
 from .records import SagaFilter
 from .states import SagaStatus
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
@@ -46,6 +47,7 @@ cli = typer.Typer(name="sagaline", no_args_is_help=True, add_completion=False,
                   help="Sagas on Celery: run a worker, try the demo, inspect and operate sagas.")
 db_cli = typer.Typer(no_args_is_help=True, help="The state store's schema.")
 cli.add_typer(db_cli, name="db")
+outbox_cli.register(cli)
 
 StoreOption = typer.Option(None, "--store", envvar="SAGALINE_STORE_URL", show_envvar=True,
                            help="State store URL [default: SQLite in $SAGALINE_HOME].")

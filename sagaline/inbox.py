@@ -14,17 +14,18 @@ of one event each record it under their own name.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .exceptions import InputError
+from .outbox import metrics
 from .outbox.events import connection_of
 from .payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH, check_text
 from .stores.schema import inbox
 
-# Called with the consumer's name on every duplicate (metrics register here).
-duplicate_hooks: list[Any] = []
+# Called with the consumer's name on every duplicate.
+duplicate_hooks: list[Callable[[str], None]] = [metrics.inbox_duplicate]
 
 
 def record(connection: Any, *, consumer: str, message_id: str) -> bool:
@@ -38,7 +39,11 @@ def record(connection: Any, *, consumer: str, message_id: str) -> bool:
                          "(engine.begin() or session.begin()): the message is recorded "
                          "with the handler's writes", rule="transaction", where="connection")
     row = {"consumer": consumer, "message_id": message_id, "received_at": time.time()}
-    if conn.execute(_insert_if_new(conn.dialect.name), row).rowcount == 1:
+    dialect = conn.dialect.name
+    result = conn.execute(_insert_if_new(dialect), row)
+    # PostgreSQL and SQLite say through RETURNING (a driver may not report a rowcount).
+    if (result.rowcount == 1 if dialect in ("mysql", "mariadb")
+            else result.first() is not None):
         return True
     for hook in duplicate_hooks:
         hook(consumer)
@@ -51,11 +56,12 @@ def _insert_if_new(dialect: str) -> Any:
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(inbox).on_conflict_do_nothing()
+        return pg_insert(inbox).on_conflict_do_nothing().returning(inbox.c.consumer)
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(inbox).on_conflict_do_nothing()
+        return sqlite_insert(inbox).on_conflict_do_nothing().returning(
+            inbox.c.consumer)
     if dialect in ("mysql", "mariadb"):
         return inbox.insert().prefix_with("IGNORE")
     raise InputError(f"the inbox supports PostgreSQL, MySQL/MariaDB and SQLite, not {dialect}",

@@ -90,3 +90,20 @@ def publish(connection: Any, topic: str, payload: Any, *, key: str | None = None
 def pending_count(conn: Connection) -> int:
     return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)
                             .where(outbox.c.status == PENDING)).scalar_one())
+
+
+def list_events(conn: Connection, *, dead: bool = False, limit: int = 50) -> list[Any]:
+    """Outbox rows, oldest first: pending ones (with their attempts and last error),
+    or the dead letters."""
+    return list(conn.execute(
+        sa.select(outbox).where(outbox.c.status == (DEAD if dead else PENDING))
+        .order_by(outbox.c.id).limit(limit)))
+
+
+def retry_events(conn: Connection, event_ids: list[str] | None = None) -> int:
+    """Make dead letters (those named, or all) pending again, with fresh attempts."""
+    q = outbox.update().where(outbox.c.status == DEAD)
+    if event_ids is not None:
+        q = q.where(outbox.c.event_id.in_(event_ids))
+    return int(conn.execute(q.values(status=PENDING, attempts=0, available_at=time.time()))
+               .rowcount)
