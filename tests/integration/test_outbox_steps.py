@@ -3,27 +3,36 @@ completion commit together; crashes before and right after the commit."""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 from celery import Celery
 
 import sagaline
 from sagaline.runtime import Runtime
 from sagaline.states import SagaStatus, StepStatus
-from sagaline.stores.schema import outbox
+from sagaline.outbox.consumers import RedisStreamConsumer
+from sagaline.stores.schema import outbox, sagas
+from sagaline.testing import wait_until
 from tests.harness import WorkerProcess
 from tests.integration import outbox_app
 
 pytestmark = pytest.mark.timeout(240)
+TOPICS = ("order.debited", "order.audit", "order.refunded")
 
 
 class Env:
-    def __init__(self, runtime: Runtime, engine: sa.Engine, worker: WorkerProcess):
+    def __init__(self, runtime: Runtime, engine: sa.Engine, worker: WorkerProcess,
+                 streams: str):
         self.runtime, self.engine, self.worker = runtime, engine, worker
+        self.streams = redis.Redis.from_url(streams, decode_responses=True)
 
     def run(self, order_id: str, **kw: object) -> sagaline.SagaHandle:
         return self.runtime.start_saga(outbox_app.pay, {"order_id": order_id, "amount": 5,
@@ -34,11 +43,23 @@ class Env:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table)
                                     .where(table.c.order_id == order_id)).scalar_one())
 
-    def events(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
+    def pending(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(outbox.c.event_id, outbox.c.topic, outbox.c.key)
                                 .where(outbox.c.event_id.like(f"{saga_id}:%")))
             return {r.event_id: (r.topic, r.key) for r in rows}
+
+    def sent(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
+        found = {}
+        for topic in TOPICS:
+            for _, f in self.streams.xrange(topic):
+                if f["id"].startswith(f"{saga_id}:"):
+                    found[f["id"]] = (f["topic"], f["key"] or None)
+        return found
+
+    def events(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
+        """Every event of the saga: still in the outbox, or sent."""
+        return {**self.pending(saga_id), **self.sent(saga_id)}
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
@@ -59,15 +80,21 @@ def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
     runtime.store.migrate()
     engine = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://", 1))
     outbox_app.metadata.create_all(engine)
+    streams = redis_url.rsplit("/", 1)[0] + ("/11" if request.param == "postgres" else "/10")
+    redis.Redis.from_url(streams).flushdb()
     env_vars = {"SAGALINE_STORE_URL": store, "CELERY_BROKER_URL": broker,
                 "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1",
                 "SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3",
-                "CRASH_DIR": str(crash_dir)}
+                "CRASH_DIR": str(crash_dir),
+                # Events go to Redis Streams (one per topic). No relay: what arrives
+                # was sent by the committing process right after its commit.
+                "SAGALINE_OUTBOX_ROUTES": f"order.*={streams}",
+                "SAGALINE_OUTBOX_RELAY": "false"}
     worker = WorkerProcess("tests.integration.outbox_app", env=env_vars, concurrency=2,
                            workdir=Path(home) / "worker")
     worker.start()
     try:
-        yield Env(runtime, engine, worker)
+        yield Env(runtime, engine, worker, streams)
     finally:
         worker.stop()
         runtime.store.close()
@@ -85,6 +112,16 @@ def test_writes_events_and_completion_commit_together(env: Env) -> None:
     steps = {s.name: s for s in env.runtime.store.get_steps(sid)}
     assert steps["debit"].status is StepStatus.SUCCEEDED
     assert steps["debit"].output == {"debited": 5}
+
+
+def test_the_committing_process_sends_the_events_at_once(env: Env) -> None:
+    h = env.run("o-sent")
+    h.get(timeout=60)
+    sid = h.saga_id
+    wait_until(lambda: len(env.sent(sid)) == 2, timeout=20, what="both events sent")
+    assert env.pending(sid) == {}
+    assert env.sent(sid) == {f"{sid}:debit:1": ("order.debited", "o-sent"),
+                             f"{sid}:debit:2": ("order.audit", None)}
 
 
 def test_a_failure_inside_the_block_leaves_nothing(env: Env) -> None:
@@ -115,3 +152,40 @@ def test_a_worker_killed_around_the_commit_writes_once(env: Env, when: str) -> N
     sid = h.saga_id
     assert set(env.events(sid)) == {f"{sid}:debit:1", f"{sid}:debit:2"}
     assert (Path(env.worker.env["CRASH_DIR"]) / f"{order}.{when}").exists()
+
+
+def test_an_event_started_saga_runs_once_despite_1000_redeliveries(env: Env,
+                                                                   redis_url: str) -> None:
+    """The event arrives 1,001 times on a Redis stream (the relay's send plus 1,000
+    injected copies); start_on's idempotency key makes one saga, which runs once."""
+    url = redis_url.rsplit("/", 1)[0] + "/9"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    order = f"o-event-{uuid.uuid4().hex[:8]}"
+    entry = {"id": f"evt-{order}", "topic": "order.placed", "key": order,
+             "payload": json.dumps({"order_id": order, "amount": 7}), "headers": "{}"}
+    pipe = client.pipeline(transaction=False)
+    for _ in range(1001):
+        pipe.xadd("placed", entry)  # type: ignore[arg-type]
+    pipe.execute()
+    handles: list[sagaline.SagaHandle | None] = []
+    start = sagaline.start_on("order.*", outbox_app.pay, runtime=env.runtime)
+    consumer = RedisStreamConsumer(url, "placed", "starter",
+                                   lambda e: handles.append(start(e)))
+    stop = threading.Event()
+    t = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: len(handles) == 1001, timeout=60, what="1,001 deliveries")
+    finally:
+        stop.set()
+        t.join(10)
+    ids = {h.saga_id for h in handles if h is not None}
+    assert len(ids) == 1
+    [h] = [h for h in handles[:1] if h is not None]
+    h.get(timeout=60)
+    assert env.count(outbox_app.payments, order) == 1
+    with env.engine.connect() as conn:
+        n = conn.execute(sa.select(sa.func.count()).select_from(sagas).where(
+            sagas.c.idempotency_key == f"evt-{order}")).scalar_one()
+    assert n == 1
