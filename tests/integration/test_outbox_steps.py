@@ -16,9 +16,9 @@ import sqlalchemy as sa
 from celery import Celery
 
 import sagaline
+from sagaline.outbox.consumers import RedisStreamConsumer
 from sagaline.runtime import Runtime
 from sagaline.states import SagaStatus, StepStatus
-from sagaline.outbox.consumers import RedisStreamConsumer
 from sagaline.stores.schema import outbox, sagas
 from sagaline.testing import wait_until
 from tests.harness import WorkerProcess
