@@ -149,7 +149,13 @@ class RabbitMQConsumer:
 
 
 class NatsConsumer:
-    """A durable JetStream pull consumer; acks after the handler returned."""
+    """A durable JetStream pull consumer; acks after the handler returned.
+
+    Ordered: at every (re)connection the durable consumer is re-created at its ack
+    floor, so messages left unacknowledged by a lost connection come again first, in
+    stream order, instead of after their ack wait, behind later messages of the same
+    key (the inbox drops those already handled). Run one process per durable name.
+    """
 
     def __init__(self, url: str, stream: str, durable: str, handler: Handler, *,
                  subject: str | None = None, batch: int = 100):
@@ -158,6 +164,26 @@ class NatsConsumer:
 
     def run(self, stop: threading.Event) -> None:
         asyncio.run(self._run(stop))
+
+    async def _subscribe(self, js: Any) -> Any:
+        from nats.js import api
+        from nats.js.errors import NotFoundError
+
+        start: int | None = None
+        try:
+            info = await js.consumer_info(self.stream, self.durable)
+            start = int(info.ack_floor.stream_seq) + 1
+            await js.delete_consumer(self.stream, self.durable)
+        except NotFoundError:
+            pass
+        config = api.ConsumerConfig(
+            durable_name=self.durable, ack_policy=api.AckPolicy.EXPLICIT,
+            filter_subject=self.subject,
+            deliver_policy=(api.DeliverPolicy.ALL if start is None
+                            else api.DeliverPolicy.BY_START_SEQUENCE),
+            opt_start_seq=start)
+        await js.add_consumer(self.stream, config)
+        return await js.pull_subscribe_bind(self.durable, self.stream)
 
     async def _run(self, stop: threading.Event) -> None:
         import nats
@@ -169,8 +195,7 @@ class NatsConsumer:
                 nc = await nats.connect(self.url, connect_timeout=5,
                                         max_reconnect_attempts=0, allow_reconnect=False)
                 js = nc.jetstream()
-                sub = await js.pull_subscribe(self.subject or ">", durable=self.durable,
-                                              stream=self.stream)
+                sub = await self._subscribe(js)
                 while not stop.is_set():
                     try:
                         msgs = await sub.fetch(self.batch, timeout=0.5)
