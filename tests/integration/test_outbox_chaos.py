@@ -10,6 +10,7 @@ N defaults to 10,000 (SAGALINE_OUTBOX_CHAOS_EVENTS overrides it).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -216,7 +217,7 @@ def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str
     delivered = _delivered(engine)
     rows = _received_rows(engine)
     engine.dispose()
-    inversions = sum(1 for ns in order.values() for a, b in zip(ns, ns[1:]) if b <= a)
+    inversions = sum(1 for ns in order.values() for a, b in itertools.pairwise(ns) if b <= a)
     print(f"\n{destination}: {len(committed)} committed, {len(rolled_back)} rolled back, "
           f"{len(delivered)} delivered, {duplicates} duplicates dropped by the inbox, "
           f"{inversions} inversions, {elapsed:.1f}s")
