@@ -1,7 +1,7 @@
 """Outbox and inbox metrics, when prometheus-client is installed (else nothing).
 
 sagaline_outbox_pending / sagaline_outbox_oldest_age_seconds (gauges, read from the
-outbox by a relay at most every 5 s), sagaline_outbox_published_total and
+outbox by a relay at most every 30 s), sagaline_outbox_published_total and
 sagaline_outbox_publish_failures_total (by destination), sagaline_outbox_relay_lag_seconds
 (histogram: insert to confirm), sagaline_outbox_dead_letters_total,
 sagaline_inbox_duplicates_total (by consumer).
@@ -64,10 +64,10 @@ def inbox_duplicate(consumer: str) -> None:
 
 
 def polled(relay: Any) -> None:
-    """Refresh the pending gauges (one query, at most every 5 s)."""
+    """Refresh the pending gauges (one query, at most every 30 s)."""
     global _last_gauge
     now = time.time()
-    if not _m or now - _last_gauge < 5:
+    if not _m or now - _last_gauge < 30:
         return
     _last_gauge = now
     from ..stores.schema import outbox

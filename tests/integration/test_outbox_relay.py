@@ -130,6 +130,9 @@ def test_two_relays_keep_each_keys_order(db: str, stream_url: str) -> None:
 def test_failures_back_off_then_dead_letters_then_retry(db: str, stream_url: str) -> None:
     ids = publish_many(db, [("a", {"n": 1}), ("a", {"n": 2})], topic="x.e")
     [unrouted] = publish_many(db, [(None, {"n": 3})], topic="nowhere")  # type: ignore[list-item]
+    from prometheus_client import REGISTRY
+
+    dead_before = REGISTRY.get_sample_value("sagaline_outbox_dead_letters_total") or 0.0
     closed = f"redis://127.0.0.1:{_closed_port()}/0"
     bad = Relay(db, f"x.*={closed}", max_attempts=3, backoff=0.01)
     for _ in range(3):
@@ -141,6 +144,7 @@ def test_failures_back_off_then_dead_letters_then_retry(db: str, stream_url: str
     assert "ConnectionError" in rows[ids[0]].last_error
     assert rows[ids[1]].status == "pending" and rows[ids[1]].attempts == 0  # behind its head
     assert rows[unrouted].status == "dead" and "no outbox route" in rows[unrouted].last_error
+    assert REGISTRY.get_sample_value("sagaline_outbox_dead_letters_total") == dead_before + 2
     runner = CliRunner()
     out = runner.invoke(cli, ["outbox", "ls", "--dead", "--store", db])
     assert out.exit_code == 0, out.output
