@@ -2,7 +2,7 @@
 
 Each round claims the *head of every key* — the pending row with no earlier pending
 row of the same key — plus rows without a key, in id order. On PostgreSQL and MySQL
-the claim is `SELECT ... FOR UPDATE SKIP LOCKED` in a transaction that lasts until
+the claim is `SELECT ... FOR UPDATE SKIP LOCKED` (see `claim`) in a transaction that lasts until
 the destination confirmed the batch and the rows are deleted (or their failure
 recorded), so several relays never send one key's events out of order, and a relay
 killed mid-batch only releases its locks (its rows are sent again: at least once).
@@ -64,9 +64,26 @@ def claim_query(dialect: str, now: float, limit: int,
         q = q.where(o.c.event_id.in_(list(event_ids)))
     if dialect == "postgresql":
         q = q.with_for_update(skip_locked=True, of=o)
-    elif dialect == "mysql":
-        q = q.with_for_update(skip_locked=True)
     return q
+
+
+def claim(conn: Connection, dialect: str, now: float, limit: int,
+          event_ids: Sequence[str] | None = None) -> list[Any]:
+    """The heads to send, locked (PostgreSQL, MySQL) until the transaction ends."""
+    q = claim_query(dialect, now, limit, event_ids)
+    if dialect != "mysql":
+        return list(conn.execute(q).all())
+    # InnoDB would take the NOT EXISTS subquery's reads as locking reads too, and
+    # wait for a transaction that has not committed its row of a neighbouring key.
+    # So: find the heads with a consistent read, then lock them by primary key. A
+    # head stays a head until it is sent (a key's later rows commit after it), and
+    # a head another relay sent meanwhile is no longer pending.
+    ids = list(conn.execute(q.with_only_columns(outbox.c.id)).scalars())
+    if not ids:
+        return []
+    return list(conn.execute(
+        sa.select(outbox).where(outbox.c.id.in_(ids), outbox.c.status == PENDING)
+        .order_by(outbox.c.id).with_for_update(skip_locked=True)).all())
 
 
 class Relay:
@@ -78,7 +95,10 @@ class Relay:
             raise ValueError("a relay needs at least one route (topic-pattern=url)")
         self.store = SQLStore(store_url)
         self.store.migrate()
-        self.engine = self.store.engine
+        # READ COMMITTED: InnoDB then takes no gap locks, which would make a round wait
+        # for a transaction that has not committed its row yet.
+        self.engine = (self.store.engine.execution_options(isolation_level="READ COMMITTED")
+                       if self.store.dialect == "mysql" else self.store.engine)
         self.dialect = self.store.dialect
         self.app = app
         self.batch, self.max_attempts = batch, max_attempts
@@ -92,18 +112,17 @@ class Relay:
         """Claim, send and settle one batch; returns how many rows were delivered."""
         with self._lock:
             now = time.time()
-            q = claim_query(self.dialect, now, self.batch, event_ids)
             if self.dialect == "sqlite":
                 # One writer at a time: read, send, then settle in a short write.
                 with self.engine.connect() as conn:
-                    rows = conn.execute(q).all()
+                    rows = claim(conn, self.dialect, now, self.batch, event_ids)
                 if not rows:
                     return 0
                 outcome = self._send(rows)
                 with self.engine.execution_options(sagaline_write=True).begin() as conn:
                     return self._settle(conn, rows, outcome)
             with self.engine.begin() as conn:
-                rows = conn.execute(q).all()
+                rows = claim(conn, self.dialect, now, self.batch, event_ids)
                 if not rows:
                     return 0
                 outcome = self._send(rows)
@@ -147,7 +166,10 @@ class Relay:
                 outcome: dict[int, str | None]) -> int:
         done = [r.id for r in rows if outcome.get(r.id) is None]
         if done:
-            conn.execute(outbox.delete().where(outbox.c.id.in_(done)))
+            # One row per statement, by primary key: InnoDB may scan another index for
+            # an IN list and wait for a neighbouring transaction that has not committed.
+            conn.execute(outbox.delete().where(outbox.c.id == sa.bindparam("k_id")),
+                         [{"k_id": i} for i in done])
         now = time.time()
         for r in rows:
             why = outcome.get(r.id)

@@ -25,6 +25,7 @@ from sagaline.stores.sql import SQLStore
 from sagaline.testing import wait_until
 from tests.harness import drop_database, rabbitmq_vhost, shared_postgres_url
 from tests.private_nats import PrivateNats, find_nats_server
+from tests.stores import create_mariadb_database, drop_mariadb_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,6 +38,21 @@ def db() -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def any_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    """PostgreSQL (LISTEN/NOTIFY) and MariaDB (polling), both with SKIP LOCKED."""
+    if request.param == "postgres":
+        url = shared_postgres_url(f"sagaline_outbox_{uuid.uuid4().hex[:10]}")
+        drop = drop_database
+    else:
+        url, drop = create_mariadb_database(), drop_mariadb_database
+    SQLStore(url).migrate()
+    try:
+        yield url
+    finally:
+        drop(url)
 
 
 @pytest.fixture
@@ -83,7 +99,8 @@ def stream_events(url: str, stream: str) -> list[dict[str, str]]:
     return [fields for _, fields in client.xrange(stream)]
 
 
-def test_keys_in_order_and_a_late_commit_is_not_skipped(db: str, stream_url: str) -> None:
+def test_keys_in_order_and_a_late_commit_is_not_skipped(any_db: str, stream_url: str) -> None:
+    db = any_db
     engine = sa.create_engine(db)
     late = engine.connect()
     late_tx = late.begin()
@@ -110,7 +127,8 @@ def test_keys_in_order_and_a_late_commit_is_not_skipped(db: str, stream_url: str
     assert pending(db) == []
 
 
-def test_two_relays_keep_each_keys_order(db: str, stream_url: str) -> None:
+def test_two_relays_keep_each_keys_order(any_db: str, stream_url: str) -> None:
+    db = any_db
     publish_many(db, [(f"k{i % 10}", {"n": i}) for i in range(300)])
     relays = [Relay(db, f"*={stream_url}?stream=s2", batch=5) for _ in range(2)]
     runs = [running(r) for r in relays]
@@ -127,7 +145,8 @@ def test_two_relays_keep_each_keys_order(db: str, stream_url: str) -> None:
         assert ns == sorted(ns), f"key k{k} out of order"
 
 
-def test_failures_back_off_then_dead_letters_then_retry(db: str, stream_url: str) -> None:
+def test_failures_back_off_then_dead_letters_then_retry(any_db: str, stream_url: str) -> None:
+    db = any_db
     ids = publish_many(db, [("a", {"n": 1}), ("a", {"n": 2})], topic="x.e")
     [unrouted] = publish_many(db, [(None, {"n": 3})], topic="nowhere")  # type: ignore[list-item]
     from prometheus_client import REGISTRY

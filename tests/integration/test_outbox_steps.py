@@ -23,6 +23,7 @@ from sagaline.stores.schema import outbox, sagas
 from sagaline.testing import wait_until
 from tests.harness import WorkerProcess
 from tests.integration import outbox_app
+from tests.stores import create_mariadb_database, drop_mariadb_database
 
 pytestmark = pytest.mark.timeout(240)
 TOPICS = ("order.debited", "order.audit", "order.refunded")
@@ -62,7 +63,7 @@ class Env:
         return {**self.pending(saga_id), **self.sent(saga_id)}
 
 
-@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+@pytest.fixture(scope="module", params=["postgres", "sqlite", "mariadb"])
 def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     home = tmp_path_factory.mktemp("outbox-home")
@@ -70,6 +71,8 @@ def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
     crash_dir.mkdir()
     if request.param == "postgres":
         store, broker = pg_url, redis_url
+    elif request.param == "mariadb":
+        store, broker = create_mariadb_database(), redis_url
     else:  # the embedded defaults: SQLite store, filesystem broker
         store, broker = f"sqlite:///{home}/state.db", ""
         os.environ["SAGALINE_HOME"] = str(home)
@@ -80,7 +83,8 @@ def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
     runtime.store.migrate()
     engine = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://", 1))
     outbox_app.metadata.create_all(engine)
-    streams = redis_url.rsplit("/", 1)[0] + ("/11" if request.param == "postgres" else "/10")
+    streams = redis_url.rsplit("/", 1)[0] + {"postgres": "/11", "sqlite": "/10",
+                                              "mariadb": "/8"}[request.param]
     redis.Redis.from_url(streams).flushdb()
     env_vars = {"SAGALINE_STORE_URL": store, "CELERY_BROKER_URL": broker,
                 "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1",
@@ -100,6 +104,8 @@ def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
         runtime.store.close()
         engine.dispose()
         os.environ.pop("SAGALINE_HOME", None)
+        if request.param == "mariadb":
+            drop_mariadb_database(store)
 
 
 def test_writes_events_and_completion_commit_together(env: Env) -> None:
