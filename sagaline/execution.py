@@ -86,7 +86,8 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
         _record_failure(runtime, defn, saga_id, step, phase, attempt, exc, started)
         raise
     if phase is Phase.COMPENSATE:
-        _complete(runtime, saga_id, engine.compensation_succeeded, step, attempt)
+        _complete(runtime, defn, saga_id, step, phase, attempt, started,
+                  engine.compensation_succeeded)
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
         return None
     if isinstance(result, StepResponse):
@@ -103,20 +104,27 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
                       permanent=True, reason=FailureReason.PAYLOAD_REFUSED)
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
         raise InputError(str(exc), rule=exc.rule, where=exc.where) from None
-    _complete(runtime, saga_id, engine.step_succeeded, step, attempt, output=output,
-              compensation_data=comp, has_compensation_data=has_comp)
+    _complete(runtime, defn, saga_id, step, phase, attempt, started, engine.step_succeeded,
+              output=output, compensation_data=comp, has_compensation_data=has_comp)
     _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
     return output
 
 
-def _complete(runtime: Runtime, saga_id: str, decide: Callable[..., Any], *args: Any,
+def _complete(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
+              attempt: int, started: float, decide: Callable[..., Any],
               **kwargs: Any) -> None:
     """Record a success: in the step's own transaction when the body opened one
     (sagaline.step_transaction), so that its writes commit with the completion."""
-    if step_tx.is_open():
-        step_tx.commit(runtime, saga_id, decide, *args, **kwargs)
-    else:
-        runtime.apply(saga_id, decide, *args, **kwargs)
+    if not step_tx.is_open():
+        runtime.apply(saga_id, decide, step, attempt, **kwargs)
+        return
+    try:
+        step_tx.commit(runtime, saga_id, decide, step, attempt, **kwargs)
+    except Exception as exc:
+        # The commit failed (a deadlock, a deferred constraint, an outage): nothing of
+        # the attempt stayed, so it fails like its body would have, and is retried.
+        _record_failure(runtime, defn, saga_id, step, phase, attempt, exc, started)
+        raise
 
 
 def _check_output(runtime: Runtime, step: str, output: Any, comp: Any,

@@ -86,3 +86,24 @@ def ship(order_id: str, fail_ship: bool = False, **_: Any) -> dict[str, Any]:
 
 
 pay = Saga("outbox_pay").add_step(debit).add_step(ship, no_compensation=True)
+
+
+# PostgreSQL only: a unique constraint checked at COMMIT, so the step's transaction
+# fails after its body returned.
+DEFERRED_DDL = """
+CREATE TABLE IF NOT EXISTS biz_deferred (
+    order_id text,
+    CONSTRAINT biz_deferred_once UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED
+)"""
+
+
+@app.task(name="ob.deferred")
+def deferred(order_id: str, **_: Any) -> dict[str, Any]:
+    with sagaline.step_transaction() as tx:
+        tx.execute(sa.text("INSERT INTO biz_deferred VALUES (:o), (:o)"), {"o": order_id})
+        tx.publish("order.deferred", {"order_id": order_id}, key=order_id)
+    return {"never": True}
+
+
+commit_fails = Saga("outbox_commit_fails").add_step(
+    deferred, no_compensation=True, retry=sagaline.Retry(max_attempts=2, backoff=0.1))

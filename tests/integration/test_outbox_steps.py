@@ -195,3 +195,17 @@ def test_an_event_started_saga_runs_once_despite_1000_redeliveries(env: Env,
         n = conn.execute(sa.select(sa.func.count()).select_from(sagas).where(
             sagas.c.idempotency_key == f"evt-{order}")).scalar_one()
     assert n == 1
+
+
+def test_a_commit_that_fails_fails_the_attempt_and_is_retried(env: Env) -> None:
+    if env.engine.dialect.name != "postgresql":
+        pytest.skip("a deferred constraint (checked at commit) needs PostgreSQL")
+    with env.engine.begin() as conn:
+        conn.execute(sa.text(outbox_app.DEFERRED_DDL))
+    h = env.runtime.start_saga(outbox_app.commit_fails, {"order_id": "o-deferred"})
+    with pytest.raises(sagaline.SagaError) as err:
+        h.get(timeout=60)
+    assert "biz_deferred_once" in str(err.value) or "UniqueViolation" in str(err.value)
+    [rec] = env.runtime.store.get_steps(h.saga_id)
+    assert rec.status is StepStatus.FAILED and rec.attempt == 2
+    assert env.events(h.saga_id) == {}
