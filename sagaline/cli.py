@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import ops
+from . import cli_outbox, ops
 from .config import default_store_url
 from .exceptions import (
     ConfigurationError,
@@ -33,7 +33,6 @@ from .exceptions import (
     StoreError,
 )
 from .ops import Runtime, Store, first_line, redact
-from .outbox import cli as outbox_cli
 from .records import SagaFilter
 from .states import SagaStatus
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
@@ -47,7 +46,6 @@ cli = typer.Typer(name="sagaline", no_args_is_help=True, add_completion=False,
                   help="Sagas on Celery: run a worker, try the demo, inspect and operate sagas.")
 db_cli = typer.Typer(no_args_is_help=True, help="The state store's schema.")
 cli.add_typer(db_cli, name="db")
-outbox_cli.register(cli)
 
 StoreOption = typer.Option(None, "--store", envvar="SAGALINE_STORE_URL", show_envvar=True,
                            help="State store URL [default: SQLite in $SAGALINE_HOME].")
@@ -382,3 +380,6 @@ def db_upgrade(store: str | None = StoreOption) -> None:
     with _errors():
         ops.migrate(url, give_up_after=STORE_WAIT)
     typer.echo(f"store {redact(url)}: schema up to date")
+
+
+cli_outbox.register(cli, app_runtime)

@@ -1,13 +1,18 @@
-"""`sagaline relay` and `sagaline outbox ls / retry`."""
+"""`sagaline relay` and `sagaline outbox ls / retry` (the transactional outbox)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import typer
+
+from . import ops
+from .config import default_store_url
+from .exceptions import SagaError
 
 outbox_cli = typer.Typer(no_args_is_help=True,
                          help="The transactional outbox: pending events and dead letters.")
@@ -15,29 +20,13 @@ outbox_cli = typer.Typer(no_args_is_help=True,
 _Store = typer.Option(None, "--store", envvar="SAGALINE_STORE_URL", show_envvar=True,
                       help="The database of the outbox (the saga store's SQL URL).")
 
-
-def _store_url(store: str | None) -> str:
-    from ..config import default_store_url
-
-    url = store or default_store_url()
-    if url.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql", "postgres",
-                                                      "mysql", "mariadb"):
-        typer.echo(f"error: the outbox lives in a SQL database; {url.split(':', 1)[0]}:// "
-                   f"is not one", err=True)
-        raise typer.Exit(1)
-    return url
+# cli.app_runtime, handed over by `register` (the CLI module imports this one).
+_app_runtime: Callable[[str, str | None], Any] | None = None
 
 
-def _open(store: str | None) -> Any:
-    from ..stores.sql import SQLStore
-
-    s = SQLStore(_store_url(store), auto_migrate=False)
-    if not s.exists():
-        s.close()
-        typer.echo("error: the database has no sagaline tables: run `sagaline db upgrade`",
-                   err=True)
-        raise typer.Exit(1)
-    return s
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
 
 
 def relay(
@@ -53,27 +42,21 @@ def relay(
     max_backoff: float = typer.Option(300.0, min=0.0, help="Longest retry delay."),
 ) -> None:
     """Send committed outbox events to their destinations until stopped (SIGTERM)."""
-    from ..exceptions import ConfigurationError
-    from .relay import Relay
-
     celery_app: Any = None
     routes: Any = route or os.environ.get("SAGALINE_OUTBOX_ROUTES", "")
-    if app is not None:
-        from ..cli import app_runtime
-
-        runtime = app_runtime(app, store)
+    if app is not None and _app_runtime is not None:
+        runtime = _app_runtime(app, store)
         celery_app, store = runtime.app, store or runtime.settings.store_url
         routes = routes or runtime.settings.outbox_routes
     if not routes:
-        typer.echo("error: no routes: pass --route topic-pattern=url or set "
-                   "SAGALINE_OUTBOX_ROUTES", err=True)
-        raise typer.Exit(1)
+        raise _fail(ValueError("no routes: pass --route topic-pattern=url or set "
+                               "SAGALINE_OUTBOX_ROUTES"))
     try:
-        r = Relay(_store_url(store), routes, app=celery_app, batch=batch,
-                  max_attempts=max_attempts, backoff=backoff, max_backoff=max_backoff)
-    except (ConfigurationError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        r = ops.outbox_relay(store or default_store_url(), routes, app=celery_app,
+                             batch=batch, max_attempts=max_attempts, backoff=backoff,
+                             max_backoff=max_backoff)
+    except (SagaError, ValueError) as exc:
+        raise _fail(exc) from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -89,14 +72,10 @@ def ls(store: str | None = _Store,
        dead: bool = typer.Option(False, "--dead", help="Dead letters instead of pending."),
        limit: int = typer.Option(50, min=1)) -> None:
     """List pending events (or dead letters), oldest first."""
-    from .events import list_events
-
-    s = _open(store)
     try:
-        with s.engine.connect() as conn:
-            rows = list_events(conn, dead=dead, limit=limit)
-    finally:
-        s.close()
+        rows = ops.outbox_events(store or default_store_url(), dead=dead, limit=limit)
+    except SagaError as exc:
+        raise _fail(exc) from None
     for r in rows:
         error = f"  {r.last_error.splitlines()[0][:100]}" if r.last_error else ""
         typer.echo(f"{r.event_id}  {r.topic}  key={r.key or '-'}  attempts={r.attempts}"
@@ -109,20 +88,18 @@ def retry(event_ids: list[str] = typer.Argument(None, help="Dead letters to send
           store: str | None = _Store,
           all_dead: bool = typer.Option(False, "--all", help="Every dead letter.")) -> None:
     """Make dead letters pending again (fresh attempts); the relay sends them."""
-    from .events import retry_events
-
     if not event_ids and not all_dead:
-        typer.echo("error: name event ids, or pass --all", err=True)
-        raise typer.Exit(1)
-    s = _open(store)
+        raise _fail(ValueError("name event ids, or pass --all"))
     try:
-        with s.engine.execution_options(sagaline_write=True).begin() as conn:
-            n = retry_events(conn, None if all_dead else list(event_ids))
-    finally:
-        s.close()
+        n = ops.retry_outbox_events(store or default_store_url(),
+                                    None if all_dead else list(event_ids))
+    except SagaError as exc:
+        raise _fail(exc) from None
     typer.echo(f"{n} dead letter(s) pending again")
 
 
-def register(cli: typer.Typer) -> None:
+def register(cli: typer.Typer, app_runtime: Callable[[str, str | None], Any]) -> None:
+    global _app_runtime
+    _app_runtime = app_runtime
     cli.command("relay")(relay)
     cli.add_typer(outbox_cli, name="outbox")
