@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import IO
 
-from sagaline.testing import HarnessError, file_tail, free_port, kill_pid, wait_until
+from sagaline.testing import HarnessError, file_tail, free_port, wait_until
 from tests.private_server import PrivateServer
 
 
@@ -67,25 +65,10 @@ class PrivateNats(PrivateServer):
         wait_until(ready, timeout=30, interval=0.05, what="nats-server")
 
     def stop(self, timeout: float = 10.0) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            kill_pid(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_pid(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        self._close_log()
+        self._stop_process(self._proc, timeout)
 
     def kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            kill_pid(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        self._close_log()
+        self._kill_process(self._proc)
 
     def restart(self) -> None:
         self.stop()

@@ -21,6 +21,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..context import StepInfo
@@ -126,12 +127,13 @@ def is_open() -> bool:
 
 
 @contextmanager
-def step_transaction() -> Iterator[StepTransaction]:
+def step_transaction(database: Any = None) -> Iterator[StepTransaction]:
     """Open (or rejoin) the step's transaction on the saga store's database.
 
     Use `tx.connection` for your writes and `tx.publish(...)` for events; everything
     commits with the step's completion when the step returns. An exception leaving
-    the block rolls it back.
+    the block rolls it back. `database` (your Engine or URL), when given, is checked
+    to be the store's database: one transaction cannot span two.
     """
     scope = _scope.get()
     if scope is None:
@@ -139,7 +141,10 @@ def step_transaction() -> Iterator[StepTransaction]:
                            "compensation; elsewhere use your own transaction and "
                            "sagaline.outbox.publish(connection, ...)")
     if scope.tx is None or scope.tx.closed:
-        scope.tx = StepTransaction(_connect(scope.runtime), scope.info)
+        conn = _connect(scope.runtime)
+        if database is not None:
+            _same_database(conn, database)
+        scope.tx = StepTransaction(conn, scope.info)
     tx = scope.tx
     try:
         yield tx
@@ -167,6 +172,26 @@ def _connect(runtime: Runtime) -> Connection:
     conn = store.engine.execution_options(**options).connect()
     conn.begin()
     return conn
+
+
+def _same_database(conn: Connection, database: Any) -> None:
+    url = sa.make_url(database) if isinstance(database, str) else getattr(database, "url", None)
+    if url is None:
+        raise TypeError(f"database= takes an Engine or a URL, got {type(database).__name__}")
+    mine = conn.engine.url
+
+    def where(u: sa.URL) -> tuple[Any, ...]:
+        return (u.get_backend_name(), u.host or "localhost", u.port, u.database)
+
+    if where(url) != where(mine):
+        conn.close()
+        raise ConfigurationError(
+            f"sagaline.step_transaction(): your tables are in "
+            f"{url.render_as_string(hide_password=True)}, the saga store in "
+            f"{mine.render_as_string(hide_password=True)}; one transaction cannot span two "
+            f"databases, so the step's completion could not commit with your writes. Keep "
+            f"the saga store in your database, or publish with sagaline.outbox.publish in "
+            f"your own transaction")
 
 
 def commit(runtime: Runtime, saga_id: str, decide: Callable[..., Decision | None],

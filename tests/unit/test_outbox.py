@@ -85,3 +85,20 @@ def test_step_transaction_on_a_store_that_cannot_join_refuses() -> None:
             pass
     finally:
         step_tx.leave(token)
+
+
+def test_step_transaction_refuses_tables_in_another_database(tmp_path: Path) -> None:
+    app = Celery("other-db")
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    runtime = sagaline.init_app(app, store=store_url, sweeper=False)
+    runtime.store.migrate()
+    token = step_tx.enter(runtime, StepInfo("s", "n", "step", 1, Phase.FORWARD))
+    try:
+        with pytest.raises(ConfigurationError, match="cannot span two databases"), \
+                sagaline.step_transaction(database=f"sqlite:///{tmp_path}/mine.db"):
+            pass
+        with sagaline.step_transaction(database=sa.create_engine(store_url)) as tx:
+            assert tx.connection.engine.url.database.endswith("store.db")
+    finally:
+        step_tx.leave(token)
+        runtime.store.close()
