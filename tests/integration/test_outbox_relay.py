@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from sagaline.outbox.relay import Relay
 from sagaline.stores.schema import outbox
 from sagaline.stores.sql import SQLStore
 from sagaline.testing import wait_until
-from tests.harness import drop_database, rabbitmq_vhost, shared_postgres_url
+from tests.harness import WorkerProcess, drop_database, rabbitmq_vhost, shared_postgres_url
 from tests.private_nats import PrivateNats, find_nats_server
 from tests.stores import create_mariadb_database, drop_mariadb_database
 
@@ -306,3 +307,23 @@ async def _stream_messages(url: str, name: str) -> int:
         await nc.close()
 
 
+
+
+def test_a_worker_runs_the_relay_when_routes_are_set(db: str, stream_url: str, redis_url: str,
+                                                     tmp_path: Path) -> None:
+    """Events published outside sagas (nothing sends them optimistically) reach the
+    stream through the relay bootstep of a plain `celery worker`."""
+    env = {"SAGALINE_STORE_URL": db, "CELERY_BROKER_URL": redis_url,
+           "SAGALINE_HOME": str(tmp_path), "CRASH_DIR": str(tmp_path),
+           "SAGALINE_OUTBOX_ROUTES": f"t.*={stream_url}?stream=boot"}
+    worker = WorkerProcess("tests.integration.outbox_app", env=env, concurrency=1,
+                           workdir=tmp_path / "worker")
+    worker.start()
+    try:
+        ids = publish_many(db, [("k", {"n": i}) for i in range(5)])
+        wait_until(lambda: len(stream_events(stream_url, "boot")) == 5, timeout=30,
+                   what="the worker's relay")
+    finally:
+        worker.stop()
+    assert [e["id"] for e in stream_events(stream_url, "boot")] == ids
+    assert pending(db) == []
