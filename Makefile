@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: venv services test unit integration lint typecheck format demo bench clean distclean
+.PHONY: venv services promtool deploy-check test unit integration lint typecheck format demo bench bench-web clean distclean
 
 venv: $(STAMP)
 
@@ -36,11 +36,20 @@ $(BIN)/python:
 
 # (Re)install only when pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[all,test]'
+	$(BIN)/pip install -q -e '.[all,test,bench-peers]'
 	@touch $@
 
 services:
 	@bash scripts/ensure-services.sh
+	@bash scripts/ensure-chromium.sh
+
+promtool:
+	@bash scripts/ensure-promtool.sh
+
+# deploy/: alert rules through promtool (checked and unit-tested), Kubernetes manifests
+# against the Kubernetes schemas, offline (tests/unit/test_deploy.py).
+deploy-check: venv promtool
+	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit/test_deploy.py $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check sagaline tests examples bench
@@ -59,17 +68,21 @@ integration: venv services
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 # Each step runs only if the previous one succeeded; any failure fails the target.
-# One pytest run: unit tests are collected (and run) before integration tests.
-test: venv services
+# One pytest run: unit and plugin tests are collected (and run) before integration tests.
+test: venv services promtool
 	$(BIN)/ruff check sagaline tests examples bench
 	$(BIN)/mypy
-	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/plugin tests/integration $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/sagaline demo
 
 bench: venv services
 	$(BIN)/python -m bench
+
+# The dashboard's and the API's server time on a million sagas (PostgreSQL).
+bench-web: venv services
+	$(BIN)/python -m bench.web
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info .sagaline

@@ -1,6 +1,7 @@
 """`python -m bench`: start Redis and workers, run every figure for each store, print results.
 
-Stdout: one JSON line per figure (per store), then a table of ratios.
+Stdout: one JSON line per figure (per store), then a table of ratios; with --peers, also
+the figures of DBOS and celery-saga (bench/peers.py) and a table of every system's ratios.
 Stderr: progress. Every process started here is stopped by pid at the end, and
 every temporary database dropped: also on SIGTERM or SIGINT (Ctrl-C), after which
 the exit status is 128 + the signal's number. A saga or chain that does not
@@ -66,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after the figures of each store, record the pool processes with "
                         "py-spy under a T1 load and write the profiles to DIR")
     p.add_argument("--profile-seconds", type=float, default=20.0)
+    p.add_argument("--t1-sagas", type=int, default=None,
+                   help="sagas (and chains) per T1 batch (default 1000; --quick 20)")
+    p.add_argument("--peers", action="store_true",
+                   help="after sagaline's figures, L1 and T1 on DBOS (PostgreSQL, two "
+                        "executors) and celery-saga (Redis), each beside the plain chain; "
+                        "needs the bench-peers extra")
+    p.add_argument("--dbos-polling-interval", type=float, default=None, metavar="SECONDS",
+                   help="how often DBOS's executors poll their queue (--peers; default 0.05)")
     return p.parse_args(argv)
 
 
@@ -84,8 +93,15 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# The signal that interrupted this run. Raised in whatever code the main thread was in,
+# Interrupted may come out as another exception: a library's cleanup that fails
+# because it was cut short (SQLAlchemy's pool ping, say) raises its own error instead.
+_received: list[int] = []
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     _on_signals(_already_stopping)  # at most one Interrupted, whatever follows
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -152,17 +168,22 @@ def start_worker(flavor: str, env: dict[str, str], tmp: Path, res: Resources,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0, 1 when a figure failed, 128 + signum when interrupted."""
+    _received.clear()
     _on_signals(_interrupt)
     res = Resources()
     try:
         return run(parse_args(argv), res)
-    except Interrupted as exc:
-        log(f"{exc}: stopping every process this run started")
+    except BaseException as exc:
+        if not _received:
+            if isinstance(exc, (BenchTimeout, BenchRunFailed, HarnessError)):
+                log(f"failed: {exc}")
+                return 1
+            raise
+        signum = _received[0]
+        masked = "" if isinstance(exc, Interrupted) else f" (it surfaced as {exc!r})"
+        log(f"{signal.Signals(signum).name}: stopping every process this run started{masked}")
         res.stop_timeout = HURRIED_STOP_TIMEOUT
-        return 128 + exc.signum
-    except (BenchTimeout, BenchRunFailed, HarnessError) as exc:
-        log(f"failed: {exc}")
-        return 1
+        return 128 + signum
     finally:
         try:
             _on_signals(_already_stopping)
@@ -176,6 +197,19 @@ def run(args: argparse.Namespace, res: Resources) -> int:
     unknown = [f for f in figures if f not in ALL_FIGURES]
     if unknown:
         raise SystemExit(f"unknown figures {unknown}; choose from {ALL_FIGURES}")
+    if args.peers:
+        from bench.peers import FIGURES as PEER_FIGURES
+        from bench.peers import require_peers
+
+        require_peers()
+        if not set(figures) & set(PEER_FIGURES):
+            raise SystemExit(f"--peers measures {PEER_FIGURES}: include one in --only")
+    if args.dbos_polling_interval is not None and not (
+            args.peers and args.dbos_polling_interval > 0):
+        raise SystemExit(f"--dbos-polling-interval {args.dbos_polling_interval:g}: a number of "
+                         f"seconds above 0, with --peers")
+    if args.t1_sagas is not None and args.t1_sagas < 1:
+        raise SystemExit(f"--t1-sagas must be at least 1, not {args.t1_sagas}")
     stores = [s.strip() for s in (args.stores or ("sqlite" if args.quick else
                                                   ",".join(available_stores()))).split(",")]
     history = args.history if args.history is not None else (1000 if args.quick else 1_000_000)
@@ -196,6 +230,7 @@ def run(args: argparse.Namespace, res: Resources) -> int:
             "BENCH_BROKER_URL": f"redis://127.0.0.1:{port}/0",
             "BENCH_RESULT_URL": f"redis://127.0.0.1:{port}/1",
             "BENCH_COUNTER_URL": f"redis://127.0.0.1:{port}/2",
+            "BENCH_PEER_STATE_URL": f"redis://127.0.0.1:{port}/4",
             "BENCH_COUNT_SQL": "1",
             "SAGALINE_HOME": str(tmp / "home"),
         }
@@ -213,6 +248,8 @@ def run(args: argparse.Namespace, res: Resources) -> int:
         results = TaskResults(mod.app, env["BENCH_RESULT_URL"])
         res.push("result reader", results.close)
         sizes = (fig.Sizes.quick if args.quick else fig.Sizes.full)(history, redis_history)
+        if args.t1_sagas is not None:
+            sizes.t1_sagas = args.t1_sagas
         log(f"stores {stores}, figures {figures}, sizes {sizes}")
         plain = start_worker("plain", env, tmp, res)
 
@@ -273,7 +310,17 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                     db.flushdb()
             with contextlib.suppress(Exception):
                 runtime.store.close()
+        if args.peers:
+            from bench.peers import DBOS_POLLING_INTERVAL, run_peers
+
+            run_peers(figures=figures, sizes=sizes, mod=mod, results=results, env=env, tmp=tmp,
+                      res=res, emit=emit, log=log,
+                      dbos_polling_interval=args.dbos_polling_interval or DBOS_POLLING_INTERVAL)
         print_table(lines)
+        if args.peers:
+            from bench.peers import print_comparison
+
+            print_comparison(lines)
     finally:
         if out is not None:
             out.close()

@@ -11,8 +11,9 @@
   the baseline's results by polling their keys (bench/waits.py), so sending a task
   never subscribes to Celery's pub/sub result consumer.
 
-`BENCH_COUNT_SQL=1` counts, in every process, SQL statements (SQLAlchemy's
-``before_cursor_execute``), commits and rollbacks, published task messages
+`BENCH_COUNT_SQL=1` counts, in every process, SQL statements (at psycopg's cursor
+on PostgreSQL, elsewhere SQLAlchemy's ``before_cursor_execute``), transactions,
+commits and rollbacks, published task messages
 (``before_task_publish``) and executed tasks. Workers add their counts to the Redis
 hash ``bench:counts:<flavor>:<main|child>`` from a thread every 0.5 s, so no task
 waits on the counting; the caller reads its own counts in process (`COUNTS`).
@@ -166,9 +167,32 @@ _role = {"name": "caller" if FLAVOR == "caller" else "main"}
 
 def _on_statement(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
                   executemany: bool) -> None:
+    if conn.dialect.name != "postgresql":  # PostgreSQL's are counted at psycopg's cursor
+        _count_statement(statement)
+
+
+def _count_statement(statement: str) -> None:
     kind = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
     COUNTS.add("sql")
     COUNTS.add(f"sql:{kind}")
+    if kind in ("BEGIN", "COMMIT", "ROLLBACK"):  # sent as statements by the hot path
+        COUNTS.add(kind.lower())
+
+
+def _count_psycopg() -> None:
+    """PostgreSQL's hot statements run on psycopg directly (stores/pg_hot.py), not
+    through SQLAlchemy: count every statement at psycopg's cursor instead."""
+    import psycopg
+
+    for name in ("execute", "executemany"):
+        original = getattr(psycopg.Cursor, name)
+
+        def counted(self: Any, query: Any, *args: Any, _original: Any = original,
+                    **kwargs: Any) -> Any:
+            _count_statement(query if isinstance(query, str) else str(query))
+            return _original(self, query, *args, **kwargs)
+
+        setattr(psycopg.Cursor, name, counted)
 
 
 def _on_begin(conn: Any) -> None:
@@ -231,6 +255,8 @@ if COUNT and FLAVOR != "plain":  # the plain worker must not even import SQLAlch
         sa.event.listen(sa.engine.Engine, "begin", _on_begin)
         sa.event.listen(sa.engine.Engine, "commit", _on_commit)
         sa.event.listen(sa.engine.Engine, "rollback", _on_rollback)
+    with contextlib.suppress(ImportError):
+        _count_psycopg()
 
 
 @worker_init.connect

@@ -27,10 +27,14 @@ FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # Hot-path parts: (label, function, file suffix); inclusive samples under `execute`.
 PARTS = [
     ("claim (store.claim_step)", "claim_step", "sagaline/stores/sql.py"),
+    ("claim (Redis store)", "claim_step", "sagaline/stores/redis.py"),
     ("complete (Runtime.transact)", "transact", "sagaline/runtime.py"),
     ("  store.transact", "transact", "sagaline/stores/base.py"),
     ("    engine decision", "step_succeeded", "sagaline/engine.py"),
     ("    write decision", "write_decision", "sagaline/stores/sql_statements.py"),
+    ("    lock + read (PostgreSQL, psycopg)", "locked", "sagaline/stores/pg_hot.py"),
+    ("    write decision (PostgreSQL, psycopg)", "write", "sagaline/stores/pg_hot.py"),
+    ("    read for a decision (Redis)", "_load_state", "sagaline/stores/redis.py"),
     ("  publish (after commit)", "publish", "sagaline/runtime.py"),
     ("body (the task)", "saga_noop", "bench/app.py"),
     ("heartbeat add/remove", "Heartbeat.add", "sagaline/execution.py"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
 def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str]]:
     out = []
     for d in lines:
+        if "peer" in d:  # DBOS, celery-saga: bench/peers.py prints them beside ours
+            continue
         f, s, t = d["figure"], d["store"], d.get("target", "")
         if f in ("L1", "L2"):
             out.append((f, s, f"{d['sagaline_median_ms']:.1f} / {d['sagaline_p95_ms']:.1f} ms",
@@ -51,7 +54,11 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
 
 def print_table(lines: list[dict[str, Any]]) -> None:
     header = ("figure", "store", "sagaline", "baseline (plain Celery)", "ratio", "target")
-    data = rows(lines)
+    print_rows("sagaline vs plain Celery (ratios are sagaline / baseline)", header, rows(lines))
+
+
+def print_rows(title: str, header: Sequence[str], data: Sequence[Sequence[str]]) -> None:
+    """A table on stdout: Rich's, or plain columns where Rich is missing."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -60,7 +67,7 @@ def print_table(lines: list[dict[str, Any]]) -> None:
         for r in [header, *data]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         return
-    table = Table(title="sagaline vs plain Celery (ratios are sagaline / baseline)")
+    table = Table(title=title)
     for h in header:
         table.add_column(h, overflow="fold")
     for r in data:

@@ -27,10 +27,13 @@ from celery import bootsteps
 from celery.app.task import Task
 from celery.exceptions import WorkerLostError
 from celery.signals import (
+    after_setup_logger,
     after_setup_task_logger,
     task_failure,
+    task_prerun,
     worker_init,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
     worker_shutdown,
     worker_shutting_down,
@@ -40,6 +43,7 @@ from .config import Settings, default_broker_options, default_broker_url, ready_
 from .context import StepLogFilter
 from .definition import check_definitions
 from .delivery import DecodeErrorStep
+from .observability.health import HeartbeatStep
 from .runtime import HEADER, Runtime, current_runtime, set_default_runtime
 from .stores.base import Store
 from .sweeper import SweeperStep, hand_back_dead_processes
@@ -81,12 +85,33 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         app.steps["worker"].add(SweeperStep)
     if DecodeErrorStep not in app.steps["consumer"]:
         app.steps["consumer"].add(DecodeErrorStep)
+    if HeartbeatStep not in app.steps["worker"]:
+        app.steps["worker"].add(HeartbeatStep)
+    if conf.metrics_port:
+        from .observability import metrics
+
+        metrics.install(runtime, conf.metrics_port)
     if conf.outbox_routes:  # the outbox relay (a bootstep) and optimistic sending
         from .outbox.relay import install
 
         install(app, conf)
     worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")
+    if conf.log_format == "json":
+        # Celery sends these once it set up the worker's handlers (root, then task logger).
+        after_setup_logger.connect(_json_logs, weak=False, dispatch_uid="sagaline.json_logs")
+        after_setup_task_logger.connect(_json_logs, weak=False,
+                                        dispatch_uid="sagaline.json_task_logs")
+    if conf.tracing != "off":
+        # Fails now, naming the extra, if OpenTelemetry is missing. The provider itself is
+        # set at first use, so an application that sets its own after this call wins.
+        from .observability import tracing  # noqa: F401
     return runtime
+
+
+def _json_logs(logger: logging.Logger, **_: Any) -> None:
+    from .observability.logs import use_json
+
+    use_json(logger)
 
 
 def _announce_ready(**_: Any) -> None:
@@ -171,6 +196,26 @@ def _fresh_connections_in_child(**_: Any) -> None:
     except Exception:
         return
     runtime.store  # noqa: B018 - re-created for this pid on first access
+
+
+@task_prerun.connect(weak=False)  # type: ignore[untyped-decorator]
+def _tracing_before_first_task(**_: Any) -> None:
+    # The TracerProvider is set at first use, late enough that an application setting
+    # its own (in worker_process_init, as OpenTelemetry advises) wins; this is before
+    # the first task's task_prerun reaches a Celery instrumentation, whose first span
+    # would otherwise be made before any provider is set, and dropped.
+    with contextlib.suppress(Exception):
+        runtime = current_runtime()
+        if runtime.settings.tracing != "off":
+            runtime.tracing  # noqa: B018 - set up on first access
+
+
+@worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+def _flush_spans(**_: Any) -> None:
+    # A pool process leaves through os._exit: the SDK's exit handler, which exports
+    # the spans it still holds, would not run.
+    with contextlib.suppress(Exception):
+        current_runtime().flush_traces()
 
 
 @worker_init.connect(weak=False)  # type: ignore[untyped-decorator]

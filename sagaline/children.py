@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
 def run_child(runtime: Runtime, d: Dispatch) -> None:
     """Claim a child-saga step (or its compensation), start its child, and drive it."""
-    now = time.time()
+    now = runtime.now()
     # Claim first: the child may end before this function returns, and its
     # notification must find the parent step RUNNING.
     if not runtime.store.claim_step(d.saga_id, d.step, d.phase, d.attempt,
@@ -44,7 +43,8 @@ def run_child(runtime: Runtime, d: Dispatch) -> None:
             runtime.start_saga(runtime.definition(str(d.child_saga)), input,
                                idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
                                parent_saga_id=d.saga_id, parent_step=d.step,
-                               saga_id=child_saga_id(d.saga_id, d.step, d.attempt))
+                               saga_id=child_saga_id(d.saga_id, d.step, d.attempt),
+                               trace_parent=d.trace_context)
         except InputError as exc:
             # The same input would be refused on every try: fail the step for good
             # (raising would leave it to the sweeper, which would try for ever).
@@ -96,7 +96,7 @@ def drive_child(runtime: Runtime, parent_id: str, step: str) -> None:
         notify_parent(runtime, child)
     else:
         store.renew_lease(parent_id, step, phase, rec.attempt_for(phase),
-                          time.time() + runtime.settings.redispatch_after)
+                          runtime.now() + runtime.settings.redispatch_after)
 
 
 def notify_parent(runtime: Runtime, child: SagaRecord) -> None:
@@ -105,7 +105,7 @@ def notify_parent(runtime: Runtime, child: SagaRecord) -> None:
 
     def decide(defn: Saga, st: SagaState) -> Decision | None:
         rec = st.steps[step]
-        now = time.time()
+        now = runtime.now()
         if rec.comp_status is not None:
             if child.saga_id != child_of(parent_id, rec):
                 return None

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +31,8 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
-from .ops import Runtime, Store, first_line, redact
+from .observability import health as probes
+from .ops import Runtime, Store, cut_deep, first_line, redact
 from .records import SagaFilter
 from .states import SagaStatus
 from .timeline import format_duration, render_steps, render_summary, render_timeline, status_text
@@ -110,30 +110,6 @@ def _json(doc: Any, indent: int | None = None) -> str:
 DEEPEST_JSON = 200
 
 
-def cut_deep(value: Any, depth: int) -> Any:
-    """A copy of a JSON value with the levels below `depth` replaced by a marker.
-
-    Iterative on purpose: recursion is what fails on such values.
-    """
-    root: list[Any] = [None]
-    todo: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]
-    while todo:
-        item, parent, key, level = todo.pop()
-        if isinstance(item, (dict, list, tuple)) and level >= depth:
-            parent[key] = f"<{type(item).__name__} nested deeper than {depth} levels: not shown>"
-        elif isinstance(item, dict):
-            copy: dict[Any, Any] = dict.fromkeys(item)  # keeps the key order
-            todo += [(v, copy, k, level + 1) for k, v in item.items()]
-            parent[key] = copy
-        elif isinstance(item, (list, tuple)):
-            items: list[Any] = [None] * len(item)
-            todo += [(v, items, i, level + 1) for i, v in enumerate(item)]
-            parent[key] = items
-        else:
-            parent[key] = item
-    return root[0]
-
-
 @contextlib.contextmanager
 def reading(store: str | None) -> Iterator[Store]:
     """The store to read for one command: it must exist, and an unreachable server is
@@ -170,21 +146,12 @@ def _import_app(module: str) -> Any:
         raise ConfigurationError(f"cannot load a Celery app from {module!r}: {exc}") from None
 
 
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_time(value: str, now: float | None = None) -> float:
     """An ISO time (local when naive) or a relative one back from now: 30s, 10m, 2h, 1d, 1w."""
-    now = time.time() if now is None else now
-    match = _RELATIVE.match(value)
-    if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2).lower()]
     try:
-        return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is neither an ISO time nor a relative one "
-                                 f"like 10m, 2h, 1d") from None
+        return ops.parse_when(value, now)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def parse_statuses(values: list[str] | None) -> list[SagaStatus] | None:
@@ -209,11 +176,17 @@ def _when(ts: float | None) -> str:
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context, app: str = AppOption) -> None:
+def worker(ctx: typer.Context, app: str = AppOption,
+           log_format: str | None = typer.Option(
+               None, "--log-format",
+               help="plain (Celery's format) or json: one JSON object per line, with the "
+                    "saga, step and trace of each record (SAGALINE_LOG_FORMAT).")) -> None:
     """Run a Celery worker (with the sagaline sweeper) for your app.
 
     Any other option goes to `celery worker`, e.g. `sagaline worker -A shop.app -c 4`.
     """
+    if log_format is not None:
+        os.environ["SAGALINE_LOG_FORMAT"] = log_format  # read by init_app, in the import
     with _errors():
         celery_app = app_runtime(app).app
     code = celery_app.start(argv=["worker", *ctx.args])
@@ -284,10 +257,7 @@ def list_command(
                                                   limit=limit, offset=offset))
     if as_json:
         for view in views:
-            doc = ops.view_as_dict(view)
-            line = {**doc["saga"], "summary": doc["summary"],
-                    "compensation_failures": doc["compensation_failures"]}
-            typer.echo(_json(line))
+            typer.echo(_json(ops.summary_as_dict(view)))
         return
     table = Table(header_style="bold")
     table.add_column("saga id", no_wrap=True, min_width=36)
@@ -338,7 +308,7 @@ def cancel(
 ) -> None:
     """Stop a running saga and compensate what it applied."""
     with _errors():
-        saga = ops.cancel(saga_id, reason=reason, runtime=app_runtime(app))
+        saga = ops.cancel(saga_id, reason=reason, runtime=app_runtime(app), actor="cli")
     typer.echo(f"saga {saga.saga_id}: {saga.status.value} (cancel: {reason})")
 
 
@@ -349,7 +319,7 @@ def resume(
 ) -> None:
     """Retry the unfinished compensations (or forward steps) of a FAILED saga."""
     with _errors():
-        saga = ops.resume(saga_id, runtime=app_runtime(app))
+        saga = ops.resume(saga_id, runtime=app_runtime(app), actor="cli")
     typer.echo(f"saga {saga.saga_id}: {saga.status.value} (resumed)")
 
 
@@ -371,6 +341,23 @@ def sweep(
     for failed in report.failed:
         typer.echo(f"not repaired (see the log): saga {failed.saga_id}")
     typer.echo(f"sweep: {report.due} item(s) due, {report.acted} repaired")
+
+
+@cli.command()
+def health(
+    liveness: bool = typer.Option(False, "--liveness", help="Heartbeat file age only."),
+    readiness: bool = typer.Option(False, "--readiness", help="Store and broker answer."),
+    app: str | None = typer.Option(None, "-A", "--app", help="Your Celery app's module."),
+    max_age: float = typer.Option(60.0, min=1.0, help="Liveness: oldest heartbeat, in s."),
+    timeout: float = typer.Option(probes.READINESS_TIMEOUT, min=0.1, help="Readiness: s."),
+) -> None:
+    """Probe a worker: exit 0 healthy, 1 unhealthy, 2 bad usage (see the README)."""
+    if liveness == readiness or (readiness and not app):
+        _fail("give --liveness, or --readiness with -A/--app", probes.EXIT_USAGE)
+    with _errors():
+        ok, message = probes.probe(app_runtime(app) if app else None, readiness, max_age, timeout)
+    typer.echo(message, err=not ok)
+    raise typer.Exit(probes.EXIT_HEALTHY if ok else probes.EXIT_UNHEALTHY)
 
 
 @db_cli.command("upgrade")

@@ -118,7 +118,8 @@ def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float 
                                  Phase.COMPENSATE, attempt, spec.compensation_name or "",
                                  kwargs, countdown=countdown, queue=spec.queue,
                                  timeout=spec.timeout,
-                                 child_saga=spec.child.name if spec.child else None))
+                                 child_saga=spec.child.name if spec.child else None,
+                                 trace_context=w.saga.trace_context))
 
 
 def fail_compensation_attempt(w: Work, name: str, *, error: str,

@@ -25,6 +25,10 @@ def ready_file() -> Path | None:
     return Path(path) if path else None
 
 
+TRACING_CHOICES = ("off", "otlp")
+LOG_FORMATS = ("plain", "json")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Settings of one process. Each field reads `SAGALINE_<NAME>` when not passed."""
@@ -55,6 +59,21 @@ class Settings:
     # MariaDB's max_allowed_packet 16 MiB): the final context, the union of every
     # output, must fit there too.
     max_payload_bytes: int = DEFAULT_MAX_BYTES
+    # OpenTelemetry traces (the `otel` extra): "otlp" traces every saga, through the
+    # application's TracerProvider if it set one, else through an OTLP/HTTP exporter
+    # configured by the standard OTEL_* variables; "off" traces nothing.
+    # `init_app(app, tracing=True)` is "otlp".
+    tracing: str = "off"
+    # "json": the worker logs one JSON object per line, with the saga, step and trace
+    # of the record (observability/logs.py); "plain": Celery's format.
+    log_format: str = "plain"
+    # Serve Prometheus metrics on this port from every worker (0: off). Needs the
+    # `prometheus` extra.
+    metrics_port: int = 0
+    # The file a worker touches every heartbeat_interval seconds, which
+    # `sagaline health --liveness` reads (default: $SAGALINE_HOME/worker.heartbeat).
+    heartbeat_file: str = ""
+    heartbeat_interval: float = 10.0
     # Where the outbox's events go (sagaline/outbox/): whitespace-separated
     # `topic-pattern=url` routes, first match wins, e.g.
     # "order.*=amqp://guest:guest@localhost//?exchange=orders *=redis://localhost/0".
@@ -74,13 +93,23 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.name, f.type, raw)
+        if isinstance(values.get("tracing"), bool):
+            values["tracing"] = "otlp" if values["tracing"] else "off"
         if not values.get("store_url"):
             values["store_url"] = default_store_url()
         settings = cls(**values)
         if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
             raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
+        if settings.heartbeat_interval <= 0:
+            raise ConfigurationError("heartbeat_interval must be > 0")
         if settings.max_payload_bytes < 1024:
             raise ConfigurationError("max_payload_bytes must be at least 1024")
+        if settings.tracing not in TRACING_CHOICES:
+            raise ConfigurationError(f"tracing must be one of {', '.join(TRACING_CHOICES)}, "
+                                     f"got {settings.tracing!r} (SAGALINE_TRACING)")
+        if settings.log_format not in LOG_FORMATS:
+            raise ConfigurationError(f"log_format must be one of {', '.join(LOG_FORMATS)}, "
+                                     f"got {settings.log_format!r} (SAGALINE_LOG_FORMAT)")
         return settings
 
 

@@ -16,7 +16,6 @@ around the consumer's decode-error handler. They run in the worker's main proces
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -56,7 +55,7 @@ def fail_undeliverable(runtime: Runtime, saga_id: str, step: str, phase: Phase, 
         if defn is None or step not in state.steps:
             return None
         return recovery.undeliverable(defn, state, step, phase, attempt, reason=reason,
-                                      error=error, now=time.time(), timing=runtime.timing,
+                                      error=error, now=runtime.now(), timing=runtime.timing,
                                       claimed=claimed)
 
     try:
@@ -87,7 +86,8 @@ def message_refused(runtime: Runtime, meta: dict[str, Any], *, task: str, worker
         decision = fail_undeliverable(runtime, saga_id, step, phase, attempt,
                                       reason=FailureReason.MESSAGE_UNDELIVERABLE, error=error)
     else:
-        event = Event(saga_id, EventKind.TASK_UNREGISTERED, time.time(), step, attempt, phase.value,
+        event = Event(saga_id, EventKind.TASK_UNREGISTERED, runtime.now(), step, attempt,
+                      phase.value,
                       {"task": task, "worker": worker, "error": error})
 
         def decide(state: SagaState) -> Decision | None:
@@ -97,7 +97,7 @@ def message_refused(runtime: Runtime, meta: dict[str, Any], *, task: str, worker
             return recovery.unregistered_task(
                 defn, state, event, phase,
                 max_redispatches=runtime.settings.unknown_task_redispatches,
-                now=time.time(), timing=runtime.timing)
+                now=runtime.now(), timing=runtime.timing)
 
         try:
             decision = runtime.store.transact(saga_id, decide)

@@ -43,7 +43,8 @@ from .work import saga_result
 def start(defn: Saga, saga_id: str, input: dict[str, Any], *, now: float, timing: Timing,
           idempotency_key: str | None = None, parent_saga_id: str | None = None,
           parent_step: str | None = None,
-          input_fingerprint: str | None = None) -> tuple[SagaState, Decision]:
+          input_fingerprint: str | None = None,
+          trace_context: str | None = None) -> tuple[SagaState, Decision]:
     """The new saga, its steps, and the root steps dispatched: written in one transaction."""
     graph = defn.graph
     deadline = now + defn.timeout if defn.timeout else None
@@ -51,7 +52,7 @@ def start(defn: Saga, saga_id: str, input: dict[str, Any], *, now: float, timing
                       fingerprint=defn.fingerprint, created_at=now, updated_at=now,
                       idempotency_key=idempotency_key, deadline=deadline, due_at=deadline,
                       parent_saga_id=parent_saga_id, parent_step=parent_step,
-                      input_fingerprint=input_fingerprint)
+                      input_fingerprint=input_fingerprint, trace_context=trace_context)
     steps = {n: StepRecord(saga_id, n, i) for i, n in enumerate(graph.order)}
     state = SagaState(saga, steps)
     w = Work(defn, state, now, timing)
@@ -159,7 +160,8 @@ def dispatch_forward(w: Work, name: str, *, attempt: int, countdown: float = 0.0
     w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
                                  Phase.FORWARD, attempt, spec.task_name or "", kwargs,
                                  countdown=countdown, queue=spec.queue, timeout=spec.timeout,
-                                 child_saga=spec.child.name if spec.child else None))
+                                 child_saga=spec.child.name if spec.child else None,
+                                 trace_context=w.saga.trace_context))
 
 
 def step_kwargs(w: Work, spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:

@@ -40,24 +40,29 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
     if defn is None or defn.fingerprint != meta.get("fingerprint"):
         _refuse_unknown_definition(runtime, meta, defn)
         raise Ignore()
-    now = time.time()
+    now = runtime.now()
     lease = runtime.settings.lease
     if not runtime.store.claim_step(saga_id, step, phase, attempt, lease_until=now + lease,
                                     now=now, owner=claim_owner(runtime)):
         log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
                  "message); not running it", saga_id, step, phase, attempt)
         raise Ignore()
+    ready_at = meta.get("ready_at")
+    wait = now - ready_at if isinstance(ready_at, (int, float)) else None
     signals.step_started.send(sender=runtime, saga_id=saga_id, name=defn.name, step=step,
-                              phase=phase, attempt=attempt)
+                              phase=phase, attempt=attempt, queue_wait=wait)
     heartbeat = runtime.heartbeat()
     token = heartbeat.add(saga_id, step, phase, attempt)
     info = StepInfo(saga_id, defn.name, step, attempt, phase)
     ctx_token = _current.set(info)
     tx_token = step_tx.enter(runtime, info)
     kwargs = filter_kwargs(task.run, kwargs)
+    tracing = runtime.tracing
     try:
-        return _run_and_complete(runtime, defn, body, args, kwargs, saga_id, step, phase,
-                                 attempt)
+        # The attempt's span covers the body and the completion (observability/tracing.py).
+        with tracing.attempt(meta, task) if tracing is not None else contextlib.nullcontext():
+            return _run_and_complete(runtime, defn, body, args, kwargs, saga_id, step,
+                                     phase, attempt)
     finally:
         # Renewed until the completion committed: a store outage during completion
         # must not let the lease expire and re-run a body that already finished.
@@ -197,7 +202,7 @@ def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any],
     log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
               "code to every worker", meta.get("saga_id"), meta.get("saga"),
               meta.get("step"), why)
-    event = Event(str(meta["saga_id"]), EventKind.DEFINITION_MISMATCH, time.time(),
+    event = Event(str(meta["saga_id"]), EventKind.DEFINITION_MISMATCH, runtime.now(),
                   str(meta.get("step")), int(meta.get("attempt", 0)),
                   str(meta.get("phase")),
                   {"worker_fingerprint": getattr(defn, "fingerprint", None),
@@ -216,9 +221,10 @@ class Heartbeat:
     partitioned from the store) lets its leases expire.
     """
 
-    def __init__(self, store: Store, lease: float):
+    def __init__(self, store: Store, lease: float, clock: Callable[[], float] = time.time):
         self.store = store
         self.lease = lease
+        self.clock = clock
         self._claims: dict[int, tuple[str, str, Phase, int]] = {}
         self._next = 0
         self._lock = threading.Lock()
@@ -246,7 +252,7 @@ class Heartbeat:
             for saga_id, step, phase, attempt in claims:
                 try:
                     self.store.renew_lease(saga_id, step, phase, attempt,
-                                           time.time() + self.lease)
+                                           self.clock() + self.lease)
                 except Exception:
                     log.warning("could not renew the lease of saga %s step %s", saga_id, step,
                                 exc_info=True)

@@ -12,6 +12,10 @@ from .states import SAGA_TERMINAL, CompensationStatus, SagaStatus
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+    from .stores.finished import FinishWatch
+
+# While a store's notifications arrive, get() still re-reads a waiting saga this often.
+RESYNC = 5.0
 
 
 class SagaHandle:
@@ -36,23 +40,21 @@ class SagaHandle:
             max_interval: float = 0.1, fast_for: float = 1.0) -> Any:
         """Wait for the saga to end and return its final context.
 
+        On a store that announces ended sagas (PostgreSQL, Redis) the wait wakes on
+        the commit that ends the saga: it reads the saga once before waiting and
+        once after. Elsewhere, or while the store's listener is disconnected, it
+        polls every `interval` seconds, growing to 5 ms for the first `fast_for`
+        seconds and then to `max_interval`.
+
         Raises SagaCompensated or SagaFailed (with the cause) when it did not complete,
         SagaTimeout when `timeout` seconds pass first.
         """
-        started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        while True:
-            saga = self.record()
-            if saga.status in SAGA_TERMINAL:
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise SagaTimeout(self.saga_id, timeout or 0, saga.status.value)
-            time.sleep(interval)
-            # Poll every few ms while most sagas end (the first `fast_for` seconds),
-            # then back off so that long sagas cost the store little.
-            cap = min(0.005, max_interval) if now - started < fast_for else max_interval
-            interval = min(interval * 1.5, cap)
+        watch = self.runtime.store.watch_finished(self.saga_id)
+        try:
+            saga = self._wait(watch, timeout, interval, max_interval, fast_for)
+        finally:
+            if watch is not None:
+                watch.close()
         if saga.status is SagaStatus.COMPLETED:
             return saga.output
         if saga.status is SagaStatus.COMPENSATED:
@@ -63,6 +65,28 @@ class SagaHandle:
                     for s in steps if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
         raise SagaFailed(saga.saga_id, saga.error, step=saga.failed_step, record=saga,
                          compensation_failures=failures)
+
+    def _wait(self, watch: FinishWatch | None, timeout: float | None, interval: float,
+              max_interval: float, fast_for: float) -> SagaRecord:
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        while True:
+            saga = self.record()
+            if saga.status in SAGA_TERMINAL:
+                return saga
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise SagaTimeout(self.saga_id, timeout or 0, saga.status.value)
+            if watch is not None and watch.live:
+                # Woken by the commit that ends the saga; the re-read every RESYNC
+                # seconds only guards against a notification lost on the way.
+                watch.wait(RESYNC if deadline is None else min(RESYNC, deadline - now))
+                continue
+            time.sleep(interval)
+            # Poll every few ms while most sagas end (the first `fast_for` seconds),
+            # then back off so that long sagas cost the store little.
+            cap = min(0.005, max_interval) if now - started < fast_for else max_interval
+            interval = min(interval * 1.5, cap)
 
     def __repr__(self) -> str:
         return f"<SagaHandle {self.name} {self.saga_id}>"

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
-from . import recovery
+from . import recovery, signals
 from .records import Decision, Owner, SagaState
 from .runtime import Runtime
 from .states import Phase
@@ -57,6 +56,7 @@ def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
         if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
                       cause, queue):
             acted += 1
+    signals.sweeper_repaired.send(sender=runtime, counts={"worker_lost": acted})
     return acted
 
 
@@ -65,7 +65,7 @@ def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
     def decide(state: SagaState) -> Decision | None:
         defn = rt.definition_for(state.saga)
         return None if defn is None else recovery.claim_lost(
-            defn, state, step, phase, attempt, owner, cause=cause, now=time.time(),
+            defn, state, step, phase, attempt, owner, cause=cause, now=rt.now(),
             timing=rt.timing)
 
     try:

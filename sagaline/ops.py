@@ -6,14 +6,14 @@ import inspect
 import logging
 import os
 import threading
-import time
-from dataclasses import dataclass, field, fields
-from enum import Enum
+import uuid
+from dataclasses import dataclass, replace
 from typing import Any
 
 # The surfaces (cli, timeline, demo) reach the core only through this module: the
 # `name as name` imports are what they need besides the operations, re-exported.
 from . import recovery, sweeper
+from ._state import registered_saga, registered_sagas
 from .config import Settings
 from .definition import short_name as short_name
 from .engine import first_line as first_line
@@ -24,57 +24,27 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
-from .records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
+from .records import Decision, Event, SagaFilter, SagaRecord, SagaState
 from .runtime import Runtime as Runtime
-from .runtime import current_runtime
-from .states import CompensationStatus, EventKind, SagaStatus
+from .runtime import current_runtime as current_runtime
+from .states import EventKind, SagaStatus
 from .stores.base import Store as Store
 from .stores.base import open_existing as open_existing
 from .stores.base import redact as redact
 from .stores.base import store_class as store_class
 from .sweeper import SweepReport
+from .views import Attempt as Attempt
+from .views import SagaView as SagaView
+from .views import compensation_failures as compensation_failures
+from .views import cut_deep as cut_deep
+from .views import event_as_dict as event_as_dict
+from .views import failure_summary as failure_summary
+from .views import parse_when as parse_when
+from .views import step_attempts as step_attempts
+from .views import summary_as_dict as summary_as_dict
+from .views import view_as_dict as view_as_dict
 
 log = logging.getLogger("sagaline")
-
-
-@dataclass(slots=True)
-class SagaView:
-    """A saga as any process can read it: the record, its steps and its history."""
-
-    saga: SagaRecord
-    steps: list[StepRecord]
-    history: list[Event] = field(default_factory=list)
-
-    @property
-    def saga_id(self) -> str:
-        return self.saga.saga_id
-
-    @property
-    def name(self) -> str:
-        return self.saga.name
-
-    @property
-    def status(self) -> SagaStatus:
-        return self.saga.status
-
-    @property
-    def output(self) -> Any:
-        return self.saga.output
-
-    @property
-    def error(self) -> str | None:
-        return self.saga.error
-
-    def step(self, name: str) -> StepRecord:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-    @classmethod
-    def of(cls, state: SagaState, history: list[Event] | None = None) -> SagaView:
-        """The view of a saga's state (`Store.read_state`), with its history if read."""
-        return cls(state.saga, list(state.steps.values()), history or [])
 
 
 # -- reading: any process, given a store ----------------------------------------------------
@@ -100,12 +70,18 @@ def open_store(url: str, *, read_only: bool = False,
     return cls(url, **options)  # type: ignore[call-arg]
 
 
+# How many child sagas a saga's view lists.
+MAX_CHILDREN = 500
+
+
 def read_saga(store: Store, saga_id: str, *, with_history: bool = True) -> SagaView:
     """A saga with its steps and (unless not wanted) its history; SagaNotFound if none."""
     state = store.read_state(saga_id)
     if state is None:
         raise SagaNotFound(saga_id)
-    return SagaView.of(state, store.history(saga_id) if with_history else None)
+    view = SagaView.of(state, store.history(saga_id) if with_history else None)
+    view.children = store.list_sagas(SagaFilter(parent_saga_id=saga_id, limit=MAX_CHILDREN))
+    return view
 
 
 def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
@@ -114,11 +90,9 @@ def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
     Only a FAILED saga's steps are read: its summary names the compensations that
     failed; the others' summary is their record's alone.
     """
-    views = []
-    for saga in store.list_sagas(flt):
-        state = store.read_state(saga.saga_id) if saga.status is SagaStatus.FAILED else None
-        views.append(SagaView(saga, [] if state is None else list(state.steps.values())))
-    return views
+    sagas = store.list_sagas(flt)
+    steps = store.steps_of([s.saga_id for s in sagas if s.status is SagaStatus.FAILED])
+    return [SagaView(saga, steps.get(saga.saga_id, [])) for saga in sagas]
 
 
 _readers: dict[str, Store] = {}
@@ -165,28 +139,122 @@ def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str
 
 
 def cancel(saga_id: str, *, reason: str = "cancelled by operator",
-           runtime: Runtime | None = None) -> SagaRecord:
-    """Stop a running saga and compensate what it applied."""
+           runtime: Runtime | None = None, actor: str = "python") -> SagaRecord:
+    """Stop a running saga and compensate what it applied.
+
+    `actor` (who asked: a token's name, `cli`) is recorded in the saga's history.
+    """
     rt = runtime or current_runtime()
-    return _operate(rt, saga_id, "cancel", lambda d, st: recovery.cancel(
-        d, st, reason=reason, now=time.time(), timing=rt.timing))
+    return _operate(rt, saga_id, "cancel", actor, lambda d, st: recovery.cancel(
+        d, st, reason=reason, now=rt.now(), timing=rt.timing), reason=reason)
 
 
-def resume(saga_id: str, *, runtime: Runtime | None = None) -> SagaRecord:
+def resume(saga_id: str, *, runtime: Runtime | None = None,
+           actor: str = "python") -> SagaRecord:
     """Retry exactly the unfinished compensations (or forward steps) of a FAILED saga."""
     rt = runtime or current_runtime()
-    return _operate(rt, saga_id, "resume", lambda d, st: recovery.resume(
-        d, st, now=time.time(), timing=rt.timing))
+    return _operate(rt, saga_id, "resume", actor, lambda d, st: recovery.resume(
+        d, st, now=rt.now(), timing=rt.timing))
 
 
-def _operate(rt: Runtime, saga_id: str, action: str, decide: Any) -> SagaRecord:
-    decision = rt.transact(saga_id, decide)
+def _operate(rt: Runtime, saga_id: str, action: str, actor: str, decide: Any,
+             **detail: Any) -> SagaRecord:
+    def audited(defn: Any, state: SagaState) -> Decision | None:
+        decision: Decision | None = decide(defn, state)
+        if decision is not None:
+            # The audit entry commits with the action itself, or not at all.
+            decision.events.append(Event(saga_id, AUDIT_EVENT, rt.now(), detail={
+                "action": action, "actor": actor, **detail}))
+        return decision
+
+    decision = rt.transact(saga_id, audited)
     saga = rt.store.get_saga(saga_id)
     if saga is None:
         raise SagaNotFound(saga_id)
     if decision is None:
         raise InvalidTransition(saga_id, saga.status.value, action)
     return saga
+
+
+# The history event every operator action appends, naming who asked.
+AUDIT_EVENT = EventKind.OPERATOR_ACTION
+# How many sagas one bulk cancel acts on at most.
+MAX_BULK = 10_000
+
+
+def start(name: str, input: dict[str, Any], *, idempotency_key: str | None = None,
+          runtime: Runtime | None = None, actor: str = "python") -> tuple[SagaRecord, bool]:
+    """Start saga `name` (defined in this process) with `input`: (its record, whether new).
+
+    The same key with the same input returns the saga it started (False); with other
+    input, IdempotencyConflict. An unknown name is a ConfigurationError.
+    """
+    rt = runtime or current_runtime()
+    new_id = str(uuid.uuid4())
+    handle = rt.start_saga(rt.definition(name), input, idempotency_key=idempotency_key,
+                           saga_id=new_id)
+    created = handle.saga_id == new_id
+    if created:
+        rt.store.append_event(Event(new_id, AUDIT_EVENT, rt.now(), detail={
+            "action": "start", "actor": actor}))
+    return handle.record(), created
+
+
+def saga_names() -> list[str]:
+    """The names of the sagas this process can start."""
+    return sorted(d.name for d in registered_sagas())
+
+
+def cancel_matching(flt: SagaFilter, *, dry_run: bool = False, reason: str = "cancelled by "
+                    "operator", runtime: Runtime | None = None,
+                    actor: str = "python") -> tuple[list[str], list[str]]:
+    """Cancel every RUNNING saga matching `flt` (at most MAX_BULK): (matched, cancelled).
+
+    `dry_run` only counts. A saga that ends between the listing and its cancel is
+    matched but not cancelled.
+    """
+    rt = runtime or current_runtime()
+    statuses: list[SagaStatus] = [SagaStatus.RUNNING] if flt.status is None else \
+        [s for s in flt.status if s is SagaStatus.RUNNING]
+    page = replace(flt, status=statuses, limit=500, offset=0)
+    matched: list[str] = []
+    while len(matched) < MAX_BULK:
+        found = rt.store.list_sagas(page)
+        matched += [s.saga_id for s in found][:MAX_BULK - len(matched)]
+        if len(found) < page.limit:
+            break
+        page = replace(page, before=(found[-1].created_at, found[-1].saga_id))
+    if dry_run:
+        return matched, []
+    cancelled = []
+    for saga_id in matched:
+        try:
+            cancel(saga_id, reason=reason, runtime=rt, actor=actor)
+        except InvalidTransition:
+            continue
+        cancelled.append(saga_id)
+    return matched, cancelled
+
+
+def step_shapes(runtime: Runtime | None, saga: SagaRecord) -> dict[str, StepShape]:
+    """What the definition says of each step (empty: no definition in this process)."""
+    defn = None if runtime is None else registered_saga(saga.name)
+    if defn is None or defn.fingerprint != saga.fingerprint:
+        return {}
+    return {s.name: StepShape(list(s.depends_on), s.retry.max_attempts,
+                              s.compensation_retry.max_attempts, s.compensable, s.pivot)
+            for s in defn.steps}
+
+
+@dataclass(slots=True)
+class StepShape:
+    """A step as its saga's definition has it: where it sits and how often it may run."""
+
+    depends_on: list[str]
+    max_attempts: int
+    compensation_max_attempts: int
+    compensable: bool
+    pivot: bool
 
 
 def migrate(store_url: str | None = None, *, runtime: Runtime | None = None,
@@ -222,104 +290,6 @@ def sweep_report(runtime: Runtime | None = None, *, now: float | None = None,
                  limit: int = 200) -> SweepReport:
     """One sweeper pass (see `sweeper.sweep`): each item it acted on, by kind."""
     return sweeper.sweep(runtime or current_runtime(), now=now, limit=limit)
-
-
-# -- reading a saga's history (CLI `show`, the dashboard's timeline, audits) ---------------
-
-# The events that end one attempt of a step (forward) or of its compensation.
-_ATTEMPT_ENDS: dict[EventKind | str, str] = {
-    EventKind.STEP_SUCCEEDED: "succeeded",
-    EventKind.STEP_ATTEMPT_FAILED: "failed",
-    EventKind.STEP_FAILED: "failed",
-    EventKind.STEP_ABANDONED: "abandoned",
-    EventKind.COMPENSATION_SUCCEEDED: "succeeded",
-    EventKind.COMPENSATION_ATTEMPT_FAILED: "failed",
-    EventKind.COMPENSATION_FAILED: "failed",
-}
-_ATTEMPT_STARTS = {EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED}
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One run of a step body or of its compensation, as the history recorded it."""
-
-    step: str
-    phase: str
-    attempt: int
-    started_at: float | None = None
-    finished_at: float | None = None
-    outcome: str = "running"  # running | succeeded | failed | abandoned
-    error: str | None = None  # the first line of the error
-
-    @property
-    def duration(self) -> float | None:
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return self.finished_at - self.started_at
-
-
-def step_attempts(history: list[Event]) -> list[Attempt]:
-    """Every attempt of every step and compensation, in the order they started."""
-    attempts: dict[tuple[str, str, int], Attempt] = {}
-    for ev in history:
-        if ev.step is None or ev.attempt is None or ev.phase is None:
-            continue
-        if ev.kind not in _ATTEMPT_STARTS and ev.kind not in _ATTEMPT_ENDS:
-            continue
-        key = (ev.step, ev.phase, ev.attempt)
-        att = attempts.setdefault(key, Attempt(ev.step, ev.phase, ev.attempt))
-        if ev.kind in _ATTEMPT_STARTS:
-            att.started_at = ev.ts
-        else:
-            att.finished_at = ev.ts
-            att.outcome = _ATTEMPT_ENDS[ev.kind]
-            error = ev.detail.get("error")
-            att.error = first_line(error) if error else None
-    return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
-
-
-def compensation_failures(steps: list[StepRecord]) -> dict[str, str]:
-    """The steps whose compensation failed for good, with the first line of its error."""
-    return {s.name: first_line(s.comp_error) or "no error recorded" for s in steps
-            if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
-
-
-def failure_summary(saga: SagaRecord, steps: list[StepRecord]) -> str | None:
-    """One line saying why a saga did not complete: its cause and, for a FAILED saga,
-    which compensations failed and why (the cause alone hides that steps stay applied)."""
-    if saga.status is SagaStatus.COMPLETED or (not saga.error and
-                                               saga.status is not SagaStatus.FAILED):
-        return None
-    parts = [first_line(saga.error)] if saga.error else []
-    if saga.status is SagaStatus.FAILED:
-        parts += [f"compensation of {name!r} failed: {error}"
-                  for name, error in compensation_failures(steps).items()]
-    return "; ".join(parts) or None
-
-
-def view_as_dict(view: SagaView) -> dict[str, Any]:
-    """A saga with its steps, attempts and history as plain JSON-ready data.
-
-    Records are converted one level deep only: stored values (input, outputs) are
-    JSON already, and copying them recursively fails on deeply nested values.
-    """
-    return {
-        "saga": _plain(view.saga),
-        "summary": failure_summary(view.saga, view.steps),
-        "compensation_failures": compensation_failures(view.steps),
-        "steps": [_plain(s) for s in view.steps],
-        "attempts": [{**_plain(a), "duration": a.duration}
-                     for a in step_attempts(view.history)],
-        "history": [_plain(e) for e in view.history],
-    }
-
-
-def _plain(record: Any) -> dict[str, Any]:
-    return {f.name: _enum_value(getattr(record, f.name)) for f in fields(record)}
-
-
-def _enum_value(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
 
 
 # -- the transactional outbox (sagaline/outbox/) ---------------------------------------

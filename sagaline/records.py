@@ -31,6 +31,10 @@ class SagaRecord:
     # A hash of the input, kept with an idempotency key: the same key with other
     # input is a conflict, not a replay (None: no key, or a saga from before 0.1).
     input_fingerprint: str | None = None
+    # The saga's trace (observability/tracing.py): the W3C traceparent of its root span,
+    # then `:` and the span id of that span's parent (the caller's span) if it has one.
+    # Kept so that every process, after any crash, puts its spans in the same trace.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +177,11 @@ class Dispatch:
     timeout: float | None = None
     # Set for a child-saga step: the runtime starts (or rolls back) that saga instead.
     child_saga: str | None = None
+    # The saga's trace_context, sent in the message header so the worker needs no read.
+    trace_context: str | None = None
+    # When the step was first dispatched (after its backoff), for a message the sweeper
+    # publishes again; None: when it is published (the queue wait starts there).
+    ready_at: float | None = None
 
 
 # The header of a step's Celery message that carries its Dispatch identity (saga,
@@ -208,5 +217,10 @@ class SagaFilter:
     created_after: float | None = None
     created_before: float | None = None
     parent_saga_id: str | None = None
+    idempotency_key: str | None = None
+    failed_step: str | None = None
+    # Keyset pagination: only sagas strictly after this (created_at, saga_id) in the
+    # newest-first order, so a page is stable while new sagas are inserted.
+    before: tuple[float, str] | None = None
     limit: int = 50
     offset: int = 0

@@ -131,6 +131,10 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
     # A message that merely waits behind a backlog looks lost too: back off, so that a
     # busy queue is not flooded with copies (each copy is fenced, but costs a delivery).
     times = rec.redispatches + 1
+    # The queue wait of the step counts from when its previous copy was published
+    # (the first time: its dispatch), read back from the due time that publish set.
+    previous = rec.due_at - w.timing.redispatch_after * (
+        min(2 ** rec.redispatches, 32) if rec.redispatches else 1)
     if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (SagaStatus.RUNNING,
                                                               SagaStatus.COMPENSATING):
         dispatch_forward(w, step, attempt=rec.attempt, announce=False)
@@ -143,6 +147,7 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
         return None
     w.update_step(step, redispatches=times,
                   due_at=now + w.timing.redispatch_after * min(2 ** times, 32))
+    w.dispatches[-1] = replace(w.dispatches[-1], ready_at=previous)
     return w.decision()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from .config import Settings
+    from .observability.tracing import Tracing
 
 log = logging.getLogger("sagaline")
 
@@ -57,6 +59,18 @@ class Runtime:
         # sweeper thread then looks for lost claims at once.
         self.process_lost = threading.Event()
         self._delayed: DelayedPublisher | None = None
+        self._tracing: Tracing | None = None
+        self._tracing_failed = False
+        self._tracing_lock = (os.getpid(), threading.Lock())
+        # Called with each store this runtime opens (metrics time its operations).
+        self.store_hooks: list[Callable[[Store], None]] = []
+        # The one clock of every decision this runtime carries out (claims, leases,
+        # completions, the sweeper): a test environment gives it virtual time.
+        self.clock: Callable[[], float] = time.time
+
+    def now(self) -> float:
+        """The current time, in seconds since the epoch, from this runtime's clock."""
+        return self.clock()
 
     # -- store, per process --------------------------------------------------------
 
@@ -69,6 +83,8 @@ class Runtime:
                     self._store = store_from_url(self.settings.store_url,
                                                  echo=self.settings.echo_sql,
                                                  auto_migrate=self.settings.auto_migrate)
+                    for hook in self.store_hooks:
+                        hook(self._store)
                 elif self._store_pid != pid:
                     # A forked pool child keeps the same store object (and its options)
                     # but must not share the parent's connections.
@@ -77,6 +93,38 @@ class Runtime:
                     self._delayed = None  # its thread (and queue) stayed in the parent
                 self._store_pid = pid
         return self._store
+
+    @property
+    def tracing(self) -> Tracing | None:
+        """sagaline's spans in this process, or None when tracing is off."""
+        if self.settings.tracing == "off" or self._tracing_failed:
+            return None
+        if self._tracing is None:
+            if self._tracing_lock[0] != os.getpid():
+                # Set up (slow: imports, an exporter) under a lock of its own, never the
+                # store's; and a lock a forked process inherited may be held for good.
+                self._tracing_lock = (os.getpid(), threading.Lock())
+            with self._tracing_lock[1]:
+                if self._tracing is None and not self._tracing_failed:
+                    try:
+                        # Imported only here: without the `otel` extra the core never
+                        # imports OpenTelemetry (init_app checked that it imports).
+                        from .observability import tracing
+                        from .observability.provider import install_provider
+
+                        install_provider(service_name=self.app.main)
+                        self._tracing = tracing.Tracing()
+                    except Exception:
+                        # Traces must never stop sagas: this process runs them untraced.
+                        self._tracing_failed = True
+                        log.exception("tracing is on but could not be set up; this "
+                                      "process traces nothing")
+        return self._tracing
+
+    def flush_traces(self) -> None:
+        """Export the spans this process holds (a pool process exits without it)."""
+        if self._tracing is not None:
+            self._tracing.flush()
 
     def definition(self, name: str) -> Saga:
         defn = registered_saga(name)
@@ -101,7 +149,8 @@ class Runtime:
 
     def start_saga(self, defn: Saga, input: dict[str, Any], *,
                    idempotency_key: str | None = None, parent_saga_id: str | None = None,
-                   parent_step: str | None = None, saga_id: str | None = None) -> SagaHandle:
+                   parent_step: str | None = None, saga_id: str | None = None,
+                   trace_parent: str | None = None) -> SagaHandle:
         defn.check_complete()
         # Everything is checked before anything is stored (payload.py has the rules).
         payload.check_object(input, "input", max_bytes=self.settings.max_payload_bytes)
@@ -115,11 +164,17 @@ class Runtime:
                                limit=payload.MAX_KEY_LENGTH, rule="key",
                                where="idempotency_key")
             input_fingerprint = payload.fingerprint(input)
-        now = time.time()
-        state, decision = engine.start(defn, saga_id or str(uuid.uuid4()), input, now=now,
+        saga_id = saga_id or str(uuid.uuid4())
+        # In the trace of the caller's current span (a child saga: of its parent's root).
+        tracing = self.tracing
+        trace_context = tracing.new_saga(defn.name, saga_id, parent=trace_parent) \
+            if tracing is not None else None
+        now = self.now()
+        state, decision = engine.start(defn, saga_id, input, now=now,
                                        timing=self.timing, idempotency_key=idempotency_key,
                                        parent_saga_id=parent_saga_id, parent_step=parent_step,
-                                       input_fingerprint=input_fingerprint)
+                                       input_fingerprint=input_fingerprint,
+                                       trace_context=trace_context)
         saga, created = self.store.create_saga(state, decision.events)
         if not created and saga.input_fingerprint is not None and \
                 saga.input_fingerprint != input_fingerprint:
@@ -153,17 +208,20 @@ class Runtime:
         the saga's definition and state, `args`, `kwargs`, and the current time and
         timing (taken inside the transaction, so a retried one decides afresh)."""
         return self.transact(saga_id, lambda defn, st: decide(
-            defn, st, *args, now=time.time(), timing=self.timing, **kwargs))
+            defn, st, *args, now=self.now(), timing=self.timing, **kwargs))
 
     def after_commit(self, decision: Decision) -> None:
         self.publish(decision.dispatches)
         self._announce(decision)
 
     def _announce(self, decision: Decision) -> None:
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.after_commit(decision, self.store)
         if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
             s = decision.saga
             signals.saga_finished.send(sender=self, saga_id=s.saga_id, name=s.name,
-                                       status=s.status, duration=time.time() - s.created_at)
+                                       status=s.status, duration=self.now() - s.created_at)
             if s.parent_saga_id is not None:
                 children.notify_parent(self, s)
 
@@ -209,10 +267,17 @@ class Runtime:
         # Send only what the task accepts (the worker filters again, for senders that
         # do not import the task).
         kwargs = filter_kwargs(task.run, d.kwargs) if task is not None else dict(d.kwargs)
+        meta = {"saga_id": d.saga_id, "saga": d.saga_name, "fingerprint": d.fingerprint,
+                "step": d.step, "phase": d.phase.value, "attempt": d.attempt,
+                "ready_at": d.ready_at or time.time()}
+        headers: dict[str, Any] = {HEADER: meta}
+        if d.trace_context is not None:
+            meta["trace"] = d.trace_context
+            # The saga's root span as W3C `traceparent`, for a consumer's instrumentation
+            # (set again after a publisher's instrumentation wrote there: tracing.py).
+            headers["traceparent"] = d.trace_context.partition(":")[0]
         options: dict[str, Any] = {
-            "headers": {HEADER: {"saga_id": d.saga_id, "saga": d.saga_name,
-                                 "fingerprint": d.fingerprint, "step": d.step,
-                                 "phase": d.phase.value, "attempt": d.attempt}},
+            "headers": headers,
             "serializer": "json",
             "ignore_result": True,
         }
@@ -221,10 +286,12 @@ class Runtime:
         if d.timeout and d.phase is Phase.FORWARD:
             options["soft_time_limit"] = d.timeout
             options["time_limit"] = d.timeout + max(5.0, d.timeout * 0.1)
-        if task is not None:
-            task.apply_async(args=(), kwargs=kwargs, **options)
-        else:
-            self.app.send_task(d.task_name, args=(), kwargs=kwargs, **options)
+        tracing = self.tracing if d.trace_context is not None else None
+        with tracing.publishing(d) if tracing is not None else contextlib.nullcontext():
+            if task is not None:
+                task.apply_async(args=(), kwargs=kwargs, **options)
+            else:
+                self.app.send_task(d.task_name, args=(), kwargs=kwargs, **options)
 
     def delayed_publisher(self) -> DelayedPublisher:
         pid = os.getpid()
@@ -252,7 +319,7 @@ class Runtime:
         if self._heartbeat is None:
             with self._lock:
                 if self._heartbeat is None:
-                    self._heartbeat = Heartbeat(self.store, self.settings.lease)
+                    self._heartbeat = Heartbeat(self.store, self.settings.lease, self.now)
         return self._heartbeat
 
 

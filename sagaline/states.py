@@ -93,6 +93,8 @@ class EventKind(_StrEnum):
     # such task.
     DEFINITION_MISMATCH = "definition_mismatch"
     TASK_UNREGISTERED = "task_unregistered"
+    # An operator cancelled or resumed the saga (CLI or web); detail names the actor.
+    OPERATOR_ACTION = "operator_action"
 
 
 class FailureReason(_StrEnum):

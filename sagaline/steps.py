@@ -26,6 +26,11 @@ ContextFn = Callable[[Context], Any]
 MAX_RETRY_DELAY = 30 * 24 * 3600.0
 
 
+# Where retry jitter comes from; a test environment seeds its own, so that its timelines
+# repeat from run to run.
+jitter_source = random.Random()
+
+
 @dataclass(frozen=True)
 class Retry:
     """Retry policy: `max_attempts` in all, the n-th retry delayed by backoff * factor**(n-1).
@@ -60,7 +65,7 @@ class Retry:
         """Seconds to wait after attempt number `failed_attempt` (1-based) failed."""
         base = min(self.max_delay, self.backoff * self.factor ** max(0, failed_attempt - 1))
         if self.jitter and base:
-            base *= 1 + random.uniform(-self.jitter, self.jitter)
+            base *= 1 + jitter_source.uniform(-self.jitter, self.jitter)
         return max(0.0, base)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from celery import bootsteps
 from celery.utils.nodenames import worker_direct
 
-from . import recovery
+from . import recovery, signals
 from .definition import Saga
 from .engine import Timing
 from .lost_claims import hand_back_dead_processes as hand_back_dead_processes
@@ -103,7 +103,7 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
     Re-publishes DISPATCHED messages that may be lost, fails attempts whose
     lease expired, and rolls back sagas past their deadline or grace period.
     """
-    moment = time.time() if now is None else now
+    moment = runtime.now() if now is None else now
     report = SweepReport()
     for item in runtime.store.find_due(moment, limit=limit):
         report.due += 1
@@ -122,6 +122,7 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
         if chosen is not None and decision is not None and decision.changed:
             runtime.after_commit(decision)
             report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
+    signals.sweeper_repaired.send(sender=runtime, counts=report.by_kind())
     return report
 
 
@@ -132,7 +133,7 @@ def _decide(rt: Runtime, item: DueItem, now: float | None) -> tuple[Repair | Non
 
     def decide(state: SagaState) -> Decision | None:
         nonlocal chosen  # the store may call decide again (a conflict): the last one counts
-        t = time.time() if now is None else now
+        t = rt.now() if now is None else now
         defn = rt.definition_for(state.saga)
         chosen = None if defn is None else repair(defn, state, item.step, t, rt.timing)
         if chosen is None:

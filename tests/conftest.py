@@ -12,6 +12,9 @@ import pytest
 from tests.harness import WorkerProcess, drop_database, shared_postgres_url
 from tests.stores import redis_test_url
 
+# pytester runs user-style test files (the pytest plugin's own tests, tests/plugin).
+pytest_plugins = ["pytester"]
+
 WorkerFactory = Callable[..., WorkerProcess]
 
 

@@ -72,8 +72,11 @@ class PrivatePostgres(PrivateServer):
         port: int | None = None,
         start: bool = True,
         timeout: int = 30,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.dbname = dbname
+        # Server settings over the defaults below (e.g. synchronous_commit=on).
+        self.settings = dict(settings or {})
         self.port = port or free_port()
         self.timeout = timeout
         self.bin = find_pg_bin()
@@ -176,7 +179,7 @@ class PrivatePostgres(PrivateServer):
         opts = (
             f"-p {self.port} -k {self.dir} -c fsync=off -c listen_addresses=127.0.0.1 "
             "-c synchronous_commit=off -c full_page_writes=off"
-        )
+        ) + "".join(f" -c {k}={v}" for k, v in self.settings.items())
         self._run(
             [
                 str(self.bin / "pg_ctl"),

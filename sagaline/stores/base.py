@@ -29,6 +29,7 @@ from ..exceptions import ConcurrencyError, ConfigurationError, StoreError
 from ..payload import text_problem
 from ..records import Decision, Event, Owner, SagaFilter, SagaRecord, SagaState, StepRecord
 from ..states import Phase, SagaStatus
+from .finished import FinishWatch
 from .sanitize import storable_records
 
 Decide = Callable[[SagaState], "Decision | None"]
@@ -184,6 +185,16 @@ class Store(ABC):
     @abstractmethod
     def _get_steps(self, saga_id: str) -> list[StepRecord]: ...
 
+    def steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        """The steps of several sagas (a list's FAILED ones), each in topological order;
+        a saga without steps, or unknown, has none in the result."""
+        found = [sid for sid in dict.fromkeys(saga_ids) if findable(sid)]
+        return {sid: rows for sid, rows in self._steps_of(found).items() if rows}
+
+    def _steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        """`steps_of` on findable ids; one read per saga unless a store does better."""
+        return {sid: self._get_steps(sid) for sid in saga_ids}
+
     def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
         """The saga's events in the order they were appended."""
         if not findable(saga_id):
@@ -226,6 +237,11 @@ class Store(ABC):
         """Append one event that changes no state (an observation, such as a refused claim)."""
         self.transact(event.saga_id, lambda state: Decision(events=[event]))
 
+    def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        """A subscription to the saga's end (finished.py), to take before reading it;
+        None when this store sends no notification, and the caller polls."""
+        return None
+
     def exists(self) -> bool:
         """Whether this store was ever set up (read-only tools must not create one)."""
         return True
@@ -259,7 +275,10 @@ def matches_filter(s: SagaRecord, flt: SagaFilter) -> bool:
             and (flt.name is None or s.name == flt.name)
             and (flt.created_after is None or s.created_at >= flt.created_after)
             and (flt.created_before is None or s.created_at < flt.created_before)
-            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id))
+            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id)
+            and (flt.idempotency_key is None or s.idempotency_key == flt.idempotency_key)
+            and (flt.failed_step is None or s.failed_step == flt.failed_step)
+            and (flt.before is None or (s.created_at, s.saga_id) < flt.before))
 
 
 def findable(saga_id: object) -> bool:
@@ -276,7 +295,8 @@ def findable(saga_id: object) -> bool:
 
 def filter_matches_nothing(flt: SagaFilter | None = None, name: str | None = None) -> bool:
     """A name or parent filter that no stored saga can match (see `findable`)."""
-    values = [name] if flt is None else [flt.name, flt.parent_saga_id]
+    values = [name] if flt is None else [flt.name, flt.parent_saga_id, flt.idempotency_key,
+                                         flt.failed_step, flt.before and flt.before[1]]
     return any(v is not None and not findable(v) for v in values)
 
 

@@ -30,7 +30,9 @@ acknowledged is lost), or use the SQL store on PostgreSQL.
 from __future__ import annotations
 
 import heapq
+import importlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -47,21 +49,26 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import Phase, SagaStatus
+from ..states import SAGA_TERMINAL, Phase, SagaStatus
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
+from .finished import FinishWatch, RedisFinishedListener
 from .redis_layout import chunks as _chunks
 from .redis_layout import due_member as _due_member
 from .redis_layout import event_json as _event_json
 from .redis_layout import event_record as _event_record
 from .redis_layout import fields as _fields
 from .redis_layout import key_part as _key_part
-from .redis_layout import pairs as _pairs
 from .redis_layout import saga_record as _saga_record
 from .redis_layout import score as _score
 from .redis_layout import step_record as _step_record
+from .rows import from_row
 
 redis = require_extra("redis", "redis")
+# redis-py resolves host names with socket.getaddrinfo, which imports the idna codec
+# on first use. Imported now, before a prefork pool forks: a child forked while a
+# thread of its parent held that import's module lock would wait on it forever.
+importlib.import_module("encodings.idna")
 
 
 class RedisStore(Store):
@@ -86,6 +93,7 @@ class RedisStore(Store):
         # A restarting or loading server (BusyLoading is a ConnectionError), a dropped
         # connection.
         self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._listener: RedisFinishedListener | None = None
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -93,11 +101,21 @@ class RedisStore(Store):
         return ":".join((self.prefix, *parts))
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self._client.close()
 
     def dispose_after_fork(self) -> None:
         """Forget connections inherited from a parent process without closing them."""
+        self._listener = None
         self._client.connection_pool.reset()
+
+    def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid():
+            listener = self._listener = RedisFinishedListener(self._client,
+                                                              self._key("finished"))
+        return listener.watch(saga_id)
 
     # -- writes ------------------------------------------------------------------
 
@@ -233,6 +251,9 @@ class RedisStore(Store):
                    "events": [_event_json(e) for e in d.events]}
         if hset:
             payload["txn"] = txn
+        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+            # Wakes the callers waiting in get() (finished.py) when the script runs.
+            payload["finished"] = [self._key("finished"), sid]
         return payload
 
     def _status_entries(self, saga: SagaRecord, score: str) -> list[list[str]]:
@@ -249,10 +270,11 @@ class RedisStore(Store):
             args=[self._key("step", saga_id, "")])
         if not reply:
             return None
-        saga = _pairs(reply[0])
-        steps = [_step_record(_pairs(r)) for r in reply[1:] if r]
-        return (SagaState(_saga_record(saga), {s.name: s for s in steps}),
-                saga.get("txn", "0"))
+        saga, *step_rows = json.loads(reply)
+        # `txn` is no record field: from_row ignores it, as any unknown field.
+        steps = [from_row(StepRecord, r) for r in step_rows]
+        return (SagaState(from_row(SagaRecord, saga), {s.name: s for s in steps}),
+                str(saga.get("txn", 0)))
 
     def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self._key("saga", saga_id))
@@ -275,6 +297,9 @@ class RedisStore(Store):
             return []
         lo = "-inf" if flt.created_after is None else _score(flt.created_after)
         hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
+        if flt.before is not None and (flt.created_before is None
+                                       or flt.before[0] < flt.created_before):
+            hi = _score(flt.before[0])  # inclusive: ties are cut by saga id in matches_filter
         sources = self._list_sources(flt)
         page = max(50, min(flt.offset + flt.limit, 500))
 

@@ -60,10 +60,6 @@ def fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list[
     return [part for name, value in row.items() for part in (name, json.dumps(value))]
 
 
-def pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 def saga_record(h: dict[str, str]) -> SagaRecord:
     return from_row(SagaRecord, decoded(h))
 

@@ -37,6 +37,7 @@ sagas = sa.Table(
     sa.Column("parent_step", sa.String(MAX_NAME_LENGTH)),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("input_fingerprint", sa.String(64)),
+    sa.Column("trace_context", sa.String(128)),
     sa.UniqueConstraint("name", "idempotency_key", name="uq_sagaline_sagas_idempotency"),
     sa.Index("ix_sagaline_sagas_created", "created_at"),
     sa.Index("ix_sagaline_sagas_status_created", "status", "created_at"),

@@ -14,6 +14,7 @@ versions it read, so a claim that slips in between is never overwritten.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,13 +39,14 @@ from ..records import (
 from ..states import Phase, SagaStatus
 from . import schema
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
+from .finished import FinishWatch, PgFinishedListener
 from .rows import to_row
 from .schema import events, sagas, steps
 from .sql_dialects import (
-    PG_CLAIM,
     dialect_of,
     driver_url,
     engine_options_for,
+    hot_path,
     sqlite_path,
     sqlite_setup,
     transient,
@@ -55,8 +57,12 @@ from .sql_statements import (
     SAGA_LABELS,
     STATE,
     STEP_LABELS,
+    claimed_query,
+    count_query,
+    due_queries,
     event_record,
     event_row,
+    list_query,
     saga_record,
     step_record,
     write_decision,
@@ -78,9 +84,16 @@ class SQLStore(Store):
             sqlite_setup(self.engine)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
+        # PostgreSQL runs its hot statements on psycopg (pg_hot.py) and announces ended
+        # sagas (NOTIFY), which a listener per process hears.
+        self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
+        self._listener: PgFinishedListener | None = None
+        self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
+        if self._hot is not None:
+            self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
+            self._integrity_errors += (self._hot.integrity_error,)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -92,7 +105,8 @@ class SQLStore(Store):
                 self._retrying(self.migrate)
                 self._migrated = True
 
-    _retry_errors = (sa_exc.OperationalError, sa_exc.InterfaceError)
+    _retry_errors: tuple[type[BaseException], ...] = (sa_exc.OperationalError,
+                                                      sa_exc.InterfaceError)
 
     def _is_transient(self, exc: BaseException) -> bool:
         return transient(exc)
@@ -108,8 +122,7 @@ class SQLStore(Store):
             yield conn
 
     def exists(self) -> bool:
-        """Whether the database holds sagaline's schema; creates nothing to find out
-        (connecting to a missing SQLite file would create it)."""
+        """Whether the database holds sagaline's schema (a missing SQLite file stays missing)."""
         if self.sqlite_path is not None and not self.sqlite_path.is_file():
             return False
 
@@ -150,11 +163,22 @@ class SQLStore(Store):
                     command.upgrade(cfg, "head")
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self.engine.dispose()
 
     def dispose_after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
+        self._listener = None
         self.engine.dispose(close=False)
+
+    def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        if self._hot is None:
+            return None  # SQLite and MySQL: the caller polls
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid():
+            listener = self._listener = PgFinishedListener(self._hot.listen_connection)
+        return listener.watch(saga_id)
 
     # -- writes ------------------------------------------------------------------
 
@@ -164,13 +188,16 @@ class SQLStore(Store):
 
         def attempt() -> tuple[SagaRecord, bool]:
             try:
-                with self._write() as conn:
-                    conn.execute(sagas.insert(), to_row(saga))
-                    conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
-                    if events_:  # an empty executemany would insert one row of defaults
-                        conn.execute(events.insert(), [event_row(e) for e in events_])
+                if self._hot is not None:
+                    self._hot.insert_saga(state, events_)
+                else:
+                    with self._write() as conn:
+                        conn.execute(sagas.insert(), to_row(saga))
+                        conn.execute(steps.insert(), [to_row(s) for s in state.steps.values()])
+                        if events_:  # an empty executemany would insert a row of defaults
+                            conn.execute(events.insert(), [event_row(e) for e in events_])
                 return saga, True
-            except sa_exc.IntegrityError:
+            except self._integrity_errors:
                 if saga.idempotency_key is None:
                     raise
                 with self._read() as conn:
@@ -197,15 +224,9 @@ class SQLStore(Store):
                   "k_owner_node": None if owner is None else owner.node,
                   "k_owner_boot": None if owner is None else owner.boot,
                   "k_owner_pid": None if owner is None else owner.pid}
-        if self.dialect == "postgresql":
-            # One statement, one round trip: the compare-and-set feeds the event insert.
-            claim = PG_CLAIM[phase]
-
-            def attempt_claim() -> bool:
-                with self._autocommit.connect() as conn:
-                    return bool(conn.execute(claim, params).rowcount == 1)
-
-            return self._retrying(attempt_claim)
+        if self._hot is not None:
+            hot = self._hot  # one round trip, the claim's commit not waiting for its flush
+            return self._retrying(lambda: hot.claim(phase, params))
         stmt = CLAIM[phase]
         event = event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
                                  phase.value))
@@ -238,6 +259,15 @@ class SQLStore(Store):
     @contextmanager
     def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         self._ensure_schema()
+        if self._hot is not None:
+            hot = self._hot
+            with hot.locked(saga_id) as (pg, saga, step_rows):
+                if saga is None:
+                    yield None
+                    return
+                yield Snapshot(SagaState(saga, {s.name: s for s in step_rows}),
+                               lambda decision: hot.write(pg, saga_id, decision))
+            return
         with self._write() as conn:
             if self.dialect != "sqlite":
                 # Lock the saga row first, in its own statement: a statement that waited
@@ -267,8 +297,9 @@ class SQLStore(Store):
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
-
         def read() -> SagaRecord | None:
+            if self._hot is not None:
+                return self._hot.read_saga(saga_id)
             with self._read() as conn:
                 row = conn.execute(sa.select(sagas).where(sagas.c.saga_id == saga_id)).first()
                 return None if row is None else saga_record(row)
@@ -286,6 +317,23 @@ class SQLStore(Store):
 
         return self._retrying(read)
 
+    def _steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
+        if not saga_ids:
+            return {}
+        self._ensure_schema()
+
+        def read() -> dict[str, list[StepRecord]]:
+            found: dict[str, list[StepRecord]] = {}
+            with self._read() as conn:
+                rows = conn.execute(sa.select(steps).where(steps.c.saga_id.in_(saga_ids))
+                                    .order_by(steps.c.saga_id, steps.c.position))
+                for r in rows:
+                    rec = step_record(r)
+                    found.setdefault(rec.saga_id, []).append(rec)
+            return found
+
+        return self._retrying(read)
+
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
 
@@ -299,19 +347,7 @@ class SQLStore(Store):
 
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         self._ensure_schema()
-        q = sa.select(sagas)
-        if flt.status is not None:
-            q = q.where(sagas.c.status.in_([s.value for s in flt.status]))
-        if flt.name:
-            q = q.where(sagas.c.name == flt.name)
-        if flt.created_after is not None:
-            q = q.where(sagas.c.created_at >= flt.created_after)
-        if flt.created_before is not None:
-            q = q.where(sagas.c.created_at < flt.created_before)
-        if flt.parent_saga_id is not None:
-            q = q.where(sagas.c.parent_saga_id == flt.parent_saga_id)
-        q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
-        q = q.limit(flt.limit).offset(flt.offset)
+        q = list_query(flt)
 
         def read() -> list[SagaRecord]:
             with self._read() as conn:
@@ -321,9 +357,7 @@ class SQLStore(Store):
 
     def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         self._ensure_schema()
-        q = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
-        if name:
-            q = q.where(sagas.c.name == name)
+        q = count_query(name)
 
         def read() -> dict[SagaStatus, int]:
             counts = dict.fromkeys(SagaStatus, 0)
@@ -336,10 +370,7 @@ class SQLStore(Store):
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         self._ensure_schema()
-        q_sagas = (sa.select(sagas.c.saga_id, sagas.c.due_at).where(sagas.c.due_at <= now)
-                   .order_by(sagas.c.due_at).limit(limit))
-        q_steps = (sa.select(steps.c.saga_id, steps.c.name, steps.c.due_at)
-                   .where(steps.c.due_at <= now).order_by(steps.c.due_at).limit(limit))
+        q_sagas, q_steps = due_queries(now, limit)
 
         def read() -> list[DueItem]:
             with self._read() as conn:
@@ -352,12 +383,7 @@ class SQLStore(Store):
 
     def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
         self._ensure_schema()
-        # due_at is set while a claim runs: the (owner_node, due_at) index skips the
-        # node's finished steps.
-        q = (sa.select(steps).where(
-            steps.c.owner_node == node, steps.c.due_at.is_not(None),
-            sa.or_(*(steps.c[c.status] == c.running.value for c in PHASE_COLUMNS.values())))
-            .order_by(steps.c.due_at).limit(limit))
+        q = claimed_query(node, limit)
 
         def read() -> list[StepRecord]:
             with self._read() as conn:

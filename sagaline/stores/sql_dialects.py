@@ -1,23 +1,30 @@
 """What the SQL store does differently per database: drivers, engine setup, transient errors.
 
-PostgreSQL runs on psycopg 3, MySQL/MariaDB on PyMySQL, SQLite on the standard
-library's driver with a write lock taken up front. PostgreSQL also claims a
-step in one statement (the compare-and-set feeds the event insert).
+PostgreSQL runs on psycopg 3 (its hot statements straight on it: pg_hot.py),
+MySQL/MariaDB on PyMySQL, SQLite on the standard library's driver with a write
+lock taken up front.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from ..records import PHASE_COLUMNS
-from ..states import Phase
 from .base import require_extra
+
+if TYPE_CHECKING:
+    from .pg_hot import PgHotPath
+
+
+def hot_path(engine: Engine) -> PgHotPath:
+    """PostgreSQL's hot statements on psycopg (imported only for PostgreSQL)."""
+    from .pg_hot import PgHotPath
+
+    return PgHotPath(engine)
 
 
 def dialect_of(url: str) -> str:
@@ -93,30 +100,3 @@ def transient(exc: BaseException) -> bool:
     # psycopg connection failures carry no SQLSTATE; SQLite reports locks as text.
     return any(word in text for word in ("locked", "busy", "connect", "closed", "terminat",
                                          "timeout", "timed out"))
-
-
-# PostgreSQL claims in one statement, one round trip: the compare-and-set feeds the
-# event insert (other databases run the UPDATE and the INSERT in one transaction).
-_PG_CLAIM_SQL = """
-WITH claimed AS (
-    UPDATE sagaline_steps SET {set_status}, lease_until = :k_lease_until,
-           due_at = :k_lease_until, owner_node = :k_owner_node, owner_boot = :k_owner_boot,
-           owner_pid = :k_owner_pid, version = version + 1
-    WHERE saga_id = :k_saga_id AND name = :k_name AND {status_col} = '{dispatched}'
-          AND {attempt_col} = :k_attempt
-    RETURNING saga_id)
-INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
-SELECT saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase FROM claimed"""
-
-
-def _pg_claim(phase: Phase) -> sa.TextClause:
-    cols = PHASE_COLUMNS[phase]
-    set_status = f"{cols.status} = '{cols.running.value}'"
-    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
-        set_status += ", started_at = :k_now"
-    return sa.text(_PG_CLAIM_SQL.format(
-        set_status=set_status, status_col=cols.status, dispatched=cols.dispatched.value,
-        attempt_col=cols.attempt))
-
-
-PG_CLAIM = {phase: _pg_claim(phase) for phase in Phase}

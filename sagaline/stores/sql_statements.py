@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, StepRecord
+from ..records import PHASE_COLUMNS, Decision, Event, SagaFilter, SagaRecord, StepRecord
 from ..states import Phase
 from .rows import from_row, to_row
 from .schema import events, sagas, steps
@@ -111,3 +111,61 @@ def _columns(row: Any, labels: dict[str, str] | None) -> Mapping[str, Any]:
     """One table's columns by name, out of a plain row or (by `labels`) a joined one."""
     m = row._mapping
     return m if labels is None else {name: m[label] for name, label in labels.items()}
+
+
+# -- the read queries of listing, counting, the sweeper and the hand-back ------------
+
+
+def list_query(flt: SagaFilter) -> sa.Select[Any]:
+    """Sagas matching `flt`, newest first (keyset on (created_at, saga_id) by `before`)."""
+    q = sa.select(sagas)
+    if flt.status is not None:
+        q = q.where(sagas.c.status.in_([s.value for s in flt.status]))
+    if flt.name:
+        q = q.where(sagas.c.name == flt.name)
+    if flt.created_after is not None:
+        q = q.where(sagas.c.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        q = q.where(sagas.c.created_at < flt.created_before)
+    if flt.parent_saga_id is not None:
+        q = q.where(sagas.c.parent_saga_id == flt.parent_saga_id)
+    if flt.idempotency_key is not None:
+        q = q.where(sagas.c.idempotency_key == flt.idempotency_key)
+    if flt.failed_step is not None:
+        q = q.where(sagas.c.failed_step == flt.failed_step)
+    if flt.before is not None:
+        at, sid = flt.before
+        # The first condition alone can use the created_at indexes; the second cuts ties.
+        q = q.where(sagas.c.created_at <= at,
+                    sa.or_(sagas.c.created_at < at, sagas.c.saga_id < sid))
+    q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
+    q = q.limit(flt.limit).offset(flt.offset)
+    return q
+
+
+def count_query(name: str | None) -> sa.Select[Any]:
+    """How many sagas (of `name`, if given) are in each status."""
+    q = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
+    if name:
+        q = q.where(sagas.c.name == name)
+    return q
+
+
+def due_queries(now: float, limit: int) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """The sagas and the steps whose due time has come, earliest first."""
+    q_sagas = (sa.select(sagas.c.saga_id, sagas.c.due_at).where(sagas.c.due_at <= now)
+               .order_by(sagas.c.due_at).limit(limit))
+    q_steps = (sa.select(steps.c.saga_id, steps.c.name, steps.c.due_at)
+               .where(steps.c.due_at <= now).order_by(steps.c.due_at).limit(limit))
+    return q_sagas, q_steps
+
+
+def claimed_query(node: str, limit: int) -> sa.Select[Any]:
+    """The steps that worker `node` holds a claim on."""
+    # due_at is set while a claim runs: the (owner_node, due_at) index skips the
+    # node's finished steps.
+    q = (sa.select(steps).where(
+        steps.c.owner_node == node, steps.c.due_at.is_not(None),
+        sa.or_(*(steps.c[c.status] == c.running.value for c in PHASE_COLUMNS.values())))
+        .order_by(steps.c.due_at).limit(limit))
+    return q

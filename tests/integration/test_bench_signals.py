@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -75,53 +76,81 @@ def started_processes(bench: int) -> dict[str, list[int]] | None:
     return {"redis-server": redis_servers, "workers": workers, "pool": pools}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_every_process_the_benchmark_started(
-        sig: signal.Signals, tmp_path: Path) -> None:
-    log = tmp_path / "bench.err"
-    with open(log, "wb") as err:
-        bench = subprocess.Popen([sys.executable, "-m", "bench", "--quick"], cwd=REPO_ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
-    seen: dict[str, list[int]] = {}
-    try:
-        def all_up() -> bool:
-            if bench.poll() is not None:
-                raise HarnessError(f"bench exited early ({bench.returncode}):\n"
-                                   f"{log.read_text()[-3000:]}")
-            found = started_processes(bench.pid)
-            # Up, and announced: the bench logs a worker's pid once it is ready.
-            if found and all(str(w) in log.read_text() for w in found["workers"]):
-                seen.update(found)
-            return bool(seen)
+class BenchRun:
+    """`python -m bench <args>`, its stderr in `log`. Leaving the `with` block leaves
+    nothing of it running, whatever failed: the bench, then every process it was seen with."""
 
-        wait_until(all_up, timeout=STARTUP_TIMEOUT, interval=0.1,
-                   what="the benchmark's redis-server, 2 workers and 4 pool processes")
-        pids = [p for group in seen.values() for p in group]
-        assert bench.poll() is None, "the benchmark ended before it could be interrupted"
+    def __init__(self, args: Sequence[str], log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=REPO_ROOT,
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         stdin=subprocess.DEVNULL)
+        self.seen: dict[str, list[int]] = {}
 
-        bench.send_signal(sig)
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_up(self, find: Callable[[int], dict[str, list[int]] | None], *, timeout: float,
+                what: str) -> list[int]:
+        """The pids `find(bench pid)` returns once it returns any (bounded by `timeout`)."""
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"bench exited early ({self.proc.returncode}):\n"
+                                   f"{self.stderr()[-3000:]}")
+            found = find(self.proc.pid)
+            if found:
+                self.seen.update(found)
+            return bool(self.seen)
+
+        wait_until(up, timeout=timeout, interval=0.1, what=what)
+        assert self.proc.poll() is None, "the benchmark ended before it could be interrupted"
+        return [p for group in self.seen.values() for p in group]
+
+    def interrupt(self, sig: signal.Signals, pids: Sequence[int]) -> tuple[int, float]:
+        """Send `sig`; the exit status and the seconds until the bench and `pids` were gone."""
+        self.proc.send_signal(sig)
         signalled = time.monotonic()
-        code = bench.wait(timeout=STOP_BOUND)
+        code = self.proc.wait(timeout=STOP_BOUND)
         wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=STOP_BOUND,
-                   interval=0.05, what=f"processes {pids} to exit")
-        elapsed = time.monotonic() - signalled
+                   interval=0.05, what=f"processes {list(pids)} to exit")
+        return code, time.monotonic() - signalled
 
-        assert code == 128 + sig, f"exit status {code}:\n{log.read_text()[-3000:]}"
-        assert [p for p in pids if pid_alive(p)] == []
-        assert elapsed < STOP_BOUND
-        assert f"{sig.name}: stopping every process this run started" in log.read_text()
-    finally:
-        # Whatever failed above, leave nothing running: the bench, then what it started.
-        left = {p for group in seen.values() for p in group}
-        if bench.poll() is None:
-            left |= descendants(bench.pid)
-            bench.terminate()
+    def __enter__(self) -> BenchRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        left = {p for group in self.seen.values() for p in group}
+        if self.proc.poll() is None:
+            left |= descendants(self.proc.pid)
+            self.proc.terminate()
             try:
-                bench.wait(timeout=STOP_BOUND + 10)
+                self.proc.wait(timeout=STOP_BOUND + 10)
             except subprocess.TimeoutExpired:
-                bench.kill()
-                bench.wait(timeout=10)
+                self.proc.kill()
+                self.proc.wait(timeout=10)
         for p in left:
             if pid_alive(p):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_every_process_the_benchmark_started(
+        sig: signal.Signals, tmp_path: Path) -> None:
+    with BenchRun(["--quick"], tmp_path / "bench.err") as bench:
+        def announced(pid: int) -> dict[str, list[int]] | None:
+            found = started_processes(pid)
+            # Up, and announced: the bench logs a worker's pid once it is ready.
+            if found and all(str(w) in bench.stderr() for w in found["workers"]):
+                return found
+            return None
+
+        pids = bench.wait_up(announced, timeout=STARTUP_TIMEOUT,
+                             what="the benchmark's redis-server, 2 workers and 4 pool processes")
+        code, elapsed = bench.interrupt(sig, pids)
+
+        assert code == 128 + sig, f"exit status {code}:\n{bench.stderr()[-3000:]}"
+        assert [p for p in pids if pid_alive(p)] == []
+        assert elapsed < STOP_BOUND
+        assert f"{sig.name}: stopping every process this run started" in bench.stderr()

@@ -17,21 +17,32 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import REPO_ROOT, PrivateRedis, WorkerProcess, drop_database, shared_postgres_url
+from tests.harness import (
+    REPO_ROOT,
+    PrivateRedis,
+    WorkerProcess,
+    drop_database,
+    shared_postgres_url,
+    wait_until,
+)
 from tests.integration.test_demo import assert_demo_output, kill_left_worker
+from tests.integration.test_tracing import serve_otlp
 from tests.stores import create_mariadb_database, drop_mariadb_database
 from tests.unit.test_compose import IMAGE_SOURCES
 
@@ -134,14 +145,17 @@ def dependency_key() -> str:
         decided: Any = (REPO_ROOT / "pyproject.toml").read_text()
     else:
         extras = doc["project"].get("optional-dependencies", {})
+        cached = (extras_of("all", extras) | extras_of("bench-peers", extras)
+                  | extras_of("testing", extras))
         decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
-                   {name: extras[name] for name in sorted(extras_of("all", extras))}]
+                   {name: extras[name] for name in sorted(cached) if name in extras}]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def wheel_cache() -> Path:
-    """Wheels of every dependency of `sagaline[all]` and of the build backend, filled once."""
+    """Wheels of every dependency of `sagaline[all,bench-peers,testing]` and of the build
+    backend, filled once."""
     base = Path(os.environ.get("SAGALINE_TEST_WHEEL_CACHE")
                 or Path(tempfile.gettempdir()) / "sagaline-test-wheels")
     cache = base / dependency_key()
@@ -153,8 +167,8 @@ def wheel_cache() -> Path:
         # Not isolated: this is the one step that may use the machine's package index.
         doc = pyproject()
         backend = doc["build-system"]["requires"] if doc else ["hatchling"]
-        pip("wheel", "--quiet", "--wheel-dir", str(filling), f"{REPO_ROOT}[all]", *backend,
-            isolated=False)
+        pip("wheel", "--quiet", "--wheel-dir", str(filling),
+            f"{REPO_ROOT}[all,bench-peers,testing]", *backend, isolated=False)
         # The cache holds dependencies only: sagaline itself is built fresh every session.
         for stale in filling.glob("sagaline-*.whl"):
             stale.unlink()
@@ -263,8 +277,11 @@ def install(wheelhouse: Wheelhouse, tmp_path: Path, extras: str) -> Installed:
     return box
 
 
-def serve_one_saga(box: Installed, tmp_path: Path, **settings: str) -> dict[str, Any]:
-    """A worker from the venv, a client from the venv: one saga to its end."""
+def serve_one_saga(box: Installed, tmp_path: Path,
+                   while_running: Callable[[], None] | None = None,
+                   **settings: str) -> dict[str, Any]:
+    """A worker from the venv, a client from the venv: one saga to its end (then
+    `while_running`, before the worker stops)."""
     settings.setdefault("INSTALLCHECK_QUEUE", f"sagaline-install-{uuid.uuid4().hex[:12]}")
     env = user_env(box.home, box.app_dir, **settings)
     worker = VenvWorker(box.venv, "installcheck", env, cwd=box.run_dir,
@@ -280,6 +297,8 @@ def serve_one_saga(box: Installed, tmp_path: Path, **settings: str) -> dict[str,
                                       + "\n--- worker log ---\n" + worker.log_tail())
         outcome: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         outcome["seconds"] = time.monotonic() - started
+        if while_running is not None:
+            while_running()
     finally:
         worker.stop()
     assert not worker.group_pids()
@@ -389,6 +408,43 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
     assert not (site_packages(box) / "psycopg").exists()
 
 
+def test_web_extra_serves_the_dashboard_and_the_api_from_its_own_files(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "web")
+    sagaline_cli(box, "db", "upgrade")
+    static = site_packages(box) / "sagaline" / "web" / "static"
+    assert sum(f.stat().st_size for f in static.iterdir()) <= 150_000
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(box.venv / "bin" / "sagaline"), "web", "--port", str(port)],
+                              cwd=box.run_dir, env=user_env(box.home, box.app_dir),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{base}/healthz"), timeout=60, interval=0.2,
+                   what="the installed sagaline web")
+        with urllib.request.urlopen(f"{base}/", timeout=10) as r:
+            assert "<h1>Sagas</h1>" in r.read().decode()
+        for path in ("/static/app.js", "/static/style.css", "/api/v1/openapi.json"):
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                assert r.status == 200, path
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        assert server.stderr is not None
+        server.stderr.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def mariadb_tables(url: str) -> str:
     import pymysql
 
@@ -425,7 +481,50 @@ def test_bare_install_serves_a_saga_on_the_embedded_defaults(
     assert (box.home / ".sagaline" / "state.db").is_file()
     assert (box.home / ".sagaline" / "broker").is_dir()
     assert list(box.run_dir.iterdir()) == []
+    assert not [d for d in ("psycopg", "pymysql", "redis", "fastapi")
+                if (site_packages(box) / d).exists()]
+    # The CLI works without the web extra, and its `web` command names the extra.
+    proc = subprocess.run([str(box.venv / "bin" / "sagaline"), "web"], cwd=box.run_dir,
+                          env=user_env(box.home, box.app_dir), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1
+    assert "pip install 'sagaline[web]'" in proc.stderr
+
+
+def test_prometheus_extra_alone_serves_metrics_from_the_worker(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    import urllib.request
+
+    from sagaline.testing import free_port
+
+    box = install(wheelhouse, tmp_path, "prometheus")
+    port = free_port()
+    scraped: list[str] = []
+
+    def scrape() -> None:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            scraped.append(response.read().decode())
+
+    outcome = serve_one_saga(box, tmp_path, scrape, SAGALINE_METRICS_PORT=str(port))
+    assert_completed_from_the_venv(outcome, box)
+    (text,) = scraped
+    assert 'sagaline_sagas_finished_total{saga="installcheck",status="completed"} 1.0' in text
+    assert 'sagaline_sagas_in_progress{saga="installcheck",status="running"}' in text
     assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+
+
+def test_a_metrics_port_without_the_prometheus_extra_is_refused_naming_the_extra(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "")
+    env = user_env(box.home, box.app_dir, SAGALINE_METRICS_PORT="9540",
+                   INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "pip install 'sagaline[prometheus]'")
 
 
 def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
@@ -440,6 +539,35 @@ def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("sagaline.exceptions.ConfigurationError: the redis:// broker needs ")
     assert error.endswith(", which is not installed: pip install 'sagaline[redis]'")
+
+
+def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "")
+    env = user_env(box.home, box.app_dir, SAGALINE_TRACING="otlp", INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("sagaline.exceptions.ConfigurationError: tracing needs "
+                            "OpenTelemetry ("), error
+    assert error.endswith("pip install 'sagaline[otel]'"), error
+
+
+def test_otel_extra_alone_exports_a_saga_trace_over_otlp_http(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "otel")
+    with serve_otlp() as receiver:
+        outcome = serve_one_saga(box, tmp_path, SAGALINE_TRACING="otlp",
+                                 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.url,
+                                 OTEL_BSP_SCHEDULE_DELAY="100")
+        assert_completed_from_the_venv(outcome, box)
+        # The worker exported on its way out (serve_one_saga stops it).
+        receiver.wait_for(lambda: {"saga installcheck", "step reserve", "step confirm"}
+                          <= {s.name for s in receiver.spans}, timeout=30)
+    assert len({s.trace_id for s in receiver.spans}) == 1
+    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
 
 
 def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
@@ -459,6 +587,49 @@ def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
     assert_demo_output(proc.stdout)
     assert list(box.run_dir.iterdir()) == []
     assert (box.home / ".sagaline" / "demo" / "state.db").is_file()
+
+
+def test_testing_extra_alone_gives_pytest_the_plugin(wheelhouse: Wheelhouse,
+                                                    tmp_path: Path) -> None:
+    """The README's test file, in an empty directory with no conftest: pytest finds the
+    plugin through its entry point in the installed wheel."""
+    import re
+
+    box = install(wheelhouse, tmp_path, "testing")
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = re.search(r"^## Testing your sagas\n(.*?)^## ", readme, re.S | re.M)
+    assert section is not None
+    code = re.search(r"```python\n(.*?)```", section.group(1), re.S)
+    assert code is not None
+    (box.run_dir / "test_exploration.py").write_text(code.group(1))
+    proc = subprocess.run([str(box.venv / "bin" / "python"), "-m", "pytest", "-q", "-p",
+                           "no:cacheprovider", "test_exploration.py"], cwd=box.run_dir,
+                          env=user_env(box.home, box.app_dir), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout
+    assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
+
+
+def test_bench_peers_extra_alone_brings_what_the_peer_benchmark_imports(
+        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "bench-peers")
+    env = user_env(box.home, box.app_dir)
+    python = str(box.venv / "bin" / "python")
+    # The peers, and the stores and broker the benchmark runs them beside.
+    imports = ("import dbos, celery_saga.backends.redis, psycopg, redis, kombu.transport.redis, "
+               "sagaline.stores.redis; print(sagaline.stores.redis.__file__)")
+    proc = subprocess.run([python, "-c", imports], cwd=box.run_dir, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert Path(proc.stdout.strip()).is_relative_to(box.venv)
+    # The benchmark is not in the wheel: a checkout runs it with the venv's interpreter.
+    del env["PYTHONPATH"]
+    proc = subprocess.run([python, "-c", "from bench.peers import require_peers; "
+                           "require_peers(); print('peers ok')"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "peers ok"
 
 
 OUTBOX_CHECK = """

@@ -7,14 +7,17 @@ transaction on the wire. The figure is written down in the README's design notes
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery
+from psycopg.pq import Trace
 
 from sagaline import Saga, engine
 from sagaline.config import Settings
@@ -31,23 +34,76 @@ def noop(**_: Any) -> None:
     return None
 
 
-class StatementCounter:
-    def __init__(self, engine_: sa.Engine):
-        self.counts: Counter[str] = Counter()
-        sa.event.listen(engine_, "before_cursor_execute", self._statement)
-        sa.event.listen(engine_, "commit", self._commit)
+class WireCounter:
+    """What the store's connections send, read from libpq's own trace (PQtrace).
 
-    def _statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        words = statement.split()
-        verb = words[0].upper()
-        table = next((w for w in words if w.startswith("sagaline_")), "")
-        self.counts[f"{verb} {table}".strip()] += 1
+    Counted at the wire, whatever sends it (SQLAlchemy or psycopg directly): a
+    round trip is a Sync (the client then waits for the answers of everything sent
+    before it), a statement is an Execute, named by its verb and table.
+    """
 
-    def _commit(self, conn: Any) -> None:
-        self.counts["COMMIT"] += 1
+    MESSAGE = re.compile(r"\n(?=F\t\d+\t|B\t\d+\t)")
+    PARSE = re.compile(r'Parse\t "([^"]*)" "(.*)" \d+', re.DOTALL)
+    BIND = re.compile(r'Bind\t "[^"]*" "([^"]*)"')
 
-    def total(self) -> int:
-        return sum(self.counts.values())
+    def __init__(self, engine_: sa.Engine, directory: Path):
+        self.directory = directory
+        # One trace per connection: prepared statements are named per connection.
+        self._files: list[Any] = []
+        self._statements: list[dict[str, str]] = []
+        sa.event.listen(engine_, "connect", self._trace)
+        engine_.dispose()  # connections made from now on are traced
+
+    def _trace(self, dbapi_conn: Any, _record: Any) -> None:
+        f = (self.directory / f"libpq-{len(self._files)}.trace").open("w")
+        self._files.append(f)
+        self._statements.append({})
+        dbapi_conn.pgconn.trace(f.fileno())
+        dbapi_conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+
+    def mark(self) -> list[int]:
+        for f in self._files:
+            f.flush()
+        return [Path(f.name).stat().st_size for f in self._files]
+
+    def counts(self, start: list[int], end: list[int]) -> Counter[str]:
+        """Round trips and statements sent between two marks, on every connection."""
+        counts: Counter[str] = Counter()
+        for i, f in enumerate(self._files):
+            begin = start[i] if i < len(start) else 0
+            with Path(f.name).open("rb") as trace:
+                data = trace.read(end[i])
+            # Statements prepared before the first mark are named in what precedes it.
+            self._count(data[:begin].decode(errors="replace"), self._statements[i])
+            counts += self._count(data[begin:].decode(errors="replace"), self._statements[i])
+        return counts
+
+    def _count(self, text: str, statements: dict[str, str]) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        current = ""
+        for message in self.MESSAGE.split("\n" + text):
+            if not message.startswith("F\t"):
+                continue
+            kind = message.split("\t")[2]
+            if kind == "Sync":
+                counts["round trips"] += 1
+            elif (m := self.PARSE.search(message)) is not None:
+                statements[m[1]] = current = m[2]
+            elif (m := self.BIND.search(message)) is not None:
+                current = statements.get(m[1], current) if m[1] else current
+            elif kind == "Execute":
+                counts[_label(current)] += 1
+        return counts
+
+
+def _label(statement: str) -> str:
+    words = statement.replace("(", " ").split()
+    if words[:2] == ["WITH", "claimed"]:
+        return "claim"  # the compare-and-set that feeds the `started` event
+    if words[:2] == ["WITH", "changed"]:
+        words = words[3:]  # a checked compare-and-set: name the UPDATE
+    table = next((w for w in words if w.startswith("sagaline_")), "")
+    return f"{words[0].upper()} {table}".strip()
 
 
 @pytest.fixture
@@ -62,46 +118,49 @@ def store() -> Iterator[SQLStore]:
         drop_database(url)
 
 
-def run_saga_like_a_worker(rt: Runtime, saga: Saga, counter: StatementCounter
-                           ) -> list[Counter[str]]:
+def run_saga_like_a_worker(rt: Runtime, saga: Saga, wire: WireCounter) -> list[Counter[str]]:
     handle = rt.start_saga(saga, {"n": 1})
     per_step: list[Counter[str]] = []
     for name in saga.graph.order:
-        before = Counter(counter.counts)
+        before = wire.mark()
         now = time.time()
         assert rt.store.claim_step(handle.saga_id, name, Phase.FORWARD, 1,
                                    lease_until=now + 60, now=now)
         rt.store.transact(handle.saga_id, lambda st, n=name: engine.step_succeeded(
             saga, st, n, 1, output={f"{n}_out": 1}, compensation_data=None,
             has_compensation_data=False, now=time.time(), timing=rt.timing))
-        per_step.append(counter.counts - before)
+        per_step.append(wire.counts(before, wire.mark()))
     assert handle.status is SagaStatus.COMPLETED
     return per_step
 
 
 def test_each_step_costs_the_same_few_round_trips_whatever_the_saga_length(
-        store: SQLStore) -> None:
+        store: SQLStore, tmp_path: Path) -> None:
     rt = Runtime(Celery("rt-client", broker="memory://"), Settings.from_env(
         store_url=store.url), store=store)
     rt.publish = lambda dispatches: None  # type: ignore[method-assign]
-    counter = StatementCounter(store.engine)
+    wire = WireCounter(store.engine, tmp_path)
     results = {}
     for length in (4, 16):
         saga = Saga(f"round_trips_{length}")
         for i in range(length):
             saga.add_step(noop, name=f"s{i}", no_compensation=True)
-        results[length] = run_saga_like_a_worker(rt, saga, counter)
+        results[length] = run_saga_like_a_worker(rt, saga, wire)
 
     middle = [c for per_step in results.values() for c in per_step[:-1]]
-    # Claim: one autocommitted statement (the compare-and-set feeds the event insert).
-    # Complete: lock the saga row, read saga + steps, one pipelined UPDATE of the
-    # changed steps (this one and its successor), one INSERT of the events, COMMIT.
-    expected = {"WITH sagaline_steps": 1, "SELECT sagaline_sagas.saga_id": 2,
-                "UPDATE sagaline_steps": 1, "INSERT sagaline_events": 1, "COMMIT": 1}
+    # Claim, one round trip: BEGIN, SET LOCAL synchronous_commit = off, the
+    # compare-and-set that feeds the event insert, COMMIT. Complete, two: BEGIN,
+    # lock and read the saga row, read its steps; then the compare-and-sets of the
+    # changed steps (this one and its successor), their two events, COMMIT.
+    expected = {"round trips": 3, "BEGIN": 2, "SET": 1, "claim": 1,
+                "COMMIT": 2, "SELECT sagaline_sagas": 1, "SELECT sagaline_steps": 1,
+                "UPDATE sagaline_steps": 2, "INSERT sagaline_events": 2}
     for c in middle:
         assert dict(c) == expected, dict(c)
         assert c["UPDATE sagaline_sagas"] == 0  # no saga document rewritten per step
     for per_step in results.values():
         last = per_step[-1]
-        assert last["UPDATE sagaline_sagas"] == 1  # only the final transition touches it
-        assert sum(last.values()) == 7
+        # Only the final transition touches the saga row, and announces its end.
+        assert last["UPDATE sagaline_sagas"] == 1
+        assert last["SELECT"] == 1  # pg_notify
+        assert last["round trips"] == 3

@@ -162,7 +162,8 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
         idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
         failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
         parent_saga_id=str(uuid.uuid4()), parent_step="child", version=7,
-        input_fingerprint="0123456789abcdef" * 2)
+        input_fingerprint="0123456789abcdef" * 2,
+        trace_context="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01:00f067aa0ba902b7")
     steps = {
         "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
                         comp_status=CompensationStatus.COMPENSATION_FAILED, comp_attempt=3,
@@ -745,6 +746,62 @@ def test_list_sagas_pages_with_limit_and_offset(store: Store) -> None:
         ids[4], ids[1]]
 
 
+def test_list_sagas_filters_by_idempotency_key_and_failed_step(store: Store) -> None:
+    keyed = make_state(name="alpha", key="order-1", created_at=T0)
+    store.create_saga(keyed, [])
+    other = make_state(name="beta", key="order-1", created_at=T0 + 1)
+    store.create_saga(other, [])
+    failed = make_state(name="alpha", created_at=T0 + 2, status=SagaStatus.COMPENSATED)
+    failed.saga.failed_step = "b"
+    store.create_saga(failed, [])
+
+    def listed(**kwargs: Any) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(SagaFilter(**kwargs))]
+
+    assert listed(idempotency_key="order-1") == [other.saga.saga_id, keyed.saga.saga_id]
+    assert listed(idempotency_key="order-1", name="alpha") == [keyed.saga.saga_id]
+    assert listed(idempotency_key="ORDER-1") == []
+    assert listed(failed_step="b") == [failed.saga.saga_id]
+    assert listed(failed_step="a") == []
+    assert listed(failed_step="b", status=[SagaStatus.RUNNING]) == []
+
+
+def test_keyset_pages_follow_the_cursor_and_ignore_sagas_inserted_meanwhile(
+        store: Store) -> None:
+    # Two sagas share a creation time: the cursor's saga id orders the tie.
+    times = [T0, T0 + 1, T0 + 1, T0 + 2, T0 + 3]
+    states = [make_state(created_at=t) for t in times]
+    for state in states:
+        store.create_saga(state, [])
+    order = [s.saga.saga_id for s in sorted(states, key=lambda s: (s.saga.created_at,
+                                                                  s.saga.saga_id),
+                                             reverse=True)]
+    first = store.list_sagas(SagaFilter(limit=2))
+    assert [s.saga_id for s in first] == order[:2]
+    store.create_saga(make_state(created_at=T0 + 10), [])  # newer: never on a later page
+    cursor = (first[-1].created_at, first[-1].saga_id)
+    second = store.list_sagas(SagaFilter(limit=2, before=cursor))
+    assert [s.saga_id for s in second] == order[2:4]
+    third = store.list_sagas(SagaFilter(limit=2, before=(second[-1].created_at,
+                                                         second[-1].saga_id)))
+    assert [s.saga_id for s in third] == order[4:]
+    running = store.list_sagas(SagaFilter(status=[SagaStatus.RUNNING], limit=10,
+                                          before=cursor))
+    assert [s.saga_id for s in running] == order[2:]
+
+
+def test_steps_of_reads_the_steps_of_several_sagas_in_order(store: Store) -> None:
+    first, second = started(store), started(store)
+    found = store.steps_of([second.saga.saga_id, "no-such-saga", first.saga.saga_id,
+                            "bad\x00id"])
+    assert set(found) == {first.saga.saga_id, second.saga.saga_id}
+    for state in (first, second):
+        rows = found[state.saga.saga_id]
+        assert [r.name for r in rows] == ["a", "b", "c"]
+        assert rows == store.get_steps(state.saga.saga_id)
+    assert store.steps_of([]) == {}
+
+
 def test_count_by_status_counts_every_status(store: Store) -> None:
     assert store.count_by_status() == dict.fromkeys(SagaStatus, 0)
     _catalog(store)
@@ -1118,3 +1175,66 @@ def test_operations_on_impossible_ids_are_not_found_or_type_errors(
         sagaline.cancel("\ud800", runtime=runtime)
     with pytest.raises(TypeError):
         sagaline.get_saga(123, runtime=runtime)  # type: ignore[arg-type]
+
+
+# -- waiting for the end of a saga ----------------------------------------------------
+
+# Stores that announce ended sagas; the others leave get() to poll.
+ANNOUNCES_ENDED_SAGAS = ("postgresql", "redis")
+
+
+def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sagaline.handle import SagaHandle
+
+    state = started(store)
+    sid = state.saga.saga_id
+    reads: list[SagaStatus] = []
+    read_saga = store.get_saga
+
+    def counted(saga_id: str) -> SagaRecord | None:
+        saga = read_saga(saga_id)
+        assert saga is not None
+        reads.append(saga.status)
+        return saga
+
+    monkeypatch.setattr(store, "get_saga", counted)
+
+    def finish_after_the_first_read() -> None:
+        for _ in range(3000):  # bounded: 30 s at most
+            if reads:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)  # the caller is waiting by now (or polling)
+        store.transact(sid, lambda st: Decision(
+            saga=replace(st.saga, status=SagaStatus.COMPLETED, output={"done": True}),
+            saga_version=st.saga.version))
+
+    finisher = threading.Thread(target=finish_after_the_first_read)
+    finisher.start()
+    try:
+        handle = SagaHandle(SimpleNamespace(store=store), sid, "contract")  # type: ignore[arg-type]
+        assert handle.get(timeout=30) == {"done": True}
+    finally:
+        finisher.join(30)
+    assert reads[0] is SagaStatus.RUNNING and reads[-1] is SagaStatus.COMPLETED
+    if store.url.split(":", 1)[0].split("+", 1)[0] in ANNOUNCES_ENDED_SAGAS:
+        assert len(reads) == 2, reads  # woken by the commit, not by a poll
+    else:
+        assert store.watch_finished(sid) is None
+        assert len(reads) > 2, reads
+
+
+def test_get_on_an_announcing_store_still_times_out(store: Store) -> None:
+    from types import SimpleNamespace
+
+    from sagaline.exceptions import SagaTimeout
+    from sagaline.handle import SagaHandle
+
+    state = started(store)
+    handle = SagaHandle(SimpleNamespace(store=store), state.saga.saga_id,  # type: ignore[arg-type]
+                        "contract")
+    with pytest.raises(SagaTimeout):
+        handle.get(timeout=0.3)

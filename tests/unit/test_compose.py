@@ -98,7 +98,8 @@ def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -
 
 
 def test_every_sagaline_variable_is_a_setting(compose: dict[str, Any]) -> None:
-    known = {f"SAGALINE_{f.name.upper()}" for f in fields(Settings)} | {"SAGALINE_HOME"}
+    known = {f"SAGALINE_{f.name.upper()}" for f in fields(Settings)} | {
+        "SAGALINE_HOME", "SAGALINE_WEB_TOKEN", "SAGALINE_WEB_READ_TOKEN"}
     used = {var for svc in compose["services"].values()
             for var in (svc.get("environment") or {}) if var.startswith("SAGALINE_")}
     assert used, "compose sets no sagaline variable"
@@ -129,7 +130,9 @@ def test_the_worker_runs_the_example_app_through_the_cli(compose: dict[str, Any]
     # The example ships inside the package: the image needs no checkout on PYTHONPATH.
     assert command[:4] == ["sagaline", "worker", "-A", "sagaline.demo.robots.app"]
     assert importlib.util.find_spec("sagaline.demo.robots.app") is not None
-    assert "sagaline.demo.robots.app" in compose["services"]["worker"]["healthcheck"]["test"][1]
+    # Its healthcheck is the liveness probe: no broker call, so an outage restarts nothing.
+    assert compose["services"]["worker"]["healthcheck"]["test"][1:4] == [
+        "sagaline", "health", "--liveness"]
     # The example reads the same variable the stack sets.
     assert "CELERY_BROKER_URL" in (ROOT / "sagaline" / "demo" / "robots" / "app.py").read_text()
     assert compose["services"]["demo"]["command"] == ["sagaline", "demo"]
@@ -171,3 +174,21 @@ def test_the_image_builds_from_the_sources_the_install_test_builds_from() -> Non
     copied = [source for line in DOCKERFILE.read_text().splitlines()
               if line.startswith("COPY ") for source in line.split()[1:-1]]
     assert sorted(copied) == sorted(IMAGE_SOURCES)
+
+
+def test_the_observability_profile_scrapes_the_workers_and_shows_the_dashboard(
+        compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    profile = {name for name, svc in services.items()
+               if "observability" in (svc.get("profiles") or [])}
+    assert profile == {"prometheus", "grafana", "jaeger"}
+    for name in profile:
+        for volume in services[name].get("volumes") or []:
+            source = volume.split(":", 1)[0]
+            assert (ROOT / source).exists(), (name, source)
+    port = services["worker"]["environment"]["SAGALINE_METRICS_PORT"]
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["dns_sd_configs"][0] == {"names": ["worker"], "type": "A", "port": int(port),
+                                        "refresh_interval": "15s"}
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"

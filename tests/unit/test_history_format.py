@@ -51,6 +51,7 @@ STORED_KINDS = [
     (EventKind.COMPENSATION_FAILED, "compensation_failed"),
     (EventKind.DEFINITION_MISMATCH, "definition_mismatch"),
     (EventKind.TASK_UNREGISTERED, "task_unregistered"),
+    (EventKind.OPERATOR_ACTION, "operator_action"),
 ]
 STORED_REASONS = [
     (FailureReason.ERROR, "error"),

@@ -22,7 +22,8 @@ The rules:
 - the surfaces (`cli`, `cli_outbox`, `timeline`, `demo`) reach the core only through `ops`:
   besides `ops` they import only the data and errors it hands out (`records`,
   `states`, `exceptions`), the settings (`config`), `celery_app` (the CLI sets an
-  app up with `init_app`, as users do), `testing` (the worker launcher the demo
+  app up with `init_app`, as users do), `observability.health` (the probes that
+  `sagaline health` runs), `testing` (the worker launcher the demo
   starts its worker with, as the tests and the benchmark do) and each other. The
   demo's saga app
   (`demo.robots`) is written as a user would, against the public API (`sagaline`).
@@ -42,9 +43,9 @@ CORE = {"states", "records", "exceptions", "steps", "definition", "work", "engin
         "compensation", "recovery"}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
-SURFACES = ("cli", "cli_outbox", "timeline", "demo")
+SURFACES = ("cli", "cli_outbox", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app",
-                      "testing"}
+                      "testing", "observability.health"}
 CELERY = ("celery", "kombu", "billiard")
 STORE_DRIVERS = ("sqlalchemy", "alembic", "redis", "psycopg", "pymysql")
 STEP_CELERY_TYPES = {"celery.app.task", "celery.local"}
@@ -174,3 +175,27 @@ def test_no_module_is_over_400_lines() -> None:
     long = {_short(m): n for m, p in MODULES.items()
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these modules along their seams: {long}"
+
+
+def test_only_the_tracing_module_imports_opentelemetry() -> None:
+    # The `otel` extra is optional: the rest of the package must import without it
+    # (the runtime imports observability.tracing inside a function, when tracing is on).
+    otel_modules = {"observability.tracing", "observability.provider"}
+    importers = {_short(m) for m in GRAPH if _third_party(m, ("opentelemetry",))}
+    assert importers == otel_modules
+    eager = {_short(m) for m in GRAPH if _short(m) not in otel_modules and
+             {f"sagaline.{o}" for o in otel_modules} & _module_level_imports(m)}
+    assert not eager, f"{sorted(eager)} import OpenTelemetry's modules at module level"
+
+
+def _module_level_imports(module: str) -> set[str]:
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+            base = ".".join(anchor + ([node.module] if node.module else []))
+            found.update(f"{base}.{a.name}" for a in node.names)
+            found.add(base)
+    return found

@@ -8,4 +8,5 @@ for _, c in ipairs(p.expect) do
 end
 if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
 --@apply
+if p.finished then redis.call('PUBLISH', p.finished[1], p.finished[2]) end
 return 1

@@ -1,7 +1,7 @@
 """The transactional outbox (events committed with the business change) and the inbox.
 
 Revision ID: 0006_outbox
-Revises: 0004
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_outbox"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,1 @@
+"""Observability: traces, JSON logs, Prometheus metrics and health probes of sagas."""

@@ -1,0 +1,390 @@
+"""Prometheus metrics (`pip install 'sagaline[prometheus]'`): counters fed by sagaline's
+signals, gauges read from the store at scrape time, `/metrics` served by every worker.
+
+A worker's pool processes each write their own sample files (prometheus-client's
+multiprocess mode, in a directory of this worker's own); the worker's main process
+serves their sum. A pool process that dies leaves its counter files behind, so a
+counter never goes down when Celery replaces a process. Outside a worker (a web
+process that starts sagas) the same metrics go to prometheus-client's default
+registry, for the application to expose as it exposes its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_init, worker_shutdown
+
+from .. import signals
+from .._state import registered_sagas
+from ..exceptions import ConfigurationError
+from ..states import SagaStatus
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from ..stores.base import Store
+
+log = logging.getLogger("sagaline")
+
+# Saga durations run from milliseconds to hours; a step's queue wait can reach the
+# half hour of an outage (runtime-sized buckets that stop at 10 s would hide it).
+SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600,
+                float("inf"))
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+                float("inf"))
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                600, 1800, float("inf"))
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                 float("inf"))
+# The store operations that are timed (sagaline_store_operation_seconds{operation}).
+STORE_OPERATIONS = ("create_saga", "claim_step", "renew_lease", "transact", "read_state",
+                    "get_saga", "history", "list_sagas", "count_by_status", "find_due",
+                    "find_claimed")
+# Store reads behind the gauges are cached this long: a scrape of every worker every
+# few seconds must not become a query storm.
+GAUGE_TTL = 5.0
+# A scrape waits this long for a fresh store read, then serves the last one.
+GAUGE_WAIT = 2.0
+IN_PROGRESS = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+# sagaline_sagas_past_deadline counts up to this many sagas per name.
+PAST_DEADLINE_CAP = 1000
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigurationError(
+            "metrics_port (SAGALINE_METRICS_PORT) needs prometheus-client, which is not "
+            "installed: pip install 'sagaline[prometheus]'") from None
+    return prometheus_client
+
+
+class SagaMetrics:
+    """The counters and histograms of one process."""
+
+    def __init__(self, registry: Any) -> None:
+        pc = _prometheus()
+        kw = {"registry": registry}
+        self.started = pc.Counter("sagaline_sagas_started", "Sagas started.", ["saga"], **kw)
+        self.finished = pc.Counter("sagaline_sagas_finished",
+                                   "Sagas that reached a terminal status.",
+                                   ["saga", "status"], **kw)
+        self.duration = pc.Histogram("sagaline_saga_duration_seconds",
+                                     "From run() to the terminal status.",
+                                     ["saga", "status"], buckets=SAGA_BUCKETS, **kw)
+        self.attempts = pc.Counter("sagaline_step_attempts",
+                                   "Step and compensation attempts run, by outcome.",
+                                   ["saga", "step", "phase", "outcome"], **kw)
+        self.step_duration = pc.Histogram("sagaline_step_duration_seconds",
+                                          "Run time of one attempt's body.",
+                                          ["saga", "step", "phase"], buckets=STEP_BUCKETS,
+                                          **kw)
+        self.queue_wait = pc.Histogram(
+            "sagaline_step_queue_wait_seconds",
+            "From a step's dispatch (a retry: the end of its backoff) to its claim.",
+            ["saga", "step"], buckets=WAIT_BUCKETS, **kw)
+        self.compensations = pc.Counter("sagaline_compensations",
+                                        "Compensation attempts, by outcome.",
+                                        ["saga", "step", "outcome"], **kw)
+        self.repairs = pc.Counter("sagaline_sweeper_repairs",
+                                  "What the sweeper repaired, by kind.", ["kind"], **kw)
+        self.store_op = pc.Histogram("sagaline_store_operation_seconds",
+                                     "Time of one store operation (retries included).",
+                                     ["operation"], buckets=STORE_BUCKETS, **kw)
+
+
+_metrics: SagaMetrics | None = None
+_lock = threading.Lock()
+
+
+def current() -> SagaMetrics:
+    """This process's metrics; created in the default registry outside a worker."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = SagaMetrics(_prometheus().REGISTRY)
+    return _metrics
+
+
+# -- recording: signal receivers ------------------------------------------------------------
+
+
+def _on_saga_started(sender: Any = None, name: str = "", **_: Any) -> None:
+    current().started.labels(name).inc()
+
+
+def _on_saga_finished(sender: Any = None, name: str = "", status: Any = None,
+                      duration: float = 0.0, **_: Any) -> None:
+    label = str(status).lower()
+    m = current()
+    m.finished.labels(name, label).inc()
+    m.duration.labels(name, label).observe(max(0.0, duration))
+
+
+def _on_step_started(sender: Any = None, name: str = "", step: str = "",
+                     queue_wait: float | None = None, **_: Any) -> None:
+    if queue_wait is not None:
+        current().queue_wait.labels(name, step).observe(max(0.0, queue_wait))
+
+
+def _on_step_finished(sender: Any = None, name: str = "", step: str = "", phase: Any = None,
+                      outcome: str = "", duration: float = 0.0, **_: Any) -> None:
+    m = current()
+    phase_label = str(phase)
+    m.attempts.labels(name, step, phase_label, outcome).inc()
+    m.step_duration.labels(name, step, phase_label).observe(max(0.0, duration))
+    if phase_label == "compensate":
+        m.compensations.labels(name, step, outcome).inc()
+
+
+def _on_sweeper_repaired(sender: Any = None, counts: dict[Any, int] | None = None,
+                         **_: Any) -> None:
+    for kind, count in (counts or {}).items():
+        if count:
+            current().repairs.labels(getattr(kind, "value", kind)).inc(count)
+
+
+_RECEIVERS: tuple[tuple[Any, Callable[..., None]], ...] = (
+    (signals.saga_started, _on_saga_started),
+    (signals.saga_finished, _on_saga_finished),
+    (signals.step_started, _on_step_started),
+    (signals.step_finished, _on_step_finished),
+    (signals.sweeper_repaired, _on_sweeper_repaired),
+)
+
+
+def instrument_store(store: Store) -> None:
+    """Time the store's operations (once per store object; forked children share it)."""
+    if getattr(store, "_sagaline_timed", False):
+        return
+    for op in STORE_OPERATIONS:
+        setattr(store, op, _timed(op, getattr(store, op)))
+    store._sagaline_timed = True  # type: ignore[attr-defined]
+
+
+def _timed(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            current().store_op.labels(op).observe(time.perf_counter() - started)
+
+    return timed
+
+
+# -- gauges read from the store ----------------------------------------------------------
+
+
+class StoreGauges:
+    """`sagaline_sagas_in_progress{saga,status}` and the gauges beside it, read from the
+    store at scrape time (cached GAUGE_TTL seconds), never counted in process: they are
+    right after any crash. Labels come from the saga definitions this worker has."""
+
+    def __init__(self, store: Callable[[], Store], ttl: float = GAUGE_TTL) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[tuple[str, ...], float]] | None = None
+        self._read_at = 0.0
+        self._refreshing: threading.Thread | None = None
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        values = self._fresh_values()
+        families = {
+            "sagaline_sagas_in_progress": GaugeMetricFamily(
+                "sagaline_sagas_in_progress", "Sagas not finished, read from the store.",
+                labels=["saga", "status"]),
+            "sagaline_sagas_needing_attention": GaugeMetricFamily(
+                "sagaline_sagas_needing_attention",
+                "Sagas parked FAILED (a compensation kept failing): an operator resumes "
+                "them.", labels=["saga"]),
+            "sagaline_sagas_past_deadline": GaugeMetricFamily(
+                "sagaline_sagas_past_deadline",
+                f"Sagas still in progress after their timeout (counted up to "
+                f"{PAST_DEADLINE_CAP}).", labels=["saga"]),
+        }
+        up = GaugeMetricFamily("sagaline_store_up",
+                               "1 when the last store read for these gauges succeeded.")
+        up.add_metric([], 0.0 if values is None else 1.0)
+        for name, samples in (values or {}).items():
+            for labels, value in samples.items():
+                families[name].add_metric(list(labels), value)
+        yield from families.values()
+        yield up
+
+    def _fresh_values(self) -> dict[str, dict[tuple[str, ...], float]] | None:
+        # A store outage must not hang the scrape (the store retries for half a minute):
+        # the read runs in a thread; after GAUGE_WAIT the last values are served.
+        with self._lock:
+            if time.monotonic() - self._read_at < self._ttl and self._values is not None:
+                return self._values
+            thread = self._refreshing
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(target=self._refresh, daemon=True,
+                                          name="sagaline-metrics-gauges")
+                self._refreshing = thread
+                thread.start()
+        thread.join(GAUGE_WAIT)
+        with self._lock:
+            return self._values
+
+    def _refresh(self) -> None:
+        try:
+            values = read_gauges(self._store(), time.time())
+        except Exception:
+            log.warning("metrics: could not read saga counts from the store", exc_info=True)
+            with self._lock:
+                self._values = None
+            return
+        with self._lock:
+            self._values, self._read_at = values, time.monotonic()
+
+
+def read_gauges(store: Store, now: float) -> dict[str, dict[tuple[str, ...], float]]:
+    from ..records import SagaFilter
+
+    in_progress: dict[tuple[str, ...], float] = {}
+    attention: dict[tuple[str, ...], float] = {}
+    late: dict[tuple[str, ...], float] = {}
+    for defn in registered_sagas():
+        counts = store.count_by_status(defn.name)
+        for status in IN_PROGRESS:
+            in_progress[(defn.name, status.value.lower())] = float(counts.get(status, 0))
+        attention[(defn.name,)] = float(counts.get(SagaStatus.FAILED, 0))
+        if defn.timeout:
+            overdue = store.list_sagas(SagaFilter(
+                status=list(IN_PROGRESS), name=defn.name, created_before=now - defn.timeout,
+                limit=PAST_DEADLINE_CAP))
+            late[(defn.name,)] = float(len(overdue))
+    return {"sagaline_sagas_in_progress": in_progress,
+            "sagaline_sagas_needing_attention": attention,
+            "sagaline_sagas_past_deadline": late}
+
+
+# -- a worker's /metrics ---------------------------------------------------------------
+
+
+class WorkerMetrics:
+    """The multiprocess directory and the HTTP server of one worker's main process."""
+
+    def __init__(self, runtime: Runtime, port: int, addr: str = "0.0.0.0") -> None:
+        self.runtime = runtime
+        self.port = port
+        self.addr = addr
+        self.directory: str | None = None
+        self.server: Any = None
+
+    def start(self) -> None:
+        """In the worker's main process, before its pool forks."""
+        global _metrics
+        pc = _prometheus()
+        from prometheus_client import values
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        # A directory of this worker's own: two workers of one machine never mix samples.
+        base = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.directory = tempfile.mkdtemp(prefix="sagaline-metrics-", dir=base)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory  # the pool inherits it
+        # prometheus-client picks its value class when first imported; pick again now
+        # that the directory is set (metrics created from here on write sample files).
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        with _lock:
+            _metrics = SagaMetrics(registry=None)  # read back through the files
+        registry = pc.CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        registry.register(StoreGauges(lambda: self.runtime.store))
+        registry.register(_DeadProcessSweep(self.directory))
+        # The store is not opened here: /metrics is served even while it is down (the
+        # runtime's store hook times its operations once it is opened).
+        try:
+            self.server = pc.start_http_server(self.port, addr=self.addr, registry=registry)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on {self.addr}:{self.port}: {exc}") from None
+        log.info("sagaline metrics on http://%s:%s/metrics", self.addr, self.port)
+
+    def stop(self) -> None:
+        server = self.server[0] if isinstance(self.server, tuple) else self.server
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.shutdown()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _DeadProcessSweep:
+    """Before each scrape, tells prometheus-client which pool processes died (their
+    live-gauge files go; their counters stay, so that no counter ever goes down)."""
+
+    _PID = re.compile(r"_(\d+)\.db$")
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client import multiprocess
+
+        pids = {int(m.group(1)) for path in glob.glob(os.path.join(self.directory, "*.db"))
+                if (m := self._PID.search(path))}
+        for pid in pids:
+            if not _alive(pid):
+                multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def install(runtime: Runtime, port: int) -> None:
+    """Record sagaline's metrics in this process; serve them on `port` if it is a worker.
+
+    Called by `init_app` when `metrics_port` is set. Fails at once, naming the extra,
+    when prometheus-client is missing.
+    """
+    _prometheus()
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"metrics_port must be a TCP port (1-65535), got {port}")
+    for signal, receiver in _RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=f"sagaline.metrics.{signal.name}")
+    runtime.store_hooks.append(instrument_store)
+    if runtime._store is not None:  # a Store object given to init_app
+        instrument_store(runtime._store)
+    app = runtime.app
+    served: list[WorkerMetrics] = []
+
+    def start_serving(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app or served:
+            return
+        worker_metrics = WorkerMetrics(runtime, port)
+        worker_metrics.start()
+        served.append(worker_metrics)
+
+    def stop_serving(sender: Any = None, **_: Any) -> None:
+        while served:
+            served.pop().stop()
+
+    worker_init.connect(start_serving, weak=False, dispatch_uid=f"sagaline.metrics.{id(app)}")
+    worker_shutdown.connect(stop_serving, weak=False,
+                            dispatch_uid=f"sagaline.metrics.stop.{id(app)}")

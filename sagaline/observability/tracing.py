@@ -1,0 +1,390 @@
+"""OpenTelemetry traces: one trace per saga, whose spans survive any crash of a process.
+
+A saga outlives the processes that run it, so its root span cannot be an object
+held open from `run()` to the end: like DBOS and Temporal, sagaline decides the
+root span's ids when the saga starts and stores them with it (`trace_context`:
+the root's W3C traceparent, and the id of its parent, the caller's span). Then:
+
+- each step attempt and compensation attempt is a span whose parent is the root,
+  opened in the worker around the claim, the body and the completion; its span id
+  is derived from (saga, step, phase, attempt), so the sweeper can emit, with
+  status ERROR, an attempt whose worker died (user spans exported from it before
+  the crash keep their parent) and a duplicate message never makes a second one;
+- the root span is emitted once, by the process that makes the saga terminal, with
+  the saga's start time and the stored ids.
+
+So a step that runs after a kill -9 or a restart joins the same trace. The crash
+window that remains is the SDK's: spans a process had ended but not yet exported
+(the batch delay) when it was killed are lost. The spans of other processes never
+refer to an attempt span (all refer to the root); the root itself is lost if the
+process that ended the saga is killed within that delay.
+
+With `opentelemetry-instrumentation-celery`: sagaline publishes a step's message
+with the saga's root span as the current span, so the instrumentation's
+`apply_async/<task>` span is a child of the root; the message carries the root as
+its `traceparent` (set again after the instrumentation wrote its publish span
+there), so its `run/<task>` span is a child of the root too, never of a publish
+span that a killed publisher may not have exported. sagaline's attempt span is a
+child of the root and the current span while the step runs, so spans made in the
+step nest under it. The Celery spans describe the message, sagaline's the attempt:
+one each, none orphaned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore
+from celery.signals import before_task_publish
+
+from ..exceptions import ConfigurationError
+from ..records import HEADER
+from ..states import CRASH_REASONS, SAGA_TERMINAL, Phase, SagaStatus
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import Tracer as SdkTracer
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+except ImportError as exc:  # pragma: no cover - exercised by the wheel install test
+    raise ConfigurationError(
+        f"tracing needs OpenTelemetry ({exc.name or exc} is not installed): "
+        f"pip install 'sagaline[otel]'") from None
+
+if TYPE_CHECKING:
+    from ..records import Decision, Dispatch, Event, SagaRecord
+
+log = logging.getLogger("sagaline")
+
+INSTRUMENTATION = "sagaline"
+
+# Attribute names (the proposed `workflow.*` conventions are not stable yet).
+SAGA_ID = "saga.id"
+SAGA_NAME = "saga.name"
+SAGA_STEP = "saga.step"
+SAGA_ATTEMPT = "saga.attempt"
+SAGA_PHASE = "saga.phase"
+SAGA_STATUS = "saga.status"
+SAGA_OUTCOME = "saga.outcome"
+
+_EVENTS_OF_LOST_ATTEMPTS = frozenset({"step_attempt_failed", "step_failed",
+                                      "compensation_attempt_failed", "compensation_failed"})
+
+
+@dataclass(frozen=True)
+class SagaTrace:
+    """The stored trace context of one saga: its root span and that span's parent."""
+
+    trace_id: int
+    span_id: int
+    flags: int
+    parent_span_id: int | None = None
+
+    def encode(self) -> str:
+        text = f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
+        return text if self.parent_span_id is None else f"{text}:{self.parent_span_id:016x}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> SagaTrace | None:
+        """The context stored with a saga; None (logged) if there is none or it is not one."""
+        if not text:
+            return None
+        try:
+            head, _, parent = text.partition(":")
+            version, trace_id, span_id, flags = head.split("-")
+            if version != "00" or len(trace_id) != 32 or len(span_id) != 16:
+                raise ValueError(text)
+            return cls(int(trace_id, 16), int(span_id, 16), int(flags, 16),
+                       int(parent, 16) if parent else None)
+        except ValueError:
+            log.warning("ignoring a saga trace context that is no traceparent: %r", text)
+            return None
+
+    def root_context(self) -> Any:
+        """An OpenTelemetry context whose current span is the saga's root span."""
+        return trace.set_span_in_context(trace.NonRecordingSpan(self._span_context(self.span_id)))
+
+    def parent_context(self) -> Any:
+        """The context the root span is created in: its parent's, or none."""
+        if self.parent_span_id is None:
+            return otel_context.Context()
+        return trace.set_span_in_context(
+            trace.NonRecordingSpan(self._span_context(self.parent_span_id)))
+
+    def _span_context(self, span_id: int) -> trace.SpanContext:
+        return trace.SpanContext(self.trace_id, span_id, is_remote=True,
+                                 trace_flags=trace.TraceFlags(self.flags))
+
+
+def attempt_span_id(saga_trace: SagaTrace, saga_id: str, step: str, phase: Phase | str,
+                    attempt: int) -> int:
+    """The span id of one attempt: the same in every process, so never made twice."""
+    phase_name = phase.value if isinstance(phase, Phase) else phase
+    digest = hashlib.blake2b(
+        f"{saga_trace.span_id:016x}:{saga_id}:{step}:{phase_name}:{attempt}".encode(),
+        digest_size=8).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+class _PresetIds(IdGenerator):
+    """The tracer's id generator, unless sagaline set the ids of the next span."""
+
+    def __init__(self, inner: IdGenerator):
+        self.inner = inner
+        self.preset: ContextVar[tuple[int, int] | None] = ContextVar(
+            "sagaline_preset_span_ids", default=None)
+
+    def generate_span_id(self) -> int:
+        preset = self.preset.get()
+        return preset[1] if preset else self.inner.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        preset = self.preset.get()
+        return preset[0] if preset else self.inner.generate_trace_id()
+
+    def is_trace_id_random(self) -> bool:
+        # Asked by SDKs since 1.39; absent from the generators of older ones.
+        random_ids = getattr(self.inner, "is_trace_id_random", None)
+        return bool(random_ids()) if random_ids is not None else False
+
+
+class Tracing:
+    """sagaline's spans, made through the process's TracerProvider."""
+
+    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
+        tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=provider)
+        if not isinstance(tracer, SdkTracer):
+            raise ConfigurationError(
+                "sagaline's tracing needs the OpenTelemetry SDK's TracerProvider (it fixes "
+                "the ids of spans that outlive a process); the one set here is "
+                f"{type(trace.get_tracer_provider()).__name__}")
+        # A tracer of sagaline's own (get_tracer makes a new one per call): replacing
+        # its id generator changes nothing for the application's spans.
+        self._ids = _PresetIds(tracer.id_generator)
+        tracer.id_generator = self._ids
+        self.tracer = tracer
+        # After the Celery instrumentation's receiver (it connects in worker_process_init,
+        # this runs at the first task or saga of the process): the last word is ours.
+        before_task_publish.connect(_root_as_traceparent, weak=False,
+                                    dispatch_uid="sagaline.root_as_traceparent")
+        # Sagas the current attempt ended (their root spans wait for its span to end).
+        self._ended_in_attempt: ContextVar[list[SagaRecord] | None] = ContextVar(
+            "sagaline_sagas_ended_in_attempt", default=None)
+
+    # -- starting a saga ---------------------------------------------------------------
+
+    def new_saga(self, name: str, saga_id: str, parent: str | None = None) -> str | None:
+        """The trace context of a new saga: in the trace of the current span (or of the
+        parent saga's root, for a child saga), else in a new trace."""
+        if parent is not None:
+            parent_trace = SagaTrace.decode(parent)
+            ctx = parent_trace.root_context() if parent_trace else otel_context.Context()
+        else:
+            ctx = otel_context.get_current()
+        span_context = trace.get_current_span(ctx).get_span_context()
+        parent_span: int | None = None
+        if span_context.is_valid:
+            trace_id, parent_span = span_context.trace_id, span_context.span_id
+        else:
+            ctx, trace_id = otel_context.Context(), self._ids.generate_trace_id()
+        # The sampler decides now, as it would for the root span: its decision travels
+        # in the flags, and every later span follows it (parent-based sampling).
+        result = self.tracer.sampler.should_sample(
+            ctx, trace_id, saga_span_name(name), trace.SpanKind.INTERNAL,
+            {SAGA_ID: saga_id, SAGA_NAME: name})
+        sampled: bool = result.decision.is_sampled()  # type: ignore[no-untyped-call]
+        flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
+        return SagaTrace(trace_id, self._ids.generate_span_id(), flags,
+                         parent_span).encode()
+
+    @contextlib.contextmanager
+    def publishing(self, d: Dispatch) -> Iterator[None]:
+        """The saga's root span is current while its message is published (a Celery
+        instrumentation then makes its publish span a child of it)."""
+        saga_trace = SagaTrace.decode(d.trace_context)
+        if saga_trace is None:
+            yield
+            return
+        token = otel_context.attach(saga_trace.root_context())
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    # -- attempts ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def attempt(self, meta: dict[str, Any], task: Any) -> Iterator[None]:
+        """The span of one claimed attempt, current while it runs and completes."""
+        saga_trace = SagaTrace.decode(meta.get("trace"))
+        if saga_trace is None:
+            yield
+            return
+        saga_id, step = str(meta["saga_id"]), str(meta["step"])
+        phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
+        attributes: dict[str, Any] = {
+            **_attempt_attributes(saga_id, str(meta["saga"]), step, phase, attempt),
+            "celery.task_name": str(getattr(task, "name", "")),
+        }
+        task_id = getattr(getattr(task, "request", None), "id", None)
+        if task_id:
+            attributes["messaging.message.id"] = str(task_id)
+        span = self._start(attempt_span_name(step, phase), saga_trace.root_context(),
+                           (saga_trace.trace_id,
+                            attempt_span_id(saga_trace, saga_id, step, phase, attempt)),
+                           attributes=attributes, kind=trace.SpanKind.CONSUMER)
+        ended: list[SagaRecord] = []
+        deferred = self._ended_in_attempt.set(ended)
+        try:
+            with trace.use_span(span, end_on_exit=True, record_exception=False,
+                                set_status_on_exception=False):
+                try:
+                    yield
+                except BaseException as exc:
+                    if not isinstance(exc, Ignore):
+                        span.record_exception(exc)
+                        span.set_status(trace.Status(trace.StatusCode.ERROR,
+                                                     f"{type(exc).__name__}: {exc}"))
+                        span.set_attribute(SAGA_OUTCOME, "failed")
+                    raise
+                else:
+                    span.set_attribute(SAGA_OUTCOME, "succeeded")
+        finally:
+            self._ended_in_attempt.reset(deferred)
+            # The attempt that ended the saga has ended: the root span can close after it.
+            for saga in ended:
+                self.saga_finished(saga, end=time.time())
+
+    def lost_attempt(self, saga: SagaRecord | None, event: Event,
+                     started_at: float | None) -> None:
+        """Emit, with status ERROR, the span of an attempt whose process died."""
+        saga_trace = SagaTrace.decode(saga.trace_context if saga else None)
+        if saga is None or saga_trace is None or event.step is None or event.attempt is None:
+            return
+        phase = Phase(event.phase or Phase.FORWARD.value)
+        error = str(event.detail.get("error") or event.detail.get("reason"))
+        span = self._start(
+            attempt_span_name(event.step, phase), saga_trace.root_context(),
+            (saga_trace.trace_id,
+             attempt_span_id(saga_trace, saga.saga_id, event.step, phase, event.attempt)),
+            attributes={**_attempt_attributes(saga.saga_id, saga.name, event.step, phase,
+                                              event.attempt),
+                        SAGA_OUTCOME: "lost"},
+            kind=trace.SpanKind.CONSUMER, start=started_at or event.ts)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error.split("\n", 1)[0]))
+        span.end(end_time=_ns(event.ts))
+
+    # -- the end of a saga -------------------------------------------------------------
+
+    def saga_finished(self, saga: SagaRecord, end: float | None = None) -> None:
+        """Emit the saga's root span: from its start to its end, with the stored ids.
+
+        Inside the attempt that ended the saga, it waits for that attempt's span to end,
+        so that the root span encloses all of its children."""
+        saga_trace = SagaTrace.decode(saga.trace_context)
+        if saga_trace is None:
+            return
+        waiting = self._ended_in_attempt.get()
+        if waiting is not None and end is None:
+            waiting.append(saga)
+            return
+        attributes: dict[str, Any] = {SAGA_ID: saga.saga_id, SAGA_NAME: saga.name,
+                                      SAGA_STATUS: saga.status.value}
+        if saga.failed_step:
+            attributes["saga.failed_step"] = saga.failed_step
+        if saga.parent_saga_id:
+            attributes["saga.parent_id"] = saga.parent_saga_id
+        span = self._start(saga_span_name(saga.name), saga_trace.parent_context(),
+                           (saga_trace.trace_id, saga_trace.span_id), attributes=attributes,
+                           kind=trace.SpanKind.INTERNAL, start=saga.created_at)
+        if saga.status is SagaStatus.COMPLETED:
+            span.set_status(trace.Status(trace.StatusCode.OK))
+        else:
+            span.set_status(trace.Status(trace.StatusCode.ERROR,
+                                         f"{saga.status.value}: {saga.error or ''}".strip()))
+        span.end(end_time=_ns(max(end or 0.0, saga.finished_at or time.time())))
+
+    def after_commit(self, decision: Decision, store: Any) -> None:
+        """Emit what a committed decision ended: attempts lost with their worker, and
+        the saga itself. Never raises: tracing must not break the engine."""
+        try:
+            lost = [e for e in decision.events if e.kind in _EVENTS_OF_LOST_ATTEMPTS
+                    and e.detail.get("reason") in CRASH_REASONS]
+            saga = decision.saga
+            if lost:
+                if saga is None:
+                    saga = store.get_saga(lost[0].saga_id)
+                steps = {s.name: s for s in decision.steps}
+                for event in lost:
+                    rec = steps.get(event.step or "")
+                    self.lost_attempt(saga, event, rec.started_at if rec else None)
+            if any(e.kind in _TERMINAL_EVENTS for e in decision.events) and \
+                    decision.saga is not None and decision.saga.status in SAGA_TERMINAL and \
+                    not _ended_before(decision.saga, store):
+                self.saga_finished(decision.saga)
+        except Exception:
+            log.warning("could not emit the spans of a saga transition", exc_info=True)
+
+    def _start(self, name: str, parent: Any, ids: tuple[int, int], *,
+               attributes: dict[str, Any], kind: trace.SpanKind,
+               start: float | None = None) -> trace.Span:
+        token = self._ids.preset.set(ids)
+        try:
+            return self.tracer.start_span(name, context=parent, kind=kind,
+                                          attributes=attributes,
+                                          start_time=None if start is None else _ns(start))
+        finally:
+            self._ids.preset.reset(token)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        provider = trace.get_tracer_provider()
+        flush = getattr(provider, "force_flush", None)
+        if flush is not None:
+            flush(int(timeout * 1000))
+
+
+def _root_as_traceparent(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """A step message's `traceparent` is its saga's root span, whoever wrote it before."""
+    meta = headers.get(HEADER) if headers else None
+    if headers is not None and isinstance(meta, dict) and isinstance(meta.get("trace"), str):
+        headers["traceparent"] = meta["trace"].partition(":")[0]
+        headers.pop("tracestate", None)
+
+
+_TERMINAL_EVENTS = frozenset({"saga_completed", "saga_compensated", "saga_failed"})
+
+
+def _ended_before(saga: SagaRecord, store: Any) -> bool:
+    """Whether the saga had ended before this end: a child saga rolled back after it
+    completed, a FAILED saga an operator resumed. Its root span was emitted then (one
+    span per id); what ran since joins the trace under it. A saga ends COMPLETED only
+    once, so the common case reads nothing."""
+    if saga.status is SagaStatus.COMPLETED:
+        return False
+    ends = [e for e in store.history(saga.saga_id) if e.kind in _TERMINAL_EVENTS]
+    return len(ends) > 1
+
+
+def saga_span_name(name: str) -> str:
+    return f"saga {name}"
+
+
+def attempt_span_name(step: str, phase: Phase) -> str:
+    return f"step {step}" if phase is Phase.FORWARD else f"compensate {step}"
+
+
+def _attempt_attributes(saga_id: str, name: str, step: str, phase: Phase,
+                        attempt: int) -> dict[str, Any]:
+    return {SAGA_ID: saga_id, SAGA_NAME: name, SAGA_STEP: step, SAGA_ATTEMPT: attempt,
+            SAGA_PHASE: phase.value}
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)

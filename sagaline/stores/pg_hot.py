@@ -1,0 +1,246 @@
+"""PostgreSQL's hot statements straight on psycopg 3: a saga's insert, the claim, a
+decision's read and write, and the saga read of `get()`.
+
+SQLAlchemy keeps the schema, migrations, MySQL, SQLite and every other statement;
+these run on connections of the same pool, as prepared statements, in psycopg's
+pipeline mode, where statements are sent together and answered together:
+
+- a new saga is one round trip: BEGIN, the saga, its steps and events, COMMIT;
+
+- a claim is one round trip: BEGIN, `SET LOCAL synchronous_commit = off`, the
+  compare-and-set that feeds its event, COMMIT. The claim does not wait for its
+  WAL flush: a claim lost in a database crash only lets the step's message be
+  claimed again (at-least-once, which the design already allows), and the
+  completion that follows commits synchronously, flushing the WAL that holds the
+  claim before anything depends on it;
+- a decision is two: BEGIN, the saga row locked and read, its steps read (in a
+  statement of their own after the lock, so that their snapshot is taken once the
+  lock is held: see sql.py); then the compare-and-set writes, the events and
+  COMMIT, which a compare-and-set that lost turns into a rollback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+from psycopg.types.json import Json
+from sqlalchemy.engine import Engine
+
+from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
+from ..states import SAGA_TERMINAL, Phase
+from .finished import PG_CHANNEL, pg_payload
+from .rows import from_row, to_row
+from .schema import events, sagas, steps
+
+
+def _json_columns(table: sa.Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.c if isinstance(c.type, sa.JSON))
+
+
+SAGA_JSON = _json_columns(sagas)
+STEP_JSON = _json_columns(steps)
+EVENT_JSON = _json_columns(events)
+
+# A claim in one statement: the compare-and-set feeds the insert of its event.
+_CLAIM = """
+WITH claimed AS (
+    UPDATE sagaline_steps SET {set_status}, lease_until = %(k_lease_until)s,
+           due_at = %(k_lease_until)s, owner_node = %(k_owner_node)s,
+           owner_boot = %(k_owner_boot)s, owner_pid = %(k_owner_pid)s, version = version + 1
+    WHERE saga_id = %(k_saga_id)s AND name = %(k_name)s AND {status_col} = '{dispatched}'
+          AND {attempt_col} = %(k_attempt)s
+    RETURNING saga_id)
+INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
+SELECT saga_id, %(k_now)s, %(k_kind)s, %(k_name)s, %(k_attempt)s, %(k_phase)s FROM claimed"""
+
+
+def _claim(phase: Phase) -> str:
+    cols = PHASE_COLUMNS[phase]
+    set_status = f"{cols.status} = '{cols.running.value}'"
+    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
+        set_status += ", started_at = %(k_now)s"
+    return _CLAIM.format(set_status=set_status, status_col=cols.status,
+                         dispatched=cols.dispatched.value, attempt_col=cols.attempt)
+
+
+CLAIM = {phase: _claim(phase) for phase in Phase}
+SYNC_OFF = "SET LOCAL synchronous_commit = off"
+READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
+LOCK_SAGA = READ_SAGA + " FOR UPDATE"
+READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = %s ORDER BY position"
+
+
+def _checked(update: str) -> str:
+    """The compare-and-set `update`, failing (division by zero) when it matches no row."""
+    return f"WITH changed AS ({update} RETURNING 1) SELECT 1 / count(*) FROM changed"
+
+
+UPDATE_SAGA = _checked(
+    f"UPDATE {sagas.name} SET "
+    + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
+    + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s")
+UPDATE_STEP = _checked(
+    f"UPDATE {steps.name} SET "
+    + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c if c.name not in ("saga_id", "name"))
+    + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s")
+_EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
+INSERT_EVENT = (f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
+                + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS) + ")")
+NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
+
+
+def _insert(table: sa.Table) -> str:
+    names = [c.name for c in table.c]
+    return (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ("
+            + ", ".join(f"%({n})s" for n in names) + ")")
+
+
+INSERT_SAGA = _insert(sagas)
+INSERT_STEP = _insert(steps)
+
+
+def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
+    # A JSON column keeps None as JSON null, as SQLAlchemy's JSON type writes it.
+    for name in json_columns:
+        row[name] = Json(row[name])
+    return row
+
+
+def saga_params(saga: SagaRecord, version: int) -> dict[str, Any]:
+    row = _params(to_row(saga), SAGA_JSON)
+    row.update(version=version + 1, k_version=version)
+    return row
+
+
+def step_params(step: StepRecord, version: int) -> dict[str, Any]:
+    row = _params(to_row(step), STEP_JSON)
+    row.update(version=version + 1, k_version=version)
+    return row
+
+
+def event_params(e: Event) -> dict[str, Any]:
+    row = to_row(e)
+    row["detail"] = e.detail or None  # an empty detail is stored as null
+    return _params({c: row[c] for c in _EVENT_COLUMNS}, EVENT_JSON)
+
+
+class PgHotPath:
+    """The hot statements on the SQLAlchemy engine's pooled psycopg connections."""
+
+    # What a store retries of the errors raised here (see sql_dialects.transient), and
+    # what a refused insert raises.
+    retry_errors = (psycopg.OperationalError, psycopg.InterfaceError)
+    integrity_error = psycopg.IntegrityError
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit mode while borrowed: BEGIN and COMMIT are
+        sent as statements, inside the pipeline, not in round trips of their own.
+        One that failed is dropped, not pooled again."""
+        raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
+        try:
+            conn.autocommit = True
+            yield conn
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+            conn.autocommit = False
+        except BaseException as exc:
+            if conn.broken or isinstance(exc, self.retry_errors):
+                raw.invalidate(exc if isinstance(exc, Exception) else None)
+            else:
+                with contextlib.suppress(psycopg.Error):
+                    if conn.info.transaction_status != TransactionStatus.IDLE:
+                        conn.execute("ROLLBACK")
+                    conn.autocommit = False
+            raise
+        finally:
+            raw.close()  # back to the pool (dropped if invalidated)
+
+    def listen_connection(self) -> Any:
+        """A connection of the listener's own (finished.py), made like the pool's."""
+        raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
+        raw.detach()  # never returned to the pool
+        conn.autocommit = True
+        return conn
+
+    def claim(self, phase: Phase, params: dict[str, Any]) -> bool:
+        with self.connection() as conn:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                conn.execute(SYNC_OFF)
+                cur = conn.execute(CLAIM[phase], params, prepare=True)
+                conn.execute("COMMIT")
+            return cur.rowcount == 1
+
+    def insert_saga(self, state: SagaState, events_: list[Event]) -> None:
+        """The saga, its steps and events in one round trip (IntegrityError: refused)."""
+        with self.connection() as conn, conn.pipeline():
+            conn.execute("BEGIN")
+            conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON), prepare=True)
+            with conn.cursor() as cur:
+                cur.executemany(INSERT_STEP, [_params(to_row(s), STEP_JSON)
+                                              for s in state.steps.values()])
+                if events_:
+                    cur.executemany(INSERT_EVENT, [event_params(e) for e in events_])
+            conn.execute("COMMIT")
+
+    def read_saga(self, saga_id: str) -> SagaRecord | None:
+        with self.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(READ_SAGA, (saga_id,), prepare=True).fetchone()
+        return None if row is None else from_row(SagaRecord, row)
+
+    @contextmanager
+    def locked(self, saga_id: str) -> Iterator[tuple[psycopg.Connection[Any], SagaRecord | None,
+                                                     list[StepRecord]]]:
+        """The saga locked (FOR UPDATE) and read with its steps, in one round trip;
+        the transaction stays open until the context exits (rolled back unless written)."""
+        with self.connection() as conn:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                saga_cur = conn.cursor(row_factory=dict_row)
+                saga_cur.execute(LOCK_SAGA, (saga_id,), prepare=True)
+                steps_cur = conn.cursor(row_factory=dict_row)
+                steps_cur.execute(READ_STEPS, (saga_id,), prepare=True)
+            row = saga_cur.fetchone()
+            saga = None if row is None else from_row(SagaRecord, row)
+            yield conn, saga, [from_row(StepRecord, r) for r in steps_cur.fetchall()]
+
+    @staticmethod
+    def write(conn: psycopg.Connection[Any], saga_id: str, d: Decision) -> bool:
+        """Write a decision (compare-and-set on every record it changes) and commit it,
+        in one round trip; False, rolled back, when one of them changed since it was read.
+
+        A compare-and-set that matches no row divides by zero: the error aborts the
+        transaction, so that the COMMIT pipelined after it rolls everything back.
+        """
+        try:
+            with conn.pipeline():
+                if d.saga is not None:
+                    conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version),
+                                 prepare=True)
+                for s in d.steps:
+                    conn.execute(UPDATE_STEP, step_params(s, d.expected_version(s)),
+                                 prepare=True)
+                if d.events:
+                    with conn.cursor() as cur:
+                        cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+                if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+                    # Delivered at commit: wakes the callers waiting in get() (finished.py).
+                    conn.execute(NOTIFY, (pg_payload(saga_id),))
+                conn.execute("COMMIT")
+        except psycopg.errors.DivisionByZero:
+            return False
+        return True
