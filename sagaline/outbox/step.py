@@ -27,6 +27,8 @@ from sqlalchemy.engine import Connection
 from ..context import StepInfo
 from ..exceptions import ConcurrencyError, ConfigurationError
 from ..records import Decision, SagaState
+from ..states import SAGA_TERMINAL
+from ..stores.finished import PG_CHANNEL, pg_payload
 from ..stores.sanitize import storable_records
 from ..stores.sql_statements import (
     LOCK_SAGA,
@@ -251,6 +253,11 @@ def _decide_and_write(runtime: Runtime, conn: Connection, saga_id: str,
         storable_records(decision.saga, decision.steps, decision.events)
         if write_decision(conn, saga_id, decision):
             savepoint.commit()
+            if not sqlite and decision.saga is not None and \
+                    decision.saga.status in SAGA_TERMINAL and conn.dialect.name == "postgresql":
+                # As the store does (pg_hot.py): callers waiting in get() wake at commit.
+                conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
+                             {"channel": PG_CHANNEL, "payload": pg_payload(saga_id)})
             return decision
         savepoint.rollback()  # a lease renewal slipped in: read again
     raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
