@@ -6,6 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from . import inbox, outbox
     from .celery_app import init_app
     from .config import Settings
     from .context import StepInfo, current_step
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .functional import parallelize, saga, step, transform
     from .handle import SagaHandle
     from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
+    from .outbox.consumers import start_on
+    from .outbox.step import StepTransaction, step_transaction
     from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
     from .steps import FAIL_FAST_WITH_GRACE, Retry, Step, StepResponse, saga_step
 
@@ -77,10 +80,17 @@ _EXPORTS = {
     "Step": "steps",
     "StepResponse": "steps",
     "saga_step": "steps",
+    "StepTransaction": "outbox.step",
+    "step_transaction": "outbox.step",
+    "start_on": "outbox.consumers",
 }
+# Submodules reachable as attributes: `sagaline.outbox.publish`, `sagaline.inbox.receive`.
+_SUBMODULES = {"inbox", "outbox"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -114,6 +124,12 @@ __all__ = [
     "StepInfo",
     "current_step",
     "init_app",
+    # exactly-once database effects, events in and out
+    "StepTransaction",
+    "inbox",
+    "outbox",
+    "start_on",
+    "step_transaction",
     # operating them
     "SagaView",
     "cancel",

@@ -94,6 +94,10 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         from .observability import metrics
 
         metrics.install(runtime, conf.metrics_port)
+    if conf.outbox_routes:  # the outbox relay (a bootstep) and optimistic sending
+        from .outbox.relay import install
+
+        install(app, conf)
     worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")
     if conf.log_format == "json":
         # Celery sends these once it set up the worker's handlers (root, then task logger).

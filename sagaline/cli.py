@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import ops
+from . import cli_outbox, ops
 from .config import default_store_url
 from .exceptions import (
     ConfigurationError,
@@ -371,3 +371,6 @@ def db_upgrade(store: str | None = StoreOption) -> None:
     with _errors():
         ops.migrate(url, give_up_after=STORE_WAIT)
     typer.echo(f"store {redact(url)}: schema up to date")
+
+
+cli_outbox.register(cli, app_runtime)

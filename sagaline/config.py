@@ -74,6 +74,13 @@ class Settings:
     # `sagaline health --liveness` reads (default: $SAGALINE_HOME/worker.heartbeat).
     heartbeat_file: str = ""
     heartbeat_interval: float = 10.0
+    # Where the outbox's events go (sagaline/outbox/): whitespace-separated
+    # `topic-pattern=url` routes, first match wins, e.g.
+    # "order.*=amqp://guest:guest@localhost//?exchange=orders *=redis://localhost/0".
+    # When set, workers run the relay and send a step's events right after its commit.
+    outbox_routes: str = ""
+    # Run the outbox relay inside every `celery worker` (when outbox_routes is set).
+    outbox_relay: bool = True
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -18,6 +18,7 @@ from ._state import registered_saga
 from .context import StepInfo, _current
 from .definition import Saga
 from .exceptions import InputError, StepFailure
+from .outbox import step as step_tx
 from .records import Event, Owner
 from .states import EventKind, FailureReason, Phase
 from .steps import StepResponse
@@ -54,7 +55,9 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
                               phase=phase, attempt=attempt, queue_wait=wait)
     heartbeat = runtime.heartbeat()
     token = heartbeat.add(saga_id, step, phase, attempt)
-    ctx_token = _current.set(StepInfo(saga_id, defn.name, step, attempt, phase))
+    info = StepInfo(saga_id, defn.name, step, attempt, phase)
+    ctx_token = _current.set(info)
+    tx_token = step_tx.enter(runtime, info)
     kwargs = filter_kwargs(task.run, kwargs)
     tracing = runtime.tracing
     try:
@@ -66,6 +69,7 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
         # Renewed until the completion committed: a store outage during completion
         # must not let the lease expire and re-run a body that already finished.
         heartbeat.remove(token)
+        step_tx.leave(tx_token)
         _current.reset(ctx_token)
 
 
@@ -101,12 +105,14 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
     try:
         result = body(*args, **kwargs)
     except Exception as exc:
+        step_tx.abandon()  # a step transaction it opened commits nothing
         if isinstance(exc, Ignore):
             raise
         _record_failure(runtime, defn, saga_id, step, phase, attempt, exc, started)
         raise
     if phase is Phase.COMPENSATE:
-        runtime.apply(saga_id, engine.compensation_succeeded, step, attempt)
+        _complete(runtime, defn, saga_id, step, phase, attempt, started,
+                  engine.compensation_succeeded)
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
         return None
     if isinstance(result, StepResponse):
@@ -117,15 +123,33 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
     try:
         _check_output(runtime, step, output, comp, has_comp)
     except InputError as exc:
+        step_tx.abandon()
         # Retrying would produce the same value: fail permanently (and compensate).
         runtime.apply(saga_id, engine.step_failed, step, attempt, error=f"InputError: {exc}",
                       permanent=True, reason=FailureReason.PAYLOAD_REFUSED)
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
         raise InputError(str(exc), rule=exc.rule, where=exc.where) from None
-    runtime.apply(saga_id, engine.step_succeeded, step, attempt, output=output,
-                  compensation_data=comp, has_compensation_data=has_comp)
+    _complete(runtime, defn, saga_id, step, phase, attempt, started, engine.step_succeeded,
+              output=output, compensation_data=comp, has_compensation_data=has_comp)
     _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
     return output
+
+
+def _complete(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
+              attempt: int, started: float, decide: Callable[..., Any],
+              **kwargs: Any) -> None:
+    """Record a success: in the step's own transaction when the body opened one
+    (sagaline.step_transaction), so that its writes commit with the completion."""
+    if not step_tx.is_open():
+        runtime.apply(saga_id, decide, step, attempt, **kwargs)
+        return
+    try:
+        step_tx.commit(runtime, saga_id, decide, step, attempt, **kwargs)
+    except Exception as exc:
+        # The commit failed (a deadlock, a deferred constraint, an outage): nothing of
+        # the attempt stayed, so it fails like its body would have, and is retried.
+        _record_failure(runtime, defn, saga_id, step, phase, attempt, exc, started)
+        raise
 
 
 def _check_output(runtime: Runtime, step: str, output: Any, comp: Any,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,7 +13,6 @@ from sagaline.testing import (
     HarnessError,
     file_tail,
     free_port,
-    kill_pid,
     wait_until,
 )
 from tests.private_server import PrivateServer
@@ -124,28 +121,11 @@ class PrivateRedis(PrivateServer):
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            kill_pid(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_pid(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        self._close_log()
+        self._stop_process(self._proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL the server (simulates a crash)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            kill_pid(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        self._close_log()
+        self._kill_process(self._proc)
 
     def restart(self) -> None:
         """Stop (gracefully, if still running) and start again on the same port."""

@@ -1,4 +1,11 @@
-"""The order saga, as in the celery-saga README: builder API, @saga_step, StepResponse."""
+"""The order saga, as in the celery-saga README: builder API, @saga_step, StepResponse.
+
+Steps announce what happened as `order.*` events through the transactional outbox
+(`sagaline.step_transaction`): an event commits exactly when its step completes.
+Set SAGALINE_OUTBOX_ROUTES (e.g. "order.*=redis://localhost:6379/0") and the
+worker's relay sends them; `sagaline outbox ls` shows those still waiting. This
+needs a SQL store (the default SQLite file, PostgreSQL or MySQL).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +26,11 @@ def validate_order(order_id: str, amount: float, sku: str, quantity: int) -> dic
 
 
 @app.task(name="shop.refund_payment")
-def refund_payment(compensation_data: dict[str, Any]) -> None:
+def refund_payment(order_id: str, compensation_data: dict[str, Any]) -> None:
     services.refund(compensation_data["transaction_id"])
+    with sagaline.step_transaction() as tx:
+        tx.publish("order.refunded", {"order_id": order_id, **compensation_data},
+                   key=order_id)
 
 
 @saga_step(compensate="shop.refund_payment")
@@ -28,6 +38,9 @@ def refund_payment(compensation_data: dict[str, Any]) -> None:
 def charge_payment(order_id: str, amount_cents: int) -> StepResponse:
     txn = services.charge(order_id, amount_cents,
                           idempotency_key=sagaline.current_step().idempotency_key)
+    with sagaline.step_transaction() as tx:
+        tx.publish("order.charged", {"order_id": order_id, "amount_cents": amount_cents,
+                                     "transaction_id": txn}, key=order_id)
     return StepResponse(output={"transaction_id": txn},
                         compensation_data={"transaction_id": txn, "amount_cents": amount_cents})
 
@@ -52,6 +65,9 @@ def reserve_inventory(order_id: str, sku: str, quantity: int) -> StepResponse:
 def send_confirmation(order_id: str, txn: str) -> None:
     services.send_mail(order_id, f"order {order_id} paid ({txn})",
                        idempotency_key=sagaline.current_step().idempotency_key)
+    with sagaline.step_transaction() as tx:
+        tx.publish("order.confirmed", {"order_id": order_id, "transaction_id": txn},
+                   key=order_id)
 
 
 order_saga = (

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006_outbox"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -93,6 +93,55 @@ events = sa.Table(
     sa.Column("phase", sa.String(12)),
     sa.Column("detail", sa.JSON),
     sa.Index("ix_sagaline_events_saga", "saga_id", "seq"),
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
+)
+
+# -- the transactional outbox and the consumer inbox (sagaline/outbox/) ---------------
+
+# Events written in the same transaction as the business change that caused them. A
+# row is deleted once a destination confirmed it; `status` is "pending" or "dead".
+outbox = sa.Table(
+    "sagaline_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("event_id", sa.String(MAX_KEY_LENGTH), nullable=False),
+    sa.Column("topic", sa.String(MAX_NAME_LENGTH), nullable=False),
+    sa.Column("key", sa.String(MAX_KEY_LENGTH)),
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("headers", sa.JSON),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("status", sa.String(12), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("available_at", sa.Double, nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.UniqueConstraint("event_id", name="uq_sagaline_outbox_event"),
+    sa.Index("ix_sagaline_outbox_status", "status", "id"),
+    sa.Index("ix_sagaline_outbox_key", "key", "id"),
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
+)
+
+# One row per bucket of keys: a transaction that publishes with a key updates its
+# bucket's row first, so transactions publishing one key commit one after the other
+# and their rows' ids (taken after the lock) follow commit order. Fixed size: the
+# migration inserts every bucket.
+OUTBOX_KEY_BUCKETS = 4096
+outbox_keys = sa.Table(
+    "sagaline_outbox_keys",
+    metadata,
+    sa.Column("bucket", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+# Messages a consumer has processed, recorded in the consumer's own transaction.
+inbox = sa.Table(
+    "sagaline_inbox",
+    metadata,
+    sa.Column("consumer", sa.String(MAX_NAME_LENGTH), primary_key=True),
+    sa.Column("message_id", sa.String(MAX_KEY_LENGTH), primary_key=True),
+    sa.Column("received_at", sa.Double, nullable=False),
     mysql_charset="utf8mb4",
     mysql_collate="utf8mb4_bin",
 )

@@ -284,6 +284,10 @@ def test_the_orders_example_refunds_an_order_it_cannot_ship(tmp_path: Path,
         assert db.execute("SELECT available FROM shop_stock WHERE sku = 'widget'"
                           ).fetchone() == (98,)
         assert db.execute("SELECT order_id FROM shop_emails").fetchall() == [("o-1",)]
+        # The steps' order.* events, committed with their steps (no route set: pending).
+        assert db.execute("SELECT key, topic FROM sagaline_outbox ORDER BY id").fetchall() \
+            == [("o-1", "order.charged"), ("o-1", "order.confirmed"),
+                ("o-2", "order.charged"), ("o-2", "order.refunded")]
     finally:
         db.close()
         stop_gracefully(worker)

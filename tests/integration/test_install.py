@@ -630,3 +630,38 @@ def test_bench_peers_extra_alone_brings_what_the_peer_benchmark_imports(
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "peers ok"
+
+
+OUTBOX_CHECK = """
+import sys
+import nats  # the NATS JetStream destination's client came with the extra
+import redis
+import sqlalchemy as sa
+import sagaline
+from sagaline.outbox.relay import Relay
+
+store, stream_url = sys.argv[1], sys.argv[2]
+engine = sa.create_engine(store)
+with engine.begin() as conn:
+    sagaline.outbox.publish(conn, "order.created", {"n": 1}, key="o-1", event_id="e-1")
+relay = Relay(store, "order.*=" + stream_url + "?stream=orders")
+print(relay.deliver_once())
+relay.close()
+print([f[b"id"].decode() for _, f in redis.Redis.from_url(stream_url).xrange("orders")])
+"""
+
+
+def test_outbox_extra_alone_relays_to_a_redis_stream(wheelhouse: Wheelhouse,
+                                                     tmp_path: Path) -> None:
+    box = install(wheelhouse, tmp_path, "outbox")
+    store = f"sqlite:///{box.home}/state.db"
+    sagaline_cli(box, "db", "upgrade", SAGALINE_STORE_URL=store)
+    with PrivateRedis() as server:
+        proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", OUTBOX_CHECK, store,
+                               server.url], cwd=box.run_dir,
+                              env=user_env(box.home, box.app_dir), capture_output=True,
+                              text=True, timeout=90, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split("\n")[:2] == ["1", "['e-1']"]
+        assert "0 pending event(s)" in sagaline_cli(box, "outbox", "ls",
+                                                    SAGALINE_STORE_URL=store)

@@ -19,7 +19,7 @@ The rules:
   may ask Celery for its current app;
 - a store (`sagaline.stores.*`) imports from `sagaline` only `states`, `records`,
   `exceptions`, `payload` and other store modules, and nothing of Celery or kombu;
-- the surfaces (`cli`, `timeline`, `demo`) reach the core only through `ops`:
+- the surfaces (`cli`, `cli_outbox`, `timeline`, `demo`) reach the core only through `ops`:
   besides `ops` they import only the data and errors it hands out (`records`,
   `states`, `exceptions`), the settings (`config`), `celery_app` (the CLI sets an
   app up with `init_app`, as users do), `observability.health` (the probes that
@@ -43,7 +43,7 @@ CORE = {"states", "records", "exceptions", "steps", "definition", "work", "engin
         "compensation", "recovery"}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
-SURFACES = ("cli", "timeline", "demo", "web")
+SURFACES = ("cli", "cli_outbox", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app",
                       "testing", "observability.health"}
 CELERY = ("celery", "kombu", "billiard")

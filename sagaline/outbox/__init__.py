@@ -1,0 +1,15 @@
+"""The transactional outbox: events committed with the change that caused them.
+
+- `sagaline.step_transaction()` (step.py): a step's writes, events and completion
+  in one transaction on the saga store's database.
+- `publish(connection, topic, payload, key=...)` (events.py): the same for code
+  outside sagas, in the caller's own transaction.
+- The relay (relay.py, `sagaline relay`) sends committed events to their
+  destinations (destinations.py); `sagaline.inbox` drops duplicates on the way in.
+"""
+
+from __future__ import annotations
+
+from .events import publish
+
+__all__ = ["publish"]

@@ -1,0 +1,242 @@
+"""Outbox acceptance under failures, per destination (private servers, restarted):
+N events from 8 concurrent writers over 100 keys, 10% of the transactions rolled back,
+the relay process kill -9'd 3 times and the broker restarted once. At the consumer
+(through the inbox): every committed event delivered, no rolled-back one, no duplicate
+handled, no per-key order inversion.
+
+N defaults to 10,000 (SAGALINE_OUTBOX_CHAOS_EVENTS overrides it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import sagaline
+from sagaline.outbox.consumers import (
+    InboxHandler,
+    NatsConsumer,
+    RabbitMQConsumer,
+    RedisStreamConsumer,
+)
+from sagaline.stores.sql import SQLStore
+from sagaline.testing import kill_pid, wait_until
+from tests.harness import PrivateRedis, drop_database, shared_postgres_url
+from tests.private_nats import PrivateNats, find_nats_server
+from tests.private_rabbitmq import PrivateRabbitMQ
+
+N = int(os.environ.get("SAGALINE_OUTBOX_CHAOS_EVENTS", "10000"))
+WRITERS, KEYS, ROLLBACK = 8, 100, 0.10
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(600)
+
+meta = sa.MetaData()
+counters = sa.Table("chaos_counters", meta, sa.Column("key", sa.String(20), primary_key=True),
+                    sa.Column("n", sa.Integer, nullable=False))
+received = sa.Table("chaos_received", meta,
+                    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                    sa.Column("event_id", sa.String(80), nullable=False),
+                    sa.Column("key", sa.String(20), nullable=False),
+                    sa.Column("n", sa.Integer, nullable=False))
+
+
+@pytest.fixture
+def db() -> Iterator[str]:
+    url = shared_postgres_url(f"sagaline_chaos_{uuid.uuid4().hex[:10]}")
+    SQLStore(url).migrate()
+    engine = sa.create_engine(url)
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(counters.insert(), [{"key": f"k{i}", "n": 0} for i in range(KEYS)])
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
+class RelayProcess:
+    def __init__(self, db: str, route: str, log: Path):
+        self.args = [sys.executable, "-c", "from sagaline.cli import main; main()", "relay",
+                     "--store", db, "--route", route, "--backoff", "0.05",
+                     "--max-backoff", "1", "--max-attempts", "100000"]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=REPO, start_new_session=True)
+
+    def kill9(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "the relay died early"
+        kill_pid(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            kill_pid(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                kill_pid(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def _redis(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
+    server = stack.enter_context(PrivateRedis(appendonly=True))
+    return (server, f"{server.url}?stream=chaos",
+            lambda h: RedisStreamConsumer(server.url, "chaos", "g", h))
+
+
+def _rabbitmq(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
+    import kombu
+
+    server = stack.enter_context(PrivateRabbitMQ())
+    with kombu.Connection(server.url) as conn:
+        ex = kombu.Exchange("chaos", type="topic", durable=True)
+        kombu.Queue("chaos", ex, routing_key="chaos.#", durable=True)(conn.channel()).declare()
+    return (server, f"{server.url}?exchange=chaos",
+            lambda h: RabbitMQConsumer(server.url, "chaos", h))
+
+
+def _nats(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
+    import nats
+
+    server = stack.enter_context(PrivateNats())
+
+    async def add() -> None:
+        nc = await nats.connect(server.url)
+        await nc.jetstream().add_stream(name="CHAOS", subjects=["chaos.>"])
+        await nc.close()
+
+    asyncio.run(add())
+    return (server, f"{server.url}?stream=CHAOS",
+            lambda h: NatsConsumer(server.url, "CHAOS", "chaos", h, subject="chaos.>"))
+
+
+@pytest.mark.parametrize("destination", [
+    "redis", "rabbitmq",
+    pytest.param("nats", marks=pytest.mark.skipif(find_nats_server() is None,
+                                                  reason="nats-server not installed"))])
+def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str,
+                                                       tmp_path: Path) -> None:
+    engine = sa.create_engine(db, pool_size=WRITERS + 2)
+    committed: set[str] = set()
+    rolled_back: set[str] = set()
+    lock = threading.Lock()
+    order: dict[str, list[int]] = {}
+    duplicates = 0
+
+    def handle(conn: Any, event: dict[str, Any]) -> None:
+        p = event["payload"]
+        conn.execute(received.insert().values(event_id=event["id"], key=p["key"], n=p["n"]))
+        order.setdefault(p["key"], []).append(p["n"])  # one consumer thread: in order
+
+    inbox = InboxHandler(engine, "chaos", handle)
+
+    def consume(event: dict[str, Any]) -> None:
+        nonlocal duplicates
+        if not inbox(event):
+            duplicates += 1
+
+    written = [0]
+
+    def writer(w: int) -> None:
+        rng = random.Random(w)
+        for i in range(N // WRITERS):
+            key = f"k{rng.randrange(KEYS)}"
+            eid = f"w{w}-{i}"
+            try:
+                with engine.begin() as conn:
+                    n = conn.execute(counters.update().where(counters.c.key == key)
+                                     .values(n=counters.c.n + 1).returning(counters.c.n)
+                                     ).scalar_one()
+                    sagaline.outbox.publish(conn, "chaos.evt", {"key": key, "n": n},
+                                            key=key, event_id=eid)
+                    if rng.random() < ROLLBACK:
+                        raise _Rollback
+            except _Rollback:
+                with lock:
+                    rolled_back.add(eid)
+                continue
+            with lock:
+                committed.add(eid)
+                written[0] += 1
+
+    with ExitStack() as stack:
+        server, url, make_consumer = {"redis": _redis, "rabbitmq": _rabbitmq,
+                                      "nats": _nats}[destination](stack)
+        relay = RelayProcess(db, f"chaos.*={url}", tmp_path / "relay.log")
+        relay.start()
+        stop = threading.Event()
+        consumer = threading.Thread(target=make_consumer(consume).run, args=(stop,),
+                                    daemon=True)
+        consumer.start()
+        writers = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
+        started = time.monotonic()
+        for t in writers:
+            t.start()
+        try:
+            total = N * (1 - ROLLBACK)
+            for k, at in enumerate((0.2, 0.45, 0.7)):
+                wait_until(lambda at=at: written[0] >= total * at or
+                           not any(t.is_alive() for t in writers), timeout=120,
+                           what=f"{at:.0%} of the writes")
+                time.sleep(0.2 + 0.3 * k)
+                relay.kill9()
+                if k == 1:
+                    server.restart()  # the broker, while the relay is down
+                relay.start()
+            for t in writers:
+                t.join(300)
+            wait_until(lambda: committed <= _delivered(engine), timeout=300, interval=0.5,
+                       what="every committed event at the consumer")
+            time.sleep(1.0)  # late duplicates, if any, would arrive now
+        finally:
+            stop.set()
+            consumer.join(15)
+            relay.stop()
+        elapsed = time.monotonic() - started
+    delivered = _delivered(engine)
+    rows = _received_rows(engine)
+    engine.dispose()
+    inversions = sum(1 for ns in order.values() for a, b in itertools.pairwise(ns) if b <= a)
+    print(f"\n{destination}: {len(committed)} committed, {len(rolled_back)} rolled back, "
+          f"{len(delivered)} delivered, {duplicates} duplicates dropped by the inbox, "
+          f"{inversions} inversions, {elapsed:.1f}s")
+    assert committed <= delivered
+    assert not (rolled_back & delivered)
+    assert rows == len(delivered)  # the handler ran once per event
+    assert inversions == 0
+    assert len(order) == KEYS
+
+
+class _Rollback(Exception):
+    pass
+
+
+def _delivered(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(received.c.event_id)).scalars())
+
+
+def _received_rows(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(received)).scalar_one())
