@@ -72,7 +72,7 @@ integration: venv services
 test: venv services promtool
 	$(BIN)/ruff check sagaline tests examples bench
 	$(BIN)/mypy
-	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/plugin tests/integration $(PYTEST_ARGS)
+	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/plugin tests/integration --durations=30 $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/sagaline demo
