@@ -173,6 +173,7 @@ for i = first, last do
     'output', output, 'error', str(err), 'failed_step', str(failed),
     'finished_at', num(c + 0.05), 'deadline', 'null', 'due_at', 'null',
     'parent_saga_id', 'null', 'parent_step', 'null', 'input_fingerprint', 'null',
+    'trace_context', 'null',
     'version', '12', 'txn', '8')
   for k = 1, 4 do
     local step_status, comp, comp_attempt = '"SUCCEEDED"', 'null', '0'
