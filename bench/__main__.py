@@ -51,30 +51,59 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny counts and the sqlite store only (the smoke test)")
-    p.add_argument("--stores", default=None,
-                   help="comma-separated: postgres,sqlite[,redis] (default: all available; "
-                        "--quick: sqlite)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny counts and the sqlite store only (the smoke test)",
+    )
+    p.add_argument(
+        "--stores",
+        default=None,
+        help="comma-separated: postgres,sqlite[,redis] (default: all available; --quick: sqlite)",
+    )
     p.add_argument("--only", default=None, help=f"comma-separated figures of {ALL_FIGURES}")
-    p.add_argument("--history", type=int, default=None,
-                   help="finished sagas preloaded for H1 (default 1000000; --quick 1000)")
-    p.add_argument("--redis-history", type=int, default=None,
-                   help=f"the same for the Redis store, which keeps it in memory "
-                        f"(default: the smaller of --history and {REDIS_HISTORY})")
+    p.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help="finished sagas preloaded for H1 (default 1000000; --quick 1000)",
+    )
+    p.add_argument(
+        "--redis-history",
+        type=int,
+        default=None,
+        help=f"the same for the Redis store, which keeps it in memory "
+        f"(default: the smaller of --history and {REDIS_HISTORY})",
+    )
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after the figures of each store, record the pool processes with "
-                        "py-spy under a T1 load and write the profiles to DIR")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after the figures of each store, record the pool processes with "
+        "py-spy under a T1 load and write the profiles to DIR",
+    )
     p.add_argument("--profile-seconds", type=float, default=20.0)
-    p.add_argument("--t1-sagas", type=int, default=None,
-                   help="sagas (and chains) per T1 batch (default 1000; --quick 20)")
-    p.add_argument("--peers", action="store_true",
-                   help="after sagaline's figures, L1 and T1 on DBOS (PostgreSQL, two "
-                        "executors) and celery-saga (Redis), each beside the plain chain; "
-                        "needs the bench-peers extra")
-    p.add_argument("--dbos-polling-interval", type=float, default=None, metavar="SECONDS",
-                   help="how often DBOS's executors poll their queue (--peers; default 0.05)")
+    p.add_argument(
+        "--t1-sagas",
+        type=int,
+        default=None,
+        help="sagas (and chains) per T1 batch (default 1000; --quick 20)",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="after sagaline's figures, L1 and T1 on DBOS (PostgreSQL, two "
+        "executors) and celery-saga (Redis), each beside the plain chain; "
+        "needs the bench-peers extra",
+    )
+    p.add_argument(
+        "--dbos-polling-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how often DBOS's executors poll their queue (--peers; default 0.05)",
+    )
     return p.parse_args(argv)
 
 
@@ -151,14 +180,25 @@ def store_url(store: str, res: Resources, tmp: Path, redis_port: int) -> str:
     raise SystemExit(f"unknown store {store!r}; use postgres, sqlite or redis")
 
 
-def start_worker(flavor: str, env: dict[str, str], tmp: Path, res: Resources,
-                 extra_env: dict[str, str] | None = None) -> WorkerProcess:
+def start_worker(
+    flavor: str,
+    env: dict[str, str],
+    tmp: Path,
+    res: Resources,
+    extra_env: dict[str, str] | None = None,
+) -> WorkerProcess:
     queue = "bench.saga" if flavor == "sagaline" else "bench.plain"
     w = WorkerProcess(
-        "bench.app", env={**env, **(extra_env or {}), "BENCH_FLAVOR": flavor},
-        pool="prefork", concurrency=2, queues=[queue], loglevel="WARNING",
+        "bench.app",
+        env={**env, **(extra_env or {}), "BENCH_FLAVOR": flavor},
+        pool="prefork",
+        concurrency=2,
+        queues=[queue],
+        loglevel="WARNING",
         name=f"bench-{flavor}-{uuid.uuid4().hex[:6]}",
-        workdir=tmp / f"worker-{flavor}-{uuid.uuid4().hex[:6]}", ready_timeout=90)
+        workdir=tmp / f"worker-{flavor}-{uuid.uuid4().hex[:6]}",
+        ready_timeout=90,
+    )
     # Pushed before it starts: a signal during the start still stops its process group.
     res.push(f"worker {w.name}", lambda: w.stop(timeout=res.stop_timeout))
     w.start()
@@ -205,16 +245,24 @@ def run(args: argparse.Namespace, res: Resources) -> int:
         if not set(figures) & set(PEER_FIGURES):
             raise SystemExit(f"--peers measures {PEER_FIGURES}: include one in --only")
     if args.dbos_polling_interval is not None and not (
-            args.peers and args.dbos_polling_interval > 0):
-        raise SystemExit(f"--dbos-polling-interval {args.dbos_polling_interval:g}: a number of "
-                         f"seconds above 0, with --peers")
+        args.peers and args.dbos_polling_interval > 0
+    ):
+        raise SystemExit(
+            f"--dbos-polling-interval {args.dbos_polling_interval:g}: a number of "
+            f"seconds above 0, with --peers"
+        )
     if args.t1_sagas is not None and args.t1_sagas < 1:
         raise SystemExit(f"--t1-sagas must be at least 1, not {args.t1_sagas}")
-    stores = [s.strip() for s in (args.stores or ("sqlite" if args.quick else
-                                                  ",".join(available_stores()))).split(",")]
+    stores = [
+        s.strip()
+        for s in (args.stores or ("sqlite" if args.quick else ",".join(available_stores()))).split(
+            ","
+        )
+    ]
     history = args.history if args.history is not None else (1000 if args.quick else 1_000_000)
-    redis_history = (args.redis_history if args.redis_history is not None
-                     else min(history, REDIS_HISTORY))
+    redis_history = (
+        args.redis_history if args.redis_history is not None else min(history, REDIS_HISTORY)
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="sagaline-bench-"))
     res.push(f"temp dir {tmp}", lambda: shutil.rmtree(tmp, ignore_errors=True))
@@ -242,8 +290,9 @@ def run(args: argparse.Namespace, res: Resources) -> int:
         from bench import figures as fig
         from bench.report import print_table
 
-        counters = redis.Redis.from_url(env["BENCH_COUNTER_URL"], socket_timeout=30,
-                                        socket_connect_timeout=10)
+        counters = redis.Redis.from_url(
+            env["BENCH_COUNTER_URL"], socket_timeout=30, socket_connect_timeout=10
+        )
         res.push("redis client", counters.close)
         results = TaskResults(mod.app, env["BENCH_RESULT_URL"])
         res.push("result reader", results.close)
@@ -266,14 +315,28 @@ def run(args: argparse.Namespace, res: Resources) -> int:
             runtime = sagaline.init_app(mod.app, store=url, sweeper=False)
             runtime.store.migrate()  # before the workers start, so that none of them races
             worker = start_worker("sagaline", env, tmp, res, {"SAGALINE_STORE_URL": url})
-            b = fig.Bench(mod=mod, store=store, store_url=url, runtime=runtime,
-                          saga_worker=worker, plain_worker=plain, redis=counters,
-                          results=results, sizes=sizes, log=log)
+            b = fig.Bench(
+                mod=mod,
+                store=store,
+                store_url=url,
+                runtime=runtime,
+                saga_worker=worker,
+                plain_worker=plain,
+                redis=counters,
+                results=results,
+                sizes=sizes,
+                log=log,
+            )
             figs: dict[str, dict[str, Any]] = {}
             started = time.monotonic()
 
-            def step(name: str, fn: Any, *a: Any, store: str = store,
-                     figs: dict[str, dict[str, Any]] = figs) -> None:
+            def step(
+                name: str,
+                fn: Any,
+                *a: Any,
+                store: str = store,
+                figs: dict[str, dict[str, Any]] = figs,
+            ) -> None:
                 t = time.monotonic()
                 log(f"[{store}] {name} ...")
                 figs[name] = fn(*a)
@@ -313,9 +376,18 @@ def run(args: argparse.Namespace, res: Resources) -> int:
         if args.peers:
             from bench.peers import DBOS_POLLING_INTERVAL, run_peers
 
-            run_peers(figures=figures, sizes=sizes, mod=mod, results=results, env=env, tmp=tmp,
-                      res=res, emit=emit, log=log,
-                      dbos_polling_interval=args.dbos_polling_interval or DBOS_POLLING_INTERVAL)
+            run_peers(
+                figures=figures,
+                sizes=sizes,
+                mod=mod,
+                results=results,
+                env=env,
+                tmp=tmp,
+                res=res,
+                emit=emit,
+                log=log,
+                dbos_polling_interval=args.dbos_polling_interval or DBOS_POLLING_INTERVAL,
+            )
         print_table(lines)
         if args.peers:
             from bench.peers import print_comparison

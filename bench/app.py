@@ -55,8 +55,7 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
-    task_routes={"bench.saga.*": {"queue": SAGA_QUEUE},
-                 "bench.plain.*": {"queue": PLAIN_QUEUE}},
+    task_routes={"bench.saga.*": {"queue": SAGA_QUEUE}, "bench.plain.*": {"queue": PLAIN_QUEUE}},
     result_expires=3600,
 )
 
@@ -66,6 +65,7 @@ class BenchFailure(RuntimeError):
 
 
 # -- baseline: plain Celery tasks chained by Celery -----------------------------------
+
 
 @app.task(name="bench.plain.noop")
 def plain_noop(prev: Any = None) -> None:
@@ -83,6 +83,7 @@ def plain_undo(prev: Any = None) -> None:
 
 
 # -- sagaline: the same no-ops as saga steps ---------------------------------------------
+
 
 @app.task(name="bench.saga.noop")
 def saga_noop(saga_id: str) -> None:
@@ -123,6 +124,7 @@ if FLAVOR != "plain":
 
 
 # -- readiness ------------------------------------------------------------------------------
+
 
 @worker_ready.connect
 def _touch_ready_file(**_: Any) -> None:
@@ -165,8 +167,9 @@ COUNTS = Counts()
 _role = {"name": "caller" if FLAVOR == "caller" else "main"}
 
 
-def _on_statement(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                  executemany: bool) -> None:
+def _on_statement(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
     if conn.dialect.name != "postgresql":  # PostgreSQL's are counted at psycopg's cursor
         _count_statement(statement)
 
@@ -187,8 +190,9 @@ def _count_psycopg() -> None:
     for name in ("execute", "executemany"):
         original = getattr(psycopg.Cursor, name)
 
-        def counted(self: Any, query: Any, *args: Any, _original: Any = original,
-                    **kwargs: Any) -> Any:
+        def counted(
+            self: Any, query: Any, *args: Any, _original: Any = original, **kwargs: Any
+        ) -> Any:
             _count_statement(query if isinstance(query, str) else str(query))
             return _original(self, query, *args, **kwargs)
 

@@ -50,15 +50,35 @@ class Sizes:
 
     @classmethod
     def full(cls, history: int, redis_history: int) -> Sizes:
-        return cls(warmup=10, l1_runs=60, l2_runs=30, t1_sagas=1000, t1_rounds=1,
-                   s1_lengths=(4, 16, 64), s1_step_budget=320, history=history,
-                   redis_history=redis_history, list_runs=30, r1_sagas=50)
+        return cls(
+            warmup=10,
+            l1_runs=60,
+            l2_runs=30,
+            t1_sagas=1000,
+            t1_rounds=1,
+            s1_lengths=(4, 16, 64),
+            s1_step_budget=320,
+            history=history,
+            redis_history=redis_history,
+            list_runs=30,
+            r1_sagas=50,
+        )
 
     @classmethod
     def quick(cls, history: int, redis_history: int) -> Sizes:
-        return cls(warmup=2, l1_runs=5, l2_runs=3, t1_sagas=20, t1_rounds=1,
-                   s1_lengths=(4, 8), s1_step_budget=24, history=history,
-                   redis_history=redis_history, list_runs=5, r1_sagas=5)
+        return cls(
+            warmup=2,
+            l1_runs=5,
+            l2_runs=3,
+            t1_sagas=20,
+            t1_rounds=1,
+            s1_lengths=(4, 8),
+            s1_step_budget=24,
+            history=history,
+            redis_history=redis_history,
+            list_runs=5,
+            r1_sagas=5,
+        )
 
 
 @dataclass
@@ -139,8 +159,11 @@ def alternate(n: int, first: Callable[[], Any], second: Callable[[], Any]) -> No
 def ms_stats(samples: list[float]) -> dict[str, float]:
     xs = sorted(samples)
     p95 = xs[min(len(xs) - 1, max(0, round(0.95 * len(xs)) - 1))]
-    return {"median_ms": round(statistics.median(xs) * 1000, 3), "p95_ms": round(p95 * 1000, 3),
-            "min_ms": round(xs[0] * 1000, 3)}
+    return {
+        "median_ms": round(statistics.median(xs) * 1000, 3),
+        "p95_ms": round(p95 * 1000, 3),
+        "min_ms": round(xs[0] * 1000, 3),
+    }
 
 
 def ratio(a: float, b: float) -> float:
@@ -172,9 +195,14 @@ def figure_l1(b: Bench, *, label: str = "L1") -> dict[str, Any]:
     alternate(sz.l1_runs, lambda: saga_once(True), lambda: chain_once(True))
     s, c, st = ms_stats(saga_s), ms_stats(chain_s), ms_stats(store_s)
     return {
-        "figure": label, "store": b.store, "runs": sz.l1_runs, "steps": 4,
-        "sagaline_median_ms": s["median_ms"], "sagaline_p95_ms": s["p95_ms"],
-        "baseline_median_ms": c["median_ms"], "baseline_p95_ms": c["p95_ms"],
+        "figure": label,
+        "store": b.store,
+        "runs": sz.l1_runs,
+        "steps": 4,
+        "sagaline_median_ms": s["median_ms"],
+        "sagaline_p95_ms": s["p95_ms"],
+        "baseline_median_ms": c["median_ms"],
+        "baseline_p95_ms": c["p95_ms"],
         "ratio_median": ratio(s["median_ms"], c["median_ms"]),
         "ratio_p95": ratio(s["p95_ms"], c["p95_ms"]),
         # created_at -> finished_at as the store recorded them: without the caller's polling.
@@ -208,17 +236,21 @@ def figure_l2(b: Bench) -> dict[str, Any]:
     alternate(sz.l2_runs, lambda: saga_once(True), lambda: chain_once(True))
     s, c = ms_stats(saga_s), ms_stats(chain_s)
     return {
-        "figure": "L2", "store": b.store, "runs": sz.l2_runs,
-        "sagaline_median_ms": s["median_ms"], "sagaline_p95_ms": s["p95_ms"],
-        "baseline_median_ms": c["median_ms"], "baseline_p95_ms": c["p95_ms"],
+        "figure": "L2",
+        "store": b.store,
+        "runs": sz.l2_runs,
+        "sagaline_median_ms": s["median_ms"],
+        "sagaline_p95_ms": s["p95_ms"],
+        "baseline_median_ms": c["median_ms"],
+        "baseline_p95_ms": c["p95_ms"],
         "ratio_median": ratio(s["median_ms"], c["median_ms"]),
         "ratio_p95": ratio(s["p95_ms"], c["p95_ms"]),
         "sagaline_is": "run() -> s1,s2,s3 ok, s4 raises -> compensate s3,s2,s1 (in order) -> "
-                       "COMPENSATED observed by handle.get()",
+        "COMPENSATED observed by handle.get()",
         "baseline_is": "chain(noop,noop,noop,fail).apply_async(link_error=chain(undo,undo,undo))"
-                       "; timed until the last undo's result is in the Redis backend. Plain "
-                       "Celery has no per-step rollback state: the errback runs whatever "
-                       "happened, with no record of which steps had applied",
+        "; timed until the last undo's result is in the Redis backend. Plain "
+        "Celery has no per-step rollback state: the errback runs whatever "
+        "happened, with no record of which steps had applied",
         "target": TARGETS["L2"],
     }
 
@@ -243,8 +275,9 @@ def throughput_chains(b: Bench, n: int, label: str = "T1") -> dict[str, float]:
     t0 = time.perf_counter()
     results = [c.apply_async() for c in chains]
     submitted = time.perf_counter() - t0
-    b.results.wait([r.id for r in results], timeout=BATCH_WAIT,
-                   what=f"[{b.store}] {label} baseline")
+    b.results.wait(
+        [r.id for r in results], timeout=BATCH_WAIT, what=f"[{b.store}] {label} baseline"
+    )
     total = time.perf_counter() - t0
     return {"seconds": total, "submit_seconds": submitted}
 
@@ -254,19 +287,30 @@ def figure_t1(b: Bench, *, label: str = "T1", rounds: int | None = None) -> dict
     n = sz.t1_sagas
     saga_runs: list[dict[str, float]] = []
     chain_runs: list[dict[str, float]] = []
-    alternate(rounds or sz.t1_rounds, lambda: saga_runs.append(throughput_sagas(b, n, label)),
-              lambda: chain_runs.append(throughput_chains(b, n, label)))
+    alternate(
+        rounds or sz.t1_rounds,
+        lambda: saga_runs.append(throughput_sagas(b, n, label)),
+        lambda: chain_runs.append(throughput_chains(b, n, label)),
+    )
     s = statistics.median(r["seconds"] for r in saga_runs)
     c = statistics.median(r["seconds"] for r in chain_runs)
     return {
-        "figure": label, "store": b.store, "sagas": n, "steps": 4, "rounds": len(saga_runs),
-        "sagaline_seconds": round(s, 3), "sagaline_per_s": round(n / s, 1),
-        "baseline_seconds": round(c, 3), "baseline_per_s": round(n / c, 1),
+        "figure": label,
+        "store": b.store,
+        "sagas": n,
+        "steps": 4,
+        "rounds": len(saga_runs),
+        "sagaline_seconds": round(s, 3),
+        "sagaline_per_s": round(n / s, 1),
+        "baseline_seconds": round(c, 3),
+        "baseline_per_s": round(n / c, 1),
         "ratio_throughput": ratio(n / s, n / c),
-        "sagaline_submit_seconds": round(statistics.median(
-            r["submit_seconds"] for r in saga_runs), 3),
-        "baseline_submit_seconds": round(statistics.median(
-            r["submit_seconds"] for r in chain_runs), 3),
+        "sagaline_submit_seconds": round(
+            statistics.median(r["submit_seconds"] for r in saga_runs), 3
+        ),
+        "baseline_submit_seconds": round(
+            statistics.median(r["submit_seconds"] for r in chain_runs), 3
+        ),
         "sagaline_rounds_s": [round(r["seconds"], 3) for r in saga_runs],
         "baseline_rounds_s": [round(r["seconds"], 3) for r in chain_runs],
         "target": TARGETS["T1"],
@@ -284,8 +328,11 @@ def figure_s1(b: Bench) -> dict[str, Any]:
         saga_s: list[float] = []
         chain_s: list[float] = []
         alternate(1, lambda n=n: run_saga(b, f"noop{n}"), lambda n=n: run_chain(b, n))
-        alternate(runs, lambda n=n, out=saga_s: out.append(run_saga(b, f"noop{n}")[0]),
-                  lambda n=n, out=chain_s: out.append(run_chain(b, n)))
+        alternate(
+            runs,
+            lambda n=n, out=saga_s: out.append(run_saga(b, f"noop{n}")[0]),
+            lambda n=n, out=chain_s: out.append(run_chain(b, n)),
+        )
         sm, cm = statistics.median(saga_s), statistics.median(chain_s)
         lengths[str(n)] = {
             "runs": runs,
@@ -295,11 +342,15 @@ def figure_s1(b: Bench) -> dict[str, Any]:
         }
     lo, hi = str(sz.s1_lengths[0]), str(sz.s1_lengths[-1])
     return {
-        "figure": "S1", "store": b.store, "lengths": lengths,
-        "sagaline_growth": ratio(lengths[hi]["sagaline_ms_per_step"],
-                                 lengths[lo]["sagaline_ms_per_step"]),
-        "baseline_growth": ratio(lengths[hi]["baseline_ms_per_step"],
-                                 lengths[lo]["baseline_ms_per_step"]),
+        "figure": "S1",
+        "store": b.store,
+        "lengths": lengths,
+        "sagaline_growth": ratio(
+            lengths[hi]["sagaline_ms_per_step"], lengths[lo]["sagaline_ms_per_step"]
+        ),
+        "baseline_growth": ratio(
+            lengths[hi]["baseline_ms_per_step"], lengths[lo]["baseline_ms_per_step"]
+        ),
         "ratio_at_max": lengths[hi]["ratio"],
         "target": TARGETS["S1"],
     }
@@ -315,34 +366,41 @@ def list_latency(b: Bench, runs: int) -> dict[str, float]:
     samples = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        rows = sagaline.list_sagas(status=SagaStatus.COMPENSATED, limit=50,
-                                   runtime=b.runtime)
+        rows = sagaline.list_sagas(status=SagaStatus.COMPENSATED, limit=50, runtime=b.runtime)
         samples.append(time.perf_counter() - t0)
         if not rows:
             raise RuntimeError("list_sagas(COMPENSATED) returned nothing")
     return ms_stats(samples)
 
 
-def figure_h1(b: Bench, empty_l1: dict[str, Any], empty_t1: dict[str, Any],
-              empty_list: dict[str, float]) -> dict[str, Any]:
+def figure_h1(
+    b: Bench, empty_l1: dict[str, Any], empty_t1: dict[str, Any], empty_list: dict[str, float]
+) -> dict[str, Any]:
     from bench.history import load_history
 
     sz = b.sizes
     history = sz.redis_history if b.store == "redis" else sz.history
     b.log(f"[{b.store}] H1: loading {history:,} finished sagas")
     loaded = load_history(b.store_url, history)
-    b.log(f"[{b.store}] H1: loaded in {loaded['load_seconds']:.1f}s "
-          f"(+{loaded['vacuum_seconds']:.1f}s vacuum/analyze)")
+    b.log(
+        f"[{b.store}] H1: loaded in {loaded['load_seconds']:.1f}s "
+        f"(+{loaded['vacuum_seconds']:.1f}s vacuum/analyze)"
+    )
     listing = list_latency(b, sz.list_runs)
     l1 = figure_l1(b, label="H1.L1")
     t1 = figure_t1(b, label="H1.T1", rounds=1)
     listing_after = list_latency(b, sz.list_runs)
     return {
-        "figure": "H1", "store": b.store, "history": history,
+        "figure": "H1",
+        "store": b.store,
+        "history": history,
         "load_seconds": round(loaded["load_seconds"], 2),
         "vacuum_seconds": round(loaded["vacuum_seconds"], 2),
-        **({"history_memory_mb": round(loaded["memory_bytes"] / 2**20, 1)}
-           if "memory_bytes" in loaded else {}),
+        **(
+            {"history_memory_mb": round(loaded["memory_bytes"] / 2**20, 1)}
+            if "memory_bytes" in loaded
+            else {}
+        ),
         "l1_sagaline_median_ms": l1["sagaline_median_ms"],
         "l1_sagaline_p95_ms": l1["sagaline_p95_ms"],
         "l1_empty_median_ms": empty_l1["sagaline_median_ms"],
@@ -378,8 +436,11 @@ def _redis_commands(b: Bench) -> dict[str, int]:
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))
-            if after.get(k, 0) - before.get(k, 0)}
+    return {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in sorted(set(after) | set(before))
+        if after.get(k, 0) - before.get(k, 0)
+    }
 
 
 FLUSH_WAIT = 1.3  # > the workers' 0.5 s flush interval, with margin
@@ -424,8 +485,7 @@ def figure_r1(b: Bench) -> dict[str, Any]:
 
     def chains() -> dict[str, Any]:
         results = [noop_chain(b, 4).apply_async() for _ in range(k)]
-        b.results.wait([r.id for r in results], timeout=BATCH_WAIT,
-                       what=f"[{b.store}] R1 baseline")
+        b.results.wait([r.id for r in results], timeout=BATCH_WAIT, what=f"[{b.store}] R1 baseline")
         return {}
 
     s = _measure(b, "sagaline", sagas)
@@ -436,19 +496,25 @@ def figure_r1(b: Bench) -> dict[str, Any]:
 
     child = s["child"]
     return {
-        "figure": "R1", "store": b.store, "sagas": k, "steps": steps,
+        "figure": "R1",
+        "store": b.store,
+        "sagas": k,
+        "steps": steps,
         # inside the pool processes, per executed step (claim + body + complete + publish)
         "sql_statements_per_step": per(child, "sql"),
-        "sql_by_kind_per_step": {key.split(":", 1)[1]: per(child, key) for key in child
-                                 if key.startswith("sql:")},
+        "sql_by_kind_per_step": {
+            key.split(":", 1)[1]: per(child, key) for key in child if key.startswith("sql:")
+        },
         "transactions_per_step": per(child, "begin"),
         "commits_per_step": per(child, "commit"),
         "rollbacks_per_step": per(child, "rollback"),
         "sagaline_tasks_per_step": per(child, "tasks"),
         "sagaline_messages_per_step": round(
-            (child.get("publish", 0) + s["caller"].get("publish", 0)) / steps, 3),
+            (child.get("publish", 0) + s["caller"].get("publish", 0)) / steps, 3
+        ),
         "baseline_messages_per_step": round(
-            (p["child"].get("publish", 0) + p["caller"].get("publish", 0)) / steps, 3),
+            (p["child"].get("publish", 0) + p["caller"].get("publish", 0)) / steps, 3
+        ),
         "baseline_tasks_per_step": per(p["child"], "tasks"),
         # caller side
         "caller_sql_per_run": per(s["caller_run"], "sql", k),
@@ -478,18 +544,26 @@ def vm_hwm_kb(pid: int) -> int:
 def worker_memory(w: WorkerProcess) -> dict[str, Any]:
     main = vm_hwm_kb(w.pid)
     children = [vm_hwm_kb(p) for p in w.child_pids()]
-    return {"main_kb": main, "children_kb": children, "max_child_kb": max(children or [0]),
-            "total_kb": main + sum(children)}
+    return {
+        "main_kb": main,
+        "children_kb": children,
+        "max_child_kb": max(children or [0]),
+        "total_kb": main + sum(children),
+    }
 
 
 def figure_mem(b: Bench) -> dict[str, Any]:
     s = worker_memory(b.saga_worker)
     p = worker_memory(b.plain_worker)
     return {
-        "figure": "MEM", "store": b.store, "measure": "VmHWM (peak RSS) after the figures",
-        "sagaline_main_kb": s["main_kb"], "sagaline_max_child_kb": s["max_child_kb"],
+        "figure": "MEM",
+        "store": b.store,
+        "measure": "VmHWM (peak RSS) after the figures",
+        "sagaline_main_kb": s["main_kb"],
+        "sagaline_max_child_kb": s["max_child_kb"],
         "sagaline_total_kb": s["total_kb"],
-        "baseline_main_kb": p["main_kb"], "baseline_max_child_kb": p["max_child_kb"],
+        "baseline_main_kb": p["main_kb"],
+        "baseline_max_child_kb": p["max_child_kb"],
         "baseline_total_kb": p["total_kb"],
         "ratio_total": ratio(s["total_kb"], p["total_kb"]),
         "ratio_child": ratio(s["max_child_kb"], p["max_child_kb"]),

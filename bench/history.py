@@ -17,24 +17,30 @@ HISTORY_NAME = "bench.history"
 SPAN = 30 * 86400.0
 EVENTS = [
     (1, "saga_started", None, None, None),
-    *[(2 + 3 * (k - 1) + j, kind, f"s{k}", 1, "forward")
-      for k in range(1, 5)
-      for j, kind in enumerate(("step_dispatched", "step_started", "step_succeeded"))],
+    *[
+        (2 + 3 * (k - 1) + j, kind, f"s{k}", 1, "forward")
+        for k in range(1, 5)
+        for j, kind in enumerate(("step_dispatched", "step_started", "step_succeeded"))
+    ],
     (14, "saga_completed", None, None, None),
 ]
 
 
 def _status_sql(i: str) -> str:
-    return (f"CASE WHEN {i} % 100 = 1 THEN 'FAILED' WHEN {i} % 11 = 0 THEN 'COMPENSATED' "
-            f"ELSE 'COMPLETED' END")
+    return (
+        f"CASE WHEN {i} % 100 = 1 THEN 'FAILED' WHEN {i} % 11 = 0 THEN 'COMPENSATED' "
+        f"ELSE 'COMPLETED' END"
+    )
 
 
 def _events_values() -> str:
     def lit(v: object) -> str:
         return "NULL" if v is None else (str(v) if isinstance(v, int) else f"'{v}'")
 
-    return ", ".join(f"({n}, {lit(kind)}, {lit(step)}, {lit(att)}, {lit(ph)})"
-                     for n, kind, step, att, ph in EVENTS)
+    return ", ".join(
+        f"({n}, {lit(kind)}, {lit(step)}, {lit(att)}, {lit(ph)})"
+        for n, kind, step, att, ph in EVENTS
+    )
 
 
 def load_postgres(url: str, n: int) -> dict[str, float]:
@@ -54,7 +60,7 @@ def load_postgres(url: str, n: int) -> dict[str, float]:
             INSERT INTO sagaline_sagas (saga_id, name, status, input, output, error, failed_step,
                 idempotency_key, fingerprint, created_at, updated_at, finished_at, deadline,
                 due_at, parent_saga_id, parent_step, version)
-            SELECT {sid}, '{HISTORY_NAME}', {_status_sql('i')}, json_build_object('order', i),
+            SELECT {sid}, '{HISTORY_NAME}', {_status_sql("i")}, json_build_object('order', i),
                 CASE WHEN {ended} THEN NULL ELSE json_build_object('order', i, 'ok', true) END,
                 CASE WHEN {ended} THEN 'BenchFailure: step 4 fails on purpose' END,
                 CASE WHEN {ended} THEN 's4' END,
@@ -94,8 +100,7 @@ def load_sqlite(url: str, n: int) -> dict[str, float]:
     dt = SPAN / max(n, 1)
     sid = "printf('%08x-0000-4000-8000-%012x', i, i)"
     ended = f"({_status_sql('i')} <> 'COMPLETED')"
-    counter = (f"WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c "
-               f"WHERE i < {int(n)})")
+    counter = f"WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {int(n)})"
     started = time.monotonic()
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
@@ -105,7 +110,7 @@ def load_sqlite(url: str, n: int) -> dict[str, float]:
             INSERT INTO sagaline_sagas (saga_id, name, status, input, output, error, failed_step,
                 idempotency_key, fingerprint, created_at, updated_at, finished_at, deadline,
                 due_at, parent_saga_id, parent_step, version)
-            SELECT {sid}, '{HISTORY_NAME}', {_status_sql('i')}, json_object('order', i),
+            SELECT {sid}, '{HISTORY_NAME}', {_status_sql("i")}, json_object('order', i),
                 CASE WHEN {ended} THEN NULL ELSE json_object('order', i, 'ok', json('true')) END,
                 CASE WHEN {ended} THEN 'BenchFailure: step 4 fails on purpose' END,
                 CASE WHEN {ended} THEN 's4' END,

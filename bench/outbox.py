@@ -47,7 +47,8 @@ def latency(db: str, stream_url: str, mode: str, n: int) -> dict[str, Any]:
         if mode == "poll":
             # Without LISTEN: how SQLite and MySQL relays wait (poll every second).
             relay._wait = lambda listener, stop_: (  # type: ignore[method-assign]
-                stop_.wait(relay.poll) and None)
+                stop_.wait(relay.poll) and None
+            )
         runner = threading.Thread(target=relay.run, args=(stop,), daemon=True)
         runner.start()
         time.sleep(0.5)
@@ -71,9 +72,13 @@ def latency(db: str, stream_url: str, mode: str, n: int) -> dict[str, Any]:
         runner.join(5)
     relay.close()
     engine.dispose()
-    return {"figure": "O1", "mode": mode, "events": n,
-            "p50_ms": round(statistics.median(samples) * 1000, 2),
-            "p99_ms": round(percentile(samples, 0.99) * 1000, 2)}
+    return {
+        "figure": "O1",
+        "mode": mode,
+        "events": n,
+        "p50_ms": round(statistics.median(samples) * 1000, 2),
+        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
+    }
 
 
 def throughput(db: str, url: str, name: str, n: int) -> dict[str, Any]:
@@ -94,15 +99,15 @@ def throughput(db: str, url: str, name: str, n: int) -> dict[str, Any]:
     relay.close()
     if delivered != n:
         raise RuntimeError(f"{name}: {delivered} of {n} delivered")
-    return {"figure": "O2", "destination": name, "events": n,
-            "events_per_s": round(n / elapsed)}
+    return {"figure": "O2", "destination": name, "events": n, "events_per_s": round(n / elapsed)}
 
 
 def idle_queries(db: str, stream_url: str, seconds: float) -> dict[str, Any]:
     relay = Relay(db, f"*={stream_url}?stream=idle")
     count = [0]
-    sa.event.listen(relay.engine, "before_cursor_execute",
-                    lambda *a: count.__setitem__(0, count[0] + 1))
+    sa.event.listen(
+        relay.engine, "before_cursor_execute", lambda *a: count.__setitem__(0, count[0] + 1)
+    )
     stop = threading.Event()
     runner = threading.Thread(target=relay.run, args=(stop,), daemon=True)
     runner.start()
@@ -126,8 +131,10 @@ def main() -> None:
     try:
         with PrivateRedis() as server, rabbitmq_vhost() as amqp:
             # Polling waits up to a second per event: fewer samples.
-            results = [latency(db, server.url, mode, lat_n if mode != "poll" else lat_n // 10)
-                       for mode in ("optimistic", "notify", "poll")]
+            results = [
+                latency(db, server.url, mode, lat_n if mode != "poll" else lat_n // 10)
+                for mode in ("optimistic", "notify", "poll")
+            ]
             results.append(throughput(db, f"{server.url}?stream=tp", "redis-streams", tp_n))
             results.append(throughput(db, f"{amqp}?exchange=bench", "rabbitmq", tp_n))
             results.append(idle_queries(db, server.url, idle_s))

@@ -63,13 +63,18 @@ def main() -> int:
     DBOS(config=config())
     try:
         DBOS.launch()
-        DBOS.register_queue(QUEUE, on_conflict="always_update",
-                            polling_interval_sec=float(os.environ.get("BENCH_DBOS_POLL", "0.05")))
+        DBOS.register_queue(
+            QUEUE,
+            on_conflict="always_update",
+            polling_interval_sec=float(os.environ.get("BENCH_DBOS_POLL", "0.05")),
+        )
         ready = os.environ.get("SAGALINE_READY_FILE")
         if ready:
             Path(ready).touch()
-        print(f"executor {os.environ.get('BENCH_DBOS_EXECUTOR')} ready (pid {os.getpid()})",
-              flush=True)
+        print(
+            f"executor {os.environ.get('BENCH_DBOS_EXECUTOR')} ready (pid {os.getpid()})",
+            flush=True,
+        )
         stop.wait(RUN_FOR)
     finally:
         DBOS.destroy(workflow_completion_timeout_sec=0)

@@ -77,7 +77,8 @@ def require_peers() -> None:
         verb = "is" if len(missing) == 1 else "are"
         raise SystemExit(
             f"python -m bench --peers: {names} {verb} not installed. The peers come with "
-            f"the {EXTRA} extra: pip install -e '.[{EXTRA}]' (DBOS and celery-saga).")
+            f"the {EXTRA} extra: pip install -e '.[{EXTRA}]' (DBOS and celery-saga)."
+        )
 
 
 def version(dist: str) -> str:
@@ -142,8 +143,10 @@ def wait_peer(peer: Peer, ids: Sequence[str], *, timeout: float, what: str) -> N
     done, _ = peer.finished(pending)
     pending = [i for i in pending if i not in done]
     if pending:
-        raise BenchTimeout(f"{what}: {len(pending)} of {len(ids)} sagas not finished after "
-                           f"{timeout:g}s (first: {pending[0]})")
+        raise BenchTimeout(
+            f"{what}: {len(pending)} of {len(ids)} sagas not finished after "
+            f"{timeout:g}s (first: {pending[0]})"
+        )
 
 
 # -- DBOS ------------------------------------------------------------------------------------
@@ -162,8 +165,9 @@ class DbosPeer(Peer):
     store = "postgres"
     EXECUTORS = 2
 
-    def __init__(self, res: Any, tmp: Path, log: Callable[[str], None],
-                 polling_interval: float) -> None:
+    def __init__(
+        self, res: Any, tmp: Path, log: Callable[[str], None], polling_interval: float
+    ) -> None:
         self.res, self.tmp, self.log = res, tmp, log
         self.polling_interval = polling_interval
         self.executors: list[DbosExecutor] = []
@@ -174,8 +178,11 @@ class DbosPeer(Peer):
         return f"DBOS {version('dbos')}"
 
     def settings(self) -> dict[str, Any]:
-        return {"executors": self.EXECUTORS, "queue_polling_interval_s": self.polling_interval,
-                "steps_per_workflow": 4}
+        return {
+            "executors": self.EXECUTORS,
+            "queue_polling_interval_s": self.polling_interval,
+            "steps_per_workflow": 4,
+        }
 
     def start(self) -> None:
         from dbos import DBOSClient
@@ -193,13 +200,20 @@ class DbosPeer(Peer):
         for n in range(1, self.EXECUTORS + 1):
             executor = f"bench-dbos-{n}"
             w = DbosExecutor(
-                "bench.peer_dbos", name=f"{executor}-{uuid.uuid4().hex[:6]}",
-                env={"BENCH_DBOS_URL": url, "BENCH_DBOS_EXECUTOR": executor,
-                     "BENCH_DBOS_POLL": str(self.polling_interval)},
-                workdir=self.tmp / f"peer-{executor}-{uuid.uuid4().hex[:6]}", ready_timeout=90)
+                "bench.peer_dbos",
+                name=f"{executor}-{uuid.uuid4().hex[:6]}",
+                env={
+                    "BENCH_DBOS_URL": url,
+                    "BENCH_DBOS_EXECUTOR": executor,
+                    "BENCH_DBOS_POLL": str(self.polling_interval),
+                },
+                workdir=self.tmp / f"peer-{executor}-{uuid.uuid4().hex[:6]}",
+                ready_timeout=90,
+            )
             # Pushed before it starts: a signal during the start still stops its group.
-            self.res.push(f"DBOS executor {w.name}",
-                          lambda w=w: w.stop(timeout=self.res.stop_timeout))
+            self.res.push(
+                f"DBOS executor {w.name}", lambda w=w: w.stop(timeout=self.res.stop_timeout)
+            )
             w.start()
             self.executors.append(w)
             self.log(f"[dbos] executor {executor} ready (pid {w.pid})")
@@ -216,8 +230,9 @@ class DbosPeer(Peer):
         done: set[str] = set()
         failed: dict[str, str] = {}
         for i in range(0, len(ids), READ_BATCH):
-            for st in self.client.list_workflows(workflow_ids=list(ids[i:i + READ_BATCH]),
-                                                 load_input=False, load_output=False):
+            for st in self.client.list_workflows(
+                workflow_ids=list(ids[i : i + READ_BATCH]), load_input=False, load_output=False
+            ):
                 if st.status == "SUCCESS":
                     done.add(st.workflow_id)
                 elif st.status not in ("ENQUEUED", "PENDING", "DELAYED"):
@@ -228,8 +243,9 @@ class DbosPeer(Peer):
         """How the batch was split between the executors: they share one queue."""
         split: dict[str, int] = {}
         for i in range(0, len(ids), READ_BATCH):
-            for st in self.client.list_workflows(workflow_ids=list(ids[i:i + READ_BATCH]),
-                                                 load_input=False, load_output=False):
+            for st in self.client.list_workflows(
+                workflow_ids=list(ids[i : i + READ_BATCH]), load_input=False, load_output=False
+            ):
                 split[str(st.executor_id)] = split.get(str(st.executor_id), 0) + 1
         return {"workflows_per_executor": dict(sorted(split.items()))}
 
@@ -254,8 +270,9 @@ class CelerySagaPeer(Peer):
     key = "celery-saga"
     store = "redis"
 
-    def __init__(self, res: Any, tmp: Path, log: Callable[[str], None],
-                 env: dict[str, str]) -> None:
+    def __init__(
+        self, res: Any, tmp: Path, log: Callable[[str], None], env: dict[str, str]
+    ) -> None:
         self.res, self.tmp, self.log, self.env = res, tmp, log, env
         self.worker: WorkerProcess | None = None
         self.mod: Any = None
@@ -265,8 +282,11 @@ class CelerySagaPeer(Peer):
         return f"celery-saga {version('celery-saga')}"
 
     def settings(self) -> dict[str, Any]:
-        return {"worker": "prefork -c 2", "state": "one JSON document per saga in Redis",
-                "steps_per_saga": 4}
+        return {
+            "worker": "prefork -c 2",
+            "state": "one JSON document per saga in Redis",
+            "steps_per_saga": 4,
+        }
 
     def start(self) -> None:
         import redis
@@ -275,16 +295,23 @@ class CelerySagaPeer(Peer):
 
         self.mod = mod
         w = WorkerProcess(
-            "bench.peer_celery_saga", env=self.env, pool="prefork", concurrency=2,
-            queues=[mod.QUEUE], loglevel="WARNING",
+            "bench.peer_celery_saga",
+            env=self.env,
+            pool="prefork",
+            concurrency=2,
+            queues=[mod.QUEUE],
+            loglevel="WARNING",
             name=f"bench-celery-saga-{uuid.uuid4().hex[:6]}",
-            workdir=self.tmp / f"peer-celery-saga-{uuid.uuid4().hex[:6]}", ready_timeout=90)
+            workdir=self.tmp / f"peer-celery-saga-{uuid.uuid4().hex[:6]}",
+            ready_timeout=90,
+        )
         self.res.push(f"worker {w.name}", lambda: w.stop(timeout=self.res.stop_timeout))
         w.start()
         self.worker = w
         self.log(f"[celery-saga] worker {w.name} ready (pid {w.pid}, children {w.child_pids()})")
-        self.redis = redis.Redis.from_url(mod.STATE_URL, socket_timeout=30,
-                                          socket_connect_timeout=10)
+        self.redis = redis.Redis.from_url(
+            mod.STATE_URL, socket_timeout=30, socket_connect_timeout=10
+        )
         self.res.push("celery-saga state client", self.redis.close)
 
     def submit(self) -> str:
@@ -306,7 +333,7 @@ class CelerySagaPeer(Peer):
         done: set[str] = set()
         failed: dict[str, str] = {}
         for i in range(0, len(ids), READ_BATCH):
-            chunk = list(ids[i:i + READ_BATCH])
+            chunk = list(ids[i : i + READ_BATCH])
             raw = self.redis.mget([f"{RedisSagaBackend.PREFIX}{s}" for s in chunk])
             for saga_id, value in zip(chunk, raw, strict=True):
                 if not value:
@@ -346,10 +373,16 @@ def peer_l1(peer: Peer, side: ChainSide, sizes: Sizes) -> dict[str, Any]:
     alternate(sizes.l1_runs, lambda: peer_once(True), lambda: chain_once(True))
     p, c = ms_stats(peer_s), ms_stats(chain_s)
     return {
-        "figure": "L1", "peer": peer.key, "system": peer.system(), "store": peer.store,
-        "runs": sizes.l1_runs, "steps": 4,
-        "peer_median_ms": p["median_ms"], "peer_p95_ms": p["p95_ms"],
-        "baseline_median_ms": c["median_ms"], "baseline_p95_ms": c["p95_ms"],
+        "figure": "L1",
+        "peer": peer.key,
+        "system": peer.system(),
+        "store": peer.store,
+        "runs": sizes.l1_runs,
+        "steps": 4,
+        "peer_median_ms": p["median_ms"],
+        "peer_p95_ms": p["p95_ms"],
+        "baseline_median_ms": c["median_ms"],
+        "baseline_p95_ms": c["p95_ms"],
         "ratio_median": ratio(p["median_ms"], c["median_ms"]),
         "ratio_p95": ratio(p["p95_ms"], c["p95_ms"]),
         "settings": peer.settings(),
@@ -361,37 +394,61 @@ def peer_throughput(peer: Peer, n: int) -> dict[str, Any]:
     ids = [peer.submit() for _ in range(n)]
     submitted = time.perf_counter() - t0
     wait_peer(peer, ids, timeout=BATCH_WAIT, what=f"[{peer.key}] T1")
-    return {"seconds": time.perf_counter() - t0, "submit_seconds": submitted,
-            "notes": peer.batch_notes(ids)}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "submit_seconds": submitted,
+        "notes": peer.batch_notes(ids),
+    }
 
 
 def peer_t1(peer: Peer, side: ChainSide, sizes: Sizes) -> dict[str, Any]:
     n = sizes.t1_sagas
     peer_runs: list[dict[str, Any]] = []
     chain_runs: list[dict[str, float]] = []
-    alternate(sizes.t1_rounds, lambda: peer_runs.append(peer_throughput(peer, n)),
-              lambda: chain_runs.append(throughput_chains(side, n)))
+    alternate(
+        sizes.t1_rounds,
+        lambda: peer_runs.append(peer_throughput(peer, n)),
+        lambda: chain_runs.append(throughput_chains(side, n)),
+    )
     p = statistics.median(r["seconds"] for r in peer_runs)
     c = statistics.median(r["seconds"] for r in chain_runs)
     return {
-        "figure": "T1", "peer": peer.key, "system": peer.system(), "store": peer.store,
-        "sagas": n, "steps": 4, "rounds": len(peer_runs),
-        "peer_seconds": round(p, 3), "peer_per_s": round(n / p, 1),
-        "baseline_seconds": round(c, 3), "baseline_per_s": round(n / c, 1),
+        "figure": "T1",
+        "peer": peer.key,
+        "system": peer.system(),
+        "store": peer.store,
+        "sagas": n,
+        "steps": 4,
+        "rounds": len(peer_runs),
+        "peer_seconds": round(p, 3),
+        "peer_per_s": round(n / p, 1),
+        "baseline_seconds": round(c, 3),
+        "baseline_per_s": round(n / c, 1),
         "ratio_throughput": ratio(n / p, n / c),
-        "peer_submit_seconds": round(statistics.median(
-            r["submit_seconds"] for r in peer_runs), 3),
+        "peer_submit_seconds": round(statistics.median(r["submit_seconds"] for r in peer_runs), 3),
         "settings": peer.settings(),
         **peer_runs[-1]["notes"],
     }
 
 
-def run_peers(*, figures: Sequence[str], sizes: Sizes, mod: Any, results: TaskResults,
-              env: dict[str, str], tmp: Path, res: Any, emit: Callable[[dict[str, Any]], None],
-              log: Callable[[str], None], dbos_polling_interval: float) -> None:
+def run_peers(
+    *,
+    figures: Sequence[str],
+    sizes: Sizes,
+    mod: Any,
+    results: TaskResults,
+    env: dict[str, str],
+    tmp: Path,
+    res: Any,
+    emit: Callable[[dict[str, Any]], None],
+    log: Callable[[str], None],
+    dbos_polling_interval: float,
+) -> None:
     """Each peer in turn: start it, its figures (with the chain beside), stop it."""
-    peers: list[Peer] = [DbosPeer(res, tmp, log, dbos_polling_interval),
-                         CelerySagaPeer(res, tmp, log, env)]
+    peers: list[Peer] = [
+        DbosPeer(res, tmp, log, dbos_polling_interval),
+        CelerySagaPeer(res, tmp, log, env),
+    ]
     for peer in peers:
         side = ChainSide(mod=mod, results=results, store=peer.key)
         started = time.monotonic()
@@ -426,17 +483,26 @@ def comparison_rows(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
     for (system, store), figs in systems.items():
         who = "peer" if system != "sagaline" else "sagaline"
         l1, t1 = figs.get("L1"), figs.get("T1")
-        out.append((
-            system, STORE_NAMES.get(store, store),
-            f"{l1[f'{who}_median_ms']:.1f} ms vs {l1['baseline_median_ms']:.1f} ms" if l1 else "",
-            f"{l1['ratio_median']:.2f}x" if l1 else "",
-            f"{t1[f'{who}_per_s']:.0f}/s vs {t1['baseline_per_s']:.0f}/s" if t1 else "",
-            f"{t1['ratio_throughput']:.2f}x" if t1 else "",
-        ))
+        out.append(
+            (
+                system,
+                STORE_NAMES.get(store, store),
+                f"{l1[f'{who}_median_ms']:.1f} ms vs {l1['baseline_median_ms']:.1f} ms"
+                if l1
+                else "",
+                f"{l1['ratio_median']:.2f}x" if l1 else "",
+                f"{t1[f'{who}_per_s']:.0f}/s vs {t1['baseline_per_s']:.0f}/s" if t1 else "",
+                f"{t1['ratio_throughput']:.2f}x" if t1 else "",
+            )
+        )
     return out
 
 
 def print_comparison(lines: Sequence[dict[str, Any]]) -> None:
     header = ("system", "state", "L1 (median) vs chain", "L1 ratio", "T1 vs chain", "T1 ratio")
-    print_rows("sagaline and its peers, each against the plain Celery chain measured beside it "
-               "(L1: lower is better; T1: higher is better)", header, comparison_rows(lines))
+    print_rows(
+        "sagaline and its peers, each against the plain Celery chain measured beside it "
+        "(L1: lower is better; T1: higher is better)",
+        header,
+        comparison_rows(lines),
+    )

@@ -21,10 +21,18 @@ from typing import Any
 
 
 def import_ms() -> float:
-    code = ("import time, pytest\nt = time.perf_counter()\nimport sagaline.pytest_plugin\n"
-            "print((time.perf_counter() - t) * 1000)\n")
-    runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True, timeout=60).stdout) for _ in range(5)]
+    code = (
+        "import time, pytest\nt = time.perf_counter()\nimport sagaline.pytest_plugin\n"
+        "print((time.perf_counter() - t) * 1000)\n"
+    )
+    runs = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+            ).stdout
+        )
+        for _ in range(5)
+    ]
     return round(min(runs), 1)
 
 
@@ -52,8 +60,9 @@ def explore_robots() -> dict[str, Any]:
 
     def world() -> Any:
         with models.engine().connect() as conn:
-            return [conn.execute(t.select()).all() for t in
-                    (models.robots, models.routes, models.maps)]
+            return [
+                conn.execute(t.select()).all() for t in (models.robots, models.routes, models.maps)
+            ]
 
     def reset() -> None:
         with models.engine().begin() as conn:
@@ -61,18 +70,24 @@ def explore_robots() -> dict[str, Any]:
                 conn.execute(t.delete())
             conn.execute(models.robots.update().values(status="idle", assigned_saga=None))
 
-    report = explore_failures(exploration, exploration_input("north"), world=world,
-                              reset=reset)
-    return {"scenarios": len(report.scenarios), "steps": len(exploration.steps),
-            "wall_s": round(report.seconds, 2), "violations": len(report.violations)}
+    report = explore_failures(exploration, exploration_input("north"), world=world, reset=reset)
+    return {
+        "scenarios": len(report.scenarios),
+        "steps": len(exploration.steps),
+        "wall_s": round(report.seconds, 2),
+        "violations": len(report.violations),
+    }
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-plugin-") as tmp:
         os.environ.setdefault("SAGALINE_HOME", tmp)
         os.environ["EXAMPLE_DB_URL"] = f"sqlite:///{tmp}/fleet.db"
-        for name, figure in (("import_ms", import_ms), ("long_saga", long_saga_seconds),
-                             ("explore_robots", explore_robots)):
+        for name, figure in (
+            ("import_ms", import_ms),
+            ("long_saga", long_saga_seconds),
+            ("explore_robots", explore_robots),
+        ):
             print(json.dumps({"figure": name, "value": figure()}), flush=True)
     return 0
 

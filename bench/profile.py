@@ -63,11 +63,27 @@ def profile_workers(b: Any, out: Path, seconds: float) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for pid in pids:
-            procs.append(subprocess.Popen(
-                [py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                 "--rate", "250", "--idle", "--format", "raw", "--output",
-                 str(out / f"child-{pid}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        py_spy(),
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--duration",
+                        str(int(seconds)),
+                        "--rate",
+                        "250",
+                        "--idle",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(out / f"child-{pid}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         time.sleep(1.0)  # py-spy attaches
         saga = b.mod.SAGAS["noop4"]
         deadline = time.monotonic() + seconds
@@ -120,8 +136,9 @@ def summarise(files: list[Path]) -> dict[str, Any]:
             total += n
             frames = _frames(stack)
             names = [(fn, file) for fn, file in frames]
-            if not any(_is(fn, "execute") and file.endswith("sagaline/execution.py")
-                       for fn, file in names):
+            if not any(
+                _is(fn, "execute") and file.endswith("sagaline/execution.py") for fn, file in names
+            ):
                 continue
             in_execute += n
             seen: set[str] = set()
@@ -140,10 +157,12 @@ def summarise(files: list[Path]) -> dict[str, Any]:
         "samples": total,
         "samples_in_execute": in_execute,
         "hot_path_shares": {label: round(parts[label] / denom, 3) for label, _, _ in PARTS},
-        "top_inclusive_in_execute": [{"function": k, "share": round(v / denom, 4)}
-                                     for k, v in inclusive.most_common(60)],
-        "top_self_in_execute": [{"function": k, "share": round(v / denom, 4)}
-                                for k, v in leaf.most_common(40)],
+        "top_inclusive_in_execute": [
+            {"function": k, "share": round(v / denom, 4)} for k, v in inclusive.most_common(60)
+        ],
+        "top_self_in_execute": [
+            {"function": k, "share": round(v / denom, 4)} for k, v in leaf.most_common(40)
+        ],
     }
 
 

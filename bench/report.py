@@ -13,42 +13,83 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
             continue
         f, s, t = d["figure"], d["store"], d.get("target", "")
         if f in ("L1", "L2"):
-            out.append((f, s, f"{d['sagaline_median_ms']:.1f} / {d['sagaline_p95_ms']:.1f} ms",
-                        f"{d['baseline_median_ms']:.1f} / {d['baseline_p95_ms']:.1f} ms",
-                        f"{d['ratio_median']:.2f} / {d['ratio_p95']:.2f}", t))
+            out.append(
+                (
+                    f,
+                    s,
+                    f"{d['sagaline_median_ms']:.1f} / {d['sagaline_p95_ms']:.1f} ms",
+                    f"{d['baseline_median_ms']:.1f} / {d['baseline_p95_ms']:.1f} ms",
+                    f"{d['ratio_median']:.2f} / {d['ratio_p95']:.2f}",
+                    t,
+                )
+            )
         elif f == "T1":
-            out.append((f, s, f"{d['sagaline_per_s']:.0f}/s ({d['sagaline_seconds']:.2f}s)",
-                        f"{d['baseline_per_s']:.0f}/s ({d['baseline_seconds']:.2f}s)",
-                        f"{d['ratio_throughput']:.2f}", t))
+            out.append(
+                (
+                    f,
+                    s,
+                    f"{d['sagaline_per_s']:.0f}/s ({d['sagaline_seconds']:.2f}s)",
+                    f"{d['baseline_per_s']:.0f}/s ({d['baseline_seconds']:.2f}s)",
+                    f"{d['ratio_throughput']:.2f}",
+                    t,
+                )
+            )
         elif f == "S1":
             sl = "  ".join(f"{n}:{v['sagaline_ms_per_step']:.2f}" for n, v in d["lengths"].items())
             bl = "  ".join(f"{n}:{v['baseline_ms_per_step']:.2f}" for n, v in d["lengths"].items())
-            out.append((f, s, f"ms/step {sl} (growth {d['sagaline_growth']:.2f})",
-                        f"ms/step {bl} (growth {d['baseline_growth']:.2f})",
-                        f"{d['ratio_at_max']:.2f} at max", t))
+            out.append(
+                (
+                    f,
+                    s,
+                    f"ms/step {sl} (growth {d['sagaline_growth']:.2f})",
+                    f"ms/step {bl} (growth {d['baseline_growth']:.2f})",
+                    f"{d['ratio_at_max']:.2f} at max",
+                    t,
+                )
+            )
         elif f == "H1":
-            out.append((f, s, f"L1 {d['l1_sagaline_median_ms']:.1f} ms ({d['l1_vs_empty']:.2f}x"
-                              f" empty); T1 {d['t1_sagaline_per_s']:.0f}/s "
-                              f"({d['t1_vs_empty']:.2f}x empty); list50 "
-                              f"{d['list_compensated_50_median_ms']:.2f} ms",
-                        f"history {d['history']:,} (load {d['load_seconds']:.0f}s)",
-                        f"L1 {d['l1_ratio_to_baseline']:.2f} / T1 {d['t1_ratio_to_baseline']:.2f}",
-                        t))
+            out.append(
+                (
+                    f,
+                    s,
+                    f"L1 {d['l1_sagaline_median_ms']:.1f} ms ({d['l1_vs_empty']:.2f}x"
+                    f" empty); T1 {d['t1_sagaline_per_s']:.0f}/s "
+                    f"({d['t1_vs_empty']:.2f}x empty); list50 "
+                    f"{d['list_compensated_50_median_ms']:.2f} ms",
+                    f"history {d['history']:,} (load {d['load_seconds']:.0f}s)",
+                    f"L1 {d['l1_ratio_to_baseline']:.2f} / T1 {d['t1_ratio_to_baseline']:.2f}",
+                    t,
+                )
+            )
         elif f == "R1":
-            out.append((f, s, f"{d['sql_statements_per_step']:.2f} SQL, "
-                              f"{d['transactions_per_step']:.2f} tx, "
-                              f"{d['sagaline_messages_per_step']:.2f} msg, "
-                              f"{d['sagaline_redis_commands_per_step']:.1f} redis cmds /step; "
-                              f"run(): {d['caller_sql_per_run']:.1f} SQL",
-                        f"{d['baseline_messages_per_step']:.2f} msg, "
-                        f"{d['baseline_redis_commands_per_step']:.1f} redis cmds /step",
-                        "", t))
+            out.append(
+                (
+                    f,
+                    s,
+                    f"{d['sql_statements_per_step']:.2f} SQL, "
+                    f"{d['transactions_per_step']:.2f} tx, "
+                    f"{d['sagaline_messages_per_step']:.2f} msg, "
+                    f"{d['sagaline_redis_commands_per_step']:.1f} redis cmds /step; "
+                    f"run(): {d['caller_sql_per_run']:.1f} SQL",
+                    f"{d['baseline_messages_per_step']:.2f} msg, "
+                    f"{d['baseline_redis_commands_per_step']:.1f} redis cmds /step",
+                    "",
+                    t,
+                )
+            )
         elif f == "MEM":
-            out.append((f, s, f"{d['sagaline_total_kb'] / 1024:.0f} MiB (child "
-                              f"{d['sagaline_max_child_kb'] / 1024:.0f})",
-                        f"{d['baseline_total_kb'] / 1024:.0f} MiB (child "
-                        f"{d['baseline_max_child_kb'] / 1024:.0f})",
-                        f"{d['ratio_total']:.2f}", t))
+            out.append(
+                (
+                    f,
+                    s,
+                    f"{d['sagaline_total_kb'] / 1024:.0f} MiB (child "
+                    f"{d['sagaline_max_child_kb'] / 1024:.0f})",
+                    f"{d['baseline_total_kb'] / 1024:.0f} MiB (child "
+                    f"{d['baseline_max_child_kb'] / 1024:.0f})",
+                    f"{d['ratio_total']:.2f}",
+                    t,
+                )
+            )
     return out
 
 

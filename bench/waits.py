@@ -31,8 +31,14 @@ class BenchRunFailed(RuntimeError):
     """A baseline task ended in a state the figure did not expect."""
 
 
-def poll_pauses(timeout: float, *, first: float = 0.002, fast: float = 0.005,
-                slow: float = 0.1, fast_for: float = 1.0) -> Iterator[float]:
+def poll_pauses(
+    timeout: float,
+    *,
+    first: float = 0.002,
+    fast: float = 0.005,
+    slow: float = 0.1,
+    fast_for: float = 1.0,
+) -> Iterator[float]:
     """Pauses between polls until `timeout` seconds have passed: SagaHandle.get()'s schedule.
 
     Bounded twice: by the deadline and by a count (every pause is at least `first`).
@@ -63,7 +69,7 @@ class TaskResults:
         """The stored meta of each task that has one (a task not yet stored is absent)."""
         out: dict[str, dict[str, Any]] = {}
         for i in range(0, len(task_ids), READ_BATCH):
-            ids = task_ids[i:i + READ_BATCH]
+            ids = task_ids[i : i + READ_BATCH]
             raw = self.backend.mget([self.backend.get_key_for_task(t) for t in ids])
             for task_id, value in zip(ids, raw, strict=True):
                 if value:
@@ -79,8 +85,9 @@ class TaskResults:
             failed = [t for t, m in last.items() if m["status"] in states.PROPAGATE_STATES]
             if failed:
                 meta = last[failed[0]]
-                raise BenchRunFailed(f"{what}: task {failed[0]} ended {meta['status']}: "
-                                     f"{meta.get('result')!r}")
+                raise BenchRunFailed(
+                    f"{what}: task {failed[0]} ended {meta['status']}: {meta.get('result')!r}"
+                )
             pending = [t for t in pending if last.get(t, {}).get("status") != states.SUCCESS]
             if not pending:
                 return
@@ -89,16 +96,19 @@ class TaskResults:
         pending = [t for t in pending if last.get(t, {}).get("status") != states.SUCCESS]
         if pending:
             state = last.get(pending[0], {}).get("status", "no result stored")
-            raise BenchTimeout(f"{what}: {len(pending)} of {len(task_ids)} chains not finished "
-                               f"after {timeout:g}s (first: task {pending[0]}, {state})")
+            raise BenchTimeout(
+                f"{what}: {len(pending)} of {len(task_ids)} chains not finished "
+                f"after {timeout:g}s (first: task {pending[0]}, {state})"
+            )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.backend.client.connection_pool.disconnect()
 
 
-def wait_sagas(handles: Sequence[Any], *, timeout: float, what: str,
-               compensated_ok: bool = False) -> None:
+def wait_sagas(
+    handles: Sequence[Any], *, timeout: float, what: str, compensated_ok: bool = False
+) -> None:
     """Wait until every saga ended (COMPLETED, or COMPENSATED if allowed) within `timeout`."""
     import sagaline
     from sagaline.states import SAGA_TERMINAL
@@ -109,9 +119,11 @@ def wait_sagas(handles: Sequence[Any], *, timeout: float, what: str,
             handle.get(timeout=max(0.0, deadline - time.monotonic()))
         except sagaline.SagaTimeout as exc:
             unfinished = sum(1 for h in handles[n:] if h.status not in SAGA_TERMINAL)
-            raise BenchTimeout(f"{what}: {unfinished} of {len(handles)} sagas not finished "
-                               f"after {timeout:g}s (first: saga {handle.saga_id}, "
-                               f"{exc.status})") from None
+            raise BenchTimeout(
+                f"{what}: {unfinished} of {len(handles)} sagas not finished "
+                f"after {timeout:g}s (first: saga {handle.saga_id}, "
+                f"{exc.status})"
+            ) from None
         except sagaline.SagaCompensated:
             if not compensated_ok:
                 raise

@@ -47,8 +47,10 @@ def load(url: str, n: int) -> None:
     t0 = time.time() - SPAN
     dt = SPAN / max(n, 1)
     sid = "lpad(to_hex(i), 8, '0') || '-0000-4000-8000-' || lpad(to_hex(i), 12, '0')"
-    status = ("CASE WHEN i % 100 = 1 THEN 'FAILED' WHEN i % 11 = 0 THEN 'COMPENSATED' "
-              "ELSE 'COMPLETED' END")
+    status = (
+        "CASE WHEN i % 100 = 1 THEN 'FAILED' WHEN i % 11 = 0 THEN 'COMPENSATED' "
+        "ELSE 'COMPLETED' END"
+    )
     with psycopg.connect(dsn) as conn:
         conn.execute("SET synchronous_commit = off")
         conn.execute(f"""
@@ -68,16 +70,21 @@ def load(url: str, n: int) -> None:
             FROM generate_series(1, {int(n)}) AS i CROSS JOIN generate_series(1, 2) AS k
             WHERE i % 100 = 1""")
         now = time.time()
-        conn.execute("INSERT INTO sagaline_sagas (saga_id, name, status, input, fingerprint, "
-                     "created_at, updated_at, finished_at, version) VALUES "
-                     "(%s, 'bench.web.big', 'COMPLETED', '{}', 'web', %s, %s, %s, 1)",
-                     (BIG, now - 60, now, now))
+        conn.execute(
+            "INSERT INTO sagaline_sagas (saga_id, name, status, input, fingerprint, "
+            "created_at, updated_at, finished_at, version) VALUES "
+            "(%s, 'bench.web.big', 'COMPLETED', '{}', 'web', %s, %s, %s, 1)",
+            (BIG, now - 60, now, now),
+        )
         conn.cursor().executemany(
             "INSERT INTO sagaline_steps (saga_id, name, position, status, attempt, "
             "comp_attempt, output, has_compensation_data, started_at, finished_at, version) "
             "VALUES (%s, %s, %s, 'SUCCEEDED', 5, 0, '{\"ok\": true}', FALSE, %s, %s, 1)",
-            [(BIG, f"step_{k:02d}", k, now - 60 + k * 0.9, now - 60 + k * 0.9 + 0.5)
-             for k in range(64)])
+            [
+                (BIG, f"step_{k:02d}", k, now - 60 + k * 0.9, now - 60 + k * 0.9 + 0.5)
+                for k in range(64)
+            ],
+        )
         events = [(BIG, now - 60, "saga_started", None, None, None, None)]
         for k in range(64):
             for att in range(1, 6):
@@ -86,16 +93,27 @@ def load(url: str, n: int) -> None:
                 events.append((BIG, ts, "step_dispatched", step, att, "forward", None))
                 events.append((BIG, ts + 0.01, "step_started", step, att, "forward", None))
                 end = "step_succeeded" if att == 5 else "step_attempt_failed"
-                detail = None if att == 5 else json.dumps(
-                    {"error": "ConnectionError: flaky\nTraceback (most recent call last):\n"
-                              "  ...\nConnectionError: flaky"})
+                detail = (
+                    None
+                    if att == 5
+                    else json.dumps(
+                        {
+                            "error": "ConnectionError: flaky\nTraceback (most recent call last):\n"
+                            "  ...\nConnectionError: flaky"
+                        }
+                    )
+                )
                 events.append((BIG, ts + 0.05, end, step, att, "forward", detail))
-        events += [(BIG, now - 1 + i * 0.001, "step_redispatched", "step_63", 5, "forward",
-                    None) for i in range(1000 - len(events) - 1)]
+        events += [
+            (BIG, now - 1 + i * 0.001, "step_redispatched", "step_63", 5, "forward", None)
+            for i in range(1000 - len(events) - 1)
+        ]
         events.append((BIG, now, "saga_completed", None, None, None, None))
         conn.cursor().executemany(
             "INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase, detail) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)", events)
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            events,
+        )
         conn.commit()
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table in ("sagaline_sagas", "sagaline_steps", "sagaline_events"):
@@ -112,9 +130,14 @@ def timed(client: httpx.Client, path: str, params: dict[str, Any], rounds: int) 
         if r.status_code != 200:
             raise RuntimeError(f"GET {path} {params}: {r.status_code} {r.text[:200]}")
     ms.sort()
-    return {"path": path, "params": params, "requests": rounds,
-            "p50_ms": round(statistics.median(ms), 1),
-            "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1), "max_ms": round(ms[-1], 1)}
+    return {
+        "path": path,
+        "params": params,
+        "requests": rounds,
+        "p50_ms": round(statistics.median(ms), 1),
+        "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1),
+        "max_ms": round(ms[-1], 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         load(url, args.sagas)
         log(f"loaded in {time.monotonic() - started:.0f} s")
         port = free_port()
-        env = {**os.environ, "SAGALINE_STORE_URL": url, "SAGALINE_WEB_TOKEN": "",
-               "SAGALINE_WEB_READ_TOKEN": ""}
-        server = subprocess.Popen([SAGALINE, "web", "--port", str(port)], cwd=REPO_ROOT,
-                                  env=env, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "SAGALINE_STORE_URL": url,
+            "SAGALINE_WEB_TOKEN": "",
+            "SAGALINE_WEB_READ_TOKEN": "",
+        }
+        server = subprocess.Popen(
+            [SAGALINE, "web", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             for _ in range(300):
                 try:

@@ -65,6 +65,7 @@ class StepRequestMixin:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("on_success")
         if own is not None and not getattr(own, "_sagaline_releases", False):
+
             def on_success(self: StepRequestMixin, *args: Any, **kw: Any) -> Any:
                 try:
                     return own(self, *args, **kw)
@@ -137,16 +138,27 @@ def settle_lost_message(runtime: Any, meta: dict[str, Any], pid: int | None) -> 
     owner = Owner(node, boot, pid) if node and boot and pid else None
     cause = f"process {pid} of worker {node} exited while running it"
     try:
-        decision = runtime.apply(saga_id, recovery.message_lost, step, phase, attempt,
-                                 owner, cause=cause)
+        decision = runtime.apply(
+            saga_id, recovery.message_lost, step, phase, attempt, owner, cause=cause
+        )
     except Exception:
-        log.exception("saga %s step %s: could not settle what its dead pool process left; "
-                      "the sweeper will", saga_id, step)
+        log.exception(
+            "saga %s step %s: could not settle what its dead pool process left; the sweeper will",
+            saga_id,
+            step,
+        )
         return
     if decision is not None:
-        log.warning("saga %s step %s (%s attempt %s): the pool process that took its message "
-                    "(pid %s) died; %s", saga_id, step, phase, attempt, pid,
-                    "running it again" if decision.dispatches else "settled")
+        log.warning(
+            "saga %s step %s (%s attempt %s): the pool process that took its message "
+            "(pid %s) died; %s",
+            saga_id,
+            step,
+            phase,
+            attempt,
+            pid,
+            "running it again" if decision.dispatches else "settled",
+        )
 
 
 # -- prefetch: a running step does not take the place of a prefetched message ----------
@@ -199,8 +211,10 @@ def step_request_class(base: Any) -> type:
     try:
         return _CLASSES[cls]
     except KeyError:
-        made = type(f"Step{cls.__name__}", (StepRequestMixin, cls), {
-            "__module__": __name__, "__doc__": cls.__doc__})
+        made = type(
+            f"Step{cls.__name__}",
+            (StepRequestMixin, cls),
+            {"__module__": __name__, "__doc__": cls.__doc__},
+        )
         _CLASSES[cls] = made
         return made
-

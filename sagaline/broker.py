@@ -81,8 +81,12 @@ class Channel(filesystem.Channel):
                 aside = os.path.join(folder, f".{filename}.undecodable")
                 with contextlib.suppress(OSError):
                     os.replace(claimed, aside)
-                log.error("embedded broker: message file %s is not valid JSON (%s); set "
-                          "aside as %s", filename, exc, aside)
+                log.error(
+                    "embedded broker: message file %s is not valid JSON (%s); set aside as %s",
+                    filename,
+                    exc,
+                    aside,
+                )
                 continue
             self._done_with(claimed, filename)
             return payload

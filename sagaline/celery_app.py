@@ -77,7 +77,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
     if not app.conf.broker_url:
         app.conf.broker_url = default_broker_url()
         app.conf.broker_transport_options = {
-            **default_broker_options(), **(app.conf.broker_transport_options or {})}
+            **default_broker_options(),
+            **(app.conf.broker_transport_options or {}),
+        }
 
     _confirm_publishes(app)
     _install_step_wrapper(app)
@@ -102,8 +104,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
     if conf.log_format == "json":
         # Celery sends these once it set up the worker's handlers (root, then task logger).
         after_setup_logger.connect(_json_logs, weak=False, dispatch_uid="sagaline.json_logs")
-        after_setup_task_logger.connect(_json_logs, weak=False,
-                                        dispatch_uid="sagaline.json_task_logs")
+        after_setup_task_logger.connect(
+            _json_logs, weak=False, dispatch_uid="sagaline.json_task_logs"
+        )
     if conf.tracing != "off":
         # Fails now, naming the extra, if OpenTelemetry is missing. The provider itself is
         # set at first use, so an application that sets its own after this call wins.
@@ -170,7 +173,8 @@ def _around_call(orig: Any) -> Any:
     def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         meta = getattr(request, HEADER, None) or (getattr(request, "headers", None) or {}).get(
-            HEADER)
+            HEADER
+        )
         if not meta:
             return orig(self, *args, **kwargs)
         # Call the body directly so that `self.request` stays the worker's request.

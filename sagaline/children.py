@@ -33,24 +33,39 @@ def run_child(runtime: Runtime, d: Dispatch) -> None:
     now = runtime.now()
     # Claim first: the child may end before this function returns, and its
     # notification must find the parent step RUNNING.
-    if not runtime.store.claim_step(d.saga_id, d.step, d.phase, d.attempt,
-                                    lease_until=now + runtime.settings.redispatch_after,
-                                    now=now):
+    if not runtime.store.claim_step(
+        d.saga_id,
+        d.step,
+        d.phase,
+        d.attempt,
+        lease_until=now + runtime.settings.redispatch_after,
+        now=now,
+    ):
         return
     if d.phase is Phase.FORWARD:
         input = {k: v for k, v in d.kwargs.items() if k != "saga_id"}
         try:
-            runtime.start_saga(runtime.definition(str(d.child_saga)), input,
-                               idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
-                               parent_saga_id=d.saga_id, parent_step=d.step,
-                               saga_id=child_saga_id(d.saga_id, d.step, d.attempt),
-                               trace_parent=d.trace_context)
+            runtime.start_saga(
+                runtime.definition(str(d.child_saga)),
+                input,
+                idempotency_key=f"{d.saga_id}:{d.step}:{d.attempt}",
+                parent_saga_id=d.saga_id,
+                parent_step=d.step,
+                saga_id=child_saga_id(d.saga_id, d.step, d.attempt),
+                trace_parent=d.trace_context,
+            )
         except InputError as exc:
             # The same input would be refused on every try: fail the step for good
             # (raising would leave it to the sweeper, which would try for ever).
-            runtime.apply(d.saga_id, engine.step_failed, d.step, d.attempt,
-                          error=f"InputError: {exc}", permanent=True,
-                          reason=FailureReason.PAYLOAD_REFUSED)
+            runtime.apply(
+                d.saga_id,
+                engine.step_failed,
+                d.step,
+                d.attempt,
+                error=f"InputError: {exc}",
+                permanent=True,
+                reason=FailureReason.PAYLOAD_REFUSED,
+            )
             return
     drive_child(runtime, d.saga_id, d.step)
 
@@ -95,8 +110,13 @@ def drive_child(runtime: Runtime, parent_id: str, step: str) -> None:
     if done:
         notify_parent(runtime, child)
     else:
-        store.renew_lease(parent_id, step, phase, rec.attempt_for(phase),
-                          runtime.now() + runtime.settings.redispatch_after)
+        store.renew_lease(
+            parent_id,
+            step,
+            phase,
+            rec.attempt_for(phase),
+            runtime.now() + runtime.settings.redispatch_after,
+        )
 
 
 def notify_parent(runtime: Runtime, child: SagaRecord) -> None:
@@ -110,34 +130,59 @@ def notify_parent(runtime: Runtime, child: SagaRecord) -> None:
             if child.saga_id != child_of(parent_id, rec):
                 return None
             if child.status is SagaStatus.COMPENSATED:
-                return engine.compensation_succeeded(defn, st, step, rec.comp_attempt,
-                                                     now=now, timing=runtime.timing)
+                return engine.compensation_succeeded(
+                    defn, st, step, rec.comp_attempt, now=now, timing=runtime.timing
+                )
             if child.status is SagaStatus.FAILED:
                 return engine.compensation_failed(
-                    defn, st, step, rec.comp_attempt, now=now, timing=runtime.timing,
-                    error=f"child saga {child.saga_id} failed: {child.error}")
+                    defn,
+                    st,
+                    step,
+                    rec.comp_attempt,
+                    now=now,
+                    timing=runtime.timing,
+                    error=f"child saga {child.saga_id} failed: {child.error}",
+                )
             return None
         if child.saga_id != child_saga_id(parent_id, step, rec.attempt):
             return None  # a child of an earlier attempt
         if child.status is SagaStatus.COMPLETED:
-            added = engine.changed_keys(child.input, child.output) \
-                if isinstance(child.output, dict) else child.output
+            added = (
+                engine.changed_keys(child.input, child.output)
+                if isinstance(child.output, dict)
+                else child.output
+            )
             return engine.step_succeeded(
-                defn, st, step, rec.attempt, output=added,
+                defn,
+                st,
+                step,
+                rec.attempt,
+                output=added,
                 compensation_data={"child_saga_id": child.saga_id},
-                has_compensation_data=True, now=now, timing=runtime.timing)
+                has_compensation_data=True,
+                now=now,
+                timing=runtime.timing,
+            )
         return engine.step_failed(
-            defn, st, step, rec.attempt, now=now, timing=runtime.timing,
+            defn,
+            st,
+            step,
+            rec.attempt,
+            now=now,
+            timing=runtime.timing,
             reason=_CHILD_ENDED.get(child.status, FailureReason.CHILD_SAGA_FAILED),
             error=f"child saga {child.name} {child.saga_id} ended {child.status.value}: "
-                  f"{child.error}")
+            f"{child.error}",
+        )
 
     runtime.transact(parent_id, decide)
 
 
 # Why a step run by a child saga failed, by how the child ended.
-_CHILD_ENDED = {SagaStatus.COMPENSATED: FailureReason.CHILD_SAGA_COMPENSATED,
-                SagaStatus.FAILED: FailureReason.CHILD_SAGA_FAILED}
+_CHILD_ENDED = {
+    SagaStatus.COMPENSATED: FailureReason.CHILD_SAGA_COMPENSATED,
+    SagaStatus.FAILED: FailureReason.CHILD_SAGA_FAILED,
+}
 
 
 def child_saga_id(parent_id: str, step: str, attempt: int) -> str:

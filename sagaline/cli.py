@@ -42,16 +42,26 @@ EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4
 # How long a CLI command retries an unreachable store before it says so.
 STORE_WAIT = 2.0
 
-cli = typer.Typer(name="sagaline", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False,
-                  help="Sagas on Celery: run a worker, try the demo, inspect and operate sagas.")
+cli = typer.Typer(
+    name="sagaline",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Sagas on Celery: run a worker, try the demo, inspect and operate sagas.",
+)
 db_cli = typer.Typer(no_args_is_help=True, help="The state store's schema.")
 cli.add_typer(db_cli, name="db")
 
-StoreOption = typer.Option(None, "--store", envvar="SAGALINE_STORE_URL", show_envvar=True,
-                           help="State store URL [default: SQLite in $SAGALINE_HOME].")
-AppOption = typer.Option(..., "-A", "--app",
-                         help="Module of your Celery app (it calls sagaline.init_app).")
+StoreOption = typer.Option(
+    None,
+    "--store",
+    envvar="SAGALINE_STORE_URL",
+    show_envvar=True,
+    help="State store URL [default: SQLite in $SAGALINE_HOME].",
+)
+AppOption = typer.Option(
+    ..., "-A", "--app", help="Module of your Celery app (it calls sagaline.init_app)."
+)
 
 
 def main() -> None:
@@ -115,8 +125,7 @@ DEEPEST_JSON = 200
 def reading(store: str | None) -> Iterator[Store]:
     """The store to read for one command: it must exist, and an unreachable server is
     given up on within seconds. No Celery app: reading needs no definitions, no broker."""
-    target = ops.open_store(store or default_store_url(), read_only=True,
-                            give_up_after=STORE_WAIT)
+    target = ops.open_store(store or default_store_url(), read_only=True, give_up_after=STORE_WAIT)
     try:
         yield target
     finally:
@@ -128,11 +137,14 @@ def app_runtime(module: str, store: str | None = None) -> Runtime:
     app = _import_app(module)
     runtime = getattr(app, "_sagaline_runtime", None)
     if not isinstance(runtime, Runtime):
-        raise ConfigurationError(f"the Celery app in {module!r} did not call "
-                                 f"sagaline.init_app(app)")
+        raise ConfigurationError(
+            f"the Celery app in {module!r} did not call sagaline.init_app(app)"
+        )
     if store and store != runtime.settings.store_url:
-        raise ConfigurationError(f"--store {redact(store)} differs from the store of "
-                                 f"{module!r} ({redact(runtime.settings.store_url)})")
+        raise ConfigurationError(
+            f"--store {redact(store)} differs from the store of "
+            f"{module!r} ({redact(runtime.settings.store_url)})"
+        )
     return runtime
 
 
@@ -177,11 +189,16 @@ def _when(ts: float | None) -> str:
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context, app: str = AppOption,
-           log_format: str | None = typer.Option(
-               None, "--log-format",
-               help="plain (Celery's format) or json: one JSON object per line, with the "
-                    "saga, step and trace of each record (SAGALINE_LOG_FORMAT).")) -> None:
+def worker(
+    ctx: typer.Context,
+    app: str = AppOption,
+    log_format: str | None = typer.Option(
+        None,
+        "--log-format",
+        help="plain (Celery's format) or json: one JSON object per line, with the "
+        "saga, step and trace of each record (SAGALINE_LOG_FORMAT).",
+    ),
+) -> None:
     """Run a Celery worker (with the sagaline sweeper) for your app.
 
     Any other option goes to `celery worker`, e.g. `sagaline worker -A shop.app -c 4`.
@@ -200,11 +217,13 @@ def demo(
     concurrency: int = typer.Option(4, min=1, help="Worker processes."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for the sagas to end."),
     fail_at: str | None = typer.Option(None, help="Every run fails at this step."),
-    fail_rate: float | None = typer.Option(None, min=0.0, max=1.0,
-                                           help="Each step attempt fails with this chance."),
+    fail_rate: float | None = typer.Option(
+        None, min=0.0, max=1.0, help="Each step attempt fails with this chance."
+    ),
     seed: int = typer.Option(7, help="Seed of --fail-rate (run i uses seed + i)."),
-    slow: Annotated[list[str] | None,
-                    typer.Option(help="STEP=SECONDS: that step takes longer.")] = None,
+    slow: Annotated[
+        list[str] | None, typer.Option(help="STEP=SECONDS: that step takes longer.")
+    ] = None,
 ) -> None:
     """Run the robot exploration saga several times on a real worker, then show what happened.
 
@@ -219,10 +238,16 @@ def demo(
         try:
             delays[step.strip()] = float(seconds)
         except ValueError:
-            raise typer.BadParameter(f"{item!r} is not STEP=SECONDS", param_hint="--slow") \
-                from None
-    options = DemoOptions(runs=runs, concurrency=concurrency, timeout=timeout, fail_at=fail_at,
-                          fail_rate=fail_rate, seed=seed, slow=delays)
+            raise typer.BadParameter(f"{item!r} is not STEP=SECONDS", param_hint="--slow") from None
+    options = DemoOptions(
+        runs=runs,
+        concurrency=concurrency,
+        timeout=timeout,
+        fail_at=fail_at,
+        fail_rate=fail_rate,
+        seed=seed,
+        slow=delays,
+    )
     console = _console()
     with _errors():
         try:
@@ -237,9 +262,9 @@ def demo(
 
 @cli.command("ls")
 def list_command(
-    status: Annotated[list[str] | None,
-                      typer.Option("--status", "-s", help="Only these statuses (repeatable).")
-                      ] = None,
+    status: Annotated[
+        list[str] | None, typer.Option("--status", "-s", help="Only these statuses (repeatable).")
+    ] = None,
     name: str | None = typer.Option(None, "--name", help="Only sagas of this name."),
     since: str | None = typer.Option(None, help="Created at or after: ISO time or 10m/2h/1d."),
     until: str | None = typer.Option(None, help="Created before: ISO time or 10m/2h/1d."),
@@ -253,9 +278,17 @@ def list_command(
     after = parse_time(since) if since else None
     before = parse_time(until) if until else None
     with _errors(), reading(store) as target:
-        views = ops.find_sagas(target, SagaFilter(status=statuses, name=name,
-                                                  created_after=after, created_before=before,
-                                                  limit=limit, offset=offset))
+        views = ops.find_sagas(
+            target,
+            SagaFilter(
+                status=statuses,
+                name=name,
+                created_after=after,
+                created_before=before,
+                limit=limit,
+                offset=offset,
+            ),
+        )
     if as_json:
         for view in views:
             typer.echo(_json(ops.summary_as_dict(view)))
@@ -274,10 +307,15 @@ def list_command(
     for view in views:
         saga, end = view.saga, view.saga.finished_at
         cells: list[str | Text] = [
-            saga.saga_id, saga.name, status_text(saga.status), _when(saga.created_at),
-            format_duration((end or time.time()) - saga.created_at), saga.failed_step or "",
-            ops.failure_summary(saga, view.steps) or ""]
-        table.add_row(*cells[:len(table.columns)])
+            saga.saga_id,
+            saga.name,
+            status_text(saga.status),
+            _when(saga.created_at),
+            format_duration((end or time.time()) - saga.created_at),
+            saga.failed_step or "",
+            ops.failure_summary(saga, view.steps) or "",
+        ]
+        table.add_row(*cells[: len(table.columns)])
     console.print(table)
     more = f"; next page: --offset {offset + len(views)}" if len(views) == limit else ""
     console.print(Text(f"{len(views)} saga(s) from offset {offset}{more}", style="dim"))
@@ -337,8 +375,10 @@ def sweep(
         report = ops.sweep_report(app_runtime(app), limit=limit)
     for item in report.repaired:
         what = f"step {item.step}" if item.step else "deadline / grace period"
-        typer.echo(f"{item.kind.value}: saga {item.saga_id} {what} "
-                   f"(due for {max(0.0, time.time() - item.due_at):.1f}s)")
+        typer.echo(
+            f"{item.kind.value}: saga {item.saga_id} {what} "
+            f"(due for {max(0.0, time.time() - item.due_at):.1f}s)"
+        )
     for failed in report.failed:
         typer.echo(f"not repaired (see the log): saga {failed.saga_id}")
     typer.echo(f"sweep: {report.due} item(s) due, {report.acted} repaired")

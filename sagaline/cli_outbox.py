@@ -14,11 +14,17 @@ from . import ops
 from .config import default_store_url
 from .exceptions import SagaError
 
-outbox_cli = typer.Typer(no_args_is_help=True,
-                         help="The transactional outbox: pending events and dead letters.")
+outbox_cli = typer.Typer(
+    no_args_is_help=True, help="The transactional outbox: pending events and dead letters."
+)
 
-_Store = typer.Option(None, "--store", envvar="SAGALINE_STORE_URL", show_envvar=True,
-                      help="The database of the outbox (the saga store's SQL URL).")
+_Store = typer.Option(
+    None,
+    "--store",
+    envvar="SAGALINE_STORE_URL",
+    show_envvar=True,
+    help="The database of the outbox (the saga store's SQL URL).",
+)
 
 # cli.app_runtime, handed over by `register` (the CLI module imports this one).
 _app_runtime: Callable[[str, str | None], Any] | None = None
@@ -32,10 +38,13 @@ def _fail(exc: Exception) -> typer.Exit:
 def relay(
     store: str | None = _Store,
     route: list[str] = typer.Option(  # noqa: B008 - typer's idiom
-        [], "--route", help="topic-pattern=url (repeat; first match wins) "
-        "[default: $SAGALINE_OUTBOX_ROUTES]"),
-    app: str | None = typer.Option(None, "-A", "--app",
-                                   help="Your Celery app's module (for celery:<task> routes)."),
+        [],
+        "--route",
+        help="topic-pattern=url (repeat; first match wins) [default: $SAGALINE_OUTBOX_ROUTES]",
+    ),
+    app: str | None = typer.Option(
+        None, "-A", "--app", help="Your Celery app's module (for celery:<task> routes)."
+    ),
     batch: int = typer.Option(200, min=1, help="Rows per round."),
     max_attempts: int = typer.Option(12, min=1, help="Attempts before a dead letter."),
     backoff: float = typer.Option(0.5, min=0.0, help="First retry delay, doubled per attempt."),
@@ -49,12 +58,19 @@ def relay(
         celery_app, store = runtime.app, store or runtime.settings.store_url
         routes = routes or runtime.settings.outbox_routes
     if not routes:
-        raise _fail(ValueError("no routes: pass --route topic-pattern=url or set "
-                               "SAGALINE_OUTBOX_ROUTES"))
+        raise _fail(
+            ValueError("no routes: pass --route topic-pattern=url or set SAGALINE_OUTBOX_ROUTES")
+        )
     try:
-        r = ops.outbox_relay(store or default_store_url(), routes, app=celery_app,
-                             batch=batch, max_attempts=max_attempts, backoff=backoff,
-                             max_backoff=max_backoff)
+        r = ops.outbox_relay(
+            store or default_store_url(),
+            routes,
+            app=celery_app,
+            batch=batch,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            max_backoff=max_backoff,
+        )
     except (SagaError, ValueError) as exc:
         raise _fail(exc) from None
     stop = threading.Event()
@@ -68,9 +84,11 @@ def relay(
 
 
 @outbox_cli.command("ls")
-def ls(store: str | None = _Store,
-       dead: bool = typer.Option(False, "--dead", help="Dead letters instead of pending."),
-       limit: int = typer.Option(50, min=1)) -> None:
+def ls(
+    store: str | None = _Store,
+    dead: bool = typer.Option(False, "--dead", help="Dead letters instead of pending."),
+    limit: int = typer.Option(50, min=1),
+) -> None:
     """List pending events (or dead letters), oldest first."""
     try:
         rows = ops.outbox_events(store or default_store_url(), dead=dead, limit=limit)
@@ -78,21 +96,23 @@ def ls(store: str | None = _Store,
         raise _fail(exc) from None
     for r in rows:
         error = f"  {r.last_error.splitlines()[0][:100]}" if r.last_error else ""
-        typer.echo(f"{r.event_id}  {r.topic}  key={r.key or '-'}  attempts={r.attempts}"
-                   f"{error}")
+        typer.echo(f"{r.event_id}  {r.topic}  key={r.key or '-'}  attempts={r.attempts}{error}")
     typer.echo(f"{len(rows)} {'dead letter(s)' if dead else 'pending event(s)'}")
 
 
 @outbox_cli.command("retry")
-def retry(event_ids: list[str] = typer.Argument(None, help="Dead letters to send again."),  # noqa: B008
-          store: str | None = _Store,
-          all_dead: bool = typer.Option(False, "--all", help="Every dead letter.")) -> None:
+def retry(
+    event_ids: list[str] = typer.Argument(None, help="Dead letters to send again."),  # noqa: B008
+    store: str | None = _Store,
+    all_dead: bool = typer.Option(False, "--all", help="Every dead letter."),
+) -> None:
     """Make dead letters pending again (fresh attempts); the relay sends them."""
     if not event_ids and not all_dead:
         raise _fail(ValueError("name event ids, or pass --all"))
     try:
-        n = ops.retry_outbox_events(store or default_store_url(),
-                                    None if all_dead else list(event_ids))
+        n = ops.retry_outbox_events(
+            store or default_store_url(), None if all_dead else list(event_ids)
+        )
     except SagaError as exc:
         raise _fail(exc) from None
     typer.echo(f"{n} dead letter(s) pending again")

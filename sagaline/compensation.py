@@ -23,8 +23,9 @@ from .steps import StepKind
 from .work import Work
 
 
-def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
-                       strategy: FailureStrategy) -> None:
+def begin_compensation(
+    w: Work, *, cause: str, failed_step: str | None, strategy: FailureStrategy
+) -> None:
     w.update_saga(status=SagaStatus.COMPENSATING, error=cause, failed_step=failed_step)
     due = None
     if strategy is FailureStrategy.FAIL_FAST_WITH_GRACE and any(
@@ -32,8 +33,13 @@ def begin_compensation(w: Work, *, cause: str, failed_step: str | None,
     ):
         due = w.now + w.defn.grace
     w.update_saga(due_at=due)
-    w.event(EventKind.SAGA_COMPENSATING, failed_step, cause=cause, strategy=strategy.value,
-            grace_until=due)
+    w.event(
+        EventKind.SAGA_COMPENSATING,
+        failed_step,
+        cause=cause,
+        strategy=strategy.value,
+        grace_until=due,
+    )
     for name in w.graph.order:
         rec = w.steps[name]
         if rec.status is StepStatus.PENDING or (
@@ -89,50 +95,93 @@ def compensation_progress(w: Work) -> None:
         w.steps[n].comp_status in COMPENSATION_IN_FLIGHT for n in w.graph.order
     ):
         return
-    pending = [n for n in w.graph.order if needs_compensation(w, n)
-               and w.steps[n].comp_status is not CompensationStatus.COMPENSATED]
+    pending = [
+        n
+        for n in w.graph.order
+        if needs_compensation(w, n) and w.steps[n].comp_status is not CompensationStatus.COMPENSATED
+    ]
     if not pending:
         w.update_saga(status=SagaStatus.COMPENSATED, finished_at=w.now, due_at=None)
         w.event(EventKind.SAGA_COMPENSATED, cause=w.saga.error)
         return
-    failed = [n for n in pending
-              if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
+    failed = [
+        n for n in pending if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED
+    ]
     w.update_saga(status=SagaStatus.FAILED, finished_at=w.now, due_at=None)
-    w.event(EventKind.SAGA_FAILED, reason=FailureReason.COMPENSATION_FAILED,
-            compensation_failed=failed, still_applied=pending, cause=w.saga.error)
+    w.event(
+        EventKind.SAGA_FAILED,
+        reason=FailureReason.COMPENSATION_FAILED,
+        compensation_failed=failed,
+        still_applied=pending,
+        cause=w.saga.error,
+    )
 
 
-def dispatch_compensation(w: Work, name: str, *, attempt: int, countdown: float = 0.0,
-                          announce: bool = True) -> None:
+def dispatch_compensation(
+    w: Work, name: str, *, attempt: int, countdown: float = 0.0, announce: bool = True
+) -> None:
     spec = w.graph.steps[name]
     rec = w.steps[name]
     ctx = w.context_for(name)
     data = rec.compensation_data if rec.has_compensation_data else rec.output
     kwargs = {**ctx, "compensation_data": data}
-    w.update_step(name, comp_status=CompensationStatus.DISPATCHED, comp_attempt=attempt,
-                  lease_until=None, due_at=w.now + countdown + w.timing.redispatch_after,
-                  redispatches=0)
+    w.update_step(
+        name,
+        comp_status=CompensationStatus.DISPATCHED,
+        comp_attempt=attempt,
+        lease_until=None,
+        due_at=w.now + countdown + w.timing.redispatch_after,
+        redispatches=0,
+    )
     if announce and attempt == 1:
         w.event(EventKind.COMPENSATION_DISPATCHED, name, attempt, Phase.COMPENSATE)
-    w.dispatches.append(Dispatch(w.saga.saga_id, w.saga.name, w.saga.fingerprint, name,
-                                 Phase.COMPENSATE, attempt, spec.compensation_name or "",
-                                 kwargs, countdown=countdown, queue=spec.queue,
-                                 timeout=spec.timeout,
-                                 child_saga=spec.child.name if spec.child else None,
-                                 trace_context=w.saga.trace_context))
+    w.dispatches.append(
+        Dispatch(
+            w.saga.saga_id,
+            w.saga.name,
+            w.saga.fingerprint,
+            name,
+            Phase.COMPENSATE,
+            attempt,
+            spec.compensation_name or "",
+            kwargs,
+            countdown=countdown,
+            queue=spec.queue,
+            timeout=spec.timeout,
+            child_saga=spec.child.name if spec.child else None,
+            trace_context=w.saga.trace_context,
+        )
+    )
 
 
-def fail_compensation_attempt(w: Work, name: str, *, error: str,
-                              reason: FailureReason) -> None:
+def fail_compensation_attempt(w: Work, name: str, *, error: str, reason: FailureReason) -> None:
     rec = w.steps[name]
     policy = w.graph.steps[name].compensation_retry
     if rec.comp_attempt < policy.max_attempts:
         delay = policy.delay(rec.comp_attempt)
-        w.event(EventKind.COMPENSATION_ATTEMPT_FAILED, name, rec.comp_attempt, Phase.COMPENSATE,
-                reason=reason, error=error, retry_in=round(delay, 3))
+        w.event(
+            EventKind.COMPENSATION_ATTEMPT_FAILED,
+            name,
+            rec.comp_attempt,
+            Phase.COMPENSATE,
+            reason=reason,
+            error=error,
+            retry_in=round(delay, 3),
+        )
         dispatch_compensation(w, name, attempt=rec.comp_attempt + 1, countdown=delay)
         return
-    w.update_step(name, comp_status=CompensationStatus.COMPENSATION_FAILED, comp_error=error,
-                  lease_until=None, due_at=None)
-    w.event(EventKind.COMPENSATION_FAILED, name, rec.comp_attempt, Phase.COMPENSATE, reason=reason,
-            error=error)
+    w.update_step(
+        name,
+        comp_status=CompensationStatus.COMPENSATION_FAILED,
+        comp_error=error,
+        lease_until=None,
+        due_at=None,
+    )
+    w.event(
+        EventKind.COMPENSATION_FAILED,
+        name,
+        rec.comp_attempt,
+        Phase.COMPENSATE,
+        reason=reason,
+        error=error,
+    )

@@ -105,11 +105,15 @@ class Settings:
         if settings.max_payload_bytes < 1024:
             raise ConfigurationError("max_payload_bytes must be at least 1024")
         if settings.tracing not in TRACING_CHOICES:
-            raise ConfigurationError(f"tracing must be one of {', '.join(TRACING_CHOICES)}, "
-                                     f"got {settings.tracing!r} (SAGALINE_TRACING)")
+            raise ConfigurationError(
+                f"tracing must be one of {', '.join(TRACING_CHOICES)}, "
+                f"got {settings.tracing!r} (SAGALINE_TRACING)"
+            )
         if settings.log_format not in LOG_FORMATS:
-            raise ConfigurationError(f"log_format must be one of {', '.join(LOG_FORMATS)}, "
-                                     f"got {settings.log_format!r} (SAGALINE_LOG_FORMAT)")
+            raise ConfigurationError(
+                f"log_format must be one of {', '.join(LOG_FORMATS)}, "
+                f"got {settings.log_format!r} (SAGALINE_LOG_FORMAT)"
+            )
         return settings
 
 
@@ -128,9 +132,7 @@ def _parse(name: str, type_: Any, raw: str) -> Any:
             return int(raw)
         return raw
     except ValueError:
-        raise ConfigurationError(
-            f"SAGALINE_{name.upper()}={raw!r} is not a valid {kind}"
-        ) from None
+        raise ConfigurationError(f"SAGALINE_{name.upper()}={raw!r} is not a valid {kind}") from None
 
 
 def default_store_url() -> str:

@@ -81,8 +81,9 @@ class Saga:
         else:
             self.failure_strategy = FailureStrategy(failure_strategy)
             if self.failure_strategy is FailureStrategy.FAIL_FAST_WITH_GRACE:
-                raise DefinitionError("use FAIL_FAST_WITH_GRACE(grace=...) with a grace period",
-                                      saga=name)
+                raise DefinitionError(
+                    "use FAIL_FAST_WITH_GRACE(grace=...) with a grace period", saga=name
+                )
             self.grace = 0.0
         # After a pivot succeeded, failed steps are retried forward with this policy.
         self.pivot_retry = pivot_retry or Retry(max_attempts=10, backoff=1.0, max_delay=60.0)
@@ -117,16 +118,35 @@ class Saga:
     ) -> Saga:
         if isinstance(task, Parallel):
             if name is not None or depends_on is not None:
-                raise DefinitionError("parallelize(...) takes neither name= nor depends_on=",
-                                      saga=self.name)
-            return self.add_parallel(*task, compensate=compensate,
-                                     no_compensation=no_compensation, input=input, retry=retry,
-                                     compensation_retry=compensation_retry, timeout=timeout,
-                                     when=when, pivot=pivot, queue=queue)
-        step = self._make_step(task, name=name, compensate=compensate,
-                               no_compensation=no_compensation, depends_on=depends_on,
-                               input=input, retry=retry, compensation_retry=compensation_retry,
-                               timeout=timeout, when=when, pivot=pivot, queue=queue)
+                raise DefinitionError(
+                    "parallelize(...) takes neither name= nor depends_on=", saga=self.name
+                )
+            return self.add_parallel(
+                *task,
+                compensate=compensate,
+                no_compensation=no_compensation,
+                input=input,
+                retry=retry,
+                compensation_retry=compensation_retry,
+                timeout=timeout,
+                when=when,
+                pivot=pivot,
+                queue=queue,
+            )
+        step = self._make_step(
+            task,
+            name=name,
+            compensate=compensate,
+            no_compensation=no_compensation,
+            depends_on=depends_on,
+            input=input,
+            retry=retry,
+            compensation_retry=compensation_retry,
+            timeout=timeout,
+            when=when,
+            pivot=pivot,
+            queue=queue,
+        )
         self._append([step])
         return self
 
@@ -138,15 +158,18 @@ class Saga:
         if not tasks:
             raise DefinitionError("add_parallel needs at least one task", saga=self.name)
         if "name" in options or "depends_on" in options:
-            raise DefinitionError("add_parallel takes neither name= nor depends_on=; use "
-                                  "add_step(..., depends_on=[...]) for named branches",
-                                  saga=self.name)
+            raise DefinitionError(
+                "add_parallel takes neither name= nor depends_on=; use "
+                "add_step(..., depends_on=[...]) for named branches",
+                saga=self.name,
+            )
         steps = [self._make_step(t, depends_on=None, **options) for t in tasks]
         self._append(steps)
         return self
 
-    def add_transform(self, fn: ContextFn, *, name: str | None = None,
-                      depends_on: Iterable[str] | None = None) -> Saga:
+    def add_transform(
+        self, fn: ContextFn, *, name: str | None = None, depends_on: Iterable[str] | None = None
+    ) -> Saga:
         """Transform the context for the steps that follow: `fn(ctx) -> new ctx`.
 
         It runs inside the engine (no message); keys it adds or changes are merged
@@ -160,9 +183,15 @@ class Saga:
         self._append([step])
         return self
 
-    def add_saga(self, child: Saga, *, name: str | None = None,
-                 depends_on: Iterable[str] | None = None, when: ContextFn | None = None,
-                 retry: Retry | None = None) -> Saga:
+    def add_saga(
+        self,
+        child: Saga,
+        *,
+        name: str | None = None,
+        depends_on: Iterable[str] | None = None,
+        when: ContextFn | None = None,
+        retry: Retry | None = None,
+    ) -> Saga:
         """A step that runs `child` as its own saga, linked to this one.
 
         The child receives this step's context as its input; its final context
@@ -171,13 +200,20 @@ class Saga:
         compensated as a whole, in its own reverse order.
         """
         if not isinstance(child, Saga):
-            raise DefinitionError(f"add_saga needs a Saga, got {type(child).__name__}",
-                                  saga=self.name, step=name)
+            raise DefinitionError(
+                f"add_saga needs a Saga, got {type(child).__name__}", saga=self.name, step=name
+            )
         if child is self:
             raise DefinitionError("a saga cannot contain itself", saga=self.name, step=name)
         deps = tuple(self._stage) if depends_on is None else tuple(depends_on)
-        step = Step(name=name or child.name, kind=StepKind.SAGA, depends_on=deps, when=when,
-                    retry=retry or NO_RETRY, child=child)
+        step = Step(
+            name=name or child.name,
+            kind=StepKind.SAGA,
+            depends_on=deps,
+            when=when,
+            retry=retry or NO_RETRY,
+            child=child,
+        )
         self._append([step])
         return self
 
@@ -186,36 +222,60 @@ class Saga:
         self.result_spec = spec
         self._fingerprint = None
 
-    def _make_step(self, task: TaskRef, *, name: str | None = None,
-                   compensate: TaskRef | None = None, no_compensation: bool = False,
-                   depends_on: Iterable[str] | None = None, input: ContextFn | None = None,
-                   retry: Retry | None = None, compensation_retry: Retry | None = None,
-                   timeout: float | None = None, when: ContextFn | None = None,
-                   pivot: bool = False, queue: str | None = None) -> Step:
+    def _make_step(
+        self,
+        task: TaskRef,
+        *,
+        name: str | None = None,
+        compensate: TaskRef | None = None,
+        no_compensation: bool = False,
+        depends_on: Iterable[str] | None = None,
+        input: ContextFn | None = None,
+        retry: Retry | None = None,
+        compensation_retry: Retry | None = None,
+        timeout: float | None = None,
+        when: ContextFn | None = None,
+        pivot: bool = False,
+        queue: str | None = None,
+    ) -> Step:
         check_task_ref(task, what="step", saga=self.name, step=name)
         step_name = name or _default_step_name(task)
         if compensate is not None and no_compensation:
-            raise DefinitionError("compensate= and no_compensation=True exclude each other",
-                                  saga=self.name, step=step_name)
+            raise DefinitionError(
+                "compensate= and no_compensation=True exclude each other",
+                saga=self.name,
+                step=step_name,
+            )
         if compensate is None and not no_compensation and not isinstance(task, str):
             compensate = getattr(task, "sagaline_compensate", None)
         if compensate is not None:
             check_task_ref(compensate, what="compensation", saga=self.name, step=step_name)
         for label, fn in (("input", input), ("when", when)):
             if fn is not None and not callable(fn):
-                raise DefinitionError(f"{label}= must be callable", saga=self.name,
-                                      step=step_name)
+                raise DefinitionError(f"{label}= must be callable", saga=self.name, step=step_name)
         if timeout is not None and timeout <= 0:
-            raise DefinitionError(f"timeout must be positive, got {timeout}", saga=self.name,
-                                  step=step_name)
+            raise DefinitionError(
+                f"timeout must be positive, got {timeout}", saga=self.name, step=step_name
+            )
         deps = tuple(self._stage) if depends_on is None else tuple(depends_on)
         if isinstance(depends_on, str):
-            raise DefinitionError("depends_on takes a list of step names", saga=self.name,
-                                  step=step_name)
-        return Step(name=step_name, kind=StepKind.TASK, task=task, depends_on=deps,
-                    compensate=compensate, input=input, retry=retry or NO_RETRY,
-                    compensation_retry=compensation_retry or DEFAULT_COMPENSATION_RETRY,
-                    timeout=timeout, when=when, pivot=pivot, queue=queue or self.queue)
+            raise DefinitionError(
+                "depends_on takes a list of step names", saga=self.name, step=step_name
+            )
+        return Step(
+            name=step_name,
+            kind=StepKind.TASK,
+            task=task,
+            depends_on=deps,
+            compensate=compensate,
+            input=input,
+            retry=retry or NO_RETRY,
+            compensation_retry=compensation_retry or DEFAULT_COMPENSATION_RETRY,
+            timeout=timeout,
+            when=when,
+            pivot=pivot,
+            queue=queue or self.queue,
+        )
 
     def _append(self, steps: list[Step]) -> None:
         known = {s.name for s in self._steps}
@@ -225,7 +285,10 @@ class Saga:
                 if d not in known:
                     raise DefinitionError(
                         f"unknown dependency {d!r} (a step can depend only on steps added "
-                        f"before it)", saga=self.name, step=s.name)
+                        f"before it)",
+                        saga=self.name,
+                        step=s.name,
+                    )
         candidate = [*self._steps, *steps]
         build_graph(self.name, candidate)  # raises on duplicates and cycles
         self._follow_owner(candidate)
@@ -241,12 +304,13 @@ class Saga:
         if owner is self:
             return
         for i in range(len(self._steps), len(candidate)):
-            if i >= len(owner._steps) or _step_parts(candidate[i]) != _step_parts(
-                    owner._steps[i]):
+            if i >= len(owner._steps) or _step_parts(candidate[i]) != _step_parts(owner._steps[i]):
                 raise DefinitionError(
                     f"another saga with this name, defined at {owner.defined_at}, has other "
                     f"steps (they differ at step #{i + 1}); saga names must be unique",
-                    saga=self.name, step=candidate[i].name)
+                    saga=self.name,
+                    step=candidate[i].name,
+                )
 
     def check_complete(self) -> None:
         """Raise DefinitionError unless this definition is complete and owns its name.
@@ -263,12 +327,15 @@ class Saga:
         if self._checked == fingerprint:
             return
         if not self._steps:
-            raise DefinitionError(f"a saga needs at least one step (defined at "
-                                  f"{self.defined_at})", saga=self.name)
+            raise DefinitionError(
+                f"a saga needs at least one step (defined at {self.defined_at})", saga=self.name
+            )
         if self._owner is not self and self._owner.fingerprint != fingerprint:
             raise DefinitionError(
                 f"two different sagas have this name: at {self._owner.defined_at} and at "
-                f"{self.defined_at}; saga names must be unique", saga=self.name)
+                f"{self.defined_at}; saga names must be unique",
+                saga=self.name,
+            )
         for s in self._steps:
             if s.child is not None:
                 s.child.check_complete()
@@ -316,9 +383,18 @@ class Saga:
 
 def _step_parts(s: Step) -> list[str]:
     """What the fingerprint takes from one step."""
-    return [s.name, s.kind, s.task_name or "", ",".join(s.depends_on),
-            s.compensation_name or "", str(s.pivot), _code_id(s.input), _code_id(s.when),
-            _code_id(s.transform), s.child.fingerprint if s.child is not None else ""]
+    return [
+        s.name,
+        s.kind,
+        s.task_name or "",
+        ",".join(s.depends_on),
+        s.compensation_name or "",
+        str(s.pivot),
+        _code_id(s.input),
+        _code_id(s.when),
+        _code_id(s.transform),
+        s.child.fingerprint if s.child is not None else "",
+    ]
 
 
 def _check_step_name(saga: str, name: Any) -> None:
@@ -327,8 +403,9 @@ def _check_step_name(saga: str, name: Any) -> None:
     check_text(name, "step name", limit=MAX_NAME_LENGTH, error=DefinitionError, saga=saga)
     if name in RESERVED_KEYS:
         # A non-dict output is stored in the context under the step's name.
-        raise DefinitionError(f"{name!r} is a reserved context key; name the step otherwise",
-                              saga=saga, step=name)
+        raise DefinitionError(
+            f"{name!r} is a reserved context key; name the step otherwise", saga=saga, step=name
+        )
 
 
 def _default_step_name(task: TaskRef) -> str:

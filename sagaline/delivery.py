@@ -39,13 +39,22 @@ def undeliverable(exc: BaseException) -> bool:
     fail the same way), rather than because the broker is unreachable."""
     from kombu.exceptions import ContentDisallowed, EncodeError
 
-    return isinstance(exc, (EncodeError, ContentDisallowed, TypeError, ValueError,
-                            RecursionError, OverflowError))
+    return isinstance(
+        exc, (EncodeError, ContentDisallowed, TypeError, ValueError, RecursionError, OverflowError)
+    )
 
 
-def fail_undeliverable(runtime: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-                       *, reason: FailureReason, error: str,
-                       claimed: bool = False) -> Decision | None:
+def fail_undeliverable(
+    runtime: Runtime,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    *,
+    reason: FailureReason,
+    error: str,
+    claimed: bool = False,
+) -> Decision | None:
     """Fail a step (or compensation) whose message can never be delivered; the
     caller publishes what the decision dispatches. Never raises: it runs where an
     error has no one to go to (a publish, a worker's message consumer)."""
@@ -54,20 +63,40 @@ def fail_undeliverable(runtime: Runtime, saga_id: str, step: str, phase: Phase, 
         defn = runtime.definition_for(state.saga)
         if defn is None or step not in state.steps:
             return None
-        return recovery.undeliverable(defn, state, step, phase, attempt, reason=reason,
-                                      error=error, now=runtime.now(), timing=runtime.timing,
-                                      claimed=claimed)
+        return recovery.undeliverable(
+            defn,
+            state,
+            step,
+            phase,
+            attempt,
+            reason=reason,
+            error=error,
+            now=runtime.now(),
+            timing=runtime.timing,
+            claimed=claimed,
+        )
 
     try:
         return runtime.store.transact(saga_id, decide)
     except Exception:
-        log.exception("saga %s step %s: could not record that its message cannot be "
-                      "delivered; the sweeper will publish it again", saga_id, step)
+        log.exception(
+            "saga %s step %s: could not record that its message cannot be "
+            "delivered; the sweeper will publish it again",
+            saga_id,
+            step,
+        )
         return None
 
 
-def message_refused(runtime: Runtime, meta: dict[str, Any], *, task: str, worker: str,
-                    unregistered: bool, error: str) -> None:
+def message_refused(
+    runtime: Runtime,
+    meta: dict[str, Any],
+    *,
+    task: str,
+    worker: str,
+    unregistered: bool,
+    error: str,
+) -> None:
     """A worker dropped a step's message without running it.
 
     Unregistered task: recorded, and the sweeper publishes it again (another worker
@@ -80,30 +109,54 @@ def message_refused(runtime: Runtime, meta: dict[str, Any], *, task: str, worker
     except (KeyError, TypeError, ValueError):
         log.error("a message with a malformed sagaline header was dropped: %r", meta)
         return
-    log.error("saga %s step %s %s attempt %s: worker %s dropped its message: %s",
-              saga_id, step, phase, attempt, worker, error)
+    log.error(
+        "saga %s step %s %s attempt %s: worker %s dropped its message: %s",
+        saga_id,
+        step,
+        phase,
+        attempt,
+        worker,
+        error,
+    )
     if not unregistered:
-        decision = fail_undeliverable(runtime, saga_id, step, phase, attempt,
-                                      reason=FailureReason.MESSAGE_UNDELIVERABLE, error=error)
+        decision = fail_undeliverable(
+            runtime,
+            saga_id,
+            step,
+            phase,
+            attempt,
+            reason=FailureReason.MESSAGE_UNDELIVERABLE,
+            error=error,
+        )
     else:
-        event = Event(saga_id, EventKind.TASK_UNREGISTERED, runtime.now(), step, attempt,
-                      phase.value,
-                      {"task": task, "worker": worker, "error": error})
+        event = Event(
+            saga_id,
+            EventKind.TASK_UNREGISTERED,
+            runtime.now(),
+            step,
+            attempt,
+            phase.value,
+            {"task": task, "worker": worker, "error": error},
+        )
 
         def decide(state: SagaState) -> Decision | None:
             defn = runtime.definition_for(state.saga)
             if defn is None:
                 return Decision(events=[event])
             return recovery.unregistered_task(
-                defn, state, event, phase,
+                defn,
+                state,
+                event,
+                phase,
                 max_redispatches=runtime.settings.unknown_task_redispatches,
-                now=runtime.now(), timing=runtime.timing)
+                now=runtime.now(),
+                timing=runtime.timing,
+            )
 
         try:
             decision = runtime.store.transact(saga_id, decide)
         except Exception:
-            log.exception("saga %s step %s: could not record the refused message",
-                          saga_id, step)
+            log.exception("saga %s step %s: could not record the refused message", saga_id, step)
             return
     if decision is not None:
         runtime.after_commit(decision)
@@ -127,25 +180,31 @@ def _refused(consumer: Any, message: Any, *, unregistered: bool, error: str) -> 
     except Exception:
         return
     headers = getattr(message, "headers", None) or {}
-    message_refused(runtime, meta, task=str(headers.get("task")),
-                    worker=str(getattr(consumer, "hostname", None) or "a worker"),
-                    unregistered=unregistered, error=error)
+    message_refused(
+        runtime,
+        meta,
+        task=str(headers.get("task")),
+        worker=str(getattr(consumer, "hostname", None) or "a worker"),
+        unregistered=unregistered,
+        error=error,
+    )
 
 
 @task_unknown.connect(weak=False)  # type: ignore[untyped-decorator]
-def _step_task_unknown(sender: Any = None, message: Any = None, name: str | None = None,
-                       **_: Any) -> None:
-    _refused(sender, message, unregistered=True,
-             error=f"task {name!r} is not registered in this worker")
+def _step_task_unknown(
+    sender: Any = None, message: Any = None, name: str | None = None, **_: Any
+) -> None:
+    _refused(
+        sender, message, unregistered=True, error=f"task {name!r} is not registered in this worker"
+    )
 
 
 @task_rejected.connect(weak=False)  # type: ignore[untyped-decorator]
-def _step_message_rejected(sender: Any = None, message: Any = None, exc: Any = None,
-                           **_: Any) -> None:
-    why = "not a task message Celery understands" if exc is None else \
-        f"{type(exc).__name__}: {exc}"
-    _refused(sender, message, unregistered=False,
-             error=f"message rejected by the worker: {why}")
+def _step_message_rejected(
+    sender: Any = None, message: Any = None, exc: Any = None, **_: Any
+) -> None:
+    why = "not a task message Celery understands" if exc is None else f"{type(exc).__name__}: {exc}"
+    _refused(sender, message, unregistered=False, error=f"message rejected by the worker: {why}")
 
 
 class DecodeErrorStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -165,8 +224,12 @@ class DecodeErrorStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
         def on_decode_error(message: Any, exc: Exception) -> None:
             try:
-                _refused(consumer, message, unregistered=False,
-                         error=f"message undecodable: {type(exc).__name__}: {exc}")
+                _refused(
+                    consumer,
+                    message,
+                    unregistered=False,
+                    error=f"message undecodable: {type(exc).__name__}: {exc}",
+                )
             except Exception:
                 log.exception("could not record an undecodable step message")
             original(message, exc)
@@ -196,10 +259,11 @@ def unknown_step_tasks(app: Celery) -> list[str]:
     missing = []
     for defn in registered_sagas():
         for spec in defn.graph.steps.values():
-            for role, name in (("task", spec.task_name),
-                               ("compensation", spec.compensation_name)):
+            for role, name in (("task", spec.task_name), ("compensation", spec.compensation_name)):
                 if spec.child is None and name and name not in known:
-                    missing.append(f"saga {defn.name!r} step {spec.name!r}: {role} {name!r} "
-                                   f"is not registered in this worker; its messages will be "
-                                   f"refused here")
+                    missing.append(
+                        f"saga {defn.name!r} step {spec.name!r}: {role} {name!r} "
+                        f"is not registered in this worker; its messages will be "
+                        f"refused here"
+                    )
     return missing

@@ -1,20 +1,20 @@
 """The sagaline error tree.
 
-    SagaError
-    ├── DefinitionError        a saga definition is invalid (raised at definition time)
-    ├── ConfigurationError     sagaline is not set up, or a setting is wrong
-    ├── InputError             data that a message cannot carry (run() raises it before
-    │   │                      anything is stored; see payload.py)
-    │   └── IdempotencyConflict  an idempotency key reused with other input
-    ├── StoreError             the state store failed or is unreachable
-    │   └── ConcurrencyError   a compare-and-set lost a race too many times
-    ├── SagaNotFound           no saga with that id
-    ├── InvalidTransition      an operation that the saga's status does not allow
-    ├── SagaTimeout            handle.get(timeout=) ran out before the saga ended
-    └── SagaOutcomeError       the saga ended but did not complete
-        ├── SagaCompensated    it failed and every applied step was undone
-        └── SagaFailed         it failed and some compensation did not succeed
-    StepFailure                raised by a step to fail permanently (StepResponse.permanent_failure)
+SagaError
+├── DefinitionError        a saga definition is invalid (raised at definition time)
+├── ConfigurationError     sagaline is not set up, or a setting is wrong
+├── InputError             data that a message cannot carry (run() raises it before
+│   │                      anything is stored; see payload.py)
+│   └── IdempotencyConflict  an idempotency key reused with other input
+├── StoreError             the state store failed or is unreachable
+│   └── ConcurrencyError   a compare-and-set lost a race too many times
+├── SagaNotFound           no saga with that id
+├── InvalidTransition      an operation that the saga's status does not allow
+├── SagaTimeout            handle.get(timeout=) ran out before the saga ended
+└── SagaOutcomeError       the saga ended but did not complete
+    ├── SagaCompensated    it failed and every applied step was undone
+    └── SagaFailed         it failed and some compensation did not succeed
+StepFailure                raised by a step to fail permanently (StepResponse.permanent_failure)
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ class IdempotencyConflict(InputError):
         super().__init__(
             f"idempotency key {idempotency_key!r} of saga {saga_name!r} already started saga "
             f"{saga_id} with other input; use a new key for new input",
-            rule="idempotency", where="idempotency_key")
+            rule="idempotency",
+            where="idempotency_key",
+        )
 
     def __reduce__(self) -> Any:
         return (type(self), (self.saga_name, self.idempotency_key, self.saga_id))
@@ -115,8 +117,15 @@ class SagaOutcomeError(SagaError):
 
     outcome = "ended"
 
-    def __init__(self, saga_id: str, cause: str | None, *, step: str | None = None,
-                 record: Any = None, compensation_failures: dict[str, str] | None = None):
+    def __init__(
+        self,
+        saga_id: str,
+        cause: str | None,
+        *,
+        step: str | None = None,
+        record: Any = None,
+        compensation_failures: dict[str, str] | None = None,
+    ):
         self.saga_id = saga_id
         self.cause = cause
         self.step = step
@@ -125,10 +134,13 @@ class SagaOutcomeError(SagaError):
         # steps may still be applied, which the cause alone does not say.
         self.compensation_failures = dict(compensation_failures or {})
         at = f" at step {step!r}" if step else ""
-        undone = "".join(f"; compensation of {name!r} failed: {why}"
-                         for name, why in self.compensation_failures.items())
-        super().__init__(f"saga {saga_id!r} {self.outcome}{at}: "
-                         f"{cause or 'no cause recorded'}{undone}")
+        undone = "".join(
+            f"; compensation of {name!r} failed: {why}"
+            for name, why in self.compensation_failures.items()
+        )
+        super().__init__(
+            f"saga {saga_id!r} {self.outcome}{at}: {cause or 'no cause recorded'}{undone}"
+        )
 
 
 class SagaCompensated(SagaOutcomeError):

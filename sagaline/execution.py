@@ -30,8 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagaline")
 
 
-def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[Any, ...],
-            kwargs: dict[str, Any], meta: dict[str, Any]) -> Any:
+def execute(
+    runtime: Runtime,
+    task: Any,
+    body: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    meta: dict[str, Any],
+) -> Any:
     """Run the step (or compensation) that a message with sagaline header `meta` names,
     if this process wins its claim, and record the outcome; Celery's step hook calls it."""
     saga_id, step = str(meta["saga_id"]), str(meta["step"])
@@ -42,17 +48,31 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
         raise Ignore()
     now = runtime.now()
     lease = runtime.settings.lease
-    if not runtime.store.claim_step(saga_id, step, phase, attempt, lease_until=now + lease,
-                                    now=now, owner=claim_owner(runtime)):
-        log.info("saga %s step %s %s attempt %s: claim refused (duplicate or stale "
-                 "message); not running it", saga_id, step, phase, attempt)
+    if not runtime.store.claim_step(
+        saga_id, step, phase, attempt, lease_until=now + lease, now=now, owner=claim_owner(runtime)
+    ):
+        log.info(
+            "saga %s step %s %s attempt %s: claim refused (duplicate or stale "
+            "message); not running it",
+            saga_id,
+            step,
+            phase,
+            attempt,
+        )
         if _redelivered(task):
             _republish_pending(runtime, saga_id, step, phase, attempt)
         raise Ignore()
     ready_at = meta.get("ready_at")
     wait = now - ready_at if isinstance(ready_at, (int, float)) else None
-    signals.step_started.send(sender=runtime, saga_id=saga_id, name=defn.name, step=step,
-                              phase=phase, attempt=attempt, queue_wait=wait)
+    signals.step_started.send(
+        sender=runtime,
+        saga_id=saga_id,
+        name=defn.name,
+        step=step,
+        phase=phase,
+        attempt=attempt,
+        queue_wait=wait,
+    )
     heartbeat = runtime.heartbeat()
     token = heartbeat.add(saga_id, step, phase, attempt)
     info = StepInfo(saga_id, defn.name, step, attempt, phase)
@@ -63,8 +83,9 @@ def execute(runtime: Runtime, task: Any, body: Callable[..., Any], args: tuple[A
     try:
         # The attempt's span covers the body and the completion (observability/tracing.py).
         with tracing.attempt(meta, task) if tracing is not None else contextlib.nullcontext():
-            return _run_and_complete(runtime, defn, body, args, kwargs, saga_id, step,
-                                     phase, attempt)
+            return _run_and_complete(
+                runtime, defn, body, args, kwargs, saga_id, step, phase, attempt
+            )
     finally:
         # Renewed until the completion committed: a store outage during completion
         # must not let the lease expire and re-run a body that already finished.
@@ -78,17 +99,27 @@ def _redelivered(task: Any) -> bool:
     return bool(isinstance(info, dict) and info.get("redelivered"))
 
 
-def _republish_pending(runtime: Runtime, saga_id: str, step: str, phase: Phase,
-                       attempt: int) -> None:
+def _republish_pending(
+    runtime: Runtime, saga_id: str, step: str, phase: Phase, attempt: int
+) -> None:
     """A message the broker delivered again, of a step that has moved on: the process
     that had it may have died after committing its completion and before publishing
     what the completion dispatched (acking.py). Publish those again now (fenced)."""
     try:
-        runtime.apply(saga_id, recovery.message_lost, step, phase, attempt, None,
-                      cause="message redelivered", reason="message_redelivered")
+        runtime.apply(
+            saga_id,
+            recovery.message_lost,
+            step,
+            phase,
+            attempt,
+            None,
+            cause="message redelivered",
+            reason="message_redelivered",
+        )
     except Exception:
-        log.exception("saga %s: could not publish its pending messages again; the sweeper "
-                      "will", saga_id)
+        log.exception(
+            "saga %s: could not publish its pending messages again; the sweeper will", saga_id
+        )
 
 
 def claim_owner(runtime: Runtime) -> Owner | None:
@@ -98,9 +129,17 @@ def claim_owner(runtime: Runtime) -> Owner | None:
     return Owner(runtime.worker_node, runtime.worker_boot, os.getpid())
 
 
-def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
-                      args: tuple[Any, ...], kwargs: dict[str, Any], saga_id: str, step: str,
-                      phase: Phase, attempt: int) -> Any:
+def _run_and_complete(
+    runtime: Runtime,
+    defn: Saga,
+    body: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+) -> Any:
     started = time.monotonic()
     try:
         result = body(*args, **kwargs)
@@ -111,13 +150,17 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
         _record_failure(runtime, defn, saga_id, step, phase, attempt, exc, started)
         raise
     if phase is Phase.COMPENSATE:
-        _complete(runtime, defn, saga_id, step, phase, attempt, started,
-                  engine.compensation_succeeded)
+        _complete(
+            runtime, defn, saga_id, step, phase, attempt, started, engine.compensation_succeeded
+        )
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
         return None
     if isinstance(result, StepResponse):
-        output, comp, has_comp = (result.output, result.compensation_data,
-                                  result.has_compensation_data)
+        output, comp, has_comp = (
+            result.output,
+            result.compensation_data,
+            result.has_compensation_data,
+        )
     else:
         output, comp, has_comp = result, None, False
     try:
@@ -125,19 +168,45 @@ def _run_and_complete(runtime: Runtime, defn: Saga, body: Callable[..., Any],
     except InputError as exc:
         step_tx.abandon()
         # Retrying would produce the same value: fail permanently (and compensate).
-        runtime.apply(saga_id, engine.step_failed, step, attempt, error=f"InputError: {exc}",
-                      permanent=True, reason=FailureReason.PAYLOAD_REFUSED)
+        runtime.apply(
+            saga_id,
+            engine.step_failed,
+            step,
+            attempt,
+            error=f"InputError: {exc}",
+            permanent=True,
+            reason=FailureReason.PAYLOAD_REFUSED,
+        )
         _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
         raise InputError(str(exc), rule=exc.rule, where=exc.where) from None
-    _complete(runtime, defn, saga_id, step, phase, attempt, started, engine.step_succeeded,
-              output=output, compensation_data=comp, has_compensation_data=has_comp)
+    _complete(
+        runtime,
+        defn,
+        saga_id,
+        step,
+        phase,
+        attempt,
+        started,
+        engine.step_succeeded,
+        output=output,
+        compensation_data=comp,
+        has_compensation_data=has_comp,
+    )
     _step_finished(runtime, defn, saga_id, step, phase, attempt, "succeeded", started)
     return output
 
 
-def _complete(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
-              attempt: int, started: float, decide: Callable[..., Any],
-              **kwargs: Any) -> None:
+def _complete(
+    runtime: Runtime,
+    defn: Saga,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    started: float,
+    decide: Callable[..., Any],
+    **kwargs: Any,
+) -> None:
     """Record a success: in the step's own transaction when the body opened one
     (sagaline.step_transaction), so that its writes commit with the completion."""
     if not step_tx.is_open():
@@ -152,16 +221,23 @@ def _complete(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phas
         raise
 
 
-def _check_output(runtime: Runtime, step: str, output: Any, comp: Any,
-                  has_comp: bool) -> None:
+def _check_output(runtime: Runtime, step: str, output: Any, comp: Any, has_comp: bool) -> None:
     limit = runtime.settings.max_payload_bytes
     payload.check_output(output, f"output of step {step!r}", max_bytes=limit)
     if has_comp:
         payload.check_value(comp, f"compensation_data of step {step!r}", max_bytes=limit)
 
 
-def _record_failure(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
-                    attempt: int, exc: Exception, started: float) -> None:
+def _record_failure(
+    runtime: Runtime,
+    defn: Saga,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    exc: Exception,
+    started: float,
+) -> None:
     """Store a failed attempt; never raises, so the body's own error reaches Celery.
 
     Stores make any text storable (stores/sanitize.py). Should the write still
@@ -170,66 +246,126 @@ def _record_failure(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase
     would leave the step RUNNING until its lease expires, and the cause lost.
     """
     try:
-        _store_failure(runtime, saga_id, step, phase, attempt, exc,
-                       engine.describe_error(exc))
+        _store_failure(runtime, saga_id, step, phase, attempt, exc, engine.describe_error(exc))
     except Exception as first:
-        log.exception("saga %s step %s %s attempt %s: could not store its failure; "
-                      "storing its type only", saga_id, step, phase, attempt)
-        fallback = (f"{type(exc).__name__} (its message could not be stored: "
-                    f"{type(first).__name__})")
+        log.exception(
+            "saga %s step %s %s attempt %s: could not store its failure; storing its type only",
+            saga_id,
+            step,
+            phase,
+            attempt,
+        )
+        fallback = f"{type(exc).__name__} (its message could not be stored: {type(first).__name__})"
         try:
             _store_failure(runtime, saga_id, step, phase, attempt, exc, fallback)
         except Exception:
-            log.exception("saga %s step %s: could not store its failure; the sweeper "
-                          "retries the step when its lease expires", saga_id, step)
+            log.exception(
+                "saga %s step %s: could not store its failure; the sweeper "
+                "retries the step when its lease expires",
+                saga_id,
+                step,
+            )
     _step_finished(runtime, defn, saga_id, step, phase, attempt, "failed", started)
 
 
-def _store_failure(runtime: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-                   exc: Exception, error: str) -> None:
-    reason = (FailureReason.TIMEOUT if isinstance(exc, SoftTimeLimitExceeded)
-              else FailureReason.ERROR)
+def _store_failure(
+    runtime: Runtime,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    exc: Exception,
+    error: str,
+) -> None:
+    reason = (
+        FailureReason.TIMEOUT if isinstance(exc, SoftTimeLimitExceeded) else FailureReason.ERROR
+    )
     if phase is Phase.COMPENSATE:
-        runtime.apply(saga_id, engine.compensation_failed, step, attempt, error=error,
-                      reason=reason)
+        runtime.apply(
+            saga_id, engine.compensation_failed, step, attempt, error=error, reason=reason
+        )
         return
     permanent = isinstance(exc, StepFailure)
     comp = exc.compensation_data if isinstance(exc, StepFailure) else None
     has_comp = isinstance(exc, StepFailure) and exc.has_compensation_data
     if has_comp:
         try:
-            payload.check_value(comp, f"compensation_data of step {step!r}",
-                                max_bytes=runtime.settings.max_payload_bytes)
+            payload.check_value(
+                comp,
+                f"compensation_data of step {step!r}",
+                max_bytes=runtime.settings.max_payload_bytes,
+            )
         except InputError as bad:
             error, comp, has_comp = f"{error}\n(and {bad})", None, False
-    runtime.apply(saga_id, engine.step_failed, step, attempt, error=error,
-                  permanent=permanent, reason=reason, compensation_data=comp,
-                  has_compensation_data=has_comp)
+    runtime.apply(
+        saga_id,
+        engine.step_failed,
+        step,
+        attempt,
+        error=error,
+        permanent=permanent,
+        reason=reason,
+        compensation_data=comp,
+        has_compensation_data=has_comp,
+    )
 
 
-def _step_finished(runtime: Runtime, defn: Saga, saga_id: str, step: str, phase: Phase,
-                   attempt: int, outcome: str, started: float) -> None:
-    signals.step_finished.send(sender=runtime, saga_id=saga_id, name=defn.name, step=step,
-                               phase=phase, attempt=attempt, outcome=outcome,
-                               duration=time.monotonic() - started)
+def _step_finished(
+    runtime: Runtime,
+    defn: Saga,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    outcome: str,
+    started: float,
+) -> None:
+    signals.step_finished.send(
+        sender=runtime,
+        saga_id=saga_id,
+        name=defn.name,
+        step=step,
+        phase=phase,
+        attempt=attempt,
+        outcome=outcome,
+        duration=time.monotonic() - started,
+    )
 
 
-def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any],
-                               defn: Saga | None) -> None:
-    why = ("not defined in this worker" if defn is None else
-           f"defined here with fingerprint {defn.fingerprint}, the saga was started with "
-           f"{meta.get('fingerprint')}")
-    log.error("saga %s (%s): step %s not run: the definition is %s; deploy the same "
-              "code to every worker", meta.get("saga_id"), meta.get("saga"),
-              meta.get("step"), why)
-    event = Event(str(meta["saga_id"]), EventKind.DEFINITION_MISMATCH, runtime.now(),
-                  str(meta.get("step")), int(meta.get("attempt", 0)),
-                  str(meta.get("phase")),
-                  {"worker_fingerprint": getattr(defn, "fingerprint", None),
-                   "saga_fingerprint": meta.get("fingerprint"), "pid": os.getpid()})
+def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any], defn: Saga | None) -> None:
+    why = (
+        "not defined in this worker"
+        if defn is None
+        else f"defined here with fingerprint {defn.fingerprint}, the saga was started with "
+        f"{meta.get('fingerprint')}"
+    )
+    log.error(
+        "saga %s (%s): step %s not run: the definition is %s; deploy the same code to every worker",
+        meta.get("saga_id"),
+        meta.get("saga"),
+        meta.get("step"),
+        why,
+    )
+    event = Event(
+        str(meta["saga_id"]),
+        EventKind.DEFINITION_MISMATCH,
+        runtime.now(),
+        str(meta.get("step")),
+        int(meta.get("attempt", 0)),
+        str(meta.get("phase")),
+        {
+            "worker_fingerprint": getattr(defn, "fingerprint", None),
+            "saga_fingerprint": meta.get("fingerprint"),
+            "pid": os.getpid(),
+        },
+    )
     try:
-        runtime.store.transact(event.saga_id, lambda st: recovery.refused_message(
-            st, event, Phase(str(meta.get("phase"))), timing=runtime.timing))
+        runtime.store.transact(
+            event.saga_id,
+            lambda st: recovery.refused_message(
+                st, event, Phase(str(meta.get("phase"))), timing=runtime.timing
+            ),
+        )
     except Exception:
         log.exception("could not record the definition mismatch")
 
@@ -255,8 +391,9 @@ class Heartbeat:
             self._next += 1
             self._claims[self._next] = (saga_id, step, phase, attempt)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="sagaline-heartbeat",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="sagaline-heartbeat", daemon=True
+                )
                 self._thread.start()
             return self._next
 
@@ -271,11 +408,11 @@ class Heartbeat:
                 claims = list(self._claims.values())
             for saga_id, step, phase, attempt in claims:
                 try:
-                    self.store.renew_lease(saga_id, step, phase, attempt,
-                                           self.clock() + self.lease)
+                    self.store.renew_lease(saga_id, step, phase, attempt, self.clock() + self.lease)
                 except Exception:
-                    log.warning("could not renew the lease of saga %s step %s", saga_id, step,
-                                exc_info=True)
+                    log.warning(
+                        "could not renew the lease of saga %s step %s", saga_id, step, exc_info=True
+                    )
 
 
 _SIGNATURES: dict[Any, frozenset[str] | None] = {}

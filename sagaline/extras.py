@@ -31,4 +31,5 @@ def check_broker_transport(broker_url: Any) -> None:
     except ImportError as exc:
         raise ConfigurationError(
             f"the {scheme}:// broker needs {exc.name or str(exc)!r}, which is not installed: "
-            f"pip install 'sagaline[{extra}]'") from None
+            f"pip install 'sagaline[{extra}]'"
+        ) from None

@@ -57,8 +57,9 @@ class Ref:
 
     def _refuse(self, what: str) -> Any:
         where = "the saga input" if self._step is None else f"the result of step {self._step!r}"
-        raise DefinitionError(f"{where} used as a Python value: " + _RULE.format(what=what),
-                              step=self._step)
+        raise DefinitionError(
+            f"{where} used as a Python value: " + _RULE.format(what=what), step=self._step
+        )
 
     def __bool__(self) -> bool:
         return bool(self._refuse("`if`/`while`/`and`/`or`"))
@@ -90,17 +91,50 @@ def _arith(name: str) -> Callable[..., Any]:
     return refuse
 
 
-for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
-            "radd", "rsub", "rmul", "rtruediv", "lt", "le", "gt", "ge", "int", "float",
-            "round", "invert", "and", "or", "xor"):
+for _op in (
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "pow",
+    "neg",
+    "pos",
+    "abs",
+    "radd",
+    "rsub",
+    "rmul",
+    "rtruediv",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "int",
+    "float",
+    "round",
+    "invert",
+    "and",
+    "or",
+    "xor",
+):
     setattr(Ref, f"__{_op}__", _arith(_op))
 
 
-def step(task: TaskRef | Saga, *refs: Any, name: str | None = None,
-         compensate: TaskRef | None = None, no_compensation: bool = False,
-         retry: Retry | None = None, compensation_retry: Retry | None = None,
-         timeout: float | None = None, when: ContextFn | None = None, pivot: bool = False,
-         queue: str | None = None, **kwargs: Any) -> Ref:
+def step(
+    task: TaskRef | Saga,
+    *refs: Any,
+    name: str | None = None,
+    compensate: TaskRef | None = None,
+    no_compensation: bool = False,
+    retry: Retry | None = None,
+    compensation_retry: Retry | None = None,
+    timeout: float | None = None,
+    when: ContextFn | None = None,
+    pivot: bool = False,
+    queue: str | None = None,
+    **kwargs: Any,
+) -> Ref:
     """Add a step that runs after the steps whose results are passed to it.
 
     Keyword arguments map step parameters to results: `amount=order["total"]` passes
@@ -111,19 +145,31 @@ def step(task: TaskRef | Saga, *refs: Any, name: str | None = None,
     mapper = _mapper(kwargs) if kwargs else None
     if isinstance(task, Saga):
         if mapper is not None:
-            raise DefinitionError("keyword inputs are not supported for child sagas",
-                                  saga=tracer.saga.name, step=name)
+            raise DefinitionError(
+                "keyword inputs are not supported for child sagas", saga=tracer.saga.name, step=name
+            )
         tracer.saga.add_saga(task, name=name, depends_on=deps, when=when)
     else:
-        tracer.saga.add_step(task, name=_unique(tracer, name, task), compensate=compensate,
-                             no_compensation=no_compensation, depends_on=deps, input=mapper,
-                             retry=retry, compensation_retry=compensation_retry,
-                             timeout=timeout, when=when, pivot=pivot, queue=queue)
+        tracer.saga.add_step(
+            task,
+            name=_unique(tracer, name, task),
+            compensate=compensate,
+            no_compensation=no_compensation,
+            depends_on=deps,
+            input=mapper,
+            retry=retry,
+            compensation_retry=compensation_retry,
+            timeout=timeout,
+            when=when,
+            pivot=pivot,
+            queue=queue,
+        )
     return Ref(tracer.saga.steps[-1].name)
 
 
-def transform(fn: Callable[[dict[str, Any]], dict[str, Any]], *refs: Any,
-              name: str | None = None) -> Ref:
+def transform(
+    fn: Callable[[dict[str, Any]], dict[str, Any]], *refs: Any, name: str | None = None
+) -> Ref:
     """A context transform after the given results: `fn(ctx) -> ctx`, run by the engine."""
     tracer = _tracer("transform")
     tracer.saga.add_transform(fn, name=name, depends_on=_dependencies(refs, {}))
@@ -148,13 +194,17 @@ def _dependencies(refs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
             deps.append(item._step)
 
     for r in refs:
-        items = list(r.values()) if isinstance(r, dict) else (
-            list(r) if isinstance(r, (list, tuple)) else [r])
+        items = (
+            list(r.values())
+            if isinstance(r, dict)
+            else (list(r) if isinstance(r, (list, tuple)) else [r])
+        )
         for item in items:
             if not isinstance(item, Ref):
                 raise DefinitionError(
                     f"step() takes step results as positional arguments, got {item!r}; pass "
-                    f"constants as keyword arguments or in the saga input")
+                    f"constants as keyword arguments or in the saga input"
+                )
             add(item)
     for value in kwargs.values():
         add(value)
@@ -227,8 +277,11 @@ def _result_spec(name: str, returned: Any) -> Any:
         return _ref_spec(returned)
     if isinstance(returned, dict):
         return {str(k): _ref_spec(v) for k, v in returned.items()}
-    raise DefinitionError("a @saga function returns a step result, a dict of them, or "
-                          f"nothing; got {type(returned).__name__}", saga=name)
+    raise DefinitionError(
+        "a @saga function returns a step result, a dict of them, or "
+        f"nothing; got {type(returned).__name__}",
+        saga=name,
+    )
 
 
 def _ref_spec(ref: Any) -> list[str | None]:

@@ -36,8 +36,14 @@ class SagaHandle:
     def status(self) -> SagaStatus:
         return self.record().status
 
-    def get(self, timeout: float | None = None, *, interval: float = 0.002,
-            max_interval: float = 0.1, fast_for: float = 1.0) -> Any:
+    def get(
+        self,
+        timeout: float | None = None,
+        *,
+        interval: float = 0.002,
+        max_interval: float = 0.1,
+        fast_for: float = 1.0,
+    ) -> Any:
         """Wait for the saga to end and return its final context.
 
         On a store that announces ended sagas (PostgreSQL, Redis) the wait wakes on
@@ -61,13 +67,27 @@ class SagaHandle:
             raise SagaCompensated(saga.saga_id, saga.error, step=saga.failed_step, record=saga)
         state = self.runtime.store.read_state(self.saga_id)
         steps = [] if state is None else state.steps.values()
-        failures = {s.name: engine.first_line(s.comp_error) or "no error recorded"
-                    for s in steps if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
-        raise SagaFailed(saga.saga_id, saga.error, step=saga.failed_step, record=saga,
-                         compensation_failures=failures)
+        failures = {
+            s.name: engine.first_line(s.comp_error) or "no error recorded"
+            for s in steps
+            if s.comp_status is CompensationStatus.COMPENSATION_FAILED
+        }
+        raise SagaFailed(
+            saga.saga_id,
+            saga.error,
+            step=saga.failed_step,
+            record=saga,
+            compensation_failures=failures,
+        )
 
-    def _wait(self, watch: FinishWatch | None, timeout: float | None, interval: float,
-              max_interval: float, fast_for: float) -> SagaRecord:
+    def _wait(
+        self,
+        watch: FinishWatch | None,
+        timeout: float | None,
+        interval: float,
+        max_interval: float,
+        fast_for: float,
+    ) -> SagaRecord:
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         while True:

@@ -31,19 +31,21 @@ duplicate_hooks: list[Callable[[str], None]] = [metrics.inbox_duplicate]
 def record(connection: Any, *, consumer: str, message_id: str) -> bool:
     """Record the message in the connection's transaction; False if it was already."""
     check_text(consumer, "consumer", limit=MAX_NAME_LENGTH, rule="text", where="consumer")
-    check_text(message_id, "message_id", limit=MAX_KEY_LENGTH, rule="text",
-               where="message_id")
+    check_text(message_id, "message_id", limit=MAX_KEY_LENGTH, rule="text", where="message_id")
     conn = connection_of(connection)
     if not conn.in_transaction():
-        raise InputError("sagaline.inbox.receive needs a connection inside a transaction "
-                         "(engine.begin() or session.begin()): the message is recorded "
-                         "with the handler's writes", rule="transaction", where="connection")
+        raise InputError(
+            "sagaline.inbox.receive needs a connection inside a transaction "
+            "(engine.begin() or session.begin()): the message is recorded "
+            "with the handler's writes",
+            rule="transaction",
+            where="connection",
+        )
     row = {"consumer": consumer, "message_id": message_id, "received_at": time.time()}
     dialect = conn.dialect.name
     result = conn.execute(_insert_if_new(dialect), row)
     # PostgreSQL and SQLite say through RETURNING (a driver may not report a rowcount).
-    if (result.rowcount == 1 if dialect in ("mysql", "mariadb")
-            else result.first() is not None):
+    if result.rowcount == 1 if dialect in ("mysql", "mariadb") else result.first() is not None:
         return True
     for hook in duplicate_hooks:
         hook(consumer)
@@ -60,12 +62,15 @@ def _insert_if_new(dialect: str) -> Any:
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(inbox).on_conflict_do_nothing().returning(
-            inbox.c.consumer)
+        return sqlite_insert(inbox).on_conflict_do_nothing().returning(inbox.c.consumer)
     if dialect in ("mysql", "mariadb"):
         return inbox.insert().prefix_with("IGNORE")
-    raise InputError(f"the inbox supports PostgreSQL, MySQL/MariaDB and SQLite, not {dialect}",
-                     rule="dialect", where="connection")
+    raise InputError(
+        f"the inbox supports PostgreSQL, MySQL/MariaDB and SQLite, not {dialect}",
+        rule="dialect",
+        where="connection",
+    )
+
 
 @contextmanager
 def receive(connection: Any, *, consumer: str, message_id: str) -> Iterator[bool]:

@@ -21,10 +21,16 @@ from .states import Phase
 log = logging.getLogger("sagaline")
 
 
-def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
-                          alive: Callable[[Collection[int]], Collection[int]], *,
-                          earlier_boots: bool, stopping: bool = False,
-                          limit: int = 200) -> int:
+def hand_back_lost_claims(
+    runtime: Runtime,
+    node: str,
+    boot: str,
+    alive: Callable[[Collection[int]], Collection[int]],
+    *,
+    earlier_boots: bool,
+    stopping: bool = False,
+    limit: int = 200,
+) -> int:
     """In a worker's main process: end at once the attempts its dead processes were running.
 
     A claim of worker `node` is lost when it was made by an earlier boot of that node
@@ -47,26 +53,49 @@ def hand_back_lost_claims(runtime: Runtime, node: str, boot: str,
         if owner.boot != boot:
             if not earlier_boots:
                 continue
-            cause = (f"worker {node} restarted; the process that ran this attempt "
-                     f"(pid {owner.pid}) belonged to its previous start")
+            cause = (
+                f"worker {node} restarted; the process that ran this attempt "
+                f"(pid {owner.pid}) belonged to its previous start"
+            )
         elif owner.pid in living:
             continue
         else:
             cause = f"process {owner.pid} of worker {node} exited while running it"
-        if _hand_back(runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner,
-                      cause, queue):
+        if _hand_back(
+            runtime, rec.saga_id, rec.name, phase, rec.attempt_for(phase), owner, cause, queue
+        ):
             acted += 1
     signals.sweeper_repaired.send(sender=runtime, counts={"worker_lost": acted})
     return acted
 
 
-def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
-               owner: Owner, cause: str, queue: str | None) -> bool:
+def _hand_back(
+    rt: Runtime,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    owner: Owner,
+    cause: str,
+    queue: str | None,
+) -> bool:
     def decide(state: SagaState) -> Decision | None:
         defn = rt.definition_for(state.saga)
-        return None if defn is None else recovery.claim_lost(
-            defn, state, step, phase, attempt, owner, cause=cause, now=rt.now(),
-            timing=rt.timing)
+        return (
+            None
+            if defn is None
+            else recovery.claim_lost(
+                defn,
+                state,
+                step,
+                phase,
+                attempt,
+                owner,
+                cause=cause,
+                now=rt.now(),
+                timing=rt.timing,
+            )
+        )
 
     try:
         decision = rt.store.transact(saga_id, decide)
@@ -79,9 +108,9 @@ def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
             # it die first, the sweeper publishes it again to the step's queue after
             # redispatch_after.
             decision.dispatches = [
-                replace(d, queue=queue)
-                if d.step == step and d.child_saga is None else d
-                for d in decision.dispatches]
+                replace(d, queue=queue) if d.step == step and d.child_saga is None else d
+                for d in decision.dispatches
+            ]
         else:
             # A stopping worker: a retry's backoff would wait in this process
             # (DelayedPublisher), which is about to exit, and the step would then wait
@@ -89,11 +118,18 @@ def _hand_back(rt: Runtime, saga_id: str, step: str, phase: Phase, attempt: int,
             decision.dispatches = [replace(d, countdown=0.0) for d in decision.dispatches]
         rt.after_commit(decision)
     except Exception:
-        log.exception("could not hand back saga %s step %s (%s attempt %s)", saga_id, step,
-                      phase, attempt)
+        log.exception(
+            "could not hand back saga %s step %s (%s attempt %s)", saga_id, step, phase, attempt
+        )
         return False
-    log.warning("saga %s step %s (%s attempt %s): %s; running it again", saga_id, step,
-                phase, attempt, cause)
+    log.warning(
+        "saga %s step %s (%s attempt %s): %s; running it again",
+        saga_id,
+        step,
+        phase,
+        attempt,
+        cause,
+    )
     return True
 
 
@@ -102,8 +138,14 @@ def hand_back_dead_processes(runtime: Runtime) -> None:
     if runtime.worker_node is None or runtime.worker_boot is None:
         return
     try:
-        hand_back_lost_claims(runtime, runtime.worker_node, runtime.worker_boot,
-                              _existing, earlier_boots=False, stopping=True)
+        hand_back_lost_claims(
+            runtime,
+            runtime.worker_node,
+            runtime.worker_boot,
+            _existing,
+            earlier_boots=False,
+            stopping=True,
+        )
     except Exception:
         log.exception("could not hand back the claims of exited processes")
 

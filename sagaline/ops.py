@@ -50,8 +50,7 @@ log = logging.getLogger("sagaline")
 # -- reading: any process, given a store ----------------------------------------------------
 
 
-def open_store(url: str, *, read_only: bool = False,
-               give_up_after: float | None = None) -> Store:
+def open_store(url: str, *, read_only: bool = False, give_up_after: float | None = None) -> Store:
     """A store for a tool that reads or upgrades it, not for a worker.
 
     `read_only`: the store must exist already; it is neither created nor migrated.
@@ -117,54 +116,89 @@ def read_store(runtime: Runtime | None = None) -> Store:
         return _readers[key]
 
 
-def get_saga(saga_id: str, *, runtime: Runtime | None = None,
-             with_history: bool = True) -> SagaView:
+def get_saga(
+    saga_id: str, *, runtime: Runtime | None = None, with_history: bool = True
+) -> SagaView:
     """A saga with its steps and history, from any process (see `read_store`)."""
     return read_saga(read_store(runtime), saga_id, with_history=with_history)
 
 
-def list_sagas(*, status: list[SagaStatus] | SagaStatus | None = None, name: str | None = None,
-               created_after: float | None = None, created_before: float | None = None,
-               limit: int = 50, offset: int = 0,
-               runtime: Runtime | None = None) -> list[SagaRecord]:
+def list_sagas(
+    *,
+    status: list[SagaStatus] | SagaStatus | None = None,
+    name: str | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    runtime: Runtime | None = None,
+) -> list[SagaRecord]:
     """Sagas matching the filters, newest first, from any process (see `read_store`)."""
     statuses = [status] if isinstance(status, SagaStatus) else status
-    return read_store(runtime).list_sagas(SagaFilter(status=statuses, name=name,
-                                          created_after=created_after,
-                                          created_before=created_before, limit=limit,
-                                          offset=offset))
+    return read_store(runtime).list_sagas(
+        SagaFilter(
+            status=statuses,
+            name=name,
+            created_after=created_after,
+            created_before=created_before,
+            limit=limit,
+            offset=offset,
+        )
+    )
 
 
 # -- actions: they publish, so they take the runtime of an app -----------------------------
 
 
-def cancel(saga_id: str, *, reason: str = "cancelled by operator",
-           runtime: Runtime | None = None, actor: str = "python") -> SagaRecord:
+def cancel(
+    saga_id: str,
+    *,
+    reason: str = "cancelled by operator",
+    runtime: Runtime | None = None,
+    actor: str = "python",
+) -> SagaRecord:
     """Stop a running saga and compensate what it applied.
 
     `actor` (who asked: a token's name, `cli`) is recorded in the saga's history.
     """
     rt = runtime or current_runtime()
-    return _operate(rt, saga_id, "cancel", actor, lambda d, st: recovery.cancel(
-        d, st, reason=reason, now=rt.now(), timing=rt.timing), reason=reason)
+    return _operate(
+        rt,
+        saga_id,
+        "cancel",
+        actor,
+        lambda d, st: recovery.cancel(d, st, reason=reason, now=rt.now(), timing=rt.timing),
+        reason=reason,
+    )
 
 
-def resume(saga_id: str, *, runtime: Runtime | None = None,
-           actor: str = "python") -> SagaRecord:
+def resume(saga_id: str, *, runtime: Runtime | None = None, actor: str = "python") -> SagaRecord:
     """Retry exactly the unfinished compensations (or forward steps) of a FAILED saga."""
     rt = runtime or current_runtime()
-    return _operate(rt, saga_id, "resume", actor, lambda d, st: recovery.resume(
-        d, st, now=rt.now(), timing=rt.timing))
+    return _operate(
+        rt,
+        saga_id,
+        "resume",
+        actor,
+        lambda d, st: recovery.resume(d, st, now=rt.now(), timing=rt.timing),
+    )
 
 
-def _operate(rt: Runtime, saga_id: str, action: str, actor: str, decide: Any,
-             **detail: Any) -> SagaRecord:
+def _operate(
+    rt: Runtime, saga_id: str, action: str, actor: str, decide: Any, **detail: Any
+) -> SagaRecord:
     def audited(defn: Any, state: SagaState) -> Decision | None:
         decision: Decision | None = decide(defn, state)
         if decision is not None:
             # The audit entry commits with the action itself, or not at all.
-            decision.events.append(Event(saga_id, AUDIT_EVENT, rt.now(), detail={
-                "action": action, "actor": actor, **detail}))
+            decision.events.append(
+                Event(
+                    saga_id,
+                    AUDIT_EVENT,
+                    rt.now(),
+                    detail={"action": action, "actor": actor, **detail},
+                )
+            )
         return decision
 
     decision = rt.transact(saga_id, audited)
@@ -182,8 +216,14 @@ AUDIT_EVENT = EventKind.OPERATOR_ACTION
 MAX_BULK = 10_000
 
 
-def start(name: str, input: dict[str, Any], *, idempotency_key: str | None = None,
-          runtime: Runtime | None = None, actor: str = "python") -> tuple[SagaRecord, bool]:
+def start(
+    name: str,
+    input: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+    runtime: Runtime | None = None,
+    actor: str = "python",
+) -> tuple[SagaRecord, bool]:
     """Start saga `name` (defined in this process) with `input`: (its record, whether new).
 
     The same key with the same input returns the saga it started (False); with other
@@ -191,12 +231,14 @@ def start(name: str, input: dict[str, Any], *, idempotency_key: str | None = Non
     """
     rt = runtime or current_runtime()
     new_id = str(uuid.uuid4())
-    handle = rt.start_saga(rt.definition(name), input, idempotency_key=idempotency_key,
-                           saga_id=new_id)
+    handle = rt.start_saga(
+        rt.definition(name), input, idempotency_key=idempotency_key, saga_id=new_id
+    )
     created = handle.saga_id == new_id
     if created:
-        rt.store.append_event(Event(new_id, AUDIT_EVENT, rt.now(), detail={
-            "action": "start", "actor": actor}))
+        rt.store.append_event(
+            Event(new_id, AUDIT_EVENT, rt.now(), detail={"action": "start", "actor": actor})
+        )
     return handle.record(), created
 
 
@@ -205,22 +247,30 @@ def saga_names() -> list[str]:
     return sorted(d.name for d in registered_sagas())
 
 
-def cancel_matching(flt: SagaFilter, *, dry_run: bool = False, reason: str = "cancelled by "
-                    "operator", runtime: Runtime | None = None,
-                    actor: str = "python") -> tuple[list[str], list[str]]:
+def cancel_matching(
+    flt: SagaFilter,
+    *,
+    dry_run: bool = False,
+    reason: str = "cancelled by operator",
+    runtime: Runtime | None = None,
+    actor: str = "python",
+) -> tuple[list[str], list[str]]:
     """Cancel every RUNNING saga matching `flt` (at most MAX_BULK): (matched, cancelled).
 
     `dry_run` only counts. A saga that ends between the listing and its cancel is
     matched but not cancelled.
     """
     rt = runtime or current_runtime()
-    statuses: list[SagaStatus] = [SagaStatus.RUNNING] if flt.status is None else \
-        [s for s in flt.status if s is SagaStatus.RUNNING]
+    statuses: list[SagaStatus] = (
+        [SagaStatus.RUNNING]
+        if flt.status is None
+        else [s for s in flt.status if s is SagaStatus.RUNNING]
+    )
     page = replace(flt, status=statuses, limit=500, offset=0)
     matched: list[str] = []
     while len(matched) < MAX_BULK:
         found = rt.store.list_sagas(page)
-        matched += [s.saga_id for s in found][:MAX_BULK - len(matched)]
+        matched += [s.saga_id for s in found][: MAX_BULK - len(matched)]
         if len(found) < page.limit:
             break
         page = replace(page, before=(found[-1].created_at, found[-1].saga_id))
@@ -241,9 +291,16 @@ def step_shapes(runtime: Runtime | None, saga: SagaRecord) -> dict[str, StepShap
     defn = None if runtime is None else registered_saga(saga.name)
     if defn is None or defn.fingerprint != saga.fingerprint:
         return {}
-    return {s.name: StepShape(list(s.depends_on), s.retry.max_attempts,
-                              s.compensation_retry.max_attempts, s.compensable, s.pivot)
-            for s in defn.steps}
+    return {
+        s.name: StepShape(
+            list(s.depends_on),
+            s.retry.max_attempts,
+            s.compensation_retry.max_attempts,
+            s.compensable,
+            s.pivot,
+        )
+        for s in defn.steps
+    }
 
 
 @dataclass(slots=True)
@@ -257,8 +314,12 @@ class StepShape:
     pivot: bool
 
 
-def migrate(store_url: str | None = None, *, runtime: Runtime | None = None,
-            give_up_after: float | None = None) -> None:
+def migrate(
+    store_url: str | None = None,
+    *,
+    runtime: Runtime | None = None,
+    give_up_after: float | None = None,
+) -> None:
     """Create or upgrade the store's schema (stores migrate on first use anyway).
 
     With `store_url`, that store (see `open_store` for `give_up_after`); otherwise the
@@ -274,20 +335,19 @@ def migrate(store_url: str | None = None, *, runtime: Runtime | None = None,
         raise
     except Exception as exc:
         # A driver's or migration tool's own error: say which store, in one line.
-        raise StoreError(f"store {redact(store_url)} failed: {first_line(str(exc))}") \
-            from exc
+        raise StoreError(f"store {redact(store_url)} failed: {first_line(str(exc))}") from exc
     finally:
         store.close()
 
 
-def sweep(runtime: Runtime | None = None, *, now: float | None = None,
-          limit: int = 200) -> int:
+def sweep(runtime: Runtime | None = None, *, now: float | None = None, limit: int = 200) -> int:
     """Repair what crashes left behind; returns how many items it acted on."""
     return sweep_report(runtime, now=now, limit=limit).acted
 
 
-def sweep_report(runtime: Runtime | None = None, *, now: float | None = None,
-                 limit: int = 200) -> SweepReport:
+def sweep_report(
+    runtime: Runtime | None = None, *, now: float | None = None, limit: int = 200
+) -> SweepReport:
     """One sweeper pass (see `sweeper.sweep`): each item it acted on, by kind."""
     return sweeper.sweep(runtime or current_runtime(), now=now, limit=limit)
 
@@ -312,8 +372,9 @@ class MetricsExposition:
         self.content_type: str = self._pc.CONTENT_TYPE_LATEST
 
     def render(self) -> bytes:
-        return bytes(self._pc.generate_latest(self._pc.REGISTRY)
-                     + self._pc.generate_latest(self._gauges))
+        return bytes(
+            self._pc.generate_latest(self._pc.REGISTRY) + self._pc.generate_latest(self._gauges)
+        )
 
 
 # -- the transactional outbox (sagaline/outbox/) ---------------------------------------
@@ -323,13 +384,15 @@ def _outbox_store(store_url: str) -> Any:
     from .stores.sql import SQLStore
 
     if store_class(store_url) is not SQLStore:
-        raise ConfigurationError(f"the outbox lives in a SQL database; "
-                                 f"{redact(store_url)} is not one")
+        raise ConfigurationError(
+            f"the outbox lives in a SQL database; {redact(store_url)} is not one"
+        )
     store = SQLStore(store_url, auto_migrate=False)
     if not store.exists():
         store.close()
-        raise ConfigurationError(f"{redact(store_url)} has no sagaline tables: run "
-                                 f"`sagaline db upgrade`")
+        raise ConfigurationError(
+            f"{redact(store_url)} has no sagaline tables: run `sagaline db upgrade`"
+        )
     return store
 
 

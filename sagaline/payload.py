@@ -58,11 +58,20 @@ MAX_KEY_LENGTH = 255  # idempotency keys
 
 # Rule names, for InputError.rule (an API maps them to a problem type).
 TYPE, KEY, NUMBER, TEXT, DEPTH, SIZE, ENVELOPE, RESERVED = (
-    "type", "key", "number", "text", "depth", "size", "envelope", "reserved")
+    "type",
+    "key",
+    "number",
+    "text",
+    "depth",
+    "size",
+    "envelope",
+    "reserved",
+)
 
 
-def check_object(value: Any, where: str, *, max_bytes: int,
-                 reserved: frozenset[str] = RESERVED_KEYS) -> int:
+def check_object(
+    value: Any, where: str, *, max_bytes: int, reserved: frozenset[str] = RESERVED_KEYS
+) -> int:
     """Check a JSON object whose keys become context keys (an input, a dict output).
 
     Returns the size of its JSON in bytes; raises InputError naming the rule and where.
@@ -71,8 +80,11 @@ def check_object(value: Any, where: str, *, max_bytes: int,
         raise _refuse(TYPE, where, f"must be a JSON object (a dict), got {type(value).__name__}")
     for key in value:
         if isinstance(key, str) and key in reserved:
-            raise _refuse(RESERVED, f"{where}[{key!r}]",
-                          f"{key!r} is a reserved context key that sagaline sets itself")
+            raise _refuse(
+                RESERVED,
+                f"{where}[{key!r}]",
+                f"{key!r} is a reserved context key that sagaline sets itself",
+            )
     _walk(value, where, max_bytes=max_bytes, start_depth=0)
     return _size(value, where, max_bytes)
 
@@ -97,8 +109,9 @@ def check_size(value: Any, where: str, *, max_bytes: int) -> int:
     return _size(value, where, max_bytes)
 
 
-def check_text(value: Any, what: str, *, limit: int, error: type[Exception] = InputError,
-               **fields: Any) -> None:
+def check_text(
+    value: Any, what: str, *, limit: int, error: type[Exception] = InputError, **fields: Any
+) -> None:
     """A name or key that stores keep in a column of `limit` characters."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a string, got {type(value).__name__}")
@@ -147,8 +160,12 @@ def _walk(root: Any, where: str, *, max_bytes: int, start_depth: int) -> None:
         if visited > max_bytes:
             # Every JSON value takes at least one byte: this one is over the limit
             # (shared or cyclic structures end here too, never in an endless walk).
-            raise _refuse(SIZE, where, f"is larger than the limit of {max_bytes} bytes of "
-                                       "JSON (setting max_payload_bytes)")
+            raise _refuse(
+                SIZE,
+                where,
+                f"is larger than the limit of {max_bytes} bytes of "
+                "JSON (setting max_payload_bytes)",
+            )
         if value is None or isinstance(value, bool):
             continue
         if isinstance(value, str):
@@ -158,28 +175,41 @@ def _walk(root: Any, where: str, *, max_bytes: int, start_depth: int) -> None:
             continue
         if isinstance(value, int):
             if value.bit_length() > MAX_INT_BITS:
-                raise _refuse(NUMBER, _render(where, path),
-                              "an integer this large is not carried (over ~4000 digits)")
+                raise _refuse(
+                    NUMBER,
+                    _render(where, path),
+                    "an integer this large is not carried (over ~4000 digits)",
+                )
             continue
         if isinstance(value, float):
             if not math.isfinite(value):
-                raise _refuse(NUMBER, _render(where, path),
-                              f"{value} is not JSON (NaN and Infinity are refused)")
+                raise _refuse(
+                    NUMBER,
+                    _render(where, path),
+                    f"{value} is not JSON (NaN and Infinity are refused)",
+                )
             continue
         if isinstance(value, (dict, list, tuple)):
             if depth + 1 > MAX_DEPTH:
-                raise _refuse(DEPTH, _render(where, path),
-                              f"nesting deeper than {MAX_DEPTH} levels")
+                raise _refuse(
+                    DEPTH, _render(where, path), f"nesting deeper than {MAX_DEPTH} levels"
+                )
             if isinstance(value, dict):
                 if value.keys() == KOMBU_ENVELOPE:
-                    raise _refuse(ENVELOPE, _render(where, path),
-                                  "an object with exactly the keys '__type__' and '__value__' "
-                                  "is kombu's envelope for non-JSON types; rename a key")
+                    raise _refuse(
+                        ENVELOPE,
+                        _render(where, path),
+                        "an object with exactly the keys '__type__' and '__value__' "
+                        "is kombu's envelope for non-JSON types; rename a key",
+                    )
                 for key, item in value.items():
                     if not isinstance(key, str):
-                        raise _refuse(KEY, _render(where, path),
-                                      f"key {key!r} ({type(key).__name__}) is not a "
-                                      "string; JSON object keys must be strings")
+                        raise _refuse(
+                            KEY,
+                            _render(where, path),
+                            f"key {key!r} ({type(key).__name__}) is not a "
+                            "string; JSON object keys must be strings",
+                        )
                     problem = text_problem(key)
                     if problem is not None:
                         raise _refuse(TEXT, _render(where, path), f"the key {key!r} {problem}")
@@ -188,9 +218,12 @@ def _walk(root: Any, where: str, *, max_bytes: int, start_depth: int) -> None:
                 for i, item in enumerate(value):
                     stack.append((item, depth + 1, (path, i)))
             continue
-        raise _refuse(TYPE, _render(where, path),
-                      f"type {type(value).__name__} is not JSON; convert it (str(), "
-                      ".isoformat(), list()) before it enters a saga")
+        raise _refuse(
+            TYPE,
+            _render(where, path),
+            f"type {type(value).__name__} is not JSON; convert it (str(), "
+            ".isoformat(), list()) before it enters a saga",
+        )
 
 
 def _size(value: Any, where: str, max_bytes: int) -> int:
@@ -200,8 +233,11 @@ def _size(value: Any, where: str, max_bytes: int) -> int:
         raise _refuse(TYPE, where, f"is not JSON: {exc}") from None
     size = len(text.encode("utf-8"))
     if size > max_bytes:
-        raise _refuse(SIZE, where, f"is {size} bytes of JSON, over the limit of {max_bytes} "
-                                   "(setting max_payload_bytes)")
+        raise _refuse(
+            SIZE,
+            where,
+            f"is {size} bytes of JSON, over the limit of {max_bytes} (setting max_payload_bytes)",
+        )
     return size
 
 

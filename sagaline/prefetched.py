@@ -44,8 +44,14 @@ def requeue_prefetched_steps(app: Any, delivered_before: float) -> int:
         qos = channel.qos
         client = channel.client
         # Oldest first, delivered before this worker started.
-        tags = client.zrange(qos.unacked_index_key, "-inf", f"({delivered_before}",
-                             byscore=True, offset=0, num=SCAN_LIMIT)
+        tags = client.zrange(
+            qos.unacked_index_key,
+            "-inf",
+            f"({delivered_before}",
+            byscore=True,
+            offset=0,
+            num=SCAN_LIMIT,
+        )
         restored = 0
         for tag in tags:
             raw = client.hget(qos.unacked_key, tag)
@@ -54,8 +60,11 @@ def requeue_prefetched_steps(app: Any, delivered_before: float) -> int:
             qos.restore_by_tag(tag, client)
             restored += 1
         if restored:
-            log.warning("put back %s saga step message(s) that a worker had received but "
-                        "not started before this worker started", restored)
+            log.warning(
+                "put back %s saga step message(s) that a worker had received but "
+                "not started before this worker started",
+                restored,
+            )
         return restored
 
 

@@ -43,9 +43,12 @@ def describe_choice(value: str) -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sagaline", "sagaline sagas")
     group.addoption(
-        STORE_OPTION, default="memory", metavar="STORE",
+        STORE_OPTION,
+        default="memory",
+        metavar="STORE",
         help="store for saga_env: memory (default), sqlite, postgresql://... or redis://...;"
-             " each test gets its own database or key prefix, removed afterwards")
+        " each test gets its own database or key prefix, removed afterwards",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -96,15 +99,18 @@ def faults() -> Faults:
 
 
 @pytest.fixture
-def saga_env(saga_store: Store, saga_clock: VirtualClock, faults: Faults,
-             saga_apps: list[Celery] | None,
-             saga_settings: dict[str, Any]) -> Iterator[SagaEnv]:
+def saga_env(
+    saga_store: Store,
+    saga_clock: VirtualClock,
+    faults: Faults,
+    saga_apps: list[Celery] | None,
+    saga_settings: dict[str, Any],
+) -> Iterator[SagaEnv]:
     """The real engine in this process: `start()`/`run()` sagas, `step()`,
     `run_until_done()`, `advance()`, `sweep()`."""
     from .testkit import SagaEnv
 
-    env = SagaEnv(saga_apps, store=saga_store, clock=saga_clock, faults=faults,
-                  **saga_settings)
+    env = SagaEnv(saga_apps, store=saga_store, clock=saga_clock, faults=faults, **saga_settings)
     try:
         yield env
     finally:
@@ -121,8 +127,10 @@ def mock_step(saga_env: SagaEnv) -> Callable[..., StepMock]:
 @pytest.fixture
 def saga_worker_app() -> str:
     """The `-A` module of `saga_worker`; override it in a conftest."""
-    raise pytest.UsageError("saga_worker needs the Celery app module: define a "
-                            "`saga_worker_app` fixture returning e.g. 'myproject.celery'")
+    raise pytest.UsageError(
+        "saga_worker needs the Celery app module: define a "
+        "`saga_worker_app` fixture returning e.g. 'myproject.celery'"
+    )
 
 
 @pytest.fixture
@@ -132,14 +140,14 @@ def saga_worker_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def saga_worker(saga_worker_app: str, saga_worker_env: dict[str, str],
-                tmp_path: Path) -> Iterator[WorkerProcess]:
+def saga_worker(
+    saga_worker_app: str, saga_worker_env: dict[str, str], tmp_path: Path
+) -> Iterator[WorkerProcess]:
     """A real prefork `celery worker` subprocess, ready (without celery.ping) when the
     test starts; its whole process group is killed at teardown, also after Ctrl-C."""
     from .testing import WorkerProcess
 
-    worker = WorkerProcess(saga_worker_app, env=saga_worker_env,
-                           workdir=tmp_path / "saga_worker")
+    worker = WorkerProcess(saga_worker_app, env=saga_worker_env, workdir=tmp_path / "saga_worker")
     _stop_workers_on_sigterm()
     _LIVE_WORKERS.append(worker)
     try:
@@ -175,8 +183,10 @@ def _stop_workers_on_sigterm() -> None:
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         return
 
     def on_sigterm(signum: int, frame: Any) -> None:

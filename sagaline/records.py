@@ -51,11 +51,16 @@ class PhaseColumns:
 # The one place that says which fields a phase uses: records, engine and every store
 # (their SQL and Lua included) go through it.
 PHASE_COLUMNS = {
-    Phase.FORWARD: PhaseColumns("status", "attempt", StepStatus.DISPATCHED,
-                                StepStatus.RUNNING, EventKind.STEP_STARTED),
-    Phase.COMPENSATE: PhaseColumns("comp_status", "comp_attempt",
-                                   CompensationStatus.DISPATCHED, CompensationStatus.RUNNING,
-                                   EventKind.COMPENSATION_STARTED),
+    Phase.FORWARD: PhaseColumns(
+        "status", "attempt", StepStatus.DISPATCHED, StepStatus.RUNNING, EventKind.STEP_STARTED
+    ),
+    Phase.COMPENSATE: PhaseColumns(
+        "comp_status",
+        "comp_attempt",
+        CompensationStatus.DISPATCHED,
+        CompensationStatus.RUNNING,
+        EventKind.COMPENSATION_STARTED,
+    ),
 }
 
 
@@ -100,12 +105,15 @@ class StepRecord:
     def is_dispatched(self, phase: Phase, attempt: int | None = None) -> bool:
         """Whether a message of `phase` is out, waiting to be claimed (by `attempt`, if given)."""
         return self.status_for(phase) is PHASE_COLUMNS[phase].dispatched and (
-            attempt is None or self.attempt_for(phase) == attempt)
+            attempt is None or self.attempt_for(phase) == attempt
+        )
 
     def is_running(self, phase: Phase, attempt: int) -> bool:
         """Whether `attempt` of `phase` holds the claim: the fence against stale messages."""
-        return (self.status_for(phase) is PHASE_COLUMNS[phase].running
-                and self.attempt_for(phase) == attempt)
+        return (
+            self.status_for(phase) is PHASE_COLUMNS[phase].running
+            and self.attempt_for(phase) == attempt
+        )
 
     @property
     def owner(self) -> Owner | None:

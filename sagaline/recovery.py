@@ -30,8 +30,9 @@ from .states import (
 from .work import Timing, Work
 
 
-def cancel(defn: Saga, state: SagaState, *, reason: str, now: float,
-           timing: Timing) -> Decision | None:
+def cancel(
+    defn: Saga, state: SagaState, *, reason: str, now: float, timing: Timing
+) -> Decision | None:
     w = Work(defn, state, now, timing)
     if w.saga.status is not SagaStatus.RUNNING:
         return None
@@ -40,36 +41,53 @@ def cancel(defn: Saga, state: SagaState, *, reason: str, now: float,
     return w.decision()
 
 
-def deadline_or_grace_due(defn: Saga, state: SagaState, *, now: float,
-                          timing: Timing) -> Decision | None:
+def deadline_or_grace_due(
+    defn: Saga, state: SagaState, *, now: float, timing: Timing
+) -> Decision | None:
     """The saga's due time passed: its deadline (RUNNING) or its grace period (COMPENSATING)."""
     w = Work(defn, state, now, timing)
     if w.saga.due_at is None or w.saga.due_at > now:
         return None
     if w.saga.status is SagaStatus.RUNNING:
         w.event(EventKind.SAGA_DEADLINE_EXCEEDED, deadline=w.saga.deadline)
-        begin_compensation(w, cause=f"deadline exceeded (timeout={defn.timeout}s)",
-                           failed_step=None, strategy=FailureStrategy.FAIL_FAST)
+        begin_compensation(
+            w,
+            cause=f"deadline exceeded (timeout={defn.timeout}s)",
+            failed_step=None,
+            strategy=FailureStrategy.FAIL_FAST,
+        )
     elif w.saga.status is SagaStatus.COMPENSATING:
         w.update_saga(due_at=None)
         for name in w.graph.order:
             rec = w.steps[name]
             if rec.status in STEP_IN_FLIGHT:
                 # Its outcome is unknown: count it as applied so that it is undone too.
-                w.update_step(name, status=StepStatus.FAILED, finished_at=now, lease_until=None,
-                              due_at=None, has_compensation_data=True,
-                              compensation_data=rec.compensation_data,
-                              error="outcome unknown: still running when the grace period ended")
-                w.event(EventKind.STEP_ABANDONED, name, rec.attempt, Phase.FORWARD,
-                        reason=FailureReason.GRACE_PERIOD_ENDED)
+                w.update_step(
+                    name,
+                    status=StepStatus.FAILED,
+                    finished_at=now,
+                    lease_until=None,
+                    due_at=None,
+                    has_compensation_data=True,
+                    compensation_data=rec.compensation_data,
+                    error="outcome unknown: still running when the grace period ended",
+                )
+                w.event(
+                    EventKind.STEP_ABANDONED,
+                    name,
+                    rec.attempt,
+                    Phase.FORWARD,
+                    reason=FailureReason.GRACE_PERIOD_ENDED,
+                )
     else:
         w.update_saga(due_at=None)
     advance(w)
     return w.decision()
 
 
-def rollback_completed(defn: Saga, state: SagaState, *, cause: str, now: float,
-                       timing: Timing) -> Decision | None:
+def rollback_completed(
+    defn: Saga, state: SagaState, *, cause: str, now: float, timing: Timing
+) -> Decision | None:
     """Compensate a COMPLETED saga as a whole: a child whose parent is rolling back."""
     w = Work(defn, state, now, timing)
     if w.saga.status is not SagaStatus.COMPLETED:
@@ -79,8 +97,9 @@ def rollback_completed(defn: Saga, state: SagaState, *, cause: str, now: float,
     return w.decision()
 
 
-def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
-                  timing: Timing) -> Decision | None:
+def lease_expired(
+    defn: Saga, state: SagaState, step: str, *, now: float, timing: Timing
+) -> Decision | None:
     """The sweeper found a RUNNING step (or compensation) whose worker stopped renewing it."""
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
@@ -98,8 +117,18 @@ def lease_expired(defn: Saga, state: SagaState, step: str, *, now: float,
     return w.decision()
 
 
-def claim_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int,
-               owner: Owner, *, cause: str, now: float, timing: Timing) -> Decision | None:
+def claim_lost(
+    defn: Saga,
+    state: SagaState,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    owner: Owner,
+    *,
+    cause: str,
+    now: float,
+    timing: Timing,
+) -> Decision | None:
     """The process that held this claim is known to be dead: a crashed attempt, at once.
 
     Like `lease_expired` (the attempt may have applied its effect; it counts against
@@ -109,8 +138,7 @@ def claim_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: i
     """
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
-    if rec.running_phase is not phase or rec.attempt_for(phase) != attempt or \
-            rec.owner != owner:
+    if rec.running_phase is not phase or rec.attempt_for(phase) != attempt or rec.owner != owner:
         return None
     error = f"WorkerLost: {cause}"
     if phase is Phase.FORWARD:
@@ -121,9 +149,19 @@ def claim_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: i
     return w.decision()
 
 
-def message_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int,
-                 owner: Owner | None, *, cause: str, now: float, timing: Timing,
-                 reason: str = "message_lost") -> Decision | None:
+def message_lost(
+    defn: Saga,
+    state: SagaState,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    owner: Owner | None,
+    *,
+    cause: str,
+    now: float,
+    timing: Timing,
+    reason: str = "message_lost",
+) -> Decision | None:
     """A process that took this step's message may have died before finishing with it.
 
     Either the pool process that took it died (its worker's main process saw it, and
@@ -141,18 +179,25 @@ def message_lost(defn: Saga, state: SagaState, step: str, phase: Phase, attempt:
     if rec is None:
         return None
     if rec.is_dispatched(phase, attempt):
-        return republish_pending(defn, state, now=now, timing=timing, reason=reason,
-                                 only=step)
+        return republish_pending(defn, state, now=now, timing=timing, reason=reason, only=step)
     if rec.is_running(phase, attempt):
         if owner is None or rec.owner != owner:
             return None
-        return claim_lost(defn, state, step, phase, attempt, owner, cause=cause, now=now,
-                          timing=timing)
+        return claim_lost(
+            defn, state, step, phase, attempt, owner, cause=cause, now=now, timing=timing
+        )
     return republish_pending(defn, state, now=now, timing=timing, reason=reason)
 
 
-def republish_pending(defn: Saga, state: SagaState, *, now: float, timing: Timing,
-                      reason: str, only: str | None = None) -> Decision | None:
+def republish_pending(
+    defn: Saga,
+    state: SagaState,
+    *,
+    now: float,
+    timing: Timing,
+    reason: str,
+    only: str | None = None,
+) -> Decision | None:
     """Publish again, at once, the messages of this saga that should be in the broker now.
 
     Called when a process may have died between a commit that dispatched steps and
@@ -169,20 +214,28 @@ def republish_pending(defn: Saga, state: SagaState, *, now: float, timing: Timin
         rec = w.steps[name]
         if rec.due_at is None or rec.due_at - timing.redispatch_after > now:
             continue  # not dispatched, or a backoff not over yet
-        if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (SagaStatus.RUNNING,
-                                                                  SagaStatus.COMPENSATING):
+        if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (
+            SagaStatus.RUNNING,
+            SagaStatus.COMPENSATING,
+        ):
             dispatch_forward(w, name, attempt=rec.attempt, announce=False)
             w.event(EventKind.STEP_REDISPATCHED, name, rec.attempt, Phase.FORWARD, reason=reason)
         elif rec.is_dispatched(Phase.COMPENSATE):
             dispatch_compensation(w, name, attempt=rec.comp_attempt, announce=False)
-            w.event(EventKind.COMPENSATION_REDISPATCHED, name, rec.comp_attempt, Phase.COMPENSATE,
-                    reason=reason)
+            w.event(
+                EventKind.COMPENSATION_REDISPATCHED,
+                name,
+                rec.comp_attempt,
+                Phase.COMPENSATE,
+                reason=reason,
+            )
     decision = w.decision()
     return decision if decision.dispatches else None
 
 
-def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
-               timing: Timing) -> Decision | None:
+def redispatch(
+    defn: Saga, state: SagaState, step: str, *, now: float, timing: Timing
+) -> Decision | None:
     """Publish again a DISPATCHED message that may have been lost (same attempt: fenced)."""
     w = Work(defn, state, now, timing)
     rec = w.steps[step]
@@ -194,25 +247,33 @@ def redispatch(defn: Saga, state: SagaState, step: str, *, now: float,
     # The queue wait of the step counts from when its previous copy was published
     # (the first time: its dispatch), read back from the due time that publish set.
     previous = rec.due_at - w.timing.redispatch_after * (
-        min(2 ** rec.redispatches, 32) if rec.redispatches else 1)
-    if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (SagaStatus.RUNNING,
-                                                              SagaStatus.COMPENSATING):
+        min(2**rec.redispatches, 32) if rec.redispatches else 1
+    )
+    if rec.is_dispatched(Phase.FORWARD) and w.saga.status in (
+        SagaStatus.RUNNING,
+        SagaStatus.COMPENSATING,
+    ):
         dispatch_forward(w, step, attempt=rec.attempt, announce=False)
         w.event(EventKind.STEP_REDISPATCHED, step, rec.attempt, Phase.FORWARD, times=times)
     elif rec.is_dispatched(Phase.COMPENSATE):
         dispatch_compensation(w, step, attempt=rec.comp_attempt, announce=False)
-        w.event(EventKind.COMPENSATION_REDISPATCHED, step, rec.comp_attempt, Phase.COMPENSATE,
-                times=times)
+        w.event(
+            EventKind.COMPENSATION_REDISPATCHED,
+            step,
+            rec.comp_attempt,
+            Phase.COMPENSATE,
+            times=times,
+        )
     else:
         return None
-    w.update_step(step, redispatches=times,
-                  due_at=now + w.timing.redispatch_after * min(2 ** times, 32))
+    w.update_step(
+        step, redispatches=times, due_at=now + w.timing.redispatch_after * min(2**times, 32)
+    )
     w.dispatches[-1] = replace(w.dispatches[-1], ready_at=previous)
     return w.decision()
 
 
-def refused_message(state: SagaState, event: Event, phase: Phase, *,
-                    timing: Timing) -> Decision:
+def refused_message(state: SagaState, event: Event, phase: Phase, *, timing: Timing) -> Decision:
     """A worker with other code for this saga dropped one of its messages.
 
     It records why and offers the message again soon, to another worker: a refusal
@@ -221,17 +282,25 @@ def refused_message(state: SagaState, event: Event, phase: Phase, *,
     """
     rec = state.steps.get(event.step or "")
     decision = Decision(events=[event])
-    if rec is not None and event.attempt is not None and \
-            rec.is_dispatched(phase, event.attempt):
-        decision.steps = [replace(rec, due_at=event.ts + timing.redispatch_after,
-                                  redispatches=0)]
+    if rec is not None and event.attempt is not None and rec.is_dispatched(phase, event.attempt):
+        decision.steps = [replace(rec, due_at=event.ts + timing.redispatch_after, redispatches=0)]
         decision.step_versions = {rec.name: rec.version}
     return decision
 
 
-def undeliverable(defn: Saga, state: SagaState, step: str, phase: Phase, attempt: int, *,
-                  reason: FailureReason, error: str, now: float, timing: Timing,
-                  claimed: bool = False) -> Decision | None:
+def undeliverable(
+    defn: Saga,
+    state: SagaState,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    *,
+    reason: FailureReason,
+    error: str,
+    now: float,
+    timing: Timing,
+    claimed: bool = False,
+) -> Decision | None:
     """A step's message can never be delivered: fail it now, without retries.
 
     Its message could not be encoded, reached a worker undecodable, or no worker
@@ -247,16 +316,36 @@ def undeliverable(defn: Saga, state: SagaState, step: str, phase: Phase, attempt
     if phase is Phase.FORWARD:
         fail_attempt(w, step, error=error, permanent=True, reason=reason)
     else:
-        w.update_step(step, comp_status=CompensationStatus.COMPENSATION_FAILED,
-                      comp_error=error, lease_until=None, due_at=None)
-        w.event(EventKind.COMPENSATION_FAILED, step, attempt, Phase.COMPENSATE, reason=reason,
-                error=error, permanent=True)
+        w.update_step(
+            step,
+            comp_status=CompensationStatus.COMPENSATION_FAILED,
+            comp_error=error,
+            lease_until=None,
+            due_at=None,
+        )
+        w.event(
+            EventKind.COMPENSATION_FAILED,
+            step,
+            attempt,
+            Phase.COMPENSATE,
+            reason=reason,
+            error=error,
+            permanent=True,
+        )
     advance(w)
     return w.decision()
 
 
-def unregistered_task(defn: Saga, state: SagaState, event: Event, phase: Phase, *,
-                      max_redispatches: int, now: float, timing: Timing) -> Decision:
+def unregistered_task(
+    defn: Saga,
+    state: SagaState,
+    event: Event,
+    phase: Phase,
+    *,
+    max_redispatches: int,
+    now: float,
+    timing: Timing,
+) -> Decision:
     """A worker received a step's message but has no such task, and dropped it.
 
     Records it (`event`), then has the sweeper publish the message again soon:
@@ -268,17 +357,30 @@ def unregistered_task(defn: Saga, state: SagaState, event: Event, phase: Phase, 
         return Decision(events=[event])  # a stale copy: only say so
     if rec.redispatches >= max_redispatches:
         task = event.detail.get("task")
-        error = (f"TaskNotRegistered: no worker has task {task!r} registered (last refused "
-                 f"by {event.detail.get('worker')}, after {rec.redispatches} redispatches)")
-        decision = undeliverable(defn, state, rec.name, phase, rec.attempt_for(phase),
-                                 reason=FailureReason.TASK_UNREGISTERED, error=error, now=now,
-                                 timing=timing)
+        error = (
+            f"TaskNotRegistered: no worker has task {task!r} registered (last refused "
+            f"by {event.detail.get('worker')}, after {rec.redispatches} redispatches)"
+        )
+        decision = undeliverable(
+            defn,
+            state,
+            rec.name,
+            phase,
+            rec.attempt_for(phase),
+            reason=FailureReason.TASK_UNREGISTERED,
+            error=error,
+            now=now,
+            timing=timing,
+        )
         if decision is not None:
             decision.events.insert(0, event)
             return decision
         return Decision(events=[event])
-    return Decision(events=[event], steps=[replace(rec, due_at=now + timing.redispatch_after)],
-                    step_versions={rec.name: rec.version})
+    return Decision(
+        events=[event],
+        steps=[replace(rec, due_at=now + timing.redispatch_after)],
+        step_versions={rec.name: rec.version},
+    )
 
 
 def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decision | None:
@@ -286,12 +388,14 @@ def resume(defn: Saga, state: SagaState, *, now: float, timing: Timing) -> Decis
     w = Work(defn, state, now, timing)
     if w.saga.status is not SagaStatus.FAILED:
         return None
-    failed_comps = [n for n in w.graph.order
-                    if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED]
+    failed_comps = [
+        n for n in w.graph.order if w.steps[n].comp_status is CompensationStatus.COMPENSATION_FAILED
+    ]
     # After a pivot nothing is compensated: the saga can only go forward.
-    if failed_comps or (not w.pivot_passed() and any(
-            needs_compensation(w, n) and w.steps[n].comp_status is None
-            for n in w.graph.order)):
+    if failed_comps or (
+        not w.pivot_passed()
+        and any(needs_compensation(w, n) and w.steps[n].comp_status is None for n in w.graph.order)
+    ):
         w.update_saga(status=SagaStatus.COMPENSATING, finished_at=None)
         w.event(EventKind.SAGA_RESUMED, mode="compensation", steps=failed_comps)
         for n in failed_comps:

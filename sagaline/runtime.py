@@ -42,9 +42,11 @@ class Runtime:
     def __init__(self, app: Celery, settings: Settings, store: Store | None = None):
         self.app = app
         self.settings = settings
-        self.timing = engine.Timing(redispatch_after=settings.redispatch_after,
-                                    crash_retries=settings.crash_retries,
-                                    max_payload_bytes=settings.max_payload_bytes)
+        self.timing = engine.Timing(
+            redispatch_after=settings.redispatch_after,
+            crash_retries=settings.crash_retries,
+            max_payload_bytes=settings.max_payload_bytes,
+        )
         self._store = store
         self._store_pid = os.getpid() if store is not None else None
         self._lock = threading.Lock()
@@ -81,9 +83,11 @@ class Runtime:
         if self._store is None or self._store_pid != pid:
             with self._lock:
                 if self._store is None:
-                    self._store = store_from_url(self.settings.store_url,
-                                                 echo=self.settings.echo_sql,
-                                                 auto_migrate=self.settings.auto_migrate)
+                    self._store = store_from_url(
+                        self.settings.store_url,
+                        echo=self.settings.echo_sql,
+                        auto_migrate=self.settings.auto_migrate,
+                    )
                     for hook in self.store_hooks:
                         hook(self._store)
                 elif self._store_pid != pid:
@@ -118,8 +122,9 @@ class Runtime:
                     except Exception:
                         # Traces must never stop sagas: this process runs them untraced.
                         self._tracing_failed = True
-                        log.exception("tracing is on but could not be set up; this "
-                                      "process traces nothing")
+                        log.exception(
+                            "tracing is on but could not be set up; this process traces nothing"
+                        )
         return self._tracing
 
     def flush_traces(self) -> None:
@@ -132,7 +137,8 @@ class Runtime:
         if defn is None:
             raise ConfigurationError(
                 f"saga {name!r} is not defined in this process: import the module that "
-                f"defines it (e.g. through the Celery app's `include`)")
+                f"defines it (e.g. through the Celery app's `include`)"
+            )
         return defn
 
     def definition_for(self, saga: SagaRecord) -> Saga | None:
@@ -141,44 +147,75 @@ class Runtime:
         defn = registered_saga(saga.name)
         if defn is not None and defn.fingerprint == saga.fingerprint:
             return defn
-        log.error("saga %s (%s) was started with definition %s; this process has %s: "
-                  "leaving it to a process with that code", saga.saga_id, saga.name,
-                  saga.fingerprint, "none" if defn is None else defn.fingerprint)
+        log.error(
+            "saga %s (%s) was started with definition %s; this process has %s: "
+            "leaving it to a process with that code",
+            saga.saga_id,
+            saga.name,
+            saga.fingerprint,
+            "none" if defn is None else defn.fingerprint,
+        )
         return None
 
     # -- starting --------------------------------------------------------------------
 
-    def start_saga(self, defn: Saga, input: dict[str, Any], *,
-                   idempotency_key: str | None = None, parent_saga_id: str | None = None,
-                   parent_step: str | None = None, saga_id: str | None = None,
-                   trace_parent: str | None = None) -> SagaHandle:
+    def start_saga(
+        self,
+        defn: Saga,
+        input: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        parent_saga_id: str | None = None,
+        parent_step: str | None = None,
+        saga_id: str | None = None,
+        trace_parent: str | None = None,
+    ) -> SagaHandle:
         defn.check_complete()
         # Everything is checked before anything is stored (payload.py has the rules).
         payload.check_object(input, "input", max_bytes=self.settings.max_payload_bytes)
         input_fingerprint = None
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str):
-                raise InputError(f"idempotency_key must be a string, got "
-                                 f"{type(idempotency_key).__name__}", rule="type",
-                                 where="idempotency_key")
-            payload.check_text(idempotency_key, "idempotency_key",
-                               limit=payload.MAX_KEY_LENGTH, rule="key",
-                               where="idempotency_key")
+                raise InputError(
+                    f"idempotency_key must be a string, got {type(idempotency_key).__name__}",
+                    rule="type",
+                    where="idempotency_key",
+                )
+            payload.check_text(
+                idempotency_key,
+                "idempotency_key",
+                limit=payload.MAX_KEY_LENGTH,
+                rule="key",
+                where="idempotency_key",
+            )
             input_fingerprint = payload.fingerprint(input)
         saga_id = saga_id or str(uuid.uuid4())
         # In the trace of the caller's current span (a child saga: of its parent's root).
         tracing = self.tracing
-        trace_context = tracing.new_saga(defn.name, saga_id, parent=trace_parent) \
-            if tracing is not None else None
+        trace_context = (
+            tracing.new_saga(defn.name, saga_id, parent=trace_parent)
+            if tracing is not None
+            else None
+        )
         now = self.now()
-        state, decision = engine.start(defn, saga_id, input, now=now,
-                                       timing=self.timing, idempotency_key=idempotency_key,
-                                       parent_saga_id=parent_saga_id, parent_step=parent_step,
-                                       input_fingerprint=input_fingerprint,
-                                       trace_context=trace_context)
+        state, decision = engine.start(
+            defn,
+            saga_id,
+            input,
+            now=now,
+            timing=self.timing,
+            idempotency_key=idempotency_key,
+            parent_saga_id=parent_saga_id,
+            parent_step=parent_step,
+            input_fingerprint=input_fingerprint,
+            trace_context=trace_context,
+        )
         saga, created = self.store.create_saga(state, decision.events)
-        if not created and saga.input_fingerprint is not None and \
-                saga.input_fingerprint != input_fingerprint:
+        if (
+            not created
+            and saga.input_fingerprint is not None
+            and saga.input_fingerprint != input_fingerprint
+        ):
             # The key is taken by a saga started with other input: replaying it would
             # silently drop this input. (A saga from before fingerprints were kept has
             # None and is returned as before.)
@@ -190,8 +227,9 @@ class Runtime:
 
     # -- advancing -------------------------------------------------------------------
 
-    def transact(self, saga_id: str, decide: Callable[[Saga, SagaState], Decision | None]
-                 ) -> Decision | None:
+    def transact(
+        self, saga_id: str, decide: Callable[[Saga, SagaState], Decision | None]
+    ) -> Decision | None:
         """Run an engine decision under the saga's lock, then publish what it decided."""
 
         def with_definition(state: SagaState) -> Decision | None:
@@ -203,13 +241,16 @@ class Runtime:
             self.after_commit(decision)
         return decision
 
-    def apply(self, saga_id: str, decide: Callable[..., Decision | None], *args: Any,
-              **kwargs: Any) -> Decision | None:
+    def apply(
+        self, saga_id: str, decide: Callable[..., Decision | None], *args: Any, **kwargs: Any
+    ) -> Decision | None:
         """`transact` with an engine or recovery decision function: it is called with
         the saga's definition and state, `args`, `kwargs`, and the current time and
         timing (taken inside the transaction, so a retried one decides afresh)."""
-        return self.transact(saga_id, lambda defn, st: decide(
-            defn, st, *args, now=self.now(), timing=self.timing, **kwargs))
+        return self.transact(
+            saga_id,
+            lambda defn, st: decide(defn, st, *args, now=self.now(), timing=self.timing, **kwargs),
+        )
 
     def after_commit(self, decision: Decision) -> None:
         self.publish(decision.dispatches)
@@ -221,8 +262,13 @@ class Runtime:
             tracing.after_commit(decision, self.store)
         if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
             s = decision.saga
-            signals.saga_finished.send(sender=self, saga_id=s.saga_id, name=s.name,
-                                       status=s.status, duration=self.now() - s.created_at)
+            signals.saga_finished.send(
+                sender=self,
+                saga_id=s.saga_id,
+                name=s.name,
+                status=s.status,
+                duration=self.now() - s.created_at,
+            )
             if s.parent_saga_id is not None:
                 children.notify_parent(self, s)
 
@@ -244,18 +290,35 @@ class Runtime:
                 if not delivery.undeliverable(exc):
                     # Committed as DISPATCHED: the sweeper publishes it again after
                     # `redispatch_after`, so a lost publish delays the saga, never loses it.
-                    log.exception("could not publish %s of saga %s step %s (attempt %s); "
-                                  "the sweeper will publish it again", d.phase, d.saga_id,
-                                  d.step, d.attempt)
+                    log.exception(
+                        "could not publish %s of saga %s step %s (attempt %s); "
+                        "the sweeper will publish it again",
+                        d.phase,
+                        d.saga_id,
+                        d.step,
+                        d.attempt,
+                    )
                     continue
-                log.error("saga %s step %s %s attempt %s: its message cannot be sent (%s: "
-                          "%s); the step fails", d.saga_id, d.step, d.phase, d.attempt,
-                          type(exc).__name__, exc)
+                log.error(
+                    "saga %s step %s %s attempt %s: its message cannot be sent (%s: "
+                    "%s); the step fails",
+                    d.saga_id,
+                    d.step,
+                    d.phase,
+                    d.attempt,
+                    type(exc).__name__,
+                    exc,
+                )
                 decision = delivery.fail_undeliverable(
-                    self, d.saga_id, d.step, d.phase, d.attempt,
+                    self,
+                    d.saga_id,
+                    d.step,
+                    d.phase,
+                    d.attempt,
                     reason=FailureReason.MESSAGE_UNSENDABLE,
                     error=f"message not sent: {engine.describe_error(exc)}",
-                    claimed=d.child_saga is not None)
+                    claimed=d.child_saga is not None,
+                )
                 if decision is not None:
                     todo += decision.dispatches
                     self._announce(decision)
@@ -268,9 +331,15 @@ class Runtime:
         # Send only what the task accepts (the worker filters again, for senders that
         # do not import the task).
         kwargs = filter_kwargs(task.run, d.kwargs) if task is not None else dict(d.kwargs)
-        meta = {"saga_id": d.saga_id, "saga": d.saga_name, "fingerprint": d.fingerprint,
-                "step": d.step, "phase": d.phase.value, "attempt": d.attempt,
-                "ready_at": d.ready_at or time.time()}
+        meta = {
+            "saga_id": d.saga_id,
+            "saga": d.saga_name,
+            "fingerprint": d.fingerprint,
+            "step": d.step,
+            "phase": d.phase.value,
+            "attempt": d.attempt,
+            "ready_at": d.ready_at or time.time(),
+        }
         headers: dict[str, Any] = {HEADER: meta}
         if d.trace_context is not None:
             meta["trace"] = d.trace_context
@@ -307,8 +376,14 @@ class Runtime:
 
     # -- steps and child sagas (execution.py, children.py) ---------------------------
 
-    def execute(self, task: Any, body: Callable[..., Any], args: tuple[Any, ...],
-                kwargs: dict[str, Any], meta: dict[str, Any]) -> Any:
+    def execute(
+        self,
+        task: Any,
+        body: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Any:
         """Run one step message in this worker (see `execution.execute`)."""
         return execution.execute(self, task, body, args, kwargs, meta)
 
@@ -350,8 +425,9 @@ class DelayedPublisher:
             self._seq += 1
             heapq.heappush(self._queue, (time.monotonic() + d.countdown, self._seq, d))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="sagaline-delayed-publish")
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="sagaline-delayed-publish"
+                )
                 self._thread.start()
             self._wake.notify()
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 from celery.utils.dispatch import Signal
 
 saga_started = Signal(name="sagaline.saga_started", providing_args={"saga_id", "name"})
-saga_finished = Signal(name="sagaline.saga_finished",
-                       providing_args={"saga_id", "name", "status", "duration"})
+saga_finished = Signal(
+    name="sagaline.saga_finished", providing_args={"saga_id", "name", "status", "duration"}
+)
 # queue_wait: seconds from the step's dispatch (a retry: the end of its backoff) to
 # this claim; None when the message does not say when it was dispatched.
-step_started = Signal(name="sagaline.step_started",
-                      providing_args={"saga_id", "name", "step", "phase", "attempt",
-                                      "queue_wait"})
-step_finished = Signal(name="sagaline.step_finished",
-                       providing_args={"saga_id", "name", "step", "phase", "attempt",
-                                       "outcome", "duration"})
+step_started = Signal(
+    name="sagaline.step_started",
+    providing_args={"saga_id", "name", "step", "phase", "attempt", "queue_wait"},
+)
+step_finished = Signal(
+    name="sagaline.step_finished",
+    providing_args={"saga_id", "name", "step", "phase", "attempt", "outcome", "duration"},
+)
 # After a sweeper pass, and after a worker handed back the claims of its dead pool
 # processes: `counts` maps a kind (a sweeper.RepairKind value, or "worker_lost") to
 # how many items were repaired.

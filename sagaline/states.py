@@ -148,8 +148,13 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     # PENDING -> SUCCEEDED: a transform, applied by the engine itself; PENDING -> FAILED:
     # a condition, transform or input mapper of the definition raised.
     StepStatus.PENDING: frozenset(
-        {StepStatus.DISPATCHED, StepStatus.SKIPPED, StepStatus.CANCELLED, StepStatus.SUCCEEDED,
-         StepStatus.FAILED}
+        {
+            StepStatus.DISPATCHED,
+            StepStatus.SKIPPED,
+            StepStatus.CANCELLED,
+            StepStatus.SUCCEEDED,
+            StepStatus.FAILED,
+        }
     ),
     # DISPATCHED -> FAILED: its message can never be delivered (it cannot be encoded or
     # decoded, or no worker has its task): it fails without running.
@@ -157,9 +162,7 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
         {StepStatus.RUNNING, StepStatus.CANCELLED, StepStatus.DISPATCHED, StepStatus.FAILED}
     ),
     # RUNNING -> DISPATCHED is a failed attempt with attempts left (retry with backoff).
-    StepStatus.RUNNING: frozenset(
-        {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.DISPATCHED}
-    ),
+    StepStatus.RUNNING: frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.DISPATCHED}),
     # FAILED -> DISPATCHED: a resumed saga past its pivot retries forward.
     StepStatus.FAILED: frozenset({StepStatus.DISPATCHED}),
     StepStatus.SUCCEEDED: frozenset(),
@@ -167,14 +170,16 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     StepStatus.CANCELLED: frozenset(),
 }
 
-COMPENSATION_TRANSITIONS: dict[CompensationStatus | None,
-                               frozenset[CompensationStatus | None]] = {
+COMPENSATION_TRANSITIONS: dict[CompensationStatus | None, frozenset[CompensationStatus | None]] = {
     None: frozenset({CompensationStatus.PENDING, CompensationStatus.DISPATCHED}),
     CompensationStatus.PENDING: frozenset({CompensationStatus.DISPATCHED}),
     # DISPATCHED -> COMPENSATION_FAILED: an undeliverable message, as for steps.
     CompensationStatus.DISPATCHED: frozenset(
-        {CompensationStatus.RUNNING, CompensationStatus.DISPATCHED,
-         CompensationStatus.COMPENSATION_FAILED}
+        {
+            CompensationStatus.RUNNING,
+            CompensationStatus.DISPATCHED,
+            CompensationStatus.COMPENSATION_FAILED,
+        }
     ),
     CompensationStatus.RUNNING: frozenset(
         {

@@ -58,8 +58,10 @@ class Retry:
         if self.max_delay > MAX_RETRY_DELAY:
             # A retry waits in the store (its due time) and in the deciding process; one
             # due months from now is a scheduled job, not a retry, and most likely a typo.
-            raise DefinitionError(f"Retry.max_delay must be <= {MAX_RETRY_DELAY:.0f} s (30 "
-                                  f"days), got {self.max_delay}")
+            raise DefinitionError(
+                f"Retry.max_delay must be <= {MAX_RETRY_DELAY:.0f} s (30 "
+                f"days), got {self.max_delay}"
+            )
 
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt number `failed_attempt` (1-based) failed."""
@@ -119,9 +121,7 @@ def saga_step(*, compensate: TaskRef) -> Callable[[Any], Any]:
 
     def decorate(task: Any) -> Any:
         if not is_task(task):
-            raise DefinitionError(
-                "@saga_step must decorate a Celery task: put it above @app.task"
-            )
+            raise DefinitionError("@saga_step must decorate a Celery task: put it above @app.task")
         if isinstance(task, PromiseProxy) and not task.__evaluated__():
             # Do not force the task into existence before the app is configured:
             # attach the compensation when Celery creates it.
@@ -225,8 +225,7 @@ def build_graph(saga_name: str, steps: Iterable[Step]) -> Graph:
     for s in by_name.values():
         for d in s.depends_on:
             if d == s.name:
-                raise DefinitionError("a step cannot depend on itself", saga=saga_name,
-                                      step=s.name)
+                raise DefinitionError("a step cannot depend on itself", saga=saga_name, step=s.name)
             if d not in by_name:
                 raise DefinitionError(f"unknown dependency {d!r}", saga=saga_name, step=s.name)
             dependents[d].append(s.name)

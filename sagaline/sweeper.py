@@ -78,8 +78,9 @@ class SweepReport:
         return counts
 
 
-def repair(defn: Saga, state: SagaState, step: str | None, now: float,
-           timing: Timing) -> Repair | None:
+def repair(
+    defn: Saga, state: SagaState, step: str | None, now: float, timing: Timing
+) -> Repair | None:
     """The sweeper's decision for one due item (None: nothing to do)."""
     if step is None:
         decision = recovery.deadline_or_grace_due(defn, state, now=now, timing=timing)
@@ -112,8 +113,7 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
             if chosen is not None and chosen.kind is RepairKind.CHILD_DRIVEN:
                 assert item.step is not None  # only a step is run by a child saga
                 runtime.drive_child(item.saga_id, item.step)
-                report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind,
-                                                item.due_at))
+                report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
                 continue
         except Exception:
             log.exception("sweeper: could not repair saga %s", item.saga_id)
@@ -126,8 +126,7 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
     return report
 
 
-def _decide(rt: Runtime, item: DueItem, now: float | None) -> tuple[Repair | None,
-                                                                     Decision | None]:
+def _decide(rt: Runtime, item: DueItem, now: float | None) -> tuple[Repair | None, Decision | None]:
     """Commit the repair of one item; what was chosen, and the decision committed."""
     chosen: Repair | None = None
 
@@ -185,8 +184,9 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         runtime.store  # noqa: B018
         self._started = time.time()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, args=(runtime, worker),
-                                        name="sagaline-sweeper", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, args=(runtime, worker), name="sagaline-sweeper", daemon=True
+        )
         self._thread.start()
 
     def _loop(self, runtime: Runtime, worker: Any) -> None:
@@ -197,8 +197,10 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
             with fork_guard():
                 requeue_prefetched_steps(worker.app, delivered_before=self._started)
         except Exception:
-            log.exception("could not put back the step messages of stopped workers; the "
-                          "sweeper publishes them again after redispatch_after")
+            log.exception(
+                "could not put back the step messages of stopped workers; the "
+                "sweeper publishes them again after redispatch_after"
+            )
         while not self._stop.is_set():
             runtime.process_lost.clear()
             with fork_guard():
@@ -222,15 +224,20 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
             # Pages of claims: at start, an earlier boot may have left more than one.
             for _ in range(50):
                 acted = hand_back_lost_claims(
-                    runtime, node, boot,
+                    runtime,
+                    node,
+                    boot,
                     lambda pids: pool_pids(getattr(worker, "pool", None)),
-                    earlier_boots=earlier_boots)
+                    earlier_boots=earlier_boots,
+                )
                 if acted == 0:
                     break
             return True
         except Exception:
-            log.exception("could not look for the claims of dead processes; trying again "
-                          "in %ss", runtime.settings.sweep_interval)
+            log.exception(
+                "could not look for the claims of dead processes; trying again in %ss",
+                runtime.settings.sweep_interval,
+            )
             return False
 
     def stop(self, worker: Any) -> None:

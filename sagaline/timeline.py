@@ -26,8 +26,12 @@ STATUS_STYLES = {
 }
 
 # Events that only say a message was sent; the compact timeline leaves them out.
-_PLUMBING = {EventKind.STEP_DISPATCHED, EventKind.COMPENSATION_DISPATCHED,
-             EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED}
+_PLUMBING = {
+    EventKind.STEP_DISPATCHED,
+    EventKind.COMPENSATION_DISPATCHED,
+    EventKind.STEP_STARTED,
+    EventKind.COMPENSATION_STARTED,
+}
 
 
 def status_text(status: Any) -> Text:
@@ -58,8 +62,11 @@ def describe(event: Event) -> tuple[str, str, str]:
         EventKind.STEP_REDISPATCHED: ("→", f"dispatched again ({att}, message may be lost)", "dim"),
         EventKind.STEP_STARTED: ("→", f"{att} started", "dim"),
         EventKind.STEP_SUCCEEDED: ("→", f"succeeded ({att})", "green"),
-        EventKind.STEP_ATTEMPT_FAILED: ("→", f"{att} failed: {error}; retry in "
-                                     f"{d.get('retry_in', 0):g}s", "red"),
+        EventKind.STEP_ATTEMPT_FAILED: (
+            "→",
+            f"{att} failed: {error}; retry in {d.get('retry_in', 0):g}s",
+            "red",
+        ),
         EventKind.STEP_FAILED: ("→", f"FAILED ({att}): {error}", "bold red"),
         EventKind.STEP_ABANDONED: ("→", f"abandoned ({att}): {d.get('reason', '')}", "red"),
         EventKind.STEP_SKIPPED: ("→", "skipped (condition false)", "dim"),
@@ -73,31 +80,46 @@ def describe(event: Event) -> tuple[str, str, str]:
         EventKind.COMPENSATION_STARTED: ("←", f"compensation {att} started", "dim"),
         EventKind.COMPENSATION_SUCCEEDED: ("←", f"compensated ({att})", "yellow"),
         EventKind.COMPENSATION_ATTEMPT_FAILED: (
-            "←", f"compensation {att} failed: {error}; retry in {d.get('retry_in', 0):g}s",
-            "red"),
+            "←",
+            f"compensation {att} failed: {error}; retry in {d.get('retry_in', 0):g}s",
+            "red",
+        ),
         EventKind.COMPENSATION_FAILED: ("←", f"COMPENSATION FAILED ({att}): {error}", "bold red"),
         EventKind.SAGA_COMPLETED: ("•", "saga COMPLETED", "bold green"),
-        EventKind.SAGA_COMPENSATED: ("•", "saga COMPENSATED: every applied step undone",
-                                     "bold yellow"),
+        EventKind.SAGA_COMPENSATED: (
+            "•",
+            "saga COMPENSATED: every applied step undone",
+            "bold yellow",
+        ),
         EventKind.SAGA_FAILED: ("•", f"saga FAILED: {d.get('reason', '')}", "bold red"),
         EventKind.SAGA_RESUMED: ("•", f"resumed by operator ({d.get('mode', '')})", "bold"),
         EventKind.DEFINITION_MISMATCH: ("!", "a worker has other code for this saga", "bold red"),
-        EventKind.TASK_UNREGISTERED: ("!", f"worker {d.get('worker')} has no task "
-                                   f"{d.get('task')!r}: it dropped the message ({att})",
-                              "bold red"),
+        EventKind.TASK_UNREGISTERED: (
+            "!",
+            f"worker {d.get('worker')} has no task "
+            f"{d.get('task')!r}: it dropped the message ({att})",
+            "bold red",
+        ),
     }
     return texts.get(kind, ("•", str(kind).replace("_", " "), ""))
 
 
-def render_timeline(view: SagaView, *, compact: bool = False,
-                    labels: dict[str, str] | None = None) -> Table:
+def render_timeline(
+    view: SagaView, *, compact: bool = False, labels: dict[str, str] | None = None
+) -> Table:
     """One row per history event, times relative to the saga's start.
 
     `compact` leaves out dispatch and start events; `labels` names the task run
     for a step's compensation (e.g. {"plan_route": "discard_route"}) when known.
     """
-    table = Table(title=f"timeline of {view.name} {view.saga_id}", title_justify="left",
-                  show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table = Table(
+        title=f"timeline of {view.name} {view.saga_id}",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+        box=None,
+        header_style="bold",
+    )
     table.add_column("+time", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
     table.add_column("step", no_wrap=True)
@@ -117,8 +139,7 @@ def render_timeline(view: SagaView, *, compact: bool = False,
 def render_steps(view: SagaView) -> Table:
     """The saga's steps: status, attempts, durations, errors and compensations."""
     attempts = step_attempts(view.history)
-    table = Table(title=f"{view.name} {view.saga_id}", title_justify="left",
-                  header_style="bold")
+    table = Table(title=f"{view.name} {view.saga_id}", title_justify="left", header_style="bold")
     for col in ("step", "status", "attempts", "duration"):
         table.add_column(col, no_wrap=True)
     table.add_column("error", overflow="fold", ratio=2)
@@ -127,15 +148,22 @@ def render_steps(view: SagaView) -> Table:
     table.add_column("error", overflow="fold", ratio=1)
     for rec in view.steps:
         backward = [a for a in attempts if a.step == rec.name and a.phase == "compensate"]
-        duration = (rec.finished_at - rec.started_at
-                    if rec.finished_at is not None and rec.started_at is not None else None)
+        duration = (
+            rec.finished_at - rec.started_at
+            if rec.finished_at is not None and rec.started_at is not None
+            else None
+        )
         table.add_row(
-            rec.name, status_text(rec.status), str(rec.attempt or "-"),
-            format_duration(duration), first_line(rec.error) or "",
+            rec.name,
+            status_text(rec.status),
+            str(rec.attempt or "-"),
+            format_duration(duration),
+            first_line(rec.error) or "",
             status_text(rec.comp_status) if rec.comp_status else Text("-", style="dim"),
             str(rec.comp_attempt or "-"),
             format_duration(sum(a.duration or 0.0 for a in backward) if backward else None),
-            first_line(rec.comp_error) or "")
+            first_line(rec.comp_error) or "",
+        )
     return table
 
 

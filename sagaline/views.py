@@ -106,32 +106,41 @@ def step_attempts(history: list[Event]) -> list[Attempt]:
             att.outcome = _ATTEMPT_ENDS[ev.kind]
             error = ev.detail.get("error")
             att.error = first_line(error) if error else None
-    return sorted(attempts.values(), key=lambda a: (a.started_at or a.finished_at or 0.0))
+    return sorted(attempts.values(), key=lambda a: a.started_at or a.finished_at or 0.0)
 
 
 def compensation_failures(steps: list[StepRecord]) -> dict[str, str]:
     """The steps whose compensation failed for good, with the first line of its error."""
-    return {s.name: first_line(s.comp_error) or "no error recorded" for s in steps
-            if s.comp_status is CompensationStatus.COMPENSATION_FAILED}
+    return {
+        s.name: first_line(s.comp_error) or "no error recorded"
+        for s in steps
+        if s.comp_status is CompensationStatus.COMPENSATION_FAILED
+    }
 
 
 def failure_summary(saga: SagaRecord, steps: list[StepRecord]) -> str | None:
     """One line saying why a saga did not complete: its cause and, for a FAILED saga,
     which compensations failed and why (the cause alone hides that steps stay applied)."""
-    if saga.status is SagaStatus.COMPLETED or (not saga.error and
-                                               saga.status is not SagaStatus.FAILED):
+    if saga.status is SagaStatus.COMPLETED or (
+        not saga.error and saga.status is not SagaStatus.FAILED
+    ):
         return None
     parts = [first_line(saga.error)] if saga.error else []
     if saga.status is SagaStatus.FAILED:
-        parts += [f"compensation of {name!r} failed: {error}"
-                  for name, error in compensation_failures(steps).items()]
+        parts += [
+            f"compensation of {name!r} failed: {error}"
+            for name, error in compensation_failures(steps).items()
+        ]
     return "; ".join(parts) or None
 
 
 def summary_as_dict(view: SagaView) -> dict[str, Any]:
     """A saga as one line of a list (`ls --json`, `GET /api/v1/sagas`)."""
-    return {**_plain(view.saga), "summary": failure_summary(view.saga, view.steps),
-            "compensation_failures": compensation_failures(view.steps)}
+    return {
+        **_plain(view.saga),
+        "summary": failure_summary(view.saga, view.steps),
+        "compensation_failures": compensation_failures(view.steps),
+    }
 
 
 def view_as_dict(view: SagaView) -> dict[str, Any]:
@@ -145,8 +154,7 @@ def view_as_dict(view: SagaView) -> dict[str, Any]:
         "summary": failure_summary(view.saga, view.steps),
         "compensation_failures": compensation_failures(view.steps),
         "steps": [_plain(s) for s in view.steps],
-        "attempts": [{**_plain(a), "duration": a.duration}
-                     for a in step_attempts(view.history)],
+        "attempts": [{**_plain(a), "duration": a.duration} for a in step_attempts(view.history)],
         "history": [_plain(e) for e in view.history],
         "children": [_plain(c) for c in view.children],
     }
@@ -201,5 +209,6 @@ def parse_when(value: str, now: float | None = None) -> float:
     try:
         return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
     except (ValueError, OverflowError, OSError):
-        raise ValueError(f"{value!r} is neither an ISO time nor a relative one "
-                         f"like 10m, 2h, 1d") from None
+        raise ValueError(
+            f"{value!r} is neither an ISO time nor a relative one like 10m, 2h, 1d"
+        ) from None

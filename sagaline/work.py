@@ -53,26 +53,46 @@ class Work:
 
     # -- recording ---------------------------------------------------------------
 
-    def event(self, kind: EventKind, step: str | None = None, attempt: int | None = None,
-              phase: Phase | None = None, **detail: Any) -> None:
-        self.events.append(Event(self.saga.saga_id, kind, self.now, step, attempt,
-                                 None if phase is None else phase.value, detail))
+    def event(
+        self,
+        kind: EventKind,
+        step: str | None = None,
+        attempt: int | None = None,
+        phase: Phase | None = None,
+        **detail: Any,
+    ) -> None:
+        self.events.append(
+            Event(
+                self.saga.saga_id,
+                kind,
+                self.now,
+                step,
+                attempt,
+                None if phase is None else phase.value,
+                detail,
+            )
+        )
 
     def update_step(self, name: str, **fields: Any) -> StepRecord:
         rec = self.steps[name]
-        check_transition(STEP_TRANSITIONS, rec.status, fields.get("status", rec.status),
-                         f"step {name!r}")
-        check_transition(COMPENSATION_TRANSITIONS, rec.comp_status,
-                         fields.get("comp_status", rec.comp_status),
-                         f"compensation of {name!r}")
+        check_transition(
+            STEP_TRANSITIONS, rec.status, fields.get("status", rec.status), f"step {name!r}"
+        )
+        check_transition(
+            COMPENSATION_TRANSITIONS,
+            rec.comp_status,
+            fields.get("comp_status", rec.comp_status),
+            f"compensation of {name!r}",
+        )
         for k, v in fields.items():
             setattr(rec, k, v)
         self.changed.add(name)
         return rec
 
     def update_saga(self, **fields: Any) -> None:
-        check_transition(SAGA_TRANSITIONS, self.saga.status,
-                         fields.get("status", self.saga.status), "saga")
+        check_transition(
+            SAGA_TRANSITIONS, self.saga.status, fields.get("status", self.saga.status), "saga"
+        )
         for k, v in fields.items():
             setattr(self.saga, k, v)
         self.saga.updated_at = self.now
@@ -105,12 +125,13 @@ class Work:
         return ctx
 
     def pivot_passed(self) -> bool:
-        return any(self.graph.steps[n].pivot and self.steps[n].status is StepStatus.SUCCEEDED
-                   for n in self.graph.order)
+        return any(
+            self.graph.steps[n].pivot and self.steps[n].status is StepStatus.SUCCEEDED
+            for n in self.graph.order
+        )
 
 
-def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any,
-                     what: str) -> None:
+def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any, what: str) -> None:
     """The engine only makes moves the tables of states.py allow (a guard against its bugs)."""
     if new != old and new not in table.get(old, frozenset()):
         raise RuntimeError(f"sagaline engine bug: {what} cannot go from {old} to {new}")
@@ -118,8 +139,9 @@ def check_transition(table: Mapping[Any, frozenset[Any]], old: Any, new: Any,
 
 def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What `after` adds to or changes in `before` (saga_id aside): an output to merge."""
-    return {k: v for k, v in after.items()
-            if k != "saga_id" and (k not in before or before[k] != v)}
+    return {
+        k: v for k, v in after.items() if k != "saga_id" and (k not in before or before[k] != v)
+    }
 
 
 def saga_result(w: Work) -> Any:

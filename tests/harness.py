@@ -68,6 +68,5 @@ class WorkerProcess(testing.WorkerProcess):
     """sagaline's launcher (`sagaline.testing`), run from the repository's root by
     default so that the ``tests.*``, ``bench`` and ``examples`` app modules import."""
 
-    def __init__(self, app_module: str, *, cwd: Path | str = REPO_ROOT,
-                 **options: Any) -> None:
+    def __init__(self, app_module: str, *, cwd: Path | str = REPO_ROOT, **options: Any) -> None:
         super().__init__(app_module, cwd=cwd, **options)

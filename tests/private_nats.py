@@ -15,8 +15,13 @@ from tests.private_server import PrivateServer
 
 def find_nats_server() -> str | None:
     return shutil.which("nats-server") or next(
-        (c for c in ("/usr/sbin/nats-server", "/usr/bin/nats-server",
-                     "/usr/local/bin/nats-server") if Path(c).is_file()), None)
+        (
+            c
+            for c in ("/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server")
+            if Path(c).is_file()
+        ),
+        None,
+    )
 
 
 class PrivateNats(PrivateServer):
@@ -53,9 +58,20 @@ class PrivateNats(PrivateServer):
         self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while running
         self._proc = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js",
-             "-sd", str(self.dir / "js")],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                self.binary,
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.dir / "js"),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def ready() -> bool:
             if self._proc is not None and self._proc.poll() is not None:

@@ -248,7 +248,6 @@ class PrivatePostgres(PrivateServer):
         return self.url_for(dbname)
 
 
-
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

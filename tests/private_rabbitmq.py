@@ -47,8 +47,9 @@ def find_rabbitmq_bin() -> Path:
 def _amqp_accepts(host: str, port: int, vhost: str = "/") -> bool:
     import amqp
 
-    conn = amqp.Connection(f"{host}:{port}", userid="guest", password="guest",
-                           virtual_host=vhost, connect_timeout=2)
+    conn = amqp.Connection(
+        f"{host}:{port}", userid="guest", password="guest", virtual_host=vhost, connect_timeout=2
+    )
     try:
         conn.connect()
         return True
@@ -69,8 +70,9 @@ class PrivateRabbitMQ(PrivateServer):
     persistent messages are kept; quorum queues recover their Raft log).
     """
 
-    def __init__(self, *, port: int | None = None, start: bool = True,
-                 ready_timeout: float = 90.0) -> None:
+    def __init__(
+        self, *, port: int | None = None, start: bool = True, ready_timeout: float = 90.0
+    ) -> None:
         self.port = port or free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
@@ -84,7 +86,8 @@ class PrivateRabbitMQ(PrivateServer):
             "loopback_users.guest = true\n"
             # A test machine may have little free disk: do not block publishers for it.
             "disk_free_limit.absolute = 1MB\n"
-            "log.console = true\nlog.console.level = info\nlog.file = false\n")
+            "log.console = true\nlog.console.level = info\nlog.file = false\n"
+        )
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text("")
         self._epmd: subprocess.Popen[bytes] | None = None
@@ -136,14 +139,21 @@ class PrivateRabbitMQ(PrivateServer):
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """``rabbitmqctl -n <this node> *args`` (with this node's cookie and epmd)."""
         try:
-            res = subprocess.run([str(self.bin / "rabbitmqctl"), "-n", self.nodename, *args],
-                                 env=self.env, capture_output=True, text=True,
-                                 timeout=timeout, check=False)
+            res = subprocess.run(
+                [str(self.bin / "rabbitmqctl"), "-n", self.nodename, *args],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired as e:
             raise HarnessError(f"rabbitmqctl {' '.join(args)} timed out") from e
         if res.returncode != 0:
-            raise HarnessError(f"rabbitmqctl {' '.join(args)} failed ({res.returncode}):\n"
-                               f"{res.stdout}\n{res.stderr}")
+            raise HarnessError(
+                f"rabbitmqctl {' '.join(args)} failed ({res.returncode}):\n"
+                f"{res.stdout}\n{res.stderr}"
+            )
         return res.stdout
 
     def queue_types(self) -> dict[str, str]:
@@ -157,8 +167,11 @@ class PrivateRabbitMQ(PrivateServer):
         epmd = shutil.which("epmd") or str(self.bin / "epmd")
         self._epmd = subprocess.Popen(
             [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env=self.env)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=self.env,
+        )
 
     def start(self) -> None:
         """Start the node and wait (bounded) until it accepts AMQP connections."""
@@ -168,15 +181,21 @@ class PrivateRabbitMQ(PrivateServer):
         self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while running
         self._proc = subprocess.Popen(
-            [str(self.bin / "rabbitmq-server")], env=self.env, cwd=self.dir,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [str(self.bin / "rabbitmq-server")],
+            env=self.env,
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def ready() -> bool:
             if self._proc is not None and self._proc.poll() is not None:
                 raise HarnessError(
                     f"rabbitmq-server exited with {self._proc.returncode}:\n"
-                    f"{file_tail(self.log_path)}")
+                    f"{file_tail(self.log_path)}"
+                )
             return _amqp_accepts("127.0.0.1", self.port)
 
         try:
@@ -192,8 +211,12 @@ class PrivateRabbitMQ(PrivateServer):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
         try:
-            wait_until(lambda: not pids_in_group(proc.pid), timeout=max(1.0, timeout),
-                       interval=0.1, what="rabbitmq processes to exit")
+            wait_until(
+                lambda: not pids_in_group(proc.pid),
+                timeout=max(1.0, timeout),
+                interval=0.1,
+                what="rabbitmq processes to exit",
+            )
         except HarnessError:
             return False
         return True
@@ -238,19 +261,17 @@ class PrivateRabbitMQ(PrivateServer):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-
-
 def _rabbitmqctl(*args: str) -> str:
     """``rabbitmqctl`` against the shared node (as root: Debian's wrapper finds its cookie)."""
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     try:
-        res = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60,
-                             check=False)
+        res = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise HarnessError(f"rabbitmqctl {' '.join(args)}: {e}") from e
     if res.returncode != 0:
-        raise HarnessError(f"rabbitmqctl {' '.join(args)} failed ({res.returncode}):\n"
-                           f"{res.stdout}\n{res.stderr}")
+        raise HarnessError(
+            f"rabbitmqctl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+        )
     return res.stdout
 
 

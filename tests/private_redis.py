@@ -137,5 +137,3 @@ class PrivateRedis(PrivateServer):
         """Kill the server and delete its directory."""
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-

@@ -68,22 +68,47 @@ def drop_mariadb_database(url: str) -> None:
 # -- records -----------------------------------------------------------------------------
 
 
-def make_state(*, saga_id: str | None = None, name: str = "contract", key: str | None = None,
-               created_at: float = T0, status: SagaStatus = SagaStatus.RUNNING,
-               due_at: float | None = None, deadline: float | None = None,
-               parent: str | None = None, input: dict[str, Any] | None = None,
-               steps: Sequence[str] = ("a", "b", "c"),
-               step_due: float | None = None) -> SagaState:
+def make_state(
+    *,
+    saga_id: str | None = None,
+    name: str = "contract",
+    key: str | None = None,
+    created_at: float = T0,
+    status: SagaStatus = SagaStatus.RUNNING,
+    due_at: float | None = None,
+    deadline: float | None = None,
+    parent: str | None = None,
+    input: dict[str, Any] | None = None,
+    steps: Sequence[str] = ("a", "b", "c"),
+    step_due: float | None = None,
+) -> SagaState:
     """A saga of steps in a chain (a -> b -> c by default), the first one DISPATCHED
     (attempt 1) and due at `step_due` (else 30 s after creation), the others PENDING."""
     sid = saga_id or str(uuid.uuid4())
-    saga = SagaRecord(saga_id=sid, name=name, status=status, input=input or {"n": 1},
-                      fingerprint="f" * 16, created_at=created_at, updated_at=created_at,
-                      idempotency_key=key, due_at=due_at, deadline=deadline,
-                      parent_saga_id=parent)
+    saga = SagaRecord(
+        saga_id=sid,
+        name=name,
+        status=status,
+        input=input or {"n": 1},
+        fingerprint="f" * 16,
+        created_at=created_at,
+        updated_at=created_at,
+        idempotency_key=key,
+        due_at=due_at,
+        deadline=deadline,
+        parent_saga_id=parent,
+    )
     first, *rest = steps
-    records = {first: StepRecord(sid, first, 0, status=StepStatus.DISPATCHED, attempt=1,
-                                 due_at=created_at + 30 if step_due is None else step_due)}
+    records = {
+        first: StepRecord(
+            sid,
+            first,
+            0,
+            status=StepStatus.DISPATCHED,
+            attempt=1,
+            due_at=created_at + 30 if step_due is None else step_due,
+        )
+    }
     records.update({n: StepRecord(sid, n, i) for i, n in enumerate(rest, 1)})
     return SagaState(saga, records)
 

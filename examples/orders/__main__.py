@@ -20,8 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     order_id = args.order_id or f"order-{uuid.uuid4().hex[:8]}"
-    handle = order_saga.run(order_id=order_id, amount=args.amount, sku=args.sku,
-                            quantity=args.quantity, idempotency_key=order_id)
+    handle = order_saga.run(
+        order_id=order_id,
+        amount=args.amount,
+        sku=args.sku,
+        quantity=args.quantity,
+        idempotency_key=order_id,
+    )
     try:
         handle.get(timeout=args.timeout)
     except SagaOutcomeError as exc:

@@ -9,8 +9,11 @@ from celery import Celery
 import sagaline
 
 app = Celery("shop", broker=os.environ.get("CELERY_BROKER_URL") or None)
-app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1,
-                worker_hijack_root_logger=False)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+)
 sagaline.init_app(app)
 
 

@@ -20,7 +20,8 @@ from sagaline.config import default_store_url
 metadata = sa.MetaData()
 
 payments = sa.Table(
-    "shop_payments", metadata,
+    "shop_payments",
+    metadata,
     sa.Column("txn_id", sa.String(36), primary_key=True),
     sa.Column("key", sa.String(128), nullable=False, unique=True),
     sa.Column("order_id", sa.String(64), nullable=False),
@@ -28,19 +29,22 @@ payments = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # charged | refunded
 )
 stock = sa.Table(
-    "shop_stock", metadata,
+    "shop_stock",
+    metadata,
     sa.Column("sku", sa.String(64), primary_key=True),
     sa.Column("available", sa.Integer, nullable=False),
 )
 reservations = sa.Table(
-    "shop_reservations", metadata,
+    "shop_reservations",
+    metadata,
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("order_id", sa.String(64), nullable=False),
     sa.Column("sku", sa.String(64), nullable=False),
     sa.Column("quantity", sa.Integer, nullable=False),
 )
 emails = sa.Table(
-    "shop_emails", metadata,
+    "shop_emails",
+    metadata,
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("order_id", sa.String(64), nullable=False),
     sa.Column("body", sa.Text, nullable=False),
@@ -53,8 +57,11 @@ _lock = threading.Lock()
 
 
 def engine() -> Engine:
-    url = (os.environ.get("EXAMPLE_DB_URL") or os.environ.get("SAGALINE_STORE_URL")
-           or default_store_url())
+    url = (
+        os.environ.get("EXAMPLE_DB_URL")
+        or os.environ.get("SAGALINE_STORE_URL")
+        or default_store_url()
+    )
     key = (url, os.getpid())
     with _lock:
         if key not in _engines:
@@ -80,8 +87,9 @@ def _create(url: str) -> Engine:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(827175)"))
         metadata.create_all(conn)
         if conn.execute(sa.select(sa.func.count()).select_from(stock)).scalar_one() == 0:
-            conn.execute(stock.insert(), [{"sku": k, "available": v}
-                                          for k, v in INITIAL_STOCK.items()])
+            conn.execute(
+                stock.insert(), [{"sku": k, "available": v} for k, v in INITIAL_STOCK.items()]
+            )
     return eng
 
 
@@ -91,50 +99,66 @@ class OutOfStock(Exception):
 
 def charge(order_id: str, amount_cents: int, *, idempotency_key: str) -> str:
     with engine().begin() as conn:
-        txn = conn.execute(sa.select(payments.c.txn_id)
-                           .where(payments.c.key == idempotency_key)).scalar()
+        txn = conn.execute(
+            sa.select(payments.c.txn_id).where(payments.c.key == idempotency_key)
+        ).scalar()
         if txn is None:
             txn = str(uuid.uuid4())
-            conn.execute(payments.insert().values(txn_id=txn, key=idempotency_key,
-                                                  order_id=order_id,
-                                                  amount_cents=amount_cents, status="charged"))
+            conn.execute(
+                payments.insert().values(
+                    txn_id=txn,
+                    key=idempotency_key,
+                    order_id=order_id,
+                    amount_cents=amount_cents,
+                    status="charged",
+                )
+            )
         return str(txn)
 
 
 def refund(txn_id: str) -> None:
     with engine().begin() as conn:
-        conn.execute(payments.update().where(payments.c.txn_id == txn_id)
-                     .values(status="refunded"))
+        conn.execute(payments.update().where(payments.c.txn_id == txn_id).values(status="refunded"))
 
 
 def reserve(order_id: str, sku: str, quantity: int, *, idempotency_key: str) -> None:
     with engine().begin() as conn:
-        if conn.execute(sa.select(reservations.c.key)
-                        .where(reservations.c.key == idempotency_key)).first():
+        if conn.execute(
+            sa.select(reservations.c.key).where(reservations.c.key == idempotency_key)
+        ).first():
             return
-        taken = conn.execute(stock.update()
-                             .where(stock.c.sku == sku, stock.c.available >= quantity)
-                             .values(available=stock.c.available - quantity)).rowcount
+        taken = conn.execute(
+            stock.update()
+            .where(stock.c.sku == sku, stock.c.available >= quantity)
+            .values(available=stock.c.available - quantity)
+        ).rowcount
         if taken != 1:
             raise OutOfStock(f"{quantity} x {sku} not in stock")
-        conn.execute(reservations.insert().values(key=idempotency_key, order_id=order_id,
-                                                  sku=sku, quantity=quantity))
+        conn.execute(
+            reservations.insert().values(
+                key=idempotency_key, order_id=order_id, sku=sku, quantity=quantity
+            )
+        )
 
 
 def release(idempotency_key: str) -> None:
     with engine().begin() as conn:
-        row = conn.execute(sa.select(reservations)
-                           .where(reservations.c.key == idempotency_key)).mappings().first()
+        row = (
+            conn.execute(sa.select(reservations).where(reservations.c.key == idempotency_key))
+            .mappings()
+            .first()
+        )
         if row is None:
             return  # already released
-        conn.execute(stock.update().where(stock.c.sku == row["sku"])
-                     .values(available=stock.c.available + row["quantity"]))
+        conn.execute(
+            stock.update()
+            .where(stock.c.sku == row["sku"])
+            .values(available=stock.c.available + row["quantity"])
+        )
         conn.execute(reservations.delete().where(reservations.c.key == idempotency_key))
 
 
 def send_mail(order_id: str, body: str, *, idempotency_key: str) -> None:
     with engine().begin() as conn:
-        if not conn.execute(sa.select(emails.c.key).where(emails.c.key == idempotency_key)
-                            ).first():
-            conn.execute(emails.insert().values(key=idempotency_key, order_id=order_id,
-                                                body=body))
+        if not conn.execute(sa.select(emails.c.key).where(emails.c.key == idempotency_key)).first():
+            conn.execute(emails.insert().values(key=idempotency_key, order_id=order_id, body=body))

@@ -29,20 +29,25 @@ def validate_order(order_id: str, amount: float, sku: str, quantity: int) -> dic
 def refund_payment(order_id: str, compensation_data: dict[str, Any]) -> None:
     services.refund(compensation_data["transaction_id"])
     with sagaline.step_transaction() as tx:
-        tx.publish("order.refunded", {"order_id": order_id, **compensation_data},
-                   key=order_id)
+        tx.publish("order.refunded", {"order_id": order_id, **compensation_data}, key=order_id)
 
 
 @saga_step(compensate="shop.refund_payment")
 @app.task(name="shop.charge_payment")
 def charge_payment(order_id: str, amount_cents: int) -> StepResponse:
-    txn = services.charge(order_id, amount_cents,
-                          idempotency_key=sagaline.current_step().idempotency_key)
+    txn = services.charge(
+        order_id, amount_cents, idempotency_key=sagaline.current_step().idempotency_key
+    )
     with sagaline.step_transaction() as tx:
-        tx.publish("order.charged", {"order_id": order_id, "amount_cents": amount_cents,
-                                     "transaction_id": txn}, key=order_id)
-    return StepResponse(output={"transaction_id": txn},
-                        compensation_data={"transaction_id": txn, "amount_cents": amount_cents})
+        tx.publish(
+            "order.charged",
+            {"order_id": order_id, "amount_cents": amount_cents, "transaction_id": txn},
+            key=order_id,
+        )
+    return StepResponse(
+        output={"transaction_id": txn},
+        compensation_data={"transaction_id": txn, "amount_cents": amount_cents},
+    )
 
 
 @app.task(name="shop.release_inventory")
@@ -63,11 +68,13 @@ def reserve_inventory(order_id: str, sku: str, quantity: int) -> StepResponse:
 
 @app.task(name="shop.send_confirmation")
 def send_confirmation(order_id: str, txn: str) -> None:
-    services.send_mail(order_id, f"order {order_id} paid ({txn})",
-                       idempotency_key=sagaline.current_step().idempotency_key)
+    services.send_mail(
+        order_id,
+        f"order {order_id} paid ({txn})",
+        idempotency_key=sagaline.current_step().idempotency_key,
+    )
     with sagaline.step_transaction() as tx:
-        tx.publish("order.confirmed", {"order_id": order_id, "transaction_id": txn},
-                   key=order_id)
+        tx.publish("order.confirmed", {"order_id": order_id, "transaction_id": txn}, key=order_id)
 
 
 order_saga = (
@@ -75,6 +82,9 @@ order_saga = (
     .add_step(validate_order, no_compensation=True)
     .add_step(charge_payment, retry=Retry(max_attempts=3, backoff=1.0), timeout=30)
     .add_step(reserve_inventory)
-    .add_step(send_confirmation, no_compensation=True,
-              input=lambda ctx: {"order_id": ctx["order_id"], "txn": ctx["transaction_id"]})
+    .add_step(
+        send_confirmation,
+        no_compensation=True,
+        input=lambda ctx: {"order_id": ctx["order_id"], "txn": ctx["transaction_id"]},
+    )
 )

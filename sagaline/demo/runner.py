@@ -83,12 +83,24 @@ def plan_runs(opts: DemoOptions, make_input: Any) -> list[Run]:
         if opts.scripted:
             what, injection = scripted_injection(i, opts.seed)
         else:
-            injection = {"fail_at": opts.fail_at, "fail_rate": opts.fail_rate or 0.0,
-                         "seed": opts.seed + i, "slow": opts.slow}
-            what = ", ".join(p for p in (
-                f"fail_at {opts.fail_at}" if opts.fail_at else "",
-                f"fail_rate {opts.fail_rate:g}" if opts.fail_rate else "",
-                " ".join(f"slow {k} {v:g}s" for k, v in opts.slow.items())) if p) or "none"
+            injection = {
+                "fail_at": opts.fail_at,
+                "fail_rate": opts.fail_rate or 0.0,
+                "seed": opts.seed + i,
+                "slow": opts.slow,
+            }
+            what = (
+                ", ".join(
+                    p
+                    for p in (
+                        f"fail_at {opts.fail_at}" if opts.fail_at else "",
+                        f"fail_rate {opts.fail_rate:g}" if opts.fail_rate else "",
+                        " ".join(f"slow {k} {v:g}s" for k, v in opts.slow.items()),
+                    )
+                    if p
+                )
+                or "none"
+            )
         runs.append(Run(i + 1, what, make_input(f"sector-{i + 1}", 2 + i % 2, **injection)))
     return runs
 
@@ -97,20 +109,30 @@ def demo_worker(home: Path, concurrency: int) -> WorkerProcess:
     """`celery -A sagaline.demo.robots.app worker`, its log, ready and pid files in `home`."""
     # cwd is the demo's own folder: nothing of the user's current directory (a stray
     # celeryconfig.py, a module named like ours) leaks into the worker.
-    return WorkerProcess(APP_MODULE, env={"SAGALINE_HOME": str(home)}, pool="prefork",
-                         concurrency=concurrency, name=f"demo-{os.getpid()}", cwd=home,
-                         workdir=home, ready_timeout=WORKER_READY_TIMEOUT)
+    return WorkerProcess(
+        APP_MODULE,
+        env={"SAGALINE_HOME": str(home)},
+        pool="prefork",
+        concurrency=concurrency,
+        name=f"demo-{os.getpid()}",
+        cwd=home,
+        workdir=home,
+        ready_timeout=WORKER_READY_TIMEOUT,
+    )
 
 
 def _start(worker: WorkerProcess) -> None:
     try:
         worker.start()
     except WorkerExited:
-        raise ConfigurationError(f"the demo worker exited with {worker.returncode} "
-                                 f"before it was ready; see {worker.log_path}") from None
+        raise ConfigurationError(
+            f"the demo worker exited with {worker.returncode} "
+            f"before it was ready; see {worker.log_path}"
+        ) from None
     except HarnessError:
-        raise ConfigurationError(f"the demo worker was not ready after "
-                                 f"{WORKER_READY_TIMEOUT:g}s; see {worker.log_path}") from None
+        raise ConfigurationError(
+            f"the demo worker was not ready after {WORKER_READY_TIMEOUT:g}s; see {worker.log_path}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -130,6 +152,7 @@ def _environment(**values: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so that the worker is stopped either way."""
+
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
@@ -147,24 +170,31 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
     home.mkdir(parents=True)
     broker = os.environ.get("CELERY_BROKER_URL") or "the filesystem broker in " + str(home)
     store = os.environ.get("SAGALINE_STORE_URL") or f"sqlite:///{home / 'state.db'}"
-    console.print(Text.assemble(("sagaline demo", "bold"), f": {opts.runs} robot exploration "
-                                f"sagas\n  broker: {broker}\n  store:  {redact(store)}"))
+    console.print(
+        Text.assemble(
+            ("sagaline demo", "bold"),
+            f": {opts.runs} robot exploration sagas\n  broker: {broker}\n  store:  {redact(store)}",
+        )
+    )
     worker = demo_worker(home, opts.concurrency)
     with _environment(SAGALINE_HOME=str(home)), _terminate_as_interrupt():
         try:
             with console.status("starting a Celery worker process..."):
                 _start(worker)
-            console.print(f"  worker: pid {worker.pid}, {opts.concurrency} processes, "
-                          f"log {worker.log_path}")
+            console.print(
+                f"  worker: pid {worker.pid}, {opts.concurrency} processes, log {worker.log_path}"
+            )
             code = _run_sagas(opts, console)
         except BaseException:
             # Interrupted or broken: steps may be running; do not wait for them.
             worker.stop(timeout=3.0)
             raise
         worker.stop()
-    console.print(f"worker stopped. State kept in {home}: try "
-                  f"[bold]SAGALINE_HOME={home} sagaline ls[/bold]"
-                  if "SAGALINE_STORE_URL" not in os.environ else "worker stopped.")
+    console.print(
+        f"worker stopped. State kept in {home}: try [bold]SAGALINE_HOME={home} sagaline ls[/bold]"
+        if "SAGALINE_STORE_URL" not in os.environ
+        else "worker stopped."
+    )
     return code
 
 
@@ -181,8 +211,13 @@ def _run_sagas(opts: DemoOptions, console: Console) -> int:
         run.saga_id = sagas.exploration.run(**run.input).saga_id
 
     pending = {run.saga_id: run for run in runs}
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} ended"), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} ended"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("running sagas", total=len(runs))
         while pending and time.monotonic() - started < opts.timeout:
@@ -198,20 +233,31 @@ def _run_sagas(opts: DemoOptions, console: Console) -> int:
         run.view = get_saga(run.saga_id, runtime=runtime)
     console.print(_summary(runs, time.monotonic() - started))
 
-    labels = {s.name: short_name(str(s.compensation_name))
-              for s in sagas.exploration.steps if s.compensation_name}
-    for title, chosen in (("a completed saga", _pick_completed(runs)),
-                          ("a compensated saga", _pick_compensated(runs))):
+    labels = {
+        s.name: short_name(str(s.compensation_name))
+        for s in sagas.exploration.steps
+        if s.compensation_name
+    }
+    for title, chosen in (
+        ("a completed saga", _pick_completed(runs)),
+        ("a compensated saga", _pick_compensated(runs)),
+    ):
         if chosen is not None and chosen.view is not None:
             console.print()
-            console.print(Text(f"Timeline of {title} (run {chosen.number}: {chosen.what})",
-                               style="bold"))
+            console.print(
+                Text(f"Timeline of {title} (run {chosen.number}: {chosen.what})", style="bold")
+            )
             console.print(render_timeline(chosen.view, compact=True, labels=labels))
 
     ok = _check_robots(runs, models, console)
     if pending:
-        console.print(Text(f"✗ {len(pending)} saga(s) did not end within {opts.timeout:g}s: "
-                           + ", ".join(pending), style="bold red"))
+        console.print(
+            Text(
+                f"✗ {len(pending)} saga(s) did not end within {opts.timeout:g}s: "
+                + ", ".join(pending),
+                style="bold red",
+            )
+        )
         ok = False
     return 0 if ok else 1
 
@@ -220,13 +266,13 @@ def _counts(runs: list[Run], done: list[Run], runtime: Any) -> str:
     statuses = [get_saga(r.saga_id, runtime=runtime, with_history=False).status for r in done]
     completed = sum(s is SagaStatus.COMPLETED for s in statuses)
     compensated = sum(s is SagaStatus.COMPENSATED for s in statuses)
-    return (f"{completed} completed, {compensated} compensated, "
-            f"{len(runs) - len(done)} running")
+    return f"{completed} completed, {compensated} compensated, {len(runs) - len(done)} running"
 
 
 def _summary(runs: list[Run], elapsed: float) -> Table:
-    table = Table(title=f"{len(runs)} sagas in {elapsed:.1f}s", title_justify="left",
-                  header_style="bold")
+    table = Table(
+        title=f"{len(runs)} sagas in {elapsed:.1f}s", title_justify="left", header_style="bold"
+    )
     table.add_column("#", justify="right")
     table.add_column("saga id", no_wrap=True)
     table.add_column("status")
@@ -237,9 +283,14 @@ def _summary(runs: list[Run], elapsed: float) -> Table:
         assert run.view is not None
         saga = run.view.saga
         end = saga.finished_at
-        table.add_row(str(run.number), saga.saga_id, status_text(saga.status),
-                      format_duration(end - saga.created_at if end else None),
-                      saga.failed_step or "", run.what)
+        table.add_row(
+            str(run.number),
+            saga.saga_id,
+            status_text(saga.status),
+            format_duration(end - saga.created_at if end else None),
+            saga.failed_step or "",
+            run.what,
+        )
     return table
 
 
@@ -256,8 +307,12 @@ def _pick_compensated(runs: list[Run]) -> Run | None:
     if not compensated:
         return None
     # The one that undid the most steps.
-    return max(compensated, key=lambda r: sum(
-        e.kind == EventKind.COMPENSATION_SUCCEEDED for e in (r.view.history if r.view else [])))
+    return max(
+        compensated,
+        key=lambda r: sum(
+            e.kind == EventKind.COMPENSATION_SUCCEEDED for e in (r.view.history if r.view else [])
+        ),
+    )
 
 
 def _check_robots(runs: list[Run], models: Any, console: Console) -> bool:
@@ -268,10 +323,19 @@ def _check_robots(runs: list[Run], models: Any, console: Console) -> bool:
     console.print()
     if held:
         robots = ", ".join(f"{r['name']} (saga {r['assigned_saga']})" for r in held)
-        console.print(Text(f"✗ robot check: {len(held)} robot(s) still allocated by a "
-                           f"compensated saga: {robots}", style="bold red"))
+        console.print(
+            Text(
+                f"✗ robot check: {len(held)} robot(s) still allocated by a "
+                f"compensated saga: {robots}",
+                style="bold red",
+            )
+        )
         return False
-    console.print(Text(f"✓ robot check: no robot is left allocated by the {len(compensated)} "
-                       f"compensated saga(s) (fleet: {state})", style="bold green"))
+    console.print(
+        Text(
+            f"✓ robot check: no robot is left allocated by the {len(compensated)} "
+            f"compensated saga(s) (fleet: {state})",
+            style="bold green",
+        )
+    )
     return True
-

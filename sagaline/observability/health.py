@@ -37,8 +37,11 @@ READINESS_TIMEOUT = 2.0
 
 def heartbeat_path(settings: Settings | None = None) -> Path:
     """The heartbeat file of a worker with these settings (default: from the environment)."""
-    configured = settings.heartbeat_file if settings is not None else \
-        os.environ.get("SAGALINE_HEARTBEAT_FILE", "")
+    configured = (
+        settings.heartbeat_file
+        if settings is not None
+        else os.environ.get("SAGALINE_HEARTBEAT_FILE", "")
+    )
     return Path(configured) if configured else default_home() / "worker.heartbeat"
 
 
@@ -67,12 +70,19 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
         except OSError as exc:
             # A worker that cannot write its heartbeat still serves sagas; only a
             # liveness probe, if one is configured, will say so.
-            log.warning("cannot write the heartbeat file %s (%s): `sagaline health "
-                        "--liveness` will fail; set SAGALINE_HEARTBEAT_FILE", path, exc)
+            log.warning(
+                "cannot write the heartbeat file %s (%s): `sagaline health "
+                "--liveness` will fail; set SAGALINE_HEARTBEAT_FILE",
+                path,
+                exc,
+            )
         self._stop.clear()
-        self._thread = threading.Thread(target=self._beat,
-                                        args=(path, settings.heartbeat_interval),
-                                        name="sagaline-heartbeat-file", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat,
+            args=(path, settings.heartbeat_interval),
+            name="sagaline-heartbeat-file",
+            daemon=True,
+        )
         self._thread.start()
 
     def _beat(self, path: Path, interval: float) -> None:
@@ -105,8 +115,10 @@ def check_liveness(path: Path, max_age: float, now: float | None = None) -> tupl
 
 def check_readiness(runtime: Runtime, timeout: float = READINESS_TIMEOUT) -> tuple[bool, str]:
     """Whether the store and the broker both answer within `timeout` seconds."""
-    checks = {"store": lambda: _store_answers(runtime),
-              "broker": lambda: _broker_answers(runtime.app, timeout)}
+    checks = {
+        "store": lambda: _store_answers(runtime),
+        "broker": lambda: _broker_answers(runtime.app, timeout),
+    }
     outcomes: dict[str, BaseException | None] = {}
 
     def run(name: str) -> None:
@@ -118,8 +130,10 @@ def check_readiness(runtime: Runtime, timeout: float = READINESS_TIMEOUT) -> tup
 
     # Daemon threads, not an executor: a check stuck in a driver (a server that drops
     # packets) is left behind, and neither the answer nor the process exit waits for it.
-    threads = [threading.Thread(target=run, args=(name,), daemon=True,
-                                name=f"sagaline-readiness-{name}") for name in checks]
+    threads = [
+        threading.Thread(target=run, args=(name,), daemon=True, name=f"sagaline-readiness-{name}")
+        for name in checks
+    ]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + timeout
@@ -154,9 +168,9 @@ def _broker_answers(app: Celery, timeout: float) -> None:
         conn.default_channel  # noqa: B018
 
 
-
-def probe(runtime: Runtime | None, readiness: bool, max_age: float,
-          timeout: float = READINESS_TIMEOUT) -> tuple[bool, str]:
+def probe(
+    runtime: Runtime | None, readiness: bool, max_age: float, timeout: float = READINESS_TIMEOUT
+) -> tuple[bool, str]:
     """`sagaline health`: readiness of `runtime`'s store and broker, or the liveness of
     its worker (no runtime: the heartbeat file the environment names)."""
     if readiness:

@@ -18,8 +18,19 @@ from typing import Any
 from ..context import _current
 
 # Fields every line has (null when the record was not logged inside a step or span).
-FIELDS = ("time", "level", "logger", "message", "saga_id", "saga", "step", "attempt",
-          "phase", "trace_id", "span_id")
+FIELDS = (
+    "time",
+    "level",
+    "logger",
+    "message",
+    "saga_id",
+    "saga",
+    "step",
+    "attempt",
+    "phase",
+    "trace_id",
+    "span_id",
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -79,8 +90,10 @@ def _celery_task_id() -> str | None:
 
 
 def _iso(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + \
-        f".{int(created % 1 * 1000):03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
 
 
 def use_json(logger: logging.Logger) -> None:

@@ -38,18 +38,74 @@ log = logging.getLogger("sagaline")
 
 # Saga durations run from milliseconds to hours; a step's queue wait can reach the
 # half hour of an outage (runtime-sized buckets that stop at 10 s would hide it).
-SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600,
-                float("inf"))
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
-                float("inf"))
-WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
-                600, 1800, float("inf"))
-STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
-                 float("inf"))
+SAGA_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    1800,
+    3600,
+    float("inf"),
+)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
+WAIT_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    float("inf"),
+)
+STORE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    float("inf"),
+)
 # The store operations that are timed (sagaline_store_operation_seconds{operation}).
-STORE_OPERATIONS = ("create_saga", "claim_step", "renew_lease", "transact", "read_state",
-                    "get_saga", "history", "list_sagas", "count_by_status", "find_due",
-                    "find_claimed")
+STORE_OPERATIONS = (
+    "create_saga",
+    "claim_step",
+    "renew_lease",
+    "transact",
+    "read_state",
+    "get_saga",
+    "history",
+    "list_sagas",
+    "count_by_status",
+    "find_due",
+    "find_claimed",
+)
 # Store reads behind the gauges are cached this long: a scrape of every worker every
 # few seconds must not become a query storm.
 GAUGE_TTL = 5.0
@@ -66,7 +122,8 @@ def _prometheus() -> Any:
     except ImportError:
         raise ConfigurationError(
             "metrics_port (SAGALINE_METRICS_PORT) needs prometheus-client, which is not "
-            "installed: pip install 'sagaline[prometheus]'") from None
+            "installed: pip install 'sagaline[prometheus]'"
+        ) from None
     return prometheus_client
 
 
@@ -77,31 +134,55 @@ class SagaMetrics:
         pc = _prometheus()
         kw = {"registry": registry}
         self.started = pc.Counter("sagaline_sagas_started", "Sagas started.", ["saga"], **kw)
-        self.finished = pc.Counter("sagaline_sagas_finished",
-                                   "Sagas that reached a terminal status.",
-                                   ["saga", "status"], **kw)
-        self.duration = pc.Histogram("sagaline_saga_duration_seconds",
-                                     "From run() to the terminal status.",
-                                     ["saga", "status"], buckets=SAGA_BUCKETS, **kw)
-        self.attempts = pc.Counter("sagaline_step_attempts",
-                                   "Step and compensation attempts run, by outcome.",
-                                   ["saga", "step", "phase", "outcome"], **kw)
-        self.step_duration = pc.Histogram("sagaline_step_duration_seconds",
-                                          "Run time of one attempt's body.",
-                                          ["saga", "step", "phase"], buckets=STEP_BUCKETS,
-                                          **kw)
+        self.finished = pc.Counter(
+            "sagaline_sagas_finished",
+            "Sagas that reached a terminal status.",
+            ["saga", "status"],
+            **kw,
+        )
+        self.duration = pc.Histogram(
+            "sagaline_saga_duration_seconds",
+            "From run() to the terminal status.",
+            ["saga", "status"],
+            buckets=SAGA_BUCKETS,
+            **kw,
+        )
+        self.attempts = pc.Counter(
+            "sagaline_step_attempts",
+            "Step and compensation attempts run, by outcome.",
+            ["saga", "step", "phase", "outcome"],
+            **kw,
+        )
+        self.step_duration = pc.Histogram(
+            "sagaline_step_duration_seconds",
+            "Run time of one attempt's body.",
+            ["saga", "step", "phase"],
+            buckets=STEP_BUCKETS,
+            **kw,
+        )
         self.queue_wait = pc.Histogram(
             "sagaline_step_queue_wait_seconds",
             "From a step's dispatch (a retry: the end of its backoff) to its claim.",
-            ["saga", "step"], buckets=WAIT_BUCKETS, **kw)
-        self.compensations = pc.Counter("sagaline_compensations",
-                                        "Compensation attempts, by outcome.",
-                                        ["saga", "step", "outcome"], **kw)
-        self.repairs = pc.Counter("sagaline_sweeper_repairs",
-                                  "What the sweeper repaired, by kind.", ["kind"], **kw)
-        self.store_op = pc.Histogram("sagaline_store_operation_seconds",
-                                     "Time of one store operation (retries included).",
-                                     ["operation"], buckets=STORE_BUCKETS, **kw)
+            ["saga", "step"],
+            buckets=WAIT_BUCKETS,
+            **kw,
+        )
+        self.compensations = pc.Counter(
+            "sagaline_compensations",
+            "Compensation attempts, by outcome.",
+            ["saga", "step", "outcome"],
+            **kw,
+        )
+        self.repairs = pc.Counter(
+            "sagaline_sweeper_repairs", "What the sweeper repaired, by kind.", ["kind"], **kw
+        )
+        self.store_op = pc.Histogram(
+            "sagaline_store_operation_seconds",
+            "Time of one store operation (retries included).",
+            ["operation"],
+            buckets=STORE_BUCKETS,
+            **kw,
+        )
 
 
 _metrics: SagaMetrics | None = None
@@ -125,22 +206,31 @@ def _on_saga_started(sender: Any = None, name: str = "", **_: Any) -> None:
     current().started.labels(name).inc()
 
 
-def _on_saga_finished(sender: Any = None, name: str = "", status: Any = None,
-                      duration: float = 0.0, **_: Any) -> None:
+def _on_saga_finished(
+    sender: Any = None, name: str = "", status: Any = None, duration: float = 0.0, **_: Any
+) -> None:
     label = str(status).lower()
     m = current()
     m.finished.labels(name, label).inc()
     m.duration.labels(name, label).observe(max(0.0, duration))
 
 
-def _on_step_started(sender: Any = None, name: str = "", step: str = "",
-                     queue_wait: float | None = None, **_: Any) -> None:
+def _on_step_started(
+    sender: Any = None, name: str = "", step: str = "", queue_wait: float | None = None, **_: Any
+) -> None:
     if queue_wait is not None:
         current().queue_wait.labels(name, step).observe(max(0.0, queue_wait))
 
 
-def _on_step_finished(sender: Any = None, name: str = "", step: str = "", phase: Any = None,
-                      outcome: str = "", duration: float = 0.0, **_: Any) -> None:
+def _on_step_finished(
+    sender: Any = None,
+    name: str = "",
+    step: str = "",
+    phase: Any = None,
+    outcome: str = "",
+    duration: float = 0.0,
+    **_: Any,
+) -> None:
     m = current()
     phase_label = str(phase)
     m.attempts.labels(name, step, phase_label, outcome).inc()
@@ -149,8 +239,9 @@ def _on_step_finished(sender: Any = None, name: str = "", step: str = "", phase:
         m.compensations.labels(name, step, outcome).inc()
 
 
-def _on_sweeper_repaired(sender: Any = None, counts: dict[Any, int] | None = None,
-                         **_: Any) -> None:
+def _on_sweeper_repaired(
+    sender: Any = None, counts: dict[Any, int] | None = None, **_: Any
+) -> None:
     for kind, count in (counts or {}).items():
         if count:
             current().repairs.labels(getattr(kind, "value", kind)).inc(count)
@@ -207,19 +298,24 @@ class StoreGauges:
         values = self._fresh_values()
         families = {
             "sagaline_sagas_in_progress": GaugeMetricFamily(
-                "sagaline_sagas_in_progress", "Sagas not finished, read from the store.",
-                labels=["saga", "status"]),
+                "sagaline_sagas_in_progress",
+                "Sagas not finished, read from the store.",
+                labels=["saga", "status"],
+            ),
             "sagaline_sagas_needing_attention": GaugeMetricFamily(
                 "sagaline_sagas_needing_attention",
-                "Sagas parked FAILED (a compensation kept failing): an operator resumes "
-                "them.", labels=["saga"]),
+                "Sagas parked FAILED (a compensation kept failing): an operator resumes them.",
+                labels=["saga"],
+            ),
             "sagaline_sagas_past_deadline": GaugeMetricFamily(
                 "sagaline_sagas_past_deadline",
-                f"Sagas still in progress after their timeout (counted up to "
-                f"{PAST_DEADLINE_CAP}).", labels=["saga"]),
+                f"Sagas still in progress after their timeout (counted up to {PAST_DEADLINE_CAP}).",
+                labels=["saga"],
+            ),
         }
-        up = GaugeMetricFamily("sagaline_store_up",
-                               "1 when the last store read for these gauges succeeded.")
+        up = GaugeMetricFamily(
+            "sagaline_store_up", "1 when the last store read for these gauges succeeded."
+        )
         up.add_metric([], 0.0 if values is None else 1.0)
         for name, samples in (values or {}).items():
             for labels, value in samples.items():
@@ -235,8 +331,9 @@ class StoreGauges:
                 return self._values
             thread = self._refreshing
             if thread is None or not thread.is_alive():
-                thread = threading.Thread(target=self._refresh, daemon=True,
-                                          name="sagaline-metrics-gauges")
+                thread = threading.Thread(
+                    target=self._refresh, daemon=True, name="sagaline-metrics-gauges"
+                )
                 self._refreshing = thread
                 thread.start()
         thread.join(GAUGE_WAIT)
@@ -267,13 +364,20 @@ def read_gauges(store: Store, now: float) -> dict[str, dict[tuple[str, ...], flo
             in_progress[(defn.name, status.value.lower())] = float(counts.get(status, 0))
         attention[(defn.name,)] = float(counts.get(SagaStatus.FAILED, 0))
         if defn.timeout:
-            overdue = store.list_sagas(SagaFilter(
-                status=list(IN_PROGRESS), name=defn.name, created_before=now - defn.timeout,
-                limit=PAST_DEADLINE_CAP))
+            overdue = store.list_sagas(
+                SagaFilter(
+                    status=list(IN_PROGRESS),
+                    name=defn.name,
+                    created_before=now - defn.timeout,
+                    limit=PAST_DEADLINE_CAP,
+                )
+            )
             late[(defn.name,)] = float(len(overdue))
-    return {"sagaline_sagas_in_progress": in_progress,
-            "sagaline_sagas_needing_attention": attention,
-            "sagaline_sagas_past_deadline": late}
+    return {
+        "sagaline_sagas_in_progress": in_progress,
+        "sagaline_sagas_needing_attention": attention,
+        "sagaline_sagas_past_deadline": late,
+    }
 
 
 # -- a worker's /metrics ---------------------------------------------------------------
@@ -315,7 +419,8 @@ class WorkerMetrics:
             self.server = pc.start_http_server(self.port, addr=self.addr, registry=registry)
         except OSError as exc:
             raise ConfigurationError(
-                f"cannot serve metrics on {self.addr}:{self.port}: {exc}") from None
+                f"cannot serve metrics on {self.addr}:{self.port}: {exc}"
+            ) from None
         log.info("sagaline metrics on http://%s:%s/metrics", self.addr, self.port)
 
     def stop(self) -> None:
@@ -339,8 +444,11 @@ class _DeadProcessSweep:
     def collect(self) -> Iterable[Any]:
         from prometheus_client import multiprocess
 
-        pids = {int(m.group(1)) for path in glob.glob(os.path.join(self.directory, "*.db"))
-                if (m := self._PID.search(path))}
+        pids = {
+            int(m.group(1))
+            for path in glob.glob(os.path.join(self.directory, "*.db"))
+            if (m := self._PID.search(path))
+        }
         for pid in pids:
             if not _alive(pid):
                 multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
@@ -386,5 +494,6 @@ def install(runtime: Runtime, port: int) -> None:
             served.pop().stop()
 
     worker_init.connect(start_serving, weak=False, dispatch_uid=f"sagaline.metrics.{id(app)}")
-    worker_shutdown.connect(stop_serving, weak=False,
-                            dispatch_uid=f"sagaline.metrics.stop.{id(app)}")
+    worker_shutdown.connect(
+        stop_serving, weak=False, dispatch_uid=f"sagaline.metrics.stop.{id(app)}"
+    )

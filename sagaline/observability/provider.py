@@ -18,8 +18,11 @@ def install_provider(service_name: str | None = None) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create()
-    if service_name and not os.environ.get("OTEL_SERVICE_NAME") and \
-            "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+    if (
+        service_name
+        and not os.environ.get("OTEL_SERVICE_NAME")
+        and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    ):
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
     # The sampler comes from OTEL_TRACES_SAMPLER, the exporter's endpoint, headers and
     # timeout from OTEL_EXPORTER_OTLP_*, the batching from OTEL_BSP_*.

@@ -56,7 +56,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by the wheel install test
     raise ConfigurationError(
         f"tracing needs OpenTelemetry ({exc.name or exc} is not installed): "
-        f"pip install 'sagaline[otel]'") from None
+        f"pip install 'sagaline[otel]'"
+    ) from None
 
 if TYPE_CHECKING:
     from ..records import Decision, Dispatch, Event, SagaRecord
@@ -74,8 +75,9 @@ SAGA_PHASE = "saga.phase"
 SAGA_STATUS = "saga.status"
 SAGA_OUTCOME = "saga.outcome"
 
-_EVENTS_OF_LOST_ATTEMPTS = frozenset({"step_attempt_failed", "step_failed",
-                                      "compensation_attempt_failed", "compensation_failed"})
+_EVENTS_OF_LOST_ATTEMPTS = frozenset(
+    {"step_attempt_failed", "step_failed", "compensation_attempt_failed", "compensation_failed"}
+)
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,12 @@ class SagaTrace:
             version, trace_id, span_id, flags = head.split("-")
             if version != "00" or len(trace_id) != 32 or len(span_id) != 16:
                 raise ValueError(text)
-            return cls(int(trace_id, 16), int(span_id, 16), int(flags, 16),
-                       int(parent, 16) if parent else None)
+            return cls(
+                int(trace_id, 16),
+                int(span_id, 16),
+                int(flags, 16),
+                int(parent, 16) if parent else None,
+            )
         except ValueError:
             log.warning("ignoring a saga trace context that is no traceparent: %r", text)
             return None
@@ -116,20 +122,23 @@ class SagaTrace:
         if self.parent_span_id is None:
             return otel_context.Context()
         return trace.set_span_in_context(
-            trace.NonRecordingSpan(self._span_context(self.parent_span_id)))
+            trace.NonRecordingSpan(self._span_context(self.parent_span_id))
+        )
 
     def _span_context(self, span_id: int) -> trace.SpanContext:
-        return trace.SpanContext(self.trace_id, span_id, is_remote=True,
-                                 trace_flags=trace.TraceFlags(self.flags))
+        return trace.SpanContext(
+            self.trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(self.flags)
+        )
 
 
-def attempt_span_id(saga_trace: SagaTrace, saga_id: str, step: str, phase: Phase | str,
-                    attempt: int) -> int:
+def attempt_span_id(
+    saga_trace: SagaTrace, saga_id: str, step: str, phase: Phase | str, attempt: int
+) -> int:
     """The span id of one attempt: the same in every process, so never made twice."""
     phase_name = phase.value if isinstance(phase, Phase) else phase
     digest = hashlib.blake2b(
-        f"{saga_trace.span_id:016x}:{saga_id}:{step}:{phase_name}:{attempt}".encode(),
-        digest_size=8).digest()
+        f"{saga_trace.span_id:016x}:{saga_id}:{step}:{phase_name}:{attempt}".encode(), digest_size=8
+    ).digest()
     return int.from_bytes(digest, "big") or 1
 
 
@@ -139,7 +148,8 @@ class _PresetIds(IdGenerator):
     def __init__(self, inner: IdGenerator):
         self.inner = inner
         self.preset: ContextVar[tuple[int, int] | None] = ContextVar(
-            "sagaline_preset_span_ids", default=None)
+            "sagaline_preset_span_ids", default=None
+        )
 
     def generate_span_id(self) -> int:
         preset = self.preset.get()
@@ -164,7 +174,8 @@ class Tracing:
             raise ConfigurationError(
                 "sagaline's tracing needs the OpenTelemetry SDK's TracerProvider (it fixes "
                 "the ids of spans that outlive a process); the one set here is "
-                f"{type(trace.get_tracer_provider()).__name__}")
+                f"{type(trace.get_tracer_provider()).__name__}"
+            )
         # A tracer of sagaline's own (get_tracer makes a new one per call): replacing
         # its id generator changes nothing for the application's spans.
         self._ids = _PresetIds(tracer.id_generator)
@@ -172,11 +183,13 @@ class Tracing:
         self.tracer = tracer
         # After the Celery instrumentation's receiver (it connects in worker_process_init,
         # this runs at the first task or saga of the process): the last word is ours.
-        before_task_publish.connect(_root_as_traceparent, weak=False,
-                                    dispatch_uid="sagaline.root_as_traceparent")
+        before_task_publish.connect(
+            _root_as_traceparent, weak=False, dispatch_uid="sagaline.root_as_traceparent"
+        )
         # Sagas the current attempt ended (their root spans wait for its span to end).
         self._ended_in_attempt: ContextVar[list[SagaRecord] | None] = ContextVar(
-            "sagaline_sagas_ended_in_attempt", default=None)
+            "sagaline_sagas_ended_in_attempt", default=None
+        )
 
     # -- starting a saga ---------------------------------------------------------------
 
@@ -197,12 +210,15 @@ class Tracing:
         # The sampler decides now, as it would for the root span: its decision travels
         # in the flags, and every later span follows it (parent-based sampling).
         result = self.tracer.sampler.should_sample(
-            ctx, trace_id, saga_span_name(name), trace.SpanKind.INTERNAL,
-            {SAGA_ID: saga_id, SAGA_NAME: name})
+            ctx,
+            trace_id,
+            saga_span_name(name),
+            trace.SpanKind.INTERNAL,
+            {SAGA_ID: saga_id, SAGA_NAME: name},
+        )
         sampled: bool = result.decision.is_sampled()  # type: ignore[no-untyped-call]
         flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
-        return SagaTrace(trace_id, self._ids.generate_span_id(), flags,
-                         parent_span).encode()
+        return SagaTrace(trace_id, self._ids.generate_span_id(), flags, parent_span).encode()
 
     @contextlib.contextmanager
     def publishing(self, d: Dispatch) -> Iterator[None]:
@@ -236,22 +252,27 @@ class Tracing:
         task_id = getattr(getattr(task, "request", None), "id", None)
         if task_id:
             attributes["messaging.message.id"] = str(task_id)
-        span = self._start(attempt_span_name(step, phase), saga_trace.root_context(),
-                           (saga_trace.trace_id,
-                            attempt_span_id(saga_trace, saga_id, step, phase, attempt)),
-                           attributes=attributes, kind=trace.SpanKind.CONSUMER)
+        span = self._start(
+            attempt_span_name(step, phase),
+            saga_trace.root_context(),
+            (saga_trace.trace_id, attempt_span_id(saga_trace, saga_id, step, phase, attempt)),
+            attributes=attributes,
+            kind=trace.SpanKind.CONSUMER,
+        )
         ended: list[SagaRecord] = []
         deferred = self._ended_in_attempt.set(ended)
         try:
-            with trace.use_span(span, end_on_exit=True, record_exception=False,
-                                set_status_on_exception=False):
+            with trace.use_span(
+                span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+            ):
                 try:
                     yield
                 except BaseException as exc:
                     if not isinstance(exc, Ignore):
                         span.record_exception(exc)
-                        span.set_status(trace.Status(trace.StatusCode.ERROR,
-                                                     f"{type(exc).__name__}: {exc}"))
+                        span.set_status(
+                            trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                        )
                         span.set_attribute(SAGA_OUTCOME, "failed")
                     raise
                 else:
@@ -262,8 +283,7 @@ class Tracing:
             for saga in ended:
                 self.saga_finished(saga, end=time.time())
 
-    def lost_attempt(self, saga: SagaRecord | None, event: Event,
-                     started_at: float | None) -> None:
+    def lost_attempt(self, saga: SagaRecord | None, event: Event, started_at: float | None) -> None:
         """Emit, with status ERROR, the span of an attempt whose process died."""
         saga_trace = SagaTrace.decode(saga.trace_context if saga else None)
         if saga is None or saga_trace is None or event.step is None or event.attempt is None:
@@ -271,13 +291,19 @@ class Tracing:
         phase = Phase(event.phase or Phase.FORWARD.value)
         error = str(event.detail.get("error") or event.detail.get("reason"))
         span = self._start(
-            attempt_span_name(event.step, phase), saga_trace.root_context(),
-            (saga_trace.trace_id,
-             attempt_span_id(saga_trace, saga.saga_id, event.step, phase, event.attempt)),
-            attributes={**_attempt_attributes(saga.saga_id, saga.name, event.step, phase,
-                                              event.attempt),
-                        SAGA_OUTCOME: "lost"},
-            kind=trace.SpanKind.CONSUMER, start=started_at or event.ts)
+            attempt_span_name(event.step, phase),
+            saga_trace.root_context(),
+            (
+                saga_trace.trace_id,
+                attempt_span_id(saga_trace, saga.saga_id, event.step, phase, event.attempt),
+            ),
+            attributes={
+                **_attempt_attributes(saga.saga_id, saga.name, event.step, phase, event.attempt),
+                SAGA_OUTCOME: "lost",
+            },
+            kind=trace.SpanKind.CONSUMER,
+            start=started_at or event.ts,
+        )
         span.set_status(trace.Status(trace.StatusCode.ERROR, error.split("\n", 1)[0]))
         span.end(end_time=_ns(event.ts))
 
@@ -295,28 +321,42 @@ class Tracing:
         if waiting is not None and end is None:
             waiting.append(saga)
             return
-        attributes: dict[str, Any] = {SAGA_ID: saga.saga_id, SAGA_NAME: saga.name,
-                                      SAGA_STATUS: saga.status.value}
+        attributes: dict[str, Any] = {
+            SAGA_ID: saga.saga_id,
+            SAGA_NAME: saga.name,
+            SAGA_STATUS: saga.status.value,
+        }
         if saga.failed_step:
             attributes["saga.failed_step"] = saga.failed_step
         if saga.parent_saga_id:
             attributes["saga.parent_id"] = saga.parent_saga_id
-        span = self._start(saga_span_name(saga.name), saga_trace.parent_context(),
-                           (saga_trace.trace_id, saga_trace.span_id), attributes=attributes,
-                           kind=trace.SpanKind.INTERNAL, start=saga.created_at)
+        span = self._start(
+            saga_span_name(saga.name),
+            saga_trace.parent_context(),
+            (saga_trace.trace_id, saga_trace.span_id),
+            attributes=attributes,
+            kind=trace.SpanKind.INTERNAL,
+            start=saga.created_at,
+        )
         if saga.status is SagaStatus.COMPLETED:
             span.set_status(trace.Status(trace.StatusCode.OK))
         else:
-            span.set_status(trace.Status(trace.StatusCode.ERROR,
-                                         f"{saga.status.value}: {saga.error or ''}".strip()))
+            span.set_status(
+                trace.Status(
+                    trace.StatusCode.ERROR, f"{saga.status.value}: {saga.error or ''}".strip()
+                )
+            )
         span.end(end_time=_ns(max(end or 0.0, saga.finished_at or time.time())))
 
     def after_commit(self, decision: Decision, store: Any) -> None:
         """Emit what a committed decision ended: attempts lost with their worker, and
         the saga itself. Never raises: tracing must not break the engine."""
         try:
-            lost = [e for e in decision.events if e.kind in _EVENTS_OF_LOST_ATTEMPTS
-                    and e.detail.get("reason") in CRASH_REASONS]
+            lost = [
+                e
+                for e in decision.events
+                if e.kind in _EVENTS_OF_LOST_ATTEMPTS and e.detail.get("reason") in CRASH_REASONS
+            ]
             saga = decision.saga
             if lost:
                 if saga is None:
@@ -325,21 +365,35 @@ class Tracing:
                 for event in lost:
                     rec = steps.get(event.step or "")
                     self.lost_attempt(saga, event, rec.started_at if rec else None)
-            if any(e.kind in _TERMINAL_EVENTS for e in decision.events) and \
-                    decision.saga is not None and decision.saga.status in SAGA_TERMINAL and \
-                    not _ended_before(decision.saga, store):
+            if (
+                any(e.kind in _TERMINAL_EVENTS for e in decision.events)
+                and decision.saga is not None
+                and decision.saga.status in SAGA_TERMINAL
+                and not _ended_before(decision.saga, store)
+            ):
                 self.saga_finished(decision.saga)
         except Exception:
             log.warning("could not emit the spans of a saga transition", exc_info=True)
 
-    def _start(self, name: str, parent: Any, ids: tuple[int, int], *,
-               attributes: dict[str, Any], kind: trace.SpanKind,
-               start: float | None = None) -> trace.Span:
+    def _start(
+        self,
+        name: str,
+        parent: Any,
+        ids: tuple[int, int],
+        *,
+        attributes: dict[str, Any],
+        kind: trace.SpanKind,
+        start: float | None = None,
+    ) -> trace.Span:
         token = self._ids.preset.set(ids)
         try:
-            return self.tracer.start_span(name, context=parent, kind=kind,
-                                          attributes=attributes,
-                                          start_time=None if start is None else _ns(start))
+            return self.tracer.start_span(
+                name,
+                context=parent,
+                kind=kind,
+                attributes=attributes,
+                start_time=None if start is None else _ns(start),
+            )
         finally:
             self._ids.preset.reset(token)
 
@@ -380,10 +434,16 @@ def attempt_span_name(step: str, phase: Phase) -> str:
     return f"step {step}" if phase is Phase.FORWARD else f"compensate {step}"
 
 
-def _attempt_attributes(saga_id: str, name: str, step: str, phase: Phase,
-                        attempt: int) -> dict[str, Any]:
-    return {SAGA_ID: saga_id, SAGA_NAME: name, SAGA_STEP: step, SAGA_ATTEMPT: attempt,
-            SAGA_PHASE: phase.value}
+def _attempt_attributes(
+    saga_id: str, name: str, step: str, phase: Phase, attempt: int
+) -> dict[str, Any]:
+    return {
+        SAGA_ID: saga_id,
+        SAGA_NAME: name,
+        SAGA_STEP: step,
+        SAGA_ATTEMPT: attempt,
+        SAGA_PHASE: phase.value,
+    }
 
 
 def _ns(seconds: float) -> int:

@@ -39,8 +39,7 @@ class InboxHandler:
     """Calls `handle(connection, event)` in a transaction that records the event in the
     inbox under `consumer`; a duplicate is skipped (returns False)."""
 
-    def __init__(self, engine: Any, consumer: str,
-                 handle: Callable[[Any, dict[str, Any]], Any]):
+    def __init__(self, engine: Any, consumer: str, handle: Callable[[Any, dict[str, Any]], Any]):
         self.engine, self.consumer, self.handle = engine, consumer, handle
 
     def __call__(self, event: dict[str, Any]) -> bool:
@@ -51,9 +50,13 @@ class InboxHandler:
         return True
 
 
-def start_on(topic: str, saga: Saga, *, input: Callable[[dict[str, Any]], dict[str, Any]]
-             | None = None, runtime: Runtime | None = None
-             ) -> Callable[[dict[str, Any]], SagaHandle | None]:
+def start_on(
+    topic: str,
+    saga: Saga,
+    *,
+    input: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    runtime: Runtime | None = None,
+) -> Callable[[dict[str, Any]], SagaHandle | None]:
     """A handler that starts `saga` for each event whose topic matches `topic` (a glob),
     with the event id as the idempotency key: a redelivered event finds the saga it
     already started. The saga's input is `input(event)`, default the event's payload."""
@@ -73,12 +76,19 @@ class RedisStreamConsumer:
     """A consumer group member on one stream (XREADGROUP, XACK after the handler).
     At start it first re-reads its own unacknowledged entries (it died mid-way)."""
 
-    def __init__(self, url: str, stream: str, group: str, handler: Handler, *,
-                 name: str = "consumer-1", batch: int = 100):
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        group: str,
+        handler: Handler,
+        *,
+        name: str = "consumer-1",
+        batch: int = 100,
+    ):
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, socket_timeout=10,
-                                                socket_connect_timeout=5)
+        self.client: Any = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.stream, self.group, self.name, self.batch = stream, group, name, batch
         self.handler = handler
 
@@ -97,18 +107,28 @@ class RedisStreamConsumer:
             try:
                 self._ensure_group()
                 start = "0" if backlog else ">"
-                reply: Any = self.client.xreadgroup(self.group, self.name, {self.stream: start},
-                                               count=self.batch, block=None if backlog
-                                               else 500)
+                reply: Any = self.client.xreadgroup(
+                    self.group,
+                    self.name,
+                    {self.stream: start},
+                    count=self.batch,
+                    block=None if backlog else 500,
+                )
                 entries = reply[0][1] if reply else []
                 if backlog and not entries:
                     backlog = False
                     continue
                 for entry_id, fields in entries:
                     f = {k.decode(): v.decode() for k, v in fields.items()}
-                    self.handler({"id": f["id"], "topic": f["topic"], "key": f["key"] or None,
-                                  "payload": json.loads(f["payload"]),
-                                  "headers": json.loads(f.get("headers") or "{}")})
+                    self.handler(
+                        {
+                            "id": f["id"],
+                            "topic": f["topic"],
+                            "key": f["key"] or None,
+                            "payload": json.loads(f["payload"]),
+                            "headers": json.loads(f.get("headers") or "{}"),
+                        }
+                    )
                     self.client.xack(self.stream, self.group, entry_id)
             except Exception:
                 log.warning("redis stream consumer: error; retrying", exc_info=True)
@@ -138,8 +158,13 @@ class RabbitMQConsumer:
                         message.ack()
 
                     queue = k.Queue(self.queue, durable=True, no_declare=True)
-                    with k.Consumer(channel, queues=[queue], callbacks=[on_message],
-                                    accept=["json", "application/json"], no_ack=False):
+                    with k.Consumer(
+                        channel,
+                        queues=[queue],
+                        callbacks=[on_message],
+                        accept=["json", "application/json"],
+                        no_ack=False,
+                    ):
                         while not stop.is_set():
                             with contextlib.suppress(TimeoutError):
                                 conn.drain_events(timeout=0.5)
@@ -157,8 +182,16 @@ class NatsConsumer:
     key (the inbox drops those already handled). Run one process per durable name.
     """
 
-    def __init__(self, url: str, stream: str, durable: str, handler: Handler, *,
-                 subject: str | None = None, batch: int = 100):
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        durable: str,
+        handler: Handler,
+        *,
+        subject: str | None = None,
+        batch: int = 100,
+    ):
         self.url, self.stream, self.durable = url, stream, durable
         self.subject, self.handler, self.batch = subject, handler, batch
 
@@ -177,11 +210,14 @@ class NatsConsumer:
         except NotFoundError:
             pass
         config = api.ConsumerConfig(
-            durable_name=self.durable, ack_policy=api.AckPolicy.EXPLICIT,
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
             filter_subject=self.subject,
-            deliver_policy=(api.DeliverPolicy.ALL if start is None
-                            else api.DeliverPolicy.BY_START_SEQUENCE),
-            opt_start_seq=start)
+            deliver_policy=(
+                api.DeliverPolicy.ALL if start is None else api.DeliverPolicy.BY_START_SEQUENCE
+            ),
+            opt_start_seq=start,
+        )
         await js.add_consumer(self.stream, config)
         return await js.pull_subscribe_bind(self.durable, self.stream)
 
@@ -192,8 +228,9 @@ class NatsConsumer:
         while not stop.is_set():
             nc: Any = None
             try:
-                nc = await nats.connect(self.url, connect_timeout=5,
-                                        max_reconnect_attempts=0, allow_reconnect=False)
+                nc = await nats.connect(
+                    self.url, connect_timeout=5, max_reconnect_attempts=0, allow_reconnect=False
+                )
                 js = nc.jetstream()
                 sub = await self._subscribe(js)
                 while not stop.is_set():
@@ -205,9 +242,16 @@ class NatsConsumer:
                         headers = dict(m.headers or {})
                         event_id = headers.pop("Nats-Msg-Id", "")
                         key = headers.pop("sagaline-key", "") or None
-                        await asyncio.to_thread(self.handler, {
-                            "id": event_id, "topic": m.subject, "key": key,
-                            "payload": json.loads(m.data), "headers": headers})
+                        await asyncio.to_thread(
+                            self.handler,
+                            {
+                                "id": event_id,
+                                "topic": m.subject,
+                                "key": key,
+                                "payload": json.loads(m.data),
+                                "headers": headers,
+                            },
+                        )
                         await m.ack()
             except Exception:
                 log.warning("nats consumer: error; reconnecting", exc_info=True)

@@ -39,8 +39,13 @@ class OutboxEvent:
     headers: dict[str, str]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "topic": self.topic, "key": self.key, "payload": self.payload,
-                "headers": self.headers}
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "key": self.key,
+            "payload": self.payload,
+            "headers": self.headers,
+        }
 
 
 class Destination(Protocol):
@@ -61,8 +66,10 @@ def _split(url: str) -> tuple[str, dict[str, str]]:
 def _unknown(url: str, query: dict[str, str], known: set[str]) -> None:
     extra = set(query) - known
     if extra:
-        raise ConfigurationError(f"outbox destination {url!r}: unknown option(s) "
-                                 f"{', '.join(sorted(extra))} (known: {', '.join(sorted(known))})")
+        raise ConfigurationError(
+            f"outbox destination {url!r}: unknown option(s) "
+            f"{', '.join(sorted(extra))} (known: {', '.join(sorted(known))})"
+        )
 
 
 def safe_url(url: str) -> str:
@@ -83,15 +90,18 @@ class RabbitMQ:
         base, query = _split(url)
         _unknown(url, query, {"exchange", "exchange_type", "routing_key", "timeout"})
         if "exchange" not in query:
-            raise ConfigurationError(f"outbox destination {safe_url(url)!r} names no "
-                                     f"exchange: add ?exchange=NAME")
+            raise ConfigurationError(
+                f"outbox destination {safe_url(url)!r} names no exchange: add ?exchange=NAME"
+            )
         self.routing_key = query.get("routing_key")
         self.timeout = float(query.get("timeout", "10"))
-        self.exchange: Any = k.Exchange(query["exchange"], type=query.get("exchange_type", "topic"),
-                                 durable=True)
+        self.exchange: Any = k.Exchange(
+            query["exchange"], type=query.get("exchange_type", "topic"), durable=True
+        )
         # Publisher confirms: publish() returns once the broker has the message.
-        self._conn: Any = k.Connection(base, transport_options={"confirm_publish": True},
-                                connect_timeout=self.timeout)
+        self._conn: Any = k.Connection(
+            base, transport_options={"confirm_publish": True}, connect_timeout=self.timeout
+        )
         self._producer: Any = None
 
     def _ensure(self) -> Any:
@@ -107,10 +117,16 @@ class RabbitMQ:
         for i, e in enumerate(events):
             try:
                 self._ensure().publish(
-                    json.dumps(e.as_dict()), routing_key=self.routing_key or e.topic,
-                    message_id=e.id, headers={**e.headers, "sagaline-event-id": e.id},
-                    content_type="application/json", content_encoding="utf-8",
-                    delivery_mode=2, retry=False, timeout=self.timeout)
+                    json.dumps(e.as_dict()),
+                    routing_key=self.routing_key or e.topic,
+                    message_id=e.id,
+                    headers={**e.headers, "sagaline-event-id": e.id},
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    retry=False,
+                    timeout=self.timeout,
+                )
                 results.append(None)
             except Exception as exc:
                 self._reset()
@@ -136,8 +152,9 @@ class RedisStream:
         try:
             import redis
         except ImportError:
-            raise ConfigurationError("a redis:// outbox destination needs redis-py: "
-                                     "pip install 'sagaline[outbox]'") from None
+            raise ConfigurationError(
+                "a redis:// outbox destination needs redis-py: pip install 'sagaline[outbox]'"
+            ) from None
 
         self.url = url
         base, query = _split(url)
@@ -149,16 +166,23 @@ class RedisStream:
     def send(self, events: Sequence[OutboxEvent]) -> list[str | None]:
         pipe = self._client.pipeline(transaction=False)
         for e in events:
-            pipe.xadd(self.stream or e.topic, {
-                "id": e.id, "topic": e.topic, "key": e.key or "",
-                "payload": json.dumps(e.payload), "headers": json.dumps(e.headers)},
-                maxlen=self.maxlen, approximate=True)
+            pipe.xadd(
+                self.stream or e.topic,
+                {
+                    "id": e.id,
+                    "topic": e.topic,
+                    "key": e.key or "",
+                    "payload": json.dumps(e.payload),
+                    "headers": json.dumps(e.headers),
+                },
+                maxlen=self.maxlen,
+                approximate=True,
+            )
         try:
             replies = pipe.execute(raise_on_error=False)
         except Exception as exc:
             return [f"{type(exc).__name__}: {exc}"] * len(events)
-        return [f"{type(r).__name__}: {r}" if isinstance(r, Exception) else None
-                for r in replies]
+        return [f"{type(r).__name__}: {r}" if isinstance(r, Exception) else None for r in replies]
 
     def close(self) -> None:
         self._client.close()
@@ -171,8 +195,9 @@ class NatsJetStream:
         try:
             import nats  # noqa: F401
         except ImportError:
-            raise ConfigurationError("a nats:// outbox destination needs nats-py: "
-                                     "pip install 'sagaline[outbox]'") from None
+            raise ConfigurationError(
+                "a nats:// outbox destination needs nats-py: pip install 'sagaline[outbox]'"
+            ) from None
         self.url = url
         base, query = _split(url)
         _unknown(url, query, {"stream", "timeout"})
@@ -180,8 +205,9 @@ class NatsJetStream:
         self.stream = query.get("stream")
         self.timeout = float(query.get("timeout", "10"))
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="sagaline-outbox-nats")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="sagaline-outbox-nats"
+        )
         self._thread.start()
         self._nc: Any = None
         self._js: Any = None
@@ -195,15 +221,22 @@ class NatsJetStream:
         if self._nc is None or not self._nc.is_connected:
             if self._nc is not None:
                 await self._nc.close()
-            self._nc = await nats.connect(self.server, connect_timeout=self.timeout,
-                                          max_reconnect_attempts=0, allow_reconnect=False)
+            self._nc = await nats.connect(
+                self.server,
+                connect_timeout=self.timeout,
+                max_reconnect_attempts=0,
+                allow_reconnect=False,
+            )
             self._js = self._nc.jetstream(timeout=self.timeout)
 
         async def one(e: OutboxEvent) -> str | None:
             try:
                 await self._js.publish(
-                    e.topic, json.dumps(e.payload).encode(), stream=self.stream,
-                    headers={**e.headers, "Nats-Msg-Id": e.id, "sagaline-key": e.key or ""})
+                    e.topic,
+                    json.dumps(e.payload).encode(),
+                    stream=self.stream,
+                    headers={**e.headers, "Nats-Msg-Id": e.id, "sagaline-key": e.key or ""},
+                )
                 return None
             except Exception as exc:
                 return f"{type(exc).__name__}: {exc}"
@@ -241,11 +274,14 @@ class CeleryTask:
         self.url = url
         self.task = url.split(":", 1)[1]
         if not self.task:
-            raise ConfigurationError(f"outbox destination {url!r}: name the task, "
-                                     f"celery:<task name>")
+            raise ConfigurationError(
+                f"outbox destination {url!r}: name the task, celery:<task name>"
+            )
         if app is None:
-            raise ConfigurationError(f"outbox destination {url!r} needs the Celery app: run "
-                                     f"the relay in a worker, or `sagaline relay --app`")
+            raise ConfigurationError(
+                f"outbox destination {url!r} needs the Celery app: run "
+                f"the relay in a worker, or `sagaline relay --app`"
+            )
         self.app = app
         conf = app.conf.broker_transport_options or {}
         with app.connection_for_write() as conn:
@@ -254,7 +290,8 @@ class CeleryTask:
             raise ConfigurationError(
                 f"outbox destination {url!r}: the app's RabbitMQ broker publishes without "
                 f"confirms; set broker_transport_options={{'confirm_publish': True}} "
-                f"(sagaline.init_app does unless told otherwise)")
+                f"(sagaline.init_app does unless told otherwise)"
+            )
 
     def send(self, events: Sequence[OutboxEvent]) -> list[str | None]:
         results: list[str | None] = []
@@ -280,9 +317,11 @@ def open_destination(url: str, app: Any = None) -> Destination:
         return NatsJetStream(url)
     if scheme == "celery":
         return CeleryTask(url, app)
-    raise ConfigurationError(f"outbox destination {safe_url(url)!r}: unknown scheme "
-                             f"{scheme!r} (amqp://, redis://, nats://, celery:<task>; "
-                             f"Kafka is not supported)")
+    raise ConfigurationError(
+        f"outbox destination {safe_url(url)!r}: unknown scheme "
+        f"{scheme!r} (amqp://, redis://, nats://, celery:<task>; "
+        f"Kafka is not supported)"
+    )
 
 
 def parse_routes(spec: str | Sequence[str] | dict[str, str]) -> list[tuple[str, str]]:
@@ -295,7 +334,9 @@ def parse_routes(spec: str | Sequence[str] | dict[str, str]) -> list[tuple[str, 
     for item in items:
         pattern, sep, url = item.partition("=")
         if not sep or not pattern or not url:
-            raise ConfigurationError(f"outbox route {item!r} is not topic-pattern=url "
-                                     f"(e.g. 'order.*=redis://localhost:6379/0')")
+            raise ConfigurationError(
+                f"outbox route {item!r} is not topic-pattern=url "
+                f"(e.g. 'order.*=redis://localhost:6379/0')"
+            )
         routes.append((pattern, url))
     return routes

@@ -34,43 +34,76 @@ def connection_of(connection: Any) -> Connection:
         conn = get()
         if isinstance(conn, Connection):
             return conn
-    raise TypeError(f"expected a SQLAlchemy Connection or Session, got "
-                    f"{type(connection).__name__}")
+    raise TypeError(f"expected a SQLAlchemy Connection or Session, got {type(connection).__name__}")
 
 
-def insert_event(conn: Connection, topic: str, payload: Any, *, key: str | None,
-                 headers: Mapping[str, str] | None, event_id: str) -> str:
+def insert_event(
+    conn: Connection,
+    topic: str,
+    payload: Any,
+    *,
+    key: str | None,
+    headers: Mapping[str, str] | None,
+    event_id: str,
+) -> str:
     """Add one event to the outbox in `conn`'s transaction; returns its id."""
     check_text(topic, "topic", limit=MAX_NAME_LENGTH, rule="text", where="topic")
     check_text(event_id, "event_id", limit=MAX_KEY_LENGTH, rule="text", where="event_id")
     if key is not None:
         check_text(key, "key", limit=MAX_KEY_LENGTH, rule="text", where="key")
-    if headers is not None and (not isinstance(headers, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+    if headers is not None and (
+        not isinstance(headers, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+    ):
         raise InputError("headers must map strings to strings", rule="type", where="headers")
     try:
         size = len(json.dumps(payload, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise InputError(f"the payload of an event on {topic!r} is not JSON: {exc}",
-                         rule="json", where="payload") from None
+        raise InputError(
+            f"the payload of an event on {topic!r} is not JSON: {exc}", rule="json", where="payload"
+        ) from None
     if size > DEFAULT_MAX_BYTES:
-        raise InputError(f"the payload of an event on {topic!r} is {size} bytes, more than "
-                         f"{DEFAULT_MAX_BYTES}", rule="size", where="payload")
+        raise InputError(
+            f"the payload of an event on {topic!r} is {size} bytes, more than {DEFAULT_MAX_BYTES}",
+            rule="size",
+            where="payload",
+        )
     if key is not None:
         # Held until commit: transactions publishing one key commit in turn, and the
         # id below (taken after the lock) follows that order.
-        conn.execute(outbox_keys.update().where(outbox_keys.c.bucket == key_bucket(key))
-                     .values(n=outbox_keys.c.n + 1))
+        conn.execute(
+            outbox_keys.update()
+            .where(outbox_keys.c.bucket == key_bucket(key))
+            .values(n=outbox_keys.c.n + 1)
+        )
     now = time.time()
-    conn.execute(outbox.insert(), {
-        "event_id": event_id, "topic": topic, "key": key, "payload": payload,
-        "headers": dict(headers) if headers else None, "created_at": now,
-        "status": PENDING, "attempts": 0, "available_at": now, "last_error": None})
+    conn.execute(
+        outbox.insert(),
+        {
+            "event_id": event_id,
+            "topic": topic,
+            "key": key,
+            "payload": payload,
+            "headers": dict(headers) if headers else None,
+            "created_at": now,
+            "status": PENDING,
+            "attempts": 0,
+            "available_at": now,
+            "last_error": None,
+        },
+    )
     return event_id
 
 
-def publish(connection: Any, topic: str, payload: Any, *, key: str | None = None,
-            headers: Mapping[str, str] | None = None, event_id: str | None = None) -> str:
+def publish(
+    connection: Any,
+    topic: str,
+    payload: Any,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    event_id: str | None = None,
+) -> str:
     """Add an event to the outbox in the transaction of `connection` (a SQLAlchemy
     Connection or Session, on the database that holds sagaline's tables).
 
@@ -80,24 +113,41 @@ def publish(connection: Any, topic: str, payload: Any, *, key: str | None = None
     """
     conn = connection_of(connection)
     if not conn.in_transaction():
-        raise InputError("sagaline.outbox.publish needs a connection inside a transaction "
-                         "(engine.begin() or session.begin()): the event commits with it",
-                         rule="transaction", where="connection")
-    return insert_event(conn, topic, payload, key=key, headers=headers,
-                        event_id=event_id if event_id is not None else str(uuid.uuid4()))
+        raise InputError(
+            "sagaline.outbox.publish needs a connection inside a transaction "
+            "(engine.begin() or session.begin()): the event commits with it",
+            rule="transaction",
+            where="connection",
+        )
+    return insert_event(
+        conn,
+        topic,
+        payload,
+        key=key,
+        headers=headers,
+        event_id=event_id if event_id is not None else str(uuid.uuid4()),
+    )
 
 
 def pending_count(conn: Connection) -> int:
-    return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)
-                            .where(outbox.c.status == PENDING)).scalar_one())
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).select_from(outbox).where(outbox.c.status == PENDING)
+        ).scalar_one()
+    )
 
 
 def list_events(conn: Connection, *, dead: bool = False, limit: int = 50) -> list[Any]:
     """Outbox rows, oldest first: pending ones (with their attempts and last error),
     or the dead letters."""
-    return list(conn.execute(
-        sa.select(outbox).where(outbox.c.status == (DEAD if dead else PENDING))
-        .order_by(outbox.c.id).limit(limit)))
+    return list(
+        conn.execute(
+            sa.select(outbox)
+            .where(outbox.c.status == (DEAD if dead else PENDING))
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+    )
 
 
 def retry_events(conn: Connection, event_ids: list[str] | None = None) -> int:
@@ -105,5 +155,6 @@ def retry_events(conn: Connection, event_ids: list[str] | None = None) -> int:
     q = outbox.update().where(outbox.c.status == DEAD)
     if event_ids is not None:
         q = q.where(outbox.c.event_id.in_(event_ids))
-    return int(conn.execute(q.values(status=PENDING, attempts=0, available_at=time.time()))
-               .rowcount)
+    return int(
+        conn.execute(q.values(status=PENDING, attempts=0, available_at=time.time())).rowcount
+    )

@@ -25,20 +25,30 @@ if prometheus is not None:
     Counter, Gauge, Histogram = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
     _m = {
         "pending": Gauge("sagaline_outbox_pending", "Outbox rows waiting to be sent"),
-        "oldest": Gauge("sagaline_outbox_oldest_age_seconds",
-                        "Age of the oldest pending outbox row"),
-        "published": Counter("sagaline_outbox_published_total",
-                             "Outbox events confirmed by a destination", ["destination"]),
-        "failures": Counter("sagaline_outbox_publish_failures_total",
-                            "Outbox sends that failed", ["destination"]),
-        "lag": Histogram("sagaline_outbox_relay_lag_seconds",
-                         "From outbox insert to the destination's confirm",
-                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60,
-                                  300, 1800)),
-        "dead": Counter("sagaline_outbox_dead_letters_total",
-                        "Outbox events moved to dead letters"),
-        "dups": Counter("sagaline_inbox_duplicates_total",
-                        "Messages an inbox recognised as already processed", ["consumer"]),
+        "oldest": Gauge(
+            "sagaline_outbox_oldest_age_seconds", "Age of the oldest pending outbox row"
+        ),
+        "published": Counter(
+            "sagaline_outbox_published_total",
+            "Outbox events confirmed by a destination",
+            ["destination"],
+        ),
+        "failures": Counter(
+            "sagaline_outbox_publish_failures_total", "Outbox sends that failed", ["destination"]
+        ),
+        "lag": Histogram(
+            "sagaline_outbox_relay_lag_seconds",
+            "From outbox insert to the destination's confirm",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+        ),
+        "dead": Counter(
+            "sagaline_outbox_dead_letters_total", "Outbox events moved to dead letters"
+        ),
+        "dups": Counter(
+            "sagaline_inbox_duplicates_total",
+            "Messages an inbox recognised as already processed",
+            ["consumer"],
+        ),
     }
 _last_gauge = 0.0
 
@@ -74,7 +84,10 @@ def polled(relay: Any) -> None:
     from .events import PENDING
 
     with relay.engine.connect() as conn:
-        n, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(outbox.c.created_at))
-                                 .where(outbox.c.status == PENDING)).one()
+        n, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(outbox.c.created_at)).where(
+                outbox.c.status == PENDING
+            )
+        ).one()
     _m["pending"].set(n)
     _m["oldest"].set(0 if oldest is None else max(0.0, now - oldest))

@@ -52,14 +52,19 @@ log = logging.getLogger("sagaline.outbox")
 CHANNEL = "sagaline_outbox"
 
 
-def claim_query(dialect: str, now: float, limit: int,
-                event_ids: Sequence[str] | None = None) -> Any:
+def claim_query(
+    dialect: str, now: float, limit: int, event_ids: Sequence[str] | None = None
+) -> Any:
     o, earlier = outbox, outbox.alias("earlier")
-    blocked = sa.exists().where(earlier.c.key == o.c.key, earlier.c.id < o.c.id,
-                                earlier.c.status == PENDING)
-    q = (sa.select(o).where(o.c.status == PENDING, o.c.available_at <= now,
-                            sa.or_(o.c.key.is_(None), ~blocked))
-         .order_by(o.c.id).limit(limit))
+    blocked = sa.exists().where(
+        earlier.c.key == o.c.key, earlier.c.id < o.c.id, earlier.c.status == PENDING
+    )
+    q = (
+        sa.select(o)
+        .where(o.c.status == PENDING, o.c.available_at <= now, sa.or_(o.c.key.is_(None), ~blocked))
+        .order_by(o.c.id)
+        .limit(limit)
+    )
     if event_ids is not None:
         q = q.where(o.c.event_id.in_(list(event_ids)))
     if dialect == "postgresql":
@@ -67,8 +72,9 @@ def claim_query(dialect: str, now: float, limit: int,
     return q
 
 
-def claim(conn: Connection, dialect: str, now: float, limit: int,
-          event_ids: Sequence[str] | None = None) -> list[Any]:
+def claim(
+    conn: Connection, dialect: str, now: float, limit: int, event_ids: Sequence[str] | None = None
+) -> list[Any]:
     """The heads to send, locked (PostgreSQL, MySQL) until the transaction ends."""
     q = claim_query(dialect, now, limit, event_ids)
     if dialect != "mysql":
@@ -81,15 +87,29 @@ def claim(conn: Connection, dialect: str, now: float, limit: int,
     ids = list(conn.execute(q.with_only_columns(outbox.c.id)).scalars())
     if not ids:
         return []
-    return list(conn.execute(
-        sa.select(outbox).where(outbox.c.id.in_(ids), outbox.c.status == PENDING)
-        .order_by(outbox.c.id).with_for_update(skip_locked=True)).all())
+    return list(
+        conn.execute(
+            sa.select(outbox)
+            .where(outbox.c.id.in_(ids), outbox.c.status == PENDING)
+            .order_by(outbox.c.id)
+            .with_for_update(skip_locked=True)
+        ).all()
+    )
 
 
 class Relay:
-    def __init__(self, store_url: str, routes: Any, *, app: Any = None, batch: int = 200,
-                 max_attempts: int = 12, backoff: float = 0.5, max_backoff: float = 300.0,
-                 poll: float = 1.0):
+    def __init__(
+        self,
+        store_url: str,
+        routes: Any,
+        *,
+        app: Any = None,
+        batch: int = 200,
+        max_attempts: int = 12,
+        backoff: float = 0.5,
+        max_backoff: float = 300.0,
+        poll: float = 1.0,
+    ):
         self.routes = parse_routes(routes)
         if not self.routes:
             raise ValueError("a relay needs at least one route (topic-pattern=url)")
@@ -97,8 +117,11 @@ class Relay:
         self.store.migrate()
         # READ COMMITTED: InnoDB then takes no gap locks, which would make a round wait
         # for a transaction that has not committed its row yet.
-        self.engine = (self.store.engine.execution_options(isolation_level="READ COMMITTED")
-                       if self.store.dialect == "mysql" else self.store.engine)
+        self.engine = (
+            self.store.engine.execution_options(isolation_level="READ COMMITTED")
+            if self.store.dialect == "mysql"
+            else self.store.engine
+        )
         self.dialect = self.store.dialect
         self.app = app
         self.batch, self.max_attempts = batch, max_attempts
@@ -150,8 +173,9 @@ class Relay:
             else:
                 by_url.setdefault(url, []).append(r)
         for url, batch in by_url.items():
-            events = [OutboxEvent(r.event_id, r.topic, r.key, r.payload, r.headers or {})
-                      for r in batch]
+            events = [
+                OutboxEvent(r.event_id, r.topic, r.key, r.payload, r.headers or {}) for r in batch
+            ]
             try:
                 results = self._destination(url).send(events)
             except Exception as exc:
@@ -162,14 +186,15 @@ class Relay:
                 metrics.sent(shown, r.created_at, why)
         return outcome
 
-    def _settle(self, conn: Connection, rows: Sequence[Any],
-                outcome: dict[int, str | None]) -> int:
+    def _settle(self, conn: Connection, rows: Sequence[Any], outcome: dict[int, str | None]) -> int:
         done = [r.id for r in rows if outcome.get(r.id) is None]
         if done:
             # One row per statement, by primary key: InnoDB may scan another index for
             # an IN list and wait for a neighbouring transaction that has not committed.
-            conn.execute(outbox.delete().where(outbox.c.id == sa.bindparam("k_id")),
-                         [{"k_id": i} for i in done])
+            conn.execute(
+                outbox.delete().where(outbox.c.id == sa.bindparam("k_id")),
+                [{"k_id": i} for i in done],
+            )
         now = time.time()
         for r in rows:
             why = outcome.get(r.id)
@@ -178,16 +203,34 @@ class Relay:
             attempts = r.attempts + 1
             dead = attempts >= self.max_attempts
             delay = min(self.max_backoff, self.backoff * 2 ** (attempts - 1))
-            conn.execute(outbox.update().where(outbox.c.id == r.id).values(
-                attempts=attempts, last_error=why[:2000], status=DEAD if dead else PENDING,
-                available_at=now + delay * random.uniform(0.8, 1.2)))
+            conn.execute(
+                outbox.update()
+                .where(outbox.c.id == r.id)
+                .values(
+                    attempts=attempts,
+                    last_error=why[:2000],
+                    status=DEAD if dead else PENDING,
+                    available_at=now + delay * random.uniform(0.8, 1.2),
+                )
+            )
             if dead:
                 metrics.dead_letter()
-                log.error("outbox event %s (%s) is a dead letter after %s attempts: %s",
-                          r.event_id, r.topic, attempts, why)
+                log.error(
+                    "outbox event %s (%s) is a dead letter after %s attempts: %s",
+                    r.event_id,
+                    r.topic,
+                    attempts,
+                    why,
+                )
             else:
-                log.warning("outbox event %s (%s) not delivered (attempt %s), retrying in "
-                            "%.1fs: %s", r.event_id, r.topic, attempts, delay, why)
+                log.warning(
+                    "outbox event %s (%s) not delivered (attempt %s), retrying in %.1fs: %s",
+                    r.event_id,
+                    r.topic,
+                    attempts,
+                    delay,
+                    why,
+                )
         return len(done)
 
     # -- running -----------------------------------------------------------------
@@ -236,8 +279,9 @@ class Relay:
         import psycopg
 
         url = self.engine.url.set(drivername="postgresql")
-        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True,
-                               connect_timeout=5)
+        conn = psycopg.connect(
+            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=5
+        )
         conn.execute(f"LISTEN {CHANNEL}")
         return conn
 
@@ -253,6 +297,7 @@ class Relay:
 
 # -- optimistic sending: the committing process sends at once --------------------
 
+
 class OptimisticSender:
     """A thread of the committing process that sends a step's events right after
     its commit; what it misses (a crash, an outage) the relay finds in the outbox."""
@@ -260,8 +305,9 @@ class OptimisticSender:
     def __init__(self, relay: Relay):
         self.relay = relay
         self._queue: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="sagaline-outbox-sender",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="sagaline-outbox-sender", daemon=True
+        )
         self._thread.start()
 
     def kick(self, event_ids: list[str]) -> None:
@@ -273,8 +319,7 @@ class OptimisticSender:
             try:
                 self.relay.deliver_once(ids)
             except Exception:
-                log.warning("optimistic send failed; the relay will deliver",
-                            exc_info=True)
+                log.warning("optimistic send failed; the relay will deliver", exc_info=True)
 
 
 _senders: dict[int, OptimisticSender] = {}
@@ -290,7 +335,8 @@ def _optimistic(runtime: Runtime, event_ids: list[str]) -> None:
         sender = _senders.get(pid)
         if sender is None:
             sender = _senders[pid] = OptimisticSender(
-                Relay(runtime.settings.store_url, routes, app=runtime.app))
+                Relay(runtime.settings.store_url, routes, app=runtime.app)
+            )
     sender.kick(event_ids)
 
 
@@ -298,6 +344,7 @@ step.committed_hooks.append(_optimistic)
 
 
 # -- in a worker -------------------------------------------------------------------
+
 
 class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Runs the relay in a thread of the worker's main process (outbox_routes set)."""
@@ -316,8 +363,9 @@ class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = current_runtime(worker.app).settings
         self._relay = Relay(settings.store_url, settings.outbox_routes, app=worker.app)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._relay.run, args=(self._stop,),
-                                        name="sagaline-outbox-relay", daemon=True)
+        self._thread = threading.Thread(
+            target=self._relay.run, args=(self._stop,), name="sagaline-outbox-relay", daemon=True
+        )
         self._thread.start()
 
     def stop(self, worker: Any) -> None:

@@ -64,16 +64,21 @@ class StepTransaction:
         """`self.connection.execute(...)`."""
         return self.connection.execute(statement, *args, **kwargs)
 
-    def publish(self, topic: str, payload: Any, *, key: str | None = None,
-                headers: dict[str, str] | None = None) -> str:
+    def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
         """Add an event to the outbox in this transaction. Its id is
         `<saga_id>:<step>:<n>` (compensations: `<saga_id>:<step>:compensate:<n>`), the
         same in every attempt, so a consumer recognises a re-sent event."""
         if self.closed:
             raise RuntimeError("this step transaction has ended (rolled back by an error)")
         event_id = f"{self.info.idempotency_key}:{len(self.event_ids) + 1}"
-        insert_event(self.connection, topic, payload, key=key, headers=headers,
-                     event_id=event_id)
+        insert_event(self.connection, topic, payload, key=key, headers=headers, event_id=event_id)
         self.event_ids.append(event_id)
         return event_id
 
@@ -139,9 +144,11 @@ def step_transaction(database: Any = None) -> Iterator[StepTransaction]:
     """
     scope = _scope.get()
     if scope is None:
-        raise RuntimeError("sagaline.step_transaction() is for the body of a saga step or "
-                           "compensation; elsewhere use your own transaction and "
-                           "sagaline.outbox.publish(connection, ...)")
+        raise RuntimeError(
+            "sagaline.step_transaction() is for the body of a saga step or "
+            "compensation; elsewhere use your own transaction and "
+            "sagaline.outbox.publish(connection, ...)"
+        )
     if scope.tx is None or scope.tx.closed:
         conn = _connect(scope.runtime)
         if database is not None:
@@ -165,7 +172,8 @@ def _connect(runtime: Runtime) -> Connection:
             f"sagaline.step_transaction() needs a SQL saga store (PostgreSQL, MySQL/MariaDB "
             f"or SQLite) in the database that holds your tables; this app's store is "
             f"{type(store).__name__}, which cannot take part in a SQL transaction, so the "
-            f"step's completion could not commit with your writes")
+            f"step's completion could not commit with your writes"
+        )
     options: dict[str, Any] = {"sagaline_write": True}
     if store.dialect == "mysql":
         # The completion re-reads the saga after a lost compare-and-set: it must see
@@ -193,11 +201,17 @@ def _same_database(conn: Connection, database: Any) -> None:
             f"{mine.render_as_string(hide_password=True)}; one transaction cannot span two "
             f"databases, so the step's completion could not commit with your writes. Keep "
             f"the saga store in your database, or publish with sagaline.outbox.publish in "
-            f"your own transaction")
+            f"your own transaction"
+        )
 
 
-def commit(runtime: Runtime, saga_id: str, decide: Callable[..., Decision | None],
-           *args: Any, **kwargs: Any) -> Decision | None:
+def commit(
+    runtime: Runtime,
+    saga_id: str,
+    decide: Callable[..., Decision | None],
+    *args: Any,
+    **kwargs: Any,
+) -> Decision | None:
     """Write the step's completion (`decide`, an engine function, as `Runtime.apply`
     calls it) in the open step transaction and commit; None when the attempt no longer
     holds its claim (everything is rolled back then)."""
@@ -208,9 +222,13 @@ def commit(runtime: Runtime, saga_id: str, decide: Callable[..., Decision | None
     try:
         decision = _decide_and_write(runtime, conn, saga_id, decide, args, kwargs)
         if decision is None:
-            log.warning("saga %s step %s attempt %s: the step no longer holds its claim; "
-                        "its transaction is rolled back", saga_id, tx.info.step,
-                        tx.info.attempt)
+            log.warning(
+                "saga %s step %s attempt %s: the step no longer holds its claim; "
+                "its transaction is rolled back",
+                saga_id,
+                tx.info.step,
+                tx.info.attempt,
+            )
             tx.rollback()
             return None
         conn.commit()
@@ -224,15 +242,21 @@ def commit(runtime: Runtime, saga_id: str, decide: Callable[..., Decision | None
             try:
                 hook(runtime, tx.event_ids)
             except Exception:
-                log.exception("could not hand committed events to the relay; it will "
-                              "find them in the outbox")
+                log.exception(
+                    "could not hand committed events to the relay; it will find them in the outbox"
+                )
     runtime.after_commit(decision)
     return decision
 
 
-def _decide_and_write(runtime: Runtime, conn: Connection, saga_id: str,
-                      decide: Callable[..., Decision | None], args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Decision | None:
+def _decide_and_write(
+    runtime: Runtime,
+    conn: Connection,
+    saga_id: str,
+    decide: Callable[..., Decision | None],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Decision | None:
     sqlite = conn.dialect.name == "sqlite"
     for _ in range(MAX_DECISIONS):
         savepoint = conn.begin_nested()
@@ -242,23 +266,32 @@ def _decide_and_write(runtime: Runtime, conn: Connection, saga_id: str,
         if not rows:
             savepoint.rollback()
             return None
-        state = SagaState(saga_record(rows[0], SAGA_LABELS),
-                          {r.s_name: step_record(r, STEP_LABELS) for r in rows})
+        state = SagaState(
+            saga_record(rows[0], SAGA_LABELS), {r.s_name: step_record(r, STEP_LABELS) for r in rows}
+        )
         defn = runtime.definition_for(state.saga)
-        decision = None if defn is None else decide(
-            defn, state, *args, now=time.time(), timing=runtime.timing, **kwargs)
+        decision = (
+            None
+            if defn is None
+            else decide(defn, state, *args, now=time.time(), timing=runtime.timing, **kwargs)
+        )
         if decision is None or not decision.changed:
             savepoint.rollback()
             return None
         storable_records(decision.saga, decision.steps, decision.events)
         if write_decision(conn, saga_id, decision):
             savepoint.commit()
-            if not sqlite and decision.saga is not None and \
-                    decision.saga.status in SAGA_TERMINAL and conn.dialect.name == "postgresql":
+            if (
+                not sqlite
+                and decision.saga is not None
+                and decision.saga.status in SAGA_TERMINAL
+                and conn.dialect.name == "postgresql"
+            ):
                 # As the store does (pg_hot.py): callers waiting in get() wake at commit.
-                conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
-                             {"channel": PG_CHANNEL, "payload": pg_payload(saga_id)})
+                conn.execute(
+                    sa.text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": PG_CHANNEL, "payload": pg_payload(saga_id)},
+                )
             return decision
         savepoint.rollback()  # a lease renewal slipped in: read again
     raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
-

@@ -87,8 +87,13 @@ class Store(ABC):
 
     def _retrying(self, fn: Callable[[], T]) -> T:
         """Run `fn`, waiting out transient failures for `retry_for` seconds."""
-        return retry_transient(fn, url=self.url, retry_for=self.retry_for,
-                               errors=self._retry_errors, transient=self._is_transient)
+        return retry_transient(
+            fn,
+            url=self.url,
+            retry_for=self.retry_for,
+            errors=self._retry_errors,
+            transient=self._is_transient,
+        )
 
     def create_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         """Insert a saga with its steps and events in one transaction.
@@ -104,8 +109,17 @@ class Store(ABC):
         """`create_saga` on records already made storable."""
 
     @abstractmethod
-    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
+    def claim_step(
+        self,
+        saga_id: str,
+        step: str,
+        phase: Phase,
+        attempt: int,
+        *,
+        lease_until: float,
+        now: float,
+        owner: Owner | None = None,
+    ) -> bool:
         """Atomically move the step (or its compensation) from DISPATCHED(attempt) to RUNNING.
 
         Records `owner` (all three owner fields; None clears them) with the claim and
@@ -114,8 +128,9 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
-                    lease_until: float) -> bool:
+    def renew_lease(
+        self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
+    ) -> bool:
         """Extend the lease of a RUNNING claim; False when the claim is no longer ours."""
 
     def transact(self, saga_id: str, decide: Decide) -> Decision | None:
@@ -131,7 +146,7 @@ class Store(ABC):
             if done:
                 return decision
             # Lost a race (a claim, a renewal, another completion of this saga).
-            time.sleep(random.uniform(0, min(0.002 * 2 ** n, 0.05)))
+            time.sleep(random.uniform(0, min(0.002 * 2**n, 0.05)))
         raise ConcurrencyError(f"saga {saga_id!r}: too many concurrent updates")
 
     def _decide_once(self, saga_id: str, decide: Decide) -> tuple[bool, Decision | None]:
@@ -271,14 +286,16 @@ STORE_ALIASES = {
 
 def matches_filter(s: SagaRecord, flt: SagaFilter) -> bool:
     """The filter semantics every store implements (`status=[]` matches nothing)."""
-    return ((flt.status is None or s.status in flt.status)
-            and (flt.name is None or s.name == flt.name)
-            and (flt.created_after is None or s.created_at >= flt.created_after)
-            and (flt.created_before is None or s.created_at < flt.created_before)
-            and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id)
-            and (flt.idempotency_key is None or s.idempotency_key == flt.idempotency_key)
-            and (flt.failed_step is None or s.failed_step == flt.failed_step)
-            and (flt.before is None or (s.created_at, s.saga_id) < flt.before))
+    return (
+        (flt.status is None or s.status in flt.status)
+        and (flt.name is None or s.name == flt.name)
+        and (flt.created_after is None or s.created_at >= flt.created_after)
+        and (flt.created_before is None or s.created_at < flt.created_before)
+        and (flt.parent_saga_id is None or s.parent_saga_id == flt.parent_saga_id)
+        and (flt.idempotency_key is None or s.idempotency_key == flt.idempotency_key)
+        and (flt.failed_step is None or s.failed_step == flt.failed_step)
+        and (flt.before is None or (s.created_at, s.saga_id) < flt.before)
+    )
 
 
 def findable(saga_id: object) -> bool:
@@ -295,8 +312,17 @@ def findable(saga_id: object) -> bool:
 
 def filter_matches_nothing(flt: SagaFilter | None = None, name: str | None = None) -> bool:
     """A name or parent filter that no stored saga can match (see `findable`)."""
-    values = [name] if flt is None else [flt.name, flt.parent_saga_id, flt.idempotency_key,
-                                         flt.failed_step, flt.before and flt.before[1]]
+    values = (
+        [name]
+        if flt is None
+        else [
+            flt.name,
+            flt.parent_saga_id,
+            flt.idempotency_key,
+            flt.failed_step,
+            flt.before and flt.before[1],
+        ]
+    )
     return any(v is not None and not findable(v) for v in values)
 
 
@@ -333,9 +359,14 @@ def open_existing(url: str, **options: Any) -> Store:
     return store
 
 
-def retry_transient(fn: Callable[[], T], *, url: str, retry_for: float,
-                    errors: tuple[type[BaseException], ...],
-                    transient: Callable[[BaseException], bool] = lambda exc: True) -> T:
+def retry_transient(
+    fn: Callable[[], T],
+    *,
+    url: str,
+    retry_for: float,
+    errors: tuple[type[BaseException], ...],
+    transient: Callable[[BaseException], bool] = lambda exc: True,
+) -> T:
     """Run `fn`, retrying transient failures (a restarting server, a lock) with backoff
     for `retry_for` seconds; then, or at once for a permanent error, raise StoreError."""
     deadline = time.monotonic() + retry_for

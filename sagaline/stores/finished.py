@@ -141,15 +141,15 @@ class FinishedListener(ABC):
                 self._listen(self.deliver, self.connected, self._stop)
                 delay = 0.05
             except Exception as exc:  # a dropped connection, a restarting server
-                log.debug("%s: listener failed (%s); reconnecting in %.2fs", self._name,
-                          exc, delay)
+                log.debug("%s: listener failed (%s); reconnecting in %.2fs", self._name, exc, delay)
             self._disconnected()
             self._stop.wait(delay)
             delay = min(delay * 2, 2.0)
 
     @abstractmethod
-    def _listen(self, deliver: Callable[[str], None], connected: Callable[[], None],
-                stop: threading.Event) -> None:
+    def _listen(
+        self, deliver: Callable[[str], None], connected: Callable[[], None], stop: threading.Event
+    ) -> None:
         """Connect, subscribe, call `connected()`, then `deliver(saga_id)` for each
         notification until `stop` is set or the connection fails (raise)."""
 
@@ -174,8 +174,9 @@ class PgFinishedListener(FinishedListener):
         super().__init__("sagaline-finished-pg")
         self._connect = connect
 
-    def _listen(self, deliver: Callable[[str], None], connected: Callable[[], None],
-                stop: threading.Event) -> None:
+    def _listen(
+        self, deliver: Callable[[str], None], connected: Callable[[], None], stop: threading.Event
+    ) -> None:
         conn = self._connect()
         try:
             conn.execute(f"LISTEN {PG_CHANNEL}")
@@ -195,8 +196,9 @@ class RedisFinishedListener(FinishedListener):
         self._client = client
         self._channel = channel
 
-    def _listen(self, deliver: Callable[[str], None], connected: Callable[[], None],
-                stop: threading.Event) -> None:
+    def _listen(
+        self, deliver: Callable[[str], None], connected: Callable[[], None], stop: threading.Event
+    ) -> None:
         pubsub = self._client.pubsub()
         try:
             pubsub.subscribe(self._channel)

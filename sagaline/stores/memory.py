@@ -53,8 +53,17 @@ class MemoryStore(Store):
             self._append(events)
             return copy.deepcopy(saga), True
 
-    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
+    def claim_step(
+        self,
+        saga_id: str,
+        step: str,
+        phase: Phase,
+        attempt: int,
+        *,
+        lease_until: float,
+        now: float,
+        owner: Owner | None = None,
+    ) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
             if rec is None or not rec.is_dispatched(phase, attempt):
@@ -72,8 +81,9 @@ class MemoryStore(Store):
             self._append([Event(saga_id, cols.started, now, step, attempt, phase.value)])
             return True
 
-    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
-                    lease_until: float) -> bool:
+    def renew_lease(
+        self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
+    ) -> bool:
         with self._lock:
             rec = self._steps.get(saga_id, {}).get(step)
             if rec is None or not rec.is_running(phase, attempt):
@@ -90,8 +100,11 @@ class MemoryStore(Store):
         # dispatch the step that joins them.
         with self._lock:
             state = self._read(saga_id)
-            yield None if state is None else Snapshot(
-                state, lambda decision: self._write(saga_id, decision))
+            yield (
+                None
+                if state is None
+                else Snapshot(state, lambda decision: self._write(saga_id, decision))
+            )
 
     def _write(self, saga_id: str, decision: Decision) -> bool:
         # Under the lock nothing else writes, so versions differ only when the
@@ -119,8 +132,9 @@ class MemoryStore(Store):
         saga = self._sagas.get(saga_id)
         if saga is None:
             return None
-        return SagaState(copy.deepcopy(saga),
-                         {n: copy.deepcopy(s) for n, s in self._steps[saga_id].items()})
+        return SagaState(
+            copy.deepcopy(saga), {n: copy.deepcopy(s) for n, s in self._steps[saga_id].items()}
+        )
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
         with self._lock:
@@ -134,14 +148,15 @@ class MemoryStore(Store):
 
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         with self._lock:
-            return [copy.deepcopy(e) for e in self._events.get(saga_id, [])
-                    if (e.seq or 0) > after_seq]
+            return [
+                copy.deepcopy(e) for e in self._events.get(saga_id, []) if (e.seq or 0) > after_seq
+            ]
 
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         with self._lock:
             rows = [s for s in self._sagas.values() if matches_filter(s, flt)]
         rows.sort(key=lambda s: (s.created_at, s.saga_id), reverse=True)
-        return [copy.deepcopy(s) for s in rows[flt.offset:flt.offset + flt.limit]]
+        return [copy.deepcopy(s) for s in rows[flt.offset : flt.offset + flt.limit]]
 
     def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         counts = dict.fromkeys(SagaStatus, 0)
@@ -153,17 +168,26 @@ class MemoryStore(Store):
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         with self._lock:
-            items = [DueItem(s.saga_id, None, s.due_at) for s in self._sagas.values()
-                     if s.due_at is not None and s.due_at <= now]
+            items = [
+                DueItem(s.saga_id, None, s.due_at)
+                for s in self._sagas.values()
+                if s.due_at is not None and s.due_at <= now
+            ]
             for saga_id, steps in self._steps.items():
-                items += [DueItem(saga_id, r.name, r.due_at) for r in steps.values()
-                          if r.due_at is not None and r.due_at <= now]
+                items += [
+                    DueItem(saga_id, r.name, r.due_at)
+                    for r in steps.values()
+                    if r.due_at is not None and r.due_at <= now
+                ]
         items.sort(key=lambda d: d.due_at)
         return items[:limit]
 
     def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
         with self._lock:
-            found = [copy.deepcopy(r) for steps in self._steps.values() for r in steps.values()
-                     if r.owner_node == node and r.running_phase is not None]
+            found = [
+                copy.deepcopy(r)
+                for steps in self._steps.values()
+                for r in steps.values()
+                if r.owner_node == node and r.running_phase is not None
+            ]
         return found[:limit]
-

@@ -66,8 +66,12 @@ def _claim(phase: Phase) -> str:
     set_status = f"{cols.status} = '{cols.running.value}'"
     if phase is Phase.FORWARD:  # a compensation keeps the step's start time
         set_status += ", started_at = %(k_now)s"
-    return _CLAIM.format(set_status=set_status, status_col=cols.status,
-                         dispatched=cols.dispatched.value, attempt_col=cols.attempt)
+    return _CLAIM.format(
+        set_status=set_status,
+        status_col=cols.status,
+        dispatched=cols.dispatched.value,
+        attempt_col=cols.attempt,
+    )
 
 
 CLAIM = {phase: _claim(phase) for phase in Phase}
@@ -85,21 +89,29 @@ def _checked(update: str) -> str:
 UPDATE_SAGA = _checked(
     f"UPDATE {sagas.name} SET "
     + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
-    + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s")
+    + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s"
+)
 UPDATE_STEP = _checked(
     f"UPDATE {steps.name} SET "
     + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c if c.name not in ("saga_id", "name"))
-    + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s")
+    + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s"
+)
 _EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
-INSERT_EVENT = (f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
-                + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS) + ")")
+INSERT_EVENT = (
+    f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
+    + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS)
+    + ")"
+)
 NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
 
 
 def _insert(table: sa.Table) -> str:
     names = [c.name for c in table.c]
-    return (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ("
-            + ", ".join(f"%({n})s" for n in names) + ")")
+    return (
+        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ("
+        + ", ".join(f"%({n})s" for n in names)
+        + ")"
+    )
 
 
 INSERT_SAGA = _insert(sagas)
@@ -190,8 +202,9 @@ class PgHotPath:
             conn.execute("BEGIN")
             conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON), prepare=True)
             with conn.cursor() as cur:
-                cur.executemany(INSERT_STEP, [_params(to_row(s), STEP_JSON)
-                                              for s in state.steps.values()])
+                cur.executemany(
+                    INSERT_STEP, [_params(to_row(s), STEP_JSON) for s in state.steps.values()]
+                )
                 if events_:
                     cur.executemany(INSERT_EVENT, [event_params(e) for e in events_])
             conn.execute("COMMIT")
@@ -203,8 +216,9 @@ class PgHotPath:
         return None if row is None else from_row(SagaRecord, row)
 
     @contextmanager
-    def locked(self, saga_id: str) -> Iterator[tuple[psycopg.Connection[Any], SagaRecord | None,
-                                                     list[StepRecord]]]:
+    def locked(
+        self, saga_id: str
+    ) -> Iterator[tuple[psycopg.Connection[Any], SagaRecord | None, list[StepRecord]]]:
         """The saga locked (FOR UPDATE) and read with its steps, in one round trip;
         the transaction stays open until the context exits (rolled back unless written)."""
         with self.connection() as conn:
@@ -229,11 +243,9 @@ class PgHotPath:
         try:
             with conn.pipeline():
                 if d.saga is not None:
-                    conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version),
-                                 prepare=True)
+                    conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version), prepare=True)
                 for s in d.steps:
-                    conn.execute(UPDATE_STEP, step_params(s, d.expected_version(s)),
-                                 prepare=True)
+                    conn.execute(UPDATE_STEP, step_params(s, d.expected_version(s)), prepare=True)
                 if d.events:
                     with conn.cursor() as cur:
                         cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])

@@ -72,9 +72,16 @@ importlib.import_module("encodings.idna")
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, *, prefix: str = "sagaline",
-                 retry_for: float = DEFAULT_RETRY_FOR, echo: bool = False,
-                 auto_migrate: bool = True, **client_options: Any):
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sagaline",
+        retry_for: float = DEFAULT_RETRY_FOR,
+        echo: bool = False,
+        auto_migrate: bool = True,
+        **client_options: Any,
+    ):
         # `echo` and `auto_migrate` are SQL options the runtime passes to every store.
         del echo, auto_migrate
         self.url = url
@@ -113,8 +120,7 @@ class RedisStore(Store):
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            listener = self._listener = RedisFinishedListener(self._client,
-                                                              self._key("finished"))
+            listener = self._listener = RedisFinishedListener(self._client, self._key("finished"))
         return listener.watch(saga_id)
 
     # -- writes ------------------------------------------------------------------
@@ -123,18 +129,23 @@ class RedisStore(Store):
         saga = state.saga
         sid = saga.saga_id
         payload: dict[str, Any] = {
-            "saga_key": self._key("saga", sid), "saga_id": sid,
-            "events_key": self._key("events", sid), "events": [_event_json(e) for e in events],
+            "saga_key": self._key("saga", sid),
+            "saga_id": sid,
+            "events_key": self._key("events", sid),
+            "events": [_event_json(e) for e in events],
             "hset": [[self._key("saga", sid), [*_fields(saga), "txn", "0"]]],
-            "zrem": [], "zadd": [],
+            "zrem": [],
+            "zadd": [],
         }
         if saga.idempotency_key is not None:
             payload["idem_key"] = self._key("idem", _key_part(saga.name), saga.idempotency_key)
         created = _score(saga.created_at)
         zadd = payload["zadd"]
-        zadd += [[self._key("idx", "created"), created, sid],
-                 [self._key("idx", "name", saga.name), created, sid],
-                 *self._status_entries(saga, created)]
+        zadd += [
+            [self._key("idx", "created"), created, sid],
+            [self._key("idx", "name", saga.name), created, sid],
+            *self._status_entries(saga, created),
+        ]
         if saga.parent_saga_id is not None:
             zadd.append([self._key("idx", "parent", saga.parent_saga_id), created, sid])
         if saga.due_at is not None:
@@ -152,41 +163,78 @@ class RedisStore(Store):
                 return saga, True
             existing = self._read_saga(owner)
             if existing is None:  # an idempotency key whose saga was deleted by hand
-                raise StoreError(f"idempotency key {saga.idempotency_key!r} of {saga.name!r} "
-                                 f"names saga {owner!r}, which does not exist")
+                raise StoreError(
+                    f"idempotency key {saga.idempotency_key!r} of {saga.name!r} "
+                    f"names saga {owner!r}, which does not exist"
+                )
             return existing, False
 
         return self._retrying(attempt)
 
-    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
+    def claim_step(
+        self,
+        saga_id: str,
+        step: str,
+        phase: Phase,
+        attempt: int,
+        *,
+        lease_until: float,
+        now: float,
+        owner: Owner | None = None,
+    ) -> bool:
         cols = PHASE_COLUMNS[phase]
         # A compensation keeps the step's start time.
         extra = ["started_at", json.dumps(now)] if phase is Phase.FORWARD else []
         event = _event_json(Event(saga_id, cols.started, now, step, attempt, phase.value))
-        extra += ["owner_node", json.dumps(None if owner is None else owner.node),
-                  "owner_boot", json.dumps(None if owner is None else owner.boot),
-                  "owner_pid", json.dumps(None if owner is None else owner.pid)]
+        extra += [
+            "owner_node",
+            json.dumps(None if owner is None else owner.node),
+            "owner_boot",
+            json.dumps(None if owner is None else owner.boot),
+            "owner_pid",
+            json.dumps(None if owner is None else owner.pid),
+        ]
         claims = None if owner is None else self._key("claims", owner.node)
-        return self._cas(saga_id, step, phase, attempt, cols.dispatched, lease_until, event,
-                         extra, claims)
+        return self._cas(
+            saga_id, step, phase, attempt, cols.dispatched, lease_until, event, extra, claims
+        )
 
-    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
-                    lease_until: float) -> bool:
-        return self._cas(saga_id, step, phase, attempt, PHASE_COLUMNS[phase].running,
-                         lease_until, "", [])
+    def renew_lease(
+        self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
+    ) -> bool:
+        return self._cas(
+            saga_id, step, phase, attempt, PHASE_COLUMNS[phase].running, lease_until, "", []
+        )
 
-    def _cas(self, saga_id: str, step: str, phase: Phase, attempt: int, expected: Enum,
-             lease_until: float, event: str, extra: list[str],
-             claims: str | None = None) -> bool:
+    def _cas(
+        self,
+        saga_id: str,
+        step: str,
+        phase: Phase,
+        attempt: int,
+        expected: Enum,
+        lease_until: float,
+        event: str,
+        extra: list[str],
+        claims: str | None = None,
+    ) -> bool:
         """Move the step from `expected`(attempt) to RUNNING on the phase's fields."""
         cols = PHASE_COLUMNS[phase]
         keys = [self._key("step", saga_id, step), self._key("due"), self._key("events", saga_id)]
         if claims is not None:
             keys.append(claims)
-        args = [cols.status, json.dumps(expected.value), cols.attempt, json.dumps(attempt),
-                json.dumps(cols.running.value), json.dumps(lease_until), _score(lease_until),
-                _due_member(saga_id, step), event, *extra]
+        args = [
+            cols.status,
+            json.dumps(expected.value),
+            cols.attempt,
+            json.dumps(attempt),
+            json.dumps(cols.running.value),
+            json.dumps(lease_until),
+            _score(lease_until),
+            _due_member(saga_id, step),
+            event,
+            *extra,
+        ]
         # A lost reply to a claim that did commit reads as a refused claim: the step
         # then stays RUNNING until its lease expires and the sweeper retries it.
         return self._retrying(lambda: int(self._cas_step(keys=keys, args=args)) == 1)
@@ -234,8 +282,12 @@ class RedisStore(Store):
             hset.append([key, _fields(s, version=version + 1)])
             member = _due_member(sid, s.name)
             was = state.steps.get(s.name)
-            if was is not None and was.owner_node is not None and \
-                    was.running_phase is not None and s.running_phase is None:
+            if (
+                was is not None
+                and was.owner_node is not None
+                and was.running_phase is not None
+                and s.running_phase is None
+            ):
                 # The claim ends here (the version check proves `was` is current).
                 zrem.append([self._key("claims", was.owner_node), member])
             if s.due_at is None:
@@ -244,11 +296,20 @@ class RedisStore(Store):
                 zadd.append([self._key("due"), _score(s.due_at), member])
         # Versions of steps the decision read but does not change are checked too.
         changed = {s.name for s in d.steps}
-        expect += [[self._key("step", sid, n), str(v)] for n, v in d.step_versions.items()
-                   if n not in changed]
-        payload = {"saga_key": self._key("saga", sid), "expect": expect, "hset": hset,
-                   "zrem": zrem, "zadd": zadd, "events_key": self._key("events", sid),
-                   "events": [_event_json(e) for e in d.events]}
+        expect += [
+            [self._key("step", sid, n), str(v)]
+            for n, v in d.step_versions.items()
+            if n not in changed
+        ]
+        payload = {
+            "saga_key": self._key("saga", sid),
+            "expect": expect,
+            "hset": hset,
+            "zrem": zrem,
+            "zadd": zadd,
+            "events_key": self._key("events", sid),
+            "events": [_event_json(e) for e in d.events],
+        }
         if hset:
             payload["txn"] = txn
         if d.saga is not None and d.saga.status in SAGA_TERMINAL:
@@ -258,8 +319,10 @@ class RedisStore(Store):
 
     def _status_entries(self, saga: SagaRecord, score: str) -> list[list[str]]:
         status = saga.status.value
-        return [[self._key("idx", "status", status), score, saga.saga_id],
-                [self._key("idx", "ns", status, saga.name), score, saga.saga_id]]
+        return [
+            [self._key("idx", "status", status), score, saga.saga_id],
+            [self._key("idx", "ns", status, saga.name), score, saga.saga_id],
+        ]
 
     # -- reads -------------------------------------------------------------------
 
@@ -267,14 +330,17 @@ class RedisStore(Store):
         """The saga with its steps, and its `txn` counter."""
         reply = self._read_state(
             keys=[self._key("saga", saga_id), self._key("steps", saga_id)],
-            args=[self._key("step", saga_id, "")])
+            args=[self._key("step", saga_id, "")],
+        )
         if not reply:
             return None
         saga, *step_rows = json.loads(reply)
         # `txn` is no record field: from_row ignores it, as any unknown field.
         steps = [from_row(StepRecord, r) for r in step_rows]
-        return (SagaState(from_row(SagaRecord, saga), {s.name: s for s in steps}),
-                str(saga.get("txn", 0)))
+        return (
+            SagaState(from_row(SagaRecord, saga), {s.name: s for s in steps}),
+            str(saga.get("txn", 0)),
+        )
 
     def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self._key("saga", saga_id))
@@ -297,8 +363,9 @@ class RedisStore(Store):
             return []
         lo = "-inf" if flt.created_after is None else _score(flt.created_after)
         hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
-        if flt.before is not None and (flt.created_before is None
-                                       or flt.before[0] < flt.created_before):
+        if flt.before is not None and (
+            flt.created_before is None or flt.before[0] < flt.created_before
+        ):
             hi = _score(flt.before[0])  # inclusive: ties are cut by saga id in matches_filter
         sources = self._list_sources(flt)
         page = max(50, min(flt.offset + flt.limit, 500))
@@ -307,8 +374,9 @@ class RedisStore(Store):
             # Each index yields newest first (ties by id, descending, like the SQL
             # store); merging them keeps that order. Records are re-checked against
             # the filter because a saga may change status between the two reads.
-            merged = heapq.merge(*(self._index_desc(k, hi, lo, page) for k in sources),
-                                 reverse=True)
+            merged = heapq.merge(
+                *(self._index_desc(k, hi, lo, page) for k in sources), reverse=True
+            )
             out: list[SagaRecord] = []
             seen: set[str] = set()
             skip = flt.offset
@@ -344,8 +412,9 @@ class RedisStore(Store):
     def _index_desc(self, key: str, hi: str, lo: str, page: int) -> Iterator[tuple[float, str]]:
         start = 0
         while True:
-            rows = self._client.zrange(key, hi, lo, desc=True, byscore=True, withscores=True,
-                                       offset=start, num=page)
+            rows = self._client.zrange(
+                key, hi, lo, desc=True, byscore=True, withscores=True, offset=start, num=page
+            )
             yield from ((float(score), str(member)) for member, score in rows)
             if len(rows) < page:
                 return
@@ -372,9 +441,17 @@ class RedisStore(Store):
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         if limit <= 0:
             return []
-        rows = self._retrying(lambda: self._client.zrange(
-            self._key("due"), "-inf", _score(now), byscore=True, withscores=True,
-            offset=0, num=limit))
+        rows = self._retrying(
+            lambda: self._client.zrange(
+                self._key("due"),
+                "-inf",
+                _score(now),
+                byscore=True,
+                withscores=True,
+                offset=0,
+                num=limit,
+            )
+        )
         items = []
         for member, score in rows:
             saga_id, _, step = str(member).partition("\0")

@@ -60,8 +60,9 @@ def storable_value(value: Any, _depth: int = 0) -> Any:
     return value
 
 
-def storable_records(saga: SagaRecord | None, steps: Iterable[StepRecord],
-                     events: Iterable[Event]) -> None:
+def storable_records(
+    saga: SagaRecord | None, steps: Iterable[StepRecord], events: Iterable[Event]
+) -> None:
     """Make the failure text of records about to be written storable, in place."""
     if saga is not None and saga.error is not None:
         saga.error = storable_text(saga.error)

@@ -83,8 +83,12 @@ steps = sa.Table(
 events = sa.Table(
     "sagaline_events",
     metadata,
-    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    sa.Column(
+        "seq",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("saga_id", sa.String(36), nullable=False),
     sa.Column("ts", sa.Double, nullable=False),
     sa.Column("kind", sa.String(40), nullable=False),
@@ -104,8 +108,12 @@ events = sa.Table(
 outbox = sa.Table(
     "sagaline_outbox",
     metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("event_id", sa.String(MAX_KEY_LENGTH), nullable=False),
     sa.Column("topic", sa.String(MAX_NAME_LENGTH), nullable=False),
     sa.Column("key", sa.String(MAX_KEY_LENGTH)),

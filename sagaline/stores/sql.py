@@ -70,15 +70,26 @@ from .sql_statements import (
 
 
 class SQLStore(Store):
-    def __init__(self, url: str, *, retry_for: float = DEFAULT_RETRY_FOR, echo: bool = False,
-                 auto_migrate: bool = True, **engine_options: Any):
+    def __init__(
+        self,
+        url: str,
+        *,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        echo: bool = False,
+        auto_migrate: bool = True,
+        **engine_options: Any,
+    ):
         self.url = url
         self.retry_for = retry_for
         self.dialect = dialect_of(url)
         # The SQLite file, when the URL names one (created by `migrate`, never by reads).
         self.sqlite_path = sqlite_path(url) if self.dialect == "sqlite" else None
-        options: dict[str, Any] = {"echo": echo, "future": True,
-                                   **engine_options_for(self.dialect), **engine_options}
+        options: dict[str, Any] = {
+            "echo": echo,
+            "future": True,
+            **engine_options_for(self.dialect),
+            **engine_options,
+        }
         self.engine: Engine = sa.create_engine(driver_url(url, self.dialect), **options)
         if self.dialect == "sqlite":
             sqlite_setup(self.engine)
@@ -105,8 +116,10 @@ class SQLStore(Store):
                 self._retrying(self.migrate)
                 self._migrated = True
 
-    _retry_errors: tuple[type[BaseException], ...] = (sa_exc.OperationalError,
-                                                      sa_exc.InterfaceError)
+    _retry_errors: tuple[type[BaseException], ...] = (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+    )
 
     def _is_transient(self, exc: BaseException) -> bool:
         return transient(exc)
@@ -143,6 +156,7 @@ class SQLStore(Store):
         # Imported only when there is something to migrate: it costs ~10 MB per process.
         from alembic import command
         from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         # Many workers may start at once: one migrates, the others wait and find it done.
@@ -153,8 +167,9 @@ class SQLStore(Store):
             if self.dialect == "mysql":
                 lock_conn = stack.enter_context(self.engine.connect())
                 lock_conn.execute(sa.text("SELECT GET_LOCK('sagaline_migrate', 120)"))
-                stack.callback(lock_conn.execute,
-                               sa.text("SELECT RELEASE_LOCK('sagaline_migrate')"))
+                stack.callback(
+                    lock_conn.execute, sa.text("SELECT RELEASE_LOCK('sagaline_migrate')")
+                )
             with self._writer.begin() as conn:
                 if self.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(7366551)"))
@@ -201,35 +216,55 @@ class SQLStore(Store):
                 if saga.idempotency_key is None:
                     raise
                 with self._read() as conn:
-                    row = conn.execute(sa.select(sagas).where(
-                        sagas.c.name == saga.name,
-                        sagas.c.idempotency_key == saga.idempotency_key)).first()
+                    row = conn.execute(
+                        sa.select(sagas).where(
+                            sagas.c.name == saga.name,
+                            sagas.c.idempotency_key == saga.idempotency_key,
+                        )
+                    ).first()
                 if row is None:
                     # A constraint refused the insert, yet no saga holds the key (its
                     # owner rolled back, or another constraint failed): not a transient
                     # failure to wait out, so say what happened at once.
                     raise StoreError(
                         f"saga {saga.saga_id!r} was refused, but no saga {saga.name!r} holds "
-                        f"idempotency key {saga.idempotency_key!r}") from None
+                        f"idempotency key {saga.idempotency_key!r}"
+                    ) from None
                 return saga_record(row), False
 
         return self._retrying(attempt)
 
-    def claim_step(self, saga_id: str, step: str, phase: Phase, attempt: int, *,
-                   lease_until: float, now: float, owner: Owner | None = None) -> bool:
+    def claim_step(
+        self,
+        saga_id: str,
+        step: str,
+        phase: Phase,
+        attempt: int,
+        *,
+        lease_until: float,
+        now: float,
+        owner: Owner | None = None,
+    ) -> bool:
         self._ensure_schema()
-        params = {"k_saga_id": saga_id, "k_name": step, "k_attempt": attempt, "k_now": now,
-                  "k_lease_until": lease_until, "k_kind": PHASE_COLUMNS[phase].started,
-                  "k_phase": phase.value,
-                  "k_owner_node": None if owner is None else owner.node,
-                  "k_owner_boot": None if owner is None else owner.boot,
-                  "k_owner_pid": None if owner is None else owner.pid}
+        params = {
+            "k_saga_id": saga_id,
+            "k_name": step,
+            "k_attempt": attempt,
+            "k_now": now,
+            "k_lease_until": lease_until,
+            "k_kind": PHASE_COLUMNS[phase].started,
+            "k_phase": phase.value,
+            "k_owner_node": None if owner is None else owner.node,
+            "k_owner_boot": None if owner is None else owner.boot,
+            "k_owner_pid": None if owner is None else owner.pid,
+        }
         if self._hot is not None:
             hot = self._hot  # one round trip, the claim's commit not waiting for its flush
             return self._retrying(lambda: hot.claim(phase, params))
         stmt = CLAIM[phase]
-        event = event_row(Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt,
-                                 phase.value))
+        event = event_row(
+            Event(saga_id, PHASE_COLUMNS[phase].started, now, step, attempt, phase.value)
+        )
 
         def attempt_claim_tx() -> bool:
             with self._write() as conn:
@@ -240,15 +275,20 @@ class SQLStore(Store):
 
         return self._retrying(attempt_claim_tx)
 
-    def renew_lease(self, saga_id: str, step: str, phase: Phase, attempt: int,
-                    lease_until: float) -> bool:
+    def renew_lease(
+        self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
+    ) -> bool:
         cols = PHASE_COLUMNS[phase]
-        stmt = (steps.update()
-                .where(steps.c.saga_id == saga_id, steps.c.name == step,
-                       steps.c[cols.status] == cols.running.value,
-                       steps.c[cols.attempt] == attempt)
-                .values(lease_until=lease_until, due_at=lease_until,
-                        version=steps.c.version + 1))
+        stmt = (
+            steps.update()
+            .where(
+                steps.c.saga_id == saga_id,
+                steps.c.name == step,
+                steps.c[cols.status] == cols.running.value,
+                steps.c[cols.attempt] == attempt,
+            )
+            .values(lease_until=lease_until, due_at=lease_until, version=steps.c.version + 1)
+        )
 
         def renew() -> bool:
             with self._write() as conn:
@@ -265,8 +305,10 @@ class SQLStore(Store):
                 if saga is None:
                     yield None
                     return
-                yield Snapshot(SagaState(saga, {s.name: s for s in step_rows}),
-                               lambda decision: hot.write(pg, saga_id, decision))
+                yield Snapshot(
+                    SagaState(saga, {s.name: s for s in step_rows}),
+                    lambda decision: hot.write(pg, saga_id, decision),
+                )
             return
         with self._write() as conn:
             if self.dialect != "sqlite":
@@ -282,8 +324,10 @@ class SQLStore(Store):
             if not rows:
                 yield None
                 return
-            state = SagaState(saga_record(rows[0], SAGA_LABELS),
-                              {r.s_name: step_record(r, STEP_LABELS) for r in rows})
+            state = SagaState(
+                saga_record(rows[0], SAGA_LABELS),
+                {r.s_name: step_record(r, STEP_LABELS) for r in rows},
+            )
 
             def write(decision: Decision) -> bool:
                 if write_decision(conn, saga_id, decision):
@@ -297,6 +341,7 @@ class SQLStore(Store):
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
+
         def read() -> SagaRecord | None:
             if self._hot is not None:
                 return self._hot.read_saga(saga_id)
@@ -311,8 +356,9 @@ class SQLStore(Store):
 
         def read() -> list[StepRecord]:
             with self._read() as conn:
-                rows = conn.execute(sa.select(steps).where(steps.c.saga_id == saga_id)
-                                    .order_by(steps.c.position))
+                rows = conn.execute(
+                    sa.select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.position)
+                )
                 return [step_record(r) for r in rows]
 
         return self._retrying(read)
@@ -325,8 +371,11 @@ class SQLStore(Store):
         def read() -> dict[str, list[StepRecord]]:
             found: dict[str, list[StepRecord]] = {}
             with self._read() as conn:
-                rows = conn.execute(sa.select(steps).where(steps.c.saga_id.in_(saga_ids))
-                                    .order_by(steps.c.saga_id, steps.c.position))
+                rows = conn.execute(
+                    sa.select(steps)
+                    .where(steps.c.saga_id.in_(saga_ids))
+                    .order_by(steps.c.saga_id, steps.c.position)
+                )
                 for r in rows:
                     rec = step_record(r)
                     found.setdefault(rec.saga_id, []).append(rec)
@@ -339,8 +388,11 @@ class SQLStore(Store):
 
         def read() -> list[Event]:
             with self._read() as conn:
-                rows = conn.execute(sa.select(events).where(
-                    events.c.saga_id == saga_id, events.c.seq > after_seq).order_by(events.c.seq))
+                rows = conn.execute(
+                    sa.select(events)
+                    .where(events.c.saga_id == saga_id, events.c.seq > after_seq)
+                    .order_by(events.c.seq)
+                )
                 return [event_record(r) for r in rows]
 
         return self._retrying(read)

@@ -37,7 +37,8 @@ def driver_url(url: str, dialect: str) -> str:
     if dialect == "postgresql":
         require_extra("psycopg", "postgres")
         return url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
-            "postgres://", "postgresql+psycopg://", 1)
+            "postgres://", "postgresql+psycopg://", 1
+        )
     if dialect == "mysql":
         if url.startswith(("mysql://", "mariadb://")):
             url = "mysql+pymysql://" + url.split("://", 1)[1]
@@ -98,5 +99,7 @@ def transient(exc: BaseException) -> bool:
         return args[0] in _MYSQL_TRANSIENT
     text = str(orig).lower()
     # psycopg connection failures carry no SQLSTATE; SQLite reports locks as text.
-    return any(word in text for word in ("locked", "busy", "connect", "closed", "terminat",
-                                         "timeout", "timed out"))
+    return any(
+        word in text
+        for word in ("locked", "busy", "connect", "closed", "terminat", "timeout", "timed out")
+    )

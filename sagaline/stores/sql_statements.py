@@ -17,30 +17,44 @@ from .schema import events, sagas, steps
 # The saga and its steps in one query, each table's columns under its own prefix.
 SAGA_LABELS = {c.name: f"g_{c.name}" for c in sagas.c}
 STEP_LABELS = {c.name: f"s_{c.name}" for c in steps.c}
-STATE = (sa.select(*[c.label(SAGA_LABELS[c.name]) for c in sagas.c],
-                   *[c.label(STEP_LABELS[c.name]) for c in steps.c])
-         .select_from(sagas.join(steps, steps.c.saga_id == sagas.c.saga_id))
-         .where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
-         .order_by(steps.c.position))
+STATE = (
+    sa.select(
+        *[c.label(SAGA_LABELS[c.name]) for c in sagas.c],
+        *[c.label(STEP_LABELS[c.name]) for c in steps.c],
+    )
+    .select_from(sagas.join(steps, steps.c.saga_id == sagas.c.saga_id))
+    .where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
+    .order_by(steps.c.position)
+)
 # The saga row lock that serializes transact (not taken on SQLite: see SQLStore._locked).
-LOCK_SAGA = (sa.select(sagas.c.saga_id).where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
-             .with_for_update())
+LOCK_SAGA = (
+    sa.select(sagas.c.saga_id).where(sagas.c.saga_id == sa.bindparam("k_saga_id")).with_for_update()
+)
 
-_UPDATE_SAGA = (sagas.update()
-                .where(sagas.c.saga_id == sa.bindparam("k_saga_id"),
-                       sagas.c.version == sa.bindparam("k_version"))
-                .values({c.name: sa.bindparam(f"v_{c.name}") for c in sagas.c
-                         if c.name != "saga_id"}))
-_UPDATE_STEP = (steps.update()
-                .where(steps.c.saga_id == sa.bindparam("k_saga_id"),
-                       steps.c.name == sa.bindparam("k_name"),
-                       steps.c.version == sa.bindparam("k_version"))
-                .values({c.name: sa.bindparam(f"v_{c.name}") for c in steps.c
-                         if c.name not in ("saga_id", "name")}))
+_UPDATE_SAGA = (
+    sagas.update()
+    .where(
+        sagas.c.saga_id == sa.bindparam("k_saga_id"), sagas.c.version == sa.bindparam("k_version")
+    )
+    .values({c.name: sa.bindparam(f"v_{c.name}") for c in sagas.c if c.name != "saga_id"})
+)
+_UPDATE_STEP = (
+    steps.update()
+    .where(
+        steps.c.saga_id == sa.bindparam("k_saga_id"),
+        steps.c.name == sa.bindparam("k_name"),
+        steps.c.version == sa.bindparam("k_version"),
+    )
+    .values(
+        {c.name: sa.bindparam(f"v_{c.name}") for c in steps.c if c.name not in ("saga_id", "name")}
+    )
+)
 
-_CLAIM_OWNER: dict[str, Any] = {"owner_node": sa.bindparam("k_owner_node"),
-                                 "owner_boot": sa.bindparam("k_owner_boot"),
-                                 "owner_pid": sa.bindparam("k_owner_pid")}
+_CLAIM_OWNER: dict[str, Any] = {
+    "owner_node": sa.bindparam("k_owner_node"),
+    "owner_boot": sa.bindparam("k_owner_boot"),
+    "owner_pid": sa.bindparam("k_owner_pid"),
+}
 
 
 def _claim(phase: Phase) -> sa.Update:
@@ -49,13 +63,22 @@ def _claim(phase: Phase) -> sa.Update:
     values: dict[str, Any] = {cols.status: cols.running.value}
     if phase is Phase.FORWARD:  # a compensation keeps the step's start time
         values["started_at"] = sa.bindparam("k_now")
-    return steps.update().where(
-        steps.c.saga_id == sa.bindparam("k_saga_id"), steps.c.name == sa.bindparam("k_name"),
-        steps.c[cols.status] == cols.dispatched.value,
-        steps.c[cols.attempt] == sa.bindparam("k_attempt"),
-    ).values(**values, lease_until=sa.bindparam("k_lease_until"),
-             due_at=sa.bindparam("k_lease_until"), **_CLAIM_OWNER,
-             version=steps.c.version + 1)
+    return (
+        steps.update()
+        .where(
+            steps.c.saga_id == sa.bindparam("k_saga_id"),
+            steps.c.name == sa.bindparam("k_name"),
+            steps.c[cols.status] == cols.dispatched.value,
+            steps.c[cols.attempt] == sa.bindparam("k_attempt"),
+        )
+        .values(
+            **values,
+            lease_until=sa.bindparam("k_lease_until"),
+            due_at=sa.bindparam("k_lease_until"),
+            **_CLAIM_OWNER,
+            version=steps.c.version + 1,
+        )
+    )
 
 
 CLAIM = {phase: _claim(phase) for phase in Phase}
@@ -72,10 +95,8 @@ def write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
         rows = []
         for s in d.steps:
             expected = d.expected_version(s)
-            row = {f"v_{k}": v for k, v in to_row(s).items()
-                   if k not in ("saga_id", "name")}
-            row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected,
-                       v_version=expected + 1)
+            row = {f"v_{k}": v for k, v in to_row(s).items() if k not in ("saga_id", "name")}
+            row.update(k_saga_id=saga_id, k_name=s.name, k_version=expected, v_version=expected + 1)
             rows.append(row)
         # One executemany: psycopg pipelines it into a single round trip.
         if conn.execute(_UPDATE_STEP, rows).rowcount != len(rows):
@@ -136,8 +157,9 @@ def list_query(flt: SagaFilter) -> sa.Select[Any]:
     if flt.before is not None:
         at, sid = flt.before
         # The first condition alone can use the created_at indexes; the second cuts ties.
-        q = q.where(sagas.c.created_at <= at,
-                    sa.or_(sagas.c.created_at < at, sagas.c.saga_id < sid))
+        q = q.where(
+            sagas.c.created_at <= at, sa.or_(sagas.c.created_at < at, sagas.c.saga_id < sid)
+        )
     q = q.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc())
     q = q.limit(flt.limit).offset(flt.offset)
     return q
@@ -153,10 +175,18 @@ def count_query(name: str | None) -> sa.Select[Any]:
 
 def due_queries(now: float, limit: int) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """The sagas and the steps whose due time has come, earliest first."""
-    q_sagas = (sa.select(sagas.c.saga_id, sagas.c.due_at).where(sagas.c.due_at <= now)
-               .order_by(sagas.c.due_at).limit(limit))
-    q_steps = (sa.select(steps.c.saga_id, steps.c.name, steps.c.due_at)
-               .where(steps.c.due_at <= now).order_by(steps.c.due_at).limit(limit))
+    q_sagas = (
+        sa.select(sagas.c.saga_id, sagas.c.due_at)
+        .where(sagas.c.due_at <= now)
+        .order_by(sagas.c.due_at)
+        .limit(limit)
+    )
+    q_steps = (
+        sa.select(steps.c.saga_id, steps.c.name, steps.c.due_at)
+        .where(steps.c.due_at <= now)
+        .order_by(steps.c.due_at)
+        .limit(limit)
+    )
     return q_sagas, q_steps
 
 
@@ -164,8 +194,14 @@ def claimed_query(node: str, limit: int) -> sa.Select[Any]:
     """The steps that worker `node` holds a claim on."""
     # due_at is set while a claim runs: the (owner_node, due_at) index skips the
     # node's finished steps.
-    q = (sa.select(steps).where(
-        steps.c.owner_node == node, steps.c.due_at.is_not(None),
-        sa.or_(*(steps.c[c.status] == c.running.value for c in PHASE_COLUMNS.values())))
-        .order_by(steps.c.due_at).limit(limit))
+    q = (
+        sa.select(steps)
+        .where(
+            steps.c.owner_node == node,
+            steps.c.due_at.is_not(None),
+            sa.or_(*(steps.c[c.status] == c.running.value for c in PHASE_COLUMNS.values())),
+        )
+        .order_by(steps.c.due_at)
+        .limit(limit)
+    )
     return q

@@ -12,10 +12,23 @@ from .mocks import StepMock
 
 __all__ = [
     # the environment
-    "SagaEnv", "VirtualClock", "parse_duration", "Message", "Delivery", "BodyRun",
+    "SagaEnv",
+    "VirtualClock",
+    "parse_duration",
+    "Message",
+    "Delivery",
+    "BodyRun",
     # injecting
-    "Faults", "SimulatedCrash", "InjectedFailure", "StepMock",
+    "Faults",
+    "SimulatedCrash",
+    "InjectedFailure",
+    "StepMock",
     # checking
-    "History", "history", "assert_completed", "assert_compensated",
-    "explore_failures", "ExploreReport", "Scenario",
+    "History",
+    "history",
+    "assert_completed",
+    "assert_compensated",
+    "explore_failures",
+    "ExploreReport",
+    "Scenario",
 ]

@@ -13,8 +13,15 @@ if TYPE_CHECKING:
     from ..handle import SagaHandle
 
 # Detail fields whose values differ from run to run (ids, fingerprints, wall clocks).
-_VOLATILE = {"fingerprint", "idempotency_key", "pid", "worker", "deadline", "grace_until",
-             "child_saga_id"}
+_VOLATILE = {
+    "fingerprint",
+    "idempotency_key",
+    "pid",
+    "worker",
+    "deadline",
+    "grace_until",
+    "child_saga_id",
+}
 
 
 @dataclass
@@ -49,11 +56,13 @@ class History:
                 parts.append(e.step)
             if e.attempt is not None:
                 parts.append(f"#{e.attempt}")
-            detail = {k: v for k, v in sorted((e.detail or {}).items())
-                      if k not in _VOLATILE and v is not None and v is not False}
+            detail = {
+                k: v
+                for k, v in sorted((e.detail or {}).items())
+                if k not in _VOLATILE and v is not None and v is not False
+            }
             if detail:
-                parts.append(" ".join(f"{k}={_short(v, self.saga_id)}"
-                                      for k, v in detail.items()))
+                parts.append(" ".join(f"{k}={_short(v, self.saga_id)}" for k, v in detail.items()))
             lines.append(" ".join(parts))
         return "\n".join(lines) + "\n"
 
@@ -64,16 +73,17 @@ class History:
 def history(handle: SagaHandle) -> History:
     """The history of the saga behind `handle`, read from its store."""
     saga = handle.record()
-    return History(handle.saga_id, handle.runtime.store.history(handle.saga_id),
-                   saga.created_at)
+    return History(handle.saga_id, handle.runtime.store.history(handle.saga_id), saga.created_at)
 
 
 def assert_completed(handle: SagaHandle) -> Any:
     """Assert that the saga completed; returns its result."""
     saga = handle.record()
     if saga.status is not SagaStatus.COMPLETED:
-        raise AssertionError(f"saga {saga.name} {saga.saga_id} is {saga.status.value}, not "
-                             f"COMPLETED ({saga.error or 'no error'})\n{history(handle)}")
+        raise AssertionError(
+            f"saga {saga.name} {saga.saga_id} is {saga.status.value}, not "
+            f"COMPLETED ({saga.error or 'no error'})\n{history(handle)}"
+        )
     return saga.output
 
 
@@ -83,15 +93,18 @@ def assert_compensated(handle: SagaHandle, order: Sequence[Any] | None = None) -
     saga = handle.record()
     h = history(handle)
     if saga.status is not SagaStatus.COMPENSATED:
-        raise AssertionError(f"saga {saga.name} {saga.saga_id} is {saga.status.value}, not "
-                             f"COMPENSATED ({saga.error or 'no error'})\n{h}")
+        raise AssertionError(
+            f"saga {saga.name} {saga.saga_id} is {saga.status.value}, not "
+            f"COMPENSATED ({saga.error or 'no error'})\n{h}"
+        )
     if order is None:
         return
     wanted = [_step_name(handle, s) for s in order]
     done = h.steps(EventKind.COMPENSATION_SUCCEEDED)
     if done != wanted:
-        raise AssertionError(f"saga {saga.name} {saga.saga_id}: compensated {done}, "
-                             f"expected {wanted}\n{h}")
+        raise AssertionError(
+            f"saga {saga.name} {saga.saga_id}: compensated {done}, expected {wanted}\n{h}"
+        )
 
 
 def _step_name(handle: SagaHandle, step: Any) -> str:

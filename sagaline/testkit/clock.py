@@ -12,8 +12,16 @@ if TYPE_CHECKING:
 # 2026-01-01T00:00:00Z: a fixed start, so that timelines are the same on every run.
 EPOCH = 1_767_225_600.0
 
-_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0,
-          "d": 86400.0, "w": 604800.0}
+_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "sec": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+}
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|sec|min|s|m|h|d|w)")
 
 
@@ -30,8 +38,9 @@ def parse_duration(value: float | int | str | timedelta) -> float:
         text = value.strip().lower().replace(" ", "")
         parts = _PART.findall(text)
         if not text or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"not a duration: {value!r} (use e.g. '90s', '1h', '2h30m', "
-                             f"'1d', '250ms')")
+            raise ValueError(
+                f"not a duration: {value!r} (use e.g. '90s', '1h', '2h30m', '1d', '250ms')"
+            )
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     else:
         raise TypeError(f"not a duration: {value!r}")

@@ -61,10 +61,15 @@ class SimRuntime(Runtime):
     def heartbeat(self) -> Any:
         return NoHeartbeat()
 
-    def execute(self, task: Any, body: Callable[..., Any], args: tuple[Any, ...],
-                kwargs: dict[str, Any], meta: dict[str, Any]) -> Any:
-        return super().execute(task, self.env._instrument(task, body, meta), args, kwargs,
-                               meta)
+    def execute(
+        self,
+        task: Any,
+        body: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Any:
+        return super().execute(task, self.env._instrument(task, body, meta), args, kwargs, meta)
 
 
 class SagaEnv:
@@ -74,9 +79,16 @@ class SagaEnv:
     app that called `init_app`, else Celery's current app) until `close()`.
     """
 
-    def __init__(self, apps: list[Celery] | None = None, *, store: Store | None = None,
-                 clock: VirtualClock | None = None, faults: Faults | None = None,
-                 seed: int = 0, **settings: Any):
+    def __init__(
+        self,
+        apps: list[Celery] | None = None,
+        *,
+        store: Store | None = None,
+        clock: VirtualClock | None = None,
+        faults: Faults | None = None,
+        seed: int = 0,
+        **settings: Any,
+    ):
         from .. import celery_app, steps
 
         self.clock = clock or VirtualClock()
@@ -124,17 +136,25 @@ class SagaEnv:
 
     # -- starting ------------------------------------------------------------------
 
-    def start(self, saga: Saga | str, *, idempotency_key: str | None = None,
-              saga_id: str | None = None, **input: Any) -> SagaHandle:
+    def start(
+        self,
+        saga: Saga | str,
+        *,
+        idempotency_key: str | None = None,
+        saga_id: str | None = None,
+        **input: Any,
+    ) -> SagaHandle:
         """Start a saga (as `saga.run(...)` would); nothing runs until messages are."""
         defn = registered_saga(saga) if isinstance(saga, str) else saga
         if defn is None:
             raise LookupError(f"no saga named {saga!r} is defined in this process")
-        return self.runtime.start_saga(defn, input, idempotency_key=idempotency_key,
-                                       saga_id=saga_id)
+        return self.runtime.start_saga(
+            defn, input, idempotency_key=idempotency_key, saga_id=saga_id
+        )
 
-    def run(self, saga: Saga | str, *, idempotency_key: str | None = None,
-            **input: Any) -> SagaHandle:
+    def run(
+        self, saga: Saga | str, *, idempotency_key: str | None = None, **input: Any
+    ) -> SagaHandle:
         """Start a saga and run it (and whatever else is pending) to the end."""
         handle = self.start(saga, idempotency_key=idempotency_key, **input)
         self.run_until_done()
@@ -158,8 +178,14 @@ class SagaEnv:
             from ..execution import filter_kwargs
 
             kwargs = filter_kwargs(task.run, kwargs)
-        meta = {"saga_id": d.saga_id, "saga": d.saga_name, "fingerprint": d.fingerprint,
-                "step": d.step, "phase": d.phase.value, "attempt": d.attempt}
+        meta = {
+            "saga_id": d.saga_id,
+            "saga": d.saga_name,
+            "fingerprint": d.fingerprint,
+            "step": d.step,
+            "phase": d.phase.value,
+            "attempt": d.attempt,
+        }
         # What the json serializer makes of it: an unsendable value fails here as in
         # apply_async (kombu's EncodeError), and the task gets what a worker would.
         content_type, encoding, data = dumps(kwargs, serializer="json")  # type: ignore[no-untyped-call]
@@ -191,13 +217,19 @@ class SagaEnv:
             return self._delivered(msg, "crashed")
         task = self.task(msg.task_name)
         if task is None:
-            delivery.message_refused(self.runtime, msg.meta, task=msg.task_name,
-                                     worker="saga_env", unregistered=True,
-                                     error=f"task {msg.task_name!r} is not registered")
+            delivery.message_refused(
+                self.runtime,
+                msg.meta,
+                task=msg.task_name,
+                worker="saga_env",
+                unregistered=True,
+                error=f"task {msg.task_name!r} is not registered",
+            )
             return self._delivered(msg, "refused")
         try:
-            result = task.apply(args=(), kwargs=msg.kwargs, task_id=msg.id, throw=False,
-                                headers={HEADER: msg.meta})
+            result = task.apply(
+                args=(), kwargs=msg.kwargs, task_id=msg.id, throw=False, headers={HEADER: msg.meta}
+            )
         except SimulatedCrash:
             return self._delivered(msg, "crashed")
         return self._delivered(msg, str(result.state))
@@ -207,14 +239,16 @@ class SagaEnv:
         self.deliveries.append(d)
         return d
 
-    def _instrument(self, task: Any, body: Callable[..., Any],
-                    meta: dict[str, Any]) -> Callable[..., Any]:
+    def _instrument(
+        self, task: Any, body: Callable[..., Any], meta: dict[str, Any]
+    ) -> Callable[..., Any]:
         inner: Callable[..., Any] = self.mocks.get(task.name) or body
         step, phase, attempt = str(meta["step"]), Phase(meta["phase"]), int(meta["attempt"])
 
         def run_body(*args: Any, **kwargs: Any) -> Any:
-            run = BodyRun(str(meta["saga_id"]), step, phase, attempt,
-                          current_step().idempotency_key)
+            run = BodyRun(
+                str(meta["saga_id"]), step, phase, attempt, current_step().idempotency_key
+            )
             self.body_runs.append(run)
             take = self.faults.take
             if phase is Phase.COMPENSATE and take("fail_compensation", step, task.name, phase):
@@ -233,11 +267,14 @@ class SagaEnv:
                 self._outlive_lease(run)
             if take("fail_after_body", step, task.name, phase):
                 run.outcome = "failed_after_body"
-                data = result.compensation_data if isinstance(result, StepResponse) and \
-                    result.has_compensation_data else getattr(result, "output", result)
+                data = (
+                    result.compensation_data
+                    if isinstance(result, StepResponse) and result.has_compensation_data
+                    else getattr(result, "output", result)
+                )
                 raise StepResponse.permanent_failure(
-                    f"{step} failed after applying its change (injected)",
-                    compensation_data=data)
+                    f"{step} failed after applying its change (injected)", compensation_data=data
+                )
             return result
 
         return run_body
@@ -271,8 +308,9 @@ class SagaEnv:
             moments.append(items[0].due_at)
         return min(moments) if moments else None
 
-    def advance(self, duration: float | str, *, run: bool = True,
-                max_messages: int = 100_000) -> None:
+    def advance(
+        self, duration: float | str, *, run: bool = True, max_messages: int = 100_000
+    ) -> None:
         """Move virtual time forward by `duration`, firing each thing at its moment."""
         target = self.clock() + parse_duration(duration)
         budget = max_messages
@@ -294,8 +332,10 @@ class SagaEnv:
         while n < limit and self.step() is not None:
             n += 1
         if self.queue:
-            raise RuntimeError(f"saga_env: still {len(self.queue)} messages after "
-                               f"delivering {limit}; a saga that never ends?")
+            raise RuntimeError(
+                f"saga_env: still {len(self.queue)} messages after "
+                f"delivering {limit}; a saga that never ends?"
+            )
         return n
 
     # -- running to the end --------------------------------------------------------
@@ -303,11 +343,9 @@ class SagaEnv:
     def unfinished(self) -> list[str]:
         """Ids of the sagas in the store that have not ended."""
         running = [s for s in SagaStatus if s not in SAGA_TERMINAL]
-        return [s.saga_id for s in self.store.list_sagas(
-            SagaFilter(status=running, limit=10_000))]
+        return [s.saga_id for s in self.store.list_sagas(SagaFilter(status=running, limit=10_000))]
 
-    def run_until_done(self, *, max_messages: int = 10_000,
-                       max_time: float | str = "365d") -> int:
+    def run_until_done(self, *, max_messages: int = 10_000, max_time: float | str = "365d") -> int:
         """Deliver messages until every saga has ended; returns how many were delivered.
 
         When nothing is left to deliver but a saga waits (a retry's backoff, a lost
@@ -329,11 +367,13 @@ class SagaEnv:
             if moment is None:
                 raise RuntimeError(
                     f"saga_env: sagas {self.unfinished()} wait for nothing that will ever "
-                    f"happen (no message, no retry, nothing due before +{max_time})")
+                    f"happen (no message, no retry, nothing due before +{max_time})"
+                )
             self.clock.move_to(moment)
             self.sweep()
-        raise RuntimeError(f"saga_env: sagas still running after {delivered} messages: "
-                           f"{self.unfinished()}")
+        raise RuntimeError(
+            f"saga_env: sagas still running after {delivered} messages: {self.unfinished()}"
+        )
 
 
 def _sagaline_apps() -> list[Celery]:

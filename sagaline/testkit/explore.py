@@ -27,8 +27,13 @@ CRASH_AFTER_BODY = "crash after body"
 DUPLICATE = "duplicate delivery"
 LOST_MESSAGE = "lost message"
 CRASH_AFTER_COMPENSATION = "crash after compensation"
-FAULT_KINDS = (PERMANENT_FAILURE, CRASH_AFTER_BODY, DUPLICATE, LOST_MESSAGE,
-               CRASH_AFTER_COMPENSATION)
+FAULT_KINDS = (
+    PERMANENT_FAILURE,
+    CRASH_AFTER_BODY,
+    DUPLICATE,
+    LOST_MESSAGE,
+    CRASH_AFTER_COMPENSATION,
+)
 
 
 @dataclass
@@ -69,12 +74,13 @@ class ExploreReport:
 
     def __str__(self) -> str:
         width = max((len(s.name) for s in self.scenarios), default=10)
-        lines = [f"explore_failures({self.saga}): {len(self.scenarios)} scenarios in "
-                 f"{self.seconds:.2f}s, {len(self.violations)} violations"]
+        lines = [
+            f"explore_failures({self.saga}): {len(self.scenarios)} scenarios in "
+            f"{self.seconds:.2f}s, {len(self.violations)} violations"
+        ]
         for s in self.scenarios:
             mark = "ok  " if s.ok else "FAIL"
-            lines.append(f"  {mark} {s.name:<{width}}  -> {s.status:<11} "
-                         f"({s.messages} messages)")
+            lines.append(f"  {mark} {s.name:<{width}}  -> {s.status:<11} ({s.messages} messages)")
             lines += [f"         {v}" for v in s.violations]
         return "\n".join(lines)
 
@@ -83,12 +89,16 @@ class ExploreReport:
             raise AssertionError(str(self))
 
 
-def explore_failures(saga: Saga, input: dict[str, Any], *,
-                     world: Callable[[], Any] | None = None,
-                     reset: Callable[[], None] | None = None,
-                     faults: Sequence[str] = FAULT_KINDS,
-                     apps: list[Celery] | None = None,
-                     settings: dict[str, Any] | None = None) -> ExploreReport:
+def explore_failures(
+    saga: Saga,
+    input: dict[str, Any],
+    *,
+    world: Callable[[], Any] | None = None,
+    reset: Callable[[], None] | None = None,
+    faults: Sequence[str] = FAULT_KINDS,
+    apps: list[Celery] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> ExploreReport:
     """Run `saga` with `input` once without faults, then once per step and fault kind,
     checking in each run that:
 
@@ -121,9 +131,15 @@ def explore_failures(saga: Saga, input: dict[str, Any], *,
 
 
 class _Explorer:
-    def __init__(self, saga: Saga, input: dict[str, Any], world: Callable[[], Any] | None,
-                 reset: Callable[[], None] | None, apps: list[Celery] | None,
-                 settings: dict[str, Any]):
+    def __init__(
+        self,
+        saga: Saga,
+        input: dict[str, Any],
+        world: Callable[[], Any] | None,
+        reset: Callable[[], None] | None,
+        apps: list[Celery] | None,
+        settings: dict[str, Any],
+    ):
         self.saga = saga
         self.input = input
         self.world = world
@@ -143,12 +159,15 @@ class _Explorer:
         env = SagaEnv(self.apps, **self.settings)
         try:
             self._arm(env, step, kind)
-            handle = env.start(self.saga, idempotency_key=self.key, saga_id=self.saga_id,
-                               **self.input)
+            handle = env.start(
+                self.saga, idempotency_key=self.key, saga_id=self.saga_id, **self.input
+            )
             again = env.start(self.saga, idempotency_key=self.key, **self.input)
             if again.saga_id != handle.saga_id:
-                sc.violations.append(f"a second run with idempotency key {self.key!r} "
-                                     f"started another saga ({again.saga_id})")
+                sc.violations.append(
+                    f"a second run with idempotency key {self.key!r} "
+                    f"started another saga ({again.saga_id})"
+                )
             try:
                 sc.messages = env.run_until_done()
             except RuntimeError as exc:
@@ -183,8 +202,10 @@ class _Explorer:
                 f.fail_after_body(step)
 
     def _fail(self, env: SagaEnv, step: str) -> None:
-        env.mock(self.saga.graph.steps[step].task_name or step,
-                 raises=StepResponse.permanent_failure(f"{step} failed permanently (injected)"))
+        env.mock(
+            self.saga.graph.steps[step].task_name or step,
+            raises=StepResponse.permanent_failure(f"{step} failed permanently (injected)"),
+        )
 
     def _check(self, env: SagaEnv, sc: Scenario, step: str, kind: str) -> None:
         state = env.store.read_state(self.saga_id)
@@ -200,39 +221,53 @@ class _Explorer:
         for name in graph.order:
             spec = graph.steps[name]
             times = done.count(name)
-            if name in applied and spec.compensable and status is not SagaStatus.COMPLETED \
-                    and times != 1:
-                sc.violations.append(f"step {name!r} applied and was compensated {times} "
-                                     f"times (expected exactly once)")
+            if (
+                name in applied
+                and spec.compensable
+                and status is not SagaStatus.COMPLETED
+                and times != 1
+            ):
+                sc.violations.append(
+                    f"step {name!r} applied and was compensated {times} "
+                    f"times (expected exactly once)"
+                )
             if status is SagaStatus.COMPLETED and times:
-                sc.violations.append(f"the saga completed, yet step {name!r} was "
-                                     f"compensated")
-            if name not in applied and (times or any(
-                    r.step == name and r.phase is Phase.COMPENSATE for r in runs)):
-                sc.violations.append(f"the compensation of step {name!r} ran, but the step "
-                                     f"itself never applied")
+                sc.violations.append(f"the saga completed, yet step {name!r} was compensated")
+            if name not in applied and (
+                times or any(r.step == name and r.phase is Phase.COMPENSATE for r in runs)
+            ):
+                sc.violations.append(
+                    f"the compensation of step {name!r} ran, but the step itself never applied"
+                )
             forward = [r for r in runs if r.step == name and r.phase is Phase.FORWARD]
             keys = {r.idempotency_key for r in forward}
             if len(keys) > 1:
-                sc.violations.append(f"step {name!r} ran under several idempotency keys: "
-                                     f"{sorted(keys)}")
+                sc.violations.append(
+                    f"step {name!r} ran under several idempotency keys: {sorted(keys)}"
+                )
             crashes = sum(1 for r in forward if r.outcome == "crashed")
             ran = sum(1 for r in forward if r.applied)
             if ran > 1 + crashes:
-                sc.violations.append(f"step {name!r} applied {ran} times with only "
-                                     f"{crashes} crash(es): something ran twice")
+                sc.violations.append(
+                    f"step {name!r} applied {ran} times with only "
+                    f"{crashes} crash(es): something ran twice"
+                )
         first_start: dict[str, int] = {}
         for i, e in enumerate(events):
             if e.kind == EventKind.COMPENSATION_STARTED:
                 first_start.setdefault(str(e.step), i)
-        finished = {str(e.step): i for i, e in enumerate(events)
-                    if e.kind == EventKind.COMPENSATION_SUCCEEDED}
+        finished = {
+            str(e.step): i
+            for i, e in enumerate(events)
+            if e.kind == EventKind.COMPENSATION_SUCCEEDED
+        }
         for later in finished:
             for earlier in graph.ancestors[later]:
                 if earlier in first_start and first_start[earlier] < finished[later]:
                     sc.violations.append(
                         f"step {earlier!r} was compensated before step {later!r}, which "
-                        f"depends on it, was undone (reverse dependency order broken)")
+                        f"depends on it, was undone (reverse dependency order broken)"
+                    )
 
     def _check_world(self, sc: Scenario, before: Any, after: Any) -> None:
         if sc.status == SagaStatus.COMPLETED.value:
@@ -251,7 +286,10 @@ class _Explorer:
 def _diff(expected: Any, actual: Any) -> str:
     if isinstance(expected, dict) and isinstance(actual, dict):
         keys = sorted(set(expected) | set(actual), key=str)
-        parts = [f"{k}: {expected.get(k, '<absent>')!r} -> {actual.get(k, '<absent>')!r}"
-                 for k in keys if expected.get(k) != actual.get(k)]
+        parts = [
+            f"{k}: {expected.get(k, '<absent>')!r} -> {actual.get(k, '<absent>')!r}"
+            for k in keys
+            if expected.get(k) != actual.get(k)
+        ]
         return "; ".join(parts)[:500]
     return f"{expected!r} -> {actual!r}"[:500]

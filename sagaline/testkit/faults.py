@@ -41,8 +41,7 @@ class Fault:
     fired: int = 0
 
     def matches(self, step: str, task_name: str, phase: Phase) -> bool:
-        return self.fired < self.times and self.phase is phase and \
-            self.step in (step, task_name)
+        return self.fired < self.times and self.phase is phase and self.step in (step, task_name)
 
     def describe(self) -> str:
         where = self.step if self.phase is Phase.FORWARD else f"{self.step} (compensation)"
@@ -71,8 +70,9 @@ class Faults:
         self.armed.append(fault)
         return fault
 
-    def crash(self, step: Any, *, at: str = "after_body", phase: str = "forward",
-              times: int = 1) -> Fault:
+    def crash(
+        self, step: Any, *, at: str = "after_body", phase: str = "forward", times: int = 1
+    ) -> Fault:
         """The worker dies `before_claim` (the message is consumed, nothing recorded) or
         `after_body` (the body applied its effect; its completion is never written)."""
         if at not in CRASH_POINTS:

@@ -31,8 +31,10 @@ class Message:
         return Phase(self.meta["phase"])
 
     def __repr__(self) -> str:
-        return (f"<Message {self.meta['saga_id'][:8]} {self.step} {self.phase.value} "
-                f"#{self.meta['attempt']}>")
+        return (
+            f"<Message {self.meta['saga_id'][:8]} {self.step} {self.phase.value} "
+            f"#{self.meta['attempt']}>"
+        )
 
 
 @dataclass

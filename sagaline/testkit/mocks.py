@@ -18,13 +18,22 @@ class StepMock:
     per call.
     """
 
-    def __init__(self, task_name: str, *, returns: Any = _UNSET, raises: Any = None,
-                 side_effect: Any = None):
-        given = [n for n, v in (("returns", returns is not _UNSET), ("raises", raises),
-                                ("side_effect", side_effect is not None)) if v]
+    def __init__(
+        self, task_name: str, *, returns: Any = _UNSET, raises: Any = None, side_effect: Any = None
+    ):
+        given = [
+            n
+            for n, v in (
+                ("returns", returns is not _UNSET),
+                ("raises", raises),
+                ("side_effect", side_effect is not None),
+            )
+            if v
+        ]
         if len(given) > 1:
-            raise ValueError(f"mock_step takes one of returns=, raises=, side_effect=; "
-                             f"got {' and '.join(given)}")
+            raise ValueError(
+                f"mock_step takes one of returns=, raises=, side_effect=; got {' and '.join(given)}"
+            )
         if raises is not None and not _is_exception(raises):
             raise TypeError(f"raises= takes an exception, got {raises!r}")
         self.task_name = task_name
@@ -59,9 +68,11 @@ class StepMock:
             try:
                 item = next(self._sequence)
             except StopIteration:
-                raise AssertionError(f"mock of {self.task_name} called more times "
-                                     f"({len(self.calls)}) than its side_effect has "
-                                     f"items") from None
+                raise AssertionError(
+                    f"mock of {self.task_name} called more times "
+                    f"({len(self.calls)}) than its side_effect has "
+                    f"items"
+                ) from None
             if _is_exception(item):
                 raise _instance(item)
             return item
@@ -73,7 +84,8 @@ class StepMock:
 
 def _is_exception(value: Any) -> bool:
     return isinstance(value, BaseException) or (
-        isinstance(value, type) and issubclass(value, BaseException))
+        isinstance(value, type) and issubclass(value, BaseException)
+    )
 
 
 def _instance(exc: Any) -> BaseException:

@@ -32,8 +32,11 @@ def isolated_store(kind: str, value: str, tmp_dir: Path) -> Iterator[Store]:
             yield store
         finally:
             store.close()
-            for leftover in (path, path.with_name(path.name + "-wal"),
-                             path.with_name(path.name + "-shm")):
+            for leftover in (
+                path,
+                path.with_name(path.name + "-wal"),
+                path.with_name(path.name + "-shm"),
+            ):
                 leftover.unlink(missing_ok=True)
         return
     if kind == "redis":
@@ -56,7 +59,7 @@ def _delete_prefix(store: Store, prefix: str) -> None:
     client = store._client  # type: ignore[attr-defined]
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])
+        client.delete(*keys[i : i + 500])
 
 
 @contextlib.contextmanager
@@ -65,9 +68,13 @@ def _postgres_database(url: str, name: str) -> Iterator[str]:
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    base = make_url(url if "+" in url.split(":", 1)[0] else
-                    url.replace("postgresql:", "postgresql+psycopg:", 1)
-                    .replace("postgres:", "postgresql+psycopg:", 1))
+    base = make_url(
+        url
+        if "+" in url.split(":", 1)[0]
+        else url.replace("postgresql:", "postgresql+psycopg:", 1).replace(
+            "postgres:", "postgresql+psycopg:", 1
+        )
+    )
     admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:

@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 
-def create_app(store: Store | str | None = None, celery_app: Any = None, *,
-               token: str | None = None, read_token: str | None = None) -> Any:
+def create_app(
+    store: Store | str | None = None,
+    celery_app: Any = None,
+    *,
+    token: str | None = None,
+    read_token: str | None = None,
+) -> Any:
     """The dashboard at `/` and the REST API at `/api/v1`, as one ASGI app.
 
     `store`: a store or its URL (default: the store of `celery_app`, else of
@@ -28,11 +33,9 @@ def create_app(store: Store | str | None = None, celery_app: Any = None, *,
     bearer tokens that may operate / only read; with neither, anyone who reaches
     the app may operate, so bind it to a loopback address only.
     """
-    missing = [m for m in ("fastapi", "jinja2", "multipart")
-               if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "jinja2", "multipart") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigurationError(f"{missing[0]!r} is not installed: "
-                                 f"pip install 'sagaline[web]'")
+        raise ConfigurationError(f"{missing[0]!r} is not installed: pip install 'sagaline[web]'")
     from .factory import build_app
 
     return build_app(store, celery_app, token=token, read_token=read_token)

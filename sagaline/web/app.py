@@ -67,8 +67,9 @@ class WebContext:
         if cached is None:
             return self._count(name)
         if refresh:
-            threading.Thread(target=self._count, args=(name,), daemon=True,
-                             name="sagaline-web-counts").start()
+            threading.Thread(
+                target=self._count, args=(name,), daemon=True, name="sagaline-web-counts"
+            ).start()
         return cached[1]
 
     def _count(self, name: str | None) -> dict[str, int]:
@@ -92,8 +93,13 @@ def context(request: Request) -> WebContext:
 class Problem(Exception):
     """An HTTP error answered as RFC 9457 problem details."""
 
-    def __init__(self, status: int, title: str, detail: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         self.status, self.title, self.detail, self.headers = status, title, detail, headers
         super().__init__(detail or title)
 
@@ -108,12 +114,25 @@ class DocResponse(JSONResponse):
             return json.dumps(ops.cut_deep(content, DEEPEST_JSON), default=str).encode()
 
 
-def problem_response(request: Request, status: int, title: str, detail: str | None = None,
-                     headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "instance": request.url.path, **extra}
-    return JSONResponse(body, status_code=status, headers=headers,
-                        media_type="application/problem+json")
+def problem_response(
+    request: Request,
+    status: int,
+    title: str,
+    detail: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extra,
+    }
+    return JSONResponse(
+        body, status_code=status, headers=headers, media_type="application/problem+json"
+    )
 
 
 # sagaline's errors as HTTP statuses: the first match wins (subclasses first).
@@ -138,18 +157,24 @@ def install_problem_handlers(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             # Every method some route offers at this path, not just the first route's.
-            allowed = {m for route in request.app.router.routes
-                       if getattr(route, "path_regex", None) is not None
-                       and route.path_regex.match(request.scope["path"].removeprefix(
-                           request.scope.get("root_path", "")))
-                       for m in getattr(route, "methods", None) or ()}
+            allowed = {
+                m
+                for route in request.app.router.routes
+                if getattr(route, "path_regex", None) is not None
+                and route.path_regex.match(
+                    request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+                )
+                for m in getattr(route, "methods", None) or ()
+            }
             headers["Allow"] = ", ".join(sorted(allowed))
         return problem_response(request, exc.status_code, str(exc.detail), None, headers)
 
     async def on_invalid(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
         detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:5])
         return problem_response(request, 422, "invalid request", detail, errors=errors)
 
@@ -175,8 +200,12 @@ def bearer_principal(request: Request) -> Principal | None:
         return None
     principal = context(request).access.by_token(token.strip())
     if principal is None:
-        raise Problem(401, "invalid token", "the bearer token is not one this server accepts",
-                      {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        raise Problem(
+            401,
+            "invalid token",
+            "the bearer token is not one this server accepts",
+            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
     return principal
 
 
@@ -192,9 +221,12 @@ def reader(request: Request) -> Principal:
     if principal is None:
         if access.open:
             return Principal("anonymous", "operate")
-        raise Problem(401, "authentication required",
-                      "send Authorization: Bearer <token>",
-                      {"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401,
+            "authentication required",
+            "send Authorization: Bearer <token>",
+            {"WWW-Authenticate": "Bearer"},
+        )
     return principal
 
 
@@ -207,9 +239,12 @@ def operator(request: Request) -> Principal:
     if principal is None:
         if access.open:
             return Principal("anonymous", "operate")
-        raise Problem(401, "authentication required",
-                      "actions need Authorization: Bearer <operate token>",
-                      {"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401,
+            "authentication required",
+            "actions need Authorization: Bearer <operate token>",
+            {"WWW-Authenticate": "Bearer"},
+        )
     if not principal.may_operate:
         raise Problem(403, "forbidden", f"token {principal.name!r} may only read")
     return principal
@@ -218,7 +253,9 @@ def operator(request: Request) -> Principal:
 def acting_runtime(request: Request) -> ops.Runtime:
     runtime = context(request).runtime
     if runtime is None:
-        raise Problem(503, "read-only server",
-                      "starting, cancelling and resuming need the Celery app: "
-                      "sagaline web -A <module>")
+        raise Problem(
+            503,
+            "read-only server",
+            "starting, cancelling and resuming need the Celery app: sagaline web -A <module>",
+        )
     return runtime

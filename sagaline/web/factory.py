@@ -16,8 +16,9 @@ from .pages import install_pages
 from .security import Access
 
 
-def build_app(store: ops.Store | str | None, celery_app: Any, *, token: str | None,
-              read_token: str | None) -> FastAPI:
+def build_app(
+    store: ops.Store | str | None, celery_app: Any, *, token: str | None, read_token: str | None
+) -> FastAPI:
     runtime = None if celery_app is None else ops.current_runtime(celery_app)
     if isinstance(store, str):
         store = ops.open_store(store, read_only=True)

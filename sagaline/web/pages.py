@@ -22,11 +22,17 @@ from .app import HERE, context, session_principal
 from .security import ANONYMOUS, SESSION_COOKIE, Principal
 
 PAGE_SIZE = 50
-CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-       "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
 
-_env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
-                          autoescape=True, trim_blocks=True, lstrip_blocks=True)
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 _env.filters["pretty"] = lambda v: json.dumps(v, indent=2, default=str, ensure_ascii=False)
 _env.filters["when"] = render.when
 _env.filters["duration"] = render.duration
@@ -46,13 +52,19 @@ def base_of(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
-def page(request: Request, template: str, principal: Principal, status: int = 200,
-         **values: Any) -> HTMLResponse:
+def page(
+    request: Request, template: str, principal: Principal, status: int = 200, **values: Any
+) -> HTMLResponse:
     ctx = context(request)
     html = _env.get_template(template).render(
-        base=base_of(request), principal=principal, csrf=ctx.access.csrf_token(principal),
+        base=base_of(request),
+        principal=principal,
+        csrf=ctx.access.csrf_token(principal),
         can_operate=ctx.runtime is not None and principal.may_operate,
-        read_only=ctx.runtime is None, open=ctx.access.open, **values)
+        read_only=ctx.runtime is None,
+        open=ctx.access.open,
+        **values,
+    )
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 
@@ -75,8 +87,9 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route("/", saga_list, methods=["GET"], include_in_schema=False)
     app.add_api_route("/healthz", _health, methods=["GET"], include_in_schema=False)
     app.add_api_route("/sagas/{saga_id}", saga_page, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/sagas/{saga_id}/{action}", saga_action, methods=["POST"],
-                      include_in_schema=False)
+    app.add_api_route(
+        "/sagas/{saga_id}/{action}", saga_action, methods=["POST"], include_in_schema=False
+    )
 
 
 def _health() -> dict[str, str]:
@@ -99,15 +112,28 @@ def login(request: Request, token: str = Form(""), next: str = Form("/")) -> Res
     ctx = context(request)
     principal = ctx.access.by_token(token.strip()) if token.strip() else None
     if principal is None:
-        return page(request, "login.html", ANONYMOUS, status=401, next=_safe_next(next),
-                    error="That token is not one this server accepts.")
+        return page(
+            request,
+            "login.html",
+            ANONYMOUS,
+            status=401,
+            next=_safe_next(next),
+            error="That token is not one this server accepts.",
+        )
     target = _safe_next(next)
     base = base_of(request)
-    response = RedirectResponse(target if target.startswith(base + "/") else base + "/",
-                                status_code=303)
-    response.set_cookie(SESSION_COOKIE, ctx.access.session_value(principal), httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https",
-                        path=base + "/", max_age=12 * 3600)
+    response = RedirectResponse(
+        target if target.startswith(base + "/") else base + "/", status_code=303
+    )
+    response.set_cookie(
+        SESSION_COOKIE,
+        ctx.access.session_value(principal),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path=base + "/",
+        max_age=12 * 3600,
+    )
     return response
 
 
@@ -125,38 +151,67 @@ def saga_list(request: Request) -> Response:
     if principal is None:
         return to_login(request)
     q = request.query_params
-    form = {k: q.get(k, "").strip() for k in ("name", "since", "until", "idempotency_key",
-                                            "failed_step", "parent", "page_token")}
+    form = {
+        k: q.get(k, "").strip()
+        for k in (
+            "name",
+            "since",
+            "until",
+            "idempotency_key",
+            "failed_step",
+            "parent",
+            "page_token",
+        )
+    }
     statuses = [s for s in SagaStatus if s.value in q.getlist("status")]
     error, views, next_token, counts = None, [], None, {}
     try:
         flt = SagaFilter(
-            status=statuses or None, name=form["name"] or None,
+            status=statuses or None,
+            name=form["name"] or None,
             created_after=ops.parse_when(form["since"]) if form["since"] else None,
             created_before=ops.parse_when(form["until"]) if form["until"] else None,
             idempotency_key=form["idempotency_key"] or None,
-            failed_step=form["failed_step"] or None, parent_saga_id=form["parent"] or None,
+            failed_step=form["failed_step"] or None,
+            parent_saga_id=form["parent"] or None,
             limit=PAGE_SIZE,
-            before=decode_token(form["page_token"]) if form["page_token"] else None)
+            before=decode_token(form["page_token"]) if form["page_token"] else None,
+        )
         store = context(request).store
         views = ops.find_sagas(store, flt)
         counts = context(request).counts(flt.name)
         if len(views) == PAGE_SIZE:
             last = views[-1].saga
             keep = [(k, v) for k, v in q.multi_items() if k != "page_token"]
-            next_token = urlencode([*keep, ("page_token",
-                                            encode_token(last.created_at, last.saga_id))])
+            next_token = urlencode(
+                [*keep, ("page_token", encode_token(last.created_at, last.saga_id))]
+            )
     except SagaError as exc:
         error = ops.first_line(str(exc))
     except Exception as exc:  # a bad time or page token in the form
         error = ops.first_line(str(getattr(exc, "message", None) or exc))
-    rows = [{"saga": v.saga, "summary": ops.failure_summary(v.saga, v.steps),
-             "duration": render.duration((v.saga.finished_at or time.time())
-                                         - v.saga.created_at)} for v in views]
+    rows = [
+        {
+            "saga": v.saga,
+            "summary": ops.failure_summary(v.saga, v.steps),
+            "duration": render.duration((v.saga.finished_at or time.time()) - v.saga.created_at),
+        }
+        for v in views
+    ]
     template = "list_body.html" if q.get("fragment") else "list.html"
-    return page(request, template, principal, rows=rows, counts=counts, form=form,
-                statuses=[s.value for s in statuses], all_statuses=[s.value for s in SagaStatus],
-                next_query=next_token, error=error, query=str(request.url.query))
+    return page(
+        request,
+        template,
+        principal,
+        rows=rows,
+        counts=counts,
+        form=form,
+        statuses=[s.value for s in statuses],
+        all_statuses=[s.value for s in SagaStatus],
+        next_query=next_token,
+        error=error,
+        query=str(request.url.query),
+    )
 
 
 # -- one saga -------------------------------------------------------------------------------
@@ -173,21 +228,42 @@ def saga_page(request: Request, saga_id: str) -> Response:
         return page(request, "missing.html", principal, status=404, saga_id=saga_id)
     now = time.time()
     shapes = ops.step_shapes(ctx.runtime, view.saga)
-    history = [{"event": e, "failure": e.kind in render.FAILED_KINDS or bool(
-        e.detail.get("error")), "error": e.detail.get("error")} for e in view.history]
+    history = [
+        {
+            "event": e,
+            "failure": e.kind in render.FAILED_KINDS or bool(e.detail.get("error")),
+            "error": e.detail.get("error"),
+        }
+        for e in view.history
+    ]
     template = "saga_body.html" if request.query_params.get("fragment") else "saga.html"
-    return page(request, template, principal, view=view, saga=view.saga, now=now,
-                why=render.why(view, shapes, now), dag=render.dag(view, shapes),
-                timeline=render.timeline(view, now), history=history,
-                attempts=ops.step_attempts(view.history), shapes=shapes,
-                last_seq=max((e.seq or 0 for e in view.history), default=0),
-                terminal=view.saga.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED,
-                                              SagaStatus.FAILED),
-                notice=request.query_params.get("notice"))
+    return page(
+        request,
+        template,
+        principal,
+        view=view,
+        saga=view.saga,
+        now=now,
+        why=render.why(view, shapes, now),
+        dag=render.dag(view, shapes),
+        timeline=render.timeline(view, now),
+        history=history,
+        attempts=ops.step_attempts(view.history),
+        shapes=shapes,
+        last_seq=max((e.seq or 0 for e in view.history), default=0),
+        terminal=view.saga.status
+        in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED),
+        notice=request.query_params.get("notice"),
+    )
 
 
-def saga_action(request: Request, saga_id: str, action: str, csrf: str = Form(""),
-                reason: str = Form("cancelled by operator")) -> Response:
+def saga_action(
+    request: Request,
+    saga_id: str,
+    action: str,
+    csrf: str = Form(""),
+    reason: str = Form("cancelled by operator"),
+) -> Response:
     principal = who(request)
     ctx = context(request)
     if principal is None:
@@ -197,12 +273,18 @@ def saga_action(request: Request, saga_id: str, action: str, csrf: str = Form(""
     if action not in ("cancel", "resume"):
         return HTMLResponse("unknown action", status_code=404)
     if not principal.may_operate or ctx.runtime is None:
-        return HTMLResponse("this session may not operate (a read token, or a server "
-                            "started without -A)", status_code=403)
+        return HTMLResponse(
+            "this session may not operate (a read token, or a server started without -A)",
+            status_code=403,
+        )
     try:
         if action == "cancel":
-            ops.cancel(saga_id, reason=reason[:2000] or "cancelled by operator",
-                       runtime=ctx.runtime, actor=principal.name)
+            ops.cancel(
+                saga_id,
+                reason=reason[:2000] or "cancelled by operator",
+                runtime=ctx.runtime,
+                actor=principal.name,
+            )
             notice = "Cancelled: its applied steps are being compensated."
         else:
             ops.resume(saga_id, runtime=ctx.runtime, actor=principal.name)
@@ -211,5 +293,7 @@ def saga_action(request: Request, saga_id: str, action: str, csrf: str = Form(""
         notice = str(exc)
     except SagaNotFound:
         return page(request, "missing.html", principal, status=404, saga_id=saga_id)
-    return RedirectResponse(f"{base_of(request)}/sagas/{quote(saga_id)}?"
-                            f"{urlencode({'notice': notice})}", status_code=303)
+    return RedirectResponse(
+        f"{base_of(request)}/sagas/{quote(saga_id)}?{urlencode({'notice': notice})}",
+        status_code=303,
+    )

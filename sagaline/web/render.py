@@ -12,11 +12,22 @@ from ..timeline import format_duration as duration
 
 __all__ = ["FAILED_KINDS", "Why", "ago", "dag", "duration", "timeline", "waits", "when", "why"]
 
-FAILED_KINDS = {"step_attempt_failed", "step_failed", "step_abandoned",
-                "compensation_attempt_failed", "compensation_failed", "saga_failed",
-                "saga_deadline_exceeded", "saga_compensating"}
-_DISPATCH_KINDS = {"step_dispatched", "step_redispatched", "compensation_dispatched",
-                   "compensation_redispatched"}
+FAILED_KINDS = {
+    "step_attempt_failed",
+    "step_failed",
+    "step_abandoned",
+    "compensation_attempt_failed",
+    "compensation_failed",
+    "saga_failed",
+    "saga_deadline_exceeded",
+    "saga_compensating",
+}
+_DISPATCH_KINDS = {
+    "step_dispatched",
+    "step_redispatched",
+    "compensation_dispatched",
+    "compensation_redispatched",
+}
 
 
 def ago(ts: float | None, now: float) -> str:
@@ -53,27 +64,43 @@ def why(view: ops.SagaView, shapes: dict[str, ops.StepShape], now: float) -> Why
     if saga.status is SagaStatus.COMPLETED:
         return Why("done", f"Completed in {duration((saga.finished_at or now) - saga.created_at)}")
     attempts = ops.step_attempts(view.history)
-    comps = [{"step": a.step, "attempt": a.attempt, "outcome": a.outcome,
-              "error": a.error, "when": when(a.finished_at or a.started_at)}
-             for a in attempts if a.phase == "compensate"]
-    if saga.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED, SagaStatus.FAILED) \
-            or saga.error:
+    comps = [
+        {
+            "step": a.step,
+            "attempt": a.attempt,
+            "outcome": a.outcome,
+            "error": a.error,
+            "when": when(a.finished_at or a.started_at),
+        }
+        for a in attempts
+        if a.phase == "compensate"
+    ]
+    if (
+        saga.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+        or saga.error
+    ):
         step = saga.failed_step
         rec = next((s for s in view.steps if s.name == step), None)
         shape = shapes.get(step or "")
         attempt = None
         if rec is not None:
             attempt = f"attempt {rec.attempt} of {shape.max_attempts if shape else '?'}"
-        headline = {SagaStatus.COMPENSATED: "Rolled back: every applied step was compensated",
-                    SagaStatus.FAILED: "Needs attention: a compensation kept failing",
-                    SagaStatus.COMPENSATING: "Rolling back"}.get(saga.status, "Failing")
-        actors = [e.detail.get("actor") for e in view.history
-                  if e.kind == ops.AUDIT_EVENT and e.detail.get("action") == "cancel"]
+        headline = {
+            SagaStatus.COMPENSATED: "Rolled back: every applied step was compensated",
+            SagaStatus.FAILED: "Needs attention: a compensation kept failing",
+            SagaStatus.COMPENSATING: "Rolling back",
+        }.get(saga.status, "Failing")
+        actors = [
+            e.detail.get("actor")
+            for e in view.history
+            if e.kind == ops.AUDIT_EVENT and e.detail.get("action") == "cancel"
+        ]
         if actors:
             headline += f" (cancelled by {actors[-1]})"
         error = (rec.error if rec is not None and rec.error else None) or saga.error
-        result = Why("failure", headline, step, attempt, error, comps,
-                     ops.compensation_failures(view.steps))
+        result = Why(
+            "failure", headline, step, attempt, error, comps, ops.compensation_failures(view.steps)
+        )
         if saga.status is SagaStatus.COMPENSATING:
             result.waits = waits(view, shapes, now)
         return result
@@ -88,15 +115,19 @@ def waits(view: ops.SagaView, shapes: dict[str, ops.StepShape], now: float) -> l
             dispatched[(ev.step, ev.phase)] = ev.ts
     lines = []
     for s in view.steps:
-        for phase, status, attempt in (("forward", s.status.value, s.attempt),
-                                       ("compensate", s.comp_status and s.comp_status.value,
-                                        s.comp_attempt)):
+        for phase, status, attempt in (
+            ("forward", s.status.value, s.attempt),
+            ("compensate", s.comp_status and s.comp_status.value, s.comp_attempt),
+        ):
             if status not in ("DISPATCHED", "RUNNING"):
                 continue
             label = s.name if phase == "forward" else f"compensation of {s.name}"
             shape = shapes.get(s.name)
-            most = "?" if shape is None else (shape.max_attempts if phase == "forward"
-                                              else shape.compensation_max_attempts)
+            most = (
+                "?"
+                if shape is None
+                else (shape.max_attempts if phase == "forward" else shape.compensation_max_attempts)
+            )
             since = s.started_at if status == "RUNNING" else dispatched.get((s.name, phase))
             parts = [f"{label} {status} {ago(since, now)} (attempt {attempt} of {most})"]
             if s.redispatches:
@@ -121,8 +152,12 @@ NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 40, 40, 18, 10
 def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
     """Nodes in columns by depth (a chain in step order when the definition is unknown)."""
     names = [s.name for s in sorted(view.steps, key=lambda s: s.position)]
-    deps = {n: [d for d in shapes[n].depends_on if d in names] if n in shapes else
-            ([names[i - 1]] if i else []) for i, n in enumerate(names)}
+    deps = {
+        n: [d for d in shapes[n].depends_on if d in names]
+        if n in shapes
+        else ([names[i - 1]] if i else [])
+        for i, n in enumerate(names)
+    }
     depth: dict[str, int] = {}
     for n in names:  # positions are topological: dependencies come first
         depth[n] = 1 + max((depth.get(d, 0) for d in deps[n]), default=-1)
@@ -133,16 +168,32 @@ def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
         pos[n] = (PAD + col * (NODE_W + GAP_X), PAD + rows.get(col, 0) * (NODE_H + GAP_Y))
         rows[col] = rows.get(col, 0) + 1
     steps = {s.name: s for s in view.steps}
-    nodes = [{"name": n, "x": x, "y": y, "w": NODE_W, "h": NODE_H,
-              "status": steps[n].status.value,
-              "comp": _value(steps[n].comp_status),
-              "attempt": steps[n].attempt} for n, (x, y) in pos.items()]
-    edges = [{"x1": pos[d][0] + NODE_W, "y1": pos[d][1] + NODE_H / 2,
-              "x2": pos[n][0], "y2": pos[n][1] + NODE_H / 2} for n in names for d in deps[n]]
+    nodes = [
+        {
+            "name": n,
+            "x": x,
+            "y": y,
+            "w": NODE_W,
+            "h": NODE_H,
+            "status": steps[n].status.value,
+            "comp": _value(steps[n].comp_status),
+            "attempt": steps[n].attempt,
+        }
+        for n, (x, y) in pos.items()
+    ]
+    edges = [
+        {
+            "x1": pos[d][0] + NODE_W,
+            "y1": pos[d][1] + NODE_H / 2,
+            "x2": pos[n][0],
+            "y2": pos[n][1] + NODE_H / 2,
+        }
+        for n in names
+        for d in deps[n]
+    ]
     width = PAD * 2 + (max(depth.values(), default=0) + 1) * (NODE_W + GAP_X) - GAP_X
     height = PAD * 2 + max(rows.values(), default=1) * (NODE_H + GAP_Y) - GAP_Y
-    return {"nodes": nodes, "edges": edges, "width": width, "height": height,
-            "known": bool(shapes)}
+    return {"nodes": nodes, "edges": edges, "width": width, "height": height, "known": bool(shapes)}
 
 
 def _value(status: Any) -> str:
@@ -163,29 +214,48 @@ def timeline(view: ops.SagaView, now: float) -> dict[str, Any]:
             sent.setdefault((ev.step, ev.phase, ev.attempt), ev.ts)
     attempts = ops.step_attempts(view.history)
     start = view.saga.created_at
-    end = max([view.saga.finished_at or 0.0, now if view.saga.finished_at is None else 0.0,
-               *[a.finished_at or 0.0 for a in attempts]]) or start + 1
+    end = (
+        max(
+            [
+                view.saga.finished_at or 0.0,
+                now if view.saga.finished_at is None else 0.0,
+                *[a.finished_at or 0.0 for a in attempts],
+            ]
+        )
+        or start + 1
+    )
     span = max(end - start, 1e-3)
 
     def x(ts: float) -> float:
         return round(LABEL_W + (ts - start) / span * CHART_W, 1)
 
     rows = []
-    ordered = [a for a in attempts if a.phase == "forward"] + \
-        [a for a in attempts if a.phase != "forward"]
+    ordered = [a for a in attempts if a.phase == "forward"] + [
+        a for a in attempts if a.phase != "forward"
+    ]
     for i, a in enumerate(ordered):
         began = a.started_at or a.finished_at or start
         queued = sent.get((a.step, a.phase, a.attempt), began)
         finished = a.finished_at or now
-        rows.append({
-            "y": i * ROW_H, "label": f"{'↩ ' if a.phase != 'forward' else ''}{a.step} "
-                                     f"#{a.attempt}",
-            "lane": a.phase, "outcome": a.outcome,
-            "wait_x": x(queued), "wait_w": max(x(began) - x(queued), 0.0),
-            "run_x": x(began), "run_w": max(x(finished) - x(began), 1.0),
-            "title": f"{a.step} attempt {a.attempt} ({a.phase}): waited "
-                     f"{duration(began - queued)}, ran {duration(finished - began)}, "
-                     f"{a.outcome}" + (f": {a.error}" if a.error else "")})
-    return {"rows": rows, "width": LABEL_W + CHART_W + 10,
-            "height": max(len(rows), 1) * ROW_H + 20, "span": duration(span),
-            "axis_y": max(len(rows), 1) * ROW_H + 14}
+        rows.append(
+            {
+                "y": i * ROW_H,
+                "label": f"{'↩ ' if a.phase != 'forward' else ''}{a.step} #{a.attempt}",
+                "lane": a.phase,
+                "outcome": a.outcome,
+                "wait_x": x(queued),
+                "wait_w": max(x(began) - x(queued), 0.0),
+                "run_x": x(began),
+                "run_w": max(x(finished) - x(began), 1.0),
+                "title": f"{a.step} attempt {a.attempt} ({a.phase}): waited "
+                f"{duration(began - queued)}, ran {duration(finished - began)}, "
+                f"{a.outcome}" + (f": {a.error}" if a.error else ""),
+            }
+        )
+    return {
+        "rows": rows,
+        "width": LABEL_W + CHART_W + 10,
+        "height": max(len(rows), 1) * ROW_H + 20,
+        "span": duration(span),
+        "axis_y": max(len(rows), 1) * ROW_H + 14,
+    }

@@ -33,7 +33,8 @@ class Saga(BaseModel):
     version: int
     input_fingerprint: str | None
     trace_context: str | None = Field(
-        description="The saga's root span (W3C traceparent) when tracing is on")
+        description="The saga's root span (W3C traceparent) when tracing is on"
+    )
 
 
 class SagaSummary(Saga):
@@ -44,7 +45,8 @@ class SagaSummary(Saga):
 class SagaPage(BaseModel):
     sagas: list[SagaSummary]
     next_page_token: str | None = Field(
-        description="Pass as page_token for the next (older) page; null on the last page")
+        description="Pass as page_token for the next (older) page; null on the last page"
+    )
 
 
 class Step(BaseModel):

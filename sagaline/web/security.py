@@ -37,29 +37,32 @@ class Access:
 
     def __init__(self, token: str | None = None, read_token: str | None = None):
         self._tokens: dict[str, Principal] = {}
-        for raw, scope, default_name in ((token, OPERATE, "operator"),
-                                         (read_token, READ, "reader")):
+        for raw, scope, default_name in (
+            (token, OPERATE, "operator"),
+            (read_token, READ, "reader"),
+        ):
             for entry in (raw or "").split(","):
                 entry = entry.strip()
                 if not entry:
                     continue
                 match = _NAMED.match(entry)
-                name, secret = (match.group(1), match.group(2)) if match else \
-                    (default_name, entry)
+                name, secret = (match.group(1), match.group(2)) if match else (default_name, entry)
                 if len(secret) < 16:
                     raise ConfigurationError(
                         f"the {scope} token {name!r} is too short: use at least 16 "
                         f"characters (e.g. python -c 'import secrets; "
-                        f"print(secrets.token_urlsafe())')")
+                        f"print(secrets.token_urlsafe())')"
+                    )
                 self._tokens[secret] = Principal(name, scope)
         # Signs CSRF tokens when no bearer token exists (the open, loopback-only mode).
         self._process_key = secrets.token_bytes(32)
 
     @classmethod
     def from_env(cls, token: str | None = None, read_token: str | None = None) -> Access:
-        return cls(token if token is not None else os.environ.get("SAGALINE_WEB_TOKEN"),
-                   read_token if read_token is not None
-                   else os.environ.get("SAGALINE_WEB_READ_TOKEN"))
+        return cls(
+            token if token is not None else os.environ.get("SAGALINE_WEB_TOKEN"),
+            read_token if read_token is not None else os.environ.get("SAGALINE_WEB_READ_TOKEN"),
+        )
 
     @property
     def open(self) -> bool:
@@ -88,7 +91,8 @@ class Access:
         scope, _, sig = rest.partition(":")
         for secret, principal in self._tokens.items():
             if (principal.name, principal.scope) == (name, scope) and hmac.compare_digest(
-                    sig, _sign(secret.encode(), f"session:{name}:{scope}")):
+                sig, _sign(secret.encode(), f"session:{name}:{scope}")
+            ):
                 return principal
         return None
 
@@ -109,4 +113,5 @@ def check_bind(host: str, access: Access) -> None:
         raise ConfigurationError(
             f"refusing to serve on {host!r} without a token: anyone who reaches it could "
             f"cancel sagas. Set SAGALINE_WEB_TOKEN (and SAGALINE_WEB_READ_TOKEN for "
-            f"read-only access), or bind 127.0.0.1")
+            f"read-only access), or bind 127.0.0.1"
+        )

@@ -84,29 +84,41 @@ def _execute(sql: str, params: tuple[Any, ...]) -> None:
 def executed(phase: str) -> sagaline.StepInfo:
     """Append this execution of a body to chaos_executions; return the step info."""
     info = sagaline.current_step()
-    _execute("INSERT INTO chaos_executions (saga_id, step, phase, attempt, pid, ts) "
-             "VALUES (%s, %s, %s, %s, %s, %s)",
-             (info.saga_id, info.step, phase, info.attempt, os.getpid(), time.time()))
+    _execute(
+        "INSERT INTO chaos_executions (saga_id, step, phase, attempt, pid, ts) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        (info.saga_id, info.step, phase, info.attempt, os.getpid(), time.time()),
+    )
     return info
 
 
 def apply_effect(info: sagaline.StepInfo) -> None:
     """The step's effect on the outside world, idempotent by its idempotency key."""
-    _execute("INSERT INTO chaos_ledger (key, saga_id, step, action, attempt, pid, ts) "
-             "VALUES (%s, %s, %s, 'do', %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-             (info.idempotency_key, info.saga_id, info.step, info.attempt, os.getpid(),
-              time.time()))
+    _execute(
+        "INSERT INTO chaos_ledger (key, saga_id, step, action, attempt, pid, ts) "
+        "VALUES (%s, %s, %s, 'do', %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+        (info.idempotency_key, info.saga_id, info.step, info.attempt, os.getpid(), time.time()),
+    )
 
 
 def undo_effect(info: sagaline.StepInfo) -> None:
     """Undo the step's effect if it was applied (a compensation may be asked to undo an
     attempt whose outcome is unknown), idempotent by the compensation's own key."""
-    _execute("INSERT INTO chaos_ledger (key, saga_id, step, action, attempt, pid, ts) "
-             "SELECT %s, %s, %s, 'undo', %s, %s, %s WHERE EXISTS "
-             "(SELECT 1 FROM chaos_ledger WHERE key = %s AND action = 'do') "
-             "ON CONFLICT (key) DO NOTHING",
-             (info.idempotency_key, info.saga_id, info.step, info.attempt, os.getpid(),
-              time.time(), f"{info.saga_id}:{info.step}"))
+    _execute(
+        "INSERT INTO chaos_ledger (key, saga_id, step, action, attempt, pid, ts) "
+        "SELECT %s, %s, %s, 'undo', %s, %s, %s WHERE EXISTS "
+        "(SELECT 1 FROM chaos_ledger WHERE key = %s AND action = 'do') "
+        "ON CONFLICT (key) DO NOTHING",
+        (
+            info.idempotency_key,
+            info.saga_id,
+            info.step,
+            info.attempt,
+            os.getpid(),
+            time.time(),
+            f"{info.saga_id}:{info.step}",
+        ),
+    )
 
 
 @app.task(name="chaos.work")
@@ -183,6 +195,7 @@ if _PAUSE.startswith("before_claim:"):
     def _pause_before_claim(task: Any = None, **_: Any) -> None:
         meta = getattr(task.request, "sagaline", None) or {}
         _pause("before_claim", meta.get("step"))
+
 
 if _PAUSE.startswith("before_publish:"):
     from sagaline.runtime import Runtime

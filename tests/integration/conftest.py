@@ -32,33 +32,44 @@ class Stack:
 
     def ledger(self, saga_id: str) -> list[tuple[str, str, Any, float | None, float]]:
         with psycopg.connect(self.ledger_dsn) as conn:
-            rows = conn.execute("SELECT step, action, data, started, finished FROM ledger "
-                                "WHERE saga_id = %s ORDER BY id", (saga_id,)).fetchall()
+            rows = conn.execute(
+                "SELECT step, action, data, started, finished FROM ledger "
+                "WHERE saga_id = %s ORDER BY id",
+                (saga_id,),
+            ).fetchall()
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
-def make_stack(kind: str, pg_url: str, redis_url: str,
-               tmp_path_factory: pytest.TempPathFactory,
-               extra_env: dict[str, str] | None = None,
-               store_url: str | None = None) -> Iterator[Stack]:
+def make_stack(
+    kind: str,
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    extra_env: dict[str, str] | None = None,
+    store_url: str | None = None,
+) -> Iterator[Stack]:
     """`kind`: "redis+postgres", "redis+redis", "embedded", "rabbitmq+postgres",
     "rabbitmq-quorum+postgres", or "redis+<other>" with `store_url` (the Redis broker
     and that store)."""
     if kind.startswith("rabbitmq"):
         # Its own vhost on the shared RabbitMQ: no other worker sees these queues.
         with rabbitmq_vhost() as amqp_url:
-            yield from _make_stack(kind, pg_url, redis_url, tmp_path_factory, extra_env,
-                                   store_url, amqp_url)
+            yield from _make_stack(
+                kind, pg_url, redis_url, tmp_path_factory, extra_env, store_url, amqp_url
+            )
     else:
-        yield from _make_stack(kind, pg_url, redis_url, tmp_path_factory, extra_env,
-                               store_url)
+        yield from _make_stack(kind, pg_url, redis_url, tmp_path_factory, extra_env, store_url)
 
 
-def _make_stack(kind: str, pg_url: str, redis_url: str,
-                tmp_path_factory: pytest.TempPathFactory,
-                extra_env: dict[str, str] | None = None,
-                store_url: str | None = None,
-                amqp_url: str = "") -> Iterator[Stack]:
+def _make_stack(
+    kind: str,
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    extra_env: dict[str, str] | None = None,
+    store_url: str | None = None,
+    amqp_url: str = "",
+) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("home")
     ledger_dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with psycopg.connect(ledger_dsn, autocommit=True) as conn:
@@ -94,8 +105,11 @@ def _make_stack(kind: str, pg_url: str, redis_url: str,
     env["SAGALINE_STORE_URL"] = store
     env.update(extra_env or {})
     # The client's settings matter too: whoever dispatches a step sets its due time.
-    timing = {name: float(env[f"SAGALINE_{name.upper()}"]) for name in ("lease", "redispatch_after")
-              if f"SAGALINE_{name.upper()}" in env}
+    timing = {
+        name: float(env[f"SAGALINE_{name.upper()}"])
+        for name in ("lease", "redispatch_after")
+        if f"SAGALINE_{name.upper()}" in env
+    }
     runtime = sagaline.init_app(client, store=store, sweeper=False, **timing)
     worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
     worker.start()
@@ -110,8 +124,6 @@ def _make_stack(kind: str, pg_url: str, redis_url: str,
         os.environ.pop("SAGALINE_HOME", None)
 
 
-
-
 # The stacks every worker test runs on; the engine's acceptance suite
 # (test_sagas_on_workers.py) adds RabbitMQ with classic and with quorum queues.
 STACKS = ["redis+postgres", "embedded", "redis+redis"]
@@ -119,15 +131,25 @@ BROKER_STACKS = [*STACKS, "rabbitmq+postgres", "rabbitmq-quorum+postgres"]
 
 
 @pytest.fixture(scope="module", params=STACKS)
-def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest,
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     """The same tests on Redis + PostgreSQL, the embedded defaults, and the Redis store."""
     yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def pg_stack(pg_url: str, redis_url: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def pg_stack(
+    pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """Redis broker + PostgreSQL store, with short leases and a fast sweeper."""
-    yield from make_stack("redis+postgres", pg_url, redis_url, tmp_path_factory,
-                          {"SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3"})
+    yield from make_stack(
+        "redis+postgres",
+        pg_url,
+        redis_url,
+        tmp_path_factory,
+        {"SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3"},
+    )

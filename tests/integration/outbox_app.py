@@ -24,13 +24,19 @@ app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multipl
 sagaline.init_app(app, sweep_interval=float(os.environ.get("SAGALINE_SWEEP_INTERVAL", "1")))
 
 metadata = sa.MetaData()
-payments = sa.Table("biz_payments", metadata,
-                    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                    sa.Column("order_id", sa.String(64), nullable=False),
-                    sa.Column("amount", sa.Integer, nullable=False))
-refunds = sa.Table("biz_refunds", metadata,
-                   sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                   sa.Column("order_id", sa.String(64), nullable=False))
+payments = sa.Table(
+    "biz_payments",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("order_id", sa.String(64), nullable=False),
+    sa.Column("amount", sa.Integer, nullable=False),
+)
+refunds = sa.Table(
+    "biz_refunds",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("order_id", sa.String(64), nullable=False),
+)
 
 
 def _crash_once(order_id: str, when: str) -> bool:
@@ -63,8 +69,9 @@ def refund(order_id: str, **_: Any) -> None:
 
 @saga_step(compensate=refund)
 @app.task(name="ob.debit")
-def debit(order_id: str, amount: int, crash: str = "", fail_inside: bool = False,
-          **_: Any) -> dict[str, Any]:
+def debit(
+    order_id: str, amount: int, crash: str = "", fail_inside: bool = False, **_: Any
+) -> dict[str, Any]:
     with sagaline.step_transaction() as tx:
         tx.execute(payments.insert().values(order_id=order_id, amount=amount))
         tx.publish("order.debited", {"order_id": order_id, "amount": amount}, key=order_id)
@@ -106,4 +113,5 @@ def deferred(order_id: str, **_: Any) -> dict[str, Any]:
 
 
 commit_fails = Saga("outbox_commit_fails").add_step(
-    deferred, no_compensation=True, retry=sagaline.Retry(max_attempts=2, backoff=0.1))
+    deferred, no_compensation=True, retry=sagaline.Retry(max_attempts=2, backoff=0.1)
+)

@@ -33,16 +33,19 @@ def big(x: str) -> dict[str, Any]:
     return {"size": len(x)}
 
 
-hostile_failure = Saga("hostile_failure").add_step(s1).add_step(raise_hostile,
-                                                                no_compensation=True)
+hostile_failure = Saga("hostile_failure").add_step(s1).add_step(raise_hostile, no_compensation=True)
 
 # No worker registers this task.
-unregistered_step = Saga("unregistered_step").add_step(s1).add_step(
-    "t.nobody_has_this", no_compensation=True)
+unregistered_step = (
+    Saga("unregistered_step").add_step(s1).add_step("t.nobody_has_this", no_compensation=True)
+)
 
 # Its second step goes to a queue no worker consumes: tests send their own copy of
 # that step's message (undecodable, or of a refused content type) to the worker.
-parked_step = Saga("parked_step").add_step(s1).add_step(big, no_compensation=True,
-                                                        queue="nobody_consumes_this")
+parked_step = (
+    Saga("parked_step")
+    .add_step(s1)
+    .add_step(big, no_compensation=True, queue="nobody_consumes_this")
+)
 
 big_input = Saga("big_input").add_step(big, no_compensation=True)

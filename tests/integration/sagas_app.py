@@ -26,7 +26,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     include=["tests.integration.poison_sagas"],
     worker_task_log_format="[%(levelname)s/%(processName)s] %(task_name)s[%(task_id)s] "
-                           "saga=%(saga_id)s step=%(saga_step)s: %(message)s",
+    "saga=%(saga_id)s step=%(saga_step)s: %(message)s",
 )
 if os.environ.get("SAGALINE_TEST_QUEUE_TYPE"):  # "quorum" on RabbitMQ
     app.conf.task_default_queue_type = os.environ["SAGALINE_TEST_QUEUE_TYPE"]
@@ -51,17 +51,27 @@ def ledger_dsn() -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def record(saga_id: str, step: str, action: str, data: Any = None,
-           started: float | None = None) -> None:
+def record(
+    saga_id: str, step: str, action: str, data: Any = None, started: float | None = None
+) -> None:
     with psycopg.connect(ledger_dsn(), autocommit=True) as conn:
         conn.execute(
             "INSERT INTO ledger (saga_id, step, action, data, started, finished, pid) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (saga_id, step, action, psycopg.types.json.Jsonb(data), started, time.time(),
-             os.getpid()))
+            (
+                saga_id,
+                step,
+                action,
+                psycopg.types.json.Jsonb(data),
+                started,
+                time.time(),
+                os.getpid(),
+            ),
+        )
 
 
 # -- a four-step saga whose steps and compensations write ledger rows ---------------
+
 
 @app.task(name="t.undo")
 def undo(compensation_data: Any, saga_id: str) -> None:
@@ -73,8 +83,9 @@ def _apply(step: str, saga_id: str, fail_at: str | None, value: int) -> StepResp
         raise RuntimeError(f"{step} failed on purpose")
     task_log.info("applying %s", step)
     record(saga_id, step, "do", {"value": value})
-    return StepResponse(output={f"{step}_done": True},
-                        compensation_data={"step": step, "value": value})
+    return StepResponse(
+        output={f"{step}_done": True}, compensation_data={"step": step, "value": value}
+    )
 
 
 @saga_step(compensate=undo)
@@ -108,6 +119,7 @@ if os.environ.get("SAGALINE_TEST_VARIANT"):  # a worker deployed with other code
 
 # -- a DAG a -> (b, c) -> d with recorded execution windows ---------------------------
 
+
 @app.task(name="t.window")
 def window(saga_id: str, fail_c: bool = False, sleep: float = 0.5, **ctx: Any) -> dict[str, Any]:
     step = sagaline.current_step().step
@@ -115,8 +127,9 @@ def window(saga_id: str, fail_c: bool = False, sleep: float = 0.5, **ctx: Any) -
     time.sleep(sleep if step in ("b", "c") else 0)
     if step == "c" and fail_c:
         raise RuntimeError("c failed on purpose")
-    record(saga_id, step, "do", {"seen": sorted(k for k in ctx if k.endswith("_out"))},
-           started=started)
+    record(
+        saga_id, step, "do", {"seen": sorted(k for k in ctx if k.endswith("_out"))}, started=started
+    )
     return {f"{step}_out": step}
 
 
@@ -135,6 +148,7 @@ dag = (
 
 
 # -- keyword filtering and context visibility ------------------------------------------
+
 
 @app.task(name="t.narrow")
 def narrow(saga_id: str, order_id: str) -> dict[str, Any]:
@@ -174,15 +188,18 @@ def flaky(saga_id: str, fail_times: int) -> dict[str, Any]:
 
 
 retrying = Saga("retrying").add_step(
-    flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=0.2))
+    flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=0.2)
+)
 
 # Retries 1 s then 2 s (+/- 10 %) after the failed attempts: long enough to measure.
 backing_off = Saga("backing_off").add_step(
-    flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=1.0, factor=2.0))
+    flaky, no_compensation=True, retry=Retry(max_attempts=3, backoff=1.0, factor=2.0)
+)
 
 SLOW_BACKOFF = 6.0
 slow_backoff = Saga("slow_backoff").add_step(
-    flaky, no_compensation=True, retry=Retry(max_attempts=2, backoff=SLOW_BACKOFF, jitter=0))
+    flaky, no_compensation=True, retry=Retry(max_attempts=2, backoff=SLOW_BACKOFF, jitter=0)
+)
 
 
 # -- recovery: timeouts, deadlines, cancel, failing compensations, pivots ----------------
@@ -194,12 +211,16 @@ def take_failure(name: str) -> bool:
     """True while the switch `name` has failures left (-1: fail forever); uses one up."""
     with psycopg.connect(ledger_dsn(), autocommit=True) as conn:
         conn.execute(SWITCHES_DDL)
-        row = conn.execute("UPDATE switches SET remaining = remaining - 1 WHERE name = %s "
-                           "AND remaining > 0 RETURNING remaining", (name,)).fetchone()
+        row = conn.execute(
+            "UPDATE switches SET remaining = remaining - 1 WHERE name = %s "
+            "AND remaining > 0 RETURNING remaining",
+            (name,),
+        ).fetchone()
         if row is not None:
             return True
-        forever = conn.execute("SELECT 1 FROM switches WHERE name = %s AND remaining < 0",
-                               (name,)).fetchone()
+        forever = conn.execute(
+            "SELECT 1 FROM switches WHERE name = %s AND remaining < 0", (name,)
+        ).fetchone()
         return forever is not None
 
 
@@ -232,26 +253,27 @@ def forward_flaky(saga_id: str, switch: str) -> dict[str, Any]:
 timeout_saga = (
     Saga("timeout_saga")
     .add_step(s1)
-    .add_step(sleepy, name="slow", compensate=undo, timeout=1,
-              retry=Retry(max_attempts=2, backoff=0.1))
+    .add_step(
+        sleepy, name="slow", compensate=undo, timeout=1, retry=Retry(max_attempts=2, backoff=0.1)
+    )
 )
 
-deadline_saga = Saga("deadline_saga", timeout=2).add_step(s1).add_step(
-    sleepy, name="slow", compensate=undo)
+deadline_saga = (
+    Saga("deadline_saga", timeout=2).add_step(s1).add_step(sleepy, name="slow", compensate=undo)
+)
 
 cancel_saga = (
-    Saga("cancel_saga")
-    .add_step(s1)
-    .add_step(sleepy, name="slow", compensate=undo)
-    .add_step(s3)
+    Saga("cancel_saga").add_step(s1).add_step(sleepy, name="slow", compensate=undo).add_step(s3)
 )
 
 fragile = (
     Saga("fragile")
-    .add_step(s1, compensate=fragile_undo,
-              compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5))
-    .add_step(s2, compensate=fragile_undo,
-              compensation_retry=Retry(max_attempts=2, backoff=0.2))
+    .add_step(
+        s1,
+        compensate=fragile_undo,
+        compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5),
+    )
+    .add_step(s2, compensate=fragile_undo, compensation_retry=Retry(max_attempts=2, backoff=0.2))
     .add_step(s3)
 )
 
@@ -264,13 +286,17 @@ pivoting = (
 
 flaky_compensation = (
     Saga("flaky_compensation")
-    .add_step(s1, compensate=fragile_undo,
-              compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5))
+    .add_step(
+        s1,
+        compensate=fragile_undo,
+        compensation_retry=Retry(max_attempts=5, backoff=0.2, factor=1.5),
+    )
     .add_step(s4)
 )
 
 
 # -- the functional API, conditions and child sagas -------------------------------------
+
 
 @app.task(name="t.validate_order")
 def validate_order(saga_id: str, order_id: str, amount: float) -> dict[str, Any]:
@@ -288,13 +314,15 @@ def refund_payment(saga_id: str, compensation_data: Any) -> None:
 def charge_payment(saga_id: str, order_id: str, amount: float) -> StepResponse:
     txn = f"txn-{sagaline.current_step().idempotency_key}"
     record(saga_id, "charge_payment", "do", {"txn": txn})
-    return StepResponse(output={"transaction_id": txn},
-                        compensation_data={"transaction_id": txn, "amount": amount})
+    return StepResponse(
+        output={"transaction_id": txn}, compensation_data={"transaction_id": txn, "amount": amount}
+    )
 
 
 @app.task(name="t.send_confirmation")
-def send_confirmation(saga_id: str, order_id: str, transaction_id: str,
-                      fail_confirmation: bool = False) -> dict[str, Any]:
+def send_confirmation(
+    saga_id: str, order_id: str, transaction_id: str, fail_confirmation: bool = False
+) -> dict[str, Any]:
     if fail_confirmation:
         raise RuntimeError("mail server down")
     record(saga_id, "send_confirmation", "do", {"txn": transaction_id})
@@ -326,12 +354,7 @@ conditional = (
 
 child_saga = Saga("child_saga").add_step(s2).add_step(s3)
 
-parent_saga = (
-    Saga("parent_saga")
-    .add_step(s1)
-    .add_saga(child_saga, name="child")
-    .add_step(s4)
-)
+parent_saga = Saga("parent_saga").add_step(s1).add_saga(child_saga, name="child").add_step(s4)
 
 slow_child = Saga("slow_child").add_step(s2).add_step(sleepy, name="slow", compensate=undo)
 
@@ -344,6 +367,7 @@ graceful_parent = (
 
 
 # -- hostile outputs (test_hostile_input.py) ---------------------------------------------
+
 
 @app.task(name="t.returns")
 def returns(saga_id: str, blob: str = "", deep: int = 0) -> Any:

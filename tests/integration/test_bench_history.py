@@ -41,7 +41,8 @@ def loaded() -> Iterator[tuple[RedisStore, dict[str, float]]]:
 
 
 def test_every_saga_is_loaded_with_its_status_in_the_indexes(
-        loaded: tuple[RedisStore, dict[str, float]]) -> None:
+    loaded: tuple[RedisStore, dict[str, float]],
+) -> None:
     store, result = loaded
     counts = store.count_by_status()
     expected = {s: 0 for s in SagaStatus}
@@ -53,12 +54,18 @@ def test_every_saga_is_loaded_with_its_status_in_the_indexes(
 
 
 def test_a_compensated_saga_reads_back_with_its_steps_and_history(
-        loaded: tuple[RedisStore, dict[str, float]]) -> None:
+    loaded: tuple[RedisStore, dict[str, float]],
+) -> None:
     store, _ = loaded
     saga = store.get_saga(saga_id(22))
     assert saga is not None
     assert (saga.status, saga.name, saga.input, saga.failed_step, saga.output) == (
-        SagaStatus.COMPENSATED, HISTORY_NAME, {"order": 22}, "s4", None)
+        SagaStatus.COMPENSATED,
+        HISTORY_NAME,
+        {"order": 22},
+        "s4",
+        None,
+    )
     assert saga.finished_at is not None and saga.created_at < saga.finished_at
     steps = store.get_steps(saga.saga_id)
     assert [(s.name, s.position, s.status, s.comp_status) for s in steps] == [
@@ -82,7 +89,8 @@ def test_a_completed_saga_has_its_output(loaded: tuple[RedisStore, dict[str, flo
 
 
 def test_hashes_hold_exactly_the_fields_the_store_writes(
-        loaded: tuple[RedisStore, dict[str, float]]) -> None:
+    loaded: tuple[RedisStore, dict[str, float]],
+) -> None:
     store, _ = loaded
     client = redis.Redis.from_url(store.url, decode_responses=True)
     try:
@@ -95,7 +103,8 @@ def test_hashes_hold_exactly_the_fields_the_store_writes(
 
 
 def test_listing_returns_the_newest_compensated_sagas_first(
-        loaded: tuple[RedisStore, dict[str, float]]) -> None:
+    loaded: tuple[RedisStore, dict[str, float]],
+) -> None:
     store, _ = loaded
     rows = store.list_sagas(SagaFilter(status=[SagaStatus.COMPENSATED], limit=3))
     newest = [i for i in range(N, 0, -1) if expected_status(i) is SagaStatus.COMPENSATED][:3]

@@ -37,17 +37,24 @@ RUN_TIMEOUT = 300.0  # seconds for a whole `--quick --peers` run
 STARTUP_TIMEOUT = 180.0  # seconds until the DBOS executors are up (after sagaline's figures)
 
 needs_peers = pytest.mark.skipif(
-    bool(missing_peers()),
-    reason=f"{missing_peers()} not installed: pip install -e '.[{EXTRA}]'")
+    bool(missing_peers()), reason=f"{missing_peers()} not installed: pip install -e '.[{EXTRA}]'"
+)
 
 
 def database_exists(name: str) -> bool:
     import psycopg
 
-    with psycopg.connect(host=SHARED_PG_HOST, port=SHARED_PG_PORT, user=SHARED_PG_USER,
-                         dbname="postgres", connect_timeout=10) as conn:
-        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                            (name,)).fetchone() is not None
+    with psycopg.connect(
+        host=SHARED_PG_HOST,
+        port=SHARED_PG_PORT,
+        user=SHARED_PG_USER,
+        dbname="postgres",
+        connect_timeout=10,
+    ) as conn:
+        return (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            is not None
+        )
 
 
 def dbos_database(stderr: str) -> str:
@@ -74,7 +81,12 @@ def positive(value: object) -> bool:
 def test_peers_run_beside_sagaline_and_the_report_gives_each_a_ratio() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--peers", "--only", "L1,T1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     lines = peer_lines(proc.stdout)
     assert set(lines) == {(p, f) for p in ("dbos", "celery-saga") for f in ("L1", "T1")}
@@ -86,17 +98,23 @@ def test_peers_run_beside_sagaline_and_the_report_gives_each_a_ratio() -> None:
     assert set(split) <= {"bench-dbos-1", "bench-dbos-2"}
     assert sum(split.values()) == lines[("dbos", "T1")]["sagas"]
     for (peer, figure), line in lines.items():
-        keys = (["peer_median_ms", "peer_p95_ms", "baseline_median_ms", "ratio_median"]
-                if figure == "L1" else
-                ["sagas", "peer_per_s", "baseline_per_s", "ratio_throughput"])
+        keys = (
+            ["peer_median_ms", "peer_p95_ms", "baseline_median_ms", "ratio_median"]
+            if figure == "L1"
+            else ["sagas", "peer_per_s", "baseline_per_s", "ratio_throughput"]
+        )
         for key in keys:
             assert positive(line[key]), f"{peer} {figure}.{key} = {line[key]!r}"
     # The table puts every system's ratios in one place: ours and the peers'.
-    rows = {row.split("│")[1].strip(): row for row in proc.stdout.splitlines()
-            if row.startswith("│")}
+    rows = {
+        row.split("│")[1].strip(): row for row in proc.stdout.splitlines() if row.startswith("│")
+    }
     ratio = re.compile(r"\d+\.\d\dx")
-    for system in ("sagaline", lines[("dbos", "L1")]["system"],
-                   lines[("celery-saga", "L1")]["system"]):
+    for system in (
+        "sagaline",
+        lines[("dbos", "L1")]["system"],
+        lines[("celery-saga", "L1")]["system"],
+    ):
         assert system in rows, f"no row for {system}:\n{proc.stdout}"
         assert len(ratio.findall(rows[system])) == 2, rows[system]
     assert not database_exists(dbos_database(proc.stderr))
@@ -104,16 +122,28 @@ def test_peers_run_beside_sagaline_and_the_report_gives_each_a_ratio() -> None:
 
 @pytest.mark.parametrize("blocked", [["dbos"], ["dbos", "celery_saga"]])
 def test_peers_missing_exit_naming_the_package_and_the_extra(
-        blocked: list[str], tmp_path: Path) -> None:
+    blocked: list[str], tmp_path: Path
+) -> None:
     if "celery_saga" not in blocked and "celery-saga" in missing_peers():
         pytest.skip("celery-saga is not installed here: the message would name it too")
     # How Python marks a module as absent: `import` and find_spec both fail on None.
-    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
-            "from bench.__main__ import main\nsys.exit(main(['--peers', '--quick']))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
-    named = "dbos is not installed" if blocked == ["dbos"] else (
-        "dbos and celery-saga are not installed")
+    code = (
+        f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+        "from bench.__main__ import main\nsys.exit(main(['--peers', '--quick']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    named = (
+        "dbos is not installed"
+        if blocked == ["dbos"]
+        else ("dbos and celery-saga are not installed")
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert named in proc.stderr
     assert f"pip install -e '.[{EXTRA}]'" in proc.stderr
@@ -121,19 +151,34 @@ def test_peers_missing_exit_naming_the_package_and_the_extra(
     assert "redis-server ready" not in proc.stderr  # refused before anything started
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    pytest.param(["--peers", "--only", "L2"],
-                 "--peers measures ('L1', 'T1'): include one in --only", marks=needs_peers),
-    (["--peers", "--dbos-polling-interval", "0"], "--dbos-polling-interval 0: a number of "
-                                                  "seconds above 0, with --peers"),
-    (["--dbos-polling-interval", "0.1"], "--dbos-polling-interval 0.1: a number of seconds "
-                                         "above 0, with --peers"),
-    (["--t1-sagas", "0"], "--t1-sagas must be at least 1, not 0"),
-])
-def test_bad_peer_options_are_refused_before_anything_starts(args: list[str],
-                                                             message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["--peers", "--only", "L2"],
+            "--peers measures ('L1', 'T1'): include one in --only",
+            marks=needs_peers,
+        ),
+        (
+            ["--peers", "--dbos-polling-interval", "0"],
+            "--dbos-polling-interval 0: a number of seconds above 0, with --peers",
+        ),
+        (
+            ["--dbos-polling-interval", "0.1"],
+            "--dbos-polling-interval 0.1: a number of seconds above 0, with --peers",
+        ),
+        (["--t1-sagas", "0"], "--t1-sagas must be at least 1, not 0"),
+    ],
+)
+def test_bad_peer_options_are_refused_before_anything_starts(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert "redis-server ready" not in proc.stderr
@@ -156,12 +201,16 @@ def peer_processes(bench: int, log: Path) -> dict[str, list[int]] | None:
 
 @needs_peers
 def test_sigterm_during_the_peers_stops_their_processes_and_drops_their_database(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     # A T1 batch long enough for the signal to find the DBOS executors at work.
     args = ["--quick", "--peers", "--only", "T1", "--t1-sagas", "300"]
     with BenchRun(args, tmp_path / "bench.err") as bench:
-        pids = bench.wait_up(lambda pid: peer_processes(pid, bench.log),
-                             timeout=STARTUP_TIMEOUT, what="the benchmark's DBOS executors")
+        pids = bench.wait_up(
+            lambda pid: peer_processes(pid, bench.log),
+            timeout=STARTUP_TIMEOUT,
+            what="the benchmark's DBOS executors",
+        )
         code, elapsed = bench.interrupt(signal.SIGTERM, pids)
 
         assert code == 128 + signal.SIGTERM, f"exit status {code}:\n{bench.stderr()[-3000:]}"

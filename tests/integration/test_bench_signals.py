@@ -83,21 +83,28 @@ class BenchRun:
     def __init__(self, args: Sequence[str], log: Path) -> None:
         self.log = log
         with open(log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=REPO_ROOT,
-                                         stdout=subprocess.DEVNULL, stderr=err,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench", *args],
+                cwd=REPO_ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
         self.seen: dict[str, list[int]] = {}
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_up(self, find: Callable[[int], dict[str, list[int]] | None], *, timeout: float,
-                what: str) -> list[int]:
+    def wait_up(
+        self, find: Callable[[int], dict[str, list[int]] | None], *, timeout: float, what: str
+    ) -> list[int]:
         """The pids `find(bench pid)` returns once it returns any (bounded by `timeout`)."""
+
         def up() -> bool:
             if self.proc.poll() is not None:
-                raise HarnessError(f"bench exited early ({self.proc.returncode}):\n"
-                                   f"{self.stderr()[-3000:]}")
+                raise HarnessError(
+                    f"bench exited early ({self.proc.returncode}):\n{self.stderr()[-3000:]}"
+                )
             found = find(self.proc.pid)
             if found:
                 self.seen.update(found)
@@ -112,8 +119,12 @@ class BenchRun:
         self.proc.send_signal(sig)
         signalled = time.monotonic()
         code = self.proc.wait(timeout=STOP_BOUND)
-        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=STOP_BOUND,
-                   interval=0.05, what=f"processes {list(pids)} to exit")
+        wait_until(
+            lambda: not any(pid_alive(p) for p in pids),
+            timeout=STOP_BOUND,
+            interval=0.05,
+            what=f"processes {list(pids)} to exit",
+        )
         return code, time.monotonic() - signalled
 
     def __enter__(self) -> BenchRun:
@@ -137,8 +148,10 @@ class BenchRun:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_every_process_the_benchmark_started(
-        sig: signal.Signals, tmp_path: Path) -> None:
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     with BenchRun(["--quick"], tmp_path / "bench.err") as bench:
+
         def announced(pid: int) -> dict[str, list[int]] | None:
             found = started_processes(pid)
             # Up, and announced: the bench logs a worker's pid once it is ready.
@@ -146,8 +159,11 @@ def test_a_signal_stops_every_process_the_benchmark_started(
                 return found
             return None
 
-        pids = bench.wait_up(announced, timeout=STARTUP_TIMEOUT,
-                             what="the benchmark's redis-server, 2 workers and 4 pool processes")
+        pids = bench.wait_up(
+            announced,
+            timeout=STARTUP_TIMEOUT,
+            what="the benchmark's redis-server, 2 workers and 4 pool processes",
+        )
         code, elapsed = bench.interrupt(sig, pids)
 
         assert code == 128 + sig, f"exit status {code}:\n{bench.stderr()[-3000:]}"

@@ -13,17 +13,45 @@ from typing import Any
 from tests.harness import REPO_ROOT
 
 EXPECTED: dict[str, list[str]] = {
-    "L1": ["sagaline_median_ms", "sagaline_p95_ms", "baseline_median_ms", "baseline_p95_ms",
-           "ratio_median", "ratio_p95"],
-    "L2": ["sagaline_median_ms", "sagaline_p95_ms", "baseline_median_ms", "baseline_p95_ms",
-           "ratio_median"],
-    "T1": ["sagas", "sagaline_seconds", "sagaline_per_s", "baseline_seconds", "baseline_per_s",
-           "ratio_throughput"],
+    "L1": [
+        "sagaline_median_ms",
+        "sagaline_p95_ms",
+        "baseline_median_ms",
+        "baseline_p95_ms",
+        "ratio_median",
+        "ratio_p95",
+    ],
+    "L2": [
+        "sagaline_median_ms",
+        "sagaline_p95_ms",
+        "baseline_median_ms",
+        "baseline_p95_ms",
+        "ratio_median",
+    ],
+    "T1": [
+        "sagas",
+        "sagaline_seconds",
+        "sagaline_per_s",
+        "baseline_seconds",
+        "baseline_per_s",
+        "ratio_throughput",
+    ],
     "S1": ["sagaline_growth", "baseline_growth", "ratio_at_max"],
-    "H1": ["history", "l1_sagaline_median_ms", "l1_vs_empty", "t1_sagaline_per_s",
-           "t1_vs_empty", "list_compensated_50_median_ms"],
-    "R1": ["sql_statements_per_step", "transactions_per_step", "sagaline_messages_per_step",
-           "baseline_messages_per_step", "caller_sql_per_run"],
+    "H1": [
+        "history",
+        "l1_sagaline_median_ms",
+        "l1_vs_empty",
+        "t1_sagaline_per_s",
+        "t1_vs_empty",
+        "list_compensated_50_median_ms",
+    ],
+    "R1": [
+        "sql_statements_per_step",
+        "transactions_per_step",
+        "sagaline_messages_per_step",
+        "baseline_messages_per_step",
+        "caller_sql_per_run",
+    ],
     "MEM": ["sagaline_total_kb", "baseline_total_kb", "ratio_total"],
 }
 
@@ -40,8 +68,13 @@ def figure_lines(stdout: str) -> dict[str, dict[str, Any]]:
 
 def test_quick_benchmark_prints_every_figure_with_positive_numbers() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick"], cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=240, check=False)
+        [sys.executable, "-m", "bench", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     figures = figure_lines(proc.stdout)
     assert set(EXPECTED) <= set(figures), f"missing figures: {set(EXPECTED) - set(figures)}"

@@ -129,10 +129,10 @@ class Cluster:
         client = Celery(f"chaos-client-{uuid.uuid4().hex[:6]}")
         client.conf.broker_url = self.broker_url
         # The client writes the root steps' due times: it shares the workers' settings.
-        timings = {} if self.default_settings else {"lease": LEASE,
-                                                    "redispatch_after": REDISPATCH_AFTER}
-        self.runtime = sagaline.init_app(client, store=self.store_url, sweeper=False,
-                                         **timings)
+        timings = (
+            {} if self.default_settings else {"lease": LEASE, "redispatch_after": REDISPATCH_AFTER}
+        )
+        self.runtime = sagaline.init_app(client, store=self.store_url, sweeper=False, **timings)
         self.runtime.store.count_by_status()  # creates the schema before workers start
 
     @property
@@ -158,8 +158,13 @@ class Cluster:
         wait until all are ready."""
         new = []
         for name in names or [f"chaos{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]:
-            w = WorkerProcess(APP, env=self.env, concurrency=2, name=name,
-                              workdir=self.tmp / f"worker{len(self.workers)}")
+            w = WorkerProcess(
+                APP,
+                env=self.env,
+                concurrency=2,
+                name=name,
+                workdir=self.tmp / f"worker{len(self.workers)}",
+            )
             self.workers.append(w)
             new.append(w)
         errors: list[BaseException] = []
@@ -212,11 +217,14 @@ class Cluster:
             return found
         s = steps_table
         with self.runtime.store.engine.connect() as conn:
-            rows = conn.execute(sa.select(s.c.saga_id, s.c.name, s.c.status, s.c.comp_status)
-                                .where(sa.or_(s.c.status == "RUNNING",
-                                              s.c.comp_status == "RUNNING"))).all()
-        return {(r.saga_id, r.name, "forward" if r.status == "RUNNING" else "compensate")
-                for r in rows}
+            rows = conn.execute(
+                sa.select(s.c.saga_id, s.c.name, s.c.status, s.c.comp_status).where(
+                    sa.or_(s.c.status == "RUNNING", s.c.comp_status == "RUNNING")
+                )
+            ).all()
+        return {
+            (r.saga_id, r.name, "forward" if r.status == "RUNNING" else "compensate") for r in rows
+        }
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -226,8 +234,14 @@ class Cluster:
     def failing_step(self) -> str:
         return self.steps[-1]
 
-    def start_sagas(self, n: int, rng: random.Random, *, all_fail: bool = False,
-                    durations: dict[str, float] | None = None) -> dict[str, bool]:
+    def start_sagas(
+        self,
+        n: int,
+        rng: random.Random,
+        *,
+        all_fail: bool = False,
+        durations: dict[str, float] | None = None,
+    ) -> dict[str, bool]:
         """Start n sagas, every other one failing at its last step: {saga_id: fails}.
 
         Steps take 50-300 ms and compensations 20-100 ms (seeded), unless `durations`.
@@ -240,8 +254,10 @@ class Cluster:
                 durations_i["undo"] = round(rng.uniform(0.02, 0.1), 3)
             else:
                 durations_i = dict(durations)
-            handle = self.runtime.start_saga(self.saga, {
-                "n": i, "durations": durations_i, "fail": self.failing_step if fails else None})
+            handle = self.runtime.start_saga(
+                self.saga,
+                {"n": i, "durations": durations_i, "fail": self.failing_step if fails else None},
+            )
             started[handle.saga_id] = fails
             self.saga_ids.append(handle.saga_id)
         return started
@@ -259,12 +275,21 @@ class Cluster:
     def redispatches(self) -> int:
         kinds = {"step_redispatched", "compensation_redispatched"}
         if not self.sql:
-            return sum(1 for saga_id in self.saga_ids
-                       for ev in self.runtime.store.history(saga_id) if ev.kind in kinds)
+            return sum(
+                1
+                for saga_id in self.saga_ids
+                for ev in self.runtime.store.history(saga_id)
+                if ev.kind in kinds
+            )
         e = events_table
         with self.runtime.store.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).where(e.c.kind.in_(
-                ["step_redispatched", "compensation_redispatched"]))).scalar_one())
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        e.c.kind.in_(["step_redispatched", "compensation_redispatched"])
+                    )
+                ).scalar_one()
+            )
 
     def log_errors(self) -> list[str]:
         """Tracebacks the workers logged (other than the on-purpose failures)."""
@@ -279,12 +304,21 @@ class Cluster:
         """Ids of the sagas not terminal yet."""
         if not self.sql:
             active = [st for st in SagaStatus if st not in SAGA_TERMINAL]
-            return [r.saga_id for r in self.runtime.store.list_sagas(
-                SagaFilter(status=active, name=self.saga.name, limit=len(self.saga_ids)))]
+            return [
+                r.saga_id
+                for r in self.runtime.store.list_sagas(
+                    SagaFilter(status=active, name=self.saga.name, limit=len(self.saga_ids))
+                )
+            ]
         with self.runtime.store.engine.connect() as conn:
-            return [r.saga_id for r in conn.execute(
-                sa.select(sagas_table.c.saga_id).where(
-                    sagas_table.c.status.not_in([s.value for s in SAGA_TERMINAL])))]
+            return [
+                r.saga_id
+                for r in conn.execute(
+                    sa.select(sagas_table.c.saga_id).where(
+                        sagas_table.c.status.not_in([s.value for s in SAGA_TERMINAL])
+                    )
+                )
+            ]
 
     def close(self) -> None:
         for w in self.workers:
@@ -363,19 +397,27 @@ def history_text(cluster: Cluster, saga_id: str) -> str:
     t0 = view.history[0].ts if view.history else 0.0
     lines = [f"saga {saga_id} {view.status.value} input={view.saga.input}"]
     for s in view.steps:
-        lines.append(f"  step {s.name}: {s.status.value} attempt={s.attempt} "
-                     f"comp={s.comp_status.value if s.comp_status else None} "
-                     f"comp_attempt={s.comp_attempt}")
+        lines.append(
+            f"  step {s.name}: {s.status.value} attempt={s.attempt} "
+            f"comp={s.comp_status.value if s.comp_status else None} "
+            f"comp_attempt={s.comp_attempt}"
+        )
     for e in view.history:
-        detail = {k: (v.split("\n", 1)[0] if isinstance(v, str) else v)
-                  for k, v in e.detail.items() if v is not None}
-        lines.append(f"  +{e.ts - t0:7.3f} {e.kind:28} {e.step or '':2} a={e.attempt} "
-                     f"{e.phase or ''} {detail}")
+        detail = {
+            k: (v.split("\n", 1)[0] if isinstance(v, str) else v)
+            for k, v in e.detail.items()
+            if v is not None
+        }
+        lines.append(
+            f"  +{e.ts - t0:7.3f} {e.kind:28} {e.step or '':2} a={e.attempt} "
+            f"{e.phase or ''} {detail}"
+        )
     return "\n".join(lines)
 
 
-def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
-                  label: str, unsettled: str = "") -> int:
+def check_outcome(
+    cluster: Cluster, started: dict[str, bool], kills: list[Kill], label: str, unsettled: str = ""
+) -> int:
     """Assert the consistency of every saga; print and return the duplicate executions.
 
     `unsettled` (from settle()) fails the test too, after every other check ran.
@@ -384,8 +426,9 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
     views = {sid: sagaline.get_saga(sid, runtime=cluster.runtime) for sid in started}
     with psycopg.connect(cluster.ledger_dsn) as conn:
         ledger = conn.execute("SELECT saga_id, step, action, ts FROM chaos_ledger").fetchall()
-        execs = conn.execute("SELECT saga_id, step, phase, attempt FROM chaos_executions"
-                             ).fetchall()
+        execs = conn.execute(
+            "SELECT saga_id, step, phase, attempt FROM chaos_executions"
+        ).fetchall()
     done: dict[str, dict[str, float]] = defaultdict(dict)
     undone: dict[str, dict[str, float]] = defaultdict(dict)
     for saga_id, step, action, ts in ledger:
@@ -413,8 +456,7 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
             for step in undid:
                 if step in did and undid[step] < did[step]:
                     why.append(f"{step} undone before it was applied")
-            comp_ok = Counter(e.step for e in view.history
-                              if e.kind == "compensation_succeeded")
+            comp_ok = Counter(e.step for e in view.history if e.kind == "compensation_succeeded")
             for step in did:
                 if comp_ok[step] != 1:
                     why.append(f"{step} compensated {comp_ok[step]} times in the history")
@@ -425,8 +467,13 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
                 why.append(f"applied {sorted(did)}, undone {sorted(undid)}")
         # Every step body that ran must be accounted for: applied, or it failed on purpose.
         for (sid, step, phase), _n in runs.items():
-            if sid == saga_id and phase == "forward" and step not in did and \
-                    step != cluster.failing_step and view.status is SagaStatus.COMPLETED:
+            if (
+                sid == saga_id
+                and phase == "forward"
+                and step not in did
+                and step != cluster.failing_step
+                and view.status is SagaStatus.COMPLETED
+            ):
                 why.append(f"{step} ran but left no effect in a completed saga")
         if why:
             problems.append("; ".join(why) + "\n" + history_text(cluster, saga_id))
@@ -437,47 +484,65 @@ def check_outcome(cluster: Cluster, started: dict[str, bool], kills: list[Kill],
     total = sum(duplicates.values())
     say(f"\n[{label}] seed={SEED} sagas={len(started)} statuses={dict(statuses)}")
     for i, k in enumerate(kills, 1):
-        say(f"[{label}] kill {i} at +{k.at:.2f}s: {len(k.pids)} processes, "
-              f"{len(k.running)} steps RUNNING")
-    say(f"[{label}] executions={len(execs)} duplicate step executions={total} "
-          f"(on {len(duplicates)} steps; steps RUNNING at kills="
-          f"{sum(len(r) for r in running_at_kills)}; crashed attempts in history="
-          f"{len(lease_expired)}; messages published again by the sweeper="
-          f"{cluster.redispatches()})")
+        say(
+            f"[{label}] kill {i} at +{k.at:.2f}s: {len(k.pids)} processes, "
+            f"{len(k.running)} steps RUNNING"
+        )
+    say(
+        f"[{label}] executions={len(execs)} duplicate step executions={total} "
+        f"(on {len(duplicates)} steps; steps RUNNING at kills="
+        f"{sum(len(r) for r in running_at_kills)}; crashed attempts in history="
+        f"{len(lease_expired)}; messages published again by the sweeper="
+        f"{cluster.redispatches()})"
+    )
     delays = rerun_delays(views, kills)
     if delays:
-        say(f"[{label}] steps cut short by a kill ran again (or were cancelled by a rollback) "
+        say(
+            f"[{label}] steps cut short by a kill ran again (or were cancelled by a rollback) "
             f"{delays[0][0]:.1f}s at most after their workers restarted (median "
             f"{delays[len(delays) // 2][0]:.1f}s, {len(delays)} steps; bound "
-            f"{RUNS_AGAIN_WITHIN:.0f}s)")
+            f"{RUNS_AGAIN_WITHIN:.0f}s)"
+        )
         for took, saga_id, step in delays:
             if took >= RUNS_AGAIN_WITHIN:
-                problems.insert(0, f"saga {saga_id} step {step} ran again {took:.1f}s after "
-                                f"the restart\n{history_text(cluster, saga_id)}")
+                problems.insert(
+                    0,
+                    f"saga {saga_id} step {step} ran again {took:.1f}s after "
+                    f"the restart\n{history_text(cluster, saga_id)}",
+                )
     for key, n in sorted(duplicates.items()):
         say(f"[{label}]   duplicate x{n}: saga {key[0]} step {key[1]} {key[2]}")
 
     for key in duplicates:
         if key not in lease_expired:
-            problems.append(f"{key} ran {duplicates[key] + 1} times without a crashed attempt "
-                            f"(lease_expired or worker_lost) in its history\n"
-                            f"{history_text(cluster, key[0])}")
+            problems.append(
+                f"{key} ran {duplicates[key] + 1} times without a crashed attempt "
+                f"(lease_expired or worker_lost) in its history\n"
+                f"{history_text(cluster, key[0])}"
+            )
         if kills and key not in cut_short:
-            problems.append(f"{key} ran {duplicates[key] + 1} times but was not RUNNING at "
-                            f"any kill\n{history_text(cluster, key[0])}")
+            problems.append(
+                f"{key} ran {duplicates[key] + 1} times but was not RUNNING at "
+                f"any kill\n{history_text(cluster, key[0])}"
+            )
     if kills and total > sum(len(r) for r in running_at_kills):
-        problems.append(f"{total} duplicate executions but only "
-                        f"{sum(len(r) for r in running_at_kills)} steps were RUNNING at kills")
+        problems.append(
+            f"{total} duplicate executions but only "
+            f"{sum(len(r) for r in running_at_kills)} steps were RUNNING at kills"
+        )
     for p in problems:
         say(f"[{label}] PROBLEM: {p.splitlines()[0]}")
     if problems or unsettled:
-        pytest.fail(f"{unsettled}\n{len(problems)} inconsistent sagas:\n"
-                    + "\n\n".join(problems[:8]), pytrace=False)
+        pytest.fail(
+            f"{unsettled}\n{len(problems)} inconsistent sagas:\n" + "\n\n".join(problems[:8]),
+            pytrace=False,
+        )
     return total
 
 
-def rerun_delays(views: dict[str, sagaline.SagaView], kills: list[Kill]
-                 ) -> list[tuple[float, str, str]]:
+def rerun_delays(
+    views: dict[str, sagaline.SagaView], kills: list[Kill]
+) -> list[tuple[float, str, str]]:
     """Per step RUNNING at a kill: seconds from the restart that followed to its
     recovery: the next start of that step (or of its compensation, for a compensation
     cut short), or, if its saga began rolling back meanwhile, the cancel of its retry
@@ -490,10 +555,13 @@ def rerun_delays(views: dict[str, sagaline.SagaView], kills: list[Kill]
         if kill.restarted is None:
             continue
         for saga_id, step, _phase in kill.running:
-            starts = [e.ts for e in views[saga_id].history if e.step == step
-                      and e.kind in ("step_started", "compensation_started",
-                                     "step_cancelled")
-                      and e.ts > kill.killed]
+            starts = [
+                e.ts
+                for e in views[saga_id].history
+                if e.step == step
+                and e.kind in ("step_started", "compensation_started", "step_cancelled")
+                and e.ts > kill.killed
+            ]
             if starts:
                 # Before the restart returned (one worker was ready before the other): 0.
                 start = min(starts)
@@ -509,32 +577,48 @@ def settle(cluster: Cluster, last_restart: float, label: str) -> str:
     took = time.monotonic() - last_restart
     stuck = cluster.not_terminal()
     lease = cluster.runtime.settings.lease
-    say(f"[{label}] all terminal {took:.1f}s after the last restart (bound "
-        f"{cluster.settle_for:.0f}s, lease {lease:.0f}s)" if not stuck else
-        f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart")
+    say(
+        f"[{label}] all terminal {took:.1f}s after the last restart (bound "
+        f"{cluster.settle_for:.0f}s, lease {lease:.0f}s)"
+        if not stuck
+        else f"[{label}] {stuck} sagas not terminal {took:.1f}s after the last restart"
+    )
     if stuck:
         ids = cluster.stuck_ids()
         shown = "\n\n".join(history_text(cluster, i) for i in ids[:5])
         errors = "\n".join(cluster.log_errors()[-20:])
-        return (f"[{label}] {stuck} sagas not terminal {cluster.settle_for:.0f}s after the last "
-                f"restart:\n{shown}\n--- worker errors ---\n{errors}")
+        return (
+            f"[{label}] {stuck} sagas not terminal {cluster.settle_for:.0f}s after the last "
+            f"restart:\n{shown}\n--- worker errors ---\n{errors}"
+        )
     return ""
 
 
 # -- the tests ---------------------------------------------------------------------------
 
 
-def test_workers_killed_twice_mid_run(store_kind: str, private_redis: PrivateRedis,
-                                      shared_db: str, tmp_path: Path,
-                                      request: pytest.FixtureRequest) -> None:
+def test_workers_killed_twice_mid_run(
+    store_kind: str,
+    private_redis: PrivateRedis,
+    shared_db: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     rng = random.Random(SEED)
     if store_kind == "redis":
         store_url = request.getfixturevalue("store_redis").url
         label = "workers/redis"
     else:
         store_url, label = shared_db, "workers"
-    cluster = Cluster(private_redis.url, store_url, shared_db, tmp_path, saga=chaos_app.pair,
-                      default_settings=True, settle_for=WORKERS_SETTLE)
+    cluster = Cluster(
+        private_redis.url,
+        store_url,
+        shared_db,
+        tmp_path,
+        saga=chaos_app.pair,
+        default_settings=True,
+        settle_for=WORKERS_SETTLE,
+    )
     try:
         cluster.start_workers()
         assert cluster.runtime.settings.lease == 60.0
@@ -556,8 +640,9 @@ def test_workers_killed_twice_mid_run(store_kind: str, private_redis: PrivateRed
         cluster.close()
 
 
-def test_broker_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
-                                  tmp_path: Path) -> None:
+def test_broker_restarted_mid_run(
+    private_redis: PrivateRedis, shared_db: str, tmp_path: Path
+) -> None:
     rng = random.Random(SEED + 1)
     cluster = Cluster(private_redis.url, shared_db, shared_db, tmp_path)
     try:
@@ -571,8 +656,10 @@ def test_broker_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
         time.sleep(2.0)
         private_redis.start()
         last_restart = time.monotonic()
-        say(f"\n[broker] redis stopped at +{down_at:.2f}s with {in_flight} sagas in flight, "
-              f"back after {time.monotonic() - t0 - down_at:.2f}s")
+        say(
+            f"\n[broker] redis stopped at +{down_at:.2f}s with {in_flight} sagas in flight, "
+            f"back after {time.monotonic() - t0 - down_at:.2f}s"
+        )
         assert in_flight > 0
         assert all(w.is_running() for w in cluster.live)
         unsettled = settle(cluster, last_restart, "broker")
@@ -581,9 +668,13 @@ def test_broker_restarted_mid_run(private_redis: PrivateRedis, shared_db: str,
         cluster.close()
 
 
-def test_store_restarted_mid_run(store_kind: str, private_redis: PrivateRedis,
-                                 shared_db: str, tmp_path: Path,
-                                 request: pytest.FixtureRequest) -> None:
+def test_store_restarted_mid_run(
+    store_kind: str,
+    private_redis: PrivateRedis,
+    shared_db: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     rng = random.Random(SEED + 2)
     server: PrivatePostgres | PrivateRedis
     if store_kind == "redis":
@@ -607,8 +698,10 @@ def test_store_restarted_mid_run(store_kind: str, private_redis: PrivateRedis,
         time.sleep(2.0)
         server.start()  # on the same port
         last_restart = time.monotonic()
-        say(f"\n[{label}] {store_kind} stopped at +{down_at:.2f}s with {in_flight} sagas "
-              f"in flight, back after {time.monotonic() - t0 - down_at:.2f}s")
+        say(
+            f"\n[{label}] {store_kind} stopped at +{down_at:.2f}s with {in_flight} sagas "
+            f"in flight, back after {time.monotonic() - t0 - down_at:.2f}s"
+        )
         assert in_flight > 0
         assert all(w.is_running() for w in cluster.live)
         unsettled = settle(cluster, last_restart, label)
@@ -624,7 +717,8 @@ def test_store_restarted_mid_run(store_kind: str, private_redis: PrivateRedis,
 
 
 def test_worker_killed_while_a_sibling_runs_during_rollback(
-        private_redis: PrivateRedis, shared_db: str, tmp_path: Path) -> None:
+    private_redis: PrivateRedis, shared_db: str, tmp_path: Path
+) -> None:
     """The kill of test 1, aimed: b has failed (the saga is COMPENSATING) while its
     sibling a is still RUNNING and has already applied its effect; then every worker
     dies. a's outcome is unknown to the engine, so it must be undone too."""
@@ -633,21 +727,34 @@ def test_worker_killed_while_a_sibling_runs_during_rollback(
     try:
         cluster.start_workers()
         # a applies its effect after 1.5 s and returns after 3 s; b fails after 0.1 s.
-        started = cluster.start_sagas(2, rng, all_fail=True,
-                                      durations={"a": 3.0, "b": 0.2, "undo": 0.05})
+        started = cluster.start_sagas(
+            2, rng, all_fail=True, durations={"a": 3.0, "b": 0.2, "undo": 0.05}
+        )
         t0 = time.monotonic()
 
         def applied_during_rollback() -> bool:
             with psycopg.connect(cluster.ledger_dsn) as conn:
-                done = {r[0] for r in conn.execute(
-                    "SELECT saga_id FROM chaos_ledger WHERE step = 'a' AND action = 'do'")}
-            compensating = {r.saga_id for r in cluster.runtime.store.list_sagas(
-                sagaline.records.SagaFilter(status=[SagaStatus.COMPENSATING], limit=10))}
+                done = {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT saga_id FROM chaos_ledger WHERE step = 'a' AND action = 'do'"
+                    )
+                }
+            compensating = {
+                r.saga_id
+                for r in cluster.runtime.store.list_sagas(
+                    sagaline.records.SagaFilter(status=[SagaStatus.COMPENSATING], limit=10)
+                )
+            }
             running = {sid for sid, step, _ in cluster.running_steps() if step == "a"}
             return bool(done & compensating & running)
 
-        wait_until(applied_during_rollback, timeout=20, interval=0.05,
-                   what="a saga rolling back with a applied and still running")
+        wait_until(
+            applied_during_rollback,
+            timeout=20,
+            interval=0.05,
+            what="a saga rolling back with a applied and still running",
+        )
         kill = cluster.kill_workers(t0)
         cluster.start_workers()
         last_restart = time.monotonic()

@@ -57,11 +57,17 @@ def rabbitmq() -> Iterator[PrivateRabbitMQ]:
         node.destroy()
 
 
-@pytest.mark.parametrize(("queue_type", "how"),
-                         [("classic", "stop"), ("quorum", "stop"), ("quorum", "kill")])
-def test_rabbitmq_restarted_mid_run(queue_type: str, how: str, rabbitmq: PrivateRabbitMQ,
-                                    chaos_db: str, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("queue_type", "how"), [("classic", "stop"), ("quorum", "stop"), ("quorum", "kill")]
+)
+def test_rabbitmq_restarted_mid_run(
+    queue_type: str,
+    how: str,
+    rabbitmq: PrivateRabbitMQ,
+    chaos_db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     label = f"rabbitmq/{queue_type}/{how}"
     rng = random.Random(SEED + 4)
     # Read by chaos_app in the workers; the client below is told the same.
@@ -84,9 +90,11 @@ def test_rabbitmq_restarted_mid_run(queue_type: str, how: str, rabbitmq: Private
         time.sleep(2.0)
         rabbitmq.start()  # same node, port and data
         last_restart = time.monotonic()
-        say(f"\n[{label}] node down ({how}) at +{down_at:.2f}s with {in_flight} sagas in "
+        say(
+            f"\n[{label}] node down ({how}) at +{down_at:.2f}s with {in_flight} sagas in "
             f"flight, accepting connections again after "
-            f"{time.monotonic() - t0 - down_at:.2f}s")
+            f"{time.monotonic() - t0 - down_at:.2f}s"
+        )
         assert in_flight > 0
         assert all(w.is_running() for w in cluster.live), "a worker died with the broker"
         unsettled = settle(cluster, last_restart, label)

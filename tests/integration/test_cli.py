@@ -44,15 +44,28 @@ class Fleet:
 
     def run(self, *args: str) -> list[tuple[str, str]]:
         """Start exploration sagas in another process and wait: [(saga_id, status)]."""
-        proc = subprocess.run([sys.executable, "-m", "examples.robots", *args], cwd=REPO_ROOT,
-                              env=self.env, capture_output=True, text=True, timeout=120,
-                              check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "examples.robots", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return [(line.split()[0], line.split()[-1]) for line in proc.stdout.splitlines()]
 
     def sagaline(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([SAGALINE, *args], cwd=REPO_ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [SAGALINE, *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     def ids(self, *statuses: SagaStatus) -> set[str]:
         store = store_from_url(self.store_url)
@@ -65,8 +78,13 @@ class Fleet:
 
 def fleet_env(home: Path) -> dict[str, str]:
     # Empty values count as unset: the embedded broker and store in this home.
-    return {**os.environ, "SAGALINE_HOME": str(home), "CELERY_BROKER_URL": "",
-            "SAGALINE_STORE_URL": "", "COLUMNS": "200"}
+    return {
+        **os.environ,
+        "SAGALINE_HOME": str(home),
+        "CELERY_BROKER_URL": "",
+        "SAGALINE_STORE_URL": "",
+        "COLUMNS": "200",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +114,16 @@ def test_show_lists_every_attempt_of_a_retried_step_with_its_error(fleet: Fleet)
     code, out, err = invoke("show", saga_id, "--store", fleet.store_url)
     assert code == 0, err
     for attempt in (1, 2):
-        assert (f"attempt {attempt} failed: ConnectionError: explore_area: robot link dropped "
-                f"(injected, attempt {attempt})") in out
+        assert (
+            f"attempt {attempt} failed: ConnectionError: explore_area: robot link dropped "
+            f"(injected, attempt {attempt})"
+        ) in out
     assert "succeeded (attempt 3)" in out
-    assert out.index("attempt 1 failed") < out.index("attempt 2 failed") \
+    assert (
+        out.index("attempt 1 failed")
+        < out.index("attempt 2 failed")
         < out.index("succeeded (attempt 3)")
+    )
     row = next(line for line in out.splitlines() if line.startswith("│ explore_area"))
     assert "SUCCEEDED" in row and "│ 3 " in row
 
@@ -109,7 +132,10 @@ def test_show_lists_every_attempt_of_a_retried_step_with_its_error(fleet: Fleet)
     assert doc["saga"]["status"] == "COMPLETED"
     explore = [a for a in doc["attempts"] if a["step"] == "explore_area"]
     assert [(a["attempt"], a["outcome"]) for a in explore] == [
-        (1, "failed"), (2, "failed"), (3, "succeeded")]
+        (1, "failed"),
+        (2, "failed"),
+        (3, "succeeded"),
+    ]
     assert explore[0]["error"].startswith("ConnectionError: explore_area: robot link dropped")
     assert explore[2]["error"] is None and explore[2]["duration"] >= 0
 
@@ -119,8 +145,11 @@ def test_show_of_a_compensated_saga_lists_compensations_last_step_first(fleet: F
     assert status == "COMPENSATED"
     code, out, _ = invoke("show", saga_id, "--store", fleet.store_url)
     assert code == 0
-    undone = [line.split("←")[1].split()[0] for line in out.splitlines()
-              if "←" in line and "compensated (attempt" in line]
+    undone = [
+        line.split("←")[1].split()[0]
+        for line in out.splitlines()
+        if "←" in line and "compensated (attempt" in line
+    ]
     assert undone == ["explore_area", "plan_route", "allocate_robots"]
     assert "cause at explore_area: StepFailure: explore_area: failed after applying" in out
 
@@ -135,16 +164,16 @@ def test_ls_status_compensated_lists_exactly_the_compensated_sagas(fleet: Fleet)
 
     expected = fleet.ids(SagaStatus.COMPENSATED)
     for spelling in ("compensated", "COMPENSATED", "Compensated"):
-        code, out, err = invoke("ls", "--status", spelling, "--json", "--limit", "1000",
-                                "--store", fleet.store_url)
+        code, out, err = invoke(
+            "ls", "--status", spelling, "--json", "--limit", "1000", "--store", fleet.store_url
+        )
         assert code == 0, err
         listed = [json.loads(line) for line in out.splitlines()]
         assert {s["saga_id"] for s in listed} == expected
         assert len(listed) == len(expected)
         assert {s["status"] for s in listed} == {"COMPENSATED"}
 
-    code, out, _ = invoke("ls", "-s", "compensated", "--limit", "1000", "--store",
-                          fleet.store_url)
+    code, out, _ = invoke("ls", "-s", "compensated", "--limit", "1000", "--store", fleet.store_url)
     assert code == 0
     assert all(saga_id in out for saga_id in expected)
     assert not any(saga_id in out for saga_id in fleet.ids(SagaStatus.COMPLETED))
@@ -183,8 +212,10 @@ def test_parse_time_takes_relative_and_iso_times() -> None:
     assert parse_time("10m", now) == now - 600
     assert parse_time("2h", now) == now - 7200
     assert parse_time("1d", now) == now - 86400
-    assert parse_time("2024-01-02T03:04:05+00:00") == datetime.fromisoformat(
-        "2024-01-02T03:04:05+00:00").timestamp()
+    assert (
+        parse_time("2024-01-02T03:04:05+00:00")
+        == datetime.fromisoformat("2024-01-02T03:04:05+00:00").timestamp()
+    )
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -208,8 +239,9 @@ def test_an_unreachable_store_is_one_line_fast_and_exit_3() -> None:
         assert elapsed < 10, f"{args}: {elapsed:.1f}s"
 
 
-@pytest.mark.parametrize("command", [["ls"], ["ls", "--json"], ["show", "some-id"],
-                                     ["show", "some-id", "--json"]])
+@pytest.mark.parametrize(
+    "command", [["ls"], ["ls", "--json"], ["show", "some-id"], ["show", "some-id", "--json"]]
+)
 def test_read_only_commands_never_create_a_store(tmp_path: Path, command: list[str]) -> None:
     for path in (tmp_path / "no" / "such" / "dir" / "x.db", tmp_path / "missing.db"):
         url = f"sqlite:///{path}"
@@ -231,11 +263,26 @@ def test_json_output_prints_any_stored_value_even_deeply_nested(tmp_path: Path) 
     store = store_from_url(url)
     try:
         state = SagaState(
-            SagaRecord(saga_id="deep-1", name="deep", status=SagaStatus.RUNNING,
-                       input={"tree": deep(500)}, fingerprint="f" * 16, created_at=1.0,
-                       updated_at=1.0),
-            {"a": StepRecord("deep-1", "a", 0, status=StepStatus.SUCCEEDED, attempt=1,
-                             output={"echo": deep(500)})})
+            SagaRecord(
+                saga_id="deep-1",
+                name="deep",
+                status=SagaStatus.RUNNING,
+                input={"tree": deep(500)},
+                fingerprint="f" * 16,
+                created_at=1.0,
+                updated_at=1.0,
+            ),
+            {
+                "a": StepRecord(
+                    "deep-1",
+                    "a",
+                    0,
+                    status=StepStatus.SUCCEEDED,
+                    attempt=1,
+                    output={"echo": deep(500)},
+                )
+            },
+        )
         store.create_saga(state, [Event("deep-1", "saga_started", 1.0)])
     finally:
         store.close()
@@ -251,8 +298,10 @@ def test_json_output_prints_any_stored_value_even_deeply_nested(tmp_path: Path) 
 
 def test_cut_deep_keeps_shallow_levels_and_marks_the_cut() -> None:
     value = {"a": [1, {"b": [2, [3]]}], "z": 0}
-    assert cut_deep(value, 3) == {"a": [1, {"b": "<list nested deeper than 3 levels: "
-                                                  "not shown>"}], "z": 0}
+    assert cut_deep(value, 3) == {
+        "a": [1, {"b": "<list nested deeper than 3 levels: not shown>"}],
+        "z": 0,
+    }
     assert list(cut_deep(value, 99)) == ["a", "z"] and cut_deep(value, 99) == value
 
 
@@ -271,8 +320,10 @@ def test_cancel_compensates_a_running_saga_and_resume_refuses_it(fleet: Fleet) -
     def exploring() -> bool:
         store = store_from_url(fleet.store_url)
         try:
-            return any(s.name == "explore_area" and s.status.value == "RUNNING"
-                       for s in store.get_steps(saga_id))
+            return any(
+                s.name == "explore_area" and s.status.value == "RUNNING"
+                for s in store.get_steps(saga_id)
+            )
         finally:
             store.close()
 
@@ -280,8 +331,11 @@ def test_cancel_compensates_a_running_saga_and_resume_refuses_it(fleet: Fleet) -
     proc = fleet.sagaline("cancel", saga_id, "-A", APP, "--reason", "operator test")
     assert proc.returncode == 0, proc.stderr
     assert f"saga {saga_id}: COMPENSATING" in proc.stdout
-    wait_until(lambda: saga_id in fleet.ids(SagaStatus.COMPENSATED), timeout=30,
-               what="the cancelled saga to be compensated")
+    wait_until(
+        lambda: saga_id in fleet.ids(SagaStatus.COMPENSATED),
+        timeout=30,
+        what="the cancelled saga to be compensated",
+    )
     _, out, _ = invoke("show", saga_id, "--store", fleet.store_url)
     assert "rolling back: operator test" in out
 
@@ -308,9 +362,21 @@ class CliWorker(WorkerProcess):
 
     @property
     def argv(self) -> list[str]:
-        return [SAGALINE, "worker", "-A", self.app_module, "-P", "solo", "--loglevel",
-                "INFO", "-n", f"{self.name}@%h", "--without-gossip", "--without-mingle",
-                "--without-heartbeat"]
+        return [
+            SAGALINE,
+            "worker",
+            "-A",
+            self.app_module,
+            "-P",
+            "solo",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"{self.name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
 
 
 def test_worker_command_runs_a_celery_worker_with_the_sweeper(tmp_path: Path) -> None:

@@ -14,9 +14,15 @@ from tests.integration.conftest import make_stack
 
 
 def test_a_worker_with_another_definition_records_why_and_changes_nothing(
-        pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    stacks = make_stack("redis+postgres", pg_url, redis_url, tmp_path_factory,
-                        {"SAGALINE_TEST_VARIANT": "1", "SAGALINE_REDISPATCH_AFTER": "1"})
+    pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    stacks = make_stack(
+        "redis+postgres",
+        pg_url,
+        redis_url,
+        tmp_path_factory,
+        {"SAGALINE_TEST_VARIANT": "1", "SAGALINE_REDISPATCH_AFTER": "1"},
+    )
     stack = next(stacks)  # its only worker runs a five-step "four_steps"
     try:
         handle = stack.run(sagas_app.four_steps, value=1)
@@ -34,8 +40,11 @@ def test_a_worker_with_another_definition_records_why_and_changes_nothing(
         view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
         assert view.status is SagaStatus.RUNNING
         assert [(s.name, s.status.value, s.attempt) for s in view.steps] == [
-            ("s1", "DISPATCHED", 1), ("s2", "PENDING", 0), ("s3", "PENDING", 0),
-            ("s4", "PENDING", 0)]
+            ("s1", "DISPATCHED", 1),
+            ("s2", "PENDING", 0),
+            ("s3", "PENDING", 0),
+            ("s4", "PENDING", 0),
+        ]
         assert not [e for e in view.history if e.kind == "step_started"]
         assert stack.ledger(handle.saga_id) == []
 
@@ -43,8 +52,12 @@ def test_a_worker_with_another_definition_records_why_and_changes_nothing(
         # message was offered again within redispatch_after, not after a backoff.
         stack.worker.stop()
         env = {k: v for k, v in stack.env.items() if k != "SAGALINE_TEST_VARIANT"}
-        with WorkerProcess("tests.integration.sagas_app", env=env, concurrency=1,
-                           workdir=tmp_path_factory.mktemp("right-code")):
+        with WorkerProcess(
+            "tests.integration.sagas_app",
+            env=env,
+            concurrency=1,
+            workdir=tmp_path_factory.mktemp("right-code"),
+        ):
             assert handle.get(timeout=60)["s4_done"] is True
         assert [a for _, a, *_ in stack.ledger(handle.saga_id)] == ["do"] * 4
     finally:

@@ -18,18 +18,24 @@ def test_the_celery_saga_readme_functional_example_runs_and_compensates(stack: S
     ok = stack.run(sagas_app.order_saga_fn, order_id="abc-123", amount=99.99)
     payment = ok.get(timeout=60)
     assert payment == {"transaction_id": f"txn-{ok.saga_id}:charge_payment"}
-    assert actions(stack, ok.saga_id) == [("validate_order", "do"), ("charge_payment", "do"),
-                                          ("send_confirmation", "do")]
+    assert actions(stack, ok.saga_id) == [
+        ("validate_order", "do"),
+        ("charge_payment", "do"),
+        ("send_confirmation", "do"),
+    ]
 
-    failed = stack.run(sagas_app.order_saga_fn, order_id="abc-124", amount=5.0,
-                       fail_confirmation=True)
+    failed = stack.run(
+        sagas_app.order_saga_fn, order_id="abc-124", amount=5.0, fail_confirmation=True
+    )
     with pytest.raises(SagaCompensated, match="mail server down"):
         failed.get(timeout=60)
     rows = stack.ledger(failed.saga_id)
-    assert [(s, a) for s, a, *_ in rows] == [("validate_order", "do"), ("charge_payment", "do"),
-                                             ("charge_payment", "undo")]
-    assert rows[-1][2] == {"transaction_id": f"txn-{failed.saga_id}:charge_payment",
-                           "amount": 5.0}
+    assert [(s, a) for s, a, *_ in rows] == [
+        ("validate_order", "do"),
+        ("charge_payment", "do"),
+        ("charge_payment", "undo"),
+    ]
+    assert rows[-1][2] == {"transaction_id": f"txn-{failed.saga_id}:charge_payment", "amount": 5.0}
 
 
 def test_independent_functional_steps_run_concurrently(stack: Stack) -> None:
@@ -51,12 +57,15 @@ def test_a_false_condition_skips_the_step_and_it_is_never_compensated(stack: Sta
     failed = stack.run(sagas_app.conditional, value=1, fail_at="s4")
     with pytest.raises(SagaCompensated):
         failed.get(timeout=60)
-    assert actions(stack, failed.saga_id) == [("s1", "do"), ("s3", "do"), ("s3", "undo"),
-                                              ("s1", "undo")]
+    assert actions(stack, failed.saga_id) == [
+        ("s1", "do"),
+        ("s3", "do"),
+        ("s3", "undo"),
+        ("s1", "undo"),
+    ]
 
 
-def test_a_parent_that_rolls_back_compensates_its_completed_child_entirely(
-        stack: Stack) -> None:
+def test_a_parent_that_rolls_back_compensates_its_completed_child_entirely(stack: Stack) -> None:
     handle = stack.run(sagas_app.parent_saga, value=1, fail_at="s4")
     with pytest.raises(SagaCompensated):
         handle.get(timeout=60)
@@ -65,13 +74,18 @@ def test_a_parent_that_rolls_back_compensates_its_completed_child_entirely(
     children = sagaline.list_sagas(runtime=stack.runtime, name="child_saga", limit=500)
     child = next(c for c in children if c.parent_saga_id == handle.saga_id)
     assert child.parent_step == "child" and child.status is SagaStatus.COMPENSATED
-    assert actions(stack, child.saga_id) == [("s2", "do"), ("s3", "do"), ("s3", "undo"),
-                                             ("s2", "undo")]
+    assert actions(stack, child.saga_id) == [
+        ("s2", "do"),
+        ("s3", "do"),
+        ("s3", "undo"),
+        ("s2", "undo"),
+    ]
     # The parent's s1 was undone only after the whole child was.
     parent_history = sagaline.get_saga(handle.saga_id, runtime=stack.runtime).history
     kinds = [(e.kind, e.step) for e in parent_history]
     assert kinds.index(("compensation_succeeded", "child")) < kinds.index(
-        ("compensation_dispatched", "s1"))
+        ("compensation_dispatched", "s1")
+    )
 
 
 def test_a_child_that_compensates_fails_its_parent_step(stack: Stack) -> None:
@@ -80,9 +94,11 @@ def test_a_child_that_compensates_fails_its_parent_step(stack: Stack) -> None:
         handle.get(timeout=60)
     assert info.value.step == "child"
     assert actions(stack, handle.saga_id) == [("s1", "do"), ("s1", "undo")]
-    child = next(c for c in sagaline.list_sagas(runtime=stack.runtime, name="child_saga",
-                                                limit=500)
-                 if c.parent_saga_id == handle.saga_id)
+    child = next(
+        c
+        for c in sagaline.list_sagas(runtime=stack.runtime, name="child_saga", limit=500)
+        if c.parent_saga_id == handle.saga_id
+    )
     assert actions(stack, child.saga_id) == [("s2", "do"), ("s2", "undo")]
 
 
@@ -90,9 +106,11 @@ def test_a_completed_parent_links_its_child(stack: Stack) -> None:
     handle = stack.run(sagas_app.parent_saga, value=1)
     result = handle.get(timeout=60)
     assert result["s2_done"] and result["s3_done"] and result["s4_done"]
-    child = next(c for c in sagaline.list_sagas(runtime=stack.runtime, name="child_saga",
-                                                limit=500)
-                 if c.parent_saga_id == handle.saga_id)
+    child = next(
+        c
+        for c in sagaline.list_sagas(runtime=stack.runtime, name="child_saga", limit=500)
+        if c.parent_saga_id == handle.saga_id
+    )
     assert child.status is SagaStatus.COMPLETED
     view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
     assert view.step("child").compensation_data == {"child_saga_id": child.saga_id}

@@ -109,13 +109,13 @@ def _publish_and_count(url: str, queue_type: str, publish: bool) -> int:
     from kombu import Connection, Queue
 
     queue = Queue("q", durable=True, queue_arguments={"x-queue-type": queue_type})
-    with Connection(url, transport_options={"confirm_publish": True},
-                    connect_timeout=5) as conn:
+    with Connection(url, transport_options={"confirm_publish": True}, connect_timeout=5) as conn:
         bound = queue(conn.channel())
         bound.declare()
         if publish:
-            conn.Producer().publish({"n": 1}, routing_key="q", delivery_mode=2,
-                                    declare=[queue], serializer="json")
+            conn.Producer().publish(
+                {"n": 1}, routing_key="q", delivery_mode=2, declare=[queue], serializer="json"
+            )
         _, count, _ = bound.queue_declare(passive=True)
         return int(count)
 
@@ -135,8 +135,12 @@ def test_private_rabbitmq_keeps_confirmed_messages_across_a_crash() -> None:
         assert not _pids_in_group(group) and not node.is_running()
         node.start()  # same name, port and data
         # The queue recovers its log after the listener opens: it reads 0 for a moment.
-        wait_until(lambda: _publish_and_count(node.url, "quorum", publish=False) == 1,
-                   timeout=30, interval=0.5, what="the confirmed message to be back")
+        wait_until(
+            lambda: _publish_and_count(node.url, "quorum", publish=False) == 1,
+            timeout=30,
+            interval=0.5,
+            what="the confirmed message to be back",
+        )
         assert node.queue_types() == {"q": "quorum"}
         epmd, directory = node.epmd_pid, node.dir
         assert epmd is not None and pid_alive(epmd)

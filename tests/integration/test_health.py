@@ -32,18 +32,28 @@ class Deployment:
     heartbeat: Path
 
     def health(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([SAGALINE, "health", *args], capture_output=True, text=True,
-                              timeout=120, env=self.env, cwd=REPO)
+        return subprocess.run(
+            [SAGALINE, "health", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+            cwd=REPO,
+        )
 
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     broker = PrivateRedis()
     heartbeat = tmp_path / "heartbeat"
-    env = {**os.environ, "CELERY_BROKER_URL": broker.url,
-           "SAGALINE_STORE_URL": f"sqlite:///{tmp_path}/state.db",
-           "SAGALINE_HOME": str(tmp_path), "SAGALINE_HEARTBEAT_FILE": str(heartbeat),
-           "SAGALINE_HEARTBEAT_INTERVAL": "1"}
+    env = {
+        **os.environ,
+        "CELERY_BROKER_URL": broker.url,
+        "SAGALINE_STORE_URL": f"sqlite:///{tmp_path}/state.db",
+        "SAGALINE_HOME": str(tmp_path),
+        "SAGALINE_HEARTBEAT_FILE": str(heartbeat),
+        "SAGALINE_HEARTBEAT_INTERVAL": "1",
+    }
     env.pop("SAGALINE_METRICS_PORT", None)
     worker = WorkerProcess(APP, env=env, concurrency=1, workdir=tmp_path / "worker")
     try:
@@ -55,7 +65,8 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 
 
 def test_readiness_fails_and_liveness_passes_while_the_broker_is_down(
-        deployment: Deployment, tmp_path: Path) -> None:
+    deployment: Deployment, tmp_path: Path
+) -> None:
     assert deployment.health("--liveness", "-A", APP, "--max-age", "5").returncode == 0
     ready = deployment.health("--readiness", "-A", APP)
     assert ready.returncode == 0, ready.stderr
@@ -63,8 +74,7 @@ def test_readiness_fails_and_liveness_passes_while_the_broker_is_down(
 
     deployment.broker.kill()
     client = Celery("probe", broker=deployment.broker.url)
-    runtime = sagaline.init_app(client, store=deployment.env["SAGALINE_STORE_URL"],
-                                sweeper=False)
+    runtime = sagaline.init_app(client, store=deployment.env["SAGALINE_STORE_URL"], sweeper=False)
     began = time.monotonic()
     ok, message = check_readiness(runtime)
     took = time.monotonic() - began
@@ -104,8 +114,9 @@ def test_a_heartbeat_older_than_max_age_fails_liveness(tmp_path: Path) -> None:
 
 def test_health_needs_exactly_one_probe() -> None:
     def health(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([SAGALINE, "health", *args], capture_output=True, text=True,
-                              timeout=120, cwd=REPO)
+        return subprocess.run(
+            [SAGALINE, "health", *args], capture_output=True, text=True, timeout=120, cwd=REPO
+        )
 
     both = health("--liveness", "--readiness", "-A", APP)
     assert both.returncode == 2 and "give --liveness, or --readiness" in both.stderr
@@ -123,8 +134,11 @@ def test_readiness_answers_in_time_when_the_store_never_replies() -> None:
     silent.listen(8)
     try:
         port = silent.getsockname()[1]
-        runtime = sagaline.init_app(Celery("probe-silent", broker="memory://"),
-                                    store=f"redis://127.0.0.1:{port}/0", sweeper=False)
+        runtime = sagaline.init_app(
+            Celery("probe-silent", broker="memory://"),
+            store=f"redis://127.0.0.1:{port}/0",
+            sweeper=False,
+        )
         began = time.monotonic()
         ok, message = check_readiness(runtime, timeout=1.0)
         took = time.monotonic() - began

@@ -98,8 +98,10 @@ Row = Callable[[Stack], Any]
 
 def run_output(value: Any = None, *, deep: int = 0) -> Row:
     def row(stack: Stack) -> Any:
-        return stack.run(sagas_app.hostile, value=1, blob=blob(value) if not deep else "",
-                         deep=deep)
+        return stack.run(
+            sagas_app.hostile, value=1, blob=blob(value) if not deep else "", deep=deep
+        )
+
     return row
 
 
@@ -108,31 +110,43 @@ def run_input(**input: Any) -> Row:
 
 
 def run_keyed(key: Any) -> Row:
-    return lambda stack: stack.runtime.start_saga(sagas_app.hostile,
-                                                  {"value": 1, "blob": blob({})},
-                                                  idempotency_key=key)
+    return lambda stack: stack.runtime.start_saga(
+        sagas_app.hostile, {"value": 1, "blob": blob({})}, idempotency_key=key
+    )
 
 
 def reuse_key_with_other_input(stack: Stack) -> Any:
     key = f"k-{time.monotonic_ns()}"
-    first = stack.runtime.start_saga(sagas_app.hostile, {"value": 1, "blob": blob({})},
-                                     idempotency_key=key)
-    again = stack.runtime.start_saga(sagas_app.hostile, {"value": 1, "blob": blob({})},
-                                     idempotency_key=key)
+    first = stack.runtime.start_saga(
+        sagas_app.hostile, {"value": 1, "blob": blob({})}, idempotency_key=key
+    )
+    again = stack.runtime.start_saga(
+        sagas_app.hostile, {"value": 1, "blob": blob({})}, idempotency_key=key
+    )
     assert again.saga_id == first.saga_id  # the same input replays
     finish(stack, first)
     # A finished saga's key keeps returning it...
-    assert stack.runtime.start_saga(sagas_app.hostile, {"value": 1, "blob": blob({})},
-                                    idempotency_key=key).saga_id == first.saga_id
+    assert (
+        stack.runtime.start_saga(
+            sagas_app.hostile, {"value": 1, "blob": blob({})}, idempotency_key=key
+        ).saga_id
+        == first.saga_id
+    )
     # ...and other input is a conflict, not a silent replay.
-    return stack.runtime.start_saga(sagas_app.hostile, {"value": 2, "blob": blob({})},
-                                    idempotency_key=key)
+    return stack.runtime.start_saga(
+        sagas_app.hostile, {"value": 2, "blob": blob({})}, idempotency_key=key
+    )
 
 
 def import_clashing_definitions(stack: Stack) -> Any:
-    proc = subprocess.run([sys.executable, "-c", "import tests.integration.clashing_definitions"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                          env={**stack.worker.env, "SAGALINE_READY_FILE": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", "import tests.integration.clashing_definitions"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**stack.worker.env, "SAGALINE_READY_FILE": ""},
+    )
     assert proc.returncode != 0
     raise DefinitionError(proc.stderr.strip().splitlines()[-1])
 
@@ -142,8 +156,9 @@ def run_empty_saga(stack: Stack) -> Any:
 
 
 def worker_with_an_empty_saga(stack: Stack) -> Any:
-    worker = WorkerProcess("tests.integration.empty_definition_app", env=stack.env,
-                           concurrency=1, ready_timeout=30)
+    worker = WorkerProcess(
+        "tests.integration.empty_definition_app", env=stack.env, concurrency=1, ready_timeout=30
+    )
     try:
         with pytest.raises(Exception, match="exited with"):
             worker.start()
@@ -155,57 +170,111 @@ def worker_with_an_empty_saga(stack: Stack) -> Any:
 
 ROWS: list[tuple[str, Row, Refused | StepRefused | Accepted]] = [
     # 1: depth
-    ("input 480 deep", run_input(x=nested(480)),
-     Refused(InputError, rf"input\['x'\](\['n'\])+: nesting deeper than {MAX_DEPTH} levels")),
+    (
+        "input 480 deep",
+        run_input(x=nested(480)),
+        Refused(InputError, rf"input\['x'\](\['n'\])+: nesting deeper than {MAX_DEPTH} levels"),
+    ),
     ("input 2000 deep", run_input(x=nested(2000)), Refused(InputError, "nesting deeper")),
-    ("output 990 deep", run_output(deep=990),
-     StepRefused(rf"output of step 'returns'(\['d'\])+: nesting deeper than {MAX_DEPTH}")),
+    (
+        "output 990 deep",
+        run_output(deep=990),
+        StepRefused(rf"output of step 'returns'(\['d'\])+: nesting deeper than {MAX_DEPTH}"),
+    ),
     # 4: kombu's envelope
-    ("input envelope", run_input(x={"__type__": "nosuch", "__value__": 1}),
-     Refused(InputError, r"input\['x'\]: .*kombu's envelope")),
-    ("output envelope", run_output({"when": {"__type__": "datetime",
-                                             "__value__": "2024-01-01T00:00:00"}}),
-     StepRefused(r"output of step 'returns'\['when'\]: .*kombu's envelope")),
+    (
+        "input envelope",
+        run_input(x={"__type__": "nosuch", "__value__": 1}),
+        Refused(InputError, r"input\['x'\]: .*kombu's envelope"),
+    ),
+    (
+        "output envelope",
+        run_output({"when": {"__type__": "datetime", "__value__": "2024-01-01T00:00:00"}}),
+        StepRefused(r"output of step 'returns'\['when'\]: .*kombu's envelope"),
+    ),
     # 5: keys
-    ("output int key", run_output({7: "seven"}),
-     StepRefused(r"output of step 'returns': key 7 \(int\) is not a string")),
-    ("output colliding keys", run_output({1: "a", "1": "b"}),
-     StepRefused(r"key 1 \(int\) is not a string")),
+    (
+        "output int key",
+        run_output({7: "seven"}),
+        StepRefused(r"output of step 'returns': key 7 \(int\) is not a string"),
+    ),
+    (
+        "output colliding keys",
+        run_output({1: "a", "1": "b"}),
+        StepRefused(r"key 1 \(int\) is not a string"),
+    ),
     # 6: names and keys over the store limits, NUL
-    ("saga name 300", lambda stack: Saga("n" * 300),
-     Refused(DefinitionError, "is 300 characters long, over the limit of 200")),
-    ("step name 300", lambda stack: Saga(f"hostile_{stack.name}_step").add_step(
-        sagas_app.s1, name="s" * 300),
-     Refused(DefinitionError, "step name .* over the limit of 200")),
-    ("idempotency key 300", run_keyed("k" * 300),
-     Refused(InputError, "is 300 characters long, over the limit of 255")),
+    (
+        "saga name 300",
+        lambda stack: Saga("n" * 300),
+        Refused(DefinitionError, "is 300 characters long, over the limit of 200"),
+    ),
+    (
+        "step name 300",
+        lambda stack: Saga(f"hostile_{stack.name}_step").add_step(sagas_app.s1, name="s" * 300),
+        Refused(DefinitionError, "step name .* over the limit of 200"),
+    ),
+    (
+        "idempotency key 300",
+        run_keyed("k" * 300),
+        Refused(InputError, "is 300 characters long, over the limit of 255"),
+    ),
     ("idempotency key NUL", run_keyed("k\x00"), Refused(InputError, "NUL")),
     ("output NUL", run_output({"t": "a\x00b"}), StepRefused("contains a NUL")),
     # 7: ids
-    ("get_saga(123)", lambda stack: sagaline.get_saga(123, runtime=stack.runtime),  # type: ignore[arg-type]
-     Refused(TypeError, "a saga id is a string")),
-    ("get_saga NUL", lambda stack: sagaline.get_saga("a\x00b", runtime=stack.runtime),
-     Refused(SagaNotFound, "no saga with id")),
+    (
+        "get_saga(123)",
+        lambda stack: sagaline.get_saga(123, runtime=stack.runtime),  # type: ignore[arg-type]
+        Refused(TypeError, "a saga id is a string"),
+    ),
+    (
+        "get_saga NUL",
+        lambda stack: sagaline.get_saga("a\x00b", runtime=stack.runtime),
+        Refused(SagaNotFound, "no saga with id"),
+    ),
     # 9: idempotency
-    ("key reused with other input", reuse_key_with_other_input,
-     Refused(IdempotencyConflict, "already started saga .* with other input")),
+    (
+        "key reused with other input",
+        reuse_key_with_other_input,
+        Refused(IdempotencyConflict, "already started saga .* with other input"),
+    ),
     # 11: definitions
-    ("two sagas, one name", import_clashing_definitions,
-     Refused(DefinitionError, r"another saga with this name, defined at .*"
-                              r"clashing_definitions.py:\d+, has other steps")),
-    ("empty saga run", run_empty_saga,
-     Refused(DefinitionError, "a saga needs at least one step")),
-    ("empty saga in a worker", worker_with_an_empty_saga,
-     Refused(DefinitionError, r"DefinitionError: saga 'hostile_empty': a saga needs at least "
-                              r"one step")),
+    (
+        "two sagas, one name",
+        import_clashing_definitions,
+        Refused(
+            DefinitionError,
+            r"another saga with this name, defined at .*"
+            r"clashing_definitions.py:\d+, has other steps",
+        ),
+    ),
+    ("empty saga run", run_empty_saga, Refused(DefinitionError, "a saga needs at least one step")),
+    (
+        "empty saga in a worker",
+        worker_with_an_empty_saga,
+        Refused(
+            DefinitionError,
+            r"DefinitionError: saga 'hostile_empty': a saga needs at least "
+            r"one step",
+        ),
+    ),
     # 12: reserved context keys
-    ("input saga_id", run_input(saga_id="mine"),
-     Refused(InputError, r"input\['saga_id'\]: 'saga_id' is a reserved context key")),
-    ("output saga_id", run_output({"saga_id": "x"}),
-     StepRefused(r"output of step 'returns'\['saga_id'\]: 'saga_id' is a reserved")),
+    (
+        "input saga_id",
+        run_input(saga_id="mine"),
+        Refused(InputError, r"input\['saga_id'\]: 'saga_id' is a reserved context key"),
+    ),
+    (
+        "output saga_id",
+        run_output({"saga_id": "x"}),
+        StepRefused(r"output of step 'returns'\['saga_id'\]: 'saga_id' is a reserved"),
+    ),
     # and what passes: the deepest accepted output reaches the next step and the store
-    ("output at the depth limit", run_output({"deepest": nested(MAX_DEPTH - 1)}),
-     Accepted("deepest", nested(MAX_DEPTH - 1))),
+    (
+        "output at the depth limit",
+        run_output({"deepest": nested(MAX_DEPTH - 1)}),
+        Accepted("deepest", nested(MAX_DEPTH - 1)),
+    ),
 ]
 
 
@@ -233,8 +302,10 @@ def test_hostile_input_is_refused_clearly_and_never_stops_a_worker(stack: Stack)
         assert failed.error is not None and failed.error.startswith("InputError: "), label
         (event,) = [e for e in view.history if e.kind == "step_failed"]
         assert event.detail["reason"] == "payload_refused" and event.detail["permanent"]
-        assert [(s, a) for s, a, *_ in stack.ledger(handle.saga_id)] == [("s1", "do"),
-                                                                         ("s1", "undo")]
+        assert [(s, a) for s, a, *_ in stack.ledger(handle.saga_id)] == [
+            ("s1", "do"),
+            ("s1", "undo"),
+        ]
     assert_nothing_left(stack, started, worker_pid)
 
 
@@ -258,29 +329,49 @@ def assert_nothing_left(stack: Stack, saga_ids: list[str], worker_pid: int) -> N
 
 # -- generated values ---------------------------------------------------------------------
 
-_scalars = (st.none() | st.booleans() | st.integers() | st.floats()
-            | st.text(max_size=6) | st.sampled_from(["\x00", "\ud800", "a\x00", "é😀"]))
-_keys = (st.text(max_size=4) | st.integers(-2, 2)
-         | st.sampled_from(["saga_id", "compensation_data", "__type__", "__value__"]))
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(["\x00", "\ud800", "a\x00", "é😀"])
+)
+_keys = (
+    st.text(max_size=4)
+    | st.integers(-2, 2)
+    | st.sampled_from(["saga_id", "compensation_data", "__type__", "__value__"])
+)
 _values = st.recursive(
     _scalars,
-    lambda inner: (st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=3)
-                   | st.fixed_dictionaries({"__type__": st.sampled_from(["datetime", "x"]),
-                                            "__value__": inner})),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(_keys, inner, max_size=3)
+        | st.fixed_dictionaries(
+            {"__type__": st.sampled_from(["datetime", "x"]), "__value__": inner}
+        )
+    ),
     max_leaves=8,
 ) | st.integers(MAX_DEPTH - 2, MAX_DEPTH + 2).map(nested)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(input=st.dictionaries(_keys, _values, max_size=3), output=_values)
-def test_generated_inputs_and_outputs_end_cleanly(stack: Stack, input: dict[Any, Any],
-                                                  output: Any) -> None:
+def test_generated_inputs_and_outputs_end_cleanly(
+    stack: Stack, input: dict[Any, Any], output: Any
+) -> None:
     assert stack.worker.is_running(), f"the worker died:\n{stack.worker.log_tail()}"
     extra = {k: v for k, v in input.items() if k not in ("value", "blob", "deep")}
     try:
-        handle = stack.runtime.start_saga(sagas_app.hostile,
-                                          {**extra, "value": 1, "blob": blob(output)})
+        handle = stack.runtime.start_saga(
+            sagas_app.hostile, {**extra, "value": 1, "blob": blob(output)}
+        )
     except InputError as exc:
         assert exc.rule is not None and str(exc).startswith("input")
         return

@@ -95,7 +95,7 @@ def confirm(order_id, reservation):
 checkout = Saga("installcheck").add_step(reserve).add_step(confirm, no_compensation=True)
 '''
 
-CLIENT_SCRIPT = '''
+CLIENT_SCRIPT = """
 import json, os, sys
 
 import sagaline
@@ -105,15 +105,20 @@ handle = checkout.run(order_id="o-1")
 result = handle.get(timeout=float(sys.argv[1]))
 print(json.dumps({"sagaline": sagaline.__file__, "client_pid": os.getpid(), "result": result,
                   "status": sagaline.get_saga(handle.saga_id).status.value}))
-'''
+"""
 
 
 def pip(*args: str, isolated: bool = True) -> None:
     """This interpreter's pip; `--isolated`: no pip configuration of this machine applies."""
-    argv = [sys.executable, "-m", "pip", *(["--isolated"] if isolated else []),
-            "--disable-pip-version-check", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT,
-                          check=False)
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        *(["--isolated"] if isolated else []),
+        "--disable-pip-version-check",
+        *args,
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT, check=False)
     assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
@@ -132,7 +137,7 @@ def extras_of(name: str, extras: dict[str, list[str]]) -> set[str]:
     found = {name}
     for requirement in extras.get(name, []):
         if requirement.startswith("sagaline["):
-            for inner in requirement[len("sagaline["):].split("]", 1)[0].split(","):
+            for inner in requirement[len("sagaline[") :].split("]", 1)[0].split(","):
                 if inner.strip() not in found:
                     found |= extras_of(inner.strip(), extras)
     return found
@@ -145,10 +150,16 @@ def dependency_key() -> str:
         decided: Any = (REPO_ROOT / "pyproject.toml").read_text()
     else:
         extras = doc["project"].get("optional-dependencies", {})
-        cached = (extras_of("all", extras) | extras_of("bench-peers", extras)
-                  | extras_of("testing", extras))
-        decided = [doc["build-system"]["requires"], doc["project"]["dependencies"],
-                   {name: extras[name] for name in sorted(cached) if name in extras}]
+        cached = (
+            extras_of("all", extras)
+            | extras_of("bench-peers", extras)
+            | extras_of("testing", extras)
+        )
+        decided = [
+            doc["build-system"]["requires"],
+            doc["project"]["dependencies"],
+            {name: extras[name] for name in sorted(cached) if name in extras},
+        ]
     decided = [decided, sys.version_info[:2], sys.platform, platform.machine()]
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -156,8 +167,10 @@ def dependency_key() -> str:
 def wheel_cache() -> Path:
     """Wheels of every dependency of `sagaline[all,bench-peers,testing]` and of the build
     backend, filled once."""
-    base = Path(os.environ.get("SAGALINE_TEST_WHEEL_CACHE")
-                or Path(tempfile.gettempdir()) / "sagaline-test-wheels")
+    base = Path(
+        os.environ.get("SAGALINE_TEST_WHEEL_CACHE")
+        or Path(tempfile.gettempdir()) / "sagaline-test-wheels"
+    )
     cache = base / dependency_key()
     if cache.is_dir():
         return cache
@@ -167,8 +180,15 @@ def wheel_cache() -> Path:
         # Not isolated: this is the one step that may use the machine's package index.
         doc = pyproject()
         backend = doc["build-system"]["requires"] if doc else ["hatchling"]
-        pip("wheel", "--quiet", "--wheel-dir", str(filling),
-            f"{REPO_ROOT}[all,bench-peers,testing]", *backend, isolated=False)
+        pip(
+            "wheel",
+            "--quiet",
+            "--wheel-dir",
+            str(filling),
+            f"{REPO_ROOT}[all,bench-peers,testing]",
+            *backend,
+            isolated=False,
+        )
         # The cache holds dependencies only: sagaline itself is built fresh every session.
         for stale in filling.glob("sagaline-*.whl"):
             stale.unlink()
@@ -194,14 +214,28 @@ class Wheelhouse:
         one per set of extras in a session, since nothing in a test changes it."""
         if extras not in self.venvs:
             where = self.root / f"venv-{extras.replace(',', '-') or 'bare'}"
-            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)],
-                           check=True, timeout=60, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--without-pip", str(where)],
+                check=True,
+                timeout=60,
+                capture_output=True,
+            )
             python = where / "bin" / "python"
-            requirement = (f"sagaline[{extras}] @ {self.wheel.as_uri()}" if extras
-                           else str(self.wheel))
+            requirement = (
+                f"sagaline[{extras}] @ {self.wheel.as_uri()}" if extras else str(self.wheel)
+            )
             # --no-compile: Python compiles what the test imports, not all of every package.
-            pip("--python", str(python), "install", "--quiet", "--no-compile", "--no-index",
-                "--find-links", str(self.cache), requirement)
+            pip(
+                "--python",
+                str(python),
+                "install",
+                "--quiet",
+                "--no-compile",
+                "--no-index",
+                "--find-links",
+                str(self.cache),
+                requirement,
+            )
             self.venvs[extras] = where
         return self.venvs[extras]
 
@@ -216,12 +250,22 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
     source.mkdir()
     for name in IMAGE_SOURCES:
         if (REPO_ROOT / name).is_dir():
-            shutil.copytree(REPO_ROOT / name, source / name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
         else:
             shutil.copy2(REPO_ROOT / name, source / name)
-    pip("wheel", "--quiet", "--no-deps", "--no-index", "--find-links", str(cache),
-        "--wheel-dir", str(root / "dist"), str(source))
+    pip(
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-index",
+        "--find-links",
+        str(cache),
+        "--wheel-dir",
+        str(root / "dist"),
+        str(source),
+    )
     wheels = list((root / "dist").glob("sagaline-*.whl"))
     assert len(wheels) == 1, wheels
     return Wheelhouse(wheels[0], cache, root, {})
@@ -239,16 +283,23 @@ def install_pg_url() -> Iterator[str]:
 
 def user_env(home: Path, app_dir: Path, **settings: str) -> dict[str, str]:
     """What a user's shell holds: no variable of this test process, the app on PYTHONPATH."""
-    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-            "PYTHONPATH": str(app_dir), "SAGALINE_HOME": str(home / ".sagaline"),
-            "PYTHONUNBUFFERED": "1", **settings}
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(app_dir),
+        "SAGALINE_HOME": str(home / ".sagaline"),
+        "PYTHONUNBUFFERED": "1",
+        **settings,
+    }
 
 
 class VenvWorker(WorkerProcess):
     """`<venv>/bin/celery -A <module> worker`, with exactly the environment it is given."""
 
-    def __init__(self, venv: Path, app_module: str, env: Mapping[str, str], cwd: Path,
-                 workdir: Path) -> None:
+    def __init__(
+        self, venv: Path, app_module: str, env: Mapping[str, str], cwd: Path, workdir: Path
+    ) -> None:
         super().__init__(app_module, cwd=cwd, workdir=workdir, concurrency=1)
         self.venv = venv
         self.env = {**env, "SAGALINE_READY_FILE": str(self.ready_file)}
@@ -268,8 +319,7 @@ class Installed:
 
 
 def install(wheelhouse: Wheelhouse, tmp_path: Path, extras: str) -> Installed:
-    box = Installed(wheelhouse.venv(extras), tmp_path / "app", tmp_path / "run",
-                    tmp_path / "home")
+    box = Installed(wheelhouse.venv(extras), tmp_path / "app", tmp_path / "run", tmp_path / "home")
     for folder in (box.app_dir, box.run_dir, box.home):
         folder.mkdir()
     (box.app_dir / "installcheck.py").write_text(textwrap.dedent(APP_MODULE))
@@ -277,24 +327,29 @@ def install(wheelhouse: Wheelhouse, tmp_path: Path, extras: str) -> Installed:
     return box
 
 
-def serve_one_saga(box: Installed, tmp_path: Path,
-                   while_running: Callable[[], None] | None = None,
-                   **settings: str) -> dict[str, Any]:
+def serve_one_saga(
+    box: Installed, tmp_path: Path, while_running: Callable[[], None] | None = None, **settings: str
+) -> dict[str, Any]:
     """A worker from the venv, a client from the venv: one saga to its end (then
     `while_running`, before the worker stops)."""
     settings.setdefault("INSTALLCHECK_QUEUE", f"sagaline-install-{uuid.uuid4().hex[:12]}")
     env = user_env(box.home, box.app_dir, **settings)
-    worker = VenvWorker(box.venv, "installcheck", env, cwd=box.run_dir,
-                        workdir=tmp_path / "worker")
+    worker = VenvWorker(box.venv, "installcheck", env, cwd=box.run_dir, workdir=tmp_path / "worker")
     try:
         worker.start()
         started = time.monotonic()
-        proc = subprocess.run([str(box.venv / "bin" / "python"), "-m", "installcheck_client",
-                               str(SAGA_TIMEOUT)], cwd=box.run_dir, env=env,
-                              capture_output=True, text=True, timeout=SAGA_TIMEOUT + 30,
-                              check=False)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr
-                                      + "\n--- worker log ---\n" + worker.log_tail())
+        proc = subprocess.run(
+            [str(box.venv / "bin" / "python"), "-m", "installcheck_client", str(SAGA_TIMEOUT)],
+            cwd=box.run_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SAGA_TIMEOUT + 30,
+            check=False,
+        )
+        assert proc.returncode == 0, (
+            proc.stdout + proc.stderr + "\n--- worker log ---\n" + worker.log_tail()
+        )
         outcome: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         outcome["seconds"] = time.monotonic() - started
         if while_running is not None:
@@ -326,21 +381,29 @@ def site_packages(box: Installed) -> Path:
 
 
 def test_postgres_and_redis_extras_serve_a_saga_through_a_redis_broker(
-        wheelhouse: Wheelhouse, tmp_path: Path, install_pg_url: str) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path, install_pg_url: str
+) -> None:
     box = install(wheelhouse, tmp_path, "postgres,redis")  # the README's and the Dockerfile's
     with PrivateRedis() as redis:
-        outcome = serve_one_saga(box, tmp_path, CELERY_BROKER_URL=redis.url,
-                                 SAGALINE_STORE_URL=install_pg_url)
+        outcome = serve_one_saga(
+            box, tmp_path, CELERY_BROKER_URL=redis.url, SAGALINE_STORE_URL=install_pg_url
+        )
     assert_completed_from_the_venv(outcome, box)
 
 
 def test_postgres_extra_serves_a_saga_through_rabbitmq_with_no_broker_extra(
-        wheelhouse: Wheelhouse, tmp_path: Path, install_pg_url: str) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path, install_pg_url: str
+) -> None:
     box = install(wheelhouse, tmp_path, "postgres")
     queue = f"sagaline-install-{uuid.uuid4().hex[:12]}"
     try:
-        outcome = serve_one_saga(box, tmp_path, CELERY_BROKER_URL=RABBITMQ_URL,
-                                 SAGALINE_STORE_URL=install_pg_url, INSTALLCHECK_QUEUE=queue)
+        outcome = serve_one_saga(
+            box,
+            tmp_path,
+            CELERY_BROKER_URL=RABBITMQ_URL,
+            SAGALINE_STORE_URL=install_pg_url,
+            INSTALLCHECK_QUEUE=queue,
+        )
     finally:
         delete_queue(RABBITMQ_URL, queue)
     assert_completed_from_the_venv(outcome, box)
@@ -349,9 +412,15 @@ def test_postgres_extra_serves_a_saga_through_rabbitmq_with_no_broker_extra(
 
 
 def sagaline_cli(box: Installed, *args: str, **settings: str) -> str:
-    proc = subprocess.run([str(box.venv / "bin" / "sagaline"), *args], cwd=box.run_dir,
-                          env=user_env(box.home, box.app_dir, **settings), capture_output=True,
-                          text=True, timeout=90, check=False)
+    proc = subprocess.run(
+        [str(box.venv / "bin" / "sagaline"), *args],
+        cwd=box.run_dir,
+        env=user_env(box.home, box.app_dir, **settings),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -396,20 +465,38 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
         store = redis.url
         sagaline_cli(box, "db", "upgrade", SAGALINE_STORE_URL=store)
         assert sagaline_cli(box, "ls", "--json", SAGALINE_STORE_URL=store) == ""
-        proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", REDIS_SCRIPTS_CHECK,
-                               store], cwd=box.run_dir, env=user_env(box.home, box.app_dir),
-                              capture_output=True, text=True, timeout=90, check=False)
+        proc = subprocess.run(
+            [str(box.venv / "bin" / "python"), "-c", REDIS_SCRIPTS_CHECK, store],
+            cwd=box.run_dir,
+            env=user_env(box.home, box.app_dir),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split() == ["True", "True", "SUCCEEDED", "saga_started", "step_started",
-                                   "step_succeeded"]
+    assert proc.stdout.split() == [
+        "True",
+        "True",
+        "SUCCEEDED",
+        "saga_started",
+        "step_started",
+        "step_succeeded",
+    ]
     scripts = site_packages(box) / "sagaline" / "stores" / "redis_lua"
     assert sorted(p.name for p in scripts.glob("*.lua")) == [
-        "apply.lua", "cas_step.lua", "create.lua", "read_state.lua", "write.lua"]
+        "apply.lua",
+        "cas_step.lua",
+        "create.lua",
+        "read_state.lua",
+        "write.lua",
+    ]
     assert not (site_packages(box) / "psycopg").exists()
 
 
 def test_web_extra_serves_the_dashboard_and_the_api_from_its_own_files(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "web")
     sagaline_cli(box, "db", "upgrade")
     static = site_packages(box) / "sagaline" / "web" / "static"
@@ -417,14 +504,22 @@ def test_web_extra_serves_the_dashboard_and_the_api_from_its_own_files(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([str(box.venv / "bin" / "sagaline"), "web", "--port", str(port)],
-                              cwd=box.run_dir, env=user_env(box.home, box.app_dir),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [str(box.venv / "bin" / "sagaline"), "web", "--port", str(port)],
+        cwd=box.run_dir,
+        env=user_env(box.home, box.app_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(f"{base}/healthz"), timeout=60, interval=0.2,
-                   what="the installed sagaline web")
+        wait_until(
+            lambda: _answers(f"{base}/healthz"),
+            timeout=60,
+            interval=0.2,
+            what="the installed sagaline web",
+        )
         with urllib.request.urlopen(f"{base}/", timeout=10) as r:
             assert "<h1>Sagas</h1>" in r.read().decode()
         for path in ("/static/app.js", "/static/style.css", "/api/v1/openapi.json"):
@@ -448,8 +543,9 @@ def _answers(url: str) -> bool:
 def mariadb_tables(url: str) -> str:
     import pymysql
 
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10,
-                           database=url.rsplit("/", 1)[1])
+    conn = pymysql.connect(
+        host="127.0.0.1", port=3306, user="root", connect_timeout=10, database=url.rsplit("/", 1)[1]
+    )
     try:
         with conn.cursor() as cur:
             cur.execute("SHOW TABLES")
@@ -458,22 +554,24 @@ def mariadb_tables(url: str) -> str:
         conn.close()
 
 
-def test_mysql_extra_alone_runs_the_mariadb_store(wheelhouse: Wheelhouse,
-                                                   tmp_path: Path) -> None:
+def test_mysql_extra_alone_runs_the_mariadb_store(wheelhouse: Wheelhouse, tmp_path: Path) -> None:
     box = install(wheelhouse, tmp_path, "mysql")
     store = create_mariadb_database()
     try:
         assert "sagaline_" not in mariadb_tables(store)
         sagaline_cli(box, "db", "upgrade", SAGALINE_STORE_URL=store)
-        assert all(t in mariadb_tables(store).split()
-                   for t in ("sagaline_sagas", "sagaline_steps", "sagaline_events"))
+        assert all(
+            t in mariadb_tables(store).split()
+            for t in ("sagaline_sagas", "sagaline_steps", "sagaline_events")
+        )
         assert sagaline_cli(box, "ls", "--json", SAGALINE_STORE_URL=store) == ""
     finally:
         drop_mariadb_database(store)
 
 
 def test_bare_install_serves_a_saga_on_the_embedded_defaults(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "")
     outcome = serve_one_saga(box, tmp_path)
     assert_completed_from_the_venv(outcome, box)
@@ -481,18 +579,26 @@ def test_bare_install_serves_a_saga_on_the_embedded_defaults(
     assert (box.home / ".sagaline" / "state.db").is_file()
     assert (box.home / ".sagaline" / "broker").is_dir()
     assert list(box.run_dir.iterdir()) == []
-    assert not [d for d in ("psycopg", "pymysql", "redis", "fastapi")
-                if (site_packages(box) / d).exists()]
+    assert not [
+        d for d in ("psycopg", "pymysql", "redis", "fastapi") if (site_packages(box) / d).exists()
+    ]
     # The CLI works without the web extra, and its `web` command names the extra.
-    proc = subprocess.run([str(box.venv / "bin" / "sagaline"), "web"], cwd=box.run_dir,
-                          env=user_env(box.home, box.app_dir), capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [str(box.venv / "bin" / "sagaline"), "web"],
+        cwd=box.run_dir,
+        env=user_env(box.home, box.app_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "pip install 'sagaline[web]'" in proc.stderr
 
 
 def test_prometheus_extra_alone_serves_metrics_from_the_worker(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     import urllib.request
 
     from sagaline.testing import free_port
@@ -515,26 +621,42 @@ def test_prometheus_extra_alone_serves_metrics_from_the_worker(
 
 
 def test_a_metrics_port_without_the_prometheus_extra_is_refused_naming_the_extra(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "")
-    env = user_env(box.home, box.app_dir, SAGALINE_METRICS_PORT="9540",
-                   INSTALLCHECK_QUEUE="unused")
-    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
-                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+    env = user_env(box.home, box.app_dir, SAGALINE_METRICS_PORT="9540", INSTALLCHECK_QUEUE="unused")
+    proc = subprocess.run(
+        [str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+        cwd=box.run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        "pip install 'sagaline[prometheus]'")
+    assert proc.stderr.strip().splitlines()[-1].endswith("pip install 'sagaline[prometheus]'")
 
 
 def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "")
-    env = user_env(box.home, box.app_dir, CELERY_BROKER_URL="redis://127.0.0.1:9/0",
-                   INSTALLCHECK_QUEUE="unused")
-    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
-                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+    env = user_env(
+        box.home,
+        box.app_dir,
+        CELERY_BROKER_URL="redis://127.0.0.1:9/0",
+        INSTALLCHECK_QUEUE="unused",
+    )
+    proc = subprocess.run(
+        [str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+        cwd=box.run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("sagaline.exceptions.ConfigurationError: the redis:// broker needs ")
@@ -542,43 +664,68 @@ def test_a_redis_broker_without_the_redis_extra_is_refused_naming_the_extra(
 
 
 def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "")
     env = user_env(box.home, box.app_dir, SAGALINE_TRACING="otlp", INSTALLCHECK_QUEUE="unused")
-    proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", "import installcheck"],
-                          cwd=box.run_dir, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [str(box.venv / "bin" / "python"), "-c", "import installcheck"],
+        cwd=box.run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("sagaline.exceptions.ConfigurationError: tracing needs "
-                            "OpenTelemetry ("), error
+    assert error.startswith(
+        "sagaline.exceptions.ConfigurationError: tracing needs OpenTelemetry ("
+    ), error
     assert error.endswith("pip install 'sagaline[otel]'"), error
 
 
 def test_otel_extra_alone_exports_a_saga_trace_over_otlp_http(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "otel")
     with serve_otlp() as receiver:
-        outcome = serve_one_saga(box, tmp_path, SAGALINE_TRACING="otlp",
-                                 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.url,
-                                 OTEL_BSP_SCHEDULE_DELAY="100")
+        outcome = serve_one_saga(
+            box,
+            tmp_path,
+            SAGALINE_TRACING="otlp",
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.url,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
         assert_completed_from_the_venv(outcome, box)
         # The worker exported on its way out (serve_one_saga stops it).
-        receiver.wait_for(lambda: {"saga installcheck", "step reserve", "step confirm"}
-                          <= {s.name for s in receiver.spans}, timeout=30)
+        receiver.wait_for(
+            lambda: (
+                {"saga installcheck", "step reserve", "step confirm"}
+                <= {s.name for s in receiver.spans}
+            ),
+            timeout=30,
+        )
     assert len({s.trace_id for s in receiver.spans}) == 1
     assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
 
 
-def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
-                                                         tmp_path: Path) -> None:
+def test_the_installed_demo_runs_from_an_empty_directory(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "")
     env = {**user_env(box.home, box.run_dir), "COLUMNS": "200"}
     del env["PYTHONPATH"]
     try:
-        proc = subprocess.run([str(box.venv / "bin" / "sagaline"), "demo"], cwd=box.run_dir,
-                              env=env, capture_output=True, text=True, timeout=180,
-                              check=False)
+        proc = subprocess.run(
+            [str(box.venv / "bin" / "sagaline"), "demo"],
+            cwd=box.run_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
     finally:
         left = kill_left_worker(box.home / ".sagaline")
     assert not left, "the demo exited and left its worker running"
@@ -589,8 +736,9 @@ def test_the_installed_demo_runs_from_an_empty_directory(wheelhouse: Wheelhouse,
     assert (box.home / ".sagaline" / "demo" / "state.db").is_file()
 
 
-def test_testing_extra_alone_gives_pytest_the_plugin(wheelhouse: Wheelhouse,
-                                                    tmp_path: Path) -> None:
+def test_testing_extra_alone_gives_pytest_the_plugin(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     """The README's test file, in an empty directory with no conftest: pytest finds the
     plugin through its entry point in the installed wheel."""
     import re
@@ -602,32 +750,61 @@ def test_testing_extra_alone_gives_pytest_the_plugin(wheelhouse: Wheelhouse,
     code = re.search(r"```python\n(.*?)```", section.group(1), re.S)
     assert code is not None
     (box.run_dir / "test_exploration.py").write_text(code.group(1))
-    proc = subprocess.run([str(box.venv / "bin" / "python"), "-m", "pytest", "-q", "-p",
-                           "no:cacheprovider", "test_exploration.py"], cwd=box.run_dir,
-                          env=user_env(box.home, box.app_dir), capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            str(box.venv / "bin" / "python"),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "test_exploration.py",
+        ],
+        cwd=box.run_dir,
+        env=user_env(box.home, box.app_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "5 passed" in proc.stdout
     assert not [d for d in ("psycopg", "pymysql", "redis") if (site_packages(box) / d).exists()]
 
 
 def test_bench_peers_extra_alone_brings_what_the_peer_benchmark_imports(
-        wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "bench-peers")
     env = user_env(box.home, box.app_dir)
     python = str(box.venv / "bin" / "python")
     # The peers, and the stores and broker the benchmark runs them beside.
-    imports = ("import dbos, celery_saga.backends.redis, psycopg, redis, kombu.transport.redis, "
-               "sagaline.stores.redis; print(sagaline.stores.redis.__file__)")
-    proc = subprocess.run([python, "-c", imports], cwd=box.run_dir, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    imports = (
+        "import dbos, celery_saga.backends.redis, psycopg, redis, kombu.transport.redis, "
+        "sagaline.stores.redis; print(sagaline.stores.redis.__file__)"
+    )
+    proc = subprocess.run(
+        [python, "-c", imports],
+        cwd=box.run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert Path(proc.stdout.strip()).is_relative_to(box.venv)
     # The benchmark is not in the wheel: a checkout runs it with the venv's interpreter.
     del env["PYTHONPATH"]
-    proc = subprocess.run([python, "-c", "from bench.peers import require_peers; "
-                           "require_peers(); print('peers ok')"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [python, "-c", "from bench.peers import require_peers; require_peers(); print('peers ok')"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "peers ok"
 
@@ -651,17 +828,22 @@ print([f[b"id"].decode() for _, f in redis.Redis.from_url(stream_url).xrange("or
 """
 
 
-def test_outbox_extra_alone_relays_to_a_redis_stream(wheelhouse: Wheelhouse,
-                                                     tmp_path: Path) -> None:
+def test_outbox_extra_alone_relays_to_a_redis_stream(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
     box = install(wheelhouse, tmp_path, "outbox")
     store = f"sqlite:///{box.home}/state.db"
     sagaline_cli(box, "db", "upgrade", SAGALINE_STORE_URL=store)
     with PrivateRedis() as server:
-        proc = subprocess.run([str(box.venv / "bin" / "python"), "-c", OUTBOX_CHECK, store,
-                               server.url], cwd=box.run_dir,
-                              env=user_env(box.home, box.app_dir), capture_output=True,
-                              text=True, timeout=90, check=False)
+        proc = subprocess.run(
+            [str(box.venv / "bin" / "python"), "-c", OUTBOX_CHECK, store, server.url],
+            cwd=box.run_dir,
+            env=user_env(box.home, box.app_dir),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.split("\n")[:2] == ["1", "['e-1']"]
-        assert "0 pending event(s)" in sagaline_cli(box, "outbox", "ls",
-                                                    SAGALINE_STORE_URL=store)
+        assert "0 pending event(s)" in sagaline_cli(box, "outbox", "ls", SAGALINE_STORE_URL=store)

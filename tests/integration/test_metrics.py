@@ -50,8 +50,11 @@ def scrape(port: int) -> Samples:
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
-    return sum(v for (n, lbls), v in samples.items()
-               if n == name and all((k, val) in lbls for k, val in labels.items()))
+    return sum(
+        v
+        for (n, lbls), v in samples.items()
+        if n == name and all((k, val) in lbls for k, val in labels.items())
+    )
 
 
 def scrape_all(cluster: Cluster) -> list[Samples]:
@@ -59,8 +62,9 @@ def scrape_all(cluster: Cluster) -> list[Samples]:
 
 
 @pytest.fixture(scope="module")
-def cluster(pg_url: str, redis_url: str,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     import redis
 
     broker = redis_url.rsplit("/", 1)[0] + "/12"  # no other test's messages
@@ -73,10 +77,15 @@ def cluster(pg_url: str, redis_url: str,
     workers = []
     try:
         for i, port in enumerate(ports):
-            env = {"CELERY_BROKER_URL": broker, "SAGALINE_STORE_URL": pg_url,
-                   "SAGALINE_HOME": str(home / f"w{i}"), "SAGALINE_METRICS_PORT": str(port)}
-            workers.append(WorkerProcess(APP, env=env, concurrency=2,
-                                         workdir=home / f"worker{i}").start())
+            env = {
+                "CELERY_BROKER_URL": broker,
+                "SAGALINE_STORE_URL": pg_url,
+                "SAGALINE_HOME": str(home / f"w{i}"),
+                "SAGALINE_METRICS_PORT": str(port),
+            }
+            workers.append(
+                WorkerProcess(APP, env=env, concurrency=2, workdir=home / f"worker{i}").start()
+            )
         yield Cluster(runtime, workers, ports)
     finally:
         for w in workers:
@@ -101,10 +110,14 @@ def test_two_prefork_workers_serve_what_the_store_holds(cluster: Cluster) -> Non
         failing += fail
         metrics_app.order_saga.run(order=i, fail=fail)
     deadline = time.monotonic() + 60 + SAGAS * 0.5
-    wait_until(lambda: sum(n for s, n in store_counts(cluster.runtime).items()
-                           if s in SAGA_TERMINAL) >= SAGAS,
-               timeout=max(5.0, deadline - time.monotonic()), interval=1.0,
-               what=f"{SAGAS} sagas to finish")
+    wait_until(
+        lambda: (
+            sum(n for s, n in store_counts(cluster.runtime).items() if s in SAGA_TERMINAL) >= SAGAS
+        ),
+        timeout=max(5.0, deadline - time.monotonic()),
+        interval=1.0,
+        what=f"{SAGAS} sagas to finish",
+    )
     counts = store_counts(cluster.runtime)
     terminal = sum(n for s, n in counts.items() if s in SAGA_TERMINAL)
     assert counts[SagaStatus.COMPENSATED] == failing
@@ -112,8 +125,11 @@ def test_two_prefork_workers_serve_what_the_store_holds(cluster: Cluster) -> Non
 
     # The in-progress gauge is read from the store (cached a few seconds): it reaches 0.
     def drained() -> bool:
-        return all(total(s, "sagaline_sagas_in_progress", saga=NAME) == 0
-                   and total(s, "sagaline_store_up") == 1 for s in scrape_all(cluster))
+        return all(
+            total(s, "sagaline_sagas_in_progress", saga=NAME) == 0
+            and total(s, "sagaline_store_up") == 1
+            for s in scrape_all(cluster)
+        )
 
     wait_until(drained, timeout=30, interval=1.0, what="in-progress gauges to reach 0")
     both = scrape_all(cluster)
@@ -128,15 +144,21 @@ def test_two_prefork_workers_serve_what_the_store_holds(cluster: Cluster) -> Non
     assert all(total(s, "sagaline_step_attempts_total", saga=NAME) > 0 for s in both)
     # reserve and charge are undone in every failed saga; ship failed once in each.
     assert summed("sagaline_compensations_total", outcome="succeeded") == 2 * failing
-    assert summed("sagaline_step_attempts_total", step="ship", phase="forward",
-                  outcome="failed") == failing
+    assert (
+        summed("sagaline_step_attempts_total", step="ship", phase="forward", outcome="failed")
+        == failing
+    )
     forward = summed("sagaline_step_attempts_total", phase="forward")
     assert forward == 3 * SAGAS
     # Every claim observed its queue wait (a fresh message carries its dispatch time).
     assert summed("sagaline_step_queue_wait_seconds_count") == forward + 2 * failing
     # Claims refused (a message published again behind a backlog) are timed too.
-    assert sum(total(s, "sagaline_store_operation_seconds_count", operation="claim_step")
-               for s in both) >= forward + 2 * failing
+    assert (
+        sum(
+            total(s, "sagaline_store_operation_seconds_count", operation="claim_step") for s in both
+        )
+        >= forward + 2 * failing
+    )
     assert summed("sagaline_sagas_needing_attention") == 0
     assert summed("sagaline_sagas_past_deadline") == 0
     # No sample carries a saga id.
@@ -151,12 +173,17 @@ def test_counters_do_not_go_down_when_a_pool_process_is_killed(cluster: Cluster)
     children = worker.child_pids()
     assert children, "a prefork worker has pool processes"
     os.kill(children[0], signal.SIGKILL)
-    wait_until(lambda: children[0] not in worker.child_pids()
-               and len(worker.child_pids()) == len(children),
-               timeout=30, what="the pool to replace the killed process")
+    wait_until(
+        lambda: (
+            children[0] not in worker.child_pids() and len(worker.child_pids()) == len(children)
+        ),
+        timeout=30,
+        what="the pool to replace the killed process",
+    )
     after = scrape(port)
-    counters = {k: v for k, v in before.items()
-                if k[0].endswith(("_total", "_count", "_sum", "_bucket"))}
+    counters = {
+        k: v for k, v in before.items() if k[0].endswith(("_total", "_count", "_sum", "_bucket"))
+    }
     assert counters, "the worker had counted something before the kill"
     went_down = {k: (v, after.get(k)) for k, v in counters.items() if after.get(k, -1) < v}
     assert not went_down
@@ -165,8 +192,7 @@ def test_counters_do_not_go_down_when_a_pool_process_is_killed(cluster: Cluster)
     for h in handles:
         h.get(timeout=120)
     later = [scrape(p) for p in cluster.ports]
-    assert sum(total(s, "sagaline_sagas_finished_total", saga=NAME) for s in later) == \
-        SAGAS + 20
-    assert total(later[0], "sagaline_sagas_finished_total", saga=NAME) >= \
-        total(before, "sagaline_sagas_finished_total", saga=NAME)
-
+    assert sum(total(s, "sagaline_sagas_finished_total", saga=NAME) for s in later) == SAGAS + 20
+    assert total(later[0], "sagaline_sagas_finished_total", saga=NAME) >= total(
+        before, "sagaline_sagas_finished_total", saga=NAME
+    )

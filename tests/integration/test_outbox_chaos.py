@@ -47,13 +47,20 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
 meta = sa.MetaData()
-counters = sa.Table("chaos_counters", meta, sa.Column("key", sa.String(20), primary_key=True),
-                    sa.Column("n", sa.Integer, nullable=False))
-received = sa.Table("chaos_received", meta,
-                    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-                    sa.Column("event_id", sa.String(80), nullable=False),
-                    sa.Column("key", sa.String(20), nullable=False),
-                    sa.Column("n", sa.Integer, nullable=False))
+counters = sa.Table(
+    "chaos_counters",
+    meta,
+    sa.Column("key", sa.String(20), primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+)
+received = sa.Table(
+    "chaos_received",
+    meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(80), nullable=False),
+    sa.Column("key", sa.String(20), nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
+)
 
 
 @pytest.fixture
@@ -73,16 +80,30 @@ def db() -> Iterator[str]:
 
 class RelayProcess:
     def __init__(self, db: str, route: str, log: Path):
-        self.args = [sys.executable, "-c", "from sagaline.cli import main; main()", "relay",
-                     "--store", db, "--route", route, "--backoff", "0.05",
-                     "--max-backoff", "1", "--max-attempts", "100000"]
+        self.args = [
+            sys.executable,
+            "-c",
+            "from sagaline.cli import main; main()",
+            "relay",
+            "--store",
+            db,
+            "--route",
+            route,
+            "--backoff",
+            "0.05",
+            "--max-backoff",
+            "1",
+            "--max-attempts",
+            "100000",
+        ]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
 
     def kill9(self) -> None:
         assert self.proc is not None and self.proc.poll() is None, "the relay died early"
@@ -101,8 +122,11 @@ class RelayProcess:
 
 def _redis(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
     server = stack.enter_context(PrivateRedis(appendonly=True))
-    return (server, f"{server.url}?stream=chaos",
-            lambda h: RedisStreamConsumer(server.url, "chaos", "g", h))
+    return (
+        server,
+        f"{server.url}?stream=chaos",
+        lambda h: RedisStreamConsumer(server.url, "chaos", "g", h),
+    )
 
 
 def _rabbitmq(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
@@ -112,8 +136,11 @@ def _rabbitmq(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
     with kombu.Connection(server.url) as conn:
         ex = kombu.Exchange("chaos", type="topic", durable=True)
         kombu.Queue("chaos", ex, routing_key="chaos.#", durable=True)(conn.channel()).declare()
-    return (server, f"{server.url}?exchange=chaos",
-            lambda h: RabbitMQConsumer(server.url, "chaos", h))
+    return (
+        server,
+        f"{server.url}?exchange=chaos",
+        lambda h: RabbitMQConsumer(server.url, "chaos", h),
+    )
 
 
 def _nats(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
@@ -127,16 +154,29 @@ def _nats(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
         await nc.close()
 
     asyncio.run(add())
-    return (server, f"{server.url}?stream=CHAOS",
-            lambda h: NatsConsumer(server.url, "CHAOS", "chaos", h, subject="chaos.>"))
+    return (
+        server,
+        f"{server.url}?stream=CHAOS",
+        lambda h: NatsConsumer(server.url, "CHAOS", "chaos", h, subject="chaos.>"),
+    )
 
 
-@pytest.mark.parametrize("destination", [
-    "redis", "rabbitmq",
-    pytest.param("nats", marks=pytest.mark.skipif(find_nats_server() is None,
-                                                  reason="nats-server not installed"))])
-def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "redis",
+        "rabbitmq",
+        pytest.param(
+            "nats",
+            marks=pytest.mark.skipif(
+                find_nats_server() is None, reason="nats-server not installed"
+            ),
+        ),
+    ],
+)
+def test_outbox_under_relay_kills_and_a_broker_restart(
+    db: str, destination: str, tmp_path: Path
+) -> None:
     engine = sa.create_engine(db, pool_size=WRITERS + 2)
     committed: set[str] = set()
     rolled_back: set[str] = set()
@@ -165,11 +205,15 @@ def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str
             eid = f"w{w}-{i}"
             try:
                 with engine.begin() as conn:
-                    n = conn.execute(counters.update().where(counters.c.key == key)
-                                     .values(n=counters.c.n + 1).returning(counters.c.n)
-                                     ).scalar_one()
-                    sagaline.outbox.publish(conn, "chaos.evt", {"key": key, "n": n},
-                                            key=key, event_id=eid)
+                    n = conn.execute(
+                        counters.update()
+                        .where(counters.c.key == key)
+                        .values(n=counters.c.n + 1)
+                        .returning(counters.c.n)
+                    ).scalar_one()
+                    sagaline.outbox.publish(
+                        conn, "chaos.evt", {"key": key, "n": n}, key=key, event_id=eid
+                    )
                     if rng.random() < ROLLBACK:
                         raise _Rollback
             except _Rollback:
@@ -181,13 +225,13 @@ def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str
                 written[0] += 1
 
     with ExitStack() as stack:
-        server, url, make_consumer = {"redis": _redis, "rabbitmq": _rabbitmq,
-                                      "nats": _nats}[destination](stack)
+        server, url, make_consumer = {"redis": _redis, "rabbitmq": _rabbitmq, "nats": _nats}[
+            destination
+        ](stack)
         relay = RelayProcess(db, f"chaos.*={url}", tmp_path / "relay.log")
         relay.start()
         stop = threading.Event()
-        consumer = threading.Thread(target=make_consumer(consume).run, args=(stop,),
-                                    daemon=True)
+        consumer = threading.Thread(target=make_consumer(consume).run, args=(stop,), daemon=True)
         consumer.start()
         writers = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
         started = time.monotonic()
@@ -196,9 +240,13 @@ def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str
         try:
             total = N * (1 - ROLLBACK)
             for k, at in enumerate((0.2, 0.45, 0.7)):
-                wait_until(lambda at=at: written[0] >= total * at or
-                           not any(t.is_alive() for t in writers), timeout=120,
-                           what=f"{at:.0%} of the writes")
+                wait_until(
+                    lambda at=at: (
+                        written[0] >= total * at or not any(t.is_alive() for t in writers)
+                    ),
+                    timeout=120,
+                    what=f"{at:.0%} of the writes",
+                )
                 time.sleep(0.2 + 0.3 * k)
                 relay.kill9()
                 if k == 1:
@@ -206,8 +254,12 @@ def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str
                 relay.start()
             for t in writers:
                 t.join(300)
-            wait_until(lambda: committed <= _delivered(engine), timeout=300, interval=0.5,
-                       what="every committed event at the consumer")
+            wait_until(
+                lambda: committed <= _delivered(engine),
+                timeout=300,
+                interval=0.5,
+                what="every committed event at the consumer",
+            )
             time.sleep(1.0)  # late duplicates, if any, would arrive now
         finally:
             stop.set()
@@ -218,9 +270,11 @@ def test_outbox_under_relay_kills_and_a_broker_restart(db: str, destination: str
     rows = _received_rows(engine)
     engine.dispose()
     inversions = sum(1 for ns in order.values() for a, b in itertools.pairwise(ns) if b <= a)
-    print(f"\n{destination}: {len(committed)} committed, {len(rolled_back)} rolled back, "
-          f"{len(delivered)} delivered, {duplicates} duplicates dropped by the inbox, "
-          f"{inversions} inversions, {elapsed:.1f}s")
+    print(
+        f"\n{destination}: {len(committed)} committed, {len(rolled_back)} rolled back, "
+        f"{len(delivered)} delivered, {duplicates} duplicates dropped by the inbox, "
+        f"{inversions} inversions, {elapsed:.1f}s"
+    )
     assert committed <= delivered
     assert not (rolled_back & delivered)
     assert rows == len(delivered)  # the handler ran once per event

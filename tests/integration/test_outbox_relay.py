@@ -63,8 +63,9 @@ def stream_url(redis_url: str) -> str:
     return url
 
 
-def publish_many(url: str, events: list[tuple[str, dict[str, Any]]], topic: str = "t.e"
-                 ) -> list[str]:
+def publish_many(
+    url: str, events: list[tuple[str, dict[str, Any]]], topic: str = "t.e"
+) -> list[str]:
     engine = sa.create_engine(url)
     ids = []
     with engine.begin() as conn:
@@ -111,11 +112,15 @@ def test_keys_in_order_and_a_late_commit_is_not_skipped(any_db: str, stream_url:
     relay = Relay(db, f"t.*={stream_url}?stream=s1", batch=7)
     stop, t = running(relay)
     try:
-        wait_until(lambda: len(stream_events(stream_url, "s1")) == 50, timeout=30,
-                   what="the first 50 events")
+        wait_until(
+            lambda: len(stream_events(stream_url, "s1")) == 50,
+            timeout=30,
+            what="the first 50 events",
+        )
         late_tx.commit()
-        wait_until(lambda: len(stream_events(stream_url, "s1")) == 51, timeout=30,
-                   what="the late event")
+        wait_until(
+            lambda: len(stream_events(stream_url, "s1")) == 51, timeout=30, what="the late event"
+        )
     finally:
         stop_relay(relay, stop, t)
         late.close()
@@ -134,8 +139,9 @@ def test_two_relays_keep_each_keys_order(any_db: str, stream_url: str) -> None:
     relays = [Relay(db, f"*={stream_url}?stream=s2", batch=5) for _ in range(2)]
     runs = [running(r) for r in relays]
     try:
-        wait_until(lambda: len(stream_events(stream_url, "s2")) >= 300, timeout=60,
-                   what="300 events")
+        wait_until(
+            lambda: len(stream_events(stream_url, "s2")) >= 300, timeout=60, what="300 events"
+        )
     finally:
         for r, (stop, t) in zip(relays, runs, strict=True):
             stop_relay(r, stop, t)
@@ -193,7 +199,8 @@ def test_rabbitmq_with_confirms_and_an_inbox_consumer(db: str) -> None:
         with kombu.Connection(amqp) as conn:
             ex = kombu.Exchange("orders", type="topic", durable=True)
             kombu.Queue("billing", ex, routing_key="order.*", durable=True)(
-                conn.channel()).declare()
+                conn.channel()
+            ).declare()
         relay = Relay(db, f"order.*={amqp}?exchange=orders")
         while relay.deliver_once():
             pass
@@ -202,15 +209,18 @@ def test_rabbitmq_with_confirms_and_an_inbox_consumer(db: str) -> None:
         seen: list[str] = []
         handler = InboxHandler(engine, "billing", lambda conn, e: seen.append(e["id"]))
         stop = threading.Event()
-        t = threading.Thread(target=RabbitMQConsumer(amqp, "billing", handler).run,
-                             args=(stop,), daemon=True)
+        t = threading.Thread(
+            target=RabbitMQConsumer(amqp, "billing", handler).run, args=(stop,), daemon=True
+        )
         t.start()
         try:
             wait_until(lambda: len(seen) == 30, timeout=30, what="30 messages")
             # The same events again (a relay that died before settling): the inbox drops them.
             dest = open_destination(f"{amqp}?exchange=orders")
-            assert dest.send([OutboxEvent(i, "order.paid", None, {}, {}) for i in ids[:5]]) \
+            assert (
+                dest.send([OutboxEvent(i, "order.paid", None, {}, {}) for i in ids[:5]])
                 == [None] * 5
+            )
             dest.close()
             time.sleep(1.0)
         finally:
@@ -238,8 +248,11 @@ def test_redis_stream_consumer_with_inbox(db: str, stream_url: str) -> None:
     t.start()
     try:
         wait_until(lambda: len(seen) >= 10, timeout=20, what="10 events consumed")
-        wait_until(lambda: consumer.client.xpending("s4", "g1")["pending"] == 0, timeout=20,
-                   what="every entry acknowledged, the duplicate too")
+        wait_until(
+            lambda: consumer.client.xpending("s4", "g1")["pending"] == 0,
+            timeout=20,
+            what="every entry acknowledged, the duplicate too",
+        )
         time.sleep(0.5)
     finally:
         stop.set()
@@ -307,22 +320,29 @@ async def _stream_messages(url: str, name: str) -> int:
         await nc.close()
 
 
-
-
-def test_a_worker_runs_the_relay_when_routes_are_set(db: str, stream_url: str, redis_url: str,
-                                                     tmp_path: Path) -> None:
+def test_a_worker_runs_the_relay_when_routes_are_set(
+    db: str, stream_url: str, redis_url: str, tmp_path: Path
+) -> None:
     """Events published outside sagas (nothing sends them optimistically) reach the
     stream through the relay bootstep of a plain `celery worker`."""
-    env = {"SAGALINE_STORE_URL": db, "CELERY_BROKER_URL": redis_url,
-           "SAGALINE_HOME": str(tmp_path), "CRASH_DIR": str(tmp_path),
-           "SAGALINE_OUTBOX_ROUTES": f"t.*={stream_url}?stream=boot"}
-    worker = WorkerProcess("tests.integration.outbox_app", env=env, concurrency=1,
-                           workdir=tmp_path / "worker")
+    env = {
+        "SAGALINE_STORE_URL": db,
+        "CELERY_BROKER_URL": redis_url,
+        "SAGALINE_HOME": str(tmp_path),
+        "CRASH_DIR": str(tmp_path),
+        "SAGALINE_OUTBOX_ROUTES": f"t.*={stream_url}?stream=boot",
+    }
+    worker = WorkerProcess(
+        "tests.integration.outbox_app", env=env, concurrency=1, workdir=tmp_path / "worker"
+    )
     worker.start()
     try:
         ids = publish_many(db, [("k", {"n": i}) for i in range(5)])
-        wait_until(lambda: len(stream_events(stream_url, "boot")) == 5, timeout=30,
-                   what="the worker's relay")
+        wait_until(
+            lambda: len(stream_events(stream_url, "boot")) == 5,
+            timeout=30,
+            what="the worker's relay",
+        )
     finally:
         worker.stop()
     assert [e["id"] for e in stream_events(stream_url, "boot")] == ids

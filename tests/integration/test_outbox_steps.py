@@ -30,24 +30,30 @@ TOPICS = ("order.debited", "order.audit", "order.refunded")
 
 
 class Env:
-    def __init__(self, runtime: Runtime, engine: sa.Engine, worker: WorkerProcess,
-                 streams: str):
+    def __init__(self, runtime: Runtime, engine: sa.Engine, worker: WorkerProcess, streams: str):
         self.runtime, self.engine, self.worker = runtime, engine, worker
         self.streams = redis.Redis.from_url(streams, decode_responses=True)
 
     def run(self, order_id: str, **kw: object) -> sagaline.SagaHandle:
-        return self.runtime.start_saga(outbox_app.pay, {"order_id": order_id, "amount": 5,
-                                                        **kw})
+        return self.runtime.start_saga(outbox_app.pay, {"order_id": order_id, "amount": 5, **kw})
 
     def count(self, table: sa.Table, order_id: str) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(table)
-                                    .where(table.c.order_id == order_id)).scalar_one())
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(table)
+                    .where(table.c.order_id == order_id)
+                ).scalar_one()
+            )
 
     def pending(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(outbox.c.event_id, outbox.c.topic, outbox.c.key)
-                                .where(outbox.c.event_id.like(f"{saga_id}:%")))
+            rows = conn.execute(
+                sa.select(outbox.c.event_id, outbox.c.topic, outbox.c.key).where(
+                    outbox.c.event_id.like(f"{saga_id}:%")
+                )
+            )
             return {r.event_id: (r.topic, r.key) for r in rows}
 
     def sent(self, saga_id: str) -> dict[str, tuple[str, str | None]]:
@@ -64,8 +70,12 @@ class Env:
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite", "mariadb"])
-def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(
+    request: pytest.FixtureRequest,
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Env]:
     home = tmp_path_factory.mktemp("outbox-home")
     crash_dir = home / "crash"
     crash_dir.mkdir()
@@ -78,24 +88,31 @@ def env(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
         os.environ["SAGALINE_HOME"] = str(home)
     client = Celery("outbox-client")
     client.conf.broker_url = broker or None
-    runtime = sagaline.init_app(client, store=store, sweeper=False, lease=3,
-                                redispatch_after=3)
+    runtime = sagaline.init_app(client, store=store, sweeper=False, lease=3, redispatch_after=3)
     runtime.store.migrate()
     engine = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://", 1))
     outbox_app.metadata.create_all(engine)
-    streams = redis_url.rsplit("/", 1)[0] + {"postgres": "/11", "sqlite": "/10",
-                                              "mariadb": "/8"}[request.param]
+    streams = (
+        redis_url.rsplit("/", 1)[0]
+        + {"postgres": "/11", "sqlite": "/10", "mariadb": "/8"}[request.param]
+    )
     redis.Redis.from_url(streams).flushdb()
-    env_vars = {"SAGALINE_STORE_URL": store, "CELERY_BROKER_URL": broker,
-                "SAGALINE_HOME": str(home), "SAGALINE_SWEEP_INTERVAL": "1",
-                "SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3",
-                "CRASH_DIR": str(crash_dir),
-                # Events go to Redis Streams (one per topic). No relay: what arrives
-                # was sent by the committing process right after its commit.
-                "SAGALINE_OUTBOX_ROUTES": f"order.*={streams}",
-                "SAGALINE_OUTBOX_RELAY": "false"}
-    worker = WorkerProcess("tests.integration.outbox_app", env=env_vars, concurrency=2,
-                           workdir=Path(home) / "worker")
+    env_vars = {
+        "SAGALINE_STORE_URL": store,
+        "CELERY_BROKER_URL": broker,
+        "SAGALINE_HOME": str(home),
+        "SAGALINE_SWEEP_INTERVAL": "1",
+        "SAGALINE_LEASE": "3",
+        "SAGALINE_REDISPATCH_AFTER": "3",
+        "CRASH_DIR": str(crash_dir),
+        # Events go to Redis Streams (one per topic). No relay: what arrives
+        # was sent by the committing process right after its commit.
+        "SAGALINE_OUTBOX_ROUTES": f"order.*={streams}",
+        "SAGALINE_OUTBOX_RELAY": "false",
+    }
+    worker = WorkerProcess(
+        "tests.integration.outbox_app", env=env_vars, concurrency=2, workdir=Path(home) / "worker"
+    )
     worker.start()
     try:
         yield Env(runtime, engine, worker, streams)
@@ -113,8 +130,10 @@ def test_writes_events_and_completion_commit_together(env: Env) -> None:
     assert h.get(timeout=60) is not None
     assert env.count(outbox_app.payments, "o-ok") == 1
     sid = h.saga_id
-    assert env.events(sid) == {f"{sid}:debit:1": ("order.debited", "o-ok"),
-                               f"{sid}:debit:2": ("order.audit", None)}
+    assert env.events(sid) == {
+        f"{sid}:debit:1": ("order.debited", "o-ok"),
+        f"{sid}:debit:2": ("order.audit", None),
+    }
     steps = {s.name: s for s in env.runtime.store.get_steps(sid)}
     assert steps["debit"].status is StepStatus.SUCCEEDED
     assert steps["debit"].output == {"debited": 5}
@@ -126,8 +145,10 @@ def test_the_committing_process_sends_the_events_at_once(env: Env) -> None:
     sid = h.saga_id
     wait_until(lambda: len(env.sent(sid)) == 2, timeout=20, what="both events sent")
     assert env.pending(sid) == {}
-    assert env.sent(sid) == {f"{sid}:debit:1": ("order.debited", "o-sent"),
-                             f"{sid}:debit:2": ("order.audit", None)}
+    assert env.sent(sid) == {
+        f"{sid}:debit:1": ("order.debited", "o-sent"),
+        f"{sid}:debit:2": ("order.audit", None),
+    }
 
 
 def test_a_failure_inside_the_block_leaves_nothing(env: Env) -> None:
@@ -160,24 +181,29 @@ def test_a_worker_killed_around_the_commit_writes_once(env: Env, when: str) -> N
     assert (Path(env.worker.env["CRASH_DIR"]) / f"{order}.{when}").exists()
 
 
-def test_an_event_started_saga_runs_once_despite_1000_redeliveries(env: Env,
-                                                                   redis_url: str) -> None:
+def test_an_event_started_saga_runs_once_despite_1000_redeliveries(
+    env: Env, redis_url: str
+) -> None:
     """The event arrives 1,001 times on a Redis stream (the relay's send plus 1,000
     injected copies); start_on's idempotency key makes one saga, which runs once."""
     url = redis_url.rsplit("/", 1)[0] + "/9"
     client = redis.Redis.from_url(url)
     client.flushdb()
     order = f"o-event-{uuid.uuid4().hex[:8]}"
-    entry = {"id": f"evt-{order}", "topic": "order.placed", "key": order,
-             "payload": json.dumps({"order_id": order, "amount": 7}), "headers": "{}"}
+    entry = {
+        "id": f"evt-{order}",
+        "topic": "order.placed",
+        "key": order,
+        "payload": json.dumps({"order_id": order, "amount": 7}),
+        "headers": "{}",
+    }
     pipe = client.pipeline(transaction=False)
     for _ in range(1001):
         pipe.xadd("placed", entry)  # type: ignore[arg-type]
     pipe.execute()
     handles: list[sagaline.SagaHandle | None] = []
     start = sagaline.start_on("order.*", outbox_app.pay, runtime=env.runtime)
-    consumer = RedisStreamConsumer(url, "placed", "starter",
-                                   lambda e: handles.append(start(e)))
+    consumer = RedisStreamConsumer(url, "placed", "starter", lambda e: handles.append(start(e)))
     stop = threading.Event()
     t = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     t.start()
@@ -192,8 +218,11 @@ def test_an_event_started_saga_runs_once_despite_1000_redeliveries(env: Env,
     h.get(timeout=60)
     assert env.count(outbox_app.payments, order) == 1
     with env.engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).select_from(sagas).where(
-            sagas.c.idempotency_key == f"evt-{order}")).scalar_one()
+        n = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(sagas)
+            .where(sagas.c.idempotency_key == f"evt-{order}")
+        ).scalar_one()
     assert n == 1
 
 

@@ -53,20 +53,28 @@ def runtime(server: PrivatePostgres) -> Iterator[Runtime]:
         rt.store.close()
 
 
-TWO_STEPS = (sagaline.Saga("crash_two_steps")
-             .add_step("crash.first", name="first", no_compensation=True)
-             .add_step("crash.second", name="second", no_compensation=True))
+TWO_STEPS = (
+    sagaline.Saga("crash_two_steps")
+    .add_step("crash.first", name="first", no_compensation=True)
+    .add_step("crash.second", name="second", no_compensation=True)
+)
 
 
 def claim(rt: Runtime, saga_id: str, step: str) -> bool:
     now = time.time()
-    return rt.store.claim_step(saga_id, step, Phase.FORWARD, 1, lease_until=now + LEASE,
-                               now=now)
+    return rt.store.claim_step(saga_id, step, Phase.FORWARD, 1, lease_until=now + LEASE, now=now)
 
 
 def complete(rt: Runtime, saga_id: str, step: str) -> bool:
-    decision = rt.apply(saga_id, engine.step_succeeded, step, 1, output={f"{step}_ran": True},
-                        compensation_data=None, has_compensation_data=False)
+    decision = rt.apply(
+        saga_id,
+        engine.step_succeeded,
+        step,
+        1,
+        output={f"{step}_ran": True},
+        compensation_data=None,
+        has_compensation_data=False,
+    )
     return decision is not None
 
 
@@ -83,7 +91,8 @@ def crash(server: PrivatePostgres, rt: Runtime) -> None:
 
 
 def test_a_claim_lost_in_a_crash_only_lets_the_step_run_again(
-        server: PrivatePostgres, runtime: Runtime) -> None:
+    server: PrivatePostgres, runtime: Runtime
+) -> None:
     saga_id = runtime.start_saga(TWO_STEPS, {"n": 1}).saga_id
     assert claim(runtime, saga_id, "first")
     runs = 1  # the body ran, then the database crashed before the completion
@@ -120,7 +129,8 @@ def test_a_claim_lost_in_a_crash_only_lets_the_step_run_again(
 
 
 def test_a_completion_survives_a_crash_with_the_claim_before_it(
-        server: PrivatePostgres, runtime: Runtime) -> None:
+    server: PrivatePostgres, runtime: Runtime
+) -> None:
     saga_id = runtime.start_saga(TWO_STEPS, {"n": 2}).saga_id
     assert claim(runtime, saga_id, "first")
     assert complete(runtime, saga_id, "first")

@@ -40,20 +40,29 @@ LEASE = 60.0
 FAST = 30.0
 
 
-@pytest.fixture(scope="module",
-                params=["redis+postgres", "embedded", "redis+redis", "redis+mariadb"])
-def poison_stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(
+    scope="module", params=["redis+postgres", "embedded", "redis+redis", "redis+mariadb"]
+)
+def poison_stack(
+    request: pytest.FixtureRequest,
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     """A worker on every store kind, with a 1 s re-publish delay so that the sweeper's
     redispatches of refused messages happen within the test."""
-    env = {"SAGALINE_LEASE": str(LEASE), "SAGALINE_REDISPATCH_AFTER": "1",
-           "SAGALINE_UNKNOWN_TASK_REDISPATCHES": "2"}
+    env = {
+        "SAGALINE_LEASE": str(LEASE),
+        "SAGALINE_REDISPATCH_AFTER": "1",
+        "SAGALINE_UNKNOWN_TASK_REDISPATCHES": "2",
+    }
     store_url = None
     if request.param == "redis+mariadb":
         store_url = create_mariadb_database()
     try:
-        yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory, env,
-                              store_url=store_url)
+        yield from make_stack(
+            request.param, pg_url, redis_url, tmp_path_factory, env, store_url=store_url
+        )
     finally:
         if store_url is not None:
             drop_mariadb_database(store_url)
@@ -87,7 +96,8 @@ HOSTILE = {
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_a_step_failing_with_hostile_text_compensates_at_once_with_its_cause(
-        poison_stack: Stack, kind: str) -> None:
+    poison_stack: Stack, kind: str
+) -> None:
     pid = poison_stack.worker.pid
     started = time.monotonic()
     handle = poison_stack.run(poison_sagas.hostile_failure, value=1, kind=kind)
@@ -104,49 +114,78 @@ def test_a_step_failing_with_hostile_text_compensates_at_once_with_its_cause(
     [detail] = failed_events(view, "raise_hostile")
     assert detail["reason"] == "error" and HOSTILE[kind] in detail["error"]
     # The body ran once: no lease expired, no crash retry.
-    assert [e.kind for e in view.history if e.step == "raise_hostile"].count(
-        "step_started") == 1
+    assert [e.kind for e in view.history if e.step == "raise_hostile"].count("step_started") == 1
     assert [a for s, a, *_ in poison_stack.ledger(handle.saga_id)] == ["do", "undo"]
 
 
 # -- messages that cannot be delivered ---------------------------------------------------------
 
 
-def send_copy(stack: Stack, saga_id: str, step: str, *, serializer: str,
-              kwargs: dict[str, Any]) -> None:
+def send_copy(
+    stack: Stack, saga_id: str, step: str, *, serializer: str, kwargs: dict[str, Any]
+) -> None:
     """Send the worker a copy of a DISPATCHED step's message, with a body of our choice."""
     saga = stack.runtime.store.get_saga(saga_id)
     assert saga is not None
     rec = next(s for s in stack.runtime.store.get_steps(saga_id) if s.name == step)
-    meta = {"saga_id": saga_id, "saga": saga.name, "fingerprint": saga.fingerprint,
-            "step": step, "phase": "forward", "attempt": rec.attempt}
-    stack.runtime.app.send_task("t.big", kwargs=kwargs, headers={HEADER: meta},
-                                serializer=serializer, queue="celery", ignore_result=True)
+    meta = {
+        "saga_id": saga_id,
+        "saga": saga.name,
+        "fingerprint": saga.fingerprint,
+        "step": step,
+        "phase": "forward",
+        "attempt": rec.attempt,
+    }
+    stack.runtime.app.send_task(
+        "t.big",
+        kwargs=kwargs,
+        headers={HEADER: meta},
+        serializer=serializer,
+        queue="celery",
+        ignore_result=True,
+    )
 
 
 def step_dispatched(stack: Stack, saga_id: str, step: str) -> bool:
-    return any(s.name == step and s.status is StepStatus.DISPATCHED
-               for s in stack.runtime.store.get_steps(saga_id))
+    return any(
+        s.name == step and s.status is StepStatus.DISPATCHED
+        for s in stack.runtime.store.get_steps(saga_id)
+    )
 
 
 POISON = {
     # case -> (saga, the step, the reason in its step_failed event, the cause contains)
-    "context_lacks_an_argument": (poison_sagas.parked_step, "big", "message_unsendable",
-                                  "message not sent: TypeError: big() missing 1 required "
-                                  "positional argument: 'x'"),
-    "task_not_registered": (poison_sagas.unregistered_step, "nobody_has_this",
-                            "task_unregistered",
-                            "TaskNotRegistered: no worker has task 't.nobody_has_this'"),
-    "undecodable_body": (poison_sagas.parked_step, "big", "message_undeliverable",
-                         "message undecodable: DecodeError"),
-    "refused_content_type": (poison_sagas.parked_step, "big", "message_undeliverable",
-                             "message rejected by the worker: ContentDisallowed"),
+    "context_lacks_an_argument": (
+        poison_sagas.parked_step,
+        "big",
+        "message_unsendable",
+        "message not sent: TypeError: big() missing 1 required positional argument: 'x'",
+    ),
+    "task_not_registered": (
+        poison_sagas.unregistered_step,
+        "nobody_has_this",
+        "task_unregistered",
+        "TaskNotRegistered: no worker has task 't.nobody_has_this'",
+    ),
+    "undecodable_body": (
+        poison_sagas.parked_step,
+        "big",
+        "message_undeliverable",
+        "message undecodable: DecodeError",
+    ),
+    "refused_content_type": (
+        poison_sagas.parked_step,
+        "big",
+        "message_undeliverable",
+        "message rejected by the worker: ContentDisallowed",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(POISON))
 def test_an_undeliverable_message_fails_its_step_and_the_saga_compensates(
-        poison_stack: Stack, case: str) -> None:
+    poison_stack: Stack, case: str
+) -> None:
     saga, step, reason, cause = POISON[case]
     pid = poison_stack.worker.pid
     # Celery checks a task's arguments when it sends it: without `x` in the context,
@@ -156,8 +195,13 @@ def test_an_undeliverable_message_fails_its_step_and_the_saga_compensates(
     if case == "undecodable_body":
         wait_until(lambda: step_dispatched(poison_stack, handle.saga_id, step), timeout=FAST)
         # kombu's JSON decoder turns this envelope into a datetime, and fails.
-        send_copy(poison_stack, handle.saga_id, step, serializer="json",
-                  kwargs={"x": {"__type__": "datetime", "__value__": "not a date"}})
+        send_copy(
+            poison_stack,
+            handle.saga_id,
+            step,
+            serializer="json",
+            kwargs={"x": {"__type__": "datetime", "__value__": "not a date"}},
+        )
     elif case == "refused_content_type":
         wait_until(lambda: step_dispatched(poison_stack, handle.saga_id, step), timeout=FAST)
         send_copy(poison_stack, handle.saga_id, step, serializer="pickle", kwargs={"x": "y"})
@@ -174,18 +218,23 @@ def test_an_undeliverable_message_fails_its_step_and_the_saga_compensates(
         # The first publish and the two redispatches at least (a copy still in flight
         # when the step failed is refused and recorded too).
         assert len(refusals) >= 3
-        assert all(r["task"] == "t.nobody_has_this" and poison_stack.worker.name in r["worker"]
-                   for r in refusals)
-        code, out, err = invoke("show", handle.saga_id, "--store",
-                                poison_stack.runtime.settings.store_url)
+        assert all(
+            r["task"] == "t.nobody_has_this" and poison_stack.worker.name in r["worker"]
+            for r in refusals
+        )
+        code, out, err = invoke(
+            "show", handle.saga_id, "--store", poison_stack.runtime.settings.store_url
+        )
         assert code == 0, err
         assert "has no task 't.nobody_has_this'" in out and "TaskNotRegistered" in out
 
 
 def test_the_worker_names_step_tasks_it_does_not_have(poison_stack: Stack) -> None:
     log = poison_stack.worker.log_text()
-    assert ("saga 'unregistered_step' step 'nobody_has_this': task 't.nobody_has_this' is "
-            "not registered in this worker") in log
+    assert (
+        "saga 'unregistered_step' step 'nobody_has_this': task 't.nobody_has_this' is "
+        "not registered in this worker"
+    ) in log
     # Only that one: every other step task of the app's sagas is there.
     assert log.count("is not registered in this worker; its messages will be refused") == 1
 
@@ -206,16 +255,19 @@ def test_a_failed_saga_says_which_compensation_failed_and_why(poison_stack: Stac
     handle = poison_stack.run(sagas_app.fragile, value=1, fail_at="s3", switch=switch)
     with pytest.raises(SagaFailed) as info:
         handle.get(timeout=FAST)
-    why = f"compensation of 's2' failed: ConnectionError: compensation of s2 failed (switch " \
-          f"{switch})"
+    why = (
+        f"compensation of 's2' failed: ConnectionError: compensation of s2 failed (switch {switch})"
+    )
     assert why in str(info.value)
     assert "s3 failed on purpose" in str(info.value)
     assert info.value.compensation_failures == {
-        "s2": f"ConnectionError: compensation of s2 failed (switch {switch})"}
+        "s2": f"ConnectionError: compensation of s2 failed (switch {switch})"
+    }
 
     store = poison_stack.runtime.settings.store_url
-    code, out, err = invoke("ls", "--json", "--status", "failed", "--limit", "1000",
-                            "--store", store)
+    code, out, err = invoke(
+        "ls", "--json", "--status", "failed", "--limit", "1000", "--store", store
+    )
     assert code == 0, err
     [line] = [json.loads(x) for x in out.splitlines() if handle.saga_id in x]
     assert why in line["summary"] and "s3 failed on purpose" in line["summary"]
@@ -252,19 +304,24 @@ def read_while_written(url: str, folder: Path, n: int, size: int) -> tuple[set[i
     import sagaline.broker
 
     sagaline.broker.register()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, url, str(folder), str(n),
-                               str(size)], cwd=REPO_ROOT)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, url, str(folder), str(n), str(size)], cwd=REPO_ROOT
+    )
     received: set[int] = set()
     failures = 0
     deadline = time.monotonic() + 60
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-               "control_folder": str(folder / "control")}
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
+    }
     try:
         with Connection(url, transport_options=options) as conn:
             queue = conn.SimpleQueue("race")
             for _ in range(100_000):
                 if time.monotonic() > deadline or (
-                        writer.poll() is not None and queue.qsize() == 0):
+                    writer.poll() is not None and queue.qsize() == 0
+                ):
                     break
                 try:
                     message = queue.get(timeout=0.01)
@@ -281,8 +338,7 @@ def read_while_written(url: str, folder: Path, n: int, size: int) -> tuple[set[i
     return received, failures
 
 
-def test_kombus_filesystem_transport_half_reads_messages_being_written(
-        tmp_path: Path) -> None:
+def test_kombus_filesystem_transport_half_reads_messages_being_written(tmp_path: Path) -> None:
     """Why sagaline has its own transport: kombu's reader takes files still being written."""
     received, failures = read_while_written("filesystem://", tmp_path, 20, 1_000_000)
     assert failures > 0 or len(received) < 20
@@ -296,8 +352,7 @@ def test_the_embedded_broker_delivers_every_large_message_whole(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("poison_stack", ["embedded"], indirect=True)
-def test_batches_of_large_sagas_on_the_embedded_defaults_all_complete(
-        poison_stack: Stack) -> None:
+def test_batches_of_large_sagas_on_the_embedded_defaults_all_complete(poison_stack: Stack) -> None:
     assert poison_stack.name == "embedded"
     pid = poison_stack.worker.pid
     for _ in range(2):
@@ -312,13 +367,23 @@ def test_batches_of_large_sagas_on_the_embedded_defaults_all_complete(
 
 
 def test_a_process_without_init_app_reads_sagas_from_the_configured_store(
-        poison_stack: Stack) -> None:
+    poison_stack: Stack,
+) -> None:
     handle = poison_stack.run(sagas_app.four_steps, value=3)
     handle.get(timeout=FAST)
-    code = ("import sagaline, sys; v = sagaline.get_saga(sys.argv[1]); "
-            "print(v.status.value, len(sagaline.list_sagas(limit=1000)) > 0)")
+    code = (
+        "import sagaline, sys; v = sagaline.get_saga(sys.argv[1]); "
+        "print(v.status.value, len(sagaline.list_sagas(limit=1000)) > 0)"
+    )
     env = {**os.environ, "SAGALINE_STORE_URL": poison_stack.runtime.settings.store_url}
-    proc = subprocess.run([sys.executable, "-c", code, handle.saga_id], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, handle.saga_id],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["COMPLETED", "True"]

@@ -72,8 +72,9 @@ def new_state(name: str = "order", **options: Any) -> SagaState:
 
 
 def create(store: RedisStore, state: SagaState) -> str:
-    saga, created = store.create_saga(state, [Event(state.saga.saga_id, "saga_started",
-                                                    state.saga.created_at)])
+    saga, created = store.create_saga(
+        state, [Event(state.saga.saga_id, "saga_started", state.saga.created_at)]
+    )
     assert created
     return saga.saga_id
 
@@ -87,7 +88,8 @@ def test_redis_urls_select_the_redis_store(prefix: str) -> None:
 
 
 def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
-        make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str) -> None:
+    make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
+) -> None:
     store, worker = make_store(), make_store()
     sid = create(store, new_state())
     seen: list[StepStatus] = []
@@ -99,9 +101,11 @@ def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
             return None  # what the engine does once the step is running
         # A worker claims the step between our read and our write.
         assert worker.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9000.0, now=1.0)
-        return Decision(steps=[replace(a, status=StepStatus.CANCELLED, due_at=None)],
-                        step_versions={"a": a.version},
-                        events=[Event(sid, "step_cancelled", 2.0, "a")])
+        return Decision(
+            steps=[replace(a, status=StepStatus.CANCELLED, due_at=None)],
+            step_versions={"a": a.version},
+            events=[Event(sid, "step_cancelled", 2.0, "a")],
+        )
 
     assert store.transact(sid, decide) is None
     assert seen == [StepStatus.DISPATCHED, StepStatus.RUNNING]
@@ -112,14 +116,17 @@ def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
 
 
 def test_branches_finishing_together_are_decided_one_after_the_other(
-        make_store: Callable[..., RedisStore]) -> None:
+    make_store: Callable[..., RedisStore],
+) -> None:
     # The write skew the SQL store's row lock prevents: each branch changes only its
     # own step, and the join step starts only if a decision sees both succeeded.
     store = make_store()
     state = new_state()
     sid = state.saga.saga_id
-    state.steps = {n: StepRecord(sid, n, i, status=StepStatus.RUNNING, attempt=1)
-                   for i, n in enumerate(["b", "c"])}
+    state.steps = {
+        n: StepRecord(sid, n, i, status=StepStatus.RUNNING, attempt=1)
+        for i, n in enumerate(["b", "c"])
+    }
     state.steps["d"] = StepRecord(sid, "d", 2)
     create(store, state)
     both_read = threading.Barrier(2)
@@ -134,24 +141,35 @@ def test_branches_finishing_together_are_decided_one_after_the_other(
             changed = [done]
             if s.steps[other].status is StepStatus.SUCCEEDED:
                 changed.append(replace(s.steps["d"], status=StepStatus.DISPATCHED, attempt=1))
-            return Decision(steps=changed, step_versions={r.name: s.steps[r.name].version
-                                                          for r in changed})
+            return Decision(
+                steps=changed, step_versions={r.name: s.steps[r.name].version for r in changed}
+            )
+
         return decide
 
     workers = [make_store(), make_store()]
-    run_threads(2, lambda i: workers[i].transact(
-        sid, finish("b", "c") if i == 0 else finish("c", "b")))
+    run_threads(
+        2, lambda i: workers[i].transact(sid, finish("b", "c") if i == 0 else finish("c", "b"))
+    )
     assert sorted(calls) == ["b", "b", "c"] or sorted(calls) == ["b", "c", "c"]
     assert [s.status for s in store.get_steps(sid)] == [
-        StepStatus.SUCCEEDED, StepStatus.SUCCEEDED, StepStatus.DISPATCHED]
+        StepStatus.SUCCEEDED,
+        StepStatus.SUCCEEDED,
+        StepStatus.DISPATCHED,
+    ]
 
 
 def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(
-        make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str) -> None:
+    make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
+) -> None:
     clients = [make_store() for _ in range(THREADS)]
     states = [new_state(key="order-42") for _ in range(THREADS)]
-    results = run_threads(THREADS, lambda i: clients[i].create_saga(
-        states[i], [Event(states[i].saga.saga_id, "saga_started", 1.0)]))
+    results = run_threads(
+        THREADS,
+        lambda i: clients[i].create_saga(
+            states[i], [Event(states[i].saga.saga_id, "saga_started", 1.0)]
+        ),
+    )
 
     assert [created for _, created in results].count(True) == 1
     winner = next(saga.saga_id for saga, created in results if created)
@@ -164,14 +182,12 @@ def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(
     assert clients[0].create_saga(new_state("refund", key="order-42"), [])[1]
 
 
-def test_a_retried_create_that_had_committed_reports_its_saga_as_created(
-        store: RedisStore) -> None:
+def test_a_retried_create_that_had_committed_reports_its_saga_as_created(store: RedisStore) -> None:
     # What a retry after a lost reply sees: its own saga already written.
     state = new_state(key="k")
     assert store.create_saga(state, [])[1]
     assert store.create_saga(state, [])[1]
-    assert store.create_saga(new_state(key="k"), []) == (store.get_saga(state.saga.saga_id),
-                                                           False)
+    assert store.create_saga(new_state(key="k"), []) == (store.get_saga(state.saga.saga_id), False)
 
 
 def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
@@ -179,28 +195,45 @@ def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix:
     sid = create(store, new_state(key="c", parent=parent))
     assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=time.time() + 30, now=1.0)
     a = store.get_steps(sid)[0]
-    store.transact(sid, lambda s: Decision(
-        saga=replace(s.saga, status=SagaStatus.COMPLETED, output={"ok": True}),
-        saga_version=s.saga.version,
-        steps=[replace(a, status=StepStatus.SUCCEEDED, due_at=None, lease_until=None)],
-        step_versions={"a": s.steps["a"].version},
-        events=[Event(sid, "saga_completed", 2.0)]))
+    store.transact(
+        sid,
+        lambda s: Decision(
+            saga=replace(s.saga, status=SagaStatus.COMPLETED, output={"ok": True}),
+            saga_version=s.saga.version,
+            steps=[replace(a, status=StepStatus.SUCCEEDED, due_at=None, lease_until=None)],
+            step_versions={"a": s.steps["a"].version},
+            events=[Event(sid, "saga_completed", 2.0)],
+        ),
+    )
 
     keys = sorted(raw.scan_iter(match=f"{prefix}:*"))
     assert {k.split(":", 2)[1] for k in keys} == {
-        "saga", "step", "steps", "events", "idem", "idx", "due"}
+        "saga",
+        "step",
+        "steps",
+        "events",
+        "idem",
+        "idx",
+        "due",
+    }
     assert {k: raw.ttl(k) for k in keys} == dict.fromkeys(keys, -1)
 
 
-def test_status_indexes_follow_every_transition(store: RedisStore, raw: redis.Redis,
-                                                 prefix: str) -> None:
+def test_status_indexes_follow_every_transition(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
     # What lists and counts read (test_store_contract proves those on every store).
     now = time.time()
-    ids = [create(store, new_state("order" if i % 2 else "ship", created_at=now + i))
-           for i in range(4)]
+    ids = [
+        create(store, new_state("order" if i % 2 else "ship", created_at=now + i)) for i in range(4)
+    ]
     done = ids[1]
-    store.transact(done, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPLETED),
-                                            saga_version=s.saga.version))
+    store.transact(
+        done,
+        lambda s: Decision(
+            saga=replace(s.saga, status=SagaStatus.COMPLETED), saga_version=s.saga.version
+        ),
+    )
 
     assert raw.zscore(f"{prefix}:idx:status:RUNNING", done) is None
     assert raw.zscore(f"{prefix}:idx:ns:COMPLETED:order", done) == now + 1
@@ -220,15 +253,20 @@ def test_a_claim_costs_one_round_trip_and_a_transact_two(store: RedisStore) -> N
     assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9e9, now=1.0)
     assert sent == ["EVALSHA"]
     sent.clear()
-    store.transact(sid, lambda s: Decision(
-        steps=[replace(s.steps["b"], status=StepStatus.DISPATCHED, attempt=1)],
-        step_versions={"b": s.steps["b"].version}))
+    store.transact(
+        sid,
+        lambda s: Decision(
+            steps=[replace(s.steps["b"], status=StepStatus.DISPATCHED, attempt=1)],
+            step_versions={"b": s.steps["b"].version},
+        ),
+    )
     assert sent == ["EVALSHA", "EVALSHA"]
 
 
 @pytest.mark.chaos
 def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
-        make_store: Callable[..., RedisStore]) -> None:
+    make_store: Callable[..., RedisStore],
+) -> None:
     with PrivateRedis(appendonly=True) as server:
         store = make_store(server.url)
         sid = create(store, new_state(key="survivor"))
@@ -237,8 +275,7 @@ def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
 
         saga = store.get_saga(sid)
         assert saga is not None and saga.status is SagaStatus.RUNNING
-        assert [s.status for s in store.get_steps(sid)] == [StepStatus.RUNNING,
-                                                            StepStatus.PENDING]
+        assert [s.status for s in store.get_steps(sid)] == [StepStatus.RUNNING, StepStatus.PENDING]
         assert [e.kind for e in store.history(sid)] == ["saga_started", "step_started"]
         assert store.create_saga(new_state(key="survivor"), [])[0].saga_id == sid
 
@@ -246,9 +283,17 @@ def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
         server.kill()
         outcome: list[Any] = []
         started = time.monotonic()
-        caller = threading.Thread(target=lambda: outcome.append(store.transact(
-            sid, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPENSATING),
-                                    saga_version=s.saga.version))))
+        caller = threading.Thread(
+            target=lambda: outcome.append(
+                store.transact(
+                    sid,
+                    lambda s: Decision(
+                        saga=replace(s.saga, status=SagaStatus.COMPENSATING),
+                        saga_version=s.saga.version,
+                    ),
+                )
+            )
+        )
         caller.start()
         time.sleep(1.0)
         assert caller.is_alive()
@@ -261,7 +306,8 @@ def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
 
 
 def test_an_unreachable_redis_fails_with_store_error_after_retry_for(
-        make_store: Callable[..., RedisStore]) -> None:
+    make_store: Callable[..., RedisStore],
+) -> None:
     store = make_store(f"redis://127.0.0.1:{free_port()}/0", retry_for=0.5)
     started = time.monotonic()
     with pytest.raises(StoreError, match="failed"):

@@ -124,20 +124,34 @@ def run_saga_like_a_worker(rt: Runtime, saga: Saga, wire: WireCounter) -> list[C
     for name in saga.graph.order:
         before = wire.mark()
         now = time.time()
-        assert rt.store.claim_step(handle.saga_id, name, Phase.FORWARD, 1,
-                                   lease_until=now + 60, now=now)
-        rt.store.transact(handle.saga_id, lambda st, n=name: engine.step_succeeded(
-            saga, st, n, 1, output={f"{n}_out": 1}, compensation_data=None,
-            has_compensation_data=False, now=time.time(), timing=rt.timing))
+        assert rt.store.claim_step(
+            handle.saga_id, name, Phase.FORWARD, 1, lease_until=now + 60, now=now
+        )
+        rt.store.transact(
+            handle.saga_id,
+            lambda st, n=name: engine.step_succeeded(
+                saga,
+                st,
+                n,
+                1,
+                output={f"{n}_out": 1},
+                compensation_data=None,
+                has_compensation_data=False,
+                now=time.time(),
+                timing=rt.timing,
+            ),
+        )
         per_step.append(wire.counts(before, wire.mark()))
     assert handle.status is SagaStatus.COMPLETED
     return per_step
 
 
 def test_each_step_costs_the_same_few_round_trips_whatever_the_saga_length(
-        store: SQLStore, tmp_path: Path) -> None:
-    rt = Runtime(Celery("rt-client", broker="memory://"), Settings.from_env(
-        store_url=store.url), store=store)
+    store: SQLStore, tmp_path: Path
+) -> None:
+    rt = Runtime(
+        Celery("rt-client", broker="memory://"), Settings.from_env(store_url=store.url), store=store
+    )
     rt.publish = lambda dispatches: None  # type: ignore[method-assign]
     wire = WireCounter(store.engine, tmp_path)
     results = {}
@@ -152,9 +166,17 @@ def test_each_step_costs_the_same_few_round_trips_whatever_the_saga_length(
     # compare-and-set that feeds the event insert, COMMIT. Complete, two: BEGIN,
     # lock and read the saga row, read its steps; then the compare-and-sets of the
     # changed steps (this one and its successor), their two events, COMMIT.
-    expected = {"round trips": 3, "BEGIN": 2, "SET": 1, "claim": 1,
-                "COMMIT": 2, "SELECT sagaline_sagas": 1, "SELECT sagaline_steps": 1,
-                "UPDATE sagaline_steps": 2, "INSERT sagaline_events": 2}
+    expected = {
+        "round trips": 3,
+        "BEGIN": 2,
+        "SET": 1,
+        "claim": 1,
+        "COMMIT": 2,
+        "SELECT sagaline_sagas": 1,
+        "SELECT sagaline_steps": 1,
+        "UPDATE sagaline_steps": 2,
+        "INSERT sagaline_events": 2,
+    }
     for c in middle:
         assert dict(c) == expected, dict(c)
         assert c["UPDATE sagaline_sagas"] == 0  # no saga document rewritten per step

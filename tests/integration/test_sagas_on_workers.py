@@ -29,8 +29,12 @@ from tests.integration.conftest import BROKER_STACKS, Stack, make_stack
 
 
 @pytest.fixture(scope="module", params=BROKER_STACKS)
-def stack(request: pytest.FixtureRequest, pg_url: str, redis_url: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest,
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     """Every stack, RabbitMQ with classic and with quorum queues included."""
     yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
 
@@ -44,19 +48,31 @@ def test_failing_last_step_compensates_the_others_once_in_reverse_order(stack: S
     assert handle.status is SagaStatus.COMPENSATED
     rows = stack.ledger(handle.saga_id)
     assert [(s, a) for s, a, *_ in rows] == [
-        ("s1", "do"), ("s2", "do"), ("s3", "do"),
-        ("s3", "undo"), ("s2", "undo"), ("s1", "undo"),
+        ("s1", "do"),
+        ("s2", "do"),
+        ("s3", "do"),
+        ("s3", "undo"),
+        ("s2", "undo"),
+        ("s1", "undo"),
     ]
     undo_data = {s: d for s, a, d, *_ in rows if a == "undo"}
-    assert undo_data == {"s3": {"step": "s3", "value": 12}, "s2": {"step": "s2", "value": 11},
-                         "s1": {"step": "s1", "value": 10}}
+    assert undo_data == {
+        "s3": {"step": "s3", "value": 12},
+        "s2": {"step": "s2", "value": 11},
+        "s1": {"step": "s1", "value": 10},
+    }
 
 
 def test_completed_saga_returns_the_merged_context(stack: Stack) -> None:
     handle = stack.run(sagas_app.four_steps, value=1)
     result = handle.get(timeout=60)
-    assert result == {"value": 1, "s1_done": True, "s2_done": True, "s3_done": True,
-                      "s4_done": True}
+    assert result == {
+        "value": 1,
+        "s1_done": True,
+        "s2_done": True,
+        "s3_done": True,
+        "s4_done": True,
+    }
     assert [a for _, a, *_ in stack.ledger(handle.saga_id)] == ["do"] * 4
     view = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
     assert view.status is SagaStatus.COMPLETED
@@ -69,7 +85,8 @@ def test_completed_saga_returns_the_merged_context(stack: Stack) -> None:
 
 
 def test_dag_branches_run_concurrently_and_a_failed_branch_rolls_back_its_sibling(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     ok = stack.run(sagas_app.dag, sleep=1.0)
     ok.get(timeout=60)
     windows = {s: (st, fin) for s, a, _, st, fin in stack.ledger(ok.saga_id) if a == "do"}
@@ -88,15 +105,18 @@ def test_dag_branches_run_concurrently_and_a_failed_branch_rolls_back_its_siblin
     assert view.step("d").status.value in ("PENDING", "CANCELLED")
 
 
-def test_steps_receive_only_accepted_kwargs_and_not_a_sibling_branch_output(
-        stack: Stack) -> None:
+def test_steps_receive_only_accepted_kwargs_and_not_a_sibling_branch_output(stack: Stack) -> None:
     handle = stack.run(sagas_app.kwargs_probe, order_id="o-1", extra="x")
     handle.get(timeout=60)
     got = {s: d for s, a, d, *_ in stack.ledger(handle.saga_id) if a == "kwargs"}
     assert got["narrow"] == {"order_id": "o-1"}
     # **kwargs receives the whole context: input, saga_id, ancestors' outputs.
-    assert got["sibling_a"] == {"order_id": "o-1", "extra": "x", "saga_id": handle.saga_id,
-                                "narrow_out": 1}
+    assert got["sibling_a"] == {
+        "order_id": "o-1",
+        "extra": "x",
+        "saga_id": handle.saga_id,
+        "narrow_out": 1,
+    }
     assert got["after_a"]["sibling_a_out"] == 2
     # sibling_b runs beside sibling_a: it never sees sibling_a's output.
     assert "sibling_a_out" not in got["sibling_b"] and got["sibling_b"]["narrow_out"] == 1
@@ -106,16 +126,24 @@ def test_a_duplicate_step_message_runs_user_code_once(stack: Stack) -> None:
     handle = stack.run(sagas_app.four_steps, value=5)
     handle.get(timeout=60)
     before = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
-    duplicate = Dispatch(handle.saga_id, "four_steps", sagas_app.four_steps.fingerprint, "s2",
-                         Phase.FORWARD, 1, "t.s2",
-                         {"saga_id": handle.saga_id, "value": 5, "s1_done": True})
+    duplicate = Dispatch(
+        handle.saga_id,
+        "four_steps",
+        sagas_app.four_steps.fingerprint,
+        "s2",
+        Phase.FORWARD,
+        1,
+        "t.s2",
+        {"saga_id": handle.saga_id, "value": 5, "s1_done": True},
+    )
     stack.runtime.publish([duplicate, duplicate])
     time.sleep(3)
     after = sagaline.get_saga(handle.saga_id, runtime=stack.runtime)
     assert [a for s, a, *_ in stack.ledger(handle.saga_id) if s == "s2"] == ["do"]
     assert len(after.history) == len(before.history)
-    assert [(s.status, s.version) for s in after.steps] == \
-        [(s.status, s.version) for s in before.steps]
+    assert [(s.status, s.version) for s in after.steps] == [
+        (s.status, s.version) for s in before.steps
+    ]
 
 
 def test_a_retried_step_records_each_attempt(stack: Stack) -> None:
@@ -150,8 +178,11 @@ def test_retries_waiting_their_backoff_leave_the_worker_free(stack: Stack) -> No
     # a quorum queue Celery cannot raise the prefetch to make room: four of them would
     # stall every other saga for their whole backoff.
     waiting = [stack.run(sagas_app.slow_backoff, fail_times=1) for _ in range(4)]
-    wait_until(lambda: all(len(stack.ledger(h.saga_id)) == 1 for h in waiting),
-               timeout=30, what="the first attempts to fail")
+    wait_until(
+        lambda: all(len(stack.ledger(h.saga_id)) == 1 for h in waiting),
+        timeout=30,
+        what="the first attempts to fail",
+    )
     started = time.monotonic()
     stack.run(sagas_app.four_steps, value=2).get(timeout=60)
     took = time.monotonic() - started
@@ -170,11 +201,11 @@ def test_non_json_input_is_refused_before_anything_is_stored(stack: Stack) -> No
 
 def test_non_json_step_output_fails_the_step_and_compensates(stack: Stack) -> None:
     handle = stack.run(sagas_app.bad_output, value=3)
-    with pytest.raises(SagaCompensated,
-                       match=r"output of step 'unjson'\['when'\]: type object is not JSON"):
+    with pytest.raises(
+        SagaCompensated, match=r"output of step 'unjson'\['when'\]: type object is not JSON"
+    ):
         handle.get(timeout=60)
-    assert [(s, a) for s, a, *_ in stack.ledger(handle.saga_id)] == [("s1", "do"),
-                                                                     ("s1", "undo")]
+    assert [(s, a) for s, a, *_ in stack.ledger(handle.saga_id)] == [("s1", "do"), ("s1", "undo")]
 
 
 CONCURRENT_RUNS = """
@@ -201,15 +232,23 @@ def test_concurrent_runs_with_one_idempotency_key_make_one_execution(stack: Stac
     key = f"order-{uuid.uuid4()}"
     store = stack.env["SAGALINE_STORE_URL"]
     env = {**os.environ, **{k: v for k, v in stack.env.items() if v}}
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUNS, store, key],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_RUNS, store, key],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     ids: list[str] = []
     lock = threading.Lock()
 
     def go() -> None:
-        saga_id = stack.runtime.start_saga(sagas_app.four_steps, {"value": 1},
-                                           idempotency_key=key).saga_id
+        saga_id = stack.runtime.start_saga(
+            sagas_app.four_steps, {"value": 1}, idempotency_key=key
+        ).saga_id
         with lock:
             ids.append(saga_id)
 
@@ -224,10 +263,13 @@ def test_concurrent_runs_with_one_idempotency_key_make_one_execution(stack: Stac
         ids += json.loads(out.strip().splitlines()[-1])
     assert len(ids) == 20
     assert len(set(ids)) == 1, set(ids)
-    matching = [s for s in stack.runtime.store.list_sagas(
-        sagaline.records.SagaFilter(name="four_steps", limit=1000))
-        if s.idempotency_key == key]
+    matching = [
+        s
+        for s in stack.runtime.store.list_sagas(
+            sagaline.records.SagaFilter(name="four_steps", limit=1000)
+        )
+        if s.idempotency_key == key
+    ]
     assert len(matching) == 1
     sagaline.SagaHandle(stack.runtime, ids[0], "four_steps").get(timeout=60)
     assert [a for _, a, *_ in stack.ledger(ids[0])] == ["do"] * 4
-

@@ -114,9 +114,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def started(st: Store, **kwargs: Any) -> SagaState:
     state = make_state(**kwargs)
-    events = [Event(state.saga.saga_id, "saga_started", state.saga.created_at),
-              Event(state.saga.saga_id, "step_dispatched", state.saga.created_at, "a", 1,
-                    "forward")]
+    events = [
+        Event(state.saga.saga_id, "saga_started", state.saga.created_at),
+        Event(state.saga.saga_id, "step_dispatched", state.saga.created_at, "a", 1, "forward"),
+    ]
     _, created = st.create_saga(state, events)
     assert created
     return state
@@ -130,8 +131,11 @@ def step_of(st: Store, saga_id: str, name: str) -> StepRecord:
 def change_step(state: SagaState, name: str, **fields: Any) -> Decision:
     """A decision that changes one step, compare-and-set on the version it read."""
     rec = state.steps[name]
-    return Decision(steps=[replace(rec, **fields)], step_versions={name: rec.version},
-                    events=[Event(state.saga.saga_id, "changed", T0, name)])
+    return Decision(
+        steps=[replace(rec, **fields)],
+        step_versions={name: rec.version},
+        events=[Event(state.saga.saga_id, "changed", T0, name)],
+    )
 
 
 def defaulted_fields(rec: Any) -> list[str]:
@@ -154,40 +158,90 @@ def defaulted_fields(rec: Any) -> list[str]:
 
 def test_create_saga_round_trips_every_field(store: Store) -> None:
     sid = str(uuid.uuid4())
-    nested = {"order": {"id": "ördér-✓", "lines": [1, 2.5, None, True, {"sku": "ü"}]},
-              "empty": {}, "list": [], "emoji": "🚀"}
+    nested = {
+        "order": {"id": "ördér-✓", "lines": [1, 2.5, None, True, {"sku": "ü"}]},
+        "empty": {},
+        "list": [],
+        "emoji": "🚀",
+    }
     saga = SagaRecord(
-        saga_id=sid, name="round_trip", status=SagaStatus.COMPENSATING, input=nested,
-        fingerprint="0123456789abcdef", created_at=T0, updated_at=T0 + 1.5,
-        idempotency_key="key-ñ-1", output={"done": [1, {"x": None}]}, error="Boom: ✗ failed",
-        failed_step="b", finished_at=T0 + 2.25, deadline=T0 + 60, due_at=T0 + 61.5,
-        parent_saga_id=str(uuid.uuid4()), parent_step="child", version=7,
+        saga_id=sid,
+        name="round_trip",
+        status=SagaStatus.COMPENSATING,
+        input=nested,
+        fingerprint="0123456789abcdef",
+        created_at=T0,
+        updated_at=T0 + 1.5,
+        idempotency_key="key-ñ-1",
+        output={"done": [1, {"x": None}]},
+        error="Boom: ✗ failed",
+        failed_step="b",
+        finished_at=T0 + 2.25,
+        deadline=T0 + 60,
+        due_at=T0 + 61.5,
+        parent_saga_id=str(uuid.uuid4()),
+        parent_step="child",
+        version=7,
         input_fingerprint="0123456789abcdef" * 2,
-        trace_context="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01:00f067aa0ba902b7")
+        trace_context="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01:00f067aa0ba902b7",
+    )
     steps = {
-        "a": StepRecord(sid, "a", 0, status=StepStatus.SUCCEEDED, attempt=2,
-                        comp_status=CompensationStatus.COMPENSATION_FAILED, comp_attempt=3,
-                        output={"txn": "t-1", "nested": {"k": [1, 2]}},
-                        compensation_data={"refund": 9.99}, has_compensation_data=True,
-                        error="Timeout: first try", comp_error="Refused: ✗",
-                        lease_until=T0 + 90.5, due_at=T0 + 90.5, started_at=T0 + 0.5,
-                        finished_at=T0 + 1.0, redispatches=4, version=9,
-                        owner_node="celery@host-ü", owner_boot="b" * 32, owner_pid=4321),
-        "b": StepRecord(sid, "b", 1, status=StepStatus.FAILED, attempt=1, output="plain ✓",
-                        compensation_data=None, has_compensation_data=True),
+        "a": StepRecord(
+            sid,
+            "a",
+            0,
+            status=StepStatus.SUCCEEDED,
+            attempt=2,
+            comp_status=CompensationStatus.COMPENSATION_FAILED,
+            comp_attempt=3,
+            output={"txn": "t-1", "nested": {"k": [1, 2]}},
+            compensation_data={"refund": 9.99},
+            has_compensation_data=True,
+            error="Timeout: first try",
+            comp_error="Refused: ✗",
+            lease_until=T0 + 90.5,
+            due_at=T0 + 90.5,
+            started_at=T0 + 0.5,
+            finished_at=T0 + 1.0,
+            redispatches=4,
+            version=9,
+            owner_node="celery@host-ü",
+            owner_boot="b" * 32,
+            owner_pid=4321,
+        ),
+        "b": StepRecord(
+            sid,
+            "b",
+            1,
+            status=StepStatus.FAILED,
+            attempt=1,
+            output="plain ✓",
+            compensation_data=None,
+            has_compensation_data=True,
+        ),
         "c": StepRecord(sid, "c", 2, status=StepStatus.CANCELLED, output=[1, "two"]),
     }
-    events = [Event(sid, "saga_started", T0, detail={"name": "round_trip", "deep": {"k": "✓"}}),
-              Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward"),
-              Event(sid, "compensation_failed", T0 + 0.5, "a", 3, "compensate",
-                    detail={"error": "Refused: ✗", "permanent": True})]
+    events = [
+        Event(sid, "saga_started", T0, detail={"name": "round_trip", "deep": {"k": "✓"}}),
+        Event(sid, "step_dispatched", T0 + 0.25, "a", 1, "forward"),
+        Event(
+            sid,
+            "compensation_failed",
+            T0 + 0.5,
+            "a",
+            3,
+            "compensate",
+            detail={"error": "Refused: ✗", "permanent": True},
+        ),
+    ]
     # Every field differs from its default, so a field that a store forgets to keep
     # fails below. The one exception: an event's seq is the store's to assign.
     assert defaulted_fields(saga) == []
     assert defaulted_fields(steps["a"]) == []
     assert defaulted_fields(events[2]) == ["seq"]
-    record, created = store.create_saga(SagaState(copy.deepcopy(saga), copy.deepcopy(steps)),
-                                        events)
+    record, created = store.create_saga(
+        SagaState(copy.deepcopy(saga), copy.deepcopy(steps)), events
+    )
     assert created
     assert record.saga_id == sid
     assert store.get_saga(sid) == saga
@@ -196,8 +250,14 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
     assert [(e.kind, e.ts, e.step, e.attempt, e.phase, e.detail) for e in history] == [
         ("saga_started", T0, None, None, None, {"name": "round_trip", "deep": {"k": "✓"}}),
         ("step_dispatched", T0 + 0.25, "a", 1, "forward", {}),
-        ("compensation_failed", T0 + 0.5, "a", 3, "compensate",
-         {"error": "Refused: ✗", "permanent": True}),
+        (
+            "compensation_failed",
+            T0 + 0.5,
+            "a",
+            3,
+            "compensate",
+            {"error": "Refused: ✗", "permanent": True},
+        ),
     ]
     assert all(e.saga_id == sid and e.seq is not None for e in history)
     assert history[2] == replace(events[2], seq=history[2].seq)
@@ -238,11 +298,24 @@ def test_failure_text_that_drivers_refuse_is_stored_escaped(store: Store, case: 
     assert saga is not None and saga.error == stored
     assert step_of(store, sid, "a").error == stored
 
-    store.transact(sid, lambda st: Decision(
-        steps=[replace(st.steps["b"], comp_error=raw)],
-        step_versions={"b": st.steps["b"].version},
-        events=[Event(sid, "compensation_failed", T0, "b", 1, "compensate",
-                      {"error": raw, "nested": [{raw: raw}]})]))
+    store.transact(
+        sid,
+        lambda st: Decision(
+            steps=[replace(st.steps["b"], comp_error=raw)],
+            step_versions={"b": st.steps["b"].version},
+            events=[
+                Event(
+                    sid,
+                    "compensation_failed",
+                    T0,
+                    "b",
+                    1,
+                    "compensate",
+                    {"error": raw, "nested": [{raw: raw}]},
+                )
+            ],
+        ),
+    )
     assert step_of(store, sid, "b").comp_error == stored
     last = store.history(sid)[-1]
     assert last.detail == {"error": stored, "nested": [{stored: stored}]}
@@ -254,8 +327,7 @@ def test_huge_failure_text_is_cut_with_a_visible_marker(store: Store) -> None:
     state = make_state()
     sid = state.saga.saga_id
     state.steps["a"].error = raw
-    store.create_saga(state, [Event(sid, "step_failed", T0, "a", 1, "forward",
-                                    {"error": raw})])
+    store.create_saga(state, [Event(sid, "step_failed", T0, "a", 1, "forward", {"error": raw})])
     stored = step_of(store, sid, "a").error
     assert stored is not None and stored == storable_text(raw)
     assert len(stored) <= MAX_TEXT
@@ -339,11 +411,20 @@ def test_claim_moves_a_dispatched_attempt_to_running_exactly_once(store: Store) 
     rec = step_of(store, sid, "a")
     assert rec.status is StepStatus.RUNNING
     assert (rec.attempt, rec.lease_until, rec.due_at, rec.started_at) == (
-        1, T0 + LEASE, T0 + LEASE, T0 + 1)
+        1,
+        T0 + LEASE,
+        T0 + LEASE,
+        T0 + 1,
+    )
     assert rec.version > state.steps["a"].version
     last = store.history(sid)[-1]
     assert (last.kind, last.step, last.attempt, last.phase, last.ts) == (
-        "step_started", "a", 1, "forward", T0 + 1)
+        "step_started",
+        "a",
+        1,
+        "forward",
+        T0 + 1,
+    )
     # A duplicate delivery of the same message is refused, and logs nothing.
     assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 99, now=T0 + 2)
     assert step_of(store, sid, "a").lease_until == T0 + LEASE
@@ -357,25 +438,33 @@ def test_only_one_of_twenty_concurrent_claims_wins(store: Store) -> None:
 
     def claim(i: int) -> None:
         barrier.wait(timeout=30)
-        won[i] = store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 1000 + i,
-                                  now=T0 + 500)
+        won[i] = store.claim_step(
+            sid, "a", Phase.FORWARD, 1, lease_until=T0 + 1000 + i, now=T0 + 500
+        )
 
     run_threads(THREADS, claim)
     assert won.count(True) == 1
     winner = won.index(True)
     step = step_of(store, sid, "a")
     assert (step.status, step.version, step.lease_until) == (
-        StepStatus.RUNNING, 1, T0 + 1000 + winner)
+        StepStatus.RUNNING,
+        1,
+        T0 + 1000 + winner,
+    )
     assert store.find_due(T0 + 2000) == [DueItem(sid, "a", T0 + 1000 + winner)]
     assert [e.kind for e in store.history(sid)] == [
-        "saga_started", "step_dispatched", "step_started"]
+        "saga_started",
+        "step_dispatched",
+        "step_started",
+    ]
     # A stale attempt and a duplicate of the winning one are refused as well.
     assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 3000, now=T0 + 600)
     assert not store.claim_step(sid, "a", Phase.FORWARD, 0, lease_until=T0 + 3000, now=T0 + 600)
 
 
 def test_claim_is_refused_for_a_stale_attempt_a_pending_step_or_the_wrong_phase(
-        store: Store) -> None:
+    store: Store,
+) -> None:
     sid = started(store).saga.saga_id
     kw: dict[str, float] = {"lease_until": T0 + LEASE, "now": T0}
     assert not store.claim_step(sid, "a", Phase.FORWARD, 2, **kw)
@@ -390,8 +479,12 @@ def test_claim_is_refused_for_a_stale_attempt_a_pending_step_or_the_wrong_phase(
 
 def test_claim_of_a_compensation_moves_only_the_compensation_to_running(store: Store) -> None:
     state = make_state(status=SagaStatus.COMPENSATING)
-    state.steps["a"] = replace(state.steps["a"], status=StepStatus.SUCCEEDED,
-                               comp_status=CompensationStatus.DISPATCHED, comp_attempt=2)
+    state.steps["a"] = replace(
+        state.steps["a"],
+        status=StepStatus.SUCCEEDED,
+        comp_status=CompensationStatus.DISPATCHED,
+        comp_attempt=2,
+    )
     store.create_saga(state, [])
     sid = state.saga.saga_id
     assert not store.claim_step(sid, "a", Phase.COMPENSATE, 1, lease_until=T0 + LEASE, now=T0)
@@ -403,7 +496,11 @@ def test_claim_of_a_compensation_moves_only_the_compensation_to_running(store: S
     assert (rec.lease_until, rec.due_at) == (T0 + LEASE, T0 + LEASE)
     (event,) = store.history(sid)
     assert (event.kind, event.step, event.attempt, event.phase) == (
-        "compensation_started", "a", 2, "compensate")
+        "compensation_started",
+        "a",
+        2,
+        "compensate",
+    )
     assert not store.claim_step(sid, "a", Phase.COMPENSATE, 2, lease_until=T0 + LEASE, now=T0)
 
 
@@ -419,8 +516,10 @@ def test_renew_lease_extends_only_the_running_claim(store: Store) -> None:
     assert (rec.status, rec.lease_until, rec.due_at) == (StepStatus.RUNNING, T0 + 120, T0 + 120)
     assert rec.version == 2  # the claim, then the renewal: a racing decision must re-read
     # Once the step is settled the old claim cannot renew anything.
-    store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
-                                              lease_until=None, due_at=None))
+    store.transact(
+        sid,
+        lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED, lease_until=None, due_at=None),
+    )
     assert not store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 200)
     assert step_of(store, sid, "a").lease_until is None
 
@@ -429,19 +528,29 @@ def test_a_claim_records_its_owner_and_the_next_claim_replaces_it(store: Store) 
     sid = started(store).saga.saga_id
     owner = Owner("w1@host", "boot-1", 4242)
     assert step_of(store, sid, "a").owner is None
-    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0,
-                            owner=owner)
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0, owner=owner)
     rec = step_of(store, sid, "a")
     assert rec.owner == owner
     assert (rec.owner_node, rec.owner_boot, rec.owner_pid) == ("w1@host", "boot-1", 4242)
     # A refused claim leaves the owner alone; renewals keep it.
-    assert not store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0,
-                                owner=Owner("w2@host", "boot-2", 1))
+    assert not store.claim_step(
+        sid,
+        "a",
+        Phase.FORWARD,
+        1,
+        lease_until=T0 + LEASE,
+        now=T0,
+        owner=Owner("w2@host", "boot-2", 1),
+    )
     assert store.renew_lease(sid, "a", Phase.FORWARD, 1, T0 + 120)
     assert step_of(store, sid, "a").owner == owner
     # The next attempt, claimed outside any worker, has no owner.
-    store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.DISPATCHED, attempt=2,
-                                              lease_until=None, due_at=T0 + 30))
+    store.transact(
+        sid,
+        lambda s: change_step(
+            s, "a", status=StepStatus.DISPATCHED, attempt=2, lease_until=None, due_at=T0 + 30
+        ),
+    )
     assert store.claim_step(sid, "a", Phase.FORWARD, 2, lease_until=T0 + LEASE, now=T0)
     assert step_of(store, sid, "a").owner is None
 
@@ -456,28 +565,46 @@ def test_find_claimed_returns_the_running_claims_of_one_node_only(store: Store) 
     unowned = started(store).saga.saga_id
     store.claim_step(unowned, "a", Phase.FORWARD, 1, **kw)
     comp = make_state(status=SagaStatus.COMPENSATING)
-    comp.steps["a"] = replace(comp.steps["a"], status=StepStatus.SUCCEEDED,
-                              comp_status=CompensationStatus.DISPATCHED, comp_attempt=1)
+    comp.steps["a"] = replace(
+        comp.steps["a"],
+        status=StepStatus.SUCCEEDED,
+        comp_status=CompensationStatus.DISPATCHED,
+        comp_attempt=1,
+    )
     store.create_saga(comp, [])
-    store.claim_step(comp.saga.saga_id, "a", Phase.COMPENSATE, 1,
-                     owner=Owner("w1@host", "boot-0", 12), **kw)
+    store.claim_step(
+        comp.saga.saga_id, "a", Phase.COMPENSATE, 1, owner=Owner("w1@host", "boot-0", 12), **kw
+    )
     only_dispatched = started(store).saga.saga_id  # never claimed
 
     found = store.find_claimed("w1@host")
-    assert sorted((r.saga_id, r.running_phase, r.owner) for r in found) == sorted([
-        (forward, Phase.FORWARD, mine),
-        (comp.saga.saga_id, Phase.COMPENSATE, Owner("w1@host", "boot-0", 12))])
+    assert sorted((r.saga_id, r.running_phase, r.owner) for r in found) == sorted(
+        [
+            (forward, Phase.FORWARD, mine),
+            (comp.saga.saga_id, Phase.COMPENSATE, Owner("w1@host", "boot-0", 12)),
+        ]
+    )
     assert {r.saga_id for r in store.find_claimed("w2@host")} == {elsewhere}
     assert store.find_claimed("w3@host") == []
     assert len(store.find_claimed("w1@host", limit=1)) == 1
     assert only_dispatched not in {r.saga_id for r in found}
     # Once the claim ends (the step settled, or handed back for a retry), it is not found,
     # though the step keeps the owner of its last claim.
-    store.transact(forward, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
-                                                  lease_until=None, due_at=None))
-    store.transact(comp.saga.saga_id, lambda s: change_step(
-        s, "a", comp_status=CompensationStatus.DISPATCHED, comp_attempt=2, lease_until=None,
-        due_at=T0 + 30))
+    store.transact(
+        forward,
+        lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED, lease_until=None, due_at=None),
+    )
+    store.transact(
+        comp.saga.saga_id,
+        lambda s: change_step(
+            s,
+            "a",
+            comp_status=CompensationStatus.DISPATCHED,
+            comp_attempt=2,
+            lease_until=None,
+            due_at=T0 + 30,
+        ),
+    )
     assert store.find_claimed("w1@host") == []
     assert step_of(store, forward, "a").owner == mine
     assert {r.saga_id for r in store.find_claimed("w2@host")} == {elsewhere}
@@ -495,17 +622,31 @@ def test_transact_decides_on_the_stored_state_and_writes_the_decision(store: Sto
 
     def decide(current: SagaState) -> Decision:
         seen.append(copy.deepcopy(current))
-        saga = replace(current.saga, status=SagaStatus.COMPLETED, output={"r": [1, "✓"]},
-                       finished_at=T0 + 5, due_at=None)
-        a = replace(current.steps["a"], status=StepStatus.SUCCEEDED, output={"x": 1},
-                    lease_until=None, due_at=None)
+        saga = replace(
+            current.saga,
+            status=SagaStatus.COMPLETED,
+            output={"r": [1, "✓"]},
+            finished_at=T0 + 5,
+            due_at=None,
+        )
+        a = replace(
+            current.steps["a"],
+            status=StepStatus.SUCCEEDED,
+            output={"x": 1},
+            lease_until=None,
+            due_at=None,
+        )
         b = replace(current.steps["b"], status=StepStatus.SKIPPED)
-        return Decision(saga=saga, steps=[a, b],
-                        events=[Event(sid, "step_succeeded", T0 + 5, "a", 1, "forward"),
-                                Event(sid, "saga_completed", T0 + 5)],
-                        saga_version=current.saga.version,
-                        step_versions={"a": current.steps["a"].version,
-                                       "b": current.steps["b"].version})
+        return Decision(
+            saga=saga,
+            steps=[a, b],
+            events=[
+                Event(sid, "step_succeeded", T0 + 5, "a", 1, "forward"),
+                Event(sid, "saga_completed", T0 + 5),
+            ],
+            saga_version=current.saga.version,
+            step_versions={"a": current.steps["a"].version, "b": current.steps["b"].version},
+        )
 
     written = store.transact(sid, decide)
     assert written is not None
@@ -519,7 +660,11 @@ def test_transact_decides_on_the_stored_state_and_writes_the_decision(store: Sto
     saga = store.get_saga(sid)
     assert saga is not None
     assert (saga.status, saga.output, saga.finished_at, saga.due_at) == (
-        SagaStatus.COMPLETED, {"r": [1, "✓"]}, T0 + 5, None)
+        SagaStatus.COMPLETED,
+        {"r": [1, "✓"]},
+        T0 + 5,
+        None,
+    )
     assert saga.version == snapshot.saga.version + 1
     steps = {s.name: s for s in store.get_steps(sid)}
     assert (steps["a"].status, steps["a"].output) == (StepStatus.SUCCEEDED, {"x": 1})
@@ -551,8 +696,7 @@ def test_transact_never_overwrites_a_claim_that_raced_it(store: Store) -> None:
     claimers: list[threading.Thread] = []
 
     def claim() -> None:
-        claimed.append(store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE,
-                                        now=T0))
+        claimed.append(store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0))
 
     def decide(current: SagaState) -> Decision | None:
         seen.append(copy.deepcopy(current.steps["a"]))
@@ -608,6 +752,7 @@ def test_transacts_of_one_saga_are_serialized(store: Store) -> None:
                 t.start()
                 t.join(timeout=1.0)  # it commits now, or waits for us to commit
             return change_step(current, mine, status=StepStatus.SUCCEEDED)
+
         return decide
 
     store.transact(sid, finish("c", "b"))
@@ -626,8 +771,9 @@ def test_transact_rejects_a_decision_on_a_stale_saga_version(store: Store) -> No
     def increment(current: SagaState) -> Decision:
         time.sleep(0.002)  # widen the window between read and write
         saga = replace(current.saga, output={"n": (current.saga.output or {"n": 0})["n"] + 1})
-        return Decision(saga=saga, saga_version=current.saga.version,
-                        events=[Event(sid, "incremented", T0)])
+        return Decision(
+            saga=saga, saga_version=current.saga.version, events=[Event(sid, "incremented", T0)]
+        )
 
     def worker(_: int) -> None:
         for _ in range(10):
@@ -646,9 +792,11 @@ def test_concurrent_transacts_on_one_saga_never_lose_an_update(store: Store) -> 
     def bump(state: SagaState) -> Decision:
         saga = state.saga
         count = (saga.output or {}).get("count", 0) + 1
-        return Decision(saga=replace(saga, output={"count": count}),
-                        saga_version=saga.version,
-                        events=[Event(sid, "bumped", time.time(), detail={"count": count})])
+        return Decision(
+            saga=replace(saga, output={"count": count}),
+            saga_version=saga.version,
+            events=[Event(sid, "bumped", time.time(), detail={"count": count})],
+        )
 
     def worker(_: int) -> None:
         barrier.wait(timeout=30)
@@ -683,8 +831,14 @@ def test_events_are_appended_in_order_with_increasing_seq(store: Store) -> None:
     for i in range(1, 4):
         store.append_event(Event(one, "note", T0 + i, detail={"i": i}))
     history = store.history(one)
-    assert [e.kind for e in history] == ["saga_started", "step_dispatched", "step_started",
-                                         "note", "note", "note"]
+    assert [e.kind for e in history] == [
+        "saga_started",
+        "step_dispatched",
+        "step_started",
+        "note",
+        "note",
+        "note",
+    ]
     assert [e.detail.get("i") for e in history[3:]] == [1, 2, 3]
     seqs = [e.seq or 0 for e in history]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
@@ -700,12 +854,22 @@ def test_events_are_appended_in_order_with_increasing_seq(store: Store) -> None:
 
 def _catalog(st: Store) -> list[str]:
     """Six sagas, created one second apart: ids[i] was created at T0 + i."""
-    statuses = [SagaStatus.RUNNING, SagaStatus.COMPLETED, SagaStatus.COMPENSATED,
-                SagaStatus.FAILED, SagaStatus.RUNNING, SagaStatus.COMPLETED]
+    statuses = [
+        SagaStatus.RUNNING,
+        SagaStatus.COMPLETED,
+        SagaStatus.COMPENSATED,
+        SagaStatus.FAILED,
+        SagaStatus.RUNNING,
+        SagaStatus.COMPLETED,
+    ]
     ids = []
     for i, status in enumerate(statuses):
-        state = make_state(name="alpha" if i % 2 == 0 else "beta", created_at=T0 + i,
-                           status=status, parent="parent-1" if i == 3 else None)
+        state = make_state(
+            name="alpha" if i % 2 == 0 else "beta",
+            created_at=T0 + i,
+            status=status,
+            parent="parent-1" if i == 3 else None,
+        )
         st.create_saga(state, [])
         ids.append(state.saga.saga_id)
     return ids
@@ -743,7 +907,9 @@ def test_list_sagas_pages_with_limit_and_offset(store: Store) -> None:
     assert listed(limit=2, offset=4) == [ids[1], ids[0]]
     assert listed(limit=10, offset=6) == []
     assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], limit=2, offset=1) == [
-        ids[4], ids[1]]
+        ids[4],
+        ids[1],
+    ]
 
 
 def test_list_sagas_filters_by_idempotency_key_and_failed_step(store: Store) -> None:
@@ -766,34 +932,33 @@ def test_list_sagas_filters_by_idempotency_key_and_failed_step(store: Store) -> 
     assert listed(failed_step="b", status=[SagaStatus.RUNNING]) == []
 
 
-def test_keyset_pages_follow_the_cursor_and_ignore_sagas_inserted_meanwhile(
-        store: Store) -> None:
+def test_keyset_pages_follow_the_cursor_and_ignore_sagas_inserted_meanwhile(store: Store) -> None:
     # Two sagas share a creation time: the cursor's saga id orders the tie.
     times = [T0, T0 + 1, T0 + 1, T0 + 2, T0 + 3]
     states = [make_state(created_at=t) for t in times]
     for state in states:
         store.create_saga(state, [])
-    order = [s.saga.saga_id for s in sorted(states, key=lambda s: (s.saga.created_at,
-                                                                  s.saga.saga_id),
-                                             reverse=True)]
+    order = [
+        s.saga.saga_id
+        for s in sorted(states, key=lambda s: (s.saga.created_at, s.saga.saga_id), reverse=True)
+    ]
     first = store.list_sagas(SagaFilter(limit=2))
     assert [s.saga_id for s in first] == order[:2]
     store.create_saga(make_state(created_at=T0 + 10), [])  # newer: never on a later page
     cursor = (first[-1].created_at, first[-1].saga_id)
     second = store.list_sagas(SagaFilter(limit=2, before=cursor))
     assert [s.saga_id for s in second] == order[2:4]
-    third = store.list_sagas(SagaFilter(limit=2, before=(second[-1].created_at,
-                                                         second[-1].saga_id)))
+    third = store.list_sagas(
+        SagaFilter(limit=2, before=(second[-1].created_at, second[-1].saga_id))
+    )
     assert [s.saga_id for s in third] == order[4:]
-    running = store.list_sagas(SagaFilter(status=[SagaStatus.RUNNING], limit=10,
-                                          before=cursor))
+    running = store.list_sagas(SagaFilter(status=[SagaStatus.RUNNING], limit=10, before=cursor))
     assert [s.saga_id for s in running] == order[2:]
 
 
 def test_steps_of_reads_the_steps_of_several_sagas_in_order(store: Store) -> None:
     first, second = started(store), started(store)
-    found = store.steps_of([second.saga.saga_id, "no-such-saga", first.saga.saga_id,
-                            "bad\x00id"])
+    found = store.steps_of([second.saga.saga_id, "no-such-saga", first.saga.saga_id, "bad\x00id"])
     assert set(found) == {first.saga.saga_id, second.saga.saga_id}
     for state in (first, second):
         rows = found[state.saga.saga_id]
@@ -806,8 +971,14 @@ def test_count_by_status_counts_every_status(store: Store) -> None:
     assert store.count_by_status() == dict.fromkeys(SagaStatus, 0)
     _catalog(store)
     expected = dict.fromkeys(SagaStatus, 0)
-    expected.update({SagaStatus.RUNNING: 2, SagaStatus.COMPLETED: 2,
-                     SagaStatus.COMPENSATED: 1, SagaStatus.FAILED: 1})
+    expected.update(
+        {
+            SagaStatus.RUNNING: 2,
+            SagaStatus.COMPLETED: 2,
+            SagaStatus.COMPENSATED: 1,
+            SagaStatus.FAILED: 1,
+        }
+    )
     assert store.count_by_status() == expected
     alpha = dict.fromkeys(SagaStatus, 0)
     alpha.update({SagaStatus.RUNNING: 2, SagaStatus.COMPENSATED: 1})
@@ -816,8 +987,12 @@ def test_count_by_status_counts_every_status(store: Store) -> None:
 
 def test_count_by_status_follows_status_changes(store: Store) -> None:
     sid = started(store, name="moving").saga.saga_id
-    store.transact(sid, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPENSATING),
-                                           saga_version=s.saga.version))
+    store.transact(
+        sid,
+        lambda s: Decision(
+            saga=replace(s.saga, status=SagaStatus.COMPENSATING), saga_version=s.saga.version
+        ),
+    )
     counts = store.count_by_status("moving")
     assert (counts[SagaStatus.RUNNING], counts[SagaStatus.COMPENSATING]) == (0, 1)
     listed = store.list_sagas(SagaFilter(status=[SagaStatus.RUNNING], name="moving"))
@@ -825,11 +1000,17 @@ def test_count_by_status_follows_status_changes(store: Store) -> None:
 
 
 def test_lists_and_counts_follow_every_status_transition(store: Store) -> None:
-    ids = [started(store, name="order" if i % 2 else "ship", created_at=T0 + i).saga.saga_id
-           for i in range(4)]
+    ids = [
+        started(store, name="order" if i % 2 else "ship", created_at=T0 + i).saga.saga_id
+        for i in range(4)
+    ]
     done = ids[1]
-    store.transact(done, lambda s: Decision(saga=replace(s.saga, status=SagaStatus.COMPLETED),
-                                            saga_version=s.saga.version))
+    store.transact(
+        done,
+        lambda s: Decision(
+            saga=replace(s.saga, status=SagaStatus.COMPLETED), saga_version=s.saga.version
+        ),
+    )
 
     assert store.count_by_status()[SagaStatus.RUNNING] == 3
     assert store.count_by_status("order")[SagaStatus.COMPLETED] == 1
@@ -841,7 +1022,9 @@ def test_lists_and_counts_follow_every_status_transition(store: Store) -> None:
     assert listed() == ids[::-1]
     assert listed(status=[SagaStatus.RUNNING]) == [ids[3], ids[2], ids[0]]
     assert listed(status=[SagaStatus.RUNNING, SagaStatus.COMPLETED], name="order") == [
-        ids[3], ids[1]]
+        ids[3],
+        ids[1],
+    ]
     assert listed(limit=2, offset=1) == [ids[2], ids[1]]
     assert listed(created_after=T0 + 1, created_before=T0 + 3) == [ids[2], ids[1]]
 
@@ -864,9 +1047,11 @@ def test_find_due_returns_only_due_work_in_due_order(store: Store) -> None:
 
     now = T0 + 15
     due = store.find_due(now)
-    assert due == [DueItem(mixed.saga.saga_id, "a", T0 + 5),
-                   DueItem(late_saga.saga.saga_id, None, T0 + 10),
-                   DueItem(mixed.saga.saga_id, "c", T0 + 15)]
+    assert due == [
+        DueItem(mixed.saga.saga_id, "a", T0 + 5),
+        DueItem(late_saga.saga.saga_id, None, T0 + 10),
+        DueItem(mixed.saga.saga_id, "c", T0 + 15),
+    ]
     assert store.find_due(now, limit=2) == due[:2]
     assert store.find_due(T0) == []
 
@@ -877,8 +1062,10 @@ def test_find_due_follows_claims_and_decisions(store: Store) -> None:
     store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=T0 + 60, now=T0)
     assert store.find_due(T0 + 30) == []
     assert store.find_due(T0 + 60) == [DueItem(sid, "a", T0 + 60)]
-    store.transact(sid, lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED,
-                                              lease_until=None, due_at=None))
+    store.transact(
+        sid,
+        lambda s: change_step(s, "a", status=StepStatus.SUCCEEDED, lease_until=None, due_at=None),
+    )
     assert store.find_due(T0 + 1000) == []
 
 
@@ -900,16 +1087,22 @@ def test_find_due_returns_the_earliest_due_work_first_up_to_the_limit(store: Sto
 
     found = store.find_due(T0 + 1000)
     assert [(d.saga_id, d.step, d.due_at) for d in found] == [
-        (early, "a", T0 + 100), (early, None, T0 + 250), (late, "a", T0 + 300)]
+        (early, "a", T0 + 100),
+        (early, None, T0 + 250),
+        (late, "a", T0 + 300),
+    ]
     assert [d.due_at for d in store.find_due(T0 + 1000, limit=2)] == [T0 + 100, T0 + 250]
     assert store.find_due(T0 + 50) == []
 
     # Settling a step takes it out of the index.
-    store.transact(early, lambda s: Decision(
-        steps=[replace(s.steps["a"], status=StepStatus.CANCELLED, due_at=None)],
-        step_versions={"a": s.steps["a"].version}))
-    assert [(d.saga_id, d.step) for d in store.find_due(T0 + 1000)] == [
-        (early, None), (late, "a")]
+    store.transact(
+        early,
+        lambda s: Decision(
+            steps=[replace(s.steps["a"], status=StepStatus.CANCELLED, due_at=None)],
+            step_versions={"a": s.steps["a"].version},
+        ),
+    )
+    assert [(d.saga_id, d.step) for d in store.find_due(T0 + 1000)] == [(early, None), (late, "a")]
 
 
 @pytest.fixture
@@ -992,8 +1185,13 @@ def test_migrated_schema_matches_the_metadata(fresh_sql_url: str) -> None:
         st.migrate()
         with st.engine.connect() as conn:
             ctx = MigrationContext.configure(
-                conn, opts={"version_table": VERSION_TABLE, "compare_type": True,
-                            "compare_server_default": True})
+                conn,
+                opts={
+                    "version_table": VERSION_TABLE,
+                    "compare_type": True,
+                    "compare_server_default": True,
+                },
+            )
             diff = compare_metadata(ctx, schema.metadata)
         assert diff == []
     finally:
@@ -1075,8 +1273,15 @@ def test_payloads_at_the_documented_limits_round_trip(store: Store) -> None:
     # non-dict output, and a saga result one level deeper (a functional saga's
     # result object around a step's output): the tightest store (MariaDB's JSON
     # check) must take them all.
-    values = {"deep": deep(MAX_DEPTH - 1), "big": 2 ** 70, "neg": -0.5, "e": 1e300,
-              "text": "emoji 😀 cjk 漢字 rtl עברית", "": "empty key", "__type__": "alone"}
+    values = {
+        "deep": deep(MAX_DEPTH - 1),
+        "big": 2**70,
+        "neg": -0.5,
+        "e": 1e300,
+        "text": "emoji 😀 cjk 漢字 rtl עברית",
+        "": "empty key",
+        "__type__": "alone",
+    }
     state = make_state(input=values)
     state.steps["a"].output = deep(MAX_DEPTH - 1)
     state.steps["a"].compensation_data = deep(MAX_DEPTH - 1)
@@ -1112,38 +1317,44 @@ def runtime(store: Store) -> Iterator[Runtime]:
     """A client runtime on the store, publishing to kombu's in-memory broker."""
     from celery import Celery
 
-    app = Celery(f"contract-{uuid.uuid4().hex[:6]}", broker="memory://",
-                 set_as_current=False)
-    yield Runtime(app, Settings.from_env(store_url=store.url, max_payload_bytes=4096),
-                  store=store)
+    app = Celery(f"contract-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    yield Runtime(app, Settings.from_env(store_url=store.url, max_payload_bytes=4096), store=store)
 
 
 def nothing_stored(store: Store) -> bool:
     return store.list_sagas(SagaFilter(limit=5)) == []
 
 
-@pytest.mark.parametrize(("input", "key", "message"), [
-    ({"n": 1}, "k" * 256, r"idempotency_key 'k+\.\.\.' is 256 characters long, over the "
-                          r"limit of 255"),
-    ({"n": 1}, "a\x00b", r"idempotency_key 'a\\x00b' contains a NUL"),
-    ({"n": 1}, "", "must not be empty"),
-    ({"n": 1}, 5, "idempotency_key must be a string"),
-    ({"saga_id": "mine"}, None, r"input\['saga_id'\]: 'saga_id' is a reserved"),
-    ({"x": deep(480)}, None, r"input\['x'\](\[.+\])+: nesting deeper than 30 levels"),
-    ({"x": {"__type__": "datetime", "__value__": "2024-01-01"}}, None, "kombu's envelope"),
-    ({"x": "y" * 5000}, None, r"input: is 50\d\d bytes of JSON, over the limit of 4096"),
-    ({"x": "a\x00b"}, None, r"input\['x'\]: the string contains a NUL"),
-])
+@pytest.mark.parametrize(
+    ("input", "key", "message"),
+    [
+        (
+            {"n": 1},
+            "k" * 256,
+            r"idempotency_key 'k+\.\.\.' is 256 characters long, over the "
+            r"limit of 255",
+        ),
+        ({"n": 1}, "a\x00b", r"idempotency_key 'a\\x00b' contains a NUL"),
+        ({"n": 1}, "", "must not be empty"),
+        ({"n": 1}, 5, "idempotency_key must be a string"),
+        ({"saga_id": "mine"}, None, r"input\['saga_id'\]: 'saga_id' is a reserved"),
+        ({"x": deep(480)}, None, r"input\['x'\](\[.+\])+: nesting deeper than 30 levels"),
+        ({"x": {"__type__": "datetime", "__value__": "2024-01-01"}}, None, "kombu's envelope"),
+        ({"x": "y" * 5000}, None, r"input: is 50\d\d bytes of JSON, over the limit of 4096"),
+        ({"x": "a\x00b"}, None, r"input\['x'\]: the string contains a NUL"),
+    ],
+)
 def test_run_refuses_what_a_store_or_a_message_cannot_carry(
-        store: Store, runtime: Runtime, input: dict[str, Any], key: Any,
-        message: str) -> None:
+    store: Store, runtime: Runtime, input: dict[str, Any], key: Any, message: str
+) -> None:
     with pytest.raises(InputError, match=message):
         runtime.start_saga(RUNNABLE, input, idempotency_key=key)
     assert nothing_stored(store)
 
 
 def test_a_reused_idempotency_key_with_other_input_is_a_conflict(
-        store: Store, runtime: Runtime) -> None:
+    store: Store, runtime: Runtime
+) -> None:
     first = runtime.start_saga(RUNNABLE, {"x": 1, "l": [1, 2]}, idempotency_key="k-1")
     # The same input (as JSON: key order and tuples do not matter) is a replay.
     again = runtime.start_saga(RUNNABLE, {"l": (1, 2), "x": 1}, idempotency_key="k-1")
@@ -1151,13 +1362,17 @@ def test_a_reused_idempotency_key_with_other_input_is_a_conflict(
     with pytest.raises(IdempotencyConflict) as info:
         runtime.start_saga(RUNNABLE, {"x": 2, "l": [1, 2]}, idempotency_key="k-1")
     assert (info.value.saga_name, info.value.idempotency_key, info.value.saga_id) == (
-        "contract_runnable", "k-1", first.saga_id)
+        "contract_runnable",
+        "k-1",
+        first.saga_id,
+    )
     assert isinstance(info.value, InputError)
     assert len(store.list_sagas(SagaFilter(limit=5))) == 1
 
 
 def test_a_saga_from_before_input_fingerprints_is_returned_for_its_key(
-        store: Store, runtime: Runtime) -> None:
+    store: Store, runtime: Runtime
+) -> None:
     # Sagas stored before migration 0004 have no fingerprint: their key replays them.
     old = make_state(name="contract_runnable", key="old-key", input={"x": 1})
     store.create_saga(old, [])
@@ -1166,7 +1381,8 @@ def test_a_saga_from_before_input_fingerprints_is_returned_for_its_key(
 
 
 def test_operations_on_impossible_ids_are_not_found_or_type_errors(
-        store: Store, runtime: Runtime) -> None:
+    store: Store, runtime: Runtime
+) -> None:
     import sagaline
 
     with pytest.raises(SagaNotFound):
@@ -1184,7 +1400,8 @@ ANNOUNCES_ENDED_SAGAS = ("postgresql", "redis")
 
 
 def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from types import SimpleNamespace
 
     from sagaline.handle import SagaHandle
@@ -1208,9 +1425,13 @@ def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
                 break
             time.sleep(0.01)
         time.sleep(0.05)  # the caller is waiting by now (or polling)
-        store.transact(sid, lambda st: Decision(
-            saga=replace(st.saga, status=SagaStatus.COMPLETED, output={"done": True}),
-            saga_version=st.saga.version))
+        store.transact(
+            sid,
+            lambda st: Decision(
+                saga=replace(st.saga, status=SagaStatus.COMPLETED, output={"done": True}),
+                saga_version=st.saga.version,
+            ),
+        )
 
     finisher = threading.Thread(target=finish_after_the_first_read)
     finisher.start()
@@ -1234,7 +1455,10 @@ def test_get_on_an_announcing_store_still_times_out(store: Store) -> None:
     from sagaline.handle import SagaHandle
 
     state = started(store)
-    handle = SagaHandle(SimpleNamespace(store=store), state.saga.saga_id,  # type: ignore[arg-type]
-                        "contract")
+    handle = SagaHandle(
+        SimpleNamespace(store=store),
+        state.saga.saga_id,  # type: ignore[arg-type]
+        "contract",
+    )
     with pytest.raises(SagaTimeout):
         handle.get(timeout=0.3)

@@ -46,23 +46,31 @@ def store_url() -> Iterator[str]:
 
 
 def test_three_sweepers_at_once_never_double_transition_anything(
-        store_url: str, tmp_path: pytest.TempPathFactory) -> None:
-    rt = sagaline.init_app(Celery("creator", broker="memory://"), store=store_url,
-                           sweeper=False, redispatch_after=0.5)
+    store_url: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    rt = sagaline.init_app(
+        Celery("creator", broker="memory://"), store=store_url, sweeper=False, redispatch_after=0.5
+    )
     rt.publish = lambda dispatches: None  # type: ignore[method-assign]  # every message lost
     lost = [rt.start_saga(sagas_app.four_steps, {"value": i}).saga_id for i in range(20)]
     dead = [rt.start_saga(sagas_app.four_steps, {"value": i}).saga_id for i in range(20)]
     now = time.time()
     for saga_id in dead:  # claimed by a worker that then died: its lease runs out
-        assert rt.store.claim_step(saga_id, "s1", Phase.FORWARD, 1, lease_until=now + 0.5,
-                                   now=now)
+        assert rt.store.claim_step(saga_id, "s1", Phase.FORWARD, 1, lease_until=now + 0.5, now=now)
     time.sleep(0.6)
 
     env = {"SAGALINE_HOME": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", SWEEPER, store_url, "6"], cwd=REPO_ROOT,
-                              env={**os.environ, **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SWEEPER, store_url, "6"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
     runs = [o[0].split() for o in outputs]
@@ -81,9 +89,11 @@ def test_three_sweepers_at_once_never_double_transition_anything(
 
     for saga_id in dead:
         history = sagaline.get_saga(saga_id, runtime=rt).history
-        expiries = Counter((e.step, e.attempt) for e in history
-                           if e.kind == "step_attempt_failed"
-                           and e.detail.get("reason") == "lease_expired")
+        expiries = Counter(
+            (e.step, e.attempt)
+            for e in history
+            if e.kind == "step_attempt_failed" and e.detail.get("reason") == "lease_expired"
+        )
         assert expiries == {("s1", 1): 1}
         view = sagaline.get_saga(saga_id, runtime=rt)
         assert view.step("s1").attempt == 2 and view.step("s1").status.value == "DISPATCHED"
@@ -103,12 +113,17 @@ def test_three_sweepers_at_once_never_double_transition_anything(
 
 
 def test_a_lost_message_is_published_again_and_the_saga_completes(
-        store_url: str, pg_url: str, redis_url: str, worker_factory: object,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    store_url: str,
+    pg_url: str,
+    redis_url: str,
+    worker_factory: object,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     from tests.integration.conftest import make_stack
 
-    stacks = make_stack("redis+postgres", pg_url, redis_url, tmp_path_factory,
-                        {"SAGALINE_REDISPATCH_AFTER": "1"})
+    stacks = make_stack(
+        "redis+postgres", pg_url, redis_url, tmp_path_factory, {"SAGALINE_REDISPATCH_AFTER": "1"}
+    )
     stack = next(stacks)
     try:
         rt: Runtime = stack.runtime

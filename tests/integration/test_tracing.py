@@ -69,16 +69,27 @@ class Receiver:
     def add(self, request: ExportTraceServiceRequest) -> None:
         found = []
         for rs in request.resource_spans:
-            service = next((a.value.string_value for a in rs.resource.attributes
-                            if a.key == "service.name"), "")
+            service = next(
+                (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"),
+                "",
+            )
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    found.append(Span(
-                        s.trace_id.hex(), s.span_id.hex(),
-                        s.parent_span_id.hex() or None, s.name, service,
-                        {a.key: _value(a.value) for a in s.attributes}, s.status.code,
-                        s.kind, [e.name for e in s.events], s.start_time_unix_nano,
-                        s.end_time_unix_nano))
+                    found.append(
+                        Span(
+                            s.trace_id.hex(),
+                            s.span_id.hex(),
+                            s.parent_span_id.hex() or None,
+                            s.name,
+                            service,
+                            {a.key: _value(a.value) for a in s.attributes},
+                            s.status.code,
+                            s.kind,
+                            [e.name for e in s.events],
+                            s.start_time_unix_nano,
+                            s.end_time_unix_nano,
+                        )
+                    )
         with self.lock:
             self.spans.extend(found)
 
@@ -103,8 +114,10 @@ class Receiver:
             if what():
                 return
             time.sleep(0.1)
-        raise AssertionError("the spans expected never arrived; received:\n" + "\n".join(
-            f"{s.name} {s.span_id} <- {s.parent_id} {s.attributes}" for s in self.spans))
+        raise AssertionError(
+            "the spans expected never arrived; received:\n"
+            + "\n".join(f"{s.name} {s.span_id} <- {s.parent_id} {s.attributes}" for s in self.spans)
+        )
 
 
 def _value(v: Any) -> Any:
@@ -175,14 +188,20 @@ def traced(receiver: Receiver, redis_url: str) -> Iterator[Traced]:
     else:
         provider = TracerProvider(resource=Resource.create({"service.name": "client"}))
         trace.set_tracer_provider(provider)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.url),
-                                                   schedule_delay_millis=100))
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.url), schedule_delay_millis=100)
+    )
     client = Celery("traced-client", broker=broker)
     runtime = sagaline.init_app(client, store=store, sweeper=False, tracing=True)
-    env = {"CELERY_BROKER_URL": broker, "SAGALINE_STORE_URL": store,
-           "SAGALINE_TRACING": "otlp", "SAGALINE_SWEEP_INTERVAL": "1",
-           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
-           "OTEL_SERVICE_NAME": "worker", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env = {
+        "CELERY_BROKER_URL": broker,
+        "SAGALINE_STORE_URL": store,
+        "SAGALINE_TRACING": "otlp",
+        "SAGALINE_SWEEP_INTERVAL": "1",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
+        "OTEL_SERVICE_NAME": "worker",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
     try:
         yield Traced(runtime, receiver, env, provider)
     finally:
@@ -203,22 +222,27 @@ def _only(spans: list[Span], name: str) -> Span:
 
 
 def test_a_compensated_saga_is_one_trace_under_the_request_that_started_it(
-        traced: Traced, worker_factory: Callable[..., WorkerProcess]) -> None:
+    traced: Traced, worker_factory: Callable[..., WorkerProcess]
+) -> None:
     worker_factory(APP, env=traced.env, concurrency=2)
     tracer = trace.get_tracer("web")
     with tracer.start_as_current_span("POST /orders") as request_span:
-        handle = traced.runtime.start_saga(traced_app.compensated,
-                                           {"order_id": "o-" + uuid.uuid4().hex[:6]})
+        handle = traced.runtime.start_saga(
+            traced_app.compensated, {"order_id": "o-" + uuid.uuid4().hex[:6]}
+        )
     with pytest.raises(SagaCompensated):
         handle.get(timeout=WAIT)
     traced.flush()
     request = request_span.get_span_context()
     trace_id = f"{request.trace_id:032x}"
     rx = traced.receiver
-    rx.wait_for(lambda: any(s.name == "saga traced_compensated"
-                            for s in rx.of_trace(trace_id)))
-    rx.wait_for(lambda: len(rx.of_trace(trace_id)) >= 8 and
-                any(s.name == "POST /orders" for s in rx.of_trace(trace_id)))
+    rx.wait_for(lambda: any(s.name == "saga traced_compensated" for s in rx.of_trace(trace_id)))
+    rx.wait_for(
+        lambda: (
+            len(rx.of_trace(trace_id)) >= 8
+            and any(s.name == "POST /orders" for s in rx.of_trace(trace_id))
+        )
+    )
     time.sleep(0.5)  # anything extra (a duplicate) would arrive now
     spans = rx.of_trace(trace_id)
     # Every span of the saga is in the request's trace.
@@ -231,8 +255,13 @@ def test_a_compensated_saga_is_one_trace_under_the_request_that_started_it(
     assert root.status == 2
     assert root.service == "worker"  # emitted by the worker that ended it
     by_name = {s.name: s for s in spans}
-    expected = {"step reserve", "step charge", "step ship", "compensate charge",
-                "compensate reserve"}
+    expected = {
+        "step reserve",
+        "step charge",
+        "step ship",
+        "compensate charge",
+        "compensate reserve",
+    }
     assert expected <= set(by_name)
     for name in expected:
         span = _only(spans, name)
@@ -252,7 +281,8 @@ def test_a_compensated_saga_is_one_trace_under_the_request_that_started_it(
 
 
 def test_a_saga_started_outside_any_span_gets_a_trace_of_its_own(
-        traced: Traced, worker_factory: Callable[..., WorkerProcess]) -> None:
+    traced: Traced, worker_factory: Callable[..., WorkerProcess]
+) -> None:
     worker_factory(APP, env=traced.env, concurrency=1)
     handle = traced.runtime.start_saga(traced_app.compensated, {"order_id": "o-lone"})
     with pytest.raises(SagaCompensated):
@@ -267,20 +297,23 @@ def test_a_saga_started_outside_any_span_gets_a_trace_of_its_own(
 
 
 def test_a_step_killed_with_its_worker_leaves_no_orphan_span(
-        traced: Traced, worker_factory: Callable[..., WorkerProcess]) -> None:
+    traced: Traced, worker_factory: Callable[..., WorkerProcess]
+) -> None:
     env = {**traced.env, "SLOW_FIRST_ATTEMPT": "120"}
     first = worker_factory(APP, env=env, concurrency=1, name="tracekill")
     handle = traced.runtime.start_saga(traced_app.survives_kill, {"order_id": "o-kill"})
     rx = traced.receiver
     # Attempt 1 of `slow` is running: its user span ended and was exported; the step's
     # own span is still open in the process about to be killed.
-    rx.wait_for(lambda: any(s.name == "slow work begins"
-                            for s in rx.with_saga(handle.saga_id)) or
-                any(s.name == "slow work begins" for s in rx.spans))
+    rx.wait_for(
+        lambda: (
+            any(s.name == "slow work begins" for s in rx.with_saga(handle.saga_id))
+            or any(s.name == "slow work begins" for s in rx.spans)
+        )
+    )
     first.kill()
     # Restarted under the same node name, the worker hands the dead claim back at once.
-    worker_factory(APP, env={**env, "SLOW_FIRST_ATTEMPT": "0"}, concurrency=1,
-                   name="tracekill")
+    worker_factory(APP, env={**env, "SLOW_FIRST_ATTEMPT": "0"}, concurrency=1, name="tracekill")
     assert handle.get(timeout=WAIT)["slow"] == 2
     root = rx.root_of(handle.saga_id, "traced_survives_kill")
     rx.wait_for(lambda: len(rx.of_trace(root.trace_id)) >= 7)
@@ -288,8 +321,9 @@ def test_a_step_killed_with_its_worker_leaves_no_orphan_span(
     spans = rx.of_trace(root.trace_id)
     _assert_no_orphans(spans)
     assert {s.trace_id for s in rx.with_saga(handle.saga_id)} == {root.trace_id}
-    slow_spans = sorted((s for s in spans if s.name == "step slow"),
-                        key=lambda s: s.attributes["saga.attempt"])
+    slow_spans = sorted(
+        (s for s in spans if s.name == "step slow"), key=lambda s: s.attributes["saga.attempt"]
+    )
     assert [s.attributes["saga.attempt"] for s in slow_spans] == [1, 2]
     lost, retried = slow_spans
     # The killed attempt was emitted by the worker that handed it back, as an error.
@@ -302,9 +336,9 @@ def test_a_step_killed_with_its_worker_leaves_no_orphan_span(
 
 
 def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
-        traced: Traced, worker_factory: Callable[..., WorkerProcess]) -> None:
-    worker_factory(APP, env={**traced.env, "TRACED_APP_CELERY_INSTRUMENTATION": "1"},
-                   concurrency=2)
+    traced: Traced, worker_factory: Callable[..., WorkerProcess]
+) -> None:
+    worker_factory(APP, env={**traced.env, "TRACED_APP_CELERY_INSTRUMENTATION": "1"}, concurrency=2)
     handle = traced.runtime.start_saga(traced_app.compensated, {"order_id": "o-celery"})
     with pytest.raises(SagaCompensated):
         handle.get(timeout=WAIT)
@@ -312,9 +346,12 @@ def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
     root = rx.root_of(handle.saga_id, "traced_compensated")
     # 5 attempts: each a sagaline span, and a Celery run/ span (the client process is
     # not instrumented: the first publish has no apply_async/ span, the others do).
-    rx.wait_for(lambda: sum(s.name.startswith("run/") for s in rx.of_trace(root.trace_id))
-                >= 5 and sum(s.name.startswith("apply_async/")
-                             for s in rx.of_trace(root.trace_id)) >= 4)
+    rx.wait_for(
+        lambda: (
+            sum(s.name.startswith("run/") for s in rx.of_trace(root.trace_id)) >= 5
+            and sum(s.name.startswith("apply_async/") for s in rx.of_trace(root.trace_id)) >= 4
+        )
+    )
     time.sleep(0.5)
     spans = rx.of_trace(root.trace_id)
     _assert_no_orphans(spans)
@@ -326,18 +363,21 @@ def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
     for span in runs + publishes + attempts:
         assert span.parent_id == root.span_id, span.name
     assert sorted(s.name for s in runs) == sorted(
-        f"run/traced.{t}" for t in ("reserve", "charge", "ship", "refund", "release"))
+        f"run/traced.{t}" for t in ("reserve", "charge", "ship", "refund", "release")
+    )
 
 
 def test_a_child_saga_is_in_its_parent_trace_under_the_parent_root(
-        traced: Traced, worker_factory: Callable[..., WorkerProcess]) -> None:
+    traced: Traced, worker_factory: Callable[..., WorkerProcess]
+) -> None:
     worker_factory(APP, env=traced.env, concurrency=2)
     handle = traced.runtime.start_saga(traced_app.parent, {"order_id": "o-child"})
     assert handle.get(timeout=WAIT)["finished"] is True
     rx = traced.receiver
     parent_root = rx.root_of(handle.saga_id, "traced_parent")
-    rx.wait_for(lambda: any(s.name == "saga traced_child"
-                            for s in rx.of_trace(parent_root.trace_id)))
+    rx.wait_for(
+        lambda: any(s.name == "saga traced_child" for s in rx.of_trace(parent_root.trace_id))
+    )
     spans = rx.of_trace(parent_root.trace_id)
     child_root = _only(spans, "saga traced_child")
     assert child_root.parent_id == parent_root.span_id
@@ -351,11 +391,15 @@ def test_a_child_saga_is_in_its_parent_trace_under_the_parent_root(
 
 
 def test_json_logs_carry_the_saga_step_and_trace_of_a_user_record_inside_a_step(
-        traced: Traced, worker_factory: Callable[..., WorkerProcess],
-        tmp_path: Path) -> None:
+    traced: Traced, worker_factory: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
     logfile = tmp_path / "worker-json.log"
-    worker = worker_factory(APP, env={**traced.env, "SAGALINE_LOG_FORMAT": "json"},
-                            concurrency=2, extra_args=["--logfile", str(logfile)])
+    worker = worker_factory(
+        APP,
+        env={**traced.env, "SAGALINE_LOG_FORMAT": "json"},
+        concurrency=2,
+        extra_args=["--logfile", str(logfile)],
+    )
     order = "o-json-" + uuid.uuid4().hex[:6]
     handle = traced.runtime.start_saga(traced_app.compensated, {"order_id": order})
     with pytest.raises(SagaCompensated):
@@ -373,8 +417,13 @@ def test_json_logs_carry_the_saga_step_and_trace_of_a_user_record_inside_a_step(
     assert len(mine) == 1, [r["message"] for r in records]
     line = mine[0]
     assert (line["logger"], line["level"]) == ("shop.steps", "INFO")
-    assert (line["saga_id"], line["saga"], line["step"], line["attempt"], line["phase"]) == \
-        (handle.saga_id, "traced_compensated", "reserve", 1, "forward")
+    assert (line["saga_id"], line["saga"], line["step"], line["attempt"], line["phase"]) == (
+        handle.saga_id,
+        "traced_compensated",
+        "reserve",
+        1,
+        "forward",
+    )
     # Logged inside the user's span "reserve stock", in the saga's trace.
     user_span = _only(rx.of_trace(root.trace_id), "reserve stock")
     assert (line["trace_id"], line["span_id"]) == (user_span.trace_id, user_span.span_id)

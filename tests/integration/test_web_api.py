@@ -19,14 +19,18 @@ PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def stack(pg_url: str, redis_url: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
+def stack(
+    pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebStack]:
     yield from web_stack(pg_url, redis_url, tmp_path_factory.mktemp("web-home"))
 
 
 def test_no_token_is_401_a_read_token_may_read_but_not_act(stack: WebStack) -> None:
-    with stack.client(None) as anon, stack.client(READ_TOKEN) as reader, \
-            stack.client("not-a-token-at-all-xx") as wrong:
+    with (
+        stack.client(None) as anon,
+        stack.client(READ_TOKEN) as reader,
+        stack.client("not-a-token-at-all-xx") as wrong,
+    ):
         r = anon.get("/api/v1/sagas")
         assert r.status_code == 401 and r.headers["content-type"] == PROBLEM
         assert r.json()["status"] == 401 and "Bearer" in r.headers["www-authenticate"]
@@ -39,19 +43,25 @@ def test_no_token_is_401_a_read_token_may_read_but_not_act(stack: WebStack) -> N
 
 
 def test_start_answers_201_then_200_for_the_same_key_and_409_for_other_input(
-        stack: WebStack) -> None:
+    stack: WebStack,
+) -> None:
     with stack.client() as c:
         body = {"area": "idem", "robot_count": 1}
-        first = c.post("/api/v1/sagas/robot_exploration", json=body,
-                       headers={"Idempotency-Key": "mission-1"})
+        first = c.post(
+            "/api/v1/sagas/robot_exploration", json=body, headers={"Idempotency-Key": "mission-1"}
+        )
         assert first.status_code == 201, first.text
-        again = c.post("/api/v1/sagas/robot_exploration", json=body,
-                       headers={"Idempotency-Key": "mission-1"})
+        again = c.post(
+            "/api/v1/sagas/robot_exploration", json=body, headers={"Idempotency-Key": "mission-1"}
+        )
         assert again.status_code == 200
         assert again.json()["saga_id"] == first.json()["saga_id"]
         assert again.headers["location"].endswith(f"/sagas/{first.json()['saga_id']}")
-        other = c.post("/api/v1/sagas/robot_exploration", json={**body, "area": "else"},
-                       headers={"Idempotency-Key": "mission-1"})
+        other = c.post(
+            "/api/v1/sagas/robot_exploration",
+            json={**body, "area": "else"},
+            headers={"Idempotency-Key": "mission-1"},
+        )
         assert other.status_code == 409 and other.headers["content-type"] == PROBLEM
         assert "other input" in other.json()["detail"]
         unknown = c.post("/api/v1/sagas/no_such_saga", json={})
@@ -78,13 +88,15 @@ def test_the_api_and_the_cli_give_the_same_json_for_the_same_saga(stack: WebStac
     [api_line] = [s for s in page.json()["sagas"] if s["saga_id"] == saga_id]
     listed = stack.sagaline("ls", "--json", "--limit", "10000")
     assert listed.returncode == 0, listed.stderr
-    [cli_line] = [json.loads(line) for line in listed.stdout.splitlines()
-                  if json.loads(line)["saga_id"] == saga_id]
+    [cli_line] = [
+        json.loads(line)
+        for line in listed.stdout.splitlines()
+        if json.loads(line)["saga_id"] == saga_id
+    ]
     assert cli_line == api_line
 
 
-def test_cancel_compensates_records_the_actor_and_a_second_cancel_is_409(
-        stack: WebStack) -> None:
+def test_cancel_compensates_records_the_actor_and_a_second_cancel_is_409(stack: WebStack) -> None:
     saga_id = stack.start(slow={"explore_area": 8}, area="cancel-me")
     stack.wait_status(saga_id, {"RUNNING"})
     with stack.client() as c:
@@ -109,8 +121,7 @@ def test_the_cli_records_itself_as_the_actor(stack: WebStack) -> None:
     stack.wait_status(saga_id, {"RUNNING"})
     done = stack.sagaline("cancel", saga_id, "-A", "examples.robots.app")
     assert done.returncode == 0, done.stderr
-    audits = [e["detail"] for e in stack.saga(saga_id)["history"]
-              if e["kind"] == "operator_action"]
+    audits = [e["detail"] for e in stack.saga(saga_id)["history"] if e["kind"] == "operator_action"]
     assert {"action": "cancel", "actor": "cli", "reason": "cancelled by operator"} in audits
     stack.wait_status(saga_id, {"COMPENSATED"})
 
@@ -156,8 +167,10 @@ def test_keyset_pages_cover_every_saga_once_while_new_ones_start(stack: WebStack
 def test_the_event_stream_sends_every_event_once_in_order_then_ends(stack: WebStack) -> None:
     saga_id = stack.start(slow={"plan_route": 1}, area="stream")
     events: list[dict[str, Any]] = []
-    with stack.client() as c, c.stream("GET", f"/api/v1/sagas/{saga_id}/events/stream",
-                                       timeout=60) as r:
+    with (
+        stack.client() as c,
+        c.stream("GET", f"/api/v1/sagas/{saga_id}/events/stream", timeout=60) as r,
+    ):
         assert r.headers["content-type"].startswith("text/event-stream")
         kind = None
         for line in r.iter_lines():
@@ -171,8 +184,9 @@ def test_the_event_stream_sends_every_event_once_in_order_then_ends(stack: WebSt
     assert [e["seq"] for e in events] == [e["seq"] for e in stored]
     assert events[-1]["kind"] == "saga_completed"
     with stack.client() as c:
-        later = c.get(f"/api/v1/sagas/{saga_id}/events",
-                      params={"after_seq": events[2]["seq"]}).json()
+        later = c.get(
+            f"/api/v1/sagas/{saga_id}/events", params={"after_seq": events[2]["seq"]}
+        ).json()
     assert [e["seq"] for e in later["events"]] == [e["seq"] for e in stored[3:]]
 
 
@@ -186,48 +200,55 @@ def test_the_openapi_document_is_3_1_and_health_answers(stack: WebStack) -> None
 
 
 def test_metrics_count_the_sagas_this_server_started_and_read_progress_from_the_store(
-        stack: WebStack) -> None:
+    stack: WebStack,
+) -> None:
     def sample(text: str, name: str, **labels: str) -> float:
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in text.splitlines():
             metric, _, value = line.rpartition(" ")
-            if metric.partition("{")[0] == name and \
-                    ",".join(sorted(metric.partition("{")[2].rstrip("}").split(","))) == want:
+            if (
+                metric.partition("{")[0] == name
+                and ",".join(sorted(metric.partition("{")[2].rstrip("}").split(","))) == want
+            ):
                 return float(value)
         return 0.0
 
     with stack.client(None) as anon, stack.client(READ_TOKEN) as reader:
         assert anon.get("/api/v1/metrics").status_code == 401
         before = reader.get("/api/v1/metrics")
-        assert before.status_code == 200 and before.headers["content-type"].startswith(
-            "text/plain")
+        assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
         started = sample(before.text, "sagaline_sagas_started_total", saga="robot_exploration")
         saga_id = stack.start(slow={"plan_route": 3}, area="metrics")
         during = reader.get("/api/v1/metrics").text
-        assert sample(during, "sagaline_sagas_started_total",
-                      saga="robot_exploration") == started + 1
+        assert (
+            sample(during, "sagaline_sagas_started_total", saga="robot_exploration") == started + 1
+        )
         assert 'sagaline_sagas_in_progress{saga="robot_exploration",status="running"}' in during
         assert sample(during, "sagaline_store_up") == 1.0
     stack.wait_status(saga_id, TERMINAL)
 
 
 def test_a_script_in_the_input_is_shown_as_text_and_forms_need_the_csrf_token(
-        stack: WebStack) -> None:
+    stack: WebStack,
+) -> None:
     saga_id = stack.start(area="<script>alert('x')</script>", slow={"plan_route": 5})
     with httpx.Client(base_url=stack.base, timeout=30) as browser:
         assert browser.get(f"/sagas/{saga_id}").status_code == 303  # to the login page
         login = browser.post("/login", data={"token": "wrong-token-xxxxxxxxxx"})
         assert login.status_code == 401
-        login = browser.post("/login", data={"token": stack.env["SAGALINE_WEB_TOKEN"],
-                                             "next": f"/sagas/{saga_id}"})
+        login = browser.post(
+            "/login", data={"token": stack.env["SAGALINE_WEB_TOKEN"], "next": f"/sagas/{saga_id}"}
+        )
         assert login.status_code == 303
         cookie = login.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
         html = browser.get(f"/sagas/{saga_id}").text
         assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
         assert "<script>alert" not in html
-        assert "script-src 'self'" in browser.get(f"/sagas/{saga_id}").headers[
-            "content-security-policy"]
+        assert (
+            "script-src 'self'"
+            in browser.get(f"/sagas/{saga_id}").headers["content-security-policy"]
+        )
         refused = browser.post(f"/sagas/{saga_id}/cancel", data={"csrf": "forged"})
         assert refused.status_code == 403
         assert stack.saga(saga_id)["saga"]["status"] == "RUNNING"
@@ -240,7 +261,14 @@ def test_a_script_in_the_input_is_shown_as_text_and_forms_need_the_csrf_token(
 
 def test_the_server_refuses_a_public_address_without_a_token(stack: WebStack) -> None:
     env = {k: v for k, v in stack.env.items() if not k.startswith("SAGALINE_WEB")}
-    proc = subprocess.run([SAGALINE, "web", "--host", "0.0.0.0", "--port", "1"], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [SAGALINE, "web", "--host", "0.0.0.0", "--port", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "without a token" in proc.stderr

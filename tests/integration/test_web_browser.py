@@ -23,8 +23,9 @@ ARTIFACTS = REPO_ROOT / "build" / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def stack(pg_url: str, redis_url: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
+def stack(
+    pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebStack]:
     yield from web_stack(pg_url, redis_url, tmp_path_factory.mktemp("browser-home"))
 
 
@@ -55,7 +56,8 @@ def page(browser: sync_api.Browser, stack: WebStack) -> Iterator[sync_api.Page]:
 
 
 def test_a_compensated_saga_shows_the_failing_step_its_error_and_compensations_in_reverse(
-        stack: WebStack, page: sync_api.Page) -> None:
+    stack: WebStack, page: sync_api.Page
+) -> None:
     saga_id = stack.start(fail_at="explore_area", flaky={"plan_route": 1}, area="north")
     stack.wait_status(saga_id, {"COMPENSATED"})
     page.goto(f"{stack.base}/sagas/{saga_id}")
@@ -67,7 +69,8 @@ def test_a_compensated_saga_shows_the_failing_step_its_error_and_compensations_i
     assert "explore_area: failed after applying its change" in error
     assert "Traceback" in error
     undone = page.locator("#compensations li").evaluate_all(
-        "items => items.map(li => li.dataset.step)")
+        "items => items.map(li => li.dataset.step)"
+    )
     assert undone == ["explore_area", "plan_route", "allocate_robots"]
     assert page.locator("#dag g.node.comp-COMPENSATED").count() == 3
     assert page.locator("#timeline g.bar.lane-compensate").count() == 3
@@ -81,35 +84,50 @@ def test_a_compensated_saga_shows_the_failing_step_its_error_and_compensations_i
 
 
 def test_a_running_saga_page_follows_its_steps_without_a_reload(
-        stack: WebStack, page: sync_api.Page) -> None:
+    stack: WebStack, page: sync_api.Page
+) -> None:
     saga_id = stack.start(slow={"plan_route": 3}, area="live")
-    wait_until(lambda: stack.saga(saga_id)["steps"][1]["status"] == "RUNNING", timeout=30,
-               interval=0.1, what="plan_route running")
+    wait_until(
+        lambda: stack.saga(saga_id)["steps"][1]["status"] == "RUNNING",
+        timeout=30,
+        interval=0.1,
+        what="plan_route running",
+    )
     page.goto(f"{stack.base}/sagas/{saga_id}")
     assert "plan_route RUNNING" in page.inner_text("#waits")
     page.evaluate("window.__same_page = true")
     row = page.locator("#steps tr[data-step=plan_route]")
     assert "RUNNING" in row.inner_text()
-    wait_until(lambda: stack.saga(saga_id)["steps"][1]["status"] == "SUCCEEDED", timeout=30,
-               interval=0.05, what="plan_route succeeded")
+    wait_until(
+        lambda: stack.saga(saga_id)["steps"][1]["status"] == "SUCCEEDED",
+        timeout=30,
+        interval=0.05,
+        what="plan_route succeeded",
+    )
     done_at = time.monotonic()
     # The bound: the open page shows it within 2 s, without a reload.
     page.wait_for_function(
         "() => document.querySelector('#steps tr[data-step=plan_route]')"
-        ".innerText.includes('SUCCEEDED')", timeout=2000)
+        ".innerText.includes('SUCCEEDED')",
+        timeout=2000,
+    )
     assert time.monotonic() - done_at < 2.5
     assert page.evaluate("window.__same_page") is True
     stack.wait_status(saga_id, {"COMPLETED"})
-    page.wait_for_function("() => document.querySelector('#saga-status').innerText"
-                           " === 'COMPLETED'", timeout=5000)
+    page.wait_for_function(
+        "() => document.querySelector('#saga-status').innerText === 'COMPLETED'", timeout=5000
+    )
     assert page.evaluate("window.__same_page") is True
 
 
-def test_cancel_from_the_page_compensates_the_saga(stack: WebStack,
-                                                    page: sync_api.Page) -> None:
+def test_cancel_from_the_page_compensates_the_saga(stack: WebStack, page: sync_api.Page) -> None:
     saga_id = stack.start(slow={"explore_area": 8}, area="ui-cancel")
-    wait_until(lambda: stack.saga(saga_id)["steps"][2]["status"] == "RUNNING", timeout=30,
-               interval=0.1, what="explore_area running")
+    wait_until(
+        lambda: stack.saga(saga_id)["steps"][2]["status"] == "RUNNING",
+        timeout=30,
+        interval=0.1,
+        what="explore_area running",
+    )
     page.goto(f"{stack.base}/sagas/{saga_id}")
     dialogs: list[str] = []
 
@@ -123,9 +141,14 @@ def test_cancel_from_the_page_compensates_the_saga(stack: WebStack,
     assert dialogs and "compensated" in dialogs[0]
     store = store_from_url(stack.store_url)
     try:
-        wait_until(lambda: (s := store.get_saga(saga_id)) is not None
-                   and s.status is SagaStatus.COMPENSATED, timeout=60, interval=0.2,
-                   what="saga compensated after the UI cancel")
+        wait_until(
+            lambda: (
+                (s := store.get_saga(saga_id)) is not None and s.status is SagaStatus.COMPENSATED
+            ),
+            timeout=60,
+            interval=0.2,
+            what="saga compensated after the UI cancel",
+        )
         steps = {s.name: s for s in store.get_steps(saga_id)}
         assert steps["allocate_robots"].comp_status is not None
         assert steps["allocate_robots"].comp_status.value == "COMPENSATED"
@@ -133,16 +156,19 @@ def test_cancel_from_the_page_compensates_the_saga(stack: WebStack,
         assert any(a["action"] == "cancel" and a["actor"] == "operator" for a in audits)
     finally:
         store.close()
-    page.wait_for_function("() => document.querySelector('#saga-status').innerText"
-                           " === 'COMPENSATED'", timeout=10_000)
-    assert [li.get_attribute("data-step") for li in page.locator("#compensations li").all()
-            ] == ["explore_area", "plan_route", "allocate_robots"]
+    page.wait_for_function(
+        "() => document.querySelector('#saga-status').innerText === 'COMPENSATED'", timeout=10_000
+    )
+    assert [li.get_attribute("data-step") for li in page.locator("#compensations li").all()] == [
+        "explore_area",
+        "plan_route",
+        "allocate_robots",
+    ]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "cancelled-saga-page.png"))
 
 
-def test_a_dismissed_confirmation_cancels_nothing(stack: WebStack,
-                                                  page: sync_api.Page) -> None:
+def test_a_dismissed_confirmation_cancels_nothing(stack: WebStack, page: sync_api.Page) -> None:
     saga_id = stack.start(slow={"plan_route": 4}, area="ui-keep")
     stack.wait_status(saga_id, {"RUNNING"})
     page.goto(f"{stack.base}/sagas/{saga_id}")
@@ -153,8 +179,7 @@ def test_a_dismissed_confirmation_cancels_nothing(stack: WebStack,
     stack.wait_status(saga_id, {"COMPLETED"})
 
 
-def test_the_list_shows_counts_and_filters_by_status(stack: WebStack,
-                                                     page: sync_api.Page) -> None:
+def test_the_list_shows_counts_and_filters_by_status(stack: WebStack, page: sync_api.Page) -> None:
     saga_id = stack.start(fail_at="plan_route", area="list")
     stack.wait_status(saga_id, {"COMPENSATED"})
     page.goto(f"{stack.base}/?status=COMPENSATED&failed_step=plan_route")

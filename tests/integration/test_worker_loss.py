@@ -57,16 +57,22 @@ class Cluster:
     ledger_dsn: str
     tmp: Path
 
-    def worker(self, name: str, extra_args: Sequence[str] = (), *,
-               pause: str | None = None) -> WorkerProcess:
+    def worker(
+        self, name: str, extra_args: Sequence[str] = (), *, pause: str | None = None
+    ) -> WorkerProcess:
         """A worker of chaos_app; `pause` ("before_claim:a", "before_publish:a"): its
         first pool process to get there pauses (see chaos_app), pid in `pause_file`."""
         env = dict(self.env)
         if pause is not None:
             env.update(CHAOS_PAUSE=pause, CHAOS_PAUSE_FILE=str(self.pause_file))
-        return WorkerProcess(APP, env=env, concurrency=2, name=name,
-                             workdir=self.tmp / f"{name}-{uuid.uuid4().hex[:6]}",
-                             extra_args=extra_args)
+        return WorkerProcess(
+            APP,
+            env=env,
+            concurrency=2,
+            name=name,
+            workdir=self.tmp / f"{name}-{uuid.uuid4().hex[:6]}",
+            extra_args=extra_args,
+        )
 
     @property
     def pause_file(self) -> Path:
@@ -83,8 +89,9 @@ class Cluster:
 
     def start_fork(self, a: float) -> str:
         durations = {"a": a, "b": 0.1, "c": 0.1, "undo": 0.05}
-        handle = self.runtime.start_saga(chaos_app.fork,
-                                         {"n": 0, "durations": durations, "fail": None})
+        handle = self.runtime.start_saga(
+            chaos_app.fork, {"n": 0, "durations": durations, "fail": None}
+        )
         return handle.saga_id
 
     def step(self, saga_id: str, name: str) -> StepRecord:
@@ -107,12 +114,16 @@ class Cluster:
         """Seconds until `name` attempt `attempt` was claimed (bounded by `timeout`)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            if any(e.kind == "step_started" and e.step == name and e.attempt == attempt
-                   for e in self.history(saga_id)):
+            if any(
+                e.kind == "step_started" and e.step == name and e.attempt == attempt
+                for e in self.history(saga_id)
+            ):
                 return time.monotonic() - t0
             time.sleep(0.1)
-        raise AssertionError(f"{name} attempt {attempt} not started within {timeout}s: "
-                             f"{[(e.kind, e.step, e.attempt) for e in self.history(saga_id)]}")
+        raise AssertionError(
+            f"{name} attempt {attempt} not started within {timeout}s: "
+            f"{[(e.kind, e.step, e.attempt) for e in self.history(saga_id)]}"
+        )
 
     def wait_status(self, saga_id: str, status: SagaStatus, timeout: float) -> float:
         t0 = time.monotonic()
@@ -126,13 +137,21 @@ class Cluster:
     def executions(self, saga_id: str) -> list[tuple[str, int, int]]:
         """(step, attempt, pid) of every forward execution of a body, in order."""
         with psycopg.connect(self.ledger_dsn) as conn:
-            return [(r[0], r[1], r[2]) for r in conn.execute(
-                "SELECT step, attempt, pid FROM chaos_executions WHERE saga_id = %s "
-                "AND phase = 'forward' ORDER BY id", (saga_id,))]
+            return [
+                (r[0], r[1], r[2])
+                for r in conn.execute(
+                    "SELECT step, attempt, pid FROM chaos_executions WHERE saga_id = %s "
+                    "AND phase = 'forward' ORDER BY id",
+                    (saga_id,),
+                )
+            ]
 
     def lost(self, saga_id: str) -> list[Event]:
-        return [e for e in self.history(saga_id) if e.kind == "step_attempt_failed"
-                and e.detail.get("reason") == "worker_lost"]
+        return [
+            e
+            for e in self.history(saga_id)
+            if e.kind == "step_attempt_failed" and e.detail.get("reason") == "worker_lost"
+        ]
 
 
 @pytest.fixture
@@ -154,8 +173,12 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
             conn.execute(chaos_app.LEDGER_DDL)
         client = Celery(f"loss-client-{uuid.uuid4().hex[:6]}")
         client.conf.broker_url = broker_url
-        env = {"CELERY_BROKER_URL": broker_url, "SAGALINE_STORE_URL": db, "LEDGER_URL": db,
-               "SAGALINE_HOME": str(tmp_path / "home")}
+        env = {
+            "CELERY_BROKER_URL": broker_url,
+            "SAGALINE_STORE_URL": db,
+            "LEDGER_URL": db,
+            "SAGALINE_HOME": str(tmp_path / "home"),
+        }
         if kind == "rabbitmq/quorum":
             client.conf.task_default_queue_type = "quorum"
             env["SAGALINE_TEST_QUEUE_TYPE"] = "quorum"
@@ -190,8 +213,9 @@ def test_a_step_whose_pool_process_dies_runs_again_within_seconds(cluster: Clust
         worker.stop()
     (lost,) = cluster.lost(saga_id)
     assert (lost.step, lost.attempt) == ("a", 1)
-    assert f"process {rec.owner.pid} of worker {node('child-killed')} exited" in \
-        lost.detail["error"]
+    assert (
+        f"process {rec.owner.pid} of worker {node('child-killed')} exited" in lost.detail["error"]
+    )
     # Attempt 1 may have been killed before its body recorded its execution.
     runs = [(a, pid) for s, a, pid in cluster.executions(saga_id) if s == "a"]
     assert [a for a, _ in runs] in ([1, 2], [2])
@@ -199,7 +223,8 @@ def test_a_step_whose_pool_process_dies_runs_again_within_seconds(cluster: Clust
 
 
 def test_a_worker_restarted_under_its_node_name_runs_its_steps_again_at_once(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     first = cluster.worker("restarted")
     second = cluster.worker("restarted")
     try:
@@ -224,7 +249,8 @@ def test_a_worker_restarted_under_its_node_name_runs_its_steps_again_at_once(
 
 
 def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     """Received but not started when the worker died: Redis keeps them unacknowledged for
     an hour; the restarted worker puts them back instead of waiting for the sweeper."""
     # Celery's default prefetching (4 messages per pool process), not chaos_app's 1.
@@ -234,19 +260,22 @@ def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
     try:
         first.start()
         saga_ids = [cluster.start_fork(a=8.0) for _ in range(6)]
+
         # Two run (concurrency 2); the other four wait in the worker. All six are
         # unacknowledged: a step's message is acknowledged once the step ended.
         def two_running_four_waiting() -> bool:
-            running = [sid for sid in saga_ids
-                       if cluster.step(sid, "a").status is StepStatus.RUNNING]
+            running = [
+                sid for sid in saga_ids if cluster.step(sid, "a").status is StepStatus.RUNNING
+            ]
             return broker.hlen("unacked") >= 6 and len(running) == 2
 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not two_running_four_waiting():
             time.sleep(0.05)
         assert two_running_four_waiting(), "the worker did not prefetch the other steps"
-        waiting = [sid for sid in saga_ids
-                   if cluster.step(sid, "a").status is StepStatus.DISPATCHED]
+        waiting = [
+            sid for sid in saga_ids if cluster.step(sid, "a").status is StepStatus.DISPATCHED
+        ]
         assert len(waiting) == 4
         first.kill()
         second.start()
@@ -267,7 +296,8 @@ def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
 
 
 def test_a_warm_shutdown_finishes_its_step_and_a_new_worker_finishes_the_saga(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     old = cluster.worker("old-release")
     new = cluster.worker("new-release")
     try:
@@ -315,10 +345,12 @@ def test_a_cold_shutdown_hands_back_the_step_it_cut_short(cluster: Cluster) -> N
 
 
 # The broker keeps (or puts back) a message whose ack was held: each broker in turn.
-KILLED = [pytest.param("redis", "pool process", id="redis-pool-process"),
-          pytest.param("redis", "whole worker", id="redis-whole-worker"),
-          pytest.param("rabbitmq/classic", "whole worker", id="rabbitmq-classic-whole-worker"),
-          pytest.param("rabbitmq/quorum", "whole worker", id="rabbitmq-quorum-whole-worker")]
+KILLED = [
+    pytest.param("redis", "pool process", id="redis-pool-process"),
+    pytest.param("redis", "whole worker", id="redis-whole-worker"),
+    pytest.param("rabbitmq/classic", "whole worker", id="rabbitmq-classic-whole-worker"),
+    pytest.param("rabbitmq/quorum", "whole worker", id="rabbitmq-quorum-whole-worker"),
+]
 
 
 def kill_paused(how: str, pid: int, first: WorkerProcess, second: WorkerProcess) -> None:
@@ -333,7 +365,8 @@ def kill_paused(how: str, pid: int, first: WorkerProcess, second: WorkerProcess)
 
 @pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
 def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_seconds(
-        cluster: Cluster, how: str) -> None:
+    cluster: Cluster, how: str
+) -> None:
     """Nothing in the store says who had the message: only the broker still has it
     (unacknowledged until the step ends), or the worker's main process knows."""
     first = cluster.worker("unclaimed", pause="before_claim:a")
@@ -357,7 +390,8 @@ def test_a_step_taken_but_not_yet_claimed_by_a_killed_process_runs_within_second
 
 @pytest.mark.parametrize(("cluster", "how"), KILLED, indirect=["cluster"])
 def test_steps_dispatched_by_a_completion_whose_process_died_before_publishing_run(
-        cluster: Cluster, how: str) -> None:
+    cluster: Cluster, how: str
+) -> None:
     first = cluster.worker("unpublished", pause="before_publish:a")
     second = cluster.worker("unpublished")
     try:

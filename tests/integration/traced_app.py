@@ -81,10 +81,17 @@ def finish(order_id: str) -> dict[str, Any]:
     return {"finished": True}
 
 
-compensated = (Saga("traced_compensated")
-               .add_step(reserve).add_step(charge).add_step(ship, no_compensation=True))
-survives_kill = (Saga("traced_survives_kill")
-                 .add_step(reserve).add_step(slow, no_compensation=True)
-                 .add_step(finish, no_compensation=True))
+compensated = (
+    Saga("traced_compensated")
+    .add_step(reserve)
+    .add_step(charge)
+    .add_step(ship, no_compensation=True)
+)
+survives_kill = (
+    Saga("traced_survives_kill")
+    .add_step(reserve)
+    .add_step(slow, no_compensation=True)
+    .add_step(finish, no_compensation=True)
+)
 child = Saga("traced_child").add_step(finish, no_compensation=True)
 parent = Saga("traced_parent").add_step(charge).add_saga(child)

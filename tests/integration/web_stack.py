@@ -53,8 +53,11 @@ class WebStack:
         area = options.pop("area", "sector")
         headers = {"Idempotency-Key": key} if key else {}
         with self.client() as c:
-            r = c.post("/api/v1/sagas/robot_exploration", json=exploration_input(
-                area, **options), headers=headers)
+            r = c.post(
+                "/api/v1/sagas/robot_exploration",
+                json=exploration_input(area, **options),
+                headers=headers,
+            )
         assert r.status_code == 201, r.text
         saga_id: str = r.json()["saga_id"]
         return saga_id
@@ -67,23 +70,41 @@ class WebStack:
         return doc
 
     def wait_status(self, saga_id: str, statuses: set[str], timeout: float = 60) -> None:
-        wait_until(lambda: self.saga(saga_id)["saga"]["status"] in statuses, timeout=timeout,
-                   interval=0.2, what=f"saga {saga_id} in {sorted(statuses)}")
+        wait_until(
+            lambda: self.saga(saga_id)["saga"]["status"] in statuses,
+            timeout=timeout,
+            interval=0.2,
+            what=f"saga {saga_id} in {sorted(statuses)}",
+        )
 
     def sagaline(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([SAGALINE, *args], cwd=REPO_ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            [SAGALINE, *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
 
 def start_server(env: dict[str, str], port: int, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([SAGALINE, "web", "-A", APP, "--port", str(port), *args],
-                            cwd=REPO_ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [SAGALINE, "web", "-A", APP, "--port", str(port), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     for _ in range(600):
         if proc.poll() is not None:
-            raise RuntimeError(f"sagaline web exited {proc.returncode}: "
-                               f"{proc.stderr.read().decode() if proc.stderr else ''}")
+            raise RuntimeError(
+                f"sagaline web exited {proc.returncode}: "
+                f"{proc.stderr.read().decode() if proc.stderr else ''}"
+            )
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc
@@ -113,9 +134,15 @@ def web_stack(pg_url: str, redis_url: str, home: Path) -> Iterator[WebStack]:
     import redis
 
     redis.Redis.from_url(broker).flushdb()
-    env = {**os.environ, "SAGALINE_HOME": str(home), "SAGALINE_STORE_URL": pg_url,
-           "CELERY_BROKER_URL": broker, "SAGALINE_SWEEP_INTERVAL": "1",
-           "SAGALINE_WEB_TOKEN": TOKEN, "SAGALINE_WEB_READ_TOKEN": READ_TOKEN}
+    env = {
+        **os.environ,
+        "SAGALINE_HOME": str(home),
+        "SAGALINE_STORE_URL": pg_url,
+        "CELERY_BROKER_URL": broker,
+        "SAGALINE_SWEEP_INTERVAL": "1",
+        "SAGALINE_WEB_TOKEN": TOKEN,
+        "SAGALINE_WEB_READ_TOKEN": READ_TOKEN,
+    }
     worker = WorkerProcess(APP, env=env, concurrency=3, workdir=home / "worker")
     worker.start()
     port = free_port()

@@ -38,8 +38,7 @@ def charge(amount: int, saga_id: str) -> StepResponse:
     if key not in WORLD["charges"]:
         WORLD["charges"][key] = amount
         WORLD["balance"] -= amount
-    return StepResponse(output={"charge": key},
-                        compensation_data={"charge": key, "amount": amount})
+    return StepResponse(output={"charge": key}, compensation_data={"charge": key, "amount": amount})
 
 
 @app.task(name="shop.release")
@@ -71,12 +70,7 @@ def ship(saga_id: str, reserved: int) -> dict[str, Any]:
     return {"shipped": True}
 
 
-order = (
-    Saga("plugin_order")
-    .add_step(charge)
-    .add_step(reserve)
-    .add_step(ship, no_compensation=True)
-)
+order = Saga("plugin_order").add_step(charge).add_step(reserve).add_step(ship, no_compensation=True)
 
 
 # The same order with a compensation that is not idempotent (explore_failures finds it).
@@ -90,8 +84,12 @@ buggy_order = (
 
 def world() -> dict[str, Any]:
     """What explore_failures compares: the shop's systems, without per-saga keys."""
-    return {"balance": WORLD["balance"], "stock": WORLD["stock"],
-            "shipments": len(WORLD["shipments"]), "charges": len(WORLD["charges"])}
+    return {
+        "balance": WORLD["balance"],
+        "stock": WORLD["stock"],
+        "shipments": len(WORLD["shipments"]),
+        "charges": len(WORLD["charges"]),
+    }
 
 
 # -- a long saga: 10 steps, each retried with 1-hour backoffs, under a 1-day deadline --
@@ -120,6 +118,7 @@ for i in range(10):
 
 
 # -- a parent saga that runs a child saga as one of its steps --
+
 
 @app.task(name="shop.pack")
 def pack(saga_id: str, qty: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ORDERS_TESTS = '''
+ORDERS_TESTS = """
 import pytest
 import sqlalchemy as sa
 
@@ -72,7 +72,7 @@ def test_every_single_fault_leaves_the_shop_consistent():
     print(report)
     report.assert_ok()
     assert len(report.scenarios) >= 3 * 4
-'''
+"""
 
 
 def readme_test_file() -> str:
@@ -85,8 +85,9 @@ def readme_test_file() -> str:
 
 
 @pytest.fixture
-def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                 tmp_path: Path) -> pytest.Pytester:
+def user_project(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> pytest.Pytester:
     monkeypatch.setenv("SAGALINE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     for name in ("SAGALINE_STORE_URL", "CELERY_BROKER_URL", "EXAMPLE_DB_URL"):
@@ -94,14 +95,14 @@ def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
     return pytester
 
 
-def test_the_readme_test_file_passes_on_the_robots_example(user_project: pytest.Pytester
-                                                           ) -> None:
+def test_the_readme_test_file_passes_on_the_robots_example(user_project: pytest.Pytester) -> None:
     user_project.makepyfile(test_exploration=readme_test_file())
     result = user_project.runpytest_subprocess("-q", "-s", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=5)
     # explore_failures on the 4-step robots saga: the baseline and 4 x 4 + 4 scenarios.
-    result.stdout.fnmatch_lines(["*explore_failures(robot_exploration): 21 scenarios in *, "
-                                 "0 violations"])
+    result.stdout.fnmatch_lines(
+        ["*explore_failures(robot_exploration): 21 scenarios in *, 0 violations"]
+    )
 
 
 def test_the_orders_example_passes_with_the_plugin(user_project: pytest.Pytester) -> None:
@@ -112,8 +113,10 @@ def test_the_orders_example_passes_with_the_plugin(user_project: pytest.Pytester
 
 
 def test_a_seeded_bug_fails_the_users_test_naming_step_and_scenario(
-        user_project: pytest.Pytester) -> None:
-    user_project.makepyfile(test_buggy='''
+    user_project: pytest.Pytester,
+) -> None:
+    user_project.makepyfile(
+        test_buggy="""
 from sagaline.testkit import explore_failures
 from tests.plugin import shop
 
@@ -121,8 +124,13 @@ from tests.plugin import shop
 def test_explore():
     explore_failures(shop.buggy_order, {"amount": 30, "qty": 2}, world=shop.world,
                      reset=shop.reset_world, apps=[shop.app]).assert_ok()
-''')
+"""
+    )
     result = user_project.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*FAIL crash after compensation @ reserve*",
-                                 "*world differs from before the saga*stock: 5 -> 7*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*FAIL crash after compensation @ reserve*",
+            "*world differs from before the saga*stock: 5 -> 7*",
+        ]
+    )

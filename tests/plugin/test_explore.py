@@ -8,8 +8,13 @@ from tests.plugin import shop
 
 
 def test_a_sound_saga_passes_every_scenario() -> None:
-    report = explore_failures(shop.order, {"amount": 30, "qty": 2}, world=shop.world,
-                              reset=shop.reset_world, apps=[shop.app])
+    report = explore_failures(
+        shop.order,
+        {"amount": 30, "qty": 2},
+        world=shop.world,
+        reset=shop.reset_world,
+        apps=[shop.app],
+    )
     report.assert_ok()
     # 3 steps x 4 faults, 2 compensable steps x crash after compensation, and the baseline.
     assert len(report.scenarios) == 1 + 3 * 4 + 2
@@ -17,13 +22,17 @@ def test_a_sound_saga_passes_every_scenario() -> None:
     assert statuses["permanent failure @ reserve"] == "COMPENSATED"
     assert statuses["duplicate delivery @ charge"] == "COMPLETED"
     assert statuses["crash after compensation @ charge"] == "COMPENSATED"
-    assert all(s.fired or s.fault in ("no fault", "permanent failure")
-               for s in report.scenarios)
+    assert all(s.fired or s.fault in ("no fault", "permanent failure") for s in report.scenarios)
 
 
 def test_a_compensation_that_is_not_idempotent_is_caught_by_step_and_scenario() -> None:
-    report = explore_failures(shop.buggy_order, {"amount": 30, "qty": 2}, world=shop.world,
-                              reset=shop.reset_world, apps=[shop.app])
+    report = explore_failures(
+        shop.buggy_order,
+        {"amount": 30, "qty": 2},
+        world=shop.world,
+        reset=shop.reset_world,
+        apps=[shop.app],
+    )
     assert not report.ok
     bad = [s for s in report.scenarios if not s.ok]
     assert [s.name for s in bad] == ["crash after compensation @ reserve"]
@@ -65,12 +74,29 @@ def test_each_invariant_check_can_fail() -> None:
         explorer._check(env, clean, "ship", "test")
         assert clean.ok, clean.violations
         # reserve undone a second time, after charge (which it depends on) was undone.
-        env.store.append_event(Event(explorer.saga_id, EventKind.COMPENSATION_SUCCEEDED,
-                                     env.clock(), "reserve", 2, "compensate"))
-        env.body_runs.append(BodyRun(explorer.saga_id, "charge", Phase.FORWARD, 1,
-                                     f"{explorer.saga_id}:charge", "returned"))
-        env.body_runs.append(BodyRun(explorer.saga_id, "ship", Phase.COMPENSATE, 1,
-                                     "elsewhere", "returned"))
+        env.store.append_event(
+            Event(
+                explorer.saga_id,
+                EventKind.COMPENSATION_SUCCEEDED,
+                env.clock(),
+                "reserve",
+                2,
+                "compensate",
+            )
+        )
+        env.body_runs.append(
+            BodyRun(
+                explorer.saga_id,
+                "charge",
+                Phase.FORWARD,
+                1,
+                f"{explorer.saga_id}:charge",
+                "returned",
+            )
+        )
+        env.body_runs.append(
+            BodyRun(explorer.saga_id, "ship", Phase.COMPENSATE, 1, "elsewhere", "returned")
+        )
         broken = Scenario("ship", "test")
         explorer._check(env, broken, "ship", "test")
     found = "\n".join(broken.violations)

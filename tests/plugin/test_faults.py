@@ -26,7 +26,8 @@ def test_a_duplicate_message_is_fenced_by_the_claim(saga_env: SagaEnv, faults: F
 
 
 def test_a_lost_message_is_published_again_by_the_sweeper(
-        saga_env: SagaEnv, faults: Faults, saga_clock: VirtualClock) -> None:
+    saga_env: SagaEnv, faults: Faults, saga_clock: VirtualClock
+) -> None:
     faults.lose_message("reserve")
     handle = saga_env.start(shop.order, amount=30, qty=2)
     saga_env.step()
@@ -39,7 +40,8 @@ def test_a_lost_message_is_published_again_by_the_sweeper(
 
 
 def test_a_crash_after_the_body_reruns_the_step_with_the_same_key(
-        saga_env: SagaEnv, faults: Faults) -> None:
+    saga_env: SagaEnv, faults: Faults
+) -> None:
     faults.crash(shop.charge, at="after_body")
     handle = saga_env.run(shop.order, amount=30, qty=2)
     assert_completed(handle)
@@ -52,7 +54,8 @@ def test_a_crash_after_the_body_reruns_the_step_with_the_same_key(
 
 
 def test_a_crash_before_the_claim_leaves_the_step_to_the_sweeper(
-        saga_env: SagaEnv, faults: Faults) -> None:
+    saga_env: SagaEnv, faults: Faults
+) -> None:
     faults.crash("charge", at="before_claim")
     handle = saga_env.run(shop.order, amount=30, qty=2)
     assert_completed(handle)
@@ -61,7 +64,8 @@ def test_a_crash_before_the_claim_leaves_the_step_to_the_sweeper(
 
 
 def test_an_expired_lease_retries_and_fences_the_late_completion(
-        saga_env: SagaEnv, faults: Faults) -> None:
+    saga_env: SagaEnv, faults: Faults
+) -> None:
     faults.expire_lease("reserve")
     handle = saga_env.run(shop.order, amount=30, qty=2)
     assert_completed(handle)
@@ -70,7 +74,8 @@ def test_an_expired_lease_retries_and_fences_the_late_completion(
 
 
 def test_a_failing_compensation_is_retried_until_it_succeeds(
-        saga_env: SagaEnv, faults: Faults, mock_step) -> None:
+    saga_env: SagaEnv, faults: Faults, mock_step
+) -> None:
     mock_step(shop.ship, raises=RuntimeError("courier refused"))
     faults.fail_compensation("charge", times=2)
     handle = saga_env.run(shop.order, amount=30, qty=2)
@@ -80,7 +85,8 @@ def test_a_failing_compensation_is_retried_until_it_succeeds(
 
 
 def test_sweep_runs_the_real_sweepers_decisions(
-        saga_env: SagaEnv, faults: Faults, saga_clock: VirtualClock) -> None:
+    saga_env: SagaEnv, faults: Faults, saga_clock: VirtualClock
+) -> None:
     faults.crash("charge", at="after_body")
     handle = saga_env.start(shop.order, amount=30, qty=2)
     saga_env.step()
@@ -127,8 +133,7 @@ def test_a_bad_crash_point_is_named() -> None:
         Faults().crash("x", at="midway")
 
 
-def test_the_timeline_snapshot_is_the_same_on_every_run(saga_env: SagaEnv, faults: Faults
-                                                        ) -> None:
+def test_the_timeline_snapshot_is_the_same_on_every_run(saga_env: SagaEnv, faults: Faults) -> None:
     faults.crash("charge", at="after_body")
     handle = saga_env.run(shop.order, amount=30, qty=2)
     text = saga_history(handle).snapshot()
@@ -145,8 +150,7 @@ def test_the_timeline_snapshot_is_the_same_on_every_run(saga_env: SagaEnv, fault
 GOLDEN = Path(__file__).parent / "golden" / "order_crash_then_refused_courier.txt"
 
 
-def test_the_timeline_matches_its_golden_file(saga_env: SagaEnv, faults: Faults,
-                                              mock_step) -> None:
+def test_the_timeline_matches_its_golden_file(saga_env: SagaEnv, faults: Faults, mock_step) -> None:
     faults.crash("charge", at="after_body")
     mock_step(shop.ship, side_effect=[ConnectionError("courier busy")])
     handle = saga_env.run(shop.order, amount=30, qty=2)

@@ -19,18 +19,21 @@ def test_the_entry_point_names_the_plugin() -> None:
 
 
 def test_loading_the_plugin_imports_neither_celery_nor_a_store_driver() -> None:
-    code = ("import sys, time, pytest\n"
-            "t = time.perf_counter()\n"
-            "import sagaline.pytest_plugin\n"
-            "print(round((time.perf_counter() - t) * 1000, 1))\n"
-            "print(sorted(m for m in ('celery', 'kombu', 'sqlalchemy', 'redis', 'psycopg',"
-            " 'sagaline.runtime', 'sagaline.testkit') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.split("\n")
+    code = (
+        "import sys, time, pytest\n"
+        "t = time.perf_counter()\n"
+        "import sagaline.pytest_plugin\n"
+        "print(round((time.perf_counter() - t) * 1000, 1))\n"
+        "print(sorted(m for m in ('celery', 'kombu', 'sqlalchemy', 'redis', 'psycopg',"
+        " 'sagaline.runtime', 'sagaline.testkit') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split("\n")
     assert out[1] == "[]", out  # (the milliseconds, out[0], are reported by bench/plugin.py)
 
 
-NO_NETWORK_CONFTEST = '''
+NO_NETWORK_CONFTEST = """
 import socket
 
 import pytest
@@ -44,9 +47,9 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-'''
+"""
 
-NO_NETWORK_TESTS = '''
+NO_NETWORK_TESTS = """
 import socket
 
 import pytest
@@ -71,11 +74,12 @@ def test_a_saga_with_faults_runs_without_the_network(saga_env, faults, saga_cloc
 def test_explore_failures_runs_without_the_network():
     explore_failures(shop.order, {"amount": 30, "qty": 2}, world=shop.world,
                      reset=shop.reset_world, apps=[shop.app]).assert_ok()
-'''
+"""
 
 
-def test_saga_env_makes_no_network_access(pytester: pytest.Pytester,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_saga_env_makes_no_network_access(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     pytester.makeconftest(NO_NETWORK_CONFTEST)
     pytester.makepyfile(test_offline=NO_NETWORK_TESTS)

@@ -48,8 +48,7 @@ def test_messages_carry_json_not_python_objects(saga_env: SagaEnv) -> None:
     assert msg.kwargs == {"qty": 2, "saga_id": msg.meta["saga_id"]}  # filtered, then JSON
 
 
-def test_duplicate_start_with_an_idempotency_key_returns_the_same_saga(
-        saga_env: SagaEnv) -> None:
+def test_duplicate_start_with_an_idempotency_key_returns_the_same_saga(saga_env: SagaEnv) -> None:
     a = saga_env.start(shop.order, idempotency_key="o-1", amount=30, qty=2)
     b = saga_env.start(shop.order, idempotency_key="o-1", amount=30, qty=2)
     saga_env.run_until_done()
@@ -79,7 +78,8 @@ def test_retries_wait_in_virtual_time(saga_env: SagaEnv, saga_clock: VirtualCloc
 
 
 def test_ten_steps_with_hourly_backoffs_complete_in_virtual_time(
-        saga_env: SagaEnv, saga_clock: VirtualClock) -> None:
+    saga_env: SagaEnv, saga_clock: VirtualClock
+) -> None:
     handle = saga_env.run(shop.long_saga)
     assert_completed(handle)
     assert {f"s{i}": 2 for i in range(10)} == shop.ATTEMPTS
@@ -87,7 +87,8 @@ def test_ten_steps_with_hourly_backoffs_complete_in_virtual_time(
 
 
 def test_a_retry_due_after_the_deadline_is_fenced_by_the_rollback(
-        saga_env: SagaEnv, saga_clock: VirtualClock) -> None:
+    saga_env: SagaEnv, saga_clock: VirtualClock
+) -> None:
     handle = saga_env.start(shop.long_saga)
     saga_env.step()  # s0 fails once; its retry is due in an hour
     saga_clock.advance("2d", run=False)  # the sweeper sees the deadline at +1d
@@ -105,8 +106,10 @@ def test_the_environment_restores_the_apps_runtime() -> None:
     assert shop.app._sagaline_runtime is before
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("1h", 3600), ("90s", 90), ("2h30m", 9000), ("1d", 86400), ("250ms", 0.25), (5, 5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1h", 3600), ("90s", 90), ("2h30m", 9000), ("1d", 86400), ("250ms", 0.25), (5, 5)],
+)
 def test_durations_parse(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -118,7 +121,8 @@ def test_a_bad_duration_says_what_is_wrong(bad: str) -> None:
 
 
 def test_a_child_saga_runs_in_the_environment_and_is_compensated_with_its_parent(
-        saga_env: SagaEnv, mock_step) -> None:
+    saga_env: SagaEnv, mock_step
+) -> None:
     done = saga_env.run(shop.fulfilment, amount=10, qty=3)
     assert_completed(done)
     assert shop.WORLD["packed"] == 3
@@ -130,8 +134,9 @@ def test_a_child_saga_runs_in_the_environment_and_is_compensated_with_its_parent
     assert shop.WORLD["packed"] == 3 and shop.WORLD["balance"] == 90  # the first order's
 
 
-def test_a_step_that_runs_past_its_time_limit_fails_as_a_timeout(saga_env: SagaEnv,
-                                                                mock_step) -> None:
+def test_a_step_that_runs_past_its_time_limit_fails_as_a_timeout(
+    saga_env: SagaEnv, mock_step
+) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     mock_step(shop.reserve, raises=SoftTimeLimitExceeded())
@@ -141,8 +146,9 @@ def test_a_step_that_runs_past_its_time_limit_fails_as_a_timeout(saga_env: SagaE
     assert [e.detail["reason"] for e in failed] == ["timeout"]
 
 
-def test_a_saga_that_waits_for_nothing_is_reported_not_waited_for(saga_env: SagaEnv,
-                                                                  faults: Faults) -> None:
+def test_a_saga_that_waits_for_nothing_is_reported_not_waited_for(
+    saga_env: SagaEnv, faults: Faults
+) -> None:
     # Every delivery of charge's message is lost: the sweeper sends it again, with a
     # growing backoff, until the run's virtual horizon ends.
     faults.crash("charge", at="before_claim", times=1000)

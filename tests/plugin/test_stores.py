@@ -12,7 +12,7 @@ from tests.stores import redis_test_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
-USER_TESTS = '''
+USER_TESTS = """
 from sagaline.testkit import assert_compensated, assert_completed, history
 from tests.plugin import shop
 
@@ -49,7 +49,7 @@ def test_hourly_retries_in_virtual_time(saga_env, saga_clock):
     assert saga_env.unfinished() == [] and len(history(saga_env.start(shop.order,
         amount=1, qty=1)).kinds()) > 0
     print(where(saga_env.store))
-'''
+"""
 
 
 def pg_server() -> str:
@@ -58,19 +58,31 @@ def pg_server() -> str:
 
 @pytest.mark.parametrize("store", ["memory", "sqlite", "postgresql", "redis"])
 def test_the_same_user_tests_pass_on_every_store_and_leave_nothing_behind(
-        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, store: str) -> None:
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    option = {"memory": "memory", "sqlite": "sqlite", "postgresql": pg_server(),
-              "redis": redis_test_url()}[store]
+    option = {
+        "memory": "memory",
+        "sqlite": "sqlite",
+        "postgresql": pg_server(),
+        "redis": redis_test_url(),
+    }[store]
     pytester.makepyfile(test_user=USER_TESTS)
-    result = pytester.runpytest_subprocess("-q", "-s", "-p", "no:cacheprovider",
-                                           f"--sagaline-store={option}")
+    result = pytester.runpytest_subprocess(
+        "-q", "-s", "-p", "no:cacheprovider", f"--sagaline-store={option}"
+    )
     result.assert_outcomes(passed=3)
     used = re.findall(r"STORE (\w+) (\S*) ?(\S+)", result.stdout.str())
     assert len(used) == 3
     kinds = {u[0] for u in used}
-    assert kinds == {{"memory": "MemoryStore", "sqlite": "SQLStore", "postgresql": "SQLStore",
-                      "redis": "RedisStore"}[store]}
+    assert kinds == {
+        {
+            "memory": "MemoryStore",
+            "sqlite": "SQLStore",
+            "postgresql": "SQLStore",
+            "redis": "RedisStore",
+        }[store]
+    }
     places = {u[2] if store != "redis" else u[1] for u in used}
     if store != "memory":  # (a memory store is a new object per test)
         assert len(places) == 3, f"tests shared a store: {used}"  # one each
@@ -78,10 +90,16 @@ def test_the_same_user_tests_pass_on_every_store_and_leave_nothing_behind(
         import psycopg
 
         names = [p.rsplit("/", 1)[-1] for p in places]
-        with psycopg.connect(host=SHARED_PG_HOST, port=SHARED_PG_PORT, user=SHARED_PG_USER,
-                             dbname="postgres", autocommit=True) as conn:
-            left = conn.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)",
-                                (names,)).fetchall()
+        with psycopg.connect(
+            host=SHARED_PG_HOST,
+            port=SHARED_PG_PORT,
+            user=SHARED_PG_USER,
+            dbname="postgres",
+            autocommit=True,
+        ) as conn:
+            left = conn.execute(
+                "SELECT datname FROM pg_database WHERE datname = ANY(%s)", (names,)
+            ).fetchall()
         assert left == []
     if store == "redis":
         import redis
@@ -96,7 +114,6 @@ def test_the_same_user_tests_pass_on_every_store_and_leave_nothing_behind(
 
 def test_an_unknown_store_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="def test_x(): pass\n")
-    result = pytester.runpytest_subprocess("--sagaline-store=mongodb://x", "-p",
-                                           "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--sagaline-store=mongodb://x", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--sagaline-store='mongodb://x': use one of memory, sqlite*"])

@@ -18,7 +18,7 @@ from sagaline.testing import kill_pid, pid_alive, pids_in_group, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
-USER_TESTS = '''
+USER_TESTS = """
 import os
 import time
 
@@ -51,16 +51,16 @@ def test_failing(saga_worker):
 
 def test_never_reached(saga_worker):
     record(saga_worker)
-'''
+"""
 
-CONFTEST = '''
+CONFTEST = """
 import pytest
 
 
 @pytest.fixture
 def saga_worker_app():
     return "sagaline.demo.robots.app"
-'''
+"""
 
 
 @pytest.fixture
@@ -68,10 +68,13 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     (tmp_path / "test_user.py").write_text(USER_TESTS)
     (tmp_path / "conftest.py").write_text(CONFTEST)
     env = dict(os.environ)
-    env.update(SAGALINE_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT),
-               SAGALINE_STORE_URL=f"sqlite:///{tmp_path}/state.db",
-               EXAMPLE_DB_URL=f"sqlite:///{tmp_path}/fleet.db",
-               WORKER_PIDS=str(tmp_path / "pids"))
+    env.update(
+        SAGALINE_HOME=str(tmp_path / "home"),
+        PYTHONPATH=str(ROOT),
+        SAGALINE_STORE_URL=f"sqlite:///{tmp_path}/state.db",
+        EXAMPLE_DB_URL=f"sqlite:///{tmp_path}/fleet.db",
+        WORKER_PIDS=str(tmp_path / "pids"),
+    )
     for name in ("CELERY_BROKER_URL", "PYTEST_ADDOPTS"):
         env.pop(name, None)
     return tmp_path, env
@@ -80,8 +83,12 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def run_pytest(where: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
-        cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cwd=where,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def recorded_pids(where: Path) -> list[int]:
@@ -92,8 +99,12 @@ def recorded_pids(where: Path) -> list[int]:
 def assert_all_gone(pids: list[int]) -> None:
     assert pids, "the worker recorded its processes"
     try:
-        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30,
-                   interval=0.2, what="worker processes to exit")
+        wait_until(
+            lambda: not any(pid_alive(p) for p in pids),
+            timeout=30,
+            interval=0.2,
+            what="worker processes to exit",
+        )
     finally:
         for p in pids:  # whatever happens, this test leaves nothing behind either
             kill_pid(p)
@@ -110,8 +121,7 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 180) -> str:
     return out.decode(errors="replace")
 
 
-def test_saga_worker_runs_a_saga_end_to_end_and_stops(project: tuple[Path, dict[str, str]]
-                                                      ) -> None:
+def test_saga_worker_runs_a_saga_end_to_end_and_stops(project: tuple[Path, dict[str, str]]) -> None:
     where, env = project
     out = finish(run_pytest(where, env, "-k", "real_worker"))
     assert "1 passed" in out, out
@@ -122,8 +132,12 @@ def test_no_worker_survives_an_interrupted_run(project: tuple[Path, dict[str, st
     where, env = project
     proc = run_pytest(where, env, "-k", "interrupted")
     try:
-        wait_until(lambda: (where / "pids.ready").exists() or proc.poll() is not None,
-                   timeout=120, interval=0.2, what="the test to be running")
+        wait_until(
+            lambda: (where / "pids.ready").exists() or proc.poll() is not None,
+            timeout=120,
+            interval=0.2,
+            what="the test to be running",
+        )
         assert proc.poll() is None, finish(proc)
         pids = recorded_pids(where)
         assert pids and all(pid_alive(p) for p in pids)
@@ -140,8 +154,12 @@ def test_no_worker_survives_a_terminated_run(project: tuple[Path, dict[str, str]
     where, env = project
     proc = run_pytest(where, env, "-k", "interrupted")
     try:
-        wait_until(lambda: (where / "pids.ready").exists() or proc.poll() is not None,
-                   timeout=120, interval=0.2, what="the test to be running")
+        wait_until(
+            lambda: (where / "pids.ready").exists() or proc.poll() is not None,
+            timeout=120,
+            interval=0.2,
+            what="the test to be running",
+        )
         assert proc.poll() is None, finish(proc)
         pids = recorded_pids(where)
         os.kill(proc.pid, signal.SIGTERM)  # a CI job cancelled

@@ -43,8 +43,8 @@ def _run_that_cleans_up(masking: bool, cleaned: list[str]) -> Any:
 
 @pytest.mark.parametrize("masking", [False, True], ids=["plain", "masked by a library"])
 def test_a_signal_returns_128_plus_its_number_and_cleans_up(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        masking: bool) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], masking: bool
+) -> None:
     cleaned: list[str] = []
     monkeypatch.setattr(bench_main, "run", _run_that_cleans_up(masking, cleaned))
     assert bench_main.main(["--quick"]) == 128 + signal.SIGTERM

@@ -14,13 +14,17 @@ import pytest
 from bench.peers import EXTRA, PACKAGES, comparison_rows, missing_peers, require_peers
 
 
-@pytest.mark.parametrize(("blocked", "named"), [
-    (["dbos"], "dbos is not installed"),
-    (["celery_saga"], "celery-saga is not installed"),
-    (["dbos", "celery_saga"], "dbos and celery-saga are not installed"),
-])
+@pytest.mark.parametrize(
+    ("blocked", "named"),
+    [
+        (["dbos"], "dbos is not installed"),
+        (["celery_saga"], "celery-saga is not installed"),
+        (["dbos", "celery_saga"], "dbos and celery-saga are not installed"),
+    ],
+)
 def test_a_missing_peer_is_named_with_the_extra_that_installs_it(
-        monkeypatch: pytest.MonkeyPatch, blocked: list[str], named: str) -> None:
+    monkeypatch: pytest.MonkeyPatch, blocked: list[str], named: str
+) -> None:
     others = [PACKAGES[m] for m in PACKAGES if m not in blocked]
     if set(others) & set(missing_peers()):
         pytest.skip(f"{others} not installed here: the message would name them too")
@@ -50,15 +54,22 @@ def _line(figure: str, store: str, peer: str | None = None, **values: float) -> 
 def test_the_comparison_puts_each_peer_ratio_beside_sagalines() -> None:
     lines = [
         _line("L1", "postgres", sagaline_median_ms=20.0, baseline_median_ms=8.0, ratio_median=2.5),
-        _line("T1", "postgres", sagaline_per_s=80.0, baseline_per_s=200.0,
-              ratio_throughput=0.4),
+        _line("T1", "postgres", sagaline_per_s=80.0, baseline_per_s=200.0, ratio_throughput=0.4),
         _line("S1", "postgres", sagaline_growth=1.0),  # not compared
-        _line("L1", "postgres", "dbos", peer_median_ms=55.0, baseline_median_ms=10.0,
-              ratio_median=5.5),
-        _line("T1", "postgres", "dbos", peer_per_s=130.0, baseline_per_s=260.0,
-              ratio_throughput=0.5),
-        _line("T1", "redis", "celery-saga", peer_per_s=100.0, baseline_per_s=250.0,
-              ratio_throughput=0.4),
+        _line(
+            "L1", "postgres", "dbos", peer_median_ms=55.0, baseline_median_ms=10.0, ratio_median=5.5
+        ),
+        _line(
+            "T1", "postgres", "dbos", peer_per_s=130.0, baseline_per_s=260.0, ratio_throughput=0.5
+        ),
+        _line(
+            "T1",
+            "redis",
+            "celery-saga",
+            peer_per_s=100.0,
+            baseline_per_s=250.0,
+            ratio_throughput=0.4,
+        ),
     ]
     rows = comparison_rows(lines)
     assert rows == [

@@ -25,8 +25,12 @@ class FakeBackend:
 
     def mget(self, keys: list[str]) -> list[str | None]:
         self.reads += 1
-        return [json.dumps(self.stored[k.removeprefix("celery-task-meta-")])
-                if k.removeprefix("celery-task-meta-") in self.stored else None for k in keys]
+        return [
+            json.dumps(self.stored[k.removeprefix("celery-task-meta-")])
+            if k.removeprefix("celery-task-meta-") in self.stored
+            else None
+            for k in keys
+        ]
 
     def decode_result(self, raw: str) -> dict[str, Any]:
         return dict(json.loads(raw))
@@ -62,8 +66,9 @@ def test_a_chain_that_never_finishes_times_out_naming_it() -> None:
     with pytest.raises(BenchTimeout) as err:
         results.wait(["a", "b", "c"], timeout=0.3, what="[redis] T1 baseline")
     assert time.monotonic() - started < 2.0
-    assert str(err.value) == ("[redis] T1 baseline: 2 of 3 chains not finished after 0.3s "
-                              "(first: task b, STARTED)")
+    assert str(err.value) == (
+        "[redis] T1 baseline: 2 of 3 chains not finished after 0.3s (first: task b, STARTED)"
+    )
 
 
 def test_a_failed_task_fails_the_wait_at_once() -> None:
@@ -87,14 +92,19 @@ class StuckHandle:
 
 
 def test_sagas_that_do_not_end_time_out_counting_the_unfinished() -> None:
-    handles = [StuckHandle("s1", SagaStatus.COMPLETED), StuckHandle("s2", SagaStatus.RUNNING),
-               StuckHandle("s3", SagaStatus.COMPLETED), StuckHandle("s4", SagaStatus.PENDING)]
+    handles = [
+        StuckHandle("s1", SagaStatus.COMPLETED),
+        StuckHandle("s2", SagaStatus.RUNNING),
+        StuckHandle("s3", SagaStatus.COMPLETED),
+        StuckHandle("s4", SagaStatus.PENDING),
+    ]
     started = time.monotonic()
     with pytest.raises(BenchTimeout) as err:
         wait_sagas(handles, timeout=0.2, what="[sqlite] T1")
     assert time.monotonic() - started < 2.0
-    assert str(err.value) == ("[sqlite] T1: 2 of 4 sagas not finished after 0.2s "
-                              "(first: saga s2, RUNNING)")
+    assert str(err.value) == (
+        "[sqlite] T1: 2 of 4 sagas not finished after 0.2s (first: saga s2, RUNNING)"
+    )
 
 
 def test_a_compensated_saga_fails_the_wait_unless_allowed() -> None:

@@ -99,9 +99,16 @@ def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -
 
 def test_every_sagaline_variable_is_a_setting(compose: dict[str, Any]) -> None:
     known = {f"SAGALINE_{f.name.upper()}" for f in fields(Settings)} | {
-        "SAGALINE_HOME", "SAGALINE_WEB_TOKEN", "SAGALINE_WEB_READ_TOKEN"}
-    used = {var for svc in compose["services"].values()
-            for var in (svc.get("environment") or {}) if var.startswith("SAGALINE_")}
+        "SAGALINE_HOME",
+        "SAGALINE_WEB_TOKEN",
+        "SAGALINE_WEB_READ_TOKEN",
+    }
+    used = {
+        var
+        for svc in compose["services"].values()
+        for var in (svc.get("environment") or {})
+        if var.startswith("SAGALINE_")
+    }
     assert used, "compose sets no sagaline variable"
     assert used <= known, f"not read by sagaline.config: {sorted(used - known)}"
 
@@ -121,8 +128,7 @@ def test_worker_and_demo_reach_the_stacks_broker_and_store(compose: dict[str, An
         for dependency in (broker.hostname, store.hostname):
             assert svc["depends_on"][dependency]["condition"] == "service_healthy", name
     flower = services["flower"]
-    assert f"--broker={services['worker']['environment']['CELERY_BROKER_URL']}" \
-        in flower["command"]
+    assert f"--broker={services['worker']['environment']['CELERY_BROKER_URL']}" in flower["command"]
 
 
 def test_the_worker_runs_the_example_app_through_the_cli(compose: dict[str, Any]) -> None:
@@ -132,7 +138,10 @@ def test_the_worker_runs_the_example_app_through_the_cli(compose: dict[str, Any]
     assert importlib.util.find_spec("sagaline.demo.robots.app") is not None
     # Its healthcheck is the liveness probe: no broker call, so an outage restarts nothing.
     assert compose["services"]["worker"]["healthcheck"]["test"][1:4] == [
-        "sagaline", "health", "--liveness"]
+        "sagaline",
+        "health",
+        "--liveness",
+    ]
     # The example reads the same variable the stack sets.
     assert "CELERY_BROKER_URL" in (ROOT / "sagaline" / "demo" / "robots" / "app.py").read_text()
     assert compose["services"]["demo"]["command"] == ["sagaline", "demo"]
@@ -149,10 +158,12 @@ def image_extras() -> set[str]:
 
 
 def test_the_image_installs_the_extras_of_the_stacks_broker_and_store(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     extras = image_extras()
-    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
-                   ["project"]["optional-dependencies"])
+    declared = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
     assert extras <= declared
     for name in SAGALINE_SERVICES:
         env = compose["services"][name]["environment"]
@@ -171,16 +182,22 @@ def test_the_image_runs_the_installed_package_not_a_source_tree() -> None:
 
 
 def test_the_image_builds_from_the_sources_the_install_test_builds_from() -> None:
-    copied = [source for line in DOCKERFILE.read_text().splitlines()
-              if line.startswith("COPY ") for source in line.split()[1:-1]]
+    copied = [
+        source
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    ]
     assert sorted(copied) == sorted(IMAGE_SOURCES)
 
 
 def test_the_observability_profile_scrapes_the_workers_and_shows_the_dashboard(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     services = compose["services"]
-    profile = {name for name, svc in services.items()
-               if "observability" in (svc.get("profiles") or [])}
+    profile = {
+        name for name, svc in services.items() if "observability" in (svc.get("profiles") or [])
+    }
     assert profile == {"prometheus", "grafana", "jaeger"}
     for name in profile:
         for volume in services[name].get("volumes") or []:
@@ -189,6 +206,10 @@ def test_the_observability_profile_scrapes_the_workers_and_shows_the_dashboard(
     port = services["worker"]["environment"]["SAGALINE_METRICS_PORT"]
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     (job,) = scrape["scrape_configs"]
-    assert job["dns_sd_configs"][0] == {"names": ["worker"], "type": "A", "port": int(port),
-                                        "refresh_interval": "15s"}
+    assert job["dns_sd_configs"][0] == {
+        "names": ["worker"],
+        "type": "A",
+        "port": int(port),
+        "refresh_interval": "15s",
+    }
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"

@@ -110,9 +110,16 @@ def test_depends_on_must_be_a_list_not_a_string() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_attempts": 0}, {"backoff": -1.0}, {"factor": 0.5}, {"max_delay": -1.0},
-     {"backoff": float("nan")}, {"factor": float("inf")}, {"max_delay": float("inf")},
-     {"max_delay": 31 * 24 * 3600.0}],
+    [
+        {"max_attempts": 0},
+        {"backoff": -1.0},
+        {"factor": 0.5},
+        {"max_delay": -1.0},
+        {"backoff": float("nan")},
+        {"factor": float("inf")},
+        {"max_delay": float("inf")},
+        {"max_delay": 31 * 24 * 3600.0},
+    ],
 )
 def test_retry_validates_its_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(DefinitionError):
@@ -159,8 +166,10 @@ def test_build_graph_detects_a_cycle_and_names_a_step_in_it() -> None:
 
 
 def test_build_graph_orders_topologically_with_transitive_ancestors() -> None:
-    g = build_graph("diamond", [task_step("a"), task_step("b", "a"), task_step("c", "a"),
-                                task_step("d", "b", "c")])
+    g = build_graph(
+        "diamond",
+        [task_step("a"), task_step("b", "a"), task_step("c", "a"), task_step("d", "b", "c")],
+    )
     assert g.order == ["a", "b", "c", "d"]
     assert g.roots() == ["a"]
     assert g.dependents == {"a": ["b", "c"], "b": ["d"], "c": ["d"], "d": []}
@@ -169,11 +178,21 @@ def test_build_graph_orders_topologically_with_transitive_ancestors() -> None:
 
 
 def test_steps_without_depends_on_follow_the_previous_stage() -> None:
-    s = (Saga("def_stages").add_step(reserve).add_parallel(charge, "t.ship")
-         .add_transform(lambda ctx: ctx).add_step("t.notify"))
+    s = (
+        Saga("def_stages")
+        .add_step(reserve)
+        .add_parallel(charge, "t.ship")
+        .add_transform(lambda ctx: ctx)
+        .add_step("t.notify")
+    )
     deps = {st.name: st.depends_on for st in s.steps}
-    assert deps == {"reserve": (), "charge": ("reserve",), "ship": ("reserve",),
-                    "transform_4": ("charge", "ship"), "notify": ("transform_4",)}
+    assert deps == {
+        "reserve": (),
+        "charge": ("reserve",),
+        "ship": ("reserve",),
+        "transform_4": ("charge", "ship"),
+        "notify": ("transform_4",),
+    }
 
 
 def test_add_parallel_refuses_name_and_depends_on() -> None:
@@ -229,11 +248,16 @@ def test_saga_step_must_decorate_a_task() -> None:
 # -- fingerprint ---------------------------------------------------------------------
 
 
-def _shop(name: str, *, comp: str = "t.refund", dep_on_reserve: bool = True,
-          when_value: bool = True) -> Saga:
+def _shop(
+    name: str, *, comp: str = "t.refund", dep_on_reserve: bool = True, when_value: bool = True
+) -> Saga:
     s = Saga(name).add_step(reserve, compensate=release)
-    s.add_step(charge, compensate=comp, depends_on=["reserve"] if dep_on_reserve else [],
-               when=(lambda ctx: True) if when_value else (lambda ctx: False))
+    s.add_step(
+        charge,
+        compensate=comp,
+        depends_on=["reserve"] if dep_on_reserve else [],
+        when=(lambda ctx: True) if when_value else (lambda ctx: False),
+    )
     return s
 
 
@@ -294,8 +318,11 @@ def test_filter_kwargs_passes_only_what_the_signature_accepts() -> None:
 
 def test_names_over_the_store_limits_are_refused_at_definition() -> None:
     Saga("n" * 200).add_step(reserve, name="s" * 200)
-    with pytest.raises(DefinitionError, match=r"saga name 'nnn.*' is 201 characters long, "
-                                              r"over the limit of 200"):
+    with pytest.raises(
+        DefinitionError,
+        match=r"saga name 'nnn.*' is 201 characters long, "
+        r"over the limit of 200",
+    ):
         Saga("n" * 201)
     with pytest.raises(DefinitionError, match=r"step name .* over the limit of 200") as info:
         Saga("def_long_step").add_step(reserve, name="s" * 201)
@@ -319,9 +346,12 @@ def test_a_step_cannot_be_named_like_a_reserved_context_key(reserved: str) -> No
 def test_a_second_saga_with_one_name_and_other_steps_fails_where_it_differs() -> None:
     first = Saga("def_twice").add_step(reserve).add_step(charge)
     second = Saga("def_twice").add_step(reserve)  # the same so far
-    with pytest.raises(DefinitionError, match=r"another saga with this name, defined at "
-                                              r".*test_definition.py:\d+, has other steps "
-                                              r"\(they differ at step #2\)") as info:
+    with pytest.raises(
+        DefinitionError,
+        match=r"another saga with this name, defined at "
+        r".*test_definition.py:\d+, has other steps "
+        r"\(they differ at step #2\)",
+    ) as info:
         second.add_step(refund)
     assert (info.value.saga, info.value.step) == ("def_twice", "refund")
     # One more step than the first definition differs too.
@@ -341,16 +371,22 @@ def test_the_same_definition_twice_is_one_saga_as_when_a_module_is_imported_agai
 def test_a_second_definition_that_stops_short_fails_when_complete() -> None:
     Saga("def_short").add_step(reserve).add_step(charge)
     short = Saga("def_short").add_step(reserve)
-    with pytest.raises(DefinitionError, match=r"two different sagas have this name: at "
-                                              r".*test_definition.py:\d+ and at "):
+    with pytest.raises(
+        DefinitionError,
+        match=r"two different sagas have this name: at "
+        r".*test_definition.py:\d+ and at ",
+    ):
         short.check_complete()
 
 
 def test_an_empty_saga_fails_when_complete() -> None:
     empty = Saga("def_empty_builder")
-    with pytest.raises(DefinitionError, match=r"saga 'def_empty_builder': a saga needs at "
-                                              r"least one step \(defined at "
-                                              r".*test_definition.py:\d+\)"):
+    with pytest.raises(
+        DefinitionError,
+        match=r"saga 'def_empty_builder': a saga needs at "
+        r"least one step \(defined at "
+        r".*test_definition.py:\d+\)",
+    ):
         empty.check_complete()
     empty.add_step(reserve)
     empty.check_complete()
@@ -367,9 +403,11 @@ def test_importing_a_module_again_is_not_an_error_but_changed_code_is(tmp_path: 
     import importlib.util
     import sys
 
-    source = ('from sagaline import Saga\n'
-              'saga = (Saga("def_module_twice").add_step("t.a", no_compensation=True)\n'
-              '        .add_step("t.b", no_compensation=True, when=lambda ctx: ctx.get("x")))\n')
+    source = (
+        "from sagaline import Saga\n"
+        'saga = (Saga("def_module_twice").add_step("t.a", no_compensation=True)\n'
+        '        .add_step("t.b", no_compensation=True, when=lambda ctx: ctx.get("x")))\n'
+    )
 
     def load(name: str, text: str) -> Any:
         path = tmp_path / f"{name}.py"

@@ -79,8 +79,13 @@ def test_manifests_match_the_kubernetes_schemas(version: str) -> None:
             continue
         kubernetes_validate.validate(doc, version, strict=True)
         checked.append(kind)
-    assert sorted(checked) == ["Deployment", "HorizontalPodAutoscaler", "Job",
-                               "PodDisruptionBudget", "Secret"]
+    assert sorted(checked) == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Job",
+        "PodDisruptionBudget",
+        "Secret",
+    ]
 
 
 def test_a_misspelt_field_is_refused_by_the_schema_check() -> None:
@@ -102,8 +107,10 @@ def test_prometheus_operator_resources_match_their_crd_schemas(kind: str) -> Non
 
 
 def test_the_prometheusrule_carries_the_rules_file() -> None:
-    assert manifests()["PrometheusRule"]["spec"]["groups"] == \
-        yaml.safe_load(RULES.read_text())["groups"]
+    assert (
+        manifests()["PrometheusRule"]["spec"]["groups"]
+        == yaml.safe_load(RULES.read_text())["groups"]
+    )
 
 
 def test_the_worker_deployment_fits_sagalines_settings() -> None:
@@ -118,8 +125,7 @@ def test_the_worker_deployment_fits_sagalines_settings() -> None:
     assert pod["terminationGracePeriodSeconds"] >= float(env["SAGALINE_LEASE"])
     # Liveness never calls the broker or the store; readiness has time to say why.
     for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"][:3] == ["sagaline", "health",
-                                                           "--liveness"]
+        assert container[probe]["exec"]["command"][:3] == ["sagaline", "health", "--liveness"]
     max_age = float(container["livenessProbe"]["exec"]["command"][-1])
     assert max_age > float(env["SAGALINE_HEARTBEAT_INTERVAL"]) * 3
     readiness = container["readinessProbe"]
@@ -178,21 +184,35 @@ def test_rules_and_dashboard_name_only_metrics_sagaline_serves() -> None:
     assert used, "the rules and the dashboard query sagaline's metrics"
     assert used <= served, f"not served by sagaline: {sorted(used - served)}"
     # The issue's metric set is all on the dashboard.
-    for name in ("sagaline_sagas_started_total", "sagaline_sagas_finished_total",
-                 "sagaline_saga_duration_seconds_bucket", "sagaline_step_attempts_total",
-                 "sagaline_step_duration_seconds_bucket",
-                 "sagaline_step_queue_wait_seconds_bucket", "sagaline_compensations_total",
-                 "sagaline_sweeper_repairs_total", "sagaline_sagas_in_progress",
-                 "sagaline_store_operation_seconds_bucket"):
+    for name in (
+        "sagaline_sagas_started_total",
+        "sagaline_sagas_finished_total",
+        "sagaline_saga_duration_seconds_bucket",
+        "sagaline_step_attempts_total",
+        "sagaline_step_duration_seconds_bucket",
+        "sagaline_step_queue_wait_seconds_bucket",
+        "sagaline_compensations_total",
+        "sagaline_sweeper_repairs_total",
+        "sagaline_sagas_in_progress",
+        "sagaline_store_operation_seconds_bucket",
+    ):
         assert name in named_metrics("\n".join(targets)), name
 
 
 def test_the_alerts_the_issue_asks_for_exist() -> None:
-    alerts = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"]
-              for r in g["rules"] if "alert" in r}
-    assert {"SagalineSagaFailureRatioHigh", "SagalineSagasPastDeadline",
-            "SagalineSagaParkedFailed", "SagalineSweeperRepairsSpiking",
-            "SagalineNoWorkerScraped"} <= set(alerts)
+    alerts = {
+        r["alert"]: r
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
+    assert {
+        "SagalineSagaFailureRatioHigh",
+        "SagalineSagasPastDeadline",
+        "SagalineSagaParkedFailed",
+        "SagalineSweeperRepairsSpiking",
+        "SagalineNoWorkerScraped",
+    } <= set(alerts)
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
@@ -219,13 +239,18 @@ def promtool() -> str:
     return found
 
 
-@pytest.mark.parametrize("args", [
-    ("check", "rules", "sagaline-rules.yml"),
-    ("test", "rules", "sagaline-rules.test.yml"),
-    ("check", "config", "prometheus.yml"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "rules", "sagaline-rules.yml"),
+        ("test", "rules", "sagaline-rules.test.yml"),
+        ("check", "config", "prometheus.yml"),
+    ],
+)
 def test_promtool_accepts_the_rules_their_unit_tests_and_the_compose_config(
-        args: tuple[str, ...]) -> None:
-    result = subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=120,
-                            cwd=DEPLOY / "prometheus")
+    args: tuple[str, ...],
+) -> None:
+    result = subprocess.run(
+        [promtool(), *args], capture_output=True, text=True, timeout=120, cwd=DEPLOY / "prometheus"
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -36,10 +36,12 @@ def _task(name: str) -> Any:
     return body
 
 
-s1, s2, s3, s4, a, b, c, d, x = (_task(n) for n in ("s1", "s2", "s3", "s4", "a", "b", "c", "d",
-                                                   "x"))
+s1, s2, s3, s4, a, b, c, d, x = (
+    _task(n) for n in ("s1", "s2", "s3", "s4", "a", "b", "c", "d", "x")
+)
 undo_s1, undo_s2, undo_s3, undo_a, undo_b, undo_c, undo_x = (
-    _task(n) for n in ("undo_s1", "undo_s2", "undo_s3", "undo_a", "undo_b", "undo_c", "undo_x"))
+    _task(n) for n in ("undo_s1", "undo_s2", "undo_s3", "undo_a", "undo_b", "undo_c", "undo_x")
+)
 
 T0 = 1_000.0
 LEASE = 60.0
@@ -81,7 +83,8 @@ class Run:
         """What `claim_step` does: DISPATCHED(attempt) -> RUNNING with a lease."""
         rec = self.state.steps[name]
         rec.owner_node, rec.owner_boot, rec.owner_pid = (
-            (None, None, None) if owner is None else (owner.node, owner.boot, owner.pid))
+            (None, None, None) if owner is None else (owner.node, owner.boot, owner.pid)
+        )
         if phase is Phase.FORWARD:
             assert rec.status is StepStatus.DISPATCHED, (name, rec.status)
             rec.status = StepStatus.RUNNING
@@ -104,62 +107,127 @@ class Run:
         if isinstance(output, StepResponse):
             comp, has_comp = output.compensation_data, output.has_compensation_data
             output = output.output
-        return self.apply(engine.step_succeeded(
-            self.defn, self.snapshot(), name, attempt, output=output, compensation_data=comp,
-            has_compensation_data=has_comp, now=self.now, timing=self.timing))
+        return self.apply(
+            engine.step_succeeded(
+                self.defn,
+                self.snapshot(),
+                name,
+                attempt,
+                output=output,
+                compensation_data=comp,
+                has_compensation_data=has_comp,
+                now=self.now,
+                timing=self.timing,
+            )
+        )
 
-    def fail(self, name: str, error: str = "Boom: it broke", *, permanent: bool = False,
-             compensation_data: Any = StepResponse._UNSET) -> Decision | None:
+    def fail(
+        self,
+        name: str,
+        error: str = "Boom: it broke",
+        *,
+        permanent: bool = False,
+        compensation_data: Any = StepResponse._UNSET,
+    ) -> Decision | None:
         attempt = self.claim(name)
-        return self.report_failure(name, attempt, error, permanent=permanent,
-                                   compensation_data=compensation_data)
+        return self.report_failure(
+            name, attempt, error, permanent=permanent, compensation_data=compensation_data
+        )
 
-    def report_failure(self, name: str, attempt: int, error: str = "Boom: it broke", *,
-                       permanent: bool = False,
-                       compensation_data: Any = StepResponse._UNSET) -> Decision | None:
+    def report_failure(
+        self,
+        name: str,
+        attempt: int,
+        error: str = "Boom: it broke",
+        *,
+        permanent: bool = False,
+        compensation_data: Any = StepResponse._UNSET,
+    ) -> Decision | None:
         has = compensation_data is not StepResponse._UNSET
-        return self.apply(engine.step_failed(
-            self.defn, self.snapshot(), name, attempt, error=error, permanent=permanent,
-            compensation_data=compensation_data if has else None, has_compensation_data=has,
-            now=self.now, timing=self.timing))
+        return self.apply(
+            engine.step_failed(
+                self.defn,
+                self.snapshot(),
+                name,
+                attempt,
+                error=error,
+                permanent=permanent,
+                compensation_data=compensation_data if has else None,
+                has_compensation_data=has,
+                now=self.now,
+                timing=self.timing,
+            )
+        )
 
     def compensate(self, name: str) -> Decision | None:
         attempt = self.claim(name, Phase.COMPENSATE)
-        return self.apply(engine.compensation_succeeded(
-            self.defn, self.snapshot(), name, attempt, now=self.now, timing=self.timing))
+        return self.apply(
+            engine.compensation_succeeded(
+                self.defn, self.snapshot(), name, attempt, now=self.now, timing=self.timing
+            )
+        )
 
     def fail_compensation(self, name: str) -> Decision | None:
         attempt = self.claim(name, Phase.COMPENSATE)
-        return self.apply(engine.compensation_failed(
-            self.defn, self.snapshot(), name, attempt, error="Refused: no", now=self.now,
-            timing=self.timing))
+        return self.apply(
+            engine.compensation_failed(
+                self.defn,
+                self.snapshot(),
+                name,
+                attempt,
+                error="Refused: no",
+                now=self.now,
+                timing=self.timing,
+            )
+        )
 
     # -- operators and the sweeper ---------------------------------------------------
 
     def cancel(self) -> Decision | None:
-        return self.apply(recovery.cancel(self.defn, self.snapshot(), reason="operator",
-                                        now=self.now, timing=self.timing))
+        return self.apply(
+            recovery.cancel(
+                self.defn, self.snapshot(), reason="operator", now=self.now, timing=self.timing
+            )
+        )
 
     def resume(self) -> Decision | None:
-        return self.apply(recovery.resume(self.defn, self.snapshot(), now=self.now,
-                                        timing=self.timing))
+        return self.apply(
+            recovery.resume(self.defn, self.snapshot(), now=self.now, timing=self.timing)
+        )
 
     def due(self) -> Decision | None:
-        return self.apply(recovery.deadline_or_grace_due(self.defn, self.snapshot(), now=self.now,
-                                                       timing=self.timing))
+        return self.apply(
+            recovery.deadline_or_grace_due(
+                self.defn, self.snapshot(), now=self.now, timing=self.timing
+            )
+        )
 
     def lease_expired(self, name: str) -> Decision | None:
-        return self.apply(recovery.lease_expired(self.defn, self.snapshot(), name, now=self.now,
-                                               timing=self.timing))
+        return self.apply(
+            recovery.lease_expired(
+                self.defn, self.snapshot(), name, now=self.now, timing=self.timing
+            )
+        )
 
     def claim_lost(self, name: str, phase: Phase, attempt: int, owner: Owner) -> Decision | None:
-        return self.apply(recovery.claim_lost(self.defn, self.snapshot(), name, phase, attempt,
-                                            owner, cause="pool process exited", now=self.now,
-                                            timing=self.timing))
+        return self.apply(
+            recovery.claim_lost(
+                self.defn,
+                self.snapshot(),
+                name,
+                phase,
+                attempt,
+                owner,
+                cause="pool process exited",
+                now=self.now,
+                timing=self.timing,
+            )
+        )
 
     def redispatch(self, name: str) -> Decision | None:
-        return self.apply(recovery.redispatch(self.defn, self.snapshot(), name, now=self.now,
-                                            timing=self.timing))
+        return self.apply(
+            recovery.redispatch(self.defn, self.snapshot(), name, now=self.now, timing=self.timing)
+        )
 
     # -- reading -----------------------------------------------------------------------
 
@@ -177,8 +245,10 @@ class Run:
         return {n: s.status.value for n, s in self.state.steps.items()}
 
     def comp_statuses(self) -> dict[str, str | None]:
-        return {n: None if s.comp_status is None else s.comp_status.value
-                for n, s in self.state.steps.items()}
+        return {
+            n: None if s.comp_status is None else s.comp_status.value
+            for n, s in self.state.steps.items()
+        }
 
     def dispatched(self, phase: Phase | None = None) -> list[str]:
         """Steps the last decision asked to publish."""
@@ -205,12 +275,14 @@ def linear(name: str, n: int = 3, **options: Any) -> Saga:
 
 def fan_out(name: str, **options: Any) -> Saga:
     """a -> (b, c, x) -> d, every step but d compensable."""
-    return (Saga(name, **options)
-            .add_step(a, compensate=undo_a)
-            .add_step(b, compensate=undo_b, depends_on=["a"])
-            .add_step(c, compensate=undo_c, depends_on=["a"])
-            .add_step(x, compensate=undo_x, depends_on=["a"])
-            .add_step(d, no_compensation=True, depends_on=["b", "c", "x"]))
+    return (
+        Saga(name, **options)
+        .add_step(a, compensate=undo_a)
+        .add_step(b, compensate=undo_b, depends_on=["a"])
+        .add_step(c, compensate=undo_c, depends_on=["a"])
+        .add_step(x, compensate=undo_x, depends_on=["a"])
+        .add_step(d, no_compensation=True, depends_on=["b", "c", "x"])
+    )
 
 
 # -- forward -------------------------------------------------------------------------
@@ -233,8 +305,12 @@ def test_linear_saga_dispatches_one_step_at_a_time_and_merges_outputs_in_order()
     run = Run(linear("eng_linear"), order_id="o-1", amount=5)
     run.succeed("s1", {"x": 1, "amount": 6})
     assert run.dispatched() == ["s2"]
-    assert run.dispatch_of("s2").kwargs == {"order_id": "o-1", "amount": 6, "x": 1,
-                                            "saga_id": "saga-1"}
+    assert run.dispatch_of("s2").kwargs == {
+        "order_id": "o-1",
+        "amount": 6,
+        "x": 1,
+        "saga_id": "saga-1",
+    }
     assert run.statuses()["s3"] == "PENDING"
     run.succeed("s2", 42)  # not a dict: stored under the step's name
     assert run.dispatch_of("s3").kwargs["s2"] == 42
@@ -253,9 +329,12 @@ def test_none_output_adds_nothing_to_the_context() -> None:
 
 
 def test_parallel_branches_are_dispatched_together_and_joined() -> None:
-    defn = (Saga("eng_dag").add_step(a, compensate=undo_a)
-            .add_parallel(b, c, compensate=None)
-            .add_step(d, no_compensation=True))
+    defn = (
+        Saga("eng_dag")
+        .add_step(a, compensate=undo_a)
+        .add_parallel(b, c, compensate=None)
+        .add_step(d, no_compensation=True)
+    )
     run = Run(defn, n=0)
     run.succeed("a", {"from_a": 1})
     assert sorted(run.dispatched()) == ["b", "c"]
@@ -268,8 +347,13 @@ def test_parallel_branches_are_dispatched_together_and_joined() -> None:
     assert run.dispatch_of("b").kwargs == {"n": 0, "from_a": 1, "saga_id": "saga-1"}
     run.succeed("b", {"from_b": 2})
     assert run.dispatched() == ["d"]
-    assert run.dispatch_of("d").kwargs == {"n": 0, "from_a": 1, "from_b": 2, "from_c": 3,
-                                           "saga_id": "saga-1"}
+    assert run.dispatch_of("d").kwargs == {
+        "n": 0,
+        "from_a": 1,
+        "from_b": 2,
+        "from_c": 3,
+        "saga_id": "saga-1",
+    }
     run.succeed("d")
     assert run.status is SagaStatus.COMPLETED
 
@@ -279,7 +363,11 @@ def test_step_options_are_carried_by_the_dispatch() -> None:
     run = Run(defn)
     dp = run.dispatch_of("a")
     assert (dp.queue, dp.timeout, dp.saga_name, dp.fingerprint) == (
-        "q-step", 7, "eng_opts", defn.fingerprint)
+        "q-step",
+        7,
+        "eng_opts",
+        defn.fingerprint,
+    )
     run.succeed("a")
     assert run.dispatch_of("b").queue == "q-saga"
 
@@ -315,8 +403,12 @@ def test_failure_of_the_last_step_compensates_in_reverse_order_one_at_a_time() -
 
     run.compensate("s1")
     assert run.status is SagaStatus.COMPENSATED
-    assert run.comp_statuses() == {"s1": "COMPENSATED", "s2": "COMPENSATED",
-                                   "s3": "COMPENSATED", "s4": None}
+    assert run.comp_statuses() == {
+        "s1": "COMPENSATED",
+        "s2": "COMPENSATED",
+        "s3": "COMPENSATED",
+        "s4": None,
+    }
     assert run.kinds()[-1] == "saga_compensated"
 
 
@@ -326,8 +418,13 @@ def test_fail_fast_lets_a_running_sibling_finish_and_then_compensates_it() -> No
     run.claim("b")  # b is running; x stays DISPATCHED (its message not yet taken)
     run.fail("c")
     assert run.status is SagaStatus.COMPENSATING
-    assert run.statuses() == {"a": "SUCCEEDED", "b": "RUNNING", "c": "FAILED",
-                              "x": "CANCELLED", "d": "CANCELLED"}
+    assert run.statuses() == {
+        "a": "SUCCEEDED",
+        "b": "RUNNING",
+        "c": "FAILED",
+        "x": "CANCELLED",
+        "d": "CANCELLED",
+    }
     assert run.dispatched() == []  # a's compensation waits for b's outcome
 
     run.report_success("b", 1, {"b": 2})
@@ -350,8 +447,13 @@ def test_wait_all_dispatches_no_compensation_while_a_forward_step_is_in_flight()
     run.claim("b")
     run.fail("c")
     assert run.status is SagaStatus.COMPENSATING
-    assert run.statuses() == {"a": "SUCCEEDED", "b": "RUNNING", "c": "FAILED",
-                              "x": "DISPATCHED", "d": "CANCELLED"}
+    assert run.statuses() == {
+        "a": "SUCCEEDED",
+        "b": "RUNNING",
+        "c": "FAILED",
+        "x": "DISPATCHED",
+        "d": "CANCELLED",
+    }
     assert run.dispatched() == []
     run.report_success("b", 1)
     assert run.dispatched() == []  # x is still in flight
@@ -392,9 +494,20 @@ def test_fail_fast_with_grace_abandons_still_running_steps_and_compensates_them(
     assert "step_abandoned" in run.kinds()
     assert run.dispatched() == ["b"]  # its outcome is unknown: undo it
     # b's worker reporting later is a stale event now.
-    assert engine.step_succeeded(run.defn, run.snapshot(), "b", 1, output=None,
-                                 compensation_data=None, has_compensation_data=False,
-                                 now=run.now, timing=run.timing) is None
+    assert (
+        engine.step_succeeded(
+            run.defn,
+            run.snapshot(),
+            "b",
+            1,
+            output=None,
+            compensation_data=None,
+            has_compensation_data=False,
+            now=run.now,
+            timing=run.timing,
+        )
+        is None
+    )
     run.compensate("b")
     assert run.dispatched() == ["a"]
     run.compensate("a")
@@ -402,9 +515,12 @@ def test_fail_fast_with_grace_abandons_still_running_steps_and_compensates_them(
 
 
 def test_a_skipped_step_is_never_compensated() -> None:
-    defn = (Saga("eng_skip").add_step(a, compensate=undo_a)
-            .add_step(b, compensate=undo_b, when=lambda ctx: ctx["ship"])
-            .add_step(c, compensate=undo_c))
+    defn = (
+        Saga("eng_skip")
+        .add_step(a, compensate=undo_a)
+        .add_step(b, compensate=undo_b, when=lambda ctx: ctx["ship"])
+        .add_step(c, compensate=undo_c)
+    )
     run = Run(defn, ship=False)
     run.succeed("a")
     assert run.statuses()["b"] == "SKIPPED"
@@ -454,8 +570,11 @@ def test_retry_countdown_follows_the_policy_with_jitter() -> None:
 
 
 def test_permanent_failure_skips_retries() -> None:
-    defn = (Saga("eng_permanent").add_step(a, compensate=undo_a)
-            .add_step(b, compensate=undo_b, retry=Retry(max_attempts=5)))
+    defn = (
+        Saga("eng_permanent")
+        .add_step(a, compensate=undo_a)
+        .add_step(b, compensate=undo_b, retry=Retry(max_attempts=5))
+    )
     run = Run(defn)
     run.succeed("a")
     run.fail("b", "StepFailure: card declined", permanent=True)
@@ -466,8 +585,11 @@ def test_permanent_failure_skips_retries() -> None:
 
 
 def test_permanent_failure_with_compensation_data_compensates_the_failing_step_first() -> None:
-    defn = (Saga("eng_partial").add_step(a, compensate=undo_a)
-            .add_step(b, compensate=undo_b, retry=Retry(max_attempts=5)))
+    defn = (
+        Saga("eng_partial")
+        .add_step(a, compensate=undo_a)
+        .add_step(b, compensate=undo_b, retry=Retry(max_attempts=5))
+    )
     run = Run(defn)
     run.succeed("a")
     run.fail("b", "StepFailure: half done", permanent=True, compensation_data={"hold": 9})
@@ -487,49 +609,89 @@ def test_stale_events_decide_nothing() -> None:
     snap = run.snapshot()
     kwargs: dict[str, Any] = {"now": run.now, "timing": run.timing}
     # Not claimed yet (DISPATCHED): a completion cannot come from a running attempt.
-    assert engine.step_succeeded(defn, snap, "a", 1, output=1, compensation_data=None,
-                                 has_compensation_data=False, **kwargs) is None
+    assert (
+        engine.step_succeeded(
+            defn,
+            snap,
+            "a",
+            1,
+            output=1,
+            compensation_data=None,
+            has_compensation_data=False,
+            **kwargs,
+        )
+        is None
+    )
     run.fail("a")  # attempt 1 failed, attempt 2 dispatched
     attempt = run.claim("a")
     assert attempt == 2
     snap = run.snapshot()
     # A duplicate of attempt 1 reporting late is fenced off.
-    assert engine.step_succeeded(defn, snap, "a", 1, output=1, compensation_data=None,
-                                 has_compensation_data=False, **kwargs) is None
+    assert (
+        engine.step_succeeded(
+            defn,
+            snap,
+            "a",
+            1,
+            output=1,
+            compensation_data=None,
+            has_compensation_data=False,
+            **kwargs,
+        )
+        is None
+    )
     assert engine.step_failed(defn, snap, "a", 1, error="late", **kwargs) is None
     run.report_success("a", 2, {"ok": True})
     snap = run.snapshot()
     # A second report of the same attempt finds the step settled.
-    assert engine.step_succeeded(defn, snap, "a", 2, output=1, compensation_data=None,
-                                 has_compensation_data=False, **kwargs) is None
+    assert (
+        engine.step_succeeded(
+            defn,
+            snap,
+            "a",
+            2,
+            output=1,
+            compensation_data=None,
+            has_compensation_data=False,
+            **kwargs,
+        )
+        is None
+    )
     # Compensation events for a compensation that is not running.
     assert engine.compensation_succeeded(defn, snap, "a", 1, **kwargs) is None
     assert engine.compensation_failed(defn, snap, "a", 1, error="x", **kwargs) is None
 
 
 def test_compensation_events_are_fenced_by_comp_attempt() -> None:
-    defn = (Saga("eng_comp_fence")
-            .add_step(a, compensate=undo_a,
-                      compensation_retry=Retry(max_attempts=3, backoff=1.0, jitter=0.0))
-            .add_step(b))
+    defn = (
+        Saga("eng_comp_fence")
+        .add_step(
+            a, compensate=undo_a, compensation_retry=Retry(max_attempts=3, backoff=1.0, jitter=0.0)
+        )
+        .add_step(b)
+    )
     run = Run(defn)
     run.succeed("a")
     run.fail("b")
     run.fail_compensation("a")
     run.claim("a", Phase.COMPENSATE)
     snap = run.snapshot()
-    assert engine.compensation_succeeded(defn, snap, "a", 1, now=run.now,
-                                         timing=run.timing) is None
-    assert engine.compensation_succeeded(defn, snap, "a", 2, now=run.now,
-                                         timing=run.timing) is not None
+    assert engine.compensation_succeeded(defn, snap, "a", 1, now=run.now, timing=run.timing) is None
+    assert (
+        engine.compensation_succeeded(defn, snap, "a", 2, now=run.now, timing=run.timing)
+        is not None
+    )
 
 
 def test_compensation_is_retried_then_fails_the_saga_and_resume_retries_only_it() -> None:
     comp_retry = Retry(max_attempts=2, backoff=1.0, factor=2.0, jitter=0.0)
-    defn = (Saga("eng_comp_fail").add_step(a, compensate=undo_a)
-            .add_step(b, compensate=undo_b, depends_on=["a"], compensation_retry=comp_retry)
-            .add_step(c, compensate=undo_c, depends_on=["a"], compensation_retry=comp_retry)
-            .add_step(d, depends_on=["b", "c"]))
+    defn = (
+        Saga("eng_comp_fail")
+        .add_step(a, compensate=undo_a)
+        .add_step(b, compensate=undo_b, depends_on=["a"], compensation_retry=comp_retry)
+        .add_step(c, compensate=undo_c, depends_on=["a"], compensation_retry=comp_retry)
+        .add_step(d, depends_on=["b", "c"])
+    )
     run = Run(defn)
     run.succeed("a")
     run.succeed("b")
@@ -574,10 +736,12 @@ def test_resume_is_refused_unless_the_saga_failed() -> None:
 
 
 def test_after_a_pivot_a_failure_is_retried_forward_instead_of_compensated() -> None:
-    defn = (Saga("eng_pivot", pivot_retry=Retry(max_attempts=3, backoff=1.0, jitter=0.0))
-            .add_step(s1, compensate=undo_s1)
-            .add_step(s2, compensate=undo_s2, pivot=True)
-            .add_step(s3, compensate=undo_s3))
+    defn = (
+        Saga("eng_pivot", pivot_retry=Retry(max_attempts=3, backoff=1.0, jitter=0.0))
+        .add_step(s1, compensate=undo_s1)
+        .add_step(s2, compensate=undo_s2, pivot=True)
+        .add_step(s3, compensate=undo_s3)
+    )
     run = Run(defn)
     run.succeed("s1")
     run.succeed("s2")
@@ -598,8 +762,11 @@ def test_after_a_pivot_a_failure_is_retried_forward_instead_of_compensated() -> 
 
 
 def test_before_the_pivot_a_failure_is_compensated() -> None:
-    defn = (Saga("eng_pre_pivot").add_step(s1, compensate=undo_s1)
-            .add_step(s2, compensate=undo_s2, pivot=True))
+    defn = (
+        Saga("eng_pre_pivot")
+        .add_step(s1, compensate=undo_s1)
+        .add_step(s2, compensate=undo_s2, pivot=True)
+    )
     run = Run(defn)
     run.succeed("s1")
     run.fail("s2")
@@ -611,17 +778,24 @@ def test_before_the_pivot_a_failure_is_compensated() -> None:
 
 
 def test_transform_is_applied_inline_and_its_output_is_the_diff() -> None:
-    defn = (Saga("eng_transform").add_step(a, compensate=undo_a)
-            .add_transform(lambda ctx: {**ctx, "cents": int(ctx["amount"] * 100)})
-            .add_step(b, compensate=undo_b))
+    defn = (
+        Saga("eng_transform")
+        .add_step(a, compensate=undo_a)
+        .add_transform(lambda ctx: {**ctx, "cents": int(ctx["amount"] * 100)})
+        .add_step(b, compensate=undo_b)
+    )
     run = Run(defn, amount=9.99)
     run.succeed("a", {"txn": "t1"})
     tr = run.step("transform_2")
     assert tr.status is StepStatus.SUCCEEDED
     assert tr.output == {"cents": 999}
     assert run.dispatched() == ["b"]
-    assert run.dispatch_of("b").kwargs == {"amount": 9.99, "txn": "t1", "cents": 999,
-                                           "saga_id": "saga-1"}
+    assert run.dispatch_of("b").kwargs == {
+        "amount": 9.99,
+        "txn": "t1",
+        "cents": 999,
+        "saga_id": "saga-1",
+    }
     run.fail("b")
     assert run.dispatched() == ["a"]  # a transform has nothing to undo
     run.compensate("a")
@@ -630,9 +804,7 @@ def test_transform_is_applied_inline_and_its_output_is_the_diff() -> None:
 
 
 def test_condition_false_skips_the_step_and_dependents_proceed() -> None:
-    defn = (Saga("eng_when").add_step(a)
-            .add_step(b, when=lambda ctx: ctx["n"] > 5)
-            .add_step(c))
+    defn = Saga("eng_when").add_step(a).add_step(b, when=lambda ctx: ctx["n"] > 5).add_step(c)
     run = Run(defn, n=1)
     assert run.statuses()["a"] == "DISPATCHED"
     run.succeed("a")
@@ -649,8 +821,11 @@ def test_input_mapper_result_is_the_dispatched_kwargs() -> None:
 
 
 def test_a_raising_condition_fails_the_step_and_rolls_back() -> None:
-    defn = (Saga("eng_when_raises").add_step(a, compensate=undo_a)
-            .add_step(b, when=lambda ctx: ctx["missing"]))
+    defn = (
+        Saga("eng_when_raises")
+        .add_step(a, compensate=undo_a)
+        .add_step(b, when=lambda ctx: ctx["missing"])
+    )
     run = Run(defn)
     run.succeed("a")
     rec = run.step("b")
@@ -679,8 +854,10 @@ def test_cancel_of_a_completed_saga_decides_nothing() -> None:
     run = Run(linear("eng_cancel_done", 1))
     run.succeed("s1")
     assert run.status is SagaStatus.COMPLETED
-    assert recovery.cancel(run.defn, run.snapshot(), reason="late", now=run.now,
-                         timing=run.timing) is None
+    assert (
+        recovery.cancel(run.defn, run.snapshot(), reason="late", now=run.now, timing=run.timing)
+        is None
+    )
 
 
 def test_expired_lease_of_a_running_step_counts_as_a_failed_attempt() -> None:
@@ -763,8 +940,11 @@ def test_a_lost_claim_is_fenced_by_attempt_owner_and_phase() -> None:
     run = Run(linear("eng_lost_fence", 2))
     run.succeed("s1")
     attempt = run.claim("s2", owner=OWNER)
-    for other in (Owner("w1@host", "boot-1", 102), Owner("w1@host", "boot-2", 101),
-                  Owner("w2@host", "boot-1", 101)):
+    for other in (
+        Owner("w1@host", "boot-1", 102),
+        Owner("w1@host", "boot-2", 101),
+        Owner("w2@host", "boot-1", 101),
+    ):
         assert run.claim_lost("s2", Phase.FORWARD, attempt, other) is None
     assert run.claim_lost("s2", Phase.FORWARD, attempt + 1, OWNER) is None
     assert run.claim_lost("s2", Phase.COMPENSATE, attempt, OWNER) is None
@@ -857,9 +1037,17 @@ def test_decisions_carry_the_versions_they_read() -> None:
     run = Run(linear("eng_versions", 2))
     run.claim("s1")
     snap = run.snapshot()
-    decision = engine.step_succeeded(run.defn, snap, "s1", 1, output=None,
-                                     compensation_data=None, has_compensation_data=False,
-                                     now=run.now, timing=run.timing)
+    decision = engine.step_succeeded(
+        run.defn,
+        snap,
+        "s1",
+        1,
+        output=None,
+        compensation_data=None,
+        has_compensation_data=False,
+        now=run.now,
+        timing=run.timing,
+    )
     assert decision is not None
     assert decision.step_versions == {"s1": 1, "s2": 0}
     assert [s.name for s in decision.steps] == ["s1", "s2"]
@@ -869,10 +1057,13 @@ def test_decisions_carry_the_versions_they_read() -> None:
     assert snap.steps["s2"].status is StepStatus.PENDING
 
 
-@pytest.mark.parametrize(("name", "bad"), [
-    ("eng_bad_transform_str", lambda ctx: "not a dict"),
-    ("eng_bad_transform_object", lambda ctx: {"x": object()}),
-])
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("eng_bad_transform_str", lambda ctx: "not a dict"),
+        ("eng_bad_transform_object", lambda ctx: {"x": object()}),
+    ],
+)
 def test_a_transform_returning_no_json_dict_fails_the_saga(name: str, bad: Any) -> None:
     defn = Saga(name).add_step(a, compensate=undo_a).add_transform(bad)
     run = Run(defn)
@@ -882,9 +1073,12 @@ def test_a_transform_returning_no_json_dict_fails_the_saga(name: str, bad: Any) 
 
 
 def test_resume_after_pivot_failure_retries_forward_not_compensation() -> None:
-    defn = (Saga("eng_pivot_resume", pivot_retry=Retry(max_attempts=1, jitter=0.0))
-            .add_step(s1, compensate=undo_s1).add_step(s2, compensate=undo_s2, pivot=True)
-            .add_step(s3, compensate=undo_s3))
+    defn = (
+        Saga("eng_pivot_resume", pivot_retry=Retry(max_attempts=1, jitter=0.0))
+        .add_step(s1, compensate=undo_s1)
+        .add_step(s2, compensate=undo_s2, pivot=True)
+        .add_step(s3, compensate=undo_s3)
+    )
     run = Run(defn)
     run.succeed("s1")
     run.succeed("s2")
@@ -962,8 +1156,10 @@ def test_a_message_refused_by_other_code_is_offered_again_soon() -> None:
     assert run.events[-1].kind == "definition_mismatch"
     # A refusal of a stale attempt changes nothing but the history.
     stale = Event("saga-1", "definition_mismatch", run.now, "s1", 7, "forward", {})
-    assert recovery.refused_message(run.snapshot(), stale, Phase.FORWARD,
-                                  timing=run.timing).steps == []
+    assert (
+        recovery.refused_message(run.snapshot(), stale, Phase.FORWARD, timing=run.timing).steps
+        == []
+    )
 
 
 def test_a_misspelled_field_in_an_engine_update_raises() -> None:
@@ -982,11 +1178,22 @@ def test_a_misspelled_field_in_an_engine_update_raises() -> None:
 # -- a message whose process died: recovery.message_lost ------------------------------------
 
 
-def _message_lost(run: Run, name: str, phase: Phase, attempt: int,
-                  owner: Owner | None) -> Decision | None:
-    return run.apply(recovery.message_lost(run.defn, run.snapshot(), name, phase, attempt,
-                                           owner, cause="pool process exited", now=run.now,
-                                           timing=run.timing))
+def _message_lost(
+    run: Run, name: str, phase: Phase, attempt: int, owner: Owner | None
+) -> Decision | None:
+    return run.apply(
+        recovery.message_lost(
+            run.defn,
+            run.snapshot(),
+            name,
+            phase,
+            attempt,
+            owner,
+            cause="pool process exited",
+            now=run.now,
+            timing=run.timing,
+        )
+    )
 
 
 def test_a_message_lost_before_its_claim_is_published_again_at_once() -> None:
@@ -1013,8 +1220,12 @@ def test_a_message_lost_while_its_owner_ran_it_hands_the_claim_back() -> None:
 
 
 def test_a_message_lost_after_its_completion_publishes_what_the_completion_dispatched() -> None:
-    defn = Saga("eng_msg_settled").add_step(a, compensate=undo_a) \
-        .add_step(b, depends_on=["a"]).add_step(c, depends_on=["a"])
+    defn = (
+        Saga("eng_msg_settled")
+        .add_step(a, compensate=undo_a)
+        .add_step(b, depends_on=["a"])
+        .add_step(c, depends_on=["a"])
+    )
     run = Run(defn)
     run.succeed("a")  # committed; say its process died before publishing b and c
     run.now += 1

@@ -48,8 +48,12 @@ def test_a_step_depends_exactly_on_the_steps_whose_results_it_is_given() -> None
         return payment
 
     assert isinstance(fn, Saga) and fn.name == "fn_deps"
-    assert deps(fn) == {"validate": (), "charge": ("validate",), "reserve": ("validate",),
-                        "confirm": ("charge", "reserve")}
+    assert deps(fn) == {
+        "validate": (),
+        "charge": ("validate",),
+        "reserve": ("validate",),
+        "confirm": ("charge", "reserve"),
+    }
     assert fn.graph.steps["charge"].compensation_name == "functional_test.refund"
     assert fn.result_spec == ["charge", None]
 
@@ -65,9 +69,11 @@ def test_results_used_as_python_values_are_refused_with_the_rule_and_the_alterna
     }
     for label, misuse in attempts.items():
         with pytest.raises(DefinitionError) as info:
+
             @saga(f"fn_misuse_{label}")
             def fn(input: Any, misuse: Any = misuse) -> None:
                 misuse(step(validate, input))
+
         message = str(info.value)
         assert info.value.saga == f"fn_misuse_{label}" and info.value.step == "validate"
         assert "definition time" in message and "when=" in message, message
@@ -86,8 +92,12 @@ def test_projections_keywords_transforms_and_repeated_tasks() -> None:
     assert fn.graph.steps["transform_2"].kind == StepKind.TRANSFORM
     mapper = fn.graph.steps["charge"].input
     assert mapper is not None
-    assert mapper({"total": 9.5, "saga_id": "s"}) == {"total": 9.5, "saga_id": "s",
-                                                       "amount": 9.5, "currency": "EUR"}
+    assert mapper({"total": 9.5, "saga_id": "s"}) == {
+        "total": 9.5,
+        "saga_id": "s",
+        "amount": 9.5,
+        "currency": "EUR",
+    }
     assert fn.result_spec == {"txn": ["charge", "transaction_id"], "again": ["charge_2", None]}
 
 
@@ -95,6 +105,7 @@ def test_step_outside_a_saga_function_and_bad_returns_are_definition_errors() ->
     with pytest.raises(DefinitionError, match="only allowed inside a function decorated"):
         step(validate)
     with pytest.raises(DefinitionError, match="returns a step result"):
+
         @saga("fn_bad_return")
         def fn(input: Any) -> Any:
             step(validate, input)
@@ -105,12 +116,17 @@ def test_parallelize_is_add_parallel_in_the_builder() -> None:
     group = parallelize(charge, reserve)
     assert isinstance(group, Parallel)
     built = Saga("fn_parallel").add_step(validate).add_step(group).add_step(confirm)
-    assert deps(built) == {"validate": (), "charge": ("validate",), "reserve": ("validate",),
-                           "confirm": ("charge", "reserve")}
+    assert deps(built) == {
+        "validate": (),
+        "charge": ("validate",),
+        "reserve": ("validate",),
+        "confirm": ("charge", "reserve"),
+    }
 
 
 def test_a_traced_saga_is_complete_at_definition() -> None:
     with pytest.raises(DefinitionError, match="at least one step"):
+
         @saga("fn_empty")
         def fn_empty(input: Any) -> None:
             return None
@@ -125,11 +141,13 @@ def test_a_traced_saga_is_complete_at_definition() -> None:
 
     assert fn_twice_again.fingerprint == fn_twice.fingerprint
     with pytest.raises(DefinitionError, match="has other steps"):
+
         @saga("fn_twice")
         def fn_other(input: Any) -> Any:
             return step(reserve, input)
 
     with pytest.raises(DefinitionError, match="two different sagas have this name"):
+
         @saga("fn_twice")  # a prefix of the first, with another result
         def fn_shorter(input: Any) -> Any:
             return step(validate, input)
@@ -137,6 +155,7 @@ def test_a_traced_saga_is_complete_at_definition() -> None:
 
 def test_a_failed_trace_leaves_the_name_free() -> None:
     with pytest.raises(DefinitionError):
+
         @saga("fn_fixed")
         def broken(input: Any) -> Any:
             return step(reserve, 5)

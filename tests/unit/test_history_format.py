@@ -67,14 +67,12 @@ STORED_REASONS = [
     (FailureReason.CHILD_SAGA_FAILED, "child_saga_failed"),
     (FailureReason.GRACE_PERIOD_ENDED, "grace_period_ended"),
     (FailureReason.CONDITION_FALSE, "condition_false"),
-    (FailureReason.FORWARD_RETRIES_EXHAUSTED_AFTER_PIVOT,
-     "forward_retries_exhausted_after_pivot"),
+    (FailureReason.FORWARD_RETRIES_EXHAUSTED_AFTER_PIVOT, "forward_retries_exhausted_after_pivot"),
     (FailureReason.COMPENSATION_FAILED, "compensation_failed"),
 ]
 
 
-@pytest.mark.parametrize(("member", "stored"), STORED_KINDS + STORED_REASONS,
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(("member", "stored"), STORED_KINDS + STORED_REASONS, ids=lambda v: str(v))
 def test_each_kind_and_reason_has_the_value_stored_before(member: Any, stored: str) -> None:
     assert member.value == stored
     assert member == stored and str(member) == stored and f"{member}" == stored
@@ -90,23 +88,43 @@ def _old_history() -> list[dict[str, Any]]:
     """History rows as an earlier sagaline wrote them: kinds and reasons plain strings."""
     return [
         {"kind": "saga_started", "ts": 1.0, "detail": {"name": "old"}},
-        {"kind": "step_started", "ts": 2.0, "step": "a", "attempt": 1, "phase": "forward",
-         "detail": {}},
-        {"kind": "step_attempt_failed", "ts": 3.0, "step": "a", "attempt": 1,
-         "phase": "forward", "detail": {"reason": "lease_expired", "error": "E: x",
-                                        "retry_in": 1.0}},
-        {"kind": "saga_failed", "ts": 4.0,
-         "detail": {"reason": "compensation_failed", "error": "E: x"}},
+        {
+            "kind": "step_started",
+            "ts": 2.0,
+            "step": "a",
+            "attempt": 1,
+            "phase": "forward",
+            "detail": {},
+        },
+        {
+            "kind": "step_attempt_failed",
+            "ts": 3.0,
+            "step": "a",
+            "attempt": 1,
+            "phase": "forward",
+            "detail": {"reason": "lease_expired", "error": "E: x", "retry_in": 1.0},
+        },
+        {
+            "kind": "saga_failed",
+            "ts": 4.0,
+            "detail": {"reason": "compensation_failed", "error": "E: x"},
+        },
         # A kind this version does not know (a newer sagaline wrote it): kept as text.
         {"kind": "some_future_kind", "ts": 5.0, "detail": {}},
     ]
 
 
 def test_plain_string_rows_read_back_as_enums_and_unknown_kinds_as_text() -> None:
-    events = [from_row(Event, {**row, "saga_id": "s", "seq": i})
-              for i, row in enumerate(_old_history(), 1)]
-    assert [e.kind for e in events[:4]] == [EventKind.SAGA_STARTED, EventKind.STEP_STARTED,
-                                             EventKind.STEP_ATTEMPT_FAILED, EventKind.SAGA_FAILED]
+    events = [
+        from_row(Event, {**row, "saga_id": "s", "seq": i})
+        for i, row in enumerate(_old_history(), 1)
+    ]
+    assert [e.kind for e in events[:4]] == [
+        EventKind.SAGA_STARTED,
+        EventKind.STEP_STARTED,
+        EventKind.STEP_ATTEMPT_FAILED,
+        EventKind.SAGA_FAILED,
+    ]
     assert all(isinstance(e.kind, EventKind) for e in events[:4])
     assert events[4].kind == "some_future_kind" and not isinstance(events[4].kind, EventKind)
     assert events[2].detail["reason"] == FailureReason.LEASE_EXPIRED
@@ -122,17 +140,23 @@ def test_a_redis_history_entry_written_before_reads_back() -> None:
 def _view() -> ops.SagaView:
     saga = SagaRecord("s", "old", SagaStatus.FAILED, {}, "fp", 1.0, 4.0, error="E: x")
     step = StepRecord("s", "a", 0, status=StepStatus.FAILED, attempt=1)
-    history = [from_row(Event, {**row, "saga_id": "s", "seq": i})
-               for i, row in enumerate(_old_history(), 1)]
+    history = [
+        from_row(Event, {**row, "saga_id": "s", "seq": i})
+        for i, row in enumerate(_old_history(), 1)
+    ]
     return ops.SagaView(saga, [step], history)
 
 
 def test_old_rows_render_in_the_timeline_and_the_attempts() -> None:
     view = _view()
     texts = [describe(e)[1] for e in view.history]
-    assert texts == ["saga started", "attempt 1 started",
-                     "attempt 1 failed: E: x; retry in 1s",
-                     "saga FAILED: compensation_failed", "some future kind"]
+    assert texts == [
+        "saga started",
+        "attempt 1 started",
+        "attempt 1 failed: E: x; retry in 1s",
+        "saga FAILED: compensation_failed",
+        "some future kind",
+    ]
     assert render_timeline(view).row_count == 5
     [attempt] = ops.step_attempts(view.history)
     assert (attempt.step, attempt.outcome, attempt.error) == ("a", "failed", "E: x")
@@ -141,12 +165,27 @@ def test_old_rows_render_in_the_timeline_and_the_attempts() -> None:
 def test_json_output_prints_kinds_and_reasons_as_plain_strings() -> None:
     view = _view()
     # Events decided by this version carry enums, in the kind and in the detail.
-    view.history.append(Event("s", EventKind.STEP_FAILED, 6.0, "a", 1, "forward",
-                              {"reason": FailureReason.WORKER_LOST}))
+    view.history.append(
+        Event(
+            "s",
+            EventKind.STEP_FAILED,
+            6.0,
+            "a",
+            1,
+            "forward",
+            {"reason": FailureReason.WORKER_LOST},
+        )
+    )
     doc = json.loads(_json(ops.view_as_dict(view)))
     kinds = [e["kind"] for e in doc["history"]]
-    assert kinds == ["saga_started", "step_started", "step_attempt_failed", "saga_failed",
-                     "some_future_kind", "step_failed"]
+    assert kinds == [
+        "saga_started",
+        "step_started",
+        "step_attempt_failed",
+        "saga_failed",
+        "some_future_kind",
+        "step_failed",
+    ]
     assert doc["history"][-1]["detail"] == {"reason": "worker_lost"}
     assert all(type(k) is str for k in kinds)
 
@@ -161,8 +200,12 @@ def test_sql_rows_written_before_read_back(tmp_path: Path) -> None:
         history = store.history("s")
     finally:
         store.close()
-    assert [e.kind for e in history] == [EventKind.SAGA_STARTED, EventKind.STEP_STARTED,
-                                          EventKind.STEP_ATTEMPT_FAILED, EventKind.SAGA_FAILED,
-                                          "some_future_kind"]
+    assert [e.kind for e in history] == [
+        EventKind.SAGA_STARTED,
+        EventKind.STEP_STARTED,
+        EventKind.STEP_ATTEMPT_FAILED,
+        EventKind.SAGA_FAILED,
+        "some_future_kind",
+    ]
     assert history[2].detail["reason"] == "lease_expired"
     assert [describe(e)[1] for e in history][-1] == "some future kind"

@@ -39,6 +39,7 @@ def test_the_combination_table_installs_only_declared_extras() -> None:
     used = {extra for cell in cells for extra in cell.split(",")}
     assert used <= declared_extras()
     # A Redis broker always comes with the redis extra (kombu's Redis transport).
-    redis_row = next(line for line in install_section().splitlines()
-                     if line.startswith("| Redis `redis://`"))
+    redis_row = next(
+        line for line in install_section().splitlines() if line.startswith("| Redis `redis://`")
+    )
     assert all("redis" in cell for cell in re.findall(r"`(\.[^`]*)`", redis_row))

@@ -39,13 +39,30 @@ import sagaline
 
 PACKAGE_DIR = Path(sagaline.__file__).resolve().parent
 
-CORE = {"states", "records", "exceptions", "steps", "definition", "work", "engine",
-        "compensation", "recovery"}
+CORE = {
+    "states",
+    "records",
+    "exceptions",
+    "steps",
+    "definition",
+    "work",
+    "engine",
+    "compensation",
+    "recovery",
+}
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
 SURFACES = ("cli", "cli_outbox", "timeline", "demo", "web")
-SURFACE_MAY_IMPORT = {"ops", "records", "states", "exceptions", "config", "celery_app",
-                      "testing", "observability.health"}
+SURFACE_MAY_IMPORT = {
+    "ops",
+    "records",
+    "states",
+    "exceptions",
+    "config",
+    "celery_app",
+    "testing",
+    "observability.health",
+}
 CELERY = ("celery", "kombu", "billiard")
 STORE_DRIVERS = ("sqlalchemy", "alembic", "redis", "psycopg", "pymysql")
 STEP_CELERY_TYPES = {"celery.app.task", "celery.local"}
@@ -63,8 +80,9 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE_DIR.rglob("*.py"))}
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(nodes: Iterable[ast.AST]) -> Iterator[ast.Import | ast.ImportFrom]:
@@ -90,7 +108,7 @@ def imports_of(module: str) -> set[str]:
         base = node.module or ""
         if node.level:
             anchor = package.split(".")
-            anchor = anchor[:len(anchor) - (node.level - 1)]
+            anchor = anchor[: len(anchor) - (node.level - 1)]
             base = ".".join(anchor + ([base] if base else []))
         for alias in node.names:
             sub = f"{base}.{alias.name}"
@@ -125,7 +143,7 @@ def test_there_is_no_import_cycle_inside_the_package() -> None:
 
     def visit(module: str, path: list[str]) -> None:
         if module in path:
-            cycle = [*path[path.index(module):], module]
+            cycle = [*path[path.index(module) :], module]
             raise AssertionError("import cycle: " + " -> ".join(map(_short, cycle)))
         if module in done:
             return
@@ -154,8 +172,9 @@ def test_stores_import_only_leaf_modules() -> None:
     stores = [m for m in GRAPH if _within(m, ("stores",))]
     assert "sagaline.stores.sql" in stores
     for module in stores:
-        outside = {_short(i) for i in GRAPH[module]
-                   if not _within(i, STORE_MAY_IMPORT | {"stores"})}
+        outside = {
+            _short(i) for i in GRAPH[module] if not _within(i, STORE_MAY_IMPORT | {"stores"})
+        }
         assert not outside, f"{_short(module)} imports {sorted(outside)}"
         assert not _third_party(module, CELERY), f"{_short(module)} imports Celery"
 
@@ -172,8 +191,9 @@ def test_surfaces_reach_the_core_only_through_ops() -> None:
 
 
 def test_no_module_is_over_400_lines() -> None:
-    long = {_short(m): n for m, p in MODULES.items()
-            if (n := len(p.read_text().splitlines())) > 400}
+    long = {
+        _short(m): n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400
+    }
     assert not long, f"split these modules along their seams: {long}"
 
 
@@ -183,8 +203,12 @@ def test_only_the_tracing_module_imports_opentelemetry() -> None:
     otel_modules = {"observability.tracing", "observability.provider"}
     importers = {_short(m) for m in GRAPH if _third_party(m, ("opentelemetry",))}
     assert importers == otel_modules
-    eager = {_short(m) for m in GRAPH if _short(m) not in otel_modules and
-             {f"sagaline.{o}" for o in otel_modules} & _module_level_imports(m)}
+    eager = {
+        _short(m)
+        for m in GRAPH
+        if _short(m) not in otel_modules
+        and {f"sagaline.{o}" for o in otel_modules} & _module_level_imports(m)
+    }
     assert not eager, f"{sorted(eager)} import OpenTelemetry's modules at module level"
 
 
@@ -194,7 +218,7 @@ def _module_level_imports(module: str) -> set[str]:
     found: set[str] = set()
     for node in ast.parse(path.read_text(), str(path)).body:
         if isinstance(node, ast.ImportFrom) and node.level:
-            anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+            anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
             base = ".".join(anchor + ([node.module] if node.module else []))
             found.update(f"{base}.{a.name}" for a in node.names)
             found.add(base)

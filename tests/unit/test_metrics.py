@@ -61,41 +61,93 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 def test_lifecycle_signals_become_counters_and_histograms(registry: CollectorRegistry) -> None:
     signals.saga_started.send(sender=None, saga_id="s1", name="trip")
-    signals.step_started.send(sender=None, saga_id="s1", name="trip", step="book",
-                              phase=Phase.FORWARD, attempt=1, queue_wait=0.2)
-    signals.step_started.send(sender=None, saga_id="s1", name="trip", step="book",
-                              phase=Phase.FORWARD, attempt=2, queue_wait=None)
-    signals.step_finished.send(sender=None, saga_id="s1", name="trip", step="book",
-                               phase=Phase.FORWARD, attempt=1, outcome="failed", duration=0.5)
-    signals.step_finished.send(sender=None, saga_id="s1", name="trip", step="book",
-                               phase=Phase.COMPENSATE, attempt=1, outcome="succeeded",
-                               duration=0.1)
-    signals.saga_finished.send(sender=None, saga_id="s1", name="trip",
-                               status=SagaStatus.COMPENSATED, duration=3.0)
-    signals.sweeper_repaired.send(sender=None, counts={RepairKind.REDISPATCHED: 2,
-                                                       RepairKind.DEADLINE: 0})
+    signals.step_started.send(
+        sender=None,
+        saga_id="s1",
+        name="trip",
+        step="book",
+        phase=Phase.FORWARD,
+        attempt=1,
+        queue_wait=0.2,
+    )
+    signals.step_started.send(
+        sender=None,
+        saga_id="s1",
+        name="trip",
+        step="book",
+        phase=Phase.FORWARD,
+        attempt=2,
+        queue_wait=None,
+    )
+    signals.step_finished.send(
+        sender=None,
+        saga_id="s1",
+        name="trip",
+        step="book",
+        phase=Phase.FORWARD,
+        attempt=1,
+        outcome="failed",
+        duration=0.5,
+    )
+    signals.step_finished.send(
+        sender=None,
+        saga_id="s1",
+        name="trip",
+        step="book",
+        phase=Phase.COMPENSATE,
+        attempt=1,
+        outcome="succeeded",
+        duration=0.1,
+    )
+    signals.saga_finished.send(
+        sender=None, saga_id="s1", name="trip", status=SagaStatus.COMPENSATED, duration=3.0
+    )
+    signals.sweeper_repaired.send(
+        sender=None, counts={RepairKind.REDISPATCHED: 2, RepairKind.DEADLINE: 0}
+    )
     signals.sweeper_repaired.send(sender=None, counts={"worker_lost": 1})
 
     assert value(registry, "sagaline_sagas_started_total", saga="trip") == 1
-    assert value(registry, "sagaline_sagas_finished_total", saga="trip",
-                 status="compensated") == 1
-    assert value(registry, "sagaline_saga_duration_seconds_sum", saga="trip",
-                 status="compensated") == 3.0
-    assert value(registry, "sagaline_step_attempts_total", saga="trip", step="book",
-                 phase="forward", outcome="failed") == 1
-    assert value(registry, "sagaline_compensations_total", saga="trip", step="book",
-                 outcome="succeeded") == 1
-    assert value(registry, "sagaline_step_duration_seconds_count", saga="trip", step="book",
-                 phase="compensate") == 1
+    assert value(registry, "sagaline_sagas_finished_total", saga="trip", status="compensated") == 1
+    assert (
+        value(registry, "sagaline_saga_duration_seconds_sum", saga="trip", status="compensated")
+        == 3.0
+    )
+    assert (
+        value(
+            registry,
+            "sagaline_step_attempts_total",
+            saga="trip",
+            step="book",
+            phase="forward",
+            outcome="failed",
+        )
+        == 1
+    )
+    assert (
+        value(
+            registry, "sagaline_compensations_total", saga="trip", step="book", outcome="succeeded"
+        )
+        == 1
+    )
+    assert (
+        value(
+            registry,
+            "sagaline_step_duration_seconds_count",
+            saga="trip",
+            step="book",
+            phase="compensate",
+        )
+        == 1
+    )
     # A message that does not say when it was dispatched observes no wait.
-    assert value(registry, "sagaline_step_queue_wait_seconds_count", saga="trip",
-                 step="book") == 1
-    assert value(registry, "sagaline_step_queue_wait_seconds_sum", saga="trip",
-                 step="book") == pytest.approx(0.2)
+    assert value(registry, "sagaline_step_queue_wait_seconds_count", saga="trip", step="book") == 1
+    assert value(
+        registry, "sagaline_step_queue_wait_seconds_sum", saga="trip", step="book"
+    ) == pytest.approx(0.2)
     assert value(registry, "sagaline_sweeper_repairs_total", kind="redispatched") == 2
     assert value(registry, "sagaline_sweeper_repairs_total", kind="worker_lost") == 1
-    assert registry.get_sample_value("sagaline_sweeper_repairs_total",
-                                     {"kind": "deadline"}) is None
+    assert registry.get_sample_value("sagaline_sweeper_repairs_total", {"kind": "deadline"}) is None
 
 
 def test_store_operations_are_timed_once(registry: CollectorRegistry) -> None:
@@ -105,8 +157,9 @@ def test_store_operations_are_timed_once(registry: CollectorRegistry) -> None:
     store.find_due(time.time())
     store.count_by_status()
     assert value(registry, "sagaline_store_operation_seconds_count", operation="find_due") == 1
-    assert value(registry, "sagaline_store_operation_seconds_count",
-                 operation="count_by_status") == 1
+    assert (
+        value(registry, "sagaline_store_operation_seconds_count", operation="count_by_status") == 1
+    )
 
 
 def start(store: MemoryStore, saga_id: str, now: float) -> None:
@@ -115,8 +168,9 @@ def start(store: MemoryStore, saga_id: str, now: float) -> None:
 
 
 def gauges(collector: metrics.StoreGauges) -> dict[tuple[str, tuple[str, ...]], float]:
-    return {(f.name, tuple(s.labels.values())): s.value for f in collector.collect()
-            for s in f.samples}
+    return {
+        (f.name, tuple(s.labels.values())): s.value for f in collector.collect() for s in f.samples
+    }
 
 
 def test_in_progress_gauges_are_read_from_the_store_and_cached() -> None:
@@ -134,8 +188,12 @@ def test_in_progress_gauges_are_read_from_the_store_and_cached() -> None:
     start(store, "third", now)
     # Within the cache's lifetime a scrape does not query the store again.
     assert gauges(collector) == first
-    assert gauges(metrics.StoreGauges(lambda: store, ttl=0))[
-        ("sagaline_sagas_in_progress", ("metrics_test_trip", "running"))] == 3
+    assert (
+        gauges(metrics.StoreGauges(lambda: store, ttl=0))[
+            ("sagaline_sagas_in_progress", ("metrics_test_trip", "running"))
+        ]
+        == 3
+    )
 
 
 class HangingStore(MemoryStore):
@@ -174,18 +232,26 @@ def test_settings_refuse_a_bad_port_and_heartbeat(monkeypatch: pytest.MonkeyPatc
     import sagaline
 
     with pytest.raises(ConfigurationError, match="metrics_port must be a TCP port"):
-        sagaline.init_app(Celery("bad-port", set_as_current=False), store="memory://",
-                          metrics_port=70000)
+        sagaline.init_app(
+            Celery("bad-port", set_as_current=False), store="memory://", metrics_port=70000
+        )
 
 
 def test_a_metrics_port_without_prometheus_client_names_the_extra(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['prometheus_client'] = None\n"
-            "from celery import Celery; import sagaline\n"
-            "try:\n"
-            "    sagaline.init_app(Celery('x'), store='memory://', metrics_port=9540)\n"
-            "except sagaline.ConfigurationError as exc:\n"
-            "    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path,
-                         env={**os.environ, "SAGALINE_HOME": str(tmp_path)})
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from celery import Celery; import sagaline\n"
+        "try:\n"
+        "    sagaline.init_app(Celery('x'), store='memory://', metrics_port=9540)\n"
+        "except sagaline.ConfigurationError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "SAGALINE_HOME": str(tmp_path)},
+    )
     assert "pip install 'sagaline[prometheus]'" in out.stdout, out.stderr

@@ -30,9 +30,17 @@ def test_a_saga_trace_context_is_the_root_traceparent_then_its_parent() -> None:
     assert SagaTrace.decode(alone.encode()) == alone
 
 
-@pytest.mark.parametrize("text", [None, "", "garbage", "01-0af7651916cd43dd8448eb211c80319c-"
-                                  "b7ad6b7169203331-01", "00-abc-def-01", "00-" + "z" * 32 +
-                                  "-b7ad6b7169203331-01"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "garbage",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-abc-def-01",
+        "00-" + "z" * 32 + "-b7ad6b7169203331-01",
+    ],
+)
 def test_a_stored_context_that_is_no_traceparent_is_ignored(text: str | None) -> None:
     assert SagaTrace.decode(text) is None
 
@@ -41,12 +49,14 @@ def test_attempt_span_ids_are_the_same_everywhere_and_differ_per_attempt() -> No
     st = SagaTrace(TRACE, ROOT, 1)
     first = attempt_span_id(st, "s-1", "charge", Phase.FORWARD, 1)
     assert first == attempt_span_id(st, "s-1", "charge", "forward", 1)
-    others = {attempt_span_id(st, "s-1", "charge", Phase.FORWARD, 2),
-              attempt_span_id(st, "s-1", "charge", Phase.COMPENSATE, 1),
-              attempt_span_id(st, "s-1", "refund", Phase.FORWARD, 1),
-              attempt_span_id(st, "s-2", "charge", Phase.FORWARD, 1)}
+    others = {
+        attempt_span_id(st, "s-1", "charge", Phase.FORWARD, 2),
+        attempt_span_id(st, "s-1", "charge", Phase.COMPENSATE, 1),
+        attempt_span_id(st, "s-1", "refund", Phase.FORWARD, 1),
+        attempt_span_id(st, "s-2", "charge", Phase.FORWARD, 1),
+    }
     assert first not in others and len(others) == 4
-    assert 0 < first < 2 ** 64
+    assert 0 < first < 2**64
 
 
 def test_tracing_and_log_format_settings_are_checked() -> None:
@@ -86,6 +96,11 @@ def test_a_json_line_inside_a_step_carries_it_and_stays_one_line() -> None:
         _current.reset(token)
     assert "\n" not in line
     doc = json.loads(line)
-    assert (doc["saga_id"], doc["saga"], doc["step"], doc["attempt"], doc["phase"]) == \
-        ("s-1", "order", "charge", 2, "compensate")
+    assert (doc["saga_id"], doc["saga"], doc["step"], doc["attempt"], doc["phase"]) == (
+        "s-1",
+        "order",
+        "charge",
+        2,
+        "compensate",
+    )
     assert "ValueError: bad" in doc["exception"]

@@ -53,25 +53,35 @@ def test_publish_refuses_bad_input(engine: sa.Engine) -> None:
 
 def test_inbox_records_each_message_once_per_consumer(engine: sa.Engine) -> None:
     seen = []
-    for consumer, mid in [("billing", "m1"), ("billing", "m1"), ("shipping", "m1"),
-                          ("billing", "m2")]:
-        with engine.begin() as conn, sagaline.inbox.receive(
-                conn, consumer=consumer, message_id=mid) as fresh:
+    for consumer, mid in [
+        ("billing", "m1"),
+        ("billing", "m1"),
+        ("shipping", "m1"),
+        ("billing", "m2"),
+    ]:
+        with (
+            engine.begin() as conn,
+            sagaline.inbox.receive(conn, consumer=consumer, message_id=mid) as fresh,
+        ):
             seen.append(fresh)
     assert seen == [True, False, True, True]
     # A handler that rolls back leaves the message unrecorded: it is fresh again.
-    with pytest.raises(ZeroDivisionError), engine.begin() as conn, \
-            sagaline.inbox.receive(conn, consumer="billing", message_id="m3") as fresh:
+    with (
+        pytest.raises(ZeroDivisionError),
+        engine.begin() as conn,
+        sagaline.inbox.receive(conn, consumer="billing", message_id="m3") as fresh,
+    ):
         assert fresh
         raise ZeroDivisionError
-    with engine.begin() as conn, sagaline.inbox.receive(
-            conn, consumer="billing", message_id="m3") as fresh:
+    with (
+        engine.begin() as conn,
+        sagaline.inbox.receive(conn, consumer="billing", message_id="m3") as fresh,
+    ):
         assert fresh
 
 
 def test_step_transaction_outside_a_step_says_where_it_belongs() -> None:
-    with pytest.raises(RuntimeError, match="body of a saga step"), \
-            sagaline.step_transaction():
+    with pytest.raises(RuntimeError, match="body of a saga step"), sagaline.step_transaction():
         pass
 
 
@@ -80,8 +90,10 @@ def test_step_transaction_on_a_store_that_cannot_join_refuses() -> None:
     runtime = sagaline.init_app(app, store="memory://", sweeper=False)
     token = step_tx.enter(runtime, StepInfo("s", "n", "step", 1, Phase.FORWARD))
     try:
-        with pytest.raises(ConfigurationError, match="cannot take part in a SQL transaction"), \
-                sagaline.step_transaction():
+        with (
+            pytest.raises(ConfigurationError, match="cannot take part in a SQL transaction"),
+            sagaline.step_transaction(),
+        ):
             pass
     finally:
         step_tx.leave(token)
@@ -94,8 +106,10 @@ def test_step_transaction_refuses_tables_in_another_database(tmp_path: Path) -> 
     runtime.store.migrate()
     token = step_tx.enter(runtime, StepInfo("s", "n", "step", 1, Phase.FORWARD))
     try:
-        with pytest.raises(ConfigurationError, match="cannot span two databases"), \
-                sagaline.step_transaction(database=f"sqlite:///{tmp_path}/mine.db"):
+        with (
+            pytest.raises(ConfigurationError, match="cannot span two databases"),
+            sagaline.step_transaction(database=f"sqlite:///{tmp_path}/mine.db"),
+        ):
             pass
         with sagaline.step_transaction(database=sa.create_engine(store_url)) as tx:
             assert tx.connection.engine.url.database.endswith("store.db")

@@ -34,25 +34,31 @@ def refusal(fn: Any, value: Any, where: str = "input") -> InputError:
     return info.value
 
 
-@pytest.mark.parametrize(("value", "rule", "message"), [
-    ({"x": {7: "seven"}}, "key", r"^input\['x'\]: key 7 \(int\) is not a string; JSON object keys"),
-    ({"x": {1: "a", "1": "b"}}, "key", r"key 1 \(int\) is not a string"),
-    ({"x": [1.0, math.nan]}, "number", r"^input\['x'\]\[1\]: nan is not JSON"),
-    ({"x": math.inf}, "number", r"^input\['x'\]: inf is not JSON"),
-    ({"x": "a\x00b"}, "text", r"^input\['x'\]: the string contains a NUL"),
-    ({"x": {"k\x00": 1}}, "text", r"^input\['x'\]: the key 'k\\x00' contains a NUL"),
-    ({"x": "\ud800"}, "text", r"lone surrogate"),
-    ({"x": {"__type__": "nosuch", "__value__": 1}}, "envelope", r"^input\['x'\]: .*kombu"),
-    ({"x": {"__type__": "datetime", "__value__": "2024-01-01T00:00:00"}}, "envelope", "kombu"),
-    ({"x": datetime(2024, 1, 1)}, "type", r"^input\['x'\]: type datetime is not JSON"),
-    ({"x": {1, 2}}, "type", r"type set is not JSON"),
-    ({"x": b"bytes"}, "type", r"type bytes is not JSON"),
-    ({"x": 10 ** 5000}, "number", r"integer this large"),
-    ({"saga_id": "mine"}, "reserved", r"^input\['saga_id'\]: 'saga_id' is a reserved"),
-    ({"compensation_data": 1}, "reserved", r"'compensation_data' is a reserved"),
-])
-def test_each_rule_is_refused_with_its_name_and_where(value: Any, rule: str,
-                                                       message: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "rule", "message"),
+    [
+        (
+            {"x": {7: "seven"}},
+            "key",
+            r"^input\['x'\]: key 7 \(int\) is not a string; JSON object keys",
+        ),
+        ({"x": {1: "a", "1": "b"}}, "key", r"key 1 \(int\) is not a string"),
+        ({"x": [1.0, math.nan]}, "number", r"^input\['x'\]\[1\]: nan is not JSON"),
+        ({"x": math.inf}, "number", r"^input\['x'\]: inf is not JSON"),
+        ({"x": "a\x00b"}, "text", r"^input\['x'\]: the string contains a NUL"),
+        ({"x": {"k\x00": 1}}, "text", r"^input\['x'\]: the key 'k\\x00' contains a NUL"),
+        ({"x": "\ud800"}, "text", r"lone surrogate"),
+        ({"x": {"__type__": "nosuch", "__value__": 1}}, "envelope", r"^input\['x'\]: .*kombu"),
+        ({"x": {"__type__": "datetime", "__value__": "2024-01-01T00:00:00"}}, "envelope", "kombu"),
+        ({"x": datetime(2024, 1, 1)}, "type", r"^input\['x'\]: type datetime is not JSON"),
+        ({"x": {1, 2}}, "type", r"type set is not JSON"),
+        ({"x": b"bytes"}, "type", r"type bytes is not JSON"),
+        ({"x": 10**5000}, "number", r"integer this large"),
+        ({"saga_id": "mine"}, "reserved", r"^input\['saga_id'\]: 'saga_id' is a reserved"),
+        ({"compensation_data": 1}, "reserved", r"'compensation_data' is a reserved"),
+    ],
+)
+def test_each_rule_is_refused_with_its_name_and_where(value: Any, rule: str, message: str) -> None:
     err = refusal(check_object, value)
     assert err.rule == rule
     assert err.where is not None and str(err).startswith(err.where)
@@ -60,19 +66,16 @@ def test_each_rule_is_refused_with_its_name_and_where(value: Any, rule: str,
 
 
 def test_reserved_keys_are_refused_only_at_the_top_of_an_object() -> None:
-    check_object({"nested": {"saga_id": "x", "compensation_data": 1}}, "input",
-                 max_bytes=LIMIT)
+    check_object({"nested": {"saga_id": "x", "compensation_data": 1}}, "input", max_bytes=LIMIT)
     check_value({"saga_id": "x"}, "compensation_data", max_bytes=LIMIT)
     check_output(["saga_id"], "output", max_bytes=LIMIT)
 
 
 def test_an_envelope_needs_exactly_the_two_kombu_keys() -> None:
     # kombu decodes only objects whose keys are exactly __type__ and __value__.
-    check_object({"x": {"__type__": "t", "__value__": 1, "other": 2}}, "input",
-                 max_bytes=LIMIT)
+    check_object({"x": {"__type__": "t", "__value__": 1, "other": 2}}, "input", max_bytes=LIMIT)
     check_object({"x": {"__type__": "t"}}, "input", max_bytes=LIMIT)
-    assert kombu_loads(kombu_dumps({"__type__": "t", "other": 2})) == {"__type__": "t",
-                                                                      "other": 2}
+    assert kombu_loads(kombu_dumps({"__type__": "t", "other": 2})) == {"__type__": "t", "other": 2}
 
 
 def test_nesting_is_counted_from_the_context_object() -> None:
@@ -80,8 +83,7 @@ def test_nesting_is_counted_from_the_context_object() -> None:
     check_object(nested(MAX_DEPTH), "input", max_bytes=LIMIT)
     err = refusal(check_object, nested(MAX_DEPTH + 1))
     assert err.rule == "depth"
-    assert str(err) == ("input" + "['a']" * MAX_DEPTH + f": nesting deeper than {MAX_DEPTH} "
-                        "levels")
+    assert str(err) == ("input" + "['a']" * MAX_DEPTH + f": nesting deeper than {MAX_DEPTH} levels")
     # A value stored under one name sits one level down in the context.
     check_value(nested(MAX_DEPTH - 1), "compensation_data", max_bytes=LIMIT)
     assert refusal(check_value, nested(MAX_DEPTH)).rule == "depth"
@@ -137,8 +139,18 @@ def test_size_is_the_compact_utf8_json_of_the_document() -> None:
 
 
 def test_plain_json_passes_and_keeps_its_values() -> None:
-    value = {"s": "text ✓ 😀", "n": -3, "f": 0.5, "b": True, "z": None, "l": [1, [2, {}]],
-             "t": (1, 2), "big": 2 ** 70, "": "empty key", "__type__": "alone"}
+    value = {
+        "s": "text ✓ 😀",
+        "n": -3,
+        "f": 0.5,
+        "b": True,
+        "z": None,
+        "l": [1, [2, {}]],
+        "t": (1, 2),
+        "big": 2**70,
+        "": "empty key",
+        "__type__": "alone",
+    }
     check_object(value, "input", max_bytes=LIMIT)
     assert kombu_loads(kombu_dumps(value))["l"] == [1, [2, {}]]
 
@@ -171,10 +183,14 @@ def test_idempotency_conflict_is_an_input_error_with_fields() -> None:
 
 
 def test_input_errors_keep_their_fields_across_processes() -> None:
-    err = pickle.loads(pickle.dumps(InputError("input['a']: bad", rule="depth",
-                                               where="input['a']")))
+    err = pickle.loads(
+        pickle.dumps(InputError("input['a']: bad", rule="depth", where="input['a']"))
+    )
     assert (str(err), err.rule, err.where) == ("input['a']: bad", "depth", "input['a']")
     conflict = pickle.loads(pickle.dumps(IdempotencyConflict("order", "k-1", "abc")))
     assert (conflict.saga_name, conflict.idempotency_key, conflict.saga_id) == (
-        "order", "k-1", "abc")
+        "order",
+        "k-1",
+        "abc",
+    )
     assert str(conflict) == str(IdempotencyConflict("order", "k-1", "abc"))

@@ -9,13 +9,23 @@ from sagaline.stores.sanitize import CUT_MARKER, MAX_TEXT, storable_text, storab
 from tests.unit.test_engine import Run, linear
 
 
-def undeliverable(run: Run, step: str, phase: Phase = Phase.FORWARD,
-                  attempt: int | None = None) -> object:
+def undeliverable(
+    run: Run, step: str, phase: Phase = Phase.FORWARD, attempt: int | None = None
+) -> object:
     rec = run.step(step)
-    return run.apply(recovery.undeliverable(
-        run.defn, run.snapshot(), step, phase,
-        rec.attempt_for(phase) if attempt is None else attempt, reason="message_unsendable",
-        error="message not sent: TypeError: no", now=run.now, timing=run.timing))
+    return run.apply(
+        recovery.undeliverable(
+            run.defn,
+            run.snapshot(),
+            step,
+            phase,
+            rec.attempt_for(phase) if attempt is None else attempt,
+            reason="message_unsendable",
+            error="message not sent: TypeError: no",
+            now=run.now,
+            timing=run.timing,
+        )
+    )
 
 
 def test_an_undeliverable_step_fails_without_running_and_rollback_starts_at_once() -> None:
@@ -44,30 +54,76 @@ def test_an_undeliverable_compensation_parks_the_saga_failed() -> None:
 def test_an_undeliverable_copy_of_an_older_attempt_decides_nothing() -> None:
     run = Run(linear("undeliverable_stale"))
     run.succeed("s1", {"a": 1})
-    assert recovery.undeliverable(run.defn, run.snapshot(), "s2", Phase.FORWARD, 7,
-                                  reason="r", error="e", now=run.now,
-                                  timing=run.timing) is None
+    assert (
+        recovery.undeliverable(
+            run.defn,
+            run.snapshot(),
+            "s2",
+            Phase.FORWARD,
+            7,
+            reason="r",
+            error="e",
+            now=run.now,
+            timing=run.timing,
+        )
+        is None
+    )
     run.claim("s2")  # running now: a late undecodable copy must not fail it
-    assert recovery.undeliverable(run.defn, run.snapshot(), "s2", Phase.FORWARD, 1,
-                                  reason="r", error="e", now=run.now,
-                                  timing=run.timing) is None
+    assert (
+        recovery.undeliverable(
+            run.defn,
+            run.snapshot(),
+            "s2",
+            Phase.FORWARD,
+            1,
+            reason="r",
+            error="e",
+            now=run.now,
+            timing=run.timing,
+        )
+        is None
+    )
 
 
 def test_an_unregistered_task_is_offered_again_then_fails_the_step() -> None:
     run = Run(linear("unregistered"))
-    refusal = Event("saga-1", "task_unregistered", run.now, "s1", 1, "forward",
-                    {"task": "engine_test.s1", "worker": "w1@host"})
-    decision = run.apply(recovery.unregistered_task(run.defn, run.snapshot(), refusal,
-                                                    Phase.FORWARD, max_redispatches=1,
-                                                    now=run.now, timing=run.timing))
+    refusal = Event(
+        "saga-1",
+        "task_unregistered",
+        run.now,
+        "s1",
+        1,
+        "forward",
+        {"task": "engine_test.s1", "worker": "w1@host"},
+    )
+    decision = run.apply(
+        recovery.unregistered_task(
+            run.defn,
+            run.snapshot(),
+            refusal,
+            Phase.FORWARD,
+            max_redispatches=1,
+            now=run.now,
+            timing=run.timing,
+        )
+    )
     assert decision is not None and decision.events == [refusal]
     assert run.step("s1").status is StepStatus.DISPATCHED
     assert run.step("s1").due_at == run.now + run.timing.redispatch_after
     run.now += 40
     run.redispatch("s1")
     assert run.step("s1").redispatches == 1
-    run.apply(recovery.unregistered_task(run.defn, run.snapshot(), refusal, Phase.FORWARD,
-                                         max_redispatches=1, now=run.now, timing=run.timing))
+    run.apply(
+        recovery.unregistered_task(
+            run.defn,
+            run.snapshot(),
+            refusal,
+            Phase.FORWARD,
+            max_redispatches=1,
+            now=run.now,
+            timing=run.timing,
+        )
+    )
     assert run.step("s1").status is StepStatus.FAILED
     assert "no worker has task 'engine_test.s1' registered" in (run.step("s1").error or "")
     assert run.status is SagaStatus.COMPENSATED  # nothing was applied

@@ -38,8 +38,7 @@ def test_init_app_leaves_other_brokers_alone(url: str) -> None:
 
 
 def _dispatch(step: str, countdown: float) -> Dispatch:
-    return Dispatch("s-1", "saga", "fp", step, Phase.FORWARD, 2, "t.step", {},
-                    countdown=countdown)
+    return Dispatch("s-1", "saga", "fp", step, Phase.FORWARD, 2, "t.step", {}, countdown=countdown)
 
 
 def test_delayed_messages_are_published_when_due_in_due_order() -> None:

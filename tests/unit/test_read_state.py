@@ -20,8 +20,11 @@ def noop(**_: Any) -> None:
     return None
 
 
-saga = (Saga("read_state").add_step(noop, name="a", no_compensation=True)
-        .add_step(noop, name="b", no_compensation=True))
+saga = (
+    Saga("read_state")
+    .add_step(noop, name="a", no_compensation=True)
+    .add_step(noop, name="b", no_compensation=True)
+)
 
 
 def test_read_state_holds_the_saga_and_its_steps_by_name_and_none_for_no_saga() -> None:

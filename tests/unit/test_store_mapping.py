@@ -17,8 +17,9 @@ COLUMNS_WITHOUT_FIELD: dict[str, set[str]] = {"sagas": set(), "steps": set(), "e
 FIELDS_WITHOUT_COLUMN: dict[str, set[str]] = {"sagas": set(), "steps": set(), "events": set()}
 
 
-@pytest.mark.parametrize(("table", "record"), [
-    ("sagas", SagaRecord), ("steps", StepRecord), ("events", Event)])
+@pytest.mark.parametrize(
+    ("table", "record"), [("sagas", SagaRecord), ("steps", StepRecord), ("events", Event)]
+)
 def test_every_sql_column_is_a_record_field_and_back(table: str, record: type) -> None:
     columns = {c.name for c in getattr(schema, table).c}
     names = {f.name for f in fields(record)}
@@ -34,10 +35,16 @@ def test_phase_columns_name_step_fields_and_step_columns() -> None:
 
 
 @pytest.mark.parametrize("phase", list(Phase))
-def test_a_step_reads_status_and_attempt_of_each_phase_from_its_own_fields(
-        phase: Phase) -> None:
-    rec = StepRecord("s", "a", 0, status=StepStatus.RUNNING, attempt=2,
-                     comp_status=CompensationStatus.DISPATCHED, comp_attempt=5)
+def test_a_step_reads_status_and_attempt_of_each_phase_from_its_own_fields(phase: Phase) -> None:
+    rec = StepRecord(
+        "s",
+        "a",
+        0,
+        status=StepStatus.RUNNING,
+        attempt=2,
+        comp_status=CompensationStatus.DISPATCHED,
+        comp_attempt=5,
+    )
     forward = phase is Phase.FORWARD
     assert rec.status_for(phase) is (rec.status if forward else rec.comp_status)
     assert rec.attempt_for(phase) == (2 if forward else 5)
@@ -48,8 +55,14 @@ def test_a_step_reads_status_and_attempt_of_each_phase_from_its_own_fields(
 
 
 def test_rows_keep_enums_as_values_and_read_them_back_as_enums() -> None:
-    step = StepRecord("s", "a", 0, status=StepStatus.RUNNING,
-                      comp_status=CompensationStatus.COMPENSATED, has_compensation_data=True)
+    step = StepRecord(
+        "s",
+        "a",
+        0,
+        status=StepStatus.RUNNING,
+        comp_status=CompensationStatus.COMPENSATED,
+        has_compensation_data=True,
+    )
     row = to_row(step)
     assert row["status"] == "RUNNING" and type(row["status"]) is str
     assert row["comp_status"] == "COMPENSATED" and type(row["comp_status"]) is str
@@ -66,4 +79,3 @@ def test_rows_ignore_unknown_keys_and_default_missing_fields() -> None:
     del row["redispatches"]
     row["written_by_a_newer_version"] = True
     assert from_row(StepRecord, row) == StepRecord("s", "a", 0)
-

@@ -58,7 +58,9 @@ def test_the_report_names_the_republished_step_and_the_postponed_one() -> None:
 
     assert report.due == 2 and report.failed == []
     assert [(r.saga_id, r.step, r.kind) for r in report.repaired] == [
-        (foreign, "a", RepairKind.POSTPONED), (ours, "a", RepairKind.REDISPATCHED)]
+        (foreign, "a", RepairKind.POSTPONED),
+        (ours, "a", RepairKind.REDISPATCHED),
+    ]
     assert report.acted == 2
     assert report.by_kind() == {RepairKind.POSTPONED: 1, RepairKind.REDISPATCHED: 1}
 

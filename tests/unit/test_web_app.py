@@ -24,18 +24,29 @@ T0 = 1_700_000_000.0
 
 def saved_saga(store: MemoryStore, name: str = "shop", **input: object) -> str:
     sid = f"saga-{len(store.list_sagas(SagaFilter(limit=1000)))}"
-    saga = SagaRecord(saga_id=sid, name=name, status=SagaStatus.RUNNING, input=dict(input),
-                      fingerprint="f" * 16, created_at=T0, updated_at=T0)
-    steps = {"a": StepRecord(sid, "a", 0, status=StepStatus.DISPATCHED, attempt=1),
-             "b": StepRecord(sid, "b", 1)}
+    saga = SagaRecord(
+        saga_id=sid,
+        name=name,
+        status=SagaStatus.RUNNING,
+        input=dict(input),
+        fingerprint="f" * 16,
+        created_at=T0,
+        updated_at=T0,
+    )
+    steps = {
+        "a": StepRecord(sid, "a", 0, status=StepStatus.DISPATCHED, attempt=1),
+        "b": StepRecord(sid, "b", 1),
+    }
     store.create_saga(SagaState(saga, steps), [Event(sid, "saga_started", T0)])
     return sid
 
 
 def test_the_core_and_the_cli_never_import_the_web_framework() -> None:
-    code = ("import sys, sagaline, sagaline.cli, sagaline.ops\n"
-            "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'jinja2') if m in sys.modules]\n"
-            "assert not bad, bad")
+    code = (
+        "import sys, sagaline, sagaline.cli, sagaline.ops\n"
+        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'jinja2') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -76,8 +87,9 @@ def test_a_read_only_app_offers_no_action_and_refuses_one() -> None:
 
 
 def test_tokens_are_named_scoped_and_must_be_long_enough() -> None:
-    access = Access("alice:secret-token-number-one,secret-token-number-two",
-                    "auditor:read-token-000000000")
+    access = Access(
+        "alice:secret-token-number-one,secret-token-number-two", "auditor:read-token-000000000"
+    )
     alice = access.by_token("secret-token-number-one")
     assert alice is not None and (alice.name, alice.scope) == ("alice", "operate")
     other = access.by_token("secret-token-number-two")

@@ -27,10 +27,10 @@ def _pairs(values: list[str], kind: Callable[[str], T]) -> dict[str, T]:
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m sagaline.demo.robots"
-         ) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m sagaline.demo.robots") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--area", default="sector")
     parser.add_argument("--robots", type=int, default=2)
@@ -38,18 +38,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m sagaline.demo.rob
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="run i uses seed + i")
     parser.add_argument("--slow", action="append", default=[], metavar="STEP=SECONDS")
-    parser.add_argument("--flaky", action="append", default=[], metavar="STEP=N",
-                        help="the first N attempts of STEP fail with a transient error")
+    parser.add_argument(
+        "--flaky",
+        action="append",
+        default=[],
+        metavar="STEP=N",
+        help="the first N attempts of STEP fail with a transient error",
+    )
     parser.add_argument("--no-wait", action="store_true")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     try:
         handles = [
-            exploration.run(**exploration_input(
-                f"{args.area}-{i + 1}" if args.runs > 1 else args.area, args.robots,
-                fail_at=args.fail_at, fail_rate=args.fail_rate, seed=args.seed + i,
-                slow=_pairs(args.slow, float), flaky=_pairs(args.flaky, int)))
-            for i in range(args.runs)]
+            exploration.run(
+                **exploration_input(
+                    f"{args.area}-{i + 1}" if args.runs > 1 else args.area,
+                    args.robots,
+                    fail_at=args.fail_at,
+                    fail_rate=args.fail_rate,
+                    seed=args.seed + i,
+                    slow=_pairs(args.slow, float),
+                    flaky=_pairs(args.flaky, int),
+                )
+            )
+            for i in range(args.runs)
+        ]
     except (ValueError, SagaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,4 +15,3 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 sagaline.init_app(app)
-

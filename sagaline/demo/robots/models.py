@@ -22,7 +22,8 @@ FLEET_SIZE = 24
 metadata = sa.MetaData()
 
 robots = sa.Table(
-    "robots", metadata,
+    "robots",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(32), nullable=False),
     sa.Column("status", sa.String(16), nullable=False, default="idle"),  # idle | allocated
@@ -30,7 +31,8 @@ robots = sa.Table(
 )
 
 routes = sa.Table(
-    "routes", metadata,
+    "routes",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     # sagaline.current_step().idempotency_key: a redelivered step finds its own row.
     sa.Column("key", sa.String(128), nullable=False, unique=True),
@@ -40,7 +42,8 @@ routes = sa.Table(
 )
 
 missions = sa.Table(
-    "missions", metadata,
+    "missions",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key", sa.String(128), nullable=False, unique=True),
     sa.Column("saga_id", sa.String(64), nullable=False, index=True),
@@ -51,7 +54,8 @@ missions = sa.Table(
 )
 
 maps = sa.Table(
-    "maps", metadata,
+    "maps",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key", sa.String(128), nullable=False, unique=True),
     sa.Column("saga_id", sa.String(64), nullable=False, index=True),
@@ -64,8 +68,11 @@ maps = sa.Table(
 
 
 def database_url() -> str:
-    return (os.environ.get("EXAMPLE_DB_URL") or os.environ.get("SAGALINE_STORE_URL")
-            or default_store_url())
+    return (
+        os.environ.get("EXAMPLE_DB_URL")
+        or os.environ.get("SAGALINE_STORE_URL")
+        or default_store_url()
+    )
 
 
 _engines: dict[tuple[str, int], Engine] = {}
@@ -96,9 +103,13 @@ def _create_engine(url: str) -> Engine:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(827174)"))
         metadata.create_all(conn)
         if conn.execute(sa.select(sa.func.count()).select_from(robots)).scalar_one() == 0:
-            conn.execute(robots.insert(), [
-                {"id": i, "name": f"rover-{i:02d}", "status": "idle", "assigned_saga": None}
-                for i in range(1, FLEET_SIZE + 1)])
+            conn.execute(
+                robots.insert(),
+                [
+                    {"id": i, "name": f"rover-{i:02d}", "status": "idle", "assigned_saga": None}
+                    for i in range(1, FLEET_SIZE + 1)
+                ],
+            )
     return eng
 
 
@@ -118,8 +129,9 @@ def _serialize_sqlite_writes(eng: Engine) -> None:
 def fleet() -> dict[str, int]:
     """How many robots are in each status."""
     with engine().connect() as conn:
-        rows = conn.execute(sa.select(robots.c.status, sa.func.count())
-                            .group_by(robots.c.status)).all()
+        rows = conn.execute(
+            sa.select(robots.c.status, sa.func.count()).group_by(robots.c.status)
+        ).all()
     return {str(status): int(n) for status, n in rows}
 
 
@@ -128,6 +140,11 @@ def robots_held_by(saga_ids: list[str]) -> list[dict[str, Any]]:
     if not saga_ids:
         return []
     with engine().connect() as conn:
-        rows = conn.execute(sa.select(robots).where(robots.c.assigned_saga.in_(saga_ids))
-                            .order_by(robots.c.id)).mappings().all()
+        rows = (
+            conn.execute(
+                sa.select(robots).where(robots.c.assigned_saga.in_(saga_ids)).order_by(robots.c.id)
+            )
+            .mappings()
+            .all()
+        )
     return [dict(r) for r in rows]

@@ -10,7 +10,11 @@ connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only through SQLStore.migrate()
     raise RuntimeError("run sagaline migrations with `sagaline db upgrade`")
 
-context.configure(connection=connection, target_metadata=metadata, version_table=VERSION_TABLE,
-                  render_as_batch=connection.dialect.name == "sqlite")
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    version_table=VERSION_TABLE,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
 with context.begin_transaction():
     context.run_migrations()

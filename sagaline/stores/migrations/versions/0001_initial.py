@@ -41,8 +41,7 @@ def upgrade() -> None:
         mysql_collate="utf8mb4_bin",
     )
     op.create_index("ix_sagaline_sagas_created", "sagaline_sagas", ["created_at"])
-    op.create_index("ix_sagaline_sagas_status_created", "sagaline_sagas",
-                    ["status", "created_at"])
+    op.create_index("ix_sagaline_sagas_status_created", "sagaline_sagas", ["status", "created_at"])
     op.create_index("ix_sagaline_sagas_name_created", "sagaline_sagas", ["name", "created_at"])
     op.create_index("ix_sagaline_sagas_due", "sagaline_sagas", ["due_at"])
     op.create_index("ix_sagaline_sagas_parent", "sagaline_sagas", ["parent_saga_id"])
@@ -71,8 +70,12 @@ def upgrade() -> None:
     op.create_index("ix_sagaline_steps_due", "sagaline_steps", ["due_at"])
     op.create_table(
         "sagaline_events",
-        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column(
+            "seq",
+            sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("saga_id", sa.String(36), nullable=False),
         sa.Column("ts", sa.Double, nullable=False),
         sa.Column("kind", sa.String(40), nullable=False),

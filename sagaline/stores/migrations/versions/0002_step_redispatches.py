@@ -16,8 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("sagaline_steps", sa.Column("redispatches", sa.Integer, nullable=False,
-                                              server_default="0"))
+    op.add_column(
+        "sagaline_steps", sa.Column("redispatches", sa.Integer, nullable=False, server_default="0")
+    )
 
 
 def downgrade() -> None:

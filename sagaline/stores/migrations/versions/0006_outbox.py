@@ -40,8 +40,12 @@ FOR EACH STATEMENT EXECUTE FUNCTION sagaline_outbox_notify()
 def upgrade() -> None:
     op.create_table(
         "sagaline_outbox",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("event_id", sa.String(MAX_KEY_LENGTH), nullable=False),
         sa.Column("topic", sa.String(MAX_NAME_LENGTH), nullable=False),
         sa.Column("key", sa.String(MAX_KEY_LENGTH)),
