@@ -53,13 +53,14 @@ deploy-check: venv promtool
 
 lint: venv
 	$(BIN)/ruff check sagaline tests examples bench
+	$(BIN)/ruff format --check sagaline tests examples bench
 
 typecheck: venv
 	$(BIN)/mypy
 
 format: venv
-	$(BIN)/ruff check --fix sagaline tests
-	$(BIN)/ruff format sagaline tests
+	$(BIN)/ruff check --fix sagaline tests examples bench
+	$(BIN)/ruff format sagaline tests examples bench
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -71,6 +72,7 @@ integration: venv services
 # One pytest run: unit and plugin tests are collected (and run) before integration tests.
 test: venv services promtool
 	$(BIN)/ruff check sagaline tests examples bench
+	$(BIN)/ruff format --check sagaline tests examples bench
 	$(BIN)/mypy
 	SAGALINE_REQUIRE_PROMTOOL=1 $(BIN)/pytest tests/unit tests/plugin tests/integration --durations=30 $(PYTEST_ARGS)
 
