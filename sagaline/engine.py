@@ -4,7 +4,8 @@ Every function takes the saga's current state (read under its lock by the store)
 works on a copy (work.py), and returns the records to write, the history events to
 append and the Celery messages to publish after commit. Stale events (a completion
 for an attempt that is no longer the running one) decide nothing. This module holds
-the entry points and the forward path; rolling back is in compensation.py.
+the entry points and the forward path; a forward attempt's message and its
+failure are in attempts.py, rolling back is in compensation.py.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 from . import payload
-from .compensation import (
-    begin_compensation,
-    compensation_progress,
-    fail_compensation_attempt,
-)
+from .attempts import dispatch_forward as dispatch_forward
+from .attempts import fail_attempt as fail_attempt
+from .attempts import mapped_input as mapped_input
+from .attempts import step_kwargs as step_kwargs
+from .compensation import compensation_progress, fail_compensation_attempt
 from .definition import Saga
 from .exceptions import InputError
 from .exceptions import describe_error as describe_error
 from .exceptions import first_line as first_line
-from .records import Decision, Dispatch, SagaRecord, SagaState, StepRecord
+from .records import Decision, SagaRecord, SagaState, StepRecord
 from .states import (
-    CRASH_REASONS,
     CompensationStatus,
     EventKind,
     FailureReason,
@@ -31,7 +31,7 @@ from .states import (
     SagaStatus,
     StepStatus,
 )
-from .steps import Step, StepKind
+from .steps import StepKind
 from .work import Timing as Timing
 from .work import Work as Work
 from .work import changed_keys as changed_keys
@@ -162,148 +162,6 @@ def step_failed(
     )
     advance(w)
     return w.decision()
-
-
-def fail_attempt(
-    w: Work,
-    name: str,
-    *,
-    error: str,
-    permanent: bool,
-    reason: FailureReason,
-    compensation_data: Any = None,
-    has_compensation_data: bool = False,
-) -> None:
-    spec = w.graph.steps[name]
-    rec = w.steps[name]
-    policy = spec.retry
-    after_pivot = w.pivot_passed()
-    if after_pivot and w.defn.pivot_retry.max_attempts > policy.max_attempts:
-        policy = w.defn.pivot_retry
-    crashed = reason in CRASH_REASONS
-    allowed = policy.max_attempts + (w.timing.crash_retries if crashed else 0)
-    if crashed or rec.has_compensation_data:
-        # A worker died mid-run (now or in an earlier attempt): its effect may be applied.
-        # The step stays "possibly applied" through retries, so that it is undone even
-        # if its retry never runs; the compensation then gets compensation_data None.
-        if not has_compensation_data:
-            compensation_data = rec.compensation_data
-        has_compensation_data = True
-    if w.saga.status is SagaStatus.RUNNING and not permanent and rec.attempt < allowed:
-        if crashed:
-            w.update_step(name, has_compensation_data=True)
-        delay = policy.delay(min(rec.attempt, policy.max_attempts))
-        w.event(
-            EventKind.STEP_ATTEMPT_FAILED,
-            name,
-            rec.attempt,
-            Phase.FORWARD,
-            reason=reason,
-            error=error,
-            retry_in=round(delay, 3),
-            retry_forward=after_pivot,
-        )
-        dispatch_forward(w, name, attempt=rec.attempt + 1, countdown=delay)
-        return
-    w.update_step(
-        name,
-        status=StepStatus.FAILED,
-        error=error,
-        finished_at=w.now,
-        lease_until=None,
-        due_at=None,
-        compensation_data=compensation_data if has_compensation_data else None,
-        has_compensation_data=has_compensation_data,
-    )
-    w.event(
-        EventKind.STEP_FAILED,
-        name,
-        rec.attempt,
-        Phase.FORWARD,
-        reason=reason,
-        error=error,
-        permanent=permanent,
-    )
-    if w.saga.status is not SagaStatus.RUNNING:
-        return  # already rolling back: compensation_progress takes this step into account
-    if after_pivot:
-        w.update_saga(
-            status=SagaStatus.FAILED,
-            error=first_line(error),
-            failed_step=name,
-            finished_at=w.now,
-            due_at=None,
-        )
-        w.event(
-            EventKind.SAGA_FAILED,
-            name,
-            reason=FailureReason.FORWARD_RETRIES_EXHAUSTED_AFTER_PIVOT,
-            error=first_line(error),
-        )
-        return
-    begin_compensation(
-        w, cause=first_line(error), failed_step=name, strategy=w.defn.failure_strategy
-    )
-
-
-def dispatch_forward(
-    w: Work,
-    name: str,
-    *,
-    attempt: int,
-    countdown: float = 0.0,
-    announce: bool = True,
-    ctx: dict[str, Any] | None = None,
-    kwargs: dict[str, Any] | None = None,
-) -> None:
-    spec = w.graph.steps[name]
-    if kwargs is None:
-        kwargs = step_kwargs(w, spec, w.context_for(name) if ctx is None else ctx)
-    w.update_step(
-        name,
-        status=StepStatus.DISPATCHED,
-        attempt=attempt,
-        lease_until=None,
-        due_at=w.now + countdown + w.timing.redispatch_after,
-        redispatches=0,
-    )
-    if announce and attempt == 1:
-        w.event(EventKind.STEP_DISPATCHED, name, attempt, Phase.FORWARD)
-    w.dispatches.append(
-        Dispatch(
-            w.saga.saga_id,
-            w.saga.name,
-            w.saga.fingerprint,
-            name,
-            Phase.FORWARD,
-            attempt,
-            spec.task_name or "",
-            kwargs,
-            countdown=countdown,
-            queue=spec.queue,
-            timeout=spec.timeout,
-            child_saga=spec.child.name if spec.child else None,
-            trace_context=w.saga.trace_context,
-        )
-    )
-
-
-def step_kwargs(w: Work, spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:
-    """What a step's message carries: its context, or what its input= mapper made of it."""
-    return ctx if spec.input is None else mapped_input(spec, ctx, w.timing.max_payload_bytes)
-
-
-def mapped_input(spec: Step, ctx: dict[str, Any], max_bytes: int) -> dict[str, Any]:
-    assert spec.input is not None
-    mapped = spec.input(ctx)
-    if not isinstance(mapped, dict):
-        raise TypeError(
-            f"input= of step {spec.name!r} must return a dict, got {type(mapped).__name__}"
-        )
-    # saga_id is set below whatever the mapper returned (mappers often copy ctx).
-    mapped = {k: v for k, v in mapped.items() if k != "saga_id"}
-    payload.check_object(mapped, f"input= of step {spec.name!r}", max_bytes=max_bytes)
-    return {**mapped, "saga_id": ctx["saga_id"]}
 
 
 def advance(w: Work) -> None:
