@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _state
 from ._state import forget as forget  # re-exported: definitions are looked up here
 from ._state import registered_saga as registered_saga
 from .exceptions import DefinitionError
-from .payload import MAX_NAME_LENGTH, RESERVED_KEYS, check_text
+from .fingerprint import fingerprint, step_parts
+from .names import check_saga_name, check_step_name, default_step_name
+from .names import short_name as short_name  # re-exported: functional and ops use it
 from .states import FailureStrategy
 from .steps import (
     DEFAULT_COMPENSATION_RETRY,
@@ -24,7 +25,6 @@ from .steps import (
     TaskRef,
     build_graph,
     check_task_ref,
-    task_name,
 )
 
 if TYPE_CHECKING:
@@ -67,9 +67,7 @@ class Saga:
         queue: str | None = None,
         pivot_retry: Retry | None = None,
     ):
-        if not isinstance(name, str):
-            raise DefinitionError(f"a saga name is a string, got {type(name).__name__}")
-        check_text(name, "saga name", limit=MAX_NAME_LENGTH, error=DefinitionError)
+        check_saga_name(name)
         if timeout is not None and timeout <= 0:
             raise DefinitionError(f"timeout must be positive, got {timeout}", saga=name)
         self.name = name
@@ -239,7 +237,7 @@ class Saga:
         queue: str | None = None,
     ) -> Step:
         check_task_ref(task, what="step", saga=self.name, step=name)
-        step_name = name or _default_step_name(task)
+        step_name = name or default_step_name(task)
         if compensate is not None and no_compensation:
             raise DefinitionError(
                 "compensate= and no_compensation=True exclude each other",
@@ -280,7 +278,7 @@ class Saga:
     def _append(self, steps: list[Step]) -> None:
         known = {s.name for s in self._steps}
         for s in steps:
-            _check_step_name(self.name, s.name)
+            check_step_name(self.name, s.name)
             for d in s.depends_on:
                 if d not in known:
                     raise DefinitionError(
@@ -304,7 +302,7 @@ class Saga:
         if owner is self:
             return
         for i in range(len(self._steps), len(candidate)):
-            if i >= len(owner._steps) or _step_parts(candidate[i]) != _step_parts(owner._steps[i]):
+            if i >= len(owner._steps) or step_parts(candidate[i]) != step_parts(owner._steps[i]):
                 raise DefinitionError(
                     f"another saga with this name, defined at {owner.defined_at}, has other "
                     f"steps (they differ at step #{i + 1}); saga names must be unique",
@@ -359,11 +357,7 @@ class Saga:
     def fingerprint(self) -> str:
         """A hash of the definition's shape; a worker with other code refuses to advance it."""
         if self._fingerprint is None:
-            h = hashlib.sha256(self.name.encode())
-            for s in self._steps:
-                h.update("|".join(_step_parts(s)).encode())
-            h.update(repr(self.result_spec).encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint(self.name, self._steps, self.result_spec)
         return self._fingerprint
 
     def run(self, *, idempotency_key: str | None = None, **input: Any) -> SagaHandle:
@@ -379,48 +373,3 @@ class Saga:
 
     def __repr__(self) -> str:
         return f"<Saga {self.name!r} steps={[s.name for s in self._steps]}>"
-
-
-def _step_parts(s: Step) -> list[str]:
-    """What the fingerprint takes from one step."""
-    return [
-        s.name,
-        s.kind,
-        s.task_name or "",
-        ",".join(s.depends_on),
-        s.compensation_name or "",
-        str(s.pivot),
-        _code_id(s.input),
-        _code_id(s.when),
-        _code_id(s.transform),
-        s.child.fingerprint if s.child is not None else "",
-    ]
-
-
-def _check_step_name(saga: str, name: Any) -> None:
-    if not isinstance(name, str):
-        raise DefinitionError(f"a step name is a string, got {type(name).__name__}", saga=saga)
-    check_text(name, "step name", limit=MAX_NAME_LENGTH, error=DefinitionError, saga=saga)
-    if name in RESERVED_KEYS:
-        # A non-dict output is stored in the context under the step's name.
-        raise DefinitionError(
-            f"{name!r} is a reserved context key; name the step otherwise", saga=saga, step=name
-        )
-
-
-def _default_step_name(task: TaskRef) -> str:
-    return short_name(task_name(task))
-
-
-def short_name(dotted: str) -> str:
-    """`shop.tasks.charge_payment` -> `charge_payment`."""
-    return dotted.rsplit(".", 1)[-1]
-
-
-def _code_id(fn: Callable[..., Any] | None) -> str:
-    if fn is None:
-        return ""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return getattr(fn, "__qualname__", type(fn).__qualname__)
-    return hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]
