@@ -7,8 +7,9 @@ public API and imports nearly everything).
 
 The rules:
 - no import cycle inside `sagaline`;
-- the core (`states`, `records`, `exceptions`, `steps`, `definition`, `work`,
-  `engine`, `compensation`, `recovery`) imports from `sagaline` only the core and
+- the core (`states`, `records`, `exceptions`, `steps`, `definition`, `names`,
+  `fingerprint`, `work`, `engine`, `attempts`, `compensation`, `recovery`,
+  `undelivered`) imports from `sagaline` only the core and
   the leaves `payload` and `_state`: never the runtime (`runtime`, `execution`,
   `children`, `handle`, `delivery`, `lost_claims`, `sweeper`, `celery_app`),
   `functional`, a store, `ops` or a surface. It imports no store driver and nothing
@@ -48,6 +49,10 @@ CORE = {
     "work",
     "engine",
     "compensation",
+    "attempts",
+    "undelivered",
+    "fingerprint",
+    "names",
     "recovery",
 }
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
