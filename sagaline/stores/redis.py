@@ -1,7 +1,7 @@
 """The Redis store: a hash per saga and per step, sorted-set indexes, Lua for every transition.
 
 The key layout and the encoding of records are in redis_layout.py, the Lua
-scripts in redis_scripts.py.
+scripts in redis_scripts.py, the payloads of the write scripts in redis_payloads.py.
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -49,7 +49,7 @@ from ..records import (
     SagaState,
     StepRecord,
 )
-from ..states import SAGA_TERMINAL, Phase, SagaStatus
+from ..states import Phase, SagaStatus
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
 from .finished import FinishWatch, RedisFinishedListener
@@ -57,11 +57,10 @@ from .redis_layout import chunks as _chunks
 from .redis_layout import due_member as _due_member
 from .redis_layout import event_json as _event_json
 from .redis_layout import event_record as _event_record
-from .redis_layout import fields as _fields
-from .redis_layout import key_part as _key_part
 from .redis_layout import saga_record as _saga_record
 from .redis_layout import score as _score
 from .redis_layout import step_record as _step_record
+from .redis_payloads import create_payload, decision_payload
 from .rows import from_row
 
 redis = require_extra("redis", "redis")
@@ -128,34 +127,7 @@ class RedisStore(Store):
     def _insert_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
         saga = state.saga
         sid = saga.saga_id
-        payload: dict[str, Any] = {
-            "saga_key": self._key("saga", sid),
-            "saga_id": sid,
-            "events_key": self._key("events", sid),
-            "events": [_event_json(e) for e in events],
-            "hset": [[self._key("saga", sid), [*_fields(saga), "txn", "0"]]],
-            "zrem": [],
-            "zadd": [],
-        }
-        if saga.idempotency_key is not None:
-            payload["idem_key"] = self._key("idem", _key_part(saga.name), saga.idempotency_key)
-        created = _score(saga.created_at)
-        zadd = payload["zadd"]
-        zadd += [
-            [self._key("idx", "created"), created, sid],
-            [self._key("idx", "name", saga.name), created, sid],
-            *self._status_entries(saga, created),
-        ]
-        if saga.parent_saga_id is not None:
-            zadd.append([self._key("idx", "parent", saga.parent_saga_id), created, sid])
-        if saga.due_at is not None:
-            zadd.append([self._key("due"), _score(saga.due_at), sid])
-        for s in state.steps.values():
-            payload["hset"].append([self._key("step", sid, s.name), _fields(s)])
-            zadd.append([self._key("steps", sid), str(s.position), s.name])
-            if s.due_at is not None:
-                zadd.append([self._key("due"), _score(s.due_at), _due_member(sid, s.name)])
-        body = json.dumps(payload)
+        body = json.dumps(create_payload(self._key, state, events))
 
         def attempt() -> tuple[SagaRecord, bool]:
             owner = str(self._create(args=[body]))
@@ -251,78 +223,10 @@ class RedisStore(Store):
         state, txn = loaded
 
         def write(decision: Decision) -> bool:
-            body = json.dumps(self._decision_payload(state, txn, decision))
+            body = json.dumps(decision_payload(self._key, state, txn, decision))
             return int(self._write(args=[body])) == 1
 
         yield Snapshot(state, write)
-
-    def _decision_payload(self, state: SagaState, txn: str, d: Decision) -> dict[str, Any]:
-        sid = state.saga.saga_id
-        expect: list[list[str]] = []
-        hset: list[Any] = []
-        zrem: list[list[str]] = []
-        zadd: list[list[str]] = []
-        if d.saga is not None:
-            key = self._key("saga", sid)
-            expect.append([key, str(d.saga_version)])
-            hset.append([key, _fields(d.saga, version=d.saga_version + 1)])
-            # The version check proves the stored status is the one read here.
-            old = state.saga
-            if old.status is not d.saga.status:
-                zrem += [[k, sid] for k, _, _ in self._status_entries(old, "")]
-                zadd += self._status_entries(d.saga, _score(d.saga.created_at))
-            if d.saga.due_at is None:
-                zrem.append([self._key("due"), sid])
-            else:
-                zadd.append([self._key("due"), _score(d.saga.due_at), sid])
-        for s in d.steps:
-            key = self._key("step", sid, s.name)
-            version = d.expected_version(s)
-            expect.append([key, str(version)])
-            hset.append([key, _fields(s, version=version + 1)])
-            member = _due_member(sid, s.name)
-            was = state.steps.get(s.name)
-            if (
-                was is not None
-                and was.owner_node is not None
-                and was.running_phase is not None
-                and s.running_phase is None
-            ):
-                # The claim ends here (the version check proves `was` is current).
-                zrem.append([self._key("claims", was.owner_node), member])
-            if s.due_at is None:
-                zrem.append([self._key("due"), member])
-            else:
-                zadd.append([self._key("due"), _score(s.due_at), member])
-        # Versions of steps the decision read but does not change are checked too.
-        changed = {s.name for s in d.steps}
-        expect += [
-            [self._key("step", sid, n), str(v)]
-            for n, v in d.step_versions.items()
-            if n not in changed
-        ]
-        payload = {
-            "saga_key": self._key("saga", sid),
-            "expect": expect,
-            "hset": hset,
-            "zrem": zrem,
-            "zadd": zadd,
-            "events_key": self._key("events", sid),
-            "events": [_event_json(e) for e in d.events],
-        }
-        if hset:
-            payload["txn"] = txn
-        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
-            # Wakes the callers waiting in get() (finished.py) when the script runs.
-            payload["finished"] = [self._key("finished"), sid]
-        return payload
-
-    def _status_entries(self, saga: SagaRecord, score: str) -> list[list[str]]:
-        status = saga.status.value
-        return [
-            [self._key("idx", "status", status), score, saga.saga_id],
-            [self._key("idx", "ns", status, saga.name), score, saga.saga_id],
-        ]
 
     # -- reads -------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The SQL store on SQLAlchemy 2 Core: PostgreSQL (psycopg 3), SQLite (default), MySQL/MariaDB.
 
 What differs by database (drivers, pool and SQLite setup, which errors are
-transient, PostgreSQL's one-statement claim) is in sql_dialects.py.
+transient, PostgreSQL's one-statement claim) is in sql_dialects.py; the statements
+are in sql_statements.py, the reads in sql_reads.py, the migrations in sql_migrate.py.
 
 Locking: `transact` takes the saga row with SELECT ... FOR UPDATE (PostgreSQL,
 MySQL) or a BEGIN IMMEDIATE write transaction (SQLite), so completions of one
@@ -13,13 +14,11 @@ versions it read, so a claim that slips in between is never overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -37,7 +36,6 @@ from ..records import (
     StepRecord,
 )
 from ..states import Phase, SagaStatus
-from . import schema
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, PgFinishedListener
 from .rows import to_row
@@ -51,6 +49,9 @@ from .sql_dialects import (
     sqlite_setup,
     transient,
 )
+from .sql_migrate import has_schema
+from .sql_migrate import migrate as migrate_schema
+from .sql_reads import read_counts, read_due, read_history, read_saga, read_steps, read_steps_of
 from .sql_statements import (
     CLAIM,
     LOCK_SAGA,
@@ -60,13 +61,14 @@ from .sql_statements import (
     claimed_query,
     count_query,
     due_queries,
-    event_record,
     event_row,
     list_query,
     saga_record,
     step_record,
     write_decision,
 )
+
+T = TypeVar("T")
 
 
 class SQLStore(Store):
@@ -138,44 +140,10 @@ class SQLStore(Store):
         """Whether the database holds sagaline's schema (a missing SQLite file stays missing)."""
         if self.sqlite_path is not None and not self.sqlite_path.is_file():
             return False
-
-        def check() -> bool:
-            with self.engine.connect() as conn:
-                return _current_revision(conn) is not None
-
-        return self._retrying(check)
+        return self._retrying(lambda: has_schema(self.engine))
 
     def migrate(self) -> None:
-        if self.sqlite_path is not None:
-            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.engine.connect() as conn:
-            if _current_revision(conn) == schema.SCHEMA_REVISION:
-                conn.rollback()
-                return
-            conn.rollback()
-        # Imported only when there is something to migrate: it costs ~10 MB per process.
-        from alembic import command
-        from alembic.config import Config
-
-        cfg = Config()
-        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-        # Many workers may start at once: one migrates, the others wait and find it done.
-        # MySQL's named lock belongs to a session, not a transaction: it is taken on a
-        # connection of its own and released only after the migration has committed,
-        # or a waiter would find the tables (DDL commits at once) without the revision.
-        with contextlib.ExitStack() as stack:
-            if self.dialect == "mysql":
-                lock_conn = stack.enter_context(self.engine.connect())
-                lock_conn.execute(sa.text("SELECT GET_LOCK('sagaline_migrate', 120)"))
-                stack.callback(
-                    lock_conn.execute, sa.text("SELECT RELEASE_LOCK('sagaline_migrate')")
-                )
-            with self._writer.begin() as conn:
-                if self.dialect == "postgresql":
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7366551)"))
-                if _current_revision(conn) != schema.SCHEMA_REVISION:
-                    cfg.attributes["connection"] = conn
-                    command.upgrade(cfg, "head")
+        migrate_schema(self.engine, self._writer, self.dialect, self.sqlite_path)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -337,115 +305,54 @@ class SQLStore(Store):
 
             yield Snapshot(state, write)
 
-    # -- reads -------------------------------------------------------------------
+    # -- reads ------------------------------------------------------------------
+
+    def _reading(self, read: Callable[[Connection], T]) -> T:
+        """`read` on a connection of the pool, retried as every read is (sql_reads.py)."""
+
+        def attempt() -> T:
+            with self._read() as conn:
+                return read(conn)
+
+        return self._retrying(attempt)
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
         self._ensure_schema()
-
-        def read() -> SagaRecord | None:
-            if self._hot is not None:
-                return self._hot.read_saga(saga_id)
-            with self._read() as conn:
-                row = conn.execute(sa.select(sagas).where(sagas.c.saga_id == saga_id)).first()
-                return None if row is None else saga_record(row)
-
-        return self._retrying(read)
+        if self._hot is not None:
+            hot = self._hot
+            return self._retrying(lambda: hot.read_saga(saga_id))
+        return self._reading(lambda conn: read_saga(conn, saga_id))
 
     def _get_steps(self, saga_id: str) -> list[StepRecord]:
         self._ensure_schema()
-
-        def read() -> list[StepRecord]:
-            with self._read() as conn:
-                rows = conn.execute(
-                    sa.select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.position)
-                )
-                return [step_record(r) for r in rows]
-
-        return self._retrying(read)
+        return self._reading(lambda conn: read_steps(conn, saga_id))
 
     def _steps_of(self, saga_ids: list[str]) -> dict[str, list[StepRecord]]:
         if not saga_ids:
             return {}
         self._ensure_schema()
-
-        def read() -> dict[str, list[StepRecord]]:
-            found: dict[str, list[StepRecord]] = {}
-            with self._read() as conn:
-                rows = conn.execute(
-                    sa.select(steps)
-                    .where(steps.c.saga_id.in_(saga_ids))
-                    .order_by(steps.c.saga_id, steps.c.position)
-                )
-                for r in rows:
-                    rec = step_record(r)
-                    found.setdefault(rec.saga_id, []).append(rec)
-            return found
-
-        return self._retrying(read)
+        return self._reading(lambda conn: read_steps_of(conn, saga_ids))
 
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
-
-        def read() -> list[Event]:
-            with self._read() as conn:
-                rows = conn.execute(
-                    sa.select(events)
-                    .where(events.c.saga_id == saga_id, events.c.seq > after_seq)
-                    .order_by(events.c.seq)
-                )
-                return [event_record(r) for r in rows]
-
-        return self._retrying(read)
+        return self._reading(lambda conn: read_history(conn, saga_id, after_seq))
 
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         self._ensure_schema()
         q = list_query(flt)
-
-        def read() -> list[SagaRecord]:
-            with self._read() as conn:
-                return [saga_record(r) for r in conn.execute(q)]
-
-        return self._retrying(read)
+        return self._reading(lambda conn: [saga_record(r) for r in conn.execute(q)])
 
     def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
         self._ensure_schema()
         q = count_query(name)
-
-        def read() -> dict[SagaStatus, int]:
-            counts = dict.fromkeys(SagaStatus, 0)
-            with self._read() as conn:
-                for status, n in conn.execute(q):
-                    counts[SagaStatus(status)] = int(n)
-            return counts
-
-        return self._retrying(read)
+        return self._reading(lambda conn: read_counts(conn, q))
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         self._ensure_schema()
         q_sagas, q_steps = due_queries(now, limit)
-
-        def read() -> list[DueItem]:
-            with self._read() as conn:
-                items = [DueItem(r.saga_id, None, r.due_at) for r in conn.execute(q_sagas)]
-                items += [DueItem(r.saga_id, r.name, r.due_at) for r in conn.execute(q_steps)]
-            items.sort(key=lambda d: d.due_at)
-            return items[:limit]
-
-        return self._retrying(read)
+        return self._reading(lambda conn: read_due(conn, q_sagas, q_steps, limit))
 
     def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
         self._ensure_schema()
         q = claimed_query(node, limit)
-
-        def read() -> list[StepRecord]:
-            with self._read() as conn:
-                return [step_record(r) for r in conn.execute(q)]
-
-        return self._retrying(read)
-
-
-def _current_revision(conn: Connection) -> str | None:
-    if not sa.inspect(conn).has_table(schema.VERSION_TABLE):
-        return None
-    row = conn.execute(sa.text(f"SELECT version_num FROM {schema.VERSION_TABLE}")).first()
-    return None if row is None else str(row[0])
+        return self._reading(lambda conn: [step_record(r) for r in conn.execute(q)])
