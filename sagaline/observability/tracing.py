@@ -33,12 +33,10 @@ one each, none orphaned.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore
@@ -52,12 +50,25 @@ try:
     from opentelemetry import context as otel_context
     from opentelemetry import trace
     from opentelemetry.sdk.trace import Tracer as SdkTracer
-    from opentelemetry.sdk.trace.id_generator import IdGenerator
 except ImportError as exc:  # pragma: no cover - exercised by the wheel install test
     raise ConfigurationError(
         f"tracing needs OpenTelemetry ({exc.name or exc} is not installed): "
         f"pip install 'sagaline[otel]'"
     ) from None
+
+# After the check above: this module imports OpenTelemetry too.
+from .trace_context import SAGA_ATTEMPT as SAGA_ATTEMPT
+from .trace_context import SAGA_ID as SAGA_ID
+from .trace_context import SAGA_NAME as SAGA_NAME
+from .trace_context import SAGA_OUTCOME as SAGA_OUTCOME
+from .trace_context import SAGA_PHASE as SAGA_PHASE
+from .trace_context import SAGA_STATUS as SAGA_STATUS
+from .trace_context import SAGA_STEP as SAGA_STEP
+from .trace_context import PresetIds, attempt_attributes
+from .trace_context import SagaTrace as SagaTrace
+from .trace_context import attempt_span_id as attempt_span_id
+from .trace_context import attempt_span_name as attempt_span_name
+from .trace_context import saga_span_name as saga_span_name
 
 if TYPE_CHECKING:
     from ..records import Decision, Dispatch, Event, SagaRecord
@@ -66,103 +77,9 @@ log = logging.getLogger("sagaline")
 
 INSTRUMENTATION = "sagaline"
 
-# Attribute names (the proposed `workflow.*` conventions are not stable yet).
-SAGA_ID = "saga.id"
-SAGA_NAME = "saga.name"
-SAGA_STEP = "saga.step"
-SAGA_ATTEMPT = "saga.attempt"
-SAGA_PHASE = "saga.phase"
-SAGA_STATUS = "saga.status"
-SAGA_OUTCOME = "saga.outcome"
-
 _EVENTS_OF_LOST_ATTEMPTS = frozenset(
     {"step_attempt_failed", "step_failed", "compensation_attempt_failed", "compensation_failed"}
 )
-
-
-@dataclass(frozen=True)
-class SagaTrace:
-    """The stored trace context of one saga: its root span and that span's parent."""
-
-    trace_id: int
-    span_id: int
-    flags: int
-    parent_span_id: int | None = None
-
-    def encode(self) -> str:
-        text = f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
-        return text if self.parent_span_id is None else f"{text}:{self.parent_span_id:016x}"
-
-    @classmethod
-    def decode(cls, text: str | None) -> SagaTrace | None:
-        """The context stored with a saga; None (logged) if there is none or it is not one."""
-        if not text:
-            return None
-        try:
-            head, _, parent = text.partition(":")
-            version, trace_id, span_id, flags = head.split("-")
-            if version != "00" or len(trace_id) != 32 or len(span_id) != 16:
-                raise ValueError(text)
-            return cls(
-                int(trace_id, 16),
-                int(span_id, 16),
-                int(flags, 16),
-                int(parent, 16) if parent else None,
-            )
-        except ValueError:
-            log.warning("ignoring a saga trace context that is no traceparent: %r", text)
-            return None
-
-    def root_context(self) -> Any:
-        """An OpenTelemetry context whose current span is the saga's root span."""
-        return trace.set_span_in_context(trace.NonRecordingSpan(self._span_context(self.span_id)))
-
-    def parent_context(self) -> Any:
-        """The context the root span is created in: its parent's, or none."""
-        if self.parent_span_id is None:
-            return otel_context.Context()
-        return trace.set_span_in_context(
-            trace.NonRecordingSpan(self._span_context(self.parent_span_id))
-        )
-
-    def _span_context(self, span_id: int) -> trace.SpanContext:
-        return trace.SpanContext(
-            self.trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(self.flags)
-        )
-
-
-def attempt_span_id(
-    saga_trace: SagaTrace, saga_id: str, step: str, phase: Phase | str, attempt: int
-) -> int:
-    """The span id of one attempt: the same in every process, so never made twice."""
-    phase_name = phase.value if isinstance(phase, Phase) else phase
-    digest = hashlib.blake2b(
-        f"{saga_trace.span_id:016x}:{saga_id}:{step}:{phase_name}:{attempt}".encode(), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "big") or 1
-
-
-class _PresetIds(IdGenerator):
-    """The tracer's id generator, unless sagaline set the ids of the next span."""
-
-    def __init__(self, inner: IdGenerator):
-        self.inner = inner
-        self.preset: ContextVar[tuple[int, int] | None] = ContextVar(
-            "sagaline_preset_span_ids", default=None
-        )
-
-    def generate_span_id(self) -> int:
-        preset = self.preset.get()
-        return preset[1] if preset else self.inner.generate_span_id()
-
-    def generate_trace_id(self) -> int:
-        preset = self.preset.get()
-        return preset[0] if preset else self.inner.generate_trace_id()
-
-    def is_trace_id_random(self) -> bool:
-        # Asked by SDKs since 1.39; absent from the generators of older ones.
-        random_ids = getattr(self.inner, "is_trace_id_random", None)
-        return bool(random_ids()) if random_ids is not None else False
 
 
 class Tracing:
@@ -178,7 +95,7 @@ class Tracing:
             )
         # A tracer of sagaline's own (get_tracer makes a new one per call): replacing
         # its id generator changes nothing for the application's spans.
-        self._ids = _PresetIds(tracer.id_generator)
+        self._ids = PresetIds(tracer.id_generator)
         tracer.id_generator = self._ids
         self.tracer = tracer
         # After the Celery instrumentation's receiver (it connects in worker_process_init,
@@ -246,7 +163,7 @@ class Tracing:
         saga_id, step = str(meta["saga_id"]), str(meta["step"])
         phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
         attributes: dict[str, Any] = {
-            **_attempt_attributes(saga_id, str(meta["saga"]), step, phase, attempt),
+            **attempt_attributes(saga_id, str(meta["saga"]), step, phase, attempt),
             "celery.task_name": str(getattr(task, "name", "")),
         }
         task_id = getattr(getattr(task, "request", None), "id", None)
@@ -298,7 +215,7 @@ class Tracing:
                 attempt_span_id(saga_trace, saga.saga_id, event.step, phase, event.attempt),
             ),
             attributes={
-                **_attempt_attributes(saga.saga_id, saga.name, event.step, phase, event.attempt),
+                **attempt_attributes(saga.saga_id, saga.name, event.step, phase, event.attempt),
                 SAGA_OUTCOME: "lost",
             },
             kind=trace.SpanKind.CONSUMER,
@@ -424,26 +341,6 @@ def _ended_before(saga: SagaRecord, store: Any) -> bool:
         return False
     ends = [e for e in store.history(saga.saga_id) if e.kind in _TERMINAL_EVENTS]
     return len(ends) > 1
-
-
-def saga_span_name(name: str) -> str:
-    return f"saga {name}"
-
-
-def attempt_span_name(step: str, phase: Phase) -> str:
-    return f"step {step}" if phase is Phase.FORWARD else f"compensate {step}"
-
-
-def _attempt_attributes(
-    saga_id: str, name: str, step: str, phase: Phase, attempt: int
-) -> dict[str, Any]:
-    return {
-        SAGA_ID: saga_id,
-        SAGA_NAME: name,
-        SAGA_STEP: step,
-        SAGA_ATTEMPT: attempt,
-        SAGA_PHASE: phase.value,
-    }
 
 
 def _ns(seconds: float) -> int:

@@ -205,7 +205,11 @@ def test_no_module_is_over_400_lines() -> None:
 def test_only_the_tracing_module_imports_opentelemetry() -> None:
     # The `otel` extra is optional: the rest of the package must import without it
     # (the runtime imports observability.tracing inside a function, when tracing is on).
-    otel_modules = {"observability.tracing", "observability.provider"}
+    otel_modules = {
+        "observability.tracing",
+        "observability.trace_context",
+        "observability.provider",
+    }
     importers = {_short(m) for m in GRAPH if _third_party(m, ("opentelemetry",))}
     assert importers == otel_modules
     eager = {
