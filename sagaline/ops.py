@@ -24,6 +24,9 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+from .ops_outbox import outbox_events as outbox_events
+from .ops_outbox import outbox_relay as outbox_relay
+from .ops_outbox import retry_outbox_events as retry_outbox_events
 from .records import Decision, Event, SagaFilter, SagaRecord, SagaState
 from .runtime import Runtime as Runtime
 from .runtime import current_runtime as current_runtime
@@ -375,54 +378,3 @@ class MetricsExposition:
         return bytes(
             self._pc.generate_latest(self._pc.REGISTRY) + self._pc.generate_latest(self._gauges)
         )
-
-
-# -- the transactional outbox (sagaline/outbox/) ---------------------------------------
-
-
-def _outbox_store(store_url: str) -> Any:
-    from .stores.sql import SQLStore
-
-    if store_class(store_url) is not SQLStore:
-        raise ConfigurationError(
-            f"the outbox lives in a SQL database; {redact(store_url)} is not one"
-        )
-    store = SQLStore(store_url, auto_migrate=False)
-    if not store.exists():
-        store.close()
-        raise ConfigurationError(
-            f"{redact(store_url)} has no sagaline tables: run `sagaline db upgrade`"
-        )
-    return store
-
-
-def outbox_events(store_url: str, *, dead: bool = False, limit: int = 50) -> list[Any]:
-    """Pending outbox rows (or dead letters), oldest first."""
-    from .outbox.events import list_events
-
-    store = _outbox_store(store_url)
-    try:
-        with store.engine.connect() as conn:
-            return list_events(conn, dead=dead, limit=limit)
-    finally:
-        store.close()
-
-
-def retry_outbox_events(store_url: str, event_ids: list[str] | None) -> int:
-    """Make dead letters (those named, or every one) pending again."""
-    from .outbox.events import retry_events
-
-    store = _outbox_store(store_url)
-    try:
-        with store.engine.execution_options(sagaline_write=True).begin() as conn:
-            return retry_events(conn, event_ids)
-    finally:
-        store.close()
-
-
-def outbox_relay(store_url: str, routes: Any, *, app: Any = None, **options: Any) -> Any:
-    """A relay (sagaline.outbox.relay.Relay) on the store's database; `run(stop)` it."""
-    from .outbox.relay import Relay
-
-    _outbox_store(store_url).close()
-    return Relay(store_url, routes, app=app, **options)

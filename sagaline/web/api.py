@@ -1,24 +1,30 @@
-"""REST API `/api/v1`: thin routes over `ops` (OpenAPI 3.1 at `/api/v1/openapi.json`)."""
+"""REST API `/api/v1`: thin routes over `ops` (OpenAPI 3.1 at `/api/v1/openapi.json`).
+
+This module builds the app, with the health routes and those that act; the routes that
+read are in api_read.py."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import re
-import time
-from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import Body, Depends, FastAPI, Header, Path, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import ops
-from ..exceptions import ConfigurationError, SagaNotFound
+from ..exceptions import ConfigurationError
 from ..records import SagaFilter
-from ..states import SAGA_TERMINAL, SagaStatus
 from . import schemas
+from .api_read import PAGE_TOKEN as PAGE_TOKEN
+from .api_read import (
+    SagaId,
+    count_sagas,
+    get_events,
+    get_saga,
+    list_sagas,
+    stream_events,
+)
+from .api_read import decode_token as decode_token
+from .api_read import encode_token as encode_token
 from .app import (
     DocResponse,
     Problem,
@@ -29,12 +35,6 @@ from .app import (
     reader,
 )
 from .security import Principal
-
-MAX_PAGE = 500
-MAX_EVENTS = 1000
-# How often an event stream looks for new events, and sends a comment to keep it open.
-STREAM_POLL = 0.25
-STREAM_KEEPALIVE = 15.0
 
 _PROBLEM = {
     "content": {"application/problem+json": {"schema": schemas.Problem.model_json_schema()}}
@@ -55,7 +55,6 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"description": titles[s], **_PROBLEM} for s in (401, 422, 503, *statuses)}
 
 
-SagaId = Annotated[str, Path(description="The saga's id", max_length=200)]
 _SAGA_LINKS = {
     "GetSaga": {"operationId": "get_saga", "parameters": {"saga_id": "$response.body#/saga_id"}},
     "GetEvents": {
@@ -247,149 +246,6 @@ def metrics(request: Request, _who: Annotated[Principal, Depends(reader)]) -> An
     except ConfigurationError as exc:
         raise Problem(501, "metrics need the prometheus extra", str(exc)) from None
     return PlainTextResponse(exposition.render(), media_type=exposition.content_type)
-
-
-# -- reading ------------------------------------------------------------------------------
-
-
-def _timestamp(value: str | None, name: str) -> float | None:
-    """An RFC 3339 time (a leap second reads as :59) as Unix time; 422 otherwise."""
-    if value is None:
-        return None
-    text = value.strip().upper().replace("Z", "+00:00").replace(":60", ":59")
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except (OverflowError, OSError, ValueError):
-        raise Problem(
-            422, "invalid request", f"{name}: {value!r} is not an RFC 3339 date-time"
-        ) from None
-
-
-TimeParam = Annotated[str | None, Query(max_length=64, json_schema_extra={"format": "date-time"})]
-SeqParam = Annotated[int, Query(ge=0, le=2**62)]
-
-
-# A page token is the (created_at, saga_id) of the last saga of the previous page; any
-# string of this form is a valid position, so the schema says exactly what is accepted.
-PAGE_TOKEN = r"^[0-9]{1,12}(\.[0-9]{1,17})?~[A-Za-z0-9_.:-]{1,200}$"
-
-
-def encode_token(created_at: float, saga_id: str) -> str:
-    # repr: every digit, so that the cursor sits exactly on the last saga (a rounded
-    # time would repeat it, or skip sagas created within the rounding).
-    return f"{created_at!r}~{saga_id}"
-
-
-def decode_token(token: str) -> tuple[float, str]:
-    if not re.match(PAGE_TOKEN, token):
-        raise Problem(400, "invalid page_token", "pass the next_page_token of a previous page")
-    created_at, _, saga_id = token.partition("~")
-    return float(created_at), saga_id
-
-
-def list_sagas(
-    request: Request,
-    _who: Annotated[Principal, Depends(reader)],
-    status: Annotated[list[SagaStatus] | None, Query(description="Repeatable")] = None,
-    name: Annotated[str | None, Query(max_length=200)] = None,
-    since: TimeParam = None,
-    until: TimeParam = None,
-    idempotency_key: Annotated[str | None, Query(max_length=500)] = None,
-    failed_step: Annotated[str | None, Query(max_length=200)] = None,
-    parent: Annotated[str | None, Query(max_length=200, description="Parent saga id")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    page_token: Annotated[str | None, Query(pattern=PAGE_TOKEN)] = None,
-) -> Any:
-    """Sagas matching every filter given, newest first, a page at a time (keyset)."""
-    flt = SagaFilter(
-        status=status,
-        name=name,
-        created_after=_timestamp(since, "since"),
-        created_before=_timestamp(until, "until"),
-        idempotency_key=idempotency_key,
-        failed_step=failed_step,
-        parent_saga_id=parent,
-        limit=limit,
-        before=None if page_token is None else decode_token(page_token),
-    )
-    views = ops.find_sagas(context(request).store, flt)
-    last = views[-1].saga if len(views) == limit else None
-    return {
-        "sagas": [ops.summary_as_dict(v) for v in views],
-        "next_page_token": None if last is None else encode_token(last.created_at, last.saga_id),
-    }
-
-
-def count_sagas(
-    request: Request,
-    _who: Annotated[Principal, Depends(reader)],
-    name: Annotated[str | None, Query(max_length=200)] = None,
-) -> Any:
-    """How many sagas are in each status (computed at most every 10 s)."""
-    return {"counts": context(request).counts(name)}
-
-
-def get_saga(request: Request, saga_id: SagaId, _who: Annotated[Principal, Depends(reader)]) -> Any:
-    """A saga with its steps, attempts, history and children (as `sagaline show --json`)."""
-    return ops.view_as_dict(ops.read_saga(context(request).store, saga_id))
-
-
-def get_events(
-    request: Request,
-    saga_id: SagaId,
-    _who: Annotated[Principal, Depends(reader)],
-    after_seq: SeqParam = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS,
-) -> Any:
-    """The saga's history after `after_seq`, oldest first."""
-    store = context(request).store
-    if store.get_saga(saga_id) is None:
-        raise SagaNotFound(saga_id)
-    events = store.history(saga_id, after_seq=after_seq)[:limit]
-    last = events[-1].seq if events and events[-1].seq is not None else after_seq
-    return {"events": [ops.event_as_dict(e) for e in events], "next_after_seq": last}
-
-
-async def stream_events(
-    request: Request,
-    saga_id: SagaId,
-    _who: Annotated[Principal, Depends(reader)],
-    after_seq: SeqParam = 0,
-    last_event_id: Annotated[str | None, Header(max_length=30)] = None,
-) -> Any:
-    """Every history event after `after_seq` (or Last-Event-ID), then each new one as it
-    commits. One saga's events commit in order under its lock, so none is skipped."""
-    store = context(request).store
-    if last_event_id and last_event_id.isdigit():
-        after_seq = max(after_seq, int(last_event_id))
-    if await run_in_threadpool(store.get_saga, saga_id) is None:
-        raise SagaNotFound(saga_id)
-
-    async def events() -> AsyncIterator[str]:
-        seq, quiet_since = after_seq, time.monotonic()
-        yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
-            batch = await run_in_threadpool(store.history, saga_id, after_seq=seq)
-            for event in batch:
-                seq = event.seq or seq
-                data = json.dumps(ops.event_as_dict(event), default=str)
-                yield f"id: {seq}\nevent: saga_event\ndata: {data}\n\n"
-            if batch:
-                quiet_since = time.monotonic()
-            saga = await run_in_threadpool(store.get_saga, saga_id)
-            if saga is None or (saga.status in SAGA_TERMINAL and not batch):
-                yield "event: end\ndata: {}\n\n"
-                return
-            if time.monotonic() - quiet_since > STREAM_KEEPALIVE:
-                quiet_since = time.monotonic()
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(STREAM_POLL)
-
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
 
 
 # -- acting ---------------------------------------------------------------------------------

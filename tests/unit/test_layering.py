@@ -20,7 +20,8 @@ The rules:
   may ask Celery for its current app;
 - a store (`sagaline.stores.*`) imports from `sagaline` only `states`, `records`,
   `exceptions`, `payload` and other store modules, and nothing of Celery or kombu;
-- the surfaces (`cli`, `cli_outbox`, `timeline`, `demo`) reach the core only through `ops`:
+- the surfaces (`cli`, `cli_support`, `cli_outbox`, `timeline`, `demo`) reach the core
+  only through `ops`:
   besides `ops` they import only the data and errors it hands out (`records`,
   `states`, `exceptions`), the settings (`config`), `celery_app` (the CLI sets an
   app up with `init_app`, as users do), `observability.health` (the probes that
@@ -57,7 +58,7 @@ CORE = {
 }
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
-SURFACES = ("cli", "cli_outbox", "timeline", "demo", "web")
+SURFACES = ("cli", "cli_support", "cli_outbox", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {
     "ops",
     "records",
