@@ -74,10 +74,8 @@ def relay(
         )
     server: Any = None
     if metrics_port:  # first: a missing extra fails before the database is touched
-        from .outbox import metrics
-
         try:
-            server = metrics.serve(metrics_port)
+            server = ops.serve_outbox_metrics(metrics_port)
         except SagaError as exc:
             raise _fail(exc) from None
         typer.echo(f"relay: metrics on http://0.0.0.0:{metrics_port}/metrics", err=True)
