@@ -49,6 +49,16 @@ def relay(
     max_attempts: int = typer.Option(12, min=1, help="Attempts before a dead letter."),
     backoff: float = typer.Option(0.5, min=0.0, help="First retry delay, doubled per attempt."),
     max_backoff: float = typer.Option(300.0, min=0.0, help="Longest retry delay."),
+    metrics_port: int = typer.Option(
+        0,
+        "--metrics-port",
+        envvar="SAGALINE_METRICS_PORT",
+        show_envvar=True,
+        min=0,
+        max=65535,
+        help="Serve Prometheus /metrics (the outbox metrics) on this port; 0: off. "
+        "Needs the prometheus extra.",
+    ),
 ) -> None:
     """Send committed outbox events to their destinations until stopped (SIGTERM)."""
     celery_app: Any = None
@@ -57,10 +67,18 @@ def relay(
         runtime = _app_runtime(app, store)
         celery_app, store = runtime.app, store or runtime.settings.store_url
         routes = routes or runtime.settings.outbox_routes
+        metrics_port = metrics_port or runtime.settings.metrics_port
     if not routes:
         raise _fail(
             ValueError("no routes: pass --route topic-pattern=url or set SAGALINE_OUTBOX_ROUTES")
         )
+    server: Any = None
+    if metrics_port:  # first: a missing extra fails before the database is touched
+        try:
+            server = ops.serve_outbox_metrics(metrics_port)
+        except SagaError as exc:
+            raise _fail(exc) from None
+        typer.echo(f"relay: metrics on http://0.0.0.0:{metrics_port}/metrics", err=True)
     try:
         r = ops.outbox_relay(
             store or default_store_url(),
@@ -72,6 +90,8 @@ def relay(
             max_backoff=max_backoff,
         )
     except (SagaError, ValueError) as exc:
+        if server is not None:
+            server.shutdown()
         raise _fail(exc) from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,6 +101,8 @@ def relay(
         r.run(stop)
     finally:
         r.close()
+        if server is not None:
+            server.shutdown()
 
 
 @outbox_cli.command("ls")

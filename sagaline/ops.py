@@ -27,6 +27,7 @@ from .exceptions import (
 from .ops_outbox import outbox_events as outbox_events
 from .ops_outbox import outbox_relay as outbox_relay
 from .ops_outbox import retry_outbox_events as retry_outbox_events
+from .ops_outbox import serve_outbox_metrics as serve_outbox_metrics
 from .records import Decision, Event, SagaFilter, SagaRecord, SagaState
 from .runtime import Runtime as Runtime
 from .runtime import current_runtime as current_runtime

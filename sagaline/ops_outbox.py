@@ -55,3 +55,11 @@ def outbox_relay(store_url: str, routes: Any, *, app: Any = None, **options: Any
 
     _outbox_store(store_url).close()
     return Relay(store_url, routes, app=app, **options)
+
+
+def serve_outbox_metrics(port: int) -> Any:
+    """Serve this process's Prometheus metrics (the outbox's) on `port`; returns the
+    server (`shutdown()` stops it). Names the `prometheus` extra when it is missing."""
+    from .outbox import metrics
+
+    return metrics.serve(port)
