@@ -37,7 +37,7 @@ from tests.harness import (
     shared_postgres_url,
 )
 
-ALL_FIGURES = ("L1", "L2", "S1", "T1", "H1", "R1", "MEM")
+ALL_FIGURES = ("L1", "L2", "S1", "T1", "H1", "R1", "MEM", "OBS")
 # H1 on the Redis store: Redis holds the whole history in memory, ~5.5 KB per
 # finished saga (5.5 GB for a million), and loads ~5,000 sagas a second.
 REDIS_HISTORY = 200_000
@@ -188,6 +188,7 @@ def start_worker(
     extra_env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     queue = "bench.saga" if flavor == "sagaline" else "bench.plain"
+    queue = (extra_env or {}).get("BENCH_SAGA_QUEUE", queue)
     w = WorkerProcess(
         "bench.app",
         env={**env, **(extra_env or {}), "BENCH_FLAVOR": flavor},
@@ -358,6 +359,10 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                 step("H1", fig.figure_h1, b, figs["L1"], figs["T1"], empty_list)
             if "MEM" in figures:
                 step("MEM", fig.figure_mem, b)
+            if "OBS" in figures:
+                from bench.observability import figure_obs
+
+                step("OBS", figure_obs, b, env, tmp, res, start_worker)
             if args.profile:
                 from bench.profile import profile_workers
 

@@ -46,6 +46,9 @@ COUNT = os.environ.get("BENCH_COUNT_SQL") == "1"
 
 SAGA_QUEUE = "bench.saga"
 PLAIN_QUEUE = "bench.plain"
+# Where saga steps go: a worker's own queue (BENCH_SAGA_QUEUE), or in the caller the
+# queue of the next sagas (bench/observability.py alternates two sagaline workers).
+ROUTE = {"saga": os.environ.get("BENCH_SAGA_QUEUE", SAGA_QUEUE)}
 # Saga lengths defined for S1 (and 4 for L1/T1/H1/R1).
 SAGA_LENGTHS = (4, 8, 16, 64)
 
@@ -55,9 +58,17 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
-    task_routes={"bench.saga.*": {"queue": SAGA_QUEUE}, "bench.plain.*": {"queue": PLAIN_QUEUE}},
+    task_routes=(lambda name, *_, **__: _route(name),),
     result_expires=3600,
 )
+
+
+def _route(name: str) -> dict[str, str] | None:
+    if name.startswith("bench.saga."):
+        return {"queue": ROUTE["saga"]}
+    if name.startswith("bench.plain."):
+        return {"queue": PLAIN_QUEUE}
+    return None
 
 
 class BenchFailure(RuntimeError):

@@ -77,6 +77,18 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
                     t,
                 )
             )
+        elif f == "OBS":
+            out.append(
+                (
+                    f,
+                    s,
+                    f"on: L1 {d['l1_on_median_ms']:.1f} ms, T1 {d['t1_on_per_s']:.0f}/s",
+                    f"off: L1 {d['l1_off_median_ms']:.1f} ms, T1 {d['t1_off_per_s']:.0f}/s",
+                    f"L1 {d['l1_overhead']:.3f} / T1 {d['t1_overhead']:.3f}"
+                    f" ({'holds' if d['within_target'] else 'exceeds'})",
+                    t,
+                )
+            )
         elif f == "MEM":
             out.append(
                 (
