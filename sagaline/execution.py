@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
@@ -20,6 +19,8 @@ from .definition import Saga
 from .exceptions import InputError, StepFailure
 from .outbox import step as step_tx
 from .records import Event, Owner
+from .signatures import accepted_kwargs as accepted_kwargs  # re-exported
+from .signatures import filter_kwargs as filter_kwargs  # also re-exported
 from .states import EventKind, FailureReason, Phase
 from .steps import StepResponse
 
@@ -413,38 +414,3 @@ class Heartbeat:
                     log.warning(
                         "could not renew the lease of saga %s step %s", saga_id, step, exc_info=True
                     )
-
-
-_SIGNATURES: dict[Any, frozenset[str] | None] = {}
-
-
-def accepted_kwargs(fn: Callable[..., Any]) -> frozenset[str] | None:
-    """Names a callable accepts as keywords; None when it takes **kwargs."""
-    try:
-        return _SIGNATURES[fn]
-    except (KeyError, TypeError):
-        pass
-    names: set[str] = set()
-    result: frozenset[str] | None
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        params = []  # type: ignore[assignment]
-    for p in params:
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            result = None
-            break
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            names.add(p.name)
-    else:
-        result = frozenset(names)
-    with contextlib.suppress(TypeError):  # unhashable callables are simply not cached
-        _SIGNATURES[fn] = result
-    return result
-
-
-def filter_kwargs(fn: Callable[..., Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    accepted = accepted_kwargs(fn)
-    if accepted is None:
-        return dict(values)
-    return {k: v for k, v in values.items() if k in accepted}
