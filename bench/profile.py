@@ -37,7 +37,7 @@ PARTS = [
     ("    read for a decision (Redis)", "_load_state", "sagaline/stores/redis.py"),
     ("  publish (after commit)", "publish", "sagaline/runtime.py"),
     ("body (the task)", "saga_noop", "bench/app.py"),
-    ("heartbeat add/remove", "Heartbeat.add", "sagaline/execution.py"),
+    ("heartbeat add/remove", "Heartbeat.add", "sagaline/leases.py"),
     ("SagaState from rows", "step_record", "sagaline/stores/sql_statements.py"),
     ("engine Work copy", "Work.__init__", "sagaline/work.py"),
     ("signals", "send", "celery/utils/dispatch/signal.py"),

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
@@ -18,14 +16,17 @@ from ._state import registered_saga
 from .context import StepInfo, _current
 from .definition import Saga
 from .exceptions import InputError, StepFailure
+from .leases import Heartbeat as Heartbeat  # re-exported
+from .leases import claim_owner as claim_owner  # also re-exported
 from .outbox import step as step_tx
-from .records import Event, Owner
+from .records import Event
+from .signatures import accepted_kwargs as accepted_kwargs  # re-exported
+from .signatures import filter_kwargs as filter_kwargs  # also re-exported
 from .states import EventKind, FailureReason, Phase
 from .steps import StepResponse
 
 if TYPE_CHECKING:
     from .runtime import Runtime
-    from .stores.base import Store
 
 log = logging.getLogger("sagaline")
 
@@ -120,13 +121,6 @@ def _republish_pending(
         log.exception(
             "saga %s: could not publish its pending messages again; the sweeper will", saga_id
         )
-
-
-def claim_owner(runtime: Runtime) -> Owner | None:
-    """Who claims a step in this process: None outside a worker (the lease alone then)."""
-    if runtime.worker_node is None or runtime.worker_boot is None:
-        return None
-    return Owner(runtime.worker_node, runtime.worker_boot, os.getpid())
 
 
 def _run_and_complete(
@@ -368,83 +362,3 @@ def _refuse_unknown_definition(runtime: Runtime, meta: dict[str, Any], defn: Sag
         )
     except Exception:
         log.exception("could not record the definition mismatch")
-
-
-class Heartbeat:
-    """Renews the leases of the claims this process is running, every lease/3 seconds.
-
-    A step may run longer than the lease; only a worker that stops (killed, frozen,
-    partitioned from the store) lets its leases expire.
-    """
-
-    def __init__(self, store: Store, lease: float, clock: Callable[[], float] = time.time):
-        self.store = store
-        self.lease = lease
-        self.clock = clock
-        self._claims: dict[int, tuple[str, str, Phase, int]] = {}
-        self._next = 0
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def add(self, saga_id: str, step: str, phase: Phase, attempt: int) -> int:
-        with self._lock:
-            self._next += 1
-            self._claims[self._next] = (saga_id, step, phase, attempt)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="sagaline-heartbeat", daemon=True
-                )
-                self._thread.start()
-            return self._next
-
-    def remove(self, token: int) -> None:
-        with self._lock:
-            self._claims.pop(token, None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.lease / 3)
-            with self._lock:
-                claims = list(self._claims.values())
-            for saga_id, step, phase, attempt in claims:
-                try:
-                    self.store.renew_lease(saga_id, step, phase, attempt, self.clock() + self.lease)
-                except Exception:
-                    log.warning(
-                        "could not renew the lease of saga %s step %s", saga_id, step, exc_info=True
-                    )
-
-
-_SIGNATURES: dict[Any, frozenset[str] | None] = {}
-
-
-def accepted_kwargs(fn: Callable[..., Any]) -> frozenset[str] | None:
-    """Names a callable accepts as keywords; None when it takes **kwargs."""
-    try:
-        return _SIGNATURES[fn]
-    except (KeyError, TypeError):
-        pass
-    names: set[str] = set()
-    result: frozenset[str] | None
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        params = []  # type: ignore[assignment]
-    for p in params:
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            result = None
-            break
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            names.add(p.name)
-    else:
-        result = frozenset(names)
-    with contextlib.suppress(TypeError):  # unhashable callables are simply not cached
-        _SIGNATURES[fn] = result
-    return result
-
-
-def filter_kwargs(fn: Callable[..., Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    accepted = accepted_kwargs(fn)
-    if accepted is None:
-        return dict(values)
-    return {k: v for k, v in values.items() if k in accepted}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import logging
 import os
 import threading
@@ -13,18 +11,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import children, delivery, engine, execution, payload, signals
+from . import children, delivery, engine, execution, payload, publishing, signals
 from ._state import current_runtime as current_runtime  # re-exported: a public import path
 from ._state import registered_saga
 from ._state import set_default_runtime as set_default_runtime
 from .definition import Saga
 from .exceptions import ConfigurationError, IdempotencyConflict, InputError
-from .execution import Heartbeat, filter_kwargs
-from .forking import fork_guard
 from .handle import SagaHandle as SagaHandle
+from .leases import Heartbeat
+from .publishing import DelayedPublisher as DelayedPublisher  # re-exported
 from .records import HEADER as HEADER
 from .records import Decision, Dispatch, SagaRecord, SagaState
-from .states import SAGA_TERMINAL, FailureReason, Phase
+from .states import SAGA_TERMINAL, FailureReason
 from .stores.base import Store, store_from_url
 
 if TYPE_CHECKING:
@@ -327,41 +325,8 @@ class Runtime:
         if d.child_saga is not None:
             children.run_child(self, d)
             return
-        task = self.app.tasks.get(d.task_name)
-        # Send only what the task accepts (the worker filters again, for senders that
-        # do not import the task).
-        kwargs = filter_kwargs(task.run, d.kwargs) if task is not None else dict(d.kwargs)
-        meta = {
-            "saga_id": d.saga_id,
-            "saga": d.saga_name,
-            "fingerprint": d.fingerprint,
-            "step": d.step,
-            "phase": d.phase.value,
-            "attempt": d.attempt,
-            "ready_at": d.ready_at or time.time(),
-        }
-        headers: dict[str, Any] = {HEADER: meta}
-        if d.trace_context is not None:
-            meta["trace"] = d.trace_context
-            # The saga's root span as W3C `traceparent`, for a consumer's instrumentation
-            # (set again after a publisher's instrumentation wrote there: tracing.py).
-            headers["traceparent"] = d.trace_context.partition(":")[0]
-        options: dict[str, Any] = {
-            "headers": headers,
-            "serializer": "json",
-            "ignore_result": True,
-        }
-        if d.queue:
-            options["queue"] = d.queue
-        if d.timeout and d.phase is Phase.FORWARD:
-            options["soft_time_limit"] = d.timeout
-            options["time_limit"] = d.timeout + max(5.0, d.timeout * 0.1)
         tracing = self.tracing if d.trace_context is not None else None
-        with tracing.publishing(d) if tracing is not None else contextlib.nullcontext():
-            if task is not None:
-                task.apply_async(args=(), kwargs=kwargs, **options)
-            else:
-                self.app.send_task(d.task_name, args=(), kwargs=kwargs, **options)
+        publishing.send_step(self.app, d, tracing)
 
     def delayed_publisher(self) -> DelayedPublisher:
         pid = os.getpid()
@@ -397,53 +362,3 @@ class Runtime:
                 if self._heartbeat is None:
                     self._heartbeat = Heartbeat(self.store, self.settings.lease, self.now)
         return self._heartbeat
-
-
-class DelayedPublisher:
-    """Publishes the messages of retries when their backoff has passed, from one thread.
-
-    sagaline never gives a message a broker ETA (Celery's countdown): a worker holds
-    such a message unacknowledged in memory until it is due; on a quorum queue it
-    then takes a prefetch slot that Celery cannot give back (per-consumer QoS), so a
-    few waiting retries stall the worker; on Redis one that waits longer than the
-    visibility timeout is delivered again. The wait lives here instead, with nothing
-    taken from the broker, and the step's due time in the store (backoff +
-    `redispatch_after`) is the durable copy: if this process ends first, the sweeper
-    publishes the message then.
-    """
-
-    def __init__(self, publish: Callable[[Dispatch], None]):
-        self.pid = os.getpid()
-        self._publish = publish
-        self._queue: list[tuple[float, int, Dispatch]] = []
-        self._seq = 0
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def add(self, d: Dispatch) -> None:
-        with self._wake:
-            self._seq += 1
-            heapq.heappush(self._queue, (time.monotonic() + d.countdown, self._seq, d))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, daemon=True, name="sagaline-delayed-publish"
-                )
-                self._thread.start()
-            self._wake.notify()
-
-    def pending(self) -> int:
-        with self._wake:
-            return len(self._queue)
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._queue or self._queue[0][0] > time.monotonic():
-                    wait = self._queue[0][0] - time.monotonic() if self._queue else None
-                    self._wake.wait(wait)
-                _, _, d = heapq.heappop(self._queue)
-            try:
-                with fork_guard():  # a pool may fork meanwhile (forking.py)
-                    self._publish(d)  # logs its own failures; the sweeper covers them
-            except Exception:
-                log.exception("delayed publish of saga %s step %s failed", d.saga_id, d.step)

@@ -11,7 +11,8 @@ The rules:
   `fingerprint`, `work`, `engine`, `attempts`, `compensation`, `recovery`,
   `undelivered`) imports from `sagaline` only the core and
   the leaves `payload` and `_state`: never the runtime (`runtime`, `execution`,
-  `children`, `handle`, `delivery`, `lost_claims`, `sweeper`, `celery_app`),
+  `publishing`, `leases`, `signatures`, `children`, `handle`, `delivery`,
+  `lost_claims`, `sweeper`, `celery_app`),
   `functional`, a store, `ops` or a surface. It imports no store driver and nothing
   of Celery or kombu, except that `steps` recognises a step's task through Celery's
   task types (`celery.app.task`, `celery.local`), which
