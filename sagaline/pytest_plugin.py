@@ -51,11 +51,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# The `--sagaline-store` of the pytest session running now (innermost first):
+# `explore_failures` runs each scenario on such a store.
+_session_stores: list[str] = []
+_STORE_PUSHED = pytest.StashKey[bool]()
+
+
+def session_store() -> str | None:
+    """The `--sagaline-store` value of the running pytest session, if any."""
+    return _session_stores[-1] if _session_stores else None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    value = config.getoption(STORE_OPTION)
     try:
-        describe_choice(config.getoption(STORE_OPTION))
+        describe_choice(value)
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _session_stores.append(value)
+    config.stash[_STORE_PUSHED] = True
 
 
 @pytest.fixture
@@ -169,6 +183,8 @@ _LIVE_WORKERS: list[WorkerProcess] = []
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _kill_live_workers()
+    if config.stash.get(_STORE_PUSHED, False):
+        _session_stores.pop()
 
 
 def _kill_live_workers() -> None:
