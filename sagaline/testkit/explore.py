@@ -174,7 +174,7 @@ class _Explorer:
         reset: Callable[[], None] | None,
         apps: list[Celery] | None,
         settings: dict[str, Any],
-        store: tuple[str, str, Path],
+        store: tuple[str, str, Path] | None = None,
     ):
         self.saga = saga
         self.input = input
@@ -182,7 +182,8 @@ class _Explorer:
         self.reset = reset
         self.apps = apps
         self.settings = settings
-        self.store = store  # (kind, value, tmp dir): each scenario gets a fresh store
+        # (kind, value, tmp dir) of isolated_store: each scenario gets a fresh store.
+        self.store = store or ("memory", "memory", Path(tempfile.gettempdir()))
         self.saga_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sagaline-explore:{saga.name}"))
         self.key = f"explore-{saga.name}"
         self.completed_world: Any = None
