@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ._store_option import describe_choice
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -23,21 +25,6 @@ if TYPE_CHECKING:
     from .testkit import Faults, SagaEnv, StepMock, VirtualClock
 
 STORE_OPTION = "--sagaline-store"
-STORE_KINDS = ("memory", "sqlite", "postgresql://...", "redis://...")
-
-
-def describe_choice(value: str) -> str:
-    """The store kind a `--sagaline-store` value asks for; ValueError if none."""
-    v = value.strip()
-    if v in ("memory", "memory://"):
-        return "memory"
-    if v == "sqlite" or v.startswith("sqlite:"):
-        return "sqlite"
-    if v.startswith(("postgresql:", "postgresql+", "postgres:")):
-        return "postgresql"
-    if v.startswith(("redis:", "rediss:")):
-        return "redis"
-    raise ValueError(f"--sagaline-store={value!r}: use one of {', '.join(STORE_KINDS)}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._store_option import describe_choice
 from ..states import SAGA_TERMINAL, EventKind, Phase, SagaStatus
 from ..steps import StepKind, StepResponse
 from .env import SagaEnv
@@ -132,8 +133,6 @@ def explore_failures(
     if unknown:
         raise ValueError(f"unknown fault kind {unknown[0]!r}; one of {', '.join(FAULT_KINDS)}")
     store_value = store if store is not None else _session_store() or "memory"
-    from ..pytest_plugin import describe_choice
-
     store_kind = describe_choice(store_value)
     tmp_dir = Path(tempfile.mkdtemp(prefix="sagaline-explore-"))
     try:
