@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ._store_option import describe_choice
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -23,21 +25,6 @@ if TYPE_CHECKING:
     from .testkit import Faults, SagaEnv, StepMock, VirtualClock
 
 STORE_OPTION = "--sagaline-store"
-STORE_KINDS = ("memory", "sqlite", "postgresql://...", "redis://...")
-
-
-def describe_choice(value: str) -> str:
-    """The store kind a `--sagaline-store` value asks for; ValueError if none."""
-    v = value.strip()
-    if v in ("memory", "memory://"):
-        return "memory"
-    if v == "sqlite" or v.startswith("sqlite:"):
-        return "sqlite"
-    if v.startswith(("postgresql:", "postgresql+", "postgres:")):
-        return "postgresql"
-    if v.startswith(("redis:", "rediss:")):
-        return "redis"
-    raise ValueError(f"--sagaline-store={value!r}: use one of {', '.join(STORE_KINDS)}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,11 +38,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# The `--sagaline-store` of the pytest session running now (innermost first):
+# `explore_failures` runs each scenario on such a store.
+_session_stores: list[str] = []
+_STORE_PUSHED = pytest.StashKey[bool]()
+
+
+def session_store() -> str | None:
+    """The `--sagaline-store` value of the running pytest session, if any."""
+    return _session_stores[-1] if _session_stores else None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    value = config.getoption(STORE_OPTION)
     try:
-        describe_choice(config.getoption(STORE_OPTION))
+        describe_choice(value)
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _session_stores.append(value)
+    config.stash[_STORE_PUSHED] = True
 
 
 @pytest.fixture
@@ -169,6 +170,8 @@ _LIVE_WORKERS: list[WorkerProcess] = []
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _kill_live_workers()
+    if config.stash.get(_STORE_PUSHED, False):
+        _session_stores.pop()
 
 
 def _kill_live_workers() -> None:

@@ -14,7 +14,6 @@ the step no longer this attempt's and everything is rolled back.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -168,11 +167,19 @@ def _connect(runtime: Runtime) -> Connection:
 
     store = runtime.store
     if not isinstance(store, SQLStore):
+        from ..stores.memory import MemoryStore
+
+        hint = (
+            "; in tests (saga_env, explore_failures), run pytest with "
+            "--sagaline-store=sqlite (or a postgresql:// URL)"
+            if isinstance(store, MemoryStore)
+            else ""
+        )
         raise ConfigurationError(
             f"sagaline.step_transaction() needs a SQL saga store (PostgreSQL, MySQL/MariaDB "
             f"or SQLite) in the database that holds your tables; this app's store is "
             f"{type(store).__name__}, which cannot take part in a SQL transaction, so the "
-            f"step's completion could not commit with your writes"
+            f"step's completion could not commit with your writes{hint}"
         )
     options: dict[str, Any] = {"sagaline_write": True}
     if store.dialect == "mysql":
@@ -273,7 +280,7 @@ def _decide_and_write(
         decision = (
             None
             if defn is None
-            else decide(defn, state, *args, now=time.time(), timing=runtime.timing, **kwargs)
+            else decide(defn, state, *args, now=runtime.now(), timing=runtime.timing, **kwargs)
         )
         if decision is None or not decision.changed:
             savepoint.rollback()

@@ -1,21 +1,29 @@
 """`explore_failures`: run a saga once per step and fault, and check its invariants.
 
 Each scenario runs in a fresh environment (SagaEnv: the real engine, virtual
-time), under the same saga id and idempotency key, so that a `world` snapshot
-(the user's own view of their systems) can be compared across scenarios.
+time) on a store of its own (as `--sagaline-store` says under pytest), under the
+same saga id and idempotency key, so that a `world` snapshot (the user's own view
+of their systems) can be compared across scenarios.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._store_option import describe_choice
 from ..states import SAGA_TERMINAL, EventKind, Phase, SagaStatus
 from ..steps import StepKind, StepResponse
 from .env import SagaEnv
+from .stores import isolated_store
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -98,6 +106,7 @@ def explore_failures(
     faults: Sequence[str] = FAULT_KINDS,
     apps: list[Celery] | None = None,
     settings: dict[str, Any] | None = None,
+    store: str | None = None,
 ) -> ExploreReport:
     """Run `saga` with `input` once without faults, then once per step and fault kind,
     checking in each run that:
@@ -113,21 +122,46 @@ def explore_failures(
     `world()` returns a comparable snapshot of the systems the saga changes: after a
     rollback it must equal its value before the saga; after completion, its value
     after the run without faults. `reset()` restores those systems before each run.
+
+    Each scenario runs on a fresh store of its own: `store` is a `--sagaline-store`
+    value (memory, sqlite, postgresql://..., redis://...); by default the pytest
+    session's `--sagaline-store`, else memory. Steps that use
+    `sagaline.step_transaction()` need a SQL store (sqlite or postgresql://...).
     """
     started = time.monotonic()
     unknown = [f for f in faults if f not in FAULT_KINDS]
     if unknown:
         raise ValueError(f"unknown fault kind {unknown[0]!r}; one of {', '.join(FAULT_KINDS)}")
-    explorer = _Explorer(saga, dict(input), world, reset, apps, settings or {})
-    baseline = explorer.run("", "no fault")
-    scenarios = [baseline]
-    steps = [s for s in saga.steps if s.kind == StepKind.TASK]
-    for kind in faults:
-        for spec in steps:
-            if kind == CRASH_AFTER_COMPENSATION and not spec.compensable:
-                continue
-            scenarios.append(explorer.run(spec.name, kind))
+    store_value = store if store is not None else _session_store() or "memory"
+    store_kind = describe_choice(store_value)
+    tmp_dir = Path(tempfile.mkdtemp(prefix="sagaline-explore-"))
+    try:
+        explorer = _Explorer(
+            saga,
+            dict(input),
+            world,
+            reset,
+            apps,
+            settings or {},
+            (store_kind, store_value, tmp_dir),
+        )
+        baseline = explorer.run("", "no fault")
+        scenarios = [baseline]
+        steps = [s for s in saga.steps if s.kind == StepKind.TASK]
+        for kind in faults:
+            for spec in steps:
+                if kind == CRASH_AFTER_COMPENSATION and not spec.compensable:
+                    continue
+                scenarios.append(explorer.run(spec.name, kind))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return ExploreReport(saga.name, scenarios, time.monotonic() - started)
+
+
+def _session_store() -> str | None:
+    """The running pytest session's `--sagaline-store` (without importing pytest)."""
+    plugin = sys.modules.get("sagaline.pytest_plugin")
+    return None if plugin is None else plugin.session_store()
 
 
 class _Explorer:
@@ -139,6 +173,7 @@ class _Explorer:
         reset: Callable[[], None] | None,
         apps: list[Celery] | None,
         settings: dict[str, Any],
+        store: tuple[str, str, Path] | None = None,
     ):
         self.saga = saga
         self.input = input
@@ -146,6 +181,8 @@ class _Explorer:
         self.reset = reset
         self.apps = apps
         self.settings = settings
+        # (kind, value, tmp dir) of isolated_store: each scenario gets a fresh store.
+        self.store = store or ("memory", "memory", Path(tempfile.gettempdir()))
         self.saga_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sagaline-explore:{saga.name}"))
         self.key = f"explore-{saga.name}"
         self.completed_world: Any = None
@@ -156,30 +193,31 @@ class _Explorer:
         if self.reset is not None:
             self.reset()
         before = self.world() if self.world is not None else None
-        env = SagaEnv(self.apps, **self.settings)
-        try:
-            self._arm(env, step, kind)
-            handle = env.start(
-                self.saga, idempotency_key=self.key, saga_id=self.saga_id, **self.input
-            )
-            again = env.start(self.saga, idempotency_key=self.key, **self.input)
-            if again.saga_id != handle.saga_id:
-                sc.violations.append(
-                    f"a second run with idempotency key {self.key!r} "
-                    f"started another saga ({again.saga_id})"
-                )
-            try:
-                sc.messages = env.run_until_done()
-            except RuntimeError as exc:
-                sc.violations.append(str(exc))
-            sc.fired = list(env.faults.log)
-            sc.status = handle.record().status.value
-            self._check(env, sc, step, kind)
-        finally:
-            env.close()
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(isolated_store(*self.store))
+            env = SagaEnv(self.apps, store=store, **self.settings)
+            stack.callback(env.close)
+            self._run(env, sc, step, kind)
         if self.world is not None:
             self._check_world(sc, before, self.world())
         return sc
+
+    def _run(self, env: SagaEnv, sc: Scenario, step: str, kind: str) -> None:
+        self._arm(env, step, kind)
+        handle = env.start(self.saga, idempotency_key=self.key, saga_id=self.saga_id, **self.input)
+        again = env.start(self.saga, idempotency_key=self.key, **self.input)
+        if again.saga_id != handle.saga_id:
+            sc.violations.append(
+                f"a second run with idempotency key {self.key!r} "
+                f"started another saga ({again.saga_id})"
+            )
+        try:
+            sc.messages = env.run_until_done()
+        except RuntimeError as exc:
+            sc.violations.append(str(exc))
+        sc.fired = list(env.faults.log)
+        sc.status = handle.record().status.value
+        self._check(env, sc, step, kind)
 
     def _arm(self, env: SagaEnv, step: str, kind: str) -> None:
         f = env.faults

@@ -106,10 +106,27 @@ def test_the_readme_test_file_passes_on_the_robots_example(user_project: pytest.
 
 
 def test_the_orders_example_passes_with_the_plugin(user_project: pytest.Pytester) -> None:
+    # Its steps publish through sagaline.step_transaction(): a SQL store, each test
+    # (and each explore_failures scenario) in a SQLite file of its own.
     user_project.makepyfile(test_orders=ORDERS_TESTS)
-    result = user_project.runpytest_subprocess("-q", "-s", "-p", "no:cacheprovider")
+    result = user_project.runpytest_subprocess(
+        "-q", "-s", "-p", "no:cacheprovider", "--sagaline-store=sqlite"
+    )
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*explore_failures(order_saga): * 0 violations"])
+
+
+def test_the_orders_example_on_the_memory_store_names_the_option_to_pass(
+    user_project: pytest.Pytester,
+) -> None:
+    user_project.makepyfile(test_orders=ORDERS_TESTS)
+    result = user_project.runpytest_subprocess(
+        "-q", "-p", "no:cacheprovider", "-k", "charged_reserved_and_confirmed"
+    )
+    result.assert_outcomes(failed=1, deselected=3)
+    result.stdout.fnmatch_lines(
+        ["*step_transaction() needs a SQL saga store*--sagaline-store=sqlite*"]
+    )
 
 
 def test_a_seeded_bug_fails_the_users_test_naming_step_and_scenario(
