@@ -241,3 +241,11 @@ if ! amqp_port_open; then
 fi
 rabbit_ok || die "RabbitMQ at $AMQP_HOST:$AMQP_PORT is up but rabbitmqctl cannot reach it"
 echo "rabbitmq: $AMQP_HOST:$AMQP_PORT"
+
+# --- NATS ----------------------------------------------------------------------
+# The outbox tests start private nats-server instances (JetStream) of their own.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    apt_install nats-server
+fi
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || die "nats-server not found"
+echo "nats-server: $(command -v nats-server || echo /usr/sbin/nats-server)"

@@ -37,7 +37,7 @@ from sagaline.outbox.consumers import (
 from sagaline.stores.sql import SQLStore
 from sagaline.testing import kill_pid, wait_until
 from tests.harness import PrivateRedis, drop_database, shared_postgres_url
-from tests.private_nats import PrivateNats, find_nats_server
+from tests.private_nats import PrivateNats
 from tests.private_rabbitmq import PrivateRabbitMQ
 
 N = int(os.environ.get("SAGALINE_OUTBOX_CHAOS_EVENTS", "10000"))
@@ -166,12 +166,7 @@ def _nats(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
     [
         "redis",
         "rabbitmq",
-        pytest.param(
-            "nats",
-            marks=pytest.mark.skipif(
-                find_nats_server() is None, reason="nats-server not installed"
-            ),
-        ),
+        "nats",
     ],
 )
 def test_outbox_under_relay_kills_and_a_broker_restart(

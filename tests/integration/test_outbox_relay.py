@@ -25,7 +25,7 @@ from sagaline.stores.schema import outbox
 from sagaline.stores.sql import SQLStore
 from sagaline.testing import wait_until
 from tests.harness import WorkerProcess, drop_database, rabbitmq_vhost, shared_postgres_url
-from tests.private_nats import PrivateNats, find_nats_server
+from tests.private_nats import PrivateNats
 from tests.stores import create_mariadb_database, drop_mariadb_database
 
 pytestmark = pytest.mark.timeout(120)
@@ -261,7 +261,6 @@ def test_redis_stream_consumer_with_inbox(db: str, stream_url: str) -> None:
     assert seen == list(range(10))
 
 
-@pytest.mark.skipif(find_nats_server() is None, reason="nats-server not installed")
 def test_nats_jetstream_drops_a_resent_event_by_its_id(db: str) -> None:
     ids = publish_many(db, [("k", {"n": i}) for i in range(5)], topic="orders.created")
     with PrivateNats() as server:
