@@ -13,7 +13,6 @@ from typing import Any
 from . import payload
 from .compensation import begin_compensation
 from .exceptions import first_line
-from .records import Dispatch
 from .states import CRASH_REASONS, EventKind, FailureReason, Phase, SagaStatus, StepStatus
 from .steps import Step
 from .work import Work
@@ -124,23 +123,7 @@ def dispatch_forward(
     )
     if announce and attempt == 1:
         w.event(EventKind.STEP_DISPATCHED, name, attempt, Phase.FORWARD)
-    w.dispatches.append(
-        Dispatch(
-            w.saga.saga_id,
-            w.saga.name,
-            w.saga.fingerprint,
-            name,
-            Phase.FORWARD,
-            attempt,
-            spec.task_name or "",
-            kwargs,
-            countdown=countdown,
-            queue=spec.queue,
-            timeout=spec.timeout,
-            child_saga=spec.child.name if spec.child else None,
-            trace_context=w.saga.trace_context,
-        )
-    )
+    w.send(name, Phase.FORWARD, attempt, spec.task_name or "", kwargs, countdown)
 
 
 def step_kwargs(w: Work, spec: Step, ctx: dict[str, Any]) -> dict[str, Any]:

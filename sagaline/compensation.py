@@ -7,7 +7,6 @@ on their own: engine.py and recovery.py call them.
 
 from __future__ import annotations
 
-from .records import Dispatch
 from .states import (
     COMPENSATION_IN_FLIGHT,
     STEP_IN_FLIGHT,
@@ -135,23 +134,7 @@ def dispatch_compensation(
     )
     if announce and attempt == 1:
         w.event(EventKind.COMPENSATION_DISPATCHED, name, attempt, Phase.COMPENSATE)
-    w.dispatches.append(
-        Dispatch(
-            w.saga.saga_id,
-            w.saga.name,
-            w.saga.fingerprint,
-            name,
-            Phase.COMPENSATE,
-            attempt,
-            spec.compensation_name or "",
-            kwargs,
-            countdown=countdown,
-            queue=spec.queue,
-            timeout=spec.timeout,
-            child_saga=spec.child.name if spec.child else None,
-            trace_context=w.saga.trace_context,
-        )
-    )
+    w.send(name, Phase.COMPENSATE, attempt, spec.compensation_name or "", kwargs, countdown)
 
 
 def fail_compensation_attempt(w: Work, name: str, *, error: str, reason: FailureReason) -> None:

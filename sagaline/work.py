@@ -98,6 +98,35 @@ class Work:
         self.saga.updated_at = self.now
         self.saga_changed = True
 
+    def send(
+        self,
+        name: str,
+        phase: Phase,
+        attempt: int,
+        task_name: str,
+        kwargs: dict[str, Any],
+        countdown: float,
+    ) -> None:
+        """Queue the message of one attempt of step `name` (forward or compensation)."""
+        spec = self.graph.steps[name]
+        self.dispatches.append(
+            Dispatch(
+                self.saga.saga_id,
+                self.saga.name,
+                self.saga.fingerprint,
+                name,
+                phase,
+                attempt,
+                task_name,
+                kwargs,
+                countdown=countdown,
+                queue=spec.queue,
+                timeout=spec.timeout,
+                child_saga=spec.child.name if spec.child else None,
+                trace_context=self.saga.trace_context,
+            )
+        )
+
     def decision(self) -> Decision:
         return Decision(
             saga=self.saga if self.saga_changed else None,
