@@ -18,8 +18,12 @@ The broker is another private redis-server. The CPU time is read before the
 sagas are started and once all of them are terminal (the driver waits by counting
 terminal sagas every 0.5 s, not with `get()`, so that its reads hardly add to the
 store's work), and the figure is sagas / store CPU seconds: the sagas per second
-that one core of the store's server keeps up with. Stdout: one JSON line per
-store. Every process started here is stopped by pid and every directory deleted.
+that one core of the store's server keeps up with. Beside it: the worker's CPU
+time over the batch (main process and pool processes), and the connections the
+store has at its end (the worker's and this driver's).
+
+Stdout: one JSON line per store. Every process started here is stopped by pid and
+every directory deleted, also on SIGTERM.
 """
 
 from __future__ import annotations
@@ -117,6 +121,22 @@ class StoreServer:
                 if row is None or row[0] != value:
                     raise HarnessError(f"private PostgreSQL runs with {name}={row}, not {value}")
 
+    def connections(self) -> int:
+        """Client connections the server has now (this one not counted)."""
+        if isinstance(self.server, PrivatePostgres):
+            import psycopg
+
+            with psycopg.connect(self.server.dsn) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()
+            return int(row[0]) if row else 0
+        import redis
+
+        with redis.Redis.from_url(self.url, socket_timeout=10) as client:
+            return int(client.info("clients")["connected_clients"]) - 1
+
     def cpu_seconds(self) -> float:
         if isinstance(self.server, PrivatePostgres):
             pid = self.server.pid
@@ -168,6 +188,7 @@ def measure(
     seconds = time.monotonic() - t0
     cpu = server.cpu_seconds() - cpu0
     worker_cpu = tree_cpu_seconds(worker.pid) - worker0
+    connections = server.connections()  # the worker's processes and this driver's
     worker.stop(timeout=res.stop_timeout)
     runtime.store.close()
     return {
@@ -184,6 +205,7 @@ def measure(
         "steps_per_s_per_store_core": round(4 * sagas / cpu, 1) if cpu > 0 else None,
         "store_cpu_ms_per_saga": round(cpu * 1000 / sagas, 3),
         "worker_cpu_s": round(worker_cpu, 3),
+        "store_connections": connections,
         "store_settings": (
             "fsync, synchronous_commit, full_page_writes on"
             if store == "postgres"

@@ -67,8 +67,8 @@ STOP_TIMEOUT = 30.0  # a warm shutdown waits for the running steps (300 ms at mo
 SETTLE_AFTER_KILL = 90.0
 # A step's message waits behind the backlog of 500 sagas for up to the whole run: with
 # a shorter redispatch_after the sweeper would publish waiting steps again (5 s: ~3,500
-# copies, each refused by the claim, and the run twice as long). Nothing here loses a
-# message: the killed node's unacknowledged ones come back from RabbitMQ at once.
+# copies, each refused by the claim; 90 s for the test instead of 66). Nothing here
+# loses a message: the killed node's unacknowledged ones come back from RabbitMQ at once.
 REDISPATCH_AFTER = 60.0
 # Beyond lease + sweep interval: the sweeper's pass itself, on a loaded 2-core machine.
 TAKEOVER_SLACK = 4.0
