@@ -24,6 +24,7 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+from .ops_gc import gc as gc
 from .ops_outbox import outbox_events as outbox_events
 from .ops_outbox import outbox_relay as outbox_relay
 from .ops_outbox import retry_outbox_events as retry_outbox_events

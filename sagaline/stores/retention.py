@@ -123,7 +123,9 @@ class GcReport:
             "cutoff": self.cutoff,
             "statuses": [s.value for s in self.statuses],
             "sagas": self.total,
-            "by_status": {s.value: self.sagas.get(s, 0) for s in SagaStatus if s in self.sagas},
+            "by_status": {
+                s.value: self.sagas.get(s, 0) for s in sorted({*self.statuses, *self.sagas})
+            },
             "steps": self.steps,
             "events": self.events,
             "batches": self.batches,

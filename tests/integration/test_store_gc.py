@@ -31,7 +31,7 @@ def ended(
     st: Store, status: SagaStatus = SagaStatus.COMPLETED, at: float = OLD, **kwargs: object
 ) -> str:
     """A saga that ran its three steps and ended in `status` at time `at`."""
-    sid = started(st, created_at=at - 60, **kwargs).saga.saga_id  # type: ignore[arg-type]
+    sid = started(st, created_at=at - 60, **kwargs).saga.saga_id
 
     def finish(state: SagaState) -> Decision:
         done = status in SAGA_TERMINAL
