@@ -12,7 +12,7 @@ from rich.text import Text
 from . import ops
 from .cli_support import _console, _errors, _json, app_runtime, parse_statuses, reading
 from .config import parse_duration
-from .stores.retention import DEFAULT_GC_BATCH, MAX_GC_BATCH, GcReport
+from .ops import DEFAULT_GC_BATCH, MAX_GC_BATCH, GcReport
 
 
 def gc(

@@ -17,7 +17,9 @@ from .exceptions import ConfigurationError, InputError
 from .runtime import Runtime, current_runtime
 from .states import SagaStatus
 from .stores.base import Store, open_existing
-from .stores.retention import DEFAULT_GC_BATCH, DEFAULT_GC_STATUSES, GcReport
+from .stores.retention import DEFAULT_GC_BATCH, DEFAULT_GC_STATUSES, MAX_GC_BATCH, GcReport
+
+__all__ = ["DEFAULT_GC_BATCH", "MAX_GC_BATCH", "GcReport", "announce", "gc"]
 
 log = logging.getLogger("sagaline")
 
