@@ -41,7 +41,9 @@ class GcRule:
             raise InputError(f"gc batch size must be an int, got {batch_size!r}")
         if not 1 <= batch_size <= MAX_GC_BATCH:
             raise InputError(f"gc batch size must be 1..{MAX_GC_BATCH}, got {batch_size}")
-        chosen = frozenset(_status(s) for s in statuses)
+        chosen = frozenset(
+            _status(s) for s in ([statuses] if isinstance(statuses, str) else statuses)
+        )
         if not chosen:
             raise InputError("gc needs at least one status")
         running = sorted(s.value for s in chosen - SAGA_TERMINAL)

@@ -15,8 +15,9 @@ from sagaline.exceptions import InputError
 from sagaline.records import Decision, Event, SagaFilter, SagaState
 from sagaline.states import SAGA_TERMINAL, SagaStatus, StepStatus
 from sagaline.stores import Store
+from sagaline.stores.retention import GcRule, gather_trees
 from tests.integration.test_store_contract import mariadb_url, started, store
-from tests.stores import T0
+from tests.stores import T0, run_threads
 
 __all__ = ["mariadb_url", "store"]  # the contract suite's fixtures, used here by name
 
@@ -195,3 +196,39 @@ def test_a_saga_without_finished_at_falls_back_to_updated_at(store: Store) -> No
     assert stored is not None and stored.finished_at is None
     assert store.gc(OLD).total == 0 and exists(store, sid)
     assert store.gc(CUTOFF).total == 1 and not exists(store, sid)
+
+
+def reopen(st: Store, sid: str) -> None:
+    """What `resume` or a parent's rollback does: the finished saga compensates again."""
+
+    def decide(state: SagaState) -> Decision:
+        saga = replace(state.saga, status=SagaStatus.COMPENSATING, finished_at=None)
+        return Decision(saga=saga, saga_version=state.saga.version)
+
+    assert st.transact(sid, decide) is not None
+
+
+def test_a_tree_that_changed_since_it_was_read_is_kept(store: Store) -> None:
+    resumed = ended(store, SagaStatus.FAILED)
+    root = ended(store, SagaStatus.FAILED)
+    child = ended(store, parent=root)
+    rule = GcRule.of(CUTOFF, ["failed"], 10)
+    roots, cursor = store._gc_candidates(rule, None, 10, None)
+    assert sorted(roots) == sorted([(resumed, SagaStatus.FAILED), (root, SagaStatus.FAILED)])
+    assert cursor is None
+    trees = gather_trees(roots, store._gc_children)
+    assert {t.root: set(t.sagas) for t in trees} == {resumed: {resumed}, root: {root, child}}
+    reopen(store, resumed)  # between the read and the delete
+    reopen(store, child)
+    removed = store._gc_delete(trees, rule)
+    assert removed.trees == 0 and removed.sagas == {}
+    assert all(exists(store, s) for s in (resumed, root, child))
+    assert len(store.get_steps(child)) == 3 and len(store.history(child)) > 0
+
+
+def test_concurrent_gc_runs_delete_each_saga_exactly_once(store: Store) -> None:
+    ids = [ended(store) for _ in range(24)]
+    reports = run_threads(3, lambda i: store.gc(CUTOFF, batch_size=4))
+    assert sum(r.total for r in reports) == 24
+    assert sum(r.steps for r in reports) == 24 * 3
+    assert not any(exists(store, s) for s in ids)

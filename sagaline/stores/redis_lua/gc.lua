@@ -6,7 +6,9 @@ local out = {}
 for _, tree in ipairs(p.trees) do
   local same = true
   for _, s in ipairs(tree) do
-    if (redis.call('HGET', s.key, 'txn') or '0') ~= s.txn then same = false; break end
+    -- EXISTS: a saga another gc deleted meanwhile is not deleted (nor counted) twice.
+    if redis.call('EXISTS', s.key) == 0
+      or (redis.call('HGET', s.key, 'txn') or '0') ~= s.txn then same = false; break end
   end
   local steps, events = 0, 0
   if same then
