@@ -21,6 +21,9 @@ from .retention import GcRemoved, GcRule, GcTree, removed_of
 if TYPE_CHECKING:
     from .redis import RedisStore
 
+# Trees per script call: Redis runs nothing else while a script runs, so a batch is
+# deleted by several short scripts (each tree stays atomic) rather than one long one.
+SCRIPT_TREES = 100
 _READ = ("status", "finished_at", "updated_at", "parent_saga_id")
 _OWNED = ("status", "name", "idempotency_key", "parent_saga_id", "txn")
 
@@ -123,8 +126,11 @@ def delete(store: RedisStore, trees: list[GcTree], rule: GcRule) -> GcRemoved:
     planned = [(t, plan) for t, plan in planned if plan is not None]
     if not planned:
         return GcRemoved()
-    body = json.dumps({"trees": [plan for _, plan in planned]})
-    result = json.loads(store._client.register_script(scripts.GC)(args=[body]))
+    script = store._client.register_script(scripts.GC)
+    result: list[list[int]] = []
+    for n in range(0, len(planned), SCRIPT_TREES):
+        body = json.dumps({"trees": [plan for _, plan in planned[n : n + SCRIPT_TREES]]})
+        result += json.loads(script(args=[body]))
     gone = [t for (t, _), (deleted, _, _) in zip(planned, result, strict=True) if deleted]
     return removed_of(gone, sum(r[1] for r in result), sum(r[2] for r in result))
 
