@@ -75,7 +75,13 @@ def sagaline_cmd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess
 
 def test_gc_command_counts_first_then_deletes_what_it_counted(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
-    env = {**os.environ, "COLUMNS": "200", "SAGALINE_STORE_URL": url}
+    env = {
+        **os.environ,
+        "COLUMNS": "200",
+        "SAGALINE_STORE_URL": url,
+        "SAGALINE_HOME": str(tmp_path / "home"),
+        "CELERY_BROKER_URL": "",
+    }
     st = store_from_url(url)
     old = time.time() - 40 * DAY
     try:
@@ -95,7 +101,10 @@ def test_gc_command_counts_first_then_deletes_what_it_counted(tmp_path: Path) ->
     assert counted["by_status"] == {"COMPENSATED": 1, "COMPLETED": 4}
     assert (counted["sagas"], counted["steps"]) == (5, 15)
 
-    named = sagaline_cmd("gc", "--older-than", "30d", "--name", "invoices", env=env)
+    # -A: the store of the app's runtime (here, SAGALINE_STORE_URL's).
+    named = sagaline_cmd(
+        "gc", "--older-than", "30d", "--name", "invoices", "-A", "examples.robots.app", env=env
+    )
     assert named.returncode == 0, named.stderr
     assert "deleted 1 saga(s), 3 step(s), 2 event(s)" in named.stdout
     assert "COMPLETED" in named.stdout and "Traceback" not in named.stderr
