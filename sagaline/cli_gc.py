@@ -24,7 +24,7 @@ def gc(
         typer.Option(
             "--status",
             "-s",
-            help="Finished statuses to delete (repeatable) [default: completed, compensated].",
+            help="Finished statuses to delete, repeatable (default: completed and compensated).",
         ),
     ] = None,
     name: str | None = typer.Option(None, "--name", help="Only sagas of this name."),
@@ -41,7 +41,7 @@ def gc(
         "--store",
         envvar="SAGALINE_STORE_URL",
         show_envvar=True,
-        help="State store URL [default: SQLite in $SAGALINE_HOME].",
+        help="State store URL (default: SQLite in $SAGALINE_HOME).",
     ),
 ) -> None:
     """Delete finished sagas that ended before a cutoff, with their steps and history.
