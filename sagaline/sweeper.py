@@ -160,6 +160,9 @@ class RetentionPass:
 
     def __init__(self) -> None:
         self._next = 0.0
+        # Where the backlog's next batch starts: sagas kept (a child still running)
+        # are passed over rather than read again at every sweep.
+        self._cursor: str | None = None
 
     def run(self, runtime: Runtime) -> GcReport | None:
         retention = runtime.settings.retention
@@ -167,8 +170,12 @@ class RetentionPass:
         if retention <= 0 or now < self._next:
             return None
         report = runtime.store.gc(
-            runtime.now() - retention, batch_size=DEFAULT_GC_BATCH, max_batches=1
+            runtime.now() - retention,
+            batch_size=DEFAULT_GC_BATCH,
+            max_batches=1,
+            after=self._cursor,
         )
+        self._cursor = report.cursor
         self._next = now if report.more else now + min(RETENTION_IDLE, retention / 10)
         announce(report, sender=runtime)
         return report

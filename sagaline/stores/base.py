@@ -270,25 +270,24 @@ class Store(ABC):
         dry_run: bool = False,
         batch_size: int = DEFAULT_GC_BATCH,
         max_batches: int | None = None,
+        after: str | None = None,
     ) -> GcReport:
         """Delete the saga trees (retention.py) finished before `cutoff`, with their steps,
         events, index entries and idempotency keys: `batch_size` roots per transaction,
-        each re-checked where it is deleted. `dry_run` counts instead of deleting."""
+        each re-checked where it is deleted. `dry_run` counts instead of deleting. A run
+        cut short by `max_batches` reports a `cursor`, which `after` continues from."""
         rule = GcRule.of(cutoff, statuses, batch_size)
         report = GcReport(rule.cutoff, dry_run, sorted(rule.statuses))
         if filter_matches_nothing(name=name):
             return report
-        cursor: str | None = None
+        cursor = after
         while max_batches is None or report.batches < max_batches:
             page = partial(self._gc_candidates, rule, name, batch_size, cursor)
             roots, cursor = self._retrying(page)
-            removed = self._retrying(partial(self._gc_apply, roots, rule, dry_run))
-            report.add(removed)
-            report.kept += len(roots) - removed.trees
-            report.batches += 1
+            report.add(self._retrying(partial(self._gc_apply, roots, rule, dry_run)), len(roots))
             if cursor is None:
                 return report
-        report.more = True
+        report.cursor = cursor
         return report
 
     def _gc_apply(
@@ -304,9 +303,8 @@ class Store(ABC):
     def _gc_candidates(
         self, rule: GcRule, name: str | None, limit: int, after: str | None
     ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
-        """Up to `limit` roots (no parent, or a parent gone) that `rule` accepts, with
-        their status, from where `after` (this store's cursor) points; and the cursor
-        of the next page (None: no more)."""
+        """Up to `limit` roots (no parent, or a parent gone) that `rule` accepts, with their
+        status, from this store's cursor `after`; and the next page's cursor (None: no more)."""
 
     @abstractmethod
     def _gc_children(self, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:

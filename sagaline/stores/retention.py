@@ -106,14 +106,23 @@ class GcReport:
     # Qualifying roots kept because a saga of their tree was still running (or one
     # changed between the read and the delete); looked at again by the next run.
     kept: int = 0
-    # Whether the run stopped at `max_batches` with candidates left.
-    more: bool = False
+    # Where a run stopped by `max_batches` would go on (`Store.gc(after=...)`); None
+    # when it looked at every candidate.
+    cursor: str | None = None
+
+    @property
+    def more(self) -> bool:
+        """Whether candidates were left when the run stopped."""
+        return self.cursor is not None
 
     @property
     def total(self) -> int:
         return sum(self.sagas.values())
 
-    def add(self, removed: GcRemoved) -> None:
+    def add(self, removed: GcRemoved, roots: int) -> None:
+        """Count one batch that looked at `roots` roots and removed `removed`."""
+        self.batches += 1
+        self.kept += roots - removed.trees
         for status, n in removed.sagas.items():
             self.sagas[status] = self.sagas.get(status, 0) + n
         self.steps += removed.steps

@@ -172,9 +172,25 @@ def test_gc_works_in_batches_and_stops_after_max_batches(
     assert first.total == 3 and first.batches == 1 and first.more
     left = {s.saga_id for s in store.list_sagas(SagaFilter(limit=100))}
     assert len(left) == 4 and left < ids
+    second = store.gc(CUTOFF, batch_size=3, max_batches=1, after=first.cursor)
+    assert second.total == 3 and second.more
     rest = store.gc(CUTOFF, batch_size=3)
-    assert rest.total == 4 and rest.batches == 2 and not rest.more
+    assert rest.total == 1 and rest.batches == 1 and not rest.more and rest.cursor is None
     assert store.list_sagas(SagaFilter(limit=100)) == []
+
+
+def test_a_run_continued_from_its_cursor_passes_over_the_trees_it_kept(store: Store) -> None:
+    # Two finished parents with a running child each come first (in every store's
+    # order: older, and lower ids), then one saga that can go.
+    for n in (1, 2):
+        parent = ended(store, at=OLD - 1000, saga_id=f"00000000-0000-4000-8000-00000000000{n}")
+        started(store, created_at=OLD, parent=parent)
+    free = ended(store, saga_id="ffffffff-0000-4000-8000-000000000000")
+    first = store.gc(CUTOFF, batch_size=2, max_batches=1)
+    assert (first.total, first.kept, first.more) == (0, 2, True)
+    assert store.gc(CUTOFF, batch_size=2, max_batches=1).total == 0  # the same two again
+    second = store.gc(CUTOFF, batch_size=2, max_batches=1, after=first.cursor)
+    assert second.total == 1 and not exists(store, free)
 
 
 def test_gc_passes_over_sagas_it_keeps_to_reach_older_ones(store: Store) -> None:
