@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,11 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.name, f.type, raw)
-        if isinstance(values.get("retention"), str):
-            values["retention"] = _parse("retention", "float", values["retention"])
+        if isinstance(values.get("retention"), (str, timedelta)):
+            try:
+                values["retention"] = parse_duration(values["retention"])
+            except ValueError as exc:
+                raise ConfigurationError(f"retention: {exc}") from None
         if isinstance(values.get("tracing"), bool):
             values["tracing"] = "otlp" if values["tracing"] else "off"
         if not values.get("store_url"):
@@ -154,9 +158,11 @@ DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(value: str | float) -> float:
-    """Seconds in a duration: a number of seconds, or 30s, 10m, 2h, 30d, 1w."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+def parse_duration(value: str | float | timedelta) -> float:
+    """Seconds in a duration: a number of seconds, a timedelta, or 30s, 10m, 2h, 30d, 1w."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
         match = DURATION.match(str(value))

@@ -48,11 +48,7 @@ def gc(
     created. Returns a report of the sagas (per status), steps and events removed.
     """
     try:
-        age = (
-            older_than.total_seconds()
-            if isinstance(older_than, timedelta)
-            else parse_duration(older_than)
-        )
+        age = parse_duration(older_than)
     except ValueError as exc:
         raise InputError(f"gc older_than: {exc}") from None
     if age <= 0:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,9 @@ def test_gc_command_counts_first_then_deletes_what_it_counted(tmp_path: Path) ->
     assert missing.exit_code == 3 and not (tmp_path / "x").exists()
 
 
-def test_python_gc_takes_durations_and_refuses_bad_ones(tmp_path: Path) -> None:
+def test_python_gc_takes_durations_and_refuses_bad_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
     st = store_from_url(url)
     try:
@@ -155,12 +158,12 @@ def test_python_gc_takes_durations_and_refuses_bad_ones(tmp_path: Path) -> None:
         st.close()
     assert parse_duration("30d") == 30 * DAY and parse_duration("90") == 90.0
     assert Settings.from_env(retention="2w").retention == 14 * DAY
+    assert Settings.from_env(retention=timedelta(hours=1)).retention == 3600
+    with pytest.raises(ConfigurationError, match="retention: 'x' is not a duration"):
+        Settings.from_env(retention="x")
+    monkeypatch.setenv("SAGALINE_RETENTION", "soon")
     with pytest.raises(ConfigurationError, match="SAGALINE_RETENTION='soon' is not a valid dur"):
-        os.environ["SAGALINE_RETENTION"] = "soon"
-        try:
-            Settings.from_env()
-        finally:
-            del os.environ["SAGALINE_RETENTION"]
+        Settings.from_env()
 
 
 def test_a_worker_with_retention_deletes_finished_sagas_and_keeps_the_others(
