@@ -148,6 +148,10 @@ def _decide(rt: Runtime, item: DueItem, now: float | None) -> tuple[Repair | Non
     return chosen, decision
 
 
+# Seconds between the sweeper's looks for expired sagas when it found no backlog.
+RETENTION_IDLE = 60.0
+
+
 class RetentionPass:
     """The sweeper's share of retention (the `retention` setting): one gc batch at most
     per sweep, after the repairs, so that deleting history never delays them.
@@ -179,9 +183,6 @@ class RetentionPass:
         self._next = now if report.more else now + min(RETENTION_IDLE, retention / 10)
         announce(report, sender=runtime)
         return report
-
-
-RETENTION_IDLE = 60.0
 
 
 # -- the bootstep -------------------------------------------------------------------------
