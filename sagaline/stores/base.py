@@ -16,7 +16,6 @@ saga document per step.
 from __future__ import annotations
 
 import importlib
-import logging
 import random
 import time
 from abc import ABC, abstractmethod
@@ -47,7 +46,6 @@ from .transient import retry_transient
 
 Decide = Callable[[SagaState], "Decision | None"]
 T = TypeVar("T")
-log = logging.getLogger("sagaline.stores")
 
 # Transient failures (a restarting server, a dropped connection, a locked SQLite
 # file) are retried for this long before the operation fails with StoreError.
