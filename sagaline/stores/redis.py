@@ -50,6 +50,7 @@ from ..records import (
     StepRecord,
 )
 from ..states import Phase, SagaStatus
+from . import redis_gc
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
 from .finished import FinishWatch, RedisFinishedListener
@@ -100,6 +101,12 @@ class RedisStore(Store):
         # connection.
         self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
         self._listener: RedisFinishedListener | None = None
+
+    # Retention (Store.gc): its steps for this layout are in redis_gc.py.
+    _gc_candidates = redis_gc.candidates
+    _gc_children = redis_gc.children
+    _gc_count = redis_gc.count
+    _gc_delete = redis_gc.delete
 
     # -- plumbing ----------------------------------------------------------------
 

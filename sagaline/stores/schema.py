@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0006_outbox"
+SCHEMA_REVISION = "0007_gc_finished_index"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -44,6 +44,8 @@ sagas = sa.Table(
     sa.Index("ix_sagaline_sagas_name_created", "name", "created_at"),
     sa.Index("ix_sagaline_sagas_due", "due_at"),
     sa.Index("ix_sagaline_sagas_parent", "parent_saga_id"),
+    # Retention (sql_gc.py): finished sagas of a status, oldest first.
+    sa.Index("ix_sagaline_sagas_status_finished", "status", "finished_at"),
     mysql_charset="utf8mb4",
     mysql_collate="utf8mb4_bin",
 )

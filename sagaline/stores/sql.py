@@ -36,8 +36,10 @@ from ..records import (
     StepRecord,
 )
 from ..states import Phase, SagaStatus
+from . import sql_gc
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, PgFinishedListener
+from .retention import GcRemoved, GcRule, GcTree
 from .rows import to_row
 from .schema import events, sagas, steps
 from .sql_dialects import (
@@ -356,3 +358,24 @@ class SQLStore(Store):
         self._ensure_schema()
         q = claimed_query(node, limit)
         return self._reading(lambda conn: [step_record(r) for r in conn.execute(q)])
+
+    # -- retention (retention.py, sql_gc.py) ------------------------------------------------
+
+    def _gc_candidates(
+        self, rule: GcRule, name: str | None, limit: int, after: str | None
+    ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
+        self._ensure_schema()
+        with self._read() as conn:
+            return sql_gc.candidates(conn, rule, name, limit, after)
+
+    def _gc_children(self, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
+        with self._read() as conn:
+            return sql_gc.children(conn, ids)
+
+    def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
+        with self._read() as conn:
+            return sql_gc.count(conn, trees)
+
+    def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
+        with self._write() as conn:
+            return sql_gc.delete(conn, trees, rule, self.dialect)
