@@ -1,0 +1,228 @@
+"""The Redis store's bucketed key layout: one hash slot per saga and its index entries,
+a fixed number of buckets, idempotency keys kept in a bucket of their own, and the
+migration of a store written in layout 1 (no buckets, global indexes)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from sagaline.exceptions import ConfigurationError, StoreError
+from sagaline.records import Decision, Event, Owner, SagaFilter, SagaState
+from sagaline.states import Phase, SagaStatus, StepStatus
+from sagaline.stores import redis_create
+from sagaline.stores.redis import RedisStore
+from sagaline.stores.redis_layout import event_json, fields
+from tests.integration.test_redis_store import raw_client
+from tests.stores import delete_prefix, make_state, redis_test_url
+
+REDIS_URL = redis_test_url()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def server(request: pytest.FixtureRequest) -> str:
+    if request.param == "single":
+        return REDIS_URL
+    return str(request.getfixturevalue("redis_cluster_url"))
+
+
+@pytest.fixture
+def raw(server: str) -> Iterator[Any]:
+    client = raw_client(server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(raw: Any) -> Iterator[str]:
+    name = f"sagaline-layout-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_prefix(raw, name)
+
+
+@pytest.fixture
+def make_store(prefix: str, server: str) -> Iterator[Callable[..., RedisStore]]:
+    stores: list[RedisStore] = []
+
+    def make(**options: Any) -> RedisStore:
+        store = RedisStore(server, prefix=prefix, **options)
+        stores.append(store)
+        return store
+
+    yield make
+    for s in stores:
+        s.close()
+
+
+def test_a_saga_and_its_index_entries_live_in_the_hash_slot_of_its_bucket(
+    make_store: Callable[..., RedisStore], raw: Any, prefix: str
+) -> None:
+    store = make_store()
+    parent = make_state(name="order", key="k1")
+    store.create_saga(parent, [Event(parent.saga.saga_id, "saga_started", 1.0)])
+    child = make_state(name="ship", parent=parent.saga.saga_id, due_at=5.0)
+    sid = child.saga.saga_id
+    store.create_saga(child, [Event(sid, "saga_started", 1.0)])
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9e9, now=1.0, owner=OWNER)
+
+    layout = store.layout
+    slot = key_slot(layout.saga_key(sid).encode())
+    b = layout.bucket_of(sid)
+    mine = [k for k in raw.scan_iter(match=f"{prefix}:*") if sid in k]
+    mine += [
+        k
+        for k in raw.scan_iter(match=f"{prefix}:*")
+        if k.startswith(layout.tag(b)) and raw.type(k) == "zset" and raw.zscore(k, sid)
+    ]
+    assert len(set(mine)) >= 10  # saga, 3 steps, steps, events, 5 indexes, due, claims
+    assert {key_slot(k.encode()) for k in mine} == {slot}
+    assert raw.zscore(layout.claims_key(b, "node-1"), f"{sid}\0a") == 9e9
+    assert raw.zscore(layout.parent_index(b, parent.saga.saga_id), sid) is not None
+    # Listing a saga's children reads every bucket's parent index.
+    listed = store.list_sagas(SagaFilter(parent_saga_id=parent.saga.saga_id))
+    assert [s.saga_id for s in listed] == [sid]
+
+
+OWNER = Owner("node-1", "boot-1", 1)
+
+
+def test_the_number_of_buckets_is_fixed_when_the_store_is_created(
+    make_store: Callable[..., RedisStore], raw: Any, prefix: str
+) -> None:
+    state = make_state()
+    assert make_store(buckets=4).create_saga(state, [])[1]
+    assert json.loads(raw.get(f"{prefix}:layout")) == {"version": 2, "buckets": 4}
+    with pytest.raises(ConfigurationError, match="has 4 buckets, not the 64 asked for"):
+        make_store(buckets=64).get_saga(state.saga.saga_id)
+    reopened = make_store()  # no number asked: the store's own
+    assert reopened.layout.buckets == 4
+    assert reopened.get_saga(state.saga.saga_id) == state.saga
+    with pytest.raises(ConfigurationError, match="hash tags"):
+        RedisStore(REDIS_URL, prefix="sagas{x}")
+
+
+def test_a_key_whose_owner_never_created_its_saga_is_taken_over_and_the_owner_fenced(
+    make_store: Callable[..., RedisStore], raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a creator that died between reserving the key and creating its saga leaves.
+    monkeypatch.setattr(redis_create, "OWNER_GRACE", 0.2)
+    store = make_store()
+    ghost = str(uuid.uuid4())
+    raw.set(store.layout.idem_key("order", "k"), ghost)
+
+    state = make_state(name="order", key="k")
+    saga, created = store.create_saga(state, [])
+    assert created and saga.saga_id == state.saga.saga_id
+    assert raw.get(store.layout.idem_key("order", "k")) == state.saga.saga_id
+    assert raw.get(store.layout.aborted_key(ghost)) == "1"
+    # The ghost's creator comes back: it gets the saga that holds the key now.
+    late = make_state(saga_id=ghost, name="order", key="k")
+    assert store.create_saga(late, []) == (store.get_saga(state.saga.saga_id), False)
+    assert store.get_saga(ghost) is None
+    with pytest.raises(StoreError, match="was given up"):
+        store.create_saga(make_state(saga_id=ghost), [])
+
+
+# -- layout 1 and its migration ------------------------------------------------------
+
+
+def write_layout1(client: Any, p: str, state: SagaState, events: list[Event]) -> None:
+    """A saga as sagaline wrote it before buckets: global indexes, no hash tags."""
+    saga, sid = state.saga, state.saga.saga_id
+    created = saga.created_at
+    client.hset(f"{p}:saga:{sid}", mapping=dict(_pairs([*fields(saga), "txn", "3"])))
+    for s in state.steps.values():
+        client.hset(f"{p}:step:{sid}:{s.name}", mapping=dict(_pairs(fields(s))))
+        client.zadd(f"{p}:steps:{sid}", {s.name: s.position})
+        if s.due_at is not None:
+            client.zadd(f"{p}:due", {f"{sid}\0{s.name}": s.due_at})
+        if s.owner_node is not None:
+            client.zadd(f"{p}:claims:{s.owner_node}", {f"{sid}\0{s.name}": 7.0})
+    for e in events:
+        client.rpush(f"{p}:events:{sid}", event_json(e))
+    status = saga.status.value
+    for key in ("idx:created", f"idx:name:{saga.name}", f"idx:status:{status}"):
+        client.zadd(f"{p}:{key}", {sid: created})
+    client.zadd(f"{p}:idx:ns:{status}:{saga.name}", {sid: created})
+    if saga.parent_saga_id is not None:
+        client.zadd(f"{p}:idx:parent:{saga.parent_saga_id}", {sid: created})
+    if saga.idempotency_key is not None:
+        client.set(f"{p}:idem:{saga.name}:{saga.idempotency_key}", sid)
+
+
+def _pairs(flat: list[str]) -> Iterator[tuple[str, str]]:
+    it = iter(flat)
+    return zip(it, it, strict=True)
+
+
+def test_a_store_of_layout_1_is_refused_until_migrate_rewrites_it() -> None:
+    url = REDIS_URL
+    prefix = f"sagaline-layout1-{uuid.uuid4().hex[:12]}"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        parent = make_state(name="order", key="o-1", created_at=100.0)
+        child = make_state(name="ship", parent=parent.saga.saga_id, created_at=200.0)
+        child.saga = replace(child.saga, status=SagaStatus.COMPLETED)
+        parent.steps["a"] = replace(
+            parent.steps["a"],
+            status=StepStatus.RUNNING,
+            owner_node="node-1",
+            owner_boot="b",
+            owner_pid=1,
+            lease_until=999.0,
+            due_at=999.0,
+            version=4,
+        )
+        events = [Event(parent.saga.saga_id, "saga_started", 100.0)]
+        write_layout1(client, prefix, parent, events)
+        write_layout1(client, prefix, child, [Event(child.saga.saga_id, "saga_started", 200.0)])
+
+        store = RedisStore(url, prefix=prefix)
+        with pytest.raises(StoreError, match=r"layout 1.*sagaline migrate"):
+            store.get_saga(parent.saga.saga_id)
+        store.migrate()
+        store.migrate()  # again: nothing left to move, nothing lost
+
+        reopened = RedisStore(url, prefix=prefix)
+        try:
+            sid = parent.saga.saga_id
+            assert reopened.get_saga(sid) == parent.saga
+            assert reopened.get_steps(sid) == list(parent.steps.values())
+            assert [(e.kind, e.seq) for e in reopened.history(sid)] == [("saga_started", 1)]
+            names = [s.name for s in reopened.list_sagas(SagaFilter(limit=10))]
+            assert names == ["ship", "order"]
+            done = reopened.list_sagas(SagaFilter(status=[SagaStatus.COMPLETED], name="ship"))
+            assert [s.saga_id for s in done] == [child.saga.saga_id]
+            assert [s.saga_id for s in reopened.list_sagas(SagaFilter(parent_saga_id=sid))] == [
+                child.saga.saga_id
+            ]
+            due = {(d.saga_id, d.step, d.due_at) for d in reopened.find_due(1000.0)}
+            assert (sid, "a", 999.0) in due
+            assert [(s.saga_id, s.name) for s in reopened.find_claimed("node-1")] == [(sid, "a")]
+            again = make_state(name="order", key="o-1")
+            assert reopened.create_saga(again, []) == (parent.saga, False)
+            # The transact counter came along, and decisions write on the new layout.
+            assert client.hget(reopened.layout.saga_key(sid), "txn") == "3"
+            reopened.transact(
+                sid,
+                lambda s: Decision(
+                    saga=replace(s.saga, output={"x": 1}), saga_version=s.saga.version
+                ),
+            )
+            saga = reopened.get_saga(sid)
+            assert saga is not None and saga.output == {"x": 1}
+            left = sorted(k for k in client.scan_iter(match=f"{prefix}:*") if "{" not in k)
+            assert left == [f"{prefix}:layout"]
+        finally:
+            reopened.close()
+            store.close()
+    finally:
+        delete_prefix(client, prefix)
+        client.close()
