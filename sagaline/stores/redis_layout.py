@@ -46,8 +46,8 @@ JSON)::
     {p}:finished                    channel PUBLISHed saga ids of sagas that finished
 
 Layout 1 (sagaline before Redis Cluster support) had the same keys without the
-`{b}` part and one global index of each kind; `RedisStore.migrate()` (`sagaline
-migrate`) rewrites a store of that layout into this one (redis_migrate.py).
+`{b}` part and one global index of each kind; `RedisStore.migrate()` (`sagaline db
+upgrade`) rewrites a store of that layout into this one (redis_migrate.py).
 
 No key is ever given a TTL: a saga stays until someone deletes it (an expiring
 record silently loses long-running or stuck sagas).

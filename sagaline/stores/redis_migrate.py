@@ -3,7 +3,8 @@
 `{p}:layout` says which layout and how many buckets a store has (redis_layout.py).
 The first user of an empty store writes it. A store that still has keys of layout 1
 (sagaline before Redis Cluster support: global indexes, no buckets) is refused
-until `sagaline migrate` (`RedisStore.migrate()`) has rewritten it, saga by saga:
+until `sagaline db upgrade` (`sagaline.migrate(url)`, `RedisStore.migrate()`) has
+rewritten it, saga by saga:
 
 1. read the saga, its steps and its events under the old names;
 2. write them, with their index entries, into the saga's bucket with the create
@@ -46,7 +47,7 @@ def read_layout(client: Any, prefix: str, asked: int | None) -> Layout:
         raise StoreError(
             f"the Redis store under prefix {prefix!r} has the key layout of sagaline "
             "before Redis Cluster support (layout 1, without buckets): stop every worker "
-            "and run `sagaline migrate` (RedisStore.migrate()) to rewrite it"
+            "and run `sagaline db upgrade --store URL` (sagaline.migrate(URL)) to rewrite it"
         )
     return _layout_record(client, prefix, asked)
 
