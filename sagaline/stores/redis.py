@@ -63,7 +63,7 @@ from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, redact, require_extra
 from .finished import FinishWatch, RedisFinishedListener
 from .redis_create import insert_saga
-from .redis_layout import Layout
+from .redis_layout import DEFAULT_BUCKETS, Layout
 from .redis_layout import due_member as _due_member
 from .redis_layout import event_json as _event_json
 from .redis_layout import event_record as _event_record
@@ -99,7 +99,7 @@ class RedisStore(Store):
         self.url = url
         self.prefix = prefix
         self.retry_for = retry_for
-        Layout(prefix, buckets or 1)  # a bad prefix or number is refused now
+        Layout(prefix, DEFAULT_BUCKETS if buckets is None else buckets)  # refused now if bad
         self._buckets_asked = buckets
         self._layout: Layout | None = None
         client_options.setdefault("socket_connect_timeout", 5)
@@ -113,13 +113,20 @@ class RedisStore(Store):
         self._options = client_options
         self._lock = threading.Lock()
         self._conn: Any = None
-        self.scripts: Any = None
+        self._scripts: Any = None
         # A restarting or loading server (BusyLoading is a ConnectionError), a dropped
         # connection; on a cluster also a failover under way.
         self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
         if self.cluster:
             exc = redis.exceptions
-            self._retry_errors += (exc.ClusterDownError, exc.TryAgainError, exc.ClusterError)
+            # RedisClusterException: no node of the cluster answered when the slot map
+            # was asked for (the client is made again on the next try).
+            self._retry_errors += (
+                exc.ClusterDownError,
+                exc.TryAgainError,
+                exc.ClusterError,
+                exc.RedisClusterException,
+            )
         else:
             self._connect()  # no I/O: redis-py connects on the first command
         self._listener: RedisFinishedListener | None = None
@@ -137,7 +144,7 @@ class RedisStore(Store):
             client = redis.Redis.from_url(self._url, decode_responses=True, **self._options)
         # redis-py's Script runs EVALSHA and reloads the script after NOSCRIPT
         # (a restarted server has an empty script cache).
-        self.scripts = SimpleNamespace(
+        self._scripts = SimpleNamespace(
             create=client.register_script(scripts.CREATE),
             write=client.register_script(scripts.WRITE),
             cas_step=client.register_script(scripts.CAS_STEP),
@@ -155,6 +162,12 @@ class RedisStore(Store):
             with self._lock:
                 client = self._conn if self._conn is not None else self._connect()
         return client
+
+    @property
+    def scripts(self) -> Any:
+        """The store's Lua scripts, registered with the current client."""
+        self._client  # noqa: B018 - connects (a cluster client after a fork) if needed
+        return self._scripts
 
     @property
     def layout(self) -> Layout:

@@ -47,19 +47,21 @@ def list_sagas(client: Any, layout: Layout, flt: SagaFilter) -> list[SagaRecord]
             key, hi, lo, desc=True, byscore=True, withscores=True, offset=offset, num=page
         )
 
-    # The first page of every index in one pipeline; further pages when a merge needs them.
+    # A short first page of every index (a bucket holds about 1/N of the matches) in
+    # one pipeline; further pages when the merge needs them.
+    first = min(page, (flt.offset + flt.limit) // layout.buckets + 10)
     pipe = client.pipeline(transaction=False)
     for key in sources:
-        pipe.zrange(key, hi, lo, desc=True, byscore=True, withscores=True, offset=0, num=page)
+        pipe.zrange(key, hi, lo, desc=True, byscore=True, withscores=True, offset=0, num=first)
     firsts = pipe.execute()
 
-    def index_desc(key: str, first: Rows) -> Iterator[tuple[float, str]]:
-        batch, start = first, 0
+    def index_desc(key: str, batch: Rows) -> Iterator[tuple[float, str]]:
+        start, asked = 0, first
         while True:
             yield from ((float(score), str(member)) for member, score in batch)
-            if len(batch) < page:
+            if len(batch) < asked:
                 return
-            start += page
+            start, asked = start + asked, page
             batch = rows(key, start)
 
     # Each index yields newest first (ties by id, descending, like the SQL store);

@@ -21,7 +21,7 @@ from sagaline.records import Decision, Event, Owner, SagaFilter, SagaState
 from sagaline.states import Phase, SagaStatus, StepStatus
 from sagaline.stores import redis_create
 from sagaline.stores.redis import RedisStore
-from sagaline.stores.redis_layout import event_json, fields
+from sagaline.stores.redis_layout import bucket_of, event_json, fields
 from tests.integration.test_redis_store import raw_client
 from tests.stores import delete_prefix, make_state, redis_test_url
 
@@ -231,3 +231,50 @@ def test_a_store_of_layout_1_is_refused_until_db_upgrade_rewrites_it() -> None:
     finally:
         client.flushdb()
         client.close()
+
+
+def test_lists_merge_the_buckets_in_the_order_of_one_index(
+    make_store: Callable[..., RedisStore],
+) -> None:
+    # Most sagas in one bucket, so that its index is read past its first page, and
+    # timestamps shared by several sagas (ties are ordered by id, descending).
+    store = make_store(buckets=4)
+    crowded = (str(uuid.uuid4()) for _ in range(10_000))
+    ids_in_0 = [sid for sid in crowded if bucket_of(sid, 4) == 0][:180]
+    states = [
+        make_state(
+            saga_id=ids_in_0[i] if i < 180 else None,
+            name="order" if i % 3 else "ship",
+            created_at=1000.0 + i // 4,
+        )
+        for i in range(240)
+    ]
+    done = {s.saga.saga_id for s in states[::5]}
+    for s in states:
+        if s.saga.saga_id in done:
+            s.saga = replace(s.saga, status=SagaStatus.COMPLETED)
+        assert store.create_saga(s, [])[1]
+    newest = sorted(states, key=lambda s: (s.saga.created_at, s.saga.saga_id), reverse=True)
+
+    def ids(flt: SagaFilter) -> list[str]:
+        return [s.saga_id for s in store.list_sagas(flt)]
+
+    assert ids(SagaFilter(limit=200)) == [s.saga.saga_id for s in newest[:200]]
+    assert ids(SagaFilter(limit=30, offset=100)) == [s.saga.saga_id for s in newest[100:130]]
+    running_orders = [
+        s.saga.saga_id
+        for s in newest
+        if s.saga.name == "order" and s.saga.status is SagaStatus.RUNNING
+    ]
+    assert ids(SagaFilter(limit=500, name="order", status=[SagaStatus.RUNNING])) == running_orders
+    # Keyset paging: each page starts after the last one's (created_at, saga_id).
+    pages: list[str] = []
+    flt = SagaFilter(limit=70)
+    for _ in range(10):
+        page = store.list_sagas(flt)
+        pages += [s.saga_id for s in page]
+        if len(page) < 70:
+            break
+        flt = SagaFilter(limit=70, before=(page[-1].created_at, page[-1].saga_id))
+    assert pages == [s.saga.saga_id for s in newest]
+    assert store.count_by_status()[SagaStatus.COMPLETED] == len(done)
