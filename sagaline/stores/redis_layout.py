@@ -135,6 +135,26 @@ class Layout:
             *(self.step_key(saga_id, s) for s in steps),
         ]
 
+    def index_entries(self, saga: SagaRecord, steps: Iterable[StepRecord]) -> list[tuple[str, str]]:
+        """(sorted set, member) of every index entry that may name the saga or its
+        steps, all in its bucket: what deleting a saga removes besides saga_keys()."""
+        sid, b = saga.saga_id, self.bucket_of(saga.saga_id)
+        status = saga.status.value
+        entries = [
+            (self.created_index(b), sid),
+            (self.name_index(b, saga.name), sid),
+            (self.status_index(b, status), sid),
+            (self.name_status_index(b, status, saga.name), sid),
+            (self.due_key(b), sid),
+        ]
+        if saga.parent_saga_id is not None:
+            entries.append((self.parent_index(b, saga.parent_saga_id), sid))
+        for s in steps:
+            entries.append((self.due_key(b), due_member(sid, s.name)))
+            if s.owner_node is not None:
+                entries.append((self.claims_key(b, s.owner_node), due_member(sid, s.name)))
+        return entries
+
     # -- idempotency keys (in the bucket of name and key) ----------------------------
 
     def idem_key(self, name: str, key: str) -> str:

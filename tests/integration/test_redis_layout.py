@@ -85,6 +85,17 @@ def test_a_saga_and_its_index_entries_live_in_the_hash_slot_of_its_bucket(
     ]
     assert len(set(mine)) >= 10  # saga, 3 steps, steps, events, 5 indexes, due, claims
     assert {key_slot(k.encode()) for k in mine} == {slot}
+    # What deleting the saga would remove: its own keys, and its index entries.
+    steps = store.get_steps(sid)
+    own = layout.saga_keys(sid, [s.name for s in steps])
+    assert raw.exists(*own) == len(own) == 6
+    saga = store.get_saga(sid)
+    assert saga is not None
+    entries = layout.index_entries(saga, steps)
+    present = {(k, m) for k, m in entries if raw.zscore(k, m) is not None}
+    not_due = {(layout.due_key(b), f"{sid}\0{n}") for n in ("b", "c")}  # PENDING steps
+    assert present == set(entries) - not_due and len(present) == 8
+    assert {key_slot(k.encode()) for k, _ in entries} == {slot}
     assert raw.zscore(layout.claims_key(b, "node-1"), f"{sid}\0a") == 9e9
     assert raw.zscore(layout.parent_index(b, parent.saga.saga_id), sid) is not None
     # Listing a saga's children reads every bucket's parent index.
