@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from enum import Enum
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..exceptions import ConfigurationError
 from ..records import (
@@ -82,6 +83,29 @@ importlib.import_module("encodings.idna")
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
+def client_url(url: str) -> tuple[str, bool, int | None]:
+    """redis-py's URL for a store URL, whether it names a cluster, and its `buckets`
+    (the number of buckets a new store gets; a query parameter redis-py must not see)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in (*CLUSTER_SCHEMES, "redis", "rediss", "unix"):
+        raise ConfigurationError(f"not a Redis store URL: {redact(url)!r}")
+    cluster = scheme.lower() in CLUSTER_SCHEMES
+    plain = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}" if cluster else url
+    parts = urlsplit(plain)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = [v for k, v in query if k == "buckets"]
+    if not given:
+        return plain, cluster, None
+    try:
+        buckets = int(given[-1])
+    except ValueError:
+        raise ConfigurationError(
+            f"buckets={given[-1]!r} in {redact(url)!r} is not a whole number"
+        ) from None
+    rest_query = urlencode([(k, v) for k, v in query if k != "buckets"])
+    return urlunsplit(parts._replace(query=rest_query)), cluster, buckets
+
+
 class RedisStore(Store):
     def __init__(
         self,
@@ -99,17 +123,18 @@ class RedisStore(Store):
         self.url = url
         self.prefix = prefix
         self.retry_for = retry_for
+        self._url, self.cluster, url_buckets = client_url(url)
+        if buckets is not None and url_buckets is not None and buckets != url_buckets:
+            raise ConfigurationError(
+                f"buckets={buckets} and the URL's buckets={url_buckets} differ: give one"
+            )
+        buckets = buckets if buckets is not None else url_buckets
         Layout(prefix, DEFAULT_BUCKETS if buckets is None else buckets)  # refused now if bad
         self._buckets_asked = buckets
         self._layout: Layout | None = None
         client_options.setdefault("socket_connect_timeout", 5)
         client_options.setdefault("socket_timeout", 10)
         client_options.setdefault("health_check_interval", 30)
-        scheme, sep, rest = url.partition("://")
-        self.cluster = scheme.lower() in CLUSTER_SCHEMES
-        self._url = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}" if self.cluster else url
-        if not sep:
-            raise ConfigurationError(f"not a Redis URL: {redact(url)!r}")
         self._options = client_options
         self._lock = threading.Lock()
         self._conn: Any = None
@@ -132,6 +157,13 @@ class RedisStore(Store):
         self._listener: RedisFinishedListener | None = None
 
     # -- plumbing ----------------------------------------------------------------
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        # Of RedisCluster's own errors, only "no node answered" is worth waiting out
+        # ("keys in different slots" and the like are not).
+        if type(exc) is redis.exceptions.RedisClusterException:
+            return "cannot be connected" in str(exc)
+        return True
 
     def _connect(self) -> Any:
         if self.cluster:

@@ -53,8 +53,8 @@ def prefix(raw: Any) -> Iterator[str]:
 def make_store(prefix: str, server: str) -> Iterator[Callable[..., RedisStore]]:
     stores: list[RedisStore] = []
 
-    def make(**options: Any) -> RedisStore:
-        store = RedisStore(server, prefix=prefix, **options)
+    def make(query: str = "", **options: Any) -> RedisStore:
+        store = RedisStore(server + query, prefix=prefix, **options)
         stores.append(store)
         return store
 
@@ -110,10 +110,16 @@ def test_the_number_of_buckets_is_fixed_when_the_store_is_created(
     make_store: Callable[..., RedisStore], raw: Any, prefix: str
 ) -> None:
     state = make_state()
-    assert make_store(buckets=4).create_saga(state, [])[1]
+    assert make_store("?buckets=4").create_saga(state, [])[1]  # the URL's query, or buckets=4
     assert json.loads(raw.get(f"{prefix}:layout")) == {"version": 2, "buckets": 4}
     with pytest.raises(ConfigurationError, match="has 4 buckets, not the 64 asked for"):
         make_store(buckets=64).get_saga(state.saga.saga_id)
+    with pytest.raises(ConfigurationError, match="buckets=8 and the URL's buckets=4 differ"):
+        make_store("?buckets=4", buckets=8)
+    with pytest.raises(ConfigurationError, match=r"'many' .* is not a whole number"):
+        make_store("?buckets=many")
+    with pytest.raises(ConfigurationError, match="between 1 and 1024, got 0"):
+        make_store(buckets=0)
     reopened = make_store()  # no number asked: the store's own
     assert reopened.layout.buckets == 4
     assert reopened.get_saga(state.saga.saga_id) == state.saga
