@@ -10,8 +10,9 @@ bucket is one hash slot and every write script touches one slot only: writes
 stay atomic. Reads across sagas (lists, counts, due work, a node's claims) read
 the N buckets and merge them.
 
-Layout (`p` is the prefix, default "sagaline"; `b` a bucket; every hash field holds
-JSON)::
+Layout (`p` is the prefix, default "sagaline"; `{b}` a bucket's hash tag, braces
+included: `{b07}` for bucket 7, so a saga's hash is `sagaline:{b07}:saga:<id>`;
+every hash field holds JSON)::
 
     {p}:layout                      string  JSON: `version` (2) and `buckets` (N),
                                             written by the store's first user; a store
