@@ -222,7 +222,7 @@ def load_redis(url: str, n: int, *, prefix: str = "sagaline") -> dict[str, float
     events = json.dumps([list(e) for e in EVENTS])
     client = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
     try:
-        layout = read_layout(client, prefix, None)  # the store's buckets (made if new)
+        layout, _ = read_layout(client, prefix, None)  # the store's buckets (made if new)
         load = client.register_script(_REDIS_LOAD)
         before = int(client.info("memory")["used_memory"])
         started = time.monotonic()

@@ -118,8 +118,10 @@ class RedisStore(Store):
         auto_migrate: bool = True,
         **client_options: Any,
     ):
-        # `echo` and `auto_migrate` are SQL options the runtime passes to every store.
-        del echo, auto_migrate
+        # `echo` is an SQL option the runtime passes to every store. Without
+        # `auto_migrate` (tools that only read) an empty store is read, not set up.
+        del echo
+        self._set_up = auto_migrate
         self.url = url
         self.prefix = prefix
         self.retry_for = retry_for
@@ -206,9 +208,11 @@ class RedisStore(Store):
         """The store's key layout, read from Redis (and written there by its first user)."""
         layout = self._layout
         if layout is None:
-            layout = self._layout = self._retrying(
-                lambda: read_layout(self._client, self.prefix, self._buckets_asked)
+            layout, kept = self._retrying(
+                lambda: read_layout(self._client, self.prefix, self._buckets_asked, self._set_up)
             )
+            if kept:  # else read again next time: the store may be set up meanwhile
+                self._layout = layout
         return layout
 
     def close(self) -> None:

@@ -39,9 +39,12 @@ from .redis_payloads import create_payload
 from .redis_scripts import CREATE
 
 
-def read_layout(client: Any, prefix: str, asked: int | None) -> Layout:
-    """The layout of the store under `prefix`; an empty store gets one (`asked`
-    buckets, else DEFAULT_BUCKETS). StoreError for a store of layout 1."""
+def read_layout(
+    client: Any, prefix: str, asked: int | None, set_up: bool = True
+) -> tuple[Layout, bool]:
+    """The layout of the store under `prefix`, and whether it is recorded. An empty
+    store gets one (`asked` buckets, else DEFAULT_BUCKETS), recorded only if `set_up`.
+    StoreError for a store of layout 1."""
     old = LegacyLayout(prefix)
     if client.exists(old.marker()):
         raise StoreError(
@@ -49,14 +52,19 @@ def read_layout(client: Any, prefix: str, asked: int | None) -> Layout:
             "before Redis Cluster support (layout 1, without buckets): stop every worker "
             "and run `sagaline db upgrade --store URL` (sagaline.migrate(URL)) to rewrite it"
         )
-    return _layout_record(client, prefix, asked)
+    return _layout_record(client, prefix, asked, set_up)
 
 
-def _layout_record(client: Any, prefix: str, asked: int | None) -> Layout:
+def _layout_record(
+    client: Any, prefix: str, asked: int | None, set_up: bool = True
+) -> tuple[Layout, bool]:
     key = Layout(prefix).layout_key()
-    wanted = json.dumps({"version": LAYOUT_VERSION, "buckets": asked or DEFAULT_BUCKETS})
-    client.set(key, wanted, nx=True)
+    buckets = asked or DEFAULT_BUCKETS
+    if set_up:
+        client.set(key, json.dumps({"version": LAYOUT_VERSION, "buckets": buckets}), nx=True)
     raw = client.get(key)
+    if raw is None:  # an empty store, read only: nothing of any layout to find
+        return Layout(prefix, buckets), False
     try:
         meta = json.loads(raw)
         version, buckets = int(meta["version"]), int(meta["buckets"])
@@ -72,13 +80,13 @@ def _layout_record(client: Any, prefix: str, asked: int | None) -> Layout:
             f"the Redis store under prefix {prefix!r} has {buckets} buckets, not the "
             f"{asked} asked for: the number is fixed when a store is created"
         )
-    return Layout(prefix, buckets)
+    return Layout(prefix, buckets), True
 
 
 def migrate_layout(client: Any, prefix: str, asked: int | None) -> Layout:
     """Rewrite every saga of layout 1 under `prefix` into the current layout."""
     old = LegacyLayout(prefix)
-    layout = _layout_record(client, prefix, asked)
+    layout, _ = _layout_record(client, prefix, asked)
     create = client.register_script(CREATE)
     for key in list(client.scan_iter(match=_glob(old.saga_pattern()), count=500)):
         _move_saga(client, create, old, layout, old.saga_id_of(str(key)))

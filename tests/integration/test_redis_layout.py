@@ -109,8 +109,15 @@ OWNER = Owner("node-1", "boot-1", 1)
 def test_the_number_of_buckets_is_fixed_when_the_store_is_created(
     make_store: Callable[..., RedisStore], raw: Any, prefix: str
 ) -> None:
+    # A tool that only reads (`sagaline ls`) sets nothing up on an empty store.
+    reader = make_store(auto_migrate=False)
+    assert reader.list_sagas(SagaFilter()) == [] and reader.count_by_status() == {
+        s: 0 for s in SagaStatus
+    }
+    assert raw.get(f"{prefix}:layout") is None
     state = make_state()
     assert make_store("?buckets=4").create_saga(state, [])[1]  # the URL's query, or buckets=4
+    assert reader.get_saga(state.saga.saga_id) == state.saga and reader.layout.buckets == 4
     assert json.loads(raw.get(f"{prefix}:layout")) == {"version": 2, "buckets": 4}
     with pytest.raises(ConfigurationError, match="has 4 buckets, not the 64 asked for"):
         make_store(buckets=64).get_saga(state.saga.saga_id)
