@@ -4,14 +4,15 @@ Every key name is built here (the `Layout` methods), nowhere else.
 
 Sagas are spread over a fixed number of buckets (`N`, 16 unless the store was
 created with another number): a saga's bucket is `crc32(saga_id) mod N`, and
-every key of a bucket carries the bucket's hash tag `{bNN}`. A saga's own keys
+every key of a bucket carries the bucket's hash tag `{bNN-j}`. A saga's own keys
 and the index entries that name it live in its bucket, so on Redis Cluster each
 bucket is one hash slot and every write script touches one slot only: writes
 stay atomic. Reads across sagas (lists, counts, due work, a node's claims) read
 the N buckets and merge them.
 
 Layout (`p` is the prefix, default "sagaline"; `{b}` a bucket's hash tag, braces
-included: `{b07}` for bucket 7, so a saga's hash is `sagaline:{b07}:saga:<id>`;
+included: `{b07-40}` for bucket 7 of 16 (`bucket_tags`: each bucket in its own
+sixteenth of the cluster's slots), so a saga's hash is `sagaline:{b07-40}:saga:<id>`;
 every hash field holds JSON)::
 
     {p}:layout                      string  JSON: `version` (2) and `buckets` (N),
@@ -56,6 +57,9 @@ record silently loses long-running or stuck sagas).
 
 from __future__ import annotations
 
+import binascii
+import functools
+import itertools
 import json
 import zlib
 from collections.abc import Iterable, Iterator
@@ -68,12 +72,34 @@ from .rows import from_row, to_row
 
 LAYOUT_VERSION = 2
 DEFAULT_BUCKETS = 16
-MAX_BUCKETS = 1024
+MAX_BUCKETS = 256
+CLUSTER_SLOTS = 16384
 
 
 def bucket_of(text: str, buckets: int) -> int:
     """The bucket of a saga id (or of an idempotency key's text): stable everywhere."""
     return zlib.crc32(text.encode("utf-8")) % buckets
+
+
+def hash_slot(tag: str) -> int:
+    """The Redis Cluster hash slot of a hash tag (CRC16/XMODEM mod 16384, as Redis)."""
+    return binascii.crc_hqx(tag.encode("utf-8"), 0) % CLUSTER_SLOTS
+
+
+@functools.cache
+def bucket_tags(buckets: int) -> tuple[str, ...]:
+    """The hash tag of each bucket: `bNN-j`, with the smallest j that puts bucket NN's
+    slot in the NN-th of `buckets` equal ranges of the 16384 slots. A cluster whose
+    masters serve contiguous ranges of slots (what `redis-cli --cluster create` and
+    rebalancing make) then holds an even share of the buckets: 5/5/6 of 16 on three
+    masters, where tags `b00`..`b15` would fall 4/8/4."""
+    tags = []
+    for b in range(buckets):
+        lo, hi = b * CLUSTER_SLOTS // buckets, (b + 1) * CLUSTER_SLOTS // buckets
+        tags.append(
+            next(t for j in itertools.count() if lo <= hash_slot(t := f"b{b:02d}-{j}") < hi)
+        )
+    return tuple(tags)
 
 
 @dataclass(frozen=True)
@@ -103,8 +129,8 @@ class Layout:
         return range(self.buckets)
 
     def tag(self, bucket: int) -> str:
-        """The start of every key of `bucket`: `{p}:{bNN}`."""
-        return f"{self.prefix}:{{b{bucket:02d}}}"
+        """The start of every key of `bucket`: `{p}:{bNN-j}` (see bucket_tags)."""
+        return f"{self.prefix}:{{{bucket_tags(self.buckets)[bucket]}}}"
 
     # -- keys of one saga (in the saga's bucket) -------------------------------------
 

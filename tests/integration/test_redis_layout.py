@@ -125,7 +125,7 @@ def test_the_number_of_buckets_is_fixed_when_the_store_is_created(
         make_store("?buckets=4", buckets=8)
     with pytest.raises(ConfigurationError, match=r"'many' .* is not a whole number"):
         make_store("?buckets=many")
-    with pytest.raises(ConfigurationError, match="between 1 and 1024, got 0"):
+    with pytest.raises(ConfigurationError, match="between 1 and 256, got 0"):
         make_store(buckets=0)
     reopened = make_store()  # no number asked: the store's own
     assert reopened.layout.buckets == 4
