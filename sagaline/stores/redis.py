@@ -3,7 +3,8 @@
 The key layout and the encoding of records are in redis_layout.py, the Lua
 scripts in redis_scripts.py, the payloads of the write scripts in redis_payloads.py,
 the reads across sagas in redis_reads.py, creation with an idempotency key in
-redis_create.py and the migration from the first layout in redis_migrate.py.
+redis_create.py, the migration from the first layout in redis_migrate.py, and
+its URLs and clients (one server or a cluster) in redis_client.py.
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -45,7 +46,6 @@ from contextlib import contextmanager
 from enum import Enum
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..exceptions import ConfigurationError
 from ..records import (
@@ -61,8 +61,9 @@ from ..records import (
 from ..states import Phase, SagaStatus
 from . import redis_reads as reads
 from . import redis_scripts as scripts
-from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, redact, require_extra
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
 from .finished import FinishWatch, RedisFinishedListener
+from .redis_client import client_url, new_client
 from .redis_create import insert_saga
 from .redis_layout import DEFAULT_BUCKETS, Layout
 from .redis_layout import due_member as _due_member
@@ -79,31 +80,6 @@ redis = require_extra("redis", "redis")
 # on first use. Imported now, before a prefork pool forks: a child forked while a
 # thread of its parent held that import's module lock would wait on it forever.
 importlib.import_module("encodings.idna")
-
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def client_url(url: str) -> tuple[str, bool, int | None]:
-    """redis-py's URL for a store URL, whether it names a cluster, and its `buckets`
-    (the number of buckets a new store gets; a query parameter redis-py must not see)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in (*CLUSTER_SCHEMES, "redis", "rediss", "unix"):
-        raise ConfigurationError(f"not a Redis store URL: {redact(url)!r}")
-    cluster = scheme.lower() in CLUSTER_SCHEMES
-    plain = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}" if cluster else url
-    parts = urlsplit(plain)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = [v for k, v in query if k == "buckets"]
-    if not given:
-        return plain, cluster, None
-    try:
-        buckets = int(given[-1])
-    except ValueError:
-        raise ConfigurationError(
-            f"buckets={given[-1]!r} in {redact(url)!r} is not a whole number"
-        ) from None
-    rest_query = urlencode([(k, v) for k, v in query if k != "buckets"])
-    return urlunsplit(parts._replace(query=rest_query)), cluster, buckets
 
 
 class RedisStore(Store):
@@ -168,14 +144,7 @@ class RedisStore(Store):
         return True
 
     def _connect(self) -> Any:
-        if self.cluster:
-            # RedisCluster asks a node for the slot map when it is made: made on first use,
-            # inside the caller's retries.
-            client = redis.cluster.RedisCluster.from_url(
-                self._url, decode_responses=True, **self._options
-            )
-        else:
-            client = redis.Redis.from_url(self._url, decode_responses=True, **self._options)
+        client = new_client(self._url, self.cluster, self._options)
         # redis-py's Script runs EVALSHA and reloads the script after NOSCRIPT
         # (a restarted server has an empty script cache).
         self._scripts = SimpleNamespace(
