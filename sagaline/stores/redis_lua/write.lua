@@ -1,3 +1,4 @@
+-- KEYS[1]: the saga's hash (every key the payload names is in its bucket).
 -- Write one decision of `transact` (1), or nothing (0) unless no other transact
 -- wrote the saga and every changed record still has the version the decision was
 -- made on. A decision that only appends events checks only that the saga exists.
