@@ -5,7 +5,8 @@ Loads N sagas (default 1,000,000) straight into a fresh PostgreSQL database, in 
 over 30 days, with the steps of the FAILED ones), plus one saga of 64 steps and 1,000
 events. Then starts a real `sagaline web` process on it (read only) and times, with
 one client, sequential requests: `GET /api/v1/sagas` (no filter, a status, a name and
-a status, the next page), the list page, and the 64-step saga's page and JSON.
+a status, the next page), the list page, and the 64-step saga's page and JSON, and
+200 of its events read backwards (the page's "show earlier events").
 Stdout: one JSON line per figure with p50/p95/max in milliseconds. Nothing asserts a
 time; the database is dropped at the end.
 """
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("/", {}),
                 ("/", {"status": "FAILED"}),
                 (f"/api/v1/sagas/{BIG}", {}),
+                # What the page's "show earlier events" reads: 200 events, newest first.
+                (f"/api/v1/sagas/{BIG}/events", {"before_seq": 2**62, "limit": 200}),
                 (f"/sagas/{BIG}", {}),
             ]
             for path, params in cases:

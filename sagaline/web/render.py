@@ -150,16 +150,24 @@ NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 40, 40, 18, 10
 
 
 def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
-    """Nodes in columns by depth (a chain in step order when the definition is unknown)."""
-    names = [s.name for s in sorted(view.steps, key=lambda s: s.position)]
-    deps = {
-        n: [d for d in shapes[n].depends_on if d in names]
-        if n in shapes
-        else ([names[i - 1]] if i else [])
-        for i, n in enumerate(names)
-    }
+    """Nodes in columns by depth. The edges are the dependencies each step kept in the
+    store when the saga started (or its definition's, in this process); a saga from
+    before steps kept them, without its definition here, is drawn as a chain in step
+    order."""
+    ordered = sorted(view.steps, key=lambda s: s.position)
+    names = [s.name for s in ordered]
+    known = bool(shapes) or all(s.depends_on is not None for s in ordered)
+    deps = {}
+    for i, s in enumerate(ordered):
+        if s.name in shapes:
+            wanted = shapes[s.name].depends_on
+        elif s.depends_on is not None:
+            wanted = s.depends_on
+        else:
+            wanted = [names[i - 1]] if i else []
+        deps[s.name] = [d for d in wanted if d in names[:i]]  # positions are topological
     depth: dict[str, int] = {}
-    for n in names:  # positions are topological: dependencies come first
+    for n in names:  # dependencies come first
         depth[n] = 1 + max((depth.get(d, 0) for d in deps[n]), default=-1)
     rows: dict[int, int] = {}
     pos: dict[str, tuple[int, int]] = {}
@@ -183,6 +191,8 @@ def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
     ]
     edges = [
         {
+            "source": d,
+            "target": n,
             "x1": pos[d][0] + NODE_W,
             "y1": pos[d][1] + NODE_H / 2,
             "x2": pos[n][0],
@@ -193,7 +203,7 @@ def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
     ]
     width = PAD * 2 + (max(depth.values(), default=0) + 1) * (NODE_W + GAP_X) - GAP_X
     height = PAD * 2 + max(rows.values(), default=1) * (NODE_H + GAP_Y) - GAP_Y
-    return {"nodes": nodes, "edges": edges, "width": width, "height": height, "known": bool(shapes)}
+    return {"nodes": nodes, "edges": edges, "width": width, "height": height, "known": known}
 
 
 def _value(status: Any) -> str:
