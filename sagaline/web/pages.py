@@ -260,11 +260,11 @@ def saga_page(request: Request, saga_id: str) -> Response:
     shapes = ops.step_shapes(ctx.runtime, view.saga)
     shown = view.history[-HISTORY_ROWS:]
     history = [
-        {
-            "event": e,
-            "failure": e.kind in render.FAILED_KINDS or bool(e.detail.get("error")),
-            "error": e.detail.get("error"),
-        }
+        render.Drawn(
+            event=e,
+            failure=e.kind in render.FAILED_KINDS or bool(e.detail.get("error")),
+            error=e.detail.get("error"),
+        )
         for e in shown
     ]
     # The oldest event read is the saga's start unless its history is longer.

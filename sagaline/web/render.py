@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from .. import ops
 from ..states import SagaStatus
 from ..timeline import format_duration as duration
 
-__all__ = ["FAILED_KINDS", "Why", "ago", "dag", "duration", "timeline", "waits", "when", "why"]
+__all__ = [
+    "FAILED_KINDS",
+    "Drawn",
+    "Why",
+    "ago",
+    "dag",
+    "duration",
+    "timeline",
+    "waits",
+    "when",
+    "why",
+]
 
 FAILED_KINDS = {
     "step_attempt_failed",
@@ -147,6 +159,9 @@ def waits(view: ops.SagaView, shapes: dict[str, ops.StepShape], now: float) -> l
 # -- the DAG ------------------------------------------------------------------------------
 
 NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 40, 40, 18, 10
+# What the templates draw (a node, an edge, a bar): attributes, which Jinja reads at
+# once, where a dict's keys cost it a failed attribute lookup each (hundreds per page).
+Drawn = SimpleNamespace
 
 
 def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
@@ -177,27 +192,27 @@ def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
         rows[col] = rows.get(col, 0) + 1
     steps = {s.name: s for s in view.steps}
     nodes = [
-        {
-            "name": n,
-            "x": x,
-            "y": y,
-            "w": NODE_W,
-            "h": NODE_H,
-            "status": steps[n].status.value,
-            "comp": _value(steps[n].comp_status),
-            "attempt": steps[n].attempt,
-        }
+        Drawn(
+            name=n,
+            x=x,
+            y=y,
+            w=NODE_W,
+            h=NODE_H,
+            status=steps[n].status.value,
+            comp=_value(steps[n].comp_status),
+            attempt=steps[n].attempt,
+        )
         for n, (x, y) in pos.items()
     ]
     edges = [
-        {
-            "source": d,
-            "target": n,
-            "x1": pos[d][0] + NODE_W,
-            "y1": pos[d][1] + NODE_H / 2,
-            "x2": pos[n][0],
-            "y2": pos[n][1] + NODE_H / 2,
-        }
+        Drawn(
+            source=d,
+            target=n,
+            x1=pos[d][0] + NODE_W,
+            y1=pos[d][1] + NODE_H / 2,
+            x2=pos[n][0],
+            y2=pos[n][1] + NODE_H / 2,
+        )
         for n in names
         for d in deps[n]
     ]
@@ -248,19 +263,19 @@ def timeline(view: ops.SagaView, now: float) -> dict[str, Any]:
         queued = sent.get((a.step, a.phase, a.attempt), began)
         finished = a.finished_at or now
         rows.append(
-            {
-                "y": i * ROW_H,
-                "label": f"{'↩ ' if a.phase != 'forward' else ''}{a.step} #{a.attempt}",
-                "lane": a.phase,
-                "outcome": a.outcome,
-                "wait_x": x(queued),
-                "wait_w": max(x(began) - x(queued), 0.0),
-                "run_x": x(began),
-                "run_w": max(x(finished) - x(began), 1.0),
-                "title": f"{a.step} attempt {a.attempt} ({a.phase}): waited "
+            Drawn(
+                y=i * ROW_H,
+                label=f"{'↩ ' if a.phase != 'forward' else ''}{a.step} #{a.attempt}",
+                lane=a.phase,
+                outcome=a.outcome,
+                wait_x=x(queued),
+                wait_w=max(x(began) - x(queued), 0.0),
+                run_x=x(began),
+                run_w=max(x(finished) - x(began), 1.0),
+                title=f"{a.step} attempt {a.attempt} ({a.phase}): waited "
                 f"{duration(began - queued)}, ran {duration(finished - began)}, "
                 f"{a.outcome}" + (f": {a.error}" if a.error else ""),
-            }
+            )
         )
     return {
         "rows": rows,

@@ -79,7 +79,7 @@
     (kept || []).forEach(function (tr) {
       if (seqOf(tr) < firstSeq) { tbody.insertBefore(tr, first); }
     });
-    if (earlierDone) { button.parentNode.removeChild(button); return; }
+    if (earlierDone) { button.parentNode.parentNode.removeChild(button.parentNode); return; }
     if (earlierLoaded) { button.setAttribute("data-before-seq", earlierBefore); }
     button.addEventListener("click", function () {
       var failedKinds = (tbody.parentNode.getAttribute("data-failed-kinds") || "").split(" ");
@@ -96,9 +96,13 @@
           rows.forEach(function (tr) { tbody.insertBefore(tr, top); });
           earlierLoaded = true;
           earlierBefore = page.next_before_seq;
+          var note = root.querySelector("#earlier-note");
+          if (note) {
+            note.textContent = "the newest " + tbody.rows.length + " events are shown";
+          }
           if (earlierBefore === null) {
             earlierDone = true;
-            button.parentNode.removeChild(button);
+            button.parentNode.parentNode.removeChild(button.parentNode);
           } else {
             button.setAttribute("data-before-seq", earlierBefore);
           }
