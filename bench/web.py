@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             first = client.get("/api/v1/sagas", params={"limit": 50}).json()
-            cases = [
+            cases: list[tuple[str, dict[str, Any]]] = [
                 ("/api/v1/sagas", {"limit": 50}),
                 ("/api/v1/sagas", {"limit": 50, "status": "COMPENSATED"}),
                 ("/api/v1/sagas", {"limit": 50, "status": "FAILED", "name": "bench.web.1"}),

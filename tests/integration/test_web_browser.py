@@ -13,7 +13,7 @@ from sagaline.records import Event
 from sagaline.states import SagaStatus
 from sagaline.stores.base import store_from_url
 from tests.harness import REPO_ROOT, wait_until
-from tests.integration.web_stack import TOKEN, WebStack, web_stack
+from tests.integration.web_stack import TERMINAL, TOKEN, WebStack, web_stack
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -258,6 +258,15 @@ def test_the_list_shows_a_new_saga_and_its_status_changes_without_a_reload(
     assert time.monotonic() - done < 2.5
     assert page.evaluate("window.__same_page") is True
     assert page.get_attribute("#live-list", "data-live") == "stream"  # not the polling
+
+
+def test_without_event_source_the_list_polls(stack: WebStack, page: sync_api.Page) -> None:
+    page.add_init_script("delete window.EventSource")  # a browser or proxy without SSE
+    page.goto(f"{stack.base}/?name=robot_exploration")
+    assert page.get_attribute("#live-list", "data-live") == "polling"
+    saga_id = stack.start(area="list-polled")
+    page.wait_for_selector(f"table.sagas a[href$='/sagas/{saga_id}']", timeout=8000)
+    stack.wait_status(saga_id, TERMINAL)
 
 
 def test_the_newest_events_show_and_earlier_ones_load_on_demand(
