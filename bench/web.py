@@ -87,7 +87,7 @@ def load(url: str, n: int) -> None:
                 for k in range(64)
             ],
         )
-        events = [(BIG, now - 60, "saga_started", None, None, None, None)]
+        events: list[tuple[Any, ...]] = [(BIG, now - 60, "saga_started", None, None, None, None)]
         for k in range(64):
             for att in range(1, 6):
                 ts = now - 60 + k * 0.9 + att * 0.1
