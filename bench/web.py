@@ -5,9 +5,11 @@ Loads N sagas (default 1,000,000) straight into a fresh PostgreSQL database, in 
 over 30 days, with the steps of the FAILED ones), plus one saga of 64 steps and 1,000
 events. Then starts a real `sagaline web` process on it (read only) and times, with
 one client, sequential requests: `GET /api/v1/sagas` (no filter, a status, a name and
-a status, the next page), the list page, and the 64-step saga's page and JSON.
-Stdout: one JSON line per figure with p50/p95/max in milliseconds. Nothing asserts a
-time; the database is dropped at the end.
+a status, the next page), the list page, and the 64-step saga's page and JSON, and
+200 of its events read backwards (the page's "show earlier events").
+Stdout: one JSON line per figure with p50/p95/max in milliseconds, and the server's
+CPU time per request (Linux), which a busy machine does not inflate. Nothing asserts
+a time; the database is dropped at the end.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def load(url: str, n: int) -> None:
                 for k in range(64)
             ],
         )
-        events = [(BIG, now - 60, "saga_started", None, None, None, None)]
+        events: list[tuple[Any, ...]] = [(BIG, now - 60, "saga_started", None, None, None, None)]
         for k in range(64):
             for att in range(1, 6):
                 ts = now - 60 + k * 0.9 + att * 0.1
@@ -120,15 +122,28 @@ def load(url: str, n: int) -> None:
             conn.execute(f"VACUUM (ANALYZE) {table}")
 
 
-def timed(client: httpx.Client, path: str, params: dict[str, Any], rounds: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float | None:
+    """The user + system CPU time a process has used (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(
+    client: httpx.Client, path: str, params: dict[str, Any], rounds: int, server: int
+) -> dict[str, Any]:
     client.get(path, params=params)  # warm
     ms = []
+    cpu_before = cpu_seconds(server)
     for _ in range(rounds):
         started = time.perf_counter()
         r = client.get(path, params=params)
         ms.append((time.perf_counter() - started) * 1000)
         if r.status_code != 200:
             raise RuntimeError(f"GET {path} {params}: {r.status_code} {r.text[:200]}")
+    cpu_after = cpu_seconds(server)
     ms.sort()
     return {
         "path": path,
@@ -137,6 +152,11 @@ def timed(client: httpx.Client, path: str, params: dict[str, Any], rounds: int) 
         "p50_ms": round(statistics.median(ms), 1),
         "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1),
         "max_ms": round(ms[-1], 1),
+        # The server's CPU time per request: what the wall-clock figures cost without
+        # the waits of a busy machine (other processes' turns on the CPUs).
+        "server_cpu_ms": None
+        if cpu_before is None or cpu_after is None
+        else round((cpu_after - cpu_before) * 1000 / rounds, 1),
     }
 
 
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             first = client.get("/api/v1/sagas", params={"limit": 50}).json()
-            cases = [
+            cases: list[tuple[str, dict[str, Any]]] = [
                 ("/api/v1/sagas", {"limit": 50}),
                 ("/api/v1/sagas", {"limit": 50, "status": "COMPENSATED"}),
                 ("/api/v1/sagas", {"limit": 50, "status": "FAILED", "name": "bench.web.1"}),
@@ -183,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("/", {}),
                 ("/", {"status": "FAILED"}),
                 (f"/api/v1/sagas/{BIG}", {}),
+                # What the page's "show earlier events" reads: 200 events, newest first.
+                (f"/api/v1/sagas/{BIG}/events", {"before_seq": 2**62, "limit": 200}),
                 (f"/sagas/{BIG}", {}),
             ]
             for path, params in cases:
-                figure = timed(client, path, params, args.rounds)
+                figure = timed(client, path, params, args.rounds, server.pid)
                 print(json.dumps({"figure": "WEB", "sagas": args.sagas, **figure}), flush=True)
     finally:
         if server is not None and server.poll() is None:

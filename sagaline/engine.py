@@ -72,7 +72,10 @@ def start(
         input_fingerprint=input_fingerprint,
         trace_context=trace_context,
     )
-    steps = {n: StepRecord(saga_id, n, i) for i, n in enumerate(graph.order)}
+    steps = {
+        n: StepRecord(saga_id, n, i, depends_on=list(graph.steps[n].depends_on))
+        for i, n in enumerate(graph.order)
+    }
     state = SagaState(saga, steps)
     w = Work(defn, state, now, timing)
     w.event(

@@ -81,12 +81,22 @@ def open_store(url: str, *, read_only: bool = False, give_up_after: float | None
 MAX_CHILDREN = 500
 
 
-def read_saga(store: Store, saga_id: str, *, with_history: bool = True) -> SagaView:
-    """A saga with its steps and (unless not wanted) its history; SagaNotFound if none."""
+def read_saga(
+    store: Store, saga_id: str, *, with_history: bool = True, history_limit: int | None = None
+) -> SagaView:
+    """A saga with its steps and (unless not wanted) its history, or only its newest
+    `history_limit` events; SagaNotFound if none."""
     state = store.read_state(saga_id)
     if state is None:
         raise SagaNotFound(saga_id)
-    view = SagaView.of(state, store.history(saga_id) if with_history else None)
+    history = None
+    if with_history:
+        history = (
+            store.history(saga_id)
+            if history_limit is None
+            else store.history_tail(saga_id, limit=history_limit)
+        )
+    view = SagaView.of(state, history)
     view.children = store.list_sagas(SagaFilter(parent_saga_id=saga_id, limit=MAX_CHILDREN))
     return view
 

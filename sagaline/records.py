@@ -91,6 +91,10 @@ class StepRecord:
     owner_node: str | None = None
     owner_boot: str | None = None
     owner_pid: int | None = None
+    # The names of the steps this one waits on, as its definition had them when the
+    # saga started: the step graph can be drawn without the definition. None: a saga
+    # started before this field existed.
+    depends_on: list[str] | None = None
 
     def status_for(self, phase: Phase) -> StepStatus | CompensationStatus | None:
         """The status of the step's run in `phase` (None: never compensated)."""

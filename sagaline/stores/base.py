@@ -230,6 +230,22 @@ class Store(ABC):
     @abstractmethod
     def _history(self, saga_id: str, after_seq: int) -> list[Event]: ...
 
+    def history_tail(
+        self, saga_id: str, *, limit: int, before_seq: int | None = None
+    ) -> list[Event]:
+        """The newest `limit` events of the saga (those before `before_seq`, if given),
+        oldest first: a bounded read of a long history, newest end first."""
+        if not findable(saga_id) or limit <= 0 or (before_seq is not None and before_seq <= 1):
+            return []
+        return self._history_tail(saga_id, limit, before_seq)
+
+    def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
+        """`history_tail` from the whole history, unless a store does better."""
+        events = [
+            e for e in self._history(saga_id, 0) if before_seq is None or (e.seq or 0) < before_seq
+        ]
+        return events[-limit:]
+
     def list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         """Sagas matching the filter, newest first."""
         if filter_matches_nothing(flt):

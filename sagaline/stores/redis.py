@@ -349,6 +349,22 @@ class RedisStore(Store):
         rows = self._retrying(lambda: self._client.lrange(key, start, -1))
         return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
 
+    def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
+        # An event's seq is its 1-based index in the list, which only grows. The newest
+        # events: LLEN and LRANGE in one MULTI (an append between them would shift seqs).
+        key = self.layout.events_key(saga_id)
+
+        def read() -> tuple[int, list[Any]]:
+            if before_seq is None:
+                total, rows = self._client.pipeline().llen(key).lrange(key, -limit, -1).execute()
+                return int(total) - len(rows) + 1, list(rows)
+            stop = min(before_seq - 2, int(self._client.llen(key)) - 1)  # index of a seq
+            start = max(stop - limit + 1, 0)
+            return start + 1, list(self._client.lrange(key, start, stop)) if stop >= 0 else []
+
+        first, rows = self._retrying(read)
+        return [_event_record(saga_id, first + i, raw) for i, raw in enumerate(rows)]
+
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         return self._retrying(lambda: reads.list_sagas(self._client, self.layout, flt))
 

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0007_gc_finished_index"
+SCHEMA_REVISION = "0008_step_depends_on"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -76,6 +76,8 @@ steps = sa.Table(
     sa.Column("owner_node", sa.String(255)),
     sa.Column("owner_boot", sa.String(64)),
     sa.Column("owner_pid", sa.Integer),
+    # The steps this one waits on (StepRecord.depends_on): a JSON list of names.
+    sa.Column("depends_on", sa.JSON),
     sa.Index("ix_sagaline_steps_due", "due_at"),
     sa.Index("ix_sagaline_steps_owner", "owner_node", "due_at"),
     mysql_charset="utf8mb4",

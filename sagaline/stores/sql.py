@@ -53,7 +53,15 @@ from .sql_dialects import (
 )
 from .sql_migrate import has_schema
 from .sql_migrate import migrate as migrate_schema
-from .sql_reads import read_counts, read_due, read_history, read_saga, read_steps, read_steps_of
+from .sql_reads import (
+    read_counts,
+    read_due,
+    read_history,
+    read_history_tail,
+    read_saga,
+    read_steps,
+    read_steps_of,
+)
 from .sql_statements import (
     CLAIM,
     LOCK_SAGA,
@@ -338,6 +346,10 @@ class SQLStore(Store):
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         self._ensure_schema()
         return self._reading(lambda conn: read_history(conn, saga_id, after_seq))
+
+    def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
+        self._ensure_schema()
+        return self._reading(lambda conn: read_history_tail(conn, saga_id, limit, before_seq))
 
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         self._ensure_schema()

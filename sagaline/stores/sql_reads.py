@@ -49,6 +49,16 @@ def read_history(conn: Connection, saga_id: str, after_seq: int) -> list[Event]:
     return [event_record(r) for r in rows]
 
 
+def read_history_tail(
+    conn: Connection, saga_id: str, limit: int, before_seq: int | None
+) -> list[Event]:
+    q = sa.select(events).where(events.c.saga_id == saga_id)
+    if before_seq is not None:
+        q = q.where(events.c.seq < before_seq)
+    rows = conn.execute(q.order_by(events.c.seq.desc()).limit(limit))
+    return [event_record(r) for r in rows][::-1]
+
+
 def read_counts(conn: Connection, q: sa.Select[Any]) -> dict[SagaStatus, int]:
     """The sagas per status, by `count_query`; a status without sagas counts 0."""
     counts = dict.fromkeys(SagaStatus, 0)

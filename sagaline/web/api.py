@@ -25,6 +25,7 @@ from .api_read import (
 )
 from .api_read import decode_token as decode_token
 from .api_read import encode_token as encode_token
+from .api_stream import stream_sagas
 from .app import (
     DocResponse,
     Problem,
@@ -129,6 +130,26 @@ def api_app(saga_names: list[str]) -> FastAPI:
         response_model=schemas.StatusCounts,
         operation_id="count_sagas",
         responses=_problems(),
+    )
+    # Before GET /sagas/{saga_id}: a saga with id "stream" cannot be read over HTTP
+    # (saga ids are UUIDs unless the caller chose one).
+    api.add_api_route(
+        "/sagas/stream",
+        stream_sagas,
+        methods=["GET"],
+        operation_id="stream_sagas",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "Server-sent events: `sagas` at once, then whenever sagas "
+                "enter the list's page or change; its data is JSON "
+                '`{"sagas": [{saga_id, name, status, created_at, updated_at, '
+                "failed_step}]}` naming those sagas. The stream ends after 10 minutes "
+                "(EventSource connects again).",
+                "content": {"text/event-stream": {}},
+            },
+            **_problems(400),
+        },
     )
     # Before POST /sagas/{name}: a saga named "cancel" cannot be started over HTTP.
     api.add_api_route(

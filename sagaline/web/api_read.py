@@ -66,9 +66,7 @@ def decode_token(token: str) -> tuple[float, str]:
     return float(created_at), saga_id
 
 
-def list_sagas(
-    request: Request,
-    _who: Annotated[Principal, Depends(reader)],
+def saga_filter(
     status: Annotated[list[SagaStatus] | None, Query(description="Repeatable")] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
     since: TimeParam = None,
@@ -78,9 +76,9 @@ def list_sagas(
     parent: Annotated[str | None, Query(max_length=200, description="Parent saga id")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     page_token: Annotated[str | None, Query(pattern=PAGE_TOKEN)] = None,
-) -> Any:
-    """Sagas matching every filter given, newest first, a page at a time (keyset)."""
-    flt = SagaFilter(
+) -> SagaFilter:
+    """The list's filters (every one given must match), as the store takes them."""
+    return SagaFilter(
         status=status,
         name=name,
         created_after=_timestamp(since, "since"),
@@ -91,8 +89,16 @@ def list_sagas(
         limit=limit,
         before=None if page_token is None else decode_token(page_token),
     )
+
+
+def list_sagas(
+    request: Request,
+    _who: Annotated[Principal, Depends(reader)],
+    flt: Annotated[SagaFilter, Depends(saga_filter)],
+) -> Any:
+    """Sagas matching every filter given, newest first, a page at a time (keyset)."""
     views = ops.find_sagas(context(request).store, flt)
-    last = views[-1].saga if len(views) == limit else None
+    last = views[-1].saga if len(views) == flt.limit else None
     return {
         "sagas": [ops.summary_as_dict(v) for v in views],
         "next_page_token": None if last is None else encode_token(last.created_at, last.saga_id),
@@ -118,15 +124,36 @@ def get_events(
     saga_id: SagaId,
     _who: Annotated[Principal, Depends(reader)],
     after_seq: SeqParam = 0,
+    before_seq: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=2**62,
+            description="Read backwards: the newest `limit` events before this seq "
+            "(still oldest first); page on with next_before_seq",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS,
 ) -> Any:
-    """The saga's history after `after_seq`, oldest first."""
+    """The saga's history after `after_seq` (the oldest `limit` events), or before
+    `before_seq` (the newest `limit` of those), oldest first."""
     store = context(request).store
     if store.get_saga(saga_id) is None:
         raise SagaNotFound(saga_id)
-    events = store.history(saga_id, after_seq=after_seq)[:limit]
+    earlier = None
+    if before_seq is None:
+        events = store.history(saga_id, after_seq=after_seq)[:limit]
+    else:
+        events = store.history_tail(saga_id, limit=limit, before_seq=before_seq)
+        if len(events) == limit and events[0].seq is not None:
+            earlier = events[0].seq
+        events = [e for e in events if (e.seq or 0) > after_seq]
     last = events[-1].seq if events and events[-1].seq is not None else after_seq
-    return {"events": [ops.event_as_dict(e) for e in events], "next_after_seq": last}
+    return {
+        "events": [ops.event_as_dict(e) for e in events],
+        "next_after_seq": last,
+        "next_before_seq": earlier if earlier is not None and earlier > after_seq + 1 else None,
+    }
 
 
 async def stream_events(

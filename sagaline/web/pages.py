@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -15,13 +16,18 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from .. import ops
 from ..exceptions import InvalidTransition, SagaError, SagaNotFound
 from ..records import SagaFilter
-from ..states import SagaStatus
+from ..states import EventKind, SagaStatus
 from . import render
 from .api import decode_token, encode_token
 from .app import HERE, context, session_principal
 from .security import ANONYMOUS, SESSION_COOKIE, Principal
 
 PAGE_SIZE = 50
+# The saga page reads at most PAGE_EVENTS of the newest events (the timeline and the
+# "why" box come from them) and shows the newest HISTORY_ROWS in its history table;
+# older rows load on demand from GET /api/v1/sagas/{id}/events?before_seq=.
+PAGE_EVENTS = 2000
+HISTORY_ROWS = 200
 CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
@@ -34,6 +40,7 @@ _env = jinja2.Environment(
     lstrip_blocks=True,
 )
 _env.filters["pretty"] = lambda v: json.dumps(v, indent=2, default=str, ensure_ascii=False)
+_env.filters["compact"] = lambda v: json.dumps(v, default=str, ensure_ascii=False)
 _env.filters["when"] = render.when
 _env.filters["duration"] = render.duration
 
@@ -164,7 +171,7 @@ def saga_list(request: Request) -> Response:
         )
     }
     statuses = [s for s in SagaStatus if s.value in q.getlist("status")]
-    error, views, next_token, counts = None, [], None, {}
+    error, views, next_token, counts, stream = None, [], None, {}, None
     try:
         flt = SagaFilter(
             status=statuses or None,
@@ -180,6 +187,7 @@ def saga_list(request: Request) -> Response:
         store = context(request).store
         views = ops.find_sagas(store, flt)
         counts = context(request).counts(flt.name)
+        stream = urlencode(_stream_query(flt))
         if len(views) == PAGE_SIZE:
             last = views[-1].saga
             keep = [(k, v) for k, v in q.multi_items() if k != "page_token"]
@@ -211,7 +219,29 @@ def saga_list(request: Request) -> Response:
         next_query=next_token,
         error=error,
         query=str(request.url.query),
+        stream_query=stream,
     )
+
+
+def _stream_query(flt: SagaFilter) -> list[tuple[str, str]]:
+    """The list's filters as GET /api/v1/sagas/stream takes them (RFC 3339 times)."""
+
+    def iso(ts: float) -> str:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+    query = [("status", s.value) for s in flt.status or ()]
+    for key, value in (
+        ("name", flt.name),
+        ("since", None if flt.created_after is None else iso(flt.created_after)),
+        ("until", None if flt.created_before is None else iso(flt.created_before)),
+        ("idempotency_key", flt.idempotency_key),
+        ("failed_step", flt.failed_step),
+        ("parent", flt.parent_saga_id),
+        ("page_token", None if flt.before is None else encode_token(*flt.before)),
+    ):
+        if value is not None:
+            query.append((key, value))
+    return [*query, ("limit", str(flt.limit))]
 
 
 # -- one saga -------------------------------------------------------------------------------
@@ -223,19 +253,23 @@ def saga_page(request: Request, saga_id: str) -> Response:
         return to_login(request)
     ctx = context(request)
     try:
-        view = ops.read_saga(ctx.store, saga_id)
+        view = ops.read_saga(ctx.store, saga_id, history_limit=PAGE_EVENTS)
     except SagaNotFound:
         return page(request, "missing.html", principal, status=404, saga_id=saga_id)
     now = time.time()
     shapes = ops.step_shapes(ctx.runtime, view.saga)
+    shown = view.history[-HISTORY_ROWS:]
     history = [
-        {
-            "event": e,
-            "failure": e.kind in render.FAILED_KINDS or bool(e.detail.get("error")),
-            "error": e.detail.get("error"),
-        }
-        for e in view.history
+        render.Drawn(
+            event=e,
+            failure=e.kind in render.FAILED_KINDS or bool(e.detail.get("error")),
+            error=e.detail.get("error"),
+        )
+        for e in shown
     ]
+    # The oldest event read is the saga's start unless its history is longer.
+    partial = bool(view.history) and view.history[0].kind != EventKind.SAGA_STARTED
+    earlier = shown[0].seq if shown and (partial or len(view.history) > len(shown)) else None
     template = "saga_body.html" if request.query_params.get("fragment") else "saga.html"
     return page(
         request,
@@ -248,7 +282,9 @@ def saga_page(request: Request, saga_id: str) -> Response:
         dag=render.dag(view, shapes),
         timeline=render.timeline(view, now),
         history=history,
-        attempts=ops.step_attempts(view.history),
+        earlier_before=earlier,
+        partial=partial,
+        failed_kinds=" ".join(sorted(render.FAILED_KINDS)),
         shapes=shapes,
         last_seq=max((e.seq or 0 for e in view.history), default=0),
         terminal=view.saga.status

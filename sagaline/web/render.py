@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from .. import ops
 from ..states import SagaStatus
 from ..timeline import format_duration as duration
 
-__all__ = ["FAILED_KINDS", "Why", "ago", "dag", "duration", "timeline", "waits", "when", "why"]
+__all__ = [
+    "FAILED_KINDS",
+    "Drawn",
+    "Why",
+    "ago",
+    "dag",
+    "duration",
+    "timeline",
+    "waits",
+    "when",
+    "why",
+]
 
 FAILED_KINDS = {
     "step_attempt_failed",
@@ -147,19 +159,30 @@ def waits(view: ops.SagaView, shapes: dict[str, ops.StepShape], now: float) -> l
 # -- the DAG ------------------------------------------------------------------------------
 
 NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 40, 40, 18, 10
+# What the templates draw (a node, an edge, a bar): attributes, which Jinja reads at
+# once, where a dict's keys cost it a failed attribute lookup each (hundreds per page).
+Drawn = SimpleNamespace
 
 
 def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
-    """Nodes in columns by depth (a chain in step order when the definition is unknown)."""
-    names = [s.name for s in sorted(view.steps, key=lambda s: s.position)]
-    deps = {
-        n: [d for d in shapes[n].depends_on if d in names]
-        if n in shapes
-        else ([names[i - 1]] if i else [])
-        for i, n in enumerate(names)
-    }
+    """Nodes in columns by depth. The edges are the dependencies each step kept in the
+    store when the saga started (or its definition's, in this process); a saga from
+    before steps kept them, without its definition here, is drawn as a chain in step
+    order."""
+    ordered = sorted(view.steps, key=lambda s: s.position)
+    names = [s.name for s in ordered]
+    known = bool(shapes) or all(s.depends_on is not None for s in ordered)
+    deps = {}
+    for i, s in enumerate(ordered):
+        if s.name in shapes:
+            wanted = shapes[s.name].depends_on
+        elif s.depends_on is not None:
+            wanted = s.depends_on
+        else:
+            wanted = [names[i - 1]] if i else []
+        deps[s.name] = [d for d in wanted if d in names[:i]]  # positions are topological
     depth: dict[str, int] = {}
-    for n in names:  # positions are topological: dependencies come first
+    for n in names:  # dependencies come first
         depth[n] = 1 + max((depth.get(d, 0) for d in deps[n]), default=-1)
     rows: dict[int, int] = {}
     pos: dict[str, tuple[int, int]] = {}
@@ -169,31 +192,33 @@ def dag(view: ops.SagaView, shapes: dict[str, ops.StepShape]) -> dict[str, Any]:
         rows[col] = rows.get(col, 0) + 1
     steps = {s.name: s for s in view.steps}
     nodes = [
-        {
-            "name": n,
-            "x": x,
-            "y": y,
-            "w": NODE_W,
-            "h": NODE_H,
-            "status": steps[n].status.value,
-            "comp": _value(steps[n].comp_status),
-            "attempt": steps[n].attempt,
-        }
+        Drawn(
+            name=n,
+            x=x,
+            y=y,
+            w=NODE_W,
+            h=NODE_H,
+            status=steps[n].status.value,
+            comp=_value(steps[n].comp_status),
+            attempt=steps[n].attempt,
+        )
         for n, (x, y) in pos.items()
     ]
     edges = [
-        {
-            "x1": pos[d][0] + NODE_W,
-            "y1": pos[d][1] + NODE_H / 2,
-            "x2": pos[n][0],
-            "y2": pos[n][1] + NODE_H / 2,
-        }
+        Drawn(
+            source=d,
+            target=n,
+            x1=pos[d][0] + NODE_W,
+            y1=pos[d][1] + NODE_H / 2,
+            x2=pos[n][0],
+            y2=pos[n][1] + NODE_H / 2,
+        )
         for n in names
         for d in deps[n]
     ]
     width = PAD * 2 + (max(depth.values(), default=0) + 1) * (NODE_W + GAP_X) - GAP_X
     height = PAD * 2 + max(rows.values(), default=1) * (NODE_H + GAP_Y) - GAP_Y
-    return {"nodes": nodes, "edges": edges, "width": width, "height": height, "known": bool(shapes)}
+    return {"nodes": nodes, "edges": edges, "width": width, "height": height, "known": known}
 
 
 def _value(status: Any) -> str:
@@ -238,19 +263,19 @@ def timeline(view: ops.SagaView, now: float) -> dict[str, Any]:
         queued = sent.get((a.step, a.phase, a.attempt), began)
         finished = a.finished_at or now
         rows.append(
-            {
-                "y": i * ROW_H,
-                "label": f"{'↩ ' if a.phase != 'forward' else ''}{a.step} #{a.attempt}",
-                "lane": a.phase,
-                "outcome": a.outcome,
-                "wait_x": x(queued),
-                "wait_w": max(x(began) - x(queued), 0.0),
-                "run_x": x(began),
-                "run_w": max(x(finished) - x(began), 1.0),
-                "title": f"{a.step} attempt {a.attempt} ({a.phase}): waited "
+            Drawn(
+                y=i * ROW_H,
+                label=f"{'↩ ' if a.phase != 'forward' else ''}{a.step} #{a.attempt}",
+                lane=a.phase,
+                outcome=a.outcome,
+                wait_x=x(queued),
+                wait_w=max(x(began) - x(queued), 0.0),
+                run_x=x(began),
+                run_w=max(x(finished) - x(began), 1.0),
+                title=f"{a.step} attempt {a.attempt} ({a.phase}): waited "
                 f"{duration(began - queued)}, ran {duration(finished - began)}, "
                 f"{a.outcome}" + (f": {a.error}" if a.error else ""),
-            }
+            )
         )
     return {
         "rows": rows,

@@ -71,6 +71,9 @@ class Step(BaseModel):
     owner_node: str | None
     owner_boot: str | None
     owner_pid: int | None
+    depends_on: list[str] | None = Field(
+        description="The steps this one waits on (null: a saga from before this was kept)"
+    )
 
 
 class Attempt(BaseModel):
@@ -108,6 +111,11 @@ class SagaDetail(BaseModel):
 class EventPage(BaseModel):
     events: list[Event]
     next_after_seq: int = Field(description="Pass as after_seq to read the events after these")
+    next_before_seq: int | None = Field(
+        None,
+        description="With before_seq: pass as before_seq to read the events before these "
+        "(null: there are none)",
+    )
 
 
 class StatusCounts(BaseModel):

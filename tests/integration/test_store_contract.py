@@ -210,6 +210,7 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
             owner_node="celery@host-ü",
             owner_boot="b" * 32,
             owner_pid=4321,
+            depends_on=["root", "other ✓"],
         ),
         "b": StepRecord(
             sid,
@@ -220,6 +221,7 @@ def test_create_saga_round_trips_every_field(store: Store) -> None:
             output="plain ✓",
             compensation_data=None,
             has_compensation_data=True,
+            depends_on=[],
         ),
         "c": StepRecord(sid, "c", 2, status=StepStatus.CANCELLED, output=[1, "two"]),
     }
@@ -849,6 +851,28 @@ def test_events_are_appended_in_order_with_increasing_seq(store: Store) -> None:
     later = store.history(one, after_seq=seqs[2])
     assert [e.seq for e in later] == seqs[3:]
     assert store.history(one, after_seq=seqs[-1]) == []
+
+
+def test_the_tail_of_a_history_is_its_newest_events_and_pages_back_by_seq(store: Store) -> None:
+    sid = started(store).saga.saga_id
+    other = started(store).saga.saga_id
+    for i in range(10):
+        store.append_event(Event(sid, "note", T0 + i, detail={"i": i}))
+    store.append_event(Event(other, "note", T0, detail={"i": -1}))
+    seqs = [e.seq for e in store.history(sid)]
+    assert len(seqs) == 12
+    newest = store.history_tail(sid, limit=5)
+    assert [e.seq for e in newest] == seqs[-5:]
+    assert [e.detail.get("i") for e in newest] == [5, 6, 7, 8, 9]
+    earlier = store.history_tail(sid, limit=5, before_seq=newest[0].seq)
+    assert [e.seq for e in earlier] == seqs[-10:-5]
+    first = store.history_tail(sid, limit=5, before_seq=earlier[0].seq)
+    assert [e.seq for e in first] == seqs[:2]
+    assert first[0].kind == "saga_started"
+    assert store.history_tail(sid, limit=5, before_seq=first[0].seq) == []
+    assert [e.seq for e in store.history_tail(sid, limit=3, before_seq=2**62)] == seqs[-3:]
+    assert [e.seq for e in store.history_tail(sid, limit=100)] == seqs
+    assert store.history_tail("no-such-saga", limit=5) == []
 
 
 # -- listing ------------------------------------------------------------------------------

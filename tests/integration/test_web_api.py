@@ -6,13 +6,25 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.harness import REPO_ROOT
-from tests.integration.web_stack import READ_TOKEN, SAGALINE, TERMINAL, WebStack, web_stack
+from tests.integration.web_stack import (
+    READ_TOKEN,
+    SAGALINE,
+    TERMINAL,
+    TOKEN,
+    WebStack,
+    free_port,
+    start_server,
+    stop_server,
+    web_stack,
+)
 
 pytestmark = pytest.mark.timeout(300)
 PROBLEM = "application/problem+json"
@@ -272,3 +284,99 @@ def test_the_server_refuses_a_public_address_without_a_token(stack: WebStack) ->
     )
     assert proc.returncode != 0
     assert "without a token" in proc.stderr
+
+
+def test_resume_after_the_cause_is_fixed_compensates_the_saga(
+    stack: WebStack, tmp_path: Path
+) -> None:
+    fixed = tmp_path / "ledger-unlocked"
+    saga_id = stack.start_saga("web_fragile", {"fail": "charge", "fixed": str(fixed)})
+    stack.wait_status(saga_id, {"FAILED"})
+    assert stack.saga(saga_id)["compensation_failures"].keys() == {"reserve"}
+    fixed.touch()  # the operator fixes the cause
+    with stack.client() as c:
+        r = c.post(f"/api/v1/sagas/{saga_id}/resume")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] in ("COMPENSATING", "COMPENSATED")
+    stack.wait_status(saga_id, {"COMPENSATED"})
+    doc = stack.saga(saga_id)
+    assert doc["compensation_failures"] == {}
+    assert {"action": "resume", "actor": "operator"} in [
+        {k: e["detail"].get(k) for k in ("action", "actor")}
+        for e in doc["history"]
+        if e["kind"] == "operator_action"
+    ]
+
+
+def test_events_read_backwards_with_before_seq_cover_the_history_once(stack: WebStack) -> None:
+    saga_id = stack.start(area="backwards")
+    stack.wait_status(saga_id, TERMINAL)
+    stored = [e["seq"] for e in stack.saga(saga_id)["history"]]
+    pages: list[list[int]] = []
+    before: int | None = 2**62
+    with stack.client() as c:
+        while before is not None and len(pages) < 50:
+            r = c.get(f"/api/v1/sagas/{saga_id}/events", params={"before_seq": before, "limit": 4})
+            assert r.status_code == 200, r.text
+            pages.append([e["seq"] for e in r.json()["events"]])
+            before = r.json()["next_before_seq"]
+        assert c.get(f"/api/v1/sagas/{saga_id}/events?before_seq=0").status_code == 422
+    assert pages[0] == stored[-4:]
+    assert [seq for page in reversed(pages) for seq in page] == stored
+
+
+def test_the_list_stream_sends_the_page_then_each_saga_that_changes(stack: WebStack) -> None:
+    seen: dict[str, set[str]] = {}
+    started: str | None = None
+    with (
+        stack.client() as c,
+        c.stream("GET", "/api/v1/sagas/stream", params={"limit": 20}, timeout=60) as r,
+    ):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        batches = 0
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            batches += 1
+            for saga in json.loads(line[6:])["sagas"]:
+                seen.setdefault(saga["saga_id"], set()).add(saga["status"])
+            if started is None:  # the first batch is the page as it was
+                started = stack.start(area="listed", slow={"plan_route": 1})
+            elif seen.get(started, set()) >= {"RUNNING", "COMPLETED"} or batches > 40:
+                break
+    assert started is not None and seen[started] >= {"RUNNING", "COMPLETED"}
+    with stack.client(None) as anon:
+        assert anon.get("/api/v1/sagas/stream").status_code == 401
+
+
+def test_the_graph_is_drawn_from_the_store_without_the_app(stack: WebStack) -> None:
+    saga_id = stack.start_saga("web_graph", {})
+    old_id = stack.start_saga("web_graph", {})
+    stack.wait_status(saga_id, {"COMPLETED"})
+    stack.wait_status(old_id, {"COMPLETED"})
+    dsn = stack.store_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a saga from before depends_on
+        conn.execute("UPDATE sagaline_steps SET depends_on = NULL WHERE saga_id = %s", (old_id,))
+    port = free_port()
+    server = start_server(stack.env, port, app=None)  # read only: no saga definitions
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as browser:
+            browser.post("/login", data={"token": TOKEN})
+            html = browser.get(f"/sagas/{saga_id}").text
+            old = browser.get(f"/sagas/{old_id}").text
+    finally:
+        stop_server(server)
+    edges = set(re.findall(r'<line class="edge" data-from="(\w+)" data-to="(\w+)"', html))
+    assert edges == {
+        ("prepare", "left"),
+        ("prepare", "right"),
+        ("left", "finish"),
+        ("right", "finish"),
+    }
+    assert "in step order" not in html
+    assert set(re.findall(r'<line class="edge" data-from="(\w+)" data-to="(\w+)"', old)) == {
+        ("prepare", "left"),
+        ("left", "right"),
+        ("right", "finish"),
+    }
+    assert "in step order" in old

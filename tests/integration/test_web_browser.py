@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from sagaline.records import Event
 from sagaline.states import SagaStatus
 from sagaline.stores.base import store_from_url
 from tests.harness import REPO_ROOT, wait_until
-from tests.integration.web_stack import TOKEN, WebStack, web_stack
+from tests.integration.web_stack import TERMINAL, TOKEN, WebStack, web_stack
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -187,3 +188,120 @@ def test_the_list_shows_counts_and_filters_by_status(stack: WebStack, page: sync
     assert "COMPLETED" not in page.inner_text("table.sagas tbody")
     counts = page.inner_text(".counts")
     assert "COMPENSATED" in counts
+
+
+def test_resume_from_the_page_finishes_a_saga_once_its_cause_is_fixed(
+    stack: WebStack, page: sync_api.Page, tmp_path: Path
+) -> None:
+    fixed = tmp_path / "ledger-unlocked"
+    saga_id = stack.start_saga("web_fragile", {"fail": "charge", "fixed": str(fixed)})
+    stack.wait_status(saga_id, {"FAILED"})
+    page.goto(f"{stack.base}/sagas/{saga_id}")
+    assert page.inner_text("#saga-status") == "FAILED"
+    assert "Needs attention" in page.inner_text("#why")
+    assert "ledger is locked" in page.inner_text("#attention")
+    fixed.touch()  # the operator fixes the cause, then resumes
+    dialogs: list[str] = []
+
+    def answer(dialog: sync_api.Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", answer)
+    page.click("#resume-button")
+    page.wait_for_selector("#notice")
+    assert dialogs and "Resume saga" in dialogs[0]
+    page.evaluate("window.__same_page = true")
+    store = store_from_url(stack.store_url)
+    try:
+        wait_until(
+            lambda: (
+                (s := store.get_saga(saga_id)) is not None and s.status is SagaStatus.COMPENSATED
+            ),
+            timeout=60,
+            interval=0.2,
+            what="saga compensated after the UI resume",
+        )
+        reserve = {s.name: s for s in store.get_steps(saga_id)}["reserve"]
+        assert reserve.comp_status is not None and reserve.comp_status.value == "COMPENSATED"
+        audits = [e.detail for e in store.history(saga_id) if e.kind == "operator_action"]
+        assert any(a["action"] == "resume" and a["actor"] == "operator" for a in audits)
+    finally:
+        store.close()
+    page.wait_for_function(
+        "() => document.querySelector('#saga-status').innerText === 'COMPENSATED'", timeout=5000
+    )
+    assert page.evaluate("window.__same_page") is True
+    assert page.locator("#attention").count() == 0
+    assert page.locator("#resume-button").count() == 0
+
+
+def test_the_list_shows_a_new_saga_and_its_status_changes_without_a_reload(
+    stack: WebStack, page: sync_api.Page
+) -> None:
+    page.goto(f"{stack.base}/?name=robot_exploration")
+    page.evaluate("window.__same_page = true")
+    page.wait_for_timeout(300)  # the stream is open
+    saga_id = stack.start(area="list-live", slow={"plan_route": 2})
+    started = time.monotonic()
+    row = f"table.sagas a[href$='/sagas/{saga_id}']"
+    page.wait_for_selector(row, timeout=2000)
+    assert time.monotonic() - started < 2.5
+    stack.wait_status(saga_id, {"COMPLETED"})
+    done = time.monotonic()
+    page.wait_for_function(
+        "id => [...document.querySelectorAll('table.sagas tr')].some(tr =>"
+        " tr.innerText.includes(id) && tr.innerText.includes('COMPLETED'))",
+        arg=saga_id,
+        timeout=2000,
+    )
+    assert time.monotonic() - done < 2.5
+    assert page.evaluate("window.__same_page") is True
+    assert page.get_attribute("#live-list", "data-live") == "stream"  # not the polling
+
+
+def test_without_event_source_the_list_polls(stack: WebStack, page: sync_api.Page) -> None:
+    page.add_init_script("delete window.EventSource")  # a browser or proxy without SSE
+    page.goto(f"{stack.base}/?name=robot_exploration")
+    assert page.get_attribute("#live-list", "data-live") == "polling"
+    saga_id = stack.start(area="list-polled")
+    page.wait_for_selector(f"table.sagas a[href$='/sagas/{saga_id}']", timeout=8000)
+    stack.wait_status(saga_id, TERMINAL)
+
+
+def test_the_newest_events_show_and_earlier_ones_load_on_demand(
+    stack: WebStack, page: sync_api.Page
+) -> None:
+    saga_id = stack.start_saga("web_graph", {})
+    stack.wait_status(saga_id, {"COMPLETED"})
+    store = store_from_url(stack.store_url)
+    try:
+        for i in range(240):  # a long history: notes appended after the saga ended
+            store.append_event(Event(saga_id, "note", time.time(), detail={"i": i}))
+        seqs = [e.seq for e in store.history(saga_id)]
+    finally:
+        store.close()
+    page.goto(f"{stack.base}/sagas/{saga_id}")
+    rows = page.locator("#history-rows tr")
+    assert rows.count() == 200
+    assert rows.first.locator("td").first.inner_text() == str(seqs[-200])
+    page.click("#earlier-events")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#history-rows tr').length === {len(seqs)}",
+        timeout=5000,
+    )
+    shown = page.locator("#history-rows tr td:first-child").all_inner_texts()
+    assert shown == [str(s) for s in seqs]
+    assert page.locator("#earlier-events").count() == 0
+    assert "saga_started" in rows.first.inner_text()
+    edges = page.locator("#dag line.edge").evaluate_all(
+        "ls => ls.map(l => l.dataset.from + '>' + l.dataset.to).sort()"
+    )
+    assert edges == ["left>finish", "prepare>left", "prepare>right", "right>finish"]
+    output = page.locator("#steps tr[data-step=left] td.data").first
+    box = output.bounding_box()
+    assert box is not None and box["width"] >= 300  # a long output gets room to be read
+    output.locator("summary").click()  # a long one is folded to a line; a click opens it
+    assert "wh-11" in output.locator("pre").inner_text()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#steps").screenshot(path=str(ARTIFACTS / "steps-table.png"))

@@ -20,7 +20,8 @@ from sagaline.demo.robots.sagas import exploration_input
 from tests.harness import REPO_ROOT, WorkerProcess, wait_until
 
 SAGALINE = str(Path(sys.executable).parent / "sagaline")
-APP = "examples.robots.app"
+# The robot fleet's app, with the web tests' own sagas (web_app.py).
+APP = "tests.integration.web_app"
 TOKEN = "operator-token-0123456789"
 READ_TOKEN = "reader-token-0123456789"
 TERMINAL = {"COMPLETED", "COMPENSATED", "FAILED"}
@@ -62,6 +63,13 @@ class WebStack:
         saga_id: str = r.json()["saga_id"]
         return saga_id
 
+    def start_saga(self, name: str, input: dict[str, Any]) -> str:
+        with self.client() as c:
+            r = c.post(f"/api/v1/sagas/{name}", json=input)
+        assert r.status_code == 201, r.text
+        saga_id: str = r.json()["saga_id"]
+        return saga_id
+
     def saga(self, saga_id: str) -> dict[str, Any]:
         with self.client() as c:
             r = c.get(f"/api/v1/sagas/{saga_id}")
@@ -89,9 +97,12 @@ class WebStack:
         )
 
 
-def start_server(env: dict[str, str], port: int, *args: str) -> subprocess.Popen[bytes]:
+def start_server(
+    env: dict[str, str], port: int, *args: str, app: str | None = APP
+) -> subprocess.Popen[bytes]:
+    """`sagaline web` on `port` (read only without `app`), once it answers."""
     proc = subprocess.Popen(
-        [SAGALINE, "web", "-A", APP, "--port", str(port), *args],
+        [SAGALINE, "web", *(["-A", app] if app else []), "--port", str(port), *args],
         cwd=REPO_ROOT,
         env=env,
         start_new_session=True,
