@@ -37,9 +37,9 @@ from .runtime import Runtime as Runtime
 from .runtime import current_runtime as current_runtime
 from .states import EventKind, SagaStatus
 from .stores.base import Store as Store
-from .stores.base import open_existing as open_existing
 from .stores.base import redact as redact
-from .stores.base import store_class as store_class
+from .stores.registry import open_existing as open_existing
+from .stores.registry import store_class as store_class
 from .sweeper import SweepReport
 from .views import Attempt as Attempt
 from .views import SagaView as SagaView

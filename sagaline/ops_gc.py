@@ -16,7 +16,8 @@ from .config import Settings, parse_duration
 from .exceptions import ConfigurationError, InputError
 from .runtime import Runtime, current_runtime
 from .states import SagaStatus
-from .stores.base import Store, open_existing
+from .stores.base import Store
+from .stores.registry import open_existing
 from .stores.retention import DEFAULT_GC_BATCH, DEFAULT_GC_STATUSES, MAX_GC_BATCH, GcReport
 
 __all__ = ["DEFAULT_GC_BATCH", "MAX_GC_BATCH", "GcReport", "announce", "gc"]

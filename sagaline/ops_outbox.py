@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from .exceptions import ConfigurationError
-from .stores.base import redact, store_class
+from .stores.base import redact
+from .stores.registry import store_class
 
 
 def _outbox_store(store_url: str) -> Any:

@@ -23,7 +23,8 @@ from .publishing import DelayedPublisher as DelayedPublisher  # re-exported
 from .records import HEADER as HEADER
 from .records import Decision, Dispatch, SagaRecord, SagaState
 from .states import SAGA_TERMINAL, FailureReason
-from .stores.base import Store, store_from_url
+from .stores.base import Store
+from .stores.registry import store_from_url
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Store, store_from_url
+from .base import Store
+from .registry import store_from_url
 
 __all__ = ["Store", "store_from_url"]

@@ -62,7 +62,7 @@ from ..states import Phase, SagaStatus
 from . import redis_gc
 from . import redis_reads as reads
 from . import redis_scripts as scripts
-from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, RedisFinishedListener
 from .redis_client import client_url, new_client
 from .redis_create import insert_saga
@@ -74,6 +74,7 @@ from .redis_layout import saga_record as _saga_record
 from .redis_layout import score as _score
 from .redis_migrate import read_layout
 from .redis_payloads import decision_payload
+from .registry import require_extra
 from .rows import from_row
 
 redis = require_extra("redis", "redis")

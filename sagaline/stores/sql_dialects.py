@@ -14,7 +14,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .base import require_extra
+from .registry import require_extra
 
 if TYPE_CHECKING:
     from .pg_hot import PgHotPath

@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..stores.base import Store, store_from_url
+from ..stores.base import Store
+from ..stores.registry import store_from_url
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from sagaline.cli import cli, cut_deep, parse_time
 from sagaline.records import Event, SagaFilter, SagaRecord, SagaState, StepRecord
 from sagaline.states import SagaStatus, StepStatus
-from sagaline.stores.base import store_from_url
+from sagaline.stores import store_from_url
 from tests.harness import REPO_ROOT, WorkerProcess, wait_until
 from tests.integration.test_demo import stop_gracefully
 

@@ -17,7 +17,7 @@ import pytest
 
 from sagaline.records import SagaFilter
 from sagaline.states import SagaStatus
-from sagaline.stores.base import store_from_url
+from sagaline.stores import store_from_url
 from tests.conftest import WorkerFactory
 from tests.harness import REPO_ROOT, WorkerProcess, pid_alive, wait_until
 

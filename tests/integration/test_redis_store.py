@@ -22,7 +22,7 @@ import redis
 from sagaline.exceptions import StoreError
 from sagaline.records import Decision, Event, SagaState, StepRecord
 from sagaline.states import Phase, SagaStatus, StepStatus
-from sagaline.stores.base import store_from_url
+from sagaline.stores import store_from_url
 from sagaline.stores.redis import RedisStore
 from tests.harness import PrivateRedis, free_port
 from tests.stores import THREADS, delete_prefix, make_state, redis_test_url, run_threads

@@ -11,7 +11,7 @@ import pytest
 
 from sagaline.records import Event
 from sagaline.states import SagaStatus
-from sagaline.stores.base import store_from_url
+from sagaline.stores import store_from_url
 from tests.harness import REPO_ROOT, wait_until
 from tests.integration.web_stack import TERMINAL, TOKEN, WebStack, web_stack
 

@@ -24,7 +24,7 @@ else:  # pragma: no cover - Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 from sagaline.config import Settings
-from sagaline.stores.base import store_class
+from sagaline.stores.registry import store_class
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
