@@ -14,8 +14,10 @@ versions it read, so a claim that slips in between is never overwritten.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -69,6 +71,8 @@ from .sql_statements import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+PARTITIONS_EVERY = 3600.0  # seconds between the sweeper's checks of the months ahead
 
 
 class SQLStore(Store):
@@ -103,6 +107,7 @@ class SQLStore(Store):
         # sagas (NOTIFY), which a listener per process hears.
         self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
         self._listener: PgFinishedListener | None = None
+        self._partitions_checked = 0.0  # time.monotonic() of the last check (PostgreSQL)
         self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
         if self._hot is not None:
             self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
@@ -144,6 +149,22 @@ class SQLStore(Store):
 
     def migrate(self) -> None:
         migrate_schema(self.engine, self._writer, self.dialect, self.sqlite_path)
+        if self.dialect == "postgresql":
+            self.prepare_partitions()
+
+    def prepare_partitions(self, now: float | None = None) -> None:
+        """PostgreSQL: create the event partitions of this month and the next ones
+        (pg_partitions.py). Best effort: the DEFAULT partition takes the events of a
+        month not created yet, so a failure here (a lock not granted in time) is
+        logged and tried again at the sweeper's next hourly check."""
+        from .pg_partitions import ensure_partitions
+
+        self._partitions_checked = time.monotonic()
+        try:
+            with self._writer.begin() as conn:
+                ensure_partitions(conn, time.time() if now is None else now)
+        except sa_exc.DBAPIError as exc:
+            log.warning("could not create the event partitions ahead: %s", exc)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -349,6 +370,9 @@ class SQLStore(Store):
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         self._ensure_schema()
+        # The sweeper's pass: keep the months ahead partitioned in long-running workers.
+        if self._hot is not None and time.monotonic() - self._partitions_checked > PARTITIONS_EVERY:
+            self.prepare_partitions()
         q_sagas, q_steps = due_queries(now, limit)
         return self._reading(lambda conn: read_due(conn, q_sagas, q_steps, limit))
 
