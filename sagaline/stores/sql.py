@@ -107,7 +107,7 @@ class SQLStore(Store):
         # sagas (NOTIFY), which a listener per process hears.
         self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
         self._listener: PgFinishedListener | None = None
-        self._partitions_checked = 0.0  # time.monotonic() of the last check (PostgreSQL)
+        self._partitions_checked: float | None = None  # time.monotonic() of the last check
         self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
         if self._hot is not None:
             self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
@@ -371,7 +371,10 @@ class SQLStore(Store):
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         self._ensure_schema()
         # The sweeper's pass: keep the months ahead partitioned in long-running workers.
-        if self._hot is not None and time.monotonic() - self._partitions_checked > PARTITIONS_EVERY:
+        checked = self._partitions_checked
+        if self._hot is not None and (
+            checked is None or time.monotonic() - checked > PARTITIONS_EVERY
+        ):
             self.prepare_partitions()
         q_sagas, q_steps = due_queries(now, limit)
         return self._reading(lambda conn: read_due(conn, q_sagas, q_steps, limit))

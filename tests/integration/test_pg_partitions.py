@@ -20,7 +20,7 @@ from sagaline.stores import pg_partitions as pp
 from sagaline.stores import sql_migrate
 from sagaline.stores.rows import to_row
 from sagaline.stores.schema import SCHEMA_REVISION, sagas, steps
-from sagaline.stores.sql import SQLStore
+from sagaline.stores.sql import PARTITIONS_EVERY, SQLStore
 from tests.harness import drop_database, shared_postgres_url
 from tests.stores import make_state
 
@@ -227,5 +227,23 @@ def test_sqlite_keeps_its_events_table_unpartitioned(tmp_path: Path) -> None:
             assert pp.row_delete_floor(conn, NOW) is None
             sid = add_saga(conn, NOW, [NOW])
         assert [e.kind for e in store.history(sid)] == ["kind0"]
+    finally:
+        store.close()
+
+
+def test_the_sweepers_hourly_pass_creates_the_months_ahead_again(db_url: str) -> None:
+    store = SQLStore(db_url)
+    try:
+        store.find_due(NOW)  # the first use migrates and checks the months ahead
+        next_month = pp.partition_name(pp.add_months(THIS_MONTH, 1))
+        with store.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE {next_month}"))
+        store.find_due(NOW)  # not checked again within the hour
+        with store.engine.connect() as conn:
+            assert next_month not in [p.name for p in pp.list_partitions(conn)]
+        store._partitions_checked = time.monotonic() - PARTITIONS_EVERY - 1
+        store.find_due(NOW)
+        with store.engine.connect() as conn:
+            assert next_month in [p.name for p in pp.list_partitions(conn)]
     finally:
         store.close()
