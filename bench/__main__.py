@@ -353,16 +353,15 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                 emit(figs[name])
                 log(f"[{store}] {name} done in {time.monotonic() - t:.1f}s")
 
-            # H1 and VOL compare their L1 and T1 with the empty store's.
-            with_empty = "H1" in figures or ("VOL" in figures and store == "postgres")
-            if "L1" in figures or with_empty:
+            # H1 compares its L1 and T1 with the empty store's.
+            if "L1" in figures or "H1" in figures:
                 step("L1", fig.figure_l1, b)
             if "L2" in figures or "H1" in figures:
                 step("L2", fig.figure_l2, b)  # also gives H1's listing compensated sagas
             empty_list = fig.list_latency(b, sizes.list_runs) if "H1" in figures else {}
             if "S1" in figures:
                 step("S1", fig.figure_s1, b)
-            if "T1" in figures or with_empty:
+            if "T1" in figures or "H1" in figures:
                 step("T1", fig.figure_t1, b)
             if "VOL" in figures and store != "postgres":
                 log(f"[{store}] VOL: PostgreSQL only, skipped")
@@ -373,7 +372,7 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                     extra = {"SAGALINE_STORE_URL": url, "BENCH_SAGA_QUEUE": queue}
                     return start_worker("sagaline", env, tmp, res, extra)
 
-                step("VOL", figure_vol, b, figs["L1"], figs["T1"], vol_worker)
+                step("VOL", figure_vol, b, vol_worker)
             if "R1" in figures:
                 step("R1", fig.figure_r1, b)
             if "H1" in figures:

@@ -1,6 +1,6 @@
 """VOL: PostgreSQL with 10,000,000 events in monthly partitions.
 
-The events live in a database of their own (VOL_DATABASE), generated once with
+The events live in a database of their own (VOL_DATABASE_<events>), generated once with
 INSERT ... SELECT over generate_series (not through the engine) and reused by the
 next runs while its marker (a comment on the database: the event count, the schema
 revision, the first saga's time) still matches. The history has the shape of H1's
@@ -12,8 +12,9 @@ The figure prints:
 - the time to drop one month: a month of the same density is added before the
   history, its saga and step rows deleted (what the gc's batches do, timed apart),
   then `drop_expired_partitions` drops it, with its events (target < 1 s);
-- L1 and T1 on a worker of this store, beside the empty store's L1 and T1 of the
-  same run (target: within 1.05x);
+- L1 and T1 on a worker of this store beside a worker of the run's empty store,
+  their sagas alternating (ABBA) so that both sides share the machine's load
+  (target: within 1.05x);
 - listing the newest 50 FAILED sagas (target < 10 ms), which the
   (status, created_at) index serves.
 """
@@ -21,14 +22,17 @@ The figure prints:
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from typing import Any
 
-from bench.figures import Bench, figure_l1, figure_t1, ms_stats, ratio
+from bench.figures import Bench, alternate, ms_stats, ratio, run_saga, throughput_sagas
 from bench.history import EVENTS, HISTORY_NAME, _events_values, _status_sql
 
 VOL_DATABASE = "sagaline_bench_vol"
 VOL_MONTHS = 6
+T1_SAGAS = 500  # sagas per T1 batch (at most; --t1-sagas lowers it)
+T1_ROUNDS = 2  # batches per side, alternated
 TARGET = "drop < 1 s; L1, T1 <= 1.05x empty; list50 < 10 ms"
 _MARKER = re.compile(r"^sagaline-bench-vol events=(\d+) revision=(\S+) start=([0-9.]+)$")
 # The month dropped each run: sagas whose ids start so, apart from the history's.
@@ -209,34 +213,79 @@ def list_failed_latency(runtime: Any, runs: int) -> dict[str, float]:
     return ms_stats(samples)
 
 
-def figure_vol(
-    b: Bench, empty_l1: dict[str, Any], empty_t1: dict[str, Any], start_worker: Any
-) -> dict[str, Any]:
+class Sides:
+    """The empty store's runtime and queue, and the big one's: the caller switches
+    between them, so that their runs alternate (ABBA) under the same machine load."""
+
+    def __init__(self, b: Bench, vol_runtime: Any, vol_queue: str) -> None:
+        self.b = b
+        self.by_side = {"empty": (b.runtime, b.mod.ROUTE["saga"]), "vol": (vol_runtime, vol_queue)}
+
+    def use(self, side: str) -> None:
+        from sagaline._state import set_default_runtime
+
+        runtime, queue = self.by_side[side]
+        self.b.mod.app._sagaline_runtime = runtime
+        set_default_runtime(runtime)
+        self.b.mod.ROUTE["saga"] = queue
+
+    def l1(self) -> dict[str, dict[str, float]]:
+        """One 4-step saga at a time, alternating sides; median and p95 per side."""
+        samples: dict[str, list[float]] = {"empty": [], "vol": []}
+
+        def once(side: str, record: bool) -> None:
+            self.use(side)
+            elapsed, _ = run_saga(self.b, "noop4")
+            if record:
+                samples[side].append(elapsed)
+
+        sz = self.b.sizes
+        alternate(sz.warmup, lambda: once("empty", False), lambda: once("vol", False))
+        alternate(sz.l1_runs, lambda: once("empty", True), lambda: once("vol", True))
+        return {side: ms_stats(xs) for side, xs in samples.items()}
+
+    def t1(self, n: int, rounds: int) -> dict[str, float]:
+        """Batches of `n` sagas at once, alternating sides; median sagas/s per side."""
+        per_s: dict[str, list[float]] = {"empty": [], "vol": []}
+
+        def batch(side: str) -> None:
+            self.use(side)
+            per_s[side].append(n / throughput_sagas(self.b, n, f"VOL.T1 {side}")["seconds"])
+
+        alternate(rounds, lambda: batch("empty"), lambda: batch("vol"))
+        return {side: statistics.median(xs) for side, xs in per_s.items()}
+
+
+def figure_vol(b: Bench, start_worker: Any) -> dict[str, Any]:
     """VOL on PostgreSQL; `start_worker(store_url, queue)` starts a sagaline worker."""
     import sagaline
     from tests.harness import SHARED_PG_HOST, SHARED_PG_PORT, SHARED_PG_USER
 
-    url = f"postgresql+psycopg://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/"
-    url += VOL_DATABASE
     events = b.sizes.vol_events
+    url = f"postgresql+psycopg://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/"
+    url += f"{VOL_DATABASE}_{events}"  # one per size: a small run keeps the big one
     made = ensure_volume(url, events, b.log)
     queue = "bench.saga.vol"
     worker = start_worker(url, queue)
-    runtime = sagaline.init_app(b.mod.app, store=url, sweeper=False)
-    saved_route = b.mod.ROUTE["saga"]
-    b.mod.ROUTE["saga"] = queue
-    vb = Bench(**{**b.__dict__, "runtime": runtime, "saga_worker": worker, "store": "postgres-vol"})
+    empty_runtime, empty_route = b.runtime, b.mod.ROUTE["saga"]
+    vol_runtime = sagaline.init_app(b.mod.app, store=url, sweeper=False)
+    sides = Sides(b, vol_runtime, queue)
+    t1_sagas = min(b.sizes.t1_sagas, T1_SAGAS)
     try:
-        listing = list_failed_latency(runtime, b.sizes.list_runs)
-        l1 = figure_l1(vb, label="VOL.L1")
-        t1 = figure_t1(vb, label="VOL.T1", rounds=1)
+        sides.use("vol")
+        listing = list_failed_latency(vol_runtime, b.sizes.list_runs)
+        b.log("[postgres] VOL: L1, alternating the empty store and this one")
+        l1 = sides.l1()
+        b.log(f"[postgres] VOL: T1 ({T1_ROUNDS} batches of {t1_sagas} per side, alternating)")
+        t1 = sides.t1(t1_sagas, T1_ROUNDS)
         b.log("[postgres] VOL: dropping one month")
         drop = drop_one_month(url, made["start"], events)
     finally:
-        b.mod.ROUTE["saga"] = saved_route
+        sides.use("empty")
+        b.mod.ROUTE["saga"] = empty_route
+        b.runtime = empty_runtime
         worker.stop()
-        runtime.store.close()
-        sagaline.init_app(b.mod.app, store=b.runtime.store, sweeper=False)
+        vol_runtime.store.close()
     return {
         "figure": "VOL",
         "store": b.store,
@@ -244,14 +293,15 @@ def figure_vol(
         "generation_seconds": made["generation_seconds"],
         "reused": made["reused"],
         **drop,
-        "l1_median_ms": l1["sagaline_median_ms"],
-        "l1_empty_median_ms": empty_l1["sagaline_median_ms"],
-        "l1_vs_empty": ratio(l1["sagaline_median_ms"], empty_l1["sagaline_median_ms"]),
-        "t1_per_s": t1["sagaline_per_s"],
-        "t1_empty_per_s": empty_t1["sagaline_per_s"],
-        # Both as slowdowns: above 1 is slower than on the empty store.
-        "t1_slowdown_vs_empty": ratio(empty_t1["sagaline_per_s"], t1["sagaline_per_s"]),
-        "baseline_l1_drift": ratio(l1["baseline_median_ms"], empty_l1["baseline_median_ms"]),
+        "l1_median_ms": l1["vol"]["median_ms"],
+        "l1_p95_ms": l1["vol"]["p95_ms"],
+        "l1_empty_median_ms": l1["empty"]["median_ms"],
+        "l1_vs_empty": ratio(l1["vol"]["median_ms"], l1["empty"]["median_ms"]),
+        "t1_sagas": t1_sagas,
+        "t1_per_s": round(t1["vol"], 1),
+        "t1_empty_per_s": round(t1["empty"], 1),
+        # As a slowdown, like L1's: above 1 is slower than on the empty store.
+        "t1_slowdown_vs_empty": ratio(t1["empty"], t1["vol"]),
         "list_failed_50_median_ms": listing["median_ms"],
         "list_failed_50_p95_ms": listing["p95_ms"],
         "target": TARGET,
