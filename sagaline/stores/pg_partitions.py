@@ -243,14 +243,17 @@ def row_delete_floor(
     cutoff: float,
     *,
     statuses: frozenset[SagaStatus] = SAGA_TERMINAL,
+    name: str | None = None,
     margin: float = SKEW_MARGIN,
 ) -> float | None:
     """The gc's events below this `ts` need no row deletes: they lie in months that
     `drop_expired_partitions(conn, cutoff)` will drop once the gc deleted the finished
-    sagas (of `statuses`) older than `cutoff`. None: every event needs its row delete.
+    sagas (of `statuses`, and named `name` if given) finished before `cutoff`. None:
+    every event needs its row delete.
 
     It is the end of the newest month before `cutoff` that no kept saga (one not in
-    `statuses`, or finished at or after `cutoff`, or not finished) has events in, and
+    `statuses`, of another name, finished at or after `cutoff`, or not finished; a
+    child kept for its running parent was created after that parent) has events in, and
     never above a row the DEFAULT partition holds. Should the gc keep a saga anyway
     (a resume raced it), that month stays and so do the other events in it, until a
     later gc drops it: a saga's events are never lost, other events may outlive their
@@ -261,13 +264,19 @@ def row_delete_floor(
     months = [p for p in list_partitions(conn) if p.upper is not None and p.upper <= cutoff]
     if not months:
         return None
-    names = [s.value for s in statuses]
+    kept = "status <> ALL(:statuses) OR finished_at IS NULL OR finished_at >= :cutoff"
+    if name is not None:
+        kept += " OR name <> :name"
     oldest_kept = conn.execute(
         sa.text(
-            "SELECT min(created_at) FROM sagaline_sagas WHERE created_at < :cutoff AND "
-            "(status <> ALL(:names) OR finished_at IS NULL OR finished_at >= :cutoff)"
+            f"SELECT min(created_at) FROM sagaline_sagas WHERE created_at < :horizon AND ({kept})"
         ),
-        {"cutoff": cutoff, "names": names},
+        {
+            "cutoff": cutoff,
+            "horizon": cutoff + margin,
+            "statuses": sorted(s.value for s in statuses),
+            "name": name,
+        },
     ).scalar()
     floor = None
     for part in months:

@@ -186,11 +186,21 @@ def test_expired_months_are_dropped_only_once_no_kept_saga_has_events_in_them(
             kept = add_saga(conn, boundary + 5, [boundary - 5, boundary + 6, month_ts(-1)])
             recent = add_saga(conn, month_ts(0, 0.1), [month_ts(0, 0.1)])
         kept_history = store.history(kept)
-        delete_saga_rows(store, gone)
         cutoff = month_ts(-1, 20)
-        with store.engine.connect() as conn:
+        with store.engine.begin() as conn:
+            # Still running: the gc keeps it, its events need row deletes.
+            assert pp.row_delete_floor(conn, cutoff) is None
+            conn.execute(
+                sagas.update()
+                .where(sagas.c.saga_id == gone)
+                .values(status="COMPLETED", finished_at=month_ts(-4, 2))
+            )
+            # Finished: the gc deletes its rows, and its month can go with the DROP.
             floor = pp.row_delete_floor(conn, cutoff)
-        assert floor == pp.add_months(THIS_MONTH, -3).timestamp()  # the end of month -4
+            assert floor == pp.add_months(THIS_MONTH, -3).timestamp()  # the end of month -4
+            # ... unless the gc is for sagas of another name.
+            assert pp.row_delete_floor(conn, cutoff, name="another") is None
+        delete_saga_rows(store, gone)
         # Month -4 holds only the deleted saga's events; month -3 one of the kept saga's.
         assert drop_expired(store, cutoff) == [pp.partition_name(pp.add_months(THIS_MONTH, -4))]
         assert store.history(gone) == []
