@@ -45,14 +45,14 @@ def db_url() -> Iterator[str]:
         drop_database(url)
 
 
-def upgrade_to(url: str, revision: str) -> None:
+def upgrade_to(url: str, revision: str, *, down: bool = False) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(sql_migrate.__file__).parent / "migrations"))
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            (command.downgrade if down else command.upgrade)(cfg, revision)
     finally:
         engine.dispose()
 
@@ -140,6 +140,29 @@ def test_upgrade_partitions_an_existing_history_in_place(db_url: str) -> None:
         after = store.history(ids[1])
         assert after[-1].kind == "later"
         assert (after[-1].seq or 0) > max(e.seq or 0 for h in histories for e in h)
+    finally:
+        store.close()
+
+
+def test_downgrade_puts_the_history_back_in_one_table(db_url: str) -> None:
+    store = SQLStore(db_url)
+    try:
+        store.migrate()
+        with store.engine.begin() as conn:
+            sid = add_saga(conn, month_ts(-1), [month_ts(-1), NOW])
+        before = store.history(sid)
+    finally:
+        store.close()
+    upgrade_to(db_url, "0006_outbox", down=True)
+    store = SQLStore(db_url, auto_migrate=False)
+    try:
+        with store.engine.connect() as conn:
+            assert sql_migrate.current_revision(conn) == "0006_outbox"
+            assert not pp.is_partitioned(conn)
+            assert pp.list_partitions(conn) == []
+        assert store.history(sid) == before
+        store.migrate()  # and up again
+        assert store.history(sid) == before
     finally:
         store.close()
 

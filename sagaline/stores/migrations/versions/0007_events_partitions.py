@@ -37,7 +37,6 @@ branch_labels = None
 depends_on = None
 
 OLD = "sagaline_events_unpartitioned"
-SEQUENCE = "sagaline_events_seq_seq"
 MAX_PAST_MONTHS = 240
 COLUMNS = "seq, saga_id, ts, kind, step, attempt, phase, detail"
 
@@ -46,15 +45,16 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
+    # The sequence of `seq` (BIGSERIAL's), whatever it was named: the new table takes it over.
+    sequence = bind.exec_driver_sql(
+        "SELECT pg_get_serial_sequence('sagaline_events', 'seq')"
+    ).scalar_one()
     op.execute(f"ALTER TABLE sagaline_events RENAME TO {OLD}")
-    op.execute(
-        "ALTER TABLE sagaline_events_unpartitioned RENAME CONSTRAINT "
-        "sagaline_events_pkey TO sagaline_events_unpartitioned_pkey"
-    )
+    _rename_primary_key(OLD)
     op.execute("DROP INDEX ix_sagaline_events_saga")
     op.execute(f"""
         CREATE TABLE sagaline_events (
-            seq BIGINT NOT NULL DEFAULT nextval('{SEQUENCE}'),
+            seq BIGINT NOT NULL DEFAULT nextval('{sequence}'),
             saga_id VARCHAR(36) NOT NULL,
             ts DOUBLE PRECISION NOT NULL,
             kind VARCHAR(40) NOT NULL,
@@ -64,7 +64,7 @@ def upgrade() -> None:
             detail JSON,
             CONSTRAINT sagaline_events_pkey PRIMARY KEY (saga_id, seq, ts)
         ) PARTITION BY RANGE (ts)""")
-    op.execute(f"ALTER SEQUENCE {SEQUENCE} OWNED BY sagaline_events.seq")
+    op.execute(f"ALTER SEQUENCE {sequence} OWNED BY sagaline_events.seq")
     op.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF sagaline_events DEFAULT")
     # A partition for every month that has events (the newest MAX_PAST_MONTHS of them:
     # a clock gone wrong should not create a thousand tables; older rows stay in
@@ -83,24 +83,44 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
         return
+    sequence = bind.exec_driver_sql(
+        "SELECT pg_get_serial_sequence('sagaline_events', 'seq')"
+    ).scalar_one()
     op.execute("ALTER TABLE sagaline_events RENAME TO sagaline_events_partitioned")
-    op.execute(f"ALTER SEQUENCE {SEQUENCE} OWNED BY NONE")
+    _rename_primary_key("sagaline_events_partitioned")
+    op.execute(f"ALTER SEQUENCE {sequence} OWNED BY NONE")
     op.execute(f"""
         CREATE TABLE sagaline_events (
-            seq BIGINT NOT NULL DEFAULT nextval('{SEQUENCE}') PRIMARY KEY,
+            seq BIGINT NOT NULL DEFAULT nextval('{sequence}'),
             saga_id VARCHAR(36) NOT NULL,
             ts DOUBLE PRECISION NOT NULL,
             kind VARCHAR(40) NOT NULL,
             step VARCHAR(200),
             attempt INTEGER,
             phase VARCHAR(12),
-            detail JSON
+            detail JSON,
+            CONSTRAINT sagaline_events_pkey PRIMARY KEY (seq)
         )""")
-    op.execute(f"ALTER SEQUENCE {SEQUENCE} OWNED BY sagaline_events.seq")
+    op.execute(f"ALTER SEQUENCE {sequence} OWNED BY sagaline_events.seq")
     op.execute(
         f"INSERT INTO sagaline_events ({COLUMNS}) SELECT {COLUMNS} FROM sagaline_events_partitioned"
     )
     op.execute("DROP TABLE sagaline_events_partitioned")
     op.execute("CREATE INDEX ix_sagaline_events_saga ON sagaline_events (saga_id, seq)")
+
+
+def _rename_primary_key(table: str) -> None:
+    """Free the name sagaline_events_pkey (an index name, unique in the schema) for the
+    table that takes the name sagaline_events."""
+    name = (
+        op.get_bind()
+        .exec_driver_sql(
+            f"SELECT conname FROM pg_constraint WHERE conrelid = '{table}'::regclass "
+            "AND contype = 'p'"
+        )
+        .scalar_one()
+    )
+    op.execute(f'ALTER TABLE {table} RENAME CONSTRAINT "{name}" TO {table}_pkey')
