@@ -143,11 +143,12 @@ def load_sqlite(url: str, n: int) -> dict[str, float]:
     return {"load_seconds": loaded, "vacuum_seconds": time.monotonic() - started - loaded}
 
 
-# The keys and JSON fields RedisStore writes for the same sagas (`prefix` is the
-# store's). Numbers are formatted here, never by cjson (it rounds to 14 digits).
-# Each call writes sagas first..last; the sagas' created_at is t0 + i * dt.
+# The keys and JSON fields RedisStore writes for the same sagas (the key of each
+# saga starts with its bucket's tag, `{prefix}:{bNN}`, computed by redis_layout.py
+# and passed in ARGV[8]). Numbers are formatted here, never by cjson (it rounds to
+# 14 digits). Each call writes sagas first..last; the sagas' created_at is t0 + i * dt.
 _REDIS_LOAD = """
-local p, name = ARGV[1], ARGV[2]
+local name, tags = ARGV[2], cjson.decode(ARGV[8])
 local first, last = tonumber(ARGV[3]), tonumber(ARGV[4])
 local t0, dt = tonumber(ARGV[5]), tonumber(ARGV[6])
 local function num(x) return string.format('%.6f', x) end
@@ -172,6 +173,7 @@ for i = first, last do
   local output, err, failed = '{"order": ' .. i .. ', "ok": true}', nil, nil
   if ended then output, err, failed = 'null', 'BenchFailure: step 4 fails on purpose', 's4' end
   local qsid = str(sid)
+  local p = tags[i - first + 1]
   redis.call('HSET', p .. ':saga:' .. sid, 'saga_id', qsid, 'name', str(name),
     'status', str(status), 'input', '{"order": ' .. i .. '}', 'fingerprint', '"history"',
     'created_at', num(c), 'updated_at', num(c + 0.05), 'idempotency_key', 'null',
@@ -213,22 +215,42 @@ def load_redis(url: str, n: int, *, prefix: str = "sagaline") -> dict[str, float
 
     import redis
 
+    from sagaline.stores.redis_migrate import read_layout
+
     t0 = time.time() - SPAN
     dt = SPAN / max(n, 1)
     events = json.dumps([list(e) for e in EVENTS])
     client = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
     try:
+        layout, _ = read_layout(client, prefix, None)  # the store's buckets (made if new)
         load = client.register_script(_REDIS_LOAD)
         before = int(client.info("memory")["used_memory"])
         started = time.monotonic()
         for first in range(1, n + 1, REDIS_BATCH):
             last = min(first + REDIS_BATCH - 1, n)
-            load(args=[prefix, HISTORY_NAME, first, last, repr(t0), repr(dt), events])
+            tags = [layout.tag(layout.bucket_of(_bench_saga_id(i))) for i in range(first, last + 1)]
+            load(
+                args=[
+                    prefix,
+                    HISTORY_NAME,
+                    first,
+                    last,
+                    repr(t0),
+                    repr(dt),
+                    events,
+                    json.dumps(tags),
+                ]
+            )
         loaded = time.monotonic() - started
         used = int(client.info("memory")["used_memory"]) - before
     finally:
         client.close()
     return {"load_seconds": loaded, "vacuum_seconds": 0.0, "memory_bytes": float(used)}
+
+
+def _bench_saga_id(i: int) -> str:
+    """The id _REDIS_LOAD gives saga i."""
+    return f"{i:08x}-0000-4000-8000-{i:012x}"
 
 
 def load_history(url: str, n: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     )
     from .functional import parallelize, saga, step, transform
     from .handle import SagaHandle
-    from .ops import SagaView, cancel, get_saga, list_sagas, migrate, resume, sweep
+    from .ops import SagaView, cancel, gc, get_saga, list_sagas, migrate, resume, sweep
     from .outbox.consumers import start_on
     from .outbox.step import StepTransaction, step_transaction
     from .states import CompensationStatus, FailureStrategy, Phase, SagaStatus, StepStatus
@@ -65,6 +65,7 @@ _EXPORTS = {
     "SagaHandle": "handle",
     "SagaView": "ops",
     "cancel": "ops",
+    "gc": "ops",
     "get_saga": "ops",
     "list_sagas": "ops",
     "migrate": "ops",
@@ -133,6 +134,7 @@ __all__ = [
     # operating them
     "SagaView",
     "cancel",
+    "gc",
     "get_saga",
     "list_sagas",
     "migrate",

@@ -3,7 +3,7 @@ and `sagaline.testkit.explore_failures` both read them)."""
 
 from __future__ import annotations
 
-STORE_KINDS = ("memory", "sqlite", "postgresql://...", "redis://...")
+STORE_KINDS = ("memory", "sqlite", "postgresql://...", "redis://...", "redis+cluster://...")
 
 
 def describe_choice(value: str) -> str:
@@ -15,6 +15,6 @@ def describe_choice(value: str) -> str:
         return "sqlite"
     if v.startswith(("postgresql:", "postgresql+", "postgres:")):
         return "postgresql"
-    if v.startswith(("redis:", "rediss:")):
+    if v.startswith(("redis:", "rediss:", "redis+cluster:", "rediss+cluster:")):
         return "redis"
     raise ValueError(f"--sagaline-store={value!r}: use one of {', '.join(STORE_KINDS)}")

@@ -1,4 +1,5 @@
-"""The `sagaline` command: thin over ops.py (worker, demo, ls, show, cancel, resume, sweep, db).
+"""The `sagaline` command: thin over ops.py (worker, demo, ls, show, cancel, resume, sweep, db);
+`gc` is in cli_gc.py, `relay` and `outbox` in cli_outbox.py.
 
 Exit statuses: 0 done; 1 a saga error; 2 no such saga, or a usage error;
 3 the store is unreachable; 4 the saga's status does not allow the operation.
@@ -16,7 +17,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from . import cli_outbox, ops
+from . import cli_gc, cli_outbox, ops
 from .cli_support import EXIT_ERROR as EXIT_ERROR
 from .cli_support import EXIT_NOT_ALLOWED as EXIT_NOT_ALLOWED
 from .cli_support import EXIT_NOT_FOUND as EXIT_NOT_FOUND
@@ -303,4 +304,5 @@ def db_upgrade(store: str | None = StoreOption) -> None:
     typer.echo(f"store {redact(url)}: schema up to date")
 
 
+cli_gc.register(cli)
 cli_outbox.register(cli, app_runtime)

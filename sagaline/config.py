@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,10 @@ class Settings:
     outbox_routes: str = ""
     # Run the outbox relay inside every `celery worker` (when outbox_routes is set).
     outbox_relay: bool = True
+    # Retention: the sweeper deletes sagas that ended COMPLETED or COMPENSATED this
+    # long ago, with their steps and history (0: keep them forever). A duration:
+    # seconds, or 30d, 12h, 45m, 2w (SAGALINE_RETENTION=30d).
+    retention: float = 0.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -93,6 +99,11 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.name, f.type, raw)
+        if isinstance(values.get("retention"), (str, timedelta)):
+            try:
+                values["retention"] = parse_duration(values["retention"])
+            except ValueError as exc:
+                raise ConfigurationError(f"retention: {exc}") from None
         if isinstance(values.get("tracing"), bool):
             values["tracing"] = "otlp" if values["tracing"] else "off"
         if not values.get("store_url"):
@@ -100,6 +111,8 @@ class Settings:
         settings = cls(**values)
         if settings.lease <= 0 or settings.redispatch_after <= 0 or settings.sweep_interval <= 0:
             raise ConfigurationError("lease, redispatch_after and sweep_interval must be > 0")
+        if settings.retention < 0:
+            raise ConfigurationError(f"retention must be >= 0, got {settings.retention!r}")
         if settings.heartbeat_interval <= 0:
             raise ConfigurationError("heartbeat_interval must be > 0")
         if settings.max_payload_bytes < 1024:
@@ -119,6 +132,8 @@ class Settings:
 
 def _parse(name: str, type_: Any, raw: str) -> Any:
     kind = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    if name in DURATIONS:
+        kind = "duration (3600, 45m, 12h, 30d, 2w)"
     try:
         if kind == "bool":
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -126,6 +141,8 @@ def _parse(name: str, type_: Any, raw: str) -> Any:
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
+        if name in DURATIONS:
+            return parse_duration(raw)
         if kind == "float":
             return float(raw)
         if kind == "int":
@@ -133,6 +150,28 @@ def _parse(name: str, type_: Any, raw: str) -> Any:
         return raw
     except ValueError:
         raise ConfigurationError(f"SAGALINE_{name.upper()}={raw!r} is not a valid {kind}") from None
+
+
+# Settings that take a duration with a unit (parse_duration), not only seconds.
+DURATIONS = frozenset({"retention"})
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str | float | timedelta) -> float:
+    """Seconds in a duration: a number of seconds, a timedelta, or 30s, 10m, 2h, 30d, 1w."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration like 3600, 45m, 12h, 30d or 2w")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{value!r} is not a duration like 3600, 45m, 12h, 30d or 2w")
+    return seconds
 
 
 def default_store_url() -> str:

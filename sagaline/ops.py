@@ -24,6 +24,10 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+from .ops_gc import DEFAULT_GC_BATCH as DEFAULT_GC_BATCH
+from .ops_gc import MAX_GC_BATCH as MAX_GC_BATCH
+from .ops_gc import GcReport as GcReport
+from .ops_gc import gc as gc
 from .ops_outbox import outbox_events as outbox_events
 from .ops_outbox import outbox_relay as outbox_relay
 from .ops_outbox import retry_outbox_events as retry_outbox_events

@@ -33,8 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         STORE_OPTION,
         default="memory",
         metavar="STORE",
-        help="store for saga_env: memory (default), sqlite, postgresql://... or redis://...;"
-        " each test gets its own database or key prefix, removed afterwards",
+        help="store for saga_env: memory (default), sqlite, postgresql://..., redis://..."
+        " or redis+cluster://...; each test gets its own database or key prefix,"
+        " removed afterwards",
     )
 
 

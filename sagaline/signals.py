@@ -27,3 +27,9 @@ step_finished = Signal(
 # processes: `counts` maps a kind (a sweeper.RepairKind value, or "worker_lost") to
 # how many items were repaired.
 sweeper_repaired = Signal(name="sagaline.sweeper_repaired", providing_args={"counts"})
+# After retention deleted finished sagas (the sweeper's pass with SAGALINE_RETENTION, or
+# `sagaline.gc`): `by_status` maps a saga status to how many sagas of it were deleted,
+# `steps` and `events` count what went with them.
+retention_deleted = Signal(
+    name="sagaline.retention_deleted", providing_args={"by_status", "steps", "events"}
+)

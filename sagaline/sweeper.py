@@ -22,10 +22,12 @@ from .engine import Timing
 from .forking import fork_guard
 from .lost_claims import hand_back_dead_processes as hand_back_dead_processes
 from .lost_claims import hand_back_lost_claims, pool_pids
+from .ops_gc import announce
 from .prefetched import requeue_prefetched_steps
 from .records import Decision, SagaState
 from .runtime import Runtime, current_runtime
 from .stores.base import DueItem
+from .stores.retention import DEFAULT_GC_BATCH, GcReport
 
 log = logging.getLogger("sagaline")
 
@@ -146,6 +148,43 @@ def _decide(rt: Runtime, item: DueItem, now: float | None) -> tuple[Repair | Non
     return chosen, decision
 
 
+# Seconds between the sweeper's looks for expired sagas when it found no backlog.
+RETENTION_IDLE = 60.0
+
+
+class RetentionPass:
+    """The sweeper's share of retention (the `retention` setting): one gc batch at most
+    per sweep, after the repairs, so that deleting history never delays them.
+
+    While batches come back full there is a backlog, and every sweep deletes one more;
+    otherwise the next look is RETENTION_IDLE seconds later (sooner for a retention
+    shorter than ten times that). Every worker's sweeper may run it: each batch is
+    re-checked where it is deleted, and SQL skips the rows another sweeper holds.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        # Where the backlog's next batch starts: sagas kept (a child still running)
+        # are passed over rather than read again at every sweep.
+        self._cursor: str | None = None
+
+    def run(self, runtime: Runtime) -> GcReport | None:
+        retention = runtime.settings.retention
+        now = time.monotonic()
+        if retention <= 0 or now < self._next:
+            return None
+        report = runtime.store.gc(
+            runtime.now() - retention,
+            batch_size=DEFAULT_GC_BATCH,
+            max_batches=1,
+            after=self._cursor,
+        )
+        self._cursor = report.cursor
+        self._next = now if report.more else now + min(RETENTION_IDLE, retention / 10)
+        announce(report, sender=runtime)
+        return report
+
+
 # -- the bootstep -------------------------------------------------------------------------
 
 
@@ -165,6 +204,7 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "sagaline sweeper"
 
     def __init__(self, worker: Any, **kwargs: Any):
+        self._retention = RetentionPass()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.time()
@@ -213,6 +253,11 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
                         sweep(runtime)
                 except Exception:
                     log.exception("sweeper pass failed; trying again in %ss", interval)
+                try:
+                    with fork_guard():
+                        self._retention.run(runtime)
+                except Exception:
+                    log.exception("retention: could not delete old sagas; trying again later")
             waited = _wait_either(runtime.process_lost, self._stop, for_a_sweep)
             for_a_sweep -= waited
 

@@ -33,6 +33,16 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A private Redis Cluster of three masters for the session: ``redis+cluster://...``,
+    the store URL. Its nodes are killed by pid at the end."""
+    from tests.private_redis_cluster import PrivateRedisCluster
+
+    with PrivateRedisCluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh database ``sagaline_test_<random>`` on the shared PostgreSQL; dropped at end."""
     url = shared_postgres_url(f"sagaline_test_{uuid.uuid4().hex[:10]}")

@@ -110,6 +110,7 @@ STORE_OPERATIONS = (
     "count_by_status",
     "find_due",
     "find_claimed",
+    "gc",
 )
 
 
@@ -172,6 +173,12 @@ class SagaMetrics:
         )
         self.repairs = pc.Counter(
             "sagaline_sweeper_repairs", "What the sweeper repaired, by kind.", ["kind"], **kw
+        )
+        self.retention = pc.Counter(
+            "sagaline_retention_deleted_sagas",
+            "Finished sagas deleted by retention, by status.",
+            ["status"],
+            **kw,
         )
         self.store_op = pc.Histogram(
             "sagaline_store_operation_seconds",
@@ -244,12 +251,21 @@ def _on_sweeper_repaired(
             current().repairs.labels(getattr(kind, "value", kind)).inc(count)
 
 
+def _on_retention_deleted(
+    sender: Any = None, by_status: dict[str, int] | None = None, **_: Any
+) -> None:
+    for status, count in (by_status or {}).items():
+        if count:
+            current().retention.labels(str(status).lower()).inc(count)
+
+
 _RECEIVERS: tuple[tuple[Any, Callable[..., None]], ...] = (
     (signals.saga_started, _on_saga_started),
     (signals.saga_finished, _on_saga_finished),
     (signals.step_started, _on_step_started),
     (signals.step_finished, _on_step_finished),
     (signals.sweeper_repaired, _on_sweeper_repaired),
+    (signals.retention_deleted, _on_retention_deleted),
 )
 
 

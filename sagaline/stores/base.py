@@ -16,13 +16,13 @@ saga document per step.
 from __future__ import annotations
 
 import importlib
-import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from ..exceptions import ConcurrencyError, ConfigurationError, StoreError
@@ -31,11 +31,21 @@ from ..states import Phase, SagaStatus
 from .filters import filter_matches_nothing, findable
 from .filters import matches_filter as matches_filter
 from .finished import FinishWatch
+from .retention import (
+    DEFAULT_GC_BATCH,
+    DEFAULT_GC_STATUSES,
+    GcRemoved,
+    GcReport,
+    GcRule,
+    GcTree,
+    gather_trees,
+)
 from .sanitize import storable_records
+from .transient import redact as redact
+from .transient import retry_transient
 
 Decide = Callable[[SagaState], "Decision | None"]
 T = TypeVar("T")
-log = logging.getLogger("sagaline.stores")
 
 # Transient failures (a restarting server, a dropped connection, a locked SQLite
 # file) are retried for this long before the operation fails with StoreError.
@@ -71,11 +81,11 @@ class Store(ABC):
     """What every state store provides. Implementations: memory, sql, redis.
 
     The base owns the contract's semantics: the decide-again loop of `transact`,
-    `storable_records` on everything written, the id and filter guards, and the
-    retry of transient failures. A store supplies primitives: `_locked` (one read
-    for a decision, and its compare-and-set write), `_insert_saga`, the
-    `_`-prefixed reads, and the single-row compare-and-sets `claim_step` and
-    `renew_lease` (which choose their fields through `records.PHASE_COLUMNS`).
+    the batches of `gc`, `storable_records` on everything written, the id and filter
+    guards, and the retry of transient failures. A store supplies primitives:
+    `_locked` (one read for a decision, and its compare-and-set write), `_insert_saga`,
+    the `_`-prefixed reads, the `_gc_` steps, and the single-row compare-and-sets
+    `claim_step` and `renew_lease` (which choose their fields through `PHASE_COLUMNS`).
     """
 
     url: str = ""
@@ -249,6 +259,64 @@ class Store(ABC):
         worker's main process calls it every sweep to find claims of dead processes.
         """
 
+    def gc(
+        self,
+        cutoff: float,
+        *,
+        statuses: Iterable[SagaStatus | str] = DEFAULT_GC_STATUSES,
+        name: str | None = None,
+        dry_run: bool = False,
+        batch_size: int = DEFAULT_GC_BATCH,
+        max_batches: int | None = None,
+        after: str | None = None,
+    ) -> GcReport:
+        """Delete the saga trees (retention.py) finished before `cutoff`, with their steps,
+        events, index entries and idempotency keys: `batch_size` roots per transaction,
+        each re-checked where it is deleted. `dry_run` counts instead of deleting. A run
+        cut short by `max_batches` reports a `cursor`, which `after` continues from."""
+        rule = GcRule.of(cutoff, statuses, batch_size)
+        report = GcReport(rule.cutoff, dry_run, sorted(rule.statuses))
+        if filter_matches_nothing(name=name):
+            return report
+        cursor = after
+        while max_batches is None or report.batches < max_batches:
+            page = partial(self._gc_candidates, rule, name, batch_size, cursor)
+            roots, cursor = self._retrying(page)
+            report.add(self._retrying(partial(self._gc_apply, roots, rule, dry_run)), len(roots))
+            if cursor is None:
+                return report
+        report.cursor = cursor
+        return report
+
+    def _gc_apply(
+        self, roots: list[tuple[str, SagaStatus]], rule: GcRule, dry_run: bool
+    ) -> GcRemoved:
+        """One batch: the trees of `roots` whose every saga is finished, counted or deleted."""
+        trees = [t for t in gather_trees(roots, self._gc_children) if t.finished]
+        if not trees:
+            return GcRemoved()
+        return self._gc_count(trees) if dry_run else self._gc_delete(trees, rule)
+
+    @abstractmethod
+    def _gc_candidates(
+        self, rule: GcRule, name: str | None, limit: int, after: str | None
+    ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
+        """Up to `limit` roots (no parent, or a parent gone) that `rule` accepts, with their
+        status, from this store's cursor `after`; and the next page's cursor (None: no more)."""
+
+    @abstractmethod
+    def _gc_children(self, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
+        """(parent id, child id, child's status) of every child saga of `ids`."""
+
+    @abstractmethod
+    def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
+        """What deleting `trees` would remove."""
+
+    @abstractmethod
+    def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
+        """Delete each tree atomically if, checked where it is deleted, `rule` still
+        accepts its root and nothing in it changed since it was read; what went."""
+
     def append_event(self, event: Event) -> None:
         """Append one event that changes no state (an observation, such as a refused claim)."""
         self.transact(event.saga_id, lambda state: Decision(events=[event]))
@@ -316,42 +384,6 @@ def open_existing(url: str, **options: Any) -> Store:
         store.close()
         raise StoreError(f"no store at {redact(url)}")
     return store
-
-
-def retry_transient(
-    fn: Callable[[], T],
-    *,
-    url: str,
-    retry_for: float,
-    errors: tuple[type[BaseException], ...],
-    transient: Callable[[BaseException], bool] = lambda exc: True,
-) -> T:
-    """Run `fn`, retrying transient failures (a restarting server, a lock) with backoff
-    for `retry_for` seconds; then, or at once for a permanent error, raise StoreError."""
-    deadline = time.monotonic() + retry_for
-    delay = 0.05
-    while True:
-        try:
-            return fn()
-        except errors as exc:
-            cause = getattr(exc, "orig", None) or exc
-            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            if not transient(exc) or time.monotonic() + delay > deadline:
-                raise StoreError(f"store {redact(url)} failed: {first}") from exc
-            log.warning("store %s: %s; retrying in %.2fs", redact(url), first, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    if ":" in creds:
-        creds = creds.split(":", 1)[0] + ":***"
-    return f"{scheme}://{creds}@{host}"
 
 
 def require_extra(module: str, extra: str) -> Any:

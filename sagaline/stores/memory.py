@@ -21,6 +21,7 @@ from ..records import (
 )
 from ..states import Phase, SagaStatus
 from .base import DueItem, Snapshot, Store, matches_filter
+from .retention import GcRemoved, GcRule, GcTree, removed_of
 
 
 class MemoryStore(Store):
@@ -191,3 +192,63 @@ class MemoryStore(Store):
                 if r.owner_node == node and r.running_phase is not None
             ]
         return found[:limit]
+
+    # -- retention (retention.py) --------------------------------------------------------
+
+    def _gc_candidates(
+        self, rule: GcRule, name: str | None, limit: int, after: str | None
+    ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
+        with self._lock:
+            found = sorted(
+                (s.saga_id, s.status)
+                for s in self._sagas.values()
+                if (after is None or s.saga_id > after)
+                and (name is None or s.name == name)
+                and (s.parent_saga_id is None or s.parent_saga_id not in self._sagas)
+                and rule.qualifies(s.status, s.finished_at, s.updated_at)
+            )
+        page = found[:limit]
+        return page, (page[-1][0] if len(found) > limit else None)
+
+    def _gc_children(self, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
+        parents = set(ids)
+        with self._lock:
+            return [
+                (str(s.parent_saga_id), s.saga_id, s.status)
+                for s in self._sagas.values()
+                if s.parent_saga_id in parents
+            ]
+
+    def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
+        ids = [sid for t in trees for sid in t.sagas]
+        with self._lock:
+            steps = sum(len(self._steps.get(sid, {})) for sid in ids)
+            events = sum(len(self._events.get(sid, [])) for sid in ids)
+        return removed_of(trees, steps, events)
+
+    def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
+        with self._lock:
+            children: dict[str, set[str]] = defaultdict(set)
+            for s in self._sagas.values():
+                if s.parent_saga_id is not None:
+                    children[s.parent_saga_id].add(s.saga_id)
+            gone = [t for t in trees if self._still(t, rule, children)]
+            ids = [sid for t in gone for sid in t.sagas]
+            removed = self._gc_count(gone)
+            for sid in ids:
+                saga = self._sagas.pop(sid)
+                if saga.idempotency_key is not None:
+                    self._keys.pop((saga.name, saga.idempotency_key), None)
+                self._steps.pop(sid, None)
+                self._events.pop(sid, None)
+            return removed
+
+    def _still(self, tree: GcTree, rule: GcRule, children: dict[str, set[str]]) -> bool:
+        """Whether the tree is as it was read (the same sagas in the same statuses, no
+        child added) and `rule` accepts its root."""
+        root = self._sagas.get(tree.root)
+        if root is None or not rule.qualifies(root.status, root.finished_at, root.updated_at):
+            return False
+        members = {sid: self._sagas[sid].status for sid in tree.sagas if sid in self._sagas}
+        below = set().union(*(children[sid] for sid in tree.sagas))
+        return members == tree.sagas and below <= tree.sagas.keys()

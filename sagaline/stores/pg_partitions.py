@@ -2,7 +2,7 @@
 and dropping the months that only hold the events of deleted sagas.
 
 `sagaline_events` is partitioned by range of `ts` (epoch seconds, UTC) since migration
-0007, one partition per calendar month (`sagaline_events_pYYYYMM`) and a DEFAULT
+0008, one partition per calendar month (`sagaline_events_pYYYYMM`) and a DEFAULT
 partition (`sagaline_events_default`) as a safety net: an event whose month has no
 partition yet lands there instead of failing its transaction. Months are created
 ahead (AHEAD_MONTHS) by the migration, by every store process once at start, by the
@@ -17,14 +17,19 @@ again at the next pass than to stall the hot path. Commit soon after.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
 
 from ..states import SAGA_TERMINAL, SagaStatus
+
+log = logging.getLogger(__name__)
 
 EVENTS = "sagaline_events"
 DEFAULT_PARTITION = f"{EVENTS}_default"
@@ -84,7 +89,7 @@ def is_layout_object(name: str | None, kind: str) -> bool:
 
 
 def is_partitioned(conn: Connection) -> bool:
-    """Whether the events table is partitioned (PostgreSQL at revision 0007 or later)."""
+    """Whether the events table is partitioned (PostgreSQL at revision 0008 or later)."""
     if conn.dialect.name != "postgresql":
         return False
     row = conn.execute(
@@ -190,6 +195,33 @@ def ensure_partitions(
     _lock(conn)
     existing = {p.name for p in list_partitions(conn)}  # another process may have made them
     return [create_month(conn, m) for m in missing if partition_name(m) not in existing]
+
+
+CHECK_EVERY = 3600.0  # seconds between a store process's checks of the months ahead
+
+
+class MonthsAhead:
+    """A store process's checks of the months ahead: at migrate (every process start)
+    and then hourly from the sweeper's pass (SQLStore.find_due)."""
+
+    def __init__(self, writer: Engine) -> None:
+        self.writer = writer
+        self.checked: float | None = None  # time.monotonic() of the last check
+
+    def check(self, now: float | None = None) -> None:
+        """Best effort: the DEFAULT partition takes the events of a month not created
+        yet, so a failure (a lock not granted in time) is logged and tried again at
+        the next hourly check."""
+        self.checked = time.monotonic()
+        try:
+            with self.writer.begin() as conn:
+                ensure_partitions(conn, time.time() if now is None else now)
+        except sa_exc.DBAPIError as exc:
+            log.warning("could not create the event partitions ahead: %s", exc)
+
+    def check_hourly(self) -> None:
+        if self.checked is None or time.monotonic() - self.checked > CHECK_EVERY:
+            self.check()
 
 
 # -- dropping ---------------------------------------------------------------------------

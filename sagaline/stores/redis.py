@@ -1,7 +1,10 @@
 """The Redis store: a hash per saga and per step, sorted-set indexes, Lua for every transition.
 
 The key layout and the encoding of records are in redis_layout.py, the Lua
-scripts in redis_scripts.py, the payloads of the write scripts in redis_payloads.py.
+scripts in redis_scripts.py, the payloads of the write scripts in redis_payloads.py,
+the reads across sagas in redis_reads.py, creation with an idempotency key in
+redis_create.py, the migration from the first layout in redis_migrate.py, and
+its URLs and clients (one server or a cluster) in redis_client.py.
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -16,9 +19,14 @@ success, and nobody would start the step that waits for both. Claims and lease
 renewals leave it alone, as they do not take the row lock in SQL either.
 A Redis script is not rolled back when a command in it fails, so every script
 does all of its checks before its first write.
-Scripts touch keys they compute or receive in a JSON payload rather than only
-through KEYS: the store runs on one Redis instance (or a primary with replicas),
-not on Redis Cluster. It needs Redis 6.2 or newer (ZRANGE ... BYSCORE REV LIMIT).
+
+Redis Cluster: `redis+cluster://host:port/` (or `rediss+cluster://`) opens the
+store with redis-py's RedisCluster; any node of the cluster will do as the first
+one. Sagas are spread over a fixed number of buckets, each one hash slot, and a
+saga's keys and its index entries share its bucket, so every script touches one
+slot and gets one of its keys as KEYS[1], which routes it (redis_layout.py). The
+same layout serves a single Redis (`redis://`). It needs Redis 6.2 or newer
+(ZRANGE ... BYSCORE REV LIMIT).
 
 Durability is Redis's: without the append-only file, a crash of Redis loses
 whatever was written since the last RDB snapshot, and sagaline cannot notice.
@@ -29,16 +37,17 @@ acknowledged is lost), or use the SQL store on PostgreSQL.
 
 from __future__ import annotations
 
-import heapq
 import importlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
+from types import SimpleNamespace
 from typing import Any
 
-from ..exceptions import StoreError
+from ..exceptions import ConfigurationError
 from ..records import (
     PHASE_COLUMNS,
     Decision,
@@ -50,17 +59,21 @@ from ..records import (
     StepRecord,
 )
 from ..states import Phase, SagaStatus
+from . import redis_gc
+from . import redis_reads as reads
 from . import redis_scripts as scripts
-from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, matches_filter, require_extra
+from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store, require_extra
 from .finished import FinishWatch, RedisFinishedListener
-from .redis_layout import chunks as _chunks
+from .redis_client import client_url, new_client
+from .redis_create import insert_saga
+from .redis_layout import DEFAULT_BUCKETS, Layout
 from .redis_layout import due_member as _due_member
 from .redis_layout import event_json as _event_json
 from .redis_layout import event_record as _event_record
 from .redis_layout import saga_record as _saga_record
 from .redis_layout import score as _score
-from .redis_layout import step_record as _step_record
-from .redis_payloads import create_payload, decision_payload
+from .redis_migrate import read_layout
+from .redis_payloads import decision_payload
 from .rows import from_row
 
 redis = require_extra("redis", "redis")
@@ -76,72 +89,141 @@ class RedisStore(Store):
         url: str,
         *,
         prefix: str = "sagaline",
+        buckets: int | None = None,
         retry_for: float = DEFAULT_RETRY_FOR,
         echo: bool = False,
         auto_migrate: bool = True,
         **client_options: Any,
     ):
-        # `echo` and `auto_migrate` are SQL options the runtime passes to every store.
-        del echo, auto_migrate
+        # `echo` is an SQL option the runtime passes to every store. Without
+        # `auto_migrate` (tools that only read) an empty store is read, not set up.
+        del echo
+        self._set_up = auto_migrate
         self.url = url
         self.prefix = prefix
         self.retry_for = retry_for
+        self._url, self.cluster, url_buckets = client_url(url)
+        if buckets is not None and url_buckets is not None and buckets != url_buckets:
+            raise ConfigurationError(
+                f"buckets={buckets} and the URL's buckets={url_buckets} differ: give one"
+            )
+        buckets = buckets if buckets is not None else url_buckets
+        Layout(prefix, DEFAULT_BUCKETS if buckets is None else buckets)  # refused now if bad
+        self._buckets_asked = buckets
+        self._layout: Layout | None = None
         client_options.setdefault("socket_connect_timeout", 5)
         client_options.setdefault("socket_timeout", 10)
         client_options.setdefault("health_check_interval", 30)
-        self._client: Any = redis.Redis.from_url(url, decode_responses=True, **client_options)
-        # redis-py's Script runs EVALSHA and reloads the script after NOSCRIPT
-        # (a restarted server has an empty script cache).
-        self._create = self._client.register_script(scripts.CREATE)
-        self._write = self._client.register_script(scripts.WRITE)
-        self._cas_step = self._client.register_script(scripts.CAS_STEP)
-        self._read_state = self._client.register_script(scripts.READ_STATE)
+        self._options = client_options
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._scripts: Any = None
         # A restarting or loading server (BusyLoading is a ConnectionError), a dropped
-        # connection.
+        # connection; on a cluster also a failover under way.
         self._retry_errors = (redis.ConnectionError, redis.TimeoutError)
+        if self.cluster:
+            exc = redis.exceptions
+            # RedisClusterException: no node of the cluster answered when the slot map
+            # was asked for (the client is made again on the next try).
+            self._retry_errors += (
+                exc.ClusterDownError,
+                exc.TryAgainError,
+                exc.ClusterError,
+                exc.RedisClusterException,
+            )
+        else:
+            self._connect()  # no I/O: redis-py connects on the first command
         self._listener: RedisFinishedListener | None = None
+
+    # Retention (Store.gc): its steps for this layout are in redis_gc.py.
+    _gc_candidates = redis_gc.candidates
+    _gc_children = redis_gc.children
+    _gc_count = redis_gc.count
+    _gc_delete = redis_gc.delete
 
     # -- plumbing ----------------------------------------------------------------
 
-    def _key(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+    def _is_transient(self, exc: BaseException) -> bool:
+        # Of RedisCluster's own errors, only "no node answered" is worth waiting out
+        # ("keys in different slots" and the like are not).
+        if type(exc) is redis.exceptions.RedisClusterException:
+            return "cannot be connected" in str(exc)
+        return True
+
+    def _connect(self) -> Any:
+        client = new_client(self._url, self.cluster, self._options)
+        # redis-py's Script runs EVALSHA and reloads the script after NOSCRIPT
+        # (a restarted server has an empty script cache).
+        self._scripts = SimpleNamespace(
+            create=client.register_script(scripts.CREATE),
+            write=client.register_script(scripts.WRITE),
+            cas_step=client.register_script(scripts.CAS_STEP),
+            read_state=client.register_script(scripts.READ_STATE),
+            idem=client.register_script(scripts.IDEM),
+            abort=client.register_script(scripts.ABORT),
+        )
+        self._conn = client
+        return client
+
+    @property
+    def _client(self) -> Any:
+        client = self._conn
+        if client is None:
+            with self._lock:
+                client = self._conn if self._conn is not None else self._connect()
+        return client
+
+    @property
+    def scripts(self) -> Any:
+        """The store's Lua scripts, registered with the current client."""
+        self._client  # noqa: B018 - connects (a cluster client after a fork) if needed
+        return self._scripts
+
+    @property
+    def layout(self) -> Layout:
+        """The store's key layout, read from Redis (and written there by its first user)."""
+        layout = self._layout
+        if layout is None:
+            layout, kept = self._retrying(
+                lambda: read_layout(self._client, self.prefix, self._buckets_asked, self._set_up)
+            )
+            if kept:  # else read again next time: the store may be set up meanwhile
+                self._layout = layout
+        return layout
 
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
-        self._client.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def dispose_after_fork(self) -> None:
         """Forget connections inherited from a parent process without closing them."""
         self._listener = None
-        self._client.connection_pool.reset()
+        if self.cluster:
+            self._conn = None  # a new client (and its connections) on first use
+        else:
+            self._client.connection_pool.reset()
 
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            listener = self._listener = RedisFinishedListener(self._client, self._key("finished"))
+            channel = self.layout.finished_channel()
+            listener = self._listener = RedisFinishedListener(self._client, channel)
         return listener.watch(saga_id)
+
+    def migrate(self) -> None:
+        """Rewrite a store of the first key layout into this one (redis_migrate.py)."""
+        from .redis_migrate import migrate_layout
+
+        self._layout = self._retrying(
+            lambda: migrate_layout(self._client, self.prefix, self._buckets_asked)
+        )
 
     # -- writes ------------------------------------------------------------------
 
     def _insert_saga(self, state: SagaState, events: list[Event]) -> tuple[SagaRecord, bool]:
-        saga = state.saga
-        sid = saga.saga_id
-        body = json.dumps(create_payload(self._key, state, events))
-
-        def attempt() -> tuple[SagaRecord, bool]:
-            owner = str(self._create(args=[body]))
-            if owner == sid:
-                return saga, True
-            existing = self._read_saga(owner)
-            if existing is None:  # an idempotency key whose saga was deleted by hand
-                raise StoreError(
-                    f"idempotency key {saga.idempotency_key!r} of {saga.name!r} "
-                    f"names saga {owner!r}, which does not exist"
-                )
-            return existing, False
-
-        return self._retrying(attempt)
+        return insert_saga(self, state, events)
 
     def claim_step(
         self,
@@ -166,9 +248,8 @@ class RedisStore(Store):
             "owner_pid",
             json.dumps(None if owner is None else owner.pid),
         ]
-        claims = None if owner is None else self._key("claims", owner.node)
         return self._cas(
-            saga_id, step, phase, attempt, cols.dispatched, lease_until, event, extra, claims
+            saga_id, step, phase, attempt, cols.dispatched, lease_until, event, extra, owner
         )
 
     def renew_lease(
@@ -188,13 +269,15 @@ class RedisStore(Store):
         lease_until: float,
         event: str,
         extra: list[str],
-        claims: str | None = None,
+        owner: Owner | None = None,
     ) -> bool:
         """Move the step from `expected`(attempt) to RUNNING on the phase's fields."""
         cols = PHASE_COLUMNS[phase]
-        keys = [self._key("step", saga_id, step), self._key("due"), self._key("events", saga_id)]
-        if claims is not None:
-            keys.append(claims)
+        layout = self.layout
+        b = layout.bucket_of(saga_id)
+        keys = [layout.step_key(saga_id, step), layout.due_key(b), layout.events_key(saga_id)]
+        if owner is not None:
+            keys.append(layout.claims_key(b, owner.node))
         args = [
             cols.status,
             json.dumps(expected.value),
@@ -209,7 +292,7 @@ class RedisStore(Store):
         ]
         # A lost reply to a claim that did commit reads as a refused claim: the step
         # then stays RUNNING until its lease expires and the sweeper retries it.
-        return self._retrying(lambda: int(self._cas_step(keys=keys, args=args)) == 1)
+        return self._retrying(lambda: int(self.scripts.cas_step(keys=keys, args=args)) == 1)
 
     @contextmanager
     def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
@@ -221,10 +304,12 @@ class RedisStore(Store):
             yield None
             return
         state, txn = loaded
+        layout = self.layout
 
         def write(decision: Decision) -> bool:
-            body = json.dumps(decision_payload(self._key, state, txn, decision))
-            return int(self._write(args=[body])) == 1
+            body = json.dumps(decision_payload(layout, state, txn, decision))
+            keys = [layout.saga_key(saga_id)]
+            return int(self.scripts.write(keys=keys, args=[body])) == 1
 
         yield Snapshot(state, write)
 
@@ -232,9 +317,10 @@ class RedisStore(Store):
 
     def _load_state(self, saga_id: str) -> tuple[SagaState, str] | None:
         """The saga with its steps, and its `txn` counter."""
-        reply = self._read_state(
-            keys=[self._key("saga", saga_id), self._key("steps", saga_id)],
-            args=[self._key("step", saga_id, "")],
+        layout = self.layout
+        reply = self.scripts.read_state(
+            keys=[layout.saga_key(saga_id), layout.steps_key(saga_id)],
+            args=[layout.step_key_prefix(saga_id)],
         )
         if not reply:
             return None
@@ -247,7 +333,7 @@ class RedisStore(Store):
         )
 
     def _read_saga(self, saga_id: str) -> SagaRecord | None:
-        h = self._client.hgetall(self._key("saga", saga_id))
+        h = self._client.hgetall(self.layout.saga_key(saga_id))
         return _saga_record(h) if h else None
 
     def _get_saga(self, saga_id: str) -> SagaRecord | None:
@@ -259,121 +345,22 @@ class RedisStore(Store):
 
     def _history(self, saga_id: str, after_seq: int) -> list[Event]:
         start = max(after_seq, 0)
-        rows = self._retrying(lambda: self._client.lrange(self._key("events", saga_id), start, -1))
+        key = self.layout.events_key(saga_id)
+        rows = self._retrying(lambda: self._client.lrange(key, start, -1))
         return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
 
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
-        if flt.limit <= 0:
-            return []
-        lo = "-inf" if flt.created_after is None else _score(flt.created_after)
-        hi = "+inf" if flt.created_before is None else "(" + _score(flt.created_before)
-        if flt.before is not None and (
-            flt.created_before is None or flt.before[0] < flt.created_before
-        ):
-            hi = _score(flt.before[0])  # inclusive: ties are cut by saga id in matches_filter
-        sources = self._list_sources(flt)
-        page = max(50, min(flt.offset + flt.limit, 500))
-
-        def read() -> list[SagaRecord]:
-            # Each index yields newest first (ties by id, descending, like the SQL
-            # store); merging them keeps that order. Records are re-checked against
-            # the filter because a saga may change status between the two reads.
-            merged = heapq.merge(
-                *(self._index_desc(k, hi, lo, page) for k in sources), reverse=True
-            )
-            out: list[SagaRecord] = []
-            seen: set[str] = set()
-            skip = flt.offset
-            for batch in _chunks((sid for _, sid in merged), page):
-                fresh = [s for s in dict.fromkeys(batch) if s not in seen]
-                for saga in self._get_sagas(fresh):
-                    seen.add(saga.saga_id)
-                    if not matches_filter(saga, flt):
-                        continue
-                    if skip:
-                        skip -= 1
-                        continue
-                    out.append(saga)
-                    if len(out) == flt.limit:
-                        return out
-            return out
-
-        return self._retrying(read)
-
-    def _list_sources(self, flt: SagaFilter) -> list[str]:
-        """The smallest set of indexes whose union holds every match."""
-        if flt.parent_saga_id is not None:  # children of one saga: few, filter the rest
-            return [self._key("idx", "parent", flt.parent_saga_id)]
-        if flt.status is not None:
-            statuses = sorted({s.value for s in flt.status})
-            if flt.name is not None:
-                return [self._key("idx", "ns", s, flt.name) for s in statuses]
-            return [self._key("idx", "status", s) for s in statuses]
-        if flt.name is not None:
-            return [self._key("idx", "name", flt.name)]
-        return [self._key("idx", "created")]
-
-    def _index_desc(self, key: str, hi: str, lo: str, page: int) -> Iterator[tuple[float, str]]:
-        start = 0
-        while True:
-            rows = self._client.zrange(
-                key, hi, lo, desc=True, byscore=True, withscores=True, offset=start, num=page
-            )
-            yield from ((float(score), str(member)) for member, score in rows)
-            if len(rows) < page:
-                return
-            start += page
-
-    def _get_sagas(self, ids: list[str]) -> list[SagaRecord]:
-        pipe = self._client.pipeline(transaction=False)
-        for sid in ids:
-            pipe.hgetall(self._key("saga", sid))
-        return [_saga_record(h) for h in pipe.execute() if h]  # skip deleted sagas
+        return self._retrying(lambda: reads.list_sagas(self._client, self.layout, flt))
 
     def _count_by_status(self, name: str | None) -> dict[SagaStatus, int]:
-        def read() -> dict[SagaStatus, int]:
-            pipe = self._client.pipeline(transaction=False)
-            for s in SagaStatus:
-                if name is None:
-                    pipe.zcard(self._key("idx", "status", s.value))
-                else:
-                    pipe.zcard(self._key("idx", "ns", s.value, name))
-            return {s: int(n) for s, n in zip(SagaStatus, pipe.execute(), strict=True)}
-
-        return self._retrying(read)
+        return self._retrying(lambda: reads.count_by_status(self._client, self.layout, name))
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         if limit <= 0:
             return []
-        rows = self._retrying(
-            lambda: self._client.zrange(
-                self._key("due"),
-                "-inf",
-                _score(now),
-                byscore=True,
-                withscores=True,
-                offset=0,
-                num=limit,
-            )
-        )
-        items = []
-        for member, score in rows:
-            saga_id, _, step = str(member).partition("\0")
-            items.append(DueItem(saga_id, step or None, float(score)))
-        return items
+        return self._retrying(lambda: reads.find_due(self._client, self.layout, now, limit))
 
     def find_claimed(self, node: str, limit: int = 200) -> list[StepRecord]:
         if limit <= 0:
             return []
-
-        def read() -> list[StepRecord]:
-            members = self._client.zrange(self._key("claims", node), 0, limit - 1)
-            pipe = self._client.pipeline(transaction=False)
-            for member in members:
-                saga_id, _, step = str(member).partition("\0")
-                pipe.hgetall(self._key("step", saga_id, step))
-            found = [_step_record(h) for h in pipe.execute() if h]
-            # Re-checked: a claim may have ended between the two reads.
-            return [r for r in found if r.owner_node == node and r.running_phase is not None]
-
-        return self._retrying(read)
+        return self._retrying(lambda: reads.find_claimed(self._client, self.layout, node, limit))

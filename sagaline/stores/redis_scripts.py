@@ -2,7 +2,9 @@
 
 Every write is one script, so it is atomic. A Redis script is not rolled back when
 a command in it fails, so every script does all of its checks before its first
-write (see redis_layout.py for the keys they touch). The writes that create.lua
+write (see redis_layout.py for the keys they touch). Each touches the keys of one
+bucket, one hash slot of a Redis Cluster, and gets one of them as KEYS[1], which
+routes it there. The writes that create.lua
 and write.lua share are in apply.lua, spliced in where a script says `--@apply`.
 """
 
@@ -30,3 +32,6 @@ CREATE = load("create.lua")
 WRITE = load("write.lua")
 CAS_STEP = load("cas_step.lua")
 READ_STATE = load("read_state.lua")
+GC = load("gc.lua")
+IDEM = load("idem.lua")
+ABORT = load("abort.lua")

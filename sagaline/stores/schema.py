@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0007_events_partitions"
+SCHEMA_REVISION = "0008_events_partitions"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -44,6 +44,8 @@ sagas = sa.Table(
     sa.Index("ix_sagaline_sagas_name_created", "name", "created_at"),
     sa.Index("ix_sagaline_sagas_due", "due_at"),
     sa.Index("ix_sagaline_sagas_parent", "parent_saga_id"),
+    # Retention (sql_gc.py): finished sagas of a status, oldest first.
+    sa.Index("ix_sagaline_sagas_status_finished", "status", "finished_at"),
     mysql_charset="utf8mb4",
     mysql_collate="utf8mb4_bin",
 )
@@ -80,7 +82,7 @@ steps = sa.Table(
     mysql_collate="utf8mb4_bin",
 )
 
-# On PostgreSQL the table is partitioned by month of `ts` (migration 0007,
+# On PostgreSQL the table is partitioned by month of `ts` (migration 0008,
 # pg_partitions.py): its primary key there is (saga_id, seq, ts), which also serves
 # the history reads, and ix_sagaline_events_saga does not exist. `seq` stays unique
 # (one sequence) and is what the statements here rely on.

@@ -14,10 +14,8 @@ versions it read, so a claim that slips in between is never overwritten.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -38,8 +36,11 @@ from ..records import (
     StepRecord,
 )
 from ..states import Phase, SagaStatus
+from . import sql_gc
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, PgFinishedListener
+from .pg_partitions import MonthsAhead
+from .retention import GcRemoved, GcRule, GcTree
 from .rows import to_row
 from .schema import events, sagas, steps
 from .sql_dialects import (
@@ -71,8 +72,6 @@ from .sql_statements import (
 )
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
-PARTITIONS_EVERY = 3600.0  # seconds between the sweeper's checks of the months ahead
 
 
 class SQLStore(Store):
@@ -107,7 +106,8 @@ class SQLStore(Store):
         # sagas (NOTIFY), which a listener per process hears.
         self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
         self._listener: PgFinishedListener | None = None
-        self._partitions_checked: float | None = None  # time.monotonic() of the last check
+        # PostgreSQL: the event partitions of the months ahead (pg_partitions.py).
+        self._months = MonthsAhead(self._writer) if self.dialect == "postgresql" else None
         self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
         if self._hot is not None:
             self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
@@ -149,22 +149,8 @@ class SQLStore(Store):
 
     def migrate(self) -> None:
         migrate_schema(self.engine, self._writer, self.dialect, self.sqlite_path)
-        if self.dialect == "postgresql":
-            self.prepare_partitions()
-
-    def prepare_partitions(self, now: float | None = None) -> None:
-        """PostgreSQL: create the event partitions of this month and the next ones
-        (pg_partitions.py). Best effort: the DEFAULT partition takes the events of a
-        month not created yet, so a failure here (a lock not granted in time) is
-        logged and tried again at the sweeper's next hourly check."""
-        from .pg_partitions import ensure_partitions
-
-        self._partitions_checked = time.monotonic()
-        try:
-            with self._writer.begin() as conn:
-                ensure_partitions(conn, time.time() if now is None else now)
-        except sa_exc.DBAPIError as exc:
-            log.warning("could not create the event partitions ahead: %s", exc)
+        if self._months is not None:
+            self._months.check()
 
     def close(self) -> None:
         if self._listener is not None:
@@ -370,12 +356,8 @@ class SQLStore(Store):
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         self._ensure_schema()
-        # The sweeper's pass: keep the months ahead partitioned in long-running workers.
-        checked = self._partitions_checked
-        if self._hot is not None and (
-            checked is None or time.monotonic() - checked > PARTITIONS_EVERY
-        ):
-            self.prepare_partitions()
+        if self._months is not None:  # the sweeper's pass, in long-running workers
+            self._months.check_hourly()
         q_sagas, q_steps = due_queries(now, limit)
         return self._reading(lambda conn: read_due(conn, q_sagas, q_steps, limit))
 
@@ -383,3 +365,24 @@ class SQLStore(Store):
         self._ensure_schema()
         q = claimed_query(node, limit)
         return self._reading(lambda conn: [step_record(r) for r in conn.execute(q)])
+
+    # -- retention (retention.py, sql_gc.py) ------------------------------------------------
+
+    def _gc_candidates(
+        self, rule: GcRule, name: str | None, limit: int, after: str | None
+    ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
+        self._ensure_schema()
+        with self._read() as conn:
+            return sql_gc.candidates(conn, rule, name, limit, after)
+
+    def _gc_children(self, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
+        with self._read() as conn:
+            return sql_gc.children(conn, ids)
+
+    def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
+        with self._read() as conn:
+            return sql_gc.count(conn, trees)
+
+    def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
+        with self._write() as conn:
+            return sql_gc.delete(conn, trees, rule, self.dialect)

@@ -161,6 +161,16 @@ fork = (
     .add_step(work, name="c", compensate=undo, depends_on=["a"])
 )
 
+# a, then b and c in parallel, then d (the rolling-restart test: four steps, and an
+# undo of a that must wait for the undos of both b and c).
+diamond = (
+    Saga("chaos_diamond")
+    .add_step(work, name="a", compensate=undo)
+    .add_step(work, name="b", compensate=undo, depends_on=["a"])
+    .add_step(work, name="c", compensate=undo, depends_on=["a"])
+    .add_step(work, name="d", compensate=undo, depends_on=["b", "c"])
+)
+
 
 # -- pauses at the two moments a kill must not lose a step (test_worker_loss.py) -------
 #

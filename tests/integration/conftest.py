@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from celery import Celery
 
 import sagaline
@@ -50,7 +51,7 @@ def make_stack(
 ) -> Iterator[Stack]:
     """`kind`: "redis+postgres", "redis+redis", "embedded", "rabbitmq+postgres",
     "rabbitmq-quorum+postgres", or "redis+<other>" with `store_url` (the Redis broker
-    and that store)."""
+    and that store: "redis+redis-cluster" with `cluster_store_url`)."""
     if kind.startswith("rabbitmq"):
         # Its own vhost on the shared RabbitMQ: no other worker sees these queues.
         with rabbitmq_vhost() as amqp_url:
@@ -125,9 +126,25 @@ def _make_stack(
 
 
 # The stacks every worker test runs on; the engine's acceptance suite
-# (test_sagas_on_workers.py) adds RabbitMQ with classic and with quorum queues.
+# (test_sagas_on_workers.py) adds RabbitMQ with classic and with quorum queues, and
+# the Redis store on a Redis Cluster (`cluster_store_url`).
 STACKS = ["redis+postgres", "embedded", "redis+redis"]
-BROKER_STACKS = [*STACKS, "rabbitmq+postgres", "rabbitmq-quorum+postgres"]
+CLUSTER_STACK = "redis+redis-cluster"
+BROKER_STACKS = [*STACKS, "rabbitmq+postgres", "rabbitmq-quorum+postgres", CLUSTER_STACK]
+
+
+def cluster_store_url(request: pytest.FixtureRequest) -> str:
+    """The store URL of the session's private Redis Cluster, emptied of the sagas an
+    earlier stack left under the default prefix (their workers are gone)."""
+    from tests.stores import delete_prefix
+
+    url = str(request.getfixturevalue("redis_cluster_url"))
+    client = redis.RedisCluster.from_url(url.replace("redis+cluster://", "redis://", 1))
+    try:
+        delete_prefix(client, "sagaline")
+    finally:
+        client.close()
+    return url
 
 
 @pytest.fixture(scope="module", params=STACKS)

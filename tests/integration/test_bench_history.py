@@ -94,8 +94,8 @@ def test_hashes_hold_exactly_the_fields_the_store_writes(
     store, _ = loaded
     client = redis.Redis.from_url(store.url, decode_responses=True)
     try:
-        saga_fields = set(client.hkeys(f"sagaline:saga:{saga_id(5)}"))
-        step_fields = set(client.hkeys(f"sagaline:step:{saga_id(5)}:s2"))
+        saga_fields = set(client.hkeys(store.layout.saga_key(saga_id(5))))
+        step_fields = set(client.hkeys(store.layout.step_key(saga_id(5), "s2")))
     finally:
         client.close()
     assert saga_fields == {f.name for f in fields(SagaRecord)} | {"txn"}

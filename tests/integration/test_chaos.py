@@ -31,10 +31,11 @@ SAGALINE_SWEEP_INTERVAL=1, and every saga must reach a terminal state within
 lease + 30 s of the last restart. In every test the ledger that steps write
 (idempotently, by the step's idempotency key) must show, per saga, either every
 step applied and none undone (COMPLETED), or every applied step undone exactly
-once and nothing left applied (COMPENSATED). Duplicate executions of step bodies are counted from an
-append-only table, printed (run pytest with -s), and allowed only for steps
-whose attempt was cut short by a crash (RUNNING when the workers were killed,
-and failed afterwards with `lease_expired` or `worker_lost` in the saga history).
+once, after the steps that depend on it, and nothing left applied (COMPENSATED).
+Duplicate executions of step bodies are counted from an append-only table,
+printed (run pytest with -s), and allowed only for steps whose attempt was cut
+short by a crash (RUNNING when the workers were killed, and failed afterwards
+with `lease_expired` or `worker_lost` in the saga history).
 
 Seed: CHAOS_SEED (default below) drives the kill moments and step durations.
 """
@@ -122,6 +123,9 @@ class Cluster:
     # sagaline's defaults (lease 60 s, ...) instead of the short timings above.
     default_settings: bool = False
     settle_for: float = SETTLE
+    concurrency: int = 2  # pool processes per worker
+    # Longer than the queue's backlog lasts, or the sweeper publishes waiting steps again.
+    redispatch_after: float = REDISPATCH_AFTER
 
     def __post_init__(self) -> None:
         with psycopg.connect(self.ledger_dsn, autocommit=True) as conn:
@@ -130,7 +134,9 @@ class Cluster:
         client.conf.broker_url = self.broker_url
         # The client writes the root steps' due times: it shares the workers' settings.
         timings = (
-            {} if self.default_settings else {"lease": LEASE, "redispatch_after": REDISPATCH_AFTER}
+            {}
+            if self.default_settings
+            else {"lease": LEASE, "redispatch_after": self.redispatch_after}
         )
         self.runtime = sagaline.init_app(client, store=self.store_url, sweeper=False, **timings)
         self.runtime.store.count_by_status()  # creates the schema before workers start
@@ -147,10 +153,11 @@ class Cluster:
             "LEDGER_URL": self.ledger_url,
             # An empty value means the default, whatever the caller's environment says.
             "SAGALINE_LEASE": "" if self.default_settings else str(LEASE),
-            "SAGALINE_REDISPATCH_AFTER": "" if self.default_settings else str(REDISPATCH_AFTER),
+            "SAGALINE_REDISPATCH_AFTER": (
+                "" if self.default_settings else str(self.redispatch_after)
+            ),
             "SAGALINE_SWEEP_INTERVAL": "" if self.default_settings else str(SWEEP_INTERVAL),
             "SAGALINE_CRASH_RETRIES": "",
-            "SAGALINE_HOME": str(self.tmp / "home"),
         }
 
     def start_workers(self, n: int = 2, *, names: list[str] | None = None) -> None:
@@ -160,8 +167,10 @@ class Cluster:
         for name in names or [f"chaos{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]:
             w = WorkerProcess(
                 APP,
-                env=self.env,
-                concurrency=2,
+                # Each node its own SAGALINE_HOME (its liveness heartbeat file), kept
+                # across restarts under the same node name.
+                env={**self.env, "SAGALINE_HOME": str(self.tmp / "home" / name)},
+                concurrency=self.concurrency,
                 name=name,
                 workdir=self.tmp / f"worker{len(self.workers)}",
             )
@@ -182,34 +191,45 @@ class Cluster:
             t.join(90)
         if errors:
             raise errors[0]
-        self.live = new
+        self.live += new
 
-    def kill_workers(self, t0: float) -> Kill:
-        """SIGKILL every process of every live worker at once; read what was RUNNING."""
+    def kill_workers(self, t0: float, only: list[WorkerProcess] | None = None) -> Kill:
+        """SIGKILL every process of every live worker (or of those `only`) at once; read
+        what they were RUNNING."""
+        victims = self.live if only is None else only
         pids: list[int] = []
-        for w in self.live:
+        for w in victims:
             pids += [w.pid, *w.child_pids()]
-        for w in self.live:
+        for w in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(w.pid, signal.SIGKILL)  # the worker's own process group
         at, killed = time.monotonic() - t0, time.time()
-        for w in self.live:
+        for w in victims:
             w.kill()  # waits until the whole group is gone
         assert not [p for p in pids if pid_alive(p)], "a worker process survived SIGKILL"
-        self.live = []
-        # No worker is left to change the store: this is exactly what the kill cut short.
-        return Kill(at, killed, pids, self.running_steps())
+        self.live = [w for w in self.live if w not in victims]
+        # No process of theirs is left to change the store, and the workers still alive
+        # hand back only their own nodes' claims: this is exactly what the kill cut short.
+        nodes = None if only is None else [w.name for w in victims]
+        return Kill(at, killed, pids, self.running_steps(nodes))
 
     @property
     def sql(self) -> bool:
         """True for the SQL store (read with SQL); otherwise read through the Store API."""
         return hasattr(self.runtime.store, "engine")
 
-    def running_steps(self) -> set[tuple[str, str, str]]:
+    def running_steps(self, nodes: list[str] | None = None) -> set[tuple[str, str, str]]:
+        """(saga_id, step, phase) RUNNING now; with `nodes`, only claims of those workers."""
+
+        def of_nodes(owner_node: str | None) -> bool:
+            return nodes is None or (owner_node or "").split("@", 1)[0] in nodes
+
         if not self.sql:
             found = set()
             for saga_id in self.saga_ids:
                 for st in self.runtime.store.get_steps(saga_id):
+                    if not of_nodes(st.owner_node):
+                        continue
                     if st.status is StepStatus.RUNNING:
                         found.add((saga_id, st.name, "forward"))
                     elif st.comp_status is CompensationStatus.RUNNING:
@@ -218,12 +238,14 @@ class Cluster:
         s = steps_table
         with self.runtime.store.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(s.c.saga_id, s.c.name, s.c.status, s.c.comp_status).where(
+                sa.select(s.c.saga_id, s.c.name, s.c.status, s.c.comp_status, s.c.owner_node).where(
                     sa.or_(s.c.status == "RUNNING", s.c.comp_status == "RUNNING")
                 )
             ).all()
         return {
-            (r.saga_id, r.name, "forward" if r.status == "RUNNING" else "compensate") for r in rows
+            (r.saga_id, r.name, "forward" if r.status == "RUNNING" else "compensate")
+            for r in rows
+            if of_nodes(r.owner_node)
         }
 
     @property
@@ -456,6 +478,10 @@ def check_outcome(
             for step in undid:
                 if step in did and undid[step] < did[step]:
                     why.append(f"{step} undone before it was applied")
+                # Reverse order: a step is undone only after every step that depends on it.
+                for later in cluster.saga.graph.dependents[step]:
+                    if later in undid and undid[later] > undid[step]:
+                        why.append(f"{step} undone before {later}, which depends on it")
             comp_ok = Counter(e.step for e in view.history if e.kind == "compensation_succeeded")
             for step in did:
                 if comp_ok[step] != 1:

@@ -485,9 +485,11 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
     ]
     scripts = site_packages(box) / "sagaline" / "stores" / "redis_lua"
     assert sorted(p.name for p in scripts.glob("*.lua")) == [
+        "abort.lua",
         "apply.lua",
         "cas_step.lua",
         "create.lua",
+        "idem.lua",
         "read_state.lua",
         "write.lua",
     ]

@@ -20,12 +20,13 @@ from sagaline.stores import pg_partitions as pp
 from sagaline.stores import sql_migrate
 from sagaline.stores.rows import to_row
 from sagaline.stores.schema import SCHEMA_REVISION, sagas, steps
-from sagaline.stores.sql import PARTITIONS_EVERY, SQLStore
+from sagaline.stores.sql import SQLStore
 from tests.harness import drop_database, shared_postgres_url
 from tests.stores import make_state
 
 pytestmark = pytest.mark.timeout(60)
 
+PREVIOUS = "0007_gc_finished_index"  # the revision before the partitions
 DAY = 86400.0
 NOW = time.time()
 THIS_MONTH = pp.month_start(NOW)
@@ -92,7 +93,7 @@ def drop_expired(store: SQLStore, cutoff: float, **kw: float) -> list[str]:
 
 
 def test_upgrade_partitions_an_existing_history_in_place(db_url: str) -> None:
-    upgrade_to(db_url, "0006_outbox")
+    upgrade_to(db_url, PREVIOUS)
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
         ids = [
@@ -153,11 +154,11 @@ def test_downgrade_puts_the_history_back_in_one_table(db_url: str) -> None:
         before = store.history(sid)
     finally:
         store.close()
-    upgrade_to(db_url, "0006_outbox", down=True)
+    upgrade_to(db_url, PREVIOUS, down=True)
     store = SQLStore(db_url, auto_migrate=False)
     try:
         with store.engine.connect() as conn:
-            assert sql_migrate.current_revision(conn) == "0006_outbox"
+            assert sql_migrate.current_revision(conn) == PREVIOUS
             assert not pp.is_partitioned(conn)
             assert pp.list_partitions(conn) == []
         assert store.history(sid) == before
@@ -274,7 +275,8 @@ def test_the_sweepers_hourly_pass_creates_the_months_ahead_again(db_url: str) ->
         store.find_due(NOW)  # not checked again within the hour
         with store.engine.connect() as conn:
             assert next_month not in [p.name for p in pp.list_partitions(conn)]
-        store._partitions_checked = time.monotonic() - PARTITIONS_EVERY - 1
+        assert store._months is not None
+        store._months.checked = time.monotonic() - pp.CHECK_EVERY - 1
         store.find_due(NOW)
         with store.engine.connect() as conn:
             assert next_month in [p.name for p in pp.list_partitions(conn)]

@@ -2,6 +2,9 @@
 re-decision on a lost race, atomic idempotent create, no TTL, its indexes, and
 surviving a Redis restart. The shared contract (concurrent claims, creates and
 transacts, lists, counts and due order) lives in test_store_contract.py.
+
+The tests on the store's behaviour run on a single server and on a private Redis
+Cluster of three masters (`server`); those that stop a server run on a private one.
 """
 
 from __future__ import annotations
@@ -29,29 +32,42 @@ from tests.stores import THREADS, delete_prefix, make_state, redis_test_url, run
 REDIS_URL = redis_test_url()
 
 
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    name = f"sagaline-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        delete_prefix(client, name)
-    finally:
-        client.close()
+@pytest.fixture(params=["single", "cluster"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The store URL of the test server: a single Redis, or the private cluster."""
+    if request.param == "single":
+        return REDIS_URL
+    return str(request.getfixturevalue("redis_cluster_url"))
+
+
+def raw_client(url: str) -> Any:
+    """A plain redis-py client (RedisCluster for a cluster URL) of the store's server."""
+    if url.startswith("redis+cluster://"):
+        return redis.RedisCluster.from_url(
+            url.replace("redis+cluster://", "redis://", 1), decode_responses=True
+        )
+    return redis.Redis.from_url(url, decode_responses=True)
 
 
 @pytest.fixture
-def raw() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+def raw(server: str) -> Iterator[Any]:
+    client = raw_client(server)
     yield client
     client.close()
 
 
 @pytest.fixture
-def make_store(prefix: str) -> Iterator[Callable[..., RedisStore]]:
+def prefix(raw: Any) -> Iterator[str]:
+    name = f"sagaline-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_prefix(raw, name)
+
+
+@pytest.fixture
+def make_store(prefix: str, server: str) -> Iterator[Callable[..., RedisStore]]:
     stores: list[RedisStore] = []
 
-    def make(url: str = REDIS_URL, **options: Any) -> RedisStore:
+    def make(url: str = server, **options: Any) -> RedisStore:
         store = RedisStore(url, prefix=prefix, **options)
         stores.append(store)
         return store
@@ -79,16 +95,18 @@ def create(store: RedisStore, state: SagaState) -> str:
     return saga.saga_id
 
 
-def test_redis_urls_select_the_redis_store(prefix: str) -> None:
-    store = store_from_url(REDIS_URL, prefix=prefix, echo=False, auto_migrate=True)
+def test_redis_urls_select_the_redis_store(prefix: str, server: str) -> None:
+    store = store_from_url(server, prefix=prefix, echo=False, auto_migrate=True)
     try:
         assert isinstance(store, RedisStore)
+        assert store.cluster is server.startswith("redis+cluster://")
+        assert isinstance(store._client, redis.RedisCluster if store.cluster else redis.Redis)
     finally:
         store.close()
 
 
 def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
-    make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
+    make_store: Callable[..., RedisStore], raw: Any, prefix: str
 ) -> None:
     store, worker = make_store(), make_store()
     sid = create(store, new_state())
@@ -111,7 +129,8 @@ def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
     assert seen == [StepStatus.DISPATCHED, StepStatus.RUNNING]
     step = store.get_steps(sid)[0]
     assert (step.status, step.lease_until, step.version) == (StepStatus.RUNNING, 9000.0, 1)
-    assert raw.zscore(f"{prefix}:due", f"{sid}\0a") == 9000.0
+    due = store.layout.due_key(store.layout.bucket_of(sid))
+    assert raw.zscore(due, f"{sid}\0a") == 9000.0
     assert "step_cancelled" not in [e.kind for e in store.history(sid)]
 
 
@@ -160,7 +179,7 @@ def test_branches_finishing_together_are_decided_one_after_the_other(
 
 
 def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(
-    make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
+    make_store: Callable[..., RedisStore], raw: Any, prefix: str
 ) -> None:
     clients = [make_store() for _ in range(THREADS)]
     states = [new_state(key="order-42") for _ in range(THREADS)]
@@ -174,10 +193,13 @@ def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(
     assert [created for _, created in results].count(True) == 1
     winner = next(saga.saga_id for saga, created in results if created)
     assert {saga.saga_id for saga, _ in results} == {winner}
-    assert raw.zrange(f"{prefix}:idx:created", 0, -1) == [winner]
-    assert raw.get(f"{prefix}:idem:order:order-42") == winner
-    assert len(list(raw.scan_iter(match=f"{prefix}:saga:*"))) == 1
-    assert len(list(raw.scan_iter(match=f"{prefix}:events:*"))) == 1
+    layout = clients[0].layout
+    assert [
+        s for b in layout.all_buckets() for s in raw.zrange(layout.created_index(b), 0, -1)
+    ] == [winner]
+    assert raw.get(layout.idem_key("order", "order-42")) == winner
+    assert len(list(raw.scan_iter(match=f"{prefix}:*:saga:*"))) == 1
+    assert len(list(raw.scan_iter(match=f"{prefix}:*:events:*"))) == 1
     # The same key under another saga name is another saga.
     assert clients[0].create_saga(new_state("refund", key="order-42"), [])[1]
 
@@ -190,7 +212,7 @@ def test_a_retried_create_that_had_committed_reports_its_saga_as_created(store: 
     assert store.create_saga(new_state(key="k"), []) == (store.get_saga(state.saga.saga_id), False)
 
 
-def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
+def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: Any, prefix: str) -> None:
     parent = create(store, new_state(key="p", due_at=time.time() + 60, deadline=time.time() + 60))
     sid = create(store, new_state(key="c", parent=parent))
     assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=time.time() + 30, now=1.0)
@@ -207,7 +229,8 @@ def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix:
     )
 
     keys = sorted(raw.scan_iter(match=f"{prefix}:*"))
-    assert {k.split(":", 2)[1] for k in keys} == {
+    assert {k.split(":")[2] if ":{" in k else k.split(":")[1] for k in keys} == {
+        "layout",
         "saga",
         "step",
         "steps",
@@ -219,9 +242,7 @@ def test_no_key_is_ever_given_a_ttl(store: RedisStore, raw: redis.Redis, prefix:
     assert {k: raw.ttl(k) for k in keys} == dict.fromkeys(keys, -1)
 
 
-def test_status_indexes_follow_every_transition(
-    store: RedisStore, raw: redis.Redis, prefix: str
-) -> None:
+def test_status_indexes_follow_every_transition(store: RedisStore, raw: Any, prefix: str) -> None:
     # What lists and counts read (test_store_contract proves those on every store).
     now = time.time()
     ids = [
@@ -235,8 +256,9 @@ def test_status_indexes_follow_every_transition(
         ),
     )
 
-    assert raw.zscore(f"{prefix}:idx:status:RUNNING", done) is None
-    assert raw.zscore(f"{prefix}:idx:ns:COMPLETED:order", done) == now + 1
+    layout, b = store.layout, store.layout.bucket_of(done)
+    assert raw.zscore(layout.status_index(b, "RUNNING"), done) is None
+    assert raw.zscore(layout.name_status_index(b, "COMPLETED", "order"), done) == now + 1
 
 
 def test_a_claim_costs_one_round_trip_and_a_transact_two(store: RedisStore) -> None:
@@ -264,6 +286,7 @@ def test_a_claim_costs_one_round_trip_and_a_transact_two(store: RedisStore) -> N
 
 
 @pytest.mark.chaos
+@pytest.mark.parametrize("server", ["single"], indirect=True)  # a private server of its own
 def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
     make_store: Callable[..., RedisStore],
 ) -> None:
@@ -305,6 +328,7 @@ def test_state_survives_a_redis_restart_and_calls_wait_for_redis_to_return(
         assert saga is not None and saga.status is SagaStatus.COMPENSATING
 
 
+@pytest.mark.parametrize("server", ["single"], indirect=True)
 def test_an_unreachable_redis_fails_with_store_error_after_retry_for(
     make_store: Callable[..., RedisStore],
 ) -> None:

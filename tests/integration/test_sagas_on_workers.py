@@ -1,8 +1,9 @@
 """The engine on real Celery workers (prefork, separate processes).
 
 Each test runs on every stack: Redis broker + PostgreSQL store, the embedded
-defaults (filesystem broker + SQLite store), Redis broker + Redis store, and
-RabbitMQ + PostgreSQL with classic and with quorum queues. Outcomes are checked
+defaults (filesystem broker + SQLite store), Redis broker + Redis store (on one
+server, and on a Redis Cluster of three masters), and RabbitMQ + PostgreSQL with
+classic and with quorum queues. Outcomes are checked
 from ledger rows that steps and compensations write to PostgreSQL, not from logs.
 """
 
@@ -25,7 +26,13 @@ from sagaline.records import Dispatch
 from sagaline.states import Phase
 from tests.harness import REPO_ROOT, wait_until
 from tests.integration import sagas_app
-from tests.integration.conftest import BROKER_STACKS, Stack, make_stack
+from tests.integration.conftest import (
+    BROKER_STACKS,
+    CLUSTER_STACK,
+    Stack,
+    cluster_store_url,
+    make_stack,
+)
 
 
 @pytest.fixture(scope="module", params=BROKER_STACKS)
@@ -36,7 +43,8 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """Every stack, RabbitMQ with classic and with quorum queues included."""
-    yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory)
+    store_url = cluster_store_url(request) if request.param == CLUSTER_STACK else None
+    yield from make_stack(request.param, pg_url, redis_url, tmp_path_factory, store_url=store_url)
 
 
 def test_failing_last_step_compensates_the_others_once_in_reverse_order(stack: Stack) -> None:

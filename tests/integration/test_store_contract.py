@@ -1,7 +1,8 @@
 """One conformance suite for every state store, on real servers.
 
 Each test runs against memory://, SQLite (a temporary file), PostgreSQL (the
-shared server), MariaDB (the local server) and, when its module exists, Redis.
+shared server), MariaDB (the local server) and, when its module exists, Redis: a
+single server and a private Redis Cluster of three masters.
 To add a store: add its id to STORES and a branch to `store_url`.
 """
 
@@ -57,7 +58,7 @@ SQL_TABLES = ("sagaline_events", "sagaline_steps", "sagaline_sagas")
 
 STORES = ["memory", "sqlite", "postgresql", "mariadb"]
 if importlib.util.find_spec("sagaline.stores.redis") is not None:
-    STORES.append("redis")
+    STORES += ["redis", "redis-cluster"]
 
 # Stores whose transact holds a lock that claims also wait for (no claim can slip in).
 DECIDES_UNDER_A_GLOBAL_LOCK = ("memory:", "sqlite:")
@@ -89,10 +90,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         url = request.getfixturevalue("pg_url")
     elif kind == "mariadb":
         url = request.getfixturevalue("mariadb_url")
-    elif kind == "redis":
+    elif kind in ("redis", "redis-cluster"):
         # A private key prefix keeps tests apart on the test server.
         prefix = f"sagaline-contract-{uuid.uuid4().hex[:10]}"
-        url, options["prefix"] = request.getfixturevalue("redis_url"), prefix
+        server = "redis_url" if kind == "redis" else "redis_cluster_url"
+        url, options["prefix"] = request.getfixturevalue(server), prefix
     else:  # pragma: no cover - a new entry of STORES without its branch here
         raise AssertionError(kind)
     st = store_from_url(url, **options)
@@ -104,7 +106,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     try:
         yield st
     finally:
-        if kind == "redis":
+        if kind in ("redis", "redis-cluster"):
             delete_prefix(st._client, options["prefix"])  # type: ignore[attr-defined]
         st.close()
 

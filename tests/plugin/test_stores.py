@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,17 +57,23 @@ def pg_server() -> str:
     return f"postgresql://{SHARED_PG_USER}@{SHARED_PG_HOST}:{SHARED_PG_PORT}/postgres"
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite", "postgresql", "redis"])
+@pytest.mark.parametrize("store", ["memory", "sqlite", "postgresql", "redis", "redis-cluster"])
 def test_the_same_user_tests_pass_on_every_store_and_leave_nothing_behind(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, store: str
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    store: str,
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    option = {
-        "memory": "memory",
-        "sqlite": "sqlite",
-        "postgresql": pg_server(),
-        "redis": redis_test_url(),
-    }[store]
+    if store == "redis-cluster":  # the session's private cluster, started only if asked
+        option = str(request.getfixturevalue("redis_cluster_url"))
+    else:
+        option = {
+            "memory": "memory",
+            "sqlite": "sqlite",
+            "postgresql": pg_server(),
+            "redis": redis_test_url(),
+        }[store]
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess(
         "-q", "-s", "-p", "no:cacheprovider", f"--sagaline-store={option}"
@@ -81,9 +88,10 @@ def test_the_same_user_tests_pass_on_every_store_and_leave_nothing_behind(
             "sqlite": "SQLStore",
             "postgresql": "SQLStore",
             "redis": "RedisStore",
+            "redis-cluster": "RedisStore",
         }[store]
     }
-    places = {u[2] if store != "redis" else u[1] for u in used}
+    places = {u[1] if store.startswith("redis") else u[2] for u in used}
     if store != "memory":  # (a memory store is a new object per test)
         assert len(places) == 3, f"tests shared a store: {used}"  # one each
     if store == "postgresql":
@@ -101,10 +109,14 @@ def test_the_same_user_tests_pass_on_every_store_and_leave_nothing_behind(
                 "SELECT datname FROM pg_database WHERE datname = ANY(%s)", (names,)
             ).fetchall()
         assert left == []
-    if store == "redis":
+    if store.startswith("redis"):
         import redis
 
-        client = redis.Redis.from_url(redis_test_url())
+        client: Any = (
+            redis.Redis.from_url(redis_test_url())
+            if store == "redis"
+            else redis.RedisCluster.from_url(option.replace("redis+cluster:", "redis:", 1))
+        )
         try:
             assert all(not list(client.scan_iter(match=f"{p}:*")) for p in places)
             assert all(p.startswith("sagaline-plugin-") for p in places)

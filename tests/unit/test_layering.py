@@ -59,7 +59,7 @@ CORE = {
 }
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
 STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
-SURFACES = ("cli", "cli_support", "cli_outbox", "timeline", "demo", "web")
+SURFACES = ("cli", "cli_support", "cli_outbox", "cli_gc", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {
     "ops",
     "records",

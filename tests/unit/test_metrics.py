@@ -148,6 +148,16 @@ def test_lifecycle_signals_become_counters_and_histograms(registry: CollectorReg
     assert value(registry, "sagaline_sweeper_repairs_total", kind="redispatched") == 2
     assert value(registry, "sagaline_sweeper_repairs_total", kind="worker_lost") == 1
     assert registry.get_sample_value("sagaline_sweeper_repairs_total", {"kind": "deadline"}) is None
+    signals.retention_deleted.send(
+        sender=None, by_status={"COMPLETED": 3, "COMPENSATED": 0}, steps=9, events=20
+    )
+    assert value(registry, "sagaline_retention_deleted_sagas_total", status="completed") == 3
+    assert (
+        registry.get_sample_value(
+            "sagaline_retention_deleted_sagas_total", {"status": "compensated"}
+        )
+        is None
+    )
 
 
 def test_store_operations_are_timed_once(registry: CollectorRegistry) -> None:

@@ -1,10 +1,9 @@
--- Create a saga: its hashes, indexes and first events, unless it exists.
--- Returns the id of the saga that owns the idempotency key (or the id being created).
--- A retried call whose first try did commit finds its own saga and reports it as created.
+-- Create a saga: its hashes, indexes and first events, unless it exists. KEYS[1]: the
+-- saga's hash (every key the payload names is in its bucket, the same hash slot).
+-- Returns 1 when the saga exists now (a retried call whose first try did commit finds
+-- its own saga), 0 when its id was aborted: it lost its idempotency key (redis_create.py).
 local p = cjson.decode(ARGV[1])
-if redis.call('EXISTS', p.saga_key) == 1 then return p.saga_id end
-if p.idem_key and not redis.call('SET', p.idem_key, p.saga_id, 'NX') then
-  return redis.call('GET', p.idem_key)
-end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if redis.call('EXISTS', p.aborted_key) == 1 then return 0 end
 --@apply
-return p.saga_id
+return 1

@@ -1,7 +1,11 @@
+-- KEYS[1]: the saga's hash (every key the payload names is in its bucket).
 -- Write one decision of `transact` (1), or nothing (0) unless no other transact
 -- wrote the saga and every changed record still has the version the decision was
--- made on. A decision that only appends events checks nothing.
+-- made on. A decision that only appends events checks only that the saga exists.
 local p = cjson.decode(ARGV[1])
+-- A saga deleted (retention) since it was read: write nothing, not even its events;
+-- the caller reads again and finds no saga.
+if redis.call('EXISTS', p.saga_key) == 0 then return 0 end
 if p.txn and (redis.call('HGET', p.saga_key, 'txn') or '0') ~= p.txn then return 0 end
 for _, c in ipairs(p.expect) do
   if redis.call('HGET', c[1], 'version') ~= c[2] then return 0 end

@@ -12,8 +12,8 @@ that the index ix_sagaline_events_saga served, so that index goes.
 
 MySQL/MariaDB and SQLite keep their table as it is: a no-op there.
 
-Revision ID: 0007_events_partitions
-Revises: 0006_outbox
+Revision ID: 0008_events_partitions
+Revises: 0007_gc_finished_index
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from sagaline.stores.pg_partitions import (
     month_start,
 )
 
-revision = "0007_events_partitions"
-down_revision = "0006_outbox"
+revision = "0008_events_partitions"
+down_revision = "0007_gc_finished_index"
 branch_labels = None
 depends_on = None
 
