@@ -1,9 +1,9 @@
 """Partition PostgreSQL's event history by month, so that retention drops whole months.
 
-The table is rebuilt as `PARTITION BY RANGE (ts)`, with a partition per month from
-every month that has events and for this month and
-the AHEAD_MONTHS next ones, and a DEFAULT one; the rows are copied
-in (routed to their month) and the old table dropped, in the migration's transaction.
+The table is rebuilt as `PARTITION BY RANGE (ts)`, with a partition for every month
+that has events, for this month and the AHEAD_MONTHS next ones, and a DEFAULT one;
+the rows are copied in (each routed to its month) and the old table dropped, all in
+the migration's transaction.
 Its sequence carries on, so the `seq` of new events stays above every old one.
 
 A partitioned table's primary key must hold the partition key: it becomes
