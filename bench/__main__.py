@@ -37,7 +37,7 @@ from tests.harness import (
     shared_postgres_url,
 )
 
-ALL_FIGURES = ("L1", "L2", "S1", "T1", "H1", "R1", "MEM", "OBS")
+ALL_FIGURES = ("L1", "L2", "S1", "T1", "H1", "R1", "MEM", "OBS", "VOL")
 # H1 on the Redis store: Redis holds the whole history in memory, ~5.5 KB per
 # finished saga (5.5 GB for a million), and loads ~5,000 sagas a second.
 REDIS_HISTORY = 200_000
@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"the same for the Redis store, which keeps it in memory "
         f"(default: the smaller of --history and {REDIS_HISTORY})",
+    )
+    p.add_argument(
+        "--vol-events",
+        type=int,
+        default=None,
+        help="events in VOL's database (PostgreSQL only; default 10000000, kept between "
+        "runs; --quick 14000)",
     )
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     p.add_argument(
@@ -300,6 +307,8 @@ def run(args: argparse.Namespace, res: Resources) -> int:
         sizes = (fig.Sizes.quick if args.quick else fig.Sizes.full)(history, redis_history)
         if args.t1_sagas is not None:
             sizes.t1_sagas = args.t1_sagas
+        if args.vol_events is not None:
+            sizes.vol_events = args.vol_events
         log(f"stores {stores}, figures {figures}, sizes {sizes}")
         plain = start_worker("plain", env, tmp, res)
 
@@ -344,6 +353,7 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                 emit(figs[name])
                 log(f"[{store}] {name} done in {time.monotonic() - t:.1f}s")
 
+            # H1 compares its L1 and T1 with the empty store's.
             if "L1" in figures or "H1" in figures:
                 step("L1", fig.figure_l1, b)
             if "L2" in figures or "H1" in figures:
@@ -353,6 +363,16 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                 step("S1", fig.figure_s1, b)
             if "T1" in figures or "H1" in figures:
                 step("T1", fig.figure_t1, b)
+            if "VOL" in figures and store != "postgres":
+                log(f"[{store}] VOL: PostgreSQL only, skipped")
+            elif "VOL" in figures:
+                from bench.volume import figure_vol
+
+                def vol_worker(url: str, queue: str) -> WorkerProcess:
+                    extra = {"SAGALINE_STORE_URL": url, "BENCH_SAGA_QUEUE": queue}
+                    return start_worker("sagaline", env, tmp, res, extra)
+
+                step("VOL", figure_vol, b, vol_worker)
             if "R1" in figures:
                 step("R1", fig.figure_r1, b)
             if "H1" in figures:

@@ -54,6 +54,7 @@ class Sizes:
     redis_history: int  # the Redis store keeps it all in memory: ~5.5 KB per finished saga
     list_runs: int
     r1_sagas: int
+    vol_events: int = 10_000_000  # VOL's database (PostgreSQL only)
 
     @classmethod
     def full(cls, history: int, redis_history: int) -> Sizes:
@@ -85,6 +86,7 @@ class Sizes:
             redis_history=redis_history,
             list_runs=5,
             r1_sagas=5,
+            vol_events=14_000,
         )
 
 

@@ -61,6 +61,20 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
                     t,
                 )
             )
+        elif f == "VOL":
+            out.append(
+                (
+                    f,
+                    s,
+                    f"drop month {d['drop_month_seconds']:.3f} s; L1 "
+                    f"{d['l1_median_ms']:.1f} ms ({d['l1_vs_empty']:.2f}x empty); T1 "
+                    f"{d['t1_per_s']:.0f}/s ({d['t1_slowdown_vs_empty']:.2f}x empty's time); "
+                    f"list50 failed {d['list_failed_50_median_ms']:.2f} ms",
+                    f"{d['events']:,} events (generated in {d['generation_seconds']:.0f}s)",
+                    "",
+                    t,
+                )
+            )
         elif f == "R1":
             out.append(
                 (

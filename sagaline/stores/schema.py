@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 # The Alembic revision this code expects; tests check it is the head of migrations/.
-SCHEMA_REVISION = "0008_step_depends_on"
+SCHEMA_REVISION = "0009_events_partitions"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
@@ -84,6 +84,10 @@ steps = sa.Table(
     mysql_collate="utf8mb4_bin",
 )
 
+# On PostgreSQL the table is partitioned by month of `ts` (migration 0009,
+# pg_partitions.py): its primary key there is (saga_id, seq, ts), which also serves
+# the history reads, and ix_sagaline_events_saga does not exist. `seq` stays unique
+# (one sequence) and is what the statements here rely on.
 events = sa.Table(
     "sagaline_events",
     metadata,

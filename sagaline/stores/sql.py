@@ -39,6 +39,7 @@ from ..states import Phase, SagaStatus
 from . import sql_gc
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, PgFinishedListener
+from .pg_partitions import MonthsAhead
 from .retention import GcRemoved, GcRule, GcTree
 from .rows import to_row
 from .schema import events, sagas, steps
@@ -113,6 +114,8 @@ class SQLStore(Store):
         # sagas (NOTIFY), which a listener per process hears.
         self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
         self._listener: PgFinishedListener | None = None
+        # PostgreSQL: the event partitions of the months ahead (pg_partitions.py).
+        self._months = MonthsAhead(self._writer) if self.dialect == "postgresql" else None
         self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
         if self._hot is not None:
             self._retry_errors = (*self._retry_errors, *self._hot.retry_errors)
@@ -154,6 +157,8 @@ class SQLStore(Store):
 
     def migrate(self) -> None:
         migrate_schema(self.engine, self._writer, self.dialect, self.sqlite_path)
+        if self._months is not None:
+            self._months.check()
 
     def close(self) -> None:
         if self._listener is not None:
@@ -363,6 +368,8 @@ class SQLStore(Store):
 
     def find_due(self, now: float, limit: int = 200) -> list[DueItem]:
         self._ensure_schema()
+        if self._months is not None:  # the sweeper's pass, in long-running workers
+            self._months.check_hourly()
         q_sagas, q_steps = due_queries(now, limit)
         return self._reading(lambda conn: read_due(conn, q_sagas, q_steps, limit))
 
