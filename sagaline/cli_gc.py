@@ -99,6 +99,9 @@ def _print(report: GcReport) -> None:
         console.print(
             Text(f"kept {report.kept} saga(s) whose child sagas are not finished", style="dim")
         )
+    if report.partitions:
+        # Their events were dropped with the month, not counted one by one above.
+        console.print(f"dropped event partitions: {', '.join(report.partitions)}")
 
 
 def register(cli: typer.Typer) -> None:

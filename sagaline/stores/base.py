@@ -289,7 +289,7 @@ class Store(ABC):
         events, index entries and idempotency keys: `batch_size` roots per transaction,
         each re-checked where it is deleted. `dry_run` counts instead of deleting. A run
         cut short by `max_batches` reports a `cursor`, which `after` continues from."""
-        rule = GcRule.of(cutoff, statuses, batch_size)
+        rule = GcRule.of(cutoff, statuses, batch_size, name)
         report = GcReport(rule.cutoff, dry_run, sorted(rule.statuses))
         if filter_matches_nothing(name=name):
             return report
@@ -299,6 +299,8 @@ class Store(ABC):
             roots, cursor = self._retrying(page)
             report.add(self._retrying(partial(self._gc_apply, roots, rule, dry_run)), len(roots))
             if cursor is None:
+                if not dry_run:
+                    report.partitions = self._retrying(partial(self._gc_finish, rule))
                 return report
         report.cursor = cursor
         return report
@@ -326,6 +328,11 @@ class Store(ABC):
     @abstractmethod
     def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
         """What deleting `trees` would remove."""
+
+    def _gc_finish(self, rule: GcRule) -> list[str]:
+        """After a run that looked at every candidate: drop what whole-table storage
+        allows (PostgreSQL's event partitions); the names of what went."""
+        return []
 
     @abstractmethod
     def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:

@@ -27,13 +27,21 @@ MAX_TREE_DEPTH = 64
 
 @dataclass(frozen=True)
 class GcRule:
-    """Which roots qualify: finished in one of `statuses` before `cutoff`."""
+    """Which roots qualify: finished in one of `statuses` before `cutoff` (and, when
+    `name` is given, of that saga name)."""
 
     cutoff: float
     statuses: frozenset[SagaStatus]
+    name: str | None = None
 
     @classmethod
-    def of(cls, cutoff: float, statuses: Iterable[SagaStatus | str], batch_size: int) -> GcRule:
+    def of(
+        cls,
+        cutoff: float,
+        statuses: Iterable[SagaStatus | str],
+        batch_size: int,
+        name: str | None = None,
+    ) -> GcRule:
         """The rule, checked: clear errors for a bad cutoff, status or batch size."""
         if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or cutoff != cutoff:
             raise InputError(f"gc cutoff must be a timestamp, got {cutoff!r}")
@@ -50,7 +58,7 @@ class GcRule:
         names = ", ".join(s.value.lower() for s in sorted(SAGA_TERMINAL))
         if running:
             raise InputError(f"gc deletes finished sagas only ({names}), not {', '.join(running)}")
-        return cls(float(cutoff), chosen)
+        return cls(float(cutoff), chosen, name)
 
     def qualifies(self, status: SagaStatus, finished_at: float | None, updated_at: float) -> bool:
         """Whether a root saga read with these fields may go (`updated_at` stands in
@@ -109,6 +117,9 @@ class GcReport:
     # Where a run stopped by `max_batches` would go on (`Store.gc(after=...)`); None
     # when it looked at every candidate.
     cursor: str | None = None
+    # Whole partitions of the events table dropped at the end of the run (PostgreSQL):
+    # the events of deleted sagas in them are not in `events`.
+    partitions: list[str] = field(default_factory=list)
 
     @property
     def more(self) -> bool:
@@ -142,6 +153,7 @@ class GcReport:
             "batches": self.batches,
             "kept": self.kept,
             "more": self.more,
+            "partitions_dropped": self.partitions,
         }
 
 

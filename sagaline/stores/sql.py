@@ -378,8 +378,6 @@ class SQLStore(Store):
         q = claimed_query(node, limit)
         return self._reading(lambda conn: [step_record(r) for r in conn.execute(q)])
 
-    # -- retention (retention.py, sql_gc.py) ------------------------------------------------
-
     def _gc_candidates(
         self, rule: GcRule, name: str | None, limit: int, after: str | None
     ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
@@ -388,13 +386,15 @@ class SQLStore(Store):
             return sql_gc.candidates(conn, rule, name, limit, after)
 
     def _gc_children(self, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
-        with self._read() as conn:
-            return sql_gc.children(conn, ids)
+        return self._reading(lambda conn: sql_gc.children(conn, ids))
 
     def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
-        with self._read() as conn:
-            return sql_gc.count(conn, trees)
+        return self._reading(lambda conn: sql_gc.count(conn, trees))
 
     def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
         with self._write() as conn:
             return sql_gc.delete(conn, trees, rule, self.dialect)
+
+    def _gc_finish(self, rule: GcRule) -> list[str]:
+        with self._write() as conn:
+            return sql_gc.drop_partitions(conn, rule, self.dialect)

@@ -7,6 +7,10 @@ never waits on a saga nor on another sweeper's gc; SQLite's write transaction
 holds the database), then re-checked, then their events, steps and rows deleted.
 A `transact` of a deleted saga that waited for the lock finds no saga, as for an
 unknown id. The outbox and inbox tables are not keyed by saga and are left alone.
+
+On PostgreSQL the events table is partitioned by month (pg_partitions.py): events
+older than `row_delete_floor` are not deleted row by row; once a run has looked at
+every candidate, the months that no kept saga has events in are dropped whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..states import SagaStatus
+from . import pg_partitions
 from .retention import GcRemoved, GcRule, GcTree, removed_of
 from .schema import events, sagas, steps
 
@@ -89,11 +94,29 @@ def delete(conn: Connection, trees: list[GcTree], rule: GcRule, dialect: str) ->
     below = children(conn, ids)
     gone = [t for t in trees if _still(t, rule, held, below)]
     removed = removed_of(gone, 0, 0)
+    # On PostgreSQL, events in months that drop_partitions will drop whole need no
+    # row deletes (pg_partitions.row_delete_floor says below which time).
+    floor = _floor(conn, rule) if dialect == "postgresql" and gone else None
     for part in _chunks([sid for t in gone for sid in t.sagas]):
-        removed.events += conn.execute(events.delete().where(events.c.saga_id.in_(part))).rowcount
+        doomed = events.delete().where(events.c.saga_id.in_(part))
+        if floor is not None:
+            doomed = doomed.where(events.c.ts >= floor)
+        removed.events += conn.execute(doomed).rowcount
         removed.steps += conn.execute(steps.delete().where(steps.c.saga_id.in_(part))).rowcount
         conn.execute(sagas.delete().where(sagas.c.saga_id.in_(part)))
     return removed
+
+
+def _floor(conn: Connection, rule: GcRule) -> float | None:
+    return pg_partitions.row_delete_floor(conn, rule.cutoff, statuses=rule.statuses, name=rule.name)
+
+
+def drop_partitions(conn: Connection, rule: GcRule, dialect: str) -> list[str]:
+    """The month partitions of the events table that the run emptied of kept sagas,
+    dropped (PostgreSQL; nothing elsewhere)."""
+    if dialect != "postgresql":
+        return []
+    return [p.name for p in pg_partitions.drop_expired_partitions(conn, rule.cutoff)]
 
 
 def _still(

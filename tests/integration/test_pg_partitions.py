@@ -282,3 +282,44 @@ def test_the_sweepers_hourly_pass_creates_the_months_ahead_again(db_url: str) ->
             assert next_month in [p.name for p in pp.list_partitions(conn)]
     finally:
         store.close()
+
+
+def test_gc_drops_the_months_it_emptied_and_deletes_the_other_events_row_by_row(
+    db_url: str,
+) -> None:
+    store = SQLStore(db_url)
+    try:
+        store.migrate()
+        with store.engine.begin() as conn:
+            for k in (-4, -3, -2, -1):
+                pp.ensure_partitions(conn, month_ts(k), ahead=0)
+            old = add_saga(conn, month_ts(-4), [month_ts(-4), month_ts(-4, 1)])
+            # Finished before the cutoff, but with an event in month -1, which a running
+            # saga keeps: that event is deleted row by row.
+            later = add_saga(conn, month_ts(-3), [month_ts(-3), month_ts(-1)])
+            running = add_saga(conn, month_ts(-1), [month_ts(-1)])
+            for sid, ended in ((old, month_ts(-4, 2)), (later, month_ts(-1, 1))):
+                conn.execute(
+                    sagas.update()
+                    .where(sagas.c.saga_id == sid)
+                    .values(status="COMPLETED", finished_at=ended)
+                )
+        running_history = store.history(running)
+        cutoff = month_ts(-1, 20)
+        dry = store.gc(cutoff, dry_run=True)
+        assert (dry.total, dry.events, dry.partitions) == (2, 4, [])
+        report = store.gc(cutoff)
+        assert report.total == 2
+        # Months -4 to -2 held only the deleted sagas' events (or none): dropped, and
+        # their events not counted.
+        assert report.partitions == [
+            pp.partition_name(pp.add_months(THIS_MONTH, k)) for k in (-4, -3, -2)
+        ]
+        assert report.events == 1  # `later`'s event in month -1
+        assert store.history(old) == [] and store.history(later) == []
+        assert store.history(running) == running_history
+        with store.engine.connect() as conn:
+            left = conn.execute(sa.text("SELECT count(*) FROM sagaline_events")).scalar()
+        assert left == len(running_history)
+    finally:
+        store.close()
