@@ -8,7 +8,10 @@ every key of a bucket carries the bucket's hash tag `{bNN-j}`. A saga's own keys
 and the index entries that name it live in its bucket, so on Redis Cluster each
 bucket is one hash slot and every write script touches one slot only: writes
 stay atomic. Reads across sagas (lists, counts, due work, a node's claims) read
-the N buckets and merge them.
+the N buckets and merge them. Retention (redis_gc.py) scans the status indexes of
+every bucket, and deletes a saga tree, whose sagas lie in several buckets, root
+first and then level by level, one script per bucket; a saga's idempotency key,
+in another bucket, is freed afterwards by a script of its own bucket.
 
 Layout (`p` is the prefix, default "sagaline"; `{b}` a bucket's hash tag, braces
 included: `{b07-40}` for bucket 7 of 16 (`bucket_tags`: each bucket in its own
@@ -185,8 +188,11 @@ class Layout:
     # -- idempotency keys (in the bucket of name and key) ----------------------------
 
     def idem_key(self, name: str, key: str) -> str:
-        text = f"{key_part(name)}:{key}"
-        return f"{self.tag(bucket_of(text, self.buckets))}:idem:{text}"
+        return f"{self.tag(self.idem_bucket(name, key))}:idem:{key_part(name)}:{key}"
+
+    def idem_bucket(self, name: str, key: str) -> int:
+        """The bucket of an idempotency key: of (name, key), not of its saga."""
+        return bucket_of(f"{key_part(name)}:{key}", self.buckets)
 
     # -- indexes of one bucket -------------------------------------------------------
 

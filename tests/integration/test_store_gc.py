@@ -166,7 +166,7 @@ def test_gc_works_in_batches_and_stops_after_max_batches(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Redis deletes a batch in several scripts: here, of two sagas each.
-    monkeypatch.setattr(redis_gc, "SCRIPT_TREES", 2)
+    monkeypatch.setattr(redis_gc, "SCRIPT_SAGAS", 2)
     ids = {ended(store) for _ in range(7)}
     first = store.gc(CUTOFF, batch_size=3, max_batches=1)
     assert first.total == 3 and first.batches == 1 and first.more
