@@ -45,9 +45,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..records import SagaRecord, StepRecord
 from ..states import SagaStatus
-from .redis_layout import Layout, saga_record, score, step_record
+from .redis_layout import Layout, score
 from .retention import MAX_TREE_DEPTH, GcRemoved, GcRule, GcTree, removed_of
 
 if TYPE_CHECKING:
@@ -57,6 +56,9 @@ if TYPE_CHECKING:
 # share of a batch is deleted by several short scripts rather than one long one.
 SCRIPT_SAGAS = 100
 _READ = ("status", "finished_at", "updated_at", "parent_saga_id")
+_FIELDS = (
+    "status", "name", "parent_saga_id", "idempotency_key", "finished_at", "updated_at", "txn"
+)  # fmt: skip
 
 
 # -- candidates and trees ---------------------------------------------------------------
@@ -158,20 +160,25 @@ def count(store: RedisStore, trees: list[GcTree]) -> GcRemoved:
 
 
 @dataclass(frozen=True)
-class _Read:
-    """A saga as read before deleting: its record, steps and `txn` counter."""
+class _Saga:
+    """What deleting a saga needs of it, as read just before."""
 
-    saga: SagaRecord
-    step_names: list[str]
-    steps: list[StepRecord]
+    saga_id: str
+    status: SagaStatus
+    name: str
+    parent_saga_id: str | None
+    idempotency_key: str | None
+    finished_at: float | None
+    updated_at: float
     txn: str
+    steps: list[tuple[str, str | None]]  # (name, owner_node) of each step
 
 
 @dataclass(frozen=True)
 class _Plan:
     """One saga to delete: as read, and what its script checks and removes."""
 
-    saga: SagaRecord
+    saga: _Saga
     payload: dict[str, Any]
 
 
@@ -205,25 +212,31 @@ def delete(store: RedisStore, trees: list[GcTree], rule: GcRule) -> GcRemoved:
     return removed
 
 
-def _read(store: RedisStore, ids: list[str]) -> dict[str, _Read]:
-    """Each saga of `ids` that exists, as it is now."""
+def _read(store: RedisStore, ids: list[str]) -> dict[str, _Saga]:
+    """Each saga of `ids` that exists, as it is now: the fields its index entries
+    depend on (redis_layout.Layout.entries_of), its key and its `txn` counter."""
     layout = store.layout
     pipe = store._client.pipeline(transaction=False)
     for sid in ids:
-        pipe.hgetall(layout.saga_key(sid))
+        pipe.hmget(layout.saga_key(sid), *_FIELDS)
         pipe.zrange(layout.steps_key(sid), 0, -1)
     replies = pipe.execute()
     names: list[list[str]] = [[str(n) for n in r] for r in replies[1::2]]
     for sid, steps in zip(ids, names, strict=True):
         for step in steps:
-            pipe.hgetall(layout.step_key(sid, step))
-    step_hashes = iter(pipe.execute())
+            pipe.hget(layout.step_key(sid, step), "owner_node")
+    owners = iter(pipe.execute())
     out = {}
-    for sid, saga, steps in zip(ids, replies[0::2], names, strict=True):
-        hashes = [next(step_hashes) for _ in steps]
-        if saga:
-            records = [step_record(h) for h in hashes if h]
-            out[sid] = _Read(saga_record(saga), steps, records, str(saga.get("txn", "0")))
+    for sid, values, steps in zip(ids, replies[0::2], names, strict=True):
+        nodes = [None if n is None else json.loads(n) for n in (next(owners) for _ in steps)]
+        if values[0] is None:
+            continue  # deleted meanwhile
+        status, name, parent, key, finished_at, updated_at = (json.loads(v) for v in values[:6])
+        txn = "0" if values[6] is None else str(values[6])
+        out[sid] = _Saga(
+            sid, SagaStatus(status), name, parent, key, finished_at, float(updated_at), txn,
+            list(zip(steps, nodes, strict=True)),
+        )  # fmt: skip
     return out
 
 
@@ -231,24 +244,27 @@ def _plan_tree(
     layout: Layout,
     tree: GcTree,
     rule: GcRule,
-    read: dict[str, _Read],
+    read: dict[str, _Saga],
 ) -> dict[str, _Plan] | None:
     """The plans of a tree's sagas; None when one of them is gone or no longer in the
     status it was gathered with, or `rule` no longer accepts the root."""
     plans = {}
     for sid, expected in tree.sagas.items():
-        got = read.get(sid)
-        if got is None or got.saga.status is not expected:
+        saga = read.get(sid)
+        if saga is None or saga.status is not expected:
             return None
-        saga = got.saga
         if sid == tree.root and not rule.qualifies(expected, saga.finished_at, saga.updated_at):
             return None
+        entries = layout.entries_of(sid, saga.name, expected.value, saga.parent_saga_id, saga.steps)
         payload = {
-            "txn": got.txn,
+            "txn": saga.txn,
             "steps_key": layout.steps_key(sid),
             "events_key": layout.events_key(sid),
-            "zrem": [list(e) for e in layout.index_entries(saga, got.steps)],
-            "unlink": [*layout.saga_keys(sid, got.step_names), layout.aborted_key(sid)],
+            "zrem": [list(e) for e in entries],
+            "unlink": [
+                *layout.saga_keys(sid, (step for step, _ in saga.steps)),
+                layout.aborted_key(sid),
+            ],
         }
         plans[sid] = _Plan(saga, payload)
     return plans
@@ -277,7 +293,7 @@ def _delete_level(store: RedisStore, plans: list[_Plan], removed: GcRemoved) -> 
     return gone
 
 
-def _release_idempotency_keys(store: RedisStore, sagas: list[SagaRecord]) -> None:
+def _release_idempotency_keys(store: RedisStore, sagas: list[_Saga]) -> None:
     """Delete the idempotency key of each deleted saga that still names it."""
     layout = store.layout
     by_bucket: dict[int, list[tuple[str, str]]] = defaultdict(list)

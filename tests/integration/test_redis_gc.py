@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from sagaline.records import Decision, SagaState
+from sagaline.records import Decision, Owner, SagaState
 from sagaline.states import SagaStatus
 from sagaline.stores import redis_gc
 from sagaline.stores.redis import RedisStore
 from tests.integration.test_redis_store import make_store, prefix, raw, server, store
-from tests.integration.test_store_gc import CUTOFF, ended, exists
+from tests.integration.test_store_gc import CUTOFF, OLD, ended, exists
 
 __all__ = ["make_store", "prefix", "raw", "server", "store"]  # fixtures, used by name
 
@@ -36,8 +36,12 @@ def test_a_tree_over_several_buckets_goes_without_leaving_a_key_behind(
 ) -> None:
     root = ended(store, key="order-1")
     kids = [ended(store, SagaStatus.COMPENSATED, parent=root, key=f"kid-{n}") for n in range(6)]
-    grandchild = ended(store, parent=kids[0])
+    grandchild = ended(store, parent=kids[0], owner=Owner("node-1", "boot-1", 1))
     layout = store.layout
+    # A stale claim entry of the claimed step: gc removes it with the other index entries.
+    claims = layout.claims_key(layout.bucket_of(grandchild), "node-1")
+    assert raw.zscore(claims, f"{grandchild}\0a") is None  # the finish ended the claim
+    raw.zadd(claims, {f"{grandchild}\0a": OLD})
     buckets = {layout.bucket_of(s) for s in [root, *kids, grandchild]}
     assert len(buckets) > 1  # 8 random ids in one of 16 buckets: 1 in 16**7
     assert len(list(raw.scan_iter(match=f"{prefix}:*", count=1000))) > 8 * 6

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 
 from sagaline.exceptions import InputError
-from sagaline.records import Decision, Event, SagaFilter, SagaState
-from sagaline.states import SAGA_TERMINAL, SagaStatus, StepStatus
+from sagaline.records import Decision, Event, Owner, SagaFilter, SagaState
+from sagaline.states import SAGA_TERMINAL, Phase, SagaStatus, StepStatus
 from sagaline.stores import Store, redis_gc
 from sagaline.stores.retention import GcRule, gather_trees
 from tests.integration.test_store_contract import mariadb_url, started, store
@@ -29,10 +29,17 @@ CUTOFF = T0 - 30 * 86400
 
 
 def ended(
-    st: Store, status: SagaStatus = SagaStatus.COMPLETED, at: float = OLD, **kwargs: object
+    st: Store,
+    status: SagaStatus = SagaStatus.COMPLETED,
+    at: float = OLD,
+    owner: Owner | None = None,
+    **kwargs: object,
 ) -> str:
-    """A saga that ran its three steps and ended in `status` at time `at`."""
+    """A saga that ran its three steps and ended in `status` at time `at`; its first
+    step claimed by a worker process of `owner` first, if given."""
     sid = started(st, created_at=at - 60, **kwargs).saga.saga_id
+    if owner is not None:
+        assert st.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=at, now=at - 50, owner=owner)
 
     def finish(state: SagaState) -> Decision:
         done = status in SAGA_TERMINAL
