@@ -11,7 +11,7 @@ members of `parent_index(b, saga)` of every bucket b (a child is indexed in its 
 bucket), read in one pipeline.
 
 Deleting: a tree spans buckets, and a script may touch one bucket only (one hash
-slot), so a tree is no longer deleted by one atomic script. Every saga of the
+slot), so a tree cannot be deleted by one atomic script. Every saga of the
 batch is read first (hash, steps), and a tree goes on only if each of its sagas
 still has the status it was gathered with and the rule still accepts its root.
 Then, level by level:
@@ -30,12 +30,15 @@ so it is a root now, and a later gc looks at it as such. It is harmless, and
 nothing is ever deleted under a saga that is kept.
 
 Each saga's script removes its own keys (saga_keys, its `aborted` mark) and every
-index entry naming it or its steps (index_entries, computed from the records read:
-the txn check makes sure they are still those). Its idempotency key is in the
-bucket of (name, key), another slot: once the saga is gone, a small
-compare-and-delete script per bucket (redis_lua/release_idem.lua) deletes each key
-that still names its deleted saga. In that order, a saga that was kept never loses
-its key. The counts reported are those of the sagas the scripts deleted.
+index entry naming it or its steps (Layout.entries_of, computed from the fields
+read: name, status, parent, each step's owner node; the txn check makes sure they
+are still those). Its idempotency key is in the bucket of (name, key), another
+slot: once the saga is gone, a compare-and-delete script per bucket
+(redis_lua/release_idem.lua) deletes each key that still names its deleted saga.
+In that order, a saga that was kept never loses its key; a creator that finds the
+key naming the deleted saga in between takes it over as from a saga that was never
+created (redis_create.py). The counts reported are those of the sagas the scripts
+deleted.
 """
 
 from __future__ import annotations
