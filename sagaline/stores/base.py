@@ -336,8 +336,10 @@ class Store(ABC):
 
     @abstractmethod
     def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
-        """Delete each tree atomically if, checked where it is deleted, `rule` still
-        accepts its root and nothing in it changed since it was read; what went."""
+        """Delete each tree if, checked where it is deleted, `rule` still accepts its
+        root and nothing in it changed since it was read; what went. Atomically per
+        tree, or where a tree spans partitions (Redis buckets) root first and then
+        each saga only once its parent went (redis_gc.py)."""
 
     def append_event(self, event: Event) -> None:
         """Append one event that changes no state (an observation, such as a refused claim)."""

@@ -3,8 +3,9 @@
 The key layout and the encoding of records are in redis_layout.py, the Lua
 scripts in redis_scripts.py, the payloads of the write scripts in redis_payloads.py,
 the reads across sagas in redis_reads.py, creation with an idempotency key in
-redis_create.py, the migration from the first layout in redis_migrate.py, and
-its URLs and clients (one server or a cluster) in redis_client.py.
+redis_create.py, retention (`gc`) in redis_gc.py, the migration from the first
+layout in redis_migrate.py, and its URLs and clients (one server or a cluster) in
+redis_client.py.
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -162,6 +163,8 @@ class RedisStore(Store):
             read_state=client.register_script(scripts.READ_STATE),
             idem=client.register_script(scripts.IDEM),
             abort=client.register_script(scripts.ABORT),
+            gc=client.register_script(scripts.GC),
+            release_idem=client.register_script(scripts.RELEASE_IDEM),
         )
         self._conn = client
         return client

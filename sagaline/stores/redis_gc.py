@@ -1,40 +1,80 @@
-"""Retention on the Redis store (retention.py): `Store.gc`'s steps for the layout of
-redis_layout.py. Reads go through pipelines; each batch is deleted by one script
-(redis_lua/gc.lua) that re-checks every saga's `txn` counter first.
+"""Retention on the Redis store (retention.py): `Store.gc`'s steps for the bucketed
+layout of redis_layout.py, on a single Redis and on Redis Cluster alike.
 
-Candidates come from the status indexes, scored by created_at: a saga that ended
-before the cutoff was created before it, so the scan stops at the cutoff; a saga
-created earlier but still running or ended later is read and passed over. The
-cursor is (index, score, saga id) of the last saga looked at.
+Candidates come from the status indexes (name and status with a name) of every
+bucket, scored by created_at: a saga that ended before the cutoff was created
+before it, so the scan of an index stops at the cutoff; a saga created earlier but
+still running or ended later is read and passed over. The indexes are scanned one
+after the other (statuses in order, buckets in order), and the cursor is (index
+position, score, saga id) of the last saga looked at. A saga's children are the
+members of `parent_index(b, saga)` of every bucket b (a child is indexed in its own
+bucket), read in one pipeline.
+
+Deleting: a tree spans buckets, and a script may touch one bucket only (one hash
+slot), so a tree cannot be deleted by one atomic script. Every saga of the
+batch is read first (hash, steps), and a tree goes on only if each of its sagas
+still has the status it was gathered with and the rule still accepts its root.
+Then, level by level:
+
+1. the roots, by one script per bucket (redis_lua/gc.lua) that deletes a saga
+   only if it still exists and its `txn` counter is the one read (no transact
+   wrote it since);
+2. the children of the roots that were deleted, the same way; then their
+   children, and so on: a saga is deleted only after its parent was.
+
+The root goes first because a kept root may be resumed or rolled back, and must
+then find every child it compensates: deleting children first could leave a root
+(which changed meanwhile and is kept) without them. A child that changed between
+the read and its own script is kept instead, with its subtree: its parent is gone,
+so it is a root now, and a later gc looks at it as such. It is harmless, and
+nothing is ever deleted under a saga that is kept.
+
+Each saga's script removes its own keys (saga_keys, its `aborted` mark) and every
+index entry naming it or its steps (Layout.entries_of, computed from the fields
+read: name, status, parent, each step's owner node; the txn check makes sure they
+are still those). Its idempotency key is in the bucket of (name, key), another
+slot: once the saga is gone, a compare-and-delete script per bucket
+(redis_lua/release_idem.lua) deletes each key that still names its deleted saga.
+In that order, a saga that was kept never loses its key; a creator that finds the
+key naming the deleted saga in between takes it over as from a saga that was never
+created (redis_create.py). The counts reported are those of the sagas the scripts
+deleted.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..states import SagaStatus
-from . import redis_scripts as scripts
-from .redis_layout import due_member, key_part, score
-from .retention import GcRemoved, GcRule, GcTree, removed_of
+from .redis_layout import Layout, score
+from .retention import MAX_TREE_DEPTH, GcRemoved, GcRule, GcTree, removed_of
 
 if TYPE_CHECKING:
     from .redis import RedisStore
 
-# Trees per script call: Redis runs nothing else while a script runs, so a batch is
-# deleted by several short scripts (each tree stays atomic) rather than one long one.
-SCRIPT_TREES = 100
+# Sagas per script call: Redis runs nothing else while a script runs, so a bucket's
+# share of a batch is deleted by several short scripts rather than one long one.
+SCRIPT_SAGAS = 100
 _READ = ("status", "finished_at", "updated_at", "parent_saga_id")
-_OWNED = ("status", "name", "idempotency_key", "parent_saga_id", "txn")
+_FIELDS = (
+    "status", "name", "parent_saga_id", "idempotency_key", "finished_at", "updated_at", "txn"
+)  # fmt: skip
+
+
+# -- candidates and trees ---------------------------------------------------------------
 
 
 def candidates(
     store: RedisStore, rule: GcRule, name: str | None, limit: int, after: str | None
 ) -> tuple[list[tuple[str, SagaStatus]], str | None]:
-    statuses = sorted(s.value for s in rule.statuses)
+    layout = store.layout
     indexes = [
-        store._key("idx", "status", s) if name is None else store._key("idx", "ns", s, name)
-        for s in statuses
+        layout.status_index(b, s) if name is None else layout.name_status_index(b, s, name)
+        for s in sorted(s.value for s in rule.statuses)
+        for b in layout.all_buckets()
     ]
     i, lo, last = json.loads(after) if after else (0, None, None)
     hi, page, found = "(" + score(rule.cutoff), max(limit, 100), []
@@ -72,13 +112,14 @@ def _page_after(
 
 def _roots(store: RedisStore, rule: GcRule, rows: list[tuple[str, str]]) -> list[SagaStatus | None]:
     """For each saga of `rows`, its status if it is a root that `rule` accepts, else None."""
+    layout = store.layout
     pipe = store._client.pipeline(transaction=False)
     for sid, _ in rows:
-        pipe.hmget(store._key("saga", sid), *_READ)
+        pipe.hmget(layout.saga_key(sid), *_READ)
     read: list[list[Any]] = [[v if v is None else json.loads(v) for v in r] for r in pipe.execute()]
     for status, _, _, parent in read:
         if status is not None and parent is not None:
-            pipe.exists(store._key("saga", parent))
+            pipe.exists(layout.saga_key(parent))
     parents = iter(pipe.execute())
     out: list[SagaStatus | None] = []
     for status, finished_at, updated_at, parent in read:
@@ -92,12 +133,15 @@ def _roots(store: RedisStore, rule: GcRule, rows: list[tuple[str, str]]) -> list
 
 
 def children(store: RedisStore, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
+    layout = store.layout
     pipe = store._client.pipeline(transaction=False)
     for sid in ids:
-        pipe.zrange(store._key("idx", "parent", sid), 0, -1)
-    pairs = [(p, str(c)) for p, kids in zip(ids, pipe.execute(), strict=True) for c in kids]
+        for b in layout.all_buckets():
+            pipe.zrange(layout.parent_index(b, sid), 0, -1)
+    replies = iter(pipe.execute())
+    pairs = [(p, str(c)) for p in ids for _ in layout.all_buckets() for c in next(replies)]
     for _, child in pairs:
-        pipe.hget(store._key("saga", child), "status")
+        pipe.hget(layout.saga_key(child), "status")
     return [
         (parent, child, SagaStatus(json.loads(status)))
         for (parent, child), status in zip(pairs, pipe.execute(), strict=True)
@@ -106,91 +150,163 @@ def children(store: RedisStore, ids: list[str]) -> list[tuple[str, str, SagaStat
 
 
 def count(store: RedisStore, trees: list[GcTree]) -> GcRemoved:
+    layout = store.layout
     pipe = store._client.pipeline(transaction=False)
     for sid in (sid for t in trees for sid in t.sagas):
-        pipe.zcard(store._key("steps", sid))
-        pipe.llen(store._key("events", sid))
+        pipe.zcard(layout.steps_key(sid))
+        pipe.llen(layout.events_key(sid))
     counts = pipe.execute()
     return removed_of(trees, sum(counts[0::2]), sum(counts[1::2]))
 
 
+# -- deleting ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Saga:
+    """What deleting a saga needs of it, as read just before."""
+
+    saga_id: str
+    status: SagaStatus
+    name: str
+    parent_saga_id: str | None
+    idempotency_key: str | None
+    finished_at: float | None
+    updated_at: float
+    txn: str
+    steps: list[tuple[str, str | None]]  # (name, owner_node) of each step
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One saga to delete: as read, and what its script checks and removes."""
+
+    saga: _Saga
+    payload: dict[str, Any]
+
+
 def delete(store: RedisStore, trees: list[GcTree], rule: GcRule) -> GcRemoved:
-    ids = [sid for t in trees for sid in t.sagas]
+    layout = store.layout
+    read = _read(store, [sid for t in trees for sid in t.sagas])
+    plans: dict[str, _Plan] = {}
+    roots: list[str] = []
+    for tree in trees:
+        planned = _plan_tree(layout, tree, rule, read)
+        if planned is not None:
+            plans.update(planned)
+            roots.append(tree.root)
+    removed = GcRemoved()
+    done: list[_Plan] = []
+    level, seen = roots, set(roots)
+    for depth in range(MAX_TREE_DEPTH + 1):
+        if not level:
+            break
+        gone = _delete_level(store, [plans[sid] for sid in level], removed)
+        if depth == 0:
+            removed.trees = len(gone)
+        done += [plans[sid] for sid in level if sid in gone]
+        level = [
+            sid
+            for sid, plan in plans.items()
+            if sid not in seen and plan.saga.parent_saga_id in gone
+        ]
+        seen.update(level)
+    _release_idempotency_keys(store, [p.saga for p in done])
+    return removed
+
+
+def _read(store: RedisStore, ids: list[str]) -> dict[str, _Saga]:
+    """Each saga of `ids` that exists, as it is now: the fields its index entries
+    depend on (redis_layout.Layout.entries_of), its key and its `txn` counter."""
+    layout = store.layout
     pipe = store._client.pipeline(transaction=False)
     for sid in ids:
-        pipe.hmget(store._key("saga", sid), *_OWNED, "finished_at", "updated_at")
-        pipe.zrange(store._key("steps", sid), 0, -1)
+        pipe.hmget(layout.saga_key(sid), *_FIELDS)
+        pipe.zrange(layout.steps_key(sid), 0, -1)
     replies = pipe.execute()
-    read = {sid: (replies[2 * n], replies[2 * n + 1]) for n, sid in enumerate(ids)}
-    planned = [(t, _plan(store, t, rule, read)) for t in trees]
-    planned = [(t, plan) for t, plan in planned if plan is not None]
-    if not planned:
-        return GcRemoved()
-    script = store._client.register_script(scripts.GC)
-    result: list[list[int]] = []
-    for n in range(0, len(planned), SCRIPT_TREES):
-        body = json.dumps({"trees": [plan for _, plan in planned[n : n + SCRIPT_TREES]]})
-        result += json.loads(script(args=[body]))
-    gone = [t for (t, _), (deleted, _, _) in zip(planned, result, strict=True) if deleted]
-    return removed_of(gone, sum(r[1] for r in result), sum(r[2] for r in result))
+    names: list[list[str]] = [[str(n) for n in r] for r in replies[1::2]]
+    for sid, steps in zip(ids, names, strict=True):
+        for step in steps:
+            pipe.hget(layout.step_key(sid, step), "owner_node")
+    owners = iter(pipe.execute())
+    out = {}
+    for sid, values, steps in zip(ids, replies[0::2], names, strict=True):
+        nodes = [None if n is None else json.loads(n) for n in (next(owners) for _ in steps)]
+        if values[0] is None:
+            continue  # deleted meanwhile
+        status, name, parent, key, finished_at, updated_at = (json.loads(v) for v in values[:6])
+        txn = "0" if values[6] is None else str(values[6])
+        out[sid] = _Saga(
+            sid, SagaStatus(status), name, parent, key, finished_at, float(updated_at), txn,
+            list(zip(steps, nodes, strict=True)),
+        )  # fmt: skip
+    return out
 
 
-def _plan(
-    store: RedisStore, tree: GcTree, rule: GcRule, read: dict[str, Any]
-) -> list[dict[str, Any]] | None:
-    """What the script checks and deletes for one tree; None when the tree is no longer
-    as it was read, or `rule` no longer accepts its root."""
-    plan = []
+def _plan_tree(
+    layout: Layout,
+    tree: GcTree,
+    rule: GcRule,
+    read: dict[str, _Saga],
+) -> dict[str, _Plan] | None:
+    """The plans of a tree's sagas; None when one of them is gone or no longer in the
+    status it was gathered with, or `rule` no longer accepts the root."""
+    plans = {}
     for sid, expected in tree.sagas.items():
-        fields, step_names = read[sid]
-        if fields[0] is None or SagaStatus(json.loads(fields[0])) is not expected:
+        saga = read.get(sid)
+        if saga is None or saga.status is not expected:
             return None
-        values = [None if v is None else json.loads(v) for v in fields[1:4]]
-        name, key, parent = str(values[0]), values[1], values[2]
-        if sid == tree.root:
-            finished_at, updated_at = json.loads(fields[5]), float(json.loads(fields[6]))
-            if not rule.qualifies(expected, finished_at, updated_at):
-                return None
-        plan.append(owned_keys(store, sid, expected, name, key, parent, step_names))
-        plan[-1]["txn"] = fields[4] or "0"
-    return plan
+        if sid == tree.root and not rule.qualifies(expected, saga.finished_at, saga.updated_at):
+            return None
+        entries = layout.entries_of(sid, saga.name, expected.value, saga.parent_saga_id, saga.steps)
+        payload = {
+            "txn": saga.txn,
+            "steps_key": layout.steps_key(sid),
+            "events_key": layout.events_key(sid),
+            "zrem": [list(e) for e in entries],
+            "unlink": [
+                *layout.saga_keys(sid, (step for step, _ in saga.steps)),
+                layout.aborted_key(sid),
+            ],
+        }
+        plans[sid] = _Plan(saga, payload)
+    return plans
 
 
-def owned_keys(
-    store: RedisStore,
-    sid: str,
-    status: SagaStatus,
-    name: str,
-    idempotency_key: str | None,
-    parent: str | None,
-    step_names: list[str],
-) -> dict[str, Any]:
-    """Every key and index entry a saga owns in the layout (redis_layout.py)."""
-    k = store._key
-    zrem = [
-        [k("idx", "created"), sid],
-        [k("idx", "status", status.value), sid],
-        [k("idx", "name", name), sid],
-        [k("idx", "ns", status.value, name), sid],
-        [k("due"), sid],
-        *([k("due"), due_member(sid, step)] for step in step_names),
-    ]
-    if parent is not None:
-        zrem.append([k("idx", "parent", parent), sid])
-    owned: dict[str, Any] = {
-        "id": sid,
-        "key": k("saga", sid),
-        "steps_key": k("steps", sid),
-        "events_key": k("events", sid),
-        "zrem": zrem,
-        "unlink": [
-            k("saga", sid),
-            k("steps", sid),
-            k("events", sid),
-            k("idx", "parent", sid),
-            *(k("step", sid, step) for step in step_names),
-        ],
-    }
-    if idempotency_key is not None:  # absent, not null: cjson's null is true in Lua
-        owned["idem"] = k("idem", key_part(name), idempotency_key)
-    return owned
+def _delete_level(store: RedisStore, plans: list[_Plan], removed: GcRemoved) -> set[str]:
+    """Delete `plans` by one script per bucket (and per SCRIPT_SAGAS sagas); count
+    what went in `removed`; the ids that went."""
+    layout = store.layout
+    by_bucket: dict[int, list[_Plan]] = defaultdict(list)
+    for plan in plans:
+        by_bucket[layout.bucket_of(plan.saga.saga_id)].append(plan)
+    gone: set[str] = set()
+    for group in by_bucket.values():
+        for n in range(0, len(group), SCRIPT_SAGAS):
+            part = group[n : n + SCRIPT_SAGAS]
+            keys = [layout.saga_key(p.saga.saga_id) for p in part]
+            body = json.dumps([p.payload for p in part])
+            reply = json.loads(store.scripts.gc(keys=keys, args=[body]))
+            for plan, (deleted, steps, events) in zip(part, reply, strict=True):
+                if deleted:
+                    gone.add(plan.saga.saga_id)
+                    removed.add_saga(plan.saga.status)
+                    removed.steps += steps
+                    removed.events += events
+    return gone
+
+
+def _release_idempotency_keys(store: RedisStore, sagas: list[_Saga]) -> None:
+    """Delete the idempotency key of each deleted saga that still names it."""
+    layout = store.layout
+    by_bucket: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for saga in sagas:
+        if saga.idempotency_key is not None:
+            key = layout.idem_key(saga.name, saga.idempotency_key)
+            by_bucket[layout.idem_bucket(saga.name, saga.idempotency_key)].append(
+                (key, saga.saga_id)
+            )
+    for group in by_bucket.values():
+        for n in range(0, len(group), SCRIPT_SAGAS):
+            part = group[n : n + SCRIPT_SAGAS]
+            store.scripts.release_idem(keys=[k for k, _ in part], args=[s for _, s in part])

@@ -8,7 +8,10 @@ every key of a bucket carries the bucket's hash tag `{bNN-j}`. A saga's own keys
 and the index entries that name it live in its bucket, so on Redis Cluster each
 bucket is one hash slot and every write script touches one slot only: writes
 stay atomic. Reads across sagas (lists, counts, due work, a node's claims) read
-the N buckets and merge them.
+the N buckets and merge them. Retention (redis_gc.py) scans the status indexes of
+every bucket, and deletes a saga tree, whose sagas lie in several buckets, root
+first and then level by level, one script per bucket; a saga's idempotency key,
+in another bucket, is freed afterwards by a script of its own bucket.
 
 Layout (`p` is the prefix, default "sagaline"; `{b}` a bucket's hash tag, braces
 included: `{b07-40}` for bucket 7 of 16 (`bucket_tags`: each bucket in its own
@@ -165,28 +168,48 @@ class Layout:
     def index_entries(self, saga: SagaRecord, steps: Iterable[StepRecord]) -> list[tuple[str, str]]:
         """(sorted set, member) of every index entry that may name the saga or its
         steps, all in its bucket: what deleting a saga removes besides saga_keys()."""
-        sid, b = saga.saga_id, self.bucket_of(saga.saga_id)
-        status = saga.status.value
+        return self.entries_of(
+            saga.saga_id,
+            saga.name,
+            saga.status.value,
+            saga.parent_saga_id,
+            [(s.name, s.owner_node) for s in steps],
+        )
+
+    def entries_of(
+        self,
+        saga_id: str,
+        name: str,
+        status: str,
+        parent_id: str | None,
+        steps: Iterable[tuple[str, str | None]],
+    ) -> list[tuple[str, str]]:
+        """index_entries() from the fields it depends on: the saga's name, status and
+        parent, and (name, owner_node) of each step."""
+        sid, b = saga_id, self.bucket_of(saga_id)
         entries = [
             (self.created_index(b), sid),
-            (self.name_index(b, saga.name), sid),
+            (self.name_index(b, name), sid),
             (self.status_index(b, status), sid),
-            (self.name_status_index(b, status, saga.name), sid),
+            (self.name_status_index(b, status, name), sid),
             (self.due_key(b), sid),
         ]
-        if saga.parent_saga_id is not None:
-            entries.append((self.parent_index(b, saga.parent_saga_id), sid))
-        for s in steps:
-            entries.append((self.due_key(b), due_member(sid, s.name)))
-            if s.owner_node is not None:
-                entries.append((self.claims_key(b, s.owner_node), due_member(sid, s.name)))
+        if parent_id is not None:
+            entries.append((self.parent_index(b, parent_id), sid))
+        for step, node in steps:
+            entries.append((self.due_key(b), due_member(sid, step)))
+            if node is not None:
+                entries.append((self.claims_key(b, node), due_member(sid, step)))
         return entries
 
     # -- idempotency keys (in the bucket of name and key) ----------------------------
 
     def idem_key(self, name: str, key: str) -> str:
-        text = f"{key_part(name)}:{key}"
-        return f"{self.tag(bucket_of(text, self.buckets))}:idem:{text}"
+        return f"{self.tag(self.idem_bucket(name, key))}:idem:{key_part(name)}:{key}"
+
+    def idem_bucket(self, name: str, key: str) -> int:
+        """The bucket of an idempotency key: of (name, key), not of its saga."""
+        return bucket_of(f"{key_part(name)}:{key}", self.buckets)
 
     # -- indexes of one bucket -------------------------------------------------------
 

@@ -489,8 +489,10 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
         "apply.lua",
         "cas_step.lua",
         "create.lua",
+        "gc.lua",
         "idem.lua",
         "read_state.lua",
+        "release_idem.lua",
         "write.lua",
     ]
     assert not (site_packages(box) / "psycopg").exists()

@@ -22,6 +22,7 @@ from sagaline.records import Decision, Event, SagaState
 from sagaline.states import SagaStatus, StepStatus
 from sagaline.stores import Store, store_from_url
 from tests.harness import REPO_ROOT, WorkerProcess, wait_until
+from tests.integration.conftest import cluster_store_url
 from tests.integration.test_cli import SAGALINE, fleet_env, runner
 from tests.integration.test_demo import stop_gracefully
 from tests.stores import make_state
@@ -137,6 +138,29 @@ def test_gc_command_counts_first_then_deletes_what_it_counted(tmp_path: Path) ->
     )
     missing = runner.invoke(cli, ["gc", "--older-than", "1d", "--store", f"sqlite:///{tmp_path}/x"])
     assert missing.exit_code == 3 and not (tmp_path / "x").exists()
+
+
+def test_gc_command_on_a_redis_cluster_store(request: pytest.FixtureRequest) -> None:
+    url = cluster_store_url(request)  # the private cluster, its default prefix emptied
+    st = store_from_url(url)
+    old = time.time() - 40 * DAY
+    try:
+        done = [stored(st, SagaStatus.COMPLETED, old) for _ in range(5)]
+        failed = stored(st, SagaStatus.FAILED, old)
+        recent = stored(st, SagaStatus.COMPLETED, time.time() - DAY)
+        dry = runner.invoke(
+            cli, ["gc", "--older-than", "30d", "--dry-run", "--json", "--store", url]
+        )
+        assert dry.exit_code == 0, dry.output
+        assert json.loads(dry.stdout)["by_status"] == {"COMPENSATED": 0, "COMPLETED": 5}
+        real = runner.invoke(
+            cli, ["gc", "--older-than", "30d", "--batch-size", "2", "--store", url]
+        )
+        assert real.exit_code == 0 and "deleted 5 saga(s), 15 step(s)" in real.stdout
+        assert [sid for sid in done if st.get_saga(sid) is not None] == []
+        assert st.get_saga(failed) is not None and st.get_saga(recent) is not None
+    finally:
+        st.close()
 
 
 def test_python_gc_takes_durations_and_refuses_bad_ones(

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 
 from sagaline.exceptions import InputError
-from sagaline.records import Decision, Event, SagaFilter, SagaState
-from sagaline.states import SAGA_TERMINAL, SagaStatus, StepStatus
+from sagaline.records import Decision, Event, Owner, SagaFilter, SagaState
+from sagaline.states import SAGA_TERMINAL, Phase, SagaStatus, StepStatus
 from sagaline.stores import Store, redis_gc
 from sagaline.stores.retention import GcRule, gather_trees
 from tests.integration.test_store_contract import mariadb_url, started, store
@@ -29,10 +29,17 @@ CUTOFF = T0 - 30 * 86400
 
 
 def ended(
-    st: Store, status: SagaStatus = SagaStatus.COMPLETED, at: float = OLD, **kwargs: object
+    st: Store,
+    status: SagaStatus = SagaStatus.COMPLETED,
+    at: float = OLD,
+    owner: Owner | None = None,
+    **kwargs: object,
 ) -> str:
-    """A saga that ran its three steps and ended in `status` at time `at`."""
+    """A saga that ran its three steps and ended in `status` at time `at`; its first
+    step claimed by a worker process of `owner` first, if given."""
     sid = started(st, created_at=at - 60, **kwargs).saga.saga_id
+    if owner is not None:
+        assert st.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=at, now=at - 50, owner=owner)
 
     def finish(state: SagaState) -> Decision:
         done = status in SAGA_TERMINAL
@@ -166,7 +173,7 @@ def test_gc_works_in_batches_and_stops_after_max_batches(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Redis deletes a batch in several scripts: here, of two sagas each.
-    monkeypatch.setattr(redis_gc, "SCRIPT_TREES", 2)
+    monkeypatch.setattr(redis_gc, "SCRIPT_SAGAS", 2)
     ids = {ended(store) for _ in range(7)}
     first = store.gc(CUTOFF, batch_size=3, max_batches=1)
     assert first.total == 3 and first.batches == 1 and first.more
