@@ -16,8 +16,9 @@ from typing import Any
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu(pid: int) -> float | None:
-    """Seconds of CPU of `pid` (all its threads) and of its reaped children; None if gone."""
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """Seconds of user and of system CPU of `pid` (all its threads) and of its reaped
+    children; None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read().decode()
@@ -27,10 +28,10 @@ def process_cpu(pid: int) -> float | None:
     fields = text.rpartition(")")[2].split()
     # utime, stime, cutime, cstime are fields 14-17 of stat(5); fields[0] is field 3.
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + cutime + cstime) / _TICK
+    return (utime + cutime) / _TICK, (stime + cstime) / _TICK
 
 
-def snapshot(pids: Iterable[int]) -> dict[int, float]:
+def snapshot(pids: Iterable[int]) -> dict[int, tuple[float, float]]:
     found = {}
     for pid in pids:
         cpu = process_cpu(pid)
@@ -46,7 +47,8 @@ class CpuMeter:
 
     def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
         self.pids = pids
-        self.worker_s = 0.0
+        self.worker_user_s = 0.0
+        self.worker_system_s = 0.0
         self.caller_s = 0.0
 
     def caller(self, fn: Callable[[], Any]) -> Any:
@@ -64,12 +66,20 @@ class CpuMeter:
             after = snapshot(set(before) | set(self.pids()))
             # A process that appeared meanwhile (a replaced pool process) started at zero;
             # one that is gone took its time with it, except what its parent reaped.
-            self.worker_s += sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+            for pid, (user, system) in after.items():
+                user_before, system_before = before.get(pid, (0.0, 0.0))
+                self.worker_user_s += user - user_before
+                self.worker_system_s += system - system_before
+
+    @property
+    def worker_s(self) -> float:
+        return self.worker_user_s + self.worker_system_s
 
     def per_saga_ms(self, sagas: int) -> dict[str, float]:
         n = max(sagas, 1)
         return {
             "worker_ms": round(self.worker_s * 1000 / n, 3),
+            "worker_system_ms": round(self.worker_system_s * 1000 / n, 3),
             "caller_ms": round(self.caller_s * 1000 / n, 3),
             "total_ms": round((self.worker_s + self.caller_s) * 1000 / n, 3),
         }

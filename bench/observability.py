@@ -38,6 +38,7 @@ TARGET = "overhead <= 1.05"
 LIMIT = 1.05
 SCRAPE_INTERVAL = 1.0  # seconds: harsher than Prometheus's usual 15 s
 T1_ROUNDS = 4  # batches per side, alternated
+IDLE_SECONDS = 5.0  # each worker's CPU with no saga, scrapes going on
 QUEUES = {"on": "bench.saga.on", "off": "bench.saga.off"}
 _sinks: list[Sink] = []  # one per run: the caller's TracerProvider is set once per process
 
@@ -210,6 +211,9 @@ def figure_obs(
     sent_before = otlp.stats()
     try:
         with Scraper(f"http://127.0.0.1:{metrics_port}/metrics") as scraper:
+            # What each worker costs with no saga at all (scrapes, polling, threads).
+            idle = {side: CpuMeter(workers[side].group_pids) for side in workers}
+            idle["on"].measure(lambda: idle["off"].measure(lambda: time.sleep(IDLE_SECONDS)))
             alternate(sz.warmup, lambda: l1_once("on", False), lambda: l1_once("off", False))
             alternate(sz.l1_runs, lambda: l1_once("on", True), lambda: l1_once("off", True))
             alternate(T1_ROUNDS, lambda: t1_once("on"), lambda: t1_once("off"))
@@ -252,6 +256,8 @@ def figure_obs(
         "t1_on_cpu_ms": cpu_ms["T1", "on"],
         "t1_off_cpu_ms": cpu_ms["T1", "off"],
         "t1_cpu_overhead": ratio(cpu_ms["T1", "on"]["total_ms"], cpu_ms["T1", "off"]["total_ms"]),
+        "idle_on_cpu_ms_per_s": round(idle["on"].worker_s * 1000 / IDLE_SECONDS, 2),
+        "idle_off_cpu_ms_per_s": round(idle["off"].worker_s * 1000 / IDLE_SECONDS, 2),
         "cpu_within_target": max(
             ratio(cpu_ms["L1", "on"]["total_ms"], cpu_ms["L1", "off"]["total_ms"]),
             ratio(cpu_ms["T1", "on"]["total_ms"], cpu_ms["T1", "off"]["total_ms"]),
