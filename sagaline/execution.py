@@ -13,7 +13,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import engine, payload, recovery, signals
 from ._state import registered_saga
-from .context import StepInfo, _current, about_saga
+from .context import SagaLogFields, StepInfo, _about, _current
 from .definition import Saga
 from .exceptions import InputError, StepFailure
 from .leases import Heartbeat as Heartbeat  # re-exported
@@ -44,8 +44,11 @@ def execute(
     saga_id, step = str(meta["saga_id"]), str(meta["step"])
     phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
     # What sagaline logs about this message (a refused claim, say) names the attempt.
-    with about_saga(saga_id, str(meta["saga"]), step, phase, attempt):
+    about = _about.set(SagaLogFields(saga_id, str(meta["saga"]), step, attempt, phase.value))
+    try:
         return _execute(runtime, task, body, args, kwargs, meta, saga_id, step, phase, attempt)
+    finally:
+        _about.reset(about)
 
 
 def _execute(
