@@ -96,10 +96,12 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
                 (
                     f,
                     s,
-                    f"on: L1 {d['l1_on_median_ms']:.1f} ms, T1 {d['t1_on_per_s']:.0f}/s",
-                    f"off: L1 {d['l1_off_median_ms']:.1f} ms, T1 {d['t1_off_per_s']:.0f}/s",
-                    f"L1 {d['l1_overhead']:.3f} / T1 {d['t1_overhead']:.3f}"
-                    f" ({'holds' if d['within_target'] else 'exceeds'})",
+                    _obs_side(d, "on"),
+                    _obs_side(d, "off"),
+                    f"wall L1 {d['l1_overhead']:.3f} / T1 {d['t1_overhead']:.3f}"
+                    f" ({'holds' if d['within_target'] else 'exceeds'}); CPU L1 "
+                    f"{d['l1_cpu_overhead']:.3f} / T1 {d['t1_cpu_overhead']:.3f}"
+                    f" ({'holds' if d['cpu_within_target'] else 'exceeds'})",
                     t,
                 )
             )
@@ -117,6 +119,14 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
                 )
             )
     return out
+
+
+def _obs_side(d: dict[str, Any], side: str) -> str:
+    l1_cpu, t1_cpu = d[f"l1_{side}_cpu_ms"]["total_ms"], d[f"t1_{side}_cpu_ms"]["total_ms"]
+    return (
+        f"{side}: L1 {d[f'l1_{side}_median_ms']:.1f} ms, T1 {d[f't1_{side}_per_s']:.0f}/s; "
+        f"CPU/saga {l1_cpu:.2f} / {t1_cpu:.2f} ms"
+    )
 
 
 def print_table(lines: list[dict[str, Any]]) -> None:

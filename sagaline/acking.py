@@ -37,6 +37,7 @@ from kombu.utils.objects import cached_property
 
 from . import recovery
 from ._state import current_runtime
+from .context import about_saga
 from .records import HEADER, Owner
 from .states import Phase
 
@@ -137,6 +138,20 @@ def settle_lost_message(runtime: Any, meta: dict[str, Any], pid: int | None) -> 
     node, boot = runtime.worker_node, runtime.worker_boot
     owner = Owner(node, boot, pid) if node and boot and pid else None
     cause = f"process {pid} of worker {node} exited while running it"
+    with about_saga(saga_id, meta.get("saga"), step, phase, attempt):
+        _settle(runtime, saga_id, step, phase, attempt, owner, cause, pid)
+
+
+def _settle(
+    runtime: Any,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    owner: Owner | None,
+    cause: str,
+    pid: int | None,
+) -> None:
     try:
         decision = runtime.apply(
             saga_id, recovery.message_lost, step, phase, attempt, owner, cause=cause

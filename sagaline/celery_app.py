@@ -258,6 +258,10 @@ def _hand_back_after_shutdown(sender: Any = None, **_: Any) -> None:
     except Exception:
         return
     hand_back_dead_processes(runtime)
+    # The spans of this process (the sweeper's, the hand-back's) are exported now, not
+    # left to an exit handler that an application's TracerProvider may not have.
+    with contextlib.suppress(Exception):
+        runtime.flush_traces()
 
 
 @after_setup_task_logger.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -23,6 +23,7 @@ from celery.signals import task_rejected, task_unknown, worker_ready
 
 from . import recovery
 from ._state import current_runtime, registered_sagas
+from .context import about_saga
 from .records import HEADER, Decision, Event, SagaState
 from .states import EventKind, FailureReason, Phase
 
@@ -76,16 +77,17 @@ def fail_undeliverable(
             claimed=claimed,
         )
 
-    try:
-        return runtime.store.transact(saga_id, decide)
-    except Exception:
-        log.exception(
-            "saga %s step %s: could not record that its message cannot be "
-            "delivered; the sweeper will publish it again",
-            saga_id,
-            step,
-        )
-        return None
+    with about_saga(saga_id, step=step, phase=phase, attempt=attempt):
+        try:
+            return runtime.store.transact(saga_id, decide)
+        except Exception:
+            log.exception(
+                "saga %s step %s: could not record that its message cannot be "
+                "delivered; the sweeper will publish it again",
+                saga_id,
+                step,
+            )
+            return None
 
 
 def message_refused(
@@ -109,6 +111,21 @@ def message_refused(
     except (KeyError, TypeError, ValueError):
         log.error("a message with a malformed sagaline header was dropped: %r", meta)
         return
+    with about_saga(saga_id, meta.get("saga"), step, phase, attempt):
+        _message_refused(runtime, saga_id, step, phase, attempt, task, worker, unregistered, error)
+
+
+def _message_refused(
+    runtime: Runtime,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    task: str,
+    worker: str,
+    unregistered: bool,
+    error: str,
+) -> None:
     log.error(
         "saga %s step %s %s attempt %s: worker %s dropped its message: %s",
         saga_id,

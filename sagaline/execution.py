@@ -13,7 +13,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import engine, payload, recovery, signals
 from ._state import registered_saga
-from .context import StepInfo, _current
+from .context import SagaLogFields, StepInfo, _about, _current
 from .definition import Saga
 from .exceptions import InputError, StepFailure
 from .leases import Heartbeat as Heartbeat  # re-exported
@@ -43,6 +43,26 @@ def execute(
     if this process wins its claim, and record the outcome; Celery's step hook calls it."""
     saga_id, step = str(meta["saga_id"]), str(meta["step"])
     phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
+    # What sagaline logs about this message (a refused claim, say) names the attempt.
+    about = _about.set(SagaLogFields(saga_id, str(meta["saga"]), step, attempt, phase.value))
+    try:
+        return _execute(runtime, task, body, args, kwargs, meta, saga_id, step, phase, attempt)
+    finally:
+        _about.reset(about)
+
+
+def _execute(
+    runtime: Runtime,
+    task: Any,
+    body: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    meta: dict[str, Any],
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+) -> Any:
     defn = registered_saga(str(meta["saga"]))
     if defn is None or defn.fingerprint != meta.get("fingerprint"):
         _refuse_unknown_definition(runtime, meta, defn)

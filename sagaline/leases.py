@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .context import saga_log_extra
 from .records import Owner
 from .states import Phase
 
@@ -68,5 +69,9 @@ class Heartbeat:
                     self.store.renew_lease(saga_id, step, phase, attempt, self.clock() + self.lease)
                 except Exception:
                     log.warning(
-                        "could not renew the lease of saga %s step %s", saga_id, step, exc_info=True
+                        "could not renew the lease of saga %s step %s",
+                        saga_id,
+                        step,
+                        exc_info=True,
+                        extra=saga_log_extra(saga_id, None, step, phase, attempt),
                     )

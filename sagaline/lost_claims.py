@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import recovery, signals
+from .context import SagaLogFields, about_saga
 from .records import Decision, Owner, SagaState
 from .runtime import Runtime
 from .states import Phase
@@ -79,7 +80,23 @@ def _hand_back(
     cause: str,
     queue: str | None,
 ) -> bool:
+    with about_saga(saga_id, step=step, phase=phase, attempt=attempt) as about:
+        return _hand_back_one(rt, saga_id, step, phase, attempt, owner, cause, queue, about)
+
+
+def _hand_back_one(
+    rt: Runtime,
+    saga_id: str,
+    step: str,
+    phase: Phase,
+    attempt: int,
+    owner: Owner,
+    cause: str,
+    queue: str | None,
+    about: SagaLogFields,
+) -> bool:
     def decide(state: SagaState) -> Decision | None:
+        about.saga_name = state.saga.name
         defn = rt.definition_for(state.saga)
         return (
             None

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .context import saga_log_extra
 from .forking import fork_guard
 from .records import HEADER, Dispatch
 from .signatures import filter_kwargs
@@ -116,4 +117,9 @@ class DelayedPublisher:
                 with fork_guard():  # a pool may fork meanwhile (forking.py)
                     self._publish(d)  # logs its own failures; the sweeper covers them
             except Exception:
-                log.exception("delayed publish of saga %s step %s failed", d.saga_id, d.step)
+                log.exception(
+                    "delayed publish of saga %s step %s failed",
+                    d.saga_id,
+                    d.step,
+                    extra=saga_log_extra(d.saga_id, None, d.step, d.phase, d.attempt),
+                )

@@ -15,6 +15,7 @@ from . import children, delivery, engine, execution, payload, publishing, signal
 from ._state import current_runtime as current_runtime  # re-exported: a public import path
 from ._state import registered_saga
 from ._state import set_default_runtime as set_default_runtime
+from .context import about_saga, saga_log_extra
 from .definition import Saga
 from .exceptions import ConfigurationError, IdempotencyConflict, InputError
 from .handle import SagaHandle as SagaHandle
@@ -153,6 +154,7 @@ class Runtime:
             saga.name,
             saga.fingerprint,
             "none" if defn is None else defn.fingerprint,
+            extra=saga_log_extra(saga.saga_id, saga.name),
         )
         return None
 
@@ -235,9 +237,11 @@ class Runtime:
             defn = self.definition_for(state.saga)
             return None if defn is None else decide(defn, state)
 
-        decision = self.store.transact(saga_id, with_definition)
-        if decision is not None:
-            self.after_commit(decision)
+        # What the store, the publishes and the signals log meanwhile names the saga.
+        with about_saga(saga_id):
+            decision = self.store.transact(saga_id, with_definition)
+            if decision is not None:
+                self.after_commit(decision)
         return decision
 
     def apply(
@@ -296,6 +300,7 @@ class Runtime:
                         d.saga_id,
                         d.step,
                         d.attempt,
+                        extra=saga_log_extra(d.saga_id, None, d.step, d.phase, d.attempt),
                     )
                     continue
                 log.error(
@@ -307,6 +312,7 @@ class Runtime:
                     d.attempt,
                     type(exc).__name__,
                     exc,
+                    extra=saga_log_extra(d.saga_id, None, d.step, d.phase, d.attempt),
                 )
                 decision = delivery.fail_undeliverable(
                     self,

@@ -17,6 +17,7 @@ from celery import bootsteps
 from celery.utils.nodenames import worker_direct
 
 from . import recovery, signals
+from .context import SagaLogFields, about_saga
 from .definition import Saga
 from .engine import Timing
 from .forking import fork_guard
@@ -110,30 +111,49 @@ def sweep(runtime: Runtime, *, now: float | None = None, limit: int = 200) -> Sw
     report = SweepReport()
     for item in runtime.store.find_due(moment, limit=limit):
         report.due += 1
-        try:
-            chosen, decision = _decide(runtime, item, now)
-            if chosen is not None and chosen.kind is RepairKind.CHILD_DRIVEN:
-                assert item.step is not None  # only a step is run by a child saga
-                runtime.drive_child(item.saga_id, item.step)
-                report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
-                continue
-        except Exception:
-            log.exception("sweeper: could not repair saga %s", item.saga_id)
-            report.failed.append(item)
-            continue
-        if chosen is not None and decision is not None and decision.changed:
-            runtime.after_commit(decision)
-            report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
+        # What is logged while repairing it (here, publishing, tracing) names the saga.
+        with about_saga(item.saga_id, step=item.step) as about:
+            _repair_one(runtime, item, now, report, about)
     signals.sweeper_repaired.send(sender=runtime, counts=report.by_kind())
     return report
 
 
-def _decide(rt: Runtime, item: DueItem, now: float | None) -> tuple[Repair | None, Decision | None]:
+def _repair_one(
+    runtime: Runtime,
+    item: DueItem,
+    now: float | None,
+    report: SweepReport,
+    about: SagaLogFields,
+) -> None:
+    try:
+        chosen, decision = _decide(runtime, item, now, about)
+        if chosen is not None and chosen.kind is RepairKind.CHILD_DRIVEN:
+            assert item.step is not None  # only a step is run by a child saga
+            runtime.drive_child(item.saga_id, item.step)
+            report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
+            return
+    except Exception:
+        log.exception("sweeper: could not repair saga %s", item.saga_id)
+        report.failed.append(item)
+        return
+    if chosen is not None and decision is not None and decision.changed:
+        runtime.after_commit(decision)
+        report.repaired.append(Repaired(item.saga_id, item.step, chosen.kind, item.due_at))
+
+
+def _decide(
+    rt: Runtime, item: DueItem, now: float | None, about: SagaLogFields
+) -> tuple[Repair | None, Decision | None]:
     """Commit the repair of one item; what was chosen, and the decision committed."""
     chosen: Repair | None = None
 
     def decide(state: SagaState) -> Decision | None:
         nonlocal chosen  # the store may call decide again (a conflict): the last one counts
+        about.saga_name = state.saga.name
+        rec = state.steps.get(item.step) if item.step is not None else None
+        if rec is not None and rec.running_phase is not None:
+            about.phase = rec.running_phase.value
+            about.attempt = rec.attempt_for(rec.running_phase)
         t = rt.now() if now is None else now
         defn = rt.definition_for(state.saga)
         chosen = None if defn is None else repair(defn, state, item.step, t, rt.timing)

@@ -4,7 +4,9 @@
 worker's handlers write records as JSON: Celery's own, sagaline's, and the user's
 records logged inside a step, whose saga fields come from the step being run (a
 contextvar set around every step and compensation) and whose trace ids come from
-the current OpenTelemetry span, when tracing is on.
+the current OpenTelemetry span, when tracing is on. sagaline's records about a saga
+outside a step body (a refused claim, a hand-back, the sweeper's repairs) carry
+the saga too (`context.about_saga`, `context.saga_log_extra`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import sys
 import time
 from typing import Any
 
-from ..context import _current
+from ..context import log_fields
 
-# Fields every line has (null when the record was not logged inside a step or span).
+# Fields every line has (null when the record is about no saga, or logged outside a span).
 FIELDS = (
     "time",
     "level",
@@ -38,7 +40,7 @@ class JsonFormatter(logging.Formatter):
     Celery task, and `exception` with the traceback when there is one)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        info = _current.get()
+        info = log_fields(record)
         trace_id, span_id = current_trace_ids()
         doc: dict[str, Any] = {
             "time": _iso(record.created),
@@ -49,7 +51,7 @@ class JsonFormatter(logging.Formatter):
             "saga": info.saga_name if info else None,
             "step": info.step if info else None,
             "attempt": info.attempt if info else None,
-            "phase": info.phase.value if info else None,
+            "phase": info.phase if info else None,
             "trace_id": trace_id,
             "span_id": span_id,
             "process": record.process,

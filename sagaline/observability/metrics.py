@@ -131,6 +131,10 @@ class SagaMetrics:
     def __init__(self, registry: Any) -> None:
         pc = _prometheus()
         kw = {"registry": registry}
+        # The child of each label set, once looked up: `labels()` takes a lock and checks
+        # its arguments every time, several times per attempt. Label values are few
+        # (saga and step names, phases, outcomes), so the cache stays small.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.started = pc.Counter("sagaline_sagas_started", "Sagas started.", ["saga"], **kw)
         self.finished = pc.Counter(
             "sagaline_sagas_finished",
@@ -188,9 +192,24 @@ class SagaMetrics:
             **kw,
         )
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
 
 _metrics: SagaMetrics | None = None
 _lock = threading.Lock()
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def _this_process() -> int:
+    """This process's id, without a system call (a forked child updates it at once)."""
+    return _pid[0]
 
 
 def current() -> SagaMetrics:
@@ -207,7 +226,8 @@ def current() -> SagaMetrics:
 
 
 def _on_saga_started(sender: Any = None, name: str = "", **_: Any) -> None:
-    current().started.labels(name).inc()
+    m = current()
+    m.child(m.started, name).inc()
 
 
 def _on_saga_finished(
@@ -215,15 +235,16 @@ def _on_saga_finished(
 ) -> None:
     label = str(status).lower()
     m = current()
-    m.finished.labels(name, label).inc()
-    m.duration.labels(name, label).observe(max(0.0, duration))
+    m.child(m.finished, name, label).inc()
+    m.child(m.duration, name, label).observe(max(0.0, duration))
 
 
 def _on_step_started(
     sender: Any = None, name: str = "", step: str = "", queue_wait: float | None = None, **_: Any
 ) -> None:
     if queue_wait is not None:
-        current().queue_wait.labels(name, step).observe(max(0.0, queue_wait))
+        m = current()
+        m.child(m.queue_wait, name, step).observe(max(0.0, queue_wait))
 
 
 def _on_step_finished(
@@ -237,18 +258,19 @@ def _on_step_finished(
 ) -> None:
     m = current()
     phase_label = str(phase)
-    m.attempts.labels(name, step, phase_label, outcome).inc()
-    m.step_duration.labels(name, step, phase_label).observe(max(0.0, duration))
+    m.child(m.attempts, name, step, phase_label, outcome).inc()
+    m.child(m.step_duration, name, step, phase_label).observe(max(0.0, duration))
     if phase_label == "compensate":
-        m.compensations.labels(name, step, outcome).inc()
+        m.child(m.compensations, name, step, outcome).inc()
 
 
 def _on_sweeper_repaired(
     sender: Any = None, counts: dict[Any, int] | None = None, **_: Any
 ) -> None:
+    m = current()
     for kind, count in (counts or {}).items():
         if count:
-            current().repairs.labels(getattr(kind, "value", kind)).inc(count)
+            m.child(m.repairs, str(getattr(kind, "value", kind))).inc(count)
 
 
 def _on_retention_deleted(
@@ -279,12 +301,19 @@ def instrument_store(store: Store) -> None:
 
 
 def _timed(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    # The histogram child of this operation, for the process's current metrics (a worker
+    # replaces them before its pool forks).
+    resolved: list[Any] = [None, None]
+
     def timed(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            current().store_op.labels(op).observe(time.perf_counter() - started)
+            m = _metrics if _metrics is not None else current()
+            if resolved[0] is not m:
+                resolved[:] = [m, m.store_op.labels(op)]
+            resolved[1].observe(time.perf_counter() - started)
 
     return timed
 
@@ -315,7 +344,9 @@ class WorkerMetrics:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory  # the pool inherits it
         # prometheus-client picks its value class when first imported; pick again now
         # that the directory is set (metrics created from here on write sample files).
-        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        # Its default asks the kernel for the pid at every increment, to notice a fork;
+        # this process's pid, kept up to date at each fork, tells the same.
+        values.ValueClass = values.MultiProcessValue(_this_process)  # type: ignore[no-untyped-call]
         with _lock:
             _metrics = SagaMetrics(registry=None)  # read back through the files
         registry = pc.CollectorRegistry()

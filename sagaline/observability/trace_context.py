@@ -5,6 +5,7 @@ Imported through `tracing`, which names the `otel` extra when OpenTelemetry is m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from contextvars import ContextVar
@@ -46,8 +47,10 @@ class SagaTrace:
     @classmethod
     def decode(cls, text: str | None) -> SagaTrace | None:
         """The context stored with a saga; None (logged) if there is none or it is not one."""
-        if not text:
-            return None
+        return _decode(text) if text else None
+
+    @classmethod
+    def _parse(cls, text: str) -> SagaTrace | None:
         try:
             head, _, parent = text.partition(":")
             version, trace_id, span_id, flags = head.split("-")
@@ -63,9 +66,14 @@ class SagaTrace:
             log.warning("ignoring a saga trace context that is no traceparent: %r", text)
             return None
 
-    def root_context(self) -> Any:
-        """An OpenTelemetry context whose current span is the saga's root span."""
+    @functools.cached_property
+    def _root_context(self) -> Any:
         return trace.set_span_in_context(trace.NonRecordingSpan(self._span_context(self.span_id)))
+
+    def root_context(self) -> Any:
+        """An OpenTelemetry context whose current span is the saga's root span (contexts
+        are immutable: one object serves every attempt and publish of the saga)."""
+        return self._root_context
 
     def parent_context(self) -> Any:
         """The context the root span is created in: its parent's, or none."""
@@ -79,6 +87,13 @@ class SagaTrace:
         return trace.SpanContext(
             self.trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(self.flags)
         )
+
+
+# A process decodes the same few contexts again and again (each attempt, each publish
+# and the end of the sagas it runs): the last ones decoded are kept.
+@functools.lru_cache(maxsize=1024)
+def _decode(text: str) -> SagaTrace | None:
+    return SagaTrace._parse(text)
 
 
 def attempt_span_id(

@@ -178,22 +178,25 @@ class Tracing:
         )
         ended: list[SagaRecord] = []
         deferred = self._ended_in_attempt.set(ended)
+        # The span is current while the step runs (what trace.use_span does, without
+        # its generator: this runs for every attempt).
+        current = otel_context.attach(trace.set_span_in_context(span))
         try:
-            with trace.use_span(
-                span, end_on_exit=True, record_exception=False, set_status_on_exception=False
-            ):
-                try:
-                    yield
-                except BaseException as exc:
-                    if not isinstance(exc, Ignore):
-                        span.record_exception(exc)
-                        span.set_status(
-                            trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-                        )
-                        span.set_attribute(SAGA_OUTCOME, "failed")
-                    raise
-                else:
-                    span.set_attribute(SAGA_OUTCOME, "succeeded")
+            try:
+                yield
+            except BaseException as exc:
+                if not isinstance(exc, Ignore):
+                    span.record_exception(exc)
+                    span.set_status(
+                        trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                    )
+                    span.set_attribute(SAGA_OUTCOME, "failed")
+                raise
+            else:
+                span.set_attribute(SAGA_OUTCOME, "succeeded")
+            finally:
+                otel_context.detach(current)
+                span.end()
         finally:
             self._ended_in_attempt.reset(deferred)
             # The attempt that ended the saga has ended: the root span can close after it.

@@ -1,5 +1,5 @@
 """`python -m bench --quick --only OBS` prints L1 and T1 with metrics and tracing on and off,
-and their overhead as numbers.
+their CPU time per saga, and their overhead as numbers.
 
 Benchmarks are not tests: nothing here looks at how fast anything was, nor at whether the
 overhead met its target.
@@ -39,6 +39,13 @@ def test_quick_observability_benchmark_prints_on_off_figures_and_their_overhead(
         value = line[key]
         assert isinstance(value, (int, float)) and value > 0, f"OBS.{key} = {value!r}"
     assert isinstance(line["within_target"], bool)
+    # CPU per saga of each side (worker processes and caller), and its ratio.
+    for key in ("l1_on_cpu_ms", "l1_off_cpu_ms", "t1_on_cpu_ms", "t1_off_cpu_ms"):
+        cpu = line[key]
+        assert cpu["total_ms"] > 0 and cpu["worker_ms"] > 0, f"OBS.{key} = {cpu!r}"
+        assert cpu["total_ms"] >= cpu["worker_ms"] >= cpu["worker_system_ms"] >= 0
+    assert line["l1_cpu_overhead"] > 0 and line["t1_cpu_overhead"] > 0
+    assert isinstance(line["cpu_within_target"], bool)
     # The traced side was really exported and scraped, so the cost measured is real.
     assert line["metrics_scrapes"] > 0 and line["metrics_scrape_failures"] == 0
     assert line["otlp_requests"] > 0 and line["otlp_bytes"] > 0

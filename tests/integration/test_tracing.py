@@ -2,159 +2,34 @@
 
 The workers export with the real OTLP/HTTP exporter (SAGALINE_TRACING=otlp, OTEL_*);
 the test process is an application that set its own TracerProvider, exporting to
-the same receiver, which decodes each ExportTraceServiceRequest (protobuf).
+the same receiver, which decodes each ExportTraceServiceRequest (protobuf): otlp.py.
+JSON logs and what a warm shutdown exports: test_json_logs.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import http.server
-import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
-from celery import Celery
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-import sagaline
 from sagaline import SagaCompensated
-from sagaline.observability.logs import FIELDS
-from sagaline.runtime import Runtime
 from tests.harness import WorkerProcess
 from tests.integration import traced_app
+from tests.integration.otlp import (
+    WAIT,
+    Receiver,
+    Span,
+    Traced,
+    json_records,
+    saga_fields,
+    serve_otlp,
+    traced_client,
+)
 
 APP = "tests.integration.traced_app"
-WAIT = 60.0
-
-
-@dataclass
-class Span:
-    trace_id: str
-    span_id: str
-    parent_id: str | None
-    name: str
-    service: str
-    attributes: dict[str, Any]
-    status: int  # 0 unset, 1 ok, 2 error
-    kind: int
-    events: list[str]
-    start: int
-    end: int
-
-
-@dataclass
-class Receiver:
-    """An OTLP/HTTP trace receiver: every span of every request it was sent."""
-
-    url: str = ""
-    spans: list[Span] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, request: ExportTraceServiceRequest) -> None:
-        found = []
-        for rs in request.resource_spans:
-            service = next(
-                (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"),
-                "",
-            )
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    found.append(
-                        Span(
-                            s.trace_id.hex(),
-                            s.span_id.hex(),
-                            s.parent_span_id.hex() or None,
-                            s.name,
-                            service,
-                            {a.key: _value(a.value) for a in s.attributes},
-                            s.status.code,
-                            s.kind,
-                            [e.name for e in s.events],
-                            s.start_time_unix_nano,
-                            s.end_time_unix_nano,
-                        )
-                    )
-        with self.lock:
-            self.spans.extend(found)
-
-    def of_trace(self, trace_id: str) -> list[Span]:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-    def with_saga(self, saga_id: str) -> list[Span]:
-        with self.lock:
-            return [s for s in self.spans if s.attributes.get("saga.id") == saga_id]
-
-    def root_of(self, saga_id: str, name: str) -> Span:
-        """The root span of saga `saga_id` (named `saga <name>`), once it has arrived."""
-        self.wait_for(lambda: any(s.name == f"saga {name}" for s in self.with_saga(saga_id)))
-        found = [s for s in self.with_saga(saga_id) if s.name == f"saga {name}"]
-        assert len(found) == 1, "the root span was emitted more than once"
-        return found[0]
-
-    def wait_for(self, what: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if what():
-                return
-            time.sleep(0.1)
-        raise AssertionError(
-            "the spans expected never arrived; received:\n"
-            + "\n".join(f"{s.name} {s.span_id} <- {s.parent_id} {s.attributes}" for s in self.spans)
-        )
-
-
-def _value(v: Any) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
-
-
-@contextlib.contextmanager
-def serve_otlp() -> Iterator[Receiver]:
-    """An OTLP/HTTP trace receiver on a free port of 127.0.0.1, for the block's duration."""
-    rec = Receiver()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            rec.add(ExportTraceServiceRequest.FromString(body))
-            reply = ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    rec.url = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield rec
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -163,49 +38,10 @@ def receiver() -> Iterator[Receiver]:
         yield rec
 
 
-@dataclass
-class Traced:
-    runtime: Runtime
-    receiver: Receiver
-    env: dict[str, str]
-    provider: TracerProvider
-
-    def flush(self) -> None:
-        self.provider.force_flush(5000)
-
-
 @pytest.fixture(scope="module")
 def traced(receiver: Receiver, redis_url: str) -> Iterator[Traced]:
-    base = redis_url.rsplit("/", 1)[0]
-    broker, store = f"{base}/11", f"{base}/12"
-    for url in (broker, store):
-        redis.Redis.from_url(url).flushdb()
-    # The test process is an application with a TracerProvider of its own: sagaline's
-    # client spans go there (set once per process, so once per module run).
-    current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider):
-        provider = current
-    else:
-        provider = TracerProvider(resource=Resource.create({"service.name": "client"}))
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.url), schedule_delay_millis=100)
-    )
-    client = Celery("traced-client", broker=broker)
-    runtime = sagaline.init_app(client, store=store, sweeper=False, tracing=True)
-    env = {
-        "CELERY_BROKER_URL": broker,
-        "SAGALINE_STORE_URL": store,
-        "SAGALINE_TRACING": "otlp",
-        "SAGALINE_SWEEP_INTERVAL": "1",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
-        "OTEL_SERVICE_NAME": "worker",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
-    try:
-        yield Traced(runtime, receiver, env, provider)
-    finally:
-        runtime.store.close()
+    with traced_client(receiver, redis_url) as client:
+        yield client
 
 
 def _assert_no_orphans(spans: list[Span]) -> None:
@@ -313,7 +149,12 @@ def test_a_step_killed_with_its_worker_leaves_no_orphan_span(
     )
     first.kill()
     # Restarted under the same node name, the worker hands the dead claim back at once.
-    worker_factory(APP, env={**env, "SLOW_FIRST_ATTEMPT": "0"}, concurrency=1, name="tracekill")
+    second = worker_factory(
+        APP,
+        env={**env, "SLOW_FIRST_ATTEMPT": "0", "SAGALINE_LOG_FORMAT": "json"},
+        concurrency=1,
+        name="tracekill",
+    )
     assert handle.get(timeout=WAIT)["slow"] == 2
     root = rx.root_of(handle.saga_id, "traced_survives_kill")
     rx.wait_for(lambda: len(rx.of_trace(root.trace_id)) >= 7)
@@ -333,6 +174,11 @@ def test_a_step_killed_with_its_worker_leaves_no_orphan_span(
     begins = sorted((s for s in spans if s.name == "slow work begins"), key=lambda s: s.start)
     assert [s.parent_id for s in begins] == [lost.span_id, retried.span_id]
     assert {s.parent_id for s in spans if s.name.startswith("step ")} == {root.span_id}
+    # The hand-back's warning, logged by the sweeper's thread, names the attempt (JSON log).
+    handed_back = [r for r in json_records(second.log_text()) if "running it again" in r["message"]]
+    assert [saga_fields(r) for r in handed_back] == [
+        (handle.saga_id, "traced_survives_kill", "slow", 1, "forward")
+    ]
 
 
 def test_celery_instrumentation_spans_join_the_saga_trace_without_duplicates(
@@ -385,51 +231,3 @@ def test_a_child_saga_is_in_its_parent_trace_under_the_parent_root(
     assert _only(spans, "step finish").parent_id == child_root.span_id
     assert _only(spans, "step charge").parent_id == parent_root.span_id
     _assert_no_orphans(spans)
-
-
-# -- JSON logs --------------------------------------------------------------------------
-
-
-def test_json_logs_carry_the_saga_step_and_trace_of_a_user_record_inside_a_step(
-    traced: Traced, worker_factory: Callable[..., WorkerProcess], tmp_path: Path
-) -> None:
-    logfile = tmp_path / "worker-json.log"
-    worker = worker_factory(
-        APP,
-        env={**traced.env, "SAGALINE_LOG_FORMAT": "json"},
-        concurrency=2,
-        extra_args=["--logfile", str(logfile)],
-    )
-    order = "o-json-" + uuid.uuid4().hex[:6]
-    handle = traced.runtime.start_saga(traced_app.compensated, {"order_id": order})
-    with pytest.raises(SagaCompensated):
-        handle.get(timeout=WAIT)
-    rx = traced.receiver
-    root = rx.root_of(handle.saga_id, "traced_compensated")
-    rx.wait_for(lambda: any(s.name == "reserve stock" for s in rx.of_trace(root.trace_id)))
-    worker.stop()  # every process has written its last line
-    lines = logfile.read_text().splitlines()
-    assert len(lines) > 5
-    records = [json.loads(line) for line in lines]  # every line is one JSON object
-    for r in records:
-        assert set(FIELDS) <= set(r), r
-    mine = [r for r in records if r["message"] == f"reserving stock for {order}"]
-    assert len(mine) == 1, [r["message"] for r in records]
-    line = mine[0]
-    assert (line["logger"], line["level"]) == ("shop.steps", "INFO")
-    assert (line["saga_id"], line["saga"], line["step"], line["attempt"], line["phase"]) == (
-        handle.saga_id,
-        "traced_compensated",
-        "reserve",
-        1,
-        "forward",
-    )
-    # Logged inside the user's span "reserve stock", in the saga's trace.
-    user_span = _only(rx.of_trace(root.trace_id), "reserve stock")
-    assert (line["trace_id"], line["span_id"]) == (user_span.trace_id, user_span.span_id)
-    # A compensation's record carries its phase; Celery's own records are JSON too.
-    refund = [r for r in records if r["message"].startswith("refunding")]
-    assert [(r["step"], r["phase"]) for r in refund] == [("charge", "compensate")]
-    assert any(r["logger"].startswith("celery") for r in records)
-    outside = [r for r in records if r["logger"].startswith("celery.worker")]
-    assert outside and all(r["saga_id"] is None for r in outside)

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from sagaline.config import Settings
-from sagaline.context import StepInfo, _current
+from sagaline.context import StepInfo, StepLogFilter, _current, about_saga, saga_log_extra
 from sagaline.exceptions import ConfigurationError
 from sagaline.observability.logs import FIELDS, JsonFormatter
 from sagaline.observability.tracing import SagaTrace, attempt_span_id
@@ -104,3 +104,42 @@ def test_a_json_line_inside_a_step_carries_it_and_stays_one_line() -> None:
         "compensate",
     )
     assert "ValueError: bad" in doc["exception"]
+
+
+def _saga_fields(record: logging.LogRecord) -> tuple[object, ...]:
+    doc = json.loads(JsonFormatter().format(record))
+    return tuple(doc[k] for k in ("saga_id", "saga", "step", "attempt", "phase"))
+
+
+def test_sagalines_records_about_a_saga_outside_a_step_carry_what_is_known_of_it() -> None:
+    with about_saga("s-2", step="ship", phase=Phase.FORWARD, attempt=3) as about:
+        assert _saga_fields(_record("refused")) == ("s-2", None, "ship", 3, "forward")
+        about.saga_name = "order"  # completed once the saga's state is read
+        # A context of the same saga, with nothing new, is the one around it.
+        with about_saga("s-2") as inner:
+            assert inner is about
+            assert _saga_fields(_record("retrying")) == ("s-2", "order", "ship", 3, "forward")
+        # Another saga's context hides this one's fields.
+        with about_saga("s-3", "refund"):
+            assert _saga_fields(_record("x")) == ("s-3", "refund", None, None, None)
+    assert _saga_fields(_record("after")) == (None,) * 5
+    # One call names its saga with `extra=`; the plain format's filter reads it too.
+    record = _record("publish failed")
+    record.__dict__.update(saga_log_extra("s-4", None, "charge", Phase.COMPENSATE, 1))
+    assert _saga_fields(record) == ("s-4", None, "charge", 1, "compensate")
+    StepLogFilter().filter(record)
+    assert (record.saga_id, record.saga_step) == ("s-4", "charge")
+
+
+def test_inside_a_step_a_context_of_the_same_saga_keeps_the_steps_fields() -> None:
+    token = _current.set(StepInfo("s-1", "order", "charge", 2, Phase.FORWARD))
+    try:
+        with about_saga("s-1"):
+            assert _saga_fields(_record("x")) == ("s-1", "order", "charge", 2, "forward")
+        with about_saga("s-9", "child"):  # work on another saga (a child) names it
+            assert _saga_fields(_record("y")) == ("s-9", "child", None, None, None)
+    finally:
+        _current.reset(token)
+    record = _record("z")
+    StepLogFilter().filter(record)
+    assert (record.saga_id, record.saga_step) == ("-", "-")
