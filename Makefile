@@ -79,8 +79,10 @@ test: venv services promtool
 demo: venv
 	$(BIN)/sagaline demo
 
+# The figures against plain Celery, then the dashboard's and the API's server time.
 bench: venv services
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.web
 
 # The dashboard's and the API's server time on a million sagas (PostgreSQL).
 bench-web: venv services
