@@ -262,7 +262,15 @@ def _start_flusher() -> None:
     threading.Thread(target=_flush_forever, name="bench-counts", daemon=True).start()
 
 
-if COUNT and FLAVOR != "plain":  # the plain worker must not even import SQLAlchemy
+# What to instrument: only libraries the process loads anyway, so that counting does
+# not weigh on a worker's memory (MEM): the plain worker must not even import
+# SQLAlchemy, nor a sagaline worker on the Redis store; psycopg only for PostgreSQL.
+# The caller (driver) measures every store, so it counts both.
+_STORE_URL = os.environ.get("SAGALINE_STORE_URL", "") if FLAVOR == "sagaline" else ""
+_COUNT_SQL = COUNT and FLAVOR != "plain" and not _STORE_URL.startswith("redis")
+_COUNT_PG = _COUNT_SQL and (FLAVOR == "caller" or _STORE_URL.startswith("postgres"))
+
+if _COUNT_SQL:
     import sqlalchemy as sa
 
     with contextlib.suppress(Exception):
@@ -270,8 +278,9 @@ if COUNT and FLAVOR != "plain":  # the plain worker must not even import SQLAlch
         sa.event.listen(sa.engine.Engine, "begin", _on_begin)
         sa.event.listen(sa.engine.Engine, "commit", _on_commit)
         sa.event.listen(sa.engine.Engine, "rollback", _on_rollback)
-    with contextlib.suppress(ImportError):
-        _count_psycopg()
+    if _COUNT_PG:
+        with contextlib.suppress(ImportError):
+            _count_psycopg()
 
 
 @worker_init.connect

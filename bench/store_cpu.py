@@ -22,6 +22,11 @@ that one core of the store's server keeps up with. Beside it: the worker's CPU
 time over the batch (main process and pool processes), and the connections the
 store has at its end (the worker's and this driver's).
 
+The floor for the worker's CPU: the same batch as plain Celery chains of 4 no-op
+tasks (`bench.app`'s plain worker, same pool settings, its Redis result backend on
+the broker's server), measured once before the stores; each store's line gives its
+worker CPU per saga beside the plain worker's CPU per chain (`--no-chain` skips it).
+
 Stdout: one JSON line per store. Every process started here is stopped by pid and
 every directory deleted, also on SIGTERM.
 """
@@ -58,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--stores", default=",".join(STORES), help=f"comma-separated, of {','.join(STORES)}"
     )
+    p.add_argument("--no-chain", action="store_true", help="skip the plain-chain worker CPU floor")
     args = p.parse_args(argv)
     if args.sagas < 1:
         raise SystemExit(f"--sagas must be at least 1, not {args.sagas}")
@@ -164,6 +170,32 @@ def wait_terminal(runtime: Any, name: str, count: int, what: str) -> None:
         raise BenchTimeout(f"{what}: {count - done} of {count} sagas not finished after {WAIT}s")
 
 
+def measure_chains(chains: int, env: dict[str, str], tmp: Path, res: Resources) -> float:
+    """Worker CPU seconds (main + pool) for `chains` plain Celery chains of 4 no-ops."""
+    from celery import chain
+
+    from bench import app as mod
+    from bench.waits import TaskResults
+
+    def noop4() -> Any:
+        return chain(*[mod.plain_noop.s() for _ in range(4)])
+
+    results = TaskResults(mod.app, env["BENCH_RESULT_URL"])
+    worker = start_worker("plain", env, tmp, res)
+    try:
+        warm = [noop4().apply_async() for _ in range(WARMUP)]
+        results.wait([r.id for r in warm], timeout=WAIT, what="[chain] warm-up")
+        time.sleep(1.0)
+        batch = [noop4() for _ in range(chains)]
+        cpu0 = tree_cpu_seconds(worker.pid)
+        sent = [c.apply_async() for c in batch]
+        results.wait([r.id for r in sent], timeout=WAIT, what="[chain] batch")
+        return tree_cpu_seconds(worker.pid) - cpu0
+    finally:
+        worker.stop(timeout=res.stop_timeout)
+        results.close()
+
+
 def measure(
     store: str, sagas: int, env: dict[str, str], tmp: Path, res: Resources
 ) -> dict[str, Any]:
@@ -205,6 +237,7 @@ def measure(
         "steps_per_s_per_store_core": round(4 * sagas / cpu, 1) if cpu > 0 else None,
         "store_cpu_ms_per_saga": round(cpu * 1000 / sagas, 3),
         "worker_cpu_s": round(worker_cpu, 3),
+        "worker_cpu_ms_per_saga": round(worker_cpu * 1000 / sagas, 3),
         "store_connections": connections,
         "store_settings": (
             "fsync, synchronous_commit, full_page_writes on"
@@ -232,9 +265,18 @@ def main(argv: list[str] | None = None) -> int:
             "SAGALINE_HOME": str(tmp / "home"),
         }
         os.environ.update({**env, "BENCH_FLAVOR": "caller"})
+        chain_cpu = None
+        if not args.no_chain:
+            log(f"[chain] {args.sagas} plain Celery chains of 4 tasks ...")
+            chain_cpu = measure_chains(args.sagas, env, tmp, res)
         for store in args.stores:
             log(f"[{store}] {args.sagas} sagas of 4 steps ...")
             line = measure(store, args.sagas, env, tmp, res)
+            if chain_cpu is not None:
+                line["chain_worker_cpu_ms_per_chain"] = round(chain_cpu * 1000 / args.sagas, 3)
+                line["worker_cpu_vs_chain"] = (
+                    round(line["worker_cpu_s"] / chain_cpu, 2) if chain_cpu > 0 else None
+                )
             print(json.dumps(line), flush=True)
             log(
                 f"[{store}] {line['sagas_per_s_per_store_core']} sagas/s per store core "

@@ -7,12 +7,12 @@ states.py, and collects the records, history events and messages of one Decision
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 from . import payload
 from .definition import Saga
-from .records import Decision, Dispatch, Event, SagaState, StepRecord
+from .records import Decision, Dispatch, Event, SagaRecord, SagaState, StepRecord
 from .states import (
     COMPENSATION_TRANSITIONS,
     SAGA_TRANSITIONS,
@@ -21,6 +21,8 @@ from .states import (
     Phase,
     StepStatus,
 )
+
+R = TypeVar("R", SagaRecord, StepRecord)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,25 @@ class Timing:
     max_payload_bytes: int = payload.DEFAULT_MAX_BYTES
 
 
+def _positional_fields(cls: type[Any]) -> tuple[str, ...]:
+    fs = fields(cls)
+    if not all(f.init and not f.kw_only for f in fs):
+        raise TypeError(f"{cls.__name__}: every field must be a positional __init__ argument")
+    return tuple(f.name for f in fs)
+
+
+_FIELDS = {cls: _positional_fields(cls) for cls in (SagaRecord, StepRecord)}
+
+
+def _copy(rec: R) -> R:
+    """A shallow copy, as `dataclasses.replace(rec)` makes, at less than half its cost
+    (the engine copies every record of a saga for each decision)."""
+    names = _FIELDS.get(type(rec))
+    if names is None:
+        return replace(rec)
+    return type(rec)(*[getattr(rec, name) for name in names])
+
+
 class Work:
     """A mutable copy of a saga's state that collects what changed."""
 
@@ -43,8 +64,8 @@ class Work:
         self.graph = defn.graph
         self.now = now
         self.timing = timing
-        self.saga = replace(state.saga)
-        self.steps = {n: replace(s) for n, s in state.steps.items()}
+        self.saga = _copy(state.saga)
+        self.steps = {n: _copy(s) for n, s in state.steps.items()}
         self.orig = state
         self.saga_changed = False
         self.changed: set[str] = set()

@@ -10,6 +10,23 @@
 
 from __future__ import annotations
 
-from .events import publish
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import publish
 
 __all__ = ["publish"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: events.py needs SQLAlchemy, which a worker whose steps
+    # open no step transaction (every worker on the Redis store) never loads.
+    if name == "publish":
+        from .events import publish
+
+        return publish
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -20,28 +20,21 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
 from ..context import StepInfo
 from ..exceptions import ConcurrencyError, ConfigurationError
 from ..records import Decision, SagaState
 from ..states import SAGA_TERMINAL
 from ..stores.finished import PG_CHANNEL, pg_payload
 from ..stores.sanitize import storable_records
-from ..stores.sql_statements import (
-    LOCK_SAGA,
-    SAGA_LABELS,
-    STATE,
-    STEP_LABELS,
-    saga_record,
-    step_record,
-    write_decision,
-)
-from .events import insert_event
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
     from ..runtime import Runtime
+
+# SQLAlchemy and the SQL statements are imported where a step transaction uses them:
+# a worker whose steps open none (and every worker on the Redis store) never loads them.
 
 log = logging.getLogger("sagaline")
 
@@ -77,6 +70,8 @@ class StepTransaction:
         if self.closed:
             raise RuntimeError("this step transaction has ended (rolled back by an error)")
         event_id = f"{self.info.idempotency_key}:{len(self.event_ids) + 1}"
+        from .events import insert_event
+
         insert_event(self.connection, topic, payload, key=key, headers=headers, event_id=event_id)
         self.event_ids.append(event_id)
         return event_id
@@ -192,6 +187,8 @@ def _connect(runtime: Runtime) -> Connection:
 
 
 def _same_database(conn: Connection, database: Any) -> None:
+    import sqlalchemy as sa
+
     url = sa.make_url(database) if isinstance(database, str) else getattr(database, "url", None)
     if url is None:
         raise TypeError(f"database= takes an Engine or a URL, got {type(database).__name__}")
@@ -264,6 +261,18 @@ def _decide_and_write(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Decision | None:
+    import sqlalchemy as sa
+
+    from ..stores.sql_statements import (
+        LOCK_SAGA,
+        SAGA_LABELS,
+        STATE,
+        STEP_LABELS,
+        saga_record,
+        step_record,
+        write_decision,
+    )
+
     sqlite = conn.dialect.name == "sqlite"
     for _ in range(MAX_DECISIONS):
         savepoint = conn.begin_nested()

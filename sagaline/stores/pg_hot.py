@@ -7,9 +7,11 @@ pipeline mode, where statements are sent together and answered together:
 
 - a new saga is one round trip: BEGIN, the saga, its steps and events, COMMIT;
 
-- a claim is one round trip: BEGIN, `SET LOCAL synchronous_commit = off`, the
-  compare-and-set that feeds its event, COMMIT. The claim does not wait for its
-  WAL flush: a claim lost in a database crash only lets the step's message be
+- a claim is one round trip and one statement, its own transaction: the
+  compare-and-set that feeds its event, which also sets `synchronous_commit = off`
+  for that transaction (`set_config(..., true)`, evaluated for the claimed row, so
+  that every claim that writes has it). The claim does not wait for its WAL
+  flush: a claim lost in a database crash only lets the step's message be
   claimed again (at-least-once, which the design already allows), and the
   completion that follows commits synchronously, flushing the WAL that holds the
   claim before anything depends on it;
@@ -58,7 +60,8 @@ WITH claimed AS (
           AND {attempt_col} = %(k_attempt)s
     RETURNING saga_id)
 INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
-SELECT saga_id, %(k_now)s, %(k_kind)s, %(k_name)s, %(k_attempt)s, %(k_phase)s FROM claimed"""
+SELECT saga_id, %(k_now)s, %(k_kind)s, %(k_name)s, %(k_attempt)s, %(k_phase)s FROM claimed
+WHERE set_config('synchronous_commit', 'off', true) = 'off'"""
 
 
 def _claim(phase: Phase) -> str:
@@ -75,7 +78,6 @@ def _claim(phase: Phase) -> str:
 
 
 CLAIM = {phase: _claim(phase) for phase in Phase}
-SYNC_OFF = "SET LOCAL synchronous_commit = off"
 READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
 LOCK_SAGA = READ_SAGA + " FOR UPDATE"
 READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = %s ORDER BY position"
@@ -188,12 +190,11 @@ class PgHotPath:
         return conn
 
     def claim(self, phase: Phase, params: dict[str, Any]) -> bool:
+        # Autocommit: the statement is its own transaction. In a pipeline, so that its
+        # first use on a connection prepares it in the same round trip.
         with self.connection() as conn:
             with conn.pipeline():
-                conn.execute("BEGIN")
-                conn.execute(SYNC_OFF)
                 cur = conn.execute(CLAIM[phase], params, prepare=True)
-                conn.execute("COMMIT")
             return cur.rowcount == 1
 
     def insert_saga(self, state: SagaState, events_: list[Event]) -> None:

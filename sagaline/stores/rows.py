@@ -21,7 +21,14 @@ R = TypeVar("R", SagaRecord, StepRecord, Event)
 
 def to_row(rec: SagaRecord | StepRecord | Event) -> dict[str, Any]:
     """Every field of `rec` by name; an enum as its value, so that any store can keep it."""
-    return {f.name: _plain(getattr(rec, f.name)) for f in fields(rec)}
+    names = _NAMES.get(type(rec))
+    if names is None:
+        names = tuple(f.name for f in fields(rec))
+    row: dict[str, Any] = {}
+    for name in names:  # written out: a step writes several rows, and this is hot
+        value = getattr(rec, name)
+        row[name] = value.value if isinstance(value, Enum) else value
+    return row
 
 
 def from_row(cls: type[R], row: Mapping[str, Any]) -> R:
@@ -37,10 +44,6 @@ def from_row(cls: type[R], row: Mapping[str, Any]) -> R:
             value = row[name]
             values[name] = value if value is None or coerce is None else coerce(value)
     return cls(**values)
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
 
 
 def _readers(cls: type[Any]) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
@@ -74,3 +77,6 @@ def _lenient(enum: type[Enum]) -> Callable[[Any], Any]:
 
 
 _READERS = {cls: _readers(cls) for cls in (SagaRecord, StepRecord, Event)}
+_NAMES: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (SagaRecord, StepRecord, Event)
+}

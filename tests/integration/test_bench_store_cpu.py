@@ -19,6 +19,9 @@ KEYS = [
     "sagas_per_s_per_store_core",
     "store_cpu_ms_per_saga",
     "worker_cpu_s",
+    "worker_cpu_ms_per_saga",
+    "chain_worker_cpu_ms_per_chain",  # the plain-chain floor, measured once per run
+    "worker_cpu_vs_chain",
 ]
 
 
