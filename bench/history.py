@@ -193,7 +193,7 @@ for i = first, last do
       'error', 'null', 'comp_error', 'null', 'lease_until', 'null', 'due_at', 'null',
       'started_at', num(c + k * 0.01), 'finished_at', num(c + k * 0.01 + 0.005),
       'redispatches', '0', 'owner_node', 'null', 'owner_boot', 'null', 'owner_pid', 'null',
-      'version', '3')
+      'depends_on', k == 1 and '[]' or '["s' .. (k - 1) .. '"]', 'version', '3')
   end
   redis.call('ZADD', p .. ':steps:' .. sid, 0, 's1', 1, 's2', 2, 's3', 3, 's4')
   for j = 1, #ev_head do log[j] = ev_head[j] .. num(c + ev_offset[j]) .. ev_tail[j] end
