@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from .config import DURATION, DURATION_UNITS
 from .engine import first_line
 from .records import Event, SagaRecord, SagaState, StepRecord
 from .states import CompensationStatus, EventKind, SagaStatus
@@ -196,16 +196,12 @@ def cut_deep(value: Any, depth: int) -> Any:
     return root[0]
 
 
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_when(value: str, now: float | None = None) -> float:
     """An ISO time (local when naive) or a relative one back from now: 30s, 10m, 2h, 1d, 1w."""
     now = time.time() if now is None else now
-    match = _RELATIVE.match(value)
-    if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2).lower()]
+    match = DURATION.match(value)
+    if match and match.group(2):  # a bare number is no relative time
+        return now - float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
     try:
         return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
     except (ValueError, OverflowError, OSError):
