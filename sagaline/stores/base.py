@@ -293,10 +293,12 @@ class Store(ABC):
         report = GcReport(rule.cutoff, dry_run, sorted(rule.statuses))
         if filter_matches_nothing(name=name):
             return report
-        cursor = after
+        cursor, prepared = after, dry_run
         while max_batches is None or report.batches < max_batches:
             page = partial(self._gc_candidates, rule, name, batch_size, cursor)
             roots, cursor = self._retrying(page)
+            if roots and not prepared:  # once per run, and only by a run that may delete
+                rule, prepared = self._retrying(partial(self._gc_prepare, rule)), True
             report.add(self._retrying(partial(self._gc_apply, roots, rule, dry_run)), len(roots))
             if cursor is None:
                 if not dry_run:
@@ -328,6 +330,11 @@ class Store(ABC):
     @abstractmethod
     def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
         """What deleting `trees` would remove."""
+
+    def _gc_prepare(self, rule: GcRule) -> GcRule:
+        """Before a run's first delete: `rule` with what this store works out once for
+        all its batches (PostgreSQL's `row_floor`)."""
+        return rule
 
     def _gc_finish(self, rule: GcRule) -> list[str]:
         """After a run that looked at every candidate: drop what whole-table storage
