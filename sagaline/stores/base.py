@@ -220,14 +220,15 @@ class Store(ABC):
         """`steps_of` on findable ids; one read per saga unless a store does better."""
         return {sid: self._get_steps(sid) for sid in saga_ids}
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        """The saga's events in the order they were appended."""
-        if not findable(saga_id):
+    def history(self, saga_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[Event]:
+        """The saga's events after `after_seq` in the order they were appended; only the
+        oldest `limit` of them when given, read as such (a long history is not read whole)."""
+        if not findable(saga_id) or (limit is not None and limit <= 0):
             return []
-        return self._history(saga_id, after_seq)
+        return self._history(saga_id, after_seq, limit)
 
     @abstractmethod
-    def _history(self, saga_id: str, after_seq: int) -> list[Event]: ...
+    def _history(self, saga_id: str, after_seq: int, limit: int | None) -> list[Event]: ...
 
     def history_tail(
         self, saga_id: str, *, limit: int, before_seq: int | None = None
@@ -241,7 +242,9 @@ class Store(ABC):
     def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
         """`history_tail` from the whole history, unless a store does better."""
         events = [
-            e for e in self._history(saga_id, 0) if before_seq is None or (e.seq or 0) < before_seq
+            e
+            for e in self._history(saga_id, 0, None)
+            if before_seq is None or (e.seq or 0) < before_seq
         ]
         return events[-limit:]
 

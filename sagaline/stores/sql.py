@@ -339,9 +339,9 @@ class SQLStore(Store):
         self._ensure_schema()
         return self._reading(lambda conn: read_steps_of(conn, saga_ids))
 
-    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
+    def _history(self, saga_id: str, after_seq: int, limit: int | None) -> list[Event]:
         self._ensure_schema()
-        return self._reading(lambda conn: read_history(conn, saga_id, after_seq))
+        return self._reading(lambda conn: read_history(conn, saga_id, after_seq, limit))
 
     def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
         self._ensure_schema()
