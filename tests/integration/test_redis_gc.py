@@ -16,11 +16,11 @@ from sagaline.records import Decision, Owner, SagaState
 from sagaline.states import SagaStatus
 from sagaline.stores import redis_gc
 from sagaline.stores.redis import RedisStore
-from tests.integration.test_redis_store import make_store, prefix, raw, server, store
+from tests.integration.test_redis_store import make_store, store
 from tests.integration.test_store_gc import CUTOFF, OLD, ended, exists
 from tests.stores import delete_prefix, redis_test_url
 
-__all__ = ["make_store", "prefix", "raw", "server", "store"]  # fixtures, used by name
+__all__ = ["make_store", "store"]  # fixtures, used by name
 
 pytestmark = pytest.mark.timeout(120)
 
