@@ -853,12 +853,18 @@ def test_events_are_appended_in_order_with_increasing_seq(store: Store) -> None:
     assert store.history(one, after_seq=seqs[-1]) == []
 
 
+def with_notes(st: Store, n: int) -> str:
+    """A started saga with `n` notes after its two events; another saga's note among them."""
+    sid = started(st).saga.saga_id
+    other = started(st).saga.saga_id
+    for i in range(n):
+        st.append_event(Event(sid, "note", T0 + i, detail={"i": i}))
+    st.append_event(Event(other, "note", T0, detail={"i": -1}))
+    return sid
+
+
 def test_a_history_read_with_a_limit_is_the_oldest_events_after_the_seq(store: Store) -> None:
-    sid = started(store).saga.saga_id
-    other = started(store).saga.saga_id
-    for i in range(6):
-        store.append_event(Event(sid, "note", T0 + i, detail={"i": i}))
-    store.append_event(Event(other, "note", T0, detail={"i": -1}))
+    sid = with_notes(store, 6)
     whole = store.history(sid)
     seqs = [e.seq for e in whole]
     assert len(seqs) == 8
@@ -872,11 +878,7 @@ def test_a_history_read_with_a_limit_is_the_oldest_events_after_the_seq(store: S
 
 
 def test_the_tail_of_a_history_is_its_newest_events_and_pages_back_by_seq(store: Store) -> None:
-    sid = started(store).saga.saga_id
-    other = started(store).saga.saga_id
-    for i in range(10):
-        store.append_event(Event(sid, "note", T0 + i, detail={"i": i}))
-    store.append_event(Event(other, "note", T0, detail={"i": -1}))
+    sid = with_notes(store, 10)
     seqs = [e.seq for e in store.history(sid)]
     assert len(seqs) == 12
     newest = store.history_tail(sid, limit=5)
