@@ -33,6 +33,7 @@ from .cli_support import (
     parse_statuses,
     parse_time,
     reading,
+    store_option,
 )
 from .config import default_store_url
 from .observability import health as probes
@@ -52,13 +53,7 @@ cli = typer.Typer(
 db_cli = typer.Typer(no_args_is_help=True, help="The state store's schema.")
 cli.add_typer(db_cli, name="db")
 
-StoreOption = typer.Option(
-    None,
-    "--store",
-    envvar="SAGALINE_STORE_URL",
-    show_envvar=True,
-    help="State store URL [default: SQLite in $SAGALINE_HOME].",
-)
+StoreOption = store_option()
 AppOption = typer.Option(
     ..., "-A", "--app", help="Module of your Celery app (it calls sagaline.init_app)."
 )

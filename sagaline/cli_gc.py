@@ -10,7 +10,15 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ops
-from .cli_support import _console, _errors, _json, app_runtime, parse_statuses, reading
+from .cli_support import (
+    _console,
+    _errors,
+    _json,
+    app_runtime,
+    parse_statuses,
+    reading,
+    store_option,
+)
 from .config import parse_duration
 from .ops import DEFAULT_GC_BATCH, MAX_GC_BATCH, GcReport
 
@@ -36,13 +44,7 @@ def gc(
     app: str | None = typer.Option(
         None, "-A", "--app", help="Your Celery app's module: its store (instead of --store)."
     ),
-    store: str | None = typer.Option(
-        None,
-        "--store",
-        envvar="SAGALINE_STORE_URL",
-        show_envvar=True,
-        help="State store URL (default: SQLite in $SAGALINE_HOME).",
-    ),
+    store: str | None = store_option(),
 ) -> None:
     """Delete finished sagas that ended before a cutoff, with their steps and history.
 

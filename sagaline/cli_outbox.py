@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from . import ops
+from .cli_support import HOME_STORE, store_option
 from .config import default_store_url
 from .exceptions import SagaError
 
@@ -18,13 +19,8 @@ outbox_cli = typer.Typer(
     no_args_is_help=True, help="The transactional outbox: pending events and dead letters."
 )
 
-_Store = typer.Option(
-    None,
-    "--store",
-    envvar="SAGALINE_STORE_URL",
-    show_envvar=True,
-    help="The database of the outbox (the saga store's SQL URL).",
-)
+_HELP = "The database of the outbox (the saga store's SQL URL)."
+_Store = store_option(help=_HELP)
 
 # cli.app_runtime, handed over by `register` (the CLI module imports this one).
 _app_runtime: Callable[[str, str | None], Any] | None = None
@@ -36,11 +32,12 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def relay(
-    store: str | None = _Store,
+    store: str | None = store_option(f"the app's with -A, else {HOME_STORE}", _HELP),
     route: list[str] = typer.Option(  # noqa: B008 - typer's idiom
         [],
         "--route",
-        help="topic-pattern=url (repeat; first match wins) [default: $SAGALINE_OUTBOX_ROUTES]",
+        show_default="$SAGALINE_OUTBOX_ROUTES, else the app's with -A",
+        help="topic-pattern=url (repeat; first match wins).",
     ),
     app: str | None = typer.Option(
         None, "-A", "--app", help="Your Celery app's module (for celery:<task> routes)."

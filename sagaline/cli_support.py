@@ -27,6 +27,7 @@ from .ops import Runtime, Store, cut_deep, first_line, redact
 from .states import SagaStatus
 
 EXIT_ERROR, EXIT_NOT_FOUND, EXIT_STORE, EXIT_NOT_ALLOWED = 1, 2, 3, 4
+HOME_STORE = "SQLite in $SAGALINE_HOME"
 # How long a CLI command retries an unreachable store before it says so.
 STORE_WAIT = 2.0
 
@@ -71,6 +72,20 @@ def _json(doc: Any, indent: int | None = None) -> str:
 
 # Levels of nesting `--json` prints when a value is too deep to print whole.
 DEEPEST_JSON = 200
+
+
+def store_option(default: str = HOME_STORE, help: str = "State store URL.") -> Any:
+    """The `--store` option of a command, its default (a description: the URL is worked
+    out when the command runs) shown by click as `[default: ...]`. Typed into the help,
+    the brackets would be Rich markup, and the default would not be printed."""
+    return typer.Option(
+        None,
+        "--store",
+        envvar="SAGALINE_STORE_URL",
+        show_envvar=True,
+        show_default=default,
+        help=help,
+    )
 
 
 @contextlib.contextmanager

@@ -154,22 +154,46 @@ def _parse(name: str, type_: Any, raw: str) -> Any:
 
 # Settings that take a duration with a unit (parse_duration), not only seconds.
 DURATIONS = frozenset({"retention"})
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# The one grammar of a duration's text (settings, `gc --older-than`, relative times such
+# as `ls --since 2h`, the testkit's clock): a number of seconds, or numbers with units,
+# in any case, spaces allowed: 90s, 45m, 12h, 2h30m, 250ms, 59min, 30d, 2w.
+DURATION_UNITS = {
+    "": 1.0,  # a bare number
+    "ms": 0.001,
+    "s": 1.0,
+    "sec": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+}
+_NUMBER, _UNIT = r"\d+(?:\.\d+)?", "ms|sec|min|s|m|h|d|w"  # a unit before its prefixes
+DURATION = re.compile(rf"\s*(?:{_NUMBER}|(?:{_NUMBER}\s*(?:{_UNIT})\s*)+)\s*", re.IGNORECASE)
+DURATION_PART = re.compile(rf"({_NUMBER})\s*({_UNIT})", re.IGNORECASE)
+
+
+def duration_seconds(text: str, *, unit_needed: bool = False) -> float | None:
+    """Seconds in a duration's text (DURATION); None when it is not one, or when it is a
+    bare number and `unit_needed`."""
+    if DURATION.fullmatch(text) is None:
+        return None
+    parts = DURATION_PART.findall(text)
+    if not parts:
+        return None if unit_needed else float(text)
+    return sum(float(n) * DURATION_UNITS[unit.lower()] for n, unit in parts)
 
 
 def parse_duration(value: str | float | timedelta) -> float:
-    """Seconds in a duration: a number of seconds, a timedelta, or 30s, 10m, 2h, 30d, 1w."""
+    """Seconds in a duration: a number of seconds, a timedelta, or text as 30s, 10m, 2h,
+    2h30m, 30d, 1w."""
     if isinstance(value, timedelta):
-        seconds = value.total_seconds()
+        seconds: float | None = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = DURATION.match(str(value))
-        if match is None:
-            raise ValueError(f"{value!r} is not a duration like 3600, 45m, 12h, 30d or 2w")
-        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
-    if not 0 <= seconds < float("inf"):
+        seconds = duration_seconds(str(value))
+    if seconds is None or not 0 <= seconds < float("inf"):
         raise ValueError(f"{value!r} is not a duration like 3600, 45m, 12h, 30d or 2w")
     return seconds
 

@@ -20,6 +20,7 @@ from .definition import Saga
 from .exceptions import ConfigurationError, IdempotencyConflict, InputError
 from .handle import SagaHandle as SagaHandle
 from .leases import Heartbeat
+from .names import check_saga_id
 from .publishing import DelayedPublisher as DelayedPublisher  # re-exported
 from .records import HEADER as HEADER
 from .records import Decision, Dispatch, SagaRecord, SagaState
@@ -190,6 +191,8 @@ class Runtime:
                 where="idempotency_key",
             )
             input_fingerprint = payload.fingerprint(input)
+        if saga_id:
+            check_saga_id(saga_id)
         saga_id = saga_id or str(uuid.uuid4())
         # In the trace of the caller's current span (a child saga: of its parent's root).
         tracing = self.tracing

@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from .config import DURATION, DURATION_UNITS
+from .config import duration_seconds
 from .engine import first_line
 from .records import Event, SagaRecord, SagaState, StepRecord
 from .states import CompensationStatus, EventKind, SagaStatus
@@ -197,11 +197,12 @@ def cut_deep(value: Any, depth: int) -> Any:
 
 
 def parse_when(value: str, now: float | None = None) -> float:
-    """An ISO time (local when naive) or a relative one back from now: 30s, 10m, 2h, 1d, 1w."""
+    """An ISO time (local when naive) or a relative one back from now: 30s, 10m, 2h, 1d,
+    1w, 1h30m (config's duration grammar; a bare number is no relative time)."""
     now = time.time() if now is None else now
-    match = DURATION.match(value)
-    if match and match.group(2):  # a bare number is no relative time
-        return now - float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
+    ago = duration_seconds(value, unit_needed=True)
+    if ago is not None:
+        return now - ago
     try:
         return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
     except (ValueError, OverflowError, OSError):

@@ -32,6 +32,17 @@ def redis_test_url() -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{REDIS_TEST_DB}", "", ""))
 
 
+def raw_client(url: str) -> Any:
+    """A plain redis-py client (RedisCluster for a cluster URL) of a Redis store's server."""
+    import redis
+
+    if url.startswith("redis+cluster://"):
+        return redis.RedisCluster.from_url(
+            url.replace("redis+cluster://", "redis://", 1), decode_responses=True
+        )
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
 def delete_prefix(client: Any, prefix: str) -> None:
     """Delete every key under `prefix` (a test's own key prefix on the shared Redis)."""
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))

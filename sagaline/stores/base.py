@@ -220,14 +220,15 @@ class Store(ABC):
         """`steps_of` on findable ids; one read per saga unless a store does better."""
         return {sid: self._get_steps(sid) for sid in saga_ids}
 
-    def history(self, saga_id: str, *, after_seq: int = 0) -> list[Event]:
-        """The saga's events in the order they were appended."""
-        if not findable(saga_id):
+    def history(self, saga_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[Event]:
+        """The saga's events after `after_seq` in the order they were appended; only the
+        oldest `limit` of them when given, read as such (a long history is not read whole)."""
+        if not findable(saga_id) or (limit is not None and limit <= 0):
             return []
-        return self._history(saga_id, after_seq)
+        return self._history(saga_id, after_seq, limit)
 
     @abstractmethod
-    def _history(self, saga_id: str, after_seq: int) -> list[Event]: ...
+    def _history(self, saga_id: str, after_seq: int, limit: int | None) -> list[Event]: ...
 
     def history_tail(
         self, saga_id: str, *, limit: int, before_seq: int | None = None
@@ -241,7 +242,9 @@ class Store(ABC):
     def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
         """`history_tail` from the whole history, unless a store does better."""
         events = [
-            e for e in self._history(saga_id, 0) if before_seq is None or (e.seq or 0) < before_seq
+            e
+            for e in self._history(saga_id, 0, None)
+            if before_seq is None or (e.seq or 0) < before_seq
         ]
         return events[-limit:]
 
@@ -293,10 +296,12 @@ class Store(ABC):
         report = GcReport(rule.cutoff, dry_run, sorted(rule.statuses))
         if filter_matches_nothing(name=name):
             return report
-        cursor = after
+        cursor, prepared = after, dry_run
         while max_batches is None or report.batches < max_batches:
             page = partial(self._gc_candidates, rule, name, batch_size, cursor)
             roots, cursor = self._retrying(page)
+            if roots and not prepared:  # once per run, and only by a run that may delete
+                rule, prepared = self._retrying(partial(self._gc_prepare, rule)), True
             report.add(self._retrying(partial(self._gc_apply, roots, rule, dry_run)), len(roots))
             if cursor is None:
                 if not dry_run:
@@ -328,6 +333,11 @@ class Store(ABC):
     @abstractmethod
     def _gc_count(self, trees: list[GcTree]) -> GcRemoved:
         """What deleting `trees` would remove."""
+
+    def _gc_prepare(self, rule: GcRule) -> GcRule:
+        """Before a run's first delete: `rule` with what this store works out once for
+        all its batches (PostgreSQL's `row_floor`)."""
+        return rule
 
     def _gc_finish(self, rule: GcRule) -> list[str]:
         """After a run that looked at every candidate: drop what whole-table storage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -147,11 +148,10 @@ class MemoryStore(Store):
             steps = self._steps.get(saga_id, {})
             return sorted((copy.deepcopy(s) for s in steps.values()), key=lambda s: s.position)
 
-    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
+    def _history(self, saga_id: str, after_seq: int, limit: int | None) -> list[Event]:
         with self._lock:
-            return [
-                copy.deepcopy(e) for e in self._events.get(saga_id, []) if (e.seq or 0) > after_seq
-            ]
+            after = (e for e in self._events.get(saga_id, []) if (e.seq or 0) > after_seq)
+            return [copy.deepcopy(e) for e in itertools.islice(after, limit)]
 
     def _list_sagas(self, flt: SagaFilter) -> list[SagaRecord]:
         with self._lock:

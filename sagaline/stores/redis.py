@@ -347,10 +347,11 @@ class RedisStore(Store):
         loaded = self._retrying(lambda: self._load_state(saga_id))
         return [] if loaded is None else list(loaded[0].steps.values())
 
-    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
+    def _history(self, saga_id: str, after_seq: int, limit: int | None) -> list[Event]:
         start = max(after_seq, 0)
+        stop = -1 if limit is None else start + limit - 1
         key = self.layout.events_key(saga_id)
-        rows = self._retrying(lambda: self._client.lrange(key, start, -1))
+        rows = self._retrying(lambda: self._client.lrange(key, start, stop))
         return [_event_record(saga_id, start + i + 1, raw) for i, raw in enumerate(rows)]
 
     def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:

@@ -8,7 +8,8 @@ still running or ended later is read and passed over. The indexes are scanned on
 after the other (statuses in order, buckets in order), and the cursor is (index
 position, score, saga id) of the last saga looked at. A saga's children are the
 members of `parent_index(b, saga)` of every bucket b (a child is indexed in its own
-bucket), read in one pipeline.
+bucket), read with their statuses by one script per bucket for many parents at once,
+all in one pipeline.
 
 Deleting: a tree spans buckets, and a script may touch one bucket only (one hash
 slot), so a tree cannot be deleted by one atomic script. Every saga of the
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..states import SagaStatus
+from . import redis_scripts as scripts
 from .redis_layout import Layout, score
 from .retention import MAX_TREE_DEPTH, GcRemoved, GcRule, GcTree, removed_of
 
@@ -133,19 +135,24 @@ def _roots(store: RedisStore, rule: GcRule, rows: list[tuple[str, str]]) -> list
 
 
 def children(store: RedisStore, ids: list[str]) -> list[tuple[str, str, SagaStatus]]:
+    """One script per bucket (and per SCRIPT_SAGAS parents) reads the bucket's children
+    of `ids` with their statuses (redis_lua/children.lua); all in one pipeline. EVAL,
+    not a registered script: redis-py's cluster pipeline refuses EVALSHA."""
     layout = store.layout
     pipe = store._client.pipeline(transaction=False)
-    for sid in ids:
-        for b in layout.all_buckets():
-            pipe.zrange(layout.parent_index(b, sid), 0, -1)
-    replies = iter(pipe.execute())
-    pairs = [(p, str(c)) for p in ids for _ in layout.all_buckets() for c in next(replies)]
-    for _, child in pairs:
-        pipe.hget(layout.saga_key(child), "status")
+    parts = []
+    for b in layout.all_buckets():
+        for n in range(0, len(ids), SCRIPT_SAGAS):
+            part = ids[n : n + SCRIPT_SAGAS]
+            keys = [layout.parent_index(b, sid) for sid in part]
+            pipe.execute_command(
+                "EVAL", scripts.CHILDREN, len(keys), *keys, layout.saga_key_prefix(b)
+            )
+            parts.append(part)
     return [
-        (parent, child, SagaStatus(json.loads(status)))
-        for (parent, child), status in zip(pairs, pipe.execute(), strict=True)
-        if status is not None
+        (part[int(i) - 1], str(child), SagaStatus(json.loads(status)))
+        for part, flat in zip(parts, pipe.execute(), strict=True)
+        for i, child, status in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
     ]
 
 

@@ -138,7 +138,11 @@ class Layout:
     # -- keys of one saga (in the saga's bucket) -------------------------------------
 
     def saga_key(self, saga_id: str) -> str:
-        return f"{self.tag(self.bucket_of(saga_id))}:saga:{saga_id}"
+        return self.saga_key_prefix(self.bucket_of(saga_id)) + saga_id
+
+    def saga_key_prefix(self, bucket: int) -> str:
+        """What the id of a saga of `bucket` completes into its hash's key (children.lua)."""
+        return f"{self.tag(bucket)}:saga:"
 
     def step_key(self, saga_id: str, step: str) -> str:
         return self.step_key_prefix(saga_id) + step

@@ -33,6 +33,9 @@ class GcRule:
     cutoff: float
     statuses: frozenset[SagaStatus]
     name: str | None = None
+    # Events below this `ts` need no row deletes (PostgreSQL drops their months whole
+    # at the end of the run): worked out once per run by `Store._gc_prepare`.
+    row_floor: float | None = None
 
     @classmethod
     def of(

@@ -74,6 +74,7 @@ from .sql_statements import (
     due_queries,
     event_row,
     list_query,
+    renew_query,
     saga_record,
     step_record,
     write_decision,
@@ -261,17 +262,7 @@ class SQLStore(Store):
     def renew_lease(
         self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
     ) -> bool:
-        cols = PHASE_COLUMNS[phase]
-        stmt = (
-            steps.update()
-            .where(
-                steps.c.saga_id == saga_id,
-                steps.c.name == step,
-                steps.c[cols.status] == cols.running.value,
-                steps.c[cols.attempt] == attempt,
-            )
-            .values(lease_until=lease_until, due_at=lease_until, version=steps.c.version + 1)
-        )
+        stmt = renew_query(saga_id, step, phase, attempt, lease_until)
 
         def renew() -> bool:
             with self._write() as conn:
@@ -348,9 +339,9 @@ class SQLStore(Store):
         self._ensure_schema()
         return self._reading(lambda conn: read_steps_of(conn, saga_ids))
 
-    def _history(self, saga_id: str, after_seq: int) -> list[Event]:
+    def _history(self, saga_id: str, after_seq: int, limit: int | None) -> list[Event]:
         self._ensure_schema()
-        return self._reading(lambda conn: read_history(conn, saga_id, after_seq))
+        return self._reading(lambda conn: read_history(conn, saga_id, after_seq, limit))
 
     def _history_tail(self, saga_id: str, limit: int, before_seq: int | None) -> list[Event]:
         self._ensure_schema()
@@ -394,6 +385,9 @@ class SQLStore(Store):
     def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
         with self._write() as conn:
             return sql_gc.delete(conn, trees, rule, self.dialect)
+
+    def _gc_prepare(self, rule: GcRule) -> GcRule:
+        return self._reading(lambda conn: sql_gc.prepare(conn, rule, self.dialect))
 
     def _gc_finish(self, rule: GcRule) -> list[str]:
         with self._write() as conn:

@@ -16,6 +16,7 @@ every candidate, the months that no kept saga has events in are dropped whole.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -94,21 +95,27 @@ def delete(conn: Connection, trees: list[GcTree], rule: GcRule, dialect: str) ->
     below = children(conn, ids)
     gone = [t for t in trees if _still(t, rule, held, below)]
     removed = removed_of(gone, 0, 0)
-    # On PostgreSQL, events in months that drop_partitions will drop whole need no
-    # row deletes (pg_partitions.row_delete_floor says below which time).
-    floor = _floor(conn, rule) if dialect == "postgresql" and gone else None
     for part in _chunks([sid for t in gone for sid in t.sagas]):
         doomed = events.delete().where(events.c.saga_id.in_(part))
-        if floor is not None:
-            doomed = doomed.where(events.c.ts >= floor)
+        if rule.row_floor is not None:
+            doomed = doomed.where(events.c.ts >= rule.row_floor)
         removed.events += conn.execute(doomed).rowcount
         removed.steps += conn.execute(steps.delete().where(steps.c.saga_id.in_(part))).rowcount
         conn.execute(sagas.delete().where(sagas.c.saga_id.in_(part)))
     return removed
 
 
-def _floor(conn: Connection, rule: GcRule) -> float | None:
-    return pg_partitions.row_delete_floor(conn, rule.cutoff, statuses=rule.statuses, name=rule.name)
+def prepare(conn: Connection, rule: GcRule, dialect: str) -> GcRule:
+    """`rule` with its `row_floor`: on PostgreSQL, the events in months that
+    drop_partitions will drop whole need no row deletes (pg_partitions.row_delete_floor
+    says below which time). Once per run: the sagas it keeps do not change with what
+    the batches delete."""
+    if dialect != "postgresql":
+        return rule
+    floor = pg_partitions.row_delete_floor(
+        conn, rule.cutoff, statuses=rule.statuses, name=rule.name
+    )
+    return replace(rule, row_floor=floor)
 
 
 def drop_partitions(conn: Connection, rule: GcRule, dialect: str) -> list[str]:

@@ -40,13 +40,13 @@ def read_steps_of(conn: Connection, saga_ids: list[str]) -> dict[str, list[StepR
     return found
 
 
-def read_history(conn: Connection, saga_id: str, after_seq: int) -> list[Event]:
-    rows = conn.execute(
+def read_history(conn: Connection, saga_id: str, after_seq: int, limit: int | None) -> list[Event]:
+    q = (
         sa.select(events)
         .where(events.c.saga_id == saga_id, events.c.seq > after_seq)
         .order_by(events.c.seq)
     )
-    return [event_record(r) for r in rows]
+    return [event_record(r) for r in conn.execute(q if limit is None else q.limit(limit))]
 
 
 def read_history_tail(

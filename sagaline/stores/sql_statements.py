@@ -205,3 +205,20 @@ def claimed_query(node: str, limit: int) -> sa.Select[Any]:
         .limit(limit)
     )
     return q
+
+
+def renew_query(
+    saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
+) -> sa.Update:
+    """A claim's lease moved on: a compare-and-set on the step still running that attempt."""
+    cols = PHASE_COLUMNS[phase]
+    return (
+        steps.update()
+        .where(
+            steps.c.saga_id == saga_id,
+            steps.c.name == step,
+            steps.c[cols.status] == cols.running.value,
+            steps.c[cols.attempt] == attempt,
+        )
+        .values(lease_until=lease_until, due_at=lease_until, version=steps.c.version + 1)
+    )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from typing import TYPE_CHECKING
+
+from ..config import duration_seconds
 
 if TYPE_CHECKING:
     from .env import SagaEnv
@@ -12,22 +13,10 @@ if TYPE_CHECKING:
 # 2026-01-01T00:00:00Z: a fixed start, so that timelines are the same on every run.
 EPOCH = 1_767_225_600.0
 
-_UNITS = {
-    "ms": 0.001,
-    "s": 1.0,
-    "sec": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-    "w": 604800.0,
-}
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|sec|min|s|m|h|d|w)")
-
 
 def parse_duration(value: float | int | str | timedelta) -> float:
     """Seconds in `value`: a number of seconds, a timedelta, or text such as
-    "90s", "1h", "1d", "2h30m", "250ms"."""
+    "90s", "1h", "1d", "2h30m", "250ms" (config's duration grammar, with a unit)."""
     if isinstance(value, bool):
         raise TypeError("a duration is a number of seconds, a timedelta or text like '1h'")
     if isinstance(value, timedelta):
@@ -35,13 +24,12 @@ def parse_duration(value: float | int | str | timedelta) -> float:
     elif isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        parts = _PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
+        text_seconds = duration_seconds(value, unit_needed=True)
+        if text_seconds is None:
             raise ValueError(
                 f"not a duration: {value!r} (use e.g. '90s', '1h', '2h30m', '1d', '250ms')"
             )
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+        seconds = text_seconds
     else:
         raise TypeError(f"not a duration: {value!r}")
     if seconds < 0:

@@ -123,6 +123,8 @@ def api_app(saga_names: list[str]) -> FastAPI:
         operation_id="list_sagas",
         responses=_problems(400),
     )
+    # Before GET /sagas/{saga_id}, which never serves a saga with id "counts" or "stream":
+    # no saga may have one (names.RESERVED_SAGA_IDS, checked where a caller chooses an id).
     api.add_api_route(
         "/sagas/counts",
         count_sagas,
@@ -131,8 +133,6 @@ def api_app(saga_names: list[str]) -> FastAPI:
         operation_id="count_sagas",
         responses=_problems(),
     )
-    # Before GET /sagas/{saga_id}: a saga with id "stream" cannot be read over HTTP
-    # (saga ids are UUIDs unless the caller chose one).
     api.add_api_route(
         "/sagas/stream",
         stream_sagas,

@@ -142,7 +142,7 @@ def get_events(
         raise SagaNotFound(saga_id)
     earlier = None
     if before_seq is None:
-        events = store.history(saga_id, after_seq=after_seq)[:limit]
+        events = store.history(saga_id, after_seq=after_seq, limit=limit)
     else:
         events = store.history_tail(saga_id, limit=limit, before_seq=before_seq)
         if len(events) == limit and events[0].seq is not None:

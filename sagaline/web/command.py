@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from ..cli_support import HOME_STORE, store_option
 from ..exceptions import ConfigurationError
 
 
@@ -31,13 +32,7 @@ def web_command(
             "127.0.0.1", help="Address to bind (beyond loopback only with SAGALINE_WEB_TOKEN set)."
         ),
         port: int = typer.Option(8000, min=0, max=65535),
-        store: str | None = typer.Option(
-            None,
-            "--store",
-            envvar="SAGALINE_STORE_URL",
-            show_envvar=True,
-            help="State store URL [default: the app's, else SQLite in $SAGALINE_HOME].",
-        ),
+        store: str | None = store_option(f"the app's with -A, else {HOME_STORE}"),
         root_path: str = typer.Option("", help="The path prefix a proxy serves it under."),
     ) -> None:
         """Serve the dashboard (/) and the REST API (/api/v1) over HTTP."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import sagaline
 from sagaline.runtime import Runtime
 from tests.harness import WorkerProcess, rabbitmq_queue_types, rabbitmq_vhost
 from tests.integration import sagas_app
+from tests.stores import delete_prefix, raw_client, redis_test_url
 
 APP = "tests.integration.sagas_app"
 
@@ -170,3 +172,30 @@ def pg_stack(
         tmp_path_factory,
         {"SAGALINE_LEASE": "3", "SAGALINE_REDISPATCH_AFTER": "3"},
     )
+
+
+# -- the Redis store's suites (test_redis_store, test_redis_layout, test_redis_gc) ----------
+
+
+@pytest.fixture(params=["single", "cluster"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The store URL of the test server: a single Redis, or the private cluster."""
+    if request.param == "single":
+        return redis_test_url()
+    return str(request.getfixturevalue("redis_cluster_url"))
+
+
+@pytest.fixture
+def raw(server: str) -> Iterator[Any]:
+    """A plain client of `server`."""
+    client = raw_client(server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(raw: Any) -> Iterator[str]:
+    """A key prefix of the test's own on `server`, deleted after it."""
+    name = f"sagaline-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_prefix(raw, name)

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -321,5 +322,42 @@ def test_gc_drops_the_months_it_emptied_and_deletes_the_other_events_row_by_row(
         with store.engine.connect() as conn:
             left = conn.execute(sa.text("SELECT count(*) FROM sagaline_events")).scalar()
         assert left == len(running_history)
+    finally:
+        store.close()
+
+
+def test_a_gc_run_works_out_which_events_need_row_deletes_once_for_all_its_batches(
+    db_url: str,
+) -> None:
+    store = SQLStore(db_url)
+    floor_reads: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if "min(created_at)" in statement:  # pg_partitions.row_delete_floor's read
+            floor_reads.append(statement)
+
+    try:
+        store.migrate()
+        with store.engine.begin() as conn:
+            for k in (-4, -3, -2, -1):
+                pp.ensure_partitions(conn, month_ts(k), ahead=0)
+            done = [add_saga(conn, month_ts(k), [month_ts(k)]) for k in (-4, -3, -2)]
+            running = add_saga(conn, month_ts(-1), [month_ts(-1)])
+            conn.execute(
+                sagas.update()
+                .where(sagas.c.saga_id.in_(done))
+                .values(status="COMPLETED", finished_at=month_ts(-2, 1))
+            )
+        sa.event.listen(store.engine, "before_cursor_execute", seen)
+        assert store.gc(month_ts(-1, 20), batch_size=1, dry_run=True).batches == 3
+        assert floor_reads == []  # a dry run deletes no row
+        report = store.gc(month_ts(-1, 20), batch_size=1)
+        assert (report.batches, report.total, report.events) == (3, 3, 0)
+        assert len(floor_reads) == 1
+        assert report.partitions == [
+            pp.partition_name(pp.add_months(THIS_MONTH, k)) for k in (-4, -3, -2)
+        ]
+        assert [store.history(sid) for sid in done] == [[], [], []]
+        assert len(store.history(running)) == 1
     finally:
         store.close()

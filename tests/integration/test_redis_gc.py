@@ -5,21 +5,26 @@ The behaviour every store shares is in test_store_gc.py."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis
 
 from sagaline.records import Decision, Owner, SagaState
 from sagaline.states import SagaStatus
 from sagaline.stores import redis_gc
 from sagaline.stores.redis import RedisStore
-from tests.integration.test_redis_store import make_store, prefix, raw, server, store
+from tests.integration.test_redis_store import make_store, store
 from tests.integration.test_store_gc import CUTOFF, OLD, ended, exists
+from tests.stores import delete_prefix, redis_test_url
 
-__all__ = ["make_store", "prefix", "raw", "server", "store"]  # fixtures, used by name
+__all__ = ["make_store", "store"]  # fixtures, used by name
 
 pytestmark = pytest.mark.timeout(120)
+
+REDIS_URL = redis_test_url()
 
 
 def touch(st: RedisStore, sid: str) -> None:
@@ -101,3 +106,48 @@ def test_an_idempotency_key_another_saga_took_meanwhile_stays(store: RedisStore,
     assert raw.get(key) == "a-newer-saga"
     assert raw.get(store.layout.idem_key("contract", "order-8")) is None
     assert not exists(store, mine)
+
+
+def test_the_children_of_a_batch_are_read_with_their_statuses_in_every_bucket(
+    store: RedisStore, raw: Any
+) -> None:
+    roots = [ended(store) for _ in range(3)]
+    kids = {
+        (root, ended(store, status, parent=root))
+        for root in roots[:2]
+        for status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+    }
+    # A child whose saga went while its entry stayed in the parent's index is not one.
+    layout = store.layout
+    raw.zadd(layout.parent_index(layout.bucket_of("gone"), roots[2]), {"gone": OLD})
+    found = redis_gc.children(store, [*roots, "no-such-saga"])
+    assert len(found) == len(kids) == 6
+    assert {(parent, child) for parent, child, _ in found} == kids
+    for _, child, status in found:
+        assert status is store.read_state(child).saga.status  # type: ignore[union-attr]
+    # Six random ids in one of 16 buckets: 1 in 16**5.
+    assert len({layout.bucket_of(child) for _, child, _ in found}) > 1
+
+
+def test_the_children_of_many_parents_take_one_script_per_bucket_not_a_read_each() -> None:
+    prefix = f"sagaline-gc-children-{uuid.uuid4().hex[:12]}"
+    st = RedisStore(REDIS_URL, prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        roots = [ended(st) for _ in range(3)]
+        kids = {ended(st, parent=root) for root in roots}
+        ids = [*roots, *(f"childless-{n}" for n in range(150))]
+
+        def calls(command: str) -> int:
+            stats = client.info("commandstats").get(f"cmdstat_{command}", {})
+            return int(stats.get("calls", 0))
+
+        evals = calls("eval")
+        found = redis_gc.children(st, ids)
+        assert {child for _, child, _ in found} == kids
+        # 153 parents in chunks of SCRIPT_SAGAS: two scripts per bucket, in one pipeline.
+        assert calls("eval") - evals == 2 * st.layout.buckets
+    finally:
+        delete_prefix(client, prefix)
+        client.close()
+        st.close()

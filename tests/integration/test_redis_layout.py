@@ -22,31 +22,9 @@ from sagaline.states import Phase, SagaStatus, StepStatus
 from sagaline.stores import redis_create
 from sagaline.stores.redis import RedisStore
 from sagaline.stores.redis_layout import bucket_of, event_json, fields
-from tests.integration.test_redis_store import raw_client
-from tests.stores import delete_prefix, make_state, redis_test_url
+from tests.stores import make_state, redis_test_url
 
 REDIS_URL = redis_test_url()
-
-
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> str:
-    if request.param == "single":
-        return REDIS_URL
-    return str(request.getfixturevalue("redis_cluster_url"))
-
-
-@pytest.fixture
-def raw(server: str) -> Iterator[Any]:
-    client = raw_client(server)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(raw: Any) -> Iterator[str]:
-    name = f"sagaline-layout-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_prefix(raw, name)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -25,42 +24,11 @@ from sagaline.states import Phase, SagaStatus, StepStatus
 from sagaline.stores import store_from_url
 from sagaline.stores.redis import RedisStore
 from tests.harness import PrivateRedis, free_port
-from tests.stores import THREADS, delete_prefix, make_state, redis_test_url, run_threads
+from tests.stores import THREADS, make_state, redis_test_url, run_threads
 
 # Database 15 of the test Redis, like the contract suite, but never flushed here:
 # every test writes under its own prefix and deletes only that prefix.
 REDIS_URL = redis_test_url()
-
-
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> str:
-    """The store URL of the test server: a single Redis, or the private cluster."""
-    if request.param == "single":
-        return REDIS_URL
-    return str(request.getfixturevalue("redis_cluster_url"))
-
-
-def raw_client(url: str) -> Any:
-    """A plain redis-py client (RedisCluster for a cluster URL) of the store's server."""
-    if url.startswith("redis+cluster://"):
-        return redis.RedisCluster.from_url(
-            url.replace("redis+cluster://", "redis://", 1), decode_responses=True
-        )
-    return redis.Redis.from_url(url, decode_responses=True)
-
-
-@pytest.fixture
-def raw(server: str) -> Iterator[Any]:
-    client = raw_client(server)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(raw: Any) -> Iterator[str]:
-    name = f"sagaline-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_prefix(raw, name)
 
 
 @pytest.fixture

@@ -853,12 +853,32 @@ def test_events_are_appended_in_order_with_increasing_seq(store: Store) -> None:
     assert store.history(one, after_seq=seqs[-1]) == []
 
 
+def with_notes(st: Store, n: int) -> str:
+    """A started saga with `n` notes after its two events; another saga's note among them."""
+    sid = started(st).saga.saga_id
+    other = started(st).saga.saga_id
+    for i in range(n):
+        st.append_event(Event(sid, "note", T0 + i, detail={"i": i}))
+    st.append_event(Event(other, "note", T0, detail={"i": -1}))
+    return sid
+
+
+def test_a_history_read_with_a_limit_is_the_oldest_events_after_the_seq(store: Store) -> None:
+    sid = with_notes(store, 6)
+    whole = store.history(sid)
+    seqs = [e.seq for e in whole]
+    assert len(seqs) == 8
+    assert store.history(sid, limit=3) == whole[:3]
+    assert store.history(sid, after_seq=seqs[2] or 0, limit=2) == whole[3:5]
+    assert store.history(sid, after_seq=seqs[-3] or 0, limit=10) == whole[-2:]
+    assert store.history(sid, limit=len(seqs)) == whole
+    assert store.history(sid, after_seq=seqs[-1] or 0, limit=5) == []
+    assert store.history(sid, limit=0) == []
+    assert store.history("no-such-saga", limit=5) == []
+
+
 def test_the_tail_of_a_history_is_its_newest_events_and_pages_back_by_seq(store: Store) -> None:
-    sid = started(store).saga.saga_id
-    other = started(store).saga.saga_id
-    for i in range(10):
-        store.append_event(Event(sid, "note", T0 + i, detail={"i": i}))
-    store.append_event(Event(other, "note", T0, detail={"i": -1}))
+    sid = with_notes(store, 10)
     seqs = [e.seq for e in store.history(sid)]
     assert len(seqs) == 12
     newest = store.history_tail(sid, limit=5)

@@ -308,13 +308,28 @@ def test_resume_after_the_cause_is_fixed_compensates_the_saga(
     ]
 
 
-def test_events_read_backwards_with_before_seq_cover_the_history_once(stack: WebStack) -> None:
+def test_events_read_in_pages_forwards_or_backwards_cover_the_history_once(
+    stack: WebStack,
+) -> None:
     saga_id = stack.start(area="backwards")
     stack.wait_status(saga_id, TERMINAL)
     stored = [e["seq"] for e in stack.saga(saga_id)["history"]]
     pages: list[list[int]] = []
     before: int | None = 2**62
     with stack.client() as c:
+        after = 0
+        while len(pages) < 50:
+            r = c.get(f"/api/v1/sagas/{saga_id}/events", params={"after_seq": after, "limit": 4})
+            assert r.status_code == 200, r.text
+            page = r.json()
+            if not page["events"]:
+                assert page["next_after_seq"] == after
+                break
+            pages.append([e["seq"] for e in page["events"]])
+            after = page["next_after_seq"]
+        assert all(len(p) == 4 for p in pages[:-1]) and len(pages) == -(-len(stored) // 4)
+        assert [seq for page in pages for seq in page] == stored
+        pages.clear()
         while before is not None and len(pages) < 50:
             r = c.get(f"/api/v1/sagas/{saga_id}/events", params={"before_seq": before, "limit": 4})
             assert r.status_code == 200, r.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sagaline import SagaStatus
+from sagaline.exceptions import InputError
 from sagaline.records import SagaFilter
 from sagaline.testkit import (
     Faults,
@@ -104,6 +105,26 @@ def test_the_environment_restores_the_apps_runtime() -> None:
     with SagaEnv([shop.app]) as env:
         assert shop.app._sagaline_runtime is env.runtime
     assert shop.app._sagaline_runtime is before
+
+
+@pytest.mark.parametrize(
+    ("saga_id", "rule", "message"),
+    [
+        ("stream", "reserved", "none of counts, stream"),
+        ("counts", "reserved", "none of counts, stream"),
+        ("orders/7", "reserved", "has no '/'"),
+        ("o" * 37, "key", "over the limit of 36"),
+    ],
+)
+def test_a_saga_id_the_api_could_not_address_is_refused_before_anything_is_stored(
+    saga_env: SagaEnv, saga_id: str, rule: str, message: str
+) -> None:
+    with pytest.raises(InputError, match=message) as refused:
+        saga_env.start(shop.order, saga_id=saga_id, amount=30, qty=2)
+    assert (refused.value.rule, refused.value.where) == (rule, "saga_id")
+    assert saga_env.store.list_sagas(SagaFilter(limit=10)) == []
+    chosen = saga_env.start(shop.order, saga_id="order-7", amount=30, qty=2)
+    assert chosen.saga_id == "order-7"
 
 
 @pytest.mark.parametrize(

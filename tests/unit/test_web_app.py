@@ -121,3 +121,17 @@ def test_the_api_schema_of_a_saga_has_every_field_of_the_record() -> None:
     from sagaline.web import schemas
 
     assert set(schemas.Saga.model_fields) == {f.name for f in dataclasses.fields(SagaRecord)}
+
+
+def test_every_fixed_path_beside_a_saga_id_is_an_id_no_saga_may_have() -> None:
+    # GET /sagas/{saga_id} comes after these routes and never sees their ids.
+    from sagaline.names import RESERVED_SAGA_IDS
+    from sagaline.web.api import api_app
+
+    fixed = set()
+    for route in api_app([]).routes:
+        path, methods = getattr(route, "path", ""), getattr(route, "methods", None) or set()
+        parts = path.split("/")
+        if "GET" in methods and len(parts) > 2 and parts[1] == "sagas" and parts[2][:1] != "{":
+            fixed.add(parts[2])
+    assert fixed == RESERVED_SAGA_IDS == {"counts", "stream"}
