@@ -105,7 +105,7 @@ class SQLStore(Store):
         }
         self.engine: Engine = sa.create_engine(driver_url(url, self.dialect), **options)
         if self.dialect == "sqlite":
-            sqlite_setup(self.engine)
+            sqlite_setup(self.engine, self.sqlite_path)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
         self._migrated = not auto_migrate

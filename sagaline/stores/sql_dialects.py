@@ -7,6 +7,9 @@ lock taken up front.
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,25 +61,73 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def sqlite_setup(engine: Engine) -> None:
+# Waiting for SQLite's write lock (begin_immediate): the first pause and the longest.
+LOCK_PAUSE_FIRST = 0.0001
+LOCK_PAUSE_MAX = 0.002
+_LOCK_WAIT = "sagaline_lock_wait"
+
+
+def sqlite_setup(engine: Engine, path: Path | None) -> None:
     @sa_event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        # The driver's `timeout` (30 s unless connect_args say otherwise) bounds every
+        # wait for a lock: SQLite's busy handler for most statements, ours for the write lock.
+        record.info[_LOCK_WAIT] = cur.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
         cur.close()
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # A write transaction takes the write lock up front: a deferred one that
         # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
+        fairy = conn.connection
         if conn.get_execution_options().get("sagaline_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            begin_immediate(fairy.dbapi_connection, fairy.info.get(_LOCK_WAIT, 30.0), path)
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+def begin_immediate(dbapi_conn: Any, wait: float, path: Path | None) -> None:
+    """BEGIN IMMEDIATE, waiting for the write lock up to `wait` seconds.
+
+    SQLite's busy handler sleeps 1, 2, 5, 10... ms between attempts, so with a few
+    processes writing one file the lock sits free for milliseconds after each
+    commit. This loop tries again after pauses of 0.1 ms growing to 2 ms, jittered
+    so that waiting processes do not retry in step. When the lock stayed busy for
+    `wait` seconds, it raises OperationalError (SQLAlchemy's, naming the file).
+    """
+    try:
+        dbapi_conn.execute("PRAGMA busy_timeout=0")
+        try:
+            _wait_for_write_lock(dbapi_conn, wait, path)
+        finally:
+            dbapi_conn.execute(f"PRAGMA busy_timeout={round(wait * 1000)}")
+    except sqlite3.Error as exc:  # wrapped as SQLAlchemy wraps a statement's errors
+        raise sa_exc.DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
+
+
+def _wait_for_write_lock(dbapi_conn: Any, wait: float, path: Path | None) -> None:
+    deadline = time.monotonic() + wait
+    pause = LOCK_PAUSE_FIRST
+    while True:
+        try:
+            dbapi_conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            now = time.monotonic()
+            if now >= deadline:
+                where = "in memory" if path is None else str(path)
+                raise sqlite3.OperationalError(
+                    f"database is locked: the write lock of {where} stayed busy for {wait:g} s"
+                ) from exc
+        time.sleep(min(pause * random.uniform(0.5, 1.5), deadline - now))
+        pause = min(pause * 1.5, LOCK_PAUSE_MAX)
 
 
 # PostgreSQL SQLSTATE classes worth waiting out: connection (08), transaction
