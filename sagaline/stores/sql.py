@@ -74,10 +74,12 @@ from .sql_statements import (
     due_queries,
     event_row,
     list_query,
+    renew_statement,
     saga_record,
     step_record,
     write_decision,
 )
+from .sqlite_watch import SqlitePeek
 
 T = TypeVar("T")
 
@@ -114,6 +116,7 @@ class SQLStore(Store):
         # sagas (NOTIFY), which a listener per process hears.
         self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
         self._listener: PgFinishedListener | None = None
+        self._peek = None if self.sqlite_path is None else SqlitePeek(self.sqlite_path)
         # PostgreSQL: the event partitions of the months ahead (pg_partitions.py).
         self._months = MonthsAhead(self._writer) if self.dialect == "postgresql" else None
         self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
@@ -171,8 +174,10 @@ class SQLStore(Store):
         self.engine.dispose(close=False)
 
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
+        if self._peek is not None:  # a SQLite file: peeks at it (sqlite_watch.py)
+            return self._peek.watch(saga_id)
         if self._hot is None:
-            return None  # SQLite and MySQL: the caller polls
+            return None  # MySQL, SQLite in memory: the caller polls
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
             listener = self._listener = PgFinishedListener(self._hot.listen_connection)
@@ -261,17 +266,7 @@ class SQLStore(Store):
     def renew_lease(
         self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
     ) -> bool:
-        cols = PHASE_COLUMNS[phase]
-        stmt = (
-            steps.update()
-            .where(
-                steps.c.saga_id == saga_id,
-                steps.c.name == step,
-                steps.c[cols.status] == cols.running.value,
-                steps.c[cols.attempt] == attempt,
-            )
-            .values(lease_until=lease_until, due_at=lease_until, version=steps.c.version + 1)
-        )
+        stmt = renew_statement(saga_id, step, phase, attempt, lease_until)
 
         def renew() -> bool:
             with self._write() as conn:
