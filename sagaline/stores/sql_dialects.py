@@ -7,27 +7,64 @@ lock taken up front.
 
 from __future__ import annotations
 
-import random
-import sqlite3
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from .registry import require_extra
+from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from ..records import Decision, Event, SagaRecord, SagaState, StepRecord
+    from ..states import Phase
+
+
+class HotPath(Protocol):
+    """The hot statements straight on a driver: pg_hot.py, sqlite_hot.py."""
+
+    @property
+    def retry_errors(self) -> tuple[type[Exception], ...]: ...
+
+    @property
+    def integrity_error(self) -> type[Exception]: ...
+
+    def claim(self, phase: Phase, params: dict[str, Any]) -> bool: ...
+
+    def insert_saga(self, state: SagaState, events_: list[Event]) -> None: ...
+
+    def read_saga(self, saga_id: str) -> SagaRecord | None: ...
+
+    def locked(
+        self, saga_id: str
+    ) -> AbstractContextManager[tuple[Any, SagaRecord | None, list[StepRecord]]]: ...
+
+    def write(self, conn: Any, saga_id: str, d: Decision) -> bool: ...
+
+
+def hot_path(engine: Engine, dialect: str, path: Path | None) -> HotPath | None:
+    """The hot statements of PostgreSQL (psycopg) or SQLite, imported only for them."""
+    if dialect == "postgresql":
+        from .pg_hot import PgHotPath
+
+        return PgHotPath(engine)
+    if dialect == "sqlite":
+        from .sqlite_hot import SqliteHotPath
+
+        return SqliteHotPath(engine, path)
+    return None
+
+
+def pg_listen_connect(engine: Engine) -> Callable[[], Any]:
+    """How PostgreSQL's listener of ended sagas connects (finished.py)."""
     from .pg_hot import PgHotPath
 
-
-def hot_path(engine: Engine) -> PgHotPath:
-    """PostgreSQL's hot statements on psycopg (imported only for PostgreSQL)."""
-    from .pg_hot import PgHotPath
-
-    return PgHotPath(engine)
+    return PgHotPath(engine).listen_connection
 
 
 def dialect_of(url: str) -> str:
@@ -61,12 +98,6 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-# Waiting for SQLite's write lock (begin_immediate): the first pause and the longest.
-LOCK_PAUSE_FIRST = 0.0001
-LOCK_PAUSE_MAX = 0.002
-_LOCK_WAIT = "sagaline_lock_wait"
-
-
 def sqlite_setup(engine: Engine, path: Path | None) -> None:
     @sa_event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, record: Any) -> None:
@@ -77,7 +108,7 @@ def sqlite_setup(engine: Engine, path: Path | None) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         # The driver's `timeout` (30 s unless connect_args say otherwise) bounds every
         # wait for a lock: SQLite's busy handler for most statements, ours for the write lock.
-        record.info[_LOCK_WAIT] = cur.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+        record.info[LOCK_WAIT_KEY] = cur.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
         cur.close()
 
     @sa_event.listens_for(engine, "begin")
@@ -86,48 +117,9 @@ def sqlite_setup(engine: Engine, path: Path | None) -> None:
         # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
         fairy = conn.connection
         if conn.get_execution_options().get("sagaline_write"):
-            begin_immediate(fairy.dbapi_connection, fairy.info.get(_LOCK_WAIT, 30.0), path)
+            begin_immediate(fairy.dbapi_connection, fairy.info.get(LOCK_WAIT_KEY, 30.0), path)
         else:
             conn.exec_driver_sql("BEGIN")
-
-
-def begin_immediate(dbapi_conn: Any, wait: float, path: Path | None) -> None:
-    """BEGIN IMMEDIATE, waiting for the write lock up to `wait` seconds.
-
-    SQLite's busy handler sleeps 1, 2, 5, 10... ms between attempts, so with a few
-    processes writing one file the lock sits free for milliseconds after each
-    commit. This loop tries again after pauses of 0.1 ms growing to 2 ms, jittered
-    so that waiting processes do not retry in step. When the lock stayed busy for
-    `wait` seconds, it raises OperationalError (SQLAlchemy's, naming the file).
-    """
-    try:
-        dbapi_conn.execute("PRAGMA busy_timeout=0")
-        try:
-            _wait_for_write_lock(dbapi_conn, wait, path)
-        finally:
-            dbapi_conn.execute(f"PRAGMA busy_timeout={round(wait * 1000)}")
-    except sqlite3.Error as exc:  # wrapped as SQLAlchemy wraps a statement's errors
-        raise sa_exc.DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
-
-
-def _wait_for_write_lock(dbapi_conn: Any, wait: float, path: Path | None) -> None:
-    deadline = time.monotonic() + wait
-    pause = LOCK_PAUSE_FIRST
-    while True:
-        try:
-            dbapi_conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            now = time.monotonic()
-            if now >= deadline:
-                where = "in memory" if path is None else str(path)
-                raise sqlite3.OperationalError(
-                    f"database is locked: the write lock of {where} stayed busy for {wait:g} s"
-                ) from exc
-        time.sleep(min(pause * random.uniform(0.5, 1.5), deadline - now))
-        pause = min(pause * 1.5, LOCK_PAUSE_MAX)
 
 
 # PostgreSQL SQLSTATE classes worth waiting out: connection (08), transaction
