@@ -12,9 +12,9 @@
   never subscribes to Celery's pub/sub result consumer.
 
 `BENCH_COUNT_SQL=1` counts, in every process, SQL statements (at psycopg's cursor
-on PostgreSQL, elsewhere SQLAlchemy's ``before_cursor_execute``), transactions,
-commits and rollbacks, published task messages
-(``before_task_publish``) and executed tasks. Workers add their counts to the Redis
+on PostgreSQL, at sqlite3's trace callback on SQLite, elsewhere SQLAlchemy's
+``before_cursor_execute``), transactions, commits and rollbacks, published task
+messages (``before_task_publish``) and executed tasks. Workers add their counts to the Redis
 hash ``bench:counts:<flavor>:<main|child>`` from a thread every 0.5 s, so no task
 waits on the counting; the caller reads its own counts in process (`COUNTS`).
 """
@@ -181,7 +181,25 @@ _role = {"name": "caller" if FLAVOR == "caller" else "main"}
 def _on_statement(
     conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
-    if conn.dialect.name != "postgresql":  # PostgreSQL's are counted at psycopg's cursor
+    # PostgreSQL's are counted at psycopg's cursor, SQLite's by its trace callback.
+    if conn.dialect.name not in ("postgresql", "sqlite"):
+        _count_statement(statement)
+
+
+def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    """SQLite's hot statements run on sqlite3 directly (stores/sqlite_hot.py): count
+    every statement SQLite runs, BEGIN and COMMIT included, but the PRAGMAs that set
+    up a connection or a wait for the write lock. A BEGIN IMMEDIATE retried while
+    another process held the write lock counts once per attempt: under load there
+    are more BEGINs (and "transactions") than COMMITs and ROLLBACKs."""
+    import sqlite3
+
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        dbapi_conn.set_trace_callback(_count_sqlite)
+
+
+def _count_sqlite(statement: str) -> None:
+    if not statement.lstrip().upper().startswith("PRAGMA"):
         _count_statement(statement)
 
 
@@ -211,15 +229,18 @@ def _count_psycopg() -> None:
 
 
 def _on_begin(conn: Any) -> None:
-    COUNTS.add("begin")
+    if conn.dialect.name != "sqlite":  # SQLite's BEGIN is counted as a statement
+        COUNTS.add("begin")
 
 
 def _on_commit(conn: Any) -> None:
-    COUNTS.add("commit")
+    if conn.dialect.name != "sqlite":
+        COUNTS.add("commit")
 
 
 def _on_rollback(conn: Any) -> None:
-    COUNTS.add("rollback")
+    if conn.dialect.name != "sqlite":
+        COUNTS.add("rollback")
 
 
 @before_task_publish.connect
@@ -275,6 +296,7 @@ if _COUNT_SQL:
 
     with contextlib.suppress(Exception):
         sa.event.listen(sa.engine.Engine, "before_cursor_execute", _on_statement)
+        sa.event.listen(sa.engine.Engine, "connect", _on_connect)
         sa.event.listen(sa.engine.Engine, "begin", _on_begin)
         sa.event.listen(sa.engine.Engine, "commit", _on_commit)
         sa.event.listen(sa.engine.Engine, "rollback", _on_rollback)

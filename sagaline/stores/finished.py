@@ -33,8 +33,32 @@ ANY_SAGA = ""
 CONNECT_WAIT = 2.0
 
 
-class FinishWatch:
-    """One caller's subscription to the end of one saga (see FinishedListener.watch)."""
+class FinishWatch(ABC):
+    """One caller's wait for the end of one saga, taken before its first read."""
+
+    saga_id: str
+
+    @property
+    @abstractmethod
+    def live(self) -> bool:
+        """Whether `wait` will return once the saga may have ended (else: poll)."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> bool:
+        """Block until the saga may have ended (True) or `timeout` seconds pass (False)."""
+
+    def close(self) -> None:  # noqa: B027 - a watch that holds nothing
+        """Stop watching."""
+
+    def __enter__(self) -> FinishWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ListenerWatch(FinishWatch):
+    """A subscription to the end of one saga, woken by the process's listener thread."""
 
     def __init__(self, listener: FinishedListener, saga_id: str, generation: int):
         self.saga_id = saga_id
@@ -48,7 +72,6 @@ class FinishWatch:
         return self._listener.generation == self._generation
 
     def wait(self, timeout: float) -> bool:
-        """Block until the saga may have ended (True) or `timeout` seconds pass (False)."""
         woken = self._event.wait(timeout)
         self._event.clear()
         return woken
@@ -58,12 +81,6 @@ class FinishWatch:
 
     def close(self) -> None:
         self._listener.unwatch(self)
-
-    def __enter__(self) -> FinishWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class FinishedListener(ABC):
@@ -77,7 +94,7 @@ class FinishedListener(ABC):
         self.pid = os.getpid()
         self._name = name
         self._lock = threading.Lock()
-        self._watches: dict[str, set[FinishWatch]] = {}
+        self._watches: dict[str, set[ListenerWatch]] = {}
         # Bumped on every (re)connection; 0 while not connected.
         self.generation = 0
         self._connections = 0
@@ -85,7 +102,7 @@ class FinishedListener(ABC):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def watch(self, saga_id: str) -> FinishWatch | None:
+    def watch(self, saga_id: str) -> ListenerWatch | None:
         """A watch of `saga_id`, or None when the listener cannot connect (poll instead)."""
         with self._lock:
             if self._thread is None:
@@ -94,11 +111,11 @@ class FinishedListener(ABC):
         if not self._connected.wait(CONNECT_WAIT):
             return None
         with self._lock:
-            w = FinishWatch(self, saga_id, self.generation)
+            w = ListenerWatch(self, saga_id, self.generation)
             self._watches.setdefault(saga_id, set()).add(w)
             return w
 
-    def unwatch(self, w: FinishWatch) -> None:
+    def unwatch(self, w: ListenerWatch) -> None:
         with self._lock:
             ws = self._watches.get(w.saga_id)
             if ws is not None:

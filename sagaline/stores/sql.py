@@ -1,8 +1,9 @@
 """The SQL store on SQLAlchemy 2 Core: PostgreSQL (psycopg 3), SQLite (default), MySQL/MariaDB.
 
 What differs by database (drivers, pool and SQLite setup, which errors are
-transient, PostgreSQL's one-statement claim) is in sql_dialects.py; the statements
-are in sql_statements.py, the reads in sql_reads.py, the migrations in sql_migrate.py.
+transient) is in sql_dialects.py; the hot statements of PostgreSQL and SQLite, straight
+on their drivers, in pg_hot.py and sqlite_hot.py; the other statements in
+sql_statements.py, the reads in sql_reads.py, the migrations in sql_migrate.py.
 
 Locking: `transact` takes the saga row with SELECT ... FOR UPDATE (PostgreSQL,
 MySQL) or a BEGIN IMMEDIATE write transaction (SQLite), so completions of one
@@ -48,6 +49,7 @@ from .sql_dialects import (
     driver_url,
     engine_options_for,
     hot_path,
+    pg_listen_connect,
     sqlite_path,
     sqlite_setup,
     transient,
@@ -74,11 +76,12 @@ from .sql_statements import (
     due_queries,
     event_row,
     list_query,
-    renew_query,
+    renew_statement,
     saga_record,
     step_record,
     write_decision,
 )
+from .sqlite_watch import SqlitePeek
 
 T = TypeVar("T")
 
@@ -106,15 +109,16 @@ class SQLStore(Store):
         }
         self.engine: Engine = sa.create_engine(driver_url(url, self.dialect), **options)
         if self.dialect == "sqlite":
-            sqlite_setup(self.engine)
+            sqlite_setup(self.engine, self.sqlite_path)
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
         self._migrated = not auto_migrate
         self._migrate_lock = threading.Lock()
-        # PostgreSQL runs its hot statements on psycopg (pg_hot.py) and announces ended
-        # sagas (NOTIFY), which a listener per process hears.
-        self._hot = hot_path(self.engine) if self.dialect == "postgresql" else None
+        # Hot statements straight on the driver (pg_hot.py, sqlite_hot.py); get() hears
+        # PostgreSQL's NOTIFY, or peeks at the SQLite file (sqlite_watch.py).
+        self._hot = hot_path(self.engine, self.dialect, self.sqlite_path)
         self._listener: PgFinishedListener | None = None
+        self._peek = None if self.sqlite_path is None else SqlitePeek(self.sqlite_path)
         # PostgreSQL: the event partitions of the months ahead (pg_partitions.py).
         self._months = MonthsAhead(self._writer) if self.dialect == "postgresql" else None
         self._integrity_errors: tuple[type[Exception], ...] = (sa_exc.IntegrityError,)
@@ -172,11 +176,13 @@ class SQLStore(Store):
         self.engine.dispose(close=False)
 
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
-        if self._hot is None:
-            return None  # SQLite and MySQL: the caller polls
+        if self._peek is not None:
+            return self._peek.watch(saga_id)
+        if self.dialect != "postgresql":
+            return None  # MySQL, SQLite in memory: the caller polls
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            listener = self._listener = PgFinishedListener(self._hot.listen_connection)
+            listener = self._listener = PgFinishedListener(pg_listen_connect(self.engine))
         return listener.watch(saga_id)
 
     # -- writes ------------------------------------------------------------------
@@ -243,7 +249,7 @@ class SQLStore(Store):
             "k_owner_pid": None if owner is None else owner.pid,
         }
         if self._hot is not None:
-            hot = self._hot  # one round trip, the claim's commit not waiting for its flush
+            hot = self._hot  # PostgreSQL: one round trip, its commit not waiting for its flush
             return self._retrying(lambda: hot.claim(phase, params))
         stmt = CLAIM[phase]
         event = event_row(
@@ -262,7 +268,7 @@ class SQLStore(Store):
     def renew_lease(
         self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
     ) -> bool:
-        stmt = renew_query(saga_id, step, phase, attempt, lease_until)
+        stmt = renew_statement(saga_id, step, phase, attempt, lease_until)
 
         def renew() -> bool:
             with self._write() as conn:
@@ -275,13 +281,13 @@ class SQLStore(Store):
         self._ensure_schema()
         if self._hot is not None:
             hot = self._hot
-            with hot.locked(saga_id) as (pg, saga, step_rows):
+            with hot.locked(saga_id) as (raw, saga, step_rows):
                 if saga is None:
                     yield None
                     return
                 yield Snapshot(
                     SagaState(saga, {s.name: s for s in step_rows}),
-                    lambda decision: hot.write(pg, saga_id, decision),
+                    lambda decision: hot.write(raw, saga_id, decision),
                 )
             return
         with self._write() as conn:

@@ -8,23 +8,63 @@ lock taken up front.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from .registry import require_extra
+from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from ..records import Decision, Event, SagaRecord, SagaState, StepRecord
+    from ..states import Phase
+
+
+class HotPath(Protocol):
+    """The hot statements straight on a driver: pg_hot.py, sqlite_hot.py."""
+
+    @property
+    def retry_errors(self) -> tuple[type[Exception], ...]: ...
+
+    @property
+    def integrity_error(self) -> type[Exception]: ...
+
+    def claim(self, phase: Phase, params: dict[str, Any]) -> bool: ...
+
+    def insert_saga(self, state: SagaState, events_: list[Event]) -> None: ...
+
+    def read_saga(self, saga_id: str) -> SagaRecord | None: ...
+
+    def locked(
+        self, saga_id: str
+    ) -> AbstractContextManager[tuple[Any, SagaRecord | None, list[StepRecord]]]: ...
+
+    def write(self, conn: Any, saga_id: str, d: Decision) -> bool: ...
+
+
+def hot_path(engine: Engine, dialect: str, path: Path | None) -> HotPath | None:
+    """The hot statements of PostgreSQL (psycopg) or SQLite, imported only for them."""
+    if dialect == "postgresql":
+        from .pg_hot import PgHotPath
+
+        return PgHotPath(engine)
+    if dialect == "sqlite":
+        from .sqlite_hot import SqliteHotPath
+
+        return SqliteHotPath(engine, path)
+    return None
+
+
+def pg_listen_connect(engine: Engine) -> Callable[[], Any]:
+    """How PostgreSQL's listener of ended sagas connects (finished.py)."""
     from .pg_hot import PgHotPath
 
-
-def hot_path(engine: Engine) -> PgHotPath:
-    """PostgreSQL's hot statements on psycopg (imported only for PostgreSQL)."""
-    from .pg_hot import PgHotPath
-
-    return PgHotPath(engine)
+    return PgHotPath(engine).listen_connection
 
 
 def dialect_of(url: str) -> str:
@@ -58,23 +98,26 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def sqlite_setup(engine: Engine) -> None:
+def sqlite_setup(engine: Engine, path: Path | None) -> None:
     @sa_event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        # The driver's `timeout` (30 s unless connect_args say otherwise) bounds every
+        # wait for a lock: SQLite's busy handler for most statements, ours for the write lock.
+        record.info[LOCK_WAIT_KEY] = cur.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
         cur.close()
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # A write transaction takes the write lock up front: a deferred one that
         # read first could fail to upgrade with SQLITE_BUSY after a concurrent commit.
+        fairy = conn.connection
         if conn.get_execution_options().get("sagaline_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            begin_immediate(fairy.dbapi_connection, fairy.info.get(LOCK_WAIT_KEY, 30.0), path)
         else:
             conn.exec_driver_sql("BEGIN")
 

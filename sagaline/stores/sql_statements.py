@@ -84,6 +84,23 @@ def _claim(phase: Phase) -> sa.Update:
 CLAIM = {phase: _claim(phase) for phase in Phase}
 
 
+def renew_statement(
+    saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
+) -> sa.Update:
+    """A RUNNING claim's lease extended, as a compare-and-set on its attempt."""
+    cols = PHASE_COLUMNS[phase]
+    return (
+        steps.update()
+        .where(
+            steps.c.saga_id == saga_id,
+            steps.c.name == step,
+            steps.c[cols.status] == cols.running.value,
+            steps.c[cols.attempt] == attempt,
+        )
+        .values(lease_until=lease_until, due_at=lease_until, version=steps.c.version + 1)
+    )
+
+
 def write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
     """Write a decision with compare-and-set on every record it changes."""
     if d.saga is not None:
@@ -205,20 +222,3 @@ def claimed_query(node: str, limit: int) -> sa.Select[Any]:
         .limit(limit)
     )
     return q
-
-
-def renew_query(
-    saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
-) -> sa.Update:
-    """A claim's lease moved on: a compare-and-set on the step still running that attempt."""
-    cols = PHASE_COLUMNS[phase]
-    return (
-        steps.update()
-        .where(
-            steps.c.saga_id == saga_id,
-            steps.c.name == step,
-            steps.c[cols.status] == cols.running.value,
-            steps.c[cols.attempt] == attempt,
-        )
-        .values(lease_until=lease_until, due_at=lease_until, version=steps.c.version + 1)
-    )

@@ -1,0 +1,210 @@
+"""SQLite's hot statements straight on the standard library's driver: a saga's insert,
+the claim, a decision's read and write, and the saga read of `get()`.
+
+SQLAlchemy keeps the schema, migrations and every other statement; these run on
+connections of the same pool, as plain SQL that the driver keeps prepared (its
+statement cache). Through SQLAlchemy each statement cost ~0.1-0.2 ms of Python in
+the worker (compiling the cache key, building the result, processing rows), which
+is most of a step's time on a local file, and much of it was spent holding the
+write lock. Values are stored as SQLAlchemy stores them: JSON columns as
+`json.dumps` text (None as JSON null), booleans as 0/1.
+
+Write transactions take the write lock up front (sql_dialects.begin_immediate),
+as SQLAlchemy's begin event does for the store's other writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
+from ..states import Phase
+from .rows import from_row, to_row
+from .schema import events, sagas, steps
+from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
+
+
+def _json_columns(table: sa.Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.c if isinstance(c.type, sa.JSON))
+
+
+SAGA_JSON = _json_columns(sagas)
+STEP_JSON = _json_columns(steps)
+EVENT_JSON = _json_columns(events)
+_EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
+
+
+def _insert(table: sa.Table, names: list[str]) -> str:
+    return (
+        f"INSERT INTO {table.name} ({', '.join(names)}) "
+        f"VALUES ({', '.join(':' + n for n in names)})"
+    )
+
+
+INSERT_SAGA = _insert(sagas, [c.name for c in sagas.c])
+INSERT_STEP = _insert(steps, [c.name for c in steps.c])
+INSERT_EVENT = _insert(events, _EVENT_COLUMNS)
+READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = ?"
+READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = ? ORDER BY position"
+UPDATE_SAGA = (
+    f"UPDATE {sagas.name} SET "
+    + ", ".join(f"{c.name} = :{c.name}" for c in sagas.c if c.name != "saga_id")
+    + " WHERE saga_id = :saga_id AND version = :k_version"
+)
+UPDATE_STEP = (
+    f"UPDATE {steps.name} SET "
+    + ", ".join(f"{c.name} = :{c.name}" for c in steps.c if c.name not in ("saga_id", "name"))
+    + " WHERE saga_id = :saga_id AND name = :name AND version = :k_version"
+)
+# The claim's event, from the claim's parameters (detail: none, stored as JSON null).
+CLAIM_EVENT = (
+    f"INSERT INTO {events.name} (saga_id, ts, kind, step, attempt, phase, detail) "
+    "VALUES (:k_saga_id, :k_now, :k_kind, :k_name, :k_attempt, :k_phase, 'null')"
+)
+
+
+def _claim(phase: Phase) -> str:
+    """DISPATCHED(attempt) -> RUNNING on the phase's columns, as one compare-and-set."""
+    cols = PHASE_COLUMNS[phase]
+    started = ", started_at = :k_now" if phase is Phase.FORWARD else ""  # a compensation
+    return (  # keeps the step's start time
+        f"UPDATE {steps.name} SET {cols.status} = '{cols.running.value}'{started}, "
+        "lease_until = :k_lease_until, due_at = :k_lease_until, owner_node = :k_owner_node, "
+        "owner_boot = :k_owner_boot, owner_pid = :k_owner_pid, version = version + 1 "
+        f"WHERE saga_id = :k_saga_id AND name = :k_name AND {cols.status} = "
+        f"'{cols.dispatched.value}' AND {cols.attempt} = :k_attempt"
+    )
+
+
+CLAIM = {phase: _claim(phase) for phase in Phase}
+
+
+def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
+    for name in json_columns:
+        row[name] = json.dumps(row[name])
+    return row
+
+
+def _record_rows(cur: sqlite3.Cursor, json_columns: frozenset[str]) -> list[dict[str, Any]]:
+    names = [d[0] for d in cur.description]
+    rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    for row in rows:
+        for name in json_columns:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+    return rows
+
+
+def _versioned(row: dict[str, Any], json_columns: frozenset[str], version: int) -> dict[str, Any]:
+    row = _params(row, json_columns)
+    row.update(version=version + 1, k_version=version)
+    return row
+
+
+def event_params(e: Event) -> dict[str, Any]:
+    row = to_row(e)
+    row["detail"] = e.detail or None  # an empty detail is stored as null
+    return _params({c: row[c] for c in _EVENT_COLUMNS}, EVENT_JSON)
+
+
+class SqliteHotPath:
+    """The hot statements on the SQLAlchemy engine's pooled sqlite3 connections."""
+
+    # What a store retries of the errors raised here (see sql_dialects.transient), and
+    # what a refused insert raises.
+    retry_errors = (sqlite3.OperationalError,)
+    integrity_error = sqlite3.IntegrityError
+
+    def __init__(self, engine: Engine, path: Path | None):
+        self.engine = engine
+        self.path = path
+
+    @contextmanager
+    def connection(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """A pooled connection (autocommit: sql_dialects.sqlite_setup), in a write
+        transaction if `write`; whatever was not committed is rolled back at the end."""
+        raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
+        try:
+            if write:
+                begin_immediate(conn, raw.info.get(LOCK_WAIT_KEY, 30.0), self.path)
+            yield conn
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except BaseException:
+            with suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            raise
+        finally:
+            raw.close()  # back to the pool
+
+    def claim(self, phase: Phase, params: dict[str, Any]) -> bool:
+        with self.connection(write=True) as conn:
+            if conn.execute(CLAIM[phase], params).rowcount != 1:
+                return False
+            conn.execute(CLAIM_EVENT, params)
+            conn.execute("COMMIT")
+            return True
+
+    def insert_saga(self, state: SagaState, events_: list[Event]) -> None:
+        """The saga, its steps and events in one transaction (IntegrityError: refused)."""
+        with self.connection(write=True) as conn:
+            conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON))
+            conn.executemany(
+                INSERT_STEP, [_params(to_row(s), STEP_JSON) for s in state.steps.values()]
+            )
+            if events_:
+                conn.executemany(INSERT_EVENT, [event_params(e) for e in events_])
+            conn.execute("COMMIT")
+
+    def read_saga(self, saga_id: str) -> SagaRecord | None:
+        with self.connection(write=False) as conn:
+            rows = _record_rows(conn.execute(READ_SAGA, (saga_id,)), SAGA_JSON)
+        return from_row(SagaRecord, rows[0]) if rows else None
+
+    @contextmanager
+    def locked(
+        self, saga_id: str
+    ) -> Iterator[tuple[sqlite3.Connection, SagaRecord | None, list[StepRecord]]]:
+        """The saga and its steps read under the write lock, which is held until the
+        context exits (rolled back unless written)."""
+        with self.connection(write=True) as conn:
+            sagas_ = _record_rows(conn.execute(READ_SAGA, (saga_id,)), SAGA_JSON)
+            if not sagas_:
+                yield conn, None, []
+                return
+            steps_ = _record_rows(conn.execute(READ_STEPS, (saga_id,)), STEP_JSON)
+            yield (
+                conn,
+                from_row(SagaRecord, sagas_[0]),
+                [from_row(StepRecord, r) for r in steps_],
+            )
+
+    @staticmethod
+    def write(conn: sqlite3.Connection, saga_id: str, d: Decision) -> bool:
+        """Write a decision (compare-and-set on every record it changes) and commit it;
+        False, left for the context to roll back, when one of them changed since it was read."""
+        if d.saga is not None:
+            row = _versioned(to_row(d.saga), SAGA_JSON, d.saga_version)
+            row["saga_id"] = saga_id
+            if conn.execute(UPDATE_SAGA, row).rowcount != 1:
+                return False
+        if d.steps:
+            rows = [_versioned(to_row(s), STEP_JSON, d.expected_version(s)) for s in d.steps]
+            for row in rows:
+                row["saga_id"] = saga_id
+            if conn.executemany(UPDATE_STEP, rows).rowcount != len(rows):
+                return False
+        if d.events:
+            conn.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+        conn.execute("COMMIT")
+        return True
