@@ -65,6 +65,7 @@ from . import redis_reads as reads
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, RedisFinishedListener
+from .redis_cache import StaleCache, StepCache
 from .redis_client import client_url, new_client
 from .redis_create import insert_saga
 from .redis_layout import DEFAULT_BUCKETS, Layout
@@ -136,6 +137,7 @@ class RedisStore(Store):
         else:
             self._connect()  # no I/O: redis-py connects on the first command
         self._listener: RedisFinishedListener | None = None
+        self._steps_held = StepCache()
 
     # Retention (Store.gc): its steps for this layout are in redis_gc.py.
     _gc_candidates = redis_gc.candidates
@@ -303,8 +305,9 @@ class RedisStore(Store):
         # No lock is held while deciding: the write below checks the saga's `txn`
         # counter instead, and loses (the caller decides again) if another transact
         # wrote the saga since this read.
-        loaded = self._load_state(saga_id)
+        loaded = self._load_state(saga_id, cached=True)
         if loaded is None:
+            self._steps_held.forget(saga_id)
             yield None
             return
         state, txn = loaded
@@ -313,28 +316,38 @@ class RedisStore(Store):
         def write(decision: Decision) -> bool:
             body = json.dumps(decision_payload(layout, state, txn, decision))
             keys = [layout.saga_key(saga_id)]
-            return int(self.scripts.write(keys=keys, args=[body])) == 1
+            if int(self.scripts.write(keys=keys, args=[body])) != 1:
+                return False
+            self._steps_held.written(saga_id, state.saga.created_at, decision)
+            return True
 
         yield Snapshot(state, write)
 
     # -- reads -------------------------------------------------------------------
 
-    def _load_state(self, saga_id: str) -> tuple[SagaState, str] | None:
-        """The saga with its steps, and its `txn` counter."""
+    def _load_state(self, saga_id: str, *, cached: bool = False) -> tuple[SagaState, str] | None:
+        """The saga with its steps, and its `txn` counter. `cached`: with the step records
+        this process holds at their current versions (redis_cache.py), for a decision."""
         layout = self.layout
+        sent = self._steps_held.known_versions(saga_id) if cached else {}
         reply = self.scripts.read_state(
             keys=[layout.saga_key(saga_id), layout.steps_key(saga_id)],
-            args=[layout.step_key_prefix(saga_id)],
+            args=[layout.step_key_prefix(saga_id), *(x for nv in sent.items() for x in nv)],
         )
         if not reply:
             return None
-        saga, *step_rows = json.loads(reply)
+        row, *step_rows = json.loads(reply)
         # `txn` is no record field: from_row ignores it, as any unknown field.
-        steps = [from_row(StepRecord, r) for r in step_rows]
-        return (
-            SagaState(from_row(SagaRecord, saga), {s.name: s for s in steps}),
-            str(saga.get("txn", 0)),
-        )
+        saga = from_row(SagaRecord, row)
+        if cached:
+            try:
+                steps = self._steps_held.steps(saga_id, saga.created_at, step_rows, sent)
+            except StaleCache:
+                self._steps_held.forget(saga_id)
+                return self._load_state(saga_id)
+        else:
+            steps = {s.name: s for s in (from_row(StepRecord, r) for r in step_rows)}
+        return SagaState(saga, steps), str(row.get("txn", 0))
 
     def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self.layout.saga_key(saga_id))
