@@ -18,16 +18,19 @@ saga once a decision ends it.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
-from ..records import Decision, StepRecord
+from ..records import Decision, SagaRecord, SagaState, StepRecord
 from ..states import SAGA_TERMINAL
 from .rows import from_row
 
 DEFAULT_LIMIT = 4096
+# Claims whose snapshot is kept for their completion (ClaimSnapshots).
+CLAIMS_KEPT = 256
 
 
 class StepCache:
@@ -43,6 +46,22 @@ class StepCache:
         with self._lock:
             entry = self._sagas.get(saga_id)
             return {} if entry is None else {n: str(r.version) for n, r in entry[1].items()}
+
+    def state(
+        self, saga_id: str, reply: str, sent: dict[str, str] | None
+    ) -> tuple[SagaState, str] | None:
+        """The saga, its steps and its `txn` counter from a snapshot (snapshot.lua) read
+        with the versions `sent` (None: sent none, and hold nothing of it)."""
+        if not reply:
+            return None
+        row, *step_rows = json.loads(reply)
+        # `txn` is no record field: from_row ignores it, as any unknown field.
+        saga = from_row(SagaRecord, row)
+        if sent is None:
+            steps = {s.name: s for s in (from_row(StepRecord, r) for r in step_rows)}
+        else:
+            steps = self.steps(saga_id, saga.created_at, step_rows, sent)
+        return SagaState(saga, steps), str(row.get("txn", 0))
 
     def steps(
         self, saga_id: str, created_at: float, rows: list[Any], sent: dict[str, str]
@@ -96,6 +115,43 @@ class StepCache:
         while self._held > self.limit and len(self._sagas) > 1:
             _, (_, dropped) = self._sagas.popitem(last=False)
             self._held -= len(dropped)
+
+
+class ClaimSnapshots:
+    """The snapshot each claim of this process read (cas_step.lua), kept for the
+    claim's completion, which decides on it instead of reading the saga again.
+
+    Deciding on it is deciding on an older read: its write checks the saga's `txn`
+    and the versions of what it changes as any other, and loses (the caller reads
+    again) if another transact, or a renewal of the claim, wrote meanwhile. A
+    snapshot is taken once; the oldest are dropped beyond `limit` (a claim whose
+    body never completes in this process).
+    """
+
+    def __init__(self, limit: int = CLAIMS_KEPT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_saga: dict[str, tuple[str, dict[str, str]]] = {}
+
+    def keep(self, saga_id: str, reply: str, sent: dict[str, str]) -> None:
+        with self._lock:
+            self._by_saga.pop(saga_id, None)
+            self._by_saga[saga_id] = (reply, sent)
+            while len(self._by_saga) > self.limit:
+                del self._by_saga[next(iter(self._by_saga))]
+
+    def take(self, saga_id: str) -> tuple[str, dict[str, str]] | None:
+        with self._lock:
+            return self._by_saga.pop(saga_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_saga.clear()
+
+
+def held_argv(sent: dict[str, str] | None) -> list[str]:
+    """The step versions sent, as snapshot.lua reads them from ARGV: name, version..."""
+    return [part for name_version in (sent or {}).items() for part in name_version]
 
 
 class StaleCache(Exception):

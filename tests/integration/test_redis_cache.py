@@ -103,3 +103,36 @@ def test_a_saga_deleted_and_created_again_under_its_id_is_read_whole(
     seen: list[SagaState] = []
     store.transact(sid, looking(seen))
     assert seen[0].steps["b"].error == "another saga's b"
+
+
+def test_a_completion_decides_on_its_claims_read_unless_the_saga_was_written_since(
+    make_store: Callable[..., RedisStore],
+) -> None:
+    store, other = make_store(), make_store()
+    sid = create(store, make_state(name="claimed", steps=("a", "b", "c")))
+    read = whole_rows(store)
+    assert store.claim_step(sid, "a", Phase.FORWARD, 1, lease_until=9e9, now=1.0)
+    store.transact(sid, succeed("a"))
+    assert read == []  # decided on the claim's read
+    # Between the claim of b and its completion, another process renews b's lease
+    # and writes c: the completion's write loses, and it decides again on a new read.
+    store.transact(
+        sid,
+        lambda s: Decision(
+            steps=[replace(s.steps["b"], status=StepStatus.DISPATCHED, attempt=1)],
+            step_versions={"b": s.steps["b"].version},
+        ),
+    )
+    assert store.claim_step(sid, "b", Phase.FORWARD, 1, lease_until=9e9, now=2.0)
+    assert other.renew_lease(sid, "b", Phase.FORWARD, 1, lease_until=9e9 + 1)
+    other.transact(sid, succeed("c"))
+    decided_on: list[SagaState] = []
+
+    def complete_b(state: SagaState) -> Decision:
+        decided_on.append(state)
+        return succeed("b")(state)
+
+    store.transact(sid, complete_b)
+    assert [s.steps["b"].lease_until for s in decided_on] == [9e9, 9e9 + 1]
+    assert decided_on[-1].steps["c"].status is StepStatus.SUCCEEDED
+    assert [s.status for s in store.get_steps(sid)] == [StepStatus.SUCCEEDED] * 3
