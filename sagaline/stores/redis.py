@@ -3,9 +3,10 @@
 The key layout and the encoding of records are in redis_layout.py, the Lua
 scripts in redis_scripts.py, the payloads of the write scripts in redis_payloads.py,
 the reads across sagas in redis_reads.py, creation with an idempotency key in
-redis_create.py, retention (`gc`) in redis_gc.py, the migration from the first
-layout in redis_migrate.py, and its URLs and clients (one server or a cluster) in
-redis_client.py.
+redis_create.py, claims in redis_claims.py, the step records a process holds
+between reads in redis_cache.py, retention (`gc`) in redis_gc.py, the migration
+from the first layout in redis_migrate.py, and its URLs and clients (one server
+or a cluster) in redis_client.py.
 
 A step transition rewrites only that step's hash (and the saga hash when the saga
 changed), never the whole saga. Every write is one Lua script, so it is atomic:
@@ -17,7 +18,10 @@ every record the decision changes are still those it read. The counter plays the
 part of the SQL store's saga row lock: without it, two branches finishing at once
 could each write their own step, each deciding on a snapshot without the other's
 success, and nobody would start the step that waits for both. Claims and lease
-renewals leave it alone, as they do not take the row lock in SQL either.
+renewals leave it alone, as they do not take the row lock in SQL either. The read
+returns whole only the steps this process does not hold at their current version,
+and a step's completion decides on the read its claim's script made: a step costs
+two scripts, the claim and the completion's write.
 A Redis script is not rolled back when a command in it fails, so every script
 does all of its checks before its first write.
 
@@ -44,13 +48,11 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from types import SimpleNamespace
 from typing import Any
 
 from ..exceptions import ConfigurationError
 from ..records import (
-    PHASE_COLUMNS,
     Decision,
     Event,
     Owner,
@@ -60,23 +62,20 @@ from ..records import (
     StepRecord,
 )
 from ..states import Phase, SagaStatus
-from . import redis_gc
+from . import redis_claims, redis_gc
 from . import redis_reads as reads
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, RedisFinishedListener
+from .redis_cache import ClaimSnapshots, StaleCache, StepCache, held_argv
 from .redis_client import client_url, new_client
 from .redis_create import insert_saga
 from .redis_layout import DEFAULT_BUCKETS, Layout
-from .redis_layout import due_member as _due_member
-from .redis_layout import event_json as _event_json
 from .redis_layout import event_record as _event_record
 from .redis_layout import saga_record as _saga_record
-from .redis_layout import score as _score
 from .redis_migrate import read_layout
 from .redis_payloads import decision_payload
 from .registry import require_extra
-from .rows import from_row
 
 redis = require_extra("redis", "redis")
 # redis-py resolves host names with socket.getaddrinfo, which imports the idna codec
@@ -136,6 +135,8 @@ class RedisStore(Store):
         else:
             self._connect()  # no I/O: redis-py connects on the first command
         self._listener: RedisFinishedListener | None = None
+        self._steps_held = StepCache()
+        self._claimed = ClaimSnapshots()
 
     # Retention (Store.gc): its steps for this layout are in redis_gc.py.
     _gc_candidates = redis_gc.candidates
@@ -204,6 +205,7 @@ class RedisStore(Store):
     def dispose_after_fork(self) -> None:
         """Forget connections inherited from a parent process without closing them."""
         self._listener = None
+        self._claimed.clear()
         if self.cluster:
             self._conn = None  # a new client (and its connections) on first use
         else:
@@ -240,71 +242,25 @@ class RedisStore(Store):
         now: float,
         owner: Owner | None = None,
     ) -> bool:
-        cols = PHASE_COLUMNS[phase]
-        # A compensation keeps the step's start time.
-        extra = ["started_at", json.dumps(now)] if phase is Phase.FORWARD else []
-        event = _event_json(Event(saga_id, cols.started, now, step, attempt, phase.value))
-        extra += [
-            "owner_node",
-            json.dumps(None if owner is None else owner.node),
-            "owner_boot",
-            json.dumps(None if owner is None else owner.boot),
-            "owner_pid",
-            json.dumps(None if owner is None else owner.pid),
-        ]
-        return self._cas(
-            saga_id, step, phase, attempt, cols.dispatched, lease_until, event, extra, owner
-        )
+        return redis_claims.claim(self, saga_id, step, phase, attempt, lease_until, now, owner)
 
     def renew_lease(
         self, saga_id: str, step: str, phase: Phase, attempt: int, lease_until: float
     ) -> bool:
-        return self._cas(
-            saga_id, step, phase, attempt, PHASE_COLUMNS[phase].running, lease_until, "", []
-        )
-
-    def _cas(
-        self,
-        saga_id: str,
-        step: str,
-        phase: Phase,
-        attempt: int,
-        expected: Enum,
-        lease_until: float,
-        event: str,
-        extra: list[str],
-        owner: Owner | None = None,
-    ) -> bool:
-        """Move the step from `expected`(attempt) to RUNNING on the phase's fields."""
-        cols = PHASE_COLUMNS[phase]
-        layout = self.layout
-        b = layout.bucket_of(saga_id)
-        keys = [layout.step_key(saga_id, step), layout.due_key(b), layout.events_key(saga_id)]
-        if owner is not None:
-            keys.append(layout.claims_key(b, owner.node))
-        args = [
-            cols.status,
-            json.dumps(expected.value),
-            cols.attempt,
-            json.dumps(attempt),
-            json.dumps(cols.running.value),
-            json.dumps(lease_until),
-            _score(lease_until),
-            _due_member(saga_id, step),
-            event,
-            *extra,
-        ]
-        # A lost reply to a claim that did commit reads as a refused claim: the step
-        # then stays RUNNING until its lease expires and the sweeper retries it.
-        return self._retrying(lambda: int(self.scripts.cas_step(keys=keys, args=args)) == 1)
+        return redis_claims.renew(self, saga_id, step, phase, attempt, lease_until)
 
     @contextmanager
     def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         # No lock is held while deciding: the write below checks the saga's `txn`
         # counter instead, and loses (the caller decides again) if another transact
         # wrote the saga since this read.
-        loaded = self._load_state(saga_id)
+        claimed = self._claimed.take(saga_id)  # read by this process's claim of a step
+        if claimed is not None:
+            loaded = self._decoded(saga_id, *claimed)
+        else:
+            loaded = self._load_state(saga_id, cached=True)
         if loaded is None:
+            self._steps_held.forget(saga_id)
             yield None
             return
         state, txn = loaded
@@ -313,28 +269,33 @@ class RedisStore(Store):
         def write(decision: Decision) -> bool:
             body = json.dumps(decision_payload(layout, state, txn, decision))
             keys = [layout.saga_key(saga_id)]
-            return int(self.scripts.write(keys=keys, args=[body])) == 1
+            if int(self.scripts.write(keys=keys, args=[body])) != 1:
+                return False
+            self._steps_held.written(saga_id, state.saga.created_at, decision)
+            return True
 
         yield Snapshot(state, write)
 
     # -- reads -------------------------------------------------------------------
 
-    def _load_state(self, saga_id: str) -> tuple[SagaState, str] | None:
-        """The saga with its steps, and its `txn` counter."""
+    def _load_state(self, saga_id: str, *, cached: bool = False) -> tuple[SagaState, str] | None:
+        """The saga with its steps, and its `txn` counter. `cached`: with the step records
+        this process holds at their current versions (redis_cache.py), for a decision."""
         layout = self.layout
+        sent = self._steps_held.known_versions(saga_id) if cached else None
         reply = self.scripts.read_state(
             keys=[layout.saga_key(saga_id), layout.steps_key(saga_id)],
-            args=[layout.step_key_prefix(saga_id)],
+            args=[layout.step_key_prefix(saga_id), *held_argv(sent)],
         )
-        if not reply:
-            return None
-        saga, *step_rows = json.loads(reply)
-        # `txn` is no record field: from_row ignores it, as any unknown field.
-        steps = [from_row(StepRecord, r) for r in step_rows]
-        return (
-            SagaState(from_row(SagaRecord, saga), {s.name: s for s in steps}),
-            str(saga.get("txn", 0)),
-        )
+        return self._decoded(saga_id, reply, sent)
+
+    def _decoded(
+        self, saga_id: str, reply: str, sent: dict[str, str] | None
+    ) -> tuple[SagaState, str] | None:
+        try:
+            return self._steps_held.state(saga_id, reply, sent)
+        except StaleCache:  # another thread replaced what was held when `sent` was sent
+            return self._load_state(saga_id)
 
     def _read_saga(self, saga_id: str) -> SagaRecord | None:
         h = self._client.hgetall(self.layout.saga_key(saga_id))

@@ -4,15 +4,17 @@ Every write is one script, so it is atomic. A Redis script is not rolled back wh
 a command in it fails, so every script does all of its checks before its first
 write (see redis_layout.py for the keys they touch). Each touches the keys of one
 bucket, one hash slot of a Redis Cluster, and gets one of them as KEYS[1], which
-routes it there. The writes that create.lua
-and write.lua share are in apply.lua, spliced in where a script says `--@apply`.
+routes it there. What several scripts share is in a file of its own, spliced in
+where a script names it: `--@apply` (the writes of create.lua and write.lua),
+`--@snapshot` (the read of read_state.lua and cas_step.lua).
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
-_SPLICE = "--@apply\n"
+_SPLICE = re.compile(r"^--@(\w+)\n", re.MULTILINE)
 
 
 def _read(name: str) -> str:
@@ -21,11 +23,8 @@ def _read(name: str) -> str:
 
 
 def load(name: str) -> str:
-    """The source of script `name` (e.g. "write.lua"), with apply.lua spliced in."""
-    source = _read(name)
-    if _SPLICE in source:
-        source = source.replace(_SPLICE, _read("apply.lua"))
-    return source
+    """The source of script `name` (e.g. "write.lua"), with the files it names spliced in."""
+    return _SPLICE.sub(lambda m: _read(f"{m.group(1)}.lua"), _read(name))
 
 
 CREATE = load("create.lua")

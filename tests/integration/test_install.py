@@ -493,6 +493,7 @@ def test_redis_extra_alone_runs_the_redis_store(wheelhouse: Wheelhouse, tmp_path
         "idem.lua",
         "read_state.lua",
         "release_idem.lua",
+        "snapshot.lua",
         "write.lua",
     ]
     assert not (site_packages(box) / "psycopg").exists()

@@ -1,0 +1,158 @@
+"""The Redis store's per-process cache of step records, each valid for one version.
+
+A decision reads the saga and all its steps (read_state.lua), but between two
+decisions of a saga only the steps that were claimed or decided on changed: most
+of a long saga's step records are the same. The read sends the version of every
+step record this process holds; a step whose hash still has that version comes
+back as its name alone, and the record held here is used. The others come back
+whole and replace what is held. Every write of a step hash sets a new version
+(write.lua, cas_step.lua), so an equal version means an equal record. A record
+is held with its saga's `created_at`: a saga deleted and created again under the
+same id starts with other records at the same versions, and is read whole.
+
+Records handed out are shared between reads: the engine decides on copies
+(work.py) and never changes a record it was given. The cache holds at most
+`limit` step records, dropping the sagas least recently read first, and forgets a
+saga once a decision ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any
+
+from ..records import Decision, SagaRecord, SagaState, StepRecord
+from ..states import SAGA_TERMINAL
+from .rows import from_row
+
+DEFAULT_LIMIT = 4096
+# Claims whose snapshot is kept for their completion (ClaimSnapshots).
+CLAIMS_KEPT = 256
+
+
+class StepCache:
+    def __init__(self, limit: int = DEFAULT_LIMIT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        # saga id -> (the saga's created_at, step name -> record at its version)
+        self._sagas: OrderedDict[str, tuple[float, dict[str, StepRecord]]] = OrderedDict()
+        self._held = 0
+
+    def known_versions(self, saga_id: str) -> dict[str, str]:
+        """The version of each step record held of the saga, as read_state.lua compares it."""
+        with self._lock:
+            entry = self._sagas.get(saga_id)
+            return {} if entry is None else {n: str(r.version) for n, r in entry[1].items()}
+
+    def state(
+        self, saga_id: str, reply: str, sent: dict[str, str] | None
+    ) -> tuple[SagaState, str] | None:
+        """The saga, its steps and its `txn` counter from a snapshot (snapshot.lua) read
+        with the versions `sent` (None: sent none, and hold nothing of it)."""
+        if not reply:
+            return None
+        row, *step_rows = json.loads(reply)
+        # `txn` is no record field: from_row ignores it, as any unknown field.
+        saga = from_row(SagaRecord, row)
+        if sent is None:
+            steps = {s.name: s for s in (from_row(StepRecord, r) for r in step_rows)}
+        else:
+            steps = self.steps(saga_id, saga.created_at, step_rows, sent)
+        return SagaState(saga, steps), str(row.get("txn", 0))
+
+    def steps(
+        self, saga_id: str, created_at: float, rows: list[Any], sent: dict[str, str]
+    ) -> dict[str, StepRecord]:
+        """The steps of a read_state.lua reply to the versions `sent`: a row is a step's
+        fields, or the name of a step whose record at the version sent is current."""
+        with self._lock:
+            entry = self._sagas.get(saga_id)
+            held = entry[1] if entry is not None and entry[0] == created_at else {}
+            steps: dict[str, StepRecord] = {}
+            for row in rows:
+                if isinstance(row, str):
+                    rec = held.get(row)
+                    # Another thread's read may have replaced it since it was sent.
+                    if rec is None or str(rec.version) != sent.get(row):
+                        raise StaleCache(saga_id)
+                else:
+                    rec = from_row(StepRecord, row)
+                steps[rec.name] = rec
+            self._forget(saga_id)
+            self._sagas[saga_id] = (created_at, dict(steps))
+            self._held += len(steps)
+            self._evict()
+            return steps
+
+    def written(self, saga_id: str, created_at: float, decision: Decision) -> None:
+        """A decision was written: hold its step records at their new versions."""
+        with self._lock:
+            if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
+                self._forget(saga_id)
+                return
+            entry = self._sagas.get(saga_id)
+            if entry is None or entry[0] != created_at:
+                return
+            held = entry[1]
+            for s in decision.steps:
+                if s.name not in held:
+                    self._held += 1
+                held[s.name] = replace(s, version=decision.expected_version(s) + 1)
+
+    def forget(self, saga_id: str) -> None:
+        with self._lock:
+            self._forget(saga_id)
+
+    def _forget(self, saga_id: str) -> None:
+        entry = self._sagas.pop(saga_id, None)
+        if entry is not None:
+            self._held -= len(entry[1])
+
+    def _evict(self) -> None:
+        while self._held > self.limit and len(self._sagas) > 1:
+            _, (_, dropped) = self._sagas.popitem(last=False)
+            self._held -= len(dropped)
+
+
+class ClaimSnapshots:
+    """The snapshot each claim of this process read (cas_step.lua), kept for the
+    claim's completion, which decides on it instead of reading the saga again.
+
+    Deciding on it is deciding on an older read: its write checks the saga's `txn`
+    and the versions of what it changes as any other, and loses (the caller reads
+    again) if another transact, or a renewal of the claim, wrote meanwhile. A
+    snapshot is taken once; the oldest are dropped beyond `limit` (a claim whose
+    body never completes in this process).
+    """
+
+    def __init__(self, limit: int = CLAIMS_KEPT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_saga: dict[str, tuple[str, dict[str, str]]] = {}
+
+    def keep(self, saga_id: str, reply: str, sent: dict[str, str]) -> None:
+        with self._lock:
+            self._by_saga.pop(saga_id, None)
+            self._by_saga[saga_id] = (reply, sent)
+            while len(self._by_saga) > self.limit:
+                del self._by_saga[next(iter(self._by_saga))]
+
+    def take(self, saga_id: str) -> tuple[str, dict[str, str]] | None:
+        with self._lock:
+            return self._by_saga.pop(saga_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_saga.clear()
+
+
+def held_argv(sent: dict[str, str] | None) -> list[str]:
+    """The step versions sent, as snapshot.lua reads them from ARGV: name, version..."""
+    return [part for name_version in (sent or {}).items() for part in name_version]
+
+
+class StaleCache(Exception):
+    """A reply named a record no longer held at the version sent: read again, whole."""
