@@ -15,11 +15,12 @@ from typing import Any
 from sagaline.records import Decision, SagaState
 from sagaline.states import Phase, StepStatus
 from sagaline.stores.redis import RedisStore
-from tests.integration.test_redis_store import create, make_store, prefix, raw, server, store
+from tests.integration.test_redis_store import create, make_store, store
 from tests.stores import make_state
 
-# test_redis_store.py's fixtures, used here by name
-__all__ = ["make_store", "prefix", "raw", "server", "store"]
+# test_redis_store.py's fixtures, used here by name (server, raw and prefix are in
+# conftest.py)
+__all__ = ["make_store", "store"]
 
 STEPS = tuple(f"s{i}" for i in range(1, 17))
 
