@@ -24,8 +24,6 @@ pipeline mode, where statements are sent together and answered together:
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,6 +40,15 @@ from ..states import SAGA_TERMINAL, Phase
 from .finished import PG_CHANNEL, pg_payload
 from .rows import from_row, to_row
 from .schema import events, sagas, steps
+
+
+def _json_columns(table: sa.Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.c if isinstance(c.type, sa.JSON))
+
+
+SAGA_JSON = _json_columns(sagas)
+STEP_JSON = _json_columns(steps)
+EVENT_JSON = _json_columns(events)
 
 # A claim in one statement: the compare-and-set feeds the insert of its event.
 _CLAIM = """
@@ -76,145 +83,66 @@ LOCK_SAGA = READ_SAGA + " FOR UPDATE"
 READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = %s ORDER BY position"
 
 
-def _cast(column: sa.Column[Any]) -> str:
-    """The SQL type a value for `column` is read as (text for strings, so that the
-    column's own length check applies on assignment, never a cast's truncation)."""
-    kind = column.type
-    if isinstance(kind, sa.JSON):
-        return "json"
-    if isinstance(kind, sa.Boolean):
-        return "boolean"
-    if isinstance(kind, sa.Float):
-        return "double precision"
-    if isinstance(kind, sa.BigInteger):
-        return "bigint"
-    if isinstance(kind, sa.Integer):
-        return "integer"
-    return "text"
+def _checked(update: str) -> str:
+    """The compare-and-set `update`, failing (division by zero) when it matches no row."""
+    return f"WITH changed AS ({update} RETURNING 1) SELECT 1 / count(*) FROM changed"
 
 
-def _is_json(column: sa.Column[Any]) -> bool:
-    return isinstance(column.type, sa.JSON)
+UPDATE_SAGA = _checked(
+    f"UPDATE {sagas.name} SET "
+    + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
+    + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s"
+)
+UPDATE_STEP = _checked(
+    f"UPDATE {steps.name} SET "
+    + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c if c.name not in ("saga_id", "name"))
+    + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s"
+)
+_EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
+INSERT_EVENT = (
+    f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
+    + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS)
+    + ")"
+)
+NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
 
 
-def _quoted(columns: list[sa.Column[Any]]) -> str:
-    return ", ".join(f'"{c.name}"' for c in columns)
-
-
-def _rows(columns: list[sa.Column[Any]], extra: str = "") -> str:
-    """Rows passed as one JSON array of objects (one parameter, whatever their number).
-    A JSON column's value travels as its JSON text, so that None stays JSON null (as
-    SQLAlchemy's JSON type writes it) instead of becoming SQL NULL."""
-    defs = ", ".join(f'"{c.name}" {"text" if _is_json(c) else _cast(c)}' for c in columns)
-    return f"json_to_recordset(%s::json) AS v({defs}{extra})"
-
-
-def _value(column: sa.Column[Any]) -> str:
-    return f'v."{column.name}"::json' if _is_json(column) else f'v."{column.name}"'
-
-
-_SAGA_SET = [c for c in sagas.c if c.name != "saga_id"]
-_STEP_SET = [c for c in steps.c if c.name not in ("saga_id", "name")]
-_STEP_KEYED = [steps.c.saga_id, steps.c.name, *_STEP_SET]
-_EVENT_COLUMNS = [c for c in events.c if c.name != "seq"]
-
-
-def _insert(table: sa.Table, columns: list[sa.Column[Any]]) -> str:
+def _insert(table: sa.Table) -> str:
+    names = [c.name for c in table.c]
     return (
-        f"INSERT INTO {table.name} ({_quoted(columns)}) "
-        f"SELECT {', '.join(_value(c) for c in columns)} FROM {_rows(columns)}"
+        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ("
+        + ", ".join(f"%({n})s" for n in names)
+        + ")"
     )
 
 
-_UPDATE_SAGA = (
-    f"UPDATE {sagas.name} SET "
-    + ", ".join(f'"{c.name}" = %s::{_cast(c)}' for c in _SAGA_SET)
-    + " WHERE saga_id = %s AND version = %s"
-)
-_UPDATE_STEPS = (
-    f"UPDATE {steps.name} AS t SET "
-    + ", ".join(f'"{c.name}" = {_value(c)}' for c in _STEP_SET)
-    + f" FROM {_rows(_STEP_KEYED, ', k_version integer')}"
-    + " WHERE t.saga_id = v.saga_id AND t.name = v.name AND t.version = v.k_version"
-)
-_INSERT_EVENTS = _insert(events, _EVENT_COLUMNS)
+INSERT_SAGA = _insert(sagas)
+INSERT_STEP = _insert(steps)
 
 
-@functools.cache
-def write_statement(saga: bool, changed_steps: bool, new_events: bool, notify: bool) -> str:
-    """A decision's writes in one statement: the compare-and-sets of the saga and its
-    changed steps, the events, and the NOTIFY of an ended saga. When a compare-and-set
-    matches no row, the statement divides by zero: the error aborts the transaction,
-    so that the COMMIT sent after it rolls everything back."""
-    parts, counted = [], []
-    if saga:
-        parts.append(f"sg AS ({_UPDATE_SAGA} RETURNING 1)")
-        counted.append("(SELECT count(*) FROM sg)")
-    if changed_steps:
-        parts.append(f"st AS ({_UPDATE_STEPS} RETURNING 1)")
-        counted.append("(SELECT count(*) FROM st)")
-    if new_events:
-        parts.append(f"ev AS ({_INSERT_EVENTS})")
-    check = f"1 / ({' + '.join(counted)} = %s)::int" if counted else "1"
-    notice = f", pg_notify('{PG_CHANNEL}', %s)" if notify else ""
-    return ("WITH " + ", ".join(parts) + " " if parts else "") + f"SELECT {check}{notice}"
-
-
-# A new saga, its steps and its first events in one statement (one transaction).
-INSERT_SAGA = (
-    f"WITH sg AS (INSERT INTO {sagas.name} ({_quoted(list(sagas.c))}) VALUES ("
-    + ", ".join(f"%s::{_cast(c)}" for c in sagas.c)
-    + f")), st AS ({_insert(steps, list(steps.c))}), ev AS ({_INSERT_EVENTS}) SELECT 1"
-)
-
-
-def _json_row(
-    row: dict[str, Any], columns: tuple[str, ...], json_columns: tuple[str, ...]
-) -> dict[str, Any]:
-    out = {name: row[name] for name in columns}
+def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
+    # A JSON column keeps None as JSON null, as SQLAlchemy's JSON type writes it.
     for name in json_columns:
-        out[name] = json.dumps(out[name])
-    return out
+        row[name] = Json(row[name])
+    return row
 
 
-def _names(columns: list[sa.Column[Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return tuple(c.name for c in columns), tuple(c.name for c in columns if _is_json(c))
+def saga_params(saga: SagaRecord, version: int) -> dict[str, Any]:
+    row = _params(to_row(saga), SAGA_JSON)
+    row.update(version=version + 1, k_version=version)
+    return row
 
 
-_STEP_NAMES = _names(_STEP_KEYED)
-_EVENT_NAMES = _names(_EVENT_COLUMNS)
+def step_params(step: StepRecord, version: int) -> dict[str, Any]:
+    row = _params(to_row(step), STEP_JSON)
+    row.update(version=version + 1, k_version=version)
+    return row
 
 
-def saga_values(saga: SagaRecord, version: int) -> list[Any]:
-    """The saga's update: its columns, then the key and the version it was read at."""
-    row = to_row(saga)
-    row["version"] = version + 1
-    values = [Json(row[c.name]) if _is_json(c) else row[c.name] for c in _SAGA_SET]
-    return [*values, saga.saga_id, version]
-
-
-def steps_doc(records: list[StepRecord], versions: list[int] | None = None) -> str:
-    """Steps as the JSON rows of one parameter; with `versions`, each one's new version
-    and the version it was read at (`k_version`)."""
-    rows = []
-    for i, step in enumerate(records):
-        row = to_row(step)
-        if versions is not None:
-            row["version"] = versions[i] + 1
-        out = _json_row(row, *_STEP_NAMES)
-        if versions is not None:
-            out["k_version"] = versions[i]
-        rows.append(out)
-    return json.dumps(rows)
-
-
-def events_doc(events_: list[Event]) -> str:
-    rows = []
-    for e in events_:
-        row = to_row(e)
-        row["detail"] = e.detail or None  # an empty detail is stored as null
-        rows.append(_json_row(row, *_EVENT_NAMES))
-    return json.dumps(rows)
+def event_params(e: Event) -> dict[str, Any]:
+    row = to_row(e)
+    row["detail"] = e.detail or None  # an empty detail is stored as null
+    return _params({c: row[c] for c in _EVENT_COLUMNS}, EVENT_JSON)
 
 
 class PgHotPath:
@@ -270,13 +198,17 @@ class PgHotPath:
             return cur.rowcount == 1
 
     def insert_saga(self, state: SagaState, events_: list[Event]) -> None:
-        """The saga, its steps and events in one statement, its own transaction, in one
-        round trip (IntegrityError: refused)."""
-        row = to_row(state.saga)
-        params = [Json(row[c.name]) if _is_json(c) else row[c.name] for c in sagas.c]
-        params += [steps_doc(list(state.steps.values())), events_doc(events_)]
+        """The saga, its steps and events in one round trip (IntegrityError: refused)."""
         with self.connection() as conn, conn.pipeline():
-            conn.execute(INSERT_SAGA, params, prepare=True)
+            conn.execute("BEGIN")
+            conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON), prepare=True)
+            with conn.cursor() as cur:
+                cur.executemany(
+                    INSERT_STEP, [_params(to_row(s), STEP_JSON) for s in state.steps.values()]
+                )
+                if events_:
+                    cur.executemany(INSERT_EVENT, [event_params(e) for e in events_])
+            conn.execute("COMMIT")
 
     def read_saga(self, saga_id: str) -> SagaRecord | None:
         with self.connection() as conn:
@@ -305,24 +237,22 @@ class PgHotPath:
     def write(conn: psycopg.Connection[Any], saga_id: str, d: Decision) -> bool:
         """Write a decision (compare-and-set on every record it changes) and commit it,
         in one round trip; False, rolled back, when one of them changed since it was read.
+
+        A compare-and-set that matches no row divides by zero: the error aborts the
+        transaction, so that the COMMIT pipelined after it rolls everything back.
         """
-        notify = d.saga is not None and d.saga.status in SAGA_TERMINAL
-        params: list[Any] = []
-        if d.saga is not None:
-            params += saga_values(d.saga, d.saga_version)
-        if d.steps:
-            params.append(steps_doc(d.steps, [d.expected_version(s) for s in d.steps]))
-        if d.events:
-            params.append(events_doc(d.events))
-        if d.saga is not None or d.steps:
-            params.append((d.saga is not None) + len(d.steps))
-        if notify:
-            # Delivered at commit: wakes the callers waiting in get() (finished.py).
-            params.append(pg_payload(saga_id))
-        statement = write_statement(d.saga is not None, bool(d.steps), bool(d.events), notify)
         try:
             with conn.pipeline():
-                conn.execute(statement, params, prepare=True)
+                if d.saga is not None:
+                    conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version), prepare=True)
+                for s in d.steps:
+                    conn.execute(UPDATE_STEP, step_params(s, d.expected_version(s)), prepare=True)
+                if d.events:
+                    with conn.cursor() as cur:
+                        cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+                if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+                    # Delivered at commit: wakes the callers waiting in get() (finished.py).
+                    conn.execute(NOTIFY, (pg_payload(saga_id),))
                 conn.execute("COMMIT")
         except psycopg.errors.DivisionByZero:
             return False
