@@ -38,17 +38,11 @@ from sqlalchemy.engine import Engine
 from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
 from ..states import SAGA_TERMINAL, Phase
 from .finished import PG_CHANNEL, pg_payload
-from .rows import from_row, to_row
+from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
+from .rows import from_row
 from .schema import events, sagas, steps
 
-
-def _json_columns(table: sa.Table) -> frozenset[str]:
-    return frozenset(c.name for c in table.c if isinstance(c.type, sa.JSON))
-
-
-SAGA_JSON = _json_columns(sagas)
-STEP_JSON = _json_columns(steps)
-EVENT_JSON = _json_columns(events)
+PARAMS = HotParams(Json)
 
 # A claim in one statement: the compare-and-set feeds the insert of its event.
 _CLAIM = """
@@ -98,10 +92,9 @@ UPDATE_STEP = _checked(
     + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c if c.name not in ("saga_id", "name"))
     + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s"
 )
-_EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
 INSERT_EVENT = (
-    f"INSERT INTO {events.name} ({', '.join(_EVENT_COLUMNS)}) VALUES ("
-    + ", ".join(f"%({c})s" for c in _EVENT_COLUMNS)
+    f"INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)}) VALUES ("
+    + ", ".join(f"%({c})s" for c in EVENT_COLUMNS)
     + ")"
 )
 NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
@@ -118,31 +111,6 @@ def _insert(table: sa.Table) -> str:
 
 INSERT_SAGA = _insert(sagas)
 INSERT_STEP = _insert(steps)
-
-
-def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
-    # A JSON column keeps None as JSON null, as SQLAlchemy's JSON type writes it.
-    for name in json_columns:
-        row[name] = Json(row[name])
-    return row
-
-
-def saga_params(saga: SagaRecord, version: int) -> dict[str, Any]:
-    row = _params(to_row(saga), SAGA_JSON)
-    row.update(version=version + 1, k_version=version)
-    return row
-
-
-def step_params(step: StepRecord, version: int) -> dict[str, Any]:
-    row = _params(to_row(step), STEP_JSON)
-    row.update(version=version + 1, k_version=version)
-    return row
-
-
-def event_params(e: Event) -> dict[str, Any]:
-    row = to_row(e)
-    row["detail"] = e.detail or None  # an empty detail is stored as null
-    return _params({c: row[c] for c in _EVENT_COLUMNS}, EVENT_JSON)
 
 
 class PgHotPath:
@@ -201,13 +169,13 @@ class PgHotPath:
         """The saga, its steps and events in one round trip (IntegrityError: refused)."""
         with self.connection() as conn, conn.pipeline():
             conn.execute("BEGIN")
-            conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON), prepare=True)
+            conn.execute(INSERT_SAGA, PARAMS.row(state.saga, SAGA_JSON), prepare=True)
             with conn.cursor() as cur:
                 cur.executemany(
-                    INSERT_STEP, [_params(to_row(s), STEP_JSON) for s in state.steps.values()]
+                    INSERT_STEP, [PARAMS.row(s, STEP_JSON) for s in state.steps.values()]
                 )
                 if events_:
-                    cur.executemany(INSERT_EVENT, [event_params(e) for e in events_])
+                    cur.executemany(INSERT_EVENT, [PARAMS.event(e) for e in events_])
             conn.execute("COMMIT")
 
     def read_saga(self, saga_id: str) -> SagaRecord | None:
@@ -244,12 +212,20 @@ class PgHotPath:
         try:
             with conn.pipeline():
                 if d.saga is not None:
-                    conn.execute(UPDATE_SAGA, saga_params(d.saga, d.saga_version), prepare=True)
+                    conn.execute(
+                        UPDATE_SAGA,
+                        PARAMS.versioned(d.saga, SAGA_JSON, d.saga_version),
+                        prepare=True,
+                    )
                 for s in d.steps:
-                    conn.execute(UPDATE_STEP, step_params(s, d.expected_version(s)), prepare=True)
+                    conn.execute(
+                        UPDATE_STEP,
+                        PARAMS.versioned(s, STEP_JSON, d.expected_version(s)),
+                        prepare=True,
+                    )
                 if d.events:
                     with conn.cursor() as cur:
-                        cur.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+                        cur.executemany(INSERT_EVENT, [PARAMS.event(e) for e in d.events])
                 if d.saga is not None and d.saga.status in SAGA_TERMINAL:
                     # Delivered at commit: wakes the callers waiting in get() (finished.py).
                     conn.execute(NOTIFY, (pg_payload(saga_id),))

@@ -27,19 +27,12 @@ from sqlalchemy.engine import Engine
 
 from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
 from ..states import Phase
-from .rows import from_row, to_row
+from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
+from .rows import from_row
 from .schema import events, sagas, steps
 from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
 
-
-def _json_columns(table: sa.Table) -> frozenset[str]:
-    return frozenset(c.name for c in table.c if isinstance(c.type, sa.JSON))
-
-
-SAGA_JSON = _json_columns(sagas)
-STEP_JSON = _json_columns(steps)
-EVENT_JSON = _json_columns(events)
-_EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
+PARAMS = HotParams(json.dumps)
 
 
 def _insert(table: sa.Table, names: list[str]) -> str:
@@ -51,7 +44,7 @@ def _insert(table: sa.Table, names: list[str]) -> str:
 
 INSERT_SAGA = _insert(sagas, [c.name for c in sagas.c])
 INSERT_STEP = _insert(steps, [c.name for c in steps.c])
-INSERT_EVENT = _insert(events, _EVENT_COLUMNS)
+INSERT_EVENT = _insert(events, EVENT_COLUMNS)
 READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = ?"
 READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = ? ORDER BY position"
 UPDATE_SAGA = (
@@ -87,12 +80,6 @@ def _claim(phase: Phase) -> str:
 CLAIM = {phase: _claim(phase) for phase in Phase}
 
 
-def _params(row: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
-    for name in json_columns:
-        row[name] = json.dumps(row[name])
-    return row
-
-
 def _record_rows(cur: sqlite3.Cursor, json_columns: frozenset[str]) -> list[dict[str, Any]]:
     names = [d[0] for d in cur.description]
     rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
@@ -101,18 +88,6 @@ def _record_rows(cur: sqlite3.Cursor, json_columns: frozenset[str]) -> list[dict
             if row[name] is not None:
                 row[name] = json.loads(row[name])
     return rows
-
-
-def _versioned(row: dict[str, Any], json_columns: frozenset[str], version: int) -> dict[str, Any]:
-    row = _params(row, json_columns)
-    row.update(version=version + 1, k_version=version)
-    return row
-
-
-def event_params(e: Event) -> dict[str, Any]:
-    row = to_row(e)
-    row["detail"] = e.detail or None  # an empty detail is stored as null
-    return _params({c: row[c] for c in _EVENT_COLUMNS}, EVENT_JSON)
 
 
 class SqliteHotPath:
@@ -158,12 +133,10 @@ class SqliteHotPath:
     def insert_saga(self, state: SagaState, events_: list[Event]) -> None:
         """The saga, its steps and events in one transaction (IntegrityError: refused)."""
         with self.connection(write=True) as conn:
-            conn.execute(INSERT_SAGA, _params(to_row(state.saga), SAGA_JSON))
-            conn.executemany(
-                INSERT_STEP, [_params(to_row(s), STEP_JSON) for s in state.steps.values()]
-            )
+            conn.execute(INSERT_SAGA, PARAMS.row(state.saga, SAGA_JSON))
+            conn.executemany(INSERT_STEP, [PARAMS.row(s, STEP_JSON) for s in state.steps.values()])
             if events_:
-                conn.executemany(INSERT_EVENT, [event_params(e) for e in events_])
+                conn.executemany(INSERT_EVENT, [PARAMS.event(e) for e in events_])
             conn.execute("COMMIT")
 
     def read_saga(self, saga_id: str) -> SagaRecord | None:
@@ -194,17 +167,17 @@ class SqliteHotPath:
         """Write a decision (compare-and-set on every record it changes) and commit it;
         False, left for the context to roll back, when one of them changed since it was read."""
         if d.saga is not None:
-            row = _versioned(to_row(d.saga), SAGA_JSON, d.saga_version)
+            row = PARAMS.versioned(d.saga, SAGA_JSON, d.saga_version)
             row["saga_id"] = saga_id
             if conn.execute(UPDATE_SAGA, row).rowcount != 1:
                 return False
         if d.steps:
-            rows = [_versioned(to_row(s), STEP_JSON, d.expected_version(s)) for s in d.steps]
+            rows = [PARAMS.versioned(s, STEP_JSON, d.expected_version(s)) for s in d.steps]
             for row in rows:
                 row["saga_id"] = saga_id
             if conn.executemany(UPDATE_STEP, rows).rowcount != len(rows):
                 return False
         if d.events:
-            conn.executemany(INSERT_EVENT, [event_params(e) for e in d.events])
+            conn.executemany(INSERT_EVENT, [PARAMS.event(e) for e in d.events])
         conn.execute("COMMIT")
         return True
