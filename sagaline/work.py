@@ -49,7 +49,7 @@ _FIELDS = {cls: _positional_fields(cls) for cls in (SagaRecord, StepRecord)}
 
 def _copy(rec: R) -> R:
     """A shallow copy, as `dataclasses.replace(rec)` makes, at less than half its cost
-    (the engine copies every record of a saga for each decision)."""
+    (the engine copies each record a decision changes)."""
     names = _FIELDS.get(type(rec))
     if names is None:
         return replace(rec)
@@ -57,7 +57,14 @@ def _copy(rec: R) -> R:
 
 
 class Work:
-    """A mutable copy of a saga's state that collects what changed."""
+    """A mutable copy of a saga's state that collects what changed.
+
+    A step record is copied only when `update_step` first changes it: a decision
+    changes one or two steps of a saga, and copying all of them for each decision
+    made a saga's cost grow with the square of its length. Until then `steps` holds
+    the records of the state read, which a store may share between reads
+    (redis_cache.py) and which nothing here ever changes in place.
+    """
 
     def __init__(self, defn: Saga, state: SagaState, now: float, timing: Timing):
         self.defn = defn
@@ -65,7 +72,8 @@ class Work:
         self.now = now
         self.timing = timing
         self.saga = _copy(state.saga)
-        self.steps = {n: _copy(s) for n, s in state.steps.items()}
+        # The records read until update_step replaces one with its changed copy.
+        self.steps = dict(state.steps)
         self.orig = state
         self.saga_changed = False
         self.changed: set[str] = set()
@@ -95,6 +103,9 @@ class Work:
         )
 
     def update_step(self, name: str, **fields: Any) -> StepRecord:
+        """Change step `name`, checked against the transition tables; returns its record
+        in this Work. A record taken from `steps` before a step's first change is the
+        one read, which keeps its old values: read the step again to see the new ones."""
         rec = self.steps[name]
         check_transition(
             STEP_TRANSITIONS, rec.status, fields.get("status", rec.status), f"step {name!r}"
@@ -105,9 +116,11 @@ class Work:
             fields.get("comp_status", rec.comp_status),
             f"compensation of {name!r}",
         )
+        if name not in self.changed:  # still the record read: change a copy of it
+            rec = self.steps[name] = _copy(rec)
+            self.changed.add(name)
         for k, v in fields.items():
             setattr(rec, k, v)
-        self.changed.add(name)
         return rec
 
     def update_saga(self, **fields: Any) -> None:

@@ -58,11 +58,19 @@ class Run:
         self.state, first = engine.start(defn, "saga-1", input, now=self.now, timing=self.timing)
         self.events: list[Event] = list(first.events)
         self.last = first
+        # The latest snapshot handed to a decision, and a copy of it as it was read.
+        self.read: tuple[SagaState, SagaState] | None = None
 
     # -- the store's side ------------------------------------------------------------
 
     def apply(self, decision: Decision | None) -> Decision | None:
         """Write a decision as a store would: only if the versions it read still hold."""
+        if self.read is not None:
+            # A store may share the records it read between decisions (redis_cache.py):
+            # a decision changes copies of them, never the records themselves.
+            snapshot, as_read = self.read
+            assert snapshot == as_read
+            self.read = None
         if decision is None:
             return None
         if decision.saga is not None:
@@ -232,7 +240,9 @@ class Run:
     # -- reading -----------------------------------------------------------------------
 
     def snapshot(self) -> SagaState:
-        return copy.deepcopy(self.state)
+        snapshot = copy.deepcopy(self.state)
+        self.read = (snapshot, copy.deepcopy(snapshot))
+        return snapshot
 
     @property
     def status(self) -> SagaStatus:
@@ -1173,6 +1183,35 @@ def test_a_misspelled_field_in_an_engine_update_raises() -> None:
         w.update_saga(finshed_at=T0)
     with pytest.raises(AttributeError, match="stauts"):
         run.step("s1").stauts = StepStatus.RUNNING  # type: ignore[attr-defined]
+
+
+def test_a_decision_copies_only_the_steps_it_changes() -> None:
+    run = Run(linear("eng_cow"))
+    run.succeed("s1")
+    attempt = run.claim("s2")
+    read = run.snapshot()
+    as_read = copy.deepcopy(read)
+    decision = engine.step_succeeded(
+        run.defn,
+        read,
+        "s2",
+        attempt,
+        output={"x": 1},
+        compensation_data=None,
+        has_compensation_data=False,
+        now=run.now,
+        timing=run.timing,
+    )
+    assert decision is not None
+    assert [s.name for s in decision.steps] == ["s2", "s3"]
+    assert all(s is not read.steps[s.name] for s in decision.steps)
+    # What a store read (and may hold for its next read) is as it was.
+    assert read == as_read
+    w = engine.Work(run.defn, read, run.now, run.timing)
+    w.update_step("s3", status=StepStatus.DISPATCHED, attempt=1)
+    assert w.steps["s1"] is read.steps["s1"]
+    assert w.steps["s3"] is not read.steps["s3"]
+    assert read.steps["s3"].status is StepStatus.PENDING
 
 
 # -- a message whose process died: recovery.message_lost ------------------------------------
