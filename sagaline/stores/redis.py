@@ -67,7 +67,7 @@ from . import redis_reads as reads
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, RedisFinishedListener
-from .redis_cache import ClaimSnapshots, StaleCache, StepCache, held_argv
+from .redis_cache import ClaimSnapshots, StaleCache, StepCache, held_arg
 from .redis_client import client_url, new_client
 from .redis_create import insert_saga
 from .redis_layout import DEFAULT_BUCKETS, Layout
@@ -285,7 +285,7 @@ class RedisStore(Store):
         sent = self._steps_held.known_versions(saga_id) if cached else None
         reply = self.scripts.read_state(
             keys=[layout.saga_key(saga_id), layout.steps_key(saga_id)],
-            args=[layout.step_key_prefix(saga_id), *held_argv(sent)],
+            args=[layout.step_key_prefix(saga_id), held_arg(sent)],
         )
         return self._decoded(saga_id, reply, sent)
 

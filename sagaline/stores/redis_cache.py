@@ -22,7 +22,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..records import Decision, SagaRecord, SagaState, StepRecord
 from ..states import SAGA_TERMINAL
@@ -33,19 +33,28 @@ DEFAULT_LIMIT = 4096
 CLAIMS_KEPT = 256
 
 
+class _Held(NamedTuple):
+    """What the cache holds of one saga."""
+
+    created_at: float
+    records: dict[str, StepRecord]  # step name -> record at its version
+    # step name -> that record's version as snapshot.lua compares it, kept beside the
+    # records so that each read sends them without converting every one again.
+    versions: dict[str, str]
+
+
 class StepCache:
     def __init__(self, limit: int = DEFAULT_LIMIT):
         self.limit = limit
         self._lock = threading.Lock()
-        # saga id -> (the saga's created_at, step name -> record at its version)
-        self._sagas: OrderedDict[str, tuple[float, dict[str, StepRecord]]] = OrderedDict()
+        self._sagas: OrderedDict[str, _Held] = OrderedDict()
         self._held = 0
 
     def known_versions(self, saga_id: str) -> dict[str, str]:
         """The version of each step record held of the saga, as read_state.lua compares it."""
         with self._lock:
             entry = self._sagas.get(saga_id)
-            return {} if entry is None else {n: str(r.version) for n, r in entry[1].items()}
+            return {} if entry is None else dict(entry.versions)
 
     def state(
         self, saga_id: str, reply: str, sent: dict[str, str] | None
@@ -70,19 +79,26 @@ class StepCache:
         fields, or the name of a step whose record at the version sent is current."""
         with self._lock:
             entry = self._sagas.get(saga_id)
-            held = entry[1] if entry is not None and entry[0] == created_at else {}
+            if entry is not None and entry.created_at == created_at:
+                held, held_versions = entry.records, entry.versions
+            else:
+                held, held_versions = {}, {}
             steps: dict[str, StepRecord] = {}
+            versions: dict[str, str] = {}
             for row in rows:
                 if isinstance(row, str):
-                    rec = held.get(row)
+                    version = held_versions.get(row)
                     # Another thread's read may have replaced it since it was sent.
-                    if rec is None or str(rec.version) != sent.get(row):
+                    if version is None or version != sent.get(row):
                         raise StaleCache(saga_id)
+                    steps[row] = held[row]
+                    versions[row] = version
                 else:
                     rec = from_row(StepRecord, row)
-                steps[rec.name] = rec
+                    steps[rec.name] = rec
+                    versions[rec.name] = str(rec.version)
             self._forget(saga_id)
-            self._sagas[saga_id] = (created_at, dict(steps))
+            self._sagas[saga_id] = _Held(created_at, dict(steps), versions)
             self._held += len(steps)
             self._evict()
             return steps
@@ -94,13 +110,14 @@ class StepCache:
                 self._forget(saga_id)
                 return
             entry = self._sagas.get(saga_id)
-            if entry is None or entry[0] != created_at:
+            if entry is None or entry.created_at != created_at:
                 return
-            held = entry[1]
             for s in decision.steps:
-                if s.name not in held:
+                if s.name not in entry.records:
                     self._held += 1
-                held[s.name] = replace(s, version=decision.expected_version(s) + 1)
+                version = decision.expected_version(s) + 1
+                entry.records[s.name] = replace(s, version=version)
+                entry.versions[s.name] = str(version)
 
     def forget(self, saga_id: str) -> None:
         with self._lock:
@@ -109,12 +126,12 @@ class StepCache:
     def _forget(self, saga_id: str) -> None:
         entry = self._sagas.pop(saga_id, None)
         if entry is not None:
-            self._held -= len(entry[1])
+            self._held -= len(entry.records)
 
     def _evict(self) -> None:
         while self._held > self.limit and len(self._sagas) > 1:
-            _, (_, dropped) = self._sagas.popitem(last=False)
-            self._held -= len(dropped)
+            _, dropped = self._sagas.popitem(last=False)
+            self._held -= len(dropped.records)
 
 
 class ClaimSnapshots:
@@ -149,9 +166,11 @@ class ClaimSnapshots:
             self._by_saga.clear()
 
 
-def held_argv(sent: dict[str, str] | None) -> list[str]:
-    """The step versions sent, as snapshot.lua reads them from ARGV: name, version..."""
-    return [part for name_version in (sent or {}).items() for part in name_version]
+def held_arg(sent: dict[str, str] | None) -> str:
+    """The step versions sent, as snapshot.lua reads them: one JSON object of name ->
+    version. One argument, not two per step: the client encodes each argument of a
+    command in Python, which made a long saga's every read cost more per step."""
+    return json.dumps(sent or {})
 
 
 class StaleCache(Exception):

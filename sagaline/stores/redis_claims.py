@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..records import PHASE_COLUMNS, Event, Owner
 from ..states import Phase
-from .redis_cache import held_argv
+from .redis_cache import held_arg
 from .redis_layout import due_member, event_json, score
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def _cas(
         event,
         json.dumps(extra),
         layout.step_key_prefix(saga_id) if read else "",
-        *held_argv(sent),
+        *([held_arg(sent)] if read else []),
     ]
     # A lost reply to a claim that did commit reads as a refused claim: the step
     # then stays RUNNING until its lease expires and the sweeper retries it.

@@ -4,7 +4,7 @@
 -- status field, expected status, attempt field, expected attempt, new status, lease
 -- (JSON), lease (score), due member, event ('' for none), the other fields to set (a
 -- JSON array of field, value...), then '' or, for a claim that reads the saga too,
--- the step-hash key prefix and the step versions held (as read_state.lua).
+-- the step-hash key prefix and the JSON of the step versions held (as read_state.lua).
 -- Returns 0 (refused), 1 (done), or the saga's snapshot after the claim: the
 -- completion then decides on it without reading again (redis.py).
 --@snapshot
@@ -19,4 +19,4 @@ redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
 if ARGV[9] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[9]) end
 if KEYS[6] then redis.call('ZADD', KEYS[6], ARGV[7], ARGV[8]) end
 if ARGV[11] == '' then return 1 end
-return snapshot(KEYS[4], KEYS[5], ARGV[11], 12)
+return snapshot(KEYS[4], KEYS[5], ARGV[11], ARGV[12])
