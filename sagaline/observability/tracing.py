@@ -153,8 +153,10 @@ class Tracing:
             return contextlib.nullcontext()
         saga_id, step = str(meta["saga_id"]), str(meta["step"])
         phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
+        # The step's task is the saga definition's (saga.name and saga.step name it); the
+        # message id ties the span to Celery's logs and events. Every attribute costs
+        # each span its validation and its encoding.
         attributes = attempt_attributes(saga_id, str(meta["saga"]), step, phase, attempt)
-        attributes["celery.task_name"] = str(getattr(task, "name", ""))
         task_id = getattr(getattr(task, "request", None), "id", None)
         if task_id:
             attributes["messaging.message.id"] = str(task_id)
