@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import Resources, log, start_worker
+from bench.cpu import process_cpu
 from bench.waits import BenchTimeout
 from sagaline.states import SAGA_TERMINAL
 from sagaline.testing import children_of
@@ -75,13 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and of its children it has waited for (cutime + cstime)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0  # exited meanwhile: its time is in its parent's cutime once reaped
-    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is the state, field 3 of stat(5)
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of `pid` and of its children it has waited for."""
+    cpu = process_cpu(pid)
+    return 0.0 if cpu is None else sum(cpu)  # exited: its parent counts it once reaped
 
 
 def tree_cpu_seconds(root: int) -> float:

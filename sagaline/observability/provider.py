@@ -5,7 +5,21 @@ from __future__ import annotations
 import os
 
 from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+
+
+class _HashedResource(Resource):
+    """A Resource that computes its hash once. The OTLP encoder groups each batch's
+    spans by resource, hashing it once per span, and Resource's hash serialises all of
+    its attributes to JSON every time; its attributes never change."""
+
+    _hash: int | None = None
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = super().__hash__()
+        return self._hash
 
 
 def install_provider(service_name: str | None = None) -> bool:
@@ -14,7 +28,6 @@ def install_provider(service_name: str | None = None) -> bool:
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return False  # the application's own: sagaline's spans go there
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create()
@@ -26,7 +39,7 @@ def install_provider(service_name: str | None = None) -> bool:
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
     # The sampler comes from OTEL_TRACES_SAMPLER, the exporter's endpoint, headers and
     # timeout from OTEL_EXPORTER_OTLP_*, the batching from OTEL_BSP_*.
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=_HashedResource(resource.attributes, resource.schema_url))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     return isinstance(trace.get_tracer_provider(), TracerProvider)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -137,35 +136,27 @@ class Tracing:
         flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
         return SagaTrace(trace_id, self._ids.generate_span_id(), flags, parent_span).encode()
 
-    @contextlib.contextmanager
-    def publishing(self, d: Dispatch) -> Iterator[None]:
+    def publishing(self, d: Dispatch) -> contextlib.AbstractContextManager[None]:
         """The saga's root span is current while its message is published (a Celery
         instrumentation then makes its publish span a child of it)."""
         saga_trace = SagaTrace.decode(d.trace_context)
         if saga_trace is None:
-            yield
-            return
-        token = otel_context.attach(saga_trace.root_context())
-        try:
-            yield
-        finally:
-            otel_context.detach(token)
+            return contextlib.nullcontext()
+        return _Current(saga_trace.root_context())
 
     # -- attempts ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def attempt(self, meta: dict[str, Any], task: Any) -> Iterator[None]:
+    def attempt(self, meta: dict[str, Any], task: Any) -> contextlib.AbstractContextManager[None]:
         """The span of one claimed attempt, current while it runs and completes."""
         saga_trace = SagaTrace.decode(meta.get("trace"))
         if saga_trace is None:
-            yield
-            return
+            return contextlib.nullcontext()
         saga_id, step = str(meta["saga_id"]), str(meta["step"])
         phase, attempt = Phase(meta["phase"]), int(meta["attempt"])
-        attributes: dict[str, Any] = {
-            **attempt_attributes(saga_id, str(meta["saga"]), step, phase, attempt),
-            "celery.task_name": str(getattr(task, "name", "")),
-        }
+        # The step's task is the saga definition's (saga.name and saga.step name it); the
+        # message id ties the span to Celery's logs and events. Every attribute costs
+        # each span its validation and its encoding.
+        attributes = attempt_attributes(saga_id, str(meta["saga"]), step, phase, attempt)
         task_id = getattr(getattr(task, "request", None), "id", None)
         if task_id:
             attributes["messaging.message.id"] = str(task_id)
@@ -176,32 +167,7 @@ class Tracing:
             attributes=attributes,
             kind=trace.SpanKind.CONSUMER,
         )
-        ended: list[SagaRecord] = []
-        deferred = self._ended_in_attempt.set(ended)
-        # The span is current while the step runs (what trace.use_span does, without
-        # its generator: this runs for every attempt).
-        current = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            try:
-                yield
-            except BaseException as exc:
-                if not isinstance(exc, Ignore):
-                    span.record_exception(exc)
-                    span.set_status(
-                        trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-                    )
-                    span.set_attribute(SAGA_OUTCOME, "failed")
-                raise
-            else:
-                span.set_attribute(SAGA_OUTCOME, "succeeded")
-            finally:
-                otel_context.detach(current)
-                span.end()
-        finally:
-            self._ended_in_attempt.reset(deferred)
-            # The attempt that ended the saga has ended: the root span can close after it.
-            for saga in ended:
-                self.saga_finished(saga, end=time.time())
+        return _AttemptSpan(self, span)
 
     def lost_attempt(self, saga: SagaRecord | None, event: Event, started_at: float | None) -> None:
         """Emit, with status ERROR, the span of an attempt whose process died."""
@@ -322,6 +288,59 @@ class Tracing:
         flush = getattr(provider, "force_flush", None)
         if flush is not None:
             flush(int(timeout * 1000))
+
+
+class _Current:
+    """`context` is the current OpenTelemetry context inside the block."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)
+
+
+class _AttemptSpan:
+    """An attempt's span, current while the attempt runs (what trace.use_span does,
+    without a generator: this runs for every attempt)."""
+
+    __slots__ = ("_current", "_deferred", "_ended", "_span", "_tracing")
+
+    def __init__(self, tracing: Tracing, span: trace.Span) -> None:
+        self._tracing = tracing
+        self._span = span
+        # Sagas this attempt ends: their root spans wait for its span to end.
+        self._ended: list[SagaRecord] = []
+
+    def __enter__(self) -> None:
+        self._deferred = self._tracing._ended_in_attempt.set(self._ended)
+        self._current = otel_context.attach(trace.set_span_in_context(self._span))
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        span = self._span
+        try:
+            try:
+                if exc is None:
+                    span.set_attribute(SAGA_OUTCOME, "succeeded")
+                elif not isinstance(exc, Ignore):
+                    span.record_exception(exc)
+                    span.set_status(
+                        trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                    )
+                    span.set_attribute(SAGA_OUTCOME, "failed")
+            finally:
+                otel_context.detach(self._current)
+                span.end()
+        finally:
+            self._tracing._ended_in_attempt.reset(self._deferred)
+            # The attempt that ended the saga has ended: the root span can close after it.
+            for saga in self._ended:
+                self._tracing.saga_finished(saga, end=time.time())
 
 
 def _root_as_traceparent(headers: dict[str, Any] | None = None, **_: Any) -> None:
