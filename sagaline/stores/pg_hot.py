@@ -39,6 +39,7 @@ from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, Ste
 from ..states import SAGA_TERMINAL, Phase
 from .finished import PG_CHANNEL, pg_payload
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
+from .row_memo import StepRowMemo
 from .rows import from_row
 from .schema import events, sagas, steps
 
@@ -74,7 +75,13 @@ def _claim(phase: Phase) -> str:
 CLAIM = {phase: _claim(phase) for phase in Phase}
 READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
 LOCK_SAGA = READ_SAGA + " FOR UPDATE"
-READ_STEPS = f"SELECT * FROM {steps.name} WHERE saga_id = %s ORDER BY position"
+# JSON columns as their text, decoded by the memo only for the rows that changed.
+STEP_COLUMNS = [c.name for c in steps.c]
+READ_STEPS = (
+    "SELECT "
+    + ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
+    + f" FROM {steps.name} WHERE saga_id = %s ORDER BY position"
+)
 
 
 def _checked(update: str) -> str:
@@ -123,6 +130,7 @@ class PgHotPath:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.steps = StepRowMemo()
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -195,14 +203,13 @@ class PgHotPath:
                 conn.execute("BEGIN")
                 saga_cur = conn.cursor(row_factory=dict_row)
                 saga_cur.execute(LOCK_SAGA, (saga_id,), prepare=True)
-                steps_cur = conn.cursor(row_factory=dict_row)
+                steps_cur = conn.cursor()
                 steps_cur.execute(READ_STEPS, (saga_id,), prepare=True)
             row = saga_cur.fetchone()
             saga = None if row is None else from_row(SagaRecord, row)
-            yield conn, saga, [from_row(StepRecord, r) for r in steps_cur.fetchall()]
+            yield conn, saga, self.steps.records(saga_id, STEP_COLUMNS, steps_cur.fetchall())
 
-    @staticmethod
-    def write(conn: psycopg.Connection[Any], saga_id: str, d: Decision) -> bool:
+    def write(self, conn: psycopg.Connection[Any], saga_id: str, d: Decision) -> bool:
         """Write a decision (compare-and-set on every record it changes) and commit it,
         in one round trip; False, rolled back, when one of them changed since it was read.
 
@@ -232,4 +239,6 @@ class PgHotPath:
                 conn.execute("COMMIT")
         except psycopg.errors.DivisionByZero:
             return False
+        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+            self.steps.forget(saga_id)  # read again only by a rollback or a resume
         return True

@@ -26,8 +26,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
-from ..states import Phase
+from ..states import SAGA_TERMINAL, Phase
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
+from .row_memo import StepRowMemo
 from .rows import from_row
 from .schema import events, sagas, steps
 from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
@@ -101,6 +102,7 @@ class SqliteHotPath:
     def __init__(self, engine: Engine, path: Path | None):
         self.engine = engine
         self.path = path
+        self.steps = StepRowMemo()
 
     @contextmanager
     def connection(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -155,15 +157,15 @@ class SqliteHotPath:
             if not sagas_:
                 yield conn, None, []
                 return
-            steps_ = _record_rows(conn.execute(READ_STEPS, (saga_id,)), STEP_JSON)
+            cur = conn.execute(READ_STEPS, (saga_id,))
+            names = [d[0] for d in cur.description]
             yield (
                 conn,
                 from_row(SagaRecord, sagas_[0]),
-                [from_row(StepRecord, r) for r in steps_],
+                self.steps.records(saga_id, names, cur.fetchall()),
             )
 
-    @staticmethod
-    def write(conn: sqlite3.Connection, saga_id: str, d: Decision) -> bool:
+    def write(self, conn: sqlite3.Connection, saga_id: str, d: Decision) -> bool:
         """Write a decision (compare-and-set on every record it changes) and commit it;
         False, left for the context to roll back, when one of them changed since it was read."""
         if d.saga is not None:
@@ -180,4 +182,6 @@ class SqliteHotPath:
         if d.events:
             conn.executemany(INSERT_EVENT, [PARAMS.event(e) for e in d.events])
         conn.execute("COMMIT")
+        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
+            self.steps.forget(saga_id)  # read again only by a rollback or a resume
         return True
