@@ -43,6 +43,20 @@ def redis_cluster_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def private_rabbitmq() -> Iterator[Any]:
+    """A private RabbitMQ node for the session's tests that stop, kill and restart one (a
+    boot takes 10-30 s here): each takes a vhost of its own on it (`add_vhost`) and leaves
+    the node running. Killed by pid, its directory deleted, at the end."""
+    from tests.private_rabbitmq import PrivateRabbitMQ
+
+    node = PrivateRabbitMQ()
+    try:
+        yield node
+    finally:
+        node.destroy()
+
+
+@pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh database ``sagaline_test_<random>`` on the shared PostgreSQL; dropped at end."""
     url = shared_postgres_url(f"sagaline_test_{uuid.uuid4().hex[:10]}")

@@ -156,10 +156,19 @@ class PrivateRabbitMQ(PrivateServer):
             )
         return res.stdout
 
-    def queue_types(self) -> dict[str, str]:
-        """``{queue name: type}`` in the default vhost."""
-        out = self.ctl("list_queues", "name", "type", "--no-table-headers", "-q")
+    def queue_types(self, vhost: str = "/") -> dict[str, str]:
+        """``{queue name: type}`` in ``vhost`` (default: the default vhost)."""
+        out = self.ctl("list_queues", "-p", vhost, "name", "type", "--no-table-headers", "-q")
         return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+    def add_vhost(self, name: str) -> str:
+        """A new vhost ``name`` open to guest; returns its AMQP URL. Tests sharing one
+        node each take a vhost of their own: they see none of the others' queues."""
+        from urllib.parse import quote
+
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{quote(name, safe='')}"
 
     def _start_epmd(self) -> None:
         if self._epmd is not None and self._epmd.poll() is None:

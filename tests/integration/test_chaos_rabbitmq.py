@@ -2,7 +2,8 @@
 
 The sagas (`chaos_app.fork`: a, then b and c in parallel; every other one fails at
 its last step and compensates) run on two prefork workers against a private
-RabbitMQ node (its own node name, ports, data and epmd, stopped by pid), once with
+RabbitMQ node (its own node name, ports, data and epmd, stopped by pid; one for the
+session, each test in a vhost of its own on it), once with
 classic and once with quorum queues, with the store and the ledger on the shared
 PostgreSQL. The node is stopped gracefully (what an upgrade or a restart by its
 supervisor does), or killed with SIGKILL on quorum queues (a crash: only what the
@@ -49,12 +50,17 @@ def chaos_db() -> Iterator[str]:
 
 
 @pytest.fixture
-def rabbitmq() -> Iterator[PrivateRabbitMQ]:
-    node = PrivateRabbitMQ()
-    try:
-        yield node
-    finally:
-        node.destroy()
+def rabbitmq(private_rabbitmq: PrivateRabbitMQ) -> PrivateRabbitMQ:
+    """The session's private node, running (a test that failed may have left it down)."""
+    private_rabbitmq.start()  # a no-op while it runs
+    return private_rabbitmq
+
+
+@pytest.fixture
+def vhost(rabbitmq: PrivateRabbitMQ) -> tuple[str, str]:
+    """A fresh vhost on the session's node: ``(name, AMQP URL)``."""
+    name = f"chaos-{uuid.uuid4().hex[:10]}"
+    return name, rabbitmq.add_vhost(name)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +70,7 @@ def test_rabbitmq_restarted_mid_run(
     queue_type: str,
     how: str,
     rabbitmq: PrivateRabbitMQ,
+    vhost: tuple[str, str],
     chaos_db: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -72,11 +79,12 @@ def test_rabbitmq_restarted_mid_run(
     rng = random.Random(SEED + 4)
     # Read by chaos_app in the workers; the client below is told the same.
     monkeypatch.setenv("SAGALINE_TEST_QUEUE_TYPE", queue_type)
-    cluster = Cluster(rabbitmq.url, chaos_db, chaos_db, tmp_path)
+    vhost_name, amqp_url = vhost
+    cluster = Cluster(amqp_url, chaos_db, chaos_db, tmp_path)
     cluster.runtime.app.conf.task_default_queue_type = queue_type
     try:
         cluster.start_workers()
-        assert rabbitmq.queue_types().get("celery") == queue_type
+        assert rabbitmq.queue_types(vhost_name).get("celery") == queue_type
         started = cluster.start_sagas(SAGAS, rng)
         t0 = time.monotonic()
         time.sleep(rng.uniform(1.0, 2.0))

@@ -120,7 +120,9 @@ class RelayProcess:
                 self.proc.wait(10)
 
 
-def _redis(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
+def _redis(
+    stack: ExitStack, request: pytest.FixtureRequest
+) -> tuple[Any, str, Callable[[Any], Any]]:
     server = stack.enter_context(PrivateRedis(appendonly=True))
     return (
         server,
@@ -129,21 +131,28 @@ def _redis(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
     )
 
 
-def _rabbitmq(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
+def _rabbitmq(
+    stack: ExitStack, request: pytest.FixtureRequest
+) -> tuple[Any, str, Callable[[Any], Any]]:
     import kombu
 
-    server = stack.enter_context(PrivateRabbitMQ())
-    with kombu.Connection(server.url) as conn:
+    # The session's node (booting one takes 10-30 s), in a vhost of this test's own.
+    server: PrivateRabbitMQ = request.getfixturevalue("private_rabbitmq")
+    server.start()  # a no-op while it runs
+    url = server.add_vhost(f"outbox-chaos-{uuid.uuid4().hex[:10]}")
+    with kombu.Connection(url) as conn:
         ex = kombu.Exchange("chaos", type="topic", durable=True)
         kombu.Queue("chaos", ex, routing_key="chaos.#", durable=True)(conn.channel()).declare()
     return (
         server,
-        f"{server.url}?exchange=chaos",
-        lambda h: RabbitMQConsumer(server.url, "chaos", h),
+        f"{url}?exchange=chaos",
+        lambda h: RabbitMQConsumer(url, "chaos", h),
     )
 
 
-def _nats(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
+def _nats(
+    stack: ExitStack, request: pytest.FixtureRequest
+) -> tuple[Any, str, Callable[[Any], Any]]:
     import nats
 
     server = stack.enter_context(PrivateNats())
@@ -170,7 +179,7 @@ def _nats(stack: ExitStack) -> tuple[Any, str, Callable[[Any], Any]]:
     ],
 )
 def test_outbox_under_relay_kills_and_a_broker_restart(
-    db: str, destination: str, tmp_path: Path
+    db: str, destination: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     engine = sa.create_engine(db, pool_size=WRITERS + 2)
     committed: set[str] = set()
@@ -222,7 +231,7 @@ def test_outbox_under_relay_kills_and_a_broker_restart(
     with ExitStack() as stack:
         server, url, make_consumer = {"redis": _redis, "rabbitmq": _rabbitmq, "nats": _nats}[
             destination
-        ](stack)
+        ](stack, request)
         relay = RelayProcess(db, f"chaos.*={url}", tmp_path / "relay.log")
         relay.start()
         stop = threading.Event()
