@@ -239,6 +239,5 @@ class PgHotPath:
                 conn.execute("COMMIT")
         except psycopg.errors.DivisionByZero:
             return False
-        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
-            self.steps.forget(saga_id)  # read again only by a rollback or a resume
+        self.steps.written(saga_id, d)
         return True

@@ -22,22 +22,29 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..records import StepRecord
+from ..records import Decision, StepRecord
+from ..states import SAGA_TERMINAL
 from .hot_params import STEP_JSON
 from .rows import from_row
 
 DEFAULT_LIMIT = 4096
 
 
-def step_record(names: Sequence[str], row: tuple[Any, ...]) -> StepRecord:
-    """The record of a step row whose JSON columns are text (as SQLite stores them and
-    PostgreSQL's `::text` reads them)."""
+def text_json_row(
+    names: Sequence[str], row: Sequence[Any], json_columns: frozenset[str]
+) -> dict[str, Any]:
+    """A row as a mapping, its JSON columns decoded from their text (as SQLite stores
+    them and PostgreSQL's `::text` reads them)."""
     values = dict(zip(names, row, strict=True))
-    for name in STEP_JSON:
+    for name in json_columns:
         text = values.get(name)
         if text is not None:
             values[name] = json.loads(text)
-    return from_row(StepRecord, values)
+    return values
+
+
+def step_record(names: Sequence[str], row: tuple[Any, ...]) -> StepRecord:
+    return from_row(StepRecord, text_json_row(names, row, STEP_JSON))
 
 
 class StepRowMemo:
@@ -76,6 +83,12 @@ class StepRowMemo:
                 _, dropped = self._sagas.popitem(last=False)
                 self._held -= len(dropped)
         return out
+
+    def written(self, saga_id: str, decision: Decision) -> None:
+        """A decision was committed: a saga it ended is read again only by a rollback
+        or a resume, and is held no longer."""
+        if decision.saga is not None and decision.saga.status in SAGA_TERMINAL:
+            self.forget(saga_id)
 
     def forget(self, saga_id: str) -> None:
         with self._lock:

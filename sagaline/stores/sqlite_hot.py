@@ -26,9 +26,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
-from ..states import SAGA_TERMINAL, Phase
+from ..states import Phase
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
-from .row_memo import StepRowMemo
+from .row_memo import StepRowMemo, text_json_row
 from .rows import from_row
 from .schema import events, sagas, steps
 from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
@@ -83,12 +83,7 @@ CLAIM = {phase: _claim(phase) for phase in Phase}
 
 def _record_rows(cur: sqlite3.Cursor, json_columns: frozenset[str]) -> list[dict[str, Any]]:
     names = [d[0] for d in cur.description]
-    rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-    for row in rows:
-        for name in json_columns:
-            if row[name] is not None:
-                row[name] = json.loads(row[name])
-    return rows
+    return [text_json_row(names, r, json_columns) for r in cur.fetchall()]
 
 
 class SqliteHotPath:
@@ -182,6 +177,5 @@ class SqliteHotPath:
         if d.events:
             conn.executemany(INSERT_EVENT, [PARAMS.event(e) for e in d.events])
         conn.execute("COMMIT")
-        if d.saga is not None and d.saga.status in SAGA_TERMINAL:
-            self.steps.forget(saga_id)  # read again only by a rollback or a resume
+        self.steps.written(saga_id, d)
         return True
