@@ -1,8 +1,8 @@
 """Outbox acceptance under failures, per destination (private servers, restarted):
 N events from 8 concurrent writers over 100 keys, 10% of the transactions rolled back,
 the relay process kill -9'd 3 times and the broker restarted once. At the consumer
-(through the inbox): every committed event delivered, no rolled-back one, no duplicate
-handled, no per-key order inversion.
+(through the inbox, in a process of its own: chaos_consumer.py): every committed event
+delivered, no rolled-back one, no duplicate handled, no per-key order inversion.
 
 N defaults to 10,000 (SAGALINE_OUTBOX_CHAOS_EVENTS overrides it).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -28,39 +29,22 @@ import pytest
 import sqlalchemy as sa
 
 import sagaline
-from sagaline.outbox.consumers import (
-    InboxHandler,
-    NatsConsumer,
-    RabbitMQConsumer,
-    RedisStreamConsumer,
-)
 from sagaline.stores.sql import SQLStore
 from sagaline.testing import kill_pid, wait_until
 from tests.harness import PrivateRedis, drop_database, shared_postgres_url
+from tests.integration.chaos_consumer import counters, meta, received
 from tests.private_nats import PrivateNats
 from tests.private_rabbitmq import PrivateRabbitMQ
 
 N = int(os.environ.get("SAGALINE_OUTBOX_CHAOS_EVENTS", "10000"))
 WRITERS, KEYS, ROLLBACK = 8, 100, 0.10
 REPO = Path(__file__).resolve().parents[2]
+RELAY = [
+    *("-c", "from sagaline.cli import main; main()", "relay"),
+    *("--backoff", "0.05", "--max-backoff", "1", "--max-attempts", "100000"),
+]
 
 pytestmark = pytest.mark.timeout(600)
-
-meta = sa.MetaData()
-counters = sa.Table(
-    "chaos_counters",
-    meta,
-    sa.Column("key", sa.String(20), primary_key=True),
-    sa.Column("n", sa.Integer, nullable=False),
-)
-received = sa.Table(
-    "chaos_received",
-    meta,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("event_id", sa.String(80), nullable=False),
-    sa.Column("key", sa.String(20), nullable=False),
-    sa.Column("n", sa.Integer, nullable=False),
-)
 
 
 @pytest.fixture
@@ -78,24 +62,11 @@ def db() -> Iterator[str]:
         drop_database(url)
 
 
-class RelayProcess:
-    def __init__(self, db: str, route: str, log: Path):
-        self.args = [
-            sys.executable,
-            "-c",
-            "from sagaline.cli import main; main()",
-            "relay",
-            "--store",
-            db,
-            "--route",
-            route,
-            "--backoff",
-            "0.05",
-            "--max-backoff",
-            "1",
-            "--max-attempts",
-            "100000",
-        ]
+class Process:
+    """A process of the test's (the relay, the consumer), its output in `log`."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args = [sys.executable, *args]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -105,8 +76,12 @@ class RelayProcess:
                 self.args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
             )
 
+    @property
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
     def kill9(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, "the relay died early"
+        assert self.proc is not None and self.proc.poll() is None, f"{self.args} died early"
         kill_pid(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
@@ -120,20 +95,12 @@ class RelayProcess:
                 self.proc.wait(10)
 
 
-def _redis(
-    stack: ExitStack, request: pytest.FixtureRequest
-) -> tuple[Any, str, Callable[[Any], Any]]:
+def _redis(stack: ExitStack, request: pytest.FixtureRequest) -> tuple[Any, str, str]:
     server = stack.enter_context(PrivateRedis(appendonly=True))
-    return (
-        server,
-        f"{server.url}?stream=chaos",
-        lambda h: RedisStreamConsumer(server.url, "chaos", "g", h),
-    )
+    return server, f"{server.url}?stream=chaos", server.url
 
 
-def _rabbitmq(
-    stack: ExitStack, request: pytest.FixtureRequest
-) -> tuple[Any, str, Callable[[Any], Any]]:
+def _rabbitmq(stack: ExitStack, request: pytest.FixtureRequest) -> tuple[Any, str, str]:
     import kombu
 
     # The session's node (booting one takes 10-30 s), in a vhost of this test's own.
@@ -143,16 +110,10 @@ def _rabbitmq(
     with kombu.Connection(url) as conn:
         ex = kombu.Exchange("chaos", type="topic", durable=True)
         kombu.Queue("chaos", ex, routing_key="chaos.#", durable=True)(conn.channel()).declare()
-    return (
-        server,
-        f"{url}?exchange=chaos",
-        lambda h: RabbitMQConsumer(url, "chaos", h),
-    )
+    return server, f"{url}?exchange=chaos", url
 
 
-def _nats(
-    stack: ExitStack, request: pytest.FixtureRequest
-) -> tuple[Any, str, Callable[[Any], Any]]:
+def _nats(stack: ExitStack, request: pytest.FixtureRequest) -> tuple[Any, str, str]:
     import nats
 
     server = stack.enter_context(PrivateNats())
@@ -163,11 +124,7 @@ def _nats(
         await nc.close()
 
     asyncio.run(add())
-    return (
-        server,
-        f"{server.url}?stream=CHAOS",
-        lambda h: NatsConsumer(server.url, "CHAOS", "chaos", h, subject="chaos.>"),
-    )
+    return server, f"{server.url}?stream=CHAOS", server.url
 
 
 @pytest.mark.parametrize(
@@ -185,21 +142,6 @@ def test_outbox_under_relay_kills_and_a_broker_restart(
     committed: set[str] = set()
     rolled_back: set[str] = set()
     lock = threading.Lock()
-    order: dict[str, list[int]] = {}
-    duplicates = 0
-
-    def handle(conn: Any, event: dict[str, Any]) -> None:
-        p = event["payload"]
-        conn.execute(received.insert().values(event_id=event["id"], key=p["key"], n=p["n"]))
-        order.setdefault(p["key"], []).append(p["n"])  # one consumer thread: in order
-
-    inbox = InboxHandler(engine, "chaos", handle)
-
-    def consume(event: dict[str, Any]) -> None:
-        nonlocal duplicates
-        if not inbox(event):
-            duplicates += 1
-
     written = [0]
 
     def writer(w: int) -> None:
@@ -229,13 +171,18 @@ def test_outbox_under_relay_kills_and_a_broker_restart(
                 written[0] += 1
 
     with ExitStack() as stack:
-        server, url, make_consumer = {"redis": _redis, "rabbitmq": _rabbitmq, "nats": _nats}[
+        server, url, consumer_url = {"redis": _redis, "rabbitmq": _rabbitmq, "nats": _nats}[
             destination
         ](stack, request)
-        relay = RelayProcess(db, f"chaos.*={url}", tmp_path / "relay.log")
+        relay = Process(
+            [*RELAY, "--store", db, "--route", f"chaos.*={url}"], tmp_path / "relay.log"
+        )
         relay.start()
-        stop = threading.Event()
-        consumer = threading.Thread(target=make_consumer(consume).run, args=(stop,), daemon=True)
+        summary = tmp_path / "consumer.json"
+        consumer = Process(
+            ["-m", "tests.integration.chaos_consumer", destination, consumer_url, db, str(summary)],
+            tmp_path / "consumer.log",
+        )
         consumer.start()
         writers = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
         started = time.monotonic()
@@ -259,20 +206,22 @@ def test_outbox_under_relay_kills_and_a_broker_restart(
             for t in writers:
                 t.join(300)
             wait_until(
-                lambda: committed <= _delivered(engine),
+                lambda: committed <= _delivered(engine) or consumer.exited,
                 timeout=300,
                 interval=0.5,
                 what="every committed event at the consumer",
             )
             time.sleep(1.0)  # late duplicates, if any, would arrive now
         finally:
-            stop.set()
-            consumer.join(15)
+            consumer.stop()
             relay.stop()
         elapsed = time.monotonic() - started
     delivered = _delivered(engine)
     rows = _received_rows(engine)
+    order = _order(engine)
     engine.dispose()
+    assert consumer.proc is not None and consumer.proc.returncode == 0, consumer.log.read_text()
+    duplicates = json.loads(summary.read_text())["duplicates"]
     inversions = sum(1 for ns in order.values() for a, b in itertools.pairwise(ns) if b <= a)
     print(
         f"\n{destination}: {len(committed)} committed, {len(rolled_back)} rolled back, "
@@ -293,6 +242,17 @@ class _Rollback(Exception):
 def _delivered(engine: sa.Engine) -> set[str]:
     with engine.connect() as conn:
         return set(conn.execute(sa.select(received.c.event_id)).scalars())
+
+
+def _order(engine: sa.Engine) -> dict[str, list[int]]:
+    """Per key, the counter values in the order the consumer handled them."""
+    order: dict[str, list[int]] = {}
+    with engine.connect() as conn:
+        for key, n in conn.execute(
+            sa.select(received.c.key, received.c.n).order_by(received.c.seq)
+        ):
+            order.setdefault(key, []).append(n)
+    return order
 
 
 def _received_rows(engine: sa.Engine) -> int:
