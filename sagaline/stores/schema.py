@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from ..payload import MAX_KEY_LENGTH, MAX_NAME_LENGTH
@@ -11,10 +13,6 @@ SCHEMA_REVISION = "0009_events_partitions"
 VERSION_TABLE = "sagaline_alembic_version"
 
 metadata = sa.MetaData()
-
-# MySQL/MariaDB compare strings case-insensitively by default (utf8mb4_general_ci):
-# every table says utf8mb4_bin so that idempotency keys and names compare exactly,
-# as on every other store.
 
 sagas = sa.Table(
     "sagaline_sagas",
@@ -46,8 +44,6 @@ sagas = sa.Table(
     sa.Index("ix_sagaline_sagas_parent", "parent_saga_id"),
     # Retention (sql_gc.py): finished sagas of a status, oldest first.
     sa.Index("ix_sagaline_sagas_status_finished", "status", "finished_at"),
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
 
 steps = sa.Table(
@@ -80,8 +76,6 @@ steps = sa.Table(
     sa.Column("depends_on", sa.JSON),
     sa.Index("ix_sagaline_steps_due", "due_at"),
     sa.Index("ix_sagaline_steps_owner", "owner_node", "due_at"),
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
 
 # On PostgreSQL the table is partitioned by month of `ts` (migration 0009,
@@ -105,8 +99,6 @@ events = sa.Table(
     sa.Column("phase", sa.String(12)),
     sa.Column("detail", sa.JSON),
     sa.Index("ix_sagaline_events_saga", "saga_id", "seq"),
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
 
 # -- the transactional outbox and the consumer inbox (sagaline/outbox/) ---------------
@@ -135,8 +127,6 @@ outbox = sa.Table(
     sa.UniqueConstraint("event_id", name="uq_sagaline_outbox_event"),
     sa.Index("ix_sagaline_outbox_status", "status", "id"),
     sa.Index("ix_sagaline_outbox_key", "key", "id"),
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
 
 # One row per bucket of keys: a transaction that publishes with a key updates its
@@ -158,6 +148,26 @@ inbox = sa.Table(
     sa.Column("consumer", sa.String(MAX_NAME_LENGTH), primary_key=True),
     sa.Column("message_id", sa.String(MAX_KEY_LENGTH), primary_key=True),
     sa.Column("received_at", sa.Double, nullable=False),
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
+
+
+# MySQL/MariaDB compare strings case-insensitively by default (utf8mb4_general_ci):
+# these tables say utf8mb4_bin so that idempotency keys and names compare exactly, as
+# on every other store. The options are added when MySQL DDL is made (below, and in
+# the migrations' environment), not in the tables above: naming a MySQL option loads
+# SQLAlchemy's MySQL dialect (~1 MB) into every process, SQLite's and PostgreSQL's
+# workers included.
+MYSQL_TABLE_OPTIONS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+MYSQL_BINARY_TABLES = (sagas, steps, events, outbox, inbox)
+
+
+def add_mysql_table_options() -> None:
+    """Give the tables their MySQL character set and collation (idempotent)."""
+    for table in MYSQL_BINARY_TABLES:
+        table.dialect_kwargs.update(MYSQL_TABLE_OPTIONS)
+
+
+@sa.event.listens_for(metadata, "before_create")
+def _mysql_table_options(_target: sa.MetaData, connection: Any, **_: Any) -> None:
+    if connection.dialect.name == "mysql":
+        add_mysql_table_options()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -61,3 +62,35 @@ def test_delayed_messages_are_published_when_due_in_due_order() -> None:
     for (_, at), due in zip(sent, (0.2, 0.4, 0.6), strict=True):
         assert due <= at < due + 0.25, sent
     assert delayed.pending() == 0
+
+
+def test_a_step_sent_from_a_running_task_keeps_its_reply_to_and_names_no_thread() -> None:
+    # Like the next task of a Celery chain. Naming the thread (Celery's thread_oid,
+    # kombu's uuid3) would hash with MD5 and load OpenSSL's code into every pool process.
+    from celery._state import _task_stack
+    from celery.signals import before_task_publish
+
+    from sagaline.publishing import send_step
+
+    app = Celery("reply", broker="memory://")
+
+    @app.task(name="t.step")
+    def step(saga_id: str = "") -> None:
+        return None
+
+    seen: list[Any] = []
+
+    def record(properties: dict[str, Any] | None = None, **_: Any) -> None:
+        seen.append((properties or {}).get("reply_to"))
+
+    before_task_publish.connect(record, weak=False)
+    step.push_request(id="running", reply_to="caller-oid", called_directly=False)
+    _task_stack.push(step)
+    try:
+        send_step(app, _dispatch("a", 0.0), None)
+    finally:
+        _task_stack.pop()
+        step.pop_request()
+        before_task_publish.disconnect(record)
+    assert seen == ["caller-oid"]
+    assert not hasattr(app._local, "oid")
