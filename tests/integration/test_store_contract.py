@@ -45,6 +45,8 @@ from tests.harness import drop_database, shared_postgres_url
 from tests.stores import (
     T0,
     THREADS,
+    Read,
+    counted_reads,
     create_mariadb_database,
     delete_prefix,
     drop_mariadb_database,
@@ -1455,27 +1457,15 @@ def test_operations_on_impossible_ids_are_not_found_or_type_errors(
 WATCHES_ENDED_SAGAS = ("postgresql", "redis", "sqlite")
 
 
-def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(store: Store) -> None:
     from types import SimpleNamespace
 
     from sagaline.handle import SagaHandle
 
     state = started(store)
     sid = state.saga.saga_id
-    reads: list[SagaStatus] = []
-    read_saga = store.get_saga
 
-    def counted(saga_id: str) -> SagaRecord | None:
-        saga = read_saga(saga_id)
-        assert saga is not None
-        reads.append(saga.status)
-        return saga
-
-    monkeypatch.setattr(store, "get_saga", counted)
-
-    def finish_after_the_first_read() -> None:
+    def finish_after_the_first_read(reads: list[Read]) -> None:
         for _ in range(3000):  # bounded: 30 s at most
             if reads:
                 break
@@ -1489,14 +1479,15 @@ def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
             ),
         )
 
-    finisher = threading.Thread(target=finish_after_the_first_read)
-    finisher.start()
-    try:
-        handle = SagaHandle(SimpleNamespace(store=store), sid, "contract")  # type: ignore[arg-type]
-        assert handle.get(timeout=30) == {"done": True}
-    finally:
-        finisher.join(30)
-    assert reads[0] is SagaStatus.RUNNING and reads[-1] is SagaStatus.COMPLETED
+    with counted_reads(store) as reads:
+        finisher = threading.Thread(target=finish_after_the_first_read, args=(reads,))
+        finisher.start()
+        try:
+            handle = SagaHandle(SimpleNamespace(store=store), sid, "contract")  # type: ignore[arg-type]
+            assert handle.get(timeout=30) == {"done": True}
+        finally:
+            finisher.join(30)
+    assert reads[0].status is SagaStatus.RUNNING and reads[-1].status is SagaStatus.COMPLETED
     if store.url.split(":", 1)[0].split("+", 1)[0] in WATCHES_ENDED_SAGAS:
         assert len(reads) == 2, reads  # woken by the commit (or a peek), not by a poll
     else:
