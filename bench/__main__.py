@@ -37,7 +37,7 @@ from tests.harness import (
     shared_postgres_url,
 )
 
-ALL_FIGURES = ("L1", "L2", "S1", "T1", "H1", "R1", "MEM", "OBS", "VOL")
+ALL_FIGURES = ("L1", "L2", "G1", "S1", "T1", "H1", "R1", "MEM", "OBS", "VOL")
 # H1 on the Redis store: Redis holds the whole history in memory, ~5.5 KB per
 # finished saga (5.5 GB for a million), and loads ~5,000 sagas a second.
 REDIS_HISTORY = 200_000
@@ -359,6 +359,10 @@ def run(args: argparse.Namespace, res: Resources) -> int:
             if "L2" in figures or "H1" in figures:
                 step("L2", fig.figure_l2, b)  # also gives H1's listing compensated sagas
             empty_list = fig.list_latency(b, sizes.list_runs) if "H1" in figures else {}
+            if "G1" in figures:
+                from bench.get_latency import figure_g1
+
+                step("G1", figure_g1, b)
             if "S1" in figures:
                 step("S1", fig.figure_s1, b)
             if "T1" in figures or "H1" in figures:

@@ -17,6 +17,9 @@ on PostgreSQL, at sqlite3's trace callback on SQLite, elsewhere SQLAlchemy's
 messages (``before_task_publish``) and executed tasks. Workers add their counts to the Redis
 hash ``bench:counts:<flavor>:<main|child>`` from a thread every 0.5 s, so no task
 waits on the counting; the caller reads its own counts in process (`COUNTS`).
+The same thread hands over, in the hash ``bench:finished``, the CLOCK_MONOTONIC time
+at which each saga of G1 (``bench.g1``) ended: once the commit that ended it returned
+in the pool process (bench/get_latency.py).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ PLAIN_QUEUE = "bench.plain"
 ROUTE = {"saga": os.environ.get("BENCH_SAGA_QUEUE", SAGA_QUEUE)}
 # Saga lengths defined for S1 (and 4 for L1/T1/H1/R1).
 SAGA_LENGTHS = (4, 8, 16, 64)
+# G1's saga, whose end the workers stamp into FINISHED_KEY: saga id -> time.monotonic().
+G1_SAGA = "bench.g1"
+FINISHED_KEY = "bench:finished"
 
 app = Celery("bench", broker=BROKER_URL, backend=RESULT_URL if FLAVOR == "plain" else None)
 app.conf.update(
@@ -132,6 +138,12 @@ if FLAVOR != "plain":
         .add_step(saga_noop, name="s3", compensate=saga_undo)
         .add_step(saga_fail, name="s4", compensate=saga_undo)
     )
+    # Two steps: the caller waits in get() for the second one to end.
+    SAGAS["g1"] = (
+        Saga(G1_SAGA)
+        .add_step(saga_noop, name="s1", compensate=saga_undo)
+        .add_step(saga_noop, name="s2", compensate=saga_undo)
+    )
 
 
 # -- readiness ------------------------------------------------------------------------------
@@ -152,12 +164,16 @@ def _touch_ready_file(**_: Any) -> None:
 
 
 class Counts:
-    """Counters of one process; `take()` hands over what was counted since the last take."""
+    """Counters of one process; `take()` hands over what was counted since the last take.
+
+    Also times stamped by key (`stamp`, `take_stamps`): G1's ended sagas.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: collections.Counter[str] = collections.Counter()
         self.total: collections.Counter[str] = collections.Counter()
+        self.stamps: dict[str, float] = {}
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -168,6 +184,15 @@ class Counts:
         with self._lock:
             pending, self._pending = self._pending, collections.Counter()
         return pending
+
+    def stamp(self, key: str, at: float) -> None:
+        with self._lock:
+            self.stamps[key] = at
+
+    def take_stamps(self) -> dict[str, float]:
+        with self._lock:
+            stamps, self.stamps = self.stamps, {}
+        return stamps
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -250,6 +275,12 @@ def _on_publish(sender: str | None = None, **_: Any) -> None:
         COUNTS.add(f"publish:{sender}")
 
 
+def _on_saga_finished(sender: Any = None, saga_id: str = "", name: str = "", **_: Any) -> None:
+    # Sent right after the store's transact returned (runtime.py): the commit's end.
+    if name == G1_SAGA:
+        COUNTS.stamp(saga_id, time.monotonic())
+
+
 @task_postrun.connect
 def _on_task_done(sender: Any = None, **_: Any) -> None:
     if COUNT:
@@ -266,17 +297,21 @@ def _flush_forever(interval: float = 0.5) -> None:
     for _ in range(int(FLUSH_FOR / interval)):
         time.sleep(interval)
         pending = COUNTS.take()
-        if not pending:
+        finished = COUNTS.take_stamps()
+        if not pending and not finished:
             continue
         key = f"bench:counts:{FLAVOR}:{_role['name']}"
         try:
             pipe = client.pipeline(transaction=False)
             for field, n in pending.items():
                 pipe.hincrby(key, field, n)
+            if finished:
+                pipe.hset(FINISHED_KEY, mapping=finished)
             pipe.execute()
-        except Exception:  # a lost flush only loses counts: put them back
+        except Exception:  # a lost flush only loses counts and stamps: put them back
             for field, n in pending.items():
                 COUNTS._pending[field] += n
+            COUNTS.stamps.update(finished)
 
 
 def _start_flusher() -> None:
@@ -303,6 +338,11 @@ if _COUNT_SQL:
     if _COUNT_PG:
         with contextlib.suppress(ImportError):
             _count_psycopg()
+
+if COUNT and FLAVOR == "sagaline":
+    from sagaline.signals import saga_finished
+
+    saga_finished.connect(_on_saga_finished)
 
 
 @worker_init.connect

@@ -34,6 +34,19 @@ def rows(lines: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str
                     t,
                 )
             )
+        elif f == "G1":
+            out.append(
+                (
+                    f,
+                    s,
+                    f"get() {d['median_ms']:.2f} / p90 {d['p90_ms']:.2f} / p99 "
+                    f"{d['p99_ms']:.2f} ms after the commit; reads/get max "
+                    f"{d['reads_per_get_max']} (mean {d['reads_per_get_mean']:.2f})",
+                    "",
+                    "",
+                    t,
+                )
+            )
         elif f == "S1":
             sl = "  ".join(f"{n}:{v['sagaline_ms_per_step']:.2f}" for n, v in d["lengths"].items())
             bl = "  ".join(f"{n}:{v['baseline_ms_per_step']:.2f}" for n, v in d["lengths"].items())

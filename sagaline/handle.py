@@ -49,7 +49,8 @@ class SagaHandle:
         On a store that announces ended sagas (PostgreSQL, Redis) the wait wakes on
         the commit that ends the saga; on a SQLite file it peeks at the file's
         change counter (every 0.25 ms during the first second); either way it
-        reads the saga once before waiting and once after. Elsewhere, or while the
+        reads the saga once before waiting and once after (on PostgreSQL only
+        before, when the notification carried the ended saga). Elsewhere, or while the
         store's listener is disconnected, it polls every `interval` seconds,
         growing to 5 ms for the first `fast_for` seconds and then to `max_interval`.
 
@@ -102,6 +103,9 @@ class SagaHandle:
                 # Woken by the commit that ends the saga; the re-read every RESYNC
                 # seconds only guards against a notification lost on the way.
                 watch.wait(RESYNC if deadline is None else min(RESYNC, deadline - now))
+                ended = watch.ended
+                if ended is not None and _written_after(ended, saga):
+                    return ended  # the saga as that commit wrote it: no need to read it
                 continue
             time.sleep(interval)
             # Poll every few ms while most sagas end (the first `fast_for` seconds),
@@ -111,3 +115,10 @@ class SagaHandle:
 
     def __repr__(self) -> str:
         return f"<SagaHandle {self.name} {self.saga_id}>"
+
+
+def _written_after(ended: SagaRecord, read: SagaRecord) -> bool:
+    """Whether the ended saga a notification carried was written after `read`: not
+    the end of an earlier run (an operator resumed the saga since), whose
+    notification may still be on its way, nor of a removed saga of the same id."""
+    return ended.created_at == read.created_at and ended.version > read.version

@@ -6,15 +6,17 @@ the suites that need a MariaDB database of their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from sagaline.records import SagaRecord, SagaState, StepRecord
 from sagaline.states import SagaStatus, StepStatus
+from sagaline.stores import Store
 
 T0 = 1_700_000_000.125
 THREADS = 20
@@ -122,6 +124,51 @@ def make_state(
     }
     records.update({n: StepRecord(sid, n, i) for i, n in enumerate(rest, 1)})
     return SagaState(saga, records)
+
+
+# -- reads -------------------------------------------------------------------------------
+
+# The store's reads of one saga; read_state may call the other two, counted once.
+SAGA_READS = ("get_saga", "get_steps", "read_state")
+
+
+class Read(NamedTuple):
+    method: str  # one of SAGA_READS
+    status: SagaStatus | None  # the saga's status it read (None: no saga, or only steps)
+
+
+@contextlib.contextmanager
+def counted_reads(store: Store) -> Iterator[list[Read]]:
+    """Count the saga reads made through `store` meanwhile, what `SagaHandle.get()` costs:
+    yields the list of them, in order (a read that another counted read made on the
+    way counts as part of it). One reading thread at a time."""
+    reads: list[Read] = []
+    depth = [0]
+
+    def counted(method: str) -> Callable[[str], Any]:
+        read = getattr(store, method)
+
+        def wrapper(saga_id: str) -> Any:
+            depth[0] += 1
+            try:
+                found = read(saga_id)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                saga = found.saga if isinstance(found, SagaState) else found
+                status = saga.status if isinstance(saga, SagaRecord) else None
+                reads.append(Read(method, status))
+            return found
+
+        return wrapper
+
+    for method in SAGA_READS:
+        setattr(store, method, counted(method))
+    try:
+        yield reads
+    finally:
+        for method in SAGA_READS:
+            delattr(store, method)  # the class's method again
 
 
 # -- concurrency -------------------------------------------------------------------------

@@ -8,7 +8,12 @@ caller. A caller subscribes before its first read, so a saga that ends between
 that read and the wait still wakes it: `SagaHandle.get()` then reads the saga
 twice, once before and once after the wake.
 
-A notification is a hint, never the record: a lost one (the listener's connection
+On PostgreSQL the same transaction also sends, on a channel of its own, the saga's
+row as it wrote it, when it fits a payload: the watch then holds the ended saga,
+decoded as a read decodes it, and `get()` returns it without its second read.
+The id goes on its own channel all the same, for listeners of an earlier sagaline.
+
+A notification is a hint, never the only way: a lost one (the listener's connection
 dropped) only delays the caller until its next re-read. While the listener is not
 connected every watch reports `live` False and its caller polls; each
 (re)connection wakes every watch, so that nothing sent while it was away is
@@ -22,7 +27,10 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..records import SagaRecord
 
 log = logging.getLogger("sagaline.stores")
 
@@ -37,6 +45,8 @@ class FinishWatch(ABC):
     """One caller's wait for the end of one saga, taken before its first read."""
 
     saga_id: str
+    # The saga as the commit that ended it wrote it, when its notification carried it.
+    ended: SagaRecord | None = None
 
     @property
     @abstractmethod
@@ -76,11 +86,16 @@ class ListenerWatch(FinishWatch):
         self._event.clear()
         return woken
 
-    def wake(self) -> None:
+    def wake(self, ended: SagaRecord | None = None) -> None:
+        if ended is not None:
+            self.ended = ended
         self._event.set()
 
     def close(self) -> None:
         self._listener.unwatch(self)
+
+
+Deliver = Callable[[str, "Callable[[], SagaRecord] | None"], None]
 
 
 class FinishedListener(ABC):
@@ -123,15 +138,22 @@ class FinishedListener(ABC):
                 if not ws:
                     del self._watches[w.saga_id]
 
-    def deliver(self, saga_id: str) -> None:
-        """Called by `_listen` for each notification."""
+    def deliver(self, saga_id: str, ended: Callable[[], SagaRecord] | None = None) -> None:
+        """Called by `_listen` for each notification; `ended` decodes the ended saga
+        it carried, called only when someone waits for it."""
         with self._lock:
             if saga_id == ANY_SAGA:
                 woken = [w for ws in self._watches.values() for w in ws]
             else:
                 woken = list(self._watches.get(saga_id, ()))
+        record = None
+        if woken and ended is not None:
+            try:
+                record = ended()
+            except Exception as exc:  # not what a read would decode: let them read
+                log.warning("%s: undecodable ended saga %s (%r)", self._name, saga_id, exc)
         for w in woken:
-            w.wake()
+            w.wake(record)
 
     def connected(self) -> None:
         """Called by `_listen` once it listens: watches made from now on are live."""
@@ -165,17 +187,18 @@ class FinishedListener(ABC):
 
     @abstractmethod
     def _listen(
-        self, deliver: Callable[[str], None], connected: Callable[[], None], stop: threading.Event
+        self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
     ) -> None:
-        """Connect, subscribe, call `connected()`, then `deliver(saga_id)` for each
-        notification until `stop` is set or the connection fails (raise)."""
+        """Connect, subscribe, call `connected()`, then `deliver(saga_id, ended)` for
+        each notification until `stop` is set or the connection fails (raise)."""
 
     def close(self) -> None:
         self._stop.set()
 
 
-# The PostgreSQL channel; a database's notifications reach only its own listeners.
-PG_CHANNEL = "sagaline_finished"
+# The PostgreSQL channels; a database's notifications reach only its own listeners.
+PG_CHANNEL = "sagaline_finished"  # the ended saga's id
+PG_ENDED_CHANNEL = "sagaline_ended"  # its row, as JSON (pg_hot.py), when it fits
 # NOTIFY payloads must stay under 8000 bytes; a longer id is announced as ANY_SAGA.
 PG_MAX_PAYLOAD = 7000
 
@@ -185,22 +208,39 @@ def pg_payload(saga_id: str) -> str:
 
 
 class PgFinishedListener(FinishedListener):
-    """LISTEN on a psycopg 3 connection of its own, in autocommit mode."""
+    """LISTEN on a psycopg 3 connection of its own, in autocommit mode.
 
-    def __init__(self, connect: Callable[[], Any]):
+    `decode` turns a payload of PG_ENDED_CHANNEL into the saga's id and a function
+    that decodes the saga itself (called only if someone waits for it).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        decode: Callable[[str], tuple[str, Callable[[], SagaRecord]]],
+    ):
         super().__init__("sagaline-finished-pg")
         self._connect = connect
+        self._decode = decode
 
     def _listen(
-        self, deliver: Callable[[str], None], connected: Callable[[], None], stop: threading.Event
+        self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
     ) -> None:
         conn = self._connect()
         try:
+            conn.execute(f"LISTEN {PG_ENDED_CHANNEL}")
             conn.execute(f"LISTEN {PG_CHANNEL}")
             connected()
             while not stop.is_set():
                 for n in conn.notifies(timeout=1.0):
-                    deliver(n.payload)
+                    if n.channel != PG_ENDED_CHANNEL:
+                        deliver(n.payload, None)
+                        continue
+                    try:
+                        saga_id, ended = self._decode(n.payload)
+                    except (ValueError, KeyError, TypeError):
+                        continue  # not a saga: its id follows on PG_CHANNEL anyway
+                    deliver(saga_id, ended)
         finally:
             conn.close()
 
@@ -214,7 +254,7 @@ class RedisFinishedListener(FinishedListener):
         self._channel = channel
 
     def _listen(
-        self, deliver: Callable[[str], None], connected: Callable[[], None], stop: threading.Event
+        self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
     ) -> None:
         pubsub = self._client.pubsub()
         try:
@@ -226,6 +266,6 @@ class RedisFinishedListener(FinishedListener):
                 if msg["type"] == "subscribe":  # confirmed: from now on nothing is missed
                     connected()
                 elif msg["type"] == "message":
-                    deliver(str(msg["data"]))
+                    deliver(str(msg["data"]), None)
         finally:
             pubsub.close()

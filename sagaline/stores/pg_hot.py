@@ -24,7 +24,8 @@ pipeline mode, where statements are sent together and answered together:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,7 +38,7 @@ from sqlalchemy.engine import Engine
 
 from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
 from ..states import SAGA_TERMINAL, Phase
-from .finished import PG_CHANNEL, pg_payload
+from .finished import PG_CHANNEL, PG_ENDED_CHANNEL, PG_MAX_PAYLOAD, pg_payload
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
 from .row_memo import StepRowMemo
 from .rows import from_row
@@ -105,6 +106,35 @@ INSERT_EVENT = (
     + ")"
 )
 NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
+NOTIFY_ENDED = f"SELECT pg_notify('{PG_ENDED_CHANNEL}', %s)"
+SAGA_COLUMNS = [c.name for c in sagas.c]
+# Read back from a float8 column, an int written there is a float.
+SAGA_FLOATS = frozenset(c.name for c in sagas.c if isinstance(c.type, sa.Double))
+
+
+def ended_payload(written: dict[str, Any]) -> str | None:
+    """The saga row as `write` stores it (the parameters of UPDATE_SAGA), as JSON; its
+    JSON columns as the very text stored. None when it does not fit a payload."""
+    row = {c: json.dumps(written[c].obj) if c in SAGA_JSON else written[c] for c in SAGA_COLUMNS}
+    text = json.dumps(row)
+    return text if len(text.encode()) <= PG_MAX_PAYLOAD else None
+
+
+def decode_ended(payload: str) -> tuple[str, Callable[[], SagaRecord]]:
+    """The saga id of an `ended_payload`, and how to decode its saga as `read_saga`
+    would: JSON columns by json.loads (psycopg's loader), float8 columns as floats."""
+    row = json.loads(payload)
+
+    def record() -> SagaRecord:
+        values = dict(row)
+        for c in SAGA_JSON:
+            values[c] = json.loads(values[c])
+        for c in SAGA_FLOATS:
+            if values[c] is not None:
+                values[c] = float(values[c])
+        return from_row(SagaRecord, values)
+
+    return row["saga_id"], record
 
 
 def _insert(table: sa.Table) -> str:
@@ -219,11 +249,8 @@ class PgHotPath:
         try:
             with conn.pipeline():
                 if d.saga is not None:
-                    conn.execute(
-                        UPDATE_SAGA,
-                        PARAMS.versioned(d.saga, SAGA_JSON, d.saga_version),
-                        prepare=True,
-                    )
+                    written = PARAMS.versioned(d.saga, SAGA_JSON, d.saga_version)
+                    conn.execute(UPDATE_SAGA, written, prepare=True)
                 for s in d.steps:
                     conn.execute(
                         UPDATE_STEP,
@@ -234,7 +261,11 @@ class PgHotPath:
                     with conn.cursor() as cur:
                         cur.executemany(INSERT_EVENT, [PARAMS.event(e) for e in d.events])
                 if d.saga is not None and d.saga.status in SAGA_TERMINAL:
-                    # Delivered at commit: wakes the callers waiting in get() (finished.py).
+                    # Delivered at commit, in this order: wakes the callers waiting in
+                    # get() with the saga itself when it fits, else by its id (finished.py).
+                    ended = ended_payload(written)
+                    if ended is not None:
+                        conn.execute(NOTIFY_ENDED, (ended,))
                     conn.execute(NOTIFY, (pg_payload(saga_id),))
                 conn.execute("COMMIT")
         except psycopg.errors.DivisionByZero:

@@ -49,7 +49,7 @@ from .sql_dialects import (
     driver_url,
     engine_options_for,
     hot_path,
-    pg_listen_connect,
+    pg_listener,
     sqlite_path,
     sqlite_setup,
     transient,
@@ -182,7 +182,7 @@ class SQLStore(Store):
             return None  # MySQL, SQLite in memory: the caller polls
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            listener = self._listener = PgFinishedListener(pg_listen_connect(self.engine))
+            listener = self._listener = pg_listener(self.engine)
         return listener.watch(saga_id)
 
     # -- writes ------------------------------------------------------------------

@@ -14,11 +14,11 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
+from .finished import PgFinishedListener
 from .registry import require_extra
 from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from contextlib import AbstractContextManager
 
     from ..records import Decision, Event, SagaRecord, SagaState, StepRecord
@@ -60,11 +60,12 @@ def hot_path(engine: Engine, dialect: str, path: Path | None) -> HotPath | None:
     return None
 
 
-def pg_listen_connect(engine: Engine) -> Callable[[], Any]:
-    """How PostgreSQL's listener of ended sagas connects (finished.py)."""
-    from .pg_hot import PgHotPath
+def pg_listener(engine: Engine) -> PgFinishedListener:
+    """PostgreSQL's listener of ended sagas (finished.py), on a connection made like
+    the pool's, decoding the ended sagas that the hot path's commits send."""
+    from .pg_hot import PgHotPath, decode_ended
 
-    return PgHotPath(engine).listen_connection
+    return PgFinishedListener(PgHotPath(engine).listen_connection, decode_ended)
 
 
 def dialect_of(url: str) -> str:

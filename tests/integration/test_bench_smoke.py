@@ -54,6 +54,9 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "MEM": ["sagaline_total_kb", "baseline_total_kb", "ratio_total"],
 }
+# G1's latencies may be 0 or below (get() can return before the committing call
+# has): only there, and numbers.
+G1_NUMBERS = ["median_ms", "p90_ms", "p99_ms", "max_ms", "caller_cpu_per_get_ms"]
 
 
 def figure_lines(stdout: str) -> dict[str, dict[str, Any]]:
@@ -84,6 +87,12 @@ def test_quick_benchmark_prints_every_figure_with_positive_numbers() -> None:
         for key in keys:
             value = line[key]
             assert isinstance(value, (int, float)) and value > 0, f"{name}.{key} = {value!r}"
+    g1 = figures["G1"]
+    assert g1["store"] == "sqlite" and g1["waited"] > 0
+    for key in G1_NUMBERS:
+        assert isinstance(g1[key], (int, float)), f"G1.{key} = {g1[key]!r}"
+    # Woken by its peek at the file, not by polling: two reads, before and after.
+    assert 1 <= g1["reads_per_get_max"] <= 2, g1
     lengths = figures["S1"]["lengths"]
     assert set(lengths) == {"4", "8"}
     for per_length in lengths.values():

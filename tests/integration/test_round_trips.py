@@ -184,5 +184,5 @@ def test_each_step_costs_the_same_few_round_trips_whatever_the_saga_length(
         last = per_step[-1]
         # Only the final transition touches the saga row, and announces its end.
         assert last["UPDATE sagaline_sagas"] == 1
-        assert last["SELECT"] == 1  # pg_notify
+        assert last["SELECT"] == 2  # pg_notify: the ended saga, then its id
         assert last["round trips"] == 3

@@ -45,6 +45,8 @@ from tests.harness import drop_database, shared_postgres_url
 from tests.stores import (
     T0,
     THREADS,
+    Read,
+    counted_reads,
     create_mariadb_database,
     delete_prefix,
     drop_mariadb_database,
@@ -1451,57 +1453,91 @@ def test_operations_on_impossible_ids_are_not_found_or_type_errors(
 # -- waiting for the end of a saga ----------------------------------------------------
 
 # Stores that wake get() when a saga ends (PostgreSQL and Redis announce it, a SQLite
-# file is peeked at); the others leave get() to poll.
+# file is peeked at); the others leave get() to poll. PostgreSQL's notification also
+# carries the ended saga, when it fits: get() does not read it again.
 WATCHES_ENDED_SAGAS = ("postgresql", "redis", "sqlite")
+CARRIES_THE_ENDED_SAGA = ("postgresql",)
 
 
-def test_get_wakes_on_the_commit_that_ends_the_saga_after_two_reads(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def scheme_of(st: Store) -> str:
+    return st.url.split(":", 1)[0].split("+", 1)[0]
+
+
+def get_while_it_ends(st: Store, **ended: Any) -> tuple[str, Any, list[Read]]:
+    """`get()` on a running saga that another thread ends (its record changed by
+    `ended`) once the caller has read it: the saga's id, what get() returned or
+    raised, and the reads it made."""
     from types import SimpleNamespace
 
+    from sagaline.exceptions import SagaError
     from sagaline.handle import SagaHandle
 
-    state = started(store)
-    sid = state.saga.saga_id
-    reads: list[SagaStatus] = []
-    read_saga = store.get_saga
+    sid = started(st).saga.saga_id
 
-    def counted(saga_id: str) -> SagaRecord | None:
-        saga = read_saga(saga_id)
-        assert saga is not None
-        reads.append(saga.status)
-        return saga
-
-    monkeypatch.setattr(store, "get_saga", counted)
-
-    def finish_after_the_first_read() -> None:
+    def end_after_the_first_read(reads: list[Read]) -> None:
         for _ in range(3000):  # bounded: 30 s at most
             if reads:
                 break
             time.sleep(0.01)
         time.sleep(0.05)  # the caller is waiting by now (or polling)
-        store.transact(
+        st.transact(
             sid,
-            lambda st: Decision(
-                saga=replace(st.saga, status=SagaStatus.COMPLETED, output={"done": True}),
-                saga_version=st.saga.version,
-            ),
+            lambda s: Decision(saga=replace(s.saga, **ended), saga_version=s.saga.version),
         )
 
-    finisher = threading.Thread(target=finish_after_the_first_read)
-    finisher.start()
-    try:
-        handle = SagaHandle(SimpleNamespace(store=store), sid, "contract")  # type: ignore[arg-type]
-        assert handle.get(timeout=30) == {"done": True}
-    finally:
-        finisher.join(30)
-    assert reads[0] is SagaStatus.RUNNING and reads[-1] is SagaStatus.COMPLETED
-    if store.url.split(":", 1)[0].split("+", 1)[0] in WATCHES_ENDED_SAGAS:
+    outcome: Any
+    with counted_reads(st) as reads:
+        finisher = threading.Thread(target=end_after_the_first_read, args=(reads,))
+        finisher.start()
+        try:
+            handle = SagaHandle(SimpleNamespace(store=st), sid, "contract")  # type: ignore[arg-type]
+            try:
+                outcome = handle.get(timeout=30)
+            except SagaError as exc:
+                outcome = exc
+        finally:
+            finisher.join(30)
+    return sid, outcome, reads
+
+
+def test_get_wakes_on_the_commit_that_ends_the_saga_after_at_most_two_reads(
+    store: Store,
+) -> None:
+    sid, outcome, reads = get_while_it_ends(
+        store, status=SagaStatus.COMPLETED, output={"done": True}
+    )
+    assert outcome == {"done": True}
+    assert reads[0].status is SagaStatus.RUNNING
+    if scheme_of(store) in CARRIES_THE_ENDED_SAGA:
+        assert len(reads) == 1, reads  # the notification brought the saga itself
+    elif scheme_of(store) in WATCHES_ENDED_SAGAS:
         assert len(reads) == 2, reads  # woken by the commit (or a peek), not by a poll
+        assert reads[-1].status is SagaStatus.COMPLETED
     else:
         assert store.watch_finished(sid) is None
         assert len(reads) > 2, reads
+
+
+@pytest.mark.parametrize("padding", [10, 9000], ids=["fits-a-notification", "does-not"])
+def test_get_returns_the_ended_saga_exactly_as_a_read_returns_it(
+    store: Store, padding: int
+) -> None:
+    """To the order of a JSON object's keys and the type of a number: an int written
+    to a float column is a float once read."""
+    from sagaline.exceptions import SagaCompensated
+
+    sid, outcome, reads = get_while_it_ends(
+        store,
+        status=SagaStatus.COMPENSATED,
+        output={"z": 1, "a": [1.5, "é ✓", None, 0.1], "m": {"y": 2, "b": "x" * padding}},
+        error="boom ✓\nsecond line",
+        failed_step="b",
+        finished_at=1_700_000_002,
+    )
+    assert isinstance(outcome, SagaCompensated)
+    assert repr(outcome.record) == repr(store.get_saga(sid))
+    if scheme_of(store) in CARRIES_THE_ENDED_SAGA:
+        assert len(reads) == (1 if padding < 1000 else 2), reads
 
 
 def test_get_on_an_announcing_store_still_times_out(store: Store) -> None:
