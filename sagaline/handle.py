@@ -49,10 +49,11 @@ class SagaHandle:
         On a store that announces ended sagas (PostgreSQL, Redis) the wait wakes on
         the commit that ends the saga; on a SQLite file it peeks at the file's
         change counter (every 0.25 ms during the first second); either way it
-        reads the saga once before waiting and once after (on PostgreSQL only
-        before, when the notification carried the ended saga). Elsewhere, or while the
-        store's listener is disconnected, it polls every `interval` seconds,
-        growing to 5 ms for the first `fast_for` seconds and then to `max_interval`.
+        reads the saga once before waiting and once after (on PostgreSQL and Redis
+        only before, when the notification carried the ended saga). Elsewhere, or
+        while the store's listener is disconnected, it polls every `interval`
+        seconds, growing to 5 ms for the first `fast_for` seconds and then to
+        `max_interval`.
 
         Raises SagaCompensated or SagaFailed (with the cause) when it did not complete,
         SagaTimeout when `timeout` seconds pass first.

@@ -8,10 +8,11 @@ caller. A caller subscribes before its first read, so a saga that ends between
 that read and the wait still wakes it: `SagaHandle.get()` then reads the saga
 twice, once before and once after the wake.
 
-On PostgreSQL the same transaction also sends, on a channel of its own, the saga's
-row as it wrote it, when it fits a payload: the watch then holds the ended saga,
-decoded as a read decodes it, and `get()` returns it without its second read.
-The id goes on its own channel all the same, for listeners of an earlier sagaline.
+The same transaction (or script) also sends, on a channel of its own, the saga's
+row (PostgreSQL) or hash (Redis) as it wrote it, when it fits a payload: the watch
+then holds the ended saga, decoded as a read decodes it, and `get()` returns it
+without its second read. The id goes on its own channel all the same, for
+listeners of an earlier sagaline and for sagas too large to send.
 
 A notification is a hint, never the only way: a lost one (the listener's connection
 dropped) only delays the caller until its next re-read. While the listener is not
@@ -246,26 +247,50 @@ class PgFinishedListener(FinishedListener):
 
 
 class RedisFinishedListener(FinishedListener):
-    """SUBSCRIBE to the store's channel on a redis-py pub/sub connection of its own."""
+    """SUBSCRIBE to the store's channels on a redis-py pub/sub connection of its own.
 
-    def __init__(self, client: Any, channel: str):
+    `ended_channel` carries ended sagas (redis_layout.py's `ended_message`),
+    `channel` their ids; `decode` turns a message of the first into the saga's id
+    and a function that decodes the saga itself (called only if someone waits).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        channel: str,
+        ended_channel: str,
+        decode: Callable[[str], tuple[str, Callable[[], SagaRecord]]],
+    ):
         super().__init__("sagaline-finished-redis")
         self._client = client
         self._channel = channel
+        self._ended_channel = ended_channel
+        self._decode = decode
 
     def _listen(
         self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
     ) -> None:
         pubsub = self._client.pubsub()
         try:
-            pubsub.subscribe(self._channel)
+            pubsub.subscribe(self._ended_channel, self._channel)
             while not stop.is_set():
                 msg = pubsub.get_message(timeout=1.0)
                 if msg is None:
                     continue
-                if msg["type"] == "subscribe":  # confirmed: from now on nothing is missed
-                    connected()
-                elif msg["type"] == "message":
+                if msg["type"] == "subscribe":
+                    # `data` counts this connection's channels: once both are
+                    # confirmed, nothing sent from now on is missed.
+                    if msg["data"] == 2:
+                        connected()
+                elif msg["type"] != "message":
+                    continue
+                elif msg["channel"] != self._ended_channel:
                     deliver(str(msg["data"]), None)
+                else:
+                    try:
+                        saga_id, ended = self._decode(str(msg["data"]))
+                    except ValueError:
+                        continue  # not a saga: its id follows on `channel` anyway
+                    deliver(saga_id, ended)
         finally:
             pubsub.close()

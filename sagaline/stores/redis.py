@@ -70,7 +70,7 @@ from .finished import FinishWatch, RedisFinishedListener
 from .redis_cache import ClaimSnapshots, StaleCache, StepCache, held_arg
 from .redis_client import client_url, new_client
 from .redis_create import insert_saga
-from .redis_layout import DEFAULT_BUCKETS, Layout
+from .redis_layout import DEFAULT_BUCKETS, Layout, decode_ended
 from .redis_layout import event_record as _event_record
 from .redis_layout import saga_record as _saga_record
 from .redis_migrate import read_layout
@@ -214,8 +214,10 @@ class RedisStore(Store):
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            channel = self.layout.finished_channel()
-            listener = self._listener = RedisFinishedListener(self._client, channel)
+            layout = self.layout
+            listener = self._listener = RedisFinishedListener(
+                self._client, layout.finished_channel(), layout.ended_channel(), decode_ended
+            )
         return listener.watch(saga_id)
 
     def migrate(self) -> None:

@@ -49,6 +49,9 @@ every hash field holds JSON)::
                                             by processes of Celery node <node>, scored
                                             by the claim's first lease
     {p}:finished                    channel PUBLISHed saga ids of sagas that finished
+    {p}:ended                       channel ... and, just before, each one's id, NUL and
+                                            its hash's fields and values as written
+                                            (a JSON array), when under 7,000 bytes
 
 Layout 1 (sagaline before Redis Cluster support) had the same keys without the
 `{b}` part and one global index of each kind; `RedisStore.migrate()` (`sagaline db
@@ -65,7 +68,7 @@ import functools
 import itertools
 import json
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +80,9 @@ LAYOUT_VERSION = 2
 DEFAULT_BUCKETS = 16
 MAX_BUCKETS = 256
 CLUSTER_SLOTS = 16384
+# The largest message of the ended channel (as PostgreSQL's): sent to every
+# listening process, a large saga is announced by its id alone and read.
+ENDED_MAX_BYTES = 7000
 
 
 def bucket_of(text: str, buckets: int) -> int:
@@ -246,6 +252,9 @@ class Layout:
     def finished_channel(self) -> str:
         return f"{self.prefix}:finished"
 
+    def ended_channel(self) -> str:
+        return f"{self.prefix}:ended"
+
 
 @dataclass(frozen=True)
 class LegacyLayout:
@@ -313,6 +322,28 @@ def saga_record(h: dict[str, str]) -> SagaRecord:
 
 def step_record(h: dict[str, str]) -> StepRecord:
     return from_row(StepRecord, decoded(h))
+
+
+def ended_message(saga_id: str, saga_fields: list[str]) -> str | None:
+    """What write.lua publishes on the ended channel for a saga whose hash it sets to
+    `saga_fields` (field, value, ...): the id, NUL (in no saga id: filters.findable),
+    and the fields as a JSON array. None when it would pass ENDED_MAX_BYTES."""
+    message = saga_id + "\0" + json.dumps(saga_fields)
+    return message if len(message.encode()) <= ENDED_MAX_BYTES else None
+
+
+def decode_ended(message: str) -> tuple[str, Callable[[], SagaRecord]]:
+    """The saga id of an `ended_message`, and how to decode its saga as a read
+    decodes the saga's hash (`saga_record` of HGETALL's field -> value)."""
+    saga_id, sep, body = message.partition("\0")
+    if not sep:
+        raise ValueError("not an ended saga")
+
+    def record() -> SagaRecord:
+        flat = json.loads(body)
+        return saga_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    return saga_id, record
 
 
 def decoded(h: dict[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from ..records import Decision, Event, SagaRecord, SagaState
 from ..states import SAGA_TERMINAL
 from .redis_layout import Layout
 from .redis_layout import due_member as _due_member
+from .redis_layout import ended_message as _ended_message
 from .redis_layout import event_json as _event_json
 from .redis_layout import fields as _fields
 from .redis_layout import score as _score
@@ -59,10 +60,12 @@ def decision_payload(layout: Layout, state: SagaState, txn: str, d: Decision) ->
     hset: list[Any] = []
     zrem: list[list[str]] = []
     zadd: list[list[str]] = []
+    saga_fields: list[str] = []
     if d.saga is not None:
         key = layout.saga_key(sid)
         expect.append([key, str(d.saga_version)])
-        hset.append([key, _fields(d.saga, version=d.saga_version + 1)])
+        saga_fields = _fields(d.saga, version=d.saga_version + 1)
+        hset.append([key, saga_fields])
         # The version check proves the stored status is the one read here.
         old = state.saga
         if old.status is not d.saga.status:
@@ -108,7 +111,11 @@ def decision_payload(layout: Layout, state: SagaState, txn: str, d: Decision) ->
     if hset:
         payload["txn"] = txn
     if d.saga is not None and d.saga.status in SAGA_TERMINAL:
-        # Wakes the callers waiting in get() (finished.py) when the script runs.
+        # Wake the callers waiting in get() (finished.py) when the script runs: with
+        # the saga's hash as the script writes it, when it fits, and by its id.
+        ended = _ended_message(sid, saga_fields)
+        if ended is not None:
+            payload["ended"] = [layout.ended_channel(), ended]
         payload["finished"] = [layout.finished_channel(), sid]
     return payload
 

@@ -1453,10 +1453,10 @@ def test_operations_on_impossible_ids_are_not_found_or_type_errors(
 # -- waiting for the end of a saga ----------------------------------------------------
 
 # Stores that wake get() when a saga ends (PostgreSQL and Redis announce it, a SQLite
-# file is peeked at); the others leave get() to poll. PostgreSQL's notification also
-# carries the ended saga, when it fits: get() does not read it again.
+# file is peeked at); the others leave get() to poll. PostgreSQL's and Redis's
+# notifications also carry the ended saga, when it fits: get() does not read it again.
 WATCHES_ENDED_SAGAS = ("postgresql", "redis", "sqlite")
-CARRIES_THE_ENDED_SAGA = ("postgresql",)
+CARRIES_THE_ENDED_SAGA = ("postgresql", "redis")
 
 
 def scheme_of(st: Store) -> str:

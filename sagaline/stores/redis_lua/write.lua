@@ -12,5 +12,7 @@ for _, c in ipairs(p.expect) do
 end
 if p.txn then redis.call('HINCRBY', p.saga_key, 'txn', 1) end
 --@apply
+-- The saga as written, then its id: a listener waiting for it needs no read.
+if p.ended then redis.call('PUBLISH', p.ended[1], p.ended[2]) end
 if p.finished then redis.call('PUBLISH', p.finished[1], p.finished[2]) end
 return 1
