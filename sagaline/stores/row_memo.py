@@ -27,7 +27,7 @@ from ..states import SAGA_TERMINAL
 from .hot_params import STEP_JSON
 from .rows import from_row
 
-DEFAULT_LIMIT = 4096
+DEFAULT_LIMIT = 1024
 
 
 def text_json_row(
