@@ -97,18 +97,22 @@ class ListenerWatch(FinishWatch):
 
 
 Deliver = Callable[[str, "Callable[[], SagaRecord] | None"], None]
+# A notification that carries an ended saga -> its id, and how to decode the saga.
+DecodeEnded = Callable[[str], "tuple[str, Callable[[], SagaRecord]]"]
 
 
 class FinishedListener(ABC):
     """A daemon thread that receives the ids of ended sagas and wakes their watches.
 
     A store makes one per process (a forked child makes its own: threads and
-    sockets do not survive the fork) and implements `_listen`.
+    sockets do not survive the fork) and implements `_listen`. `decode` reads the
+    notifications that carry the ended saga itself (`deliver_ended`).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, decode: DecodeEnded):
         self.pid = os.getpid()
         self._name = name
+        self._decode = decode
         self._lock = threading.Lock()
         self._watches: dict[str, set[ListenerWatch]] = {}
         # Bumped on every (re)connection; 0 while not connected.
@@ -156,6 +160,14 @@ class FinishedListener(ABC):
         for w in woken:
             w.wake(record)
 
+    def deliver_ended(self, payload: str) -> None:
+        """Called by `_listen` for each notification that carries an ended saga."""
+        try:
+            saga_id, ended = self._decode(payload)
+        except (ValueError, KeyError, TypeError):
+            return  # not a saga: its id follows on the id's channel anyway
+        self.deliver(saga_id, ended)
+
     def connected(self) -> None:
         """Called by `_listen` once it listens: watches made from now on are live."""
         with self._lock:
@@ -190,8 +202,9 @@ class FinishedListener(ABC):
     def _listen(
         self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
     ) -> None:
-        """Connect, subscribe, call `connected()`, then `deliver(saga_id, ended)` for
-        each notification until `stop` is set or the connection fails (raise)."""
+        """Connect, subscribe, call `connected()`, then `deliver(saga_id, None)` for
+        each id and `deliver_ended(payload)` for each ended saga notified, until
+        `stop` is set or the connection fails (raise)."""
 
     def close(self) -> None:
         self._stop.set()
@@ -209,20 +222,12 @@ def pg_payload(saga_id: str) -> str:
 
 
 class PgFinishedListener(FinishedListener):
-    """LISTEN on a psycopg 3 connection of its own, in autocommit mode.
+    """LISTEN on a psycopg 3 connection of its own, in autocommit mode; `decode`
+    reads the payloads of PG_ENDED_CHANNEL."""
 
-    `decode` turns a payload of PG_ENDED_CHANNEL into the saga's id and a function
-    that decodes the saga itself (called only if someone waits for it).
-    """
-
-    def __init__(
-        self,
-        connect: Callable[[], Any],
-        decode: Callable[[str], tuple[str, Callable[[], SagaRecord]]],
-    ):
-        super().__init__("sagaline-finished-pg")
+    def __init__(self, connect: Callable[[], Any], decode: DecodeEnded):
+        super().__init__("sagaline-finished-pg", decode)
         self._connect = connect
-        self._decode = decode
 
     def _listen(
         self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
@@ -234,38 +239,24 @@ class PgFinishedListener(FinishedListener):
             connected()
             while not stop.is_set():
                 for n in conn.notifies(timeout=1.0):
-                    if n.channel != PG_ENDED_CHANNEL:
+                    if n.channel == PG_ENDED_CHANNEL:
+                        self.deliver_ended(n.payload)
+                    else:
                         deliver(n.payload, None)
-                        continue
-                    try:
-                        saga_id, ended = self._decode(n.payload)
-                    except (ValueError, KeyError, TypeError):
-                        continue  # not a saga: its id follows on PG_CHANNEL anyway
-                    deliver(saga_id, ended)
         finally:
             conn.close()
 
 
 class RedisFinishedListener(FinishedListener):
-    """SUBSCRIBE to the store's channels on a redis-py pub/sub connection of its own.
+    """SUBSCRIBE to the store's channels on a redis-py pub/sub connection of its own:
+    `ended_channel` carries ended sagas (redis_layout.py's `ended_message`, read by
+    `decode`), `channel` their ids."""
 
-    `ended_channel` carries ended sagas (redis_layout.py's `ended_message`),
-    `channel` their ids; `decode` turns a message of the first into the saga's id
-    and a function that decodes the saga itself (called only if someone waits).
-    """
-
-    def __init__(
-        self,
-        client: Any,
-        channel: str,
-        ended_channel: str,
-        decode: Callable[[str], tuple[str, Callable[[], SagaRecord]]],
-    ):
-        super().__init__("sagaline-finished-redis")
+    def __init__(self, client: Any, channel: str, ended_channel: str, decode: DecodeEnded):
+        super().__init__("sagaline-finished-redis", decode)
         self._client = client
         self._channel = channel
         self._ended_channel = ended_channel
-        self._decode = decode
 
     def _listen(
         self, deliver: Deliver, connected: Callable[[], None], stop: threading.Event
@@ -284,13 +275,9 @@ class RedisFinishedListener(FinishedListener):
                         connected()
                 elif msg["type"] != "message":
                     continue
-                elif msg["channel"] != self._ended_channel:
-                    deliver(str(msg["data"]), None)
+                elif msg["channel"] == self._ended_channel:
+                    self.deliver_ended(str(msg["data"]))
                 else:
-                    try:
-                        saga_id, ended = self._decode(str(msg["data"]))
-                    except ValueError:
-                        continue  # not a saga: its id follows on `channel` anyway
-                    deliver(saga_id, ended)
+                    deliver(str(msg["data"]), None)
         finally:
             pubsub.close()

@@ -40,7 +40,7 @@ from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, Ste
 from ..states import SAGA_TERMINAL, Phase
 from .finished import PG_CHANNEL, PG_ENDED_CHANNEL, PG_MAX_PAYLOAD, pg_payload
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
-from .row_memo import StepRowMemo
+from .row_memo import StepRowMemo, text_json_row
 from .rows import from_row
 from .schema import events, sagas, steps
 
@@ -126,9 +126,7 @@ def decode_ended(payload: str) -> tuple[str, Callable[[], SagaRecord]]:
     row = json.loads(payload)
 
     def record() -> SagaRecord:
-        values = dict(row)
-        for c in SAGA_JSON:
-            values[c] = json.loads(values[c])
+        values = text_json_row(SAGA_COLUMNS, [row[c] for c in SAGA_COLUMNS], SAGA_JSON)
         for c in SAGA_FLOATS:
             if values[c] is not None:
                 values[c] = float(values[c])
