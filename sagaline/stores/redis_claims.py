@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..records import PHASE_COLUMNS, Event, Owner
 from ..states import Phase
+from .json_text import json_value
 from .redis_cache import held_arg
 from .redis_layout import due_member, event_json, score
 
@@ -35,15 +36,15 @@ def claim(
     """Store.claim_step."""
     cols = PHASE_COLUMNS[phase]
     # A compensation keeps the step's start time.
-    extra = ["started_at", json.dumps(now)] if phase is Phase.FORWARD else []
+    extra = ["started_at", json_value(now)] if phase is Phase.FORWARD else []
     event = event_json(Event(saga_id, cols.started, now, step, attempt, phase.value))
     extra += [
         "owner_node",
-        json.dumps(None if owner is None else owner.node),
+        json_value(None if owner is None else owner.node),
         "owner_boot",
-        json.dumps(None if owner is None else owner.boot),
+        json_value(None if owner is None else owner.boot),
         "owner_pid",
-        json.dumps(None if owner is None else owner.pid),
+        json_value(None if owner is None else owner.pid),
     ]
     return _cas(
         store, saga_id, step, phase, attempt, cols.dispatched, lease_until, event, extra, owner
@@ -88,11 +89,11 @@ def _cas(
     sent = store._steps_held.known_versions(saga_id) if read else {}
     args = [
         cols.status,
-        json.dumps(expected.value),
+        json_value(expected.value),
         cols.attempt,
-        json.dumps(attempt),
-        json.dumps(cols.running.value),
-        json.dumps(lease_until),
+        json_value(attempt),
+        json_value(cols.running.value),
+        json_value(lease_until),
         score(lease_until),
         due_member(saga_id, step),
         event,

@@ -74,6 +74,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError
 from ..records import Event, SagaRecord, StepRecord
+from .json_text import json_loads, json_value
 from .rows import from_row, to_row
 
 LAYOUT_VERSION = 2
@@ -313,7 +314,7 @@ def fields(rec: SagaRecord | StepRecord, *, version: int | None = None) -> list[
     row = to_row(rec)
     if version is not None:
         row["version"] = version
-    return [part for name, value in row.items() for part in (name, json.dumps(value))]
+    return [part for name, value in row.items() for part in (name, json_value(value))]
 
 
 def saga_record(h: dict[str, str]) -> SagaRecord:
@@ -349,7 +350,7 @@ def decode_ended(message: str) -> tuple[str, Callable[[], SagaRecord]]:
 def decoded(h: dict[str, str]) -> dict[str, Any]:
     # `txn` is no record field, and fields written by a newer sagaline are unknown
     # here: from_row ignores both rather than failing on them.
-    return {k: json.loads(v) for k, v in h.items() if k != "txn"}
+    return {k: json_loads(v) for k, v in h.items() if k != "txn"}
 
 
 def event_json(e: Event) -> str:
