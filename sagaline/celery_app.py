@@ -111,6 +111,9 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
         # Fails now, naming the extra, if OpenTelemetry is missing. The provider itself is
         # set at first use, so an application that sets its own after this call wins.
         from .observability import tracing  # noqa: F401
+        from .observability.provider import preload_exporter
+
+        preload_exporter()
     return runtime
 
 
