@@ -65,7 +65,7 @@ class Sizes:
             l1_runs=60,
             l2_runs=30,
             t1_sagas=1000,
-            t1_rounds=1,
+            t1_rounds=3,
             s1_lengths=(4, 16, 64),
             s1_step_budget=320,
             history=history,
