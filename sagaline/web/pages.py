@@ -321,7 +321,9 @@ def saga_action(
                 runtime=ctx.runtime,
                 actor=principal.name,
             )
-            notice = "Cancelled: its applied steps are being compensated."
+            # Still true once the compensations are done: the notice stays on the page
+            # while the timeline below follows them live.
+            notice = "Cancelled: its applied steps are compensated, the last first (below)."
         else:
             ops.resume(saga_id, runtime=ctx.runtime, actor=principal.name)
             notice = "Resumed."

@@ -160,6 +160,8 @@ def test_cancel_from_the_page_compensates_the_saga(stack: WebStack, page: sync_a
     page.wait_for_function(
         "() => document.querySelector('#saga-status').innerText === 'COMPENSATED'", timeout=10_000
     )
+    # The notice of the cancel stays on the page, and still reads true.
+    assert page.inner_text("#notice").startswith("Cancelled: its applied steps are compensated")
     assert [li.get_attribute("data-step") for li in page.locator("#compensations li").all()] == [
         "explore_area",
         "plan_route",
