@@ -94,3 +94,37 @@ def test_a_step_sent_from_a_running_task_keeps_its_reply_to_and_names_no_thread(
         before_task_publish.disconnect(record)
     assert seen == ["caller-oid"]
     assert not hasattr(app._local, "oid")
+
+
+def test_a_step_message_shows_its_arguments_without_celerys_saferepr() -> None:
+    from celery.signals import before_task_publish
+    from celery.utils.saferepr import saferepr
+
+    from sagaline.publishing import send_step
+
+    app = Celery("reprs", broker="memory://")
+
+    @app.task(name="t.reprs", shared=False)
+    def step(saga_id: str = "", order: Any = None, note: str = "") -> None:
+        return None
+
+    seen: list[tuple[str, str]] = []
+
+    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        seen.append(((headers or {})["argsrepr"], (headers or {})["kwargsrepr"]))
+
+    flat = {"saga_id": "s-1", "note": "n" * 2000}
+    nested = {"saga_id": "s-1", "order": {"lines": [{"sku": "a", "qty": 2}] * 400}}
+    before_task_publish.connect(record, weak=False)
+    try:
+        for kwargs in (flat, nested):
+            d = Dispatch("s-1", "saga", "fp", "a", Phase.FORWARD, 1, "t.reprs", kwargs)
+            send_step(app, d, None)
+    finally:
+        before_task_publish.disconnect(record)
+    (args_flat, kw_flat), (args_nested, kw_nested) = seen
+    assert args_flat == args_nested == "()"
+    limit = app.amqp.kwargsrepr_maxsize
+    assert kw_flat == repr(flat)[: limit - 3] + "..." and len(kw_flat) == limit
+    # Not flat: left to Celery's saferepr, which stops at its limit.
+    assert kw_nested == saferepr(nested, limit, maxlevels=app.conf.task_repr_maxlevels)
