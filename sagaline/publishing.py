@@ -88,12 +88,14 @@ _FLAT = (str, int, float, bool, type(None))
 
 
 def flat_repr(kwargs: dict[str, Any], limit: int) -> str | None:
-    """`repr(kwargs)`, cut to `limit` characters, when every value is a str, number,
-    bool or None (what Celery's saferepr writes then, but for its strings unescaped).
-    None otherwise: Celery's saferepr writes it, level by level, never past its limit,
-    where a built-in repr would first write all of a large payload."""
-    if not all(type(v) in _FLAT for v in kwargs.values()):
-        return None
+    """`repr(kwargs)`, cut to `limit` characters, when every value is a str of at most
+    `limit` characters, a number, a bool or None (what Celery's saferepr writes then,
+    but for its strings unescaped). None otherwise: Celery's saferepr writes it, never
+    past its limit, where a built-in repr would first write all of a large payload."""
+    for value in kwargs.values():
+        kind = type(value)
+        if kind not in _FLAT or (kind is str and len(value) > limit):
+            return None
     text = repr(kwargs)
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 

@@ -100,7 +100,7 @@ def test_a_step_message_shows_its_arguments_without_celerys_saferepr() -> None:
     from celery.signals import before_task_publish
     from celery.utils.saferepr import saferepr
 
-    from sagaline.publishing import send_step
+    from sagaline.publishing import flat_repr, send_step
 
     app = Celery("reprs", broker="memory://")
 
@@ -113,18 +113,22 @@ def test_a_step_message_shows_its_arguments_without_celerys_saferepr() -> None:
     def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
         seen.append(((headers or {})["argsrepr"], (headers or {})["kwargsrepr"]))
 
-    flat = {"saga_id": "s-1", "note": "n" * 2000}
+    flat = {"saga_id": "s-1", "note": "n" * 600, "order": 7}
+    long = {"saga_id": "s-1", "note": "n" * 2000}
     nested = {"saga_id": "s-1", "order": {"lines": [{"sku": "a", "qty": 2}] * 400}}
     before_task_publish.connect(record, weak=False)
     try:
-        for kwargs in (flat, nested):
+        for kwargs in (flat, long, nested):
             d = Dispatch("s-1", "saga", "fp", "a", Phase.FORWARD, 1, "t.reprs", kwargs)
             send_step(app, d, None)
     finally:
         before_task_publish.disconnect(record)
-    (args_flat, kw_flat), (args_nested, kw_nested) = seen
-    assert args_flat == args_nested == "()"
+    assert [a for a, _ in seen] == ["()", "()", "()"]
     limit = app.amqp.kwargsrepr_maxsize
-    assert kw_flat == repr(flat)[: limit - 3] + "..." and len(kw_flat) == limit
-    # Not flat: left to Celery's saferepr, which stops at its limit.
-    assert kw_nested == saferepr(nested, limit, maxlevels=app.conf.task_repr_maxlevels)
+    assert seen[0][1] == repr(flat)
+    # Not flat, or a string past the limit: left to Celery's saferepr, which stops there.
+    for kwargs, (_, shown) in zip((long, nested), seen[1:], strict=True):
+        assert shown == saferepr(kwargs, limit, maxlevels=app.conf.task_repr_maxlevels)
+    assert len(repr({"a": "x" * 1020, "b": 1})) > limit
+    cut = flat_repr({"a": "x" * 1020, "b": 1}, limit)
+    assert cut is not None and len(cut) == limit and cut.endswith("...")
