@@ -67,7 +67,8 @@ from . import redis_reads as reads
 from . import redis_scripts as scripts
 from .base import DEFAULT_RETRY_FOR, DueItem, Snapshot, Store
 from .finished import FinishWatch, RedisFinishedListener
-from .redis_cache import ClaimSnapshots, StaleCache, StepCache, held_arg
+from .kept_claims import KeptClaims
+from .redis_cache import StaleCache, StepCache, held_arg
 from .redis_client import client_url, new_client
 from .redis_create import insert_saga
 from .redis_layout import DEFAULT_BUCKETS, Layout, decode_ended
@@ -136,7 +137,8 @@ class RedisStore(Store):
             self._connect()  # no I/O: redis-py connects on the first command
         self._listener: RedisFinishedListener | None = None
         self._steps_held = StepCache()
-        self._claimed = ClaimSnapshots()
+        # The read of each claim, with the step versions it sent (kept_claims.py).
+        self._claimed: KeptClaims[tuple[str, dict[str, str]]] = KeptClaims()
 
     # Retention (Store.gc): its steps for this layout are in redis_gc.py.
     _gc_candidates = redis_gc.candidates

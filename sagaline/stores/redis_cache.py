@@ -29,8 +29,6 @@ from ..states import SAGA_TERMINAL
 from .rows import from_row
 
 DEFAULT_LIMIT = 4096
-# Claims whose snapshot is kept for their completion (ClaimSnapshots).
-CLAIMS_KEPT = 256
 
 
 class _Held(NamedTuple):
@@ -132,38 +130,6 @@ class StepCache:
         while self._held > self.limit and len(self._sagas) > 1:
             _, dropped = self._sagas.popitem(last=False)
             self._held -= len(dropped.records)
-
-
-class ClaimSnapshots:
-    """The snapshot each claim of this process read (cas_step.lua), kept for the
-    claim's completion, which decides on it instead of reading the saga again.
-
-    Deciding on it is deciding on an older read: its write checks the saga's `txn`
-    and the versions of what it changes as any other, and loses (the caller reads
-    again) if another transact, or a renewal of the claim, wrote meanwhile. A
-    snapshot is taken once; the oldest are dropped beyond `limit` (a claim whose
-    body never completes in this process).
-    """
-
-    def __init__(self, limit: int = CLAIMS_KEPT):
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._by_saga: dict[str, tuple[str, dict[str, str]]] = {}
-
-    def keep(self, saga_id: str, reply: str, sent: dict[str, str]) -> None:
-        with self._lock:
-            self._by_saga.pop(saga_id, None)
-            self._by_saga[saga_id] = (reply, sent)
-            while len(self._by_saga) > self.limit:
-                del self._by_saga[next(iter(self._by_saga))]
-
-    def take(self, saga_id: str) -> tuple[str, dict[str, str]] | None:
-        with self._lock:
-            return self._by_saga.pop(saga_id, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._by_saga.clear()
 
 
 def held_arg(sent: dict[str, str] | None) -> str:

@@ -2,8 +2,8 @@
 
 cas_step.lua moves the step to RUNNING only if its status and attempt are those
 expected, and a claim's script then reads the saga as it is after the claim
-(snapshot.lua), which the store keeps for the claim's completion (ClaimSnapshots
-in redis_cache.py): a step then costs the claim and the completion's write, two
+(snapshot.lua), which the store keeps for the claim's completion
+(kept_claims.py): a step then costs the claim and the completion's write, two
 round trips, instead of a third to read the saga again.
 """
 
@@ -107,5 +107,5 @@ def _cas(
     if isinstance(reply, int):
         return reply == 1
     if reply:
-        store._claimed.keep(saga_id, reply, sent)
+        store._claimed.keep(saga_id, (reply, sent))
     return True

@@ -10,7 +10,9 @@ MySQL) or a BEGIN IMMEDIATE write transaction (SQLite), so completions of one
 saga are serialized while different sagas proceed in parallel. Claims and lease
 renewals do not take the saga lock: they are single compare-and-set UPDATEs on
 the step row, and every write of `transact` is itself a compare-and-set on the
-versions it read, so a claim that slips in between is never overwritten.
+versions it read, so a claim that slips in between is never overwritten. On
+PostgreSQL a step's completion decides on what its claim read, without the lock,
+and its write loses to any decision written since (pg_hot.py).
 """
 
 from __future__ import annotations
@@ -173,6 +175,8 @@ class SQLStore(Store):
     def dispose_after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
         self._listener = None
+        if self._hot is not None:
+            self._hot.dispose_after_fork()
         self.engine.dispose(close=False)
 
     def watch_finished(self, saga_id: str) -> FinishWatch | None:
@@ -280,15 +284,8 @@ class SQLStore(Store):
     def _locked(self, saga_id: str) -> Iterator[Snapshot | None]:
         self._ensure_schema()
         if self._hot is not None:
-            hot = self._hot
-            with hot.locked(saga_id) as (raw, saga, step_rows):
-                if saga is None:
-                    yield None
-                    return
-                yield Snapshot(
-                    SagaState(saga, {s.name: s for s in step_rows}),
-                    lambda decision: hot.write(raw, saga_id, decision),
-                )
+            with self._hot.snapshot(saga_id) as snapshot:
+                yield snapshot
             return
         with self._write() as conn:
             if self.dialect != "sqlite":

@@ -21,8 +21,9 @@ from .sqlite_lock import LOCK_WAIT_KEY, begin_immediate
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from ..records import Decision, Event, SagaRecord, SagaState, StepRecord
+    from ..records import Event, SagaRecord, SagaState
     from ..states import Phase
+    from .base import Snapshot
 
 
 class HotPath(Protocol):
@@ -40,11 +41,11 @@ class HotPath(Protocol):
 
     def read_saga(self, saga_id: str) -> SagaRecord | None: ...
 
-    def locked(
-        self, saga_id: str
-    ) -> AbstractContextManager[tuple[Any, SagaRecord | None, list[StepRecord]]]: ...
+    def snapshot(self, saga_id: str) -> AbstractContextManager[Snapshot | None]:
+        """The saga read for one decision, and how to write it (Store._locked)."""
+        ...
 
-    def write(self, conn: Any, saga_id: str, d: Decision) -> bool: ...
+    def dispose_after_fork(self) -> None: ...
 
 
 def hot_path(engine: Engine, dialect: str, path: Path | None) -> HotPath | None:

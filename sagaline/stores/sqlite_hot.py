@@ -25,8 +25,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState, StepRecord
+from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState
 from ..states import Phase
+from .base import Snapshot
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
 from .row_memo import StepRowMemo, text_json_row
 from .rows import from_row
@@ -142,23 +143,24 @@ class SqliteHotPath:
         return from_row(SagaRecord, rows[0]) if rows else None
 
     @contextmanager
-    def locked(
-        self, saga_id: str
-    ) -> Iterator[tuple[sqlite3.Connection, SagaRecord | None, list[StepRecord]]]:
+    def snapshot(self, saga_id: str) -> Iterator[Snapshot | None]:
         """The saga and its steps read under the write lock, which is held until the
         context exits (rolled back unless written)."""
         with self.connection(write=True) as conn:
             sagas_ = _record_rows(conn.execute(READ_SAGA, (saga_id,)), SAGA_JSON)
             if not sagas_:
-                yield conn, None, []
+                yield None
                 return
             cur = conn.execute(READ_STEPS, (saga_id,))
             names = [d[0] for d in cur.description]
-            yield (
-                conn,
-                from_row(SagaRecord, sagas_[0]),
-                self.steps.records(saga_id, names, cur.fetchall()),
+            records = self.steps.records(saga_id, names, cur.fetchall())
+            yield Snapshot(
+                SagaState(from_row(SagaRecord, sagas_[0]), {s.name: s for s in records}),
+                lambda d: self.write(conn, saga_id, d),
             )
+
+    def dispose_after_fork(self) -> None:
+        """Nothing to forget: the memo of step rows stays true in a child."""
 
     def write(self, conn: sqlite3.Connection, saga_id: str, d: Decision) -> bool:
         """Write a decision (compare-and-set on every record it changes) and commit it;

@@ -8,6 +8,7 @@ To add a store: add its id to STORES and a branch to `store_url`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import re
@@ -100,6 +101,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     else:  # pragma: no cover - a new entry of STORES without its branch here
         raise AssertionError(kind)
     st = store_from_url(url, **options)
+    # Another client of the same data, as another worker has (memory: the same store).
+    request.node.stash[TWIN] = (
+        (lambda: st) if kind == "memory" else (lambda: store_from_url(url, **options))
+    )
     if isinstance(st, SQLStore) and kind in ("postgresql", "mariadb"):
         st.migrate()
         with st.engine.begin() as conn:
@@ -111,6 +116,20 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         if kind in ("redis", "redis-cluster"):
             delete_prefix(st._client, options["prefix"])  # type: ignore[attr-defined]
         st.close()
+
+
+TWIN = pytest.StashKey[Callable[[], Store]]()
+
+
+@pytest.fixture
+def twin(store: Store, request: pytest.FixtureRequest) -> Iterator[Store]:
+    """A second client of `store`'s data (the same store for memory://)."""
+    other = request.node.stash[TWIN]()
+    try:
+        yield other
+    finally:
+        if other is not store:
+            other.close()
 
 
 # -- records -------------------------------------------------------------------------
@@ -768,6 +787,64 @@ def test_transacts_of_one_saga_are_serialized(store: Store) -> None:
     assert (steps["b"], steps["c"]) == (StepStatus.SUCCEEDED, StepStatus.SUCCEEDED)
     # Whichever committed last decided on a state holding the other's success.
     assert StepStatus.SUCCEEDED in (seen["b"][-1], seen["c"][-1])
+
+
+# Stores whose step completion decides on what its claim read, without the saga's lock.
+DECIDES_ON_THE_CLAIMS_READ = ("postgresql", "redis")
+
+
+def test_branches_finishing_together_each_on_its_claims_read_start_the_join_once(
+    store: Store, twin: Store
+) -> None:
+    """Two workers each claim a branch, and each completion decides on what its own
+    claim read, both before either writes. Each changes only its own step: the
+    saga's version, moved on by every written decision, is what makes the later
+    write lose and decide again, on a state holding the other's success."""
+    state = make_state(steps=("b", "c", "d"))
+    sid = state.saga.saga_id
+    state.steps["c"] = replace(state.steps["c"], status=StepStatus.DISPATCHED, attempt=1)
+    store.create_saga(state, [])
+    assert store.claim_step(sid, "b", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    assert twin.claim_step(sid, "c", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    both_read = threading.Barrier(2)
+    calls: list[str] = []
+
+    def finish(mine: str, other: str) -> Callable[[SagaState], Decision]:
+        def decide(current: SagaState) -> Decision:
+            calls.append(mine)
+            if calls.count(mine) == 1:
+                # Both decide on their first read. A store that holds the saga's lock
+                # while deciding makes the other wait: the barrier then breaks.
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    both_read.wait(timeout=2)
+            changed = [replace(current.steps[mine], status=StepStatus.SUCCEEDED)]
+            events = [Event(sid, "step_succeeded", T0 + 1, mine, 1, "forward")]
+            if current.steps[other].status is StepStatus.SUCCEEDED:
+                changed.append(replace(current.steps["d"], status=StepStatus.DISPATCHED, attempt=1))
+                events.append(Event(sid, "step_dispatched", T0 + 1, "d", 1, "forward"))
+            return Decision(
+                steps=changed,
+                events=events,
+                step_versions={r.name: current.steps[r.name].version for r in changed},
+            )
+
+        return decide
+
+    clients = [store, twin]
+    run_threads(2, lambda i: clients[i].transact(sid, finish(*("bc" if i == 0 else "cb"))))
+    steps = {s.name: s for s in store.get_steps(sid)}
+    assert [steps[n].status for n in "bcd"] == [
+        StepStatus.SUCCEEDED,
+        StepStatus.SUCCEEDED,
+        StepStatus.DISPATCHED,
+    ]
+    assert [(e.kind, e.step) for e in store.history(sid)].count(("step_dispatched", "d")) == 1
+    if store.url.startswith(DECIDES_ON_THE_CLAIMS_READ):
+        # Both decided on their claim's read, and the one that wrote second lost once.
+        assert not both_read.broken
+        assert sorted(calls) in (["b", "b", "c"], ["b", "c", "c"])
+    else:
+        assert sorted(calls) == ["b", "c"]
 
 
 def test_transact_rejects_a_decision_on_a_stale_saga_version(store: Store) -> None:
