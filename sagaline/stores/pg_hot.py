@@ -28,7 +28,10 @@ pipeline mode, where statements are sent together and answered together:
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -129,6 +132,62 @@ NOTIFY_ENDED = f"SELECT pg_notify('{PG_ENDED_CHANNEL}', %s)"
 SAGA_COLUMNS = [c.name for c in sagas.c]
 # Read back from a float8 column, an int written there is a float.
 SAGA_FLOATS = frozenset(c.name for c in sagas.c if isinstance(c.type, sa.Double))
+
+
+STEP_COLUMNS_SET = [c for c in STEP_COLUMNS if c not in ("saga_id", "name")]
+SAGA_COLUMNS_SET = [c for c in SAGA_COLUMNS if c != "saga_id"]
+# A decision is written in one statement while its parameters stay below this (the
+# protocol allows 65,535); a larger one (thousands of steps changed at once) is sent
+# as a pipeline of statements instead, in the same transaction.
+ONE_STATEMENT_PARAMS = 30_000
+
+
+@functools.lru_cache(maxsize=256)
+def write_statement(saga: str, n_steps: int, n_events: int, notify: int) -> str:
+    """A decision's write as one statement, its compare-and-sets in data-modifying CTEs:
+    `saga` "update" (the row rewritten), "bump" (its version moved on), "hold" (its
+    version checked, FOR SHARE) or ""; then `n_steps` step updates, `n_events` event
+    rows, and `notify` pg_notify calls (1: the saga's id; 2: the ended saga, then its
+    id). A compare-and-set that matches no row makes it divide by zero, which aborts
+    it whole. PostgreSQL's own placeholders ($1, $2 …), in the order of the
+    parameters `_write` makes, for a RawCursor: psycopg converts `%s` placeholders
+    in Python on every execute once a statement has more than 50 of them."""
+    ctes, checks = [], []
+    if saga == "update":
+        sets = ", ".join(f"{c} = %s" for c in SAGA_COLUMNS_SET)
+        ctes.append(f"s AS (UPDATE {sagas.name} SET {sets} {_SAGA_WHERE} RETURNING 1)")
+    elif saga == "bump":
+        ctes.append(
+            f"s AS (UPDATE {sagas.name} SET version = version + 1 {_SAGA_WHERE} RETURNING 1)"
+        )
+    elif saga == "hold":
+        ctes.append(f"s AS (SELECT 1 FROM {sagas.name} {_SAGA_WHERE} FOR SHARE)")
+    if saga:
+        checks.append("(SELECT count(*) FROM s)")
+    step_sets = ", ".join(f"{c} = %s" for c in STEP_COLUMNS_SET)
+    for i in range(n_steps):
+        ctes.append(
+            f"t{i} AS (UPDATE {steps.name} SET {step_sets}"
+            f" WHERE saga_id = %s AND name = %s AND version = %s RETURNING 1)"
+        )
+        checks.append(f"(SELECT count(*) FROM t{i})")
+    if n_events:
+        row = "(" + ", ".join(["%s"] * len(EVENT_COLUMNS)) + ")"
+        ctes.append(
+            f"e AS (INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)})"
+            f" VALUES {', '.join([row] * n_events)})"
+        )
+    out = [f"1 / ({' * '.join(checks)})" if checks else "1"]
+    if notify == 2:
+        out.append(f"pg_notify('{PG_ENDED_CHANNEL}', %s)")
+    if notify:
+        out.append(f"pg_notify('{PG_CHANNEL}', %s)")
+    with_ = f"WITH {', '.join(ctes)} " if ctes else ""
+    numbers = itertools.count(1)
+    return re.sub("%s", lambda _: f"${next(numbers)}", f"{with_}SELECT {', '.join(out)}")
+
+
+_SAGA_WHERE = "WHERE saga_id = %s AND version = %s"
 
 
 def ended_payload(written: dict[str, Any]) -> str | None:
@@ -292,14 +351,64 @@ class PgHotPath:
     ) -> bool:
         """Write a decision made on the saga at `version` (compare-and-set on every record
         it changes) and commit it, in one round trip; False, rolled back, when one of
-        them changed since it was read. `begin`: the transaction is not open yet.
+        them changed since it was read. `begin`: no transaction is open (the decision
+        was made on a claim's read, without the lock); else the one holding the lock
+        is committed.
 
         The saga row's version moves on with every decision that changes a record, so
-        that a decision made without the lock (on a claim's read) loses to any decision
-        written since that read. A compare-and-set that matches no row divides by zero:
-        the error aborts the transaction, so that the COMMIT pipelined after it rolls
-        everything back.
+        that a decision made without the lock loses to any decision written since its
+        read. The write is one statement (`write_statement`): on its own it is its own
+        transaction, and a compare-and-set that lost aborts it whole.
         """
+        saga = d.saga
+        written = None if saga is None else PARAMS.versioned(saga, SAGA_JSON, d.saga_version)
+        params: list[Any] = []
+        if written is not None:
+            kind = "update"
+            params += [written[c] for c in SAGA_COLUMNS_SET]
+            params += (saga_id, d.saga_version)
+        else:
+            kind = "bump" if d.steps else "hold" if begin else ""
+            if kind:
+                params += (saga_id, version)
+        for step in d.steps:
+            row = PARAMS.versioned(step, STEP_JSON, d.expected_version(step))
+            params += [row[c] for c in STEP_COLUMNS_SET]
+            params += (saga_id, step.name, row["k_version"])
+        for e in d.events:
+            event = PARAMS.event(e)
+            params += [event[c] for c in EVENT_COLUMNS]
+        notify = 0
+        if written is not None and saga is not None and saga.status in SAGA_TERMINAL:
+            # Delivered at commit, in this order: wakes the callers waiting in get()
+            # with the saga itself when it fits, else by its id (finished.py).
+            ended = ended_payload(written)
+            if ended is not None:
+                params.append(ended)
+            params.append(pg_payload(saga_id))
+            notify = 1 if ended is None else 2
+        if len(params) > ONE_STATEMENT_PARAMS:
+            return self._write_pipelined(conn, saga_id, d, version, begin=begin)
+        statement = write_statement(kind, len(d.steps), len(d.events), notify)
+        try:
+            with psycopg.RawCursor(conn) as cur:
+                if begin:
+                    cur.execute(statement, params, prepare=True)
+                else:
+                    with conn.pipeline():
+                        cur.execute(statement, params, prepare=True)
+                        conn.execute("COMMIT")
+        except psycopg.errors.DivisionByZero:
+            return False
+        self.steps.written(saga_id, d)
+        return True
+
+    def _write_pipelined(
+        self, conn: psycopg.Connection[Any], saga_id: str, d: Decision, version: int, *, begin: bool
+    ) -> bool:
+        """`_write` as a pipeline of statements, for a decision too large for one: each
+        compare-and-set that matches no row divides by zero, which aborts the
+        transaction, so that the COMMIT pipelined after it rolls everything back."""
         try:
             with conn.pipeline():
                 if begin:

@@ -37,7 +37,7 @@ from sagaline.records import (
 )
 from sagaline.runtime import Runtime
 from sagaline.states import CompensationStatus, Phase, SagaStatus, StepStatus
-from sagaline.stores import Store, schema, store_from_url
+from sagaline.stores import Store, pg_hot, schema, store_from_url
 from sagaline.stores.base import DueItem
 from sagaline.stores.sanitize import CUT_MARKER, MAX_TEXT, storable_text
 from sagaline.stores.schema import VERSION_TABLE
@@ -59,7 +59,9 @@ pytestmark = pytest.mark.timeout(120)
 
 SQL_TABLES = ("sagaline_events", "sagaline_steps", "sagaline_sagas")
 
-STORES = ["memory", "sqlite", "postgresql", "mariadb"]
+# postgresql-pipelined: PostgreSQL with every decision written as a pipeline of
+# statements, as it is when one is too large for one statement (pg_hot.py).
+STORES = ["memory", "sqlite", "postgresql", "postgresql-pipelined", "mariadb"]
 if importlib.util.find_spec("sagaline.stores.redis") is not None:
     STORES += ["redis", "redis-cluster"]
 
@@ -89,8 +91,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         url = "memory://"
     elif kind == "sqlite":
         url = f"sqlite:///{tmp_path}/state.db"
-    elif kind == "postgresql":
+    elif kind in ("postgresql", "postgresql-pipelined"):
         url = request.getfixturevalue("pg_url")
+        if kind == "postgresql-pipelined":
+            request.getfixturevalue("monkeypatch").setattr(pg_hot, "ONE_STATEMENT_PARAMS", 0)
     elif kind == "mariadb":
         url = request.getfixturevalue("mariadb_url")
     elif kind in ("redis", "redis-cluster"):
@@ -105,7 +109,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     request.node.stash[TWIN] = (
         (lambda: st) if kind == "memory" else (lambda: store_from_url(url, **options))
     )
-    if isinstance(st, SQLStore) and kind in ("postgresql", "mariadb"):
+    if isinstance(st, SQLStore) and kind in ("postgresql", "postgresql-pipelined", "mariadb"):
         st.migrate()
         with st.engine.begin() as conn:
             for table in SQL_TABLES:
