@@ -55,8 +55,21 @@ from .schema import events, sagas, steps
 
 PARAMS = HotParams(Json)
 
-# A claim in one statement: the compare-and-set feeds the insert of its event, and the
-# saga row comes back when it won (the steps follow in a statement of their own).
+READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
+LOCK_SAGA = READ_SAGA + " FOR UPDATE"
+# JSON columns as their text, decoded by the memo only for the rows that changed.
+STEP_COLUMNS = [c.name for c in steps.c]
+READ_STEPS = (
+    "SELECT "
+    + ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
+    + f" FROM {steps.name} WHERE saga_id = %s ORDER BY position"
+)
+
+
+# A claim in one statement: the compare-and-set feeds the insert of its event, and when
+# it won, the saga's steps come back (as READ_STEPS reads them, the claimed one as
+# claimed), the claimed step's row carrying the saga row as JSON. One snapshot: the
+# steps and the saga as they were when the claim was made.
 _CLAIM = """
 WITH claimed AS (
     UPDATE sagaline_steps SET {set_status}, lease_until = %(k_lease_until)s,
@@ -64,12 +77,18 @@ WITH claimed AS (
            owner_boot = %(k_owner_boot)s, owner_pid = %(k_owner_pid)s, version = version + 1
     WHERE saga_id = %(k_saga_id)s AND name = %(k_name)s AND {status_col} = '{dispatched}'
           AND {attempt_col} = %(k_attempt)s
-    RETURNING saga_id),
+    RETURNING *),
 started AS (
     INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
     SELECT saga_id, %(k_now)s, %(k_kind)s, %(k_name)s, %(k_attempt)s, %(k_phase)s FROM claimed
     WHERE set_config('synchronous_commit', 'off', true) = 'off')
-SELECT sagaline_sagas.* FROM sagaline_sagas JOIN claimed USING (saga_id)"""
+SELECT {step_columns}, (SELECT row_to_json(g)::text FROM sagaline_sagas AS g
+                        WHERE g.saga_id = claimed.saga_id) AS saga_row
+FROM claimed
+UNION ALL
+SELECT {step_columns}, NULL FROM sagaline_steps
+WHERE saga_id = %(k_saga_id)s AND name <> %(k_name)s AND EXISTS (SELECT FROM claimed)
+ORDER BY position"""
 
 
 def _claim(phase: Phase) -> str:
@@ -82,19 +101,12 @@ def _claim(phase: Phase) -> str:
         status_col=cols.status,
         dispatched=cols.dispatched.value,
         attempt_col=cols.attempt,
+        step_columns=_STEP_SELECT,
     )
 
 
+_STEP_SELECT = ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
 CLAIM = {phase: _claim(phase) for phase in Phase}
-READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
-LOCK_SAGA = READ_SAGA + " FOR UPDATE"
-# JSON columns as their text, decoded by the memo only for the rows that changed.
-STEP_COLUMNS = [c.name for c in steps.c]
-READ_STEPS = (
-    "SELECT "
-    + ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
-    + f" FROM {steps.name} WHERE saga_id = %s ORDER BY position"
-)
 
 
 def _checked(update: str) -> str:
@@ -205,12 +217,18 @@ def decode_ended(payload: str) -> tuple[str, Callable[[], SagaRecord]]:
 
     def record() -> SagaRecord:
         values = text_json_row(SAGA_COLUMNS, [row[c] for c in SAGA_COLUMNS], SAGA_JSON)
-        for c in SAGA_FLOATS:
-            if values[c] is not None:
-                values[c] = float(values[c])
-        return from_row(SagaRecord, values)
+        return _saga_record(values)
 
     return row["saga_id"], record
+
+
+def _saga_record(values: dict[str, Any]) -> SagaRecord:
+    """A saga row decoded from JSON, its float8 columns as floats (an integral float8
+    is a JSON integer), as psycopg reads them."""
+    for c in SAGA_FLOATS:
+        if values[c] is not None:
+            values[c] = float(values[c])
+    return from_row(SagaRecord, values)
 
 
 def _insert(table: sa.Table) -> str:
@@ -279,19 +297,12 @@ class PgHotPath:
         """The claim, and the saga as it is after it, kept for the claim's completion."""
         saga_id = params["k_saga_id"]
         with self.connection() as conn:
-            with conn.pipeline():
-                saga_cur = conn.cursor(row_factory=dict_row)
-                saga_cur.execute(CLAIM[phase], params, prepare=True)
-                steps_cur = conn.cursor()
-                steps_cur.execute(READ_STEPS, (saga_id,), prepare=True)
-            row = saga_cur.fetchone()
-            if row is None:
-                return False
-            step_rows = steps_cur.fetchall()
-        records = self.steps.records(saga_id, STEP_COLUMNS, step_rows)
-        self.claims.keep(
-            saga_id, SagaState(from_row(SagaRecord, row), {s.name: s for s in records})
-        )
+            rows = conn.execute(CLAIM[phase], params, prepare=True).fetchall()
+        if not rows:
+            return False
+        saga = _saga_record(json.loads(next(r[-1] for r in rows if r[-1] is not None)))
+        records = self.steps.records(saga_id, STEP_COLUMNS, [r[:-1] for r in rows])
+        self.claims.keep(saga_id, SagaState(saga, {s.name: s for s in records}))
         return True
 
     def insert_saga(self, state: SagaState, events_: list[Event]) -> None:

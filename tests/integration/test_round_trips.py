@@ -192,16 +192,16 @@ def test_each_step_costs_the_same_few_round_trips_whatever_the_saga_length(
         results[length] = run_saga_like_a_worker(rt, saga, wire)
 
     middle = [c for per_step in results.values() for c in per_step[:-1]]
-    # Claim, one round trip: the compare-and-set that feeds the event insert (and
-    # turns synchronous_commit off for that transaction) and returns the saga row,
-    # then the saga's steps. Complete, one statement deciding on what the claim read,
-    # its own transaction: the saga row's version moved on (the check that no other
-    # decision was written since that read), the compare-and-sets of the changed
-    # steps (this one and its successor), their two event rows.
+    # Claim, one round trip and one statement, its own transaction: the
+    # compare-and-set that feeds the event insert (and turns synchronous_commit off
+    # for that transaction), returning the saga's steps and its row. Complete, one
+    # statement deciding on what the claim read, its own transaction: the saga row's
+    # version moved on (the check that no other decision was written since that
+    # read), the compare-and-sets of the changed steps (this one and its successor),
+    # their two event rows.
     expected = {
         "round trips": 2,
         "claim": 1,
-        "SELECT sagaline_steps": 1,
         "write": 1,
         "version sagaline_sagas": 1,
         "UPDATE sagaline_steps": 2,
