@@ -195,8 +195,7 @@ def write_statement(saga: str, n_steps: int, n_events: int, notify: int) -> str:
     if notify:
         out.append(f"pg_notify('{PG_CHANNEL}', %s)")
     with_ = f"WITH {', '.join(ctes)} " if ctes else ""
-    numbers = itertools.count(1)
-    return re.sub("%s", lambda _: f"${next(numbers)}", f"{with_}SELECT {', '.join(out)}")
+    return _numbered(f"{with_}SELECT {', '.join(out)}")
 
 
 _SAGA_WHERE = "WHERE saga_id = %s AND version = %s"
@@ -229,6 +228,38 @@ def _saga_record(values: dict[str, Any]) -> SagaRecord:
         if values[c] is not None:
             values[c] = float(values[c])
     return from_row(SagaRecord, values)
+
+
+def _numbered(statement: str) -> str:
+    """`%s` placeholders as PostgreSQL's own, $1, $2 …, in order (for a RawCursor)."""
+    numbers = itertools.count(1)
+    return re.sub("%s", lambda _: f"${next(numbers)}", statement)
+
+
+def _values(n_rows: int, n_columns: int) -> str:
+    row = "(" + ", ".join(["%s"] * n_columns) + ")"
+    return ", ".join([row] * n_rows)
+
+
+@functools.lru_cache(maxsize=64)
+def create_statement(n_steps: int, n_events: int) -> str:
+    """A new saga in one statement: its row, `n_steps` step rows, `n_events` event rows."""
+    ctes = []
+    if n_steps:
+        ctes.append(
+            f"t AS (INSERT INTO {steps.name} ({', '.join(STEP_COLUMNS)})"
+            f" VALUES {_values(n_steps, len(STEP_COLUMNS))})"
+        )
+    if n_events:
+        ctes.append(
+            f"e AS (INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)})"
+            f" VALUES {_values(n_events, len(EVENT_COLUMNS))})"
+        )
+    with_ = f"WITH {', '.join(ctes)} " if ctes else ""
+    return _numbered(
+        f"{with_}INSERT INTO {sagas.name} ({', '.join(SAGA_COLUMNS)})"
+        f" VALUES {_values(1, len(SAGA_COLUMNS))}"
+    )
 
 
 def _insert(table: sa.Table) -> str:
@@ -306,17 +337,31 @@ class PgHotPath:
         return True
 
     def insert_saga(self, state: SagaState, events_: list[Event]) -> None:
-        """The saga, its steps and events in one round trip (IntegrityError: refused)."""
-        with self.connection() as conn, conn.pipeline():
-            conn.execute("BEGIN")
-            conn.execute(INSERT_SAGA, PARAMS.row(state.saga, SAGA_JSON), prepare=True)
-            with conn.cursor() as cur:
-                cur.executemany(
-                    INSERT_STEP, [PARAMS.row(s, STEP_JSON) for s in state.steps.values()]
-                )
-                if events_:
-                    cur.executemany(INSERT_EVENT, [PARAMS.event(e) for e in events_])
-            conn.execute("COMMIT")
+        """The saga, its steps and events in one statement, or one pipelined transaction
+        when there are too many for one (IntegrityError: refused)."""
+        step_rows = [PARAMS.row(s, STEP_JSON) for s in state.steps.values()]
+        event_rows = [PARAMS.event(e) for e in events_]
+        saga_row = PARAMS.row(state.saga, SAGA_JSON)
+        params: list[Any] = []
+        for row in step_rows:
+            params += [row[c] for c in STEP_COLUMNS]
+        for row in event_rows:
+            params += [row[c] for c in EVENT_COLUMNS]
+        params += [saga_row[c] for c in SAGA_COLUMNS]
+        with self.connection() as conn:
+            if len(params) <= ONE_STATEMENT_PARAMS:
+                statement = create_statement(len(step_rows), len(event_rows))
+                with psycopg.RawCursor(conn) as cur:
+                    cur.execute(statement, params, prepare=True)
+                return
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                conn.execute(INSERT_SAGA, saga_row, prepare=True)
+                with conn.cursor() as cur:
+                    cur.executemany(INSERT_STEP, step_rows)
+                    if event_rows:
+                        cur.executemany(INSERT_EVENT, event_rows)
+                conn.execute("COMMIT")
 
     def read_saga(self, saga_id: str) -> SagaRecord | None:
         with self.connection() as conn:
