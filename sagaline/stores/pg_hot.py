@@ -2,203 +2,85 @@
 decision's read and write, and the saga read of `get()`.
 
 SQLAlchemy keeps the schema, migrations, MySQL, SQLite and every other statement;
-these run on connections of the same pool, as prepared statements, in psycopg's
-pipeline mode, where statements are sent together and answered together:
+these run on connections of the same pool, as prepared statements. Each write is
+one statement, its own transaction, in one round trip: several writes go in
+data-modifying CTEs of one statement, not in psycopg's pipeline, whose exchange
+costs ~100 µs of client CPU each time; statements with many parameters go on a
+RawCursor, with PostgreSQL's own placeholders (see write_statement).
 
-- a new saga is one round trip: BEGIN, the saga, its steps and events, COMMIT;
-- a claim is one round trip: the compare-and-set that feeds its event and returns
-  the saga row when it won, then the saga's steps (read after it, so that the
-  claimed step is read as claimed). Its transaction sets `synchronous_commit = off`
-  (`set_config(..., true)`, evaluated for the claimed row, so that every claim that
-  writes has it) and does not wait for its WAL flush: a claim lost in a database
-  crash only lets the step's message be claimed again (at-least-once, which the
-  design already allows), and the completion that follows commits synchronously,
-  flushing the WAL that holds the claim before anything depends on it;
+- a new saga: the saga, its steps and events (create_statement);
+- a claim: the compare-and-set that feeds its event and, when it won, returns the
+  saga's steps (the claimed one as claimed) and its row, one snapshot. Its
+  transaction sets `synchronous_commit = off` (`set_config(..., true)`, evaluated
+  for the claimed row, so that every claim that writes has it) and does not wait
+  for its WAL flush: a claim lost in a database crash only lets the step's message
+  be claimed again (at-least-once, which the design already allows), and the
+  completion that follows commits synchronously, flushing the WAL that holds the
+  claim before anything depends on it;
 - the claim's completion, in the same process, decides on what its claim read
-  (kept_claims.py) and writes in one round trip: BEGIN, the compare-and-sets, the
-  events, COMMIT. No lock is held while it decides, so its write also checks the
-  saga row's version, which every written decision moves on: of two branches
-  deciding on one read, one loses and decides again under the lock;
-- any other decision is two: BEGIN, the saga row locked and read, its steps read
-  (in a statement of their own after the lock, so that their snapshot is taken once
-  the lock is held: see sql.py); then the write as above, which a compare-and-set
-  that lost turns into a rollback.
+  (kept_claims.py) and writes its compare-and-sets and events (write_statement).
+  No lock is held while it decides, so its write also checks the saga row's
+  version, which every written decision moves on: of two branches deciding on
+  reads made before either wrote, one loses and decides again under the lock;
+- any other decision is two round trips: BEGIN, the saga row locked and read, its
+  steps read (in a statement of their own after the lock, so that their snapshot
+  is taken once the lock is held: see sql.py); then the write as above and COMMIT.
+
+A decision or a saga too large for one statement (ONE_STATEMENT_PARAMS) is sent
+as a pipeline of statements in one transaction instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-import sqlalchemy as sa
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy.engine import Engine
 
-from ..records import PHASE_COLUMNS, Decision, Event, SagaRecord, SagaState
+from ..records import Decision, Event, SagaRecord, SagaState
 from ..states import SAGA_TERMINAL, Phase
 from .base import Snapshot
-from .finished import PG_CHANNEL, PG_ENDED_CHANNEL, PG_MAX_PAYLOAD, pg_payload
+from .finished import PG_MAX_PAYLOAD, pg_payload
 from .hot_params import EVENT_COLUMNS, SAGA_JSON, STEP_JSON, HotParams
 from .kept_claims import KeptClaims
+from .pg_statements import (
+    BUMP_SAGA,
+    CLAIM,
+    HOLD_SAGA,
+    INSERT_EVENT,
+    INSERT_SAGA,
+    INSERT_STEP,
+    LOCK_SAGA,
+    NOTIFY,
+    NOTIFY_ENDED,
+    READ_SAGA,
+    READ_STEPS,
+    SAGA_COLUMNS,
+    SAGA_COLUMNS_SET,
+    SAGA_FLOATS,
+    STEP_COLUMNS,
+    STEP_COLUMNS_SET,
+    UPDATE_SAGA,
+    UPDATE_STEP,
+    create_statement,
+    write_statement,
+)
 from .row_memo import StepRowMemo, text_json_row
 from .rows import from_row
-from .schema import events, sagas, steps
 
 PARAMS = HotParams(Json)
 
-READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
-LOCK_SAGA = READ_SAGA + " FOR UPDATE"
-# JSON columns as their text, decoded by the memo only for the rows that changed.
-STEP_COLUMNS = [c.name for c in steps.c]
-READ_STEPS = (
-    "SELECT "
-    + ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
-    + f" FROM {steps.name} WHERE saga_id = %s ORDER BY position"
-)
-
-
-# A claim in one statement: the compare-and-set feeds the insert of its event, and when
-# it won, the saga's steps come back (as READ_STEPS reads them, the claimed one as
-# claimed), the claimed step's row carrying the saga row as JSON. One snapshot: the
-# steps and the saga as they were when the claim was made.
-_CLAIM = """
-WITH claimed AS (
-    UPDATE sagaline_steps SET {set_status}, lease_until = %(k_lease_until)s,
-           due_at = %(k_lease_until)s, owner_node = %(k_owner_node)s,
-           owner_boot = %(k_owner_boot)s, owner_pid = %(k_owner_pid)s, version = version + 1
-    WHERE saga_id = %(k_saga_id)s AND name = %(k_name)s AND {status_col} = '{dispatched}'
-          AND {attempt_col} = %(k_attempt)s
-    RETURNING *),
-started AS (
-    INSERT INTO sagaline_events (saga_id, ts, kind, step, attempt, phase)
-    SELECT saga_id, %(k_now)s, %(k_kind)s, %(k_name)s, %(k_attempt)s, %(k_phase)s FROM claimed
-    WHERE set_config('synchronous_commit', 'off', true) = 'off')
-SELECT {step_columns}, (SELECT row_to_json(g)::text FROM sagaline_sagas AS g
-                        WHERE g.saga_id = claimed.saga_id) AS saga_row
-FROM claimed
-UNION ALL
-SELECT {step_columns}, NULL FROM sagaline_steps
-WHERE saga_id = %(k_saga_id)s AND name <> %(k_name)s AND EXISTS (SELECT FROM claimed)
-ORDER BY position"""
-
-
-def _claim(phase: Phase) -> str:
-    cols = PHASE_COLUMNS[phase]
-    set_status = f"{cols.status} = '{cols.running.value}'"
-    if phase is Phase.FORWARD:  # a compensation keeps the step's start time
-        set_status += ", started_at = %(k_now)s"
-    return _CLAIM.format(
-        set_status=set_status,
-        status_col=cols.status,
-        dispatched=cols.dispatched.value,
-        attempt_col=cols.attempt,
-        step_columns=_STEP_SELECT,
-    )
-
-
-_STEP_SELECT = ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
-CLAIM = {phase: _claim(phase) for phase in Phase}
-
-
-def _checked(update: str) -> str:
-    """The compare-and-set `update`, failing (division by zero) when it matches no row."""
-    return f"WITH changed AS ({update} RETURNING 1) SELECT 1 / count(*) FROM changed"
-
-
-UPDATE_SAGA = _checked(
-    f"UPDATE {sagas.name} SET "
-    + ", ".join(f"{c.name} = %({c.name})s" for c in sagas.c if c.name != "saga_id")
-    + " WHERE saga_id = %(saga_id)s AND version = %(k_version)s"
-)
-# The version move of a decision that changes steps but not the saga row itself.
-BUMP_SAGA = _checked(
-    f"UPDATE {sagas.name} SET version = version + 1"
-    " WHERE saga_id = %(saga_id)s AND version = %(k_version)s"
-)
-# What a decision that only appends events checks without the lock: its saga, unchanged.
-HOLD_SAGA = (
-    f"SELECT 1 / count(*) FROM (SELECT 1 FROM {sagas.name}"
-    " WHERE saga_id = %(saga_id)s AND version = %(k_version)s FOR SHARE) AS held"
-)
-UPDATE_STEP = _checked(
-    f"UPDATE {steps.name} SET "
-    + ", ".join(f"{c.name} = %({c.name})s" for c in steps.c if c.name not in ("saga_id", "name"))
-    + " WHERE saga_id = %(saga_id)s AND name = %(name)s AND version = %(k_version)s"
-)
-INSERT_EVENT = (
-    f"INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)}) VALUES ("
-    + ", ".join(f"%({c})s" for c in EVENT_COLUMNS)
-    + ")"
-)
-NOTIFY = f"SELECT pg_notify('{PG_CHANNEL}', %s)"
-NOTIFY_ENDED = f"SELECT pg_notify('{PG_ENDED_CHANNEL}', %s)"
-SAGA_COLUMNS = [c.name for c in sagas.c]
-# Read back from a float8 column, an int written there is a float.
-SAGA_FLOATS = frozenset(c.name for c in sagas.c if isinstance(c.type, sa.Double))
-
-
-STEP_COLUMNS_SET = [c for c in STEP_COLUMNS if c not in ("saga_id", "name")]
-SAGA_COLUMNS_SET = [c for c in SAGA_COLUMNS if c != "saga_id"]
 # A decision is written in one statement while its parameters stay below this (the
 # protocol allows 65,535); a larger one (thousands of steps changed at once) is sent
 # as a pipeline of statements instead, in the same transaction.
 ONE_STATEMENT_PARAMS = 30_000
-
-
-@functools.lru_cache(maxsize=256)
-def write_statement(saga: str, n_steps: int, n_events: int, notify: int) -> str:
-    """A decision's write as one statement, its compare-and-sets in data-modifying CTEs:
-    `saga` "update" (the row rewritten), "bump" (its version moved on), "hold" (its
-    version checked, FOR SHARE) or ""; then `n_steps` step updates, `n_events` event
-    rows, and `notify` pg_notify calls (1: the saga's id; 2: the ended saga, then its
-    id). A compare-and-set that matches no row makes it divide by zero, which aborts
-    it whole. PostgreSQL's own placeholders ($1, $2 …), in the order of the
-    parameters `_write` makes, for a RawCursor: psycopg converts `%s` placeholders
-    in Python on every execute once a statement has more than 50 of them."""
-    ctes, checks = [], []
-    if saga == "update":
-        sets = ", ".join(f"{c} = %s" for c in SAGA_COLUMNS_SET)
-        ctes.append(f"s AS (UPDATE {sagas.name} SET {sets} {_SAGA_WHERE} RETURNING 1)")
-    elif saga == "bump":
-        ctes.append(
-            f"s AS (UPDATE {sagas.name} SET version = version + 1 {_SAGA_WHERE} RETURNING 1)"
-        )
-    elif saga == "hold":
-        ctes.append(f"s AS (SELECT 1 FROM {sagas.name} {_SAGA_WHERE} FOR SHARE)")
-    if saga:
-        checks.append("(SELECT count(*) FROM s)")
-    step_sets = ", ".join(f"{c} = %s" for c in STEP_COLUMNS_SET)
-    for i in range(n_steps):
-        ctes.append(
-            f"t{i} AS (UPDATE {steps.name} SET {step_sets}"
-            f" WHERE saga_id = %s AND name = %s AND version = %s RETURNING 1)"
-        )
-        checks.append(f"(SELECT count(*) FROM t{i})")
-    if n_events:
-        row = "(" + ", ".join(["%s"] * len(EVENT_COLUMNS)) + ")"
-        ctes.append(
-            f"e AS (INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)})"
-            f" VALUES {', '.join([row] * n_events)})"
-        )
-    out = [f"1 / ({' * '.join(checks)})" if checks else "1"]
-    if notify == 2:
-        out.append(f"pg_notify('{PG_ENDED_CHANNEL}', %s)")
-    if notify:
-        out.append(f"pg_notify('{PG_CHANNEL}', %s)")
-    with_ = f"WITH {', '.join(ctes)} " if ctes else ""
-    return _numbered(f"{with_}SELECT {', '.join(out)}")
-
-
-_SAGA_WHERE = "WHERE saga_id = %s AND version = %s"
 
 
 def ended_payload(written: dict[str, Any]) -> str | None:
@@ -228,51 +110,6 @@ def _saga_record(values: dict[str, Any]) -> SagaRecord:
         if values[c] is not None:
             values[c] = float(values[c])
     return from_row(SagaRecord, values)
-
-
-def _numbered(statement: str) -> str:
-    """`%s` placeholders as PostgreSQL's own, $1, $2 …, in order (for a RawCursor)."""
-    numbers = itertools.count(1)
-    return re.sub("%s", lambda _: f"${next(numbers)}", statement)
-
-
-def _values(n_rows: int, n_columns: int) -> str:
-    row = "(" + ", ".join(["%s"] * n_columns) + ")"
-    return ", ".join([row] * n_rows)
-
-
-@functools.lru_cache(maxsize=64)
-def create_statement(n_steps: int, n_events: int) -> str:
-    """A new saga in one statement: its row, `n_steps` step rows, `n_events` event rows."""
-    ctes = []
-    if n_steps:
-        ctes.append(
-            f"t AS (INSERT INTO {steps.name} ({', '.join(STEP_COLUMNS)})"
-            f" VALUES {_values(n_steps, len(STEP_COLUMNS))})"
-        )
-    if n_events:
-        ctes.append(
-            f"e AS (INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)})"
-            f" VALUES {_values(n_events, len(EVENT_COLUMNS))})"
-        )
-    with_ = f"WITH {', '.join(ctes)} " if ctes else ""
-    return _numbered(
-        f"{with_}INSERT INTO {sagas.name} ({', '.join(SAGA_COLUMNS)})"
-        f" VALUES {_values(1, len(SAGA_COLUMNS))}"
-    )
-
-
-def _insert(table: sa.Table) -> str:
-    names = [c.name for c in table.c]
-    return (
-        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ("
-        + ", ".join(f"%({n})s" for n in names)
-        + ")"
-    )
-
-
-INSERT_SAGA = _insert(sagas)
-INSERT_STEP = _insert(steps)
 
 
 class PgHotPath:
