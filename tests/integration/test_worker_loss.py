@@ -248,6 +248,33 @@ def test_a_worker_restarted_under_its_node_name_runs_its_steps_again_at_once(
     assert [a for s, a, _ in cluster.executions(saga_id) if s == "a"] in ([1, 2], [2])
 
 
+def test_running_steps_do_not_take_the_place_of_prefetched_messages(cluster: Cluster) -> None:
+    """A running step holds its message's ack, which counts against the prefetch: the
+    worker raises its prefetch by its pool size, so it still holds as many messages
+    waiting as Celery's setting asks (concurrency 2 x prefetch multiplier 1)."""
+    worker = cluster.worker("held")
+    broker = redis.Redis.from_url(cluster.env["CELERY_BROKER_URL"])
+    try:
+        worker.start()
+        saga_ids = [cluster.start_fork(a=6.0) for _ in range(6)]
+
+        def state() -> tuple[int, int]:
+            running = [
+                sid for sid in saga_ids if cluster.step(sid, "a").status is StepStatus.RUNNING
+            ]
+            return len(running), int(broker.hlen("unacked"))
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and state() != (2, 4):
+            time.sleep(0.05)
+        assert state() == (2, 4), "two running and two prefetched, all unacknowledged"
+        time.sleep(1.0)  # and no more than that
+        assert state() == (2, 4)
+    finally:
+        broker.close()
+        worker.kill()
+
+
 def test_messages_a_killed_worker_had_prefetched_run_at_once_after_its_restart(
     cluster: Cluster,
 ) -> None:
