@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from sagaline.exceptions import StoreError
-from sagaline.records import Decision, Event, SagaState, StepRecord
+from sagaline.records import Decision, Event, SagaState
 from sagaline.states import Phase, SagaStatus, StepStatus
 from sagaline.stores import store_from_url
 from sagaline.stores.redis import RedisStore
@@ -100,50 +100,6 @@ def test_transact_decides_again_when_a_claim_races_it_and_keeps_the_claim(
     due = store.layout.due_key(store.layout.bucket_of(sid))
     assert raw.zscore(due, f"{sid}\0a") == 9000.0
     assert "step_cancelled" not in [e.kind for e in store.history(sid)]
-
-
-def test_branches_finishing_together_are_decided_one_after_the_other(
-    make_store: Callable[..., RedisStore],
-) -> None:
-    # The write skew the SQL store's row lock prevents: each branch changes only its
-    # own step, and the join step starts only if a decision sees both succeeded.
-    store = make_store()
-    state = new_state()
-    sid = state.saga.saga_id
-    state.steps = {
-        n: StepRecord(sid, n, i, status=StepStatus.RUNNING, attempt=1)
-        for i, n in enumerate(["b", "c"])
-    }
-    state.steps["d"] = StepRecord(sid, "d", 2)
-    create(store, state)
-    both_read = threading.Barrier(2)
-    calls: list[str] = []
-
-    def finish(branch: str, other: str) -> Callable[[SagaState], Decision]:
-        def decide(s: SagaState) -> Decision:
-            calls.append(branch)
-            if calls.count(branch) == 1:
-                both_read.wait(timeout=10)  # both decide on the same snapshot
-            done = replace(s.steps[branch], status=StepStatus.SUCCEEDED)
-            changed = [done]
-            if s.steps[other].status is StepStatus.SUCCEEDED:
-                changed.append(replace(s.steps["d"], status=StepStatus.DISPATCHED, attempt=1))
-            return Decision(
-                steps=changed, step_versions={r.name: s.steps[r.name].version for r in changed}
-            )
-
-        return decide
-
-    workers = [make_store(), make_store()]
-    run_threads(
-        2, lambda i: workers[i].transact(sid, finish("b", "c") if i == 0 else finish("c", "b"))
-    )
-    assert sorted(calls) == ["b", "b", "c"] or sorted(calls) == ["b", "c", "c"]
-    assert [s.status for s in store.get_steps(sid)] == [
-        StepStatus.SUCCEEDED,
-        StepStatus.SUCCEEDED,
-        StepStatus.DISPATCHED,
-    ]
 
 
 def test_twenty_concurrent_creates_with_one_idempotency_key_make_one_saga(

@@ -793,23 +793,29 @@ def test_transacts_of_one_saga_are_serialized(store: Store) -> None:
     assert StepStatus.SUCCEEDED in (seen["b"][-1], seen["c"][-1])
 
 
-# Stores whose step completion decides on what its claim read, without the saga's lock.
-DECIDES_ON_THE_CLAIMS_READ = ("postgresql", "redis")
+# Stores that decide without the saga's lock: on what a step's claim read (PostgreSQL,
+# Redis), and on any read (Redis: its write checks the saga's `txn` instead).
+DECIDES_WITHOUT_A_LOCK = {True: ("postgresql", "redis"), False: ("redis",)}
 
 
-def test_branches_finishing_together_each_on_its_claims_read_start_the_join_once(
-    store: Store, twin: Store
+@pytest.mark.parametrize("claimed", [True, False], ids=["on-claims-reads", "on-fresh-reads"])
+def test_branches_finishing_together_start_the_join_once(
+    store: Store, twin: Store, claimed: bool
 ) -> None:
-    """Two workers each claim a branch, and each completion decides on what its own
-    claim read, both before either writes. Each changes only its own step: the
-    saga's version, moved on by every written decision, is what makes the later
-    write lose and decide again, on a state holding the other's success."""
+    """Two workers each finish a branch, both deciding before either writes: each on
+    what its own claim read (`claimed`), or on a read of its own. Each changes only
+    its own step: the saga's version (Redis: its `txn`), moved on by every written
+    decision, or the saga's lock, is what makes the later decision see the other's
+    success; without either, neither would start the step joining them."""
     state = make_state(steps=("b", "c", "d"))
     sid = state.saga.saga_id
-    state.steps["c"] = replace(state.steps["c"], status=StepStatus.DISPATCHED, attempt=1)
+    branch = StepStatus.DISPATCHED if claimed else StepStatus.RUNNING
+    for name in "bc":
+        state.steps[name] = replace(state.steps[name], status=branch, attempt=1)
     store.create_saga(state, [])
-    assert store.claim_step(sid, "b", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
-    assert twin.claim_step(sid, "c", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+    if claimed:
+        assert store.claim_step(sid, "b", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+        assert twin.claim_step(sid, "c", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
     both_read = threading.Barrier(2)
     calls: list[str] = []
 
@@ -820,7 +826,7 @@ def test_branches_finishing_together_each_on_its_claims_read_start_the_join_once
                 # Both decide on their first read. A store that holds the saga's lock
                 # while deciding makes the other wait: the barrier then breaks.
                 with contextlib.suppress(threading.BrokenBarrierError):
-                    both_read.wait(timeout=2)
+                    both_read.wait(timeout=1)
             changed = [replace(current.steps[mine], status=StepStatus.SUCCEEDED)]
             events = [Event(sid, "step_succeeded", T0 + 1, mine, 1, "forward")]
             if current.steps[other].status is StepStatus.SUCCEEDED:
@@ -843,8 +849,8 @@ def test_branches_finishing_together_each_on_its_claims_read_start_the_join_once
         StepStatus.DISPATCHED,
     ]
     assert [(e.kind, e.step) for e in store.history(sid)].count(("step_dispatched", "d")) == 1
-    if store.url.startswith(DECIDES_ON_THE_CLAIMS_READ):
-        # Both decided on their claim's read, and the one that wrote second lost once.
+    if store.url.startswith(DECIDES_WITHOUT_A_LOCK[claimed]):
+        # Both decided on their first read, and the one that wrote second lost once.
         assert not both_read.broken
         assert sorted(calls) in (["b", "b", "c"], ["b", "c", "c"])
     else:
