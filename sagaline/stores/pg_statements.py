@@ -25,11 +25,8 @@ READ_SAGA = f"SELECT * FROM {sagas.name} WHERE saga_id = %s"
 LOCK_SAGA = READ_SAGA + " FOR UPDATE"
 # JSON columns as their text, decoded by the memo only for the rows that changed.
 STEP_COLUMNS = [c.name for c in steps.c]
-READ_STEPS = (
-    "SELECT "
-    + ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
-    + f" FROM {steps.name} WHERE saga_id = %s ORDER BY position"
-)
+_STEP_SELECT = ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
+READ_STEPS = f"SELECT {_STEP_SELECT} FROM {steps.name} WHERE saga_id = %s ORDER BY position"
 
 
 # A claim in one statement: the compare-and-set feeds the insert of its event, and when
@@ -71,7 +68,6 @@ def _claim(phase: Phase) -> str:
     )
 
 
-_STEP_SELECT = ", ".join(f"{n}::text" if n in STEP_JSON else n for n in STEP_COLUMNS)
 CLAIM = {phase: _claim(phase) for phase in Phase}
 
 
@@ -146,10 +142,9 @@ def write_statement(saga: str, n_steps: int, n_events: int, notify: int) -> str:
         )
         checks.append(f"(SELECT count(*) FROM t{i})")
     if n_events:
-        row = "(" + ", ".join(["%s"] * len(EVENT_COLUMNS)) + ")"
         ctes.append(
             f"e AS (INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)})"
-            f" VALUES {', '.join([row] * n_events)})"
+            f" VALUES {_values(n_events, len(EVENT_COLUMNS))})"
         )
     out = [f"1 / ({' * '.join(checks)})" if checks else "1"]
     if notify == 2:
