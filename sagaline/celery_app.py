@@ -97,7 +97,7 @@ def init_app(app: Celery, store: str | Store | None = None, **settings: Any) -> 
 
         metrics.install(runtime, conf.metrics_port)
     if conf.outbox_routes:  # the outbox relay (a bootstep) and optimistic sending
-        from .outbox.relay import install
+        from .outbox.worker import install
 
         install(app, conf)
     worker_ready.connect(_announce_ready, weak=False, dispatch_uid="sagaline.ready_file")

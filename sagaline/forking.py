@@ -1,16 +1,18 @@
 """Forks of the pool and the threads of a worker's main process.
 
-The pool forks its children from the main thread: at start, after the threads of
-the worker's main process (the sweeper's, the delayed publisher's) have started,
-and to replace one that died, which is exactly when the sweeper thread is busy
-handing its claims back. A child forked while one of these threads holds a lock (the
-store's connection pool, the broker's producer pool, the lock of a module being
-imported, such as the `idna` codec that a first connect by host name imports)
-inherits it held by a thread that does not exist there, and hangs at its first use
-of it, with the messages it was given. So these threads do such work under
-`fork_guard()`, and a fork waits until none of them is inside it, but never long:
-work that waits out a store or broker outage must not freeze the worker's event
-loop.
+The pool forks its children from the main thread: at start, possibly after the
+threads of the worker's main process (the sweeper's, the delayed publisher's) have
+started, and to replace one that died, which is exactly when the sweeper thread is
+busy handing its claims back. A child forked while one of these threads holds a lock
+(the store's connection pool, the broker's producer pool, the lock of a module being
+imported, such as the `idna` codec that a first connect by host name imports, or
+prometheus-client's lock of every metric value) inherits it held by a thread that
+does not exist there, and hangs at its first use of it, with the messages it was
+given. So these threads do such work under `fork_guard()`, and a fork waits until
+none of them is inside it, but never long: work that waits out a store or broker
+outage must not freeze the worker's event loop. Metrics are written under it in
+every process (observability/metrics.py, outbox/metrics.py): the outbox relay's
+thread and the store gauges of /metrics write them in the main process.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ processes) are in `collectors`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from .. import signals
 from ..exceptions import ConfigurationError
+from ..forking import fork_guard
 from .collectors import GAUGE_TTL as GAUGE_TTL
 from .collectors import GAUGE_WAIT as GAUGE_WAIT
 from .collectors import IN_PROGRESS as IN_PROGRESS
@@ -240,13 +242,31 @@ def _on_retention_deleted(
             current().retention.labels(str(status).lower()).inc(count)
 
 
-_RECEIVERS: tuple[tuple[Any, Callable[..., None]], ...] = (
-    (signals.saga_started, _on_saga_started),
-    (signals.saga_finished, _on_saga_finished),
-    (signals.step_started, _on_step_started),
-    (signals.step_finished, _on_step_finished),
-    (signals.sweeper_repaired, _on_sweeper_repaired),
-    (signals.retention_deleted, _on_retention_deleted),
+def _guarded(receiver: Callable[..., None]) -> Callable[..., None]:
+    """`receiver` run under `fork_guard()`. prometheus-client's locks (in multiprocess
+    mode one lock for every value of the process) are taken by the threads of a
+    worker's main process too (the sweeper, the outbox relay, /metrics); a pool child
+    forked while one of them held it would hang at its first metric, with its messages
+    (prometheus/client_python#431). A fork waits until no metric is being written."""
+
+    @functools.wraps(receiver)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        with fork_guard():
+            receiver(*args, **kwargs)
+
+    return guarded
+
+
+_RECEIVERS: tuple[tuple[Any, Callable[..., None]], ...] = tuple(
+    (signal, _guarded(receiver))
+    for signal, receiver in (
+        (signals.saga_started, _on_saga_started),
+        (signals.saga_finished, _on_saga_finished),
+        (signals.step_started, _on_step_started),
+        (signals.step_finished, _on_step_finished),
+        (signals.sweeper_repaired, _on_sweeper_repaired),
+        (signals.retention_deleted, _on_retention_deleted),
+    )
 )
 
 
@@ -269,10 +289,12 @@ def _timed(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         finally:
-            m = _metrics if _metrics is not None else current()
-            if resolved[0] is not m:
-                resolved[:] = [m, m.store_op.labels(op)]
-            resolved[1].observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            with fork_guard():  # see _guarded
+                m = _metrics if _metrics is not None else current()
+                if resolved[0] is not m:
+                    resolved[:] = [m, m.store_op.labels(op)]
+                resolved[1].observe(elapsed)
 
     return timed
 

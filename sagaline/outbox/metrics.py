@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..exceptions import ConfigurationError
+from ..forking import fork_guard
 
 prometheus: Any
 try:
@@ -86,27 +87,41 @@ def _metrics() -> dict[str, Any] | None:
     return _m
 
 
+def prepare() -> None:
+    """Create this process's outbox metrics now, in the calling thread."""
+    with fork_guard():
+        _metrics()
+
+
+# Each write runs under fork_guard(): the relay writes these in a thread of the worker's
+# main process, and a pool child forked while it held a lock of prometheus-client (or
+# _lock) would hang at its own first write (sagaline.observability.metrics._guarded).
+
+
 def sent(destination: str, created_at: float, why: str | None) -> None:
-    m = _metrics()
-    if m is None:
-        return
-    if why is None:
-        m["published"].labels(destination).inc()
-        m["lag"].observe(max(0.0, time.time() - created_at))
-    else:
-        m["failures"].labels(destination).inc()
+    with fork_guard():
+        m = _metrics()
+        if m is None:
+            return
+        if why is None:
+            m["published"].labels(destination).inc()
+            m["lag"].observe(max(0.0, time.time() - created_at))
+        else:
+            m["failures"].labels(destination).inc()
 
 
 def dead_letter() -> None:
-    m = _metrics()
-    if m is not None:
-        m["dead"].inc()
+    with fork_guard():
+        m = _metrics()
+        if m is not None:
+            m["dead"].inc()
 
 
 def inbox_duplicate(consumer: str) -> None:
-    m = _metrics()
-    if m is not None:
-        m["dups"].labels(consumer).inc()
+    with fork_guard():
+        m = _metrics()
+        if m is not None:
+            m["dups"].labels(consumer).inc()
 
 
 def polled(relay: Any) -> None:
@@ -125,10 +140,11 @@ def polled(relay: Any) -> None:
                 outbox.c.status == PENDING
             )
         ).one()
-    m = _metrics()
-    assert m is not None
-    m["pending"].set(n)
-    m["oldest"].set(0 if oldest is None else max(0.0, now - oldest))
+    with fork_guard():
+        m = _metrics()
+        assert m is not None
+        m["pending"].set(n)
+        m["oldest"].set(0 if oldest is None else max(0.0, now - oldest))
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> Any:

@@ -3,12 +3,16 @@ to what the store holds, and no counter goes down when a pool process is killed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -196,3 +200,26 @@ def test_counters_do_not_go_down_when_a_pool_process_is_killed(cluster: Cluster)
     assert total(later[0], "sagaline_sagas_finished_total", saga=NAME) >= total(
         before, "sagaline_sagas_finished_total", saga=NAME
     )
+
+
+@pytest.mark.timeout(300)
+def test_pool_processes_forked_while_the_main_process_writes_metrics_do_not_hang() -> None:
+    # A worker's main process writes metrics from threads (the outbox relay, the store
+    # gauges of /metrics) while its pool forks. prometheus-client's multiprocess mode
+    # has one lock for all values: a child forked while a thread held it hung at its
+    # first metric, with its messages (10-25% of these forks before the writes waited
+    # for forks). The probe forks 100 times under a writing thread.
+    forks = 100
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.integration.fork_metrics_probe", str(forks)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=True,
+    )
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["hung"] == 0, report
+    # Every write of the thread and of each child is in what /metrics would serve.
+    assert report["published"] == report["written"] + forks, report
+    assert report["timed"] == report["written"] + forks, report

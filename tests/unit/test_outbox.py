@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,33 @@ def test_step_transaction_refuses_tables_in_another_database(tmp_path: Path) -> 
     finally:
         step_tx.leave(token)
         runtime.store.close()
+
+
+RELAY_ORDER = """
+import sys
+from celery import Celery
+import sagaline
+app = Celery("relay_order", broker="memory://", set_as_current=False)
+sagaline.init_app(app, store=sys.argv[1], outbox_routes="order.*=redis://127.0.0.1:1/0")
+worker = app.WorkController(concurrency=1, pool_cls="prefork", hostname="order@test")
+print(" ".join(step.name for step in worker.blueprint.order))
+"""
+
+
+@pytest.mark.parametrize("hash_seed", ["0", "1", "2", "3"])
+def test_the_relay_bootstep_starts_after_the_pool_forked(hash_seed: str, tmp_path: Path) -> None:
+    # A pool process forked while the relay's thread held a lock (a module it imports,
+    # a metric it creates) would hang at its first use of it. Without a `requires`, the
+    # order of the bootsteps follows set iteration, so it changes with the hash seed.
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    out = subprocess.run(
+        [sys.executable, "-c", RELAY_ORDER, f"sqlite:///{tmp_path}/state.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=True,
+    ).stdout.split()
+    assert out.index("sagaline.outbox.worker.RelayStep") > out.index(
+        "celery.worker.components.Pool"
+    ), out
