@@ -38,6 +38,12 @@ _UPDATE_SAGA = (
     )
     .values({c.name: sa.bindparam(f"v_{c.name}") for c in sagas.c if c.name != "saga_id"})
 )
+# The lock is held: no compare-and-set needed.
+_BUMP_SAGA = (
+    sagas.update()
+    .where(sagas.c.saga_id == sa.bindparam("k_saga_id"))
+    .values(version=sagas.c.version + 1)
+)
 _UPDATE_STEP = (
     steps.update()
     .where(
@@ -102,12 +108,20 @@ def renew_statement(
 
 
 def write_decision(conn: Connection, saga_id: str, d: Decision) -> bool:
-    """Write a decision with compare-and-set on every record it changes."""
+    """Write a decision with compare-and-set on every record it changes, in the
+    transaction that holds the saga's lock (or SQLite's write lock).
+
+    The saga's version moves on even when only steps change: PostgreSQL decides a
+    completion on what its claim read, without the lock, and its write checks that
+    version (pg_hot.py), so it loses to this decision and decides again.
+    """
     if d.saga is not None:
         row = {f"v_{k}": v for k, v in to_row(d.saga).items() if k != "saga_id"}
         row.update(k_saga_id=saga_id, k_version=d.saga_version, v_version=d.saga_version + 1)
         if conn.execute(_UPDATE_SAGA, row).rowcount != 1:
             return False
+    elif d.steps:
+        conn.execute(_BUMP_SAGA, {"k_saga_id": saga_id})
     if d.steps:
         rows = []
         for s in d.steps:

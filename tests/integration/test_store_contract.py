@@ -42,6 +42,7 @@ from sagaline.stores.base import DueItem
 from sagaline.stores.sanitize import CUT_MARKER, MAX_TEXT, storable_text
 from sagaline.stores.schema import VERSION_TABLE
 from sagaline.stores.sql import SQLStore
+from sagaline.stores.sql_statements import LOCK_SAGA, write_decision
 from tests.harness import drop_database, shared_postgres_url
 from tests.stores import (
     T0,
@@ -855,6 +856,61 @@ def test_branches_finishing_together_start_the_join_once(
         assert sorted(calls) in (["b", "b", "c"], ["b", "c", "c"])
     else:
         assert sorted(calls) == ["b", "c"]
+
+
+@pytest.mark.parametrize("fresh_sql_url", ["sqlite", "postgresql", "mariadb"], indirect=True)
+def test_a_step_transactions_decision_makes_an_earlier_claims_read_lose(
+    fresh_sql_url: str,
+) -> None:
+    """A step run in `sagaline.step_transaction()` writes its completion with
+    `write_decision`, in the step's own transaction, under the saga's lock (outbox/
+    step.py). A branch claimed before that commit keeps its claim's read for its own
+    completion (PostgreSQL): the commit must move the saga's version on, so that the
+    completion decided on that older read loses and decides again; else neither branch
+    sees the other finished, and the step joining them never starts."""
+    store, other = SQLStore(fresh_sql_url), SQLStore(fresh_sql_url)
+    try:
+        state = make_state(steps=("b", "c", "d"))
+        sid = state.saga.saga_id
+        for name in "bc":
+            state.steps[name] = replace(state.steps[name], status=StepStatus.DISPATCHED, attempt=1)
+        store.create_saga(state, [])
+        assert store.claim_step(sid, "b", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+        assert other.claim_step(sid, "c", Phase.FORWARD, 1, lease_until=T0 + LEASE, now=T0)
+        # c finishes in a step transaction while b still runs: no join yet.
+        c = {s.name: s for s in other.get_steps(sid)}["c"]
+        with other.engine.begin() as conn:
+            if other.dialect != "sqlite":
+                conn.execute(LOCK_SAGA, {"k_saga_id": sid})
+            assert write_decision(
+                conn,
+                sid,
+                Decision(
+                    steps=[replace(c, status=StepStatus.SUCCEEDED)],
+                    events=[Event(sid, "step_succeeded", T0 + 1, "c", 1, "forward")],
+                    step_versions={"c": c.version},
+                ),
+            )
+
+        def finish_b(current: SagaState) -> Decision:
+            changed = [replace(current.steps["b"], status=StepStatus.SUCCEEDED)]
+            if current.steps["c"].status is StepStatus.SUCCEEDED:
+                changed.append(replace(current.steps["d"], status=StepStatus.DISPATCHED, attempt=1))
+            return Decision(
+                steps=changed,
+                step_versions={r.name: current.steps[r.name].version for r in changed},
+            )
+
+        store.transact(sid, finish_b)
+        steps = {s.name: s for s in store.get_steps(sid)}
+        assert [steps[n].status for n in "bcd"] == [
+            StepStatus.SUCCEEDED,
+            StepStatus.SUCCEEDED,
+            StepStatus.DISPATCHED,
+        ]
+    finally:
+        store.close()
+        other.close()
 
 
 def test_transact_rejects_a_decision_on_a_stale_saga_version(store: Store) -> None:
