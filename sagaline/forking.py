@@ -13,16 +13,37 @@ none of them is inside it, but never long: work that waits out a store or broker
 outage must not freeze the worker's event loop. Metrics are written under it in
 every process (observability/metrics.py, outbox/metrics.py): the outbox relay's
 thread and the store gauges of /metrics write them in the main process.
+
+sagaline's own locks are made by `child_safe_lock()`: a forked child finds each of
+them free, as the standard library resets its own (logging's, threading's), so no
+lock taken by a thread of the parent (the store gauges' first read, opening the
+store) can stop a child.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
+from typing import Any
 
 _FORK_LOCK = threading.RLock()
 _FORK_WAIT = 5.0
 _forking = threading.local()
+
+
+# Every lock child_safe_lock() made that still exists, reset in a forked child.
+_CHILD_SAFE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def child_safe_lock(*, reentrant: bool = False) -> Any:
+    """A `threading.Lock` (or `RLock`) that a forked child finds free, whatever a
+    thread of the parent held at the fork. What it guards may then be half-updated
+    in the child, as it would be after that thread died; none of sagaline's locks
+    guards more than a cache or a lazily made object."""
+    lock = threading.RLock() if reentrant else threading.Lock()
+    _CHILD_SAFE.add(lock)
+    return lock
 
 
 def fork_guard() -> threading.RLock:
@@ -44,6 +65,8 @@ def _after_fork_in_child() -> None:
     global _FORK_LOCK
     _FORK_LOCK = threading.RLock()  # held by the forking thread of the parent: start anew
     _forking.held = False
+    for lock in list(_CHILD_SAFE):
+        lock._at_fork_reinit()
 
 
 os.register_at_fork(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .context import saga_log_extra
+from .forking import child_safe_lock
 from .records import Owner
 from .states import Phase
 
@@ -41,7 +42,7 @@ class Heartbeat:
         self.clock = clock
         self._claims: dict[int, tuple[str, str, Phase, int]] = {}
         self._next = 0
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         self._thread: threading.Thread | None = None
 
     def add(self, saga_id: str, step: str, phase: Phase, attempt: int) -> int:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import threading
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-# The surfaces (cli, timeline, demo) reach the core only through this module: the
-# `name as name` imports are what they need besides the operations, re-exported.
 from . import recovery, sweeper
 from ._state import registered_saga, registered_sagas
 from .config import Settings
@@ -24,6 +21,10 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
+
+# The surfaces (cli, timeline, demo) reach the core only through this module: the
+# `name as name` imports are what they need besides the operations, re-exported.
+from .forking import child_safe_lock
 from .ops_gc import DEFAULT_GC_BATCH as DEFAULT_GC_BATCH
 from .ops_gc import MAX_GC_BATCH as MAX_GC_BATCH
 from .ops_gc import GcReport as GcReport
@@ -113,7 +114,7 @@ def find_sagas(store: Store, flt: SagaFilter) -> list[SagaView]:
 
 
 _readers: dict[str, Store] = {}
-_readers_lock = threading.Lock()
+_readers_lock = child_safe_lock()
 
 
 def read_store(runtime: Runtime | None = None) -> Store:

@@ -18,6 +18,7 @@ from ._state import set_default_runtime as set_default_runtime
 from .context import about_saga, saga_log_extra
 from .definition import Saga
 from .exceptions import ConfigurationError, IdempotencyConflict, InputError
+from .forking import child_safe_lock
 from .handle import SagaHandle as SagaHandle
 from .leases import Heartbeat
 from .names import check_saga_id
@@ -50,7 +51,7 @@ class Runtime:
         )
         self._store = store
         self._store_pid = os.getpid() if store is not None else None
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         self._heartbeat: Heartbeat | None = None
         # Set in a worker's main process before its pool forks (celery_app.py), so that
         # every claim names the node, the boot and the process that runs the step.

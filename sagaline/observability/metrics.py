@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from .. import signals
 from ..exceptions import ConfigurationError
-from ..forking import fork_guard
+from ..forking import child_safe_lock, fork_guard
 from .collectors import GAUGE_TTL as GAUGE_TTL
 from .collectors import GAUGE_WAIT as GAUGE_WAIT
 from .collectors import IN_PROGRESS as IN_PROGRESS
@@ -163,7 +162,7 @@ class SagaMetrics:
 
 
 _metrics: SagaMetrics | None = None
-_lock = threading.Lock()
+_lock = child_safe_lock()
 _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 

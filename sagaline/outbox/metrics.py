@@ -15,14 +15,13 @@ the worker's `/metrics` sums. Elsewhere they live in the default registry, which
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import sqlalchemy as sa
 
 from ..exceptions import ConfigurationError
-from ..forking import fork_guard
+from ..forking import child_safe_lock, fork_guard
 
 prometheus: Any
 try:
@@ -33,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
 _m: dict[str, Any] | None = None
-_lock = threading.Lock()
+_lock = child_safe_lock()
 _last_gauge = 0.0
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
+from ..forking import child_safe_lock
 from . import metrics, step
 from .destinations import parse_routes
 from .relay import Relay
@@ -56,7 +57,7 @@ class OptimisticSender:
 
 
 _senders: dict[int, OptimisticSender] = {}
-_senders_lock = threading.Lock()
+_senders_lock = child_safe_lock()
 
 
 def _optimistic(runtime: Runtime, event_ids: list[str]) -> None:

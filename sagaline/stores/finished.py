@@ -30,6 +30,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..forking import child_safe_lock
+
 if TYPE_CHECKING:
     from ..records import SagaRecord
 
@@ -113,7 +115,7 @@ class FinishedListener(ABC):
         self.pid = os.getpid()
         self._name = name
         self._decode = decode
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         self._watches: dict[str, set[ListenerWatch]] = {}
         # Bumped on every (re)connection; 0 while not connected.
         self.generation = 0

@@ -15,8 +15,9 @@ dropped beyond `limit` (claims whose body never completes in this process).
 
 from __future__ import annotations
 
-import threading
 from typing import Generic, TypeVar
+
+from ..forking import child_safe_lock
 
 T = TypeVar("T")
 
@@ -27,7 +28,7 @@ CLAIMS_KEPT = 256
 class KeptClaims(Generic[T]):
     def __init__(self, limit: int = CLAIMS_KEPT):
         self.limit = limit
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         self._by_saga: dict[str, T] = {}
 
     def keep(self, saga_id: str, read: T) -> None:

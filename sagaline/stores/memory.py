@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..forking import child_safe_lock
 from ..records import (
     PHASE_COLUMNS,
     Decision,
@@ -28,7 +28,7 @@ from .retention import GcRemoved, GcRule, GcTree, removed_of
 class MemoryStore(Store):
     def __init__(self, url: str = "memory://", **_: Any):
         self.url = url
-        self._lock = threading.RLock()
+        self._lock = child_safe_lock(reentrant=True)
         self._sagas: dict[str, SagaRecord] = {}
         self._steps: dict[str, dict[str, StepRecord]] = {}
         self._events: dict[str, list[Event]] = defaultdict(list)

@@ -45,13 +45,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
 from ..exceptions import ConfigurationError
+from ..forking import child_safe_lock
 from ..records import (
     Decision,
     Event,
@@ -117,7 +117,7 @@ class RedisStore(Store):
         client_options.setdefault("socket_timeout", 10)
         client_options.setdefault("health_check_interval", 30)
         self._options = client_options
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         self._conn: Any = None
         self._scripts: Any = None
         # A restarting or loading server (BusyLoading is a ConnectionError), a dropped

@@ -19,11 +19,11 @@ saga once a decision ends it.
 from __future__ import annotations
 
 import json
-import threading
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from ..forking import child_safe_lock
 from ..records import Decision, SagaRecord, SagaState, StepRecord
 from ..states import SAGA_TERMINAL
 from .rows import from_row
@@ -44,7 +44,7 @@ class _Held(NamedTuple):
 class StepCache:
     def __init__(self, limit: int = DEFAULT_LIMIT):
         self.limit = limit
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         self._sagas: OrderedDict[str, _Held] = OrderedDict()
         self._held = 0
 

@@ -17,11 +17,11 @@ read dropped first.
 from __future__ import annotations
 
 import json
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..forking import child_safe_lock
 from ..records import Decision, StepRecord
 from ..states import SAGA_TERMINAL
 from .hot_params import STEP_JSON
@@ -55,7 +55,7 @@ class StepRowMemo:
     ):
         self._decode = decode
         self.limit = limit
-        self._lock = threading.Lock()
+        self._lock = child_safe_lock()
         # saga id -> step name -> (the row last read, its record)
         self._sagas: OrderedDict[str, dict[str, tuple[tuple[Any, ...], StepRecord]]] = OrderedDict()
         self._held = 0

@@ -18,7 +18,6 @@ and its write loses to any decision written since (pg_hot.py).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from ..exceptions import StoreError
+from ..forking import child_safe_lock
 from ..records import (
     PHASE_COLUMNS,
     Decision,
@@ -115,7 +115,7 @@ class SQLStore(Store):
         # The same pool; transactions on it are write transactions (BEGIN IMMEDIATE on SQLite).
         self._writer = self.engine.execution_options(sagaline_write=True)
         self._migrated = not auto_migrate
-        self._migrate_lock = threading.Lock()
+        self._migrate_lock = child_safe_lock()
         # Hot statements straight on the driver (pg_hot.py, sqlite_hot.py); get() hears
         # PostgreSQL's NOTIFY, or peeks at the SQLite file (sqlite_watch.py).
         self._hot = hot_path(self.engine, self.dialect, self.sqlite_path)

@@ -20,7 +20,8 @@ The rules:
 - `_state` (process-global state) imports only `exceptions` from `sagaline`; it
   may ask Celery for its current app;
 - a store (`sagaline.stores.*`) imports from `sagaline` only `states`, `records`,
-  `exceptions`, `payload` and other store modules, and nothing of Celery or kombu;
+  `exceptions`, `payload`, `forking` (its locks) and other store modules, and nothing
+  of Celery or kombu;
 - the surfaces (`cli`, `cli_support`, `cli_outbox`, `timeline`, `demo`) reach the core
   only through `ops`:
   besides `ops` they import only the data and errors it hands out (`records`,
@@ -58,7 +59,7 @@ CORE = {
     "recovery",
 }
 CORE_MAY_IMPORT = CORE | {"payload", "_state"}
-STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload"}
+STORE_MAY_IMPORT = {"states", "records", "exceptions", "payload", "forking"}
 SURFACES = ("cli", "cli_support", "cli_outbox", "cli_gc", "timeline", "demo", "web")
 SURFACE_MAY_IMPORT = {
     "ops",
@@ -173,6 +174,11 @@ def test_the_core_imports_neither_the_runtime_nor_a_store_nor_celery_nor_a_surfa
 
 def test_process_global_state_is_a_leaf() -> None:
     assert {_short(i) for i in GRAPH["sagaline._state"]} <= {"exceptions"}
+
+
+def test_the_fork_locks_are_a_leaf() -> None:
+    # Stores and the core make their locks with it (forking.child_safe_lock).
+    assert GRAPH["sagaline.forking"] == set()
 
 
 def test_stores_import_only_leaf_modules() -> None:

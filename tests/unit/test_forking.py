@@ -1,0 +1,49 @@
+"""A pool process forked while a thread of the worker's main process holds one of
+sagaline's locks (opening the store, the store's first schema check) finds it free
+(forking.child_safe_lock): it must not wait for a thread that does not exist there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from celery import Celery
+
+import sagaline
+from sagaline.stores.sql import SQLStore
+
+
+def test_a_child_forked_while_a_thread_holds_sagalines_locks_goes_on(tmp_path: Path) -> None:
+    runtime = sagaline.init_app(
+        Celery("fork_locks", broker="memory://", set_as_current=False),
+        store=f"sqlite:///{tmp_path}/state.db",
+        sweeper=False,
+    )
+    store = runtime.store
+    assert isinstance(store, SQLStore)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # as the store gauges of /metrics would, mid-read
+        with runtime._lock, store._migrate_lock:
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert holding.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: a pool process's first use of the store
+            signal.alarm(10)  # stuck: killed by SIGALRM
+            try:
+                os._exit(0 if runtime.store.get_saga("not-there") is None else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join(5)
+    assert not os.WIFSIGNALED(status), f"the child hung: {signal.Signals(os.WTERMSIG(status))}"
+    assert os.WEXITSTATUS(status) == 0  # it read the store: no such saga
