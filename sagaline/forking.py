@@ -10,9 +10,14 @@ prometheus-client's lock of every metric value) inherits it held by a thread tha
 does not exist there, and hangs at its first use of it, with the messages it was
 given. So these threads do such work under `fork_guard()`, and a fork waits until
 none of them is inside it, but never long: work that waits out a store or broker
-outage must not freeze the worker's event loop. Metrics are written under it in
-every process (observability/metrics.py, outbox/metrics.py): the outbox relay's
-thread and the store gauges of /metrics write them in the main process.
+outage must not freeze the worker's event loop.
+
+Metrics are written under a lock of their own, `metrics_guard()`, in every
+process (observability/metrics.py, outbox/metrics.py): prometheus-client's
+multiprocess mode has one lock for every value, and the outbox relay's thread and
+the store gauges of /metrics write metrics in the main process. A fork waits for
+it too, after `fork_guard()`; a metric write waits only for a fork or another
+write, never for the sweeper's store work.
 
 sagaline's own locks are made by `child_safe_lock()`: a forked child finds each of
 them free, as the standard library resets its own (logging's, threading's), so no
@@ -28,6 +33,7 @@ import weakref
 from typing import Any
 
 _FORK_LOCK = threading.RLock()
+_METRICS_LOCK = threading.RLock()
 _FORK_WAIT = 5.0
 _forking = threading.local()
 
@@ -51,20 +57,30 @@ def fork_guard() -> threading.RLock:
     return _FORK_LOCK
 
 
+def metrics_guard() -> threading.RLock:
+    """The lock to hold while writing a metric (taken after `fork_guard()`, if both)."""
+    return _METRICS_LOCK
+
+
 def _before_fork() -> None:
     _forking.held = _FORK_LOCK.acquire(timeout=_FORK_WAIT)
+    _forking.metrics_held = _METRICS_LOCK.acquire(timeout=_FORK_WAIT)
 
 
 def _after_fork_in_parent() -> None:
+    if getattr(_forking, "metrics_held", False):
+        _forking.metrics_held = False
+        _METRICS_LOCK.release()
     if getattr(_forking, "held", False):
         _forking.held = False
         _FORK_LOCK.release()
 
 
 def _after_fork_in_child() -> None:
-    global _FORK_LOCK
-    _FORK_LOCK = threading.RLock()  # held by the forking thread of the parent: start anew
-    _forking.held = False
+    global _FORK_LOCK, _METRICS_LOCK
+    # Held by the forking thread of the parent: start anew.
+    _FORK_LOCK, _METRICS_LOCK = threading.RLock(), threading.RLock()
+    _forking.held = _forking.metrics_held = False
     for lock in list(_CHILD_SAFE):
         lock._at_fork_reinit()
 

@@ -27,7 +27,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from .. import signals
 from ..exceptions import ConfigurationError
-from ..forking import child_safe_lock, fork_guard
+from ..forking import child_safe_lock, metrics_guard
 from .collectors import GAUGE_TTL as GAUGE_TTL
 from .collectors import GAUGE_WAIT as GAUGE_WAIT
 from .collectors import IN_PROGRESS as IN_PROGRESS
@@ -242,7 +242,7 @@ def _on_retention_deleted(
 
 
 def _guarded(receiver: Callable[..., None]) -> Callable[..., None]:
-    """`receiver` run under `fork_guard()`. prometheus-client's locks (in multiprocess
+    """`receiver` run under `metrics_guard()`. prometheus-client's locks (in multiprocess
     mode one lock for every value of the process) are taken by the threads of a
     worker's main process too (the sweeper, the outbox relay, /metrics); a pool child
     forked while one of them held it would hang at its first metric, with its messages
@@ -250,7 +250,7 @@ def _guarded(receiver: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(receiver)
     def guarded(*args: Any, **kwargs: Any) -> None:
-        with fork_guard():
+        with metrics_guard():
             receiver(*args, **kwargs)
 
     return guarded
@@ -289,7 +289,7 @@ def _timed(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         finally:
             elapsed = time.perf_counter() - started
-            with fork_guard():  # see _guarded
+            with metrics_guard():  # see _guarded
                 m = _metrics if _metrics is not None else current()
                 if resolved[0] is not m:
                     resolved[:] = [m, m.store_op.labels(op)]

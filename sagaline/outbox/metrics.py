@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..exceptions import ConfigurationError
-from ..forking import child_safe_lock, fork_guard
+from ..forking import child_safe_lock, metrics_guard
 
 prometheus: Any
 try:
@@ -88,17 +88,17 @@ def _metrics() -> dict[str, Any] | None:
 
 def prepare() -> None:
     """Create this process's outbox metrics now, in the calling thread."""
-    with fork_guard():
+    with metrics_guard():
         _metrics()
 
 
-# Each write runs under fork_guard(): the relay writes these in a thread of the worker's
-# main process, and a pool child forked while it held a lock of prometheus-client (or
-# _lock) would hang at its own first write (sagaline.observability.metrics._guarded).
+# Each write runs under metrics_guard(): the relay writes these in a thread of the
+# worker's main process, and a pool child forked while it held a lock of
+# prometheus-client would hang at its own first write (forking.py).
 
 
 def sent(destination: str, created_at: float, why: str | None) -> None:
-    with fork_guard():
+    with metrics_guard():
         m = _metrics()
         if m is None:
             return
@@ -110,14 +110,14 @@ def sent(destination: str, created_at: float, why: str | None) -> None:
 
 
 def dead_letter() -> None:
-    with fork_guard():
+    with metrics_guard():
         m = _metrics()
         if m is not None:
             m["dead"].inc()
 
 
 def inbox_duplicate(consumer: str) -> None:
-    with fork_guard():
+    with metrics_guard():
         m = _metrics()
         if m is not None:
             m["dups"].labels(consumer).inc()
@@ -139,7 +139,7 @@ def polled(relay: Any) -> None:
                 outbox.c.status == PENDING
             )
         ).one()
-    with fork_guard():
+    with metrics_guard():
         m = _metrics()
         assert m is not None
         m["pending"].set(n)

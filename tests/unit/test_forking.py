@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
+import pytest
 from celery import Celery
 
 import sagaline
@@ -47,3 +49,35 @@ def test_a_child_forked_while_a_thread_holds_sagalines_locks_goes_on(tmp_path: P
         thread.join(5)
     assert not os.WIFSIGNALED(status), f"the child hung: {signal.Signals(os.WTERMSIG(status))}"
     assert os.WEXITSTATUS(status) == 0  # it read the store: no such saga
+
+
+def test_a_metric_write_does_not_wait_for_the_sweepers_work() -> None:
+    # The sweeper holds fork_guard() through its store work (seconds in an outage); a
+    # metric written meanwhile by another thread (the outbox relay's) waits only for
+    # metrics_guard(), which a fork takes after fork_guard().
+    pytest.importorskip("prometheus_client")
+    from sagaline.forking import fork_guard
+    from sagaline.outbox import metrics as outbox_metrics
+
+    holding, release = threading.Event(), threading.Event()
+
+    def sweep() -> None:
+        with fork_guard():
+            holding.set()
+            release.wait(30)
+
+    sweeper = threading.Thread(target=sweep, daemon=True)
+    sweeper.start()
+    assert holding.wait(5)
+    wrote = threading.Event()
+
+    def relay() -> None:
+        outbox_metrics.sent("fork-test", time.time(), None)
+        wrote.set()
+
+    try:
+        threading.Thread(target=relay, daemon=True).start()
+        assert wrote.wait(5), "the metric write waited for fork_guard()"
+    finally:
+        release.set()
+        sweeper.join(5)
