@@ -5,7 +5,9 @@
 - `publish(connection, topic, payload, key=...)` (events.py): the same for code
   outside sagas, in the caller's own transaction.
 - The relay (relay.py, `sagaline relay`) sends committed events to their
-  destinations (destinations.py); `sagaline.inbox` drops duplicates on the way in.
+  destinations (destinations.py); in a worker it runs as a bootstep, beside
+  optimistic sending from the committing process (worker.py). `sagaline.inbox`
+  drops duplicates on the way in.
 """
 
 from __future__ import annotations
