@@ -207,8 +207,8 @@ def test_pool_processes_forked_while_the_main_process_writes_metrics_do_not_hang
     # A worker's main process writes metrics from threads (the outbox relay, the store
     # gauges of /metrics) while its pool forks. prometheus-client's multiprocess mode
     # has one lock for all values: a child forked while a thread held it hung at its
-    # first metric, with its messages (10-25% of these forks before the writes waited
-    # for forks). The probe forks 100 times under a writing thread.
+    # first metric, with its messages (a quarter or more of these forks, before the
+    # writes waited for forks). The probe forks 100 times under a writing thread.
     forks = 100
     out = subprocess.run(
         [sys.executable, "-m", "tests.integration.fork_metrics_probe", str(forks)],
