@@ -333,8 +333,12 @@ class WorkerMetrics:
         MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
         registry.register(StoreGauges(lambda: self.runtime.store))
         registry.register(DeadProcessSweep(self.directory))
-        # The store is not opened here: /metrics is served even while it is down (the
-        # runtime's store hook times its operations once it is opened).
+        # The store object is made here, in the main thread before the pool forks,
+        # which imports its driver; not in the gauges' thread at the first scrape,
+        # where a fork in the middle of an import would leave the child waiting on
+        # that module's lock (forking.py). Making it opens no connection: /metrics is
+        # served even while the store is down.
+        self.runtime.store  # noqa: B018
         try:
             self.server = pc.start_http_server(self.port, addr=self.addr, registry=registry)
         except OSError as exc:

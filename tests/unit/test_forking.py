@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -81,3 +83,35 @@ def test_a_metric_write_does_not_wait_for_the_sweepers_work() -> None:
     finally:
         release.set()
         sweeper.join(5)
+
+
+WORKER_METRICS = """
+import sys
+from celery import Celery
+import sagaline
+from sagaline.observability import metrics
+from sagaline.testing import free_port
+
+port = free_port()
+runtime = sagaline.init_app(Celery("m"), store=sys.argv[1], sweeper=False, metrics_port=port)
+assert runtime._store is None
+served = metrics.WorkerMetrics(runtime, port)
+served.start()  # as a worker's main thread does at worker_init, before its pool forks
+print(type(runtime._store).__name__)
+served.stop()
+"""
+
+
+def test_a_workers_metrics_make_the_store_before_the_pool_forks() -> None:
+    # Else the store gauges' thread makes it at the first scrape, importing its driver
+    # while the pool may fork. Making it connects to nothing: a store that is down
+    # (nothing listens on port 1) does not stop /metrics.
+    pytest.importorskip("prometheus_client")
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER_METRICS, "postgresql://nobody@127.0.0.1:1/down"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["SQLStore"], out.stderr
