@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+# The surfaces (cli, timeline, demo) reach the core only through this module: the
+# `name as name` imports are what they need besides the operations, re-exported.
 from . import recovery, sweeper
 from ._state import registered_saga, registered_sagas
 from .config import Settings
@@ -21,9 +23,6 @@ from .exceptions import (
     SagaNotFound,
     StoreError,
 )
-
-# The surfaces (cli, timeline, demo) reach the core only through this module: the
-# `name as name` imports are what they need besides the operations, re-exported.
 from .forking import child_safe_lock
 from .ops_gc import DEFAULT_GC_BATCH as DEFAULT_GC_BATCH
 from .ops_gc import MAX_GC_BATCH as MAX_GC_BATCH

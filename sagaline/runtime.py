@@ -66,7 +66,9 @@ class Runtime:
         self._delayed: DelayedPublisher | None = None
         self._tracing: Tracing | None = None
         self._tracing_failed = False
-        self._tracing_lock = (os.getpid(), threading.Lock())
+        # Setting tracing up is slow (imports, an exporter): under a lock of its own,
+        # never the store's.
+        self._tracing_lock = child_safe_lock()
         # Called with each store this runtime opens (metrics time its operations).
         self.store_hooks: list[Callable[[Store], None]] = []
         # The one clock of every decision this runtime carries out (claims, leases,
@@ -107,11 +109,7 @@ class Runtime:
         if self.settings.tracing == "off" or self._tracing_failed:
             return None
         if self._tracing is None:
-            if self._tracing_lock[0] != os.getpid():
-                # Set up (slow: imports, an exporter) under a lock of its own, never the
-                # store's; and a lock a forked process inherited may be held for good.
-                self._tracing_lock = (os.getpid(), threading.Lock())
-            with self._tracing_lock[1]:
+            with self._tracing_lock:
                 if self._tracing is None and not self._tracing_failed:
                     try:
                         # Imported only here: without the `otel` extra the core never
