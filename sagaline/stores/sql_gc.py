@@ -5,6 +5,8 @@ the primary keys and the (saga_id, seq) index of the events: first the saga rows
 are locked (PostgreSQL and MySQL skip the rows another transaction holds, so gc
 never waits on a saga nor on another sweeper's gc; SQLite's write transaction
 holds the database), then re-checked, then their events, steps and rows deleted.
+On MySQL that transaction is READ COMMITTED: REPEATABLE READ would lock the gaps after
+the ids it looks up, the next batch's rows among them, for other runs to skip.
 A `transact` of a deleted saga that waited for the lock finds no saga, as for an
 unknown id. The outbox and inbox tables are not keyed by saga and are left alone.
 

@@ -7,15 +7,17 @@ stay; a child saga stays while its parent exists and goes with it.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from sagaline.exceptions import InputError
 from sagaline.records import Decision, Event, Owner, SagaFilter, SagaState
 from sagaline.states import SAGA_TERMINAL, Phase, SagaStatus, StepStatus
-from sagaline.stores import Store, redis_gc
-from sagaline.stores.retention import GcRule, gather_trees
+from sagaline.stores import Store, redis_gc, sql_gc
+from sagaline.stores.retention import GcRule, GcTree, gather_trees
 from tests.integration.test_store_contract import mariadb_url, started, store
 from tests.stores import T0, run_threads
 
@@ -258,4 +260,46 @@ def test_concurrent_gc_runs_delete_each_saga_exactly_once(store: Store) -> None:
     reports = run_threads(3, lambda i: store.gc(CUTOFF, batch_size=4))
     assert sum(r.total for r in reports) == 24
     assert sum(r.steps for r in reports) == 24 * 3
+    assert not any(exists(store, s) for s in ids)
+
+
+@pytest.mark.parametrize("store", ["postgresql", "mariadb"], indirect=True)
+def test_a_batch_found_gone_does_not_hide_the_next_batch_from_another_run(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run A deletes a batch that run B read too. B's delete of it, its transaction
+    still open, must not keep run C from deleting the next batch. (On MariaDB, REPEATABLE
+    READ locked the gap after every id B looked up, so the next batch's first rows, and
+    C's SKIP LOCKED passed the whole batch by: one saga in a hundred concurrent runs
+    stayed.)"""
+    ids = sorted(ended(store) for _ in range(8))
+    rule = GcRule.of(CUTOFF, ["completed"], 4)
+
+    def trees(sids: list[str]) -> list[GcTree]:
+        return gather_trees([(s, SagaStatus.COMPLETED) for s in sids], store._gc_children)
+
+    gone, following = trees(ids[:4]), trees(ids[4:])
+    assert store._gc_delete(gone, rule).trees == 4  # run A
+    inside, release = threading.Event(), threading.Event()
+    children = sql_gc.children
+
+    def held_open(conn: Any, sids: list[str]) -> Any:
+        if threading.current_thread().name == "run B":
+            inside.set()
+            assert release.wait(30)
+        return children(conn, sids)
+
+    monkeypatch.setattr(sql_gc, "children", held_open)
+    found: list[int] = []
+    b = threading.Thread(
+        target=lambda: found.append(store._gc_delete(gone, rule).trees), name="run B"
+    )
+    b.start()
+    try:
+        assert inside.wait(30)
+        assert store._gc_delete(following, rule).trees == 4  # run C
+    finally:
+        release.set()
+        b.join(30)
+    assert found == [0]
     assert not any(exists(store, s) for s in ids)
