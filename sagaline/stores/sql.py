@@ -386,12 +386,7 @@ class SQLStore(Store):
         return self._reading(lambda conn: sql_gc.count(conn, trees))
 
     def _gc_delete(self, trees: list[GcTree], rule: GcRule) -> GcRemoved:
-        writer = self._writer
-        if self.dialect == "mysql":
-            # No gap locks (sql_gc.py): a batch that another run deleted first would
-            # otherwise lock the next batch's rows, and every run would skip them.
-            writer = writer.execution_options(isolation_level="READ COMMITTED")
-        with writer.begin() as conn:
+        with sql_gc.writer(self._writer, self.dialect).begin() as conn:
             return sql_gc.delete(conn, trees, rule, self.dialect)
 
     def _gc_prepare(self, rule: GcRule) -> GcRule:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from ..states import SagaStatus
 from . import pg_partitions
@@ -81,6 +81,14 @@ def count(conn: Connection, trees: list[GcTree]) -> GcRemoved:
         n_steps += _scalar(conn, sa.select(sa.func.count()).where(steps.c.saga_id.in_(part)))
         n_events += _scalar(conn, sa.select(sa.func.count()).where(events.c.saga_id.in_(part)))
     return removed_of(trees, n_steps, n_events)
+
+
+def writer(engine: Engine, dialect: str) -> Engine:
+    """The engine of a batch's delete transaction: READ COMMITTED on MySQL, whose
+    REPEATABLE READ would lock the next batch's rows for other runs to skip."""
+    if dialect != "mysql":
+        return engine
+    return engine.execution_options(isolation_level="READ COMMITTED")
 
 
 def delete(conn: Connection, trees: list[GcTree], rule: GcRule, dialect: str) -> GcRemoved:
