@@ -374,6 +374,8 @@ def run(args: argparse.Namespace, res: Resources) -> int:
                 store: str = store,
                 figs: dict[str, dict[str, Any]] = figs,
             ) -> None:
+                if _received:  # a signal whose Interrupted some library code swallowed
+                    raise Interrupted(_received[0])
                 t = time.monotonic()
                 log(f"[{store}] {name} ...")
                 figs[name] = fn(*a)
