@@ -354,6 +354,8 @@ class Cluster:
         client = redis.Redis.from_url(self.broker_url)
         found: list[tuple[str, str, str]] = []
         try:
+            # (where, the message): kombu keeps an unacknowledged one as
+            # [message, exchange, routing key].
             held: list[tuple[str, Any]] = []
             for key in client.scan_iter(count=1000):
                 name = key.decode(errors="replace")
@@ -361,10 +363,12 @@ class Cluster:
                 if kind == b"list":
                     held += [(name, m) for m in client.lrange(key, 0, 100_000)]
                 elif kind == b"hash" and name == "unacked":
-                    held += [(name, json.dumps(json.loads(m)[0])) for m in client.hvals(key)]
-            for where, message in held:
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    meta = (json.loads(message).get("headers") or {}).get(HEADER) or {}
+                    held += [(name, m) for m in client.hvals(key)]
+            for where, raw in held:
+                with contextlib.suppress(ValueError, TypeError, AttributeError, IndexError):
+                    message = json.loads(raw)
+                    message = message[0] if where == "unacked" else message
+                    meta = (message.get("headers") or {}).get(HEADER) or {}
                     if meta.get("saga_id") == saga_id:
                         found.append((where, str(meta.get("step")), str(meta.get("phase"))))
         finally:
@@ -733,7 +737,7 @@ def test_workers_killed_twice_mid_run(
         last_restart = time.monotonic()
         assert sum(len(k.running) for k in kills) > 0, "the kills hit no running step"
         # Each kill may take one popped message per worker with it (see settle).
-        unsettled = settle(cluster, last_restart, label, lost_at_most=2 * len(names))
+        unsettled = settle(cluster, last_restart, label, lost_at_most=len(kills) * len(names))
         say(f"[{label}] total {time.monotonic() - t0:.1f}s from the first saga started")
         check_outcome(cluster, started, kills, label, unsettled)
     finally:
