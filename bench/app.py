@@ -14,9 +14,14 @@
 `BENCH_COUNT_SQL=1` counts, in every process, SQL statements (at psycopg's cursor
 on PostgreSQL, at sqlite3's trace callback on SQLite, elsewhere SQLAlchemy's
 ``before_cursor_execute``), transactions, commits and rollbacks, published task
-messages (``before_task_publish``) and executed tasks. Workers add their counts to the Redis
+messages (``before_task_publish``) and executed tasks, while counting is switched on
+(`set_counting`, for the figures that report counts: R1). The rest of the time every
+hook returns at once, so that the timed figures measure sagaline without the cost of
+counting, which the plain worker does not pay for SQL. Workers add their counts to the Redis
 hash ``bench:counts:<flavor>:<main|child>`` from a thread every 0.5 s, so no task
-waits on the counting; the caller reads its own counts in process (`COUNTS`).
+waits on the counting; the same thread reads the switch (``bench:counting``, read
+with STRLEN, a command nothing else sends) at each pass. The caller reads its own
+counts in process (`COUNTS`).
 The same thread hands over, in the hash ``bench:finished``, the CLOCK_MONOTONIC time
 at which each saga of G1 (``bench.g1``) ended: once the commit that ended it returned
 in the pool process (bench/get_latency.py).
@@ -176,6 +181,8 @@ class Counts:
         self.stamps: dict[str, float] = {}
 
     def add(self, key: str, n: int = 1) -> None:
+        if not COUNTING.is_set():
+            return
         with self._lock:
             self._pending[key] += n
             self.total[key] += n
@@ -200,6 +207,21 @@ class Counts:
 
 
 COUNTS = Counts()
+# Whether the hooks count (see the module's docstring); the caller's is set in process.
+COUNTING = threading.Event()
+COUNTING_KEY = "bench:counting"
+
+
+def set_counting(client: Any, on: bool) -> None:
+    """Switch counting on or off in the caller now, in the workers at their next flush."""
+    if on:
+        client.set(COUNTING_KEY, "1")
+        COUNTING.set()
+    else:
+        client.delete(COUNTING_KEY)
+        COUNTING.clear()
+
+
 _role = {"name": "caller" if FLAVOR == "caller" else "main"}
 
 
@@ -224,11 +246,13 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _count_sqlite(statement: str) -> None:
-    if not statement.lstrip().upper().startswith("PRAGMA"):
+    if COUNTING.is_set() and not statement.lstrip().upper().startswith("PRAGMA"):
         _count_statement(statement)
 
 
 def _count_statement(statement: str) -> None:
+    if not COUNTING.is_set():
+        return
     kind = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
     COUNTS.add("sql")
     COUNTS.add(f"sql:{kind}")
@@ -247,7 +271,8 @@ def _count_psycopg() -> None:
         def counted(
             self: Any, query: Any, *args: Any, _original: Any = original, **kwargs: Any
         ) -> Any:
-            _count_statement(query if isinstance(query, str) else str(query))
+            if COUNTING.is_set():
+                _count_statement(query if isinstance(query, str) else str(query))
             return _original(self, query, *args, **kwargs)
 
         setattr(psycopg.Cursor, name, counted)
@@ -296,6 +321,13 @@ def _flush_forever(interval: float = 0.5) -> None:
     client = redis.Redis.from_url(COUNTER_URL, socket_timeout=5, socket_connect_timeout=5)
     for _ in range(int(FLUSH_FOR / interval)):
         time.sleep(interval)
+        try:
+            if client.strlen(COUNTING_KEY):
+                COUNTING.set()
+            else:
+                COUNTING.clear()
+        except Exception:  # the switch stays as it was until the next pass
+            pass
         pending = COUNTS.take()
         finished = COUNTS.take_stamps()
         if not pending and not finished:
