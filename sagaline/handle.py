@@ -48,7 +48,7 @@ class SagaHandle:
 
         On a store that announces ended sagas (PostgreSQL, Redis) the wait wakes on
         the commit that ends the saga; on a SQLite file it peeks at the file's
-        change counter (every 0.25 ms during the first second); either way it
+        change counter (every 0.5 ms during the first second); either way it
         reads the saga once before waiting and once after (on PostgreSQL and Redis
         only before, when the notification carried the ended saga). Elsewhere, or
         while the store's listener is disconnected, it polls every `interval`
