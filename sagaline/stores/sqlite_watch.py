@@ -24,10 +24,11 @@ from .schema import sagas
 
 # Pauses between peeks: PEEK_FIRST for the first PEEK_FAST_FOR seconds of a wait,
 # then growing by half each time up to PEEK_MAX.
-# Each peek is also a sleep and a wake-up, which costs the caller's CPU more than the
-# peek itself (about 45 µs a peek on a 2-core VM): 0.5 ms instead of 0.25 ms halves
-# what a caller waiting on a busy store takes from its workers (1,000 sagas at once:
-# 8-10% more sagas per second), for 0.05 ms more from the commit to `get()`'s return.
+# Each peek is also a sleep and a wake-up, which cost the caller's CPU more than the
+# peek itself (about 45 µs a peek on the 2-core development machine): 0.5 ms instead
+# of 0.25 ms halves what a caller waiting on a busy store takes from workers on the
+# same machine (1,000 sagas at once: 5-10% more sagas per second), for about 0.05 ms
+# more from the commit to `get()`'s return (README, *Performance*).
 PEEK_FIRST = 0.0005
 PEEK_FAST_FOR = 1.0
 PEEK_MAX = 0.05
