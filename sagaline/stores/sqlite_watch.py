@@ -28,7 +28,7 @@ from .schema import sagas
 # peek itself (about 45 µs a peek on the 2-core development machine): 0.5 ms instead
 # of 0.25 ms halves what a caller waiting on a busy store takes from workers on the
 # same machine (1,000 sagas at once: 5-10% more sagas per second), for about 0.05 ms
-# more from the commit to `get()`'s return (README, *Performance*).
+# more from the commit to `get()`'s return (README, *Benchmarks*).
 PEEK_FIRST = 0.0005
 PEEK_FAST_FOR = 1.0
 PEEK_MAX = 0.05
