@@ -208,6 +208,7 @@ class Counts:
 
 COUNTS = Counts()
 # Whether the hooks count (see the module's docstring); the caller's is set in process.
+# Counts.add checks it; the per-statement hooks check it first too, to skip their parsing.
 COUNTING = threading.Event()
 COUNTING_KEY = "bench:counting"
 
@@ -251,8 +252,6 @@ def _count_sqlite(statement: str) -> None:
 
 
 def _count_statement(statement: str) -> None:
-    if not COUNTING.is_set():
-        return
     kind = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
     COUNTS.add("sql")
     COUNTS.add(f"sql:{kind}")
